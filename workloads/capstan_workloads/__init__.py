@@ -1,0 +1,1 @@
+"""Capstan's reference workloads: the trainer and the inference server (need torch)."""

@@ -1,0 +1,159 @@
+"""Types shared by both kinds: base model config, quantities, conditions, metadata."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic.alias_generators import to_camel
+
+# Kubernetes resource.Quantity: an integer or a string such as "500m", "256Gi", "1e3".
+QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, bool):
+        raise ValueError("must be a quantity such as 4, '500m' or '256Gi'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    if not _QUANTITY_RE.match(value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 4, '500m', '256Gi')")
+    return value
+
+
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_check_quantity),
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+        }
+    ),
+]
+
+# Go-style duration as accepted in rollout pauses: "30s", "2m", "1h30m".
+DURATION_PATTERN = r"^([0-9]+(s|m|h))+$"
+Duration = Annotated[str, Field(pattern=DURATION_PATTERN)]
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule written once: CEL for the CRD, a Python check for everything else.
+
+    ``field`` is the CEL fieldPath relative to the model the rule sits on (``""`` for itself).
+    """
+
+    field: str
+    cel: str
+    message: str
+    check: Callable[[Any], bool]
+
+
+class ApiModel(BaseModel):
+    """Base for every API model: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
+    )
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        if cls.rules:
+            schema["x-kubernetes-validations"] = [
+                {"rule": r.cel, "message": r.message, **({"fieldPath": r.field} if r.field else {})}
+                for r in cls.rules
+            ]
+        return schema
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Self:
+        for rule in self.rules:
+            if not rule.check(self):
+                where = f"{rule.field.lstrip('.')}: " if rule.field else ""
+                raise ValueError(f"{where}{rule.message}")
+        return self
+
+    def wire(self) -> dict[str, Any]:
+        """The object as Kubernetes JSON: camelCase keys, unset optional fields left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style status condition."""
+
+    type: str = Field(description="Condition type, e.g. Running, Succeeded, Placed.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="One-word CamelCase reason for the last transition.")
+    message: str = Field(default="", description="Human-readable detail of the last transition.")
+    last_transition_time: str | None = Field(
+        default=None, description="When the status last changed (RFC 3339)."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="metadata.generation the condition was set for."
+    )
+
+
+class ObjectMeta(BaseModel):
+    """The slice of metadata Capstan reads; everything else passes through untouched."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 1
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class EnvVar(ApiModel):
+    """A plain environment variable for the workload container."""
+
+    name: str = Field(
+        min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name."
+    )
+    value: str = Field(default="", description="Variable value.")
+
+
+class Toleration(ApiModel):
+    """A pod toleration (same fields as core/v1 Toleration)."""
+
+    key: str | None = Field(default=None, description="Taint key the toleration applies to.")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal.")
+    value: str | None = Field(default=None, description="Taint value to match with Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="How long a NoExecute taint is tolerated."
+    )
+
+
+class Resources(ApiModel):
+    """CPU and memory for each container; GPUs are set by the dedicated fields."""
+
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit, e.g. '32' or '500m'.")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit, e.g. '256Gi'.")
+    shared_memory: Quantity = Field(
+        default="1Gi", description="Size of the in-memory /dev/shm volume (NCCL and data loaders need it)."
+    )

@@ -1,0 +1,201 @@
+"""ModelServing: an inference deployment rolled out in revisions."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from capstan.api.common import ApiModel, Condition, Duration, EnvVar, ObjectMeta, Quantity, Rule, Toleration
+
+Runtime = Literal["capstan", "vllm", "tgi", "custom"]
+ServingPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
+
+
+class FromTrainingJob(ApiModel):
+    """Serve the model a TrainingJob exported."""
+
+    name: str = Field(min_length=1, description="TrainingJob name in the same namespace.")
+    checkpoint: str = Field(
+        default="Latest",
+        min_length=1,
+        description="Latest (follow the newest ready snapshot, rolling out each new one) or a snapshot name.",
+    )
+    path: str = Field(
+        default="export", description="Directory of the exported model inside the checkpoint volume."
+    )
+
+
+class PvcSource(ApiModel):
+    """Serve a model from an existing PVC."""
+
+    claim_name: str = Field(min_length=1, description="PersistentVolumeClaim holding the model.")
+    path: str = Field(default="", description="Directory of the model inside the volume.")
+
+
+class ModelSource(ApiModel):
+    """Where the model comes from: exactly one of fromTrainingJob, uri, pvc."""
+
+    from_training_job: FromTrainingJob | None = Field(default=None, description="A TrainingJob's checkpoint.")
+    uri: str | None = Field(
+        default=None,
+        pattern=r"^(s3|gs|https?|hf|pvc)://.+",
+        description="Storage URI (s3://, gs://, https://, hf://) fetched by an init container.",
+    )
+    pvc: PvcSource | None = Field(default=None, description="An existing PVC.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "",
+            "[has(self.fromTrainingJob), has(self.uri), has(self.pvc)].exists_one(x, x)",
+            "set exactly one of fromTrainingJob, uri or pvc",
+            lambda m: sum(x is not None for x in (m.from_training_job, m.uri, m.pvc)) == 1,
+        ),
+    )
+
+
+class AutoscalingSpec(ApiModel):
+    """Horizontal autoscaling of each live revision."""
+
+    min_replicas: int = Field(default=1, ge=0, le=1000, description="Fewest replicas.")
+    max_replicas: int = Field(default=4, ge=1, le=1000, description="Most replicas.")
+    metric: Literal["concurrency", "cpu"] = Field(
+        default="concurrency",
+        description="concurrency: in-flight requests per replica (capstan_serving_requests_running); "
+        "cpu: CPU utilisation percent.",
+    )
+    target: int = Field(default=16, ge=1, description="Target value of the metric per replica.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            ".minReplicas",
+            "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+            "minReplicas must not exceed maxReplicas",
+            lambda a: a.min_replicas <= a.max_replicas,
+        ),
+    )
+
+
+class RolloutStep(ApiModel):
+    """One canary step: send this share of traffic to the new revision, then wait."""
+
+    weight: int = Field(ge=1, le=100, description="Percent of traffic to the new revision.")
+    pause: Duration = Field(default="1m", description="How long to hold and analyse, e.g. 30s, 2m, 1h.")
+
+
+class AnalysisSpec(ApiModel):
+    """Thresholds the new revision must meet at every step."""
+
+    max_error_rate: float = Field(
+        default=0.01, ge=0, le=1, description="Highest share of non-2xx responses (0.01 = 1%)."
+    )
+    max_p99_latency_ms: int | None = Field(
+        default=None, ge=1, description="Highest p99 end-to-end latency in milliseconds."
+    )
+    min_requests: int = Field(
+        default=20, ge=0, description="Requests needed before a verdict; fewer holds the step."
+    )
+
+
+class RolloutSpec(ApiModel):
+    """How a new revision replaces the stable one."""
+
+    steps: list[RolloutStep] = Field(
+        default_factory=list, description="Canary steps; empty promotes a ready revision at once."
+    )
+    analysis: AnalysisSpec | None = Field(default=None, description="Metric analysis between steps.")
+
+
+class ServingResources(ApiModel):
+    """CPU and memory of each replica's server container."""
+
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit.")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit.")
+
+
+class ModelServingSpec(ApiModel):
+    """Desired state of a ModelServing."""
+
+    model: ModelSource = Field(description="The model to serve.")
+    runtime: Runtime = Field(
+        default="capstan", description="Inference server: capstan (reference), vllm, tgi or custom."
+    )
+    image: str | None = Field(default=None, description="Server image; each runtime has a default.")
+    command: list[str] | None = Field(default=None, description="Entrypoint override.")
+    args_template: str | None = Field(
+        default=None,
+        description="custom runtime: jinja2 template of the server arguments, one per line. Variables: "
+        "model_path, port, tensor_parallel, max_model_len, name.",
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment.")
+    tensor_parallel: int = Field(
+        default=1, ge=1, le=72, description="GPUs per replica, kept inside one NVLink domain."
+    )
+    gpu: bool = Field(default=True, description="Request tensorParallel GPUs per replica (false: CPU).")
+    replicas: int = Field(default=1, ge=0, le=1000, description="Replicas when not autoscaled.")
+    max_model_len: int | None = Field(default=None, ge=1, description="Longest sequence served.")
+    port: int = Field(default=8000, ge=1024, le=65535, description="Container port of the server.")
+    resources: ServingResources = Field(default_factory=ServingResources, description="CPU and memory.")
+    autoscaling: AutoscalingSpec | None = Field(default=None, description="Autoscaling; fixed replicas when empty.")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Canary rollout and analysis.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            ".argsTemplate",
+            "!has(self.runtime) || self.runtime != 'custom' || (has(self.argsTemplate) && has(self.image))",
+            "runtime custom needs argsTemplate and image",
+            lambda s: s.runtime != "custom" or (s.args_template is not None and s.image is not None),
+        ),
+    )
+
+
+class RevisionStatus(ApiModel):
+    """A live revision."""
+
+    name: str = Field(description="Revision name (content hash of model, runtime and resources).")
+    weight: int = Field(default=0, description="Percent of traffic it receives.")
+    replicas: int = Field(default=0, description="Desired replicas.")
+    ready: int = Field(default=0, description="Ready replicas.")
+    model: str = Field(default="", description="What it serves (snapshot, URI or PVC).")
+
+
+class RolloutStatus(ApiModel):
+    """Progress of the current rollout."""
+
+    step: int = Field(default=0, description="Index of the current step.")
+    step_started_at: str | None = Field(default=None, description="When the current step began.")
+    traffic: Literal["gateway", "replicas"] = Field(
+        default="replicas",
+        description="gateway: HTTPRoute weights; replicas: split by replica share behind one Service.",
+    )
+
+
+class ModelServingStatus(ApiModel):
+    """Observed state of a ModelServing."""
+
+    phase: ServingPhase = Field(default="Pending", description="Lifecycle phase.")
+    url: str | None = Field(default=None, description="In-cluster URL of the stable Service.")
+    replicas: int = Field(default=0, description="Ready replicas over all revisions (scale subresource).")
+    selector: str | None = Field(default=None, description="Label selector of the pods (scale subresource).")
+    stable_revision: str | None = Field(default=None, description="Revision serving most traffic.")
+    canary_revision: str | None = Field(default=None, description="Revision being rolled out.")
+    failed_revisions: list[str] = Field(
+        default_factory=list, description="Revisions rolled back; not retried until the spec changes."
+    )
+    revisions: list[RevisionStatus] = Field(default_factory=list, description="Live revisions.")
+    rollout: RolloutStatus | None = Field(default=None, description="Current rollout.")
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    observed_generation: int | None = Field(default=None, description="Last generation reconciled.")
+    message: str = Field(default="", description="What the deployment is doing, in words.")
+
+
+class ModelServing(ApiModel):
+    """A ModelServing resource as read from the API server or a file."""
+
+    api_version: str = Field(default="capstan.dev/v1alpha1", description="capstan.dev/v1alpha1")
+    kind: Literal["ModelServing"] = Field(default="ModelServing", description="ModelServing")
+    metadata: ObjectMeta
+    spec: ModelServingSpec
+    status: ModelServingStatus = Field(default_factory=ModelServingStatus)

@@ -1,0 +1,279 @@
+"""TrainingJob: a gang of distributed PyTorch workers."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from capstan.api.common import (
+    ApiModel,
+    Condition,
+    EnvVar,
+    ObjectMeta,
+    Quantity,
+    Resources,
+    Rule,
+    Toleration,
+)
+
+TopologyPolicy = Literal["Required", "Preferred", "None"]
+DomainLevel = Literal["nvlink", "rack", "block", "zone"]
+TrainingPhase = Literal[
+    "Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded", "Failed", "Suspended"
+]
+TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
+
+
+class TopologySpec(ApiModel):
+    """Where the gang may be placed."""
+
+    policy: TopologyPolicy = Field(
+        default="Preferred",
+        description="Required: wait until the whole gang fits inside maxDomain. Preferred: use the "
+        "smallest domain that fits, widening only when it must. None: place anywhere.",
+    )
+    max_domain: DomainLevel = Field(
+        default="nvlink",
+        description="Widest topology domain the gang may span under Required (nvlink, rack, block, zone).",
+    )
+
+
+class NetworkSpec(ApiModel):
+    """Collective-communication wiring."""
+
+    rdma: Literal["auto", "required", "disabled"] = Field(
+        default="auto",
+        description="auto: request RDMA devices when gpusPerWorker > 0 and rdmaResource is set; required: "
+        "always request them (placement waits for RDMA nodes); disabled: never.",
+    )
+    rdma_resource: str | None = Field(
+        default=None,
+        pattern=r"^rdma/[-._a-zA-Z0-9]+$",
+        description="Extended resource name of the RDMA device, e.g. rdma/rdma_shared_device_a.",
+    )
+    networks: str | None = Field(
+        default=None,
+        description="Multus networks annotation value (k8s.v1.cni.cncf.io/networks) for RDMA NICs.",
+    )
+    nccl: dict[str, str] = Field(
+        default_factory=dict,
+        description="NCCL_* environment overrides, e.g. {NCCL_DEBUG: WARN, NCCL_SOCKET_IFNAME: eth0}.",
+    )
+
+
+class CheckpointVolume(ApiModel):
+    """The volume checkpoints are written to; created by the operator or adopted."""
+
+    size: Quantity | None = Field(default=None, description="Size of the PVC the operator creates.")
+    storage_class_name: str | None = Field(default=None, description="StorageClass of the created PVC.")
+    claim_name: str | None = Field(
+        default=None, description="Adopt this existing PVC instead of creating one (never deleted)."
+    )
+    retain: bool = Field(
+        default=False, description="Keep the created PVC when the TrainingJob is deleted."
+    )
+    mount_path: str = Field(
+        default="/checkpoints", pattern=r"^/.*", description="Where workers see the checkpoint volume."
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "",
+            "has(self.size) != has(self.claimName)",
+            "set exactly one of size (the operator creates a PVC) or claimName (adopt an existing PVC)",
+            lambda v: (v.size is None) != (v.claim_name is None),
+        ),
+    )
+
+
+class SnapshotPolicy(ApiModel):
+    """CSI VolumeSnapshots of the checkpoint volume."""
+
+    volume_snapshot_class_name: str | None = Field(
+        default=None, description="VolumeSnapshotClass to use; the cluster default when empty."
+    )
+    every_minutes: int = Field(
+        default=30, ge=1, le=10080, description="Snapshot interval while the job runs."
+    )
+    keep: int = Field(default=3, ge=1, le=100, description="Ready snapshots to retain.")
+
+
+class CheckpointSpec(ApiModel):
+    """Checkpoint storage, snapshots and resume."""
+
+    volume: CheckpointVolume | None = Field(default=None, description="Checkpoint volume.")
+    snapshots: SnapshotPolicy | None = Field(default=None, description="Snapshot schedule and retention.")
+    resume: Literal["Latest", "None"] = Field(
+        default="Latest", description="Latest: workers resume from the newest checkpoint on restart."
+    )
+    restore_from: str | None = Field(
+        default=None,
+        description="Name of a VolumeSnapshot to seed the checkpoint volume from (continue or fork a job).",
+    )
+
+
+class FailurePolicy(ApiModel):
+    """How the gang is restarted when a worker fails."""
+
+    max_restarts: int = Field(default=3, ge=0, le=1000, description="Gang restarts before the job fails.")
+    backoff_seconds: int = Field(
+        default=30, ge=0, le=3600, description="Wait before recreating a failed gang (doubles each time)."
+    )
+    non_retryable_exit_codes: list[int] = Field(
+        default_factory=list,
+        description="Exit codes that fail the job at once, e.g. 2 for bad arguments.",
+    )
+
+
+class TrainingJobSpec(ApiModel):
+    """Desired state of a TrainingJob."""
+
+    image: str = Field(min_length=1, description="Container image of the workers.")
+    command: list[str] | None = Field(
+        default=None, description="Entrypoint; the image's when empty. Usually [torchrun]."
+    )
+    args: list[str] = Field(default_factory=list, description="Arguments to the entrypoint.")
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment for every worker.")
+    workers: int = Field(ge=1, le=4096, description="Number of worker pods (torchrun --nnodes).")
+    gpus_per_worker: int = Field(
+        default=0, ge=0, le=64, description="GPUs per worker (torchrun --nproc-per-node); 0 runs on CPU."
+    )
+    procs_per_worker: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Processes per worker; defaults to gpusPerWorker, or 1 on CPU.",
+    )
+    resources: Resources = Field(default_factory=Resources, description="CPU, memory and /dev/shm.")
+    topology: TopologySpec = Field(default_factory=TopologySpec, description="Topology-aware placement.")
+    network: NetworkSpec = Field(default_factory=NetworkSpec, description="NCCL and RDMA wiring.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
+    failure_policy: FailurePolicy = Field(
+        default_factory=FailurePolicy, description="Gang restart policy."
+    )
+    suspend: bool = Field(default=False, description="True removes the workers and keeps the status.")
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the job this long after it succeeds or fails."
+    )
+    priority: int = Field(default=0, description="Queue priority; higher places first.")
+    queue_name: str | None = Field(
+        default=None,
+        description="Kueue LocalQueue; when set, Kueue admits the job and Capstan does not place it.",
+    )
+    master_port: int = Field(default=29500, ge=1024, le=65535, description="torchrun rendezvous port.")
+    service_account_name: str | None = Field(default=None, description="ServiceAccount of the workers.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None, description="Image pull policy."
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            ".checkpoint.snapshots",
+            "!has(self.checkpoint) || !has(self.checkpoint.snapshots) || has(self.checkpoint.volume)",
+            "snapshots need checkpoint.volume: a snapshot is taken of that volume",
+            lambda s: s.checkpoint.snapshots is None or s.checkpoint.volume is not None,
+        ),
+        Rule(
+            ".checkpoint.restoreFrom",
+            "!has(self.checkpoint) || !has(self.checkpoint.restoreFrom) || has(self.checkpoint.volume)",
+            "restoreFrom needs checkpoint.volume: the snapshot is restored into that volume",
+            lambda s: s.checkpoint.restore_from is None or s.checkpoint.volume is not None,
+        ),
+        Rule(
+            ".network.rdma",
+            "!has(self.network) || !has(self.network.rdma) || self.network.rdma != 'required' "
+            "|| (has(self.gpusPerWorker) && self.gpusPerWorker > 0)",
+            "rdma: required needs gpusPerWorker > 0 (RDMA carries GPU collectives)",
+            lambda s: s.network.rdma != "required" or s.gpus_per_worker > 0,
+        ),
+        Rule(
+            ".network.rdmaResource",
+            "!has(self.network) || !has(self.network.rdma) || self.network.rdma != 'required' "
+            "|| has(self.network.rdmaResource)",
+            "rdma: required needs rdmaResource, e.g. rdma/rdma_shared_device_a",
+            lambda s: s.network.rdma != "required" or s.network.rdma_resource is not None,
+        ),
+        Rule(
+            ".procsPerWorker",
+            "!has(self.procsPerWorker) || !has(self.gpusPerWorker) || self.gpusPerWorker == 0 "
+            "|| self.procsPerWorker == self.gpusPerWorker",
+            "procsPerWorker must equal gpusPerWorker on GPU workers (one process per GPU)",
+            lambda s: s.procs_per_worker is None or s.gpus_per_worker == 0
+            or s.procs_per_worker == s.gpus_per_worker,
+        ),
+    )
+
+    @property
+    def procs(self) -> int:
+        """Processes each worker starts (torchrun nproc-per-node)."""
+        return self.procs_per_worker or max(self.gpus_per_worker, 1)
+
+    @property
+    def total_gpus(self) -> int:
+        """GPUs the whole gang needs."""
+        return self.workers * self.gpus_per_worker
+
+    @property
+    def wants_rdma(self) -> bool:
+        """Whether workers request RDMA devices."""
+        if self.network.rdma == "required":
+            return True
+        return self.network.rdma == "auto" and self.gpus_per_worker > 0 and bool(self.network.rdma_resource)
+
+
+class PlacementStatus(ApiModel):
+    """Where the gang was placed."""
+
+    level: str = Field(default="", description="Narrowest topology level holding the whole gang.")
+    domain: str = Field(default="", description="The domain at that level (e.g. an NVLink clique).")
+    nodes: list[str] = Field(default_factory=list, description="Node of each worker, rank 0 first.")
+
+
+class CheckpointRecord(ApiModel):
+    """A checkpoint snapshot."""
+
+    name: str = Field(description="VolumeSnapshot (or local snapshot) name.")
+    step: int | None = Field(default=None, description="Training step, when known.")
+    time: str | None = Field(default=None, description="When the snapshot was taken (RFC 3339).")
+    ready_to_use: bool = Field(default=False, description="Whether the snapshot can be restored.")
+    reason: str | None = Field(default=None, description="Why it was taken: Scheduled, Restart, Completion.")
+
+
+class WorkerCounts(ApiModel):
+    """Worker pods by state."""
+
+    active: int = Field(default=0, description="Pods pending or running.")
+    running: int = Field(default=0, description="Pods running.")
+    succeeded: int = Field(default=0, description="Pods exited 0.")
+    failed: int = Field(default=0, description="Pods failed.")
+
+
+class TrainingJobStatus(ApiModel):
+    """Observed state of a TrainingJob."""
+
+    phase: TrainingPhase = Field(default="Pending", description="Lifecycle phase.")
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    observed_generation: int | None = Field(default=None, description="Last generation reconciled.")
+    restarts: int = Field(default=0, description="Gang restarts counted against maxRestarts.")
+    preemptions: int = Field(default=0, description="Gang restarts caused by preemption (not counted).")
+    attempt: int = Field(default=0, description="Current gang attempt; part of pod names' generation.")
+    workers: WorkerCounts = Field(default_factory=WorkerCounts, description="Worker pods by state.")
+    placement: PlacementStatus | None = Field(default=None, description="Where the gang runs.")
+    start_time: str | None = Field(default=None, description="When the gang first ran.")
+    completion_time: str | None = Field(default=None, description="When the job finished.")
+    restart_after: str | None = Field(default=None, description="When a failed gang is recreated.")
+    checkpoints: list[CheckpointRecord] = Field(default_factory=list, description="Snapshots, newest last.")
+    message: str = Field(default="", description="What the job is doing or waiting for, in words.")
+
+
+class TrainingJob(ApiModel):
+    """A TrainingJob resource as read from the API server or a file."""
+
+    api_version: str = Field(default="capstan.dev/v1alpha1", description="capstan.dev/v1alpha1")
+    kind: Literal["TrainingJob"] = Field(default="TrainingJob", description="TrainingJob")
+    metadata: ObjectMeta
+    spec: TrainingJobSpec
+    status: TrainingJobStatus = Field(default_factory=TrainingJobStatus)

@@ -1,0 +1,291 @@
+"""All-or-nothing gang placement in the smallest topology domain that fits, BestFit inside.
+
+Semantics follow Kueue Topology Aware Scheduling (KEP 2724) where they apply:
+
+* the narrowest level where *one* domain can hold every worker is chosen;
+* among fitting domains at that level, the one left with the fewest free GPUs wins (BestFit:
+  keep big free domains whole for big gangs); Capstan breaks ties by the free GPUs of the
+  enclosing domains (fuller rack, then fuller block first), then by name;
+* inside the domain, children are taken with the most capacity first and the *last* child is the
+  smallest one that still fits the remainder (KEP example: nodes fitting 3,3,2,1 workers and a
+  7-worker gang -> 3+3+1).
+
+``Required`` never goes past ``max_domain`` (the gang waits); ``Preferred`` widens one level at a
+time and finally spans the cluster; ``None`` ignores topology and does BestFit over nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .inventory import Inventory
+from .levels import CLUSTER_LEVEL, display_level
+
+Policy = Literal["Required", "Preferred", "None"]
+POLICIES: tuple[str, ...] = ("Required", "Preferred", "None")
+
+
+@dataclass(frozen=True)
+class GangRequest:
+    """A gang of identical workers to place together.
+
+    ``gpus_per_worker`` = 0 makes a CPU gang (any schedulable node, no topology). ``priority`` is
+    higher-first like a PriorityClass value; ``submitted`` (seconds, any epoch) orders equal
+    priorities. ``expected_duration_s`` is optional: the queue lets a gang with a known duration
+    backfill into reserved GPUs if it ends before the queue head needs them.
+    """
+
+    name: str
+    workers: int
+    gpus_per_worker: int
+    policy: Policy = "Preferred"
+    max_domain: str = "nvlink"
+    needs_rdma: bool = False
+    tolerations: Sequence[Mapping[str, Any]] = ()
+    priority: int = 0
+    submitted: float = 0.0
+    gpu_product: str | None = None
+    expected_duration_s: float | None = None
+
+    @property
+    def total_gpus(self) -> int:
+        """GPUs the whole gang needs."""
+        return self.workers * self.gpus_per_worker
+
+
+@dataclass(frozen=True)
+class PlacementResult:
+    """Outcome of :func:`place_gang`.
+
+    ``nodes[r]`` is the node of worker rank ``r`` (rank 0 first; ranks sharing a domain are
+    contiguous). ``level`` is the narrowest level whose one domain holds every node ("cluster" if
+    none), ``domain`` that domain's label value and ``domain_key`` its unique label path. When
+    ``placed`` is false, ``reason`` says what the user can change or wait for.
+    """
+
+    name: str
+    placed: bool
+    nodes: list[str] = field(default_factory=list)
+    gpus_per_worker: int = 0
+    level: str | None = None
+    domain: str | None = None
+    domain_key: str | None = None
+    reason: str = ""
+
+    def gpus_by_node(self) -> dict[str, int]:
+        """GPUs this placement takes on each node."""
+        out: dict[str, int] = {}
+        for n in self.nodes:
+            out[n] = out.get(n, 0) + self.gpus_per_worker
+        return out
+
+
+def _validate(inv: Inventory, req: GangRequest) -> None:
+    if req.workers < 1:
+        raise ValueError(f"{req.name}: workers must be >= 1, got {req.workers}")
+    if req.gpus_per_worker < 0:
+        raise ValueError(f"{req.name}: gpus_per_worker must be >= 0, got {req.gpus_per_worker}")
+    if req.policy not in POLICIES:
+        raise ValueError(f"{req.name}: policy must be one of {POLICIES}, got {req.policy!r}")
+    inv.levels.index(req.max_domain)  # raises with the known names
+
+
+def place_gang(inventory: Inventory, request: GangRequest, *, parent_tiebreak: bool = True) -> PlacementResult:
+    """Place every worker of ``request`` or none; never mutates ``inventory``.
+
+    ``parent_tiebreak=False`` gives plain Kueue BestFit tie-breaking (by name only); it exists for
+    the benchmark baseline. Deterministic: equal inputs give equal results.
+    """
+    _validate(inventory, request)
+    topo = inventory._topo
+    elig = inventory._eligible(request.tolerations, request.needs_rdma, request.gpu_product)
+    if request.gpus_per_worker == 0:
+        return _place_cpu(inventory, request, elig)
+
+    gpw, want = request.gpus_per_worker, request.workers
+    free = [a - u if e and a > u else 0 for a, u, e in zip(topo.alloc, inventory._used, elig, strict=True)]
+    cap = [f // gpw for f in free]
+    busy = [i for i, f in enumerate(free) if f]  # only nodes with free GPUs matter below
+    if sum(cap[i] for i in busy) < want:
+        return _unplaced(inventory, request, elig, free, cap)
+
+    if request.policy == "None":
+        picks = _fill([(i, cap[i], free[i], i) for i in busy if cap[i]], want)
+        assign = [(i, k) for i, k in picks]
+        # group ranks by domain, widest level first, so neighbouring ranks share a domain
+        nlev = len(topo.levels)
+        assign.sort(key=lambda ik: (*[topo.dom_keys[li][topo.dom_of[li][ik[0]]] for li in
+                                      range(nlev - 1, -1, -1)], topo.nodes[ik[0]].name))
+        return _result(inventory, request, assign)
+
+    nlev = len(topo.levels)
+    # per-level capacity (workers) and free GPUs of every domain
+    dcap: list[list[int]] = []
+    dfree: list[list[int]] = []
+    for li in range(nlev):
+        dom = topo.dom_of[li]
+        c = [0] * len(topo.dom_keys[li])
+        f = [0] * len(topo.dom_keys[li])
+        for i in busy:
+            d = dom[i]
+            c[d] += cap[i]
+            f[d] += free[i]
+        dcap.append(c)
+        dfree.append(f)
+
+    top = inventory.levels.index(request.max_domain) if request.policy == "Required" else nlev
+    need = want * gpw
+    for li in range(top + 1):
+        if li == nlev:
+            chosen = 0  # the cluster root
+        else:
+            fits = [d for d, c in enumerate(dcap[li]) if c >= want]
+            if not fits:
+                continue
+
+            def score(d: int, li: int = li) -> tuple[int, ...]:
+                chain = []
+                if parent_tiebreak:
+                    p = d
+                    for up in range(li, nlev - 1):
+                        p = topo.parent[up][p]
+                        chain.append(dfree[up + 1][p])
+                return (dfree[li][d] - need, *chain, d)
+
+            chosen = min(fits, key=score)
+        assign = _descend(topo, li, chosen, want, cap, free, dcap, dfree)
+        return _result(inventory, request, assign)
+    return _unplaced(inventory, request, elig, free, cap, dcap=dcap, dfree=dfree, top=top)
+
+
+def _fill(items: list[tuple[int, int, int, int]], want: int) -> list[tuple[int, int]]:
+    """Kueue BestFit over (id, capacity, free, tiebreak) items: biggest first, best-fitting last.
+
+    Returns (id, workers) in rank order; assumes the capacities add up to at least ``want``.
+    """
+    items = sorted(items, key=lambda t: (-t[1], t[2], t[3]))
+    out: list[tuple[int, int]] = []
+    rem = want
+    for pos, (ident, c, _f, _t) in enumerate(items):
+        if c <= 0:
+            break
+        if c >= rem:
+            # the last domain: the smallest remaining one that fits leaves the least capacity idle
+            last = min((t for t in items[pos:] if t[1] >= rem), key=lambda t: (t[1], t[2], t[3]))
+            out.append((last[0], rem))
+            return out
+        out.append((ident, c))
+        rem -= c
+    raise AssertionError("capacity was checked before filling")
+
+
+def _descend(topo: Any, li: int, dom: int, want: int, cap: list[int], free: list[int],
+             dcap: list[list[int]], dfree: list[list[int]]) -> list[tuple[int, int]]:
+    """Split ``want`` workers down the tree below domain ``dom`` of level ``li`` (nlev = root)."""
+    kids = topo.children[li][dom]
+    if li == 0:
+        return _fill([(i, cap[i], free[i], i) for i in kids if cap[i]], want)
+    out: list[tuple[int, int]] = []
+    for child, k in _fill([(c, dcap[li - 1][c], dfree[li - 1][c], c) for c in kids if dcap[li - 1][c]], want):
+        out.extend(_descend(topo, li - 1, child, k, cap, free, dcap, dfree))
+    return out
+
+
+def _result(inv: Inventory, req: GangRequest, assign: list[tuple[int, int]]) -> PlacementResult:
+    topo = inv._topo
+    nodes = [topo.nodes[i].name for i, k in assign for _ in range(k)]
+    level, value, key = _span(inv, [i for i, _ in assign])
+    return PlacementResult(req.name, True, nodes, req.gpus_per_worker, level, value, key)
+
+
+def _span(inv: Inventory, idx: list[int]) -> tuple[str, str, str]:
+    """Narrowest (level, domain value, domain key) holding all node indices ``idx``."""
+    topo = inv._topo
+    for li, lv in enumerate(topo.levels):
+        dom = topo.dom_of[li]
+        first = dom[idx[0]]
+        if all(dom[i] == first for i in idx):
+            return lv.name, topo.dom_values[li][first], topo.dom_keys[li][first]
+    return CLUSTER_LEVEL, "", ""
+
+
+def _place_cpu(inv: Inventory, req: GangRequest, elig: list[bool]) -> PlacementResult:
+    """CPU workers: spread one per node round-robin, nodes without GPUs first (keep GPU nodes for GPU work)."""
+    topo = inv._topo
+    cands = sorted((i for i, e in enumerate(elig) if e), key=lambda i: (topo.alloc[i] > 0, topo.nodes[i].name))
+    if not cands:
+        return PlacementResult(req.name, False, gpus_per_worker=0, reason=_no_node_reason(inv, req))
+    assign = [(cands[r % len(cands)], 1) for r in range(req.workers)]
+    assign.sort(key=lambda ik: cands.index(ik[0]))  # same node's workers get neighbouring ranks
+    return _result(inv, req, assign)
+
+
+def _no_node_reason(inv: Inventory, req: GangRequest) -> str:
+    """Why no node is schedulable for this request at all, counting each exclusion."""
+    nodes = inv.nodes
+    if req.needs_rdma and not any(n.rdma for n in nodes if not n.cordoned):
+        return "no schedulable node with RDMA (no Ready, uncordoned node has an rdma/* resource)"
+    counts = {
+        "cordoned": sum(n.cordoned for n in nodes),
+        "tainted without a matching toleration": sum(
+            1 for n in nodes if not n.cordoned and n.taints and not inv._eligible(req.tolerations, False, None)[
+                inv._topo.index[n.name]]),
+        "NotReady": len(inv.not_ready),
+    }
+    if req.needs_rdma:
+        counts["without RDMA"] = sum(1 for n in nodes if not n.rdma)
+    if req.gpu_product:
+        counts[f"not {req.gpu_product}"] = sum(1 for n in nodes if n.product != req.gpu_product)
+    detail = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    what = "no schedulable node with RDMA" if req.needs_rdma else "no schedulable node"
+    return f"{what}" + (f" ({detail})" if detail else " (the cluster has no Ready nodes)")
+
+
+def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int], cap: list[int],
+              dcap: list[list[int]] | None = None, dfree: list[list[int]] | None = None,
+              top: int | None = None) -> PlacementResult:
+    """Build the not-placed result with the most specific reason a user can act on."""
+    topo = inv._topo
+    gpw, want = req.gpus_per_worker, req.workers
+    shape = f"{want} worker{'s' if want != 1 else ''} × {gpw}"
+
+    def out(reason: str) -> PlacementResult:
+        return PlacementResult(req.name, False, gpus_per_worker=gpw, reason=reason)
+
+    eligible = [i for i, e in enumerate(elig) if e]
+    if not eligible:
+        return out(_no_node_reason(inv, req))
+    where = " with RDMA" if req.needs_rdma else ""
+    biggest = max(topo.alloc[i] for i in eligible)
+    if biggest < gpw:
+        return out(f"no schedulable node{where} has {gpw} GPUs allocatable (largest: {biggest}); "
+                   f"lower gpusPerWorker")
+    most_free = max(free)
+    if most_free < gpw:
+        return out(f"no node{where} has {gpw} free GPUs (largest: {most_free}); waiting for GPUs to free up")
+    total_cap = sum(cap)
+    if total_cap < want:
+        n_fit = sum(1 for c in cap if c)
+        return out(f"needs {want * gpw} GPUs ({shape}); schedulable nodes{where} have room for "
+                   f"{total_cap} worker{'s' if total_cap != 1 else ''} now ({n_fit} nodes with ≥{gpw} "
+                   f"free GPUs); waiting for GPUs to free up")
+    assert dcap is not None and dfree is not None and top is not None
+    lv = topo.levels.levels[top]
+    label = display_level(lv.name)
+    best = max(range(len(dcap[top])), key=lambda d: (dcap[top][d], dfree[top][d], -d))
+    msg = (f"needs {want * gpw} GPUs ({shape}) within one {label}; the largest free {label} "
+           f"has {dfree[top][best]} free GPUs")
+    if dcap[top][best] * gpw != dfree[top][best]:
+        msg += f" (room for {dcap[top][best]} worker{'s' if dcap[top][best] != 1 else ''})"
+    # would it ever fit? capacity of each domain with nothing running
+    empty = [0] * len(dcap[top])
+    for i in eligible:
+        empty[topo.dom_of[top][i]] += topo.alloc[i] // gpw
+    if max(empty) < want:
+        msg += (f"; even empty, no {label} holds {want} such workers (max {max(empty)}): "
+                f"raise maxDomain above {lv.name} or use policy Preferred")
+    else:
+        msg += "; waiting for GPUs to free up"
+    return out(msg)

@@ -1,0 +1,374 @@
+"""Node inventory: free GPUs per node and each node's place in the topology.
+
+Built from plain Kubernetes JSON (``Node`` and ``Pod`` dicts as ``kubectl get -o json`` or the API
+client's ``to_dict()`` with camelCase keys). The inventory is immutable: :meth:`Inventory.allocate`
+and :meth:`Inventory.release` return a new inventory that shares the static topology, so a caller
+can place a queue of gangs one after another and throw away what-if copies cheaply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any
+
+from .levels import DEFAULT_LEVELS, TopologyLevels
+
+if TYPE_CHECKING:
+    from .gang import PlacementResult
+
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+RDMA_PREFIX = "rdma/"
+_HARD_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
+_TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+_SUFFIX = {
+    "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}
+
+Taint = tuple[str, str, str]  # (key, value, effect)
+
+
+def parse_count(value: Any) -> int:
+    """Whole units of a Kubernetes quantity ("8", 8, "1k", "500m" -> 0); malformed -> 0."""
+    if value is None:
+        return 0
+    if isinstance(value, int | float):
+        return int(value)
+    text = str(value).strip()
+    if text.endswith("m"):  # milli-units: extended resources are whole, so this rounds down
+        try:
+            return int(Decimal(text[:-1]) / 1000)
+        except InvalidOperation:
+            return 0
+    for suffix in ("Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "k", "M", "G", "T", "P", "E"):
+        if text.endswith(suffix):
+            number, mult = text[: -len(suffix)], _SUFFIX[suffix]
+            break
+    else:
+        number, mult = text, 1
+    try:
+        return int(Decimal(number) * mult)
+    except InvalidOperation:
+        return 0
+
+
+def tolerates(tolerations: Iterable[Mapping[str, Any]], taint: Taint) -> bool:
+    """Kubernetes toleration matching for one taint (key/operator/value/effect)."""
+    key, value, effect = taint
+    for tol in tolerations:
+        t_effect = tol.get("effect") or ""
+        if t_effect and t_effect != effect:
+            continue
+        t_key = tol.get("key") or ""
+        op = tol.get("operator") or "Equal"
+        if not t_key:
+            if op == "Exists":  # empty key + Exists tolerates everything
+                return True
+            continue
+        if t_key != key:
+            continue
+        if op == "Exists" or (tol.get("value") or "") == value:
+            return True
+    return False
+
+
+def pod_gpu_request(pod: Mapping[str, Any]) -> int:
+    """Effective GPU request of a pod, following the scheduler's init-container rule.
+
+    Regular containers and restartable (sidecar) init containers add up; a plain init container
+    runs alone, so the pod needs the max of that sum and any single init container.
+    """
+    spec = pod.get("spec") or {}
+
+    def gpus(container: Mapping[str, Any]) -> int:
+        res = container.get("resources") or {}
+        req = (res.get("requests") or {}).get(GPU_RESOURCE)
+        if req is None:  # extended resources: limits alone imply an equal request
+            req = (res.get("limits") or {}).get(GPU_RESOURCE)
+        return parse_count(req)
+
+    total = sum(gpus(c) for c in spec.get("containers") or [])
+    init_peak = 0
+    for c in spec.get("initContainers") or []:
+        if c.get("restartPolicy") == "Always":
+            total += gpus(c)
+        else:
+            init_peak = max(init_peak, gpus(c))
+    return max(total, init_peak)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Static facts about one schedulable-in-principle (Ready) node."""
+
+    name: str
+    gpus: int  # allocatable nvidia.com/gpu
+    product: str | None
+    rdma: bool  # any rdma/* allocatable > 0
+    cordoned: bool  # spec.unschedulable
+    taints: tuple[Taint, ...]  # NoSchedule/NoExecute only; PreferNoSchedule never blocks
+    domain_values: tuple[str, ...]  # label value per level (the node name if it has none)
+
+
+@dataclass
+class _Topology:
+    """Static, shared index of nodes and domains; never mutated after build."""
+
+    levels: TopologyLevels
+    nodes: tuple[NodeInfo, ...]
+    index: dict[str, int]
+    # dom_of[level][node] -> domain id; domain ids are ordered by domain key, so "lowest id"
+    # breaks ties by name deterministically.
+    dom_of: list[list[int]]
+    dom_keys: list[list[str]]
+    dom_values: list[list[str]]
+    # children[level][domain] -> domain ids one level down (level 0: node indices); the last
+    # entry (index len(levels)) is the cluster root with the widest domains as children.
+    children: list[list[list[int]]]
+    # parent[level][domain] -> domain id one level up (levels below the widest only)
+    parent: list[list[int]]
+    alloc: list[int]  # allocatable GPUs per node, for hot loops
+    not_ready: tuple[str, ...]
+    eligible_cache: dict[tuple[Any, ...], list[bool]] = field(default_factory=dict)
+
+
+class Inventory:
+    """GPU capacity and usage of the Ready nodes of a cluster, indexed by topology domain.
+
+    Use :func:`build_inventory` to make one. Instances are immutable: ``allocate``/``release``
+    return new inventories (cheap: one list copy) and leave ``self`` unchanged.
+    """
+
+    __slots__ = ("_topo", "_used")
+
+    def __init__(self, topo: _Topology, used: list[int]) -> None:
+        self._topo = topo
+        self._used = used
+
+    # -- read access ---------------------------------------------------------------------------
+    @property
+    def levels(self) -> TopologyLevels:
+        """The topology levels this inventory was indexed with."""
+        return self._topo.levels
+
+    @property
+    def nodes(self) -> tuple[NodeInfo, ...]:
+        """Ready nodes, sorted by name (cordoned and tainted ones included, flagged)."""
+        return self._topo.nodes
+
+    @property
+    def not_ready(self) -> tuple[str, ...]:
+        """Names of nodes left out because they are not Ready."""
+        return self._topo.not_ready
+
+    def node(self, name: str) -> NodeInfo:
+        """Static facts about node ``name`` (KeyError if unknown or NotReady)."""
+        return self._topo.nodes[self._topo.index[name]]
+
+    def used(self, name: str) -> int:
+        """GPUs requested on ``name`` by bound pods and by allocations made here."""
+        return self._used[self._topo.index[name]]
+
+    def free(self, name: str) -> int:
+        """Allocatable minus used GPUs on ``name`` (never negative)."""
+        i = self._topo.index[name]
+        return max(0, self._topo.nodes[i].gpus - self._used[i])
+
+    @property
+    def total_gpus(self) -> int:
+        """Allocatable GPUs over all Ready nodes."""
+        return sum(n.gpus for n in self._topo.nodes)
+
+    @property
+    def free_gpus(self) -> int:
+        """Free GPUs over all Ready nodes (schedulable or not)."""
+        return sum(max(0, n.gpus - u) for n, u in zip(self._topo.nodes, self._used, strict=True))
+
+    def domain_of(self, name: str, level: str) -> str:
+        """Unique key of the domain that holds node ``name`` at ``level`` (e.g. "block=b1/rack=r3")."""
+        li = self.levels.index(level)
+        return self._topo.dom_keys[li][self._topo.dom_of[li][self._topo.index[name]]]
+
+    def span_level(self, names: Sequence[str]) -> str:
+        """Narrowest level at which all ``names`` share one domain ("cluster" if none)."""
+        idx = [self._topo.index[n] for n in names]
+        for li in range(len(self.levels)):
+            dom = self._topo.dom_of[li]
+            first = dom[idx[0]]
+            if all(dom[i] == first for i in idx):
+                return self.levels.levels[li].name
+        return "cluster"
+
+    # -- changes (return new inventories) -------------------------------------------------------
+    def allocate(self, result: PlacementResult) -> Inventory:
+        """A new inventory with the GPUs of a placed ``result`` taken.
+
+        Raises ValueError if the result is not placed or would overcommit a node.
+        """
+        if not result.placed:
+            raise ValueError(f"cannot allocate unplaced gang {result.name!r}")
+        return self.add_usage(result.gpus_by_node(), check=True)
+
+    def release(self, result: PlacementResult) -> Inventory:
+        """A new inventory with the GPUs of ``result`` given back (usage floors at zero)."""
+        if not result.placed:
+            return self
+        return self.add_usage({n: -g for n, g in result.gpus_by_node().items()}, check=False)
+
+    def add_usage(self, delta: Mapping[str, int], *, check: bool = False) -> Inventory:
+        """A new inventory with ``delta`` GPUs added to (negative: removed from) each node's usage.
+
+        Unknown nodes are ignored (they may have gone NotReady since the placement). With
+        ``check`` a node pushed past its allocatable raises ValueError.
+        """
+        used = list(self._used)
+        index, nodes = self._topo.index, self._topo.nodes
+        for name, gpus in delta.items():
+            i = index.get(name)
+            if i is None:
+                continue
+            used[i] = max(0, used[i] + gpus)
+            if check and used[i] > nodes[i].gpus:
+                raise ValueError(f"node {name} would have {used[i]} GPUs used of {nodes[i].gpus}")
+        return Inventory(self._topo, used)
+
+    # -- internals for the placement modules ----------------------------------------------------
+    def _eligible(self, tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool,
+                  product: str | None) -> list[bool]:
+        """Per node: may a pod with these constraints land here? Cached per constraint set."""
+        key = (_freeze(tolerations), needs_rdma, product)
+        cached = self._topo.eligible_cache.get(key)
+        if cached is not None:
+            return cached
+        ok_by_taints: dict[tuple[Taint, ...], bool] = {}
+        out = []
+        for n in self._topo.nodes:
+            ok = not n.cordoned and (n.rdma or not needs_rdma) and (product is None or n.product == product)
+            if ok and n.taints:
+                t_ok = ok_by_taints.get(n.taints)
+                if t_ok is None:
+                    t_ok = ok_by_taints[n.taints] = all(tolerates(tolerations, t) for t in n.taints)
+                ok = t_ok
+            out.append(ok)
+        if len(self._topo.eligible_cache) > 256:  # bound memory for odd callers
+            self._topo.eligible_cache.clear()
+        self._topo.eligible_cache[key] = out
+        return out
+
+
+def _freeze(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return tuple(sorted((k, _freeze(v)) for k, v in obj.items()))
+    if isinstance(obj, list | tuple):
+        return tuple(_freeze(v) for v in obj)
+    return obj
+
+
+def _is_ready(node: Mapping[str, Any]) -> bool:
+    for cond in (node.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready":
+            return cond.get("status") == "True"
+    return False  # no Ready condition means the kubelet never reported: treat as NotReady
+
+
+def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]] = (),
+                    levels: TopologyLevels = DEFAULT_LEVELS) -> Inventory:
+    """Index Ready nodes by topology domain and subtract GPUs held by live pods bound to them.
+
+    A pod holds GPUs while it has ``spec.nodeName`` and its phase is neither Succeeded nor
+    Failed. NotReady nodes are left out (listed in ``Inventory.not_ready``); cordoned
+    (``spec.unschedulable``) and tainted nodes stay in, flagged, so reasons can count them.
+    Domain keys are label paths from the widest level down ("zone=a/block=b/rack=r"); a node
+    without a level's label inherits its narrower domain (no clique label: the node itself is
+    the NVLink domain), which keeps every domain nested inside one domain of each wider level.
+    """
+    infos: list[NodeInfo] = []
+    keys_per_node: list[list[str]] = []
+    not_ready: list[str] = []
+    nlev = len(levels)
+    for node in nodes:
+        meta = node.get("metadata") or {}
+        name = meta.get("name") or ""
+        if not name:
+            continue
+        if not _is_ready(node):
+            not_ready.append(name)
+            continue
+        labels = meta.get("labels") or {}
+        spec = node.get("spec") or {}
+        alloc = (node.get("status") or {}).get("allocatable") or {}
+        taints = tuple(sorted(
+            (t.get("key") or "", t.get("value") or "", t.get("effect") or "")
+            for t in spec.get("taints") or [] if t.get("effect") in _HARD_EFFECTS
+        ))
+        raw = [labels.get(lv.label) or None for lv in levels]
+        values, keys = [], []
+        for li in range(nlev):
+            if raw[li] is None:
+                values.append(values[-1] if li else name)
+                keys.append(keys[-1] if li else f"node={name}")
+            else:
+                path = [f"{levels.levels[j].name}={raw[j]}" for j in range(nlev - 1, li - 1, -1)
+                        if raw[j] is not None]
+                values.append(raw[li])
+                keys.append("/".join(path))
+        infos.append(NodeInfo(
+            name=name,
+            gpus=parse_count(alloc.get(GPU_RESOURCE)),
+            product=labels.get(GPU_PRODUCT_LABEL),
+            rdma=any(k.startswith(RDMA_PREFIX) and parse_count(v) > 0 for k, v in alloc.items()),
+            cordoned=bool(spec.get("unschedulable")),
+            taints=taints,
+            domain_values=tuple(values),
+        ))
+        keys_per_node.append(keys)
+
+    order = sorted(range(len(infos)), key=lambda i: infos[i].name)
+    infos = [infos[i] for i in order]
+    keys_per_node = [keys_per_node[i] for i in order]
+    index = {n.name: i for i, n in enumerate(infos)}
+
+    dom_of: list[list[int]] = []
+    dom_keys: list[list[str]] = []
+    dom_values: list[list[str]] = []
+    for li in range(nlev):
+        first_node: dict[str, int] = {}
+        for i, keys in enumerate(keys_per_node):
+            first_node.setdefault(keys[li], i)
+        sorted_keys = sorted(first_node)
+        kid = {k: d for d, k in enumerate(sorted_keys)}
+        dom_of.append([kid[keys[li]] for keys in keys_per_node])
+        dom_keys.append(sorted_keys)
+        dom_values.append([infos[first_node[k]].domain_values[li] for k in sorted_keys])
+
+    children: list[list[list[int]]] = []
+    for li in range(nlev + 1):
+        n_dom = len(dom_keys[li]) if li < nlev else 1
+        kids: list[set[int]] = [set() for _ in range(n_dom)]
+        for i in range(len(infos)):
+            parent = dom_of[li][i] if li < nlev else 0
+            kids[parent].add(dom_of[li - 1][i] if li else i)
+        children.append([sorted(k) for k in kids])
+
+    parent: list[list[int]] = []
+    for li in range(nlev - 1):
+        up = [0] * len(dom_keys[li])
+        for i in range(len(infos)):
+            up[dom_of[li][i]] = dom_of[li + 1][i]
+        parent.append(up)
+
+    used = [0] * len(infos)
+    for pod in pods:
+        node_name = (pod.get("spec") or {}).get("nodeName")
+        if not node_name or (pod.get("status") or {}).get("phase") in _TERMINAL_PHASES:
+            continue
+        i = index.get(node_name)
+        if i is not None:
+            used[i] += pod_gpu_request(pod)
+
+    topo = _Topology(levels, tuple(infos), index, dom_of, dom_keys, dom_values, children, parent,
+                     [n.gpus for n in infos], tuple(sorted(not_ready)))
+    return Inventory(topo, used)

@@ -1,0 +1,1 @@
+"""TrainingJob planning: desired objects (pods.py) and the gang lifecycle (lifecycle.py)."""

@@ -1,0 +1,349 @@
+"""The gang lifecycle of a TrainingJob as a pure function: (job, observed pods, now) → plan.
+
+Level-based: every call looks at the whole observed state and says what should be true, so a
+plan applied twice, or after an operator restart, changes nothing more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from capstan.api.conditions import parse_time, rfc3339, set_condition
+from capstan.api.trainingjob import TERMINAL_PHASES, PlacementStatus, TrainingJob, TrainingJobStatus, WorkerCounts
+from capstan.naming import LABEL_ATTEMPT, LABEL_RANK
+from capstan.training.pods import (
+    EXIT_PREEMPTED,
+    checkpoint_pvc,
+    headless_service,
+    worker_pod,
+)
+
+MAX_BACKOFF_S = 600.0
+QUEUED_RECHECK_S = 15.0
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to emit on the job."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PlacementDecision:
+    """What the placement engine said about the gang."""
+
+    placed: bool
+    nodes: list[str] = field(default_factory=list)
+    level: str = ""
+    domain: str = ""
+    reason: str = ""
+
+
+# Called only when a new gang is about to be created; None means "no placement engine" (local
+# runtime, Kueue-managed jobs, CPU jobs): pods go to the default scheduler unpinned.
+Placer = Callable[[TrainingJob], PlacementDecision]
+
+
+@dataclass
+class Plan:
+    """What the executor should do; ``status`` is the complete new status."""
+
+    status: TrainingJobStatus
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete_pods: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+    delete_job: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """One observed worker pod, reduced to what the lifecycle needs."""
+
+    name: str
+    rank: int
+    attempt: int
+    phase: str  # Pending | Running | Succeeded | Failed | Unknown
+    exit_code: int | None
+    terminating: bool
+    reason: str = ""
+    node: str | None = None
+
+
+def worker_state(pod: dict[str, Any]) -> WorkerState | None:
+    """Reduce a Pod dict to a :class:`WorkerState` (None if it lacks Capstan's labels)."""
+    meta = pod.get("metadata", {})
+    labels = meta.get("labels") or {}
+    try:
+        rank, attempt = int(labels[LABEL_RANK]), int(labels[LABEL_ATTEMPT])
+    except (KeyError, ValueError):
+        return None
+    status = pod.get("status") or {}
+    exit_code = None
+    for cs in status.get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if term is not None:
+            exit_code = int(term.get("exitCode", 1))
+            if exit_code != 0:
+                break
+    return WorkerState(
+        name=meta.get("name", ""),
+        rank=rank,
+        attempt=attempt,
+        phase=status.get("phase", "Pending"),
+        exit_code=exit_code,
+        terminating=bool(meta.get("deletionTimestamp")),
+        reason=status.get("reason", ""),
+        node=(pod.get("spec") or {}).get("nodeName"),
+    )
+
+
+class _Builder:
+    """Accumulates status changes, events and actions for one reconcile."""
+
+    def __init__(self, job: TrainingJob, now: datetime) -> None:
+        self.job = job
+        self.now = now
+        self.old_phase = job.status.phase
+        self.status = job.status.model_copy(deep=True)
+        self.status.observed_generation = job.metadata.generation
+        self.plan = Plan(status=self.status)
+
+    def condition(self, type_: str, ok: bool, reason: str, message: str) -> None:
+        self.status.conditions = set_condition(
+            self.status.conditions,
+            type_,
+            "True" if ok else "False",
+            reason,
+            message,
+            self.now,
+            self.job.metadata.generation,
+        )
+
+    def phase(self, phase: str, reason: str, message: str, warning: bool = False) -> None:
+        self.status.phase = phase  # type: ignore[assignment]
+        self.status.message = message
+        if phase != self.old_phase:
+            self.plan.events.append(Event("Warning" if warning else "Normal", reason, message))
+
+    def requeue(self, seconds: float) -> None:
+        cur = self.plan.requeue_after
+        self.plan.requeue_after = seconds if cur is None else min(cur, seconds)
+
+
+def _count(workers: list[WorkerState]) -> WorkerCounts:
+    return WorkerCounts(
+        active=sum(w.phase in ("Pending", "Running", "Unknown") for w in workers),
+        running=sum(w.phase == "Running" for w in workers),
+        succeeded=sum(w.phase == "Succeeded" for w in workers),
+        failed=sum(w.phase == "Failed" for w in workers),
+    )
+
+
+def _backoff(job: TrainingJob, restarts: int) -> float:
+    base = float(job.spec.failure_policy.backoff_seconds)
+    return min(base * (2 ** max(restarts - 1, 0)), MAX_BACKOFF_S) if base else 0.0
+
+
+def plan_trainingjob(
+    job: TrainingJob,
+    pods: list[dict[str, Any]],
+    now: datetime,
+    placer: Placer | None = None,
+    service_exists: bool = False,
+    pvc_exists: bool = False,
+) -> Plan:
+    """Decide the next step of ``job`` given its observed worker ``pods`` at time ``now``."""
+    b = _Builder(job, now)
+    st = b.status
+    workers = [w for w in (worker_state(p) for p in pods) if w is not None]
+    current = [w for w in workers if w.attempt == st.attempt]
+    stale = [w for w in workers if w.attempt != st.attempt]
+    st.workers = _count(current)
+    b.condition("Admitted", True, "Valid", "spec is valid")
+
+    if st.phase in TERMINAL_PHASES:
+        return _finished(b, current + stale)
+
+    if job.spec.suspend:
+        for w in workers:
+            if not w.terminating:
+                b.plan.delete_pods.append(w.name)
+        b.condition("Suspended", True, "Suspended", "spec.suspend is true")
+        b.condition("Running", False, "Suspended", "workers removed while suspended")
+        b.phase("Suspended", "Suspended", "suspended: workers removed, status kept")
+        return b.plan
+    if st.phase == "Suspended":
+        b.condition("Suspended", False, "Resumed", "spec.suspend is false")
+        b.phase("Pending", "Resumed", "resumed: recreating the gang")
+
+    # A previous gang must be gone before the next is created: same pod names, same DNS names.
+    if stale:
+        for w in stale:
+            if not w.terminating:
+                b.plan.delete_pods.append(w.name)
+        if st.phase not in ("Restarting",):
+            b.phase("Restarting", "GangRestarting", "waiting for the previous gang to terminate")
+        b.requeue(2)
+        return b.plan
+
+    failed = [w for w in current if w.phase == "Failed"]
+    if failed:
+        return _on_failure(b, current, failed)
+
+    present = {w.rank for w in current}
+    missing = [r for r in range(job.spec.workers) if r not in present]
+    if current and missing and st.phase == "Running":
+        return _restart(b, current, "WorkerLost", f"worker pod(s) of rank {missing} disappeared", counted=False)
+
+    if not current:
+        return _create_gang(b, placer, service_exists, pvc_exists)
+    if missing:  # a creation interrupted part-way (e.g. operator restart): finish it
+        _create_workers(b, missing, _placed_nodes(st))
+        b.phase("Starting", "Starting", f"creating {len(missing)} missing worker pod(s)")
+        b.requeue(2)
+        return b.plan
+
+    if all(w.phase == "Succeeded" for w in current):
+        st.completion_time = rfc3339(now)
+        b.condition("Running", False, "Completed", "all workers exited 0")
+        b.condition("Succeeded", True, "AllWorkersSucceeded", f"all {len(current)} workers exited 0")
+        b.phase("Succeeded", "Succeeded", f"all {len(current)} workers exited 0")
+        _schedule_ttl(b)
+        return b.plan
+    if all(w.phase in ("Running", "Succeeded") for w in current):
+        if st.start_time is None:
+            st.start_time = rfc3339(now)
+        b.condition("Running", True, "AllWorkersRunning", f"{len(current)} workers running")
+        b.phase("Running", "Running", f"all {len(current)} workers running")
+        return b.plan
+    pending = [w for w in current if w.phase not in ("Running", "Succeeded")]
+    b.phase("Starting", "Starting", f"{len(pending)} of {len(current)} workers not running yet")
+    return b.plan
+
+
+def _placed_nodes(st: TrainingJobStatus) -> list[str]:
+    return list(st.placement.nodes) if st.placement else []
+
+
+def _create_workers(b: _Builder, ranks: list[int], nodes: list[str]) -> None:
+    for rank in ranks:
+        node = nodes[rank] if rank < len(nodes) else None
+        b.plan.create.append(worker_pod(b.job, rank, b.status.attempt, node))
+
+
+def _create_gang(b: _Builder, placer: Placer | None, service_exists: bool, pvc_exists: bool) -> Plan:
+    st, job = b.status, b.job
+    wait_until = parse_time(st.restart_after)
+    if wait_until and wait_until > b.now:
+        b.requeue((wait_until - b.now).total_seconds())
+        b.phase("Restarting", "BackingOff", f"gang restart {st.restarts} after backoff until {st.restart_after}")
+        return b.plan
+    st.restart_after = None
+    nodes: list[str] = []
+    if placer is not None:
+        decision = placer(job)
+        if not decision.placed:
+            b.condition("Placed", False, "WaitingForCapacity", decision.reason)
+            b.phase("Queued", "Queued", f"waiting for capacity: {decision.reason}")
+            b.requeue(QUEUED_RECHECK_S)
+            return b.plan
+        nodes = decision.nodes
+        st.placement = PlacementStatus(level=decision.level, domain=decision.domain, nodes=nodes)
+        where = f"{decision.level} domain {decision.domain!r}" if decision.domain else "the cluster"
+        b.condition("Placed", True, "Placed", f"{job.spec.workers} workers placed in {where}")
+    elif job.spec.queue_name:
+        b.condition("Placed", False, "DeferredToKueue", f"admission deferred to Kueue queue {job.spec.queue_name!r}")
+    pvc = checkpoint_pvc(job)
+    if pvc is not None and not pvc_exists:
+        b.plan.create.append(pvc)
+    if not service_exists:
+        b.plan.create.append(headless_service(job))
+    _create_workers(b, list(range(job.spec.workers)), nodes)
+    b.phase("Starting", "GangCreated", f"created {job.spec.workers} worker pods (attempt {st.attempt})")
+    b.requeue(5)
+    return b.plan
+
+
+def _on_failure(b: _Builder, current: list[WorkerState], failed: list[WorkerState]) -> Plan:
+    job, st = b.job, b.status
+    policy = job.spec.failure_policy
+    first = min(failed, key=lambda w: w.rank)
+    code = first.exit_code
+    if code is not None and code in policy.non_retryable_exit_codes:
+        return _fail(
+            b,
+            current,
+            "NonRetryableExitCode",
+            f"worker {first.rank} exited with code {code}, listed in failurePolicy.nonRetryableExitCodes",
+        )
+    if code == EXIT_PREEMPTED or first.reason in ("Evicted", "Preempting", "Shutdown", "NodeLost"):
+        why = f"worker {first.rank} was preempted ({first.reason or f'exit {code}'})"
+        return _restart(b, current, "Preempted", why, counted=False)
+    why = f"worker {first.rank} failed with exit code {code}" if code is not None else (
+        f"worker {first.rank} failed ({first.reason or 'no exit code'})"
+    )
+    if st.restarts >= policy.max_restarts:
+        return _fail(b, current, "BackoffLimitExceeded", f"{why}; maxRestarts ({policy.max_restarts}) used up")
+    return _restart(b, current, "WorkerFailed", why, counted=True)
+
+
+def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, counted: bool) -> Plan:
+    st = b.status
+    if counted:
+        st.restarts += 1
+    else:
+        st.preemptions += 1
+    st.attempt += 1
+    st.placement = None  # a restarted gang gets fresh placement (the old node may be gone)
+    delay = _backoff(b.job, st.restarts) if counted else 0.0
+    st.restart_after = rfc3339(b.now + timedelta(seconds=delay)) if delay else None
+    for w in current:
+        if not w.terminating:
+            b.plan.delete_pods.append(w.name)
+    b.condition("Running", False, reason, why)
+    kind = f"restart {st.restarts}/{b.job.spec.failure_policy.max_restarts}" if counted else "restart (not counted)"
+    b.phase("Restarting", reason, f"{why}; gang {kind}", warning=True)
+    b.plan.events.append(Event("Warning", "GangRestart", f"{why}; deleting {len(current)} worker pods ({kind})"))
+    b.requeue(max(delay, 1.0))
+    return b.plan
+
+
+def _fail(b: _Builder, current: list[WorkerState], reason: str, message: str) -> Plan:
+    st = b.status
+    for w in current:
+        if w.phase not in ("Succeeded", "Failed") and not w.terminating:
+            b.plan.delete_pods.append(w.name)
+    st.completion_time = rfc3339(b.now)
+    b.condition("Running", False, reason, message)
+    b.condition("Failed", True, reason, message)
+    b.phase("Failed", reason, message, warning=True)
+    _schedule_ttl(b)
+    return b.plan
+
+
+def _schedule_ttl(b: _Builder) -> None:
+    ttl = b.job.spec.ttl_seconds_after_finished
+    done = parse_time(b.status.completion_time)
+    if ttl is None or done is None:
+        return
+    left = (done + timedelta(seconds=ttl) - b.now).total_seconds()
+    if left <= 0:
+        b.plan.delete_job = True
+    else:
+        b.requeue(left)
+
+
+def _finished(b: _Builder, workers: list[WorkerState]) -> Plan:
+    # A finished job keeps its exited pods for logs but never leaves a worker running.
+    for w in workers:
+        if w.phase not in ("Succeeded", "Failed") and not w.terminating:
+            b.plan.delete_pods.append(w.name)
+    _schedule_ttl(b)
+    return b.plan

@@ -1,0 +1,277 @@
+"""Desired Kubernetes objects of a TrainingJob: the headless Service and one Pod per worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from capstan import API_VERSION
+from capstan.api.trainingjob import TrainingJob
+from capstan.naming import (
+    LABEL_ATTEMPT,
+    LABEL_JOB,
+    LABEL_JOB_UID,
+    LABEL_RANK,
+    common_labels,
+    dns_label,
+    label_value,
+    owner_reference,
+)
+
+GPU_RESOURCE = "nvidia.com/gpu"
+METRICS_PORT = 9400
+CONTAINER = "worker"
+# Exit code of a worker that checkpointed and stopped on SIGTERM (EX_TEMPFAIL): restart the gang
+# without counting a failure. capstan_workloads.exitcodes.EXIT_PREEMPTED holds the same number.
+EXIT_PREEMPTED = 75
+# Digits reserved for the rank suffix of a hostname ("-1234").
+_RANK_SUFFIX = 5
+
+NCCL_DEFAULTS = {
+    # Abort hung collectives so a dead peer fails the pod (and the gang restarts) instead of hanging.
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    "NCCL_DEBUG": "WARN",
+}
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
+KUEUE_POD_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_REQUIRED_TOPOLOGY = "kueue.x-k8s.io/podset-required-topology"
+KUEUE_PREFERRED_TOPOLOGY = "kueue.x-k8s.io/podset-preferred-topology"
+
+
+def service_name(job: TrainingJob) -> str:
+    """Name of the headless Service (a DNS-1035 label) that gives workers stable DNS names."""
+    return dns_label(job.metadata.name)
+
+
+def worker_base(job: TrainingJob) -> str:
+    """Prefix of worker pod names and hostnames, short enough for a rank suffix."""
+    return dns_label(job.metadata.name, max_len=63 - _RANK_SUFFIX)
+
+
+def worker_name(job: TrainingJob, rank: int) -> str:
+    """Pod name and hostname of worker ``rank``."""
+    return f"{worker_base(job)}-{rank}"
+
+
+def checkpoint_claim_name(job: TrainingJob) -> str | None:
+    """PVC the workers mount for checkpoints, if the job has a checkpoint volume."""
+    vol = job.spec.checkpoint.volume
+    if vol is None:
+        return None
+    return vol.claim_name or dns_label(job.metadata.name, suffix="-ckpt")
+
+
+def master_addr(job: TrainingJob) -> str:
+    """Stable DNS name of rank 0 through the headless Service."""
+    return f"{worker_name(job, 0)}.{service_name(job)}.{job.metadata.namespace}.svc"
+
+
+def job_labels(job: TrainingJob) -> dict[str, str]:
+    """Labels shared by every child of the job."""
+    labels = common_labels("trainingjob", job.metadata.name, "worker")
+    labels[LABEL_JOB] = label_value(job.metadata.name)
+    if job.metadata.uid:
+        labels[LABEL_JOB_UID] = job.metadata.uid
+    return labels
+
+
+def selector(job: TrainingJob) -> dict[str, str]:
+    """Label selector matching every worker pod of the job (any attempt)."""
+    key = LABEL_JOB_UID if job.metadata.uid else LABEL_JOB
+    return {key: job_labels(job)[key]}
+
+
+def _owner(job: TrainingJob) -> list[dict[str, Any]]:
+    if not job.metadata.uid:
+        return []
+    return [owner_reference(API_VERSION, "TrainingJob", job.metadata.name, job.metadata.uid)]
+
+
+def _meta(job: TrainingJob, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": job.metadata.namespace, "labels": labels}
+    owners = _owner(job)
+    if owners:
+        meta["ownerReferences"] = owners
+    return meta
+
+
+def headless_service(job: TrainingJob) -> dict[str, Any]:
+    """Headless Service publishing workers' addresses before they are ready (rendezvous needs it)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, service_name(job), job_labels(job)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector(job),
+            "ports": [{"name": "rdzv", "port": job.spec.master_port, "targetPort": job.spec.master_port}],
+        },
+    }
+
+
+def checkpoint_pvc(job: TrainingJob) -> dict[str, Any] | None:
+    """The checkpoint PVC the operator creates (None when adopting one or when there is none)."""
+    vol = job.spec.checkpoint.volume
+    if vol is None or vol.claim_name:
+        return None
+    name = checkpoint_claim_name(job)
+    assert name is not None
+    labels = {**job_labels(job), "app.kubernetes.io/component": "checkpoint"}
+    meta = _meta(job, name, labels) if not vol.retain else {
+        "name": name,
+        "namespace": job.metadata.namespace,
+        "labels": labels,
+    }
+    spec: dict[str, Any] = {
+        # Every rank writes its shards into one directory, so the volume must be shared.
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": str(vol.size)}},
+    }
+    if vol.storage_class_name:
+        spec["storageClassName"] = vol.storage_class_name
+    restore = job.spec.checkpoint.restore_from
+    if restore:
+        spec["dataSource"] = {
+            "apiGroup": "snapshot.storage.k8s.io",
+            "kind": "VolumeSnapshot",
+            "name": restore,
+        }
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
+
+
+def worker_env(job: TrainingJob, rank: int, attempt: int) -> list[dict[str, str]]:
+    """Environment of worker ``rank``: torchrun (plain and PET_*), NCCL, Capstan's own."""
+    spec = job.spec
+    torchrun = {
+        "MASTER_ADDR": master_addr(job),
+        "MASTER_PORT": str(spec.master_port),
+        "NNODES": str(spec.workers),
+        "NODE_RANK": str(rank),
+        "NPROC_PER_NODE": str(spec.procs),
+    }
+    env: dict[str, str] = {**torchrun, **{f"PET_{k}": v for k, v in torchrun.items()}}
+    # A fresh rendezvous id per attempt keeps a restarted gang from joining a stale round.
+    env["PET_RDZV_ID"] = f"{job.metadata.uid or job.metadata.name}-{attempt}"
+    env.update(
+        {
+            "CAPSTAN_JOB_NAME": job.metadata.name,
+            "CAPSTAN_NAMESPACE": job.metadata.namespace,
+            "CAPSTAN_RESTART_COUNT": str(attempt),
+            "CAPSTAN_METRICS_PORT": str(METRICS_PORT),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    ckpt = job.spec.checkpoint
+    mount = ckpt.volume.mount_path if ckpt.volume else "/checkpoints"
+    env["CAPSTAN_CHECKPOINT_DIR"] = mount
+    env["CAPSTAN_EXPORT_DIR"] = f"{mount}/export"
+    env["CAPSTAN_RESUME"] = "latest" if ckpt.resume == "Latest" else "none"
+    if spec.gpus_per_worker > 0:
+        env.update(NCCL_DEFAULTS)
+        if job.spec.wants_rdma:
+            env["NCCL_IB_DISABLE"] = "0"
+    env.update(spec.network.nccl)
+    for var in spec.env:
+        env[var.name] = var.value
+    return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def _resources(job: TrainingJob) -> dict[str, Any]:
+    spec = job.spec
+    amounts: dict[str, str] = {}
+    if spec.resources.cpu is not None:
+        amounts["cpu"] = str(spec.resources.cpu)
+    if spec.resources.memory is not None:
+        amounts["memory"] = str(spec.resources.memory)
+    if spec.gpus_per_worker:
+        amounts[GPU_RESOURCE] = str(spec.gpus_per_worker)
+    if spec.wants_rdma and spec.network.rdma_resource:
+        amounts[spec.network.rdma_resource] = "1"
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def worker_pod(job: TrainingJob, rank: int, attempt: int, node: str | None = None) -> dict[str, Any]:
+    """Pod of worker ``rank`` in gang ``attempt``, pinned to ``node`` when placement chose one."""
+    spec = job.spec
+    name = worker_name(job, rank)
+    labels = {**job_labels(job), LABEL_RANK: str(rank), LABEL_ATTEMPT: str(attempt)}
+    annotations: dict[str, str] = {}
+    if spec.queue_name:
+        labels[KUEUE_QUEUE_LABEL] = spec.queue_name
+        labels[KUEUE_POD_GROUP_LABEL] = dns_label(job.metadata.name, suffix=f"-a{attempt}")
+        annotations[KUEUE_POD_GROUP_COUNT] = str(spec.workers)
+        if spec.topology.policy != "None":
+            from capstan.topology import levels_from_env
+
+            label = dict(levels_from_env()).get(spec.topology.max_domain)
+            if label:
+                key = KUEUE_REQUIRED_TOPOLOGY if spec.topology.policy == "Required" else KUEUE_PREFERRED_TOPOLOGY
+                annotations[key] = label
+    if spec.wants_rdma and spec.network.networks:
+        annotations["k8s.v1.cni.cncf.io/networks"] = spec.network.networks
+    meta = _meta(job, name, labels)
+    if annotations:
+        meta["annotations"] = annotations
+
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image,
+        "env": worker_env(job, rank, attempt),
+        "ports": [
+            {"name": "rdzv", "containerPort": spec.master_port},
+            {"name": "metrics", "containerPort": METRICS_PORT},
+        ],
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    if spec.command:
+        container["command"] = list(spec.command)
+    if spec.args:
+        container["args"] = list(spec.args)
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    resources = _resources(job)
+    if resources:
+        container["resources"] = resources
+    if spec.wants_rdma:
+        # RDMA memory registration pins pages; without IPC_LOCK ibv_reg_mr fails.
+        container["securityContext"] = {"capabilities": {"add": ["IPC_LOCK"]}}
+
+    volumes: list[dict[str, Any]] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.resources.shared_memory)}}
+    ]
+    claim = checkpoint_claim_name(job)
+    mount = spec.checkpoint.volume.mount_path if spec.checkpoint.volume else "/checkpoints"
+    if claim:
+        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}})
+    else:
+        volumes.append({"name": "checkpoints", "emptyDir": {}})
+    container["volumeMounts"].append({"name": "checkpoints", "mountPath": mount})
+
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "hostname": name,
+        "subdomain": service_name(job),
+        # Time for the trainer to checkpoint on SIGTERM before it is killed.
+        "terminationGracePeriodSeconds": 120,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [t.wire() for t in spec.tolerations]
+    if node:
+        pod_spec["affinity"] = {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
+                    ]
+                }
+            }
+        }
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}

@@ -1,0 +1,164 @@
+"""Server state and the :func:`create_app` factory used by ``__main__``, the local runtime and tests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from aiohttp import web
+
+from .engine import Engine
+from .kvcache import PagedKVCache
+from .loader import LoadedModel, load_model_dir
+from .metrics import ServingMetrics
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Limits:
+    """Capacity and behaviour knobs; each is also a CLI flag of ``python -m capstan_workloads.serve``."""
+
+    max_batch_size: int = 32  # sequences decoded together in one forward
+    max_waiting: int = 256  # queued requests before answering 429
+    kv_blocks: int | None = None  # KV pool size; default: max_batch_size full-length sequences
+    kv_block_tokens: int = 16  # tokens per KV block
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled per step (the first always fits)
+    threads: int | None = None  # torch intra-op threads; default: CPUs available to the process
+    dtype: str = "float32"
+    drain_seconds: float = 30.0  # SIGTERM grace period for in-flight requests
+    retry_after_seconds: int = 1  # Retry-After sent with 429/503
+    add_bos: bool = False  # prepend <bos> to every prompt (an empty prompt always gets it)
+    model_name: str | None = None  # "model" field of responses; default: the model dir's name
+
+    def validate(self) -> None:
+        """Reject nonsensical limits early with a readable message."""
+        for name in ("max_batch_size", "max_waiting", "kv_block_tokens", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.kv_blocks is not None and self.kv_blocks < 1:
+            raise ValueError("kv_blocks must be >= 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+
+
+class ServerState:
+    """Everything the handlers share: the model once loaded, the scheduler, metrics, drain flag."""
+
+    def __init__(self, model_dir: str | Path, limits: Limits) -> None:
+        self.model_dir = Path(model_dir)
+        self.limits = limits
+        self.model_name = limits.model_name or self.model_dir.resolve().name
+        self.metrics = ServingMetrics()
+        self.loaded: LoadedModel | None = None
+        self.scheduler: Scheduler | None = None
+        self.load_error: str | None = None
+        self.load_task: asyncio.Task[None] | None = None
+        self.draining = False
+        self.active_requests = 0  # completion handlers in flight (what a drain waits for)
+        self.started = time.time()
+
+    @property
+    def ready(self) -> bool:
+        """Model loaded, engine running and not draining."""
+        return self.scheduler is not None and not self.draining
+
+    async def load(self) -> None:
+        """Load the model off the event loop, then start the scheduler thread."""
+        try:
+            self.scheduler = await asyncio.get_running_loop().run_in_executor(None, self._build)
+        except Exception as exc:
+            self.load_error = str(exc)
+            log.error("failed to load model from %s: %s", self.model_dir, exc)
+            raise
+        self.scheduler.start()
+        log.info("model %s loaded; ready", self.model_name)
+
+    def _build(self) -> Scheduler:
+        lim = self.limits
+        threads = lim.threads or len(os.sched_getaffinity(0))
+        torch.set_num_threads(threads)
+        loaded = load_model_dir(self.model_dir, DTYPES[lim.dtype])
+        cfg = loaded.config
+        per_seq = -(-cfg.block_size // lim.kv_block_tokens)
+        num_blocks = lim.kv_blocks or lim.max_batch_size * per_seq
+        if num_blocks < per_seq:
+            # Otherwise a full-length request could never be admitted and would wait forever.
+            raise ValueError(f"kv_blocks={num_blocks} cannot hold one {cfg.block_size}-token sequence "
+                             f"({per_seq} blocks of {lim.kv_block_tokens})")
+        cache = PagedKVCache(cfg.n_layer, cfg.n_embd, num_blocks, lim.kv_block_tokens, DTYPES[lim.dtype])
+        engine = Engine(loaded.model, cache, sample_vocab=loaded.tokenizer.vocab_size)
+        self.loaded = loaded
+        return Scheduler(engine, loaded.tokenizer, self.metrics, max_batch_size=lim.max_batch_size,
+                         max_waiting=lim.max_waiting, max_prefill_tokens=lim.max_prefill_tokens,
+                         threads=threads)
+
+    def begin_drain(self) -> None:
+        """Stop accepting work: readyz and new completions answer 503 from now on."""
+        if not self.draining:
+            log.info("draining: %d requests in flight", self.active_requests)
+        self.draining = True
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Begin draining and wait until in-flight requests finish; False if ``timeout`` ran out."""
+        self.begin_drain()
+        deadline = time.monotonic() + (self.limits.drain_seconds if timeout is None else timeout)
+        while self.active_requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.active_requests == 0
+
+    async def close(self) -> None:
+        """Stop the scheduler (aborting what is left) and wait for handlers to send their answers."""
+        if self.load_task is not None and not self.load_task.done():
+            self.load_task.cancel()
+        if self.scheduler is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.scheduler.stop)
+            for _ in range(40):  # aborted handlers need a few loop turns to respond
+                if not self.active_requests:
+                    break
+                await asyncio.sleep(0.05)
+
+
+STATE = web.AppKey("capstan_serve_state", ServerState)
+
+
+def create_app(model_dir: str | Path, **limits: Any) -> web.Application:
+    """Build the aiohttp application; the model loads in the background once the app starts.
+
+    ``limits`` are the fields of :class:`Limits` (``max_batch_size``, ``max_waiting``, ``kv_blocks``,
+    ...). ``/readyz`` answers 503 until loading finishes.
+    """
+    from .http import add_routes
+
+    known = {f.name for f in fields(Limits)}
+    unknown = set(limits) - known
+    if unknown:
+        raise TypeError(f"unknown limits: {', '.join(sorted(unknown))}")
+    lim = Limits(**limits)
+    lim.validate()
+    app = web.Application()
+    state = ServerState(model_dir, lim)
+    app[STATE] = state
+    add_routes(app)
+
+    async def on_startup(app: web.Application) -> None:
+        state.load_task = asyncio.create_task(state.load())
+        # Errors are recorded in state.load_error; keep asyncio from warning "never retrieved".
+        state.load_task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def on_shutdown(app: web.Application) -> None:
+        state.begin_drain()
+        await state.close()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    return app

@@ -20,20 +20,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; every limit of :class:`Limits` has one."""
     d = Limits()
     p = argparse.ArgumentParser(prog="python -m capstan_workloads.serve", description=__doc__)
-    p.add_argument("--model-dir", required=True, help="exported model: model.safetensors, config.json, tokenizer.json")
+    p.add_argument(
+        "--model-dir", required=True, help="exported model: model.safetensors, config.json, tokenizer.json"
+    )
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="sequences decoded per step")
     p.add_argument("--max-waiting", type=int, default=d.max_waiting, help="queued requests before 429")
-    p.add_argument("--kv-blocks", type=int, default=None,
-                   help="KV-cache pool size in blocks (default: max-batch-size full-length sequences)")
+    p.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=None,
+        help="KV-cache pool size in blocks (default: max-batch-size full-length sequences)",
+    )
     p.add_argument("--kv-block-tokens", type=int, default=d.kv_block_tokens, help="tokens per KV block")
-    p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
-                   help="prompt tokens prefilled per scheduler step")
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=d.max_prefill_tokens,
+        help="prompt tokens prefilled per scheduler step",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: available CPUs)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
-    p.add_argument("--drain-seconds", type=float, default=d.drain_seconds,
-                   help="on SIGTERM, wait this long for in-flight requests")
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=d.drain_seconds,
+        help="on SIGTERM, wait this long for in-flight requests",
+    )
     p.add_argument("--retry-after-seconds", type=int, default=d.retry_after_seconds)
     p.add_argument("--add-bos", action="store_true", help="prepend <bos> to every prompt")
     p.add_argument("--model-name", default=None, help="model name in responses (default: model dir name)")
@@ -44,11 +58,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT (drain, exit 0) or a failed model load (exit 1)."""
     app = create_app(
-        args.model_dir, max_batch_size=args.max_batch_size, max_waiting=args.max_waiting,
-        kv_blocks=args.kv_blocks, kv_block_tokens=args.kv_block_tokens,
-        max_prefill_tokens=args.max_prefill_tokens, threads=args.threads, dtype=args.dtype,
-        drain_seconds=args.drain_seconds, retry_after_seconds=args.retry_after_seconds,
-        add_bos=args.add_bos, model_name=args.model_name,
+        args.model_dir,
+        max_batch_size=args.max_batch_size,
+        max_waiting=args.max_waiting,
+        kv_blocks=args.kv_blocks,
+        kv_block_tokens=args.kv_block_tokens,
+        max_prefill_tokens=args.max_prefill_tokens,
+        threads=args.threads,
+        dtype=args.dtype,
+        drain_seconds=args.drain_seconds,
+        retry_after_seconds=args.retry_after_seconds,
+        add_bos=args.add_bos,
+        model_name=args.model_name,
     )
     state = app[STATE]
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -78,7 +99,9 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return asyncio.run(serve(args))
     except ValueError as exc:  # bad limits

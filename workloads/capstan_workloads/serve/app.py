@@ -93,14 +93,22 @@ class ServerState:
         num_blocks = lim.kv_blocks or lim.max_batch_size * per_seq
         if num_blocks < per_seq:
             # Otherwise a full-length request could never be admitted and would wait forever.
-            raise ValueError(f"kv_blocks={num_blocks} cannot hold one {cfg.block_size}-token sequence "
-                             f"({per_seq} blocks of {lim.kv_block_tokens})")
+            raise ValueError(
+                f"kv_blocks={num_blocks} cannot hold one {cfg.block_size}-token sequence "
+                f"({per_seq} blocks of {lim.kv_block_tokens})"
+            )
         cache = PagedKVCache(cfg.n_layer, cfg.n_embd, num_blocks, lim.kv_block_tokens, DTYPES[lim.dtype])
         engine = Engine(loaded.model, cache, sample_vocab=loaded.tokenizer.vocab_size)
         self.loaded = loaded
-        return Scheduler(engine, loaded.tokenizer, self.metrics, max_batch_size=lim.max_batch_size,
-                         max_waiting=lim.max_waiting, max_prefill_tokens=lim.max_prefill_tokens,
-                         threads=threads)
+        return Scheduler(
+            engine,
+            loaded.tokenizer,
+            self.metrics,
+            max_batch_size=lim.max_batch_size,
+            max_waiting=lim.max_waiting,
+            max_prefill_tokens=lim.max_prefill_tokens,
+            threads=threads,
+        )
 
     def begin_drain(self) -> None:
         """Stop accepting work: readyz and new completions answer 503 from now on."""

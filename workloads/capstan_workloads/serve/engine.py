@@ -8,6 +8,7 @@ greedy continuation matches full-sequence recomputation up to float rounding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ class Engine:
         self.model = model
         self.cfg = model.cfg
         self.cache = cache
+        self.blocks = [cast(Block, b) for b in model.blocks]  # typed view of the ModuleList
         self.n_head = self.cfg.n_head
         self.head_dim = self.cfg.n_embd // self.cfg.n_head
         # Ids past the tokenizer's vocabulary (a rounded-up embedding table) can never be decoded.
@@ -65,12 +67,13 @@ class Engine:
         pos = torch.arange(t)
         valid = pos[None, :] < lens[:, None]  # (batch, time): real token, not padding
         # Only real tokens are written to the cache; padding rows are computed and thrown away.
-        slots = torch.tensor([s for p, bt in zip(prompts, block_tables, strict=True)
-                              for s in cache.slots(bt, range(len(p)))])
+        slots = torch.tensor(
+            [s for p, bt in zip(prompts, block_tables, strict=True) for s in cache.slots(bt, range(len(p)))]
+        )
         causal = torch.ones(t, t, dtype=torch.bool).tril()
         mask = (causal[None] & valid[:, None, :])[:, None]  # (batch, 1, query, key)
         x = model.tok_emb(idx) + model.pos_emb(pos)
-        for layer, block in enumerate(model.blocks):
+        for layer, block in enumerate(self.blocks):
             q, k, v = block.attn.qkv(block.ln1(x)).split(self.cfg.n_embd, dim=2)
             cache.write(layer, slots, k[valid], v[valid])
             y = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), attn_mask=mask)
@@ -96,12 +99,13 @@ class Engine:
         new_slots = key_slots[torch.arange(b), pos]
         mask = (j[None, :] <= pos[:, None])[:, None, None, :]  # (batch, 1, 1, key)
         x = (model.tok_emb(torch.tensor(tokens)) + model.pos_emb(pos))[:, None, :]
-        for layer, block in enumerate(model.blocks):
+        for layer, block in enumerate(self.blocks):
             q, k, v = block.attn.qkv(block.ln1(x)).split(self.cfg.n_embd, dim=2)
             cache.write(layer, new_slots, k[:, 0], v[:, 0])
             keys, values = cache.gather(layer, key_slots)
-            y = F.scaled_dot_product_attention(self._heads(q), self._heads(keys), self._heads(values),
-                                               attn_mask=mask)
+            y = F.scaled_dot_product_attention(
+                self._heads(q), self._heads(keys), self._heads(values), attn_mask=mask
+            )
             x = self._block_tail(block, x, y)
         return self._logits(x[:, 0])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -37,7 +38,9 @@ class CompletionRequest:
     stream: bool
 
 
-def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+def _number(
+    body: dict[str, Any], name: str, default: float, lo: float, hi: float, lo_open: bool = False
+) -> float:
     value = body.get(name, default)
     if value is None:
         return default
@@ -77,13 +80,22 @@ def parse_completion_request(body: Any, state: ServerState) -> CompletionRequest
     ids = tok.encode(prompt, bos=state.limits.add_bos or not prompt)
     block_size = state.loaded.config.block_size
     if len(ids) >= block_size:
-        raise BadRequest("prompt", f"prompt is {len(ids)} tokens; the model's block_size is {block_size}, "
-                                   f"so a prompt may have at most {block_size - 1} tokens")
+        raise BadRequest(
+            "prompt",
+            f"prompt is {len(ids)} tokens; the model's block_size is {block_size}, "
+            f"so a prompt may have at most {block_size - 1} tokens",
+        )
     return CompletionRequest(ids, SamplingParams(max_tokens, temperature, top_p, seed), stream)
 
 
-def _error(state: ServerState, status: int, kind: str, message: str, param: str | None = None,
-           headers: dict[str, str] | None = None) -> web.Response:
+def _error(
+    state: ServerState,
+    status: int,
+    kind: str,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     state.metrics.errors.labels(kind=kind).inc()
     err_type = "invalid_request_error" if status == 400 else kind
     body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
@@ -91,8 +103,11 @@ def _error(state: ServerState, status: int, kind: str, message: str, param: str 
 
 
 def _usage(fin: FinishEvent) -> dict[str, int]:
-    return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
-            "total_tokens": fin.prompt_tokens + fin.completion_tokens}
+    return {
+        "prompt_tokens": fin.prompt_tokens,
+        "completion_tokens": fin.completion_tokens,
+        "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+    }
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -135,10 +150,9 @@ async def _completions(request: web.Request, state: ServerState) -> web.StreamRe
         # Called from the scheduler thread. Non-streaming requests only need the final event,
         # which saves a loop wake-up per token.
         if req.stream or isinstance(event, FinishEvent):
-            try:
+            # RuntimeError: the loop is already closed (shutdown), so nobody is listening.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # loop already closed (shutdown): nobody is listening
-                pass
 
     try:
         seq = state.scheduler.submit(req.prompt_ids, req.params, emit)
@@ -154,8 +168,13 @@ async def _completions(request: web.Request, state: ServerState) -> web.StreamRe
         assert isinstance(fin, FinishEvent)
         if fin.reason in ("error", "abort"):
             kind = "engine" if fin.reason == "error" else "aborted"
-            return _error(state, 503 if fin.reason == "abort" else 500, kind,
-                          fin.error or f"request {fin.reason}ed", headers=retry)
+            return _error(
+                state,
+                503 if fin.reason == "abort" else 500,
+                kind,
+                fin.error or f"request {fin.reason}ed",
+                headers=retry,
+            )
         return web.json_response(_completion_body(state, seq, fin))
     finally:
         if not done:  # client went away (handler cancelled or write failed): free its slot
@@ -169,23 +188,34 @@ def _completion_body(state: ServerState, seq: Sequence, fin: FinishEvent) -> dic
         "object": "text_completion",
         "created": int(time.time()),
         "model": state.model_name,
-        "choices": [{"index": 0, "text": state.loaded.tokenizer.decode(seq.output), "logprobs": None,
-                     "finish_reason": fin.reason}],
+        "choices": [
+            {
+                "index": 0,
+                "text": state.loaded.tokenizer.decode(seq.output),
+                "logprobs": None,
+                "finish_reason": fin.reason,
+            }
+        ],
         "usage": _usage(fin),
     }
 
 
-async def _stream(request: web.Request, state: ServerState,
-                  queue: asyncio.Queue[Event]) -> tuple[web.StreamResponse, bool]:
+async def _stream(
+    request: web.Request, state: ServerState, queue: asyncio.Queue[Event]
+) -> tuple[web.StreamResponse, bool]:
     """Server-sent events: one ``data: {chunk}`` per token, a final chunk with usage, ``data: [DONE]``."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def chunk(text: str, reason: str | None, usage: dict[str, int] | None = None) -> bytes:
-        body: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created,
-                                "model": state.model_name,
-                                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+        body: dict[str, Any] = {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": state.model_name,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+        }
         if usage is not None:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n".encode()
@@ -205,7 +235,9 @@ async def _stream(request: web.Request, state: ServerState,
         if fin is not None:
             if fin.reason in ("error", "abort"):
                 state.metrics.errors.labels(kind="engine" if fin.reason == "error" else "aborted").inc()
-                out.append(f"data: {json.dumps({'error': {'message': fin.error or fin.reason}})}\n\n".encode())
+                out.append(
+                    f"data: {json.dumps({'error': {'message': fin.error or fin.reason}})}\n\n".encode()
+                )
             else:
                 out.append(chunk("", fin.reason, _usage(fin)))
             out.append(b"data: [DONE]\n\n")
@@ -245,8 +277,19 @@ async def metrics(request: web.Request) -> web.Response:
 async def models(request: web.Request) -> web.Response:
     """``GET /v1/models``: the one model this server holds (lets OpenAI clients discover its name)."""
     state = request.app[STATE]
-    return web.json_response({"object": "list", "data": [
-        {"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "capstan"}]})
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": int(state.started),
+                    "owned_by": "capstan",
+                }
+            ],
+        }
+    )
 
 
 def add_routes(app: web.Application) -> None:

@@ -93,4 +93,6 @@ class PagedKVCache:
         """K and V for a ``(batch, length)`` slot matrix, shaped ``(batch, length, n_embd)``."""
         flat = slots.reshape(-1)
         shape = (*slots.shape, self.k.shape[-1])
-        return self.k[layer].index_select(0, flat).view(shape), self.v[layer].index_select(0, flat).view(shape)
+        return self.k[layer].index_select(0, flat).view(shape), self.v[layer].index_select(0, flat).view(
+            shape
+        )

@@ -71,7 +71,9 @@ def export_model_dir(model: GPT, tokenizer: Tokenizer, model_dir: str | Path) ->
     root = Path(model_dir)
     root.mkdir(parents=True, exist_ok=True)
     # Tied weights share storage; safetensors refuses shared tensors, so clone each one.
-    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(root / WEIGHTS))
+    save_file(
+        {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(root / WEIGHTS)
+    )
     (root / CONFIG).write_text(model.cfg.to_json())
     tokenizer.save(root / TOKENIZER)
     return root

@@ -199,7 +199,9 @@ class Scheduler:
         decoding = [s for s in self.running if s.id not in fresh]
         if decoding:
             logits = self.engine.decode(
-                [s.output[-1] for s in decoding], [s.length - 1 for s in decoding], [s.blocks for s in decoding]
+                [s.output[-1] for s in decoding],
+                [s.length - 1 for s in decoding],
+                [s.blocks for s in decoding],
             )
             self._append_tokens(decoding, logits)
         self._update_gauges()

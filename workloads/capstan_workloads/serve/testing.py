@@ -37,8 +37,11 @@ def make_model_dir(
     """
     torch.manual_seed(seed)
     tok = Tokenizer.build([CORPUS])
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=n_layer,
-                          n_head=n_head, n_embd=n_embd))
+    model = GPT(
+        GPTConfig(
+            vocab_size=tok.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd
+        )
+    )
     if train_steps:
         data = torch.tensor(tok.encode(CORPUS))
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -92,7 +92,8 @@ def _validate(inv: Inventory, req: GangRequest) -> None:
     inv.levels.index(req.max_domain)  # raises with the known names
 
 
-def place_gang(inventory: Inventory, request: GangRequest, *, parent_tiebreak: bool = True) -> PlacementResult:
+def place_gang(inventory: Inventory, request: GangRequest, *,
+               parent_tiebreak: bool = True) -> PlacementResult:
     """Place every worker of ``request`` or none; never mutates ``inventory``.
 
     ``parent_tiebreak=False`` gives plain Kueue BestFit tie-breaking (by name only); it exists for
@@ -212,9 +213,10 @@ def _span(inv: Inventory, idx: list[int]) -> tuple[str, str, str]:
 
 
 def _place_cpu(inv: Inventory, req: GangRequest, elig: list[bool]) -> PlacementResult:
-    """CPU workers: spread one per node round-robin, nodes without GPUs first (keep GPU nodes for GPU work)."""
+    """CPU workers: one per node round-robin, GPU-less nodes first (keep GPU nodes for GPU work)."""
     topo = inv._topo
-    cands = sorted((i for i, e in enumerate(elig) if e), key=lambda i: (topo.alloc[i] > 0, topo.nodes[i].name))
+    cands = sorted((i for i, e in enumerate(elig) if e),
+                   key=lambda i: (topo.alloc[i] > 0, topo.nodes[i].name))
     if not cands:
         return PlacementResult(req.name, False, gpus_per_worker=0, reason=_no_node_reason(inv, req))
     assign = [(cands[r % len(cands)], 1) for r in range(req.workers)]
@@ -225,13 +227,14 @@ def _place_cpu(inv: Inventory, req: GangRequest, elig: list[bool]) -> PlacementR
 def _no_node_reason(inv: Inventory, req: GangRequest) -> str:
     """Why no node is schedulable for this request at all, counting each exclusion."""
     nodes = inv.nodes
+    tol_ok = inv._eligible(req.tolerations, False, None)
+    index = inv._topo.index
     if req.needs_rdma and not any(n.rdma for n in nodes if not n.cordoned):
         return "no schedulable node with RDMA (no Ready, uncordoned node has an rdma/* resource)"
     counts = {
         "cordoned": sum(n.cordoned for n in nodes),
         "tainted without a matching toleration": sum(
-            1 for n in nodes if not n.cordoned and n.taints and not inv._eligible(req.tolerations, False, None)[
-                inv._topo.index[n.name]]),
+            1 for n in nodes if not n.cordoned and n.taints and not tol_ok[index[n.name]]),
         "NotReady": len(inv.not_ready),
     }
     if req.needs_rdma:
@@ -249,7 +252,7 @@ def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int
     """Build the not-placed result with the most specific reason a user can act on."""
     topo = inv._topo
     gpw, want = req.gpus_per_worker, req.workers
-    shape = f"{want} worker{'s' if want != 1 else ''} × {gpw}"
+    shape = f"{want} worker{'s' if want != 1 else ''} × {gpw}"  # noqa: RUF001 -- meant as a times sign
 
     def out(reason: str) -> PlacementResult:
         return PlacementResult(req.name, False, gpus_per_worker=gpw, reason=reason)

@@ -38,6 +38,8 @@ def parse_count(value: Any) -> int:
     if isinstance(value, int | float):
         return int(value)
     text = str(value).strip()
+    if text.isdigit():  # the common case ("8"), without the Decimal detour
+        return int(text)
     if text.endswith("m"):  # milli-units: extended resources are whole, so this rounds down
         try:
             return int(Decimal(text[:-1]) / 1000)
@@ -304,16 +306,18 @@ def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[s
             (t.get("key") or "", t.get("value") or "", t.get("effect") or "")
             for t in spec.get("taints") or [] if t.get("effect") in _HARD_EFFECTS
         ))
-        raw = [labels.get(lv.label) or None for lv in levels]
-        values, keys = [], []
+        raw: list[str | None] = [str(labels[lv.label]) if labels.get(lv.label) else None for lv in levels]
+        values: list[str] = []
+        keys: list[str] = []
         for li in range(nlev):
-            if raw[li] is None:
+            value = raw[li]
+            if value is None:
                 values.append(values[-1] if li else name)
                 keys.append(keys[-1] if li else f"node={name}")
             else:
                 path = [f"{levels.levels[j].name}={raw[j]}" for j in range(nlev - 1, li - 1, -1)
                         if raw[j] is not None]
-                values.append(raw[li])
+                values.append(value)
                 keys.append("/".join(path))
         infos.append(NodeInfo(
             name=name,
@@ -349,8 +353,8 @@ def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[s
         n_dom = len(dom_keys[li]) if li < nlev else 1
         kids: list[set[int]] = [set() for _ in range(n_dom)]
         for i in range(len(infos)):
-            parent = dom_of[li][i] if li < nlev else 0
-            kids[parent].add(dom_of[li - 1][i] if li else i)
+            up_dom = dom_of[li][i] if li < nlev else 0
+            kids[up_dom].add(dom_of[li - 1][i] if li else i)
         children.append([sorted(k) for k in kids])
 
     parent: list[list[int]] = []
@@ -365,9 +369,9 @@ def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[s
         node_name = (pod.get("spec") or {}).get("nodeName")
         if not node_name or (pod.get("status") or {}).get("phase") in _TERMINAL_PHASES:
             continue
-        i = index.get(node_name)
-        if i is not None:
-            used[i] += pod_gpu_request(pod)
+        at = index.get(node_name)
+        if at is not None:
+            used[at] += pod_gpu_request(pod)
 
     topo = _Topology(levels, tuple(infos), index, dom_of, dom_keys, dom_values, children, parent,
                      [n.gpus for n in infos], tuple(sorted(not_ready)))

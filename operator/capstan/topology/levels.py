@@ -16,7 +16,8 @@ LEVELS_ENV = "CAPSTAN_TOPOLOGY_LEVELS"
 #: Pseudo level above the widest configured one: "anywhere in the cluster".
 CLUSTER_LEVEL = "cluster"
 
-_DISPLAY = {"nvlink": "NVLink domain", "rack": "rack", "block": "block", "zone": "zone", CLUSTER_LEVEL: "cluster"}
+_DISPLAY = {"nvlink": "NVLink domain", "rack": "rack", "block": "block", "zone": "zone",
+            CLUSTER_LEVEL: "cluster"}
 
 
 @dataclass(frozen=True)

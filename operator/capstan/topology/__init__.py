@@ -1,0 +1,57 @@
+"""Topology-aware placement for Capstan: pure functions over plain Kubernetes JSON.
+
+Typical use by the operator::
+
+    levels = levels_from_env()                       # $CAPSTAN_TOPOLOGY_LEVELS or defaults
+    inv = build_inventory(node_dicts, pod_dicts, levels)
+    res = place_gang(inv, GangRequest("job", workers=4, gpus_per_worker=8, policy="Required"))
+    if res.placed: pin pod rank r to res.nodes[r]; status.placement = {domain, nodes}
+    else: report res.reason
+
+For many gangs use :func:`schedule_queue` (priority, age, backfill with a head reservation).
+No I/O and no Kubernetes client here; results are deterministic.
+"""
+
+from .gang import POLICIES, GangRequest, PlacementResult, Policy, place_gang
+from .inventory import Inventory, NodeInfo, build_inventory, parse_count, pod_gpu_request, tolerates
+from .levels import (
+    CLUSTER_LEVEL,
+    DEFAULT_LEVELS,
+    LEVELS_ENV,
+    TopologyLevel,
+    TopologyLevels,
+    display_level,
+    levels_from_env,
+    parse_levels,
+)
+from .queue import Decision, Reservation, RunningGang, queue_order, schedule_queue
+from .replicas import ReplicaPlacement, place_replicas
+
+__all__ = [
+    "CLUSTER_LEVEL",
+    "DEFAULT_LEVELS",
+    "LEVELS_ENV",
+    "POLICIES",
+    "Decision",
+    "GangRequest",
+    "Inventory",
+    "NodeInfo",
+    "PlacementResult",
+    "Policy",
+    "ReplicaPlacement",
+    "Reservation",
+    "RunningGang",
+    "TopologyLevel",
+    "TopologyLevels",
+    "build_inventory",
+    "display_level",
+    "levels_from_env",
+    "parse_count",
+    "parse_levels",
+    "place_gang",
+    "place_replicas",
+    "pod_gpu_request",
+    "queue_order",
+    "schedule_queue",
+    "tolerates",
+]

@@ -1,0 +1,192 @@
+"""Priority queue of gangs with EASY-style backfill around a reservation for the queue head.
+
+Order: priority (high first), then submission time, then name. Gangs are placed in order until
+one does not fit: that one is the *head*. The head gets a reservation: the GPUs it would get
+soonest, found by releasing running gangs in order of expected end (unknown ends: oldest start
+first) until it fits. Gangs behind the head may start (backfill) only on GPUs outside the
+reservation, or anywhere if their declared duration ends before the head's expected start.
+Because backfill never takes reserved GPUs and running gangs eventually end, the head is never
+starved. Pass the head's previous reservation back in so it stays put between passes (a
+reservation that moves every pass could be chased forever).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .gang import GangRequest, PlacementResult, place_gang
+from .inventory import Inventory, _freeze
+
+
+@dataclass(frozen=True)
+class RunningGang:
+    """A placed gang still holding GPUs; ``expected_end`` (seconds) is None when unknown."""
+
+    result: PlacementResult
+    started: float = 0.0
+    expected_end: float | None = None
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """GPUs held back for the queue head: where it will run and when it is expected to start."""
+
+    head: str
+    placement: PlacementResult  # the head's future placement (nodes per rank)
+    shadow_time: float | None  # expected start; None when running gangs' ends are unknown
+
+    def gpus_by_node(self) -> dict[str, int]:
+        """Reserved GPUs per node."""
+        return self.placement.gpus_by_node()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the queue did with one request this pass."""
+
+    request: GangRequest
+    result: PlacementResult
+    backfilled: bool = False  # started while a gang ahead of it waits
+    reservation: Reservation | None = None  # set on the blocked head only
+
+    @property
+    def name(self) -> str:
+        """The request's name."""
+        return self.request.name
+
+    @property
+    def placed(self) -> bool:
+        """Whether the gang starts now."""
+        return self.result.placed
+
+    @property
+    def reason(self) -> str:
+        """Why the gang waits (empty when placed)."""
+        return self.result.reason
+
+
+def queue_order(requests: Sequence[GangRequest]) -> list[GangRequest]:
+    """Requests in scheduling order: priority descending, then submitted, then name."""
+    return sorted(requests, key=lambda r: (-r.priority, r.submitted, r.name))
+
+
+def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
+                   running: Sequence[RunningGang] = (), now: float = 0.0,
+                   reservation: Reservation | None = None, backfill: bool = True,
+                   parent_tiebreak: bool = True) -> list[Decision]:
+    """One scheduling pass over ``requests``; returns one Decision per request, in queue order.
+
+    ``inventory`` must already count ``running`` gangs as used. Placed decisions should be
+    allocated by the caller (``Inventory.allocate``) before the next pass. ``reservation`` is the
+    previous pass's head reservation (from ``Decision.reservation``); it is kept while the same
+    gang is head and the reserved nodes can still take it. ``backfill=False`` is strict FIFO.
+    """
+    inv = inventory
+    masked: Inventory | None = None  # inv minus the reservation: what backfill may use
+    head: Reservation | None = None
+    decisions: list[Decision] = []
+    fail_masked: dict[object, str] = {}  # shape -> reason; valid because free GPUs only shrink
+    fail_open: dict[object, str] = {}
+
+    for req in queue_order(requests):
+        if masked is None:
+            res = place_gang(inv, req, parent_tiebreak=parent_tiebreak)
+            if res.placed:
+                inv = inv.allocate(res)
+                decisions.append(Decision(req, res))
+                continue
+            head = _reserve(inventory, inv, req, running, reservation, parent_tiebreak)
+            decisions.append(Decision(req, res, reservation=head))
+            if head is not None:  # an impossible head blocks nobody; the next one becomes head
+                masked = inv.add_usage(head.gpus_by_node())
+            continue
+
+        assert head is not None
+        if not backfill:
+            decisions.append(Decision(req, _waiting(req, f"waiting behind {head.head} (strict FIFO)")))
+            continue
+        shape = _shape(req)
+        short = (req.expected_duration_s is not None and head.shadow_time is not None
+                 and now + req.expected_duration_s <= head.shadow_time)
+        if short and shape not in fail_open:
+            # ends before the head needs its GPUs: may use reserved ones too
+            res = place_gang(inv, req, parent_tiebreak=parent_tiebreak)
+            if res.placed:
+                inv = inv.allocate(res)
+                masked = masked.add_usage(res.gpus_by_node())
+                decisions.append(Decision(req, res, backfilled=True))
+                continue
+            fail_open[shape] = res.reason
+        if shape not in fail_masked:
+            res = place_gang(masked, req, parent_tiebreak=parent_tiebreak)
+            if res.placed:
+                inv = inv.allocate(res)
+                masked = masked.add_usage(res.gpus_by_node())
+                decisions.append(Decision(req, res, backfilled=True))
+                continue
+            if shape not in fail_open:
+                fail_open[shape] = place_gang(inv, req, parent_tiebreak=parent_tiebreak).reason
+            fail_masked[shape] = (
+                res.reason if fail_open[shape] else
+                f"fits now, but only on GPUs reserved for the queue head {head.head}; "
+                f"waiting so it does not delay that gang")
+        decisions.append(Decision(req, _waiting(req, fail_masked[shape])))
+    return decisions
+
+
+def _waiting(req: GangRequest, reason: str) -> PlacementResult:
+    return PlacementResult(req.name, False, gpus_per_worker=req.gpus_per_worker, reason=reason)
+
+
+def _shape(req: GangRequest) -> object:
+    return (req.workers, req.gpus_per_worker, req.policy, req.max_domain, req.needs_rdma,
+            req.gpu_product, _freeze(req.tolerations))
+
+
+def _reserve(start: Inventory, inv: Inventory, head: GangRequest, running: Sequence[RunningGang],
+             previous: Reservation | None, parent_tiebreak: bool) -> Reservation | None:
+    """The head's reservation: the previous one if still usable, else the soonest placement.
+
+    Returns None only if the head cannot fit even on an empty cluster (it blocks nobody then).
+    """
+    if previous is not None and previous.head == head.name and _still_usable(start, head, previous):
+        return previous
+    order = sorted(running, key=lambda r: (r.expected_end is None, r.expected_end or 0.0, r.started,
+                                           r.result.name))
+    deltas = [{n: -g for n, g in r.result.gpus_by_node().items()} for r in order]
+
+    def after(k: int) -> Inventory:
+        total: dict[str, int] = {}
+        for d in deltas[:k]:
+            for n, g in d.items():
+                total[n] = total.get(n, 0) + g
+        return inv.add_usage(total)
+
+    # fitting is monotone in releases (free GPUs only grow), so binary search the prefix
+    lo, hi = 1, len(order)
+    if hi and place_gang(after(hi), head, parent_tiebreak=parent_tiebreak).placed:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if place_gang(after(mid), head, parent_tiebreak=parent_tiebreak).placed:
+                hi = mid
+            else:
+                lo = mid + 1
+        res = place_gang(after(lo), head, parent_tiebreak=parent_tiebreak)
+        return Reservation(head.name, res, order[lo - 1].expected_end)
+    # GPUs held by something we were not told about: reserve where it fits on an empty cluster;
+    # those holders end eventually and backfill cannot take their place.
+    empty = inv.add_usage({n.name: -inv.used(n.name) for n in inv.nodes})
+    res = place_gang(empty, head, parent_tiebreak=parent_tiebreak)
+    return Reservation(head.name, res, None) if res.placed else None
+
+
+def _still_usable(inv: Inventory, head: GangRequest, rsv: Reservation) -> bool:
+    """Reserved nodes still exist, still admit the head and have the GPUs allocatable."""
+    elig = inv._eligible(head.tolerations, head.needs_rdma, head.gpu_product)
+    index = inv._topo.index
+    for name, gpus in rsv.gpus_by_node().items():
+        i = index.get(name)
+        if i is None or not elig[i] or inv.nodes[i].gpus < gpus:
+            return False
+    return rsv.placement.gpus_per_worker == head.gpus_per_worker and len(rsv.placement.nodes) == head.workers

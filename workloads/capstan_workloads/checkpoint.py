@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
 from .data import DataStream
@@ -137,7 +137,10 @@ class TrainState(Stateful):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_state_dict(
-            self.model, self.optimizer, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"]
+            self.model,
+            self.optimizer,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict["optim"],
         )
         self.scheduler.load_state_dict(state_dict["sched"])
         self.data.load_state_dict(state_dict["data"])
@@ -210,7 +213,9 @@ class CheckpointManager:
         self.wait()
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         writer = dcp.FileSystemWriter(tmp, sync_files=True, thread_count=self.io_threads)
-        upload = dcp.async_save(state, storage_writer=writer, process_group=self.group, async_stager=self._stager)
+        upload = dcp.async_save(
+            state, storage_writer=writer, process_group=self.group, async_stager=self._stager
+        )
         assert isinstance(upload, Future)
         stall = time.perf_counter() - t0
         self._pending = self._commit_pool.submit(self._finish, step, tmp, upload, t0)
@@ -290,10 +295,10 @@ class CheckpointManager:
             return None
         for p in self.root.glob(".tmp-step-*"):
             shutil.rmtree(p, ignore_errors=True)
-        dirs = {parse_step(p.name): p for p in self.root.iterdir() if p.is_dir() and parse_step(p.name) is not None}
+        dirs = {s: p for p in self.root.iterdir() if p.is_dir() and (s := parse_step(p.name)) is not None}
         latest = self.read_latest()
         latest_step = parse_step(latest) if latest else None
-        order = sorted((s for s in dirs if s is not None), reverse=True)
+        order = sorted(dirs, reverse=True)
         if latest_step is not None:
             # A directory newer than ``latest`` means a crash between its rename and the pointer
             # update; ``latest`` is the last checkpoint known committed, so start there.

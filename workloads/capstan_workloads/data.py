@@ -38,17 +38,23 @@ def generate_corpus(n_chars: int, seed: int = 1234) -> str:
     parts: list[str] = []
     size = 0
     while size < n_chars:
-        a, b = rng.randrange(10), rng.randrange(10)
-        if rng.random() < 0.2:  # a little arithmetic: exact structure the model can pick up
-            sentence = f"{a} plus {b} is {a + b}."
-        else:
-            sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
-            if rng.random() < 0.5:
-                sentence += f" {rng.choice(_ADVERBS)}"
-            sentence = sentence[0].upper() + sentence[1:] + "."
-        sentence += "\n" if rng.random() < 0.1 else " "
-        parts.append(sentence)
-        size += len(sentence)
+        # Draw in bulk: per-sentence random calls made this the slowest part of start-up.
+        k = 4096
+        subj, verb, obj = rng.choices(_SUBJECTS, k=k), rng.choices(_VERBS, k=k), rng.choices(_OBJECTS, k=k)
+        adv, coins = rng.choices(_ADVERBS, k=k), rng.choices(range(20), k=k)
+        digits = rng.choices(range(10), k=2 * k)
+        for i in range(k):
+            c = coins[i]
+            if c < 4:  # a little arithmetic: exact structure the model can pick up
+                a, b = digits[2 * i], digits[2 * i + 1]
+                sentence = f"{a} plus {b} is {a + b}."
+            elif c < 12:
+                sentence = f"{subj[i].capitalize()} {verb[i]} {obj[i]} {adv[i]}."
+            else:
+                sentence = f"{subj[i].capitalize()} {verb[i]} {obj[i]}."
+            sentence += "\n" if c in (0, 7) else " "
+            parts.append(sentence)
+            size += len(sentence)
     return "".join(parts)[:n_chars]
 
 
@@ -91,7 +97,9 @@ class ResumableSampler(DistributedSampler[int]):
 
     def __init__(self, dataset: Dataset[Any], num_replicas: int, rank: int, seed: int) -> None:
         # drop_last keeps every rank at the same number of batches, so no rank waits in a collective.
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
         self.start = 0
 
     def __iter__(self) -> Iterator[int]:

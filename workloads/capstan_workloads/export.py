@@ -29,7 +29,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = get_model_state_dict(model, options=opts)
-    return {k: v.detach().to(torch.float32).contiguous() for k, v in sd.items()}
+    return {k: v.detach().float().contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
 def _replace(tmp: Path, final: Path) -> None:
@@ -44,6 +44,7 @@ def write_export(state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer: Toke
     tokenizer.save(tok_tmp)
     cfg_tmp.write_text(cfg.to_json())
     save_file(state, str(w_tmp), metadata={"format": "pt"})
+    os.chmod(w_tmp, 0o644)  # safetensors creates it owner-only; a server under another uid must read it
     _replace(tok_tmp, out / TOKENIZER)
     _replace(cfg_tmp, out / CONFIG)
     _replace(w_tmp, out / WEIGHTS)

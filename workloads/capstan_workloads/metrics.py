@@ -18,7 +18,7 @@ class TrainMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.step = Gauge("capstan_train_step", "Last completed optimizer step.", registry=r)
-        self.loss = Gauge("capstan_train_loss", "Training loss of the last step (mean over ranks).", registry=r)
+        self.loss = Gauge("capstan_train_loss", "Loss of the last step (mean over ranks).", registry=r)
         self.tokens_per_second = Gauge(
             "capstan_train_tokens_per_second", "Training throughput of the last step, all ranks.", registry=r
         )

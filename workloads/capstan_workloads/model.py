@@ -121,7 +121,9 @@ class GPT(nn.Module):
             x = block(x)
         return self.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (tied to the token embedding) and, given targets, the mean cross-entropy."""
         logits = self.hidden(idx) @ self.tok_emb.weight.T
         loss = None

@@ -104,6 +104,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._cond = threading.Condition()
         self._stop = False
+        # Observability for tests and benchmarks: how many steps ran and the largest batch seen.
+        self.steps = 0
+        self.peak_batch = 0
         self._thread: threading.Thread | None = None
         self._seed_source = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         metrics.kv_blocks_total.set(self.cache.num_blocks)
@@ -190,6 +193,8 @@ class Scheduler:
         """One scheduler iteration: admit + prefill new sequences, decode the batch, retire."""
         self._drop_cancelled()
         admitted = self._admit()
+        self.steps += 1
+        self.peak_batch = max(self.peak_batch, len(self.running))
         if admitted:
             logits = self.engine.prefill([s.prompt for s in admitted], [s.blocks for s in admitted])
             self._append_tokens(admitted, logits)

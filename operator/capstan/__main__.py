@@ -1,0 +1,7 @@
+"""``python -m capstan``."""
+
+import sys
+
+from capstan.cli import main
+
+sys.exit(main())

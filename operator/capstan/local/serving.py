@@ -1,0 +1,123 @@
+"""Serve a ModelServing on this machine with the reference server, as a process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capstan.api.modelserving import ModelServing
+from capstan.local.snapshots import list_snapshots
+from capstan.local.workers import free_port
+
+
+class LocalServingError(RuntimeError):
+    """The ModelServing cannot be served locally; the message says why and what to change."""
+
+
+def resolve_model_dir(ms: ModelServing, workdir: Path) -> Path:
+    """The directory of the exported model a local ModelServing serves."""
+    src = ms.spec.model
+    if src.from_training_job is None:
+        raise LocalServingError(
+            f"modelserving/{ms.metadata.name}: spec.model: the local runtime serves models from a TrainingJob "
+            "(model.fromTrainingJob); model.uri and model.pvc need a cluster"
+        )
+    ref = src.from_training_job
+    snaps = list_snapshots(workdir / ref.name / "snapshots")
+    if not snaps:
+        raise LocalServingError(
+            f"modelserving/{ms.metadata.name}: spec.model.fromTrainingJob: trainingjob/{ref.name} has no "
+            f"snapshot under {workdir / ref.name / 'snapshots'}; run the TrainingJob first"
+        )
+    if ref.checkpoint == "Latest":
+        snap = snaps[-1]
+    else:
+        named = [s for s in snaps if s.name == ref.checkpoint]
+        if not named:
+            have = ", ".join(s.name for s in snaps)
+            raise LocalServingError(
+                f"modelserving/{ms.metadata.name}: spec.model.fromTrainingJob.checkpoint: no snapshot "
+                f"{ref.checkpoint!r} (have: {have})"
+            )
+        snap = named[0]
+    model_dir = snap.path / ref.path
+    if not (model_dir / "config.json").is_file():
+        raise LocalServingError(
+            f"modelserving/{ms.metadata.name}: snapshot {snap.name} has no exported model at {model_dir}"
+        )
+    return model_dir
+
+
+@dataclass
+class LocalServer:
+    """A running reference server."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Poll /readyz until the model is loaded; raise with the server log if it dies first."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise LocalServingError(
+                    f"server for {self.name} exited with {self.proc.returncode}; log:\n{self.log_path.read_text()[-3000:]}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        raise LocalServingError(f"server for {self.name} not ready after {timeout_s:.0f}s")
+
+    def complete(self, prompt: str, max_tokens: int = 48, temperature: float = 0.0) -> dict[str, Any]:
+        """POST /v1/completions and return the JSON answer."""
+        body = json.dumps(
+            {"model": self.name, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
+        ).encode()
+        req = urllib.request.Request(
+            f"{self.url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return dict(json.loads(resp.read()))
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM (the server drains), then SIGKILL after ``grace_s``."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(ms: ModelServing, workdir: Path) -> LocalServer:
+    """Start the reference server for ``ms`` on a free local port."""
+    if ms.spec.runtime != "capstan":
+        raise LocalServingError(
+            f"modelserving/{ms.metadata.name}: spec.runtime {ms.spec.runtime!r} runs only in a cluster; "
+            "the local runtime serves runtime: capstan"
+        )
+    model_dir = resolve_model_dir(ms, workdir)
+    port = free_port()
+    log_path = workdir / ms.metadata.name / "server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "capstan_workloads.serve", "--model-dir", str(model_dir), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return LocalServer(name=ms.metadata.name, proc=proc, port=port, log_path=log_path)

@@ -1,0 +1,133 @@
+"""Worker processes that stand in for pods, and the pod dicts the planner observes from them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+# Variables that name cluster addresses or mount paths; the local runtime points them at this machine.
+_ADDR_VARS = ("MASTER_ADDR", "PET_MASTER_ADDR")
+_PORT_VARS = ("MASTER_PORT", "PET_MASTER_PORT")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def local_env(pod: dict[str, Any], overrides: dict[str, str]) -> dict[str, str]:
+    """The pod's container environment, with cluster addresses replaced by local ones."""
+    env = dict(os.environ)
+    # Keep our own interpreter's tools (torchrun, python) first on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for var in pod["spec"]["containers"][0].get("env", []):
+        env[var["name"]] = var.get("value", "")
+    env.update(overrides)
+    return env
+
+
+def resolve_command(pod: dict[str, Any]) -> list[str]:
+    """Command line of the pod's container (command + args), with the executable found on PATH."""
+    c = pod["spec"]["containers"][0]
+    argv = [*(c.get("command") or []), *(c.get("args") or [])]
+    if not argv:
+        raise ValueError("the local runtime needs spec.command (it cannot read an image's entrypoint)")
+    exe = shutil.which(argv[0], path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if exe is None:
+        raise FileNotFoundError(f"spec.command[0] {argv[0]!r} is not on PATH")
+    return [exe, *argv[1:]]
+
+
+@dataclass
+class Worker:
+    """A running (or finished) worker process and what the planner needs to know of it."""
+
+    pod: dict[str, Any]
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    deleting: bool = False
+    pump: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.pod["metadata"]["name"])
+
+    def observed(self) -> dict[str, Any]:
+        """The pod as the API server would report it (phase, exit code, deletionTimestamp)."""
+        code = self.proc.poll()
+        status: dict[str, Any] = {"phase": "Running"}
+        if code is not None:
+            # A negative code means "killed by signal N": report it as 128+N like a container runtime.
+            exit_code = code if code >= 0 else 128 - code
+            status = {
+                "phase": "Succeeded" if exit_code == 0 else "Failed",
+                "containerStatuses": [{"name": "worker", "state": {"terminated": {"exitCode": exit_code}}}],
+            }
+        meta = dict(self.pod["metadata"])
+        if self.deleting:
+            meta["deletionTimestamp"] = "now"
+        return {"metadata": meta, "spec": self.pod["spec"], "status": status}
+
+
+def _pump(stream: IO[bytes], log: IO[bytes], echo: Callable[[str], None] | None) -> None:
+    for line in iter(stream.readline, b""):
+        log.write(line)
+        log.flush()
+        if echo is not None:
+            echo(line.decode(errors="replace").rstrip("\n"))
+    stream.close()
+    log.close()
+
+
+def start_worker(
+    pod: dict[str, Any],
+    overrides: dict[str, str],
+    log_path: Path,
+    echo: Callable[[str], None] | None = None,
+) -> Worker:
+    """Start the pod's container command as a process; its output goes to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        resolve_command(pod),
+        env=local_env(pod, overrides),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # so a gang restart can signal torchrun and all its children
+    )
+    assert proc.stdout is not None
+    pump = threading.Thread(target=_pump, args=(proc.stdout, log_path.open("ab"), echo), daemon=True)
+    pump.start()
+    return Worker(pod=pod, proc=proc, log_path=log_path, pump=pump)
+
+
+def signal_group(worker: Worker, sig: int) -> None:
+    """Send ``sig`` to the worker's whole process group (torchrun and the ranks it spawned)."""
+    try:
+        os.killpg(worker.proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_worker(worker: Worker, grace_s: float) -> None:
+    """SIGTERM the worker (the trainer checkpoints on it), SIGKILL after ``grace_s``."""
+    if worker.proc.poll() is None:
+        signal_group(worker, signal.SIGTERM)
+        try:
+            worker.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            signal_group(worker, signal.SIGKILL)
+            worker.proc.wait()
+    if worker.pump is not None:
+        worker.pump.join(timeout=5)

@@ -16,6 +16,7 @@ from capstan.naming import (
     label_value,
     owner_reference,
 )
+from capstan.topology.levels import levels_from_env
 
 GPU_RESOURCE = "nvidia.com/gpu"
 METRICS_PORT = 9400
@@ -203,11 +204,10 @@ def worker_pod(job: TrainingJob, rank: int, attempt: int, node: str | None = Non
         labels[KUEUE_POD_GROUP_LABEL] = dns_label(job.metadata.name, suffix=f"-a{attempt}")
         annotations[KUEUE_POD_GROUP_COUNT] = str(spec.workers)
         if spec.topology.policy != "None":
-            from capstan.topology import levels_from_env
-
-            label = dict(levels_from_env()).get(spec.topology.max_domain)
+            label = next((lv.label for lv in levels_from_env() if lv.name == spec.topology.max_domain), None)
             if label:
-                key = KUEUE_REQUIRED_TOPOLOGY if spec.topology.policy == "Required" else KUEUE_PREFERRED_TOPOLOGY
+                required = spec.topology.policy == "Required"
+                key = KUEUE_REQUIRED_TOPOLOGY if required else KUEUE_PREFERRED_TOPOLOGY
                 annotations[key] = label
     if spec.wants_rdma and spec.network.networks:
         annotations["k8s.v1.cni.cncf.io/networks"] = spec.network.networks

@@ -1,0 +1,71 @@
+"""The CEL rules in the CRDs agree with the Python checks, on valid and invalid samples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cel
+import pytest
+from pydantic import ValidationError
+
+from capstan.api.common import ApiModel
+from capstan.api.modelserving import AutoscalingSpec, ModelServingSpec, ModelSource
+from capstan.api.trainingjob import CheckpointVolume, TrainingJobSpec
+
+TJ = {"image": "img", "workers": 2}
+MS_MODEL = {"uri": "s3://bucket/model"}
+
+SAMPLES: list[tuple[type[ApiModel], dict[str, Any], bool]] = [
+    (TrainingJobSpec, TJ, True),
+    (TrainingJobSpec, {**TJ, "checkpoint": {"snapshots": {"keep": 2}}}, False),
+    (TrainingJobSpec, {**TJ, "checkpoint": {"volume": {"size": "1Gi"}, "snapshots": {}}}, True),
+    (TrainingJobSpec, {**TJ, "checkpoint": {"restoreFrom": "snap-1"}}, False),
+    (TrainingJobSpec, {**TJ, "checkpoint": {"volume": {"size": "1Gi"}, "restoreFrom": "snap-1"}}, True),
+    (TrainingJobSpec, {**TJ, "network": {"rdma": "required", "rdmaResource": "rdma/hca"}}, False),
+    (TrainingJobSpec, {**TJ, "gpusPerWorker": 8, "network": {"rdma": "required"}}, False),
+    (TrainingJobSpec, {**TJ, "gpusPerWorker": 8, "network": {"rdma": "required", "rdmaResource": "rdma/hca"}}, True),
+    (TrainingJobSpec, {**TJ, "gpusPerWorker": 8, "procsPerWorker": 4}, False),
+    (TrainingJobSpec, {**TJ, "gpusPerWorker": 0, "procsPerWorker": 4}, True),
+    (CheckpointVolume, {"size": "10Gi"}, True),
+    (CheckpointVolume, {"claimName": "mine"}, True),
+    (CheckpointVolume, {}, False),
+    (CheckpointVolume, {"size": "10Gi", "claimName": "mine"}, False),
+    (ModelSource, {"uri": "s3://b/m"}, True),
+    (ModelSource, {"pvc": {"claimName": "models"}}, True),
+    (ModelSource, {}, False),
+    (ModelSource, {"uri": "s3://b/m", "fromTrainingJob": {"name": "gpt"}}, False),
+    (AutoscalingSpec, {"minReplicas": 2, "maxReplicas": 4}, True),
+    (AutoscalingSpec, {"minReplicas": 5, "maxReplicas": 4}, False),
+    (ModelServingSpec, {"model": MS_MODEL, "runtime": "custom", "image": "srv"}, False),
+    (ModelServingSpec, {"model": MS_MODEL, "runtime": "custom", "image": "srv", "argsTemplate": "--port={{ port }}"}, True),
+    (ModelServingSpec, {"model": MS_MODEL, "runtime": "vllm"}, True),
+]
+
+
+def _cel_ok(model: type[ApiModel], sample: dict[str, Any]) -> tuple[bool, list[str]]:
+    failed = [r.message for r in model.rules if not cel.evaluate(r.cel, {"self": sample})]
+    return not failed, failed
+
+
+@pytest.mark.parametrize(("model", "sample", "valid"), SAMPLES)
+def test_cel_and_python_agree(model: type[ApiModel], sample: dict[str, Any], valid: bool) -> None:
+    cel_valid, messages = _cel_ok(model, sample)
+    assert cel_valid is valid, messages
+    if valid:
+        model.model_validate(sample)
+    else:
+        with pytest.raises(ValidationError) as err:
+            model.model_validate(sample)
+        assert any(m in str(err.value) for m in messages)
+
+
+@pytest.mark.parametrize(("model", "sample"), [(m, s) for m, s, ok in SAMPLES if ok])
+def test_cel_holds_after_api_server_defaulting(model: type[ApiModel], sample: dict[str, Any]) -> None:
+    # The API server applies schema defaults before CEL runs; valid objects must stay valid.
+    assert _cel_ok(model, model.model_validate(sample).wire())[0]
+
+
+def test_every_rule_compiles() -> None:
+    for model in (TrainingJobSpec, CheckpointVolume, ModelSource, AutoscalingSpec, ModelServingSpec):
+        for rule in model.rules:
+            cel.compile(rule.cel)

@@ -1,0 +1,185 @@
+"""The gang lifecycle planner, driven through the states a user sees, with no server."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from capstan.api.loading import parse_resource
+from capstan.api.trainingjob import TrainingJob
+from capstan.training.lifecycle import Plan, PlacementDecision, plan_trainingjob
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def job(workers: int = 2, **spec: Any) -> TrainingJob:
+    res = parse_resource(
+        {
+            "apiVersion": "capstan.dev/v1alpha1",
+            "kind": "TrainingJob",
+            "metadata": {"name": "gpt", "uid": "u1", "generation": 3},
+            "spec": {"image": "img", "workers": workers, **spec},
+        }
+    )
+    assert isinstance(res, TrainingJob)
+    return res
+
+
+class Cluster:
+    """A fake API server state: pods by name, driven by applying plans."""
+
+    def __init__(self, tj: TrainingJob) -> None:
+        self.job = tj
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.events: list[str] = []
+
+    def reconcile(self, now: datetime = T0, placer: Any = None) -> Plan:
+        plan = plan_trainingjob(self.job, list(self.pods.values()), now, placer=placer, service_exists=True)
+        self.job = self.job.model_copy(update={"status": plan.status})
+        for obj in plan.create:
+            if obj["kind"] == "Pod":
+                assert obj["metadata"]["name"] not in self.pods, "duplicate pod created"
+                self.pods[obj["metadata"]["name"]] = {**obj, "status": {"phase": "Pending"}}
+        for name in plan.delete_pods:
+            self.pods[name]["metadata"]["deletionTimestamp"] = "t"
+        self.events += [e.reason for e in plan.events]
+        return plan
+
+    def set_phase(self, phase: str, exit_code: int | None = None, names: list[str] | None = None) -> None:
+        for name in names or list(self.pods):
+            status: dict[str, Any] = {"phase": phase}
+            if exit_code is not None:
+                status["containerStatuses"] = [{"name": "worker", "state": {"terminated": {"exitCode": exit_code}}}]
+            self.pods[name]["status"] = status
+
+    def finish_deletes(self) -> None:
+        self.pods = {n: p for n, p in self.pods.items() if not p["metadata"].get("deletionTimestamp")}
+
+
+def test_gang_created_whole_then_running_then_succeeded() -> None:
+    c = Cluster(job(workers=3))
+    plan = c.reconcile()
+    assert sorted(c.pods) == ["gpt-0", "gpt-1", "gpt-2"]
+    assert plan.status.phase == "Starting" and plan.status.observed_generation == 3
+    c.set_phase("Running", names=["gpt-0", "gpt-1"])
+    assert c.reconcile().status.phase == "Starting"  # Running only when every worker runs
+    c.set_phase("Running")
+    plan = c.reconcile(T0 + timedelta(seconds=5))
+    assert plan.status.phase == "Running" and plan.status.start_time == "2026-01-01T00:00:05Z"
+    assert plan.create == [] and plan.delete_pods == []  # idempotent: nothing more to do
+    c.set_phase("Succeeded", exit_code=0)
+    plan = c.reconcile(T0 + timedelta(minutes=1))
+    assert plan.status.phase == "Succeeded"
+    cond = {x.type: x for x in plan.status.conditions}
+    assert cond["Succeeded"].status == "True" and cond["Running"].status == "False"
+    assert c.events == ["GangCreated", "Running", "Succeeded"]
+
+
+def test_failed_worker_restarts_whole_gang_after_backoff() -> None:
+    c = Cluster(job(failurePolicy={"maxRestarts": 2, "backoffSeconds": 30}))
+    c.reconcile()
+    c.set_phase("Running")
+    c.reconcile()
+    c.set_phase("Failed", exit_code=1, names=["gpt-1"])
+    plan = c.reconcile(T0 + timedelta(seconds=10))
+    assert plan.status.phase == "Restarting" and plan.status.restarts == 1 and plan.status.attempt == 1
+    assert sorted(plan.delete_pods) == ["gpt-0", "gpt-1"]  # the whole gang goes, not just the failed pod
+    assert "exit code 1" in plan.status.message
+    # Old gang still terminating: the new one waits (same names, same DNS).
+    plan = c.reconcile(T0 + timedelta(seconds=11))
+    assert plan.create == [] and plan.delete_pods == []
+    c.finish_deletes()
+    plan = c.reconcile(T0 + timedelta(seconds=20))
+    assert plan.create == [] and plan.status.phase == "Restarting"  # backoff not over
+    assert plan.requeue_after is not None and 19 < plan.requeue_after <= 20
+    plan = c.reconcile(T0 + timedelta(seconds=41))
+    assert sorted(o["metadata"]["labels"]["capstan.dev/attempt"] for o in plan.create) == ["1", "1"]
+
+
+def test_max_restarts_exhausted_fails_and_stops_workers() -> None:
+    c = Cluster(job(failurePolicy={"maxRestarts": 0}))
+    c.reconcile()
+    c.set_phase("Running")
+    c.set_phase("Failed", exit_code=137, names=["gpt-0"])
+    plan = c.reconcile()
+    assert plan.status.phase == "Failed"
+    assert plan.delete_pods == ["gpt-1"]
+    failed = next(x for x in plan.status.conditions if x.type == "Failed")
+    assert failed.reason == "BackoffLimitExceeded" and "maxRestarts (0)" in failed.message
+
+
+def test_preemption_exit_code_restarts_without_counting() -> None:
+    c = Cluster(job(failurePolicy={"maxRestarts": 0, "backoffSeconds": 30}))
+    c.reconcile()
+    c.set_phase("Failed", exit_code=75, names=["gpt-0"])
+    plan = c.reconcile()
+    assert plan.status.phase == "Restarting"
+    assert (plan.status.restarts, plan.status.preemptions) == (0, 1)
+    c.finish_deletes()
+    c.pods.clear()
+    plan = c.reconcile()  # no backoff for preemption
+    assert len(plan.create) == 2
+
+
+def test_non_retryable_exit_code_fails_at_once() -> None:
+    c = Cluster(job(failurePolicy={"nonRetryableExitCodes": [2]}))
+    c.reconcile()
+    c.set_phase("Failed", exit_code=2, names=["gpt-1"])
+    plan = c.reconcile()
+    assert plan.status.phase == "Failed" and plan.status.restarts == 0
+    assert "nonRetryableExitCodes" in plan.status.message
+
+
+def test_lost_worker_restarts_gang() -> None:
+    c = Cluster(job())
+    c.reconcile()
+    c.set_phase("Running")
+    c.reconcile()
+    del c.pods["gpt-1"]  # node disappeared with the pod
+    plan = c.reconcile()
+    assert plan.status.phase == "Restarting" and plan.status.preemptions == 1
+    assert plan.status.placement is None  # fresh placement for the next gang
+
+
+def test_operator_restart_mid_creation_creates_only_missing() -> None:
+    c = Cluster(job(workers=4))
+    c.reconcile()
+    del c.pods["gpt-2"], c.pods["gpt-3"]  # as if the operator died after two creates
+    plan = c.reconcile()
+    assert sorted(o["metadata"]["name"] for o in plan.create) == ["gpt-2", "gpt-3"]
+
+
+def test_suspend_removes_pods_and_resume_recreates() -> None:
+    c = Cluster(job())
+    c.reconcile()
+    c.set_phase("Running")
+    c.reconcile()
+    c.job = c.job.model_copy(update={"spec": c.job.spec.model_copy(update={"suspend": True})})
+    plan = c.reconcile()
+    assert plan.status.phase == "Suspended" and sorted(plan.delete_pods) == ["gpt-0", "gpt-1"]
+    c.finish_deletes()
+    c.job = c.job.model_copy(update={"spec": c.job.spec.model_copy(update={"suspend": False})})
+    plan = c.reconcile()
+    assert len(plan.create) == 2 and plan.status.phase == "Starting"
+
+
+def test_ttl_deletes_finished_job() -> None:
+    c = Cluster(job(ttlSecondsAfterFinished=60))
+    c.reconcile()
+    c.set_phase("Succeeded", exit_code=0)
+    plan = c.reconcile(T0)
+    assert not plan.delete_job and plan.requeue_after == 60
+    assert c.reconcile(T0 + timedelta(seconds=61)).delete_job
+
+
+def test_gang_waits_for_placement_with_reason() -> None:
+    c = Cluster(job(gpusPerWorker=8))
+    no = PlacementDecision(placed=False, reason="needs 16 GPUs within one NVLink domain; the largest free has 8")
+    plan = c.reconcile(placer=lambda _: no)
+    assert plan.status.phase == "Queued" and plan.create == []
+    assert "largest free has 8" in plan.status.message
+    yes = PlacementDecision(placed=True, nodes=["n1", "n2"], level="nvlink", domain="clique-a")
+    plan = c.reconcile(placer=lambda _: yes)
+    assert plan.status.placement is not None and plan.status.placement.nodes == ["n1", "n2"]
+    pinned = [p["spec"]["affinity"]["nodeAffinity"] for p in plan.create if p["kind"] == "Pod"]
+    assert len(pinned) == 2

@@ -213,10 +213,9 @@ def _span(inv: Inventory, idx: list[int]) -> tuple[str, str, str]:
 
 
 def _place_cpu(inv: Inventory, req: GangRequest, elig: list[bool]) -> PlacementResult:
-    """CPU workers: one per node round-robin, GPU-less nodes first (keep GPU nodes for GPU work)."""
+    """CPU workers: one per node round-robin; only on GPU-less nodes if any (keep GPUs for GPU work)."""
     topo = inv._topo
-    cands = sorted((i for i, e in enumerate(elig) if e),
-                   key=lambda i: (topo.alloc[i] > 0, topo.nodes[i].name))
+    cands = [i for i, e in enumerate(elig) if e and topo.alloc[i] == 0] or [i for i, e in enumerate(elig) if e]
     if not cands:
         return PlacementResult(req.name, False, gpus_per_worker=0, reason=_no_node_reason(inv, req))
     assign = [(cands[r % len(cands)], 1) for r in range(req.workers)]

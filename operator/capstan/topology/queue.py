@@ -126,9 +126,11 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
                 decisions.append(Decision(req, res, backfilled=True))
                 continue
             if shape not in fail_open:
-                fail_open[shape] = place_gang(inv, req, parent_tiebreak=parent_tiebreak).reason
+                open_res = place_gang(inv, req, parent_tiebreak=parent_tiebreak)
+                if not open_res.placed:
+                    fail_open[shape] = open_res.reason
             fail_masked[shape] = (
-                res.reason if fail_open[shape] else
+                res.reason if shape in fail_open else
                 f"fits now, but only on GPUs reserved for the queue head {head.head}; "
                 f"waiting so it does not delay that gang")
         decisions.append(Decision(req, _waiting(req, fail_masked[shape])))

@@ -1,0 +1,71 @@
+from capstan.topology import build_inventory, parse_count, pod_gpu_request, tolerates
+from topo_fixtures import node, nvl72_cluster, pod
+
+
+def test_parse_count() -> None:
+    assert parse_count("8") == 8
+    assert parse_count(4) == 4
+    assert parse_count("1k") == 1000
+    assert parse_count("2Ki") == 2048
+    assert parse_count("1500m") == 1
+    assert parse_count("junk") == 0
+    assert parse_count(None) == 0
+
+
+def test_inventory_from_realistic_json() -> None:
+    nodes = [node("a", rack="r1", block="b1", rdma=True), node("b", rack="r1", block="b1"),
+             node("c", ready=False), node("cpu", gpus=0)]
+    pods = [pod("p1", "a", 2), pod("p2", "a", 1, phase="Pending"), pod("done", "a", 4, phase="Succeeded"),
+            pod("failed", "b", 8, phase="Failed"), pod("unbound", None, 8), pod("ghost", "gone", 8),
+            pod("init", "b", 1, init_gpus=3)]
+    inv = build_inventory(nodes, pods)
+    assert [n.name for n in inv.nodes] == ["a", "b", "cpu"]
+    assert inv.not_ready == ("c",)
+    assert inv.free("a") == 5 and inv.used("a") == 3
+    assert inv.free("b") == 5  # init container needs 3 alone > 1 for the main container
+    assert inv.node("a").rdma and not inv.node("b").rdma
+    assert inv.node("a").product == "NVIDIA-H100-80GB-HBM3"
+    assert inv.total_gpus == 16 and inv.free_gpus == 10
+    # no clique label: the node is its own NVLink domain; rack/block keys are label paths
+    assert inv.domain_of("a", "nvlink") == "node=a"
+    assert inv.domain_of("a", "rack") == "zone=zone-a/block=b1/rack=r1"
+    assert inv.domain_of("a", "rack") == inv.domain_of("b", "rack")
+
+
+def test_sidecar_init_containers_add_up() -> None:
+    p = pod("p", "a", 2)
+    p["spec"]["initContainers"] = [{"name": "s", "restartPolicy": "Always",
+                                    "resources": {"limits": {"nvidia.com/gpu": "1"}}}]
+    assert pod_gpu_request(p) == 3
+
+
+def test_clique_domains_and_span() -> None:
+    inv = build_inventory(nvl72_cluster(racks=2), [])
+    assert inv.domain_of("nvl0-n00", "nvlink") == inv.domain_of("nvl0-n17", "nvlink")
+    assert inv.domain_of("nvl0-n00", "nvlink") != inv.domain_of("nvl1-n00", "nvlink")
+    assert inv.span_level(["nvl0-n00", "nvl0-n05"]) == "nvlink"
+    assert inv.span_level(["nvl0-n00", "nvl1-n05"]) == "block"
+
+
+def test_tolerations() -> None:
+    taint = ("nvidia.com/gpu", "present", "NoSchedule")
+    assert tolerates([{"key": "nvidia.com/gpu", "operator": "Exists"}], taint)
+    assert tolerates([{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}], taint)
+    assert not tolerates([{"key": "nvidia.com/gpu", "value": "other"}], taint)
+    assert not tolerates([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute"}], taint)
+    assert tolerates([{"operator": "Exists"}], taint)
+    assert not tolerates([], taint)
+
+
+def test_allocate_release_are_pure() -> None:
+    from capstan.topology import GangRequest, place_gang
+
+    inv = build_inventory([node("a"), node("b")], [])
+    res = place_gang(inv, GangRequest("g", 2, 8, policy="None"))
+    after = inv.allocate(res)
+    assert inv.free_gpus == 16 and after.free_gpus == 0
+    assert after.release(res).free_gpus == 16
+    import pytest
+
+    with pytest.raises(ValueError):
+        after.allocate(res)

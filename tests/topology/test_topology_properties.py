@@ -1,0 +1,128 @@
+"""Property tests: capacity is never overcommitted, gangs are whole, Required holds, heads don't starve."""
+
+from capstan.topology import (
+    DEFAULT_LEVELS,
+    GangRequest,
+    Inventory,
+    PlacementResult,
+    RunningGang,
+    build_inventory,
+    place_gang,
+    schedule_queue,
+)
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+from topo_fixtures import node, pod
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> Inventory:
+    n = draw(st.integers(1, 24))
+    nodes, pods = [], []
+    for i in range(n):
+        gpus = draw(st.sampled_from([0, 2, 4, 8]))
+        rack = draw(st.integers(0, 3))
+        clique = draw(st.sampled_from([None, None, f"c{rack}"]))
+        rack_label = draw(st.sampled_from([f"r{rack}", f"r{rack}", None]))
+        nodes.append(node(f"n{i:02d}", gpus, clique=clique, rack=rack_label, block=f"b{rack // 2}",
+                          zone=draw(st.sampled_from(["za", "zb", None])),
+                          cordoned=draw(st.booleans()) and draw(st.booleans()),
+                          ready=draw(st.integers(0, 9)) > 0, rdma=draw(st.booleans())))
+        used = draw(st.integers(0, gpus))
+        if used:
+            pods.append(pod(f"p{i}", f"n{i:02d}", used))
+    return build_inventory(nodes, pods)
+
+
+gangs = st.builds(
+    GangRequest,
+    name=st.just("g"),
+    workers=st.integers(1, 10),
+    gpus_per_worker=st.sampled_from([0, 1, 2, 4, 8]),
+    policy=st.sampled_from(["Required", "Preferred", "None"]),
+    max_domain=st.sampled_from(DEFAULT_LEVELS.names),
+    needs_rdma=st.booleans(),
+)
+
+
+def _check_fits(inv: Inventory, res: PlacementResult) -> None:
+    for name, gpus in res.gpus_by_node().items():
+        assert gpus <= inv.free(name), (name, gpus, inv.free(name))
+        info = inv.node(name)
+        assert not info.cordoned and not info.taints
+
+
+@FAST
+@given(clusters(), gangs)
+def test_placement_is_whole_and_within_free(inv: Inventory, req: GangRequest) -> None:
+    res = place_gang(inv, req)
+    if not res.placed:
+        assert res.nodes == [] and res.reason
+        return
+    assert len(res.nodes) == req.workers
+    _check_fits(inv, res)
+    if req.needs_rdma:
+        assert all(inv.node(n).rdma for n in res.nodes)
+    after = inv.allocate(res)  # raises on overcommit
+    assert after.free_gpus == inv.free_gpus - req.total_gpus
+    if req.policy == "Required" and req.gpus_per_worker:
+        assert DEFAULT_LEVELS.index(inv.span_level(res.nodes)) <= DEFAULT_LEVELS.index(req.max_domain)
+    if req.gpus_per_worker:
+        assert res.level == inv.span_level(res.nodes)
+
+
+@FAST
+@given(clusters(), st.lists(gangs, min_size=1, max_size=6), st.data())
+def test_queue_never_overcommits_and_head_is_not_delayed(inv: Inventory, reqs: list[GangRequest],
+                                                         data: st.DataObject) -> None:
+    reqs = [GangRequest(f"g{i}", r.workers, r.gpus_per_worker, r.policy, r.max_domain, r.needs_rdma,
+                        submitted=float(i),
+                        expected_duration_s=data.draw(st.sampled_from([None, 5.0, 50.0])))
+            for i, r in enumerate(reqs)]
+    # treat the GPUs already in use as running gangs with known ends
+    running = []
+    for i, info in enumerate(inv.nodes):
+        if inv.used(info.name):
+            res = PlacementResult(f"run{i}", True, [info.name], inv.used(info.name), "nvlink", "", "")
+            running.append(RunningGang(res, 0.0, data.draw(st.sampled_from([10.0, 20.0, 100.0]))))
+    now = 1.0
+    note(f"nodes={[(n.name, n.gpus, inv.used(n.name), n.cordoned, n.rdma) for n in inv.nodes]}")
+    note(f"running={running}")
+    decisions = schedule_queue(inv, reqs, running=running, now=now)
+    note(f"decisions={decisions}")
+    assert len(decisions) == len(reqs)
+    cur = inv
+    for d in decisions:
+        if d.placed:
+            assert len(d.result.nodes) == d.request.workers
+            _check_fits(cur, d.result)
+            cur = cur.allocate(d.result)
+    heads = [d for d in decisions if d.reservation is not None]
+    if not heads:
+        return
+    head = heads[0]
+    rsv = head.reservation
+    assert rsv is not None
+    # at the head's expected start, with long backfills still running and short ones done, the
+    # reserved GPUs are free
+    shadow = rsv.shadow_time if rsv.shadow_time is not None else float("inf")
+    later = cur
+    for r in running:
+        if r.expected_end is not None and r.expected_end <= shadow:
+            later = later.release(r.result)
+    if rsv.shadow_time is None:
+        # reserved on the empty cluster: everything that is not a backfill ends at some point
+        for r in running:
+            later = later.release(r.result)
+        for d in decisions:
+            if d.placed and not d.backfilled:
+                later = later.release(d.result)
+    for d in decisions:
+        dur = d.request.expected_duration_s
+        if d.backfilled and dur is not None and now + dur <= shadow:
+            later = later.release(d.result)
+    for name, gpus in rsv.gpus_by_node().items():
+        assert later.free(name) >= gpus, (name, gpus, later.free(name))
+    assert place_gang(later, head.request).placed

@@ -1,0 +1,377 @@
+"""The ModelServing planner: (ModelServing, observed children, now, analysis verdict) → ServingPlan.
+
+Pure and level-based, like the TrainingJob planner: it reads the whole observed state, says what
+should exist (objects to apply, Deployments to rescale, objects to delete), the complete new status
+and the events to emit. Applying a plan twice, or after an operator restart, changes nothing more.
+
+Traffic: the canary's weight is its step's weight once the step started; the rest goes to the stable
+revision, or, while a just-replaced revision is still retiring (the new stable is not fully ready
+yet), to the stable and retiring ones in proportion to their ready replicas. With Gateway API the
+weights are HTTPRoute backendRef weights; without, the same weights size the revisions' replica
+counts behind the stable Service (replicas = ceil(total x weight), at least 1 for a live canary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from capstan.api.conditions import get_condition, parse_time, set_condition
+from capstan.api.modelserving import ModelServing, ModelServingStatus, RevisionStatus, RolloutStatus
+from capstan.naming import LABEL_REVISION, LABEL_SERVING, label_value
+from capstan.serving.analysis import AnalysisResult
+from capstan.serving.model_source import ModelNotReady, resolve_model
+from capstan.serving.revisions import (
+    Revision,
+    deployment,
+    desired_revision,
+    hpa,
+    http_route,
+    model_claim,
+    revision_service,
+    scaled_bounds,
+    selector_string,
+    stable_service,
+    stable_service_name,
+)
+from capstan.serving.rollout import (
+    ANNOTATION_MODEL,
+    WAIT_READY_S,
+    Event,
+    Outcome,
+    RevisionState,
+    parse_duration,
+    replicas_for_weight,
+    revision_state,
+    step_weights,
+    tick,
+)
+from capstan.serving.runtimes import ArgsTemplateError
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """An object to delete."""
+
+    api_version: str
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the executor read: children labelled with this ModelServing, and its model source.
+
+    ``children`` holds every other labelled child (Services, HPAs, PVCs, HTTPRoutes) so the planner
+    can delete what no live revision needs. ``snapshots`` maps VolumeSnapshot name to object.
+    """
+
+    deployments: list[dict[str, Any]] = field(default_factory=list)
+    children: list[dict[str, Any]] = field(default_factory=list)
+    training_job: dict[str, Any] | None = None
+    snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class ServingPlan:
+    """What the executor should do; ``status`` is the complete new status."""
+
+    status: ModelServingStatus
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    scale: dict[str, int] = field(default_factory=dict)
+    deletes: list[ObjectRef] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+    outcome: Outcome | None = None
+
+    def requeue(self, seconds: float) -> None:
+        """Ask to be called again within ``seconds``."""
+        cur = self.requeue_after
+        self.requeue_after = seconds if cur is None else min(cur, seconds)
+
+
+def _split(total: int, shares: dict[str, int]) -> dict[str, int]:
+    """``total`` percent split in proportion to ``shares`` (largest remainder, sums to ``total``)."""
+    whole = sum(shares.values())
+    if whole <= 0:
+        return {k: 0 for k in shares}
+    exact = {k: total * v / whole for k, v in shares.items()}
+    out = {k: int(x) for k, x in exact.items()}
+    left = total - sum(out.values())
+    for k in sorted(exact, key=lambda k: (out[k] - exact[k], k))[:left]:
+        out[k] += 1
+    return out
+
+
+def plan_modelserving(
+    ms: ModelServing,
+    observed: Observed,
+    now: datetime,
+    *,
+    gateway_api: bool = False,
+    analysis: AnalysisResult | None = None,
+) -> ServingPlan:
+    """Decide the next step of ``ms`` given what was observed at ``now``.
+
+    ``gateway_api``: the cluster serves HTTPRoute (gateway.networking.k8s.io/v1); traffic is then
+    split by route weights. ``analysis``: the verdict on the canary's current step, when the
+    executor scraped it (the planner says when one is due through :func:`analysis_due`).
+    """
+    spec, gen = ms.spec, ms.metadata.generation
+    st = ms.status.model_copy(deep=True)
+    old_phase = st.phase
+    was_ready = (c := get_condition(st.conditions, "Ready")) is not None and c.status == "True"
+    plan = ServingPlan(status=st)
+    st.observed_generation = gen
+    st.url = f"http://{stable_service_name(ms)}.{ms.metadata.namespace}.svc"
+    st.selector = selector_string(ms)
+    traffic: Literal["gateway", "replicas"] = "gateway" if gateway_api else "replicas"
+    st.rollout = (st.rollout or RolloutStatus()).model_copy(update={"traffic": traffic})
+
+    mine = label_value(ms.metadata.name)
+    revs: dict[str, RevisionState] = {}
+    for dep in observed.deployments:
+        if ((dep.get("metadata") or {}).get("labels") or {}).get(LABEL_SERVING) != mine:
+            continue
+        state = revision_state(dep)
+        if state is not None:
+            revs[state.name] = state
+
+    # The revision the spec asks for; rendering it here surfaces a bad argsTemplate before any change.
+    desired: Revision | None = None
+    blocked = ""  # why no revision can be made from the spec now
+    invalid = False
+    try:
+        model = resolve_model(ms, observed.training_job, observed.snapshots)
+        desired = desired_revision(ms, model)
+        deployment(ms, desired, None)
+    except ModelNotReady as exc:
+        blocked, desired = str(exc), None
+    except (ArgsTemplateError, ValueError) as exc:
+        blocked, desired, invalid = str(exc), None, True
+
+    auto = spec.autoscaling
+    total = spec.replicas
+
+    def canary_want(weight: int) -> int:
+        if auto is not None:
+            return scaled_bounds(auto.min_replicas, auto.max_replicas, weight)[0] or 1
+        return replicas_for_weight(total, weight, live=True)
+
+    straight = auto is None and total == 0
+    t = tick(st, desired.name if desired else None, spec.rollout, revs, canary_want, analysis, now, straight)
+    plan.events.extend(t.events)
+    plan.outcome = t.outcome
+    if t.requeue is not None:
+        plan.requeue(t.requeue)
+
+    stable, canary = st.stable_revision, st.canary_revision
+    active_w, target_w = step_weights(spec.rollout, st.rollout) if canary else (0, 0)
+    if canary and not spec.rollout.steps:
+        target_w = 100
+    stable_w = 100 - active_w
+
+    def want(weight: int, live: bool) -> int | None:
+        return None if auto is not None else replicas_for_weight(total, weight, live)
+
+    stable_obs = revs.get(stable) if stable else None
+    if auto is not None:
+        stable_target = max((stable_obs.spec_replicas or 0) if stable_obs else 0, canary_want(stable_w))
+    else:
+        stable_target = replicas_for_weight(total, stable_w, live=False)
+    stable_ready = stable_obs.ready if stable_obs else 0
+    stable_full = stable_obs is not None and stable_ready >= stable_target
+    failed = set(st.failed_revisions)
+    retiring = [] if stable_full else sorted(r for r in revs if r not in (stable, canary) and r not in failed)
+
+    weights: dict[str, int] = {}
+    if stable:
+        shares = {r: revs[r].ready for r in retiring}
+        shares[stable] = stable_ready
+        weights = _split(stable_w, shares) if retiring and sum(shares.values()) else {stable: stable_w}
+    if canary:
+        weights[canary] = active_w
+    live = set(weights)
+
+    # --- objects -------------------------------------------------------------------------------
+    if live:
+        plan.objects.append(stable_service(ms))
+    for rev in sorted(live):
+        plan.objects.append(revision_service(ms, rev))
+    roles = {stable: (stable_w, False)} if stable else {}
+    if canary:
+        roles[canary] = (target_w, True)
+    for rev, (w, is_canary) in roles.items():
+        replicas = want(w, is_canary)
+        if desired is not None and rev == desired.name:
+            claim = model_claim(ms, desired)
+            if claim is not None:
+                plan.objects.append(claim)
+            dep = deployment(ms, desired, replicas)
+            dep["metadata"].setdefault("annotations", {})[ANNOTATION_MODEL] = desired.model.identity
+            plan.objects.append(dep)
+        elif replicas is not None and rev in revs:
+            # Rendered from an older spec: only its size follows this one.
+            plan.scale[rev] = replicas
+        if auto is not None and (rev in revs or (desired is not None and rev == desired.name)):
+            plan.objects.append(hpa(ms, rev, w))
+    if gateway_api and live:
+        plan.objects.append(http_route(ms, weights))
+
+    # --- deletes -------------------------------------------------------------------------------
+    for obj in [*observed.deployments, *observed.children]:
+        meta = obj.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if labels.get(LABEL_SERVING) != mine or meta.get("deletionTimestamp"):
+            continue
+        kind, name = obj.get("kind", ""), meta.get("name", "")
+        owner_rev = labels.get(LABEL_REVISION)
+        gone = (
+            (owner_rev is not None and owner_rev not in live)
+            or (kind == "HorizontalPodAutoscaler" and auto is None)
+            or (kind == "HTTPRoute" and (not gateway_api or not live))
+        )
+        if gone:
+            plan.deletes.append(ObjectRef(obj.get("apiVersion", ""), kind, name))
+    retired = sorted({r for r in revs if r not in live})
+    for rev in retired:
+        why = "rolled back" if rev in failed else "replaced"
+        plan.events.append(
+            Event("Normal", "RevisionRemoved", f"revision {rev} ({why}) scaled to 0 and deleted")
+        )
+
+    # --- status --------------------------------------------------------------------------------
+    previous = {r.name: r for r in ms.status.revisions}
+    st.revisions = []
+    for rev in sorted(live, key=lambda r: (r != stable, r != canary, r)):
+        obs = revs.get(rev)
+        w, is_canary = roles.get(rev, (0, False))
+        n = want(w, is_canary) if rev in roles else None
+        if n is None:
+            n = obs.spec_replicas if obs and obs.spec_replicas is not None else 0
+        model_id = (
+            desired.model.identity
+            if desired and rev == desired.name
+            else (obs.model if obs and obs.model else previous.get(rev, RevisionStatus(name=rev)).model)
+        )
+        st.revisions.append(
+            RevisionStatus(
+                name=rev, weight=weights[rev], replicas=n, ready=obs.ready if obs else 0, model=model_id
+            )
+        )
+    st.replicas = sum(r.ready for r in st.revisions)
+    if not canary:
+        st.rollout = RolloutStatus(traffic=traffic)
+
+    _conditions(plan, ms, now, t.message, blocked, invalid, stable_ready, stable_target, was_ready, retiring)
+    if t.rolled_back is not None:
+        _cond(plan, ms, now, "RolledBack", True, t.rolled_back_reason, t.rolled_back)
+    elif t.new_rollout:
+        _cond(plan, ms, now, "RolledBack", False, "NewRollout", f"rolling out {canary}")
+    elif t.outcome == "promoted":
+        _cond(plan, ms, now, "RolledBack", False, "Promoted", f"{stable} promoted")
+    elif get_condition(st.conditions, "RolledBack") is None:
+        _cond(plan, ms, now, "RolledBack", False, "NoRollback", "no rollout has been rolled back")
+    if st.phase != old_phase:
+        warn = st.phase in ("Degraded", "Failed")
+        plan.events.append(Event("Warning" if warn else "Normal", st.phase, st.message))
+    if stable and (not stable_full or retiring):
+        plan.requeue(WAIT_READY_S)
+    return plan
+
+
+def _cond(
+    plan: ServingPlan, ms: ModelServing, now: datetime, type_: str, ok: bool, reason: str, msg: str
+) -> None:
+    plan.status.conditions = set_condition(
+        plan.status.conditions, type_, "True" if ok else "False", reason, msg, now, ms.metadata.generation
+    )
+
+
+def _conditions(
+    plan: ServingPlan,
+    ms: ModelServing,
+    now: datetime,
+    rollout_msg: str,
+    blocked: str,
+    invalid: bool,
+    ready: int,
+    target: int,
+    was_ready: bool,
+    retiring: list[str],
+) -> None:
+    st = plan.status
+    stable, canary = st.stable_revision, st.canary_revision
+    if stable is None:
+        reason = "InvalidSpec" if invalid else "ModelNotReady"
+        msg = blocked or "no revision yet"
+        _cond(plan, ms, now, "Ready", False, reason, msg)
+        _cond(plan, ms, now, "Progressing", not invalid, reason, msg)
+        _cond(plan, ms, now, "Degraded", invalid, reason, msg)
+        st.phase, st.message = ("Failed" if invalid else "Pending"), msg
+        return
+    serving = f"{stable}: {ready}/{target} replicas ready"
+    if target == 0:
+        _cond(plan, ms, now, "Ready", False, "ScaledToZero", "spec.replicas is 0")
+    elif ready > 0:
+        _cond(plan, ms, now, "Ready", True, "Available", serving)
+    else:
+        _cond(plan, ms, now, "Ready", False, "NoReplicasReady", serving)
+    # A just-promoted revision still scaling up while the old one retires is progress, not damage.
+    degraded = target > 0 and ready < target and was_ready and not canary and not retiring
+    _cond(
+        plan,
+        ms,
+        now,
+        "Degraded",
+        degraded,
+        "ReplicasUnavailable" if degraded else "AsExpected",
+        serving if degraded else "stable revision has its replicas",
+    )
+    if canary:
+        _cond(plan, ms, now, "Progressing", True, "RollingOut", rollout_msg)
+        st.phase, st.message = "Progressing", rollout_msg
+    elif blocked:
+        _cond(plan, ms, now, "Progressing", False, "InvalidSpec" if invalid else "ModelNotReady", blocked)
+    elif ready < target or retiring:
+        what = f"retiring {', '.join(retiring)}" if retiring else "scaling up"
+        _cond(plan, ms, now, "Progressing", True, "ScalingUp", f"{serving}; {what}")
+    else:
+        _cond(plan, ms, now, "Progressing", False, "Stable", f"{stable} serves 100% of traffic")
+    if canary:
+        return
+    if target == 0:
+        st.phase, st.message = "Pending", "scaled to zero (spec.replicas: 0)"
+    elif degraded:
+        st.phase, st.message = "Degraded", serving
+    elif ready >= target:
+        st.phase = "Ready"
+        st.message = rollout_msg or (
+            f"{blocked}; serving {stable}" if blocked else f"{stable} serving: {serving}"
+        )
+    else:
+        st.phase, st.message = "Progressing", serving
+
+
+@dataclass(frozen=True)
+class AnalysisDue:
+    """The canary step the executor should scrape for (and whether the window has closed)."""
+
+    revision: str
+    step: int
+    verdict_needed: bool
+
+
+def analysis_due(ms: ModelServing, now: datetime) -> AnalysisDue | None:
+    """Whether the canary's current step is analysed: a baseline is needed once the step started,
+    a verdict once its pause has elapsed. None when no analysis is configured or no step runs."""
+    st, spec = ms.status, ms.spec.rollout
+    if spec.analysis is None or not spec.steps or not st.canary_revision or st.rollout is None:
+        return None
+    started = parse_time(st.rollout.step_started_at)
+    if started is None:
+        return None
+    i = min(st.rollout.step, len(spec.steps) - 1)
+    end = started + timedelta(seconds=parse_duration(spec.steps[i].pause))
+    return AnalysisDue(st.canary_revision, i, now >= end)

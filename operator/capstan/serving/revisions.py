@@ -1,0 +1,350 @@
+"""Revisions of a ModelServing and the Kubernetes objects that run and route to them.
+
+A revision is one distinct (model, runtime, image, args, resources, placement) content: its name is
+``{name}-{hash8}`` of that content, so the same spec always maps to the same revision and any change
+to what runs makes a new one. Replicas, autoscaling and rollout settings are not content: changing
+them rescales, it does not roll out.
+
+Objects per ModelServing:
+
+- a Deployment and a Service per live revision (the Deployment's pod template is rendered once, when
+  the revision is the desired one; older revisions are only rescaled, never re-rendered from a newer
+  spec);
+- one stable Service selecting every revision's pods: without Gateway API the traffic split is the
+  replica proportion behind it;
+- with Gateway API: an ``HTTPRoute`` whose parent is the stable Service (GAMMA, east-west through a
+  mesh) and whose backendRefs are the per-revision Services with the revision weights. Where no mesh
+  implements the route, the stable Service still splits by replicas, sized to the same weights.
+- an ``autoscaling/v2`` HorizontalPodAutoscaler per live revision when ``spec.autoscaling`` is set.
+
+Tensor parallelism: a replica is one pod holding ``tensorParallel`` GPUs, so its GPUs always share a
+node (NVLink/NVSwitch on HGX). For ``tensorParallel > 1`` the pod also gets a required node affinity
+to nodes whose GPU Feature Discovery ``nvidia.com/gpu.count`` can hold the whole replica (or nodes
+without GFD labels, left to the scheduler's resource fit), so a PCIe-only small node is never
+chosen by accident and cluster-autoscaler picks a big enough node group. Replicas larger than a
+node (e.g. TP=16 on GB200 NVL72, 4 GPUs a node) need a group of pods per replica inside one
+``nvidia.com/gpu.clique``: LeaderWorkerSet does exactly that (a leader and workers per group,
+``leaderworkerset.sigs.k8s.io/exclusive-topology: nvidia.com/gpu.clique`` adds the per-group pod
+affinity, the group is created and restarted as a unit). Capstan does not render LWS yet; such a
+replica stays Pending and the canary's progress deadline rolls it back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from capstan import API_VERSION
+from capstan.api.modelserving import ModelServing
+from capstan.naming import (
+    LABEL_REVISION,
+    LABEL_SERVING,
+    common_labels,
+    dns_label,
+    label_value,
+    owner_reference,
+    short_hash,
+)
+from capstan.serving.model_source import ModelRef, model_pvc, pod_parts
+from capstan.serving.runtimes import ArgsContext, Runtime, runtime_for
+
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_COUNT_LABEL = "nvidia.com/gpu.count"
+CONTAINER = "server"
+PORT_NAME = "http"
+SERVICE_PORT = 80
+# A canary that is not Available after this long is rolled back (model loading included).
+PROGRESS_DEADLINE_S = 1200
+# Up to 20 minutes to load weights before liveness may kill the server.
+STARTUP_PERIOD_S = 10
+STARTUP_FAILURES = 120
+# Bumped when the rendering of a revision changes: an operator upgrade then rolls out a new
+# revision through the canary steps instead of editing the stable Deployment in place.
+RENDER_VERSION = 1
+GATEWAY_API = "gateway.networking.k8s.io/v1"
+
+
+@dataclass(frozen=True)
+class Revision:
+    """The desired revision: its name, content hash and what it serves."""
+
+    name: str
+    hash: str
+    model: ModelRef
+    runtime: Runtime
+
+
+def content(ms: ModelServing, model: ModelRef) -> dict[str, Any]:
+    """Everything that decides what a revision's pods run (and nothing that only scales them)."""
+    spec = ms.spec.wire()
+    for key in ("replicas", "autoscaling", "rollout", "model"):
+        spec.pop(key, None)
+    return {"v": RENDER_VERSION, "name": ms.metadata.name, "model": model.identity, **spec}
+
+
+def revision_hash(ms: ModelServing, model: ModelRef) -> str:
+    """Eight hex digits of the revision content."""
+    return short_hash(json.dumps(content(ms, model), sort_keys=True, separators=(",", ":")))
+
+
+def revision_name(ms: ModelServing, digest: str) -> str:
+    """``{name}-{hash8}`` as a DNS-1035 label (it names a Service too), for any legal name."""
+    return dns_label(ms.metadata.name, suffix=f"-{digest}")
+
+
+def desired_revision(ms: ModelServing, model: ModelRef) -> Revision:
+    """The revision the current spec asks for."""
+    digest = revision_hash(ms, model)
+    return Revision(revision_name(ms, digest), digest, model, runtime_for(ms.spec))
+
+
+def stable_service_name(ms: ModelServing) -> str:
+    """The Service clients use: ``http://{name}.{ns}.svc``."""
+    return dns_label(ms.metadata.name)
+
+
+def serving_labels(ms: ModelServing, component: str = "server") -> dict[str, str]:
+    """Labels on every child of ``ms``."""
+    labels = common_labels("modelserving", ms.metadata.name, component)
+    labels[LABEL_SERVING] = label_value(ms.metadata.name)
+    return labels
+
+
+def serving_selector(ms: ModelServing) -> dict[str, str]:
+    """Selects the pods of every revision of ``ms``."""
+    return {LABEL_SERVING: label_value(ms.metadata.name)}
+
+
+def selector_string(ms: ModelServing) -> str:
+    """``serving_selector`` as a label selector string (``status.selector`` for the scale subresource)."""
+    return ",".join(f"{k}={v}" for k, v in serving_selector(ms).items())
+
+
+def revision_selector(ms: ModelServing, revision: str) -> dict[str, str]:
+    """Selects the pods of one revision."""
+    return {**serving_selector(ms), LABEL_REVISION: revision}
+
+
+def meta(
+    ms: ModelServing, name: str, revision: str | None = None, component: str = "server"
+) -> dict[str, Any]:
+    """Metadata of a child: labels and, when ``ms`` has a uid, a controller ownerReference."""
+    labels = serving_labels(ms, component)
+    if revision:
+        labels[LABEL_REVISION] = revision
+    out: dict[str, Any] = {"name": name, "namespace": ms.metadata.namespace, "labels": labels}
+    if ms.metadata.uid:
+        out["ownerReferences"] = [
+            owner_reference(API_VERSION, "ModelServing", ms.metadata.name, ms.metadata.uid)
+        ]
+    return out
+
+
+def _resources(ms: ModelServing) -> dict[str, Any]:
+    amounts: dict[str, str] = {}
+    res = ms.spec.resources
+    if res.cpu is not None:
+        amounts["cpu"] = str(res.cpu)
+    if res.memory is not None:
+        amounts["memory"] = str(res.memory)
+    if ms.spec.gpu:
+        amounts[GPU_RESOURCE] = str(ms.spec.tensor_parallel)
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def _affinity(ms: ModelServing) -> dict[str, Any] | None:
+    tp = ms.spec.tensor_parallel
+    if not ms.spec.gpu or tp <= 1:
+        return None
+    # nodeSelectorTerms are ORed: nodes GFD says can hold the replica, or nodes GFD never labelled.
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {
+                        "matchExpressions": [
+                            {"key": GPU_COUNT_LABEL, "operator": "Gt", "values": [str(tp - 1)]}
+                        ]
+                    },
+                    {"matchExpressions": [{"key": GPU_COUNT_LABEL, "operator": "DoesNotExist"}]},
+                ]
+            }
+        }
+    }
+
+
+def _probe(path: str, **extra: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": PORT_NAME}, **extra}
+
+
+def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[str, Any]:
+    """The Deployment of ``rev``; ``replicas`` None leaves the count to its HPA."""
+    spec, rt = ms.spec, rev.runtime
+    ctx = ArgsContext(
+        model_path=rev.model.path,
+        port=spec.port,
+        tensor_parallel=spec.tensor_parallel,
+        max_model_len=spec.max_model_len,
+        name=ms.metadata.name,
+    )
+    env = [{"name": k, "value": v} for k, v in rt.env]
+    env += [
+        {"name": "CAPSTAN_MODELSERVING", "value": ms.metadata.name},
+        {"name": "CAPSTAN_REVISION", "value": rev.name},
+    ]
+    user_env = [e.wire() for e in spec.env]
+    env = [e for e in env if e["name"] not in {u["name"] for u in user_env}] + user_env
+    parts = pod_parts(rev.model, rev.name, user_env)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image or rt.image,
+        "args": rt.args(ctx),
+        "env": env,
+        "ports": [{"name": PORT_NAME, "containerPort": spec.port, "protocol": "TCP"}],
+        "readinessProbe": _probe(rt.ready_path, periodSeconds=5, failureThreshold=3),
+        "livenessProbe": _probe(rt.health_path, periodSeconds=15, failureThreshold=4, timeoutSeconds=5),
+        # Liveness only starts once the server answered health once: loading weights can take minutes.
+        "startupProbe": _probe(
+            rt.health_path, periodSeconds=STARTUP_PERIOD_S, failureThreshold=STARTUP_FAILURES
+        ),
+        "volumeMounts": [*parts["mounts"], {"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    command = spec.command or list(rt.command)
+    if command:
+        container["command"] = list(command)
+    resources = _resources(ms)
+    if resources:
+        container["resources"] = resources
+    labels = meta(ms, rev.name, rev.name)["labels"]
+    pod_meta: dict[str, Any] = {
+        "labels": labels,
+        "annotations": {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(spec.port),
+            "prometheus.io/path": rt.metrics_path,
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        # NCCL between tensor-parallel ranks and vLLM/TGI shard processes share memory through /dev/shm.
+        "volumes": [
+            *parts["volumes"],
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+        ],
+        "terminationGracePeriodSeconds": 60,
+    }
+    if parts["init"]:
+        pod_spec["initContainers"] = parts["init"]
+    affinity = _affinity(ms)
+    if affinity:
+        pod_spec["affinity"] = affinity
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [t.wire() for t in spec.tolerations]
+    dep_spec: dict[str, Any] = {
+        "selector": {"matchLabels": revision_selector(ms, rev.name)},
+        "progressDeadlineSeconds": PROGRESS_DEADLINE_S,
+        "revisionHistoryLimit": 1,
+        "template": {"metadata": pod_meta, "spec": pod_spec},
+    }
+    if replicas is not None:
+        dep_spec["replicas"] = replicas
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta(ms, rev.name, rev.name),
+        "spec": dep_spec,
+    }
+
+
+def model_claim(ms: ModelServing, rev: Revision) -> dict[str, Any] | None:
+    """The PVC restored from a TrainingJob snapshot for ``rev`` (None for other sources)."""
+    return model_pvc(rev.model, rev.name, meta(ms, rev.name, rev.name, component="model"))
+
+
+def _service(ms: ModelServing, name: str, selector: dict[str, str], revision: str | None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(ms, name, revision),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            # Named target port: revisions with different container ports sit behind one Service.
+            "ports": [{"name": PORT_NAME, "port": SERVICE_PORT, "targetPort": PORT_NAME, "protocol": "TCP"}],
+        },
+    }
+
+
+def stable_service(ms: ModelServing) -> dict[str, Any]:
+    """The Service selecting every revision (traffic split by replica proportion)."""
+    return _service(ms, stable_service_name(ms), serving_selector(ms), None)
+
+
+def revision_service(ms: ModelServing, revision: str) -> dict[str, Any]:
+    """The Service of one revision (HTTPRoute backend, direct canary access)."""
+    return _service(ms, revision, revision_selector(ms, revision), revision)
+
+
+def http_route(ms: ModelServing, weights: dict[str, int]) -> dict[str, Any]:
+    """Gateway API HTTPRoute on the stable Service splitting traffic by revision weight."""
+    backends = [
+        {"group": "", "kind": "Service", "name": rev, "port": SERVICE_PORT, "weight": w}
+        for rev, w in sorted(weights.items())
+    ]
+    return {
+        "apiVersion": GATEWAY_API,
+        "kind": "HTTPRoute",
+        "metadata": meta(ms, stable_service_name(ms), None, component="route"),
+        "spec": {
+            "parentRefs": [
+                {"group": "", "kind": "Service", "name": stable_service_name(ms), "port": SERVICE_PORT}
+            ],
+            "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": backends}],
+        },
+    }
+
+
+def scaled_bounds(low: int, high: int, weight: int) -> tuple[int, int]:
+    """``low..high`` scaled to a revision's traffic share: ceil, at least 1 for a live revision."""
+    lo = max(1, math.ceil(low * weight / 100)) if weight > 0 else 0
+    hi = max(lo, 1, math.ceil(high * weight / 100))
+    return lo, hi
+
+
+def hpa(ms: ModelServing, revision: str, weight: int) -> dict[str, Any]:
+    """autoscaling/v2 HPA of one revision's Deployment, bounds scaled to its traffic share."""
+    auto = ms.spec.autoscaling
+    assert auto is not None
+    lo, hi = scaled_bounds(auto.min_replicas, auto.max_replicas, weight)
+    if auto.metric == "concurrency":
+        metric: dict[str, Any] = {
+            "type": "Pods",
+            "pods": {
+                # Served to the HPA by prometheus-adapter (custom.metrics.k8s.io) from the server's gauge.
+                "metric": {"name": "capstan_serving_requests_running"},
+                "target": {"type": "AverageValue", "averageValue": str(auto.target)},
+            },
+        }
+    else:
+        metric = {
+            "type": "Resource",
+            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": auto.target}},
+        }
+    spec: dict[str, Any] = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": revision},
+        "minReplicas": max(lo, 1),
+        "maxReplicas": hi,
+        "metrics": [metric],
+        # Model servers take minutes to load: scale down slowly so a dip does not drop warm replicas.
+        "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
+    }
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": meta(ms, revision, revision, component="autoscaler"),
+        "spec": spec,
+    }

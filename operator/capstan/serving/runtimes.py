@@ -1,0 +1,322 @@
+"""Inference runtimes: how each server is started, probed and measured.
+
+A :class:`Runtime` turns the revision's settings (model path, port, tensor parallelism, context
+length) into a container command line, and says which HTTP paths answer liveness and readiness and
+which Prometheus series the rollout analysis reads. ``custom`` renders ``spec.argsTemplate`` in a
+sandboxed, immutable jinja2 environment: the template is user input evaluated inside the operator
+(and the admission webhook), so it may read the five documented variables and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError, nodes
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from capstan.api.modelserving import ModelServingSpec
+
+CAPSTAN_IMAGE = "ghcr.io/capstan-dev/capstan-server:0.1.0"
+# Pinned so a revision's content hash (and therefore what runs) never changes under a floating tag.
+VLLM_IMAGE = "vllm/vllm-openai:v0.10.1.1"
+TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.4"
+
+TEMPLATE_FIELD = "spec.argsTemplate"
+TEMPLATE_VARIABLES = ("model_path", "port", "tensor_parallel", "max_model_len", "name")
+MAX_TEMPLATE_CHARS = 8192
+MAX_RENDERED_CHARS = 65536
+# Loops may nest this deep: every iterable a template can reach is a short string, so two levels
+# bound the work; deeper nesting is the only way left to make the sandbox spin.
+MAX_LOOP_DEPTH = 2
+
+
+class ArgsTemplateError(ValueError):
+    """``spec.argsTemplate`` cannot be rendered; the message names the field."""
+
+
+@dataclass(frozen=True)
+class MetricNames:
+    """Where a runtime publishes the figures the canary analysis needs.
+
+    ``requests``: a counter of answered requests. Errors are either the series whose
+    ``code_label`` is not 2xx, or (when ``code_label`` is empty) the ``errors`` counter.
+    ``request_filter``: (label, prefix) a series must match to count, e.g. only ``/v1/`` handlers so
+    probe traffic does not dilute the error rate. ``latency``: a histogram of request seconds.
+    """
+
+    requests: str
+    latency: str
+    code_label: str = "code"
+    errors: str = ""
+    request_filter: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class ArgsContext:
+    """The values a runtime (or an args template) may use."""
+
+    model_path: str
+    port: int
+    tensor_parallel: int
+    max_model_len: int | None
+    name: str
+
+    def variables(self) -> dict[str, Any]:
+        """The template variables, by their documented names."""
+        return {k: getattr(self, k) for k in TEMPLATE_VARIABLES}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One inference server flavour."""
+
+    name: str
+    image: str
+    command: tuple[str, ...]
+    args: Callable[[ArgsContext], list[str]]
+    health_path: str
+    ready_path: str
+    metrics_path: str
+    metrics: MetricNames
+    env: tuple[tuple[str, str], ...] = ()
+
+
+def _capstan_args(c: ArgsContext) -> list[str]:
+    return ["--model-dir", c.model_path, "--port", str(c.port), "--model-name", c.name]
+
+
+def _vllm_args(c: ArgsContext) -> list[str]:
+    args = [
+        "--model",
+        c.model_path,
+        "--served-model-name",
+        c.name,
+        "--tensor-parallel-size",
+        str(c.tensor_parallel),
+        "--port",
+        str(c.port),
+    ]
+    if c.max_model_len:
+        args += ["--max-model-len", str(c.max_model_len)]
+    return args
+
+
+def _tgi_args(c: ArgsContext) -> list[str]:
+    args = ["--model-id", c.model_path, "--num-shard", str(c.tensor_parallel), "--port", str(c.port)]
+    if c.max_model_len:
+        args += ["--max-total-tokens", str(c.max_model_len)]
+        if c.max_model_len > 1:
+            # TGI refuses a max-input-tokens default that does not fit under max-total-tokens.
+            args += ["--max-input-tokens", str(c.max_model_len - 1)]
+    return args
+
+
+CAPSTAN_METRICS = MetricNames(
+    requests="capstan_serving_requests_total", latency="capstan_serving_request_latency_seconds"
+)
+
+RUNTIMES: dict[str, Runtime] = {
+    "capstan": Runtime(
+        name="capstan",
+        image=CAPSTAN_IMAGE,
+        command=("python", "-m", "capstan_workloads.serve"),
+        args=_capstan_args,
+        health_path="/healthz",
+        ready_path="/readyz",
+        metrics_path="/metrics",
+        metrics=CAPSTAN_METRICS,
+        env=(("PYTHONUNBUFFERED", "1"),),
+    ),
+    "vllm": Runtime(
+        name="vllm",
+        image=VLLM_IMAGE,
+        # The module entry point (not the image's `vllm serve`) takes --model as a flag on every
+        # vLLM release, so the same args work whatever the image's ENTRYPOINT is.
+        command=("python3", "-m", "vllm.entrypoints.openai.api_server"),
+        args=_vllm_args,
+        health_path="/health",
+        ready_path="/health",
+        metrics_path="/metrics",
+        # vLLM's HTTP counters come from prometheus-fastapi-instrumentator: status is grouped ("2xx").
+        metrics=MetricNames(
+            requests="http_requests_total",
+            latency="vllm:e2e_request_latency_seconds",
+            code_label="status",
+            request_filter=("handler", "/v1/"),
+        ),
+    ),
+    "tgi": Runtime(
+        name="tgi",
+        image=TGI_IMAGE,
+        command=("text-generation-launcher",),
+        args=_tgi_args,
+        health_path="/health",
+        ready_path="/health",
+        metrics_path="/metrics",
+        metrics=MetricNames(
+            requests="tgi_request_count",
+            latency="tgi_request_duration",
+            code_label="",
+            errors="tgi_request_failure",
+        ),
+    ),
+}
+
+
+def custom_runtime(spec: ModelServingSpec) -> Runtime:
+    """The ``custom`` runtime: the user's image and argsTemplate; probes and metrics as capstan's."""
+    template = spec.args_template or ""
+    return Runtime(
+        name="custom",
+        image=spec.image or "",
+        command=(),
+        args=lambda c: render_args(template, c),
+        health_path="/healthz",
+        ready_path="/readyz",
+        metrics_path="/metrics",
+        metrics=CAPSTAN_METRICS,
+    )
+
+
+def runtime_for(spec: ModelServingSpec) -> Runtime:
+    """The runtime of ``spec`` (custom: built from its template)."""
+    if spec.runtime == "custom":
+        return custom_runtime(spec)
+    return RUNTIMES[spec.runtime]
+
+
+class _ArgsSandbox(ImmutableSandboxedEnvironment):
+    """Immutable sandbox that also caps ``*`` and ``**``: ``'a' * 10**9`` would exhaust memory."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            if isinstance(right, int | float) and abs(right) > 64:
+                raise SecurityError("exponent too large")
+            return left**right
+        seq, times = (left, right) if isinstance(right, int) else (right, left)
+        if (
+            isinstance(seq, str | list | tuple)
+            and isinstance(times, int)
+            and len(seq) * times > MAX_RENDERED_CHARS
+        ):
+            raise SecurityError("repetition too large")
+        return left * right
+
+
+def _environment() -> _ArgsSandbox:
+    env = _ArgsSandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
+    # No globals at all (range, lipsum, cycler, dict, namespace...): an args template needs none,
+    # and each is a way to generate work or reach objects.
+    env.globals.clear()
+    return env
+
+
+_ENV = _environment()
+
+
+def _check_structure(ast: nodes.Template) -> list[str]:
+    """Reject the constructs that make an otherwise safe template unbounded."""
+    errors: list[str] = []
+    banned = (nodes.Macro, nodes.CallBlock, nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
+    for node in ast.find_all(banned):
+        errors.append(
+            f"{TEMPLATE_FIELD}: {type(node).__name__.lower()} blocks are not allowed (line {node.lineno})"
+        )
+
+    def depth(node: nodes.Node, level: int) -> None:
+        for child in node.iter_child_nodes():
+            nxt = level
+            if isinstance(child, nodes.For):
+                nxt = level + 1
+                if child.recursive:
+                    errors.append(f"{TEMPLATE_FIELD}: recursive loops are not allowed (line {child.lineno})")
+                if nxt > MAX_LOOP_DEPTH:
+                    errors.append(
+                        f"{TEMPLATE_FIELD}: loops nest deeper than {MAX_LOOP_DEPTH} (line {child.lineno})"
+                    )
+                    continue
+            depth(child, nxt)
+
+    depth(ast, 0)
+    return errors
+
+
+def _compile(template: str) -> Any:
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise ArgsTemplateError(f"{TEMPLATE_FIELD}: longer than {MAX_TEMPLATE_CHARS} characters")
+    try:
+        ast = _ENV.parse(template)
+    except TemplateError as exc:
+        line = getattr(exc, "lineno", None)
+        where = f" (line {line})" if line else ""
+        raise ArgsTemplateError(f"{TEMPLATE_FIELD}: syntax error{where}: {exc}") from exc
+    from jinja2 import meta
+
+    errors = _check_structure(ast)
+    unknown = sorted(meta.find_undeclared_variables(ast) - set(TEMPLATE_VARIABLES))
+    if unknown:
+        errors.append(
+            f"{TEMPLATE_FIELD}: unknown variable(s) {', '.join(unknown)}; "
+            f"known: {', '.join(TEMPLATE_VARIABLES)}"
+        )
+    if errors:
+        raise ArgsTemplateError("; ".join(errors))
+    return _ENV.from_string(template)
+
+
+def render_args(template: str, ctx: ArgsContext) -> list[str]:
+    """Render ``template`` with ``ctx``: one argument per non-empty line (surrounding blanks trimmed).
+
+    Raises :class:`ArgsTemplateError` naming ``spec.argsTemplate`` on a syntax error, an unknown
+    variable, a sandbox violation (``{{ ''.__class__ }}``), or output beyond the size cap.
+    """
+    compiled = _compile(template)
+    out: list[str] = []
+    size = 0
+    try:
+        # generate() streams, so a runaway template stops at the cap instead of filling memory.
+        for chunk in compiled.generate(ctx.variables()):
+            size += len(chunk)
+            if size > MAX_RENDERED_CHARS:
+                raise ArgsTemplateError(
+                    f"{TEMPLATE_FIELD}: renders more than {MAX_RENDERED_CHARS} characters"
+                )
+            out.append(chunk)
+    except SecurityError as exc:
+        raise ArgsTemplateError(f"{TEMPLATE_FIELD}: not allowed in the sandbox: {exc}") from exc
+    except TemplateError as exc:
+        raise ArgsTemplateError(f"{TEMPLATE_FIELD}: {exc}") from exc
+    except (ArithmeticError, TypeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, ArgsTemplateError):
+            raise
+        raise ArgsTemplateError(f"{TEMPLATE_FIELD}: {type(exc).__name__}: {exc}") from exc
+    return [line.strip() for line in "".join(out).splitlines() if line.strip()]
+
+
+# Sample contexts the webhook renders with: every variable set, and the optional one unset, so a
+# template that only works when max_model_len is given is caught at admission, not at rollout.
+_SAMPLES = (
+    ArgsContext("/model", 8000, 1, 4096, "example"),
+    ArgsContext("/model/export", 8000, 8, None, "example"),
+)
+
+
+def validate_args_template(template: str) -> list[str]:
+    """Errors (each naming ``spec.argsTemplate``) that rendering ``template`` would raise; [] if fine."""
+    errors: list[str] = []
+    for ctx in _SAMPLES:
+        try:
+            args = render_args(template, ctx)
+        except ArgsTemplateError as exc:
+            msg = str(exc)
+            if msg not in errors:
+                errors.append(msg)
+            continue
+        if not args and not errors:
+            errors.append(f"{TEMPLATE_FIELD}: renders no arguments")
+    return errors

@@ -1,0 +1,364 @@
+"""kopf handlers for ModelServing: read the world, scrape the canary when due, plan, apply.
+
+Triggering mirrors the TrainingJob handlers: one kopf daemon per ModelServing runs a reconcile
+loop that sleeps until ``plan.requeue_after`` (a step's pause end, a readiness re-check) or a
+resync period, or until something wakes it: the ModelServing itself (spec change, ``kubectl
+scale``), one of its Deployments (labelled ``capstan.dev/modelserving``, owner found through the
+ownerReference), or the TrainingJob it serves a checkpoint of (a new ready snapshot).
+
+Each reconcile: GET the ModelServing, LIST its children by label (Deployments, Services, HPAs,
+PVCs, HTTPRoutes when the cluster serves them), GET the TrainingJob for ``fromTrainingJob``; when
+a canary step is analysed (:func:`capstan.serving.plan.analysis_due`) scrape the canary pods'
+``/metrics`` (pod IP and the ``http`` container port) for the step's baseline or, once the pause
+is over, for the verdict; plan; then apply in order: status patch, server-side apply of the
+desired objects, Deployment rescales, deletes, Events, metrics. Baselines are kept in memory
+(:class:`~capstan.serving.analysis.Baselines`): after a restart a step's window restarts, which
+only delays the verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from capstan import GROUP, VERSION
+from capstan.api.common import Condition
+from capstan.api.conditions import set_condition
+from capstan.api.loading import InvalidResource, parse_resource
+from capstan.api.modelserving import ModelServing, ModelServingStatus
+from capstan.kube.apply import (
+    DEPLOYMENTS,
+    HPAS,
+    MODELSERVINGS,
+    PODS,
+    PVCS,
+    SERVICES,
+    TRAININGJOBS,
+    VOLUME_SNAPSHOTS,
+    ApiClient,
+    ApiError,
+    Resource,
+    owner_of,
+    register_kind,
+    resource_of,
+)
+from capstan.kube.runtime import wake
+from capstan.metrics import (
+    MODELSERVINGS as MODELSERVINGS_GAUGE,
+    RECONCILE_SECONDS,
+    RECONCILES,
+    REVISION_WEIGHT,
+    ROLLOUT_STEP,
+    ROLLOUTS,
+)
+from capstan.naming import LABEL_SERVING
+from capstan.serving.analysis import (
+    AnalysisResult,
+    Baselines,
+    evaluate,
+    pod_targets,
+    scrape_pods,
+    window,
+)
+from capstan.serving.plan import Observed, ServingPlan, analysis_due, plan_modelserving
+from capstan.serving.revisions import revision_selector, serving_selector
+from capstan.serving.runtimes import runtime_for
+
+KIND = "ModelServing"
+RESYNC_S = 60.0
+ERROR_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+# How long a "does the cluster serve HTTPRoute?" answer is trusted: Gateway API CRDs installed
+# later switch traffic to route weights within this time.
+GATEWAY_CHECK_TTL_S = 60.0
+PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
+HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
+register_kind(HTTPROUTES)
+_STATUS_FIELDS = [f.alias or n for n, f in ModelServingStatus.model_fields.items()]
+
+
+def _state(memo: kopf.Memo) -> dict[str, Any]:
+    """Per-operator serving state in the shared memo (created on first use)."""
+    state: dict[str, Any] | None = memo.get("serving")
+    if state is None:
+        state = {"baselines": Baselines(), "gateway": (0.0, False), "sources": {}, "weights": {}}
+        memo["serving"] = state
+    return state
+
+
+def status_patch(status: ModelServingStatus) -> dict[str, Any]:
+    """The merge patch that makes ``.status`` equal ``status`` (unset fields are removed)."""
+    wire = status.wire()
+    return {key: wire.get(key) for key in _STATUS_FIELDS}
+
+
+async def gateway_api_available(api: ApiClient, memo: kopf.Memo) -> bool:
+    """Whether the API server serves ``httproutes.gateway.networking.k8s.io/v1`` (cached)."""
+    state = _state(memo)
+    checked, answer = state["gateway"]
+    if time.monotonic() - checked < GATEWAY_CHECK_TTL_S:
+        return bool(answer)
+    try:
+        doc = await api.request("GET", f"/apis/{HTTPROUTES.group}/{HTTPROUTES.version}")
+        answer = any(r.get("name") == HTTPROUTES.plural for r in doc.get("resources") or [])
+    except ApiError as exc:
+        if exc.status not in (403, 404, 503):
+            raise
+        answer = False
+    state["gateway"] = (time.monotonic(), answer)
+    return bool(answer)
+
+
+async def _list(api: ApiClient, res: Resource, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    try:
+        return await api.list_objects(res, namespace, labels)
+    except ApiError as exc:
+        if exc.not_found:  # the kind is not served (e.g. no snapshot CRDs)
+            return []
+        raise
+
+
+async def _observe(api: ApiClient, ms: ModelServing, gateway: bool) -> Observed:
+    ns = ms.metadata.namespace
+    sel = serving_selector(ms)
+    kinds = [DEPLOYMENTS, SERVICES, HPAS, PVCS] + ([HTTPROUTES] if gateway else [])
+    deployments, *rest = await asyncio.gather(*(_list(api, r, ns, sel) for r in kinds))
+    children = [obj for objs in rest for obj in objs]
+    training_job = None
+    snapshots: dict[str, dict[str, Any]] = {}
+    ftj = ms.spec.model.from_training_job
+    if ftj is not None:
+        training_job = await api.get(TRAININGJOBS, ns, ftj.name)
+        volume = (((training_job or {}).get("spec") or {}).get("checkpoint") or {}).get("volume") or {}
+        if training_job is not None and not volume.get("size"):
+            # An adopted checkpoint volume has no size in the spec: the snapshot's restoreSize has it.
+            snapshots = {s["metadata"]["name"]: s for s in await _list(api, VOLUME_SNAPSHOTS, ns, {})}
+    return Observed(deployments, children, training_job, snapshots)
+
+
+async def _analyse(
+    api: ApiClient, ms: ModelServing, now: datetime, memo: kopf.Memo, logger: kopf.Logger
+) -> AnalysisResult | None:
+    """Scrape the canary when a step is analysed: the baseline once, the verdict after the pause."""
+    due = analysis_due(ms, now)
+    baselines: Baselines = _state(memo)["baselines"]
+    uid = ms.metadata.uid
+    if due is None:
+        baselines.forget(uid)
+        return None
+    baseline = baselines.get(uid, due.revision, due.step)
+    if baseline is not None and not due.verdict_needed:
+        return None
+    rt = runtime_for(ms.spec)
+    pods = await api.list_pods(ms.metadata.namespace, revision_selector(ms, due.revision))
+    scrape, errors = await scrape_pods(pod_targets(pods, rt.metrics_path, ms.spec.port), rt.metrics)
+    for err in errors:
+        logger.warning("metrics scrape of canary %s failed: %s", due.revision, err)
+    if baseline is None:
+        baselines.put(uid, due.revision, due.step, scrape)
+        return None
+    assert ms.spec.rollout.analysis is not None
+    result = evaluate(due.revision, due.step, window(baseline, scrape), ms.spec.rollout.analysis)
+    logger.info("analysis of %s at step %d: %s (%s)", due.revision, due.step + 1, result.verdict, result.message)
+    return result
+
+
+async def _report_invalid(
+    api: ApiClient, body: Mapping[str, Any], exc: InvalidResource, logger: kopf.Logger, now: datetime
+) -> None:
+    """Invalid spec: Failed, Ready=False/InvalidSpec naming the fields, one Event; children untouched."""
+    meta = body.get("metadata") or {}
+    raw = dict(body.get("status") or {})
+    message = "; ".join(exc.errors)
+    try:
+        conditions = [Condition.model_validate(c) for c in raw.get("conditions") or []]
+    except ValueError:
+        conditions = []
+    old = next((c for c in conditions if c.type == "Ready"), None)
+    generation = int(meta.get("generation") or 1)
+    conditions = set_condition(conditions, "Ready", "False", "InvalidSpec", message, now, generation)
+    patch = {
+        "phase": "Failed",
+        "message": f"invalid spec: {message}",
+        "observedGeneration": generation,
+        "conditions": [c.wire() for c in conditions],
+    }
+    if any(raw.get(k) != v for k, v in patch.items()):
+        await api.patch_status(MODELSERVINGS, meta.get("namespace"), meta["name"], patch)
+    if old is None or old.reason != "InvalidSpec" or old.message != message:
+        logger.warning("invalid spec: %s", message)
+        await api.post_event(body, "InvalidSpec", message, "Warning")
+
+
+def _record_metrics(memo: kopf.Memo, ms: ModelServing, plan: ServingPlan) -> None:
+    ns, name = ms.metadata.namespace, ms.metadata.name
+    st = plan.status
+    weights: dict[tuple[str, str], set[str]] = _state(memo)["weights"]
+    live = {r.name for r in st.revisions}
+    for gone in weights.get((ns, name), set()) - live:
+        try:
+            REVISION_WEIGHT.remove(ns, name, gone)
+        except KeyError:
+            pass
+    for rev in st.revisions:
+        REVISION_WEIGHT.labels(ns, name, rev.name).set(rev.weight)
+    weights[(ns, name)] = live
+    ROLLOUT_STEP.labels(ns, name).set(st.rollout.step if st.canary_revision and st.rollout else -1)
+    if plan.outcome:
+        ROLLOUTS.labels(ns, plan.outcome).inc()
+    phases: dict[tuple[str, str], str] = _state(memo).setdefault("phases", {})
+    phases[(ns, name)] = st.phase
+    _phase_gauge(phases, ns)
+
+
+def _phase_gauge(phases: dict[tuple[str, str], str], ns: str) -> None:
+    counts = dict.fromkeys(PHASES, 0)
+    for (ms_ns, _), phase in phases.items():
+        if ms_ns == ns:
+            counts[phase] = counts.get(phase, 0) + 1
+    for phase, n in counts.items():
+        MODELSERVINGS_GAUGE.labels(ns, phase).set(n)
+
+
+async def _apply(api: ApiClient, ms: ModelServing, body: Mapping[str, Any], plan: ServingPlan,
+                 observed: Observed, logger: kopf.Logger) -> None:
+    ns, name = ms.metadata.namespace, ms.metadata.name
+    if status_patch(ms.status) != status_patch(plan.status) or not body.get("status"):
+        await api.patch_status(MODELSERVINGS, ns, name, status_patch(plan.status))
+        if ms.status.phase != plan.status.phase:
+            logger.info("phase %s -> %s: %s", ms.status.phase, plan.status.phase, plan.status.message)
+    # PVCs and Services first (a pod needs its claim; a route needs its backends), then the rest.
+    first = [o for o in plan.objects if o["kind"] in ("PersistentVolumeClaim", "Service")]
+    later = [o for o in plan.objects if o["kind"] not in ("PersistentVolumeClaim", "Service")]
+    for batch in (first, later):
+        if batch:
+            await asyncio.gather(*(api.apply(o) for o in batch))
+    current = {
+        d["metadata"]["name"]: (d.get("spec") or {}).get("replicas") for d in observed.deployments
+    }
+    await asyncio.gather(*(
+        api.patch(DEPLOYMENTS, ns, dep, {"spec": {"replicas": n}})
+        for dep, n in plan.scale.items()
+        if current.get(dep) != n
+    ))
+    await asyncio.gather(*(api.delete(resource_of({"apiVersion": r.api_version, "kind": r.kind}), ns, r.name)
+                           for r in plan.deletes))
+    if plan.events:
+        await asyncio.gather(*(api.post_event(body, e.reason, e.message, e.type) for e in plan.events))
+
+
+async def reconcile(
+    api: ApiClient, namespace: str, name: str, uid: str | None, memo: kopf.Memo, logger: kopf.Logger
+) -> float | None:
+    """One level-based pass over ModelServing ``namespace/name``; seconds until the next, or None."""
+    started = time.monotonic()
+    outcome = "error"
+    try:
+        body = await api.get(MODELSERVINGS, namespace, name)
+        meta = (body or {}).get("metadata") or {}
+        if body is None or (uid and meta.get("uid") != uid) or meta.get("deletionTimestamp"):
+            outcome = "ok"
+            return None
+        now = datetime.now(UTC)
+        try:
+            ms = parse_resource(body)
+        except InvalidResource as exc:
+            await _report_invalid(api, body, exc, logger, now)
+            outcome = "invalid"
+            return None
+        assert isinstance(ms, ModelServing)
+        ftj = ms.spec.model.from_training_job
+        sources: dict[tuple[str, str], set[str]] = _state(memo)["sources"]
+        for key in [k for k, uids in sources.items() if ms.metadata.uid in uids]:
+            sources[key].discard(ms.metadata.uid)
+        if ftj is not None:
+            sources.setdefault((namespace, ftj.name), set()).add(ms.metadata.uid)
+        gateway = await gateway_api_available(api, memo)
+        observed = await _observe(api, ms, gateway)
+        analysis = await _analyse(api, ms, now, memo, logger)
+        plan = plan_modelserving(ms, observed, now, gateway_api=gateway, analysis=analysis)
+        await _apply(api, ms, body, plan, observed, logger)
+        _record_metrics(memo, ms, plan)
+        # A step that started in this pass gets its baseline now, so its window is the whole pause.
+        after = ms.model_copy(update={"status": plan.status})
+        if analysis_due(after, now) is not None:
+            await _analyse(api, after, now, memo, logger)
+        outcome = "requeue" if plan.requeue_after is not None else "ok"
+        return plan.requeue_after
+    finally:
+        RECONCILES.labels(KIND, outcome).inc()
+        RECONCILE_SECONDS.labels(KIND, outcome).observe(time.monotonic() - started)
+
+
+# -- handlers ------------------------------------------------------------------------------------
+
+
+@kopf.daemon(GROUP, VERSION, "modelservings", id="reconcile", cancellation_timeout=5.0)
+async def modelserving_loop(
+    name: str, namespace: str, uid: str, memo: kopf.Memo, logger: kopf.Logger, stopped: kopf.DaemonStopped,
+    **_: Any,
+) -> None:
+    """The reconcile loop of one ModelServing (see the module docstring)."""
+    api: ApiClient = memo["api"]
+    wakeup = memo["wakeups"].setdefault(uid, asyncio.Event())
+    failures = 0
+    try:
+        while not stopped:
+            wakeup.clear()
+            try:
+                delay = await reconcile(api, namespace, name, uid, memo, logger)
+                failures = 0
+            except ApiError as exc:
+                delay = ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S) - 1)]
+                failures += 1
+                logger.warning("reconcile failed (retry in %.0fs): %s", delay, exc)
+                if exc.status not in (0, 404, 409, 429) and exc.status < 500:
+                    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+                            "metadata": {"name": name, "namespace": namespace, "uid": uid}}
+                    await api.post_event(body, "ReconcileFailed", str(exc), "Warning")
+            timeout = RESYNC_S if delay is None else min(max(delay, 0.0), RESYNC_S)
+            try:
+                await asyncio.wait_for(wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+    finally:
+        memo["wakeups"].pop(uid, None)
+        _state(memo)["baselines"].forget(uid)
+
+
+@kopf.on.event(GROUP, VERSION, "modelservings", id="wake-on-change")
+def modelserving_changed(type: str | None, name: str, namespace: str, uid: str, memo: kopf.Memo, **_: Any) -> None:
+    """A ModelServing changed (spec, ``kubectl scale``): reconcile it now; forget a deleted one."""
+    if type == "DELETED":
+        state = _state(memo)
+        state.get("phases", {}).pop((namespace, name), None)
+        _phase_gauge(state.get("phases", {}), namespace)
+        for rev in state["weights"].pop((namespace, name), set()):
+            try:
+                REVISION_WEIGHT.remove(namespace, name, rev)
+            except KeyError:
+                pass
+        return
+    wake(memo, uid)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={LABEL_SERVING: kopf.PRESENT}, id="wake-serving")
+def revision_deployment_changed(body: Mapping[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    """A revision Deployment changed (readiness, progress deadline): reconcile its ModelServing."""
+    owner = owner_of(body, KIND)
+    if owner is not None:
+        wake(memo, owner[1])
+
+
+@kopf.on.event(GROUP, VERSION, "trainingjobs", id="wake-serving")
+def source_trainingjob_changed(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    """A TrainingJob changed (maybe a new ready snapshot): reconcile the ModelServings serving it."""
+    for uid in list(_state(memo)["sources"].get((namespace, name), ())):
+        wake(memo, uid)
+
+
+__all__ = ["HTTPROUTES", "PODS", "gateway_api_available", "reconcile", "status_patch"]

@@ -1,0 +1,132 @@
+"""The operator process: kopf (peering, namespace scope, liveness) plus a Prometheus endpoint.
+
+``run_operator`` is what ``capstan operator`` calls; :func:`serve` is the same thing as a
+coroutine, so tests and benchmarks run the real operator inside their own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import kopf
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from capstan.metrics import REGISTRY
+
+log = logging.getLogger(__name__)
+
+#: Handler modules, imported (so they register with kopf) when present in this install.
+HANDLER_MODULES = ("capstan.kube.trainingjob", "capstan.kube.modelserving", "capstan.admission")
+
+
+def load_handlers() -> list[str]:
+    """Import every available handler module; returns the names imported."""
+    loaded = []
+    for name in HANDLER_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            importlib.import_module(name)
+            loaded.append(name)
+    return loaded
+
+
+async def start_metrics_server(port: int, host: str = "0.0.0.0") -> web.AppRunner:
+    """Serve ``capstan.metrics.REGISTRY`` at ``http://host:port/metrics`` on this event loop."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def serve(
+    namespaces: Sequence[str] = (),
+    clusterwide: bool = False,
+    peering: str | None = None,
+    standalone: bool = False,
+    metrics_port: int | None = 9090,
+    liveness_port: int | None = 8080,
+    *,
+    connection: kopf.ConnectionInfo | None = None,
+    stop_flag: Any = None,
+    ready_flag: Any = None,
+    concurrency: int | None = None,
+) -> None:
+    """Run the operator until ``stop_flag`` (or a signal in the main thread).
+
+    ``connection`` overrides the credentials (tests: an emulator's URL); by default they come from
+    the in-cluster service account or the kubeconfig. Without ``namespaces`` the operator is
+    cluster-wide. ``peering`` names the KopfPeering used for HA (active/standby by priority);
+    ``standalone`` disables peering.
+    """
+    loaded = load_handlers()
+    clusterwide = clusterwide or not namespaces
+    log.info("handlers: %s; scope: %s", ", ".join(loaded), "cluster" if clusterwide else ",".join(namespaces))
+    memo = kopf.Memo(connection=connection, concurrency=concurrency)
+    runner = await start_metrics_server(metrics_port) if metrics_port else None
+    kwargs: dict[str, Any] = {}
+    if peering:
+        kwargs["peering_name"] = peering
+    try:
+        await kopf.operator(
+            clusterwide=clusterwide,
+            namespaces=[] if clusterwide else list(namespaces),
+            standalone=standalone,
+            liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None,
+            memo=memo,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+            **kwargs,
+        )
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+
+
+def run_operator(
+    namespaces: list[str],
+    clusterwide: bool,
+    peering: str | None,
+    standalone: bool,
+    metrics_port: int,
+    liveness_port: int,
+) -> None:
+    """Blocking entry of ``capstan operator``: logging, then :func:`serve` until SIGINT/SIGTERM.
+
+    Logs are JSON unless ``CAPSTAN_LOG_FORMAT`` is ``plain`` or ``full``; ``CAPSTAN_LOG_LEVEL``
+    (``debug``) turns on debug logs.
+    """
+    fmt = {
+        "json": kopf.LogFormat.JSON,
+        "plain": kopf.LogFormat.PLAIN,
+        "full": kopf.LogFormat.FULL,
+    }.get(os.environ.get("CAPSTAN_LOG_FORMAT", "json").lower(), kopf.LogFormat.JSON)
+    debug = os.environ.get("CAPSTAN_LOG_LEVEL", "").lower() == "debug"
+    kopf.configure(debug=debug, verbose=debug, log_format=fmt)
+    asyncio.run(
+        serve(
+            namespaces=namespaces,
+            clusterwide=clusterwide,
+            peering=peering,
+            standalone=standalone,
+            metrics_port=metrics_port or None,
+            liveness_port=liveness_port or None,
+        )
+    )

@@ -1,0 +1,105 @@
+"""Operator-wide kopf activities: settings, login, and the shared state every handler uses.
+
+Shared state lives in kopf's operator ``memo`` (each object's memo is a shallow copy of it, so
+the objects below are shared by all handlers of one operator run):
+
+* ``memo.api`` — the :class:`~capstan.kube.apply.ApiClient` of this event loop;
+* ``memo.wakeups`` — ``{uid: asyncio.Event}``, set to make an object's reconcile loop run now;
+* ``memo.placement_lock`` — serialises "place a gang, then create its pods", so two gangs never
+  see the same free GPUs;
+* ``memo.gone_nodes`` — names of Nodes seen deleted (pods pinned or bound there are lost).
+
+Handler modules import this module, so its activities register with theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from capstan import GROUP
+from capstan.kube.apply import DEFAULT_CONCURRENCY, ApiClient
+
+FINALIZER = f"{GROUP}/finalizer"
+
+
+def configure_settings(settings: kopf.OperatorSettings) -> None:
+    """Kopf settings Capstan relies on (idempotent).
+
+    Progress and diff-base go to ``capstan.dev/*`` annotations, never to ``status``: the status
+    belongs to the planner, and GitOps tools must see no drift in fields they manage. Kopf's own
+    log-to-Event posting is off: handlers post their own, deduplicated Events.
+    """
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = FINALIZER
+    settings.posting.enabled = False
+    settings.batching.batch_window = 0.05
+    settings.watching.connect_timeout = 30
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    settings.background.cancellation_polling = 1
+
+
+async def _login(
+    memo: kopf.Memo, logger: kopf.Logger, settings: kopf.OperatorSettings
+) -> kopf.ConnectionInfo:
+    conn = memo.get("connection")
+    if conn is not None:
+        return conn  # type: ignore[no-any-return]
+    info = await asyncio.to_thread(kopf.login_via_client, logger=logger, settings=settings)
+    if info is None:
+        raise kopf.LoginError("no Kubernetes credentials: neither in-cluster nor via kubeconfig")
+    return info
+
+
+@kopf.on.login(id="capstan-login")
+async def login(
+    memo: kopf.Memo, logger: kopf.Logger, settings: kopf.OperatorSettings, **_: Any
+) -> kopf.ConnectionInfo:
+    """Credentials for kopf: ``memo.connection`` when given (tests), else in-cluster or kubeconfig."""
+    return await _login(memo, logger, settings)
+
+
+@kopf.on.startup(id="capstan-startup")
+async def startup(memo: kopf.Memo, logger: kopf.Logger, settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Apply settings and build the shared API client and handler state."""
+    configure_settings(settings)
+
+    async def refresh() -> kopf.ConnectionInfo:
+        return await _login(memo, logger, settings)
+
+    info = await _login(memo, logger, settings)
+    concurrency = int(memo.get("concurrency") or DEFAULT_CONCURRENCY)
+    memo.api = ApiClient.from_connection(info, refresh=refresh, concurrency=concurrency)
+    memo.wakeups = {}
+    memo.placement_lock = asyncio.Lock()
+    memo.gone_nodes = set()
+    logging.getLogger("capstan").info("capstan operator started against %s", info.server)
+
+
+@kopf.on.cleanup(id="capstan-cleanup")
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    """Close the shared API client."""
+    api = memo.get("api")
+    if api is not None:
+        await api.close()
+
+
+def wake(memo: kopf.Memo, uid: str | None) -> None:
+    """Make the reconcile loop of the object with ``uid`` run now (no-op if it has none)."""
+    if uid:
+        event = (memo.get("wakeups") or {}).get(uid)
+        if event is not None:
+            event.set()
+
+
+def wake_all(memo: kopf.Memo) -> None:
+    """Wake every reconcile loop (e.g. a Node vanished)."""
+    for event in list((memo.get("wakeups") or {}).values()):
+        event.set()

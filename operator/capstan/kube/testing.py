@@ -1,0 +1,319 @@
+"""Test support: a Kubernetes API emulator with Capstan's CRDs, and the real operator in-process.
+
+Needs the ``dev`` extra (``kmock``); nothing in the operator imports this module. Used by
+``tests/kube``, ``tests/e2e`` helpers and ``bench/reconcile.py``::
+
+    async with emulated_cluster() as (emulator, url):
+        async with running_operator(url):
+            async with test_client(url) as api:
+                await api.create(trainingjob_dict)
+                await wait_for(lambda: ..., timeout=10)
+
+The emulator is kmock's :class:`~kmock.KubernetesEmulator` with what a controller test needs
+from an API server and kmock leaves out: ``uid``, ``resourceVersion``, ``generation`` (bumped on
+spec changes), ``creationTimestamp``, status-subresource semantics, label selectors on lists, and
+O(1) request routing (kmock re-scans its whole request log on every request, which makes a run of
+thousands of requests quadratic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import jsonpatch
+import kmock
+import kopf
+import yaml
+from kmock._internal import rendering
+
+from capstan.kube.apply import PODS, ApiClient, matches_labels
+
+REPO = Path(__file__).resolve().parents[3]
+CRD_DIR = REPO / "crds"
+TEST_AGENT = "capstan-tests"
+_T = TypeVar("_T")
+_CURRENT: contextvars.ContextVar[rendering.Request | None] = contextvars.ContextVar(
+    "kmock_current", default=None
+)
+
+#: Built-in resources the operator and kopf touch: (group/version/plural, kind, namespaced, subresources).
+BUILTIN_RESOURCES: list[tuple[str, str, bool, set[str]]] = [
+    ("v1/pods", "Pod", True, {"status", "log"}),
+    ("v1/services", "Service", True, {"status"}),
+    ("v1/persistentvolumeclaims", "PersistentVolumeClaim", True, {"status"}),
+    ("v1/configmaps", "ConfigMap", True, set()),
+    ("v1/events", "Event", True, set()),
+    ("v1/nodes", "Node", False, {"status"}),
+    ("v1/namespaces", "Namespace", False, {"status"}),
+    ("apps/v1/deployments", "Deployment", True, {"status", "scale"}),
+    ("autoscaling/v2/horizontalpodautoscalers", "HorizontalPodAutoscaler", True, {"status"}),
+    ("policy/v1/poddisruptionbudgets", "PodDisruptionBudget", True, {"status"}),
+    ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False, {"status"}),
+    ("kopf.dev/v1/kopfpeerings", "KopfPeering", True, set()),
+    ("kopf.dev/v1/clusterkopfpeerings", "ClusterKopfPeering", False, set()),
+]
+_VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
+
+
+@attrs.define(kw_only=True)
+class Emulator(kmock.KubernetesEmulator):
+    """kmock's emulator with API-server object bookkeeping (see the module docstring)."""
+
+    _rv: Iterator[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    status_resources: set[Any] = attrs.field(factory=set, init=False)
+
+    def __iter__(self) -> Iterator[rendering.Request]:
+        current = _CURRENT.get()
+        if current is not None:  # routing one request: the filters only need to see that one
+            yield current
+            return
+        yield from super().__iter__()
+
+    async def _handle(self, request: rendering.Request) -> Any:
+        token = _CURRENT.set(request)
+        try:
+            if request.resource is not None and isinstance(request.data, dict):
+                self._bookkeep(request)
+            elif request.resource is not None and isinstance(request.data, list):  # JSON patch
+                request.data.append(
+                    {"op": "add", "path": "/metadata/resourceVersion", "value": str(next(self._rv))}
+                )
+            try:
+                return await super()._handle(request)
+            except jsonpatch.JsonPatchException as exc:  # a failed "test" op: 422 like the API server
+                return await self._render_error(
+                    kmock.KubernetesError(status=422, reason="Invalid", message=str(exc))
+                )
+        finally:
+            _CURRENT.reset(token)
+
+    def _bookkeep(self, request: rendering.Request) -> None:
+        data: dict[str, Any] = request.data
+        meta = data.setdefault("metadata", {}) if request.action in (kmock.action.CREATE,) else None
+        if request.action == kmock.action.CREATE and meta is not None:
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("creationTimestamp", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            meta["resourceVersion"] = str(next(self._rv))
+            meta.setdefault("generation", 1)
+            if request.namespace and not meta.get("namespace"):
+                meta["namespace"] = request.namespace
+            if request.resource in self.status_resources:
+                data.pop("status", None)
+        elif request.action == kmock.action.UPDATE and request.name:
+            if request.subresource == "status":
+                for key in list(data):
+                    if key != "status":
+                        del data[key]
+            elif request.resource in self.status_resources:
+                data.pop("status", None)
+            meta = data.setdefault("metadata", {})
+            meta["resourceVersion"] = str(next(self._rv))
+            if "spec" in data and not request.subresource:
+                okey: Any = (request.resource, request.namespace, request.name)
+                old = self._objects[okey] if okey in self._objects else None  # noqa: SIM401
+                if old is not None and not old.deleted:
+                    meta["generation"] = int((old.get("metadata") or {}).get("generation") or 1) + 1
+            meta.pop("uid", None)  # immutable
+
+    async def _serve_list(self, request: rendering.Request) -> Any:
+        answer = await super()._serve_list(request)
+        selector = request.params.get("labelSelector")
+        if selector and isinstance(answer, dict):
+            wanted: dict[str, str | None] = {}
+            for part in selector.split(","):
+                key, sep, value = part.partition("=")
+                wanted[key.strip()] = value.strip() if sep else None
+            answer["items"] = [i for i in answer["items"] if matches_labels(i, wanted)]
+        return answer
+
+
+def declare_resource(
+    emulator: Emulator,
+    gvp: str,
+    kind: str,
+    namespaced: bool,
+    subresources: set[str],
+    shortnames: Iterable[str] = (),
+    categories: Iterable[str] = (),
+) -> None:
+    """Make a resource discoverable (kopf and kubectl need the discovery documents)."""
+    emulator.resources[gvp] = kmock.ResourceInfo(
+        kind=kind,
+        namespaced=namespaced,
+        verbs=_VERBS,
+        subresources=subresources,
+        shortnames=set(shortnames),
+        categories=set(categories),
+        singular=kind.lower(),
+    )
+
+
+def load_crds(emulator: Emulator, crd_dir: Path = CRD_DIR) -> list[dict[str, Any]]:
+    """Declare every CRD of ``crd_dir`` and store the CRD objects themselves."""
+    crds = []
+    for path in sorted(crd_dir.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            spec, names = doc["spec"], doc["spec"]["names"]
+            for ver in spec["versions"]:
+                subs = set((ver.get("subresources") or {}).keys())
+                gvp = f"{spec['group']}/{ver['name']}/{names['plural']}"
+                declare_resource(
+                    emulator,
+                    gvp,
+                    names["kind"],
+                    spec.get("scope") == "Namespaced",
+                    subs,
+                    names.get("shortNames") or (),
+                    names.get("categories") or (),
+                )
+                if "status" in subs:
+                    emulator.status_resources.add(kmock.resource(gvp))
+            emulator.objects[
+                "apiextensions.k8s.io/v1/customresourcedefinitions", None, doc["metadata"]["name"]
+            ] = doc
+            crds.append(doc)
+    return crds
+
+
+@contextlib.asynccontextmanager
+async def emulated_cluster(crd_dir: Path = CRD_DIR) -> AsyncIterator[tuple[Emulator, str]]:
+    """An emulated API server over real HTTP with built-in resources and Capstan's CRDs."""
+    async with Emulator() as emulator, kmock.Server(emulator) as server:
+        for gvp, kind, namespaced, subs in BUILTIN_RESOURCES:
+            declare_resource(emulator, gvp, kind, namespaced, subs)
+        for gvp in ("v1/pods", "v1/services", "v1/persistentvolumeclaims", "v1/nodes", "apps/v1/deployments"):
+            emulator.status_resources.add(kmock.resource(gvp))
+        load_crds(emulator, crd_dir)
+        yield emulator, str(server.url)
+
+
+def test_client(url: str, **kwargs: Any) -> ApiClient:
+    """An API client for test code, marked with the ``capstan-tests`` user agent."""
+    return ApiClient(url, headers={"User-Agent": TEST_AGENT}, **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def running_operator(
+    url: str | None = None,
+    *,
+    namespaces: Iterable[str] = (),
+    connection: kopf.ConnectionInfo | None = None,
+    concurrency: int | None = None,
+    timeout_s: float = 20.0,
+) -> AsyncIterator[asyncio.Task[None]]:
+    """The real operator (:func:`capstan.kube.operator.serve`) on this event loop, stopped on exit."""
+    from capstan.kube.operator import serve
+
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    conn = connection or kopf.ConnectionInfo(server=url or "", insecure=True)
+    ns = list(namespaces)
+    task = asyncio.create_task(
+        serve(
+            namespaces=ns,
+            clusterwide=not ns,
+            standalone=True,
+            metrics_port=None,
+            liveness_port=None,
+            connection=conn,
+            stop_flag=stop,
+            ready_flag=ready,
+            concurrency=concurrency,
+        )
+    )
+    ready_wait = asyncio.create_task(ready.wait())
+    done, _ = await asyncio.wait({task, ready_wait}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    ready_wait.cancel()
+    if task in done:
+        task.result()  # raises the startup failure
+    try:
+        yield task
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, timeout_s)
+        except (TimeoutError, asyncio.CancelledError):
+            task.cancel()
+
+
+async def wait_for(
+    probe: Callable[[], Awaitable[_T]], timeout: float = 15.0, interval: float = 0.05, what: str = ""
+) -> _T:
+    """Poll ``probe`` until it returns a truthy value; TimeoutError (with the last value) if not."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = await probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what or probe}; last: {last!r}")
+        await asyncio.sleep(interval)
+
+
+async def set_pod_status(
+    api: ApiClient,
+    namespace: str,
+    name: str,
+    phase: str,
+    exit_code: int | None = None,
+    reason: str | None = None,
+    container: str = "worker",
+) -> dict[str, Any]:
+    """Play the kubelet: set a pod's phase and (when terminated) its container's exit code."""
+    status: dict[str, Any] = {"phase": phase}
+    if reason:
+        status["reason"] = reason
+    if exit_code is not None:
+        state = {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error"}}
+        status["containerStatuses"] = [{"name": container, "ready": False, "restartCount": 0, "state": state}]
+    elif phase == "Running":
+        status["containerStatuses"] = [
+            {"name": container, "ready": True, "restartCount": 0, "state": {"running": {}}}
+        ]
+    return await api.patch_status(PODS, namespace, name, status)
+
+
+def api_calls(
+    emulator: Emulator, exclude_agents: Iterable[str] = (TEST_AGENT,)
+) -> set[tuple[str, str, str, str]]:
+    """(verb, group, resource, subresource) of every API request not made by ``exclude_agents``.
+
+    Verbs are RBAC verbs (get, list, watch, create, patch, update, delete); discovery requests
+    (no resource) are left out: they need no rule.
+    """
+    calls = set()
+    skip = set(exclude_agents)
+    for req in list(emulator):
+        if req.resource is None or req.resource.plural is None:
+            continue
+        if req.headers.get("User-Agent", "") in skip:
+            continue
+        method = str(req.method.value if hasattr(req.method, "value") else req.method).upper()
+        if req.action is not None:
+            verb = {
+                "LIST": "list",
+                "WATCH": "watch",
+                "FETCH": "get",
+                "CREATE": "create",
+                "UPDATE": "patch",
+                "DELETE": "delete",
+            }[req.action.value]
+        else:
+            verb = {"PUT": "update", "DELETE": "deletecollection"}.get(method, method.lower())
+        if verb == "patch" and method == "PUT":
+            verb = "update"
+        calls.add((verb, req.resource.group or "", req.resource.plural, req.subresource or ""))
+    return calls

@@ -1,0 +1,450 @@
+"""kopf handlers for TrainingJob: read the world, call the pure gang lifecycle, apply its plan.
+
+Triggering. Each TrainingJob gets one kopf *daemon*: a reconcile loop that runs, then sleeps until
+``plan.requeue_after`` (or a resync period) or until something wakes it. Pod events (pods carrying
+the job-uid label) and TrainingJob events only set the job's wake-up flag. So:
+
+* reconciles of one job never overlap (one loop per job), yet different jobs run in parallel;
+* a burst of 128 pod events collapses into one or two reconciles (the flag coalesces them);
+* a requeue is an exact sleep, with no retry bookkeeping written to the object (a
+  ``kopf.TemporaryError`` or a timer would fire late or persist progress; an index would hold
+  possibly stale pods right after we created them — the loop reads them from the API instead).
+
+Each reconcile: GET the job (the freshest status: status is the lifecycle's memory), LIST its pods,
+plan, then apply in order: status patch, creates, pod deletes, Events, requeue, TTL delete. Every
+step is idempotent (deterministic names, create-if-absent, delete-if-present, merge patches), so a
+crash or an operator restart at any point converges to the same result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from capstan import GROUP, VERSION
+from capstan.api.common import Condition
+from capstan.api.conditions import parse_time, rfc3339, set_condition
+from capstan.api.loading import InvalidResource, parse_resource
+from capstan.api.trainingjob import TrainingJob, TrainingJobStatus
+from capstan.kube.apply import NODES, PODS, PVCS, SERVICES, TRAININGJOBS, ApiClient, ApiError, owner_of
+from capstan.kube.runtime import wake, wake_all
+from capstan.metrics import (
+    GANG_RESTARTS,
+    GANG_WAITING_SECONDS,
+    GPUS_ALLOCATED,
+    QUEUE_WAIT_SECONDS,
+    RECONCILE_SECONDS,
+    RECONCILES,
+)
+from capstan.metrics import (
+    TRAININGJOBS as TRAININGJOBS_GAUGE,
+)
+from capstan.naming import LABEL_JOB_UID
+from capstan.training.lifecycle import PlacementDecision, Placer, Plan, plan_trainingjob
+from capstan.training.pods import checkpoint_claim_name, selector, service_name
+
+KIND = "TrainingJob"
+RESYNC_S = 60.0
+ERROR_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
+_STATUS_FIELDS = [f.alias or n for n, f in TrainingJobStatus.model_fields.items()]
+
+
+# -- placement adapter ---------------------------------------------------------------------------
+
+
+def _pinned_node(pod: Mapping[str, Any]) -> str | None:
+    """The node a pod is bound to, or pinned to by a single-node ``metadata.name`` affinity."""
+    spec = pod.get("spec") or {}
+    if spec.get("nodeName"):
+        return str(spec["nodeName"])
+    terms = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution", {}
+    ).get("nodeSelectorTerms") or []
+    for term in terms:
+        for field in term.get("matchFields") or []:
+            if field.get("key") == "metadata.name" and field.get("operator") == "In":
+                values = field.get("values") or []
+                if len(values) == 1:
+                    return str(values[0])
+    return None
+
+
+def make_placer(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]]) -> Placer | None:
+    """A :data:`Placer` over the cluster's Nodes and Pods; None when no Node is visible.
+
+    Pods pinned by node affinity but not yet bound by the scheduler count as using their node:
+    a gang placed a moment ago holds its GPUs before kube-scheduler binds it.
+    """
+    if not nodes:
+        return None
+    from capstan.topology import GangRequest, build_inventory, levels_from_env, place_gang
+
+    bound = []
+    for pod in pods:
+        node = _pinned_node(pod)
+        if node and not (pod.get("spec") or {}).get("nodeName"):
+            pod = {**pod, "spec": {**(pod.get("spec") or {}), "nodeName": node}}
+        bound.append(pod)
+    inventory = build_inventory(nodes, bound, levels_from_env())
+
+    def placer(job: TrainingJob) -> PlacementDecision:
+        spec = job.spec
+        request = GangRequest(
+            name=f"{job.metadata.namespace}/{job.metadata.name}",
+            workers=spec.workers,
+            gpus_per_worker=spec.gpus_per_worker,
+            policy=spec.topology.policy,
+            max_domain=spec.topology.max_domain,
+            needs_rdma=spec.wants_rdma,
+            tolerations=[t.wire() for t in spec.tolerations],
+            priority=spec.priority,
+            gpu_product=spec.node_selector.get("nvidia.com/gpu.product"),
+        )
+        result = place_gang(inventory, request)
+        return PlacementDecision(
+            placed=result.placed,
+            nodes=list(result.nodes),
+            level=result.level or "",
+            domain=result.domain or "",
+            reason=result.reason,
+        )
+
+    return placer
+
+
+def wants_placement(job: TrainingJob) -> bool:
+    """GPU gangs are placed by Capstan; CPU jobs and Kueue-managed jobs are not."""
+    return job.spec.gpus_per_worker > 0 and not job.spec.queue_name
+
+
+class _NeedsPlacement(Exception):
+    """Raised by the probe placer: this plan creates a gang, fetch the inventory first."""
+
+
+def _probe(job: TrainingJob) -> PlacementDecision:
+    raise _NeedsPlacement
+
+
+def _node_lost(pods: list[dict[str, Any]], gone: set[str]) -> list[dict[str, Any]]:
+    """Pods on (or pinned to) a deleted Node, shown to the lifecycle as Failed/NodeLost."""
+    if not gone:
+        return pods
+    out = []
+    for pod in pods:
+        phase = (pod.get("status") or {}).get("phase")
+        if _pinned_node(pod) in gone and phase not in ("Succeeded", "Failed"):
+            pod = {**pod, "status": {**(pod.get("status") or {}), "phase": "Failed", "reason": "NodeLost"}}
+        out.append(pod)
+    return out
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+class _Metrics:
+    """Keeps the per-namespace phase gauge and the GPU-allocation gauge consistent."""
+
+    def __init__(self) -> None:
+        self.phases: dict[tuple[str, str], str] = {}
+        self.gpus: dict[tuple[str, str], tuple[str, str, int]] = {}
+        self.domains: set[tuple[str, str]] = set()
+
+    def observe(
+        self, job: TrainingJob, old: TrainingJobStatus, new: TrainingJobStatus, now: datetime
+    ) -> None:
+        ns, name = job.metadata.namespace, job.metadata.name
+        self.phases[(ns, name)] = new.phase
+        self._phase_gauge(ns)
+        if new.restarts > old.restarts or new.preemptions > old.preemptions:
+            running = next((c for c in new.conditions if c.type == "Running"), None)
+            GANG_RESTARTS.labels(ns, running.reason if running else "Unknown").inc()
+        placed = next((c for c in new.conditions if c.type == "Placed"), None)
+        if new.phase == "Queued" and placed is not None and placed.status == "False":
+            queued_at = parse_time(placed.last_transition_time) or now
+            GANG_WAITING_SECONDS.labels(ns, name).set(max((now - queued_at).total_seconds(), 0.0))
+        else:
+            GANG_WAITING_SECONDS.labels(ns, name).set(0)
+        if old.phase == "Queued" and new.placement is not None and old.placement is None:
+            old_placed = next((c for c in old.conditions if c.type == "Placed"), None)
+            since = parse_time(old_placed.last_transition_time if old_placed else None)
+            if since is not None:
+                QUEUE_WAIT_SECONDS.observe(max((now - since).total_seconds(), 0.0))
+        if new.placement is not None and new.phase in ("Starting", "Running"):
+            self.gpus[(ns, name)] = (new.placement.level, new.placement.domain, job.spec.total_gpus)
+        else:
+            self.gpus.pop((ns, name), None)
+        self._gpu_gauge()
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.phases.pop((namespace, name), None)
+        self.gpus.pop((namespace, name), None)
+        self._phase_gauge(namespace)
+        self._gpu_gauge()
+        with contextlib.suppress(KeyError):
+            GANG_WAITING_SECONDS.remove(namespace, name)
+
+    def _phase_gauge(self, ns: str) -> None:
+        counts = dict.fromkeys(PHASES, 0)
+        for (job_ns, _), phase in self.phases.items():
+            if job_ns == ns:
+                counts[phase] = counts.get(phase, 0) + 1
+        for phase, n in counts.items():
+            TRAININGJOBS_GAUGE.labels(ns, phase).set(n)
+
+    def _gpu_gauge(self) -> None:
+        sums: dict[tuple[str, str], int] = {}
+        for level, domain, gpus in self.gpus.values():
+            sums[(level, domain)] = sums.get((level, domain), 0) + gpus
+        for key in self.domains - set(sums):
+            GPUS_ALLOCATED.labels(*key).set(0)
+        for key, gpus in sums.items():
+            GPUS_ALLOCATED.labels(*key).set(gpus)
+        self.domains |= set(sums)
+
+
+METRICS = _Metrics()
+
+
+# -- reconcile -----------------------------------------------------------------------------------
+
+
+def status_patch(status: TrainingJobStatus) -> dict[str, Any]:
+    """The merge patch that makes ``.status`` equal ``status`` (unset fields are removed)."""
+    wire = status.wire()
+    return {key: wire.get(key) for key in _STATUS_FIELDS}
+
+
+async def _report_invalid(
+    api: ApiClient, body: Mapping[str, Any], exc: InvalidResource, logger: kopf.Logger, now: datetime
+) -> None:
+    """Invalid spec: Pending, Admitted=False/InvalidSpec naming the fields, one Event, no pods."""
+    meta = body.get("metadata") or {}
+    raw = dict(body.get("status") or {})
+    message = "; ".join(exc.errors)
+    try:
+        conditions = [Condition.model_validate(c) for c in raw.get("conditions") or []]
+    except ValueError:
+        conditions = []
+    old = next((c for c in conditions if c.type == "Admitted"), None)
+    generation = int(meta.get("generation") or 1)
+    conditions = set_condition(conditions, "Admitted", "False", "InvalidSpec", message, now, generation)
+    patch = {
+        "phase": raw.get("phase") or "Pending",
+        "message": f"invalid spec: {message}",
+        "observedGeneration": generation,
+        "conditions": [c.wire() for c in conditions],
+    }
+    if any(raw.get(k) != v for k, v in patch.items()):
+        await api.patch_status(TRAININGJOBS, meta.get("namespace"), meta["name"], patch)
+    if old is None or old.status != "False" or old.message != message:
+        logger.warning("invalid spec: %s", message)
+        await api.post_event(body, "InvalidSpec", message, "Warning")
+
+
+async def reconcile(
+    api: ApiClient,
+    namespace: str,
+    name: str,
+    uid: str | None,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+) -> float | None:
+    """One level-based pass over TrainingJob ``namespace/name``; returns seconds until the next.
+
+    None means "nothing scheduled": only an event (pod, spec change) or the resync wakes it.
+    """
+    started = time.monotonic()
+    outcome = "error"
+    try:
+        body = await api.get(TRAININGJOBS, namespace, name)
+        meta = (body or {}).get("metadata") or {}
+        if body is None or (uid and meta.get("uid") != uid) or meta.get("deletionTimestamp"):
+            outcome = "ok"
+            return None
+        now = datetime.now(UTC)
+        try:
+            job = parse_resource(body)
+        except InvalidResource as exc:
+            await _report_invalid(api, body, exc, logger, now)
+            METRICS.phases[(namespace, name)] = (body.get("status") or {}).get("phase") or "Pending"
+            METRICS._phase_gauge(namespace)
+            outcome = "invalid"
+            return None
+        assert isinstance(job, TrainingJob)
+        pods = await api.list_pods(namespace, selector(job))
+        pods = _node_lost(pods, memo.get("gone_nodes") or set())
+        try:
+            plan = plan_trainingjob(job, pods, now, _probe if wants_placement(job) else None)
+        except _NeedsPlacement:
+            lock: asyncio.Lock = memo["placement_lock"]
+            async with lock:  # place and create under one lock: no two gangs get the same GPUs
+                placer = await _fetch_placer(api, logger)
+                plan = plan_trainingjob(job, pods, now, placer)
+                await _apply_status(api, job, body, plan, now, logger)
+                await _create(api, plan.create)
+        else:
+            await _apply_status(api, job, body, plan, now, logger)
+            await _create(api, plan.create)
+        if plan.delete_pods:
+            await api.delete_pods(namespace, plan.delete_pods)
+        if plan.events:
+            await asyncio.gather(*(api.post_event(body, e.reason, e.message, e.type) for e in plan.events))
+        if plan.delete_job:
+            logger.info("ttlSecondsAfterFinished passed: deleting the TrainingJob")
+            await api.delete(TRAININGJOBS, namespace, name)
+            outcome = "ok"
+            return None
+        outcome = "requeue" if plan.requeue_after is not None else "ok"
+        return plan.requeue_after
+    finally:
+        RECONCILES.labels(KIND, outcome).inc()
+        RECONCILE_SECONDS.labels(KIND, outcome).observe(time.monotonic() - started)
+
+
+async def _fetch_placer(api: ApiClient, logger: kopf.Logger) -> Placer | None:
+    try:
+        nodes, pods = await asyncio.gather(api.list_objects(NODES), api.list_objects(PODS))
+    except ApiError as exc:
+        if exc.status != 403:
+            raise
+        logger.warning("cannot list nodes/pods cluster-wide (%s): creating the gang unplaced", exc.reason)
+        return None
+    return make_placer(nodes, pods)
+
+
+async def _apply_status(
+    api: ApiClient, job: TrainingJob, body: Mapping[str, Any], plan: Plan, now: datetime, logger: kopf.Logger
+) -> None:
+    old, new = job.status, plan.status
+    if status_patch(old) != status_patch(new) or not body.get("status"):
+        await api.patch_status(TRAININGJOBS, job.metadata.namespace, job.metadata.name, status_patch(new))
+        if old.phase != new.phase:
+            logger.info("phase %s -> %s: %s", old.phase, new.phase, new.message)
+    METRICS.observe(job, old, new, now)
+
+
+async def _create(api: ApiClient, objs: list[dict[str, Any]]) -> None:
+    """Create the Service/PVC first (rendezvous DNS, volume), then all pods concurrently."""
+    first = [o for o in objs if o.get("kind") != "Pod"]
+    pods = [o for o in objs if o.get("kind") == "Pod"]
+    if first:
+        await api.create_many(first)
+    if pods:
+        await api.create_many(pods)
+
+
+# -- handlers ------------------------------------------------------------------------------------
+
+
+@kopf.daemon(GROUP, VERSION, "trainingjobs", id="reconcile", cancellation_timeout=5.0)
+async def trainingjob_loop(
+    name: str,
+    namespace: str | None,
+    uid: str,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    stopped: kopf.DaemonStopped,
+    **_: Any,
+) -> None:
+    """The reconcile loop of one TrainingJob (see the module docstring)."""
+    assert namespace is not None  # TrainingJob is namespaced
+    api: ApiClient = memo["api"]
+    wakeup = memo["wakeups"].setdefault(uid, asyncio.Event())
+    failures = 0
+    try:
+        while not stopped:
+            wakeup.clear()
+            try:
+                delay = await reconcile(api, namespace, name, uid, memo, logger)
+                failures = 0
+            except ApiError as exc:
+                delay = ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S) - 1)]
+                failures += 1
+                logger.warning("reconcile failed (retry in %.0fs): %s", delay, exc)
+                if exc.status not in (0, 404, 409, 429) and exc.status < 500:
+                    body = {
+                        "apiVersion": f"{GROUP}/{VERSION}",
+                        "kind": KIND,
+                        "metadata": {"name": name, "namespace": namespace, "uid": uid},
+                    }
+                    await api.post_event(body, "ReconcileFailed", str(exc), "Warning")
+            timeout = RESYNC_S if delay is None else min(max(delay, 0.0), RESYNC_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), timeout)
+    finally:
+        memo["wakeups"].pop(uid, None)
+
+
+@kopf.on.event(GROUP, VERSION, "trainingjobs", id="wake-on-change")
+def trainingjob_changed(uid: str, memo: kopf.Memo, **_: Any) -> None:
+    """A TrainingJob changed (spec, suspend, status by someone else): reconcile it now."""
+    wake(memo, uid)
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_JOB_UID: kopf.PRESENT}, id="wake-owner")
+def worker_pod_changed(labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    """A worker pod changed: reconcile its TrainingJob (kopf has no owner re-trigger)."""
+    wake(memo, labels.get(LABEL_JOB_UID))
+
+
+@kopf.on.event("", "v1", "nodes", id="node-gone")
+def node_changed(type: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """A deleted Node loses the pods on it: wake every job so lost gangs restart at once."""
+    gone: set[str] = memo.get("gone_nodes", set())
+    if type == "DELETED":
+        gone.add(name)
+        wake_all(memo)
+    elif name in gone:
+        gone.discard(name)
+
+
+@kopf.on.delete(GROUP, VERSION, "trainingjobs", id="cleanup")
+async def trainingjob_deleted(
+    name: str,
+    namespace: str | None,
+    uid: str,
+    spec: Mapping[str, Any],
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
+    """Delete the job's pods, Service and owned PVC before the finalizer goes.
+
+    The garbage collector would do the same through ownerReferences; doing it here makes the
+    cleanup immediate and visible, and works where no collector runs.
+    """
+    assert namespace is not None  # TrainingJob is namespaced
+    api: ApiClient = memo["api"]
+    pods = await api.list_pods(namespace, {LABEL_JOB_UID: uid})
+    await api.delete_pods(namespace, [p["metadata"]["name"] for p in pods])
+    try:
+        job = parse_resource(
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": KIND,
+                "metadata": {"name": name, "namespace": namespace, "uid": uid},
+                "spec": dict(spec),
+            }
+        )
+    except InvalidResource:
+        job = None
+    if isinstance(job, TrainingJob):
+        svc = await api.get(SERVICES, namespace, service_name(job))
+        if svc is not None and owner_of(svc, KIND) == (name, uid):
+            await api.delete(SERVICES, namespace, service_name(job))
+        claim = checkpoint_claim_name(job)
+        pvc = await api.get(PVCS, namespace, claim) if claim else None
+        if claim and pvc is not None and owner_of(pvc, KIND) == (name, uid):
+            await api.delete(PVCS, namespace, claim)
+    METRICS.forget(namespace, name)
+    logger.info("deleted %d worker pod(s) and owned children", len(pods))
+
+
+__all__ = ["make_placer", "reconcile", "rfc3339", "status_patch", "wants_placement"]

@@ -72,7 +72,10 @@ async def serve(args: argparse.Namespace) -> int:
         model_name=args.model_name,
     )
     state = app[STATE]
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # handler_cancellation: a client that hangs up cancels its handler, which frees its KV blocks.
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, handler_cancellation=True, shutdown_timeout=5.0
+    )
     await runner.setup()  # fires on_startup: model loading starts in the background
     await web.TCPSite(runner, args.host, args.port).start()
     log.info("listening on %s:%d", args.host, args.port)

@@ -26,6 +26,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM extension: always generate max_tokens (benchmarks, load tests)
 
 
 class Engine:

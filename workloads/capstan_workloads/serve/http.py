@@ -76,6 +76,9 @@ def parse_completion_request(body: Any, state: ServerState) -> CompletionRequest
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream", "stream must be a boolean")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise BadRequest("ignore_eos", "ignore_eos must be a boolean")
     tok = state.loaded.tokenizer
     ids = tok.encode(prompt, bos=state.limits.add_bos or not prompt)
     block_size = state.loaded.config.block_size
@@ -85,7 +88,7 @@ def parse_completion_request(body: Any, state: ServerState) -> CompletionRequest
             f"prompt is {len(ids)} tokens; the model's block_size is {block_size}, "
             f"so a prompt may have at most {block_size - 1} tokens",
         )
-    return CompletionRequest(ids, SamplingParams(max_tokens, temperature, top_p, seed), stream)
+    return CompletionRequest(ids, SamplingParams(max_tokens, temperature, top_p, seed, ignore_eos), stream)
 
 
 def _error(
@@ -178,6 +181,7 @@ async def _completions(request: web.Request, state: ServerState) -> web.StreamRe
         return web.json_response(_completion_body(state, seq, fin))
     finally:
         if not done:  # client went away (handler cancelled or write failed): free its slot
+            state.metrics.errors.labels(kind="client_disconnect").inc()
             state.scheduler.cancel(seq)
 
 

@@ -253,7 +253,7 @@ class Scheduler:
             seq.last_token_at = now
             seq.output.append(tok)
             seq.emit(TokenEvent(tok, self.tokenizer.decode([tok])))
-            if tok == eos:
+            if tok == eos and not seq.params.ignore_eos:
                 self._retire(seq, "stop")
             elif len(seq.output) >= seq.params.max_tokens or seq.length >= self.block_size:
                 self._retire(seq, "length")
@@ -267,6 +267,8 @@ class Scheduler:
         if seq.blocks:
             self.cache.allocator.free(seq.blocks)
             seq.blocks = []
+        # Gauges first: a client that reads /metrics right after its answer must see itself gone.
+        self._update_gauges()
         seq.emit(FinishEvent(reason, len(seq.prompt), len(seq.output), error))
 
     def _update_gauges(self) -> None:

@@ -1,0 +1,91 @@
+"""Admission webhooks for TrainingJob and ModelServing (validating only).
+
+* :func:`validate` (in :mod:`capstan.admission.validation`) is the pure check, tested without a
+  server: cross-field rules the CRD schema cannot state, checks against the cluster's nodes, and
+  everything the pydantic models say, each as ``field.path: reason and fix``.
+* :mod:`capstan.admission.handlers` registers it with kopf (``@kopf.on.validate``) and lists
+  Nodes for the capacity checks.
+* :func:`configure_admission` wires kopf's webhook server from the mounted certificate.
+
+**No mutating webhook, on purpose.** Defaults live in the CRD's structural schema, where the API
+server applies them identically on every write and ``kubectl diff``/Argo CD/Flux account for
+them. A mutating webhook that filled in fields would make the stored object differ from the one
+in Git (perpetual OutOfSync) and add a network hop to every write for nothing. So no mutation
+handler is registered and the Helm chart installs no MutatingWebhookConfiguration.
+
+The handlers are registered only by :func:`configure_admission` when a certificate directory is
+configured: a kopf operator that has admission handlers but no webhook server refuses to start,
+so the local runtime, tests and a chart installed with ``webhook.enabled=false`` get none.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from capstan.admission.validation import SKIP_CAPACITY_ANNOTATION, validate
+
+if TYPE_CHECKING:
+    import kopf
+
+__all__ = [
+    "CERT_DIR_ENV",
+    "MANAGED_ENV",
+    "PORT_ENV",
+    "SKIP_CAPACITY_ANNOTATION",
+    "WEBHOOK_IDS",
+    "configure_admission",
+    "validate",
+]
+
+log = logging.getLogger(__name__)
+
+#: Directory holding ``tls.crt`` and ``tls.key`` (a kubernetes.io/tls Secret mounted by the chart).
+CERT_DIR_ENV = "CAPSTAN_WEBHOOK_CERT_DIR"
+#: Listening port of the webhook server (the chart's webhook Service targets it).
+PORT_ENV = "CAPSTAN_WEBHOOK_PORT"
+DEFAULT_PORT = 9443
+#: Name of Validating/MutatingWebhookConfigurations kopf should manage itself; unset (the chart's
+#: default) means Helm/kustomize own them and kopf must not touch them.
+MANAGED_ENV = "CAPSTAN_WEBHOOK_MANAGED"
+#: Handler ids, which kopf's server uses as URL paths: ``https://<service>:443/<id>``.
+WEBHOOK_IDS = {"TrainingJob": "validate-trainingjobs", "ModelServing": "validate-modelservings"}
+
+
+def configure_admission(
+    settings: kopf.OperatorSettings,
+    registry: kopf.OperatorRegistry | None = None,
+    env: Mapping[str, str] | None = None,
+) -> bool:
+    """Serve the validating webhooks if ``$CAPSTAN_WEBHOOK_CERT_DIR`` is set; return whether it is.
+
+    Call it from a ``@kopf.on.startup`` handler (or before ``kopf.run``): kopf reads webhook
+    handlers and ``settings.admission`` only after startup handlers finish.
+    """
+    env = os.environ if env is None else env
+    cert_dir = env.get(CERT_DIR_ENV, "")
+    if not cert_dir:
+        log.info("admission webhooks off: %s is not set", CERT_DIR_ENV)
+        return False
+    import kopf
+
+    from capstan.admission.handlers import register
+
+    certfile, pkeyfile = Path(cert_dir) / "tls.crt", Path(cert_dir) / "tls.key"
+    missing = [str(p) for p in (certfile, pkeyfile) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{CERT_DIR_ENV}={cert_dir}: missing {', '.join(missing)}")
+    register(registry)
+    # kopf re-reads the files when they change (cert-manager renewals) and restarts the listener.
+    settings.admission.server = kopf.WebhookServer(
+        addr="0.0.0.0",
+        port=int(env.get(PORT_ENV) or DEFAULT_PORT),
+        certfile=str(certfile),
+        pkeyfile=str(pkeyfile),
+    )
+    settings.admission.managed = env.get(MANAGED_ENV) or None
+    log.info("admission webhooks on: port %s, certificate from %s", settings.admission.server.port, cert_dir)
+    return True

@@ -1,0 +1,96 @@
+"""kopf registration of the validating webhooks, and the Node lister they check capacity with.
+
+Nodes are listed from the API (cached for :data:`NODE_CACHE_SECONDS`) rather than taken from a
+kopf index: both operator replicas serve webhooks, but kopf peering pauses every watch, indexes
+included, in the standby replica, whose index would go stale. Listing needs the ``nodes list``
+permission the placer already has. If the list fails, node checks are skipped (fail open for
+capacity only: every schema check still runs) and the response carries a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import kopf
+
+from capstan import GROUP, VERSION
+from capstan.admission.validation import validate
+from capstan.topology.levels import levels_from_env
+
+log = logging.getLogger(__name__)
+
+NODE_CACHE_SECONDS = 30.0
+_PLURALS = {"TrainingJob": "trainingjobs", "ModelServing": "modelservings"}
+_registered: set[int] = set()
+
+
+class NodeLister:
+    """Cached ``GET /api/v1/nodes`` through the ``kubernetes`` client (in a worker thread)."""
+
+    def __init__(self, ttl: float = NODE_CACHE_SECONDS) -> None:
+        self.ttl = ttl
+        self._nodes: list[dict[str, Any]] = []
+        self._at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        async with self._lock:
+            if time.monotonic() - self._at > self.ttl:
+                self._nodes = await asyncio.to_thread(_list_nodes)
+                self._at = time.monotonic()
+            return self._nodes
+
+
+def _list_nodes() -> list[dict[str, Any]]:
+    import kubernetes
+
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    api = kubernetes.client.CoreV1Api()
+    # _preload_content=False: plain JSON dicts with camelCase keys, as the topology code expects.
+    resp: Any = api.list_node(_preload_content=False, _request_timeout=10)
+    items: list[dict[str, Any]] = json.loads(resp.data).get("items", [])
+    return items
+
+
+NODES = NodeLister()
+
+
+async def review(body: kopf.Body, warnings: list[str], **_: Any) -> None:
+    """Reject the object with every problem found; kopf turns the error into a 422 denial."""
+    try:
+        nodes = await NODES.nodes()
+    except Exception as exc:  # the API being slow must not block every write
+        log.warning("admission: cannot list nodes, skipping capacity checks: %s", exc)
+        warnings.append(f"capacity checks skipped: cannot list nodes ({type(exc).__name__})")
+        nodes = []
+    errors = validate(dict(body), nodes, levels_from_env())
+    if errors:
+        kind = body.get("kind", "object")
+        name = (body.get("metadata") or {}).get("name", "")
+        raise kopf.AdmissionError(f"{kind} {name!r} is invalid: " + "; ".join(errors), code=422)
+
+
+def register(registry: kopf.OperatorRegistry | None = None) -> None:
+    """Register the validating handlers (once per registry) under ids that are URL paths."""
+    from capstan.admission import WEBHOOK_IDS
+
+    reg = registry if registry is not None else kopf.get_default_registry()
+    if id(reg) in _registered:
+        return
+    for kind, plural in _PLURALS.items():
+        kopf.on.validate(
+            GROUP,
+            VERSION,
+            plural,
+            id=WEBHOOK_IDS[kind],
+            operations=["CREATE", "UPDATE"],
+            registry=reg,
+        )(review)
+    _registered.add(id(reg))

@@ -1,0 +1,96 @@
+"""kopf wiring of the webhooks: registration only when a certificate is configured, ids = URL paths."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+
+from capstan.admission import CERT_DIR_ENV, MANAGED_ENV, WEBHOOK_IDS, configure_admission
+from capstan.admission import handlers
+
+
+def _certs(tmp_path: Path) -> Path:
+    (tmp_path / "tls.crt").write_text("cert")
+    (tmp_path / "tls.key").write_text("key")
+    return tmp_path
+
+
+def test_off_without_cert_dir() -> None:
+    settings, registry = kopf.OperatorSettings(), kopf.OperatorRegistry()
+    assert configure_admission(settings, registry, env={}) is False
+    assert settings.admission.server is None
+    assert registry._webhooks.get_all_handlers() == []
+
+
+def test_on_with_cert_dir(tmp_path: Path) -> None:
+    settings, registry = kopf.OperatorSettings(), kopf.OperatorRegistry()
+    env = {CERT_DIR_ENV: str(_certs(tmp_path))}
+    assert configure_admission(settings, registry, env=env) is True
+    server = settings.admission.server
+    assert isinstance(server, kopf.WebhookServer)
+    assert server.port == 9443 and server.certfile == str(tmp_path / "tls.crt")
+    assert settings.admission.managed is None  # Helm owns the webhook configurations
+    ids = sorted(h.id for h in registry._webhooks.get_all_handlers())
+    assert ids == sorted(WEBHOOK_IDS.values())
+    # Idempotent: a second call registers nothing new.
+    configure_admission(settings, registry, env=env)
+    assert len(registry._webhooks.get_all_handlers()) == 2
+
+
+def test_managed_and_port_from_env(tmp_path: Path) -> None:
+    settings, registry = kopf.OperatorSettings(), kopf.OperatorRegistry()
+    env = {CERT_DIR_ENV: str(_certs(tmp_path)), MANAGED_ENV: "capstan.dev", "CAPSTAN_WEBHOOK_PORT": "10443"}
+    configure_admission(settings, registry, env=env)
+    assert settings.admission.managed == "capstan.dev"
+    assert settings.admission.server.port == 10443  # type: ignore[union-attr]
+
+
+def test_missing_cert_files_fail_loudly(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="tls.crt"):
+        configure_admission(kopf.OperatorSettings(), kopf.OperatorRegistry(), env={CERT_DIR_ENV: str(tmp_path)})
+
+
+def test_chart_paths_match_handler_ids() -> None:
+    values = (Path(__file__).parents[2] / "charts/capstan/templates/webhook.yaml").read_text()
+    for path in WEBHOOK_IDS.values():
+        assert f"/{path}" in values
+
+
+class _Nodes:
+    def __init__(self, nodes: list[dict[str, Any]] | Exception) -> None:
+        self.result = nodes
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+def _body(gpus: int) -> kopf.Body:
+    return kopf.Body({
+        "apiVersion": "capstan.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": "big", "namespace": "a"},
+        "spec": {"image": "i", "workers": 1, "gpusPerWorker": gpus},
+    })
+
+
+def test_review_denies_with_every_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    node = {"metadata": {"name": "n"}, "status": {"allocatable": {"nvidia.com/gpu": "8"}}}
+    monkeypatch.setattr(handlers, "NODES", _Nodes([node]))
+    warnings: list[str] = []
+    with pytest.raises(kopf.AdmissionError, match=r"TrainingJob 'big' is invalid: spec.gpusPerWorker: 16"):
+        asyncio.run(handlers.review(body=_body(16), warnings=warnings))
+    asyncio.run(handlers.review(body=_body(8), warnings=warnings))
+    assert warnings == []
+
+
+def test_review_fails_open_on_capacity_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handlers, "NODES", _Nodes(RuntimeError("apiserver down")))
+    warnings: list[str] = []
+    asyncio.run(handlers.review(body=_body(16), warnings=warnings))
+    assert warnings and "capacity checks skipped" in warnings[0]

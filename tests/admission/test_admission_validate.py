@@ -1,0 +1,170 @@
+"""The validating webhook's pure check: a table of bad inputs, each rejected naming its field."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from capstan.admission import SKIP_CAPACITY_ANNOTATION, validate
+from capstan.admission.validation import _jinja_errors, domain_sizes
+from capstan.topology.levels import DEFAULT_LEVELS
+
+
+def node(name: str, gpus: int, clique: str | None = None, **labels: str) -> dict[str, Any]:
+    lab = dict(labels)
+    if clique:
+        lab["nvidia.com/gpu.clique"] = clique
+    return {
+        "metadata": {"name": name, "labels": lab},
+        "status": {
+            "allocatable": {"nvidia.com/gpu": str(gpus), "cpu": "64"},
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+
+W50_10 = {"steps": [{"weight": 50}, {"weight": 10}]}
+HGX = [node(f"hgx-{i}", 8) for i in range(4)]  # four 8-GPU nodes, each its own NVLink domain
+
+
+def tj(**spec: Any) -> dict[str, Any]:
+    base = {"image": "registry.example/trainer:1.0", "workers": 2, "gpusPerWorker": 8}
+    return {
+        "apiVersion": "capstan.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": "gpt", "namespace": "team-a"},
+        "spec": {**base, **spec},
+    }
+
+
+def ms(**spec: Any) -> dict[str, Any]:
+    base = {"model": {"fromTrainingJob": {"name": "gpt"}}, "tensorParallel": 8}
+    return {
+        "apiVersion": "capstan.dev/v1alpha1",
+        "kind": "ModelServing",
+        "metadata": {"name": "gpt", "namespace": "team-a"},
+        "spec": {**base, **spec},
+    }
+
+
+def test_good_objects_pass() -> None:
+    assert validate(tj(), HGX) == []
+    assert validate(ms(), HGX) == []
+    assert validate(ms(rollout={"steps": [{"weight": 10}, {"weight": 50, "pause": "5m"}]}), HGX) == []
+    custom = ms(
+        runtime="custom",
+        image="registry.example/server:1",
+        argsTemplate="--model={{ model_path }}\n--port={{ port }}\n--tp={{ tensor_parallel }}",
+    )
+    assert validate(custom, HGX) == []
+
+
+BAD = [
+    # (case, object, field the message must name)
+    ("zero workers", tj(workers=0), "spec.workers"),
+    ("negative GPUs", tj(gpusPerWorker=-1), "spec.gpusPerWorker"),
+    ("unknown enum", tj(topology={"policy": "Sometimes"}), "spec.topology.policy"),
+    ("bad quantity", tj(resources={"memory": "lots"}), "spec.resources.memory"),
+    ("gpus above largest node", tj(gpusPerWorker=16), "spec.gpusPerWorker"),
+    ("tensorParallel above NVLink domain", ms(tensorParallel=16), "spec.tensorParallel"),
+    ("weights not increasing", ms(rollout=W50_10), "spec.rollout.steps[1].weight"),
+    ("weights equal", ms(rollout={"steps": [{"weight": 20}, {"weight": 20}]}), "steps[1].weight"),
+    (
+        "unknown template variable",
+        ms(runtime="custom", image="registry.example/server:1", argsTemplate="--token={{ secret }}"),
+        "spec.argsTemplate",
+    ),
+    ("custom runtime without image", ms(runtime="custom", argsTemplate="--port={{ port }}"), "image"),
+    ("unknown field", tj(wrokers=3), "spec.wrokers"),
+    ("required gang wider than NVLink", tj(topology={"policy": "Required"}), "spec.topology.maxDomain"),
+    ("bad duration", ms(rollout={"steps": [{"weight": 10, "pause": "2 min"}]}), "steps[0].pause"),
+    ("snapshots without a volume", tj(checkpoint={"snapshots": {"everyMinutes": 5}}), "checkpoint"),
+    ("two model sources", ms(model={"uri": "s3://b/m", "pvc": {"claimName": "m"}}), "spec.model"),
+]
+
+
+@pytest.mark.parametrize(("case", "obj", "field"), BAD, ids=[c for c, _, _ in BAD])
+def test_bad_input_is_rejected_naming_the_field(case: str, obj: dict[str, Any], field: str) -> None:
+    errors = validate(obj, HGX)
+    assert errors, f"{case}: admitted"
+    assert any(field in e for e in errors), f"{case}: no message names {field}: {errors}"
+    for e in errors:
+        assert ": " in e, f"{case}: message does not start with a field path: {e}"
+
+
+def test_weights_message_says_how_to_fix() -> None:
+    [err] = validate(ms(rollout={"steps": [{"weight": 50}, {"weight": 10}]}), HGX)
+    assert "strictly increase" in err
+
+
+def test_gpu_message_suggests_a_shape() -> None:
+    [err] = validate(tj(workers=2, gpusPerWorker=16), HGX)
+    assert "workers: 4, gpusPerWorker: 8" in err
+
+
+def test_several_problems_reported_together() -> None:
+    obj = ms(
+        runtime="custom",
+        argsTemplate="{{ secret }}",
+        rollout={"steps": [{"weight": 50}, {"weight": 10}], "analysis": {"maxErrorRate": 7}},
+    )
+    errors = validate(obj, HGX)
+    text = "\n".join(errors)
+    fields = ("spec.rollout.analysis.maxErrorRate", "spec.image", "spec.argsTemplate", "steps[1]")
+    for field in fields:
+        assert field in text, errors
+
+
+def test_status_is_not_validated() -> None:
+    obj = tj()
+    obj["status"] = {"phase": "SomethingNew", "restarts": "x"}
+    assert validate(obj, HGX) == []
+
+
+def test_capacity_checks_skip_without_gpu_nodes_or_with_annotation() -> None:
+    big = tj(gpusPerWorker=16)
+    assert validate(big, []) == []  # no nodes known
+    assert validate(big, [node("cpu-0", 0)]) == []  # GPU pool scaled to zero: job queues
+    big["metadata"]["annotations"] = {SKIP_CAPACITY_ANNOTATION: "true"}
+    assert validate(big, HGX) == []
+
+
+def test_cpu_jobs_and_cpu_serving_ignore_gpu_capacity() -> None:
+    assert validate(tj(gpusPerWorker=0, workers=64), HGX) == []
+    assert validate(ms(gpu=False, tensorParallel=16), HGX) == []
+
+
+def test_nvlink_clique_spans_nodes() -> None:
+    # GB200 NVL72-style: 18 nodes x 4 GPUs in one clique = a 72-GPU NVLink domain.
+    nvl = [node(f"gb-{i}", 4, clique="c1") for i in range(18)]
+    assert domain_sizes(nvl, DEFAULT_LEVELS, "nvlink") == {"nvlink=c1": 72}
+    assert validate(ms(tensorParallel=16), nvl) == []
+    assert validate(tj(workers=16, gpusPerWorker=4, topology={"policy": "Required"}), nvl) == []
+    errors = validate(tj(workers=19, gpusPerWorker=4, topology={"policy": "Required"}), nvl)
+    assert errors and "spec.topology.maxDomain" in errors[0]
+    assert any("spec.tensorParallel" in e for e in validate(ms(tensorParallel=72 + 8), nvl))
+
+
+def test_required_at_rack_level_sums_the_rack() -> None:
+    rack = [node(f"n{i}", 8, **{"capstan.dev/rack": "r1"}) for i in range(4)]
+    job = tj(workers=4, gpusPerWorker=8, topology={"policy": "Required", "maxDomain": "rack"})
+    assert validate(job, rack) == []
+    job["spec"]["workers"] = 5
+    assert "spec.topology.maxDomain" in validate(job, rack)[0]
+
+
+def test_jinja_fallback_names_unknown_variables() -> None:
+    assert _jinja_errors("--model={{ model_path }} {{ port }}") == []
+    [err] = _jinja_errors("--x={{ secret }} {{ port }}")
+    assert err.startswith("spec.argsTemplate:") and "secret" in err
+    [err] = _jinja_errors("{% if %}")
+    assert err.startswith("spec.argsTemplate:")
+
+
+def test_input_not_mutated() -> None:
+    obj = ms(rollout={"steps": [{"weight": 50}, {"weight": 10}]})
+    before = copy.deepcopy(obj)
+    validate(obj, HGX)
+    assert obj == before

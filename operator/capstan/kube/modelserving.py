@@ -19,8 +19,10 @@ only delays the verdict.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,7 +37,6 @@ from capstan.kube.apply import (
     DEPLOYMENTS,
     HPAS,
     MODELSERVINGS,
-    PODS,
     PVCS,
     SERVICES,
     TRAININGJOBS,
@@ -48,8 +49,8 @@ from capstan.kube.apply import (
     resource_of,
 )
 from capstan.kube.runtime import wake
+from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
 from capstan.metrics import (
-    MODELSERVINGS as MODELSERVINGS_GAUGE,
     RECONCILE_SECONDS,
     RECONCILES,
     REVISION_WEIGHT,
@@ -81,11 +82,27 @@ register_kind(HTTPROUTES)
 _STATUS_FIELDS = [f.alias or n for n, f in ModelServingStatus.model_fields.items()]
 
 
-def _state(memo: kopf.Memo) -> dict[str, Any]:
-    """Per-operator serving state in the shared memo (created on first use)."""
-    state: dict[str, Any] | None = memo.get("serving")
-    if state is None:
-        state = {"baselines": Baselines(), "gateway": (0.0, False), "sources": {}, "weights": {}}
+@dataclass
+class ServingState:
+    """What the ModelServing handlers share across objects in one operator run."""
+
+    baselines: Baselines = field(default_factory=Baselines)
+    gateway: tuple[float, bool] = (-GATEWAY_CHECK_TTL_S, False)  # (checked at, answer)
+    sources: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # TrainingJob → uids
+    weights: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # revisions in the gauge
+    phases: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+@kopf.on.startup(id="serving-state")
+def init_state(memo: kopf.Memo, **_: Any) -> None:
+    """Create the shared state on the operator memo (objects' memos are shallow copies of it)."""
+    memo["serving"] = ServingState()
+
+
+def _state(memo: kopf.Memo) -> ServingState:
+    state: ServingState | None = memo.get("serving")
+    if state is None:  # reconcile() called outside a running operator (tools, tests)
+        state = ServingState()
         memo["serving"] = state
     return state
 
@@ -99,7 +116,7 @@ def status_patch(status: ModelServingStatus) -> dict[str, Any]:
 async def gateway_api_available(api: ApiClient, memo: kopf.Memo) -> bool:
     """Whether the API server serves ``httproutes.gateway.networking.k8s.io/v1`` (cached)."""
     state = _state(memo)
-    checked, answer = state["gateway"]
+    checked, answer = state.gateway
     if time.monotonic() - checked < GATEWAY_CHECK_TTL_S:
         return bool(answer)
     try:
@@ -109,11 +126,13 @@ async def gateway_api_available(api: ApiClient, memo: kopf.Memo) -> bool:
         if exc.status not in (403, 404, 503):
             raise
         answer = False
-    state["gateway"] = (time.monotonic(), answer)
+    state.gateway = (time.monotonic(), answer)
     return bool(answer)
 
 
-async def _list(api: ApiClient, res: Resource, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+async def _list(
+    api: ApiClient, res: Resource, namespace: str, labels: Mapping[str, str]
+) -> list[dict[str, Any]]:
     try:
         return await api.list_objects(res, namespace, labels)
     except ApiError as exc:
@@ -145,7 +164,7 @@ async def _analyse(
 ) -> AnalysisResult | None:
     """Scrape the canary when a step is analysed: the baseline once, the verdict after the pause."""
     due = analysis_due(ms, now)
-    baselines: Baselines = _state(memo)["baselines"]
+    baselines = _state(memo).baselines
     uid = ms.metadata.uid
     if due is None:
         baselines.forget(uid)
@@ -163,7 +182,9 @@ async def _analyse(
         return None
     assert ms.spec.rollout.analysis is not None
     result = evaluate(due.revision, due.step, window(baseline, scrape), ms.spec.rollout.analysis)
-    logger.info("analysis of %s at step %d: %s (%s)", due.revision, due.step + 1, result.verdict, result.message)
+    logger.info(
+        "analysis of %s at step %d: %s (%s)", due.revision, due.step + 1, result.verdict, result.message
+    )
     return result
 
 
@@ -197,20 +218,18 @@ async def _report_invalid(
 def _record_metrics(memo: kopf.Memo, ms: ModelServing, plan: ServingPlan) -> None:
     ns, name = ms.metadata.namespace, ms.metadata.name
     st = plan.status
-    weights: dict[tuple[str, str], set[str]] = _state(memo)["weights"]
+    weights = _state(memo).weights
     live = {r.name for r in st.revisions}
     for gone in weights.get((ns, name), set()) - live:
-        try:
+        with contextlib.suppress(KeyError):
             REVISION_WEIGHT.remove(ns, name, gone)
-        except KeyError:
-            pass
     for rev in st.revisions:
         REVISION_WEIGHT.labels(ns, name, rev.name).set(rev.weight)
     weights[(ns, name)] = live
     ROLLOUT_STEP.labels(ns, name).set(st.rollout.step if st.canary_revision and st.rollout else -1)
     if plan.outcome:
         ROLLOUTS.labels(ns, plan.outcome).inc()
-    phases: dict[tuple[str, str], str] = _state(memo).setdefault("phases", {})
+    phases = _state(memo).phases
     phases[(ns, name)] = st.phase
     _phase_gauge(phases, ns)
 
@@ -224,8 +243,14 @@ def _phase_gauge(phases: dict[tuple[str, str], str], ns: str) -> None:
         MODELSERVINGS_GAUGE.labels(ns, phase).set(n)
 
 
-async def _apply(api: ApiClient, ms: ModelServing, body: Mapping[str, Any], plan: ServingPlan,
-                 observed: Observed, logger: kopf.Logger) -> None:
+async def _apply(
+    api: ApiClient,
+    ms: ModelServing,
+    body: Mapping[str, Any],
+    plan: ServingPlan,
+    observed: Observed,
+    logger: kopf.Logger,
+) -> None:
     ns, name = ms.metadata.namespace, ms.metadata.name
     if status_patch(ms.status) != status_patch(plan.status) or not body.get("status"):
         await api.patch_status(MODELSERVINGS, ns, name, status_patch(plan.status))
@@ -237,16 +262,20 @@ async def _apply(api: ApiClient, ms: ModelServing, body: Mapping[str, Any], plan
     for batch in (first, later):
         if batch:
             await asyncio.gather(*(api.apply(o) for o in batch))
-    current = {
-        d["metadata"]["name"]: (d.get("spec") or {}).get("replicas") for d in observed.deployments
-    }
-    await asyncio.gather(*(
-        api.patch(DEPLOYMENTS, ns, dep, {"spec": {"replicas": n}})
-        for dep, n in plan.scale.items()
-        if current.get(dep) != n
-    ))
-    await asyncio.gather(*(api.delete(resource_of({"apiVersion": r.api_version, "kind": r.kind}), ns, r.name)
-                           for r in plan.deletes))
+    current = {d["metadata"]["name"]: (d.get("spec") or {}).get("replicas") for d in observed.deployments}
+    await asyncio.gather(
+        *(
+            api.patch(DEPLOYMENTS, ns, dep, {"spec": {"replicas": n}})
+            for dep, n in plan.scale.items()
+            if current.get(dep) != n
+        )
+    )
+    await asyncio.gather(
+        *(
+            api.delete(resource_of({"apiVersion": r.api_version, "kind": r.kind}), ns, r.name)
+            for r in plan.deletes
+        )
+    )
     if plan.events:
         await asyncio.gather(*(api.post_event(body, e.reason, e.message, e.type) for e in plan.events))
 
@@ -272,7 +301,7 @@ async def reconcile(
             return None
         assert isinstance(ms, ModelServing)
         ftj = ms.spec.model.from_training_job
-        sources: dict[tuple[str, str], set[str]] = _state(memo)["sources"]
+        sources = _state(memo).sources
         for key in [k for k, uids in sources.items() if ms.metadata.uid in uids]:
             sources[key].discard(ms.metadata.uid)
         if ftj is not None:
@@ -299,10 +328,16 @@ async def reconcile(
 
 @kopf.daemon(GROUP, VERSION, "modelservings", id="reconcile", cancellation_timeout=5.0)
 async def modelserving_loop(
-    name: str, namespace: str, uid: str, memo: kopf.Memo, logger: kopf.Logger, stopped: kopf.DaemonStopped,
+    name: str,
+    namespace: str | None,
+    uid: str,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    stopped: kopf.DaemonStopped,
     **_: Any,
 ) -> None:
     """The reconcile loop of one ModelServing (see the module docstring)."""
+    assert namespace is not None  # ModelServing is namespaced
     api: ApiClient = memo["api"]
     wakeup = memo["wakeups"].setdefault(uid, asyncio.Event())
     failures = 0
@@ -317,31 +352,32 @@ async def modelserving_loop(
                 failures += 1
                 logger.warning("reconcile failed (retry in %.0fs): %s", delay, exc)
                 if exc.status not in (0, 404, 409, 429) and exc.status < 500:
-                    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-                            "metadata": {"name": name, "namespace": namespace, "uid": uid}}
+                    body = {
+                        "apiVersion": f"{GROUP}/{VERSION}",
+                        "kind": KIND,
+                        "metadata": {"name": name, "namespace": namespace, "uid": uid},
+                    }
                     await api.post_event(body, "ReconcileFailed", str(exc), "Warning")
             timeout = RESYNC_S if delay is None else min(max(delay, 0.0), RESYNC_S)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), timeout)
-            except TimeoutError:
-                pass
     finally:
         memo["wakeups"].pop(uid, None)
-        _state(memo)["baselines"].forget(uid)
+        _state(memo).baselines.forget(uid)
 
 
 @kopf.on.event(GROUP, VERSION, "modelservings", id="wake-on-change")
-def modelserving_changed(type: str | None, name: str, namespace: str, uid: str, memo: kopf.Memo, **_: Any) -> None:
+def modelserving_changed(
+    type: str | None, name: str, namespace: str | None, uid: str, memo: kopf.Memo, **_: Any
+) -> None:
     """A ModelServing changed (spec, ``kubectl scale``): reconcile it now; forget a deleted one."""
     if type == "DELETED":
-        state = _state(memo)
-        state.get("phases", {}).pop((namespace, name), None)
-        _phase_gauge(state.get("phases", {}), namespace)
-        for rev in state["weights"].pop((namespace, name), set()):
-            try:
-                REVISION_WEIGHT.remove(namespace, name, rev)
-            except KeyError:
-                pass
+        state, ns = _state(memo), namespace or ""
+        state.phases.pop((ns, name), None)
+        _phase_gauge(state.phases, ns)
+        for rev in state.weights.pop((ns, name), set()):
+            with contextlib.suppress(KeyError):
+                REVISION_WEIGHT.remove(ns, name, rev)
         return
     wake(memo, uid)
 
@@ -355,10 +391,10 @@ def revision_deployment_changed(body: Mapping[str, Any], memo: kopf.Memo, **_: A
 
 
 @kopf.on.event(GROUP, VERSION, "trainingjobs", id="wake-serving")
-def source_trainingjob_changed(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+def source_trainingjob_changed(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     """A TrainingJob changed (maybe a new ready snapshot): reconcile the ModelServings serving it."""
-    for uid in list(_state(memo)["sources"].get((namespace, name), ())):
+    for uid in list(_state(memo).sources.get((namespace or "", name), ())):
         wake(memo, uid)
 
 
-__all__ = ["HTTPROUTES", "PODS", "gateway_api_available", "reconcile", "status_patch"]
+__all__ = ["HTTPROUTES", "ServingState", "gateway_api_available", "reconcile", "status_patch"]

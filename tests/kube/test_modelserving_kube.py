@@ -1,0 +1,194 @@
+"""The real operator against an emulated API server: ModelServing create, canary steps, rollback.
+
+The test plays the Deployment controller and the kubelet (it sets Deployment readiness and creates
+the canary's pods), and serves the canary's ``/metrics`` from a local aiohttp server on 127.0.0.1:
+the pods it creates carry ``podIP: 127.0.0.1`` and that server's port as their ``http`` port, so
+the operator's analysis fetcher scrapes it exactly as it would scrape a pod.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from capstan.kube.apply import DEPLOYMENTS, HPAS, MODELSERVINGS, PODS, SERVICES, ApiClient
+from capstan.kube.testing import emulated_cluster, running_operator, wait_for
+from capstan.kube.testing import test_client as api_client
+from capstan.naming import LABEL_REVISION, LABEL_SERVING
+
+pytestmark = pytest.mark.timeout(60)
+NS = "default"
+
+
+class MetricsStub:
+    """Prometheus text of a canary whose counters grow by ``per_scrape`` requests each scrape."""
+
+    def __init__(self, per_scrape: int = 100, errors: int = 0) -> None:
+        self.per_scrape, self.errors = per_scrape, errors
+        self.total = self.bad = 0
+
+    def render(self) -> str:
+        self.total += self.per_scrape
+        self.bad += self.errors
+        n, bad = self.total, self.bad
+        return (
+            "# TYPE capstan_serving_requests counter\n"
+            f'capstan_serving_requests_total{{code="200"}} {n - bad}\n'
+            f'capstan_serving_requests_total{{code="500"}} {bad}\n'
+            "# TYPE capstan_serving_request_latency_seconds histogram\n"
+            f'capstan_serving_request_latency_seconds_bucket{{le="0.1"}} {n - bad}\n'
+            f'capstan_serving_request_latency_seconds_bucket{{le="+Inf"}} {n - bad}\n'
+            f"capstan_serving_request_latency_seconds_count {n - bad}\n"
+            f"capstan_serving_request_latency_seconds_sum {0.05 * (n - bad)}\n"
+        )
+
+    async def handle(self, _: web.Request) -> web.Response:
+        return web.Response(text=self.render(), content_type="text/plain")
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[tuple[Any, ApiClient]]:
+    async with emulated_cluster() as (emulator, url), running_operator(url), api_client(url) as api:
+        yield emulator, api
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[tuple[MetricsStub, int]]:
+    metrics = MetricsStub()
+    app = web.Application()
+    app.router.add_get("/metrics", metrics.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield metrics, port
+    finally:
+        await runner.cleanup()
+
+
+def serving(name: str = "gpt", **spec: Any) -> dict[str, Any]:
+    body = {"model": {"pvc": {"claimName": "models"}}, "gpu": False, **spec}
+    return {"apiVersion": "capstan.dev/v1alpha1", "kind": "ModelServing",
+            "metadata": {"name": name, "namespace": NS}, "spec": body}
+
+
+async def status(api: ApiClient, name: str = "gpt") -> dict[str, Any]:
+    obj = await api.get(MODELSERVINGS, NS, name)
+    return (obj or {}).get("status") or {}
+
+
+async def deployments(api: ApiClient) -> dict[str, dict[str, Any]]:
+    deps = await api.list_objects(DEPLOYMENTS, NS, {LABEL_SERVING: "gpt"})
+    return {d["metadata"]["name"]: d for d in deps}
+
+
+async def make_ready(api: ApiClient, name: str) -> None:
+    """Play the Deployment controller: every wanted replica is ready."""
+    dep = await api.get(DEPLOYMENTS, NS, name)
+    assert dep is not None
+    n = dep["spec"].get("replicas", 1)
+    await api.patch_status(DEPLOYMENTS, NS, name, {"replicas": n, "readyReplicas": n, "availableReplicas": n})
+
+
+async def canary_pod(api: ApiClient, revision: str, port: int) -> None:
+    """Play the kubelet: one ready canary pod at 127.0.0.1:<port>."""
+    pod = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"{revision}-pod", "namespace": NS,
+                     "labels": {LABEL_SERVING: "gpt", LABEL_REVISION: revision}},
+        "spec": {"containers": [{"name": "server", "image": "x", "ports": [{"name": "http", "containerPort": port}]}]},
+    }
+    await api.create(pod)
+    await api.patch_status(PODS, NS, pod["metadata"]["name"], {
+        "phase": "Running", "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}],
+    })
+
+
+async def wait_status(api: ApiClient, check: Any, what: str, timeout: float = 15) -> dict[str, Any]:
+    async def probe() -> dict[str, Any] | None:
+        st = await status(api)
+        return st if check(st) else None
+    return await wait_for(probe, timeout=timeout, what=what)
+
+
+async def test_create_makes_deployment_services_hpa(cluster: tuple[Any, ApiClient]) -> None:
+    _, api = cluster
+    await api.create(serving(autoscaling={"minReplicas": 2, "maxReplicas": 6, "target": 8}))
+    deps = await wait_for(lambda: deployments(api), what="a revision Deployment")
+    (rev,) = deps
+    assert rev.startswith("gpt-")
+    svcs = {s["metadata"]["name"] for s in await api.list_objects(SERVICES, NS, {LABEL_SERVING: "gpt"})}
+    assert svcs == {"gpt", rev}
+    hpa = await api.get(HPAS, NS, rev)
+    assert hpa is not None and hpa["spec"]["minReplicas"] == 2 and hpa["spec"]["maxReplicas"] == 6
+    await api.patch_status(DEPLOYMENTS, NS, rev, {"replicas": 2, "readyReplicas": 2})
+    st = await wait_status(api, lambda s: s.get("phase") == "Ready", "Ready")
+    assert st["url"] == "http://gpt.default.svc"
+    assert st["stableRevision"] == rev and st["replicas"] == 2
+    assert st["selector"] == f"{LABEL_SERVING}=gpt"
+
+
+async def test_canary_steps_then_rollback_on_failing_analysis(
+    cluster: tuple[Any, ApiClient], stub: tuple[MetricsStub, int]
+) -> None:
+    _, api = cluster
+    metrics, port = stub
+    rollout = {"steps": [{"weight": 25, "pause": "1s"}, {"weight": 50, "pause": "1s"}],
+               "analysis": {"maxErrorRate": 0.05, "minRequests": 50}}
+    body = serving(replicas=4, port=port, rollout=rollout)
+    await api.create(body)
+    (stable,) = await wait_for(lambda: deployments(api), what="stable Deployment")
+    await make_ready(api, stable)
+    await wait_status(api, lambda s: s.get("phase") == "Ready", "stable Ready")
+
+    # Spec change → canary; healthy metrics pass step 1.
+    obj = await api.get(MODELSERVINGS, NS, "gpt")
+    assert obj is not None
+    new = copy.deepcopy(obj["spec"])
+    new["env"] = [{"name": "VERSION", "value": "2"}]
+    await api.patch(MODELSERVINGS, NS, "gpt", {"spec": new})
+    deps = await wait_for(lambda: _two(api), what="canary Deployment")
+    (canary,) = set(deps) - {stable}
+    assert deps[canary]["spec"]["replicas"] == 1  # ceil(4 x 25%)
+    await make_ready(api, canary)
+    await canary_pod(api, canary, port)
+    st = await wait_status(api, lambda s: _weights(s) == {stable: 75, canary: 25}, "step 1 at 25%")
+    assert st["canaryRevision"] == canary and st["phase"] == "Progressing"
+
+    # Step 2 scales the canary up first, then shifts traffic; now the canary starts failing.
+    await wait_for(lambda: _replicas(api, canary, 2), what="canary scaled to 2")
+    metrics.errors = 10
+    await make_ready(api, canary)
+    st = await wait_status(api, lambda s: s.get("canaryRevision") is None, "rollback", timeout=20)
+    assert st["stableRevision"] == stable
+    assert canary in st["failedRevisions"]
+    rolled = next(c for c in st["conditions"] if c["type"] == "RolledBack")
+    assert rolled["status"] == "True"
+    assert "error rate 10.0% > 5.0% over" in rolled["message"]
+    assert rolled["message"].endswith("requests at step 2 (weight 50%)")
+    await wait_for(lambda: _gone(api, canary), what="canary Deployment deleted")
+    assert _weights(await status(api)) == {stable: 100}
+
+
+async def _two(api: ApiClient) -> dict[str, dict[str, Any]] | None:
+    deps = await deployments(api)
+    return deps if len(deps) == 2 else None
+
+
+async def _replicas(api: ApiClient, name: str, n: int) -> bool:
+    dep = await api.get(DEPLOYMENTS, NS, name)
+    return dep is not None and dep["spec"].get("replicas") == n
+
+
+async def _gone(api: ApiClient, name: str) -> bool:
+    return await api.get(DEPLOYMENTS, NS, name) is None
+
+
+def _weights(st: dict[str, Any]) -> dict[str, int]:
+    return {r["name"]: r.get("weight", 0) for r in st.get("revisions") or []}

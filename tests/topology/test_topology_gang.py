@@ -1,6 +1,7 @@
 import pytest
-from capstan.topology import GangRequest, build_inventory, place_gang
 from topo_fixtures import hgx_cluster, node, nvl72_cluster, pod
+
+from capstan.topology import GangRequest, build_inventory, place_gang
 
 
 def _fill(nodes: dict[str, int]) -> list[dict]:
@@ -83,7 +84,8 @@ def test_reasons_per_node() -> None:
 
 def test_rdma_and_exclusions() -> None:
     nodes = [node("a"), node("cordoned", cordoned=True, rdma=True), node("down", ready=False, rdma=True),
-             node("tainted", rdma=True, taints=[{"key": "dedicated", "value": "infer", "effect": "NoSchedule"}]),
+             node("tainted", rdma=True,
+                  taints=[{"key": "dedicated", "value": "infer", "effect": "NoSchedule"}]),
              node("soft", taints=[{"key": "x", "effect": "PreferNoSchedule"}])]
     inv = build_inventory(nodes, [])
     res = place_gang(inv, GangRequest("g", 1, 8, needs_rdma=True))
@@ -104,7 +106,8 @@ def test_no_schedulable_node_reason_counts() -> None:
 
 
 def test_cpu_gang_uses_cpu_nodes_first() -> None:
-    inv = build_inventory([node("gpu", 8), node("cpu1", 0), node("cpu2", 0), node("off", 0, cordoned=True)], [])
+    nodes = [node("gpu", 8), node("cpu1", 0), node("cpu2", 0), node("off", 0, cordoned=True)]
+    inv = build_inventory(nodes, [])
     res = place_gang(inv, GangRequest("cpu", 3, 0))
     assert res.placed and res.nodes == ["cpu1", "cpu1", "cpu2"]
     assert inv.allocate(res).free_gpus == 8

@@ -1,5 +1,6 @@
-from capstan.topology import build_inventory, parse_count, pod_gpu_request, tolerates
 from topo_fixtures import node, nvl72_cluster, pod
+
+from capstan.topology import build_inventory, parse_count, pod_gpu_request, tolerates
 
 
 def test_parse_count() -> None:

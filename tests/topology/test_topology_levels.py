@@ -1,4 +1,5 @@
 import pytest
+
 from capstan.topology import DEFAULT_LEVELS, LEVELS_ENV, levels_from_env, parse_levels
 
 

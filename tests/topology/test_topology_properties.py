@@ -1,5 +1,9 @@
 """Property tests: capacity is never overcommitted, gangs are whole, Required holds, heads don't starve."""
 
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+from topo_fixtures import node, pod
+
 from capstan.topology import (
     DEFAULT_LEVELS,
     GangRequest,
@@ -10,9 +14,6 @@ from capstan.topology import (
     place_gang,
     schedule_queue,
 )
-from hypothesis import HealthCheck, given, note, settings
-from hypothesis import strategies as st
-from topo_fixtures import node, pod
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -1,9 +1,18 @@
-from capstan.topology import GangRequest, RunningGang, build_inventory, place_gang, queue_order, schedule_queue
 from topo_fixtures import hgx_cluster
+
+from capstan.topology import (
+    GangRequest,
+    RunningGang,
+    build_inventory,
+    place_gang,
+    queue_order,
+    schedule_queue,
+)
 
 
 def test_queue_order_priority_then_age() -> None:
-    reqs = [GangRequest("old-low", 1, 1, submitted=0), GangRequest("new-high", 1, 1, priority=10, submitted=5),
+    reqs = [GangRequest("old-low", 1, 1, submitted=0),
+            GangRequest("new-high", 1, 1, priority=10, submitted=5),
             GangRequest("old-high", 1, 1, priority=10, submitted=1)]
     assert [r.name for r in queue_order(reqs)] == ["old-high", "new-high", "old-low"]
 

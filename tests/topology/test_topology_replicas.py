@@ -1,5 +1,6 @@
-from capstan.topology import build_inventory, place_replicas
 from topo_fixtures import hgx_cluster, nvl72_cluster
+
+from capstan.topology import build_inventory, place_replicas
 
 
 def test_tp_replicas_on_single_nodes() -> None:

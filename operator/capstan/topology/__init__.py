@@ -12,7 +12,7 @@ For many gangs use :func:`schedule_queue` (priority, age, backfill with a head r
 No I/O and no Kubernetes client here; results are deterministic.
 """
 
-from .gang import POLICIES, GangRequest, PlacementResult, Policy, place_gang
+from .gang import POLICIES, GangRequest, PlacementResult, Policy, place_gang, place_when_freed
 from .inventory import Inventory, NodeInfo, build_inventory, parse_count, pod_gpu_request, tolerates
 from .levels import (
     CLUSTER_LEVEL,
@@ -50,6 +50,7 @@ __all__ = [
     "parse_levels",
     "place_gang",
     "place_replicas",
+    "place_when_freed",
     "pod_gpu_request",
     "queue_order",
     "schedule_queue",

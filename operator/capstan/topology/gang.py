@@ -215,7 +215,8 @@ def _span(inv: Inventory, idx: list[int]) -> tuple[str, str, str]:
 def _place_cpu(inv: Inventory, req: GangRequest, elig: list[bool]) -> PlacementResult:
     """CPU workers: one per node round-robin; only on GPU-less nodes if any (keep GPUs for GPU work)."""
     topo = inv._topo
-    cands = [i for i, e in enumerate(elig) if e and topo.alloc[i] == 0] or [i for i, e in enumerate(elig) if e]
+    cands = ([i for i, e in enumerate(elig) if e and topo.alloc[i] == 0]
+             or [i for i, e in enumerate(elig) if e])
     if not cands:
         return PlacementResult(req.name, False, gpus_per_worker=0, reason=_no_node_reason(inv, req))
     assign = [(cands[r % len(cands)], 1) for r in range(req.workers)]
@@ -291,3 +292,75 @@ def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int
     else:
         msg += "; waiting for GPUs to free up"
     return out(msg)
+
+
+def place_when_freed(inventory: Inventory, request: GangRequest) -> tuple[PlacementResult, int]:
+    """Where a gang that does not fit now should wait: the placement needing the fewest busy GPUs.
+
+    Considers capacity as if every GPU were free, at the narrowest level the policy allows where
+    one domain could hold the gang, and picks the domain (then nodes) with the most workers that
+    fit *now*, so the fewest GPUs held by others must be released first. Returns the placement
+    and that number of GPUs still held by others; ``placed`` is false only if the gang cannot fit
+    even on an idle cluster. Used for the queue head's reservation when run times are unknown.
+    """
+    _validate(inventory, request)
+    topo = inventory._topo
+    gpw, want = request.gpus_per_worker, request.workers
+    if gpw == 0:
+        res = place_gang(inventory, request)
+        return res, 0
+    elig = inventory._eligible(request.tolerations, request.needs_rdma, request.gpu_product)
+    used = inventory._used
+    cap_all = [a // gpw if e else 0 for a, e in zip(topo.alloc, elig, strict=True)]
+    free = [a - u if e and a > u else 0 for a, u, e in zip(topo.alloc, used, elig, strict=True)]
+    cap_now = [f // gpw for f in free]
+    cand = [i for i, c in enumerate(cap_all) if c]
+    nlev = len(topo.levels)
+    if sum(cap_all[i] for i in cand) < want:
+        return _never_fits(inventory, request, cand)
+    if request.policy == "None":
+        levels = [nlev]
+    elif request.policy == "Required":
+        levels = list(range(inventory.levels.index(request.max_domain) + 1))
+    else:
+        levels = list(range(nlev + 1))
+    for li in levels:
+        dom = topo.dom_of[li] if li < nlev else [0] * len(topo.nodes)
+        n_dom = len(topo.dom_keys[li]) if li < nlev else 1
+        tot, now, fr = [0] * n_dom, [0] * n_dom, [0] * n_dom
+        for i in cand:
+            tot[dom[i]] += cap_all[i]
+            now[dom[i]] += cap_now[i]
+            fr[dom[i]] += free[i]
+        fits = [d for d in range(n_dom) if tot[d] >= want]
+        if not fits:
+            continue
+        best = min(fits, key=lambda d: (max(0, want - now[d]), fr[d], d))
+        members = [i for i in cand if dom[i] == best]
+        taken: dict[int, int] = {}
+        n_now = min(want, now[best])
+        if n_now:
+            for i, k in _fill([(i, cap_now[i], free[i], i) for i in members if cap_now[i]], n_now):
+                taken[i] = k
+        rem = want - n_now
+        # the rest waits on the nodes with the fewest GPUs held by others
+        for i in sorted(members, key=lambda i: (used[i], i)):
+            if rem <= 0:
+                break
+            k = min(rem, cap_all[i] - taken.get(i, 0))
+            if k > 0:
+                taken[i] = taken.get(i, 0) + k
+                rem -= k
+        missing = sum(max(0, k * gpw - free[i]) for i, k in taken.items())
+        order = sorted(taken, key=lambda i: (*[topo.dom_keys[lj][topo.dom_of[lj][i]]
+                                               for lj in range(nlev - 1, -1, -1)], i))
+        return _result(inventory, request, [(i, taken[i]) for i in order]), missing
+    return _never_fits(inventory, request, cand)  # Required and no allowed domain is big enough
+
+
+def _never_fits(inv: Inventory, req: GangRequest, cand: list[int]) -> tuple[PlacementResult, int]:
+    idle = inv.add_usage({inv._topo.nodes[i].name: -inv._used[i] for i in cand})
+    res = place_gang(idle, req)
+    if res.placed:  # only ineligible nodes were busy; cannot happen, kept for safety
+        res = PlacementResult(req.name, False, gpus_per_worker=req.gpus_per_worker, reason="does not fit")
+    return res, 0

@@ -2,12 +2,14 @@
 
 Order: priority (high first), then submission time, then name. Gangs are placed in order until
 one does not fit: that one is the *head*. The head gets a reservation: the GPUs it would get
-soonest, found by releasing running gangs in order of expected end (unknown ends: oldest start
-first) until it fits. Gangs behind the head may start (backfill) only on GPUs outside the
-reservation, or anywhere if their declared duration ends before the head's expected start.
-Because backfill never takes reserved GPUs and running gangs eventually end, the head is never
-starved. Pass the head's previous reservation back in so it stays put between passes (a
-reservation that moves every pass could be chased forever).
+soonest. With every running gang's expected end known, running gangs are released in that order
+until the head fits; otherwise the reservation is the placement that waits on the fewest GPUs
+held by others (``place_when_freed``). Gangs behind the head may start (backfill) only on GPUs
+outside the reservation, or anywhere if their declared duration ends before the head's expected
+start. Because backfill never takes reserved GPUs and running gangs eventually end, the head is
+never starved. Pass the head's previous reservation back in: it is kept between passes and only
+moves to a placement waiting on strictly fewer busy GPUs (a reservation that moved freely could
+be chased forever).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .gang import GangRequest, PlacementResult, place_gang
+from .gang import GangRequest, PlacementResult, place_gang, place_when_freed
 from .inventory import Inventory, _freeze
 
 
@@ -148,14 +150,31 @@ def _shape(req: GangRequest) -> object:
 
 def _reserve(start: Inventory, inv: Inventory, head: GangRequest, running: Sequence[RunningGang],
              previous: Reservation | None, parent_tiebreak: bool) -> Reservation | None:
-    """The head's reservation: the previous one if still usable, else the soonest placement.
+    """The head's reservation: the previous one while still usable, else the soonest placement.
 
-    Returns None only if the head cannot fit even on an empty cluster (it blocks nobody then).
+    Returns None only if the head cannot fit even on an idle cluster (it blocks nobody then).
     """
+    known = bool(running) and all(r.expected_end is not None for r in running)
     if previous is not None and previous.head == head.name and _still_usable(start, head, previous):
-        return previous
-    order = sorted(running, key=lambda r: (r.expected_end is None, r.expected_end or 0.0, r.started,
-                                           r.result.name))
+        if known:
+            return previous
+        # unknown run times: move only to a placement that waits on strictly fewer busy GPUs, so
+        # the number of GPUs the head waits for never grows and moves are finite
+        res, missing = place_when_freed(inv, head)
+        held = sum(max(0, g - inv.free(n)) for n, g in previous.gpus_by_node().items())
+        return Reservation(head.name, res, None) if res.placed and missing < held else previous
+    if known:
+        rsv = _reserve_by_end_times(inv, head, running, parent_tiebreak)
+        if rsv is not None:
+            return rsv
+    res, _ = place_when_freed(inv, head)
+    return Reservation(head.name, res, None) if res.placed else None
+
+
+def _reserve_by_end_times(inv: Inventory, head: GangRequest, running: Sequence[RunningGang],
+                          parent_tiebreak: bool) -> Reservation | None:
+    """Release running gangs in order of expected end until the head fits: the soonest slot."""
+    order = sorted(running, key=lambda r: (r.expected_end or 0.0, r.started, r.result.name))
     deltas = [{n: -g for n, g in r.result.gpus_by_node().items()} for r in order]
 
     def after(k: int) -> Inventory:
@@ -167,20 +186,16 @@ def _reserve(start: Inventory, inv: Inventory, head: GangRequest, running: Seque
 
     # fitting is monotone in releases (free GPUs only grow), so binary search the prefix
     lo, hi = 1, len(order)
-    if hi and place_gang(after(hi), head, parent_tiebreak=parent_tiebreak).placed:
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if place_gang(after(mid), head, parent_tiebreak=parent_tiebreak).placed:
-                hi = mid
-            else:
-                lo = mid + 1
-        res = place_gang(after(lo), head, parent_tiebreak=parent_tiebreak)
-        return Reservation(head.name, res, order[lo - 1].expected_end)
-    # GPUs held by something we were not told about: reserve where it fits on an empty cluster;
-    # those holders end eventually and backfill cannot take their place.
-    empty = inv.add_usage({n.name: -inv.used(n.name) for n in inv.nodes})
-    res = place_gang(empty, head, parent_tiebreak=parent_tiebreak)
-    return Reservation(head.name, res, None) if res.placed else None
+    if not place_gang(after(hi), head, parent_tiebreak=parent_tiebreak).placed:
+        return None  # something we were not told about holds GPUs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if place_gang(after(mid), head, parent_tiebreak=parent_tiebreak).placed:
+            hi = mid
+        else:
+            lo = mid + 1
+    res = place_gang(after(lo), head, parent_tiebreak=parent_tiebreak)
+    return Reservation(head.name, res, order[lo - 1].expected_end)
 
 
 def _still_usable(inv: Inventory, head: GangRequest, rsv: Reservation) -> bool:

@@ -74,8 +74,12 @@ async def stub() -> AsyncIterator[tuple[MetricsStub, int]]:
 
 def serving(name: str = "gpt", **spec: Any) -> dict[str, Any]:
     body = {"model": {"pvc": {"claimName": "models"}}, "gpu": False, **spec}
-    return {"apiVersion": "capstan.dev/v1alpha1", "kind": "ModelServing",
-            "metadata": {"name": name, "namespace": NS}, "spec": body}
+    return {
+        "apiVersion": "capstan.dev/v1alpha1",
+        "kind": "ModelServing",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": body,
+    }
 
 
 async def status(api: ApiClient, name: str = "gpt") -> dict[str, Any]:
@@ -99,21 +103,37 @@ async def make_ready(api: ApiClient, name: str) -> None:
 async def canary_pod(api: ApiClient, revision: str, port: int) -> None:
     """Play the kubelet: one ready canary pod at 127.0.0.1:<port>."""
     pod = {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": f"{revision}-pod", "namespace": NS,
-                     "labels": {LABEL_SERVING: "gpt", LABEL_REVISION: revision}},
-        "spec": {"containers": [{"name": "server", "image": "x", "ports": [{"name": "http", "containerPort": port}]}]},
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{revision}-pod",
+            "namespace": NS,
+            "labels": {LABEL_SERVING: "gpt", LABEL_REVISION: revision},
+        },
+        "spec": {
+            "containers": [
+                {"name": "server", "image": "x", "ports": [{"name": "http", "containerPort": port}]}
+            ]
+        },
     }
     await api.create(pod)
-    await api.patch_status(PODS, NS, pod["metadata"]["name"], {
-        "phase": "Running", "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}],
-    })
+    await api.patch_status(
+        PODS,
+        NS,
+        pod["metadata"]["name"],
+        {
+            "phase": "Running",
+            "podIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    )
 
 
 async def wait_status(api: ApiClient, check: Any, what: str, timeout: float = 15) -> dict[str, Any]:
     async def probe() -> dict[str, Any] | None:
         st = await status(api)
         return st if check(st) else None
+
     return await wait_for(probe, timeout=timeout, what=what)
 
 
@@ -139,8 +159,10 @@ async def test_canary_steps_then_rollback_on_failing_analysis(
 ) -> None:
     _, api = cluster
     metrics, port = stub
-    rollout = {"steps": [{"weight": 25, "pause": "1s"}, {"weight": 50, "pause": "1s"}],
-               "analysis": {"maxErrorRate": 0.05, "minRequests": 50}}
+    rollout = {
+        "steps": [{"weight": 25, "pause": "1s"}, {"weight": 50, "pause": "1s"}],
+        "analysis": {"maxErrorRate": 0.05, "minRequests": 50},
+    }
     body = serving(replicas=4, port=port, rollout=rollout)
     await api.create(body)
     (stable,) = await wait_for(lambda: deployments(api), what="stable Deployment")

@@ -48,21 +48,30 @@ def _is_error(code: str) -> bool:
     return not code.startswith("2")
 
 
+def _base(name: str) -> str:
+    return name.removesuffix("_total")
+
+
 def parse_sample(text: str, names: MetricNames) -> PodSample:
     """The figures ``names`` points at in one pod's exposition ``text`` (missing series count as 0)."""
     requests = errors = 0.0
     buckets: dict[float, float] = {}
+    # Counters are matched with or without "_total": the parser adds it to a counter sample the
+    # exposition wrote without it (TGI's Rust exporter: "tgi_request_count"), and keeps it on
+    # samples whose TYPE line named the family without it.
+    want_requests, want_errors = _base(names.requests), _base(names.errors)
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if names.request_filter is not None:
-                label, prefix = names.request_filter
-                if s.name.startswith(names.requests) and not s.labels.get(label, "").startswith(prefix):
-                    continue
-            if s.name == names.requests:
+            name = _base(s.name)
+            if name == want_requests:
+                if names.request_filter is not None:
+                    label, prefix = names.request_filter
+                    if not s.labels.get(label, "").startswith(prefix):
+                        continue
                 requests += s.value
                 if names.code_label and _is_error(s.labels.get(names.code_label, "")):
                     errors += s.value
-            elif names.errors and s.name == names.errors:
+            elif want_errors and name == want_errors:
                 errors += s.value
             elif s.name == f"{names.latency}_bucket":
                 le = float(s.labels.get("le", "+Inf"))

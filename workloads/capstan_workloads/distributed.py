@@ -31,11 +31,6 @@ class DistEnv:
         return self.rank == 0
 
 
-def under_torchrun() -> bool:
-    """True in a worker process that torchrun (or any launcher setting RANK/WORLD_SIZE) started."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
-
-
 def init_distributed(timeout_s: float) -> DistEnv:
     """Join the gang: NCCL for CUDA tensors (gloo for CPU ones), gloo alone on CPU-only hosts."""
     local_rank = int(os.environ["LOCAL_RANK"])

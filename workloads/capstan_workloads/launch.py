@@ -37,6 +37,8 @@ def exit_code_of(worker_codes: list[int]) -> int:
 
 def launch(module: str, argv: list[str]) -> int:
     """Start ``python -m module *argv`` as this node's torchrun workers; return the exit code."""
+    logging.basicConfig(level=logging.INFO, format="[launcher] %(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout)
     flags: list[str] = []
     if "PET_MASTER_ADDR" not in os.environ and "PET_RDZV_ENDPOINT" not in os.environ:
         flags.append("--standalone")  # a single machine with no rendezvous given: a local gang

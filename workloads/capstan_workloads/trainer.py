@@ -1,0 +1,200 @@
+"""The training loop of one torchrun worker (see :mod:`capstan_workloads.train` for the entry point)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import CheckpointManager, RNGState, TrainState, rng_key, step_dir_name
+from .data import DataStream, TokenWindows, load_corpus
+from .distributed import DistEnv, agree_any, broadcast_object, grad_sync, init_distributed, unwrap, wrap_model
+from .exitcodes import EXIT_OK, EXIT_PREEMPTED
+from .export import full_state_dict, write_export
+from .metrics import TrainMetrics
+from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("capstan.train")
+
+
+def setup_logging(rank: int, who: str | None = None) -> None:
+    """Progress to stdout on rank 0; only warnings and errors from the other ranks."""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[{who or f'rank{rank}'}] %(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
+
+
+def lr_lambda(warmup: int, total: int) -> Any:
+    """Linear warmup to 1, then cosine decay to 0.1 at ``total``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class Preemption:
+    """Remembers a SIGTERM; the loop finishes its step, checkpoints and exits EXIT_PREEMPTED."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.requested:  # torchrun may forward the signal more than once
+            log.warning("SIGTERM: finishing this step, then checkpointing and exiting %d", EXIT_PREEMPTED)
+        self.requested = True
+
+
+def train(args: argparse.Namespace, env: DistEnv) -> int:
+    """The training loop of one worker; returns its exit code."""
+    preemption = Preemption()
+    restart = os.environ.get("CAPSTAN_RESTART_COUNT", "0")
+
+    # Same corpus and tokenizer on every rank: both are pure functions of the flags.
+    text = load_corpus(args.corpus, args.corpus_chars)
+    tokenizer = Tokenizer.build([text])
+    dataset = TokenWindows.from_text(text, tokenizer, args.seq_len)
+    stream = DataStream(dataset, args.batch_size, env.rank, env.world_size, args.seed)
+
+    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.seq_len, n_layer=args.n_layer,
+                    n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+    torch.manual_seed(args.seed)  # identical init on every rank, and across runs
+    with torch.device(env.device):
+        gpt = GPT(cfg)
+    torch.manual_seed(args.seed + 1 + env.rank)  # per-rank streams for dropout
+    model = wrap_model(gpt, args.strategy, env)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps))
+    app = TrainState(model, optimizer, scheduler, stream)
+    state: dict[str, Any] = {"app": app, rng_key(env.rank): RNGState()}
+
+    metrics = TrainMetrics()
+    if env.is_main:
+        args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        log.info("model: %s parameters (%s), world size %d on %s, strategy %s, restart %s",
+                 f"{gpt.num_params():,}", json.dumps(vars(cfg)), env.world_size, env.device.type,
+                 args.strategy, restart)
+
+    def on_commit(step: int, seconds: float) -> None:
+        metrics.committed(step, seconds)
+        log.info("checkpoint %s committed (%.2fs after it started)", step_dir_name(step), seconds)
+
+    ckpt = CheckpointManager(args.checkpoint_dir, args.keep, env.rank, io_threads=args.checkpoint_threads,
+                             checksums=not args.no_checksums, on_commit=on_commit)
+    resume_from = None
+    if args.resume == "latest":
+        found = ckpt.find_resumable() if env.is_main else None
+        resume_from = broadcast_object(str(found) if found else None)
+        if resume_from:
+            ckpt.load(Path(str(resume_from)), state)
+            log.info("resumed from %s (step %d)", Path(str(resume_from)).name, app.step)
+    if env.is_main:
+        metrics.serve(args.metrics_port)
+
+    loss_log: TextIO | None = args.loss_log.open("a") if env.is_main else None
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * env.world_size
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda"
+                else contextlib.nullcontext())
+    last_saved = app.step if resume_from else None
+    stopped = False
+    model.train()
+    while app.step < args.steps:
+        t0 = time.perf_counter()
+        losses = []
+        for micro in range(args.grad_accum):
+            x, y = stream.next_batch()
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            with grad_sync(model, micro == args.grad_accum - 1), autocast:
+                _, loss = model(x, y)
+                assert loss is not None
+                (loss / args.grad_accum).backward()
+            losses.append(loss.detach())
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        app.step += 1
+        loss_sum = torch.stack(losses).float().mean().item()
+        # Every rank must stop at the same step, or the survivors would hang in the next collective.
+        stopped, loss_mean = agree_any(preemption.requested, loss_sum, env.device)
+        dt = time.perf_counter() - t0
+        if env.is_main:
+            metrics.step.set(app.step)
+            metrics.loss.set(loss_mean)
+            metrics.tokens.inc(tokens_per_step)
+            metrics.tokens_per_second.set(tokens_per_step / dt)
+            metrics.step_seconds.observe(dt)
+            assert loss_log is not None
+            record = {"step": app.step, "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
+                      "tokens_per_s": round(tokens_per_step / dt), "restart": restart}
+            loss_log.write(json.dumps(record) + "\n")
+            loss_log.flush()
+            if app.step % args.log_every == 0 or app.step in (1, args.steps):
+                log.info("step %d/%d | loss %.4f | %s tok/s | %.1f ms/step | lr %.2e", app.step, args.steps,
+                         loss_mean, f"{tokens_per_step / dt:,.0f}", dt * 1e3, scheduler.get_last_lr()[0])
+        periodic = args.checkpoint_every and app.step % args.checkpoint_every == 0
+        if stopped or periodic or app.step == args.steps:
+            stall = ckpt.save(app.step, state)
+            last_saved = app.step
+            metrics.checkpoint_stall_seconds.observe(stall)
+            log.info("checkpoint %s started; training stalled %.3fs", step_dir_name(app.step), stall)
+        if stopped:
+            break
+
+    if last_saved != app.step:  # e.g. resumed at the end
+        ckpt.save(app.step, state)
+    ckpt.close()
+    if loss_log is not None:
+        loss_log.close()
+    if stopped:
+        if env.is_main:
+            log.warning("preempted after step %d: checkpoint %s is committed; exiting %d (restart without "
+                        "counting a failure)", app.step, step_dir_name(app.step), EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
+
+    weights = full_state_dict(model)  # a collective under FSDP: every rank takes part
+    if env.is_main:
+        write_export(weights, unwrap(model).cfg, tokenizer, args.export_dir)
+        log.info("done: %d steps; exported model to %s (model.safetensors, config.json, tokenizer.json)",
+                 app.step, args.export_dir.resolve())
+    return EXIT_OK
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """One torchrun worker: join the gang, train, leave."""
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    env = init_distributed(args.dist_timeout)
+    code = train(args, env)
+    dist.barrier()
+    dist.destroy_process_group()
+    return code
+
+

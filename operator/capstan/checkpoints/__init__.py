@@ -1,0 +1,1 @@
+"""Checkpoint snapshots: CSI VolumeSnapshots of a TrainingJob's checkpoint volume."""

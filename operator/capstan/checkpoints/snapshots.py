@@ -1,0 +1,187 @@
+"""Plan VolumeSnapshots of a TrainingJob's checkpoint PVC: when to take them and which to keep.
+
+Pure: (job, observed snapshots, snapshots in use, now) → snapshots to create and delete, the
+``status.checkpoints`` list and the ``CheckpointReady`` condition. Snapshots carry no
+ownerReference on purpose: they outlive the job (that is their point — a finished or deleted job
+can be continued or forked from one with ``restoreFrom``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from capstan.api.conditions import parse_time, rfc3339
+from capstan.api.trainingjob import CheckpointRecord, TrainingJob
+from capstan.naming import LABEL_JOB, common_labels, dns_label, label_value
+from capstan.training.pods import checkpoint_claim_name
+
+SNAPSHOT_API = "snapshot.storage.k8s.io/v1"
+LABEL_REASON = "capstan.dev/snapshot-reason"
+ANNOTATION_STEP = "capstan.dev/step"
+ANNOTATION_ATTEMPT = "capstan.dev/attempt"
+
+
+@dataclass
+class SnapshotPlan:
+    """What to do with snapshots in this reconcile."""
+
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    records: list[CheckpointRecord] = field(default_factory=list)
+    condition: tuple[bool, str, str] | None = None  # (status, reason, message) of CheckpointReady
+    requeue_after: float | None = None
+
+
+def snapshot_name(job: TrainingJob, reason: str, now: datetime, attempt: int) -> str:
+    """Deterministic name: repeated reconciles for the same trigger name the same snapshot."""
+    if reason == "Completion":
+        suffix = "-final"
+    elif reason == "Restart":
+        suffix = f"-restart-{attempt}"
+    else:
+        suffix = f"-{now.strftime('%Y%m%d%H%M')}"
+    return dns_label(job.metadata.name, suffix=f"-ckpt{suffix}")
+
+
+def volume_snapshot(job: TrainingJob, name: str, reason: str, step: int | None, attempt: int) -> dict[str, Any]:
+    """The VolumeSnapshot object of the job's checkpoint PVC."""
+    policy = job.spec.checkpoint.snapshots
+    claim = checkpoint_claim_name(job)
+    labels = {**common_labels("trainingjob", job.metadata.name, "checkpoint"), LABEL_REASON: reason}
+    labels[LABEL_JOB] = label_value(job.metadata.name)
+    annotations = {ANNOTATION_ATTEMPT: str(attempt)}
+    if step is not None:
+        annotations[ANNOTATION_STEP] = str(step)
+    spec: dict[str, Any] = {"source": {"persistentVolumeClaimName": claim}}
+    if policy is not None and policy.volume_snapshot_class_name:
+        spec["volumeSnapshotClassName"] = policy.volume_snapshot_class_name
+    return {
+        "apiVersion": SNAPSHOT_API,
+        "kind": "VolumeSnapshot",
+        "metadata": {
+            "name": name,
+            "namespace": job.metadata.namespace,
+            "labels": labels,
+            "annotations": annotations,
+        },
+        "spec": spec,
+    }
+
+
+def _ready(snap: dict[str, Any]) -> bool:
+    return bool((snap.get("status") or {}).get("readyToUse"))
+
+
+def _created(snap: dict[str, Any]) -> datetime | None:
+    meta = snap.get("metadata", {})
+    status = snap.get("status") or {}
+    return parse_time(status.get("creationTime")) or parse_time(meta.get("creationTimestamp"))
+
+
+def _record(snap: dict[str, Any]) -> CheckpointRecord:
+    meta = snap.get("metadata", {})
+    step = (meta.get("annotations") or {}).get(ANNOTATION_STEP)
+    when = _created(snap)
+    return CheckpointRecord(
+        name=meta.get("name", ""),
+        step=int(step) if step and step.isdigit() else None,
+        time=rfc3339(when) if when else None,
+        ready_to_use=_ready(snap),
+        reason=(meta.get("labels") or {}).get(LABEL_REASON),
+    )
+
+
+def _sort_key(snap: dict[str, Any]) -> tuple[float, str]:
+    when = _created(snap)
+    return (when.timestamp() if when else float("inf"), snap.get("metadata", {}).get("name", ""))
+
+
+def plan_snapshots(
+    job: TrainingJob,
+    snapshots: list[dict[str, Any]],
+    in_use: set[str],
+    now: datetime,
+    api_available: bool,
+    step: int | None = None,
+) -> SnapshotPlan:
+    """Decide snapshots for ``job`` (its phase and attempt are read from ``job.status``).
+
+    Triggers: every ``everyMinutes`` while Running, once per gang restart (before the new gang
+    writes), and once at completion. Retention keeps the newest ``keep`` ready snapshots, and never
+    deletes the newest ready one nor one that a ModelServing uses (``in_use``).
+    """
+    plan = SnapshotPlan()
+    policy = job.spec.checkpoint.snapshots
+    if policy is None or job.spec.checkpoint.volume is None:
+        return plan
+    if not api_available:
+        plan.condition = (
+            False,
+            "SnapshotAPIUnavailable",
+            "the cluster has no snapshot.storage.k8s.io/v1 VolumeSnapshot API; checkpoints stay on the "
+            "volume only (install the CSI snapshot CRDs and controller to keep them)",
+        )
+        return plan
+
+    ordered = sorted(snapshots, key=_sort_key)
+    names = {s["metadata"]["name"] for s in ordered}
+    phase, attempt = job.status.phase, job.status.attempt
+
+    def want(reason: str) -> None:
+        name = snapshot_name(job, reason, now, attempt)
+        if name not in names:
+            plan.create.append(volume_snapshot(job, name, reason, step, attempt))
+            names.add(name)
+
+    if phase in ("Succeeded", "Failed"):
+        want("Completion")
+    elif phase == "Restarting" and attempt > 0:
+        want("Restart")
+    elif phase == "Running":
+        scheduled = [s for s in ordered if (s["metadata"].get("labels") or {}).get(LABEL_REASON) == "Scheduled"]
+        last = _created(scheduled[-1]) if scheduled else parse_time(job.status.start_time)
+        due = (last or now) + timedelta(minutes=policy.every_minutes)
+        if scheduled and due <= now or (not scheduled and last is not None and due <= now):
+            want("Scheduled")
+            due = now + timedelta(minutes=policy.every_minutes)
+        plan.requeue_after = max((due - now).total_seconds(), 1.0)
+
+    ready = [s for s in ordered if _ready(s)]
+    keep = set(s["metadata"]["name"] for s in ready[-policy.keep :])
+    if ready:
+        keep.add(ready[-1]["metadata"]["name"])  # never the newest ready one, whatever keep says
+    for snap in ready:
+        name = snap["metadata"]["name"]
+        if name not in keep and name not in in_use and not snap["metadata"].get("deletionTimestamp"):
+            plan.delete.append(name)
+
+    plan.records = [_record(s) for s in ordered if s["metadata"]["name"] not in plan.delete]
+    plan.records += [_record(s) for s in plan.create]
+    if ready:
+        newest = _record(ready[-1])
+        at = f" at step {newest.step}" if newest.step is not None else ""
+        plan.condition = (True, "SnapshotReady", f"snapshot {newest.name}{at} is ready to use")
+    elif ordered or plan.create:
+        plan.condition = (False, "SnapshotPending", "waiting for the first snapshot to become ready")
+    return plan
+
+
+def snapshots_in_use(modelservings: list[dict[str, Any]], job_name: str) -> set[str]:
+    """Snapshot names that ModelServings of ``job_name`` serve from (never to be deleted)."""
+    used: set[str] = set()
+    for ms in modelservings:
+        spec = (ms.get("spec") or {}).get("model") or {}
+        ref = spec.get("fromTrainingJob") or {}
+        if ref.get("name") != job_name:
+            continue
+        if ref.get("checkpoint") and ref["checkpoint"] != "Latest":
+            used.add(ref["checkpoint"])
+        # Revisions record their model as "snapshot:<job>/<snapshot>" (serving.model_source).
+        prefix = f"snapshot:{job_name}/"
+        for rev in (ms.get("status") or {}).get("revisions") or []:
+            model = rev.get("model") or ""
+            if model.startswith(prefix):
+                used.add(model.removeprefix(prefix))
+    return used

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
-from capstan.api.loading import Resource
+from capstan.api.loading import InvalidResource, Resource
 from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob
+from capstan.naming import dns_label
 from capstan.training.pods import checkpoint_pvc, headless_service, worker_pod
 
 PREVIEW_UID = "00000000-0000-0000-0000-000000000000"
@@ -31,19 +33,41 @@ def render_trainingjob(job: TrainingJob) -> list[dict[str, Any]]:
     return objs
 
 
-def render_modelserving(ms: ModelServing) -> list[dict[str, Any]]:
-    """The first revision's objects, as the serving planner would create them."""
-    from capstan.serving import render as serving_render
+def _preview_training_job(ms: ModelServing, jobs: dict[str, TrainingJob]) -> dict[str, Any] | None:
+    """A stand-in for the TrainingJob a ModelServing serves from: its completion snapshot, ready."""
+    ref = ms.spec.model.from_training_job
+    if ref is None:
+        return None
+    job = jobs.get(ref.name)
+    volume = job.spec.checkpoint.volume.wire() if job and job.spec.checkpoint.volume else {"size": "10Gi"}
+    snap = ref.checkpoint
+    if snap == "Latest":
+        snap = dns_label(ref.name, suffix="-ckpt-final")
+    return {
+        "spec": {"checkpoint": {"volume": volume}},
+        "status": {"checkpoints": [{"name": snap, "readyToUse": True}]},
+    }
 
-    return serving_render.render_modelserving(_with_uid(ms))  # type: ignore[arg-type]
+
+def render_modelserving(ms: ModelServing, jobs: dict[str, TrainingJob] | None = None) -> list[dict[str, Any]]:
+    """The first revision's objects, as the serving planner would create them."""
+    from capstan.serving.plan import Observed, plan_modelserving
+
+    ms = _with_uid(ms)  # type: ignore[assignment]
+    observed = Observed(training_job=_preview_training_job(ms, jobs or {}))
+    plan = plan_modelserving(ms, observed, datetime.now(UTC))
+    if not plan.objects:
+        raise InvalidResource(f"ModelServing {ms.metadata.name!r}", [plan.status.message])
+    return plan.objects
 
 
 def render(resources: list[Resource]) -> list[dict[str, Any]]:
     """Objects for every resource, in file order."""
+    jobs = {r.metadata.name: r for r in resources if isinstance(r, TrainingJob)}
     out: list[dict[str, Any]] = []
     for res in resources:
         if isinstance(res, TrainingJob):
             out.extend(render_trainingjob(res))
         else:
-            out.extend(render_modelserving(res))
+            out.extend(render_modelserving(res, jobs))
     return out

@@ -31,13 +31,13 @@ def test_torchrun_env_points_every_rank_at_rank0(k8s_valid: Any) -> None:
     for rank, pod in enumerate(pods):
         k8s_valid(pod)
         env = env_of(pod)
-        assert env["MASTER_ADDR"] == "gpt-small-0.gpt-small.ml.svc"
+        assert env["MASTER_ADDR"] == "gpt-small-0.gpt-small-workers.ml.svc"
         assert env["PET_MASTER_ADDR"] == env["MASTER_ADDR"]
         assert (env["NNODES"], env["NODE_RANK"], env["NPROC_PER_NODE"]) == ("4", str(rank), "8")
         assert env["PET_NODE_RANK"] == str(rank) and env["MASTER_PORT"] == "29500"
         assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
         assert pod["spec"]["hostname"] == f"gpt-small-{rank}"
-        assert pod["spec"]["subdomain"] == "gpt-small"
+        assert pod["spec"]["subdomain"] == "gpt-small-workers"
         assert pod["spec"]["restartPolicy"] == "Never"
     # A new attempt gets a new rendezvous id.
     assert env_of(worker_pod(j, 0, 1))["PET_RDZV_ID"] != env_of(pods[0])["PET_RDZV_ID"]

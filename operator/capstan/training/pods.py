@@ -41,8 +41,12 @@ KUEUE_PREFERRED_TOPOLOGY = "kueue.x-k8s.io/podset-preferred-topology"
 
 
 def service_name(job: TrainingJob) -> str:
-    """Name of the headless Service (a DNS-1035 label) that gives workers stable DNS names."""
-    return dns_label(job.metadata.name)
+    """Name of the headless Service (a DNS-1035 label) that gives workers stable DNS names.
+
+    Suffixed so a ModelServing of the same name (serving what this job trained) can own the plain
+    name for its Service.
+    """
+    return dns_label(job.metadata.name, suffix="-workers")
 
 
 def worker_base(job: TrainingJob) -> str:

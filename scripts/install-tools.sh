@@ -95,9 +95,18 @@ install_promtool() {
   works promtool --version || { log "promtool at $found does not run"; return 1; }
 }
 
+# Optional: lua5.4 runs the Argo CD health checks of docs/gitops.md (tests skip without it).
+install_lua() {
+  command -v lua5.4 >/dev/null && return 0
+  [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null || return 0
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends lua5.4 >>/tmp/capstan-apt.log 2>&1 \
+    || log "optional lua5.4 not installed (the Lua health-check tests will skip)"
+}
+
 status=0
 install_helm_kubectl || status=1
 install_promtool || status=1
+install_lua
 if [[ $status -ne 0 ]]; then
   log "some tools are missing (see above); packaging tests that need them will be skipped"
   exit 1

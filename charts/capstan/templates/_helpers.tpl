@@ -79,23 +79,20 @@ makes against the API emulator (plus the commented allowlist there).
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, create, delete]
-# Headless rendezvous Services and serving Services, checkpoint PVCs, runtime ConfigMaps.
+# Headless rendezvous Services and serving Services, checkpoint PVCs.
 - apiGroups: [""]
-  resources: [services, persistentvolumeclaims, configmaps]
+  resources: [services, persistentvolumeclaims]
   verbs: [get, list, watch, create, patch, delete]
 # Events on every transition; a repeat is read and its count patched (kubectl-style aggregation).
 - apiGroups: [""]
   resources: [events]
   verbs: [get, create, patch]
-# ModelServing revisions, their autoscalers and disruption budgets.
+# ModelServing revisions and their autoscalers.
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
-  verbs: [get, list, watch, create, patch, delete]
-- apiGroups: [policy]
-  resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, patch, delete]
 # Checkpoint snapshots (CSI): taken on schedule, pruned to spec.checkpoint.snapshots.keep.
 - apiGroups: [snapshot.storage.k8s.io]

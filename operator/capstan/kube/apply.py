@@ -77,6 +77,7 @@ class Resource:
         return base
 
 
+NAMESPACES = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
 PODS = Resource("", "v1", "pods", "Pod")
 SERVICES = Resource("", "v1", "services", "Service")
 PVCS = Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
@@ -93,6 +94,7 @@ MODELSERVINGS = Resource("capstan.dev", "v1alpha1", "modelservings", "ModelServi
 _KINDS: dict[tuple[str, str], Resource] = {
     (r.api_version, r.kind): r
     for r in (
+        NAMESPACES,
         PODS,
         SERVICES,
         PVCS,

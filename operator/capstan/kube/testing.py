@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import contextvars
 import itertools
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -34,6 +35,7 @@ import jsonpatch
 import kmock
 import kopf
 import yaml
+from kmock._internal import parsing as _kmock_parsing
 from kmock._internal import rendering
 
 from capstan.kube.apply import PODS, ApiClient, matches_labels
@@ -63,6 +65,22 @@ BUILTIN_RESOURCES: list[tuple[str, str, bool, set[str]]] = [
     ("kopf.dev/v1/clusterkopfpeerings", "ClusterKopfPeering", False, set()),
 ]
 _VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
+
+
+def _parse_path(path: str) -> Any:
+    """kmock's URL parser, plus the core ``/api/v1/namespaces[/name[/sub]]`` URLs it misreads."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and (
+        len(parts) <= 4 or (len(parts) == 5 and parts[4] in ("status", "finalize"))
+    ):
+        name = parts[3] if len(parts) > 3 else None
+        sub = parts[4] if len(parts) > 4 else None
+        return _kmock_parsing.ParsedPath("", "v1", "namespaces", None, name, sub)
+    return _kmock_parse_path(path)
+
+
+_kmock_parse_path = _kmock_parsing.parse_path
+_kmock_parsing.parse_path = _parse_path
 
 
 @attrs.define(kw_only=True)
@@ -212,40 +230,53 @@ async def running_operator(
     connection: kopf.ConnectionInfo | None = None,
     concurrency: int | None = None,
     timeout_s: float = 20.0,
-) -> AsyncIterator[asyncio.Task[None]]:
-    """The real operator (:func:`capstan.kube.operator.serve`) on this event loop, stopped on exit."""
+) -> AsyncIterator[threading.Thread]:
+    """The real operator (:func:`capstan.kube.operator.serve`) while the context is open.
+
+    It runs in its own thread and event loop, like kopf's ``KopfRunner``: kopf treats every task
+    created on its loop after startup as its own and waits for them when it stops, which would
+    include the emulator's never-ending watch responses if they shared a loop.
+    """
     from capstan.kube.operator import serve
 
-    stop = asyncio.Event()
-    ready = asyncio.Event()
+    stop = threading.Event()
+    ready = threading.Event()
+    errors: list[BaseException] = []
     conn = connection or kopf.ConnectionInfo(server=url or "", insecure=True)
     ns = list(namespaces)
-    task = asyncio.create_task(
-        serve(
-            namespaces=ns,
-            clusterwide=not ns,
-            standalone=True,
-            metrics_port=None,
-            liveness_port=None,
-            connection=conn,
-            stop_flag=stop,
-            ready_flag=ready,
-            concurrency=concurrency,
-        )
-    )
-    ready_wait = asyncio.create_task(ready.wait())
-    done, _ = await asyncio.wait({task, ready_wait}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    ready_wait.cancel()
-    if task in done:
-        task.result()  # raises the startup failure
+
+    def run() -> None:
+        try:
+            asyncio.run(
+                serve(
+                    namespaces=ns,
+                    clusterwide=not ns,
+                    standalone=True,
+                    metrics_port=None,
+                    liveness_port=None,
+                    connection=conn,
+                    stop_flag=stop,
+                    ready_flag=ready,
+                    concurrency=concurrency,
+                )
+            )
+        except BaseException as exc:  # reported to the test below
+            errors.append(exc)
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=run, name="capstan-operator", daemon=True)
+    thread.start()
+    await asyncio.to_thread(ready.wait, timeout_s)
+    if errors:
+        raise errors[0]
     try:
-        yield task
+        yield thread
     finally:
         stop.set()
-        try:
-            await asyncio.wait_for(task, timeout_s)
-        except (TimeoutError, asyncio.CancelledError):
-            task.cancel()
+        await asyncio.to_thread(thread.join, timeout_s)
+        if errors:
+            raise errors[0]
 
 
 async def wait_for(

@@ -18,6 +18,13 @@ def _certs(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def test_import_installs_a_startup_hook() -> None:
+    ids = [h.id for h in kopf.get_default_registry()._activities.get_all_handlers()]
+    assert "capstan-admission" in ids
+    # ...which registers no webhook handler by itself (no certificate configured here).
+    assert kopf.get_default_registry()._webhooks.get_all_handlers() == []
+
+
 def test_off_without_cert_dir() -> None:
     settings, registry = kopf.OperatorSettings(), kopf.OperatorRegistry()
     assert configure_admission(settings, registry, env={}) is False

@@ -16,6 +16,8 @@ handler is registered and the Helm chart installs no MutatingWebhookConfiguratio
 The handlers are registered only by :func:`configure_admission` when a certificate directory is
 configured: a kopf operator that has admission handlers but no webhook server refuses to start,
 so the local runtime, tests and a chart installed with ``webhook.enabled=false`` get none.
+Importing this package (the operator imports it if present) adds a kopf startup handler that
+calls :func:`configure_admission`; calling it again from the operator's own startup is harmless.
 """
 
 from __future__ import annotations
@@ -24,12 +26,11 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
+
+import kopf
 
 from capstan.admission.validation import SKIP_CAPACITY_ANNOTATION, validate
-
-if TYPE_CHECKING:
-    import kopf
 
 __all__ = [
     "CERT_DIR_ENV",
@@ -70,8 +71,6 @@ def configure_admission(
     if not cert_dir:
         log.info("admission webhooks off: %s is not set", CERT_DIR_ENV)
         return False
-    import kopf
-
     from capstan.admission.handlers import register
 
     certfile, pkeyfile = Path(cert_dir) / "tls.crt", Path(cert_dir) / "tls.key"
@@ -89,3 +88,9 @@ def configure_admission(
     settings.admission.managed = env.get(MANAGED_ENV) or None
     log.info("admission webhooks on: port %s, certificate from %s", settings.admission.server.port, cert_dir)
     return True
+
+
+@kopf.on.startup(id="capstan-admission")
+async def _configure_on_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Wire the webhook server before kopf starts its root tasks (they wait for startup)."""
+    configure_admission(settings)

@@ -7,7 +7,9 @@ Policies (all see the same arrivals; a job's GPUs are held from start to end):
 * ``capstan``: ``capstan.topology.schedule_queue``: gangs all-or-nothing, smallest topology
   domain that fits (policy Preferred, from the NVLink domain up), BestFit with parent-domain
   tie-breaks; priority/FIFO order with EASY backfill around a sticky reservation for the head.
-  The scheduler is told nothing about run times (every ``expected_end`` is unknown).
+  Each job declares a run-time limit (true duration x U(1, 2), like Slurm ``--time``): the
+  head's reservation is the soonest slot by those limits, and a gang may backfill into reserved
+  GPUs when its limit ends before the head's expected start (EASY backfill).
 * ``tas_bestfit``: a Kueue-TAS-style baseline: the same placement engine with plain BestFit
   (ties by name, no parent tie-break), each gang all-or-nothing in the smallest fitting domain,
   queue ``BestEffortFIFO``: every pass walks the queue in submission order and starts every gang
@@ -59,6 +61,9 @@ POLICIES = ("capstan", "tas_bestfit", "spread", "random")
 # Job runtime multiplier by the narrowest domain holding all of a gang's nodes (assumption).
 SLOWDOWN = {"nvlink": 1.0, "rack": 1.15, "block": 1.3, "zone": 1.6, "cluster": 1.6}
 SPREAD_GIVEBACK_S = 900.0  # torchrun's default rendezvous timeout is 900 s
+RESERVE_AFTER_S = 3600.0  # capstan's starvation guard: reserve for a head once it waited this long
+# Users declare a run-time limit (like Slurm --time); capstan's queue uses it, the baselines do not.
+ESTIMATE_FACTOR = (1.0, 2.0)  # declared = true duration x U(1, 2)
 
 # Job size mix (GPUs -> probability). Assumption shaped after the public traces: Microsoft Philly
 # (Jeon et al., ATC'19: most jobs use 1 GPU, multi-node jobs are few but hold much of the GPU time)
@@ -174,13 +179,15 @@ class SimJob:
     level: str | None = None
     result: PlacementResult | None = None
     # spread only: pods bound so far and when the first was bound
+    estimate: float = 0.0  # the user's declared run time (capstan only)
     bound: list[str] = field(default_factory=list)
     first_bind: float | None = None
     givebacks: int = 0
 
-    def request(self, priority: int = 0) -> GangRequest:
+    def request(self, with_estimate: bool = False) -> GangRequest:
         return GangRequest(f"j{self.id:06d}", self.workers, self.gpw, policy="Preferred", max_domain="nvlink",
-                           priority=priority, submitted=self.submit)
+                           submitted=self.submit,
+                           expected_duration_s=self.estimate if with_estimate else None)
 
 
 def gang_shape(gpus: int, node_gpus: int) -> tuple[int, int]:
@@ -206,7 +213,9 @@ class Sim:
                 self.dropped += 1
                 continue
             w, g = gang_shape(tj.gpus, cluster.node_gpus)
-            self.jobs.append(SimJob(i, tj.submit, w * g, tj.duration, w, g))
+            # seeded per job, so every policy sees the same estimates
+            est = tj.duration * random.Random(seed * 1_000_003 + i).uniform(*ESTIMATE_FACTOR)
+            self.jobs.append(SimJob(i, tj.submit, w * g, tj.duration, w, g, estimate=est))
         self.events: list[tuple[float, int, str, int]] = []
         self._seq = 0
         for j in self.jobs:
@@ -267,9 +276,12 @@ class Sim:
         if not self.pending:
             return
         reqs = {j.request().name: j for j in self.pending}
-        running = [RunningGang(j.result, j.start or 0.0, None) for j in self.running.values() if j.result]
-        decisions = schedule_queue(self.inv, [j.request() for j in self.pending], running=running, now=now,
-                                   reservation=self.reservation)
+        running = [RunningGang(j.result, j.start or 0.0,
+                               (j.start or 0.0) + j.estimate * SLOWDOWN[j.level or "nvlink"])
+                   for j in self.running.values() if j.result]
+        decisions = schedule_queue(self.inv, [j.request(with_estimate=True) for j in self.pending],
+                                   running=running, now=now, reservation=self.reservation,
+                                   reserve_after_s=RESERVE_AFTER_S)
         self.reservation = None
         for d in decisions:
             if d.placed:
@@ -497,8 +509,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         f"sigma {DURATION_SIGMA}, clipped to {DURATION_CLIP_S}",
             "gang_shape": "jobs <= node GPUs: 1 worker; larger: ceil(gpus/node GPUs) workers x node GPUs",
             "topology": "synthesised: HGX nodes are their own NVLink domain; NVL72 rack = one clique",
-            "runtime_knowledge": "capstan is told no run times: the head's reservation is the placement "
-                                 "waiting on the fewest busy GPUs",
+            "runtime_knowledge": f"capstan's queue sees a declared run-time limit per job = true duration x "
+                                 f"U{ESTIMATE_FACTOR} (x the span slowdown once placed); a limit may "
+                                 f"undershoot the slowed run time; baselines ignore it",
             "spread_giveback_s": SPREAD_GIVEBACK_S,
             "allocation_rate": "time-average of allocated/total GPUs while any job waits or runs; for "
                                "spread it counts GPUs held by partially bound gangs "

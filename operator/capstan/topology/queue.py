@@ -76,13 +76,17 @@ def queue_order(requests: Sequence[GangRequest]) -> list[GangRequest]:
 def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
                    running: Sequence[RunningGang] = (), now: float = 0.0,
                    reservation: Reservation | None = None, backfill: bool = True,
-                   parent_tiebreak: bool = True) -> list[Decision]:
+                   reserve_after_s: float = 0.0, parent_tiebreak: bool = True) -> list[Decision]:
     """One scheduling pass over ``requests``; returns one Decision per request, in queue order.
 
     ``inventory`` must already count ``running`` gangs as used. Placed decisions should be
     allocated by the caller (``Inventory.allocate``) before the next pass. ``reservation`` is the
     previous pass's head reservation (from ``Decision.reservation``); it is kept while the same
     gang is head and the reserved nodes can still take it. ``backfill=False`` is strict FIFO.
+    ``reserve_after_s`` > 0 is a starvation guard instead of an immediate reservation: a head that
+    has waited less than that (``now - submitted``) gets none, so everything behind it may start
+    where it fits; once it has waited that long it is reserved for as above, so its wait stays
+    bounded while short waits cost small gangs nothing.
     """
     inv = inventory
     masked: Inventory | None = None  # inv minus the reservation: what backfill may use
@@ -97,6 +101,9 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
             if res.placed:
                 inv = inv.allocate(res)
                 decisions.append(Decision(req, res))
+                continue
+            if now - req.submitted < reserve_after_s:
+                decisions.append(Decision(req, res))  # not waited long enough to hold others back
                 continue
             head = _reserve(inventory, inv, req, running, reservation, parent_tiebreak)
             decisions.append(Decision(req, res, reservation=head))

@@ -1,0 +1,47 @@
+"""Smoke test: the placement simulator runs in quick mode and reports every metric."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "placement.py"
+
+
+def _load() -> ModuleType:
+    name = "capstan_bench_placement"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_placement_bench_quick(tmp_path: Path) -> None:
+    mod = _load()
+    out_file = tmp_path / "placement.json"
+    out = mod.main(["--quick", "--jobs", "120", "--no-decision", "--out", str(out_file)])
+    assert json.loads(out_file.read_text()) == json.loads(json.dumps(out))
+    assert (tmp_path / "placement.png").stat().st_size > 0
+    assert set(out["policies"]) == {"capstan", "tas_bestfit", "spread", "random"}
+    for metrics in out["policies"].values():
+        for key in ("nvlink_local_share", "rack_local_share", "allocation_rate", "mean_queue_delay_s",
+                    "p95_queue_delay_s", "mean_jct_s"):
+            assert key in metrics
+    for key in ("decision_ms_10k_nodes_64_workers", "assumptions", "cluster", "trace"):
+        assert key in out
+    pol = out["policies"]
+    assert pol["capstan"]["nvlink_local_share"] >= pol["spread"]["nvlink_local_share"]
+    assert pol["capstan"]["jobs"] == pol["spread"]["jobs"] > 0
+
+
+def test_trace_csv_reader(tmp_path: Path) -> None:
+    mod = _load()
+    f = tmp_path / "t.csv"
+    f.write_text("submit_time_s,gpus,duration_s\n10,8,100\n0,1,50\n5,0,10\n")
+    jobs = mod.read_trace_csv(f)
+    assert [(j.submit, j.gpus, j.duration) for j in jobs] == [(0.0, 1, 50.0), (10.0, 8, 100.0)]

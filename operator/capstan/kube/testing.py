@@ -294,6 +294,21 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
+async def wait_watching(
+    emulator: Emulator, plurals: Iterable[str] = ("trainingjobs", "pods"), timeout: float = 10
+) -> None:
+    """Wait until the operator has opened its watch streams of ``plurals`` (for timing runs)."""
+    wanted = set(plurals)
+
+    async def probe() -> bool:
+        seen = {
+            r.resource.plural for r in emulator if r.action == kmock.action.WATCH and r.resource is not None
+        }
+        return wanted <= seen
+
+    await wait_for(probe, timeout, 0.01, what=f"watches of {sorted(wanted)}")
+
+
 async def set_pod_status(
     api: ApiClient,
     namespace: str,

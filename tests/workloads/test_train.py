@@ -204,13 +204,15 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_75(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_fsdp_resumes_a_ddp_checkpoint_and_exports_full_unwrapped_weights(
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.load(no_dist=True) below
+def test_fsdp_with_grad_accum_resumes_a_ddp_checkpoint_and_exports_full_weights(
     reference: tuple[Path, str], tmp_path: Path
 ) -> None:
-    # DCP reshards on load: the DDP run's step 70 continues under FSDP2 on the same loss curve.
+    # DCP reshards on load: the DDP run's step 70 continues under FSDP2 on the same loss curve,
+    # here with each batch of 8 split into two accumulated micro-batches of 4 (same gradients).
     shutil.copytree(reference[0] / "step-00000070", tmp_path / "step-00000070")
     (tmp_path / "latest").write_text("step-00000070\n")
-    code, out = torchrun(tmp_path, "--strategy", "fsdp")
+    code, out = torchrun(tmp_path, "--strategy", "fsdp", "--batch-size", "4", "--grad-accum", "2")
     assert code == 0, out
     assert "strategy fsdp" in out and "resumed from step-00000070 (step 70)" in out
     assert_same_curve(losses(tmp_path), losses(reference[0]), range(71, STEPS + 1), rel=1e-4)

@@ -6,9 +6,11 @@ server holds all N pods, with the real operator (kopf watch â†’ reconcile loop â
 The ratio says what the operator's own work and the watch latency cost over the bare round-trips
 (below 1 means concurrent creation beats the sequential floor).
 
-The server is Capstan's test emulator (kmock-based, real HTTP) in this process; the operator runs
-in its own thread and event loop, as in the integration tests. Each (N, rep) gets a fresh server
-and operator; the median of the reps is reported.
+The server is Capstan's test emulator (kmock-based, real HTTP) in its own process, as an API
+server is; the operator runs in this process (its own thread and loop, as in the integration
+tests). The floor is taken on the same server with the operator already running and watching, so
+both measurements pay the same watch fan-out per POST. Pod creation is observed through a watch
+(no polling). Each (N, rep) gets a fresh server and operator; medians of the reps are reported.
 
     PYTHONPATH=operator python bench/reconcile.py [--reps 3] [--workers 1 16 128] [--concurrency 32]
 """
@@ -17,18 +19,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import statistics
+import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from capstan.api.trainingjob import TrainingJob
-from capstan.kube.testing import emulated_cluster, running_operator, test_client, wait_watching
+from capstan.kube.testing import running_operator, test_client
 from capstan.training.pods import worker_pod
 
-RESULTS = Path(__file__).resolve().parent / "results" / "reconcile.json"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "reconcile.json"
 
 
 def job_dict(name: str, namespace: str, workers: int) -> dict[str, Any]:
@@ -41,57 +50,134 @@ def job_dict(name: str, namespace: str, workers: int) -> dict[str, Any]:
     }
 
 
-def _pods_in(emulator: Any, namespace: str) -> int:
-    return sum(
-        1
-        for (res, ns, _), obj in emulator.objects.items()
-        if ns == namespace and res.plural == "pods" and not obj.deleted
+class PodCounter:
+    """Counts pods created in a namespace from a watch stream (push: no polling load on the server)."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, namespace: str) -> None:
+        self.url = f"{url}/api/v1/namespaces/{namespace}/pods"
+        self.session = session
+        self.names: set[str] = set()
+        self.changed = asyncio.Event()
+        self.open = asyncio.Event()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async with self.session.get(self.url, params={"watch": "true"}, timeout=None) as resp:
+            self.open.set()
+            async for line in resp.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if event.get("type") == "ADDED":
+                    self.names.add(event["object"]["metadata"]["name"])
+                    self.changed.set()
+
+    async def until(self, count: int) -> None:
+        while len(self.names) < count:
+            self.changed.clear()
+            await self.changed.wait()
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+            await self.task
+
+
+@contextlib.asynccontextmanager
+async def api_server() -> AsyncIterator[str]:
+    """The emulator in its own process, as an API server is (prints its URL on the first line)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "capstan.kube.testing", stdout=asyncio.subprocess.PIPE, env=env
     )
+    assert proc.stdout is not None
+    url = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        await proc.wait()
 
 
-async def one_rep(workers: int, concurrency: int) -> tuple[float, float]:
-    """(create_to_all_pods_s, floor_s) on a fresh emulator and operator."""
-    async with emulated_cluster() as (emulator, url):
-        api = test_client(url, concurrency=concurrency)
-        try:
-            # floor: the same pod bodies the operator would send, one after another
-            model = TrainingJob.model_validate(job_dict("floor", "floor", workers))
-            model.metadata.uid = "00000000-0000-0000-0000-000000000000"
-            bodies = [worker_pod(model, rank, 0) for rank in range(workers)]
-            await api.create(bodies[0] | {"metadata": {**bodies[0]["metadata"], "name": "warmup"}})
-            t0 = time.perf_counter()
-            for body in bodies:
-                await api.create(body)
-            floor = time.perf_counter() - t0
+def floor_bodies(namespace: str, workers: int) -> list[dict[str, Any]]:
+    """The pod bodies the operator would send for an N-worker job."""
+    model = TrainingJob.model_validate(job_dict("floor", namespace, workers))
+    model.metadata.uid = "00000000-0000-0000-0000-000000000000"
+    return [worker_pod(model, rank, 0) for rank in range(workers)]
 
-            async with running_operator(url, concurrency=concurrency):
-                await wait_watching(emulator)
-                t0 = time.perf_counter()
-                await api.create(job_dict("bench", "bench", workers))
-                while _pods_in(emulator, "bench") < workers:
-                    await asyncio.sleep(0.002)
-                took = time.perf_counter() - t0
+
+async def sequential_posts(api: Any, bodies: list[dict[str, Any]]) -> float:
+    """Seconds for POSTing ``bodies`` one after another."""
+    t0 = time.perf_counter()
+    for body in bodies:
+        await api.create(body)
+    return time.perf_counter() - t0
+
+
+async def one_rep(workers: int, concurrency: int) -> tuple[float, float, float]:
+    """(create_to_all_pods_s, floor_s, floor_idle_s) on a fresh API server and operator."""
+    async with api_server() as url:
+        idle_api = test_client(url)
+        try:  # the floor on a server nobody watches (reported, not the yardstick's floor)
+            floor_idle = await sequential_posts(idle_api, floor_bodies("floor-idle", workers))
         finally:
-            await api.close()
-    return took, floor
+            await idle_api.close()
+        async with running_operator(url, concurrency=concurrency):
+            return await _measure(url, workers, floor_idle)
+
+
+async def _measure(url: str, workers: int, floor_idle: float) -> tuple[float, float, float]:
+    api = test_client(url)
+    session = aiohttp.ClientSession()
+    counters: list[PodCounter] = []
+    try:
+        # warm-up: one job end to end proves the operator's watches are open
+        warm = PodCounter(session, url, "warmup")
+        counters.append(warm)
+        await warm.open.wait()
+        await api.create(job_dict("warmup", "warmup", 1))
+        await asyncio.wait_for(warm.until(1), 30)
+
+        # floor: the same pod bodies the operator sends, one after another, same server state
+        floor = await sequential_posts(api, floor_bodies("floor", workers))
+
+        counter = PodCounter(session, url, "bench")
+        counters.append(counter)
+        await counter.open.wait()
+        t0 = time.perf_counter()
+        await api.create(job_dict("bench", "bench", workers))
+        await asyncio.wait_for(counter.until(workers), 120)
+        took = time.perf_counter() - t0
+    finally:
+        for c in counters:
+            await c.close()
+        await session.close()
+        await api.close()
+    return took, floor, floor_idle
 
 
 async def run(workers_list: list[int], reps: int, concurrency: int) -> dict[str, Any]:
     """Measure every N; medians of ``reps``."""
     rows = []
     for workers in workers_list:
-        took, floors = [], []
+        took, floors, idles = [], [], []
         for _ in range(reps):
-            t, f = await one_rep(workers, concurrency)
+            t, f, i = await one_rep(workers, concurrency)
             took.append(t)
             floors.append(f)
-        t_med, f_med = statistics.median(took), statistics.median(floors)
+            idles.append(i)
+        t_med, f_med, i_med = statistics.median(took), statistics.median(floors), statistics.median(idles)
         rows.append(
             {
                 "workers": workers,
                 "create_to_all_pods_s": round(t_med, 4),
                 "floor_s": round(f_med, 4),
                 "ratio": round(t_med / f_med, 3),
+                "floor_idle_s": round(i_med, 4),
+                "ratio_vs_idle_floor": round(t_med / i_med, 3),
                 "samples_create_s": [round(x, 4) for x in took],
                 "samples_floor_s": [round(x, 4) for x in floors],
             }
@@ -99,7 +185,7 @@ async def run(workers_list: list[int], reps: int, concurrency: int) -> dict[str,
     return {
         "benchmark": "reconcile",
         "metric": "TrainingJob POST -> all worker pods exist, over N sequential pod POSTs",
-        "server": "capstan.kube.testing emulator (kmock, HTTP on 127.0.0.1, same process)",
+        "server": "capstan.kube.testing emulator (kmock) in its own process, HTTP on 127.0.0.1",
         "concurrency": concurrency,
         "reps": reps,
         "results": rows,

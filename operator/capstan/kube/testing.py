@@ -206,9 +206,11 @@ def load_crds(emulator: Emulator, crd_dir: Path = CRD_DIR) -> list[dict[str, Any
 
 
 @contextlib.asynccontextmanager
-async def emulated_cluster(crd_dir: Path = CRD_DIR) -> AsyncIterator[tuple[Emulator, str]]:
+async def emulated_cluster(
+    crd_dir: Path = CRD_DIR, port: int | None = None
+) -> AsyncIterator[tuple[Emulator, str]]:
     """An emulated API server over real HTTP with built-in resources and Capstan's CRDs."""
-    async with Emulator() as emulator, kmock.Server(emulator) as server:
+    async with Emulator() as emulator, kmock.Server(emulator, port=port) as server:
         for gvp, kind, namespaced, subs in BUILTIN_RESOURCES:
             declare_resource(emulator, gvp, kind, namespaced, subs)
         for gvp in ("v1/pods", "v1/services", "v1/persistentvolumeclaims", "v1/nodes", "apps/v1/deployments"):
@@ -363,3 +365,25 @@ def api_calls(
             verb = "update"
         calls.add((verb, req.resource.group or "", req.resource.plural, req.subresource or ""))
     return calls
+
+
+async def _serve_forever(port: int | None) -> None:
+    async with emulated_cluster(port=port) as (_, url):
+        print(url, flush=True)
+        await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m capstan.kube.testing [--port N]``: run the emulator alone; prints its URL."""
+    import argparse
+    import contextlib as _contextlib
+
+    parser = argparse.ArgumentParser(description="Kubernetes API emulator for tests and benchmarks")
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args(argv)
+    with _contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_forever(args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     render = sub.add_parser("render", help="print every object the operator would create, as YAML")
     render.add_argument(
-        "-f", "--file", required=True, action="append", help="YAML file of TrainingJobs/ModelServings ('-': stdin)"
+        "-f",
+        "--file",
+        required=True,
+        action="append",
+        help="YAML file of TrainingJobs/ModelServings ('-': stdin)",
     )
     render.set_defaults(fn=_cmd_render)
 
@@ -91,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", default=".capstan", help="checkpoints, logs and snapshots go here")
     run.add_argument("--prompt", action="append", help="send this completion request to each ModelServing")
     run.add_argument("--serve", action="store_true", help="keep serving until Ctrl-C after the prompts")
-    run.add_argument("--timeout", type=float, default=None, help="give up on a TrainingJob after this many seconds")
+    run.add_argument(
+        "--timeout", type=float, default=None, help="give up on a TrainingJob after this many seconds"
+    )
     run.set_defaults(fn=_cmd_run)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")

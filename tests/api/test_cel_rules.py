@@ -23,7 +23,11 @@ SAMPLES: list[tuple[type[ApiModel], dict[str, Any], bool]] = [
     (TrainingJobSpec, {**TJ, "checkpoint": {"volume": {"size": "1Gi"}, "restoreFrom": "snap-1"}}, True),
     (TrainingJobSpec, {**TJ, "network": {"rdma": "required", "rdmaResource": "rdma/hca"}}, False),
     (TrainingJobSpec, {**TJ, "gpusPerWorker": 8, "network": {"rdma": "required"}}, False),
-    (TrainingJobSpec, {**TJ, "gpusPerWorker": 8, "network": {"rdma": "required", "rdmaResource": "rdma/hca"}}, True),
+    (
+        TrainingJobSpec,
+        {**TJ, "gpusPerWorker": 8, "network": {"rdma": "required", "rdmaResource": "rdma/hca"}},
+        True,
+    ),
     (TrainingJobSpec, {**TJ, "gpusPerWorker": 8, "procsPerWorker": 4}, False),
     (TrainingJobSpec, {**TJ, "gpusPerWorker": 0, "procsPerWorker": 4}, True),
     (CheckpointVolume, {"size": "10Gi"}, True),
@@ -37,7 +41,11 @@ SAMPLES: list[tuple[type[ApiModel], dict[str, Any], bool]] = [
     (AutoscalingSpec, {"minReplicas": 2, "maxReplicas": 4}, True),
     (AutoscalingSpec, {"minReplicas": 5, "maxReplicas": 4}, False),
     (ModelServingSpec, {"model": MS_MODEL, "runtime": "custom", "image": "srv"}, False),
-    (ModelServingSpec, {"model": MS_MODEL, "runtime": "custom", "image": "srv", "argsTemplate": "--port={{ port }}"}, True),
+    (
+        ModelServingSpec,
+        {"model": MS_MODEL, "runtime": "custom", "image": "srv", "argsTemplate": "--port={{ port }}"},
+        True,
+    ),
     (ModelServingSpec, {"model": MS_MODEL, "runtime": "vllm"}, True),
 ]
 

@@ -46,7 +46,7 @@ def test_schemas_are_structural_and_explained() -> None:
         for path, node in nodes:
             # Structural: every node has a type, except int-or-string nodes.
             assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{name}{path}: no type"
-            assert "$ref" not in node and "additionalProperties" not in node or isinstance(
+            assert ("$ref" not in node and "additionalProperties" not in node) or isinstance(
                 node.get("additionalProperties"), dict
             ), f"{name}{path}"
             if path.count(".") >= 1 and not path.endswith(("[]", "{}")):

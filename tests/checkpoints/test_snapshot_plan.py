@@ -36,9 +36,12 @@ def job(phase: str = "Running", attempt: int = 0, keep: int = 2, **status: Any) 
 def snap(name: str, minutes_ago: int, ready: bool = True, reason: str = "Scheduled") -> dict[str, Any]:
     created = (T0 - timedelta(minutes=minutes_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {
-        "metadata": {"name": name, "labels": {"capstan.dev/snapshot-reason": reason},
-                     "annotations": {"capstan.dev/step": str(1000 - minutes_ago)},
-                     "creationTimestamp": created},
+        "metadata": {
+            "name": name,
+            "labels": {"capstan.dev/snapshot-reason": reason},
+            "annotations": {"capstan.dev/step": str(1000 - minutes_ago)},
+            "creationTimestamp": created,
+        },
         "status": {"readyToUse": ready, "creationTime": created},
     }
 
@@ -63,7 +66,9 @@ def test_same_trigger_is_idempotent() -> None:
     first = plan_snapshots(job(phase="Succeeded"), [], set(), T0, api_available=True)
     assert [c["metadata"]["name"] for c in first.create] == ["gpt-ckpt-final"]
     taken = {**first.create[0], "status": {"readyToUse": False}}
-    again = plan_snapshots(job(phase="Succeeded"), [taken], set(), T0 + timedelta(minutes=5), api_available=True)
+    again = plan_snapshots(
+        job(phase="Succeeded"), [taken], set(), T0 + timedelta(minutes=5), api_available=True
+    )
     assert again.create == []
 
 
@@ -95,8 +100,10 @@ def test_no_snapshot_api_says_so_and_goes_on() -> None:
 def test_in_use_from_modelservings() -> None:
     mss = [
         {"spec": {"model": {"fromTrainingJob": {"name": "gpt", "checkpoint": "pinned"}}}},
-        {"spec": {"model": {"fromTrainingJob": {"name": "gpt", "checkpoint": "Latest"}}},
-         "status": {"revisions": [{"name": "r1", "model": "snapshot:gpt/gpt-ckpt-final"}]}},
+        {
+            "spec": {"model": {"fromTrainingJob": {"name": "gpt", "checkpoint": "Latest"}}},
+            "status": {"revisions": [{"name": "r1", "model": "snapshot:gpt/gpt-ckpt-final"}]},
+        },
         {"spec": {"model": {"fromTrainingJob": {"name": "other", "checkpoint": "x"}}}},
     ]
     assert snapshots_in_use(mss, "gpt") == {"pinned", "gpt-ckpt-final"}

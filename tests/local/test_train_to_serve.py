@@ -14,23 +14,56 @@ from capstan.local.session import run_local
 
 pytest.importorskip("torch")
 
-TRAIN_ARGS = ["-m", "capstan_workloads.train", "--steps", "16", "--batch-size", "4", "--seq-len", "32",
-              "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--checkpoint-every", "8", "--log-every", "4"]
+TRAIN_ARGS = [
+    "-m",
+    "capstan_workloads.train",
+    "--steps",
+    "16",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--checkpoint-every",
+    "8",
+    "--log-every",
+    "4",
+]
 
 
 def resources(job_name: str = "tiny", checkpoint: str = "Latest") -> list[Any]:
     return [
-        parse_resource({
-            "apiVersion": "capstan.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "tiny"},
-            "spec": {"image": "local", "command": [sys.executable, "-m", "torch.distributed.run"],
-                     "args": TRAIN_ARGS, "workers": 2,
-                     "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
-                     "checkpoint": {"volume": {"size": "1Gi"}}},
-        }),
-        parse_resource({
-            "apiVersion": "capstan.dev/v1alpha1", "kind": "ModelServing", "metadata": {"name": "tiny-llm"},
-            "spec": {"model": {"fromTrainingJob": {"name": job_name, "checkpoint": checkpoint}}, "gpu": False},
-        }),
+        parse_resource(
+            {
+                "apiVersion": "capstan.dev/v1alpha1",
+                "kind": "TrainingJob",
+                "metadata": {"name": "tiny"},
+                "spec": {
+                    "image": "local",
+                    "command": [sys.executable, "-m", "torch.distributed.run"],
+                    "args": TRAIN_ARGS,
+                    "workers": 2,
+                    "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
+                    "checkpoint": {"volume": {"size": "1Gi"}},
+                },
+            }
+        ),
+        parse_resource(
+            {
+                "apiVersion": "capstan.dev/v1alpha1",
+                "kind": "ModelServing",
+                "metadata": {"name": "tiny-llm"},
+                "spec": {
+                    "model": {"fromTrainingJob": {"name": job_name, "checkpoint": checkpoint}},
+                    "gpu": False,
+                },
+            }
+        ),
     ]
 
 
@@ -44,7 +77,9 @@ def test_train_snapshot_serve_query(tmp_path: Path, capsys: Any) -> None:
     snap = tmp_path / "tiny" / "snapshots" / "tiny-16"
     assert (snap / "export" / "model.safetensors").is_file() and (snap / "latest").read_text().strip()
     # The snapshot is a frozen view: it names the checkpoint it was taken of.
-    assert (snap / "latest").read_text().strip() == (tmp_path / "tiny" / "checkpoints" / "latest").read_text().strip()
+    assert (snap / "latest").read_text().strip() == (
+        tmp_path / "tiny" / "checkpoints" / "latest"
+    ).read_text().strip()
 
 
 def test_serving_without_snapshot_is_a_clear_error(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from capstan.api.loading import parse_resource
 from capstan.api.trainingjob import TrainingJob
-from capstan.training.lifecycle import Plan, PlacementDecision, plan_trainingjob
+from capstan.training.lifecycle import PlacementDecision, Plan, plan_trainingjob
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -49,7 +49,9 @@ class Cluster:
         for name in names or list(self.pods):
             status: dict[str, Any] = {"phase": phase}
             if exit_code is not None:
-                status["containerStatuses"] = [{"name": "worker", "state": {"terminated": {"exitCode": exit_code}}}]
+                status["containerStatuses"] = [
+                    {"name": "worker", "state": {"terminated": {"exitCode": exit_code}}}
+                ]
             self.pods[name]["status"] = status
 
     def finish_deletes(self) -> None:
@@ -174,7 +176,9 @@ def test_ttl_deletes_finished_job() -> None:
 
 def test_gang_waits_for_placement_with_reason() -> None:
     c = Cluster(job(gpusPerWorker=8))
-    no = PlacementDecision(placed=False, reason="needs 16 GPUs within one NVLink domain; the largest free has 8")
+    no = PlacementDecision(
+        placed=False, reason="needs 16 GPUs within one NVLink domain; the largest free has 8"
+    )
     plan = c.reconcile(placer=lambda _: no)
     assert plan.status.phase == "Queued" and plan.create == []
     assert "largest free has 8" in plan.status.message

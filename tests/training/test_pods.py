@@ -57,8 +57,11 @@ def test_cpu_job_has_no_gpu_or_nccl() -> None:
 
 
 def test_gpu_resources_shm_and_checkpoint_mount(k8s_valid: Any) -> None:
-    j = job(gpusPerWorker=8, resources={"cpu": "32", "memory": "256Gi", "sharedMemory": "64Gi"},
-            checkpoint={"volume": {"size": "500Gi", "storageClassName": "fast"}})
+    j = job(
+        gpusPerWorker=8,
+        resources={"cpu": "32", "memory": "256Gi", "sharedMemory": "64Gi"},
+        checkpoint={"volume": {"size": "500Gi", "storageClassName": "fast"}},
+    )
     pod = worker_pod(j, 1, 0)
     k8s_valid(pod)
     c = pod["spec"]["containers"][0]
@@ -78,8 +81,13 @@ def test_rdma_only_when_asked(k8s_valid: Any) -> None:
     plain = worker_pod(job(gpusPerWorker=8), 0, 0)
     assert "securityContext" not in plain["spec"]["containers"][0]
     rdma = worker_pod(
-        job(gpusPerWorker=8, network={"rdma": "required", "rdmaResource": "rdma/rdma_shared_device_a",
-                                      "networks": "rdma-net"}), 0, 0)
+        job(
+            gpusPerWorker=8,
+            network={"rdma": "required", "rdmaResource": "rdma/rdma_shared_device_a", "networks": "rdma-net"},
+        ),
+        0,
+        0,
+    )
     k8s_valid(rdma)
     c = rdma["spec"]["containers"][0]
     assert c["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
@@ -109,7 +117,9 @@ def test_labels_and_owner(k8s_valid: Any) -> None:
 
 
 def test_kueue_queue_labels_pods_for_kueue() -> None:
-    pod = worker_pod(job(gpusPerWorker=8, queueName="team-a", topology={"policy": "Required", "maxDomain": "rack"}), 0, 0)
+    pod = worker_pod(
+        job(gpusPerWorker=8, queueName="team-a", topology={"policy": "Required", "maxDomain": "rack"}), 0, 0
+    )
     assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     ann = pod["metadata"]["annotations"]
     assert ann["kueue.x-k8s.io/pod-group-total-count"] == "4"

@@ -16,8 +16,8 @@ from pydantic import (
     WithJsonSchema,
     model_validator,
 )
-from pydantic.json_schema import JsonSchemaValue
 from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonSchemaValue
 
 # Kubernetes resource.Quantity: an integer or a string such as "500m", "256Gi", "1e3".
 QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
@@ -129,9 +129,7 @@ class ObjectMeta(BaseModel):
 class EnvVar(ApiModel):
     """A plain environment variable for the workload container."""
 
-    name: str = Field(
-        min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name."
-    )
+    name: str = Field(min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name.")
     value: str = Field(default="", description="Variable value.")
 
 

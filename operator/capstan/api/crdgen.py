@@ -188,8 +188,7 @@ def build_crds() -> dict[str, dict[str, Any]]:
 def render_crds() -> dict[str, str]:
     """CRD file name → YAML text, exactly as committed."""
     return {
-        name: HEADER + yaml.safe_dump(crd, sort_keys=False, width=100)
-        for name, crd in build_crds().items()
+        name: HEADER + yaml.safe_dump(crd, sort_keys=False, width=100) for name, crd in build_crds().items()
     }
 
 

@@ -136,7 +136,9 @@ class ModelServingSpec(ApiModel):
     max_model_len: int | None = Field(default=None, ge=1, description="Longest sequence served.")
     port: int = Field(default=8000, ge=1024, le=65535, description="Container port of the server.")
     resources: ServingResources = Field(default_factory=ServingResources, description="CPU and memory.")
-    autoscaling: AutoscalingSpec | None = Field(default=None, description="Autoscaling; fixed replicas when empty.")
+    autoscaling: AutoscalingSpec | None = Field(
+        default=None, description="Autoscaling; fixed replicas when empty."
+    )
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Canary rollout and analysis.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector.")

@@ -70,9 +70,7 @@ class CheckpointVolume(ApiModel):
     claim_name: str | None = Field(
         default=None, description="Adopt this existing PVC instead of creating one (never deleted)."
     )
-    retain: bool = Field(
-        default=False, description="Keep the created PVC when the TrainingJob is deleted."
-    )
+    retain: bool = Field(default=False, description="Keep the created PVC when the TrainingJob is deleted.")
     mount_path: str = Field(
         default="/checkpoints", pattern=r"^/.*", description="Where workers see the checkpoint volume."
     )
@@ -149,9 +147,7 @@ class TrainingJobSpec(ApiModel):
     topology: TopologySpec = Field(default_factory=TopologySpec, description="Topology-aware placement.")
     network: NetworkSpec = Field(default_factory=NetworkSpec, description="NCCL and RDMA wiring.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
-    failure_policy: FailurePolicy = Field(
-        default_factory=FailurePolicy, description="Gang restart policy."
-    )
+    failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, description="Gang restart policy.")
     suspend: bool = Field(default=False, description="True removes the workers and keeps the status.")
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the job this long after it succeeds or fails."
@@ -201,8 +197,11 @@ class TrainingJobSpec(ApiModel):
             "!has(self.procsPerWorker) || !has(self.gpusPerWorker) || self.gpusPerWorker == 0 "
             "|| self.procsPerWorker == self.gpusPerWorker",
             "procsPerWorker must equal gpusPerWorker on GPU workers (one process per GPU)",
-            lambda s: s.procs_per_worker is None or s.gpus_per_worker == 0
-            or s.procs_per_worker == s.gpus_per_worker,
+            lambda s: (
+                s.procs_per_worker is None
+                or s.gpus_per_worker == 0
+                or s.procs_per_worker == s.gpus_per_worker
+            ),
         ),
     )
 

@@ -45,7 +45,9 @@ def snapshot_name(job: TrainingJob, reason: str, now: datetime, attempt: int) ->
     return dns_label(job.metadata.name, suffix=f"-ckpt{suffix}")
 
 
-def volume_snapshot(job: TrainingJob, name: str, reason: str, step: int | None, attempt: int) -> dict[str, Any]:
+def volume_snapshot(
+    job: TrainingJob, name: str, reason: str, step: int | None, attempt: int
+) -> dict[str, Any]:
     """The VolumeSnapshot object of the job's checkpoint PVC."""
     policy = job.spec.checkpoint.snapshots
     claim = checkpoint_claim_name(job)
@@ -140,10 +142,12 @@ def plan_snapshots(
     elif phase == "Restarting" and attempt > 0:
         want("Restart")
     elif phase == "Running":
-        scheduled = [s for s in ordered if (s["metadata"].get("labels") or {}).get(LABEL_REASON) == "Scheduled"]
+        scheduled = [
+            s for s in ordered if (s["metadata"].get("labels") or {}).get(LABEL_REASON) == "Scheduled"
+        ]
         last = _created(scheduled[-1]) if scheduled else parse_time(job.status.start_time)
         due = (last or now) + timedelta(minutes=policy.every_minutes)
-        if scheduled and due <= now or (not scheduled and last is not None and due <= now):
+        if (scheduled and due <= now) or (not scheduled and last is not None and due <= now):
             want("Scheduled")
             due = now + timedelta(minutes=policy.every_minutes)
         plan.requeue_after = max((due - now).total_seconds(), 1.0)

@@ -26,8 +26,8 @@ def resolve_model_dir(ms: ModelServing, workdir: Path) -> Path:
     src = ms.spec.model
     if src.from_training_job is None:
         raise LocalServingError(
-            f"modelserving/{ms.metadata.name}: spec.model: the local runtime serves models from a TrainingJob "
-            "(model.fromTrainingJob); model.uri and model.pvc need a cluster"
+            f"modelserving/{ms.metadata.name}: spec.model: the local runtime serves models from a "
+            "TrainingJob (model.fromTrainingJob); model.uri and model.pvc need a cluster"
         )
     ref = src.from_training_job
     snaps = list_snapshots(workdir / ref.name / "snapshots")
@@ -73,8 +73,9 @@ class LocalServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                tail = self.log_path.read_text()[-3000:]
                 raise LocalServingError(
-                    f"server for {self.name} exited with {self.proc.returncode}; log:\n{self.log_path.read_text()[-3000:]}"
+                    f"server for {self.name} exited with {self.proc.returncode}; log:\n{tail}"
                 )
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as resp:
@@ -118,6 +119,16 @@ def start_server(ms: ModelServing, workdir: Path) -> LocalServer:
     port = free_port()
     log_path = workdir / ms.metadata.name / "server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "capstan_workloads.serve", "--model-dir", str(model_dir), "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "capstan_workloads.serve",
+        "--model-dir",
+        str(model_dir),
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
     return LocalServer(name=ms.metadata.name, proc=proc, port=port, log_path=log_path)

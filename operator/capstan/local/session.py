@@ -36,7 +36,8 @@ def run_local(
             try:
                 server = start_server(ms, workdir)
                 servers.append(server)
-                print(f"[capstan] modelserving/{ms.metadata.name}: starting {server.url} (log {server.log_path})")
+                where = f"{server.url} (log {server.log_path})"
+                print(f"[capstan] modelserving/{ms.metadata.name}: starting {where}")
                 server.wait_ready()
             except LocalServingError as exc:
                 print(f"[capstan] error: {exc}")

@@ -24,7 +24,9 @@ class LocalSnapshot:
 
     def record(self) -> CheckpointRecord:
         """The ``status.checkpoints`` entry for this snapshot."""
-        return CheckpointRecord(name=self.name, step=self.step, time=self.time, ready_to_use=True, reason=self.reason)
+        return CheckpointRecord(
+            name=self.name, step=self.step, time=self.time, ready_to_use=True, reason=self.reason
+        )
 
     @property
     def export_dir(self) -> Path:
@@ -54,7 +56,9 @@ def _link_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link, symlinks=True)
 
 
-def take_snapshot(checkpoint_dir: Path, snapshot_root: Path, job_name: str, reason: str) -> LocalSnapshot | None:
+def take_snapshot(
+    checkpoint_dir: Path, snapshot_root: Path, job_name: str, reason: str
+) -> LocalSnapshot | None:
     """Snapshot ``checkpoint_dir`` into ``snapshot_root/<job>-<step>``; None if it holds nothing."""
     if not checkpoint_dir.is_dir() or not any(checkpoint_dir.iterdir()):
         return None

@@ -64,7 +64,11 @@ class LocalTrainingRun:
         labels = obj["metadata"]["labels"]
         attempt, rank = labels["capstan.dev/attempt"], labels["capstan.dev/rank"]
         log = self.job_dir / "logs" / f"attempt-{attempt}" / f"worker-{rank}.log"
-        echo = (lambda line: self.print_fn(f"  [worker-{rank}] {line}")) if (rank == "0" and self.echo_rank0) else None
+        echo = (
+            (lambda line: self.print_fn(f"  [worker-{rank}] {line}"))
+            if (rank == "0" and self.echo_rank0)
+            else None
+        )
         self.workers[name] = start_worker(obj, self._overrides(obj), log, echo)
 
     def _delete(self, name: str) -> None:
@@ -127,7 +131,9 @@ def run_trainingjob(
         if worker.pump is not None:
             worker.pump.join(timeout=5)
     if run.job.status.phase == "Succeeded":
-        snap = take_snapshot(run.checkpoint_dir, run.job_dir / "snapshots", job.metadata.name, reason="Completion")
+        snap = take_snapshot(
+            run.checkpoint_dir, run.job_dir / "snapshots", job.metadata.name, reason="Completion"
+        )
         if snap is not None:
             run.job.status.checkpoints.append(snap.record())
             run._say(f"snapshot {snap.name} of step {snap.step} taken at {snap.path}")

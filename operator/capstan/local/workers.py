@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -114,10 +115,8 @@ def start_worker(
 
 def signal_group(worker: Worker, sig: int) -> None:
     """Send ``sig`` to the worker's whole process group (torchrun and the ranks it spawned)."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(worker.proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def stop_worker(worker: Worker, grace_s: float) -> None:

@@ -12,7 +12,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from capstan.api.conditions import parse_time, rfc3339, set_condition
-from capstan.api.trainingjob import TERMINAL_PHASES, PlacementStatus, TrainingJob, TrainingJobStatus, WorkerCounts
+from capstan.api.trainingjob import (
+    TERMINAL_PHASES,
+    PlacementStatus,
+    TrainingJob,
+    TrainingJobStatus,
+    WorkerCounts,
+)
 from capstan.naming import LABEL_ATTEMPT, LABEL_RANK
 from capstan.training.pods import (
     EXIT_PREEMPTED,
@@ -200,7 +206,9 @@ def plan_trainingjob(
     present = {w.rank for w in current}
     missing = [r for r in range(job.spec.workers) if r not in present]
     if current and missing and st.phase == "Running":
-        return _restart(b, current, "WorkerLost", f"worker pod(s) of rank {missing} disappeared", counted=False)
+        return _restart(
+            b, current, "WorkerLost", f"worker pod(s) of rank {missing} disappeared", counted=False
+        )
 
     if not current:
         return _create_gang(b, placer, service_exists, pvc_exists)
@@ -243,7 +251,9 @@ def _create_gang(b: _Builder, placer: Placer | None, service_exists: bool, pvc_e
     wait_until = parse_time(st.restart_after)
     if wait_until and wait_until > b.now:
         b.requeue((wait_until - b.now).total_seconds())
-        b.phase("Restarting", "BackingOff", f"gang restart {st.restarts} after backoff until {st.restart_after}")
+        b.phase(
+            "Restarting", "BackingOff", f"gang restart {st.restarts} after backoff until {st.restart_after}"
+        )
         return b.plan
     st.restart_after = None
     nodes: list[str] = []
@@ -259,7 +269,9 @@ def _create_gang(b: _Builder, placer: Placer | None, service_exists: bool, pvc_e
         where = f"{decision.level} domain {decision.domain!r}" if decision.domain else "the cluster"
         b.condition("Placed", True, "Placed", f"{job.spec.workers} workers placed in {where}")
     elif job.spec.queue_name:
-        b.condition("Placed", False, "DeferredToKueue", f"admission deferred to Kueue queue {job.spec.queue_name!r}")
+        b.condition(
+            "Placed", False, "DeferredToKueue", f"admission deferred to Kueue queue {job.spec.queue_name!r}"
+        )
     pvc = checkpoint_pvc(job)
     if pvc is not None and not pvc_exists:
         b.plan.create.append(pvc)
@@ -286,11 +298,15 @@ def _on_failure(b: _Builder, current: list[WorkerState], failed: list[WorkerStat
     if code == EXIT_PREEMPTED or first.reason in ("Evicted", "Preempting", "Shutdown", "NodeLost"):
         why = f"worker {first.rank} was preempted ({first.reason or f'exit {code}'})"
         return _restart(b, current, "Preempted", why, counted=False)
-    why = f"worker {first.rank} failed with exit code {code}" if code is not None else (
-        f"worker {first.rank} failed ({first.reason or 'no exit code'})"
+    why = (
+        f"worker {first.rank} failed with exit code {code}"
+        if code is not None
+        else (f"worker {first.rank} failed ({first.reason or 'no exit code'})")
     )
     if st.restarts >= policy.max_restarts:
-        return _fail(b, current, "BackoffLimitExceeded", f"{why}; maxRestarts ({policy.max_restarts}) used up")
+        return _fail(
+            b, current, "BackoffLimitExceeded", f"{why}; maxRestarts ({policy.max_restarts}) used up"
+        )
     return _restart(b, current, "WorkerFailed", why, counted=True)
 
 
@@ -308,9 +324,15 @@ def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, cou
         if not w.terminating:
             b.plan.delete_pods.append(w.name)
     b.condition("Running", False, reason, why)
-    kind = f"restart {st.restarts}/{b.job.spec.failure_policy.max_restarts}" if counted else "restart (not counted)"
+    kind = (
+        f"restart {st.restarts}/{b.job.spec.failure_policy.max_restarts}"
+        if counted
+        else "restart (not counted)"
+    )
     b.phase("Restarting", reason, f"{why}; gang {kind}", warning=True)
-    b.plan.events.append(Event("Warning", "GangRestart", f"{why}; deleting {len(current)} worker pods ({kind})"))
+    b.plan.events.append(
+        Event("Warning", "GangRestart", f"{why}; deleting {len(current)} worker pods ({kind})")
+    )
     b.requeue(max(delay, 1.0))
     return b.plan
 

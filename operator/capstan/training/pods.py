@@ -124,11 +124,15 @@ def checkpoint_pvc(job: TrainingJob) -> dict[str, Any] | None:
     name = checkpoint_claim_name(job)
     assert name is not None
     labels = {**job_labels(job), "app.kubernetes.io/component": "checkpoint"}
-    meta = _meta(job, name, labels) if not vol.retain else {
-        "name": name,
-        "namespace": job.metadata.namespace,
-        "labels": labels,
-    }
+    meta = (
+        _meta(job, name, labels)
+        if not vol.retain
+        else {
+            "name": name,
+            "namespace": job.metadata.namespace,
+            "labels": labels,
+        }
+    )
     spec: dict[str, Any] = {
         # Every rank writes its shards into one directory, so the volume must be shared.
         "accessModes": ["ReadWriteMany"],

@@ -41,7 +41,7 @@ def test_batched_decode_over_scattered_blocks_matches_full_recompute(model_dir: 
     random.Random(0).shuffle(free)
     cache.allocator._free.clear()
     cache.allocator._free.extend(free)
-    engine = Engine(lm.model, cache)
+    engine = Engine(lm.model, cache, attn_group=2)  # several attention groups, reordered by length
     prompts = [lm.tokenizer.encode(p) for p in ("the ", "a capstan is", "p", "continuous batching adm")]
     tables = [cache.allocator.allocate(cache.blocks_for(lm.config.block_size)) for _ in prompts]
     greedy = [SamplingParams(temperature=0.0)] * len(prompts)

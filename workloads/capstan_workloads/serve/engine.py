@@ -32,7 +32,9 @@ class SamplingParams:
 class Engine:
     """Runs the GPT's weights over many sequences at once, reading K/V through block tables."""
 
-    def __init__(self, model: GPT, cache: PagedKVCache, sample_vocab: int | None = None) -> None:
+    def __init__(
+        self, model: GPT, cache: PagedKVCache, sample_vocab: int | None = None, attn_group: int = 8
+    ) -> None:
         self.model = model
         self.cfg = model.cfg
         self.cache = cache
@@ -41,6 +43,7 @@ class Engine:
         self.head_dim = self.cfg.n_embd // self.cfg.n_head
         # Ids past the tokenizer's vocabulary (a rounded-up embedding table) can never be decoded.
         self.sample_vocab = sample_vocab or self.cfg.vocab_size
+        self.attn_group = attn_group
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, time, n_embd) -> (batch, n_head, time, head_dim)."""
@@ -83,32 +86,48 @@ class Engine:
         return self._logits(last)
 
     def decode(self, tokens: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """One step for every running sequence in ONE forward: feed each its last token, return logits."""
-        model, cache = self.model, self.cache
-        bt = cache.block_tokens
+        """One step for every running sequence in ONE forward: feed each its last token, return logits.
+
+        The matmuls run on the whole batch at once (that is where batching pays). Attention reads
+        K/V through the block tables in groups of ``attn_group`` sequences of similar length: each
+        group's gathered K/V stays in the CPU cache between the gather and the attention, and
+        padding is only up to the longest sequence of the group.
+        """
+        model, cache, bt = self.model, self.cache, self.cache.block_tokens
         b = len(tokens)
-        pos = torch.tensor(positions)
-        length = int(pos.max()) + 1
-        width = max(len(t) for t in block_tables)
-        table = torch.zeros(b, width, dtype=torch.long)
-        for i, blocks in enumerate(block_tables):
-            table[i, : len(blocks)] = torch.tensor(blocks)
-        # Slot of every key position 0..length-1 for every sequence; positions past a sequence's
-        # own length point at whatever block id 0 holds and are masked out below.
-        j = torch.arange(length)
-        key_slots = table[:, j // bt] * bt + (j % bt)
-        new_slots = key_slots[torch.arange(b), pos]
-        mask = (j[None, :] <= pos[:, None])[:, None, None, :]  # (batch, 1, 1, key)
-        x = (model.tok_emb(torch.tensor(tokens)) + model.pos_emb(pos))[:, None, :]
+        order = sorted(range(b), key=positions.__getitem__)  # group similar lengths together
+        pos = torch.tensor([positions[i] for i in order])
+        tables = [block_tables[i] for i in order]
+        groups = []
+        for lo in range(0, b, self.attn_group):
+            hi = min(lo + self.attn_group, b)
+            gpos = pos[lo:hi]
+            width = int(gpos.max()) // bt + 1  # blocks the longest sequence of the group uses
+            # Shorter tables are padded with block 0, whose rows the mask hides.
+            table = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables[lo:hi]])
+            keys_pos = torch.arange(width * bt)
+            mask = (keys_pos[None, :] <= gpos[:, None])[:, None, None, :]  # (group, 1, 1, key)
+            groups.append((lo, hi, table, mask))
+        new_slots = torch.tensor(
+            [t[p // bt] * bt + p % bt for t, p in zip(tables, pos.tolist(), strict=True)]
+        )
+        x = (model.tok_emb(torch.tensor([tokens[i] for i in order])) + model.pos_emb(pos))[:, None, :]
         for layer, block in enumerate(self.blocks):
             q, k, v = block.attn.qkv(block.ln1(x)).split(self.cfg.n_embd, dim=2)
             cache.write(layer, new_slots, k[:, 0], v[:, 0])
-            keys, values = cache.gather(layer, key_slots)
-            y = F.scaled_dot_product_attention(
-                self._heads(q), self._heads(keys), self._heads(values), attn_mask=mask
-            )
-            x = self._block_tail(block, x, y)
-        return self._logits(x[:, 0])
+            ys = []
+            for lo, hi, table, mask in groups:
+                keys, values = cache.gather(layer, table)
+                ys.append(
+                    F.scaled_dot_product_attention(
+                        self._heads(q[lo:hi]), self._heads(keys), self._heads(values), attn_mask=mask
+                    )
+                )
+            x = self._block_tail(block, x, torch.cat(ys) if len(ys) > 1 else ys[0])
+        logits = self._logits(x[:, 0])
+        inverse = torch.empty(b, dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(b)
+        return logits[inverse]
 
     def sample(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]

@@ -50,10 +50,11 @@ class BlockAllocator:
 
 
 class PagedKVCache:
-    """K and V pools of shape ``(n_layer, num_blocks * block_tokens, n_embd)`` addressed by slot.
+    """K and V pools of shape ``(n_layer, num_blocks, block_tokens, n_embd)``.
 
-    A slot is ``block_id * block_tokens + offset``; heads are kept fused in the last dim so one
-    ``index_copy_``/``index_select`` moves a token's K (or V) for every head at once.
+    Heads stay fused in the last dim so one copy moves a token's K (or V) for every head. Writes
+    address single tokens by slot (``block_id * block_tokens + offset``); reads gather whole blocks,
+    which moves the same bytes as a per-token gather with ``block_tokens`` times fewer indices.
     """
 
     def __init__(
@@ -66,9 +67,8 @@ class PagedKVCache:
     ) -> None:
         self.block_tokens = block_tokens
         self.allocator = BlockAllocator(num_blocks)
-        slots = num_blocks * block_tokens
-        self.k = torch.zeros(n_layer, slots, n_embd, dtype=dtype)
-        self.v = torch.zeros(n_layer, slots, n_embd, dtype=dtype)
+        self.k = torch.zeros(n_layer, num_blocks, block_tokens, n_embd, dtype=dtype)
+        self.v = torch.zeros(n_layer, num_blocks, block_tokens, n_embd, dtype=dtype)
 
     @property
     def num_blocks(self) -> int:
@@ -85,14 +85,20 @@ class PagedKVCache:
         return [block_table[p // bt] * bt + p % bt for p in positions]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K/V rows (``(n, n_embd)``) for one layer at the given slots."""
-        self.k[layer].index_copy_(0, slots, k)
-        self.v[layer].index_copy_(0, slots, v)
+        """Store K/V rows (``(n, n_embd)``) for one layer at the given flat slots."""
+        c = k.shape[-1]
+        self.k[layer].view(-1, c).index_copy_(0, slots, k)
+        self.v[layer].view(-1, c).index_copy_(0, slots, v)
 
-    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V for a ``(batch, length)`` slot matrix, shaped ``(batch, length, n_embd)``."""
-        flat = slots.reshape(-1)
-        shape = (*slots.shape, self.k.shape[-1])
+    def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V for a ``(batch, blocks)`` block table, shaped ``(batch, blocks * block_tokens, n_embd)``.
+
+        Token ``j`` of sequence ``i`` is row ``j`` of the result; rows past a sequence's length hold
+        stale data and must be masked by the caller.
+        """
+        b, nb = tables.shape
+        flat = tables.reshape(-1)
+        shape = (b, nb * self.block_tokens, self.k.shape[-1])
         return self.k[layer].index_select(0, flat).view(shape), self.v[layer].index_select(0, flat).view(
             shape
         )

@@ -54,7 +54,7 @@ def test_first_scheduled_snapshot_after_interval(k8s_valid: Any) -> None:
     assert vs["spec"]["volumeSnapshotClassName"] == "csi"
     assert vs["metadata"]["annotations"]["capstan.dev/step"] == "420"
     assert "ownerReferences" not in vs["metadata"]  # snapshots outlive the job
-    assert plan.requeue_after == 30 * 60
+    assert plan.requeue_after == 5  # poll until the CSI controller marks it ready
 
 
 def test_not_due_yet_waits() -> None:
@@ -72,8 +72,11 @@ def test_same_trigger_is_idempotent() -> None:
     assert again.create == []
 
 
-def test_snapshot_before_gang_restart() -> None:
-    plan = plan_snapshots(job(phase="Restarting", attempt=2), [], set(), T0, api_available=True)
+def test_snapshot_before_gang_restart_once_workers_stopped() -> None:
+    restarting = job(phase="Restarting", attempt=2)
+    # Old workers still checkpointing on SIGTERM: not yet.
+    assert plan_snapshots(restarting, [], set(), T0, api_available=True, workers_stopped=False).create == []
+    plan = plan_snapshots(restarting, [], set(), T0, api_available=True, workers_stopped=True)
     assert [c["metadata"]["name"] for c in plan.create] == ["gpt-ckpt-restart-2"]
 
 
@@ -107,3 +110,13 @@ def test_in_use_from_modelservings() -> None:
         {"spec": {"model": {"fromTrainingJob": {"name": "other", "checkpoint": "x"}}}},
     ]
     assert snapshots_in_use(mss, "gpt") == {"pinned", "gpt-ckpt-final"}
+
+
+def test_same_second_snapshots_order_by_attempt_and_trigger() -> None:
+    restart = snap("a-restart", 0, reason="Restart")
+    final = snap("z-final", 0, reason="Completion")  # same creation second, name sorts last anyway
+    final2 = snap("b-final", 0, reason="Completion")
+    plan = plan_snapshots(job(phase="Succeeded", keep=1), [final2, restart], set(), T0, api_available=True)
+    assert plan.delete == ["a-restart"]  # the completion snapshot is the newest, whatever its name
+    plan = plan_snapshots(job(phase="Succeeded", keep=1), [final, restart], set(), T0, api_available=True)
+    assert plan.delete == ["a-restart"]

@@ -21,6 +21,7 @@ SNAPSHOT_API = "snapshot.storage.k8s.io/v1"
 LABEL_REASON = "capstan.dev/snapshot-reason"
 ANNOTATION_STEP = "capstan.dev/step"
 ANNOTATION_ATTEMPT = "capstan.dev/attempt"
+PENDING_RECHECK_S = 5.0
 
 
 @dataclass
@@ -95,9 +96,22 @@ def _record(snap: dict[str, Any]) -> CheckpointRecord:
     )
 
 
-def _sort_key(snap: dict[str, Any]) -> tuple[float, str]:
+_REASON_ORDER = {"Scheduled": 0, "Restart": 1, "Completion": 2}
+
+
+def _sort_key(snap: dict[str, Any]) -> tuple[float, int, int, str]:
+    # Creation times have one-second resolution: within a second, a later gang attempt and then
+    # the trigger order (completion is always a job's last snapshot) decide which is newer.
+    meta = snap.get("metadata", {})
     when = _created(snap)
-    return (when.timestamp() if when else float("inf"), snap.get("metadata", {}).get("name", ""))
+    attempt = (meta.get("annotations") or {}).get(ANNOTATION_ATTEMPT, "0")
+    reason = (meta.get("labels") or {}).get(LABEL_REASON, "")
+    return (
+        when.timestamp() if when else float("inf"),
+        int(attempt) if attempt.isdigit() else 0,
+        _REASON_ORDER.get(reason, 0),
+        meta.get("name", ""),
+    )
 
 
 def plan_snapshots(
@@ -107,12 +121,15 @@ def plan_snapshots(
     now: datetime,
     api_available: bool,
     step: int | None = None,
+    workers_stopped: bool = True,
 ) -> SnapshotPlan:
     """Decide snapshots for ``job`` (its phase and attempt are read from ``job.status``).
 
-    Triggers: every ``everyMinutes`` while Running, once per gang restart (before the new gang
-    writes), and once at completion. Retention keeps the newest ``keep`` ready snapshots, and never
-    deletes the newest ready one nor one that a ModelServing uses (``in_use``).
+    Triggers: every ``everyMinutes`` while Running, once per gang restart and once at completion.
+    The last two wait for ``workers_stopped`` (no worker pod still running): the trainer writes a
+    final checkpoint on SIGTERM, and the snapshot should hold it. Retention keeps the newest
+    ``keep`` ready snapshots, and never deletes the newest ready one nor one that a ModelServing
+    uses (``in_use``).
     """
     plan = SnapshotPlan()
     policy = job.spec.checkpoint.snapshots
@@ -138,9 +155,13 @@ def plan_snapshots(
             names.add(name)
 
     if phase in ("Succeeded", "Failed"):
-        want("Completion")
-    elif phase == "Restarting" and attempt > 0:
-        want("Restart")
+        if workers_stopped:
+            want("Completion")
+    elif attempt > 0 and phase in ("Restarting", "Starting"):
+        # Between gangs: the old workers are gone and the new ones not yet created (the executor
+        # creates snapshots before pods). With no backoff that moment is a "Starting" reconcile.
+        if workers_stopped:
+            want("Restart")
     elif phase == "Running":
         scheduled = [
             s for s in ordered if (s["metadata"].get("labels") or {}).get(LABEL_REASON) == "Scheduled"
@@ -151,6 +172,10 @@ def plan_snapshots(
             want("Scheduled")
             due = now + timedelta(minutes=policy.every_minutes)
         plan.requeue_after = max((due - now).total_seconds(), 1.0)
+
+    if plan.create or any(not _ready(s) for s in ordered):
+        # The CSI controller marks snapshots ready; poll until it has (no watch on an optional CRD).
+        plan.requeue_after = min(plan.requeue_after or PENDING_RECHECK_S, PENDING_RECHECK_S)
 
     ready = [s for s in ordered if _ready(s)]
     keep = set(s["metadata"]["name"] for s in ready[-policy.keep :])

@@ -32,7 +32,19 @@ from capstan.api.common import Condition
 from capstan.api.conditions import parse_time, rfc3339, set_condition
 from capstan.api.loading import InvalidResource, parse_resource
 from capstan.api.trainingjob import TrainingJob, TrainingJobStatus
-from capstan.kube.apply import NODES, PODS, PVCS, SERVICES, TRAININGJOBS, ApiClient, ApiError, owner_of
+from capstan.checkpoints.snapshots import LABEL_REASON, SnapshotPlan, plan_snapshots, snapshots_in_use
+from capstan.kube.apply import (
+    MODELSERVINGS,
+    NODES,
+    PODS,
+    PVCS,
+    SERVICES,
+    TRAININGJOBS,
+    VOLUME_SNAPSHOTS,
+    ApiClient,
+    ApiError,
+    owner_of,
+)
 from capstan.kube.runtime import wake, wake_all
 from capstan.metrics import (
     GANG_RESTARTS,
@@ -45,7 +57,7 @@ from capstan.metrics import (
 from capstan.metrics import (
     TRAININGJOBS as TRAININGJOBS_GAUGE,
 )
-from capstan.naming import LABEL_JOB_UID
+from capstan.naming import LABEL_JOB, LABEL_JOB_UID, label_value
 from capstan.training.lifecycle import PlacementDecision, Placer, Plan, plan_trainingjob
 from capstan.training.pods import checkpoint_claim_name, selector, service_name
 
@@ -287,10 +299,14 @@ async def reconcile(
             async with lock:  # place and create under one lock: no two gangs get the same GPUs
                 placer = await _fetch_placer(api, logger)
                 plan = plan_trainingjob(job, pods, now, placer)
+                snaps = await _plan_snapshots(api, job, plan, pods, now)
                 await _apply_status(api, job, body, plan, now, logger)
+                await _apply_snapshots(api, body, snaps, logger)
                 await _create(api, plan.create)
         else:
+            snaps = await _plan_snapshots(api, job, plan, pods, now)
             await _apply_status(api, job, body, plan, now, logger)
+            await _apply_snapshots(api, body, snaps, logger)
             await _create(api, plan.create)
         if plan.delete_pods:
             await api.delete_pods(namespace, plan.delete_pods)
@@ -306,6 +322,66 @@ async def reconcile(
     finally:
         RECONCILES.labels(KIND, outcome).inc()
         RECONCILE_SECONDS.labels(KIND, outcome).observe(time.monotonic() - started)
+
+
+async def _plan_snapshots(
+    api: ApiClient, job: TrainingJob, plan: Plan, pods: list[dict[str, Any]], now: datetime
+) -> SnapshotPlan | None:
+    """Plan VolumeSnapshots for the job's new status and fold them into ``plan`` (status, requeue)."""
+    if job.spec.checkpoint.snapshots is None or job.spec.checkpoint.volume is None:
+        return None
+    ns, name = job.metadata.namespace, job.metadata.name
+    try:
+        snapshots = await api.list_objects(VOLUME_SNAPSHOTS, ns, {LABEL_JOB: label_value(name)})
+        available = True
+    except ApiError as exc:
+        if not exc.not_found:  # 404: the cluster has no snapshot CRDs; say so and go on
+            raise
+        snapshots, available = [], False
+    try:
+        in_use = snapshots_in_use(await api.list_objects(MODELSERVINGS, ns), name)
+    except ApiError as exc:
+        if not exc.not_found:
+            raise
+        in_use = set()
+    stopped = not any((p.get("status") or {}).get("phase") in ("Pending", "Running", "Unknown") for p in pods)
+    planned = job.model_copy(update={"status": plan.status})
+    snaps = plan_snapshots(planned, snapshots, in_use, now, available, workers_stopped=stopped)
+    if available:
+        plan.status.checkpoints = snaps.records
+    if snaps.condition is not None:
+        ok, reason, message = snaps.condition
+        plan.status.conditions = set_condition(
+            plan.status.conditions,
+            "CheckpointReady",
+            "True" if ok else "False",
+            reason,
+            message,
+            now,
+            job.metadata.generation,
+        )
+    if snaps.requeue_after is not None:
+        plan.requeue_after = min(plan.requeue_after or snaps.requeue_after, snaps.requeue_after)
+    return snaps
+
+
+async def _apply_snapshots(
+    api: ApiClient, body: Mapping[str, Any], snaps: SnapshotPlan | None, logger: kopf.Logger
+) -> None:
+    """Create planned snapshots (idempotent names) and delete the ones retention let go."""
+    if snaps is None:
+        return
+    created = await api.create_many(snaps.create) if snaps.create else []
+    for obj, new in zip(snaps.create, created, strict=True):
+        if new:
+            reason = obj["metadata"]["labels"].get(LABEL_REASON, "Scheduled")
+            message = f"VolumeSnapshot {obj['metadata']['name']} of the checkpoint volume ({reason})"
+            logger.info("snapshot %s created (%s)", obj["metadata"]["name"], reason)
+            await api.post_event(body, "SnapshotCreated", message, "Normal")
+    ns = (body.get("metadata") or {}).get("namespace")
+    for name in snaps.delete:
+        await api.delete(VOLUME_SNAPSHOTS, ns, name)
+        await api.post_event(body, "SnapshotDeleted", f"VolumeSnapshot {name} removed by retention", "Normal")
 
 
 async def _fetch_placer(api: ApiClient, logger: kopf.Logger) -> Placer | None:

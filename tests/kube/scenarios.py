@@ -17,7 +17,7 @@ from capstan.kube.apply import EVENTS, PODS, SERVICES, TRAININGJOBS, ApiClient, 
 from capstan.kube.testing import set_pod_status, wait_for
 from capstan.naming import LABEL_ATTEMPT, LABEL_JOB, LABEL_RANK, dns_label
 
-TIMEOUT = 15.0
+TIMEOUT = 30.0  # generous: CI machines are small and may be busy
 
 
 @dataclass

@@ -20,7 +20,7 @@ from capstan.kube.testing import emulated_cluster, running_operator, wait_for
 from capstan.kube.testing import test_client as api_client
 from capstan.naming import LABEL_REVISION, LABEL_SERVING
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
 NS = "default"
 
 
@@ -129,7 +129,7 @@ async def canary_pod(api: ApiClient, revision: str, port: int) -> None:
     )
 
 
-async def wait_status(api: ApiClient, check: Any, what: str, timeout: float = 15) -> dict[str, Any]:
+async def wait_status(api: ApiClient, check: Any, what: str, timeout: float = 30) -> dict[str, Any]:
     async def probe() -> dict[str, Any] | None:
         st = await status(api)
         return st if check(st) else None
@@ -187,7 +187,7 @@ async def test_canary_steps_then_rollback_on_failing_analysis(
     await wait_for(lambda: _replicas(api, canary, 2), what="canary scaled to 2")
     metrics.errors = 10
     await make_ready(api, canary)
-    st = await wait_status(api, lambda s: s.get("canaryRevision") is None, "rollback", timeout=20)
+    st = await wait_status(api, lambda s: s.get("canaryRevision") is None, "rollback", timeout=40)
     assert st["stableRevision"] == stable
     assert canary in st["failedRevisions"]
     rolled = next(c for c in st["conditions"] if c["type"] == "RolledBack")

@@ -24,7 +24,7 @@ def _load() -> ModuleType:
 def test_placement_bench_quick(tmp_path: Path) -> None:
     mod = _load()
     out_file = tmp_path / "placement.json"
-    out = mod.main(["--quick", "--jobs", "120", "--no-decision", "--out", str(out_file)])
+    out = mod.main(["--quick", "--jobs-per-gpu", "1", "--seeds", "2", "--no-decision", "--out", str(out_file)])
     assert json.loads(out_file.read_text()) == json.loads(json.dumps(out))
     assert (tmp_path / "placement.png").stat().st_size > 0
     assert set(out["policies"]) == {"capstan", "tas_bestfit", "spread", "random"}
@@ -32,8 +32,12 @@ def test_placement_bench_quick(tmp_path: Path) -> None:
         for key in ("nvlink_local_share", "rack_local_share", "allocation_rate", "mean_queue_delay_s",
                     "p95_queue_delay_s", "mean_jct_s"):
             assert key in metrics
-    for key in ("decision_ms_10k_nodes_64_workers", "assumptions", "cluster", "trace"):
+    for key in ("decision_ms_10k_nodes_64_workers", "assumptions", "cluster", "trace", "notes"):
         assert key in out
+    assert set(out["clusters"]) == {"hgx", "nvl72"}
+    for per_policy in out["clusters"].values():
+        assert set(per_policy) == set(out["policies"])
+    assert len(out["seeds"]) == 2 and out["trace"]["hgx"]["jobs"] != out["trace"]["nvl72"]["jobs"]
     pol = out["policies"]
     assert pol["capstan"]["nvlink_local_share"] >= pol["spread"]["nvlink_local_share"]
     assert pol["capstan"]["jobs"] == pol["spread"]["jobs"] > 0

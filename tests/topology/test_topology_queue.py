@@ -1,7 +1,8 @@
-from topo_fixtures import hgx_cluster
+from topo_fixtures import hgx_cluster, nvl72_cluster, pod
 
 from capstan.topology import (
     GangRequest,
+    PlacementResult,
     RunningGang,
     build_inventory,
     place_gang,
@@ -72,3 +73,70 @@ def test_reservation_is_sticky_and_head_eventually_runs() -> None:
             inv = inv.release(running.pop(0).result)
         t += 10
     assert first.placed and step == 4
+
+
+def test_one_worker_fills_a_partly_used_node_before_breaking_a_whole_one() -> None:
+    # two NVL72-style racks: rack 0 fuller overall but with only whole free nodes left; rack 1
+    # emptier with one node partly used. FGD-style packing fills the partial node.
+    nodes = nvl72_cluster(racks=2, nodes_per_rack=4)
+    pods = [pod(f"p{n}", f"nvl0-n{n:02d}", 4) for n in range(2)] + [pod("q", "nvl1-n00", 3)]
+    inv = build_inventory(nodes, pods)
+    res = place_gang(inv, GangRequest("one", 1, 1))
+    assert res.nodes == ["nvl1-n00"]
+    plain = place_gang(inv, GangRequest("one", 1, 1), parent_tiebreak=False, fragmentation_aware=False)
+    assert plain.nodes[0].startswith("nvl0-")  # plain BestFit: the domain with the fewest free GPUs
+
+
+def test_multi_worker_domain_counts_whole_workers_not_stray_gpus() -> None:
+    # rack 0: 2 whole free nodes + 6 stray GPUs (14 free); rack 1: 3 whole free nodes (12 free).
+    # A 2x4 gang fits both; fragmentation-aware BestFit takes rack 0 (no whole node left over),
+    # plain BestFit rack 1 (fewest free GPUs) and leaves rack 1 one whole node instead of three
+    nodes = nvl72_cluster(racks=2, nodes_per_rack=4)
+    inv = build_inventory(nodes, [pod("p0", "nvl0-n00", 1), pod("p1", "nvl0-n01", 1),
+                                  pod("q", "nvl1-n00", 4)])
+    res = place_gang(inv, GangRequest("g", 2, 4))
+    assert sorted(res.nodes) == ["nvl0-n02", "nvl0-n03"]
+    plain = place_gang(inv, GangRequest("g", 2, 4), parent_tiebreak=False, fragmentation_aware=False)
+    assert all(n.startswith("nvl1-") for n in plain.nodes)
+
+
+def test_reservation_pins_gpus_that_free_not_idle_ones() -> None:
+    inv = build_inventory(hgx_cluster(blocks=1, racks=2, nodes_per_rack=2), [])
+    # rack 0: n0 idle, n1 busy until 100; rack 1: both busy until 100
+    running = []
+    for name, nodes in (("a", ["b0-r0-n1"]), ("b", ["b0-r1-n0", "b0-r1-n1"])):
+        res = PlacementResult(name, True, nodes, 8, "rack", "x", "x")
+        inv = inv.allocate(res)
+        running.append(RunningGang(res, started=0.0, expected_end=100.0))
+    out = schedule_queue(inv, [GangRequest("big", 2, 8, submitted=0)], running=running, now=10.0)
+    rsv = out[0].reservation
+    assert rsv is not None and rsv.shadow_time == 100.0
+    # rack 1 frees entirely at 100: reserving it leaves the idle node b0-r0-n0 to backfill
+    assert sorted(rsv.placement.nodes) == ["b0-r1-n0", "b0-r1-n1"]
+    queue = [GangRequest("big", 2, 8, submitted=0), GangRequest("long", 1, 8, submitted=1)]
+    small = schedule_queue(inv, queue, running=running, now=10.0)
+    assert small[1].placed and small[1].result.nodes == ["b0-r0-n0"]
+
+
+def test_reserve_after_s_guard() -> None:
+    inv = build_inventory(hgx_cluster(blocks=1, racks=1, nodes_per_rack=2), [])
+    res = PlacementResult("r", True, ["b0-r0-n0"], 8, "nvlink", "x", "x")
+    inv = inv.allocate(res)
+    running = [RunningGang(res, 0.0, 1000.0)]
+    queue = [GangRequest("big", 2, 8, submitted=0), GangRequest("small", 1, 8, submitted=1)]
+    young = schedule_queue(inv, queue, running=running, now=50.0, reserve_after_s=100.0)
+    assert young[0].reservation is None and young[1].placed  # not waited long enough: no hold
+    old = schedule_queue(inv, queue, running=running, now=150.0, reserve_after_s=100.0)
+    assert old[0].reservation is not None and not old[1].placed
+
+
+def test_locality_wait_holds_a_gang_for_one_nvlink_domain_then_spreads() -> None:
+    nodes = nvl72_cluster(racks=2, nodes_per_rack=4)
+    # each rack has 2 whole free nodes: a 3x4 gang fits only across racks
+    inv = build_inventory(nodes, [pod(f"p{r}{n}", f"nvl{r}-n{n:02d}", 4) for r in (0, 1) for n in (0, 1)])
+    req = GangRequest("g", 3, 4, submitted=0, expected_duration_s=1000)
+    waiting = schedule_queue(inv, [req], now=100, locality_wait_s=3600, locality_wait_fraction=0.5)
+    assert not waiting[0].placed and "one NVLink domain" in waiting[0].reason
+    assert waiting[0].reservation is None  # a voluntary wait holds nobody back
+    late = schedule_queue(inv, [req], now=600, locality_wait_s=3600, locality_wait_fraction=0.5)
+    assert late[0].placed and late[0].result.level == "block"  # the fixture racks are cliques

@@ -12,7 +12,15 @@ For many gangs use :func:`schedule_queue` (priority, age, backfill with a head r
 No I/O and no Kubernetes client here; results are deterministic.
 """
 
-from .gang import POLICIES, GangRequest, PlacementResult, Policy, place_gang, place_when_freed
+from .gang import (
+    POLICIES,
+    GangRequest,
+    PlacementResult,
+    Policy,
+    narrowest_level,
+    place_gang,
+    place_when_freed,
+)
 from .inventory import Inventory, NodeInfo, build_inventory, parse_count, pod_gpu_request, tolerates
 from .levels import (
     CLUSTER_LEVEL,
@@ -46,6 +54,7 @@ __all__ = [
     "build_inventory",
     "display_level",
     "levels_from_env",
+    "narrowest_level",
     "parse_count",
     "parse_levels",
     "place_gang",

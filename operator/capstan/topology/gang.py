@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any, Literal
 
 from .inventory import Inventory
@@ -93,11 +94,18 @@ def _validate(inv: Inventory, req: GangRequest) -> None:
 
 
 def place_gang(inventory: Inventory, request: GangRequest, *,
-               parent_tiebreak: bool = True) -> PlacementResult:
+               parent_tiebreak: bool = True, fragmentation_aware: bool = True) -> PlacementResult:
     """Place every worker of ``request`` or none; never mutates ``inventory``.
 
-    ``parent_tiebreak=False`` gives plain Kueue BestFit tie-breaking (by name only); it exists for
-    the benchmark baseline. Deterministic: equal inputs give equal results.
+    ``fragmentation_aware`` (default) keeps whole nodes and whole domains free for multi-node
+    gangs (the FGD idea, ATC'23): a one-worker gang goes to the node it fills most exactly,
+    cluster-wide, so partly used nodes are filled before a whole free node is broken (ties: the
+    fuller NVLink domain, rack, ...); a multi-worker gang's domain is the one left with the
+    fewest *workers' worth* of room (free GPUs on partly used nodes that no worker of this shape
+    can use do not make a domain look emptier than it is), then the fewest free GPUs.
+    ``parent_tiebreak=False, fragmentation_aware=False`` is plain Kueue BestFit (fewest free GPUs,
+    ties by name); it exists for the benchmark baseline. Deterministic: equal inputs give equal
+    results.
     """
     _validate(inventory, request)
     topo = inventory._topo
@@ -122,6 +130,8 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
         return _result(inventory, request, assign)
 
     nlev = len(topo.levels)
+    if fragmentation_aware and want == 1:
+        return _result(inventory, request, [(_best_node(topo, busy, cap, free, gpw), 1)])
     # per-level capacity (workers) and free GPUs of every domain
     dcap: list[list[int]] = []
     dfree: list[list[int]] = []
@@ -153,12 +163,52 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
                     for up in range(li, nlev - 1):
                         p = topo.parent[up][p]
                         chain.append(dfree[up + 1][p])
+                if fragmentation_aware:
+                    return (dcap[li][d] - want, dfree[li][d] - need, *chain, d)
                 return (dfree[li][d] - need, *chain, d)
 
             chosen = min(fits, key=score)
         assign = _descend(topo, li, chosen, want, cap, free, dcap, dfree)
         return _result(inventory, request, assign)
     return _unplaced(inventory, request, elig, free, cap, dcap=dcap, dfree=dfree, top=top)
+
+
+def _best_node(topo: Any, busy: list[int], cap: list[int], free: list[int], gpw: int) -> int:
+    """The node for a one-worker gang: least free GPUs left on it, then the fullest enclosing
+    domains (NVLink domain, rack, ...), then name. One pass, no per-domain sums for the common case
+    of an exact fit on a partly used node."""
+    cands = [i for i in busy if cap[i]]
+    left = min(free[i] for i in cands) - gpw
+    best = [i for i in cands if free[i] - gpw == left]
+    if len(best) == 1:
+        return best[0]
+    nlev = len(topo.levels)
+    sums: list[dict[int, int]] = [{} for _ in range(nlev)]
+    for i in busy:
+        for li in range(nlev):
+            d = topo.dom_of[li][i]
+            sums[li][d] = sums[li].get(d, 0) + free[i]
+    return min(best, key=lambda i: (*[sums[li][topo.dom_of[li][i]] for li in range(nlev)], i))
+
+
+def narrowest_level(inventory: Inventory, request: GangRequest) -> str | None:
+    """Narrowest level at which one domain could hold the whole gang with every GPU free.
+
+    None when that is only the whole cluster (or never): no single domain is big enough.
+    """
+    topo = inventory._topo
+    gpw = request.gpus_per_worker
+    if gpw == 0:
+        return None
+    elig = inventory._eligible(request.tolerations, request.needs_rdma, request.gpu_product)
+    cap_all = [a // gpw if e else 0 for a, e in zip(topo.alloc, elig, strict=True)]
+    for li, lv in enumerate(topo.levels):
+        sums = [0] * len(topo.dom_keys[li])
+        for i, c in enumerate(cap_all):
+            sums[topo.dom_of[li][i]] += c
+        if max(sums, default=0) >= request.workers:
+            return lv.name
+    return None
 
 
 def _fill(items: list[tuple[int, int, int, int]], want: int) -> list[tuple[int, int]]:
@@ -257,11 +307,11 @@ def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int
     def out(reason: str) -> PlacementResult:
         return PlacementResult(req.name, False, gpus_per_worker=gpw, reason=reason)
 
-    eligible = [i for i, e in enumerate(elig) if e]
+    eligible = list(compress(range(len(elig)), elig))
     if not eligible:
         return out(_no_node_reason(inv, req))
     where = " with RDMA" if req.needs_rdma else ""
-    biggest = max(topo.alloc[i] for i in eligible)
+    biggest = max(compress(topo.alloc, elig))
     if biggest < gpw:
         return out(f"no schedulable node{where} has {gpw} GPUs allocatable (largest: {biggest}); "
                    f"lower gpusPerWorker")

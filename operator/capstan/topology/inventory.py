@@ -187,7 +187,7 @@ class Inventory:
     @property
     def free_gpus(self) -> int:
         """Free GPUs over all Ready nodes (schedulable or not)."""
-        return sum(max(0, n.gpus - u) for n, u in zip(self._topo.nodes, self._used, strict=True))
+        return sum(a - u for a, u in zip(self._topo.alloc, self._used, strict=True) if a > u)
 
     def domain_of(self, name: str, level: str) -> str:
         """Unique key of the domain that holds node ``name`` at ``level`` (e.g. "block=b1/rack=r3")."""

@@ -3,22 +3,34 @@
 Order: priority (high first), then submission time, then name. Gangs are placed in order until
 one does not fit: that one is the *head*. The head gets a reservation: the GPUs it would get
 soonest. With every running gang's expected end known, running gangs are released in that order
-until the head fits; otherwise the reservation is the placement that waits on the fewest GPUs
-held by others (``place_when_freed``). Gangs behind the head may start (backfill) only on GPUs
-outside the reservation, or anywhere if their declared duration ends before the head's expected
-start. Because backfill never takes reserved GPUs and running gangs eventually end, the head is
-never starved. Pass the head's previous reservation back in: it is kept between passes and only
-moves to a placement waiting on strictly fewer busy GPUs (a reservation that moved freely could
-be chased forever).
+until the head fits (the *shadow time*), and the reservation is pinned to GPUs that free by then
+rather than ones idle now where that costs no locality (idle GPUs outside it stay open to every
+backfill); otherwise the reservation is the placement that waits on the fewest GPUs held by
+others (``place_when_freed``). Gangs behind the head may start (backfill) only on GPUs outside
+the reservation, or anywhere if their declared duration ends before the shadow time.
+
+Guarantee kept (the starvation guard): once a gang is the reserved head, no gang behind it in
+queue order takes its reserved GPUs unless that gang's declared limit ends by the shadow time, so
+the head starts no later than the shadow time when declared limits hold, and in any case as
+soon as the gangs holding its reserved GPUs end. The reservation is kept between passes (pass it
+back in) and only moves to an earlier (or equally early, less idle) slot, or with unknown run
+times to one waiting on strictly fewer busy GPUs, so it is never chased forever. Gangs of higher
+priority may still go ahead of it. With ``reserve_after_s`` > 0 a blocked gang becomes eligible
+for the reservation only after waiting that long: a gang's wait is then at most
+``reserve_after_s`` plus the time until its reserved GPUs free, once the gangs ahead of it have
+started. ``locality_wait_s`` adds delay scheduling: a Preferred gang that could fit inside one
+narrow domain waits up to that long (and at most ``locality_wait_fraction`` of its declared run
+time) for room there before it is placed wider; such a voluntary wait reserves nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .gang import GangRequest, PlacementResult, place_gang, place_when_freed
+from .gang import GangRequest, PlacementResult, narrowest_level, place_gang, place_when_freed
 from .inventory import Inventory, _freeze
+from .levels import CLUSTER_LEVEL, display_level
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,9 @@ def queue_order(requests: Sequence[GangRequest]) -> list[GangRequest]:
 def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
                    running: Sequence[RunningGang] = (), now: float = 0.0,
                    reservation: Reservation | None = None, backfill: bool = True,
-                   reserve_after_s: float = 0.0, parent_tiebreak: bool = True) -> list[Decision]:
+                   reserve_after_s: float = 0.0, parent_tiebreak: bool = True,
+                   fragmentation_aware: bool = True, locality_wait_s: float = 0.0,
+                   locality_wait_fraction: float = 1.0) -> list[Decision]:
     """One scheduling pass over ``requests``; returns one Decision per request, in queue order.
 
     ``inventory`` must already count ``running`` gangs as used. Placed decisions should be
@@ -86,8 +100,13 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
     ``reserve_after_s`` > 0 is a starvation guard instead of an immediate reservation: a head that
     has waited less than that (``now - submitted``) gets none, so everything behind it may start
     where it fits; once it has waited that long it is reserved for as above, so its wait stays
-    bounded while short waits cost small gangs nothing.
+    bounded while short waits cost small gangs nothing. ``fragmentation_aware`` and
+    ``parent_tiebreak`` are passed to :func:`place_gang`. ``locality_wait_s`` > 0 turns on delay
+    scheduling for Preferred multi-worker gangs (see the module text); 0 (default) is off.
     """
+    def place(at: Inventory, req: GangRequest) -> PlacementResult:
+        return place_gang(at, req, parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
+
     inv = inventory
     masked: Inventory | None = None  # inv minus the reservation: what backfill may use
     head: Reservation | None = None
@@ -95,17 +114,52 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
     fail_masked: dict[object, str] = {}  # shape -> reason; valid because free GPUs only shrink
     fail_open: dict[object, str] = {}
 
-    for req in queue_order(requests):
+    ideal: dict[object, str | None] = {}
+    for orig in queue_order(requests):
+        req = orig
+        if (locality_wait_s > 0 and orig.policy == "Preferred" and orig.workers > 1
+                and orig.gpus_per_worker > 0):
+            limit = locality_wait_s
+            if orig.expected_duration_s is not None:
+                limit = min(limit, locality_wait_fraction * orig.expected_duration_s)
+            if now - orig.submitted < limit:
+                key = _shape(orig)
+                if key not in ideal:
+                    ideal[key] = narrowest_level(inventory, orig)
+                if ideal[key] is not None:
+                    # delay scheduling: only the narrowest domain it could ever fit in, for now
+                    req = replace(orig, policy="Required", max_domain=ideal[key] or "")
+        if req is not orig:
+            shape = _shape(req)
+            target = masked if masked is not None else inv
+            if shape not in fail_masked:
+                res = place(target, req)
+                if res.placed:
+                    inv = inv.allocate(res)
+                    if masked is not None:
+                        masked = masked.add_usage(res.gpus_by_node())
+                    decisions.append(Decision(orig, res, backfilled=masked is not None))
+                    continue
+                fail_masked[shape] = (
+                    f"waiting up to {limit:.0f}s from submission for room in one "
+                    f"{display_level(req.max_domain)} (it would run slower spread wider)")
+            decisions.append(Decision(orig, _waiting(orig, fail_masked[shape])))
+            continue
         if masked is None:
-            res = place_gang(inv, req, parent_tiebreak=parent_tiebreak)
-            if res.placed:
-                inv = inv.allocate(res)
-                decisions.append(Decision(req, res))
-                continue
+            shape = _shape(req)
+            if shape in fail_open:  # free GPUs only shrink during a pass: still does not fit
+                res = _waiting(req, fail_open[shape])
+            else:
+                res = place(inv, req)
+                if res.placed:
+                    inv = inv.allocate(res)
+                    decisions.append(Decision(req, res))
+                    continue
+                fail_open[shape] = res.reason
             if now - req.submitted < reserve_after_s:
                 decisions.append(Decision(req, res))  # not waited long enough to hold others back
                 continue
-            head = _reserve(inventory, inv, req, running, reservation, parent_tiebreak)
+            head = _reserve(inventory, inv, req, running, reservation, parent_tiebreak, fragmentation_aware)
             decisions.append(Decision(req, res, reservation=head))
             if head is not None:  # an impossible head blocks nobody; the next one becomes head
                 masked = inv.add_usage(head.gpus_by_node())
@@ -120,7 +174,7 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
                  and now + req.expected_duration_s <= head.shadow_time)
         if short and shape not in fail_open:
             # ends before the head needs its GPUs: may use reserved ones too
-            res = place_gang(inv, req, parent_tiebreak=parent_tiebreak)
+            res = place(inv, req)
             if res.placed:
                 inv = inv.allocate(res)
                 masked = masked.add_usage(res.gpus_by_node())
@@ -128,14 +182,14 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
                 continue
             fail_open[shape] = res.reason
         if shape not in fail_masked:
-            res = place_gang(masked, req, parent_tiebreak=parent_tiebreak)
+            res = place(masked, req)
             if res.placed:
                 inv = inv.allocate(res)
                 masked = masked.add_usage(res.gpus_by_node())
                 decisions.append(Decision(req, res, backfilled=True))
                 continue
             if shape not in fail_open:
-                open_res = place_gang(inv, req, parent_tiebreak=parent_tiebreak)
+                open_res = place(inv, req)
                 if not open_res.placed:
                     fail_open[shape] = open_res.reason
             fail_masked[shape] = (
@@ -156,7 +210,8 @@ def _shape(req: GangRequest) -> object:
 
 
 def _reserve(start: Inventory, inv: Inventory, head: GangRequest, running: Sequence[RunningGang],
-             previous: Reservation | None, parent_tiebreak: bool) -> Reservation | None:
+             previous: Reservation | None, parent_tiebreak: bool,
+             fragmentation_aware: bool = True) -> Reservation | None:
     """The head's reservation: the previous one while still usable, else the soonest placement.
 
     Returns None only if the head cannot fit even on an idle cluster (it blocks nobody then).
@@ -164,6 +219,14 @@ def _reserve(start: Inventory, inv: Inventory, head: GangRequest, running: Seque
     known = bool(running) and all(r.expected_end is not None for r in running)
     if previous is not None and previous.head == head.name and _still_usable(start, head, previous):
         if known:
+            # limits are upper bounds and backfill onto reserved GPUs ends by the shadow time, so a
+            # fresh soonest slot is never later than the kept one; move only when it is earlier
+            # (gangs ended before their limits) or equally soon with fewer idle GPUs held
+            rsv = _reserve_by_end_times(inv, head, running, parent_tiebreak, fragmentation_aware)
+            if (rsv is not None and rsv.shadow_time is not None and previous.shadow_time is not None
+                    and (rsv.shadow_time, _idle_held(inv, rsv))
+                    < (previous.shadow_time, _idle_held(inv, previous))):
+                return rsv
             return previous
         # unknown run times: move only to a placement that waits on strictly fewer busy GPUs, so
         # the number of GPUs the head waits for never grows and moves are finite
@@ -171,7 +234,7 @@ def _reserve(start: Inventory, inv: Inventory, head: GangRequest, running: Seque
         held = sum(max(0, g - inv.free(n)) for n, g in previous.gpus_by_node().items())
         return Reservation(head.name, res, None) if res.placed and missing < held else previous
     if known:
-        rsv = _reserve_by_end_times(inv, head, running, parent_tiebreak)
+        rsv = _reserve_by_end_times(inv, head, running, parent_tiebreak, fragmentation_aware)
         if rsv is not None:
             return rsv
     res, _ = place_when_freed(inv, head)
@@ -179,7 +242,7 @@ def _reserve(start: Inventory, inv: Inventory, head: GangRequest, running: Seque
 
 
 def _reserve_by_end_times(inv: Inventory, head: GangRequest, running: Sequence[RunningGang],
-                          parent_tiebreak: bool) -> Reservation | None:
+                          parent_tiebreak: bool, fragmentation_aware: bool = True) -> Reservation | None:
     """Release running gangs in order of expected end until the head fits: the soonest slot."""
     order = sorted(running, key=lambda r: (r.expected_end or 0.0, r.started, r.result.name))
     deltas = [{n: -g for n, g in r.result.gpus_by_node().items()} for r in order]
@@ -191,18 +254,37 @@ def _reserve_by_end_times(inv: Inventory, head: GangRequest, running: Sequence[R
                 total[n] = total.get(n, 0) + g
         return inv.add_usage(total)
 
+    def place(at: Inventory) -> PlacementResult:
+        return place_gang(at, head, parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
+
     # fitting is monotone in releases (free GPUs only grow), so binary search the prefix
     lo, hi = 1, len(order)
-    if not place_gang(after(hi), head, parent_tiebreak=parent_tiebreak).placed:
+    if not place(after(hi)).placed:
         return None  # something we were not told about holds GPUs
     while lo < hi:
         mid = (lo + hi) // 2
-        if place_gang(after(mid), head, parent_tiebreak=parent_tiebreak).placed:
+        if place(after(mid)).placed:
             hi = mid
         else:
             lo = mid + 1
-    res = place_gang(after(lo), head, parent_tiebreak=parent_tiebreak)
-    return Reservation(head.name, res, order[lo - 1].expected_end)
+    shadow = order[lo - 1].expected_end
+    while lo < len(order) and order[lo].expected_end == shadow:
+        lo += 1  # everything that ends at the shadow time is free then too
+    slot = after(lo)
+    res = place(slot)
+    # pin the GPUs that free by the shadow time rather than idle ones where that costs no locality:
+    # idle GPUs outside the reservation stay open to every backfill, not only to short ones
+    busy_now = slot.add_usage({n.name: inv.free(n.name) for n in inv.nodes if inv.free(n.name)})
+    freed_only = place(busy_now)
+    if freed_only.placed and (inv.levels.index(freed_only.level or CLUSTER_LEVEL)
+                              <= inv.levels.index(res.level or CLUSTER_LEVEL)):
+        res = freed_only
+    return Reservation(head.name, res, shadow)
+
+
+def _idle_held(inv: Inventory, rsv: Reservation) -> int:
+    """GPUs a reservation holds that are free now (idle unless a short gang backfills them)."""
+    return sum(min(g, inv.free(n)) for n, g in rsv.gpus_by_node().items())
 
 
 def _still_usable(inv: Inventory, head: GangRequest, rsv: Reservation) -> bool:

@@ -197,3 +197,11 @@ async def test_metrics_endpoint(cluster: Cluster, env: sc.Env, operator: None) -
         assert "capstan_reconcile_duration_seconds_bucket" in text
     finally:
         await runner.cleanup()
+
+
+def test_replicas_get_distinct_peering_priorities() -> None:
+    # Kopf freezes every replica when the top priority is shared: HA needs distinct ones.
+    from capstan.kube.runtime import peering_priority
+
+    assert peering_priority({"CAPSTAN_PEERING_PRIORITY": "100"}) == 100
+    assert len({peering_priority({}) for _ in range(20)}) > 1

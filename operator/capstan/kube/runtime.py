@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -44,6 +47,18 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     settings.background.cancellation_polling = 1
+    settings.peering.priority = peering_priority()
+
+
+def peering_priority(env: Mapping[str, str] | None = None) -> int:
+    """This replica's peering priority: ``$CAPSTAN_PEERING_PRIORITY``, else random.
+
+    Kopf freezes every replica when the highest priority is shared, so HA replicas must differ:
+    the highest one is active, the others stand by until its peering record expires.
+    """
+    source = os.environ if env is None else env
+    value = source.get("CAPSTAN_PEERING_PRIORITY", "").strip()
+    return int(value) if value else random.SystemRandom().randint(1, 2**31 - 1)
 
 
 async def _login(

@@ -48,7 +48,7 @@ from capstan.kube.apply import (
     register_kind,
     resource_of,
 )
-from capstan.kube.runtime import wake
+from capstan.kube.runtime import reconcile_loop, wake
 from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
 from capstan.metrics import (
     RECONCILE_SECONDS,
@@ -71,8 +71,6 @@ from capstan.serving.revisions import revision_selector, serving_selector
 from capstan.serving.runtimes import runtime_for
 
 KIND = "ModelServing"
-RESYNC_S = 60.0
-ERROR_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 # How long a "does the cluster serve HTTPRoute?" answer is trusted: Gateway API CRDs installed
 # later switch traffic to route weights within this time.
 GATEWAY_CHECK_TTL_S = 60.0
@@ -338,31 +336,9 @@ async def modelserving_loop(
 ) -> None:
     """The reconcile loop of one ModelServing (see the module docstring)."""
     assert namespace is not None  # ModelServing is namespaced
-    api: ApiClient = memo["api"]
-    wakeup = memo["wakeups"].setdefault(uid, asyncio.Event())
-    failures = 0
     try:
-        while not stopped:
-            wakeup.clear()
-            try:
-                delay = await reconcile(api, namespace, name, uid, memo, logger)
-                failures = 0
-            except ApiError as exc:
-                delay = ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S) - 1)]
-                failures += 1
-                logger.warning("reconcile failed (retry in %.0fs): %s", delay, exc)
-                if exc.status not in (0, 404, 409, 429) and exc.status < 500:
-                    body = {
-                        "apiVersion": f"{GROUP}/{VERSION}",
-                        "kind": KIND,
-                        "metadata": {"name": name, "namespace": namespace, "uid": uid},
-                    }
-                    await api.post_event(body, "ReconcileFailed", str(exc), "Warning")
-            timeout = RESYNC_S if delay is None else min(max(delay, 0.0), RESYNC_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), timeout)
+        await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped)
     finally:
-        memo["wakeups"].pop(uid, None)
         _state(memo).baselines.forget(uid)
 
 

@@ -15,16 +15,17 @@ Handler modules import this module, so its activities register with theirs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
 
-from capstan import GROUP
-from capstan.kube.apply import DEFAULT_CONCURRENCY, ApiClient
+from capstan import GROUP, VERSION
+from capstan.kube.apply import DEFAULT_CONCURRENCY, ApiClient, ApiError
 
 FINALIZER = f"{GROUP}/finalizer"
 
@@ -118,3 +119,51 @@ def wake_all(memo: kopf.Memo) -> None:
     """Wake every reconcile loop (e.g. a Node vanished)."""
     for event in list((memo.get("wakeups") or {}).values()):
         event.set()
+
+
+RESYNC_S = 60.0
+ERROR_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+Reconcile = Callable[[ApiClient, str, str, str, kopf.Memo, kopf.Logger], Awaitable[float | None]]
+
+
+async def reconcile_loop(
+    kind: str,
+    reconcile: Reconcile,
+    name: str,
+    namespace: str,
+    uid: str,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    stopped: kopf.DaemonStopped,
+) -> None:
+    """Run ``reconcile`` for one object until the daemon stops: after each pass sleep until its
+    requested requeue (at most :data:`RESYNC_S`) or until :func:`wake` is called for ``uid``.
+
+    API errors back off (1 s … 30 s); client errors other than conflicts also become a Warning
+    Event on the object, so ``kubectl describe`` shows why it is stuck.
+    """
+    api: ApiClient = memo["api"]
+    wakeup = memo["wakeups"].setdefault(uid, asyncio.Event())
+    failures = 0
+    try:
+        while not stopped:
+            wakeup.clear()
+            try:
+                delay = await reconcile(api, namespace, name, uid, memo, logger)
+                failures = 0
+            except ApiError as exc:
+                delay = ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S) - 1)]
+                failures += 1
+                logger.warning("reconcile failed (retry in %.0fs): %s", delay, exc)
+                if exc.status not in (0, 404, 409, 429) and exc.status < 500:
+                    body = {
+                        "apiVersion": f"{GROUP}/{VERSION}",
+                        "kind": kind,
+                        "metadata": {"name": name, "namespace": namespace, "uid": uid},
+                    }
+                    await api.post_event(body, "ReconcileFailed", str(exc), "Warning")
+            timeout = RESYNC_S if delay is None else min(max(delay, 0.0), RESYNC_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), timeout)
+    finally:
+        memo["wakeups"].pop(uid, None)

@@ -45,7 +45,7 @@ from capstan.kube.apply import (
     ApiError,
     owner_of,
 )
-from capstan.kube.runtime import wake, wake_all
+from capstan.kube.runtime import reconcile_loop, wake, wake_all
 from capstan.metrics import (
     GANG_RESTARTS,
     GANG_WAITING_SECONDS,
@@ -62,8 +62,6 @@ from capstan.training.lifecycle import PlacementDecision, Placer, Plan, plan_tra
 from capstan.training.pods import checkpoint_claim_name, selector, service_name
 
 KIND = "TrainingJob"
-RESYNC_S = 60.0
-ERROR_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 _STATUS_FIELDS = [f.alias or n for n, f in TrainingJobStatus.model_fields.items()]
 
@@ -431,31 +429,7 @@ async def trainingjob_loop(
 ) -> None:
     """The reconcile loop of one TrainingJob (see the module docstring)."""
     assert namespace is not None  # TrainingJob is namespaced
-    api: ApiClient = memo["api"]
-    wakeup = memo["wakeups"].setdefault(uid, asyncio.Event())
-    failures = 0
-    try:
-        while not stopped:
-            wakeup.clear()
-            try:
-                delay = await reconcile(api, namespace, name, uid, memo, logger)
-                failures = 0
-            except ApiError as exc:
-                delay = ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S) - 1)]
-                failures += 1
-                logger.warning("reconcile failed (retry in %.0fs): %s", delay, exc)
-                if exc.status not in (0, 404, 409, 429) and exc.status < 500:
-                    body = {
-                        "apiVersion": f"{GROUP}/{VERSION}",
-                        "kind": KIND,
-                        "metadata": {"name": name, "namespace": namespace, "uid": uid},
-                    }
-                    await api.post_event(body, "ReconcileFailed", str(exc), "Warning")
-            timeout = RESYNC_S if delay is None else min(max(delay, 0.0), RESYNC_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), timeout)
-    finally:
-        memo["wakeups"].pop(uid, None)
+    await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped)
 
 
 @kopf.on.event(GROUP, VERSION, "trainingjobs", id="wake-on-change")

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from capstan.api.conditions import parse_time, rfc3339
 from capstan.api.modelserving import ModelServingStatus, RolloutSpec, RolloutStatus
+from capstan.events import Event
 from capstan.naming import LABEL_REVISION
 from capstan.serving.analysis import AnalysisResult
 
@@ -35,15 +36,6 @@ _DURATION = re.compile(r"([0-9]+)(s|m|h)")
 _UNIT = {"s": 1, "m": 60, "h": 3600}
 
 Outcome = Literal["promoted", "rolled_back"]
-
-
-@dataclass(frozen=True)
-class Event:
-    """A Kubernetes Event to emit on the ModelServing."""
-
-    type: str  # Normal | Warning
-    reason: str
-    message: str
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from capstan.api.trainingjob import (
     TrainingJobStatus,
     WorkerCounts,
 )
+from capstan.events import Event
 from capstan.naming import LABEL_ATTEMPT, LABEL_RANK
 from capstan.training.pods import (
     EXIT_PREEMPTED,
@@ -29,15 +30,6 @@ from capstan.training.pods import (
 
 MAX_BACKOFF_S = 600.0
 QUEUED_RECHECK_S = 15.0
-
-
-@dataclass(frozen=True)
-class Event:
-    """A Kubernetes Event to emit on the job."""
-
-    type: str  # Normal | Warning
-    reason: str
-    message: str
 
 
 @dataclass(frozen=True)

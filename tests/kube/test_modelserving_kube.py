@@ -160,7 +160,9 @@ async def test_canary_steps_then_rollback_on_failing_analysis(
     _, api = cluster
     metrics, port = stub
     rollout = {
-        "steps": [{"weight": 25, "pause": "1s"}, {"weight": 50, "pause": "1s"}],
+        # Step 2's pause leaves the test time to turn the errors on before its verdict (step start
+        # times have one-second resolution, so a 1s pause can end almost at once).
+        "steps": [{"weight": 25, "pause": "1s"}, {"weight": 50, "pause": "4s"}],
         "analysis": {"maxErrorRate": 0.05, "minRequests": 50},
     }
     body = serving(replicas=4, port=port, rollout=rollout)

@@ -8,7 +8,7 @@ import kmock
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
 
-from capstan.kube.apply import MODELSERVINGS, PVCS, VOLUME_SNAPSHOTS
+from capstan.kube.apply import DEPLOYMENTS, MODELSERVINGS, PVCS, VOLUME_SNAPSHOTS
 from capstan.kube.testing import declare_resource, wait_for
 
 CKPT = {"volume": {"size": "10Gi"}, "snapshots": {"everyMinutes": 60, "keep": 1}}
@@ -107,3 +107,74 @@ async def test_restore_from_snapshot_seeds_the_checkpoint_volume(env: sc.Env, op
         "kind": "VolumeSnapshot",
         "name": "gpt-ckpt-final",
     }
+
+
+async def test_scheduled_snapshot_once_the_interval_has_passed(cluster: Cluster, env: sc.Env) -> None:
+    with_snapshot_api(cluster)
+    async with env.operator():
+        await env.api.create(sc.job_body(env, "sched", checkpoint=CKPT))
+        for pod in await sc.wait_pods(env, "sched", 2):
+            await sc.kubelet(env, pod, "Running")
+        await sc.wait_job(env, "sched", sc.phase_is("Running"), "Running")
+        assert await snapshots(env) == {}  # not due: the job just started
+        # The job has been running for longer than everyMinutes (60).
+        await env.api.patch_status(
+            sc.TRAININGJOBS, env.namespace, "sched", {"startTime": "2020-01-01T00:00:00Z"}
+        )
+
+        async def scheduled() -> list[str]:
+            return [
+                n
+                for n, s in (await snapshots(env)).items()
+                if s["metadata"]["labels"]["capstan.dev/snapshot-reason"] == "Scheduled"
+            ]
+
+        (name,) = await wait_for(scheduled, sc.TIMEOUT, what="a scheduled snapshot")
+        assert name.startswith("sched-ckpt-")
+
+
+def _model_claims(deployment: dict[str, Any]) -> list[str]:
+    vols = deployment["spec"]["template"]["spec"]["volumes"]
+    return [v["persistentVolumeClaim"]["claimName"] for v in vols if "persistentVolumeClaim" in v]
+
+
+async def test_modelserving_follows_latest_ready_snapshot(env: sc.Env, operator: None) -> None:
+    await env.api.create(sc.job_body(env, "gpt", checkpoint={"volume": {"size": "20Gi"}}))
+    ckpts = [
+        {"name": "gpt-ckpt-restart-1", "readyToUse": True},
+        {"name": "gpt-ckpt-final", "readyToUse": False},
+    ]
+    await sc.wait_job(env, "gpt", sc.phase_is("Starting"), "Starting")
+    await env.api.patch_status(sc.TRAININGJOBS, env.namespace, "gpt", {"checkpoints": ckpts})
+    await env.api.create(
+        {
+            "apiVersion": "capstan.dev/v1alpha1",
+            "kind": "ModelServing",
+            "metadata": {"name": "gpt-llm", "namespace": env.namespace},
+            "spec": {
+                "model": {"fromTrainingJob": {"name": "gpt"}},
+                "gpu": False,
+                "rollout": {"steps": [{"weight": 50, "pause": "1m"}]},
+            },
+        }
+    )
+
+    async def revisions() -> dict[str, dict[str, Any]]:
+        deps = await env.api.list_objects(DEPLOYMENTS, env.namespace, {"capstan.dev/modelserving": "gpt-llm"})
+        return {d["metadata"]["name"]: d for d in deps}
+
+    (first,) = (await wait_for(revisions, sc.TIMEOUT, what="first revision")).values()
+    claim = await env.api.get(PVCS, env.namespace, _model_claims(first)[0])
+    assert claim is not None and claim["spec"]["dataSource"]["name"] == "gpt-ckpt-restart-1"
+    # The completion snapshot becomes ready: Latest rolls it out as a new (canary) revision.
+    ckpts[1]["readyToUse"] = True
+    await env.api.patch_status(sc.TRAININGJOBS, env.namespace, "gpt", {"checkpoints": ckpts})
+
+    async def two() -> dict[str, dict[str, Any]] | None:
+        revs = await revisions()
+        return revs if len(revs) == 2 else None
+
+    revs = await wait_for(two, sc.TIMEOUT, what="a canary revision for the new snapshot")
+    (canary,) = [d for n, d in revs.items() if n != first["metadata"]["name"]]
+    claim = await env.api.get(PVCS, env.namespace, _model_claims(canary)[0])
+    assert claim is not None and claim["spec"]["dataSource"]["name"] == "gpt-ckpt-final"

@@ -24,7 +24,8 @@ def _load() -> ModuleType:
 def test_placement_bench_quick(tmp_path: Path) -> None:
     mod = _load()
     out_file = tmp_path / "placement.json"
-    out = mod.main(["--quick", "--jobs-per-gpu", "1", "--seeds", "2", "--no-decision", "--out", str(out_file)])
+    out = mod.main(["--quick", "--jobs-per-gpu", "1", "--seeds", "2", "--no-decision",
+                    "--out", str(out_file)])
     assert json.loads(out_file.read_text()) == json.loads(json.dumps(out))
     assert (tmp_path / "placement.png").stat().st_size > 0
     assert set(out["policies"]) == {"capstan", "tas_bestfit", "spread", "random"}

@@ -67,7 +67,13 @@ POLICIES = ("capstan", "tas_bestfit", "spread", "random")
 SLOWDOWN = {"nvlink": 1.0, "rack": 1.15, "block": 1.3, "zone": 1.6, "cluster": 1.6}
 SPREAD_GIVEBACK_S = 900.0  # torchrun's default rendezvous timeout is 900 s
 FRAG_AWARE = True
+# capstan's locality wait (delay scheduling): "cost" = wait for a narrower domain only while the expected
+# wait (from running gangs' declared limits) is shorter than the extra run time spreading would cost by
+# SLOWDOWN; "fixed" = up to min(LOCALITY_WAIT_S, LOCALITY_WAIT_FRACTION x limit); "off"
+LOCALITY_MODE = os.environ.get("CAPSTAN_BENCH_LOCALITY", "cost")
 LOCALITY_WAIT_S, LOCALITY_WAIT_FRACTION = 14400.0, 0.5
+LOCALITY_COST_FRACTION = float(os.environ.get("CAPSTAN_BENCH_LOCALITY_FRACTION", "1"))
+LOCALITY_COST_CAP_S = float(os.environ.get("CAPSTAN_BENCH_LOCALITY_CAP", "0"))  # 0: no cap
 # capstan's starvation guard: a gang blocked this long (and first in queue order among such) gets
 # a reservation that backfill respects; before that anything behind it may start where it fits
 RESERVE_AFTER_S = 86400.0
@@ -246,6 +252,15 @@ def gang_shape(gpus: int, node_gpus: int) -> tuple[int, int]:
     return math.ceil(gpus / node_gpus), node_gpus
 
 
+def _locality_kwargs() -> dict[str, Any]:
+    if LOCALITY_MODE == "cost":
+        return {"locality_slowdown": SLOWDOWN, "locality_wait_s": LOCALITY_COST_CAP_S,
+                "locality_wait_fraction": LOCALITY_COST_FRACTION}
+    if LOCALITY_MODE == "fixed":
+        return {"locality_wait_s": LOCALITY_WAIT_S, "locality_wait_fraction": LOCALITY_WAIT_FRACTION}
+    return {}
+
+
 class Sim:
     """Event loop shared by all policies; a policy's ``schedule(now)`` starts what it can."""
 
@@ -343,8 +358,7 @@ class Sim:
         decisions = schedule_queue(self.inv, [j.request(with_estimate=True) for j in self.pending],
                                    running=running, now=now, reservation=self.reservation,
                                    reserve_after_s=RESERVE_AFTER_S, fragmentation_aware=FRAG_AWARE,
-                                   locality_wait_s=LOCALITY_WAIT_S,
-                                   locality_wait_fraction=LOCALITY_WAIT_FRACTION)
+                                   **_locality_kwargs())
         self.reservation = None
         for d in decisions:
             if d.placed:

@@ -2,6 +2,7 @@ from topo_fixtures import hgx_cluster, nvl72_cluster, pod
 
 from capstan.topology import (
     GangRequest,
+    Inventory,
     PlacementResult,
     RunningGang,
     build_inventory,
@@ -140,3 +141,65 @@ def test_locality_wait_holds_a_gang_for_one_nvlink_domain_then_spreads() -> None
     assert waiting[0].reservation is None  # a voluntary wait holds nobody back
     late = schedule_queue(inv, [req], now=600, locality_wait_s=3600, locality_wait_fraction=0.5)
     assert late[0].placed and late[0].result.level == "block"  # the fixture racks are cliques
+
+
+SLOWDOWN = {"nvlink": 1.0, "rack": 1.15, "block": 1.3, "zone": 1.6, "cluster": 1.6}
+
+
+def _two_half_busy_racks(end_r0: float, end_r1: float) -> tuple[Inventory, list[RunningGang]]:
+    """Two 4-node NVL72-style racks, 2 nodes of each busy until the given expected ends."""
+    inv = build_inventory(nvl72_cluster(racks=2, nodes_per_rack=4), [])
+    running = []
+    for r, end in ((0, end_r0), (1, end_r1)):
+        res = PlacementResult(f"busy{r}", True, [f"nvl{r}-n00", f"nvl{r}-n01"], 4, "nvlink", "x", "x")
+        inv = inv.allocate(res)
+        running.append(RunningGang(res, started=0.0, expected_end=end))
+    return inv, running
+
+
+def test_cost_based_locality_wait_waits_when_the_domain_frees_soon() -> None:
+    # a 3x4 gang fits now only across racks (x1.3 on a 1000 s job: 300 s lost); rack 0 frees at 200,
+    # 100 s from now: waiting is cheaper
+    inv, running = _two_half_busy_racks(200.0, 5000.0)
+    req = GangRequest("g", 3, 4, submitted=0, expected_duration_s=1000)
+    out = schedule_queue(inv, [req], running=running, now=100, locality_slowdown=SLOWDOWN)
+    assert not out[0].placed and out[0].reservation is None
+    assert "one NVLink domain, expected in 100s" in out[0].reason and "300s longer" in out[0].reason
+    # a gang behind it uses the free GPUs now: the voluntary wait holds nothing back
+    small = GangRequest("s", 1, 4, submitted=1, expected_duration_s=10_000)
+    both = schedule_queue(inv, [req, small], running=running, now=100, locality_slowdown=SLOWDOWN)
+    assert not both[0].placed and both[1].placed
+    # once rack 0 has freed, the gang runs inside it
+    later = inv.release(running[0].result)
+    done = schedule_queue(later, [req], running=running[1:], now=200, locality_slowdown=SLOWDOWN)
+    assert done[0].placed and done[0].result.level == "nvlink"
+
+
+def test_cost_based_locality_wait_spreads_when_the_domain_frees_late() -> None:
+    # both racks busy for another 900 s > 300 s lost by spreading: place it across racks now
+    inv, running = _two_half_busy_racks(1000.0, 1000.0)
+    req = GangRequest("g", 3, 4, submitted=0, expected_duration_s=1000)
+    out = schedule_queue(inv, [req], running=running, now=100, locality_slowdown=SLOWDOWN)
+    assert out[0].placed and out[0].result.level == "block"
+    # a longer job loses more by spreading: the same wait pays off for it
+    long_req = GangRequest("g", 3, 4, submitted=0, expected_duration_s=5000)
+    assert not schedule_queue(inv, [long_req], running=running, now=100, locality_slowdown=SLOWDOWN)[0].placed
+    # the fraction scales the gain: a 900 s wait > 0.5 x 1500 s lost, so at 0.5 it spreads
+    assert schedule_queue(inv, [long_req], running=running, now=100, locality_slowdown=SLOWDOWN,
+                          locality_wait_fraction=0.5)[0].placed
+
+
+def test_cost_based_locality_wait_needs_durations_and_is_off_by_default() -> None:
+    inv, running = _two_half_busy_racks(200.0, 5000.0)
+    with_duration = GangRequest("g", 3, 4, submitted=0, expected_duration_s=1000)
+    no_duration = GangRequest("g", 3, 4, submitted=0)
+    # the operator's path: no slowdowns given -> placed now, wherever it fits
+    assert schedule_queue(inv, [with_duration], running=running, now=100)[0].placed
+    # no declared duration, or a running gang with an unknown end: nothing to weigh, place now
+    assert schedule_queue(inv, [no_duration], running=running, now=100, locality_slowdown=SLOWDOWN)[0].placed
+    unknown = [running[0], RunningGang(running[1].result, 0.0, None)]
+    assert schedule_queue(inv, [with_duration], running=unknown, now=100,
+                          locality_slowdown=SLOWDOWN)[0].placed
+    # the cap on time since submission still applies
+    assert schedule_queue(inv, [with_duration], running=running, now=100, locality_slowdown=SLOWDOWN,
+                          locality_wait_s=50)[0].placed

@@ -25,7 +25,7 @@ time) for room there before it is placed wider; such a voluntary wait reserves n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from .gang import GangRequest, PlacementResult, narrowest_level, place_gang, place_when_freed
@@ -90,7 +90,8 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
                    reservation: Reservation | None = None, backfill: bool = True,
                    reserve_after_s: float = 0.0, parent_tiebreak: bool = True,
                    fragmentation_aware: bool = True, locality_wait_s: float = 0.0,
-                   locality_wait_fraction: float = 1.0) -> list[Decision]:
+                   locality_wait_fraction: float = 1.0,
+                   locality_slowdown: Mapping[str, float] | None = None) -> list[Decision]:
     """One scheduling pass over ``requests``; returns one Decision per request, in queue order.
 
     ``inventory`` must already count ``running`` gangs as used. Placed decisions should be
@@ -103,6 +104,19 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
     bounded while short waits cost small gangs nothing. ``fragmentation_aware`` and
     ``parent_tiebreak`` are passed to :func:`place_gang`. ``locality_wait_s`` > 0 turns on delay
     scheduling for Preferred multi-worker gangs (see the module text); 0 (default) is off.
+
+    ``locality_slowdown`` (level name -> run-time multiplier of a gang spanning that level, e.g.
+    ``{"nvlink": 1.0, "rack": 1.15, ...}``) makes that wait cost-based instead: a Preferred
+    multi-worker gang with a declared ``expected_duration_s`` that would be placed now at a wider
+    level than the narrowest one it could ever fit in waits iff, releasing running gangs in order
+    of ``expected_end``, one narrower domain holds it by a time ``t`` with
+    ``t - now < locality_wait_fraction * (slowdown(level now) - slowdown(narrower level))
+    * expected_duration_s`` (the narrower level minimising ``t + slowdown * duration`` is chosen;
+    a fraction below 1 trades some locality for fewer GPUs left idle while a gang waits). The wait reserves
+    nothing, so GPUs it leaves free stay open to every other gang; it is re-decided every pass.
+    It needs every running gang's ``expected_end``; ``locality_wait_s`` > 0 then caps the time
+    since submission during which a gang may wait this way. None (default) leaves it off (the
+    operator has no durations), and ``locality_wait_s`` alone keeps the fixed wait.
     """
     def place(at: Inventory, req: GangRequest) -> PlacementResult:
         return place_gang(at, req, parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
@@ -115,9 +129,30 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
     fail_open: dict[object, str] = {}
 
     ideal: dict[object, str | None] = {}
+    cost_based = locality_slowdown is not None
+    # gangs started this pass hold GPUs too: the cost-based wait must see when they end
+    known_ends = all(r.expected_end is not None for r in running)
+    live: list[RunningGang] = list(running)
     for orig in queue_order(requests):
         req = orig
-        if (locality_wait_s > 0 and orig.policy == "Preferred" and orig.workers > 1
+        if (cost_based and known_ends and orig.policy == "Preferred" and orig.workers > 1
+                and orig.gpus_per_worker > 0 and orig.expected_duration_s is not None
+                and (locality_wait_s <= 0 or now - orig.submitted < locality_wait_s)):
+            assert locality_slowdown is not None
+            key = _shape(orig)
+            if key not in ideal:
+                ideal[key] = narrowest_level(inventory, orig)
+            wait = _locality_wait(inv if masked is None else masked, orig, ideal[key], live, now,
+                                  locality_slowdown, locality_wait_fraction, parent_tiebreak,
+                                  fragmentation_aware)
+            if wait is not None:
+                level, at, spread, gain = wait
+                decisions.append(Decision(orig, _waiting(orig, (
+                    f"waiting for room in one {display_level(level)}, expected in {at - now:.0f}s; "
+                    f"placed now it would span a {display_level(spread)} and run about {gain:.0f}s "
+                    f"longer"))))
+                continue
+        elif (locality_wait_s > 0 and not cost_based and orig.policy == "Preferred" and orig.workers > 1
                 and orig.gpus_per_worker > 0):
             limit = locality_wait_s
             if orig.expected_duration_s is not None:
@@ -136,6 +171,8 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
                 res = place(target, req)
                 if res.placed:
                     inv = inv.allocate(res)
+                    if cost_based:
+                        live.append(_started(req, res, now, locality_slowdown))
                     if masked is not None:
                         masked = masked.add_usage(res.gpus_by_node())
                     decisions.append(Decision(orig, res, backfilled=masked is not None))
@@ -153,6 +190,8 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
                 res = place(inv, req)
                 if res.placed:
                     inv = inv.allocate(res)
+                    if cost_based:
+                        live.append(_started(req, res, now, locality_slowdown))
                     decisions.append(Decision(req, res))
                     continue
                 fail_open[shape] = res.reason
@@ -177,6 +216,8 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
             res = place(inv, req)
             if res.placed:
                 inv = inv.allocate(res)
+                if cost_based:
+                    live.append(_started(req, res, now, locality_slowdown))
                 masked = masked.add_usage(res.gpus_by_node())
                 decisions.append(Decision(req, res, backfilled=True))
                 continue
@@ -185,6 +226,8 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
             res = place(masked, req)
             if res.placed:
                 inv = inv.allocate(res)
+                if cost_based:
+                    live.append(_started(req, res, now, locality_slowdown))
                 masked = masked.add_usage(res.gpus_by_node())
                 decisions.append(Decision(req, res, backfilled=True))
                 continue
@@ -198,6 +241,54 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
                 f"waiting so it does not delay that gang")
         decisions.append(Decision(req, _waiting(req, fail_masked[shape])))
     return decisions
+
+
+def _started(req: GangRequest, res: PlacementResult, now: float,
+             slowdown: Mapping[str, float] | None) -> RunningGang:
+    """A gang started this pass, as running, with its expected end when known."""
+    end = None
+    if req.expected_duration_s is not None and slowdown is not None:
+        end = now + req.expected_duration_s * slowdown.get(res.level or CLUSTER_LEVEL, 1.0)
+    return RunningGang(res, now, end)
+
+
+def _locality_wait(inv: Inventory, req: GangRequest, ideal: str | None, running: Sequence[RunningGang],
+                   now: float, slowdown: Mapping[str, float], fraction: float, parent_tiebreak: bool,
+                   fragmentation_aware: bool) -> tuple[str, float, str, float] | None:
+    """Cost-based delay scheduling for one gang: (narrower level to wait for, expected start there,
+    level it would span now, run time it would lose placed now), or None to place it now.
+
+    Waits only when the gang fits now, but wider than ``ideal`` (the narrowest level where one
+    domain could ever hold it), and the expected wait for some narrower level, from running gangs'
+    expected ends, is shorter than ``fraction`` x the extra run time spreading would cost it.
+    """
+    dur = req.expected_duration_s
+    if ideal is None or dur is None or not running or any(r.expected_end is None for r in running):
+        return None
+    now_res = place_gang(inv, req, parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
+    if not now_res.placed:
+        return None  # it waits anyway; the queue's head logic handles it
+    levels = inv.levels
+    spread = now_res.level or CLUSTER_LEVEL
+    li_now, li_best = levels.index(spread), levels.index(ideal)
+    s_now = slowdown.get(spread, 1.0)
+    best: tuple[float, str, float] | None = None  # (expected completion, level, start)
+    for li in range(li_best, li_now):
+        level = levels.levels[li].name
+        gain = dur * (s_now - slowdown.get(level, 1.0))
+        if gain <= 0:
+            continue
+        narrow = replace(req, policy="Required", max_domain=level)
+        rsv = _reserve_by_end_times(inv, narrow, running, parent_tiebreak, fragmentation_aware)
+        if rsv is None or rsv.shadow_time is None:
+            continue
+        wait = rsv.shadow_time - now
+        done = wait + dur * slowdown.get(level, 1.0)
+        if wait < fraction * gain and (best is None or done < best[0]):
+            best = (done, level, rsv.shadow_time)
+    if best is None:
+        return None
+    return best[1], best[2], spread, dur * (s_now - slowdown.get(best[1], 1.0))
 
 
 def _waiting(req: GangRequest, reason: str) -> PlacementResult:

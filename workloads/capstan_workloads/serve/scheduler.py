@@ -252,12 +252,14 @@ class Scheduler:
                 self.metrics.time_per_output_token.observe(now - seq.last_token_at)
             seq.last_token_at = now
             seq.output.append(tok)
+            # Count before emitting: a client that scrapes /metrics right after its answer must
+            # see every token of it.
+            self.metrics.generated_tokens.inc()
             seq.emit(TokenEvent(tok, self.tokenizer.decode([tok])))
             if tok == eos and not seq.params.ignore_eos:
                 self._retire(seq, "stop")
             elif len(seq.output) >= seq.params.max_tokens or seq.length >= self.block_size:
                 self._retire(seq, "length")
-        self.metrics.generated_tokens.inc(len(seqs))
 
     def _retire(self, seq: Sequence, reason: str) -> None:
         self.running.remove(seq)

@@ -29,10 +29,8 @@ from typing import Any
 import kopf
 
 from capstan import GROUP, VERSION
-from capstan.api.common import Condition
-from capstan.api.conditions import set_condition
 from capstan.api.loading import InvalidResource, parse_resource
-from capstan.api.modelserving import ModelServing, ModelServingStatus
+from capstan.api.modelserving import ModelServing
 from capstan.kube.apply import (
     DEPLOYMENTS,
     HPAS,
@@ -49,6 +47,7 @@ from capstan.kube.apply import (
     resource_of,
 )
 from capstan.kube.runtime import reconcile_loop, wake
+from capstan.kube.status import report_invalid, status_patch
 from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
 from capstan.metrics import (
     RECONCILE_SECONDS,
@@ -77,7 +76,6 @@ GATEWAY_CHECK_TTL_S = 60.0
 PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
 HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
 register_kind(HTTPROUTES)
-_STATUS_FIELDS = [f.alias or n for n, f in ModelServingStatus.model_fields.items()]
 
 
 @dataclass
@@ -104,11 +102,6 @@ def _state(memo: kopf.Memo) -> ServingState:
         memo["serving"] = state
     return state
 
-
-def status_patch(status: ModelServingStatus) -> dict[str, Any]:
-    """The merge patch that makes ``.status`` equal ``status`` (unset fields are removed)."""
-    wire = status.wire()
-    return {key: wire.get(key) for key in _STATUS_FIELDS}
 
 
 async def gateway_api_available(api: ApiClient, memo: kopf.Memo) -> bool:
@@ -185,32 +178,6 @@ async def _analyse(
     )
     return result
 
-
-async def _report_invalid(
-    api: ApiClient, body: Mapping[str, Any], exc: InvalidResource, logger: kopf.Logger, now: datetime
-) -> None:
-    """Invalid spec: Failed, Ready=False/InvalidSpec naming the fields, one Event; children untouched."""
-    meta = body.get("metadata") or {}
-    raw = dict(body.get("status") or {})
-    message = "; ".join(exc.errors)
-    try:
-        conditions = [Condition.model_validate(c) for c in raw.get("conditions") or []]
-    except ValueError:
-        conditions = []
-    old = next((c for c in conditions if c.type == "Ready"), None)
-    generation = int(meta.get("generation") or 1)
-    conditions = set_condition(conditions, "Ready", "False", "InvalidSpec", message, now, generation)
-    patch = {
-        "phase": "Failed",
-        "message": f"invalid spec: {message}",
-        "observedGeneration": generation,
-        "conditions": [c.wire() for c in conditions],
-    }
-    if any(raw.get(k) != v for k, v in patch.items()):
-        await api.patch_status(MODELSERVINGS, meta.get("namespace"), meta["name"], patch)
-    if old is None or old.reason != "InvalidSpec" or old.message != message:
-        logger.warning("invalid spec: %s", message)
-        await api.post_event(body, "InvalidSpec", message, "Warning")
 
 
 def _record_metrics(memo: kopf.Memo, ms: ModelServing, plan: ServingPlan) -> None:
@@ -294,7 +261,7 @@ async def reconcile(
         try:
             ms = parse_resource(body)
         except InvalidResource as exc:
-            await _report_invalid(api, body, exc, logger, now)
+            await report_invalid(api, MODELSERVINGS, body, exc, logger, now, "Ready", "Failed")
             outcome = "invalid"
             return None
         assert isinstance(ms, ModelServing)

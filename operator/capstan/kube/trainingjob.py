@@ -28,7 +28,6 @@ from typing import Any
 import kopf
 
 from capstan import GROUP, VERSION
-from capstan.api.common import Condition
 from capstan.api.conditions import parse_time, rfc3339, set_condition
 from capstan.api.loading import InvalidResource, parse_resource
 from capstan.api.trainingjob import TrainingJob, TrainingJobStatus
@@ -46,6 +45,7 @@ from capstan.kube.apply import (
     owner_of,
 )
 from capstan.kube.runtime import reconcile_loop, wake, wake_all
+from capstan.kube.status import report_invalid, status_patch
 from capstan.metrics import (
     GANG_RESTARTS,
     GANG_WAITING_SECONDS,
@@ -63,7 +63,6 @@ from capstan.training.pods import checkpoint_claim_name, selector, service_name
 
 KIND = "TrainingJob"
 PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
-_STATUS_FIELDS = [f.alias or n for n, f in TrainingJobStatus.model_fields.items()]
 
 
 # -- placement adapter ---------------------------------------------------------------------------
@@ -225,37 +224,6 @@ METRICS = _Metrics()
 # -- reconcile -----------------------------------------------------------------------------------
 
 
-def status_patch(status: TrainingJobStatus) -> dict[str, Any]:
-    """The merge patch that makes ``.status`` equal ``status`` (unset fields are removed)."""
-    wire = status.wire()
-    return {key: wire.get(key) for key in _STATUS_FIELDS}
-
-
-async def _report_invalid(
-    api: ApiClient, body: Mapping[str, Any], exc: InvalidResource, logger: kopf.Logger, now: datetime
-) -> None:
-    """Invalid spec: Pending, Admitted=False/InvalidSpec naming the fields, one Event, no pods."""
-    meta = body.get("metadata") or {}
-    raw = dict(body.get("status") or {})
-    message = "; ".join(exc.errors)
-    try:
-        conditions = [Condition.model_validate(c) for c in raw.get("conditions") or []]
-    except ValueError:
-        conditions = []
-    old = next((c for c in conditions if c.type == "Admitted"), None)
-    generation = int(meta.get("generation") or 1)
-    conditions = set_condition(conditions, "Admitted", "False", "InvalidSpec", message, now, generation)
-    patch = {
-        "phase": raw.get("phase") or "Pending",
-        "message": f"invalid spec: {message}",
-        "observedGeneration": generation,
-        "conditions": [c.wire() for c in conditions],
-    }
-    if any(raw.get(k) != v for k, v in patch.items()):
-        await api.patch_status(TRAININGJOBS, meta.get("namespace"), meta["name"], patch)
-    if old is None or old.status != "False" or old.message != message:
-        logger.warning("invalid spec: %s", message)
-        await api.post_event(body, "InvalidSpec", message, "Warning")
 
 
 async def reconcile(
@@ -282,7 +250,7 @@ async def reconcile(
         try:
             job = parse_resource(body)
         except InvalidResource as exc:
-            await _report_invalid(api, body, exc, logger, now)
+            await report_invalid(api, TRAININGJOBS, body, exc, logger, now, "Admitted", None)
             METRICS.phases[(namespace, name)] = (body.get("status") or {}).get("phase") or "Pending"
             METRICS._phase_gauge(namespace)
             outcome = "invalid"

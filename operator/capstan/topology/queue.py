@@ -20,7 +20,12 @@ for the reservation only after waiting that long: a gang's wait is then at most
 ``reserve_after_s`` plus the time until its reserved GPUs free, once the gangs ahead of it have
 started. ``locality_wait_s`` adds delay scheduling: a Preferred gang that could fit inside one
 narrow domain waits up to that long (and at most ``locality_wait_fraction`` of its declared run
-time) for room there before it is placed wider; such a voluntary wait reserves nothing.
+time) for room there before it is placed wider; such a voluntary wait reserves nothing. With
+``locality_slowdown`` (run-time multiplier per span level) the wait is cost-based instead: a gang
+waits only while the expected time until a narrower domain holds it, from running gangs'
+expected ends, is shorter than the run time spreading now would cost it (times
+``locality_wait_fraction``). Without it (the default, and the operator's path: it knows no run
+times) there is no cost-based wait.
 """
 
 from __future__ import annotations

@@ -200,12 +200,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 16, 128])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="only the final JSON line (no table)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     out = asyncio.run(run(args.workers, args.reps, args.concurrency))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
-    for row in out["results"]:
+    for row in [] if args.json else out["results"]:
         print(
             f"N={row['workers']:4d}  create->all pods {row['create_to_all_pods_s']:.3f}s  "
             f"floor {row['floor_s']:.3f}s  ratio {row['ratio']:.2f}"

@@ -117,12 +117,14 @@ async def test_scheduled_snapshot_once_the_interval_has_passed(cluster: Cluster,
             await sc.kubelet(env, pod, "Running")
         await sc.wait_job(env, "sched", sc.phase_is("Running"), "Running")
         assert await snapshots(env) == {}  # not due: the job just started
-        # The job has been running for longer than everyMinutes (60).
-        await env.api.patch_status(
-            sc.TRAININGJOBS, env.namespace, "sched", {"startTime": "2020-01-01T00:00:00Z"}
-        )
+        long_ago = "2020-01-01T00:00:00Z"
 
         async def scheduled() -> list[str]:
+            # The job has been running for longer than everyMinutes (60). Re-applied until seen:
+            # a reconcile already in flight may write back the start time it read.
+            job = await sc.get_job(env, "sched")
+            if sc.status(job or {}).get("startTime") != long_ago:
+                await env.api.patch_status(sc.TRAININGJOBS, env.namespace, "sched", {"startTime": long_ago})
             return [
                 n
                 for n, s in (await snapshots(env)).items()
@@ -138,43 +140,49 @@ def _model_claims(deployment: dict[str, Any]) -> list[str]:
     return [v["persistentVolumeClaim"]["claimName"] for v in vols if "persistentVolumeClaim" in v]
 
 
-async def test_modelserving_follows_latest_ready_snapshot(env: sc.Env, operator: None) -> None:
-    await env.api.create(sc.job_body(env, "gpt", checkpoint={"volume": {"size": "20Gi"}}))
-    ckpts = [
-        {"name": "gpt-ckpt-restart-1", "readyToUse": True},
-        {"name": "gpt-ckpt-final", "readyToUse": False},
-    ]
-    await sc.wait_job(env, "gpt", sc.phase_is("Starting"), "Starting")
-    await env.api.patch_status(sc.TRAININGJOBS, env.namespace, "gpt", {"checkpoints": ckpts})
-    await env.api.create(
-        {
-            "apiVersion": "capstan.dev/v1alpha1",
-            "kind": "ModelServing",
-            "metadata": {"name": "gpt-llm", "namespace": env.namespace},
-            "spec": {
-                "model": {"fromTrainingJob": {"name": "gpt"}},
-                "gpu": False,
-                "rollout": {"steps": [{"weight": 50, "pause": "1m"}]},
-            },
-        }
-    )
+async def test_modelserving_follows_latest_ready_snapshot(cluster: Cluster, env: sc.Env) -> None:
+    with_snapshot_api(cluster)
+    ckpt = {"volume": {"size": "20Gi"}, "snapshots": {"everyMinutes": 60, "keep": 3}}
+    async with env.operator():
+        await env.api.create(sc.job_body(env, "gpt", checkpoint=ckpt))
+        pods = await sc.wait_pods(env, "gpt", 2, attempt=0)
+        await sc.kubelet(env, pods[0], "Failed", exit_code=1)
+        await wait_snapshot(env, "gpt-ckpt-restart-1")
+        await make_ready(env, "gpt-ckpt-restart-1")
+        await env.api.create(
+            {
+                "apiVersion": "capstan.dev/v1alpha1",
+                "kind": "ModelServing",
+                "metadata": {"name": "gpt-llm", "namespace": env.namespace},
+                "spec": {
+                    "model": {"fromTrainingJob": {"name": "gpt"}},
+                    "gpu": False,
+                    "rollout": {"steps": [{"weight": 50, "pause": "1m"}]},
+                },
+            }
+        )
 
-    async def revisions() -> dict[str, dict[str, Any]]:
-        deps = await env.api.list_objects(DEPLOYMENTS, env.namespace, {"capstan.dev/modelserving": "gpt-llm"})
-        return {d["metadata"]["name"]: d for d in deps}
+        async def revisions() -> dict[str, dict[str, Any]]:
+            labels = {"capstan.dev/modelserving": "gpt-llm"}
+            return {
+                d["metadata"]["name"]: d
+                for d in await env.api.list_objects(DEPLOYMENTS, env.namespace, labels)
+            }
 
-    (first,) = (await wait_for(revisions, sc.TIMEOUT, what="first revision")).values()
-    claim = await env.api.get(PVCS, env.namespace, _model_claims(first)[0])
-    assert claim is not None and claim["spec"]["dataSource"]["name"] == "gpt-ckpt-restart-1"
-    # The completion snapshot becomes ready: Latest rolls it out as a new (canary) revision.
-    ckpts[1]["readyToUse"] = True
-    await env.api.patch_status(sc.TRAININGJOBS, env.namespace, "gpt", {"checkpoints": ckpts})
+        (first,) = (await wait_for(revisions, sc.TIMEOUT, what="first revision")).values()
+        claim = await env.api.get(PVCS, env.namespace, _model_claims(first)[0])
+        assert claim is not None and claim["spec"]["dataSource"]["name"] == "gpt-ckpt-restart-1"
+        # The job finishes; its completion snapshot becomes ready: Latest rolls it out as a canary.
+        for pod in await sc.wait_pods(env, "gpt", 2, attempt=1):
+            await sc.kubelet(env, pod, "Succeeded", exit_code=0)
+        await wait_snapshot(env, "gpt-ckpt-final")
+        await make_ready(env, "gpt-ckpt-final")
 
-    async def two() -> dict[str, dict[str, Any]] | None:
-        revs = await revisions()
-        return revs if len(revs) == 2 else None
+        async def two() -> dict[str, dict[str, Any]] | None:
+            revs = await revisions()
+            return revs if len(revs) == 2 else None
 
-    revs = await wait_for(two, sc.TIMEOUT, what="a canary revision for the new snapshot")
-    (canary,) = [d for n, d in revs.items() if n != first["metadata"]["name"]]
-    claim = await env.api.get(PVCS, env.namespace, _model_claims(canary)[0])
-    assert claim is not None and claim["spec"]["dataSource"]["name"] == "gpt-ckpt-final"
+        revs = await wait_for(two, sc.TIMEOUT, what="a canary revision for the new snapshot")
+        (canary,) = [d for n, d in revs.items() if n != first["metadata"]["name"]]
+        claim = await env.api.get(PVCS, env.namespace, _model_claims(canary)[0])
+        assert claim is not None and claim["spec"]["dataSource"]["name"] == "gpt-ckpt-final"

@@ -47,7 +47,7 @@ from capstan.kube.apply import (
     resource_of,
 )
 from capstan.kube.runtime import reconcile_loop, wake
-from capstan.kube.status import report_invalid, status_patch
+from capstan.kube.status import fetch_live, report_invalid, status_patch
 from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
 from capstan.metrics import (
     RECONCILE_SECONDS,
@@ -252,9 +252,8 @@ async def reconcile(
     started = time.monotonic()
     outcome = "error"
     try:
-        body = await api.get(MODELSERVINGS, namespace, name)
-        meta = (body or {}).get("metadata") or {}
-        if body is None or (uid and meta.get("uid") != uid) or meta.get("deletionTimestamp"):
+        body = await fetch_live(api, MODELSERVINGS, namespace, name, uid)
+        if body is None:
             outcome = "ok"
             return None
         now = datetime.now(UTC)

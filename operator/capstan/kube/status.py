@@ -14,6 +14,17 @@ from capstan.api.loading import InvalidResource
 from capstan.kube.apply import ApiClient, Resource
 
 
+async def fetch_live(
+    api: ApiClient, res: Resource, namespace: str, name: str, uid: str | None
+) -> dict[str, Any] | None:
+    """The object to reconcile, or None when it is gone, replaced (another uid) or being deleted."""
+    body = await api.get(res, namespace, name)
+    meta = (body or {}).get("metadata") or {}
+    if body is None or (uid and meta.get("uid") != uid) or meta.get("deletionTimestamp"):
+        return None
+    return body
+
+
 def status_patch(status: ApiModel) -> dict[str, Any]:
     """The merge patch that makes ``.status`` equal ``status`` (unset fields are removed)."""
     wire = status.wire()

@@ -45,7 +45,7 @@ from capstan.kube.apply import (
     owner_of,
 )
 from capstan.kube.runtime import reconcile_loop, wake, wake_all
-from capstan.kube.status import report_invalid, status_patch
+from capstan.kube.status import fetch_live, report_invalid, status_patch
 from capstan.metrics import (
     GANG_RESTARTS,
     GANG_WAITING_SECONDS,
@@ -241,9 +241,8 @@ async def reconcile(
     started = time.monotonic()
     outcome = "error"
     try:
-        body = await api.get(TRAININGJOBS, namespace, name)
-        meta = (body or {}).get("metadata") or {}
-        if body is None or (uid and meta.get("uid") != uid) or meta.get("deletionTimestamp"):
+        body = await fetch_live(api, TRAININGJOBS, namespace, name, uid)
+        if body is None:
             outcome = "ok"
             return None
         now = datetime.now(UTC)

@@ -26,7 +26,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,13 +36,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "workloads"))
+sys.path[:0] = [str(ROOT / "workloads"), str(ROOT / "operator")]
 
 import aiohttp  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from aiohttp import web  # noqa: E402
 
+from capstan.local.workers import free_port  # noqa: E402
 from capstan_workloads.model import GPT  # noqa: E402
 from capstan_workloads.serve.loader import load_model_dir  # noqa: E402
 from capstan_workloads.serve.testing import CORPUS, make_model_dir  # noqa: E402
@@ -179,12 +179,6 @@ async def run_level(url: str, reqs: list[dict[str, Any]], concurrency: int) -> d
         "wall_s": wall,
         "texts": [texts[i] for i in range(len(reqs))],
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:

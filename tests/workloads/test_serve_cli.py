@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import aiohttp
 import pytest
 
 import capstan_workloads
+from capstan.local.workers import free_port
 from capstan_workloads.serve.testing import make_model_dir
 
 pytestmark = pytest.mark.slow
@@ -23,12 +23,6 @@ def _env() -> dict[str, str]:
     # The subprocess must import the same capstan_workloads as this test, installed or not.
     root = str(Path(capstan_workloads.__file__).resolve().parents[1])
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_missing_model_dir_exits_1_with_reason(tmp_path: Path) -> None:
@@ -42,7 +36,7 @@ def test_missing_model_dir_exits_1_with_reason(tmp_path: Path) -> None:
             "--host",
             "127.0.0.1",
             "--port",
-            str(_free_port()),
+            str(free_port()),
         ],
         env=_env(),
         capture_output=True,
@@ -56,7 +50,7 @@ def test_missing_model_dir_exits_1_with_reason(tmp_path: Path) -> None:
 async def test_sigterm_drains_in_flight_then_exits_0(tmp_path: Path) -> None:
     # Big enough (random init) that a 200-token request is still running when SIGTERM lands.
     model_dir = make_model_dir(tmp_path / "m", block_size=256, n_layer=4, n_embd=256, n_head=8, train_steps=0)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [

@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
+from capstan.local.workers import free_port
 from capstan_workloads.exitcodes import EXIT_BAD_ARGS, EXIT_PREEMPTED
 from capstan_workloads.export import full_state_dict, write_export
 from capstan_workloads.model import GPT, GPTConfig
@@ -40,15 +40,9 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_gang(ckpt: Path, *flags: str, restart: int = 0) -> list[subprocess.Popen[str]]:
     """Two nodes of one gloo worker each, launched exactly as the local runtime does (PET_* env)."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for node in range(2):
         env = _env(PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=port, PET_NNODES="2",

@@ -50,3 +50,15 @@ def test_trace_csv_reader(tmp_path: Path) -> None:
     f.write_text("submit_time_s,gpus,duration_s\n10,8,100\n0,1,50\n5,0,10\n")
     jobs = mod.read_trace_csv(f)
     assert [(j.submit, j.gpus, j.duration) for j in jobs] == [(0.0, 1, 50.0), (10.0, 8, 100.0)]
+
+
+def test_idle_split_accounts_for_every_idle_gpu_second() -> None:
+    """allocation_rate plus the two idle shares is all GPU time while jobs wait, for every policy."""
+    mod = _load()
+    cluster = mod.hgx_cluster(1, 2, 4)
+    trace = mod.generate_trace(11, 150, cluster.total_gpus, 0.95)
+    for policy in mod.POLICIES:
+        m = mod.summarize([mod.Sim(cluster, trace, policy, 11).run()])
+        assert m["idle_share_smallest_fits"] >= 0 and m["idle_share_none_fits"] >= 0
+        total = m["allocation_rate"] + m["idle_share_smallest_fits"] + m["idle_share_none_fits"]
+        assert abs(total - 1.0) < 5e-4, (policy, m)

@@ -131,6 +131,12 @@ NOTES: list[str] = [
     "only a big gang waits) and it costs delay; the locality wait costs allocation, because a gang "
     "spread over slower links holds its GPUs longer and that counts as allocated, while its gains show "
     "as delay, JCT and locality. No variant was at least as good as tas_bestfit on all six metrics",
+    "placement scoring, same day and seeds, with the kept wait and guard: parent-domain tie-break off "
+    "0.9734, 1058 s, 4601 s, 8278 s (hgx 0.9780, nvl72 0.9620); tie-break and fragmentation-aware "
+    "score both off 0.9721, 1061 s, 5002 s, 8331 s; fragmentation-aware score off 0.9747, 1121 s, "
+    "4276 s, 8342 s. Sanity check: capstan's queue with the wait, the guard, the tie-break and the "
+    "fragmentation-aware score all off reproduces tas_bestfit to every reported digit, so the two "
+    "policies differ only in those four parts",
     "locality wait on nvl72 (8 seeds, earlier measurement): nvlink 0.845 vs 0.736 without it, mean delay "
     "1073 s vs 1351 s, allocation while waiting 0.937 vs 0.962",
 ]

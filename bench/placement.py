@@ -352,11 +352,11 @@ class Sim:
                 if self.pending:  # demand waits: every idle GPU here is one the policy left idle
                     self.wait_time += dt
                     self.wait_alloc_area += dt * held
-                    idle = dt * (self.total - held)
-                    if min(j.gpus for j in self.pending) <= self.total - held:
-                        self.idle_fits_area += idle
+                    idle = self.total - held
+                    if min(j.gpus for j in self.pending) <= idle:
+                        self.idle_fits_area += dt * idle
                     else:
-                        self.idle_too_big_area += idle
+                        self.idle_too_big_area += dt * idle
             now = t
             while self.events and self.events[0][0] == t:
                 _, _, kind, jid = heapq.heappop(self.events)

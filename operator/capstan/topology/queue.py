@@ -138,6 +138,17 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
     # gangs started this pass hold GPUs too: the cost-based wait must see when they end
     known_ends = all(r.expected_end is not None for r in running)
     live: list[RunningGang] = list(running)
+
+    def start(shown: GangRequest, req: GangRequest, res: PlacementResult) -> None:
+        # every start takes its GPUs from the open view and, past a reserved head, the masked one
+        nonlocal inv, masked
+        inv = inv.allocate(res)
+        if cost_based:
+            live.append(_started(req, res, now, locality_slowdown))
+        if masked is not None:
+            masked = masked.add_usage(res.gpus_by_node())
+        decisions.append(Decision(shown, res, backfilled=masked is not None))
+
     for orig in queue_order(requests):
         req = orig
         if (cost_based and known_ends and orig.policy == "Preferred" and orig.workers > 1
@@ -175,12 +186,7 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
             if shape not in fail_masked:
                 res = place(target, req)
                 if res.placed:
-                    inv = inv.allocate(res)
-                    if cost_based:
-                        live.append(_started(req, res, now, locality_slowdown))
-                    if masked is not None:
-                        masked = masked.add_usage(res.gpus_by_node())
-                    decisions.append(Decision(orig, res, backfilled=masked is not None))
+                    start(orig, req, res)
                     continue
                 fail_masked[shape] = (
                     f"waiting up to {limit:.0f}s from submission for room in one "
@@ -194,10 +200,7 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
             else:
                 res = place(inv, req)
                 if res.placed:
-                    inv = inv.allocate(res)
-                    if cost_based:
-                        live.append(_started(req, res, now, locality_slowdown))
-                    decisions.append(Decision(req, res))
+                    start(req, req, res)
                     continue
                 fail_open[shape] = res.reason
             if now - req.submitted < reserve_after_s:
@@ -220,21 +223,13 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
             # ends before the head needs its GPUs: may use reserved ones too
             res = place(inv, req)
             if res.placed:
-                inv = inv.allocate(res)
-                if cost_based:
-                    live.append(_started(req, res, now, locality_slowdown))
-                masked = masked.add_usage(res.gpus_by_node())
-                decisions.append(Decision(req, res, backfilled=True))
+                start(req, req, res)
                 continue
             fail_open[shape] = res.reason
         if shape not in fail_masked:
             res = place(masked, req)
             if res.placed:
-                inv = inv.allocate(res)
-                if cost_based:
-                    live.append(_started(req, res, now, locality_slowdown))
-                masked = masked.add_usage(res.gpus_by_node())
-                decisions.append(Decision(req, res, backfilled=True))
+                start(req, req, res)
                 continue
             if shape not in fail_open:
                 open_res = place(inv, req)

@@ -106,7 +106,9 @@ def test_scheduler_admits_mid_flight_retires_and_frees(model_dir: Path) -> None:
     assert len(a.output) == 1 and cache.allocator.num_used == 2  # ceil((4 + 10 - 1) / 8)
     sched.step()
     b = sched.submit(lm.tokenizer.encode("a capstan"), greedy, events["b"].append)
-    c = sched.submit(lm.tokenizer.encode("p"), SamplingParams(max_tokens=50), events["c"].append)
+    # sampled, so EOS could retire it at random; ignore_eos keeps it running until it is cancelled
+    sampled = SamplingParams(max_tokens=50, ignore_eos=True)
+    c = sched.submit(lm.tokenizer.encode("p"), sampled, events["c"].append)
     sched.step()  # b and c join the running batch; a keeps decoding in the same step
     assert len(a.output) == 3 and len(b.output) == 1 and len(c.output) == 1 and len(sched.running) == 3
     sched.cancel(c)

@@ -63,6 +63,37 @@ async def test_gang_placed_in_one_nvlink_domain_or_queued(
     assert sc.status(job)["placement"]["domain"] == "b"
 
 
+async def test_queue_head_reserved_small_gang_cannot_starve_it(
+    cluster: Cluster, env: sc.Env, add_gpu_node: AddNode, operator: None
+) -> None:
+    # one NVLink domain of 2 x 8 GPUs; a 4-GPU job holds half of one node
+    for i in range(2):
+        await add_gpu_node(f"n{i}", clique="a", rack="r1")
+    await cluster.api.create(sc.job_body(env, "filler", workers=1, gpusPerWorker=4))
+    (filler_pod,) = await sc.wait_pods(env, "filler", 1)
+    await sc.kubelet(env, filler_pod, "Running")
+
+    # the 2x8 gang cannot fit until the filler ends: it queues and heads the queue
+    await cluster.api.create(sc.job_body(env, "big", workers=2, gpusPerWorker=8))
+    await sc.wait_job(env, "big", sc.phase_is("Queued"), "Queued")
+
+    # an 8-GPU gang would fit on the idle node right now, but that node is reserved for the head
+    await cluster.api.create(sc.job_body(env, "small", workers=1, gpusPerWorker=8))
+    small = await sc.wait_job(env, "small", sc.phase_is("Queued"), "Queued")
+    placed = sc.condition(small, "Placed")
+    assert placed["reason"] == "WaitingForCapacity"
+    assert "reserved for the queue head default/big" in placed["message"]
+    assert await sc.pods_of(env, "small") == []
+
+    # the filler ends: the head starts (its GPUs are whole now); small still waits behind it
+    await sc.kubelet(env, filler_pod, "Succeeded")
+    big = await sc.wait_job(env, "big", lambda j: sc.status(j).get("placement"), "placement")
+    assert sorted(sc.status(big)["placement"]["nodes"]) == ["n0", "n1"]
+    assert len(await sc.wait_pods(env, "big", 2)) == 2
+    small = await sc.wait_job(env, "small", sc.phase_is("Queued"), "Queued")
+    assert await sc.pods_of(env, "small") == []
+
+
 async def test_cpu_and_kueue_jobs_are_not_placed(
     cluster: Cluster, env: sc.Env, add_gpu_node: AddNode, operator: None
 ) -> None:

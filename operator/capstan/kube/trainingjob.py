@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,7 +30,7 @@ import kopf
 from capstan import GROUP, VERSION
 from capstan.api.conditions import parse_time, rfc3339, set_condition
 from capstan.api.loading import InvalidResource, parse_resource
-from capstan.api.trainingjob import TrainingJob, TrainingJobStatus
+from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob, TrainingJobStatus
 from capstan.checkpoints.snapshots import LABEL_REASON, SnapshotPlan, plan_snapshots, snapshots_in_use
 from capstan.kube.apply import (
     MODELSERVINGS,
@@ -44,6 +44,7 @@ from capstan.kube.apply import (
     ApiError,
     owner_of,
 )
+from capstan.kube.placement import QueueState, make_placer, pinned_node, queued_jobs, wants_placement
 from capstan.kube.runtime import reconcile_loop, wake, wake_all
 from capstan.kube.status import fetch_live, report_invalid, status_patch
 from capstan.metrics import (
@@ -68,71 +69,6 @@ PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded",
 # -- placement adapter ---------------------------------------------------------------------------
 
 
-def _pinned_node(pod: Mapping[str, Any]) -> str | None:
-    """The node a pod is bound to, or pinned to by a single-node ``metadata.name`` affinity."""
-    spec = pod.get("spec") or {}
-    if spec.get("nodeName"):
-        return str(spec["nodeName"])
-    terms = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
-        "requiredDuringSchedulingIgnoredDuringExecution", {}
-    ).get("nodeSelectorTerms") or []
-    for term in terms:
-        for field in term.get("matchFields") or []:
-            if field.get("key") == "metadata.name" and field.get("operator") == "In":
-                values = field.get("values") or []
-                if len(values) == 1:
-                    return str(values[0])
-    return None
-
-
-def make_placer(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]]) -> Placer | None:
-    """A :data:`Placer` over the cluster's Nodes and Pods; None when no Node is visible.
-
-    Pods pinned by node affinity but not yet bound by the scheduler count as using their node:
-    a gang placed a moment ago holds its GPUs before kube-scheduler binds it.
-    """
-    if not nodes:
-        return None
-    from capstan.topology import GangRequest, build_inventory, levels_from_env, place_gang
-
-    bound = []
-    for pod in pods:
-        node = _pinned_node(pod)
-        if node and not (pod.get("spec") or {}).get("nodeName"):
-            pod = {**pod, "spec": {**(pod.get("spec") or {}), "nodeName": node}}
-        bound.append(pod)
-    inventory = build_inventory(nodes, bound, levels_from_env())
-
-    def placer(job: TrainingJob) -> PlacementDecision:
-        spec = job.spec
-        request = GangRequest(
-            name=f"{job.metadata.namespace}/{job.metadata.name}",
-            workers=spec.workers,
-            gpus_per_worker=spec.gpus_per_worker,
-            policy=spec.topology.policy,
-            max_domain=spec.topology.max_domain,
-            needs_rdma=spec.wants_rdma,
-            tolerations=[t.wire() for t in spec.tolerations],
-            priority=spec.priority,
-            gpu_product=spec.node_selector.get("nvidia.com/gpu.product"),
-        )
-        result = place_gang(inventory, request)
-        return PlacementDecision(
-            placed=result.placed,
-            nodes=list(result.nodes),
-            level=result.level or "",
-            domain=result.domain or "",
-            reason=result.reason,
-        )
-
-    return placer
-
-
-def wants_placement(job: TrainingJob) -> bool:
-    """GPU gangs are placed by Capstan; CPU jobs and Kueue-managed jobs are not."""
-    return job.spec.gpus_per_worker > 0 and not job.spec.queue_name
-
-
 class _NeedsPlacement(Exception):
     """Raised by the probe placer: this plan creates a gang, fetch the inventory first."""
 
@@ -148,7 +84,7 @@ def _node_lost(pods: list[dict[str, Any]], gone: set[str]) -> list[dict[str, Any
     out = []
     for pod in pods:
         phase = (pod.get("status") or {}).get("phase")
-        if _pinned_node(pod) in gone and phase not in ("Succeeded", "Failed"):
+        if pinned_node(pod) in gone and phase not in ("Succeeded", "Failed"):
             pod = {**pod, "status": {**(pod.get("status") or {}), "phase": "Failed", "reason": "NodeLost"}}
         out.append(pod)
     return out
@@ -262,12 +198,15 @@ async def reconcile(
         except _NeedsPlacement:
             lock: asyncio.Lock = memo["placement_lock"]
             async with lock:  # place and create under one lock: no two gangs get the same GPUs
-                placer = await _fetch_placer(api, logger)
+                queue = _queue_state(memo)
+                placer = await _fetch_placer(api, queue, namespace, logger)
                 plan = plan_trainingjob(job, pods, now, placer)
                 snaps = await _plan_snapshots(api, job, plan, pods, now)
                 await _apply_status(api, job, body, plan, now, logger)
                 await _apply_snapshots(api, body, snaps, logger)
                 await _create(api, plan.create)
+            for other in queue.startable:  # queued gangs this pass found room for: start them now
+                wake(memo, other)
         else:
             snaps = await _plan_snapshots(api, job, plan, pods, now)
             await _apply_status(api, job, body, plan, now, logger)
@@ -275,6 +214,8 @@ async def reconcile(
             await _create(api, plan.create)
         if plan.delete_pods:
             await api.delete_pods(namespace, plan.delete_pods)
+        if _frees_gpus(job, plan):
+            wake_all(memo)  # queued gangs may fit now, rather than at their next recheck
         if plan.events:
             await asyncio.gather(*(api.post_event(body, e.reason, e.message, e.type) for e in plan.events))
         if plan.delete_job:
@@ -349,7 +290,24 @@ async def _apply_snapshots(
         await api.post_event(body, "SnapshotDeleted", f"VolumeSnapshot {name} removed by retention", "Normal")
 
 
-async def _fetch_placer(api: ApiClient, logger: kopf.Logger) -> Placer | None:
+def _queue_state(memo: kopf.Memo) -> QueueState:
+    state = memo.get("placement_queue")
+    if state is None:
+        state = memo["placement_queue"] = QueueState()
+    assert isinstance(state, QueueState)
+    return state
+
+
+def _frees_gpus(job: TrainingJob, plan: Plan) -> bool:
+    """Whether applying ``plan`` gives GPUs back (pods deleted, or the gang just ended)."""
+    gpu_gang = job.spec.gpus_per_worker > 0
+    ended = plan.status.phase in TERMINAL_PHASES and job.status.phase not in TERMINAL_PHASES
+    return gpu_gang and (bool(plan.delete_pods) or ended)
+
+
+async def _fetch_placer(
+    api: ApiClient, queue: QueueState, namespace: str, logger: kopf.Logger
+) -> Placer | None:
     try:
         nodes, pods = await asyncio.gather(api.list_objects(NODES), api.list_objects(PODS))
     except ApiError as exc:
@@ -357,7 +315,15 @@ async def _fetch_placer(api: ApiClient, logger: kopf.Logger) -> Placer | None:
             raise
         logger.warning("cannot list nodes/pods cluster-wide (%s): creating the gang unplaced", exc.reason)
         return None
-    return make_placer(nodes, pods)
+    try:
+        jobs = await api.list_objects(TRAININGJOBS)
+    except ApiError as exc:
+        if exc.status != 403:
+            raise
+        # an operator scoped to namespaces queues the gangs of the namespace it can see
+        logger.warning("cannot list TrainingJobs cluster-wide (%s): queue of %s only", exc.reason, namespace)
+        jobs = await api.list_objects(TRAININGJOBS, namespace)
+    return make_placer(nodes, pods, queued_jobs(jobs), queue)
 
 
 async def _apply_status(

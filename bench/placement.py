@@ -4,13 +4,18 @@ same clusters and the same job trace, plus the decision time of the engine at 10
 
 Policies (all see the same arrivals; a job's GPUs are held from start to end):
 
-* ``capstan``: ``capstan.topology.schedule_queue``: gangs all-or-nothing, smallest topology
-  domain that fits (policy Preferred, from the NVLink domain up), fragmentation-aware BestFit
-  with parent-domain tie-breaks; priority/FIFO order, anything that fits starts, and a gang
-  blocked for ``RESERVE_AFTER_S`` gets an EASY reservation (starvation guard). Each job declares
-  a run-time limit (true duration x U(1, 2), like Slurm ``--time``): the reservation is the
-  soonest slot by those limits, on GPUs that free by then, and a gang may backfill into reserved
-  GPUs when its limit ends before the head's expected start.
+* ``capstan``: ``capstan.topology.schedule_queue`` with the operator's default ``QueuePolicy``
+  (what ``capstan.kube.placement`` runs for TrainingJobs that declare ``activeDeadlineSeconds``):
+  gangs all-or-nothing, smallest topology domain that fits (policy Preferred, from the NVLink
+  domain up), fragmentation-aware BestFit with parent-domain tie-breaks; priority/FIFO order,
+  anything that fits starts, and a gang blocked for ``RESERVE_AFTER_S`` gets an EASY reservation
+  (starvation guard). Each job declares a run-time limit (true duration x U(1, 2), like Slurm
+  ``--time``): the reservation is the soonest slot by those limits, on GPUs that free by then,
+  and a gang may backfill into reserved GPUs when its limit ends before the head's expected
+  start. Simplification: the simulator scales a running gang's declared end by its placement's
+  slowdown and never stops a job at its limit; the operator takes ``startTime +
+  activeDeadlineSeconds`` as the end and stops the gang there, so users there leave room for a
+  spread placement in the limit they declare.
 * ``tas_bestfit``: a Kueue-TAS-style baseline: the same placement engine with plain BestFit
   (ties by name, no parent tie-break), each gang all-or-nothing in the smallest fitting domain,
   queue ``BestEffortFIFO``: every pass walks the queue in submission order and starts every gang
@@ -51,9 +56,11 @@ if str(ROOT / "operator") not in sys.path:
     sys.path.insert(0, str(ROOT / "operator"))
 
 from capstan.topology import (  # noqa: E402 -- after the source-root path tweak
+    DEFAULT_SLOWDOWN,
     GangRequest,
     Inventory,
     PlacementResult,
+    QueuePolicy,
     Reservation,
     RunningGang,
     build_inventory,
@@ -63,8 +70,10 @@ from capstan.topology import (  # noqa: E402 -- after the source-root path tweak
 
 RESULTS = ROOT / "bench" / "results"
 POLICIES = ("capstan", "tas_bestfit", "spread", "random")
-# Job runtime multiplier by the narrowest domain holding all of a gang's nodes (assumption).
-SLOWDOWN = {"nvlink": 1.0, "rack": 1.15, "block": 1.3, "zone": 1.6, "cluster": 1.6}
+# Job runtime multiplier by the narrowest domain holding all of a gang's nodes (assumption). The
+# simulated clusters behave as the operator's default estimate says (capstan.topology.policy).
+SLOWDOWN = dict(DEFAULT_SLOWDOWN)
+OPERATOR_POLICY = QueuePolicy()  # what the operator runs with unless its environment says otherwise
 SPREAD_GIVEBACK_S = 900.0  # torchrun's default rendezvous timeout is 900 s
 FRAG_AWARE = True
 # capstan's locality wait (delay scheduling): "cost" = wait for a narrower domain only while the expected
@@ -73,11 +82,12 @@ FRAG_AWARE = True
 LOCALITY_MODE = os.environ.get("CAPSTAN_BENCH_LOCALITY", "cost")
 LOCALITY_WAIT_S, LOCALITY_WAIT_FRACTION = 14400.0, 0.5
 # cost-based: wait iff expected wait < LOCALITY_COST_FRACTION x run time lost by spreading (see notes)
-LOCALITY_COST_FRACTION = float(os.environ.get("CAPSTAN_BENCH_LOCALITY_FRACTION", "0.5"))
+LOCALITY_COST_FRACTION = float(os.environ.get("CAPSTAN_BENCH_LOCALITY_FRACTION",
+                                              str(OPERATOR_POLICY.locality_wait_fraction)))
 LOCALITY_COST_CAP_S = float(os.environ.get("CAPSTAN_BENCH_LOCALITY_CAP", "0"))  # 0: no cap
 # capstan's starvation guard: a gang blocked this long (and first in queue order among such) gets
 # a reservation that backfill respects; before that anything behind it may start where it fits
-RESERVE_AFTER_S = 86400.0
+RESERVE_AFTER_S = OPERATOR_POLICY.reserve_after_s
 TARGET_LOAD = 0.9  # offered load of the generated traces
 # trace length scales with the cluster, so every cluster sees the same hours of arrivals at the same load
 JOBS_PER_GPU, JOBS_PER_GPU_QUICK = 2.5, 1.5

@@ -64,8 +64,15 @@ async def test_gang_placed_in_one_nvlink_domain_or_queued(
 
 
 async def test_queue_head_reserved_small_gang_cannot_starve_it(
-    cluster: Cluster, env: sc.Env, add_gpu_node: AddNode, operator: None
+    cluster: Cluster, env: sc.Env, add_gpu_node: AddNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # the starvation guard at once (default: after 24 h of waiting), read by the operator at startup
+    monkeypatch.setenv("CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS", "0")
+    async with cluster.operator():
+        await _head_reserved_scenario(cluster, env, add_gpu_node)
+
+
+async def _head_reserved_scenario(cluster: Cluster, env: sc.Env, add_gpu_node: AddNode) -> None:
     # one NVLink domain of 2 x 8 GPUs; a 4-GPU job holds half of one node
     for i in range(2):
         await add_gpu_node(f"n{i}", clique="a", rack="r1")

@@ -60,7 +60,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "monitoring": ALL_ON,
     "everything": {
         **ALL_ON,
-        "operator": {"watchNamespaces": ["team-a"], "topologyLevels": "nvlink=nvidia.com/gpu.clique,zone=z"},
+        "operator": {"watchNamespaces": ["team-a"], "topologyLevels": "nvlink=nvidia.com/gpu.clique,zone=z",
+                     "queue": {"reserveAfterSeconds": 3600, "localitySlowdown": "rack=1.2",
+                               "localityWaitFraction": 0.25}},
         "webhook": {"certManager": {"enabled": True}, "failurePolicy": "Ignore"},
         "image": {"digest": "sha256:" + "a" * 64},
         "podAnnotations": {"a": "b"},
@@ -113,6 +115,8 @@ def test_schema_rejects_bad_values() -> None:
         {"replicaCount": 0},
         {"unknownKey": 1},
         {"image": {"digest": "latest"}},
+        {"operator": {"queue": {"reserveAfterSeconds": -1}}},
+        {"operator": {"queue": {"localityWaitFraction": 2}}},
     ):
         with pytest.raises(RuntimeError, match="schema"):
             helm_template(bad)
@@ -136,6 +140,20 @@ def test_deployment_is_hardened() -> None:
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["CAPSTAN_WEBHOOK_CERT_DIR"] == "/etc/capstan/webhook-tls"
     assert "CAPSTAN_WEBHOOK_MANAGED" not in env  # Helm owns the webhook configurations
+    assert not any(name.startswith(("CAPSTAN_QUEUE", "CAPSTAN_LOCALITY")) for name in env)  # defaults
+
+
+@needs_helm
+def test_queue_settings_reach_the_operator_environment() -> None:
+    [dep] = [o for o in docs(helm_template(VARIANTS["everything"])) if o["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS"] == "3600"
+    assert env["CAPSTAN_LOCALITY_SLOWDOWN"] == "rack=1.2"
+    assert env["CAPSTAN_LOCALITY_WAIT_FRACTION"] == "0.25"
+    from capstan.topology import queue_policy_from_env
+
+    policy = queue_policy_from_env({k: v for k, v in env.items() if v is not None})
+    assert (policy.reserve_after_s, policy.locality_wait_fraction) == (3600, 0.25)
 
 
 @needs_helm

@@ -110,6 +110,36 @@ def test_max_restarts_exhausted_fails_and_stops_workers() -> None:
     assert failed.reason == "BackoffLimitExceeded" and "maxRestarts (0)" in failed.message
 
 
+def test_active_deadline_stops_the_gang_and_fails_the_job() -> None:
+    c = Cluster(job(activeDeadlineSeconds=3600))
+    c.reconcile()
+    c.set_phase("Running")
+    plan = c.reconcile(T0 + timedelta(seconds=10))
+    assert plan.status.phase == "Running" and plan.status.start_time == "2026-01-01T00:00:10Z"
+    assert plan.requeue_after == 3600  # woken at the deadline, not by a pod event
+    plan = c.reconcile(T0 + timedelta(seconds=1810))
+    assert plan.status.phase == "Running" and plan.requeue_after == 1800
+    plan = c.reconcile(T0 + timedelta(seconds=3610))
+    assert plan.status.phase == "Failed" and sorted(plan.delete_pods) == ["gpt-0", "gpt-1"]
+    failed = next(x for x in plan.status.conditions if x.type == "Failed")
+    assert failed.reason == "DeadlineExceeded" and "activeDeadlineSeconds (3600s)" in failed.message
+    assert c.reconcile(T0 + timedelta(seconds=3700)).create == []  # a failed job stays stopped
+
+
+def test_active_deadline_counts_restarts_but_not_the_queue() -> None:
+    c = Cluster(job(activeDeadlineSeconds=600, failurePolicy={"maxRestarts": 3, "backoffSeconds": 0}))
+    c.reconcile()  # created at T0; waiting to run does not count
+    c.set_phase("Running")
+    c.reconcile(T0 + timedelta(seconds=500))  # startTime = T0 + 500 s
+    c.set_phase("Failed", exit_code=1, names=["gpt-0"])
+    assert c.reconcile(T0 + timedelta(seconds=800)).status.phase == "Restarting"
+    c.finish_deletes()
+    plan = c.reconcile(T0 + timedelta(seconds=1000))
+    assert plan.status.phase == "Starting" and len(plan.create) == 2  # still inside the limit
+    plan = c.reconcile(T0 + timedelta(seconds=1101))
+    assert plan.status.phase == "Failed"
+
+
 def test_preemption_exit_code_restarts_without_counting() -> None:
     c = Cluster(job(failurePolicy={"maxRestarts": 0, "backoffSeconds": 30}))
     c.reconcile()

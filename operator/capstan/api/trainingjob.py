@@ -152,6 +152,15 @@ class TrainingJobSpec(ApiModel):
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the job this long after it succeeds or fails."
     )
+    active_deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Run-time limit, like Slurm --time: counted from status.startTime (restarts included); "
+            "past it the gang is stopped and the job fails with DeadlineExceeded. The placement queue "
+            "uses it to let short gangs backfill and to estimate when GPUs free."
+        ),
+    )
     priority: int = Field(default=0, description="Queue priority; higher places first.")
     queue_name: str | None = Field(
         default=None,

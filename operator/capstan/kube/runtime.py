@@ -7,7 +7,8 @@ the objects below are shared by all handlers of one operator run):
 * ``memo.wakeups`` — ``{uid: asyncio.Event}``, set to make an object's reconcile loop run now;
 * ``memo.placement_lock`` — serialises "place a gang, then create its pods", so two gangs never
   see the same free GPUs;
-* ``memo.gone_nodes`` — names of Nodes seen deleted (pods pinned or bound there are lost).
+* ``memo.gone_nodes`` — names of Nodes seen deleted (pods pinned or bound there are lost);
+* ``memo.queue_policy`` — the placement queue's tunables from the environment, checked at startup.
 
 Handler modules import this module, so its activities register with theirs.
 """
@@ -26,6 +27,7 @@ import kopf
 
 from capstan import GROUP, VERSION
 from capstan.kube.apply import DEFAULT_CONCURRENCY, ApiClient, ApiError
+from capstan.topology.policy import queue_policy_from_env
 
 FINALIZER = f"{GROUP}/finalizer"
 
@@ -96,6 +98,7 @@ async def startup(memo: kopf.Memo, logger: kopf.Logger, settings: kopf.OperatorS
     memo.wakeups = {}
     memo.placement_lock = asyncio.Lock()
     memo.gone_nodes = set()
+    memo.queue_policy = queue_policy_from_env()  # a bad value stops the operator here, by name
     logging.getLogger("capstan").info("capstan operator started against %s", info.server)
 
 

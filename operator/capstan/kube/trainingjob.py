@@ -44,7 +44,14 @@ from capstan.kube.apply import (
     ApiError,
     owner_of,
 )
-from capstan.kube.placement import QueueState, make_placer, pinned_node, queued_jobs, wants_placement
+from capstan.kube.placement import (
+    QueueState,
+    make_placer,
+    pinned_node,
+    queued_jobs,
+    running_gangs,
+    wants_placement,
+)
 from capstan.kube.runtime import reconcile_loop, wake, wake_all
 from capstan.kube.status import fetch_live, report_invalid, status_patch
 from capstan.metrics import (
@@ -199,7 +206,7 @@ async def reconcile(
             lock: asyncio.Lock = memo["placement_lock"]
             async with lock:  # place and create under one lock: no two gangs get the same GPUs
                 queue = _queue_state(memo)
-                placer = await _fetch_placer(api, queue, namespace, logger)
+                placer = await _fetch_placer(api, memo, queue, namespace, logger)
                 plan = plan_trainingjob(job, pods, now, placer)
                 snaps = await _plan_snapshots(api, job, plan, pods, now)
                 await _apply_status(api, job, body, plan, now, logger)
@@ -306,7 +313,7 @@ def _frees_gpus(job: TrainingJob, plan: Plan) -> bool:
 
 
 async def _fetch_placer(
-    api: ApiClient, queue: QueueState, namespace: str, logger: kopf.Logger
+    api: ApiClient, memo: kopf.Memo, queue: QueueState, namespace: str, logger: kopf.Logger
 ) -> Placer | None:
     try:
         nodes, pods = await asyncio.gather(api.list_objects(NODES), api.list_objects(PODS))
@@ -323,7 +330,9 @@ async def _fetch_placer(
         # an operator scoped to namespaces queues the gangs of the namespace it can see
         logger.warning("cannot list TrainingJobs cluster-wide (%s): queue of %s only", exc.reason, namespace)
         jobs = await api.list_objects(TRAININGJOBS, namespace)
-    return make_placer(nodes, pods, queued_jobs(jobs), queue)
+    now = time.time()
+    policy = memo.get("queue_policy")  # set at startup; None only where startup did not run
+    return make_placer(nodes, pods, queued_jobs(jobs), queue, now, running_gangs(jobs, now), policy)
 
 
 async def _apply_status(

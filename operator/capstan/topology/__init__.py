@@ -32,12 +32,19 @@ from .levels import (
     levels_from_env,
     parse_levels,
 )
+from .policy import (
+    DEFAULT_SLOWDOWN,
+    QueuePolicy,
+    parse_slowdown,
+    queue_policy_from_env,
+)
 from .queue import Decision, Reservation, RunningGang, queue_order, schedule_queue
 from .replicas import ReplicaPlacement, place_replicas
 
 __all__ = [
     "CLUSTER_LEVEL",
     "DEFAULT_LEVELS",
+    "DEFAULT_SLOWDOWN",
     "LEVELS_ENV",
     "POLICIES",
     "Decision",
@@ -46,6 +53,7 @@ __all__ = [
     "NodeInfo",
     "PlacementResult",
     "Policy",
+    "QueuePolicy",
     "ReplicaPlacement",
     "Reservation",
     "RunningGang",
@@ -57,11 +65,13 @@ __all__ = [
     "narrowest_level",
     "parse_count",
     "parse_levels",
+    "parse_slowdown",
     "place_gang",
     "place_replicas",
     "place_when_freed",
     "pod_gpu_request",
     "queue_order",
+    "queue_policy_from_env",
     "schedule_queue",
     "tolerates",
 ]

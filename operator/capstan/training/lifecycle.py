@@ -181,6 +181,17 @@ def plan_trainingjob(
         b.condition("Suspended", False, "Resumed", "spec.suspend is false")
         b.phase("Pending", "Resumed", "resumed: recreating the gang")
 
+    started = parse_time(st.start_time)
+    limit = job.spec.active_deadline_seconds
+    if started is not None and limit is not None:
+        left = (started + timedelta(seconds=limit) - b.now).total_seconds()
+        if left <= 0:
+            return _fail(
+                b, current + stale, "DeadlineExceeded",
+                f"ran past activeDeadlineSeconds ({limit}s) counted from startTime {st.start_time}",
+            )
+        b.requeue(left)  # wake at the deadline even if no pod changes
+
     # A previous gang must be gone before the next is created: same pod names, same DNS names.
     if stale:
         for w in stale:
@@ -220,6 +231,8 @@ def plan_trainingjob(
     if all(w.phase in ("Running", "Succeeded") for w in current):
         if st.start_time is None:
             st.start_time = rfc3339(now)
+            if job.spec.active_deadline_seconds is not None:
+                b.requeue(job.spec.active_deadline_seconds)
         b.condition("Running", True, "AllWorkersRunning", f"{len(current)} workers running")
         b.phase("Running", "Running", f"all {len(current)} workers running")
         return b.plan

@@ -1,0 +1,100 @@
+"""The placement queue's tunables: one definition for the operator and the placement benchmark.
+
+* ``reserve_after_s`` — the starvation guard. A blocked gang gets a reservation (GPUs no gang
+  behind it may take) once it has waited this long; before that anything behind it that fits
+  starts. 0 reserves for the head at once (strict EASY backfill).
+* ``locality_slowdown`` — run-time multiplier of a gang spread over each topology level (by level
+  name; a level not named counts as 1.0). With it, a Preferred gang that declares
+  ``activeDeadlineSeconds`` waits for a narrower domain while the expected wait, from running
+  gangs' declared limits, is under ``locality_wait_fraction`` x the run time spreading would cost
+  it. None turns that wait off.
+
+The defaults are what ``bench/placement.py`` measures as "capstan". The slowdowns are an estimate
+of all-reduce-bound training over NVLink, one rack's leaf switch, a block's spine and a zone;
+clusters that measured their own should set ``CAPSTAN_LOCALITY_SLOWDOWN``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+RESERVE_AFTER_ENV = "CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS"
+SLOWDOWN_ENV = "CAPSTAN_LOCALITY_SLOWDOWN"
+FRACTION_ENV = "CAPSTAN_LOCALITY_WAIT_FRACTION"
+
+DEFAULT_RESERVE_AFTER_S = 86400.0
+DEFAULT_SLOWDOWN: Mapping[str, float] = {
+    "nvlink": 1.0, "rack": 1.15, "block": 1.3, "zone": 1.6, "cluster": 1.6,
+}
+DEFAULT_WAIT_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """How :func:`capstan.topology.schedule_queue` is run by the operator."""
+
+    reserve_after_s: float = DEFAULT_RESERVE_AFTER_S
+    locality_slowdown: Mapping[str, float] | None = field(default_factory=lambda: dict(DEFAULT_SLOWDOWN))
+    locality_wait_fraction: float = DEFAULT_WAIT_FRACTION
+
+    def queue_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`schedule_queue`."""
+        return {
+            "reserve_after_s": self.reserve_after_s,
+            "locality_slowdown": self.locality_slowdown,
+            "locality_wait_fraction": self.locality_wait_fraction,
+        }
+
+
+def parse_slowdown(text: str) -> dict[str, float] | None:
+    """``"rack=1.15,block=1.3"`` -> ``{"rack": 1.15, "block": 1.3}``; ``"off"`` -> None.
+
+    Raises ValueError naming the bad entry (a multiplier must be a number >= 1).
+    """
+    if text.strip().lower() in ("off", "none", "false", "0"):
+        return None
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = float("nan")
+        if not sep or not name.strip() or not factor >= 1.0:
+            raise ValueError(f"{SLOWDOWN_ENV}: {part!r} is not LEVEL=MULTIPLIER with a multiplier >= 1")
+        out[name.strip()] = factor
+    return out
+
+
+def queue_policy_from_env(env: Mapping[str, str] | None = None) -> QueuePolicy:
+    """The operator's queue policy from its environment (unset variables keep the defaults).
+
+    Raises ValueError with the variable's name when a value cannot be used.
+    """
+    source = os.environ if env is None else env
+    policy = QueuePolicy()
+    reserve = source.get(RESERVE_AFTER_ENV, "").strip()
+    if reserve:
+        try:
+            seconds = float(reserve)
+        except ValueError:
+            seconds = -1.0
+        if not seconds >= 0:
+            raise ValueError(f"{RESERVE_AFTER_ENV}: {reserve!r} is not a number of seconds >= 0")
+        policy = QueuePolicy(seconds, policy.locality_slowdown, policy.locality_wait_fraction)
+    slowdown = source.get(SLOWDOWN_ENV, "").strip()
+    if slowdown:
+        policy = QueuePolicy(policy.reserve_after_s, parse_slowdown(slowdown), policy.locality_wait_fraction)
+    fraction = source.get(FRACTION_ENV, "").strip()
+    if fraction:
+        try:
+            value = float(fraction)
+        except ValueError:
+            value = -1.0
+        if not 0 < value <= 1:
+            raise ValueError(f"{FRACTION_ENV}: {fraction!r} is not a fraction in (0, 1]")
+        policy = QueuePolicy(policy.reserve_after_s, policy.locality_slowdown, value)
+    return policy

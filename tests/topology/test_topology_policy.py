@@ -1,0 +1,45 @@
+"""The queue's tunables from the operator's environment: defaults, overrides, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from capstan.topology import DEFAULT_SLOWDOWN, QueuePolicy, parse_slowdown, queue_policy_from_env
+
+
+def test_defaults_are_the_benchmarked_policy() -> None:
+    policy = queue_policy_from_env({})
+    assert policy == QueuePolicy()
+    assert policy.reserve_after_s == 86400 and policy.locality_wait_fraction == 0.5
+    assert policy.locality_slowdown == DEFAULT_SLOWDOWN
+
+
+def test_overrides() -> None:
+    policy = queue_policy_from_env({
+        "CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS": "3600",
+        "CAPSTAN_LOCALITY_SLOWDOWN": "rack=1.1, block=1.4",
+        "CAPSTAN_LOCALITY_WAIT_FRACTION": "0.25",
+    })
+    assert policy.queue_kwargs() == {
+        "reserve_after_s": 3600.0,
+        "locality_slowdown": {"rack": 1.1, "block": 1.4},
+        "locality_wait_fraction": 0.25,
+    }
+    assert queue_policy_from_env({"CAPSTAN_LOCALITY_SLOWDOWN": "off"}).locality_slowdown is None
+
+
+@pytest.mark.parametrize(("name", "value", "says"), [
+    ("CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS", "a day", "'a day' is not a number of seconds"),
+    ("CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS", "-5", "'-5' is not a number of seconds >= 0"),
+    ("CAPSTAN_LOCALITY_SLOWDOWN", "rack:1.2", "'rack:1.2' is not LEVEL=MULTIPLIER"),
+    ("CAPSTAN_LOCALITY_SLOWDOWN", "rack=0.5", "'rack=0.5' is not LEVEL=MULTIPLIER with a multiplier >= 1"),
+    ("CAPSTAN_LOCALITY_WAIT_FRACTION", "2", "'2' is not a fraction in (0, 1]"),
+])
+def test_bad_values_name_the_variable(name: str, value: str, says: str) -> None:
+    with pytest.raises(ValueError) as err:
+        queue_policy_from_env({name: value})
+    assert str(err.value).startswith(name) and says in str(err.value)
+
+
+def test_slowdown_parser_ignores_empty_entries() -> None:
+    assert parse_slowdown("rack=1.2,,") == {"rack": 1.2}

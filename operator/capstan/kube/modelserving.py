@@ -23,13 +23,12 @@ import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import kopf
 
 from capstan import GROUP, VERSION
-from capstan.api.loading import InvalidResource, parse_resource
 from capstan.api.modelserving import ModelServing
 from capstan.kube.apply import (
     DEPLOYMENTS,
@@ -47,11 +46,9 @@ from capstan.kube.apply import (
     resource_of,
 )
 from capstan.kube.runtime import reconcile_loop, wake
-from capstan.kube.status import fetch_live, report_invalid, status_patch
+from capstan.kube.status import reconcile_live, status_patch
 from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
 from capstan.metrics import (
-    RECONCILE_SECONDS,
-    RECONCILES,
     REVISION_WEIGHT,
     ROLLOUT_STEP,
     ROLLOUTS,
@@ -249,42 +246,43 @@ async def reconcile(
     api: ApiClient, namespace: str, name: str, uid: str | None, memo: kopf.Memo, logger: kopf.Logger
 ) -> float | None:
     """One level-based pass over ModelServing ``namespace/name``; seconds until the next, or None."""
-    started = time.monotonic()
-    outcome = "error"
-    try:
-        body = await fetch_live(api, MODELSERVINGS, namespace, name, uid)
-        if body is None:
-            outcome = "ok"
-            return None
-        now = datetime.now(UTC)
-        try:
-            ms = parse_resource(body)
-        except InvalidResource as exc:
-            await report_invalid(api, MODELSERVINGS, body, exc, logger, now, "Ready", "Failed")
-            outcome = "invalid"
-            return None
+
+    async def step(body: dict[str, Any], ms: Any, now: datetime) -> float | None:
         assert isinstance(ms, ModelServing)
-        ftj = ms.spec.model.from_training_job
-        sources = _state(memo).sources
-        for key in [k for k, uids in sources.items() if ms.metadata.uid in uids]:
-            sources[key].discard(ms.metadata.uid)
-        if ftj is not None:
-            sources.setdefault((namespace, ftj.name), set()).add(ms.metadata.uid)
-        gateway = await gateway_api_available(api, memo)
-        observed = await _observe(api, ms, gateway)
-        analysis = await _analyse(api, ms, now, memo, logger)
-        plan = plan_modelserving(ms, observed, now, gateway_api=gateway, analysis=analysis)
-        await _apply(api, ms, body, plan, observed, logger)
-        _record_metrics(memo, ms, plan)
-        # A step that started in this pass gets its baseline now, so its window is the whole pause.
-        after = ms.model_copy(update={"status": plan.status})
-        if analysis_due(after, now) is not None:
-            await _analyse(api, after, now, memo, logger)
-        outcome = "requeue" if plan.requeue_after is not None else "ok"
-        return plan.requeue_after
-    finally:
-        RECONCILES.labels(KIND, outcome).inc()
-        RECONCILE_SECONDS.labels(KIND, outcome).observe(time.monotonic() - started)
+        return await _reconcile_serving(api, body, ms, now, memo, logger)
+
+    return await reconcile_live(
+        KIND, api, MODELSERVINGS, namespace, name, uid, logger, step, "Ready", "Failed"
+    )
+
+
+async def _reconcile_serving(
+    api: ApiClient,
+    body: dict[str, Any],
+    ms: ModelServing,
+    now: datetime,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+) -> float | None:
+    """Observe, analyse, plan and apply for the valid, live ``ms``."""
+    namespace = ms.metadata.namespace
+    ftj = ms.spec.model.from_training_job
+    sources = _state(memo).sources
+    for key in [k for k, uids in sources.items() if ms.metadata.uid in uids]:
+        sources[key].discard(ms.metadata.uid)
+    if ftj is not None:
+        sources.setdefault((namespace, ftj.name), set()).add(ms.metadata.uid)
+    gateway = await gateway_api_available(api, memo)
+    observed = await _observe(api, ms, gateway)
+    analysis = await _analyse(api, ms, now, memo, logger)
+    plan = plan_modelserving(ms, observed, now, gateway_api=gateway, analysis=analysis)
+    await _apply(api, ms, body, plan, observed, logger)
+    _record_metrics(memo, ms, plan)
+    # A step that started in this pass gets its baseline now, so its window is the whole pause.
+    after = ms.model_copy(update={"status": plan.status})
+    if analysis_due(after, now) is not None:
+        await _analyse(api, after, now, memo, logger)
+    return plan.requeue_after
 
 
 # -- handlers ------------------------------------------------------------------------------------

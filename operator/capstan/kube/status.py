@@ -1,17 +1,19 @@
-"""Status writes shared by every kind: the full-status merge patch and the invalid-spec report."""
+"""Shared by every kind: the reconcile frame (read, parse, count), status patches, invalid-spec reports."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from datetime import datetime
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
 from capstan.api.common import ApiModel, Condition
 from capstan.api.conditions import set_condition
-from capstan.api.loading import InvalidResource
+from capstan.api.loading import InvalidResource, parse_resource
 from capstan.kube.apply import ApiClient, Resource
+from capstan.metrics import RECONCILE_SECONDS, RECONCILES
 
 
 async def fetch_live(
@@ -66,3 +68,51 @@ async def report_invalid(
     if old is None or old.reason != "InvalidSpec" or old.message != message:
         logger.warning("invalid spec: %s", message)
         await api.post_event(body, "InvalidSpec", message, "Warning")
+
+
+Step = Callable[[dict[str, Any], Any, datetime], Awaitable[float | None]]
+
+
+async def reconcile_live(
+    kind: str,
+    api: ApiClient,
+    res: Resource,
+    namespace: str,
+    name: str,
+    uid: str | None,
+    logger: kopf.Logger,
+    step: Step,
+    condition: str,
+    phase: str | None,
+    on_invalid: Callable[[Mapping[str, Any]], None] | None = None,
+) -> float | None:
+    """The part of a reconcile every kind shares: read the live object, parse it, run ``step``.
+
+    ``step(body, parsed, now)`` does the kind's work and returns seconds until the next pass (None:
+    only an event wakes it). A gone object returns None; an invalid spec is reported (see
+    :func:`report_invalid` for ``condition`` and ``phase``; ``on_invalid(body)`` runs after) and
+    returns None. Every pass is
+    counted and timed in ``capstan_reconciles_total`` / ``capstan_reconcile_seconds`` by outcome.
+    """
+    started = time.monotonic()
+    outcome = "error"
+    try:
+        body = await fetch_live(api, res, namespace, name, uid)
+        if body is None:
+            outcome = "ok"
+            return None
+        now = datetime.now(UTC)
+        try:
+            parsed = parse_resource(body)
+        except InvalidResource as exc:
+            await report_invalid(api, res, body, exc, logger, now, condition, phase)
+            if on_invalid is not None:
+                on_invalid(body)
+            outcome = "invalid"
+            return None
+        after = await step(body, parsed, now)
+        outcome = "requeue" if after is not None else "ok"
+        return after
+    finally:
+        RECONCILES.labels(kind, outcome).inc()
+        RECONCILE_SECONDS.labels(kind, outcome).observe(time.monotonic() - started)

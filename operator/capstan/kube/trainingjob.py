@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import kopf
@@ -53,14 +53,12 @@ from capstan.kube.placement import (
     wants_placement,
 )
 from capstan.kube.runtime import reconcile_loop, wake, wake_all
-from capstan.kube.status import fetch_live, report_invalid, status_patch
+from capstan.kube.status import reconcile_live, status_patch
 from capstan.metrics import (
     GANG_RESTARTS,
     GANG_WAITING_SECONDS,
     GPUS_ALLOCATED,
     QUEUE_WAIT_SECONDS,
-    RECONCILE_SECONDS,
-    RECONCILES,
 )
 from capstan.metrics import (
     TRAININGJOBS as TRAININGJOBS_GAUGE,
@@ -181,60 +179,62 @@ async def reconcile(
 
     None means "nothing scheduled": only an event (pod, spec change) or the resync wakes it.
     """
-    started = time.monotonic()
-    outcome = "error"
-    try:
-        body = await fetch_live(api, TRAININGJOBS, namespace, name, uid)
-        if body is None:
-            outcome = "ok"
-            return None
-        now = datetime.now(UTC)
-        try:
-            job = parse_resource(body)
-        except InvalidResource as exc:
-            await report_invalid(api, TRAININGJOBS, body, exc, logger, now, "Admitted", None)
-            METRICS.phases[(namespace, name)] = (body.get("status") or {}).get("phase") or "Pending"
-            METRICS._phase_gauge(namespace)
-            outcome = "invalid"
-            return None
+
+    def invalid(body: Mapping[str, Any]) -> None:
+        METRICS.phases[(namespace, name)] = (body.get("status") or {}).get("phase") or "Pending"
+        METRICS._phase_gauge(namespace)
+
+    async def step(body: dict[str, Any], job: Any, now: datetime) -> float | None:
         assert isinstance(job, TrainingJob)
-        pods = await api.list_pods(namespace, selector(job))
-        pods = _node_lost(pods, memo.get("gone_nodes") or set())
-        try:
-            plan = plan_trainingjob(job, pods, now, _probe if wants_placement(job) else None)
-        except _NeedsPlacement:
-            lock: asyncio.Lock = memo["placement_lock"]
-            async with lock:  # place and create under one lock: no two gangs get the same GPUs
-                queue = _queue_state(memo)
-                placer = await _fetch_placer(api, memo, queue, namespace, logger)
-                plan = plan_trainingjob(job, pods, now, placer)
-                snaps = await _plan_snapshots(api, job, plan, pods, now)
-                await _apply_status(api, job, body, plan, now, logger)
-                await _apply_snapshots(api, body, snaps, logger)
-                await _create(api, plan.create)
-            for other in queue.startable:  # queued gangs this pass found room for: start them now
-                wake(memo, other)
-        else:
+        return await _reconcile_job(api, body, job, now, memo, logger)
+
+    return await reconcile_live(
+        KIND, api, TRAININGJOBS, namespace, name, uid, logger, step, "Admitted", None, invalid
+    )
+
+
+async def _reconcile_job(
+    api: ApiClient,
+    body: dict[str, Any],
+    job: TrainingJob,
+    now: datetime,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+) -> float | None:
+    """Plan the valid, live ``job`` and apply the plan in order (see the module docstring)."""
+    namespace, name = job.metadata.namespace, job.metadata.name
+    pods = await api.list_pods(namespace, selector(job))
+    pods = _node_lost(pods, memo.get("gone_nodes") or set())
+    try:
+        plan = plan_trainingjob(job, pods, now, _probe if wants_placement(job) else None)
+    except _NeedsPlacement:
+        lock: asyncio.Lock = memo["placement_lock"]
+        async with lock:  # place and create under one lock: no two gangs get the same GPUs
+            queue = _queue_state(memo)
+            placer = await _fetch_placer(api, memo, queue, namespace, logger)
+            plan = plan_trainingjob(job, pods, now, placer)
             snaps = await _plan_snapshots(api, job, plan, pods, now)
             await _apply_status(api, job, body, plan, now, logger)
             await _apply_snapshots(api, body, snaps, logger)
             await _create(api, plan.create)
-        if plan.delete_pods:
-            await api.delete_pods(namespace, plan.delete_pods)
-        if _frees_gpus(job, plan):
-            wake_all(memo)  # queued gangs may fit now, rather than at their next recheck
-        if plan.events:
-            await asyncio.gather(*(api.post_event(body, e.reason, e.message, e.type) for e in plan.events))
-        if plan.delete_job:
-            logger.info("ttlSecondsAfterFinished passed: deleting the TrainingJob")
-            await api.delete(TRAININGJOBS, namespace, name)
-            outcome = "ok"
-            return None
-        outcome = "requeue" if plan.requeue_after is not None else "ok"
-        return plan.requeue_after
-    finally:
-        RECONCILES.labels(KIND, outcome).inc()
-        RECONCILE_SECONDS.labels(KIND, outcome).observe(time.monotonic() - started)
+        for other in queue.startable:  # queued gangs this pass found room for: start them now
+            wake(memo, other)
+    else:
+        snaps = await _plan_snapshots(api, job, plan, pods, now)
+        await _apply_status(api, job, body, plan, now, logger)
+        await _apply_snapshots(api, body, snaps, logger)
+        await _create(api, plan.create)
+    if plan.delete_pods:
+        await api.delete_pods(namespace, plan.delete_pods)
+    if _frees_gpus(job, plan):
+        wake_all(memo)  # queued gangs may fit now, rather than at their next recheck
+    if plan.events:
+        await asyncio.gather(*(api.post_event(body, e.reason, e.message, e.type) for e in plan.events))
+    if plan.delete_job:
+        logger.info("ttlSecondsAfterFinished passed: deleting the TrainingJob")
+        await api.delete(TRAININGJOBS, namespace, name)
+        return None
+    return plan.requeue_after
 
 
 async def _plan_snapshots(

@@ -17,7 +17,7 @@ clusters that measured their own should set ``CAPSTAN_LOCALITY_SLOWDOWN``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,32 +69,32 @@ def parse_slowdown(text: str) -> dict[str, float] | None:
     return out
 
 
+def _number(source: Mapping[str, str], name: str, ok: Callable[[float], bool], expected: str) -> float | None:
+    """The number in ``source[name]``; None when unset; ValueError naming ``name`` when not ``ok``."""
+    text = source.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not ok(value):  # NaN fails every comparison
+        raise ValueError(f"{name}: {text!r} is not {expected}")
+    return value
+
+
 def queue_policy_from_env(env: Mapping[str, str] | None = None) -> QueuePolicy:
     """The operator's queue policy from its environment (unset variables keep the defaults).
 
     Raises ValueError with the variable's name when a value cannot be used.
     """
     source = os.environ if env is None else env
-    policy = QueuePolicy()
-    reserve = source.get(RESERVE_AFTER_ENV, "").strip()
-    if reserve:
-        try:
-            seconds = float(reserve)
-        except ValueError:
-            seconds = -1.0
-        if not seconds >= 0:
-            raise ValueError(f"{RESERVE_AFTER_ENV}: {reserve!r} is not a number of seconds >= 0")
-        policy = QueuePolicy(seconds, policy.locality_slowdown, policy.locality_wait_fraction)
+    default = QueuePolicy()
+    reserve = _number(source, RESERVE_AFTER_ENV, lambda v: v >= 0, "a number of seconds >= 0")
+    fraction = _number(source, FRACTION_ENV, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
     slowdown = source.get(SLOWDOWN_ENV, "").strip()
-    if slowdown:
-        policy = QueuePolicy(policy.reserve_after_s, parse_slowdown(slowdown), policy.locality_wait_fraction)
-    fraction = source.get(FRACTION_ENV, "").strip()
-    if fraction:
-        try:
-            value = float(fraction)
-        except ValueError:
-            value = -1.0
-        if not 0 < value <= 1:
-            raise ValueError(f"{FRACTION_ENV}: {fraction!r} is not a fraction in (0, 1]")
-        policy = QueuePolicy(policy.reserve_after_s, policy.locality_slowdown, value)
-    return policy
+    return QueuePolicy(
+        default.reserve_after_s if reserve is None else reserve,
+        parse_slowdown(slowdown) if slowdown else default.locality_slowdown,
+        default.locality_wait_fraction if fraction is None else fraction,
+    )

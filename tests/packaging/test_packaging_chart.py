@@ -163,7 +163,13 @@ def test_namespaced_install_uses_roles() -> None:
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     [cr] = [o for o in objs if o["kind"] == "ClusterRole"]
     cluster_resources = {r for rule in cr["rules"] for r in rule["resources"]}
-    assert cluster_resources == {"nodes", "customresourcedefinitions"}  # cluster-scoped reads only
+    # cluster-wide reads only: nodes, CRD discovery, and listing pods for placement's GPU count
+    assert cluster_resources == {"nodes", "customresourcedefinitions", "pods"}
+    [pods_rule] = [rule for rule in cr["rules"] if rule["resources"] == ["pods"]]
+    assert pods_rule["verbs"] == ["list"]
+    no_read = docs(helm_template({**VARIANTS["namespaced"], "rbac": {"namespacedPodRead": False}}))
+    [cr] = [o for o in no_read if o["kind"] == "ClusterRole"]
+    assert {r for rule in cr["rules"] for r in rule["resources"]} == {"nodes", "customresourcedefinitions"}
     peerings = [o for o in objs if o["kind"] == "KopfPeering"]
     assert len(peerings) == 2 and not [o for o in objs if o["kind"] == "ClusterKopfPeering"]
     [dep] = [o for o in objs if o["kind"] == "Deployment"]

@@ -8,7 +8,8 @@ the objects below are shared by all handlers of one operator run):
 * ``memo.placement_lock`` — serialises "place a gang, then create its pods", so two gangs never
   see the same free GPUs;
 * ``memo.gone_nodes`` — names of Nodes seen deleted (pods pinned or bound there are lost);
-* ``memo.queue_policy`` — the placement queue's tunables from the environment, checked at startup.
+* ``memo.queue_policy`` — the placement queue's tunables from the environment, checked at startup;
+* ``memo.placement_queue`` — the queue's memory between passes (the head's reservation).
 
 Handler modules import this module, so its activities register with theirs.
 """
@@ -27,6 +28,7 @@ import kopf
 
 from capstan import GROUP, VERSION
 from capstan.kube.apply import DEFAULT_CONCURRENCY, ApiClient, ApiError
+from capstan.kube.placement import QueueState
 from capstan.topology.policy import queue_policy_from_env
 
 FINALIZER = f"{GROUP}/finalizer"
@@ -99,6 +101,7 @@ async def startup(memo: kopf.Memo, logger: kopf.Logger, settings: kopf.OperatorS
     memo.placement_lock = asyncio.Lock()
     memo.gone_nodes = set()
     memo.queue_policy = queue_policy_from_env()  # a bad value stops the operator here, by name
+    memo.placement_queue = QueueState()
     logging.getLogger("capstan").info("capstan operator started against %s", info.server)
 
 

@@ -210,7 +210,8 @@ async def _reconcile_job(
     except _NeedsPlacement:
         lock: asyncio.Lock = memo["placement_lock"]
         async with lock:  # place and create under one lock: no two gangs get the same GPUs
-            queue = _queue_state(memo)
+            # set at startup: each object's memo is a shallow copy, so all loops share it
+            queue: QueueState = memo["placement_queue"]
             placer = await _fetch_placer(api, memo, queue, namespace, logger)
             plan = plan_trainingjob(job, pods, now, placer)
             snaps = await _plan_snapshots(api, job, plan, pods, now)
@@ -295,14 +296,6 @@ async def _apply_snapshots(
     for name in snaps.delete:
         await api.delete(VOLUME_SNAPSHOTS, ns, name)
         await api.post_event(body, "SnapshotDeleted", f"VolumeSnapshot {name} removed by retention", "Normal")
-
-
-def _queue_state(memo: kopf.Memo) -> QueueState:
-    state = memo.get("placement_queue")
-    if state is None:
-        state = memo["placement_queue"] = QueueState()
-    assert isinstance(state, QueueState)
-    return state
 
 
 def _frees_gpus(job: TrainingJob, plan: Plan) -> bool:

@@ -91,8 +91,8 @@ async def reconcile_live(
     ``step(body, parsed, now)`` does the kind's work and returns seconds until the next pass (None:
     only an event wakes it). A gone object returns None; an invalid spec is reported (see
     :func:`report_invalid` for ``condition`` and ``phase``; ``on_invalid(body)`` runs after) and
-    returns None. Every pass is
-    counted and timed in ``capstan_reconciles_total`` / ``capstan_reconcile_seconds`` by outcome.
+    returns None. Every pass is counted and timed in ``capstan_reconciles_total`` /
+    ``capstan_reconcile_seconds`` by outcome.
     """
     started = time.monotonic()
     outcome = "error"

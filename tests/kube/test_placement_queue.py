@@ -8,7 +8,14 @@ from tests.kube.conftest import gpu_node
 
 from capstan.api.loading import parse_resource
 from capstan.api.trainingjob import TrainingJob
-from capstan.kube.placement import QueueState, make_placer, queued_jobs, running_gangs
+from capstan.kube.placement import (
+    MOVE_HOLD_S,
+    QueueState,
+    make_placer,
+    movable_gangs,
+    queued_jobs,
+    running_gangs,
+)
 from capstan.topology import QueuePolicy
 
 NOW = 1_800_000_000.0
@@ -156,3 +163,79 @@ def test_declared_limits_let_a_short_gang_backfill_onto_reserved_gpus() -> None:
 
     assert ask(1800)  # ends 12:30, before big can start at 13:00
     assert not ask(7200)  # would still hold n1 when big needs it
+
+
+def running_one(
+    name: str, gpus: int, node: str, since: str = "2026-11-23T09:00:00Z", **spec: Any
+) -> dict[str, Any]:
+    """A Running one-worker job on ``node`` whose Running condition dates from ``since``."""
+    obj = body(name, 1, gpus, phase="Running", **spec)
+    obj["status"].update({
+        "placement": {"level": "nvlink", "domain": "a", "nodes": [node]},
+        "conditions": [{"type": "Running", "status": "True", "reason": "AllWorkersRunning",
+                        "message": "1 workers running", "lastTransitionTime": since}],
+    })
+    return obj
+
+
+CHECKPOINTED = {"checkpoint": {"volume": {"size": "1Gi"}}}
+
+
+def test_only_checkpointed_running_gangs_that_allow_it_are_movable() -> None:
+    bodies = [
+        running_one("ckpt", 4, "n0", **CHECKPOINTED),
+        running_one("no-volume", 4, "n0"),
+        running_one("pinned", 4, "n0", topology={"migration": "Never"}, **CHECKPOINTED),
+        running_one("no-resume", 4, "n0", checkpoint={"volume": {"size": "1Gi"}, "resume": "None"}),
+        body("queued", 1, 4, **CHECKPOINTED),
+    ]
+    (gang, uid), = movable_gangs(bodies)
+    assert gang.request.name == "ml/ckpt" and uid == "uid-ckpt" and gang.result.nodes == ["n0"]
+    assert gang.running_since == 1_795_424_400.0  # 2026-11-23T09:00:00Z
+
+
+def test_defragmentation_move_is_held_for_the_mover_and_then_frees_room() -> None:
+    # n0: a movable 4-GPU gang; n1: 4 GPUs used by someone else. An 8-GPU gang fits by count only.
+    bodies = [running_one("mover", 4, "n0", **CHECKPOINTED)]
+    pods = [busy("n0", 4), busy("n1", 4)]
+    state = QueueState()
+    placer = make_placer(NODES, pods, [], state, now=NOW, movable=movable_gangs(bodies))
+    assert placer is not None
+    whole = job("whole", 1, 8, created="2026-11-23T11:00:00Z")
+    assert not placer(whole).placed
+    assert list(state.moves) == ["ml/mover"] and state.to_move == ["uid-mover"]
+    pending = state.moves["ml/mover"]
+    assert pending.move.to.nodes == ["n1"] and pending.move.for_gang == "ml/whole"
+    assert state.move_for("ml/mover", "Running") == pending.move.reason
+
+    # the mover's pods are gone (n0 idle); n1's free GPUs are held for the mover, not for others
+    state.to_move.clear()
+    placer = make_placer(NODES, [busy("n1", 4)], queued_jobs([body("whole", 1, 8)]), state, now=NOW + 5)
+    assert placer is not None
+    four = placer(job("four", 1, 4, created="2026-11-23T12:00:00Z"))
+    assert not four.placed  # n0 goes to the older 8-GPU gang, n1's idle half to the mover
+    assert state.startable == ["uid-whole"]
+    back = placer(job("mover", 1, 4, **CHECKPOINTED))
+    assert back.placed and back.nodes == ["n1"] and "ml/mover" not in state.moves
+
+
+def test_a_move_that_cannot_happen_is_dropped() -> None:
+    bodies = [running_one("mover", 4, "n0", **CHECKPOINTED)]
+    state = QueueState()
+    placer = make_placer(NODES, [busy("n0", 4), busy("n1", 4)], [], state, now=NOW,
+                         movable=movable_gangs(bodies))
+    assert placer is not None
+    placer(job("whole", 1, 8))
+    assert "ml/mover" in state.moves
+    assert state.move_for("ml/mover", "Succeeded") is None and state.moves == {}  # it ended first
+    placer(job("whole", 1, 8))
+    assert "ml/mover" in state.moves
+    make_placer(NODES, [], [], state, now=NOW + MOVE_HOLD_S + 1)  # never carried out: expires
+    assert state.moves == {}
+    # migration off: the queue moves nothing
+    off = QueueState()
+    placer = make_placer(NODES, [busy("n0", 4), busy("n1", 4)], [], off, now=NOW,
+                         policy=QueuePolicy(migration=False), movable=movable_gangs(bodies))
+    assert placer is not None
+    placer(job("whole", 1, 8))
+    assert off.moves == {} and off.to_move == []

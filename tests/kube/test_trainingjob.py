@@ -101,6 +101,51 @@ async def _head_reserved_scenario(cluster: Cluster, env: sc.Env, add_gpu_node: A
     assert await sc.pods_of(env, "small") == []
 
 
+async def test_defragmentation_moves_a_checkpointed_gang_to_make_a_whole_node(
+    cluster: Cluster, env: sc.Env, add_gpu_node: AddNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a gang may be moved right after it starts running (default: after 10 min of running)
+    monkeypatch.setenv("CAPSTAN_MIGRATION_MIN_RUN_SECONDS", "0")
+    async with cluster.operator():
+        # "mover" (4 GPUs, checkpointed, so movable) runs on n0
+        await add_gpu_node("n0", clique="a", rack="r1")
+        volume = {"volume": {"size": "1Gi"}}
+        await cluster.api.create(sc.job_body(env, "mover", workers=1, gpusPerWorker=4, checkpoint=volume))
+        (first,) = await sc.wait_pods(env, "mover", 1, attempt=0)
+        assert _pinned(first) == "n0"
+        await sc.kubelet(env, first, "Running")
+        await sc.wait_job(env, "mover", sc.phase_is("Running"), "Running")
+        # n1 joins with half its GPUs taken by a pod Capstan does not manage: 4 + 4 GPUs idle
+        await add_gpu_node("n1", clique="a", rack="r1")
+        await cluster.api.create({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "other-team", "namespace": env.namespace},
+            "spec": {"nodeName": "n1", "containers": [{
+                "name": "main", "image": "registry.example/other:1",
+                "resources": {"limits": {"nvidia.com/gpu": "4"}}}]},
+            "status": {"phase": "Running"},
+        })
+
+        # an 8-GPU gang fits by count but on no node: the mover goes to n1, the gang gets n0
+        await cluster.api.create(sc.job_body(env, "whole", workers=1, gpusPerWorker=8))
+        moved = await sc.wait_job(env, "mover", lambda j: sc.status(j).get("moves") == 1, "moved")
+        st = sc.status(moved)
+        assert st["restarts"] == 0 and st["preemptions"] == 0 and st["movingSince"]
+        assert sc.condition(moved, "Running")["reason"] == "Moved"
+        assert "making room for default/whole" in sc.condition(moved, "Running")["message"]
+        (second,) = await sc.wait_pods(env, "mover", 1, attempt=1)
+        assert _pinned(second) == "n1"
+        whole = await sc.wait_job(env, "whole", lambda j: sc.status(j).get("placement"), "placement")
+        assert sc.status(whole)["placement"]["nodes"] == ["n0"]
+        assert "Moved" in await sc.event_reasons(env, "mover")
+
+        # the moved gang runs again: the move's downtime is credited, and it is not moved twice
+        await sc.kubelet(env, second, "Running")
+        moved = await sc.wait_job(env, "mover", lambda j: sc.status(j).get("phase") == "Running"
+                                  and not sc.status(j).get("movingSince"), "running again")
+        assert sc.status(moved)["moves"] == 1 and sc.status(moved)["movedSeconds"] >= 0
+
+
 async def test_cpu_and_kueue_jobs_are_not_placed(
     cluster: Cluster, env: sc.Env, add_gpu_node: AddNode, operator: None
 ) -> None:

@@ -62,7 +62,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         **ALL_ON,
         "operator": {"watchNamespaces": ["team-a"], "topologyLevels": "nvlink=nvidia.com/gpu.clique,zone=z",
                      "queue": {"reserveAfterSeconds": 3600, "localitySlowdown": "rack=1.2",
-                               "localityWaitFraction": 0.25}},
+                               "localityWaitFraction": 0.25, "migration": False,
+                               "migrationMinRunSeconds": 1200}},
         "webhook": {"certManager": {"enabled": True}, "failurePolicy": "Ignore"},
         "image": {"digest": "sha256:" + "a" * 64},
         "podAnnotations": {"a": "b"},
@@ -117,6 +118,7 @@ def test_schema_rejects_bad_values() -> None:
         {"image": {"digest": "latest"}},
         {"operator": {"queue": {"reserveAfterSeconds": -1}}},
         {"operator": {"queue": {"localityWaitFraction": 2}}},
+        {"operator": {"queue": {"migration": "sometimes"}}},
     ):
         with pytest.raises(RuntimeError, match="schema"):
             helm_template(bad)
@@ -140,7 +142,8 @@ def test_deployment_is_hardened() -> None:
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["CAPSTAN_WEBHOOK_CERT_DIR"] == "/etc/capstan/webhook-tls"
     assert "CAPSTAN_WEBHOOK_MANAGED" not in env  # Helm owns the webhook configurations
-    assert not any(name.startswith(("CAPSTAN_QUEUE", "CAPSTAN_LOCALITY")) for name in env)  # defaults
+    defaults_only = ("CAPSTAN_QUEUE", "CAPSTAN_LOCALITY", "CAPSTAN_MIGRATION")
+    assert not any(name.startswith(defaults_only) for name in env)
 
 
 @needs_helm
@@ -150,10 +153,12 @@ def test_queue_settings_reach_the_operator_environment() -> None:
     assert env["CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS"] == "3600"
     assert env["CAPSTAN_LOCALITY_SLOWDOWN"] == "rack=1.2"
     assert env["CAPSTAN_LOCALITY_WAIT_FRACTION"] == "0.25"
+    assert env["CAPSTAN_MIGRATION"] == "off" and env["CAPSTAN_MIGRATION_MIN_RUN_SECONDS"] == "1200"
     from capstan.topology import queue_policy_from_env
 
     policy = queue_policy_from_env({k: v for k, v in env.items() if v is not None})
     assert (policy.reserve_after_s, policy.locality_wait_fraction) == (3600, 0.25)
+    assert not policy.migration and policy.moves.min_run_s == 1200
 
 
 @needs_helm

@@ -28,12 +28,21 @@ def test_overrides() -> None:
     assert queue_policy_from_env({"CAPSTAN_LOCALITY_SLOWDOWN": "off"}).locality_slowdown is None
 
 
+def test_migration_on_by_default_and_switchable() -> None:
+    assert QueuePolicy().migration and QueuePolicy().moves.min_run_s == 600
+    off = queue_policy_from_env({"CAPSTAN_MIGRATION": "off", "CAPSTAN_MIGRATION_MIN_RUN_SECONDS": "1800"})
+    assert not off.migration and off.moves.min_run_s == 1800
+    assert queue_policy_from_env({"CAPSTAN_MIGRATION": "On"}).migration
+
+
 @pytest.mark.parametrize(("name", "value", "says"), [
     ("CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS", "a day", "'a day' is not a number of seconds"),
     ("CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS", "-5", "'-5' is not a number of seconds >= 0"),
     ("CAPSTAN_LOCALITY_SLOWDOWN", "rack:1.2", "'rack:1.2' is not LEVEL=MULTIPLIER"),
     ("CAPSTAN_LOCALITY_SLOWDOWN", "rack=0.5", "'rack=0.5' is not LEVEL=MULTIPLIER with a multiplier >= 1"),
     ("CAPSTAN_LOCALITY_WAIT_FRACTION", "2", "'2' is not a fraction in (0, 1]"),
+    ("CAPSTAN_MIGRATION", "sometimes", "'sometimes' is not on or off"),
+    ("CAPSTAN_MIGRATION_MIN_RUN_SECONDS", "-1", "'-1' is not a number of seconds >= 0"),
 ])
 def test_bad_values_name_the_variable(name: str, value: str, says: str) -> None:
     with pytest.raises(ValueError) as err:

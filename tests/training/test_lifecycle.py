@@ -33,8 +33,10 @@ class Cluster:
         self.pods: dict[str, dict[str, Any]] = {}
         self.events: list[str] = []
 
-    def reconcile(self, now: datetime = T0, placer: Any = None) -> Plan:
-        plan = plan_trainingjob(self.job, list(self.pods.values()), now, placer=placer, service_exists=True)
+    def reconcile(self, now: datetime = T0, placer: Any = None, move: str | None = None) -> Plan:
+        plan = plan_trainingjob(
+            self.job, list(self.pods.values()), now, placer=placer, service_exists=True, move=move
+        )
         self.job = self.job.model_copy(update={"status": plan.status})
         for obj in plan.create:
             if obj["kind"] == "Pod":
@@ -138,6 +140,51 @@ def test_active_deadline_counts_restarts_but_not_the_queue() -> None:
     assert plan.status.phase == "Starting" and len(plan.create) == 2  # still inside the limit
     plan = c.reconcile(T0 + timedelta(seconds=1101))
     assert plan.status.phase == "Failed"
+
+
+def test_move_stops_a_running_gang_and_restarts_it_where_the_placer_says() -> None:
+    c = Cluster(job(activeDeadlineSeconds=3600))
+    c.reconcile(placer=lambda _: PlacementDecision(True, ["n0", "n0"], "nvlink", "n0"))
+    # a gang still starting is not moved: the request waits for a running gang
+    plan = c.reconcile(T0 + timedelta(seconds=5), move="making room for ns/big")
+    assert plan.delete_pods == [] and plan.status.moves == 0
+    c.set_phase("Running")
+    c.reconcile(T0 + timedelta(seconds=10))  # startTime T0 + 10 s; deadline T0 + 3610 s
+    plan = c.reconcile(T0 + timedelta(seconds=100), move="making room for ns/big")
+    st = plan.status
+    assert st.phase == "Restarting" and sorted(plan.delete_pods) == ["gpt-0", "gpt-1"]
+    assert (st.moves, st.restarts, st.preemptions) == (1, 0, 0)
+    assert st.placement is None and st.moving_since == "2026-01-01T00:01:40Z"
+    running = next(x for x in st.conditions if x.type == "Running")
+    assert running.reason == "Moved" and running.message == "making room for ns/big"
+    assert "restart the gang from its checkpoint" in st.message and "Moved" in c.events
+    c.finish_deletes()
+    plan = c.reconcile(T0 + timedelta(seconds=160),
+                       placer=lambda _: PlacementDecision(True, ["n1", "n1"], "nvlink", "n1"))
+    assert plan.status.placement is not None and plan.status.placement.nodes == ["n1", "n1"]
+    assert [o["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"][0]["matchFields"][0]["values"] for o in plan.create] == [["n1"], ["n1"]]
+    c.set_phase("Running")
+    plan = c.reconcile(T0 + timedelta(seconds=400))  # running again: 300 s of move downtime
+    assert plan.status.moved_seconds == 300 and plan.status.moving_since is None
+    # the deadline moves by the move's downtime: T0 + 3910 s instead of T0 + 3610 s
+    assert c.reconcile(T0 + timedelta(seconds=3700)).status.phase == "Running"
+    plan = c.reconcile(T0 + timedelta(seconds=3911))
+    assert plan.status.phase == "Failed"
+    failed = next(x for x in plan.status.conditions if x.type == "Failed")
+    assert "plus 300s of moves" in failed.message
+
+
+def test_deadline_waits_while_a_move_is_in_progress() -> None:
+    c = Cluster(job(activeDeadlineSeconds=600))
+    c.reconcile()
+    c.set_phase("Running")
+    c.reconcile(T0)
+    c.reconcile(T0 + timedelta(seconds=500), move="relocating")
+    c.finish_deletes()
+    # 700 s after start, but 200 s of that is the move still in progress: not past the limit
+    plan = c.reconcile(T0 + timedelta(seconds=700))
+    assert plan.status.phase == "Starting" and len(plan.create) == 2
 
 
 def test_preemption_exit_code_restarts_without_counting() -> None:

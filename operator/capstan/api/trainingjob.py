@@ -37,6 +37,13 @@ class TopologySpec(ApiModel):
         default="nvlink",
         description="Widest topology domain the gang may span under Required (nvlink, rack, block, zone).",
     )
+    migration: Literal["IfCheckpointed", "Never"] = Field(
+        default="IfCheckpointed",
+        description="IfCheckpointed: when the job has a checkpoint volume and resumes from it "
+        "(checkpoint.resume: Latest), the placement queue may move a one-worker gang to another node "
+        "(stop, then restart from the checkpoint) to make whole nodes for a waiting gang; the move's "
+        "downtime does not count against activeDeadlineSeconds. Never: the gang stays where it started.",
+    )
 
 
 class NetworkSpec(ApiModel):
@@ -225,6 +232,13 @@ class TrainingJobSpec(ApiModel):
         return self.workers * self.gpus_per_worker
 
     @property
+    def movable(self) -> bool:
+        """Whether the placement queue may move the gang: allowed, and it resumes from a checkpoint."""
+        ckpt = self.checkpoint
+        resumes = ckpt.volume is not None and ckpt.resume == "Latest"
+        return self.topology.migration == "IfCheckpointed" and resumes
+
+    @property
     def wants_rdma(self) -> bool:
         """Whether workers request RDMA devices."""
         if self.network.rdma == "required":
@@ -273,6 +287,11 @@ class TrainingJobStatus(ApiModel):
     start_time: str | None = Field(default=None, description="When the gang first ran.")
     completion_time: str | None = Field(default=None, description="When the job finished.")
     restart_after: str | None = Field(default=None, description="When a failed gang is recreated.")
+    moves: int = Field(default=0, description="Times the placement queue moved the gang (not counted).")
+    moved_seconds: int = Field(
+        default=0, description="Downtime of finished moves; added to activeDeadlineSeconds."
+    )
+    moving_since: str | None = Field(default=None, description="When the move in progress began.")
     checkpoints: list[CheckpointRecord] = Field(default_factory=list, description="Snapshots, newest last.")
     message: str = Field(default="", description="What the job is doing or waiting for, in words.")
 

@@ -14,6 +14,14 @@ behind it that fits starts), and gangs that declare ``activeDeadlineSeconds`` ge
 (a gang whose limit ends before the head's expected start may use reserved GPUs) and the
 cost-based locality wait, judged from running gangs' declared ends. This is the policy
 ``bench/placement.py`` measures as "capstan".
+
+Defragmentation moves (``QueuePolicy.migration``, on by default): when a queued gang waits only
+because the idle GPUs are scattered over partly used nodes, the pass may pick one-worker gangs
+that allow moving (``spec.topology.migration: IfCheckpointed`` with a checkpoint to resume from)
+and move them to other partly used nodes. The pass records each move in :class:`QueueState` and
+holds its destination; the moving job's loop stops its pods, and when it asks for placement again
+it gets that destination. One defragmentation is in flight at a time; a move not carried out
+within ``MOVE_HOLD_S`` is dropped.
 """
 
 from __future__ import annotations
@@ -27,16 +35,32 @@ from capstan.api.conditions import parse_time
 from capstan.api.loading import InvalidResource, parse_resource
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob
 from capstan.topology import (
+    Decision,
     GangRequest,
+    Inventory,
+    MovableGang,
+    Move,
     PlacementResult,
     QueuePolicy,
     Reservation,
     RunningGang,
     build_inventory,
     levels_from_env,
+    plan_defragmentation,
     schedule_queue,
 )
 from capstan.training.lifecycle import PlacementDecision, Placer
+
+MOVE_HOLD_S = 600.0  # a planned move not carried out by then is dropped (its job ended, or stalled)
+
+
+@dataclass(frozen=True)
+class PendingMove:
+    """A move a pass decided: the job (by uid) restarts on ``move.to``; planned at ``since``."""
+
+    move: Move
+    uid: str
+    since: float
 
 
 @dataclass
@@ -46,6 +70,21 @@ class QueueState:
     reservation: Reservation | None = None  # the current head's, carried to the next pass
     # uids of queued jobs the last pass found room for: their loops are woken to create gangs
     startable: list[str] = field(default_factory=list)
+    # moves decided and not yet placed, by queue key of the gang that moves
+    moves: dict[str, PendingMove] = field(default_factory=dict)
+    # uids of running jobs the last pass decided to move: their loops are woken to stop the gang
+    to_move: list[str] = field(default_factory=list)
+
+    def move_for(self, key: str, phase: str) -> str | None:
+        """Why job ``key`` in ``phase`` should move now, or None; drops a move it can no longer make."""
+        pending = self.moves.get(key)
+        if pending is None:
+            return None
+        if phase == "Running":
+            return pending.move.reason
+        if phase != "Restarting":  # it ended or was suspended: nothing to move, release the hold
+            del self.moves[key]
+        return None
 
 
 def pinned_node(pod: Mapping[str, Any]) -> str | None:
@@ -119,10 +158,54 @@ def running_gangs(bodies: Sequence[Mapping[str, Any]], now: float) -> list[Runni
         started_at = parse_time(st.start_time)
         started = started_at.timestamp() if started_at else now
         limit = job.spec.active_deadline_seconds
-        result = PlacementResult(queue_key(job), True, list(st.placement.nodes), job.spec.gpus_per_worker,
-                                 level=st.placement.level or None, domain=st.placement.domain or None)
-        out.append(RunningGang(result, started, started + limit if limit is not None else None))
+        end = started + limit + st.moved_seconds if limit is not None else None  # moves extend the limit
+        out.append(RunningGang(_current(job), started, end))
     return out
+
+
+def _current(job: TrainingJob) -> PlacementResult:
+    st = job.status
+    assert st.placement is not None
+    return PlacementResult(queue_key(job), True, list(st.placement.nodes), job.spec.gpus_per_worker,
+                           level=st.placement.level or None, domain=st.placement.domain or None)
+
+
+def movable_gangs(bodies: Sequence[Mapping[str, Any]]) -> list[tuple[MovableGang, str]]:
+    """Running Capstan gangs the queue may move, with their uids.
+
+    A job qualifies when ``spec.movable`` (migration allowed and a checkpoint to resume from), it is
+    ``Running`` with a placement, and its ``Running`` condition says since when (the move rule
+    counts ``min_run_s`` from there).
+    """
+    out = []
+    for job in _placed_by_capstan(bodies):
+        st = job.status
+        if not job.spec.movable or st.phase != "Running" or st.placement is None or not st.placement.nodes:
+            continue
+        running = next((c for c in st.conditions if c.type == "Running" and c.status == "True"), None)
+        since = parse_time(running.last_transition_time if running else None)
+        if since is None:
+            continue
+        out.append((MovableGang(gang_request(job), _current(job), since.timestamp()), job.metadata.uid or ""))
+    return out
+
+
+def gang_request(job: TrainingJob) -> GangRequest:
+    """The job's gang as the placement queue sees it."""
+    spec = job.spec
+    return GangRequest(
+        name=queue_key(job),
+        workers=spec.workers,
+        gpus_per_worker=spec.gpus_per_worker,
+        policy=spec.topology.policy,
+        max_domain=spec.topology.max_domain,
+        needs_rdma=spec.wants_rdma,
+        tolerations=[t.wire() for t in spec.tolerations],
+        priority=spec.priority,
+        submitted=_submitted(job),
+        gpu_product=spec.node_selector.get("nvidia.com/gpu.product"),
+        expected_duration_s=spec.active_deadline_seconds,
+    )
 
 
 def make_placer(
@@ -133,6 +216,7 @@ def make_placer(
     now: float | None = None,
     running: Sequence[RunningGang] = (),
     policy: QueuePolicy | None = None,
+    movable: Sequence[tuple[MovableGang, str]] = (),
 ) -> Placer | None:
     """A :data:`Placer` over the cluster's Nodes and Pods and the queued gangs; None without Nodes.
 
@@ -141,7 +225,8 @@ def make_placer(
     head's reservation from pass to pass and receives the queued jobs this pass could start.
     ``now`` (epoch seconds, default the clock) is the time the queue ages gangs against;
     ``running`` are the placed gangs (:func:`running_gangs`) and ``policy`` the queue's tunables
-    (default :class:`QueuePolicy`).
+    (default :class:`QueuePolicy`); ``movable`` (:func:`movable_gangs`) are the gangs a
+    defragmentation may move. Decided moves go to ``state.moves`` and ``state.to_move``.
     """
     if not nodes:
         return None
@@ -154,46 +239,63 @@ def make_placer(
     inventory = build_inventory(nodes, bound, levels_from_env())
     state = state if state is not None else QueueState()
     at = time.time() if now is None else now
-    options = (policy or QueuePolicy()).queue_kwargs()
-
-    def request(job: TrainingJob) -> GangRequest:
-        spec = job.spec
-        return GangRequest(
-            name=queue_key(job),
-            workers=spec.workers,
-            gpus_per_worker=spec.gpus_per_worker,
-            policy=spec.topology.policy,
-            max_domain=spec.topology.max_domain,
-            needs_rdma=spec.wants_rdma,
-            tolerations=[t.wire() for t in spec.tolerations],
-            priority=spec.priority,
-            submitted=_submitted(job),
-            gpu_product=spec.node_selector.get("nvidia.com/gpu.product"),
-            expected_duration_s=spec.active_deadline_seconds,
-        )
+    queue_policy = policy or QueuePolicy()
+    options = queue_policy.queue_kwargs()
+    for key, pending in list(state.moves.items()):
+        if at - pending.since > MOVE_HOLD_S:
+            del state.moves[key]
 
     def placer(job: TrainingJob) -> PlacementDecision:
         me = queue_key(job)
+        mine = state.moves.pop(me, None)
+        held: dict[str, int] = {}  # other moves' destinations, kept for the gangs that move there
+        for pending in state.moves.values():
+            for node, gpus in pending.move.to.gpus_by_node().items():
+                held[node] = held.get(node, 0) + gpus
+        inv = inventory.add_usage(held)
+        if mine is not None and all(inv.free(n) >= g for n, g in mine.move.to.gpus_by_node().items()):
+            return _decision(mine.move.to)  # the moving gang goes where its move planned
         others = {queue_key(j): j for j in queued if queue_key(j) != me}
-        requests = [request(j) for j in others.values()] + [request(job)]
+        requests = [gang_request(j) for j in others.values()] + [gang_request(job)]
         decisions = schedule_queue(
-            inventory, requests, running=running, now=at, reservation=state.reservation, **options
+            inv, requests, running=running, now=at, reservation=state.reservation, **options
         )
         state.reservation = next((d.reservation for d in decisions if d.reservation is not None), None)
         state.startable = [others[d.name].metadata.uid for d in decisions if d.placed and d.name in others]
-        mine = next(d for d in decisions if d.name == me)
-        result = mine.result
-        return PlacementDecision(
-            placed=result.placed,
-            nodes=list(result.nodes),
-            level=result.level or "",
-            domain=result.domain or "",
-            reason=result.reason,
-        )
+        if queue_policy.migration and not state.moves:  # one defragmentation in flight at a time
+            _plan_moves(inv, decisions, movable, at, queue_policy, state)
+        return _decision(next(d for d in decisions if d.name == me).result)
 
     return placer
 
 
+def _decision(result: PlacementResult) -> PlacementDecision:
+    return PlacementDecision(
+        placed=result.placed,
+        nodes=list(result.nodes),
+        level=result.level or "",
+        domain=result.domain or "",
+        reason=result.reason,
+    )
+
+
+def _plan_moves(inv: Inventory, decisions: Sequence[Decision], movable: Sequence[tuple[MovableGang, str]],
+                now: float, policy: QueuePolicy, state: QueueState) -> None:
+    """Defragmentation for the gangs this pass left waiting; records the moves in ``state``."""
+    waiting = [d.request for d in decisions if not d.placed]
+    if not waiting or not movable:
+        return
+    for d in decisions:
+        if d.placed:
+            inv = inv.allocate(d.result)  # gangs starting from this pass hold their GPUs already
+    uids = {m.request.name: uid for m, uid in movable}
+    moves = plan_defragmentation(inv, waiting, [m for m, _ in movable], now, policy.moves)
+    for mv in moves:
+        state.moves[mv.gang] = PendingMove(mv, uids[mv.gang], now)
+        state.to_move.append(uids[mv.gang])
+
+
 __all__ = [
-    "QueueState", "make_placer", "pinned_node", "queue_key", "queued_jobs", "running_gangs", "wants_placement"
+    "MOVE_HOLD_S", "PendingMove", "QueueState", "gang_request", "make_placer", "movable_gangs", "pinned_node",
+    "queue_key", "queued_jobs", "running_gangs", "wants_placement",
 ]

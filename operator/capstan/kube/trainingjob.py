@@ -47,7 +47,9 @@ from capstan.kube.apply import (
 from capstan.kube.placement import (
     QueueState,
     make_placer,
+    movable_gangs,
     pinned_node,
+    queue_key,
     queued_jobs,
     running_gangs,
     wants_placement,
@@ -112,7 +114,7 @@ class _Metrics:
         ns, name = job.metadata.namespace, job.metadata.name
         self.phases[(ns, name)] = new.phase
         self._phase_gauge(ns)
-        if new.restarts > old.restarts or new.preemptions > old.preemptions:
+        if new.restarts > old.restarts or new.preemptions > old.preemptions or new.moves > old.moves:
             running = next((c for c in new.conditions if c.type == "Running"), None)
             GANG_RESTARTS.labels(ns, running.reason if running else "Unknown").inc()
         placed = next((c for c in new.conditions if c.type == "Placed"), None)
@@ -205,13 +207,14 @@ async def _reconcile_job(
     namespace, name = job.metadata.namespace, job.metadata.name
     pods = await api.list_pods(namespace, selector(job))
     pods = _node_lost(pods, memo.get("gone_nodes") or set())
+    # set at startup: each object's memo is a shallow copy, so all loops share it
+    queue: QueueState = memo["placement_queue"]
+    move = queue.move_for(queue_key(job), job.status.phase) if wants_placement(job) else None
     try:
-        plan = plan_trainingjob(job, pods, now, _probe if wants_placement(job) else None)
+        plan = plan_trainingjob(job, pods, now, _probe if wants_placement(job) else None, move=move)
     except _NeedsPlacement:
         lock: asyncio.Lock = memo["placement_lock"]
         async with lock:  # place and create under one lock: no two gangs get the same GPUs
-            # set at startup: each object's memo is a shallow copy, so all loops share it
-            queue: QueueState = memo["placement_queue"]
             placer = await _fetch_placer(api, memo, queue, namespace, logger)
             plan = plan_trainingjob(job, pods, now, placer)
             snaps = await _plan_snapshots(api, job, plan, pods, now)
@@ -219,6 +222,10 @@ async def _reconcile_job(
             await _apply_snapshots(api, body, snaps, logger)
             await _create(api, plan.create)
         for other in queue.startable:  # queued gangs this pass found room for: start them now
+            wake(memo, other)
+        moving, queue.to_move = queue.to_move, []
+        for other in moving:  # gangs this pass moves to make room: stop them now
+            logger.info("defragmentation: moving %s", other)
             wake(memo, other)
     else:
         snaps = await _plan_snapshots(api, job, plan, pods, now)
@@ -325,7 +332,8 @@ async def _fetch_placer(
         jobs = await api.list_objects(TRAININGJOBS, namespace)
     now = time.time()
     policy = memo.get("queue_policy")  # set at startup; None only where startup did not run
-    return make_placer(nodes, pods, queued_jobs(jobs), queue, now, running_gangs(jobs, now), policy)
+    return make_placer(nodes, pods, queued_jobs(jobs), queue, now, running_gangs(jobs, now), policy,
+                       movable_gangs(jobs))
 
 
 async def _apply_status(

@@ -32,6 +32,7 @@ from .levels import (
     levels_from_env,
     parse_levels,
 )
+from .moves import MovableGang, Move, MovePolicy, plan_defragmentation
 from .policy import (
     DEFAULT_SLOWDOWN,
     QueuePolicy,
@@ -50,6 +51,9 @@ __all__ = [
     "Decision",
     "GangRequest",
     "Inventory",
+    "MovableGang",
+    "Move",
+    "MovePolicy",
     "NodeInfo",
     "PlacementResult",
     "Policy",
@@ -69,6 +73,7 @@ __all__ = [
     "place_gang",
     "place_replicas",
     "place_when_freed",
+    "plan_defragmentation",
     "pod_gpu_request",
     "queue_order",
     "queue_policy_from_env",

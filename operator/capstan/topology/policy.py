@@ -8,6 +8,9 @@
   ``activeDeadlineSeconds`` waits for a narrower domain while the expected wait, from running
   gangs' declared limits, is under ``locality_wait_fraction`` x the run time spreading would cost
   it. None turns that wait off.
+* ``migration`` — defragmentation moves (:mod:`capstan.topology.moves`): a gang that waits only
+  because the idle GPUs are scattered gets whole nodes by moving single-node gangs that allow it
+  (checkpoint, restart on another partly used node). ``moves`` says when a move is worth it.
 
 The defaults are what ``bench/placement.py`` measures as "capstan". The slowdowns are an estimate
 of all-reduce-bound training over NVLink, one rack's leaf switch, a block's spine and a zone;
@@ -18,12 +21,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from .moves import MovePolicy
 
 RESERVE_AFTER_ENV = "CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS"
 SLOWDOWN_ENV = "CAPSTAN_LOCALITY_SLOWDOWN"
 FRACTION_ENV = "CAPSTAN_LOCALITY_WAIT_FRACTION"
+MIGRATION_ENV = "CAPSTAN_MIGRATION"
+MIGRATION_MIN_RUN_ENV = "CAPSTAN_MIGRATION_MIN_RUN_SECONDS"
 
 DEFAULT_RESERVE_AFTER_S = 86400.0
 DEFAULT_SLOWDOWN: Mapping[str, float] = {
@@ -39,6 +46,8 @@ class QueuePolicy:
     reserve_after_s: float = DEFAULT_RESERVE_AFTER_S
     locality_slowdown: Mapping[str, float] | None = field(default_factory=lambda: dict(DEFAULT_SLOWDOWN))
     locality_wait_fraction: float = DEFAULT_WAIT_FRACTION
+    migration: bool = True
+    moves: MovePolicy = field(default_factory=MovePolicy)
 
     def queue_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`schedule_queue`."""
@@ -93,8 +102,14 @@ def queue_policy_from_env(env: Mapping[str, str] | None = None) -> QueuePolicy:
     reserve = _number(source, RESERVE_AFTER_ENV, lambda v: v >= 0, "a number of seconds >= 0")
     fraction = _number(source, FRACTION_ENV, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
     slowdown = source.get(SLOWDOWN_ENV, "").strip()
+    migration = source.get(MIGRATION_ENV, "").strip().lower()
+    if migration not in ("", "on", "off", "true", "false"):
+        raise ValueError(f"{MIGRATION_ENV}: {migration!r} is not on or off")
+    min_run = _number(source, MIGRATION_MIN_RUN_ENV, lambda v: v >= 0, "a number of seconds >= 0")
     return QueuePolicy(
         default.reserve_after_s if reserve is None else reserve,
         parse_slowdown(slowdown) if slowdown else default.locality_slowdown,
         default.locality_wait_fraction if fraction is None else fraction,
+        migration=migration not in ("off", "false"),
+        moves=default.moves if min_run is None else replace(default.moves, min_run_s=min_run),
     )

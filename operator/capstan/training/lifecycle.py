@@ -156,8 +156,13 @@ def plan_trainingjob(
     placer: Placer | None = None,
     service_exists: bool = False,
     pvc_exists: bool = False,
+    move: str | None = None,
 ) -> Plan:
-    """Decide the next step of ``job`` given its observed worker ``pods`` at time ``now``."""
+    """Decide the next step of ``job`` given its observed worker ``pods`` at time ``now``.
+
+    ``move`` (why, in words) asks to move a running gang: its pods are stopped and the gang is
+    recreated through ``placer``, which knows where it goes. Ignored unless every worker runs.
+    """
     b = _Builder(job, now)
     st = b.status
     workers = [w for w in (worker_state(p) for p in pods) if w is not None]
@@ -184,11 +189,17 @@ def plan_trainingjob(
     started = parse_time(st.start_time)
     limit = job.spec.active_deadline_seconds
     if started is not None and limit is not None:
-        left = (started + timedelta(seconds=limit) - b.now).total_seconds()
+        # downtime of the operator's moves is not the job's: finished ones and the one in progress
+        credit = st.moved_seconds
+        moving_since = parse_time(st.moving_since)
+        if moving_since is not None:
+            credit += max(0, int((b.now - moving_since).total_seconds()))
+        left = (started + timedelta(seconds=limit + credit) - b.now).total_seconds()
         if left <= 0:
+            extra = f" plus {credit}s of moves" if credit else ""
             return _fail(
                 b, current + stale, "DeadlineExceeded",
-                f"ran past activeDeadlineSeconds ({limit}s) counted from startTime {st.start_time}",
+                f"ran past activeDeadlineSeconds ({limit}s{extra}) counted from startTime {st.start_time}",
             )
         b.requeue(left)  # wake at the deadline even if no pod changes
 
@@ -229,6 +240,12 @@ def plan_trainingjob(
         _schedule_ttl(b)
         return b.plan
     if all(w.phase in ("Running", "Succeeded") for w in current):
+        if move is not None and st.phase == "Running" and all(w.phase == "Running" for w in current):
+            return _restart(b, current, "Moved", move, counted=False, moved=True)
+        moving_since = parse_time(st.moving_since)
+        if moving_since is not None:  # a move is over once the gang runs again
+            st.moved_seconds += max(0, int((now - moving_since).total_seconds()))
+            st.moving_since = None
         if st.start_time is None:
             st.start_time = rfc3339(now)
             if job.spec.active_deadline_seconds is not None:
@@ -315,9 +332,13 @@ def _on_failure(b: _Builder, current: list[WorkerState], failed: list[WorkerStat
     return _restart(b, current, "WorkerFailed", why, counted=True)
 
 
-def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, counted: bool) -> Plan:
+def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, counted: bool,
+             moved: bool = False) -> Plan:
     st = b.status
-    if counted:
+    if moved:
+        st.moves += 1
+        st.moving_since = rfc3339(b.now)
+    elif counted:
         st.restarts += 1
     else:
         st.preemptions += 1
@@ -329,6 +350,11 @@ def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, cou
         if not w.terminating:
             b.plan.delete_pods.append(w.name)
     b.condition("Running", False, reason, why)
+    if moved:
+        b.phase("Restarting", reason, f"moving: {why}; stopping {len(current)} worker pod(s) to restart "
+                                      "the gang from its checkpoint")
+        b.requeue(1.0)
+        return b.plan
     kind = (
         f"restart {st.restarts}/{b.job.spec.failure_policy.max_restarts}"
         if counted

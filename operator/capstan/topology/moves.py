@@ -1,0 +1,143 @@
+"""Defragmentation: moving running gangs (checkpoint, restart elsewhere) so a waiting gang fits.
+
+A waiting gang that would fit by GPU count but not by shape (the idle GPUs are scattered over
+partly used nodes) gets whole nodes: the one-worker gangs on the nodes cheapest to clear move onto
+other partly used nodes. The idea is Gandiva's (Xiao et al., OSDI'18), which migrates jobs to
+undo fragmentation.
+
+Only gangs the caller marks movable are considered, and only after they have run ``min_run_s``
+since their last (re)start, so no gang is moved over and over. Every move names its destination;
+the caller restarts the gang there (it resumes from its checkpoint). Pure and deterministic, like
+the rest of :mod:`capstan.topology`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from .gang import GangRequest, PlacementResult, place_gang
+from .inventory import Inventory
+from .levels import CLUSTER_LEVEL
+from .queue import queue_order
+
+
+@dataclass(frozen=True)
+class MovableGang:
+    """A running gang the operator may move: its request, where it runs, and since when."""
+
+    request: GangRequest  # shape and constraints; ``request.name`` names the gang
+    result: PlacementResult  # where it runs now
+    running_since: float  # when its current gang started running (seconds, the queue's clock)
+
+
+@dataclass(frozen=True)
+class Move:
+    """Restart gang ``gang`` on ``to``; ``for_gang`` is the waiting gang this makes room for."""
+
+    gang: str
+    to: PlacementResult
+    reason: str
+    for_gang: str | None = None
+
+
+@dataclass(frozen=True)
+class MovePolicy:
+    """Limits on moves."""
+
+    min_run_s: float = 600.0  # a gang runs at least this long between moves
+
+
+def plan_defragmentation(inventory: Inventory, waiting: Sequence[GangRequest],
+                         movable: Sequence[MovableGang], now: float,
+                         policy: MovePolicy | None = None) -> list[Move]:
+    """Moves that let the first waiting gang (queue order) blocked only by fragmentation start.
+
+    A waiting gang qualifies when the cluster has enough idle GPUs for it but no placement. The
+    nodes to give it are the ones needing the fewest GPUs moved, within the narrowest domain that
+    has enough of them (up to ``max_domain`` for a Required gang); the single-node gangs on them
+    must all fit elsewhere, off those nodes, and the waiting gang must then fit. Returns [] when
+    no waiting gang qualifies; at most one gang is helped per call.
+    """
+    pol = policy or MovePolicy()
+    by_node: dict[str, list[MovableGang]] = {}
+    for m in movable:
+        if (m.request.workers == 1 and m.request.gpus_per_worker > 0 and len(m.result.nodes) == 1
+                and now - m.running_since >= pol.min_run_s):
+            by_node.setdefault(m.result.nodes[0], []).append(m)
+    if not by_node:
+        return []
+    for req in queue_order(waiting):
+        if req.gpus_per_worker == 0 or req.total_gpus > inventory.free_gpus:
+            continue
+        if place_gang(inventory, req).placed:
+            continue  # it waits by choice (a reservation, a locality wait), not for want of shape
+        moves = _clear_room(inventory, req, by_node)
+        if moves:
+            return moves
+    return []
+
+
+def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[MovableGang]]) -> list[Move]:
+    """Moves that clear nodes for ``req``, cheapest in GPUs moved in the narrowest domain; [] if none."""
+    gpw = req.gpus_per_worker
+    elig = inv._eligible(req.tolerations, req.needs_rdma, req.gpu_product)
+    cands: list[tuple[int, str, list[MovableGang]]] = []  # (GPUs to move, node, gangs to move)
+    for node, ok in zip(inv.nodes, elig, strict=True):
+        if not ok or node.gpus < gpw:
+            continue
+        need = gpw - inv.free(node.name)
+        if need <= 0:
+            cands.append((0, node.name, []))
+            continue
+        picked: list[MovableGang] = []
+        # fewest GPUs first, then the gang running the shortest time (it has the least to lose)
+        for m in sorted(by_node.get(node.name, []), key=lambda m: (m.request.total_gpus, -m.running_since,
+                                                                     m.request.name)):
+            if need <= 0:
+                break
+            picked.append(m)
+            need -= m.request.total_gpus
+        if need <= 0:
+            cands.append((sum(m.request.total_gpus for m in picked), node.name, picked))
+    if len(cands) < req.workers:
+        return []
+    names = inv.levels.names
+    required = req.policy == "Required"
+    allowed = names[: names.index(req.max_domain) + 1] if required else [*names, CLUSTER_LEVEL]
+    best: tuple[int, list[tuple[int, str, list[MovableGang]]]] | None = None
+    for level in allowed:
+        domains: dict[str, list[tuple[int, str, list[MovableGang]]]] = {}
+        for c in cands:
+            key = CLUSTER_LEVEL if level == CLUSTER_LEVEL else inv.domain_of(c[1], level)
+            domains.setdefault(key, []).append(c)
+        for key in sorted(domains):
+            chosen = sorted(domains[key])[: req.workers]
+            if len(chosen) == req.workers:
+                cost = sum(c[0] for c in chosen)
+                if cost and (best is None or cost < best[0]):
+                    best = (cost, chosen)
+        if best is not None:
+            break
+    if best is None:
+        return []
+    chosen_nodes = {c[1] for c in best[1]}
+    movers = [m for c in best[1] for m in c[2]]
+    freed = inv
+    for m in movers:
+        freed = freed.release(m.result)
+    block = {n: freed.node(n).gpus - freed.used(n) for n in chosen_nodes}
+    elsewhere = freed.add_usage(block)
+    moves: list[Move] = []
+    for m in sorted(movers, key=lambda m: (-m.request.total_gpus, m.request.name)):
+        to = place_gang(elsewhere, replace(m.request, policy="Preferred"))
+        if not to.placed:
+            return []
+        elsewhere = elsewhere.allocate(to)
+        why = f"making room for {req.name} ({req.total_gpus} GPUs; the idle ones are scattered over nodes)"
+        moves.append(Move(m.request.name, to, why, req.name))
+    after = elsewhere.add_usage({n: -g for n, g in block.items()})
+    return moves if place_gang(after, req).placed else []
+
+
+__all__ = ["MovableGang", "Move", "MovePolicy", "plan_defragmentation"]

@@ -1,0 +1,134 @@
+"""Defragmentation moves: what moves where, and what never moves."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from topo_fixtures import hgx_cluster, node
+
+from capstan.topology import (
+    GangRequest,
+    Inventory,
+    MovableGang,
+    MovePolicy,
+    PlacementResult,
+    build_inventory,
+    place_gang,
+    plan_defragmentation,
+)
+
+NOW = 10_000.0
+ANY_AGE = MovePolicy(min_run_s=0)
+
+
+def _run(inv: Inventory, name: str, node_name: str, gpus: int, since: float = 0.0,
+         **req: object) -> tuple[Inventory, MovableGang]:
+    """A one-worker gang of ``gpus`` running on ``node_name``."""
+    res = PlacementResult(name, True, [node_name], gpus, level="nvlink", domain=node_name)
+    return inv.allocate(res), MovableGang(GangRequest(name, 1, gpus, **req), res, since)  # type: ignore[arg-type]
+
+
+def _apply(inv: Inventory, gangs: list[MovableGang], moves: list) -> Inventory:  # type: ignore[type-arg]
+    by_name = {g.request.name: g for g in gangs}
+    for mv in moves:
+        inv = inv.release(by_name[mv.gang].result).allocate(mv.to)
+    return inv
+
+
+def test_scattered_idle_gpus_are_gathered_into_a_whole_node() -> None:
+    inv = build_inventory([node("n0", clique="a"), node("n1", clique="b"), node("n2", clique="c")], [])
+    inv, a = _run(inv, "a", "n0", 4)
+    inv, b = _run(inv, "b", "n1", 4)
+    inv, c = _run(inv, "c", "n2", 8)
+    whole = GangRequest("whole", 1, 8, submitted=1)
+    assert inv.free_gpus == 8 and not place_gang(inv, whole).placed
+
+    moves = plan_defragmentation(inv, [whole], [a, b, c], NOW, ANY_AGE)
+
+    assert len(moves) == 1  # one 4-GPU gang moves next to the other
+    mv = moves[0]
+    assert mv.for_gang == "whole" and "making room for whole" in mv.reason
+    (moved,) = [g for g in (a, b) if g.request.name == mv.gang]
+    (stays,) = [g for g in (a, b) if g.request.name != mv.gang]
+    assert mv.to.nodes == stays.result.nodes  # onto the other partly used node
+    after = _apply(inv, [a, b, c], moves)
+    res = place_gang(after, whole)
+    assert res.placed and res.nodes == moved.result.nodes
+
+
+def test_nothing_moves_when_the_gang_fits_or_cannot_fit_by_count() -> None:
+    inv = build_inventory([node("n0"), node("n1")], [])
+    inv, a = _run(inv, "a", "n0", 4)
+    fits = GangRequest("fits", 1, 8)
+    assert plan_defragmentation(inv, [fits], [a], NOW, ANY_AGE) == []
+    inv, b = _run(inv, "b", "n1", 6)
+    too_big = GangRequest("big", 1, 8)  # 6 GPUs idle in all: no move makes 8
+    assert plan_defragmentation(inv, [too_big], [a, b], NOW, ANY_AGE) == []
+
+
+def test_young_gangs_and_gangs_that_cannot_land_elsewhere_stay() -> None:
+    inv = build_inventory([node("n0"), node("n1")], [])
+    inv, a = _run(inv, "a", "n0", 4, since=NOW - 60)
+    inv, b = _run(inv, "b", "n1", 4, since=NOW - 60)
+    whole = GangRequest("whole", 1, 8)
+    # both ran 60 s only: the default policy lets a gang run 10 min between moves
+    assert plan_defragmentation(inv, [whole], [a, b], NOW) == []
+    assert plan_defragmentation(inv, [whole], [a, b], NOW + 600)  # old enough now
+    # a gang that needs its node's product cannot go anywhere else
+    inv = build_inventory([node("n0", product="A"), node("n1", product="B")], [])
+    inv, a = _run(inv, "a", "n0", 4, gpu_product="A")
+    inv, b = _run(inv, "b", "n1", 4, gpu_product="B")
+    assert plan_defragmentation(inv, [whole], [a, b], NOW, ANY_AGE) == []
+
+
+def test_required_gang_gets_room_only_inside_its_max_domain() -> None:
+    # two racks of two nodes; each node half busy by a movable gang
+    inv = build_inventory(hgx_cluster(blocks=1, racks=2, nodes_per_rack=2), [])
+    gangs = []
+    for i, name in enumerate(n["metadata"]["name"] for n in hgx_cluster(blocks=1, racks=2, nodes_per_rack=2)):
+        inv, g = _run(inv, f"g{i}", name, 4)
+        gangs.append(g)
+    req = GangRequest("pair", 2, 8, policy="Required", max_domain="rack")
+    moves = plan_defragmentation(inv, [req], gangs, NOW, ANY_AGE)
+    assert moves
+    res = place_gang(_apply(inv, gangs, moves), req)
+    assert res.placed and res.level == "rack"
+    # an NVLink-bound pair (HGX: one node) can never fit: nothing is moved for it
+    nv = GangRequest("nv", 2, 8, policy="Required", max_domain="nvlink")
+    assert plan_defragmentation(inv, [nv], gangs, NOW, ANY_AGE) == []
+
+
+def test_first_waiting_gang_in_queue_order_is_helped() -> None:
+    inv = build_inventory([node("n0"), node("n1"), node("n2")], [])
+    inv, a = _run(inv, "a", "n0", 4)
+    inv, b = _run(inv, "b", "n1", 4)
+    inv, c = _run(inv, "c", "n2", 2)
+    late = GangRequest("late", 1, 8, submitted=5)
+    urgent = GangRequest("urgent", 1, 8, submitted=9, priority=10)
+    moves = plan_defragmentation(inv, [late, urgent], [a, b, c], NOW, ANY_AGE)
+    assert moves and {m.for_gang for m in moves} == {"urgent"}
+
+
+gpus_on = st.sampled_from([1, 2, 4])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(gpus_on, max_size=4), min_size=2, max_size=6), st.sampled_from([4, 8]))
+def test_moves_never_overcommit_and_always_make_room(loads: list[list[int]], want: int) -> None:
+    names = [f"n{i}" for i in range(len(loads))]
+    inv = build_inventory([node(n, clique=n) for n in names], [])
+    gangs: list[MovableGang] = []
+    for name, load in zip(names, loads, strict=True):
+        for k, gpus in enumerate(load):
+            if inv.free(name) >= gpus:
+                inv, g = _run(inv, f"{name}-g{k}", name, gpus)
+                gangs.append(g)
+    req = GangRequest("waiting", 1, want)
+    moves = plan_defragmentation(inv, [req], gangs, NOW, ANY_AGE)
+    if not moves:
+        return
+    assert len({m.gang for m in moves}) == len(moves)  # each gang moves once
+    after = _apply(inv, gangs, moves)
+    assert all(0 <= after.used(n) <= 8 for n in names)
+    assert after.free_gpus == inv.free_gpus  # moves only rearrange
+    assert place_gang(after, req).placed

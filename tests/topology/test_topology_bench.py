@@ -62,3 +62,28 @@ def test_idle_split_accounts_for_every_idle_gpu_second() -> None:
         assert m["idle_share_smallest_fits"] >= 0 and m["idle_share_none_fits"] >= 0
         total = m["allocation_rate"] + m["idle_share_smallest_fits"] + m["idle_share_none_fits"]
         assert abs(total - 1.0) < 5e-4, (policy, m)
+
+
+def test_simulated_defragmentation_move_starts_the_waiting_gang_and_costs_the_mover() -> None:
+    """Two half-used nodes, an 8-GPU job waiting: capstan moves a 4-GPU job and pays for it."""
+    mod = _load()
+    cluster = mod.hgx_cluster(1, 1, 2)
+    trace = [mod.TraceJob(0, 4, 20_000), mod.TraceJob(0, 4, 700), mod.TraceJob(1, 4, 20_000),
+             mod.TraceJob(800, 8, 1_000)]
+    sim = mod.Sim(cluster, trace, "capstan", 1)
+    m = sim.run()
+    a, _, c, whole = sim.jobs
+    assert whole.start == 800  # on the node the move cleared, at once
+    assert m["moves"] == 1 and m["moved_jobs"] == 1
+    (moved,) = [j for j in (a, c) if j.moves]
+    ran = 800 - moved.start
+    # down 300 s, and the work since its last 30-min checkpoint (all of it here) is done again
+    assert moved.end == moved.start + ran + mod.MOVE_RESTART_S + moved.duration
+    # the same trace without moves: the 8-GPU job waits until a 20,000 s job ends
+    mod.MIGRATION = False
+    try:
+        still = mod.Sim(cluster, trace, "capstan", 1)
+        m = still.run()
+    finally:
+        mod.MIGRATION = True
+    assert m["moves"] == 0 and still.jobs[3].start == 20_000

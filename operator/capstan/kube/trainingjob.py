@@ -223,10 +223,11 @@ async def _reconcile_job(
             await _create(api, plan.create)
         for other in queue.startable:  # queued gangs this pass found room for: start them now
             wake(memo, other)
-        moving, queue.to_move = queue.to_move, []
-        for other in moving:  # gangs this pass moves to make room: stop them now
-            logger.info("defragmentation: moving %s", other)
-            wake(memo, other)
+        moving, queue.to_move = set(queue.to_move), []
+        for key, pending in queue.moves.items():  # gangs this pass moves to make room: stop them now
+            if pending.uid in moving:
+                logger.info("moving %s to %s: %s", key, ",".join(pending.move.to.nodes), pending.move.reason)
+                wake(memo, pending.uid)
     else:
         snaps = await _plan_snapshots(api, job, plan, pods, now)
         await _apply_status(api, job, body, plan, now, logger)

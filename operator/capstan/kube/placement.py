@@ -178,7 +178,8 @@ def movable_gangs(bodies: Sequence[Mapping[str, Any]]) -> list[tuple[MovableGang
     counts ``min_run_s`` from there).
     """
     out = []
-    for job in _placed_by_capstan(bodies):
+    running_now = [b for b in bodies if (b.get("status") or {}).get("phase") == "Running"]  # parse only these
+    for job in _placed_by_capstan(running_now):
         st = job.status
         if not job.spec.movable or st.phase != "Running" or st.placement is None or not st.placement.nodes:
             continue

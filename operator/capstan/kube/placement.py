@@ -181,7 +181,7 @@ def movable_gangs(bodies: Sequence[Mapping[str, Any]]) -> list[tuple[MovableGang
     running_now = [b for b in bodies if (b.get("status") or {}).get("phase") == "Running"]  # parse only these
     for job in _placed_by_capstan(running_now):
         st = job.status
-        if not job.spec.movable or st.phase != "Running" or st.placement is None or not st.placement.nodes:
+        if not job.spec.movable or st.placement is None or not st.placement.nodes:
             continue
         running = next((c for c in st.conditions if c.type == "Running" and c.status == "True"), None)
         since = parse_time(running.last_transition_time if running else None)

@@ -70,6 +70,7 @@ build_module() { # name module-dir module-path ldflags tags package...
   if [[ ! -f "$dest/.complete" ]]; then
     local tmp t0 t1
     tmp="$(mktemp -d "$dest.tmp.XXXXXX")"
+    chmod 755 "$tmp"
     t0="$(now)"
     (cd "$dir" && "$GO" mod download)
     t1="$(now)"

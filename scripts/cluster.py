@@ -629,8 +629,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 info = up()
                 log(f"ready in {info['seconds']['total']}s: {info['server']}")
-                env = {**os.environ, "KUBECONFIG": info["kubeconfig"]}
-                return subprocess.call(command, env=env)
+                child = subprocess.Popen(command, env={**os.environ, "KUBECONFIG": info["kubeconfig"]})
+                try:
+                    return child.wait()
+                finally:  # SIGTERM or Ctrl-C while the command runs: it stops too
+                    if child.poll() is None:
+                        child.terminate()
+                        try:
+                            child.wait(timeout=10)
+                        except subprocess.TimeoutExpired:
+                            child.kill()
             finally:
                 stop_all()
     except ClusterError as exc:

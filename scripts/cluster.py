@@ -222,7 +222,7 @@ def _ours(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return False
-    return str(STATE) in cmdline
+    return f"{STATE}{os.sep}" in cmdline
 
 
 def _recorded_pid(name: str) -> int | None:
@@ -268,7 +268,7 @@ def _reaped(pid: int) -> bool:
     return done == pid
 
 
-def start(name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+def start(name: str, args: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start one component in its own session (it outlives this script), logging to logs/<name>.log."""
     binary = TOOLS / name
     if not os.access(binary, os.X_OK):
@@ -277,7 +277,7 @@ def start(name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
     with logfile.open("ab") as out:
         proc = subprocess.Popen(
             [str(binary.resolve()), *args], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-            start_new_session=True, cwd=STATE,
+            start_new_session=True, cwd=STATE, env={**os.environ, **(env or {})},
         )
     _pid_file(name).write_text(f"{proc.pid}\n")
     return proc
@@ -432,7 +432,7 @@ def up() -> dict[str, Any]:
     stale = stop_all(quiet=True)
     if stale:
         log(f"stopped the previous cluster's {', '.join(stale)}")
-    for sub in ("etcd", "pki", "pids", "logs"):
+    for sub in ("etcd", "pki", "pids", "logs", "kwok"):
         shutil.rmtree(STATE / sub, ignore_errors=True)
         (STATE / sub).mkdir(parents=True, mode=0o700)
     # The inputs that need `go` are resolved before anything starts: a missing toolchain fails fast.
@@ -530,7 +530,7 @@ def up() -> dict[str, Any]:
         "--node-lease-duration-seconds=40",
         f"--server-address={HOST}:{kwok_port}",
         *stage_args,
-    ])
+    ], env={"HOME": str(STATE / "kwok")})  # kwok also loads ~/.kwok/kwok.yaml: not someone's own stages
     for crd_dir in crd_dirs:
         # Server-side: the Gateway API CRDs are too large for client-side apply's annotation.
         kubectl("apply", "--server-side", "--force-conflicts", "-k", str(crd_dir))

@@ -312,3 +312,21 @@ def test_pod_final_states_set_by_kwok_and_by_the_test(kube: Any, namespace: str)
     pod = core.read_namespaced_pod("succeeds", namespace)
     assert pod.status.phase == "Succeeded"
     assert pod.status.container_statuses[0].state.terminated.exit_code == 0
+
+
+def test_job_pods_are_completed_by_kwok(kube: Any, namespace: str) -> None:
+    from kubernetes import client
+
+    batch = client.BatchV1Api(kube)
+    batch.create_namespaced_job(namespace, {
+        "metadata": {"name": "once"},
+        "spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never",
+            "nodeSelector": {"capstan.dev/rack": "r1"},
+            "containers": [{"name": "main", "image": "registry.invalid/job:1"}],
+        }}},
+    })
+    job = wait_for(lambda: batch.read_namespaced_job("once", namespace),
+                   lambda j: (j.status.succeeded or 0) == 1, what="the Job to succeed")
+    complete = {c.type: c.status for c in job.status.conditions}
+    assert complete.get("Complete") == "True"

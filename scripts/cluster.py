@@ -365,6 +365,9 @@ def fake_nodes(topology: dict[str, Any]) -> list[dict[str, Any]]:
             raise ClusterError(f"{TOPOLOGY}: pool {pool['name']!r}: nvlink must be 'node' or 'rack', "
                                f"not {pool['nvlink']!r}")
         for rack in pool["racks"]:
+            missing = [key for key in ("name", "block", "zone") if key not in rack]
+            if missing:
+                raise ClusterError(f"{TOPOLOGY}: a rack of pool {pool['name']!r} lacks {', '.join(missing)}")
             for i in range(1, int(pool["nodesPerRack"]) + 1):
                 name = f"{pool['name']}-{rack['name']}-{i}"
                 clique = name if pool["nvlink"] == "node" else f"{pool['name']}-{rack['name']}"
@@ -444,6 +447,8 @@ def up() -> dict[str, Any]:
     api_port_env = os.environ.get("CAPSTAN_CLUSTER_API_PORT")
     etcd_port, peer_port, api_port, kcm_port, sched_port, kwok_port = free_ports(6)
     if api_port_env:
+        if not api_port_env.isdigit() or not 0 < int(api_port_env) < 65536:
+            raise ClusterError(f"CAPSTAN_CLUSTER_API_PORT must be a TCP port number, not {api_port_env!r}")
         api_port = int(api_port_env)
         if port_in_use(api_port):
             raise ClusterError(f"port {api_port} (CAPSTAN_CLUSTER_API_PORT) on {HOST} is in use: stop what "
@@ -455,7 +460,6 @@ def up() -> dict[str, Any]:
     write_kubeconfig(kubeconfig, pki, "admin", server)
     for identity in ("kube-controller-manager", "kube-scheduler", "kwok"):
         write_kubeconfig(STATE / f"{identity}.kubeconfig", pki, identity, server)
-    p = str  # paths as flag values
 
     etcd = start("etcd", [
         "--name=capstan", f"--data-dir={STATE / 'etcd'}",
@@ -471,23 +475,23 @@ def up() -> dict[str, Any]:
     apiserver = start("kube-apiserver", [
         f"--etcd-servers=http://{HOST}:{etcd_port}",
         f"--bind-address={HOST}", f"--advertise-address={HOST}", f"--secure-port={api_port}",
-        f"--tls-cert-file={p(pki.path('apiserver.crt'))}",
-        f"--tls-private-key-file={p(pki.path('apiserver.key'))}",
-        f"--client-ca-file={p(pki.path('ca.crt'))}",
+        f"--tls-cert-file={pki.path('apiserver.crt')}",
+        f"--tls-private-key-file={pki.path('apiserver.key')}",
+        f"--client-ca-file={pki.path('ca.crt')}",
         # The aggregation layer (extension API servers such as metrics-server) and the
         # request-header CA that controller-manager and scheduler read for their own serving.
-        f"--requestheader-client-ca-file={p(pki.path('front-proxy-ca.crt'))}",
+        f"--requestheader-client-ca-file={pki.path('front-proxy-ca.crt')}",
         "--requestheader-allowed-names=front-proxy-client",
         "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
         "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-        f"--proxy-client-cert-file={p(pki.path('front-proxy-client.crt'))}",
-        f"--proxy-client-key-file={p(pki.path('front-proxy-client.key'))}",
+        f"--proxy-client-cert-file={pki.path('front-proxy-client.crt')}",
+        f"--proxy-client-key-file={pki.path('front-proxy-client.key')}",
         "--authorization-mode=Node,RBAC",
         # The default admission plugins (ServiceAccount, webhooks, ResourceQuota, ...) plus NodeRestriction.
         "--enable-admission-plugins=NodeRestriction",
         f"--service-account-issuer={ISSUER}",
-        f"--service-account-key-file={p(pki.path('sa.pub'))}",
-        f"--service-account-signing-key-file={p(pki.path('sa.key'))}",
+        f"--service-account-key-file={pki.path('sa.pub')}",
+        f"--service-account-signing-key-file={pki.path('sa.key')}",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
         # The `kubernetes` Service would point at 127.0.0.1, which Endpoints refuse: nothing in this
         # cluster runs in a pod network that would use it.
@@ -506,10 +510,10 @@ def up() -> dict[str, Any]:
         # serviceaccount-token, namespace, job, node lifecycle, ...), each with its own
         # ServiceAccount's credentials as in kubeadm clusters.
         "--controllers=*", "--use-service-account-credentials=true",
-        f"--service-account-private-key-file={p(pki.path('sa.key'))}",
-        f"--root-ca-file={p(pki.path('ca.crt'))}",
-        f"--cluster-signing-cert-file={p(pki.path('ca.crt'))}",
-        f"--cluster-signing-key-file={p(pki.path('ca.key'))}",
+        f"--service-account-private-key-file={pki.path('sa.key')}",
+        f"--root-ca-file={pki.path('ca.crt')}",
+        f"--cluster-signing-cert-file={pki.path('ca.crt')}",
+        f"--cluster-signing-key-file={pki.path('ca.key')}",
         f"--service-cluster-ip-range={SERVICE_CIDR}", "--cluster-name=capstan",
     ])
     scheduler = start("kube-scheduler", [

@@ -253,7 +253,9 @@ def _f_replace(value: Any, old: Any, new: Any, count: int | None = None) -> str:
 
 
 def _f_indent(value: Any, width: int | str = 4, first: bool = False, blank: bool = False) -> str:
-    s = _s(value)
+    if not isinstance(value, str):
+        raise TypeError(f"indent needs a string, not {type(value).__name__}")
+    s = value
     pad = len(width) if isinstance(width, str) else max(_int(width, "width"), 0)
     _limit("indent", len(s) + (s.count("\n") + 2) * pad)
     return str(jfilters.do_indent(s, width, first, blank))
@@ -280,30 +282,29 @@ def _f_format(value: Any, *args: Any, **kwargs: Any) -> str:
     return fmt % values
 
 
-def _f_truncate(
-    value: Any, length: int = 255, killwords: bool = False, end: str = "...", leeway: int = 0
-) -> str:
-    s, end = _s(value), str(end)
-    length, leeway = _int(length, "length"), _int(leeway, "leeway")
-    if length < len(end) or leeway < 0:
-        raise ValueError(f"truncate needs length >= {len(end)} and leeway >= 0")
-    if len(s) <= length + leeway:
-        return s
-    if killwords:
-        return s[: length - len(end)] + end
-    return s[: length - len(end)].rsplit(" ", 1)[0] + end
+def _f_truncate(value: Any, *args: Any, **kwargs: Any) -> Any:
+    # The result is at most the input plus the ellipsis: no bound to check before.
+    return jfilters.do_truncate(_ENV, value, *args, **kwargs)
 
 
 def _f_trim(value: Any, chars: str | None = None) -> str:
     return _s(value).strip(chars)
 
 
+def _seq(value: Any, what: str) -> str | list[Any] | tuple[Any, ...]:
+    if not isinstance(value, str | list | tuple):
+        raise TypeError(f"{what} needs a string or a list, not {type(value).__name__}")
+    return value
+
+
 def _f_first(value: Any) -> Any:
-    return value[0] if isinstance(value, str | list | tuple) and value else ""
+    seq = _seq(value, "first")
+    return seq[0] if seq else StrictUndefined(hint="No first item, sequence was empty.")
 
 
 def _f_last(value: Any) -> Any:
-    return value[-1] if isinstance(value, str | list | tuple) and value else ""
+    seq = _seq(value, "last")
+    return seq[-1] if seq else StrictUndefined(hint="No last item, sequence was empty.")
 
 
 _FILTERS: dict[str, Callable[..., Any]] = {
@@ -329,8 +330,8 @@ _FILTERS: dict[str, Callable[..., Any]] = {
     "round": jfilters.do_round,
     "first": _f_first,
     "last": _f_last,
-    "list": lambda v: list(v) if isinstance(v, str | list | tuple) else [v],
-    "reverse": lambda v: v[::-1] if isinstance(v, str | list | tuple) else v,
+    "list": lambda v: list(_seq(v, "list")),
+    "reverse": lambda v: _seq(v, "reverse")[::-1],
 }
 _TESTS: dict[str, Any] = {
     name: jtests.TESTS[name]

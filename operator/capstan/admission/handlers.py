@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 
 NODE_CACHE_SECONDS = 30.0
 _PLURALS = {"TrainingJob": "trainingjobs", "ModelServing": "modelservings"}
-_registered: set[int] = set()
+# Registries already served; weak, so a registry's id reused after it is gone does not count.
+_registered: weakref.WeakSet[kopf.OperatorRegistry] = weakref.WeakSet()
 
 
 class NodeLister:
@@ -94,7 +96,7 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
     from capstan.admission import WEBHOOK_IDS
 
     reg = registry if registry is not None else kopf.get_default_registry()
-    if id(reg) in _registered:
+    if reg in _registered:
         return
     for kind, plural in _PLURALS.items():
         kopf.on.validate(
@@ -105,4 +107,4 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
             operations=["CREATE", "UPDATE"],
             registry=reg,
         )(review)
-    _registered.add(id(reg))
+    _registered.add(reg)

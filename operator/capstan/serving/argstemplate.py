@@ -53,7 +53,7 @@ MAX_INT = 2**63
 MAX_LOOP_DEPTH = 2
 # Deeper expressions overflow Python's parser once compiled; no argument list needs them.
 MAX_EXPR_DEPTH = 24
-FUEL = 2_000_000
+FUEL = 1_000_000
 STEP_COST = 32
 RENDER_SECONDS = 1.0
 # Error messages quote user input; keep them short whatever the input.
@@ -545,13 +545,13 @@ def _compiled(template: str) -> Any:
         where = f" (line {line})" if line else ""
         return f"{TEMPLATE_FIELD}: syntax error{where}: {_message(exc)}"
     except RecursionError:
-        return f"{TEMPLATE_FIELD}: expressions nest too deeply"
+        return f"{TEMPLATE_FIELD}: blocks or expressions nest too deeply"
     except Exception as exc:
         return f"{TEMPLATE_FIELD}: cannot parse: {_message(exc)}"
-    errors = _check_structure(ast)
-    if errors:
-        return "; ".join(errors)
     try:
+        errors = _check_structure(ast)
+        if errors:
+            return "; ".join(errors)
         unknown = sorted(find_undeclared_variables(ast) - set(TEMPLATE_VARIABLES))
         if unknown:
             names = ", ".join(u[:40] for u in unknown[:10])
@@ -559,6 +559,8 @@ def _compiled(template: str) -> Any:
         _instrument(ast)
         ast.set_environment(_ENV)
         return _ENV.from_string(ast)
+    except RecursionError:
+        return f"{TEMPLATE_FIELD}: blocks nest too deeply"
     except Exception as exc:
         return f"{TEMPLATE_FIELD}: cannot compile: {_message(exc)}"
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from capstan.admission import validate
-from capstan.serving.argstemplate import FUEL, MAX_VALUE_CHARS
+from capstan.serving.argstemplate import FUEL, MAX_VALUE_CHARS, _ResultCache
 from capstan.serving.runtimes import ArgsContext, ArgsTemplateError, render_args, validate_args_template
 
 REPO = Path(__file__).resolve().parents[2]
@@ -257,3 +257,13 @@ def test_random_templates_render_or_fail_by_name(template: str) -> None:
     assert sum(map(len, args)) <= MAX_VALUE_CHARS
     if not any(f in template for f in _NOT_COMPARABLE):
         assert args == _reference(template, CTX)
+
+
+def test_result_cache_is_bounded() -> None:
+    cache = _ResultCache(entries=8, chars=6400)
+    for i in range(100):
+        cache.put((f"t{i}", ()), ("x" * 90,))
+    assert len(cache._data) <= 8 and cache.held <= 6400
+    assert cache.get(("t99", ())) == ("x" * 90,) and cache.get(("t0", ())) is None
+    cache.put(("huge", ()), ("x" * 5000,))  # larger than 1/64 of the budget: not kept
+    assert cache.get(("huge", ())) is None

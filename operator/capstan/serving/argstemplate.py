@@ -28,7 +28,9 @@ from __future__ import annotations
 import contextvars
 import re
 import string
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 from typing import Any
@@ -533,7 +535,7 @@ def _message(exc: BaseException) -> str:
     return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "..."
 
 
-@lru_cache(maxsize=128)
+@lru_cache(maxsize=64)
 def _compiled(template: str) -> Any:
     """The compiled template, or the ArgsTemplateError message saying why there is none."""
     if len(template) > MAX_TEMPLATE_CHARS:
@@ -592,9 +594,46 @@ def _render_uncached(template: str, variables: tuple[tuple[str, Any], ...]) -> t
     return tuple(line.strip() for line in "".join(out).splitlines() if line.strip())
 
 
-@lru_cache(maxsize=512)
+class _ResultCache:
+    """Recent render results (arguments or error), bounded in entries and in characters held."""
+
+    def __init__(self, entries: int = 512, chars: int = 2_000_000) -> None:
+        self.entries, self.chars, self.held = entries, chars, 0
+        self._data: OrderedDict[Any, tuple[tuple[str, ...] | str, int]] = OrderedDict()
+        self._lock = threading.Lock()  # the webhook renders in worker threads
+
+    def get(self, key: Any) -> tuple[str, ...] | str | None:
+        with self._lock:
+            hit = self._data.get(key)
+            if hit is None:
+                return None
+            self._data.move_to_end(key)
+            return hit[0]
+
+    def put(self, key: Any, value: tuple[str, ...] | str) -> None:
+        size = len(key[0]) + (len(value) if isinstance(value, str) else sum(map(len, value)))
+        if size > self.chars // 64:
+            return  # one huge result would evict dozens of ordinary ones
+        with self._lock:
+            old = self._data.pop(key, None)
+            self.held -= old[1] if old else 0
+            self._data[key] = (value, size)
+            self.held += size
+            while len(self._data) > self.entries or self.held > self.chars:
+                _, (_, dropped) = self._data.popitem(last=False)
+                self.held -= dropped
+
+
+_RESULTS = _ResultCache()
+
+
 def _render_cached(template: str, variables: tuple[tuple[str, Any], ...]) -> tuple[str, ...] | str:
-    return _render_uncached(template, variables)
+    key = (template, variables)
+    hit = _RESULTS.get(key)
+    if hit is None:
+        hit = _render_uncached(template, variables)
+        _RESULTS.put(key, hit)
+    return hit
 
 
 def render_template(template: str, variables: Mapping[str, Any]) -> list[str]:

@@ -13,19 +13,23 @@ import asyncio
 import json
 import logging
 import time
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from capstan import GROUP, VERSION
 from capstan.admission.validation import validate
+from capstan.api.loading import clip
 from capstan.topology.levels import levels_from_env
 
 log = logging.getLogger(__name__)
 
 NODE_CACHE_SECONDS = 30.0
 _PLURALS = {"TrainingJob": "trainingjobs", "ModelServing": "modelservings"}
-_registered: set[int] = set()
+# Registries already served; weak, so a registry's id reused after it is gone does not count.
+_registered: weakref.WeakSet[kopf.OperatorRegistry] = weakref.WeakSet()
 
 
 class NodeLister:
@@ -70,11 +74,21 @@ async def review(body: kopf.Body, warnings: list[str], **_: Any) -> None:
         log.warning("admission: cannot list nodes, skipping capacity checks: %s", exc)
         warnings.append(f"capacity checks skipped: cannot list nodes ({type(exc).__name__})")
         nodes = []
-    errors = validate(dict(body), nodes, levels_from_env())
+    # In a thread: a spec's argsTemplate is rendered, and its budget is wall time the event loop
+    # (every other webhook call and every reconcile) must not wait for.
+    errors = await asyncio.to_thread(validate, dict(body), nodes, levels_from_env())
     if errors:
-        kind = body.get("kind", "object")
-        name = (body.get("metadata") or {}).get("name", "")
-        raise kopf.AdmissionError(f"{kind} {name!r} is invalid: " + "; ".join(errors), code=422)
+        raise kopf.AdmissionError(f"{describe(body)} is invalid: " + "; ".join(errors), code=422)
+
+
+def describe(body: Mapping[str, Any]) -> str:
+    """``Kind 'name'`` of an object under review, whatever types its fields have."""
+    kind = body.get("kind")
+    meta = body.get("metadata")
+    name = meta.get("name") if isinstance(meta, Mapping) else None
+    shown_kind = clip(kind, 60) if isinstance(kind, str) else "object"
+    shown_name = clip(name, 253) if isinstance(name, str) else ""
+    return f"{shown_kind} {shown_name!r}"
 
 
 def register(registry: kopf.OperatorRegistry | None = None) -> None:
@@ -82,7 +96,7 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
     from capstan.admission import WEBHOOK_IDS
 
     reg = registry if registry is not None else kopf.get_default_registry()
-    if id(reg) in _registered:
+    if reg in _registered:
         return
     for kind, plural in _PLURALS.items():
         kopf.on.validate(
@@ -93,4 +107,4 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
             operations=["CREATE", "UPDATE"],
             registry=reg,
         )(review)
-    _registered.add(id(reg))
+    _registered.add(reg)

@@ -38,11 +38,15 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     """Kopf settings Capstan relies on (idempotent).
 
     Progress and diff-base go to ``capstan.dev/*`` annotations, never to ``status``: the status
-    belongs to the planner, and GitOps tools must see no drift in fields they manage. Kopf's own
-    log-to-Event posting is off: handlers post their own, deduplicated Events.
+    belongs to the planner, and GitOps tools must see no drift in fields they manage. The diff-base
+    is a digest of the spec, not a copy (:mod:`capstan.kube.diffbase`): a copy would repeat every
+    ``spec.env`` value in an annotation. Kopf's own log-to-Event posting is off: handlers post
+    their own, deduplicated Events.
     """
+    from capstan.kube.diffbase import DigestDiffBaseStorage
+
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = DigestDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.persistence.finalizer = FINALIZER

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from capstan.kube.apply import DEPLOYMENTS, HPAS, MODELSERVINGS, PODS, SERVICES, ApiClient
+from capstan.kube.apply import DEPLOYMENTS, EVENTS, HPAS, MODELSERVINGS, PODS, SERVICES, ApiClient
 from capstan.kube.testing import emulated_cluster, running_operator, wait_for
 from capstan.kube.testing import test_client as api_client
 from capstan.naming import LABEL_REVISION, LABEL_SERVING
@@ -216,3 +216,36 @@ async def _gone(api: ApiClient, name: str) -> bool:
 
 def _weights(st: dict[str, Any]) -> dict[str, int]:
     return {r["name"]: r.get("weight", 0) for r in st.get("revisions") or []}
+
+
+async def test_every_canary_step_holds_its_weight_before_promotion(cluster: tuple[Any, ApiClient]) -> None:
+    """25% → 50% → promoted: step 2 gets its own start time and pause (not step 1's)."""
+    _, api = cluster
+    rollout = {"steps": [{"weight": 25, "pause": "2s"}, {"weight": 50, "pause": "2s"}]}
+    await api.create(serving(replicas=4, rollout=rollout))
+    (stable,) = await wait_for(lambda: deployments(api), what="stable Deployment")
+    await make_ready(api, stable)
+    await wait_status(api, lambda s: s.get("phase") == "Ready", "stable Ready")
+
+    await api.patch(MODELSERVINGS, NS, "gpt", {"spec": {"env": [{"name": "VERSION", "value": "2"}]}})
+    deps = await wait_for(lambda: _two(api), what="canary Deployment")
+    (canary,) = set(deps) - {stable}
+
+    seen: list[int] = []  # the canary's weight each time it changed, until promotion
+
+    async def promoted() -> bool:
+        await make_ready(api, canary)  # play the Deployment controller for each scale-up
+        st = await status(api)
+        weight = _weights(st).get(canary)
+        if st.get("canaryRevision") == canary and weight and (not seen or seen[-1] != weight):
+            seen.append(weight)
+        return st.get("stableRevision") == canary
+
+    await wait_for(promoted, timeout=40, what="promotion")
+    assert seen == [25, 50]
+    events = [
+        e for e in await api.list_objects(EVENTS, NS) if (e.get("involvedObject") or {}).get("name") == "gpt"
+    ]
+    steps = sorted(e["message"] for e in events if e["reason"] == "CanaryStep")
+    assert [m.split(":")[0] for m in steps] == ["step 1/2 (25%)", "step 2/2 (50%)"]
+    assert any(e["reason"] == "Promoted" for e in events)

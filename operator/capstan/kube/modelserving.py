@@ -46,7 +46,7 @@ from capstan.kube.apply import (
     resource_of,
 )
 from capstan.kube.runtime import reconcile_loop, wake
-from capstan.kube.status import reconcile_live, status_patch
+from capstan.kube.status import reconcile_live, status_merge_patch
 from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
 from capstan.metrics import (
     REVISION_WEIGHT,
@@ -214,8 +214,9 @@ async def _apply(
     logger: kopf.Logger,
 ) -> None:
     ns, name = ms.metadata.namespace, ms.metadata.name
-    if status_patch(ms.status) != status_patch(plan.status) or not body.get("status"):
-        await api.patch_status(MODELSERVINGS, ns, name, status_patch(plan.status))
+    patch = status_merge_patch(body.get("status"), plan.status)
+    if patch:
+        await api.patch_status(MODELSERVINGS, ns, name, patch)
         if ms.status.phase != plan.status.phase:
             logger.info("phase %s -> %s: %s", ms.status.phase, plan.status.phase, plan.status.message)
     # PVCs and Services first (a pod needs its claim; a route needs its backends), then the rest.
@@ -337,4 +338,4 @@ def source_trainingjob_changed(name: str, namespace: str | None, memo: kopf.Memo
         wake(memo, uid)
 
 
-__all__ = ["HTTPROUTES", "ServingState", "gateway_api_available", "reconcile", "status_patch"]
+__all__ = ["HTTPROUTES", "ServingState", "gateway_api_available", "reconcile", "status_merge_patch"]

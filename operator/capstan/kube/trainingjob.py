@@ -55,7 +55,7 @@ from capstan.kube.placement import (
     wants_placement,
 )
 from capstan.kube.runtime import reconcile_loop, wake, wake_all
-from capstan.kube.status import reconcile_live, status_patch
+from capstan.kube.status import reconcile_live, status_merge_patch
 from capstan.metrics import (
     GANG_RESTARTS,
     GANG_WAITING_SECONDS,
@@ -341,8 +341,9 @@ async def _apply_status(
     api: ApiClient, job: TrainingJob, body: Mapping[str, Any], plan: Plan, now: datetime, logger: kopf.Logger
 ) -> None:
     old, new = job.status, plan.status
-    if status_patch(old) != status_patch(new) or not body.get("status"):
-        await api.patch_status(TRAININGJOBS, job.metadata.namespace, job.metadata.name, status_patch(new))
+    patch = status_merge_patch(body.get("status"), new)
+    if patch:
+        await api.patch_status(TRAININGJOBS, job.metadata.namespace, job.metadata.name, patch)
         if old.phase != new.phase:
             logger.info("phase %s -> %s: %s", old.phase, new.phase, new.message)
     METRICS.observe(job, old, new, now)
@@ -441,4 +442,4 @@ async def trainingjob_deleted(
     logger.info("deleted %d worker pod(s) and owned children", len(pods))
 
 
-__all__ = ["make_placer", "reconcile", "rfc3339", "status_patch", "wants_placement"]
+__all__ = ["make_placer", "reconcile", "rfc3339", "status_merge_patch", "wants_placement"]

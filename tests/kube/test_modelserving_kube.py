@@ -243,9 +243,11 @@ async def test_every_canary_step_holds_its_weight_before_promotion(cluster: tupl
 
     await wait_for(promoted, timeout=40, what="promotion")
     assert seen == [25, 50]
-    events = [
-        e for e in await api.list_objects(EVENTS, NS) if (e.get("involvedObject") or {}).get("name") == "gpt"
-    ]
-    steps = sorted(e["message"] for e in events if e["reason"] == "CanaryStep")
+
+    async def events() -> list[dict[str, Any]] | None:  # posted just after the status write
+        evs = [e for e in await api.list_objects(EVENTS, NS) if e["involvedObject"]["name"] == "gpt"]
+        return evs if any(e["reason"] == "Promoted" for e in evs) else None
+
+    posted = await wait_for(events, what="Promoted event")
+    steps = sorted(e["message"] for e in posted if e["reason"] == "CanaryStep")
     assert [m.split(":")[0] for m in steps] == ["step 1/2 (25%)", "step 2/2 (50%)"]
-    assert any(e["reason"] == "Promoted" for e in events)

@@ -47,9 +47,40 @@ Quantity = Annotated[
     ),
 ]
 
+#: The longest duration any spec field may ask for: one year, in seconds. Bigger values overflow
+#: datetime arithmetic (the year 9999) and would make a reconcile fail for ever.
+MAX_DURATION_S = 365 * 24 * 3600
+
 # Go-style duration as accepted in rollout pauses: "30s", "2m", "1h30m".
 DURATION_PATTERN = r"^([0-9]+(s|m|h))+$"
-Duration = Annotated[str, Field(pattern=DURATION_PATTERN)]
+_DURATION_PART = re.compile(r"([0-9]+)(s|m|h)")
+_DURATION_UNIT = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go-style duration such as ``30s``, ``2m``, ``1h30m``."""
+    return float(sum(int(n) * _DURATION_UNIT[u] for n, u in _DURATION_PART.findall(text)))
+
+
+def _check_duration(value: str) -> str:
+    if parse_duration(value) > MAX_DURATION_S:
+        raise ValueError(f"{value!r} is longer than the maximum of 8760h (one year)")
+    return value
+
+
+Duration = Annotated[
+    str,
+    Field(
+        pattern=DURATION_PATTERN,
+        max_length=32,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "duration(self) <= duration('8760h')", "message": "must be at most 8760h (one year)"}
+            ]
+        },
+    ),
+    AfterValidator(_check_duration),
+]
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -143,7 +174,7 @@ class Toleration(ApiModel):
         default=None, description="Taint effect to match; empty matches all effects."
     )
     toleration_seconds: int | None = Field(
-        default=None, description="How long a NoExecute taint is tolerated."
+        default=None, ge=0, le=MAX_DURATION_S, description="How long a NoExecute taint is tolerated."
     )
 
 

@@ -6,7 +6,16 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from capstan.api.common import ApiModel, Condition, Duration, EnvVar, ObjectMeta, Quantity, Rule, Toleration
+from capstan.api.common import (
+    ApiModel,
+    Condition,
+    Duration,
+    EnvVar,
+    ObjectMeta,
+    Quantity,
+    Rule,
+    Toleration,
+)
 
 Runtime = Literal["capstan", "vllm", "tgi", "custom"]
 ServingPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
@@ -64,7 +73,7 @@ class AutoscalingSpec(ApiModel):
         description="concurrency: in-flight requests per replica (capstan_serving_requests_running); "
         "cpu: CPU utilisation percent.",
     )
-    target: int = Field(default=16, ge=1, description="Target value of the metric per replica.")
+    target: int = Field(default=16, ge=1, le=100_000, description="Target value of the metric per replica.")
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -90,10 +99,13 @@ class AnalysisSpec(ApiModel):
         default=0.01, ge=0, le=1, description="Highest share of non-2xx responses (0.01 = 1%)."
     )
     max_p99_latency_ms: int | None = Field(
-        default=None, ge=1, description="Highest p99 end-to-end latency in milliseconds."
+        default=None, ge=1, le=3_600_000, description="Highest p99 end-to-end latency in milliseconds."
     )
     min_requests: int = Field(
-        default=20, ge=0, description="Requests needed before a verdict; fewer holds the step."
+        default=20,
+        ge=0,
+        le=1_000_000_000,
+        description="Requests needed before a verdict; fewer holds the step.",
     )
 
 
@@ -101,7 +113,9 @@ class RolloutSpec(ApiModel):
     """How a new revision replaces the stable one."""
 
     steps: list[RolloutStep] = Field(
-        default_factory=list, description="Canary steps; empty promotes a ready revision at once."
+        default_factory=list,
+        max_length=50,
+        description="Canary steps; empty promotes a ready revision at once.",
     )
     analysis: AnalysisSpec | None = Field(default=None, description="Metric analysis between steps.")
 
@@ -121,27 +135,32 @@ class ModelServingSpec(ApiModel):
         default="capstan", description="Inference server: capstan (reference), vllm, tgi or custom."
     )
     image: str | None = Field(default=None, description="Server image; each runtime has a default.")
-    command: list[str] | None = Field(default=None, description="Entrypoint override.")
+    command: list[str] | None = Field(default=None, max_length=1024, description="Entrypoint override.")
     args_template: str | None = Field(
         default=None,
+        max_length=65536,
         description="custom runtime: jinja2 template of the server arguments, one per line. Variables: "
         "model_path, port, tensor_parallel, max_model_len, name.",
     )
-    env: list[EnvVar] = Field(default_factory=list, description="Extra environment.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=1024, description="Extra environment.")
     tensor_parallel: int = Field(
         default=1, ge=1, le=72, description="GPUs per replica, kept inside one NVLink domain."
     )
     gpu: bool = Field(default=True, description="Request tensorParallel GPUs per replica (false: CPU).")
     replicas: int = Field(default=1, ge=0, le=1000, description="Replicas when not autoscaled.")
-    max_model_len: int | None = Field(default=None, ge=1, description="Longest sequence served.")
+    max_model_len: int | None = Field(
+        default=None, ge=1, le=16_777_216, description="Longest sequence served."
+    )
     port: int = Field(default=8000, ge=1024, le=65535, description="Container port of the server.")
     resources: ServingResources = Field(default_factory=ServingResources, description="CPU and memory.")
     autoscaling: AutoscalingSpec | None = Field(
         default=None, description="Autoscaling; fixed replicas when empty."
     )
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Canary rollout and analysis.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Pod tolerations.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, max_length=64, description="Extra node selector."
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

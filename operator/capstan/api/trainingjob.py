@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
 from capstan.api.common import (
+    MAX_DURATION_S,
     ApiModel,
     Condition,
     EnvVar,
@@ -65,6 +66,7 @@ class NetworkSpec(ApiModel):
     )
     nccl: dict[str, str] = Field(
         default_factory=dict,
+        max_length=64,
         description="NCCL_* environment overrides, e.g. {NCCL_DEBUG: WARN, NCCL_SOCKET_IFNAME: eth0}.",
     )
 
@@ -125,8 +127,9 @@ class FailurePolicy(ApiModel):
     backoff_seconds: int = Field(
         default=30, ge=0, le=3600, description="Wait before recreating a failed gang (doubles each time)."
     )
-    non_retryable_exit_codes: list[int] = Field(
+    non_retryable_exit_codes: list[Annotated[int, Field(ge=0, le=255)]] = Field(
         default_factory=list,
+        max_length=256,
         description="Exit codes that fail the job at once, e.g. 2 for bad arguments.",
     )
 
@@ -136,10 +139,12 @@ class TrainingJobSpec(ApiModel):
 
     image: str = Field(min_length=1, description="Container image of the workers.")
     command: list[str] | None = Field(
-        default=None, description="Entrypoint; the image's when empty. Usually [torchrun]."
+        default=None, max_length=1024, description="Entrypoint; the image's when empty. Usually [torchrun]."
     )
-    args: list[str] = Field(default_factory=list, description="Arguments to the entrypoint.")
-    env: list[EnvVar] = Field(default_factory=list, description="Extra environment for every worker.")
+    args: list[str] = Field(default_factory=list, max_length=4096, description="Arguments to the entrypoint.")
+    env: list[EnvVar] = Field(
+        default_factory=list, max_length=1024, description="Extra environment for every worker."
+    )
     workers: int = Field(ge=1, le=4096, description="Number of worker pods (torchrun --nnodes).")
     gpus_per_worker: int = Field(
         default=0, ge=0, le=64, description="GPUs per worker (torchrun --nproc-per-node); 0 runs on CPU."
@@ -157,26 +162,34 @@ class TrainingJobSpec(ApiModel):
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, description="Gang restart policy.")
     suspend: bool = Field(default=False, description="True removes the workers and keeps the status.")
     ttl_seconds_after_finished: int | None = Field(
-        default=None, ge=0, description="Delete the job this long after it succeeds or fails."
+        default=None,
+        ge=0,
+        le=MAX_DURATION_S,
+        description="Delete the job this long after it succeeds or fails.",
     )
     active_deadline_seconds: int | None = Field(
         default=None,
         ge=1,
+        le=MAX_DURATION_S,
         description=(
             "Run-time limit, like Slurm --time: counted from status.startTime (restarts included); "
             "past it the gang is stopped and the job fails with DeadlineExceeded. The placement queue "
             "uses it to let short gangs backfill and to estimate when GPUs free."
         ),
     )
-    priority: int = Field(default=0, description="Queue priority; higher places first.")
+    priority: int = Field(
+        default=0, ge=-1_000_000_000, le=1_000_000_000, description="Queue priority; higher places first."
+    )
     queue_name: str | None = Field(
         default=None,
         description="Kueue LocalQueue; when set, Kueue admits the job and Capstan does not place it.",
     )
     master_port: int = Field(default=29500, ge=1024, le=65535, description="torchrun rendezvous port.")
     service_account_name: str | None = Field(default=None, description="ServiceAccount of the workers.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, max_length=64, description="Extra node selector."
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Pod tolerations.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         default=None, description="Image pull policy."
     )

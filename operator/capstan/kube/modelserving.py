@@ -302,7 +302,7 @@ async def modelserving_loop(
     """The reconcile loop of one ModelServing (see the module docstring)."""
     assert namespace is not None  # ModelServing is namespaced
     try:
-        await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped)
+        await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped, "Ready")
     finally:
         _state(memo).baselines.forget(uid)
 

@@ -96,6 +96,37 @@ async def report_invalid(
         await api.post_event(body, "InvalidSpec", message, "Warning")
 
 
+async def report_error(
+    api: ApiClient,
+    res: Resource,
+    namespace: str,
+    name: str,
+    uid: str | None,
+    condition: str,
+    message: str,
+    now: datetime,
+) -> bool:
+    """A reconcile pass failed unexpectedly: condition ``condition`` False/ReconcileError with
+    ``message``, phase and everything else kept. The next good pass of the planner sets the
+    condition again. Returns True when the condition changed now (the caller posts an Event then).
+    """
+    body = await fetch_live(api, res, namespace, name, uid)
+    if body is None:
+        return False
+    raw = body.get("status") or {}
+    try:
+        conditions = [Condition.model_validate(c) for c in raw.get("conditions") or []]
+    except ValueError:
+        conditions = []
+    old = next((c for c in conditions if c.type == condition), None)
+    if old is not None and (old.status, old.reason, old.message) == ("False", "ReconcileError", message):
+        return False
+    generation = int((body.get("metadata") or {}).get("generation") or 1)
+    conditions = set_condition(conditions, condition, "False", "ReconcileError", message, now, generation)
+    await api.patch_status(res, namespace, name, {"conditions": [c.wire() for c in conditions]})
+    return True
+
+
 Step = Callable[[dict[str, Any], Any, datetime], Awaitable[float | None]]
 
 

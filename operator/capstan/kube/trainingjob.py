@@ -374,7 +374,7 @@ async def trainingjob_loop(
 ) -> None:
     """The reconcile loop of one TrainingJob (see the module docstring)."""
     assert namespace is not None  # TrainingJob is namespaced
-    await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped)
+    await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped, "Admitted")
 
 
 @kopf.on.event(GROUP, VERSION, "trainingjobs", id="wake-on-change")

@@ -146,7 +146,8 @@ def _count(workers: list[WorkerState]) -> WorkerCounts:
 
 def _backoff(job: TrainingJob, restarts: int) -> float:
     base = float(job.spec.failure_policy.backoff_seconds)
-    return min(base * (2 ** max(restarts - 1, 0)), MAX_BACKOFF_S) if base else 0.0
+    # the exponent is capped: 2**1024 overflows a float, and MAX_BACKOFF_S is reached long before
+    return min(base * (2 ** min(max(restarts - 1, 0), 32)), MAX_BACKOFF_S) if base else 0.0
 
 
 def plan_trainingjob(

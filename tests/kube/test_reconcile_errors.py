@@ -65,6 +65,8 @@ class _Stopped:
 class _FakeApi:
     """Just what the loop's error report touches: the object, its status, Events."""
 
+    closed = False
+
     def __init__(self) -> None:
         self.obj: dict[str, Any] = {
             "apiVersion": "capstan.dev/v1alpha1",

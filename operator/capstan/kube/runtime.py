@@ -164,7 +164,7 @@ async def reconcile_loop(
     failures = 0
     last_error = ""
     try:
-        while not stopped:
+        while not stopped and not api.closed:  # closed: the operator's cleanup ran, it is stopping
             wakeup.clear()
             try:
                 delay = await reconcile(api, namespace, name, uid, memo, logger)
@@ -181,6 +181,8 @@ async def reconcile_loop(
                     }
                     await api.post_event(body, "ReconcileFailed", str(exc), "Warning")
             except Exception as exc:
+                if api.closed:
+                    break
                 delay = _backoff(failures)
                 failures += 1
                 message = _describe(exc)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from capstan.kube.apply import DEPLOYMENTS, EVENTS, HPAS, MODELSERVINGS, PODS, SERVICES, ApiClient
+from capstan.kube.apply import DEPLOYMENTS, EVENTS, HPAS, MODELSERVINGS, PODS, SERVICES, USER_AGENT, ApiClient
 from capstan.kube.testing import emulated_cluster, running_operator, wait_for
 from capstan.kube.testing import test_client as api_client
 from capstan.naming import LABEL_REVISION, LABEL_SERVING
@@ -251,3 +251,38 @@ async def test_every_canary_step_holds_its_weight_before_promotion(cluster: tupl
     posted = await wait_for(events, what="Promoted event")
     steps = sorted(e["message"] for e in posted if e["reason"] == "CanaryStep")
     assert [m.split(":")[0] for m in steps] == ["step 1/2 (25%)", "step 2/2 (50%)"]
+
+
+async def test_refused_deployment_shows_in_status(cluster: tuple[Any, ApiClient]) -> None:
+    emulator, api = cluster
+    message = 'Deployment.apps "gpt-x" is invalid: spec.template.spec.containers[0].image: Invalid value'
+
+    def deployment_writes(req: Any) -> bool:
+        return (
+            req.headers.get("User-Agent", "").startswith(USER_AGENT)
+            and req.resource is not None
+            and req.resource.plural == "deployments"
+            and str(req.method.value).upper() in ("PATCH", "POST")
+        )
+
+    emulator.refuse(deployment_writes, 422, "Invalid", message)
+    await api.create(serving())
+    st = await wait_status(
+        api, lambda s: _condition(s, "Progressing").get("reason") == "CreateFailed", "refusal in status"
+    )
+    progressing = _condition(st, "Progressing")
+    assert progressing["status"] == "False" and message in progressing["message"]
+    assert st["message"].startswith("the API server refused Deployment gpt-") and message in st["message"]
+    assert await deployments(api) == {}
+    events = await api.list_objects(EVENTS, NS)
+    assert any(e["reason"] == "CreateFailed" and e["involvedObject"]["name"] == "gpt" for e in events)
+
+    emulator.clear_faults()  # the server accepts it now: the revision is created, the refusal cleared
+    (rev,) = await wait_for(lambda: deployments(api), what="the revision Deployment")
+    await make_ready(api, rev)
+    st = await wait_status(api, lambda s: s.get("phase") == "Ready", "Ready")
+    assert _condition(st, "Progressing").get("reason") != "CreateFailed"
+
+
+def _condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in st.get("conditions") or [] if c["type"] == type_), {})

@@ -1,5 +1,6 @@
 """A reconcile pass that fails unexpectedly is reported on the object and retried with backoff;
-the loop never dies and other objects go on."""
+the loop never dies and other objects go on. Children the API server refuses are reported in the
+status, which never claims workers that do not exist."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from typing import Any
 import kopf
 import pytest
 from tests.kube import scenarios as sc
+from tests.kube.conftest import Cluster
 
 import capstan.kube.trainingjob as tjmod
 from capstan.kube import runtime
-from capstan.kube.apply import TRAININGJOBS
+from capstan.kube.apply import TRAININGJOBS, USER_AGENT
+from capstan.kube.testing import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -122,3 +125,57 @@ async def test_loop_survives_exceptions_backs_off_and_logs_the_traceback_once(
     assert api.obj["status"]["phase"] == "Running"
     assert api.events == [("ReconcileError", "KeyError: 'spec'")]  # once, not per retry
     assert memo["wakeups"] == {}
+
+
+def _operator_creates(plural: str) -> Any:
+    def match(req: Any) -> bool:
+        return (
+            req.headers.get("User-Agent", "").startswith(USER_AGENT)
+            and str(req.method.value).upper() == "POST"
+            and req.resource is not None
+            and req.resource.plural == plural
+        )
+
+    return match
+
+
+async def test_refused_pods_show_in_status_without_a_false_created_claim(
+    cluster: Cluster, env: sc.Env
+) -> None:
+    message = 'Pod "refused-0" is invalid: spec.containers[0].securityContext.privileged: Forbidden'
+    creates = _operator_creates("pods")
+    cluster.emulator.refuse(creates, 422, "Invalid", message)
+    async with env.operator():
+        await env.api.create(sc.job_body(env, "refused"))
+        job = await sc.wait_job(
+            env, "refused", lambda j: sc.condition(j, "Admitted").get("reason") == "CreateFailed", "refusal"
+        )
+        admitted = sc.condition(job, "Admitted")
+        assert admitted["status"] == "False" and admitted["message"] == message
+        st = sc.status(job)
+        assert st["phase"] == "Pending" and "placement" not in st
+        assert message in st["message"] and "created" not in st["message"]
+        assert await sc.pods_of(env, "refused") == []
+        reasons = await sc.event_reasons(env, "refused")
+        assert "CreateFailed" in reasons and "GangCreated" not in reasons
+
+        # Retries (with backoff) leave the status as it is: no flapping between Starting and Pending.
+        version = job["metadata"]["resourceVersion"]
+        await wait_for(lambda: _at_least(cluster, creates, 6), sc.TIMEOUT, what="two more create attempts")
+        again = await sc.get_job(env, "refused")
+        assert again is not None and again["metadata"]["resourceVersion"] == version
+
+        # Once the server accepts the pods, the job is admitted and the gang created.
+        cluster.emulator.clear_faults()
+        await sc.wait_pods(env, "refused", 2)
+        job = await sc.wait_job(env, "refused", sc.admitted_is("True"), "admitted")
+        assert sc.status(job)["phase"] == "Starting" and "refused" not in sc.status(job)["message"]
+        await wait_for(lambda: _has_event(env, "refused", "GangCreated"), sc.TIMEOUT, what="GangCreated")
+
+
+async def _has_event(env: sc.Env, name: str, reason: str) -> bool:
+    return reason in await sc.event_reasons(env, name)
+
+
+async def _at_least(cluster: Cluster, match: Any, n: int) -> bool:
+    return sum(map(match, list(cluster.emulator))) >= n

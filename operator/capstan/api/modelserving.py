@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from capstan.api.common import (
     ApiModel,
@@ -16,6 +16,15 @@ from capstan.api.common import (
     Rule,
     Toleration,
 )
+from capstan.api.k8s_names import (
+    DNS1123_SUBDOMAIN_PATTERN,
+    ClaimName,
+    Image,
+    LabelValue,
+    QualifiedName,
+    TrainingJobName,
+    dns1123_subdomain_errors,
+)
 
 Runtime = Literal["capstan", "vllm", "tgi", "custom"]
 ServingPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
@@ -24,21 +33,32 @@ ServingPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 class FromTrainingJob(ApiModel):
     """Serve the model a TrainingJob exported."""
 
-    name: str = Field(min_length=1, description="TrainingJob name in the same namespace.")
+    name: TrainingJobName = Field(min_length=1, description="TrainingJob name in the same namespace.")
     checkpoint: str = Field(
         default="Latest",
         min_length=1,
+        max_length=253,
         description="Latest (follow the newest ready snapshot, rolling out each new one) or a snapshot name.",
+        json_schema_extra={"pattern": f"^(Latest|{DNS1123_SUBDOMAIN_PATTERN[1:-1]})$"},
     )
     path: str = Field(
         default="export", description="Directory of the exported model inside the checkpoint volume."
     )
 
+    @field_validator("checkpoint")
+    @classmethod
+    def _snapshot_name(cls, value: str) -> str:
+        errors = [] if value == "Latest" else dns1123_subdomain_errors(value)
+        if errors:
+            what = "neither Latest nor a valid VolumeSnapshot name"
+            raise ValueError(f"{value!r} is {what}: {'; '.join(errors)}")
+        return value
+
 
 class PvcSource(ApiModel):
     """Serve a model from an existing PVC."""
 
-    claim_name: str = Field(min_length=1, description="PersistentVolumeClaim holding the model.")
+    claim_name: ClaimName = Field(min_length=1, description="PersistentVolumeClaim holding the model.")
     path: str = Field(default="", description="Directory of the model inside the volume.")
 
 
@@ -134,7 +154,7 @@ class ModelServingSpec(ApiModel):
     runtime: Runtime = Field(
         default="capstan", description="Inference server: capstan (reference), vllm, tgi or custom."
     )
-    image: str | None = Field(default=None, description="Server image; each runtime has a default.")
+    image: Image | None = Field(default=None, description="Server image; each runtime has a default.")
     command: list[str] | None = Field(default=None, max_length=1024, description="Entrypoint override.")
     args_template: str | None = Field(
         default=None,
@@ -158,7 +178,7 @@ class ModelServingSpec(ApiModel):
     )
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Canary rollout and analysis.")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Pod tolerations.")
-    node_selector: dict[str, str] = Field(
+    node_selector: dict[QualifiedName, LabelValue] = Field(
         default_factory=dict, max_length=64, description="Extra node selector."
     )
 

@@ -17,6 +17,18 @@ from capstan.api.common import (
     Rule,
     Toleration,
 )
+from capstan.api.k8s_names import (
+    ClaimName,
+    EnvVarName,
+    Image,
+    LabelValue,
+    QualifiedName,
+    QueueName,
+    ServiceAccountName,
+    StorageClassName,
+    VolumeSnapshotClassName,
+    VolumeSnapshotName,
+)
 
 TopologyPolicy = Literal["Required", "Preferred", "None"]
 DomainLevel = Literal["nvlink", "rack", "block", "zone"]
@@ -57,14 +69,15 @@ class NetworkSpec(ApiModel):
     )
     rdma_resource: str | None = Field(
         default=None,
-        pattern=r"^rdma/[-._a-zA-Z0-9]+$",
+        max_length=68,
+        pattern=r"^rdma/([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$",
         description="Extended resource name of the RDMA device, e.g. rdma/rdma_shared_device_a.",
     )
     networks: str | None = Field(
         default=None,
         description="Multus networks annotation value (k8s.v1.cni.cncf.io/networks) for RDMA NICs.",
     )
-    nccl: dict[str, str] = Field(
+    nccl: dict[EnvVarName, str] = Field(
         default_factory=dict,
         max_length=64,
         description="NCCL_* environment overrides, e.g. {NCCL_DEBUG: WARN, NCCL_SOCKET_IFNAME: eth0}.",
@@ -75,8 +88,10 @@ class CheckpointVolume(ApiModel):
     """The volume checkpoints are written to; created by the operator or adopted."""
 
     size: Quantity | None = Field(default=None, description="Size of the PVC the operator creates.")
-    storage_class_name: str | None = Field(default=None, description="StorageClass of the created PVC.")
-    claim_name: str | None = Field(
+    storage_class_name: StorageClassName | None = Field(
+        default=None, description="StorageClass of the created PVC."
+    )
+    claim_name: ClaimName | None = Field(
         default=None, description="Adopt this existing PVC instead of creating one (never deleted)."
     )
     retain: bool = Field(default=False, description="Keep the created PVC when the TrainingJob is deleted.")
@@ -97,7 +112,7 @@ class CheckpointVolume(ApiModel):
 class SnapshotPolicy(ApiModel):
     """CSI VolumeSnapshots of the checkpoint volume."""
 
-    volume_snapshot_class_name: str | None = Field(
+    volume_snapshot_class_name: VolumeSnapshotClassName | None = Field(
         default=None, description="VolumeSnapshotClass to use; the cluster default when empty."
     )
     every_minutes: int = Field(
@@ -114,7 +129,7 @@ class CheckpointSpec(ApiModel):
     resume: Literal["Latest", "None"] = Field(
         default="Latest", description="Latest: workers resume from the newest checkpoint on restart."
     )
-    restore_from: str | None = Field(
+    restore_from: VolumeSnapshotName | None = Field(
         default=None,
         description="Name of a VolumeSnapshot to seed the checkpoint volume from (continue or fork a job).",
     )
@@ -137,7 +152,7 @@ class FailurePolicy(ApiModel):
 class TrainingJobSpec(ApiModel):
     """Desired state of a TrainingJob."""
 
-    image: str = Field(min_length=1, description="Container image of the workers.")
+    image: Image = Field(min_length=1, description="Container image of the workers.")
     command: list[str] | None = Field(
         default=None, max_length=1024, description="Entrypoint; the image's when empty. Usually [torchrun]."
     )
@@ -180,13 +195,15 @@ class TrainingJobSpec(ApiModel):
     priority: int = Field(
         default=0, ge=-1_000_000_000, le=1_000_000_000, description="Queue priority; higher places first."
     )
-    queue_name: str | None = Field(
+    queue_name: QueueName | None = Field(
         default=None,
         description="Kueue LocalQueue; when set, Kueue admits the job and Capstan does not place it.",
     )
     master_port: int = Field(default=29500, ge=1024, le=65535, description="torchrun rendezvous port.")
-    service_account_name: str | None = Field(default=None, description="ServiceAccount of the workers.")
-    node_selector: dict[str, str] = Field(
+    service_account_name: ServiceAccountName | None = Field(
+        default=None, description="ServiceAccount of the workers."
+    )
+    node_selector: dict[QualifiedName, LabelValue] = Field(
         default_factory=dict, max_length=64, description="Extra node selector."
     )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Pod tolerations.")

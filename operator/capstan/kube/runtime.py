@@ -129,6 +129,17 @@ def wake_all(memo: kopf.Memo) -> None:
         event.set()
 
 
+class Reported(Exception):
+    """A pass failed and already said so on the object (status and Event): the reconcile loop
+    only backs off."""
+
+
+def refused_by_server(exc: ApiError) -> bool:
+    """Whether ``exc`` is the API server refusing a write for good (invalid, forbidden, bad
+    request: a 4xx) rather than a conflict (409) or throttling (429) that a retry resolves."""
+    return 400 <= exc.status < 500 and exc.status not in (409, 429)
+
+
 RESYNC_S = 60.0
 ERROR_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 #: Longest exception message written into a condition (the rest is in the operator's log).
@@ -169,6 +180,12 @@ async def reconcile_loop(
             try:
                 delay = await reconcile(api, namespace, name, uid, memo, logger)
                 failures, last_error = 0, ""
+            except Reported as exc:
+                delay = _backoff(failures)
+                failures, last_error = failures + 1, ""
+                logger.warning("reconcile failed (retry in %.0fs): %s", delay, exc)
+                await asyncio.sleep(delay)
+                continue
             except ApiError as exc:
                 delay = _backoff(failures)
                 failures += 1

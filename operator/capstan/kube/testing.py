@@ -118,6 +118,10 @@ class Emulator(kmock.KubernetesEmulator):
         ``broken_json``, that third is sent as the whole answer (valid HTTP, truncated JSON)."""
         self._faults.append(_Fault(match, times, None, broken_json))
 
+    def clear_faults(self) -> None:
+        """Forget every fault injected with :meth:`refuse` or :meth:`cut`."""
+        self._faults.clear()
+
     def _fault(self, request: rendering.Request) -> _Fault | None:
         for fault in self._faults:
             if (fault.times is None or fault.times > 0) and fault.match(request):

@@ -166,8 +166,9 @@ async def reconcile_loop(
     a value the planner cannot handle) never ends the loop: the object's ``condition`` turns
     False/ReconcileError with the exception's message, a Warning Event says the same, the
     traceback is logged once per distinct error, and the next pass waits out the backoff (wake-ups
-    included, so the object's own status change does not retry it at once). Other objects have
-    loops of their own and are not affected.
+    included, so the object's own status change does not retry it at once). A pass that has
+    reported its failure on the object itself (:class:`Reported`) only backs off. Other objects
+    have loops of their own and are not affected.
     """
     api: ApiClient = memo["api"]
     wakeup = memo["wakeups"].setdefault(uid, asyncio.Event())

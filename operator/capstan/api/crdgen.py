@@ -94,7 +94,8 @@ def _crd(
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object."},
             "kind": {"type": "string", "description": "Kind of this object."},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            # The API server refuses anything on the root metadata schema but its type.
+            "metadata": {"type": "object"},
             "spec": spec,
             "status": status,
         },

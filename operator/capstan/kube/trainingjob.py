@@ -49,6 +49,7 @@ from capstan.kube.placement import (
     make_placer,
     movable_gangs,
     pinned_node,
+    placed_without_pods,
     queue_key,
     queued_jobs,
     running_gangs,
@@ -375,7 +376,7 @@ async def _fetch_placer(
     now = time.time()
     policy = memo.get("queue_policy")  # set at startup; None only where startup did not run
     return make_placer(nodes, pods, queued_jobs(jobs), queue, now, running_gangs(jobs, now), policy,
-                       movable_gangs(jobs))
+                       movable_gangs(jobs), placed_without_pods(jobs, pods))
 
 
 async def _apply_status(

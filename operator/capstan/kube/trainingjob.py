@@ -77,6 +77,7 @@ from capstan.training.lifecycle import (
 from capstan.training.pods import checkpoint_claim_name, checkpoint_pvc, selector, service_name
 
 KIND = "TrainingJob"
+CLEANUP_RETRY_S = 2.0  # the deletion handler's retry after a transient API failure (kopf's: 60 s)
 PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 
 
@@ -496,10 +497,22 @@ async def trainingjob_deleted(
     """Delete the job's pods, Service and owned PVC before the finalizer goes.
 
     The garbage collector would do the same through ownerReferences; doing it here makes the
-    cleanup immediate and visible, and works where no collector runs.
+    cleanup immediate and visible, and works where no collector runs. An API server that fails
+    for a moment (no answer, 429, 5xx, after the client's own retries) is tried again after
+    :data:`CLEANUP_RETRY_S`, not after kopf's default minute: the deletion waits on this handler.
     """
     assert namespace is not None  # TrainingJob is namespaced
-    api: ApiClient = memo["api"]
+    try:
+        await _delete_children(memo["api"], name, namespace, uid, spec, logger)
+    except ApiError as exc:
+        if exc.status in (0, 429) or exc.status >= 500:
+            raise kopf.TemporaryError(f"cleanup failed, retrying: {exc}", delay=CLEANUP_RETRY_S) from exc
+        raise
+
+
+async def _delete_children(
+    api: ApiClient, name: str, namespace: str, uid: str, spec: Mapping[str, Any], logger: kopf.Logger
+) -> None:
     pods = await api.list_pods(namespace, {LABEL_JOB_UID: uid})
     await api.delete_pods(namespace, [p["metadata"]["name"] for p in pods])
     try:

@@ -87,7 +87,8 @@ def _crd(
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object."},
             "kind": {"type": "string", "description": "Kind of this object."},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            # The API server forbids anything but `type` on metadata (it owns that schema).
+            "metadata": {"type": "object"},
             "spec": spec,
             "status": status,
         },

@@ -241,9 +241,11 @@ class OperatorThread:
         connection: kopf.ConnectionInfo | None = None,
         concurrency: int | None = None,
         timeout_s: float = 20.0,
+        peering: str | None = None,
     ) -> None:
         self.connection = connection or kopf.ConnectionInfo(server=url or "", insecure=True)
         self.namespaces = list(namespaces)
+        self.peering = peering  # None: standalone
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.errors: list[BaseException] = []
@@ -269,7 +271,8 @@ class OperatorThread:
                     serve(
                         namespaces=self.namespaces,
                         clusterwide=not self.namespaces,
-                        standalone=True,
+                        peering=self.peering,
+                        standalone=self.peering is None,
                         metrics_port=None,
                         liveness_port=None,
                         connection=self.connection,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from capstan.api.loading import InvalidResource, load_resources
+from capstan.api.loading import InvalidDocuments, InvalidResource, load_resources
 
 EXIT_INVALID = 2
 
@@ -117,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except InvalidResource as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for problem in exc.problems if isinstance(exc, InvalidDocuments) else [exc]:
+            print(f"error: {problem}", file=sys.stderr)
         return EXIT_INVALID
-    except FileNotFoundError as exc:
+    except OSError as exc:  # e.g. the output pipe closed; input files are read by the loader
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from capstan.api.loading import InvalidResource, Resource
+from capstan.api.loading import InvalidDocuments, InvalidResource, Resource
 from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob
 from capstan.naming import dns_label
@@ -62,12 +62,19 @@ def render_modelserving(ms: ModelServing, jobs: dict[str, TrainingJob] | None = 
 
 
 def render(resources: list[Resource]) -> list[dict[str, Any]]:
-    """Objects for every resource, in file order."""
+    """Objects for every resource, in file order; every resource that cannot be rendered is
+    reported (:class:`InvalidDocuments` when more than one)."""
     jobs = {r.metadata.name: r for r in resources if isinstance(r, TrainingJob)}
     out: list[dict[str, Any]] = []
+    problems: list[InvalidResource] = []
     for res in resources:
-        if isinstance(res, TrainingJob):
-            out.extend(render_trainingjob(res))
-        else:
-            out.extend(render_modelserving(res, jobs))
+        try:
+            if isinstance(res, TrainingJob):
+                out.extend(render_trainingjob(res))
+            else:
+                out.extend(render_modelserving(res, jobs))
+        except InvalidResource as exc:
+            problems.append(exc)
+    if problems:
+        raise problems[0] if len(problems) == 1 else InvalidDocuments(problems)
     return out

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from capstan.admission import SKIP_CAPACITY_ANNOTATION, validate
+from capstan.admission import SKIP_CAPACITY_ANNOTATION, handlers, validate
 from capstan.admission.validation import _jinja_errors, domain_sizes
 from capstan.topology.levels import DEFAULT_LEVELS
 
@@ -168,3 +171,45 @@ def test_input_not_mutated() -> None:
     before = copy.deepcopy(obj)
     validate(obj, HGX)
     assert obj == before
+
+
+_LOCATED = re.compile(r"^(\(root\)|(apiVersion|kind|metadata|spec|status)\b[^\n]*?): \S")
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+    | st.sampled_from([-1, 0, 10**18, 2**64, "x" * 500, "{{ name|indent(1500000000) }}"]),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=4),
+    max_leaves=20,
+)
+
+
+@st.composite
+def _mangled(draw: st.DrawFn) -> Any:
+    """A valid TrainingJob or custom ModelServing with one stanza or field replaced by any JSON."""
+    obj = copy.deepcopy(draw(st.sampled_from([
+        tj(), ms(), ms(runtime="custom", image="s:1", argsTemplate="--port={{ port }}"),
+    ])))
+    where = draw(st.sampled_from([obj, obj["metadata"], obj["spec"]]))
+    where[draw(st.sampled_from(sorted(where)) | st.text(max_size=8))] = draw(_JSON)
+    return obj
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=_JSON | _mangled())
+def test_validate_never_raises_and_names_a_field(body: Any) -> None:
+    errors = validate(body, HGX)
+    assert isinstance(errors, list)
+    for e in errors:
+        assert _LOCATED.match(e), e
+        assert len(e) < 1000
+
+
+@pytest.mark.parametrize(
+    "body",
+    [[], "TrainingJob", 3, None, {"kind": ["TrainingJob"]}, {"kind": "TrainingJob", "metadata": [1]},
+     {"kind": "ModelServing", "metadata": {"name": {"a": 1}}, "spec": "x"}],
+    ids=["list", "string", "number", "null", "kind-list", "metadata-list", "spec-string"],
+)
+def test_malformed_objects_get_errors_not_exceptions(body: Any) -> None:
+    errors = validate(body, HGX)
+    assert errors and all(_LOCATED.match(e) for e in errors), errors
+    assert handlers.describe(body if isinstance(body, dict) else {})  # the denial's header never fails

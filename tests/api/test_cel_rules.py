@@ -8,7 +8,7 @@ import cel
 import pytest
 from pydantic import ValidationError
 
-from capstan.api.common import ApiModel
+from capstan.api.common import ApiModel, Toleration
 from capstan.api.modelserving import AutoscalingSpec, ModelServingSpec, ModelSource
 from capstan.api.trainingjob import CheckpointVolume, TrainingJobSpec
 
@@ -47,6 +47,14 @@ SAMPLES: list[tuple[type[ApiModel], dict[str, Any], bool]] = [
         True,
     ),
     (ModelServingSpec, {"model": MS_MODEL, "runtime": "vllm"}, True),
+    (Toleration, {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}, True),
+    (Toleration, {"key": "gpu", "value": "a"}, True),
+    (Toleration, {"operator": "Exists"}, True),
+    (Toleration, {"key": "gpu", "effect": "NoExecute", "tolerationSeconds": 30}, True),
+    (Toleration, {"effect": "NoSchedule"}, False),
+    (Toleration, {"key": "", "operator": "Equal"}, False),
+    (Toleration, {"key": "gpu", "operator": "Exists", "value": "a"}, False),
+    (Toleration, {"key": "gpu", "effect": "NoSchedule", "tolerationSeconds": 30}, False),
 ]
 
 
@@ -74,6 +82,7 @@ def test_cel_holds_after_api_server_defaulting(model: type[ApiModel], sample: di
 
 
 def test_every_rule_compiles() -> None:
-    for model in (TrainingJobSpec, CheckpointVolume, ModelSource, AutoscalingSpec, ModelServingSpec):
+    models = (TrainingJobSpec, CheckpointVolume, ModelSource, AutoscalingSpec, ModelServingSpec, Toleration)
+    for model in models:
         for rule in model.rules:
             cel.compile(rule.cel)

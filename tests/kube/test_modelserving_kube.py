@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from capstan.kube.apply import DEPLOYMENTS, HPAS, MODELSERVINGS, PODS, SERVICES, ApiClient
+from capstan.kube.apply import DEPLOYMENTS, EVENTS, HPAS, MODELSERVINGS, PODS, SERVICES, USER_AGENT, ApiClient
 from capstan.kube.testing import emulated_cluster, running_operator, wait_for
 from capstan.kube.testing import test_client as api_client
 from capstan.naming import LABEL_REVISION, LABEL_SERVING
@@ -216,3 +216,73 @@ async def _gone(api: ApiClient, name: str) -> bool:
 
 def _weights(st: dict[str, Any]) -> dict[str, int]:
     return {r["name"]: r.get("weight", 0) for r in st.get("revisions") or []}
+
+
+async def test_every_canary_step_holds_its_weight_before_promotion(cluster: tuple[Any, ApiClient]) -> None:
+    """25% → 50% → promoted: step 2 gets its own start time and pause (not step 1's)."""
+    _, api = cluster
+    rollout = {"steps": [{"weight": 25, "pause": "2s"}, {"weight": 50, "pause": "2s"}]}
+    await api.create(serving(replicas=4, rollout=rollout))
+    (stable,) = await wait_for(lambda: deployments(api), what="stable Deployment")
+    await make_ready(api, stable)
+    await wait_status(api, lambda s: s.get("phase") == "Ready", "stable Ready")
+
+    await api.patch(MODELSERVINGS, NS, "gpt", {"spec": {"env": [{"name": "VERSION", "value": "2"}]}})
+    deps = await wait_for(lambda: _two(api), what="canary Deployment")
+    (canary,) = set(deps) - {stable}
+
+    seen: list[int] = []  # the canary's weight each time it changed, until promotion
+
+    async def promoted() -> bool:
+        await make_ready(api, canary)  # play the Deployment controller for each scale-up
+        st = await status(api)
+        weight = _weights(st).get(canary)
+        if st.get("canaryRevision") == canary and weight and (not seen or seen[-1] != weight):
+            seen.append(weight)
+        return st.get("stableRevision") == canary
+
+    await wait_for(promoted, timeout=40, what="promotion")
+    assert seen == [25, 50]
+
+    async def events() -> list[dict[str, Any]] | None:  # posted just after the status write
+        evs = [e for e in await api.list_objects(EVENTS, NS) if e["involvedObject"]["name"] == "gpt"]
+        return evs if any(e["reason"] == "Promoted" for e in evs) else None
+
+    posted = await wait_for(events, what="Promoted event")
+    steps = sorted(e["message"] for e in posted if e["reason"] == "CanaryStep")
+    assert [m.split(":")[0] for m in steps] == ["step 1/2 (25%)", "step 2/2 (50%)"]
+
+
+async def test_refused_deployment_shows_in_status(cluster: tuple[Any, ApiClient]) -> None:
+    emulator, api = cluster
+    message = 'Deployment.apps "gpt-x" is invalid: spec.template.spec.containers[0].image: Invalid value'
+
+    def deployment_writes(req: Any) -> bool:
+        return (
+            req.headers.get("User-Agent", "").startswith(USER_AGENT)
+            and req.resource is not None
+            and req.resource.plural == "deployments"
+            and str(req.method.value).upper() in ("PATCH", "POST")
+        )
+
+    emulator.refuse(deployment_writes, 422, "Invalid", message)
+    await api.create(serving())
+    st = await wait_status(
+        api, lambda s: _condition(s, "Progressing").get("reason") == "CreateFailed", "refusal in status"
+    )
+    progressing = _condition(st, "Progressing")
+    assert progressing["status"] == "False" and message in progressing["message"]
+    assert st["message"].startswith("the API server refused Deployment gpt-") and message in st["message"]
+    assert await deployments(api) == {}
+    events = await api.list_objects(EVENTS, NS)
+    assert any(e["reason"] == "CreateFailed" and e["involvedObject"]["name"] == "gpt" for e in events)
+
+    emulator.clear_faults()  # the server accepts it now: the revision is created, the refusal cleared
+    (rev,) = await wait_for(lambda: deployments(api), what="the revision Deployment")
+    await make_ready(api, rev)
+    st = await wait_status(api, lambda s: s.get("phase") == "Ready", "Ready")
+    assert _condition(st, "Progressing").get("reason") != "CreateFailed"
+
+
+def _condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in st.get("conditions") or [] if c["type"] == type_), {})

@@ -7,7 +7,7 @@ from typing import Any
 from sim import Cluster, at, make_ms, run
 
 from capstan.serving.analysis import AnalysisResult
-from capstan.serving.plan import analysis_due
+from capstan.serving.plan import Observed, analysis_due, plan_modelserving, refused
 
 STEPS = {
     "steps": [{"weight": 10, "pause": "1m"}, {"weight": 50, "pause": "2m"}],
@@ -267,3 +267,19 @@ def test_long_and_odd_names_stay_dns_safe() -> None:
     dotted = make_ms(name="llama.v3", replicas=1)
     _, plan = run(dotted, Cluster(), at(0))
     assert all("." not in o["metadata"]["name"] for o in plan.objects)
+
+
+def test_refusal_stays_on_show_while_applies_are_retried() -> None:
+    ms = make_ms(replicas=1)
+    plan = plan_modelserving(ms, Observed(), at(0))
+    refused_status = refused(ms, plan.status, "Deployment gpt-x", "invalid image", at(0))
+    assert cond(ms.model_copy(update={"status": refused_status}), "Progressing").reason == "CreateFailed"
+    assert refused_status.message == "the API server refused Deployment gpt-x: invalid image"
+    ms = ms.model_copy(update={"status": refused_status})
+    retry = plan_modelserving(ms, Observed(), at(30))
+    assert retry.objects and retry.status == refused_status  # nothing to write while it is refused
+    assert retry.on_applied is not None
+    assert next(x for x in retry.on_applied.conditions if x.type == "Progressing").reason != "CreateFailed"
+    # A new spec is judged afresh.
+    fresh = plan_modelserving(changed(ms, replicas=2), Observed(), at(31))
+    assert fresh.on_applied is None

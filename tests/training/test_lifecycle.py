@@ -7,7 +7,7 @@ from typing import Any
 
 from capstan.api.loading import parse_resource
 from capstan.api.trainingjob import TrainingJob
-from capstan.training.lifecycle import PlacementDecision, Plan, plan_trainingjob
+from capstan.training.lifecycle import PlacementDecision, Plan, plan_trainingjob, refused
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -264,3 +264,46 @@ def test_gang_waits_for_placement_with_reason() -> None:
     assert plan.status.placement is not None and plan.status.placement.nodes == ["n1", "n2"]
     pinned = [p["spec"]["affinity"]["nodeAffinity"] for p in plan.create if p["kind"] == "Pod"]
     assert len(pinned) == 2
+
+
+def _placed(_: TrainingJob) -> PlacementDecision:
+    return PlacementDecision(placed=True, nodes=["n1", "n2"], level="nvlink", domain="a")
+
+
+def test_refused_gang_is_reported_without_claiming_workers_and_kept_while_retries_fail() -> None:
+    tj = job()
+    first = plan_trainingjob(tj, [], T0, placer=_placed)
+    assert first.create and first.status.phase == "Starting" and first.on_created is None
+    message = 'Pod "gpt-0" is invalid: spec.tolerations[0].key: Invalid value: "bad key"'
+    st = refused(tj, first.status, message, T0)
+    admitted = next(c for c in st.conditions if c.type == "Admitted")
+    assert (admitted.status, admitted.reason, admitted.message) == ("False", "CreateFailed", message)
+    assert st.phase == "Pending" and st.placement is None
+    assert "created" not in st.message and message in st.message
+    placed = next(c for c in st.conditions if c.type == "Placed")
+    assert placed.status == "False"
+
+    # The next pass retries the creates but keeps the refusal on show, unchanged.
+    tj = tj.model_copy(update={"status": st})
+    retry = plan_trainingjob(tj, [], T0 + timedelta(seconds=5), placer=_placed)
+    assert retry.create
+    assert retry.status.wire() == {**st.wire(), "workers": retry.status.wire()["workers"]}
+    assert retry.on_created is not None and retry.on_created.phase == "Starting"
+    ok = next(c for c in retry.on_created.conditions if c.type == "Admitted")
+    assert (ok.status, ok.reason) == ("True", "Valid")
+    assert retry.on_created.placement is not None and retry.on_created.placement.nodes == ["n1", "n2"]
+
+    # A new spec (generation) is judged afresh: the old refusal no longer holds it back.
+    changed = tj.model_copy(update={"metadata": tj.metadata.model_copy(update={"generation": 4})})
+    fresh = plan_trainingjob(changed, [], T0, placer=_placed)
+    assert fresh.on_created is None and fresh.status.phase == "Starting"
+    assert next(c for c in fresh.status.conditions if c.type == "Admitted").status == "True"
+
+
+def test_refusal_of_missing_workers_keeps_starting() -> None:
+    c = Cluster(job(workers=2))
+    c.reconcile()
+    del c.pods["gpt-1"]  # one worker exists, the other is refused
+    plan = plan_trainingjob(c.job, list(c.pods.values()), T0, service_exists=True)
+    st = refused(c.job, plan.status, "pods \"gpt-1\" is forbidden: exceeded quota", T0)
+    assert st.phase == "Starting" and st.placement == plan.status.placement

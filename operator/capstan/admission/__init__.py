@@ -5,7 +5,9 @@
   everything the pydantic models say, each as ``field.path: reason and fix``.
 * :mod:`capstan.admission.handlers` registers it with kopf (``@kopf.on.validate``) and lists
   Nodes for the capacity checks.
-* :func:`configure_admission` wires kopf's webhook server from the mounted certificate.
+* :func:`configure_admission` wires kopf's webhook server from the mounted certificate
+  (:class:`capstan.admission.server.ReviewServer`, which answers malformed AdmissionReviews with a
+  400 or a denial instead of a 500).
 
 **No mutating webhook, on purpose.** Defaults live in the CRD's structural schema, where the API
 server applies them identically on every write and ``kubectl diff``/Argo CD/Flux account for
@@ -85,9 +87,12 @@ def configure_admission(
     missing = [str(p) for p in (certfile, pkeyfile) if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{CERT_DIR_ENV}={cert_dir}: missing {', '.join(missing)}")
+    from capstan.admission.server import ReviewServer
+
     register(registry)
     # kopf re-reads the files when they change (cert-manager renewals) and restarts the listener.
-    settings.admission.server = kopf.WebhookServer(
+    # ReviewServer answers malformed reviews with a 400 or a denial, never a 500.
+    settings.admission.server = ReviewServer(
         addr=env.get(ADDR_ENV) or "0.0.0.0",
         port=int(env.get(PORT_ENV) or DEFAULT_PORT),
         certfile=str(certfile),

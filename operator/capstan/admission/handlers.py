@@ -15,12 +15,15 @@ import asyncio
 import json
 import logging
 import time
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from capstan import GROUP, VERSION
 from capstan.admission.validation import validate
+from capstan.api.loading import clip
 from capstan.kube.apply import NODES as NODES_RESOURCE
 from capstan.kube.apply import ApiClient
 from capstan.topology.levels import levels_from_env
@@ -29,7 +32,8 @@ log = logging.getLogger(__name__)
 
 NODE_CACHE_SECONDS = 30.0
 _PLURALS = {"TrainingJob": "trainingjobs", "ModelServing": "modelservings"}
-_registered: set[int] = set()
+# Registries already served; weak, so a registry's id reused after it is gone does not count.
+_registered: weakref.WeakSet[kopf.OperatorRegistry] = weakref.WeakSet()
 
 
 class NodeLister:
@@ -78,11 +82,21 @@ async def review(body: kopf.Body, warnings: list[str], memo: kopf.Memo | None = 
         log.warning("admission: cannot list nodes, skipping capacity checks: %s", exc)
         warnings.append(f"capacity checks skipped: cannot list nodes ({type(exc).__name__})")
         nodes = []
-    errors = validate(dict(body), nodes, levels_from_env())
+    # In a thread: a spec's argsTemplate is rendered, and its budget is wall time the event loop
+    # (every other webhook call and every reconcile) must not wait for.
+    errors = await asyncio.to_thread(validate, dict(body), nodes, levels_from_env())
     if errors:
-        kind = body.get("kind", "object")
-        name = (body.get("metadata") or {}).get("name", "")
-        raise kopf.AdmissionError(f"{kind} {name!r} is invalid: " + "; ".join(errors), code=422)
+        raise kopf.AdmissionError(f"{describe(body)} is invalid: " + "; ".join(errors), code=422)
+
+
+def describe(body: Mapping[str, Any]) -> str:
+    """``Kind 'name'`` of an object under review, whatever types its fields have."""
+    kind = body.get("kind")
+    meta = body.get("metadata")
+    name = meta.get("name") if isinstance(meta, Mapping) else None
+    shown_kind = clip(kind, 60) if isinstance(kind, str) else "object"
+    shown_name = clip(name, 253) if isinstance(name, str) else ""
+    return f"{shown_kind} {shown_name!r}"
 
 
 def unregister(registry: kopf.OperatorRegistry | None = None) -> None:
@@ -93,7 +107,7 @@ def unregister(registry: kopf.OperatorRegistry | None = None) -> None:
     ids = set(WEBHOOK_IDS.values())
     # kopf has no public way to drop a handler; its registry keeps them in one list.
     reg._webhooks._handlers[:] = [h for h in reg._webhooks._handlers if h.id not in ids]
-    _registered.discard(id(reg))
+    _registered.discard(reg)
 
 
 def register(registry: kopf.OperatorRegistry | None = None) -> None:
@@ -101,7 +115,7 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
     from capstan.admission import WEBHOOK_IDS
 
     reg = registry if registry is not None else kopf.get_default_registry()
-    if id(reg) in _registered:
+    if reg in _registered:
         return
     for kind, plural in _PLURALS.items():
         kopf.on.validate(
@@ -112,4 +126,4 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
             operations=["CREATE", "UPDATE"],
             registry=reg,
         )(review)
-    _registered.add(id(reg))
+    _registered.add(reg)

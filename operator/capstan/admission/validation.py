@@ -35,14 +35,17 @@ TEMPLATE_VARIABLES = ("model_path", "port", "tensor_parallel", "max_model_len", 
 
 
 def validate(
-    body: Mapping[str, Any],
+    body: Any,
     nodes: Sequence[Mapping[str, Any]] = (),
     levels: TopologyLevels = DEFAULT_LEVELS,
 ) -> list[str]:
-    """Every reason to reject ``body`` (a TrainingJob or ModelServing dict); [] admits it."""
+    """Every reason to reject ``body`` (a TrainingJob or ModelServing dict); [] admits it.
+
+    Never raises: any value (a list, a string, fields of the wrong type) gets errors naming where.
+    """
     # The status is the operator's (written through /status, which this webhook does not see);
     # a spec change must not be refused because of it.
-    obj = {k: v for k, v in body.items() if k != "status"}
+    obj = {k: v for k, v in body.items() if k != "status"} if isinstance(body, Mapping) else body
     try:
         resource = parse_resource(obj)
     except InvalidResource as exc:
@@ -98,7 +101,9 @@ def _with_spec_hint(line: str) -> str:
 # --- checks on the raw dict (used when the model does not parse) --------------------------------
 
 
-def _raw_checks(obj: Mapping[str, Any], already: list[str]) -> list[str]:
+def _raw_checks(obj: Any, already: list[str]) -> list[str]:
+    if not isinstance(obj, Mapping):
+        return []
     spec = obj.get("spec")
     if not isinstance(spec, Mapping):
         return []

@@ -19,6 +19,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 
+from capstan.api.k8s_names import EnvVarName, LabelValue, TaintKey
+
 # Kubernetes resource.Quantity: an integer or a string such as "500m", "256Gi", "1e3".
 QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
@@ -47,9 +49,40 @@ Quantity = Annotated[
     ),
 ]
 
+#: The longest duration any spec field may ask for: one year, in seconds. Bigger values overflow
+#: datetime arithmetic (the year 9999) and would make a reconcile fail for ever.
+MAX_DURATION_S = 365 * 24 * 3600
+
 # Go-style duration as accepted in rollout pauses: "30s", "2m", "1h30m".
 DURATION_PATTERN = r"^([0-9]+(s|m|h))+$"
-Duration = Annotated[str, Field(pattern=DURATION_PATTERN)]
+_DURATION_PART = re.compile(r"([0-9]+)(s|m|h)")
+_DURATION_UNIT = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go-style duration such as ``30s``, ``2m``, ``1h30m``."""
+    return float(sum(int(n) * _DURATION_UNIT[u] for n, u in _DURATION_PART.findall(text)))
+
+
+def _check_duration(value: str) -> str:
+    if parse_duration(value) > MAX_DURATION_S:
+        raise ValueError(f"{value!r} is longer than the maximum of 8760h (one year)")
+    return value
+
+
+Duration = Annotated[
+    str,
+    Field(
+        pattern=DURATION_PATTERN,
+        max_length=32,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "duration(self) <= duration('8760h')", "message": "must be at most 8760h (one year)"}
+            ]
+        },
+    ),
+    AfterValidator(_check_duration),
+]
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -129,21 +162,47 @@ class ObjectMeta(BaseModel):
 class EnvVar(ApiModel):
     """A plain environment variable for the workload container."""
 
-    name: str = Field(min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name.")
+    name: EnvVarName = Field(min_length=1, description="Variable name.")
     value: str = Field(default="", description="Variable value.")
 
 
 class Toleration(ApiModel):
-    """A pod toleration (same fields as core/v1 Toleration)."""
+    """A pod toleration (same fields and rules as core/v1 Toleration)."""
 
-    key: str | None = Field(default=None, description="Taint key the toleration applies to.")
-    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal.")
-    value: str | None = Field(default=None, description="Taint value to match with Equal.")
+    key: TaintKey | None = Field(
+        default=None, description="Taint key the toleration applies to; empty with operator Exists: all."
+    )
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists or Equal (the default)."
+    )
+    value: LabelValue | None = Field(default=None, description="Taint value to match with Equal.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to match; empty matches all effects."
     )
     toleration_seconds: int | None = Field(
-        default=None, description="How long a NoExecute taint is tolerated."
+        default=None, ge=0, le=MAX_DURATION_S, description="How long a NoExecute taint is tolerated."
+    )
+
+    # The rules of core/v1 ValidateTolerations.
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            ".operator",
+            "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+            "must be Exists when key is empty (which means: tolerate every taint)",
+            lambda t: bool(t.key) or t.operator == "Exists",
+        ),
+        Rule(
+            ".value",
+            "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            "must be empty when operator is Exists",
+            lambda t: t.operator != "Exists" or not t.value,
+        ),
+        Rule(
+            ".effect",
+            "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            "must be NoExecute when tolerationSeconds is set",
+            lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+        ),
     )
 
 

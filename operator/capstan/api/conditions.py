@@ -6,6 +6,9 @@ from datetime import UTC, datetime
 
 from capstan.api.common import Condition, ConditionStatus
 
+#: Reason of the condition that says the API server refused to create a child (a 4xx).
+CREATE_FAILED = "CreateFailed"
+
 
 def rfc3339(when: datetime) -> str:
     """Format a timestamp the way Kubernetes does (UTC, seconds, trailing Z)."""
@@ -47,3 +50,25 @@ def set_condition(
 def get_condition(conditions: list[Condition], type_: str) -> Condition | None:
     """The condition of ``type_``, if present."""
     return next((c for c in conditions if c.type == type_), None)
+
+
+def refusal_on_record(conditions: list[Condition], type_: str, generation: int) -> Condition | None:
+    """Condition ``type_`` when it is False/:data:`CREATE_FAILED` for ``generation`` (a refusal
+    of the API server to create children of this spec), else None."""
+    cond = get_condition(conditions, type_)
+    if cond is None or cond.status != "False" or cond.reason != CREATE_FAILED:
+        return None
+    return cond if cond.observed_generation == generation else None
+
+
+def keep_from(new: list[Condition], old: list[Condition], types: tuple[str, ...]) -> list[Condition]:
+    """``new`` with the conditions of ``types`` exactly as in ``old`` (dropped where ``old`` has
+    none), e.g. to keep a refusal on show unchanged while retries fail."""
+    previous = {c.type: c for c in old if c.type in types}
+    kept = []
+    for cond in new:
+        if cond.type not in types:
+            kept.append(cond)
+        elif cond.type in previous:
+            kept.append(previous.pop(cond.type))
+    return kept + list(previous.values())

@@ -39,6 +39,13 @@ def _structural(node: Any, defs: dict[str, Any], path: str) -> Any:
         return _structural(node, defs, path)
     if node.get("default", 0) is None:
         del node["default"]
+    if "patternProperties" in node:
+        # A map with validated keys: structural schemas cannot say anything about keys
+        # (patternProperties and propertyNames are not allowed), so the CRD checks the values and
+        # the models (the admission webhook, the operator's InvalidSpec) check the keys.
+        (values,) = node.pop("patternProperties").values()
+        node.pop("propertyNames", None)
+        node["additionalProperties"] = values
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROP or (key == "additionalProperties" and value is False):
@@ -87,7 +94,7 @@ def _crd(
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object."},
             "kind": {"type": "string", "description": "Kind of this object."},
-            # The API server forbids anything but `type` on metadata (it owns that schema).
+            # The API server refuses anything on the root metadata schema but its type.
             "metadata": {"type": "object"},
             "spec": spec,
             "status": status,

@@ -4,9 +4,27 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from capstan.api.common import ApiModel, Condition, Duration, EnvVar, ObjectMeta, Quantity, Rule, Toleration
+from capstan.api.common import (
+    ApiModel,
+    Condition,
+    Duration,
+    EnvVar,
+    ObjectMeta,
+    Quantity,
+    Rule,
+    Toleration,
+)
+from capstan.api.k8s_names import (
+    DNS1123_SUBDOMAIN_PATTERN,
+    ClaimName,
+    Image,
+    LabelValue,
+    QualifiedName,
+    TrainingJobName,
+    dns1123_subdomain_errors,
+)
 
 Runtime = Literal["capstan", "vllm", "tgi", "custom"]
 ServingPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
@@ -15,21 +33,32 @@ ServingPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 class FromTrainingJob(ApiModel):
     """Serve the model a TrainingJob exported."""
 
-    name: str = Field(min_length=1, description="TrainingJob name in the same namespace.")
+    name: TrainingJobName = Field(min_length=1, description="TrainingJob name in the same namespace.")
     checkpoint: str = Field(
         default="Latest",
         min_length=1,
+        max_length=253,
         description="Latest (follow the newest ready snapshot, rolling out each new one) or a snapshot name.",
+        json_schema_extra={"pattern": f"^(Latest|{DNS1123_SUBDOMAIN_PATTERN[1:-1]})$"},
     )
     path: str = Field(
         default="export", description="Directory of the exported model inside the checkpoint volume."
     )
 
+    @field_validator("checkpoint")
+    @classmethod
+    def _snapshot_name(cls, value: str) -> str:
+        errors = [] if value == "Latest" else dns1123_subdomain_errors(value)
+        if errors:
+            what = "neither Latest nor a valid VolumeSnapshot name"
+            raise ValueError(f"{value!r} is {what}: {'; '.join(errors)}")
+        return value
+
 
 class PvcSource(ApiModel):
     """Serve a model from an existing PVC."""
 
-    claim_name: str = Field(min_length=1, description="PersistentVolumeClaim holding the model.")
+    claim_name: ClaimName = Field(min_length=1, description="PersistentVolumeClaim holding the model.")
     path: str = Field(default="", description="Directory of the model inside the volume.")
 
 
@@ -64,7 +93,7 @@ class AutoscalingSpec(ApiModel):
         description="concurrency: in-flight requests per replica (capstan_serving_requests_running); "
         "cpu: CPU utilisation percent.",
     )
-    target: int = Field(default=16, ge=1, description="Target value of the metric per replica.")
+    target: int = Field(default=16, ge=1, le=100_000, description="Target value of the metric per replica.")
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -90,10 +119,13 @@ class AnalysisSpec(ApiModel):
         default=0.01, ge=0, le=1, description="Highest share of non-2xx responses (0.01 = 1%)."
     )
     max_p99_latency_ms: int | None = Field(
-        default=None, ge=1, description="Highest p99 end-to-end latency in milliseconds."
+        default=None, ge=1, le=3_600_000, description="Highest p99 end-to-end latency in milliseconds."
     )
     min_requests: int = Field(
-        default=20, ge=0, description="Requests needed before a verdict; fewer holds the step."
+        default=20,
+        ge=0,
+        le=1_000_000_000,
+        description="Requests needed before a verdict; fewer holds the step.",
     )
 
 
@@ -101,7 +133,9 @@ class RolloutSpec(ApiModel):
     """How a new revision replaces the stable one."""
 
     steps: list[RolloutStep] = Field(
-        default_factory=list, description="Canary steps; empty promotes a ready revision at once."
+        default_factory=list,
+        max_length=50,
+        description="Canary steps; empty promotes a ready revision at once.",
     )
     analysis: AnalysisSpec | None = Field(default=None, description="Metric analysis between steps.")
 
@@ -120,28 +154,33 @@ class ModelServingSpec(ApiModel):
     runtime: Runtime = Field(
         default="capstan", description="Inference server: capstan (reference), vllm, tgi or custom."
     )
-    image: str | None = Field(default=None, description="Server image; each runtime has a default.")
-    command: list[str] | None = Field(default=None, description="Entrypoint override.")
+    image: Image | None = Field(default=None, description="Server image; each runtime has a default.")
+    command: list[str] | None = Field(default=None, max_length=1024, description="Entrypoint override.")
     args_template: str | None = Field(
         default=None,
+        max_length=65536,
         description="custom runtime: jinja2 template of the server arguments, one per line. Variables: "
         "model_path, port, tensor_parallel, max_model_len, name.",
     )
-    env: list[EnvVar] = Field(default_factory=list, description="Extra environment.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=1024, description="Extra environment.")
     tensor_parallel: int = Field(
         default=1, ge=1, le=72, description="GPUs per replica, kept inside one NVLink domain."
     )
     gpu: bool = Field(default=True, description="Request tensorParallel GPUs per replica (false: CPU).")
     replicas: int = Field(default=1, ge=0, le=1000, description="Replicas when not autoscaled.")
-    max_model_len: int | None = Field(default=None, ge=1, description="Longest sequence served.")
+    max_model_len: int | None = Field(
+        default=None, ge=1, le=16_777_216, description="Longest sequence served."
+    )
     port: int = Field(default=8000, ge=1024, le=65535, description="Container port of the server.")
     resources: ServingResources = Field(default_factory=ServingResources, description="CPU and memory.")
     autoscaling: AutoscalingSpec | None = Field(
         default=None, description="Autoscaling; fixed replicas when empty."
     )
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Canary rollout and analysis.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Pod tolerations.")
+    node_selector: dict[QualifiedName, LabelValue] = Field(
+        default_factory=dict, max_length=64, description="Extra node selector."
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
 from capstan.api.common import (
+    MAX_DURATION_S,
     ApiModel,
     Condition,
     EnvVar,
@@ -15,6 +16,18 @@ from capstan.api.common import (
     Resources,
     Rule,
     Toleration,
+)
+from capstan.api.k8s_names import (
+    ClaimName,
+    EnvVarName,
+    Image,
+    LabelValue,
+    QualifiedName,
+    QueueName,
+    ServiceAccountName,
+    StorageClassName,
+    VolumeSnapshotClassName,
+    VolumeSnapshotName,
 )
 
 TopologyPolicy = Literal["Required", "Preferred", "None"]
@@ -56,15 +69,17 @@ class NetworkSpec(ApiModel):
     )
     rdma_resource: str | None = Field(
         default=None,
-        pattern=r"^rdma/[-._a-zA-Z0-9]+$",
+        max_length=68,
+        pattern=r"^rdma/([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$",
         description="Extended resource name of the RDMA device, e.g. rdma/rdma_shared_device_a.",
     )
     networks: str | None = Field(
         default=None,
         description="Multus networks annotation value (k8s.v1.cni.cncf.io/networks) for RDMA NICs.",
     )
-    nccl: dict[str, str] = Field(
+    nccl: dict[EnvVarName, str] = Field(
         default_factory=dict,
+        max_length=64,
         description="NCCL_* environment overrides, e.g. {NCCL_DEBUG: WARN, NCCL_SOCKET_IFNAME: eth0}.",
     )
 
@@ -73,8 +88,10 @@ class CheckpointVolume(ApiModel):
     """The volume checkpoints are written to; created by the operator or adopted."""
 
     size: Quantity | None = Field(default=None, description="Size of the PVC the operator creates.")
-    storage_class_name: str | None = Field(default=None, description="StorageClass of the created PVC.")
-    claim_name: str | None = Field(
+    storage_class_name: StorageClassName | None = Field(
+        default=None, description="StorageClass of the created PVC."
+    )
+    claim_name: ClaimName | None = Field(
         default=None, description="Adopt this existing PVC instead of creating one (never deleted)."
     )
     retain: bool = Field(default=False, description="Keep the created PVC when the TrainingJob is deleted.")
@@ -95,7 +112,7 @@ class CheckpointVolume(ApiModel):
 class SnapshotPolicy(ApiModel):
     """CSI VolumeSnapshots of the checkpoint volume."""
 
-    volume_snapshot_class_name: str | None = Field(
+    volume_snapshot_class_name: VolumeSnapshotClassName | None = Field(
         default=None, description="VolumeSnapshotClass to use; the cluster default when empty."
     )
     every_minutes: int = Field(
@@ -112,7 +129,7 @@ class CheckpointSpec(ApiModel):
     resume: Literal["Latest", "None"] = Field(
         default="Latest", description="Latest: workers resume from the newest checkpoint on restart."
     )
-    restore_from: str | None = Field(
+    restore_from: VolumeSnapshotName | None = Field(
         default=None,
         description="Name of a VolumeSnapshot to seed the checkpoint volume from (continue or fork a job).",
     )
@@ -125,8 +142,9 @@ class FailurePolicy(ApiModel):
     backoff_seconds: int = Field(
         default=30, ge=0, le=3600, description="Wait before recreating a failed gang (doubles each time)."
     )
-    non_retryable_exit_codes: list[int] = Field(
+    non_retryable_exit_codes: list[Annotated[int, Field(ge=0, le=255)]] = Field(
         default_factory=list,
+        max_length=256,
         description="Exit codes that fail the job at once, e.g. 2 for bad arguments.",
     )
 
@@ -134,12 +152,14 @@ class FailurePolicy(ApiModel):
 class TrainingJobSpec(ApiModel):
     """Desired state of a TrainingJob."""
 
-    image: str = Field(min_length=1, description="Container image of the workers.")
+    image: Image = Field(min_length=1, description="Container image of the workers.")
     command: list[str] | None = Field(
-        default=None, description="Entrypoint; the image's when empty. Usually [torchrun]."
+        default=None, max_length=1024, description="Entrypoint; the image's when empty. Usually [torchrun]."
     )
-    args: list[str] = Field(default_factory=list, description="Arguments to the entrypoint.")
-    env: list[EnvVar] = Field(default_factory=list, description="Extra environment for every worker.")
+    args: list[str] = Field(default_factory=list, max_length=4096, description="Arguments to the entrypoint.")
+    env: list[EnvVar] = Field(
+        default_factory=list, max_length=1024, description="Extra environment for every worker."
+    )
     workers: int = Field(ge=1, le=4096, description="Number of worker pods (torchrun --nnodes).")
     gpus_per_worker: int = Field(
         default=0, ge=0, le=64, description="GPUs per worker (torchrun --nproc-per-node); 0 runs on CPU."
@@ -157,26 +177,36 @@ class TrainingJobSpec(ApiModel):
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, description="Gang restart policy.")
     suspend: bool = Field(default=False, description="True removes the workers and keeps the status.")
     ttl_seconds_after_finished: int | None = Field(
-        default=None, ge=0, description="Delete the job this long after it succeeds or fails."
+        default=None,
+        ge=0,
+        le=MAX_DURATION_S,
+        description="Delete the job this long after it succeeds or fails.",
     )
     active_deadline_seconds: int | None = Field(
         default=None,
         ge=1,
+        le=MAX_DURATION_S,
         description=(
             "Run-time limit, like Slurm --time: counted from status.startTime (restarts included); "
             "past it the gang is stopped and the job fails with DeadlineExceeded. The placement queue "
             "uses it to let short gangs backfill and to estimate when GPUs free."
         ),
     )
-    priority: int = Field(default=0, description="Queue priority; higher places first.")
-    queue_name: str | None = Field(
+    priority: int = Field(
+        default=0, ge=-1_000_000_000, le=1_000_000_000, description="Queue priority; higher places first."
+    )
+    queue_name: QueueName | None = Field(
         default=None,
         description="Kueue LocalQueue; when set, Kueue admits the job and Capstan does not place it.",
     )
     master_port: int = Field(default=29500, ge=1024, le=65535, description="torchrun rendezvous port.")
-    service_account_name: str | None = Field(default=None, description="ServiceAccount of the workers.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
+    service_account_name: ServiceAccountName | None = Field(
+        default=None, description="ServiceAccount of the workers."
+    )
+    node_selector: dict[QualifiedName, LabelValue] = Field(
+        default_factory=dict, max_length=64, description="Extra node selector."
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Pod tolerations.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         default=None, description="Image pull policy."
     )

@@ -18,6 +18,7 @@ servers that ignore ``labelSelector`` (emulators) give the same results as a rea
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -30,6 +31,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from capstan import __version__
 from capstan.naming import short_hash
 
 if TYPE_CHECKING:
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 32
+USER_AGENT = f"capstan/{__version__}"
 FIELD_MANAGER = "capstan"
 EVENT_COMPONENT = "capstan-operator"
 MERGE_PATCH = "application/merge-patch+json"
@@ -217,7 +220,9 @@ class ApiClient:
         field_manager: str = FIELD_MANAGER,
     ) -> None:
         self.server = server.rstrip("/")
-        self.headers = dict(headers or {})
+        # A User-Agent of its own: API server audit logs (and test emulators) tell Capstan's calls
+        # from kopf's, which share the same credentials.
+        self.headers = {"User-Agent": USER_AGENT, **dict(headers or {})}
         self.concurrency = max(1, concurrency)
         self.retries = retries
         self.field_manager = field_manager
@@ -256,6 +261,11 @@ class ApiClient:
         """Close the connection pool."""
         await self._session.close()
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (the operator is shutting down)."""
+        return self._session.closed
+
     async def __aenter__(self) -> ApiClient:
         return self
 
@@ -273,31 +283,45 @@ class ApiClient:
         body: Any = None,
         content_type: str = "application/json",
     ) -> Any:
-        """One API call; JSON answer, or :class:`ApiError`. Retries 429/5xx and lost connections."""
+        """One API call; JSON answer, or :class:`ApiError`.
+
+        Retried with backoff (``retries`` times): 429 and 5xx answers, lost connections, timeouts,
+        and answers cut short — a body shorter than its Content-Length, or a 2xx body that is not
+        whole JSON. Every verb is retried, creates included: a create that did land the first time
+        answers 409 on the retry, which :meth:`create_if_absent` takes as "exists". Exhausted
+        retries raise :class:`ApiError` with status 0 and the transport error's name as reason.
+        """
         attempt = 0
         refreshed = False
+        data = _dumps(body) if body is not None else None
         while True:
             attempt += 1
             try:
                 async with self._sem:
                     headers = {**self.headers, "Accept": "application/json"}
-                    data = None
-                    if body is not None:
+                    if data is not None:
                         headers["Content-Type"] = content_type
-                        data = _dumps(body)
                     async with self._session.request(
                         method, self.server + path, params=params, data=data, headers=headers
                     ) as resp:
-                        text = await resp.text()
                         status = resp.status
                         retry_after = resp.headers.get("Retry-After")
-            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                        text = await resp.text()
+                answer = (_loads(text) if text else {}) if status < 300 else None
+            except (
+                TimeoutError,
+                aiohttp.ClientConnectionError,
+                aiohttp.ClientPayloadError,  # the body ended before its Content-Length
+                json.JSONDecodeError,  # a 2xx body cut short where the transport did not notice
+                UnicodeDecodeError,  # ... or cut inside a UTF-8 sequence
+            ) as exc:
                 if attempt > self.retries:
                     raise ApiError(0, type(exc).__name__, str(exc), method, path) from exc
+                log.debug("%s %s: %s; retrying (attempt %d)", method, path, type(exc).__name__, attempt)
                 await asyncio.sleep(0.2 * 2**attempt)
                 continue
             if status < 300:
-                return _loads(text) if text else {}
+                return answer
             if status == 401 and self._refresh is not None and not refreshed:
                 refreshed = True
                 self.headers.update(await self._refresh())
@@ -306,7 +330,10 @@ class ApiClient:
                 delay = float(retry_after) if retry_after and retry_after.isdigit() else 0.2 * 2**attempt
                 await asyncio.sleep(min(delay, 10.0))
                 continue
-            payload = _loads(text) if text.startswith("{") else {}
+            try:
+                payload = _loads(text) if text.startswith("{") else {}
+            except json.JSONDecodeError:
+                payload = {}
             raise ApiError(
                 status,
                 str(payload.get("reason") or status),
@@ -531,12 +558,8 @@ async def gather_bounded(coros: Sequence[Awaitable[_T]]) -> list[_T]:
 
 
 def _dumps(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, separators=(",", ":"))
 
 
 def _loads(text: str) -> Any:
-    import json
-
     return json.loads(text)

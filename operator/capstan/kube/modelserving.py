@@ -23,12 +23,13 @@ import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
 from capstan import GROUP, VERSION
+from capstan.api.conditions import CREATE_FAILED
 from capstan.api.modelserving import ModelServing
 from capstan.kube.apply import (
     DEPLOYMENTS,
@@ -45,8 +46,8 @@ from capstan.kube.apply import (
     register_kind,
     resource_of,
 )
-from capstan.kube.runtime import reconcile_loop, wake
-from capstan.kube.status import reconcile_live, status_patch
+from capstan.kube.runtime import Reported, reconcile_loop, refused_by_server, wake
+from capstan.kube.status import reconcile_live, status_merge_patch
 from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
 from capstan.metrics import (
     REVISION_WEIGHT,
@@ -62,7 +63,7 @@ from capstan.serving.analysis import (
     scrape_pods,
     window,
 )
-from capstan.serving.plan import Observed, ServingPlan, analysis_due, plan_modelserving
+from capstan.serving.plan import Observed, ServingPlan, analysis_due, plan_modelserving, refused
 from capstan.serving.revisions import revision_selector, serving_selector
 from capstan.serving.runtimes import runtime_for
 
@@ -214,16 +215,23 @@ async def _apply(
     logger: kopf.Logger,
 ) -> None:
     ns, name = ms.metadata.namespace, ms.metadata.name
-    if status_patch(ms.status) != status_patch(plan.status) or not body.get("status"):
-        await api.patch_status(MODELSERVINGS, ns, name, status_patch(plan.status))
+    patch = status_merge_patch(body.get("status"), plan.status)
+    if patch:
+        await api.patch_status(MODELSERVINGS, ns, name, patch)
         if ms.status.phase != plan.status.phase:
             logger.info("phase %s -> %s: %s", ms.status.phase, plan.status.phase, plan.status.message)
     # PVCs and Services first (a pod needs its claim; a route needs its backends), then the rest.
     first = [o for o in plan.objects if o["kind"] in ("PersistentVolumeClaim", "Service")]
     later = [o for o in plan.objects if o["kind"] not in ("PersistentVolumeClaim", "Service")]
+    refusal: tuple[dict[str, Any], ApiError] | None = None
     for batch in (first, later):
-        if batch:
-            await asyncio.gather(*(api.apply(o) for o in batch))
+        if batch and refusal is None:
+            results = await asyncio.gather(*(api.apply(o) for o in batch), return_exceptions=True)
+            for obj, result in zip(batch, results, strict=True):
+                if isinstance(result, ApiError) and refused_by_server(result):
+                    refusal = refusal or (obj, result)
+                elif isinstance(result, BaseException):
+                    raise result
     current = {d["metadata"]["name"]: (d.get("spec") or {}).get("replicas") for d in observed.deployments}
     await asyncio.gather(
         *(
@@ -240,6 +248,37 @@ async def _apply(
     )
     if plan.events:
         await asyncio.gather(*(api.post_event(body, e.reason, e.message, e.type) for e in plan.events))
+    if refusal is not None or plan.on_applied is not None:
+        await _settle_applies(api, ms, body, plan, refusal)
+
+
+async def _settle_applies(
+    api: ApiClient,
+    ms: ModelServing,
+    body: Mapping[str, Any],
+    plan: ServingPlan,
+    refusal: tuple[dict[str, Any], ApiError] | None,
+) -> None:
+    """After the applies: a refusal goes into the status (Progressing=False/CreateFailed with the
+    server's message) and a Warning Event, then the pass ends as a reported failure (the loop
+    backs off); applies that worked after a refusal write ``plan.on_applied``. The live status
+    is ``plan.status`` here: this pass wrote it."""
+    ns, name = ms.metadata.namespace, ms.metadata.name
+    written = plan.status.wire()
+    if refusal is None:
+        assert plan.on_applied is not None
+        patch = status_merge_patch(written, plan.on_applied)
+        if patch:
+            await api.patch_status(MODELSERVINGS, ns, name, patch)
+        return
+    obj, exc = refusal
+    what = f"{obj['kind']} {obj['metadata']['name']}"
+    status = refused(ms, plan.status, what, exc.message, datetime.now(UTC))
+    patch = status_merge_patch(written, status)
+    if patch:
+        await api.patch_status(MODELSERVINGS, ns, name, patch)
+    await api.post_event(body, CREATE_FAILED, status.message, "Warning")
+    raise Reported(f"applying {what} was refused: {exc}")
 
 
 async def reconcile(
@@ -301,7 +340,7 @@ async def modelserving_loop(
     """The reconcile loop of one ModelServing (see the module docstring)."""
     assert namespace is not None  # ModelServing is namespaced
     try:
-        await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped)
+        await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped, "Ready")
     finally:
         _state(memo).baselines.forget(uid)
 
@@ -337,4 +376,4 @@ def source_trainingjob_changed(name: str, namespace: str | None, memo: kopf.Memo
         wake(memo, uid)
 
 
-__all__ = ["HTTPROUTES", "ServingState", "gateway_api_available", "reconcile", "status_patch"]
+__all__ = ["HTTPROUTES", "ServingState", "gateway_api_available", "reconcile", "status_merge_patch"]

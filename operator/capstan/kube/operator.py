@@ -2,11 +2,19 @@
 
 ``run_operator`` is what ``capstan operator`` calls; :func:`serve` is the same thing as a
 coroutine, so tests and benchmarks run the real operator inside their own event loop.
+
+When kopf itself fails — e.g. an answer to one of its own requests is cut short: kopf retries
+failed requests but not a body that breaks off or is not whole JSON, and none of its settings
+changes that — kopf stops all its tasks and re-raises. ``capstan operator`` then logs one line
+saying so and exits with status 1, so that Kubernetes restarts the container; it never lingers
+half-alive. (Capstan's own API client retries such answers: see ``ApiClient.request``.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -22,6 +30,8 @@ from capstan.metrics import REGISTRY
 
 log = logging.getLogger(__name__)
 
+#: Exit status of ``capstan operator`` when kopf stopped on an error (Kubernetes restarts it).
+EXIT_FAILED = 1
 #: Handler modules, imported (so they register with kopf) when present in this install.
 HANDLER_MODULES = ("capstan.kube.trainingjob", "capstan.kube.modelserving", "capstan.admission")
 
@@ -84,6 +94,10 @@ async def serve(
     kwargs: dict[str, Any] = {}
     if peering:
         kwargs["peering_name"] = peering
+    # kopf gets an asyncio.Event that follows ``stop_flag``: kopf waits for a threading.Event in a
+    # thread it cannot cancel, so a kopf that fails on its own would wait for the flag for ever.
+    stop = asyncio.Event()
+    follower = asyncio.create_task(_follow(stop_flag, stop)) if stop_flag is not None else None
     try:
         await kopf.operator(
             clusterwide=clusterwide,
@@ -91,13 +105,25 @@ async def serve(
             standalone=standalone,
             liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None,
             memo=memo,
-            stop_flag=stop_flag,
+            stop_flag=stop,
             ready_flag=ready_flag,
             **kwargs,
         )
     finally:
+        if follower is not None:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
         if runner is not None:
             await runner.cleanup()
+
+
+async def _follow(flag: Any, event: asyncio.Event, interval: float = 0.1) -> None:
+    """Set ``event`` once ``flag`` (any flag kopf accepts: futures and events) is set."""
+    future = isinstance(flag, (asyncio.Future, concurrent.futures.Future))
+    while not (flag.done() if future else flag.is_set()):
+        await asyncio.sleep(interval)
+    event.set()
 
 
 def run_operator(
@@ -120,13 +146,23 @@ def run_operator(
     }.get(os.environ.get("CAPSTAN_LOG_FORMAT", "json").lower(), kopf.LogFormat.JSON)
     debug = os.environ.get("CAPSTAN_LOG_LEVEL", "").lower() == "debug"
     kopf.configure(debug=debug, verbose=debug, log_format=fmt)
-    asyncio.run(
-        serve(
-            namespaces=namespaces,
-            clusterwide=clusterwide,
-            peering=peering,
-            standalone=standalone,
-            metrics_port=metrics_port or None,
-            liveness_port=liveness_port or None,
+    try:
+        asyncio.run(
+            serve(
+                namespaces=namespaces,
+                clusterwide=clusterwide,
+                peering=peering,
+                standalone=standalone,
+                metrics_port=metrics_port or None,
+                liveness_port=liveness_port or None,
+            )
         )
-    )
+    except Exception as exc:
+        log.critical(
+            "operator stopped by an unexpected error: %s: %s; exiting with status 1 so that "
+            "Kubernetes restarts it",
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        raise SystemExit(EXIT_FAILED) from exc

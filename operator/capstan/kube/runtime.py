@@ -22,13 +22,15 @@ import logging
 import os
 import random
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
 from capstan import GROUP, VERSION
-from capstan.kube.apply import DEFAULT_CONCURRENCY, ApiClient, ApiError
+from capstan.kube.apply import DEFAULT_CONCURRENCY, ApiClient, ApiError, Resource, resource_of
 from capstan.kube.placement import QueueState
+from capstan.kube.status import report_error
 from capstan.topology.policy import queue_policy_from_env
 
 FINALIZER = f"{GROUP}/finalizer"
@@ -38,11 +40,15 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     """Kopf settings Capstan relies on (idempotent).
 
     Progress and diff-base go to ``capstan.dev/*`` annotations, never to ``status``: the status
-    belongs to the planner, and GitOps tools must see no drift in fields they manage. Kopf's own
-    log-to-Event posting is off: handlers post their own, deduplicated Events.
+    belongs to the planner, and GitOps tools must see no drift in fields they manage. The diff-base
+    is a digest of the spec, not a copy (:mod:`capstan.kube.diffbase`): a copy would repeat every
+    ``spec.env`` value in an annotation. Kopf's own log-to-Event posting is off: handlers post
+    their own, deduplicated Events.
     """
+    from capstan.kube.diffbase import DigestDiffBaseStorage
+
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = DigestDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.persistence.finalizer = FINALIZER
@@ -127,8 +133,21 @@ def wake_all(memo: kopf.Memo) -> None:
         event.set()
 
 
+class Reported(Exception):
+    """A pass failed and already said so on the object (status and Event): the reconcile loop
+    only backs off."""
+
+
+def refused_by_server(exc: ApiError) -> bool:
+    """Whether ``exc`` is the API server refusing a write for good (invalid, forbidden, bad
+    request: a 4xx) rather than a conflict (409) or throttling (429) that a retry resolves."""
+    return 400 <= exc.status < 500 and exc.status not in (409, 429)
+
+
 RESYNC_S = 60.0
 ERROR_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+#: Longest exception message written into a condition (the rest is in the operator's log).
+ERROR_MESSAGE_MAX = 1024
 Reconcile = Callable[[ApiClient, str, str, str, kopf.Memo, kopf.Logger], Awaitable[float | None]]
 
 
@@ -141,24 +160,39 @@ async def reconcile_loop(
     memo: kopf.Memo,
     logger: kopf.Logger,
     stopped: kopf.DaemonStopped,
+    condition: str = "Ready",
 ) -> None:
     """Run ``reconcile`` for one object until the daemon stops: after each pass sleep until its
     requested requeue (at most :data:`RESYNC_S`) or until :func:`wake` is called for ``uid``.
 
     API errors back off (1 s … 30 s); client errors other than conflicts also become a Warning
-    Event on the object, so ``kubectl describe`` shows why it is stuck.
+    Event on the object, so ``kubectl describe`` shows why it is stuck. Any other exception (a bug,
+    a value the planner cannot handle) never ends the loop: the object's ``condition`` turns
+    False/ReconcileError with the exception's message, a Warning Event says the same, the
+    traceback is logged once per distinct error, and the next pass waits out the backoff (wake-ups
+    included, so the object's own status change does not retry it at once). A pass that has
+    reported its failure on the object itself (:class:`Reported`) only backs off. Other objects
+    have loops of their own and are not affected.
     """
     api: ApiClient = memo["api"]
     wakeup = memo["wakeups"].setdefault(uid, asyncio.Event())
+    res = resource_of({"apiVersion": f"{GROUP}/{VERSION}", "kind": kind})
     failures = 0
+    last_error = ""
     try:
-        while not stopped:
+        while not stopped and not api.closed:  # closed: the operator's cleanup ran, it is stopping
             wakeup.clear()
             try:
                 delay = await reconcile(api, namespace, name, uid, memo, logger)
-                failures = 0
+                failures, last_error = 0, ""
+            except Reported as exc:
+                delay = _backoff(failures)
+                failures, last_error = failures + 1, ""
+                logger.warning("reconcile failed (retry in %.0fs): %s", delay, exc)
+                await asyncio.sleep(delay)
+                continue
             except ApiError as exc:
-                delay = ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S) - 1)]
+                delay = _backoff(failures)
                 failures += 1
                 logger.warning("reconcile failed (retry in %.0fs): %s", delay, exc)
                 if exc.status not in (0, 404, 409, 429) and exc.status < 500:
@@ -168,8 +202,57 @@ async def reconcile_loop(
                         "metadata": {"name": name, "namespace": namespace, "uid": uid},
                     }
                     await api.post_event(body, "ReconcileFailed", str(exc), "Warning")
+            except Exception as exc:
+                if api.closed:
+                    break
+                delay = _backoff(failures)
+                failures += 1
+                message = _describe(exc)
+                if message != last_error:
+                    logger.exception("reconcile failed (retry in %.0fs): %s", delay, message)
+                else:
+                    logger.warning("reconcile failed again (retry in %.0fs): %s", delay, message)
+                last_error = message
+                await _report_error(api, res, kind, namespace, name, uid, condition, message, logger)
+                await asyncio.sleep(delay)
+                continue
             timeout = RESYNC_S if delay is None else min(max(delay, 0.0), RESYNC_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), timeout)
     finally:
         memo["wakeups"].pop(uid, None)
+
+
+def _backoff(failures: int) -> float:
+    return ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S) - 1)]
+
+
+def _describe(exc: Exception) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text if len(text) <= ERROR_MESSAGE_MAX else text[: ERROR_MESSAGE_MAX - 3] + "..."
+
+
+async def _report_error(
+    api: ApiClient,
+    res: Resource,
+    kind: str,
+    namespace: str,
+    name: str,
+    uid: str,
+    condition: str,
+    message: str,
+    logger: kopf.Logger,
+) -> None:
+    """Condition and Warning Event for a failed pass; best effort (the API may be what failed)."""
+    try:
+        changed = await report_error(api, res, namespace, name, uid, condition, message, datetime.now(UTC))
+    except Exception as exc:
+        logger.warning("could not report the reconcile error in the status: %s", _describe(exc))
+        return
+    if changed:
+        body = {
+            "apiVersion": res.api_version,
+            "kind": kind,
+            "metadata": {"name": name, "namespace": namespace, "uid": uid},
+        }
+        await api.post_event(body, "ReconcileError", message, "Warning")

@@ -27,10 +27,36 @@ async def fetch_live(
     return body
 
 
-def status_patch(status: ApiModel) -> dict[str, Any]:
-    """The merge patch that makes ``.status`` equal ``status`` (unset fields are removed)."""
-    wire = status.wire()
-    return {f.alias or n: wire.get(f.alias or n) for n, f in type(status).model_fields.items()}
+def merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The RFC 7386 JSON merge patch that turns ``old`` into ``new`` (both JSON objects).
+
+    Keys of ``old`` missing from ``new`` become ``null`` at any depth, objects are diffed
+    recursively, anything else (lists included, which merge patches replace whole) is taken from
+    ``new`` when it differs. Equal inputs give ``{}``: a repeated patch changes nothing.
+    """
+    patch: dict[str, Any] = {}
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            sub = merge_diff(before, value)
+            if sub:
+                patch[key] = sub
+        elif key not in old or before != value or type(before) is not type(value):
+            # A nested null in ``value`` would mean "delete" in a patch: values come from wire()
+            # forms, which hold no nulls (exclude_none), so ``value`` is sent as it is.
+            patch[key] = value
+    return patch
+
+
+def status_merge_patch(live: Mapping[str, Any] | None, status: ApiModel) -> dict[str, Any]:
+    """The merge patch that makes the live ``.status`` (the raw dict read from the server) equal
+    ``status``: fields the new status no longer has are removed (``null``) at every depth, so no
+    stale value survives (RFC 7386 keeps whatever a patch leaves out). ``{}``: nothing to write.
+    """
+    return merge_diff(live or {}, status.wire())
 
 
 async def report_invalid(
@@ -68,6 +94,37 @@ async def report_invalid(
     if old is None or old.reason != "InvalidSpec" or old.message != message:
         logger.warning("invalid spec: %s", message)
         await api.post_event(body, "InvalidSpec", message, "Warning")
+
+
+async def report_error(
+    api: ApiClient,
+    res: Resource,
+    namespace: str,
+    name: str,
+    uid: str | None,
+    condition: str,
+    message: str,
+    now: datetime,
+) -> bool:
+    """A reconcile pass failed unexpectedly: condition ``condition`` False/ReconcileError with
+    ``message``, phase and everything else kept. The next good pass of the planner sets the
+    condition again. Returns True when the condition changed now (the caller posts an Event then).
+    """
+    body = await fetch_live(api, res, namespace, name, uid)
+    if body is None:
+        return False
+    raw = body.get("status") or {}
+    try:
+        conditions = [Condition.model_validate(c) for c in raw.get("conditions") or []]
+    except ValueError:
+        conditions = []
+    old = next((c for c in conditions if c.type == condition), None)
+    if old is not None and (old.status, old.reason, old.message) == ("False", "ReconcileError", message):
+        return False
+    generation = int((body.get("metadata") or {}).get("generation") or 1)
+    conditions = set_condition(conditions, condition, "False", "ReconcileError", message, now, generation)
+    await api.patch_status(res, namespace, name, {"conditions": [c.wire() for c in conditions]})
+    return True
 
 
 Step = Callable[[dict[str, Any], Any, datetime], Awaitable[float | None]]

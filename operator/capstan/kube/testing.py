@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp.web
 import attrs
 import jsonpatch
 import kmock
@@ -83,12 +84,51 @@ _kmock_parse_path = _kmock_parsing.parse_path
 _kmock_parsing.parse_path = _parse_path
 
 
+Match = Callable[[rendering.Request], bool]
+
+
+@attrs.define
+class _Fault:
+    match: Match
+    times: int | None  # None: every matching request
+    error: kmock.KubernetesError | None  # None: cut the answer short instead
+    broken_json: bool = False  # cut: a whole-length answer whose JSON is cut, not a short body
+
+
 @attrs.define(kw_only=True)
 class Emulator(kmock.KubernetesEmulator):
-    """kmock's emulator with API-server object bookkeeping (see the module docstring)."""
+    """kmock's emulator with API-server object bookkeeping (see the module docstring), and faults
+    a test can inject: :meth:`refuse` and :meth:`cut`."""
 
     _rv: Iterator[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     status_resources: set[Any] = attrs.field(factory=set, init=False)
+    _faults: list[_Fault] = attrs.field(factory=list, init=False)
+
+    def refuse(
+        self, match: Match, status: int, reason: str, message: str, times: int | None = None
+    ) -> None:
+        """Answer requests that ``match`` with a Status error, without applying them (as an API
+        server's validation or admission would), the first ``times`` of them (None: all)."""
+        error = kmock.KubernetesError(status=status, reason=reason, message=message)
+        self._faults.append(_Fault(match, times, error))
+
+    def cut(self, match: Match, times: int | None = 1, broken_json: bool = False) -> None:
+        """Apply requests that ``match`` but cut their answer short (the first ``times``): the
+        headers promise the whole body, a third of it is sent, then the connection drops; or, with
+        ``broken_json``, that third is sent as the whole answer (valid HTTP, truncated JSON)."""
+        self._faults.append(_Fault(match, times, None, broken_json))
+
+    def clear_faults(self) -> None:
+        """Forget every fault injected with :meth:`refuse` or :meth:`cut`."""
+        self._faults.clear()
+
+    def _fault(self, request: rendering.Request) -> _Fault | None:
+        for fault in self._faults:
+            if (fault.times is None or fault.times > 0) and fault.match(request):
+                if fault.times is not None:
+                    fault.times -= 1
+                return fault
+        return None
 
     def __iter__(self) -> Iterator[rendering.Request]:
         current = _CURRENT.get()
@@ -98,6 +138,15 @@ class Emulator(kmock.KubernetesEmulator):
         yield from super().__iter__()
 
     async def _handle(self, request: rendering.Request) -> Any:
+        fault = self._fault(request) if self._faults else None
+        if fault is not None and fault.error is not None:
+            return await self._render_error(fault.error)
+        response = await self._emulate(request)
+        if fault is not None:
+            return await _cut_short(request, response, fault.broken_json)
+        return response
+
+    async def _emulate(self, request: rendering.Request) -> Any:
         token = _CURRENT.set(request)
         try:
             if request.resource is not None and isinstance(request.data, dict):
@@ -153,6 +202,25 @@ class Emulator(kmock.KubernetesEmulator):
                 wanted[key.strip()] = value.strip() if sep else None
             answer["items"] = [i for i in answer["items"] if matches_labels(i, wanted)]
         return answer
+
+
+async def _cut_short(request: rendering.Request, response: Any, broken_json: bool) -> Any:
+    """Send the status and headers of ``response`` and the first third of its body, then drop the
+    connection; or (``broken_json``) send that third as a complete answer."""
+    raw = request._raw_request
+    body = bytes(getattr(response, "body", b"") or b"")
+    if raw is None or not body:
+        return response
+    part = body[: max(1, len(body) // 3)]
+    if broken_json:
+        return aiohttp.web.Response(status=response.status, body=part, content_type="application/json")
+    cut = aiohttp.web.StreamResponse(status=response.status, headers={"Content-Type": "application/json"})
+    cut.content_length = len(body)
+    await cut.prepare(raw)
+    await cut.write(part)
+    if raw.transport is not None:
+        raw.transport.close()
+    return cut
 
 
 def declare_resource(

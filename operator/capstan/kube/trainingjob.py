@@ -28,7 +28,7 @@ from typing import Any
 import kopf
 
 from capstan import GROUP, VERSION
-from capstan.api.conditions import parse_time, rfc3339, set_condition
+from capstan.api.conditions import CREATE_FAILED, parse_time, rfc3339, set_condition
 from capstan.api.loading import InvalidResource, parse_resource
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob, TrainingJobStatus
 from capstan.checkpoints.snapshots import LABEL_REASON, SnapshotPlan, plan_snapshots, snapshots_in_use
@@ -54,8 +54,8 @@ from capstan.kube.placement import (
     running_gangs,
     wants_placement,
 )
-from capstan.kube.runtime import reconcile_loop, wake, wake_all
-from capstan.kube.status import reconcile_live, status_patch
+from capstan.kube.runtime import Reported, reconcile_loop, refused_by_server, wake, wake_all
+from capstan.kube.status import reconcile_live, status_merge_patch
 from capstan.metrics import (
     GANG_RESTARTS,
     GANG_WAITING_SECONDS,
@@ -66,7 +66,13 @@ from capstan.metrics import (
     TRAININGJOBS as TRAININGJOBS_GAUGE,
 )
 from capstan.naming import LABEL_JOB, LABEL_JOB_UID, label_value
-from capstan.training.lifecycle import PlacementDecision, Placer, Plan, plan_trainingjob
+from capstan.training.lifecycle import (
+    PlacementDecision,
+    Placer,
+    Plan,
+    plan_trainingjob,
+    refused,
+)
 from capstan.training.pods import checkpoint_claim_name, selector, service_name
 
 KIND = "TrainingJob"
@@ -220,7 +226,7 @@ async def _reconcile_job(
             snaps = await _plan_snapshots(api, job, plan, pods, now)
             await _apply_status(api, job, body, plan, now, logger)
             await _apply_snapshots(api, body, snaps, logger)
-            await _create(api, plan.create)
+            refusal = await _create(api, plan.create)
         for other in queue.startable:  # queued gangs this pass found room for: start them now
             wake(memo, other)
         moving, queue.to_move = set(queue.to_move), []
@@ -232,7 +238,9 @@ async def _reconcile_job(
         snaps = await _plan_snapshots(api, job, plan, pods, now)
         await _apply_status(api, job, body, plan, now, logger)
         await _apply_snapshots(api, body, snaps, logger)
-        await _create(api, plan.create)
+        refusal = await _create(api, plan.create)
+    if refusal is not None or (plan.create and plan.on_created is not None):
+        await _settle_creates(api, job, body, plan, refusal, now, logger)
     if plan.delete_pods:
         await api.delete_pods(namespace, plan.delete_pods)
     if _frees_gpus(job, plan):
@@ -269,19 +277,22 @@ async def _plan_snapshots(
     stopped = not any((p.get("status") or {}).get("phase") in ("Pending", "Running", "Unknown") for p in pods)
     planned = job.model_copy(update={"status": plan.status})
     snaps = plan_snapshots(planned, snapshots, in_use, now, available, workers_stopped=stopped)
-    if available:
-        plan.status.checkpoints = snaps.records
-    if snaps.condition is not None:
-        ok, reason, message = snaps.condition
-        plan.status.conditions = set_condition(
-            plan.status.conditions,
-            "CheckpointReady",
-            "True" if ok else "False",
-            reason,
-            message,
-            now,
-            job.metadata.generation,
-        )
+    for status in (plan.status, plan.on_created):
+        if status is None:
+            continue
+        if available:
+            status.checkpoints = snaps.records
+        if snaps.condition is not None:
+            ok, reason, message = snaps.condition
+            status.conditions = set_condition(
+                status.conditions,
+                "CheckpointReady",
+                "True" if ok else "False",
+                reason,
+                message,
+                now,
+                job.metadata.generation,
+            )
     if snaps.requeue_after is not None:
         plan.requeue_after = min(plan.requeue_after or snaps.requeue_after, snaps.requeue_after)
     return snaps
@@ -341,21 +352,63 @@ async def _apply_status(
     api: ApiClient, job: TrainingJob, body: Mapping[str, Any], plan: Plan, now: datetime, logger: kopf.Logger
 ) -> None:
     old, new = job.status, plan.status
-    if status_patch(old) != status_patch(new) or not body.get("status"):
-        await api.patch_status(TRAININGJOBS, job.metadata.namespace, job.metadata.name, status_patch(new))
+    patch = status_merge_patch(body.get("status"), new)
+    if patch:
+        await api.patch_status(TRAININGJOBS, job.metadata.namespace, job.metadata.name, patch)
         if old.phase != new.phase:
             logger.info("phase %s -> %s: %s", old.phase, new.phase, new.message)
     METRICS.observe(job, old, new, now)
 
 
-async def _create(api: ApiClient, objs: list[dict[str, Any]]) -> None:
-    """Create the Service/PVC first (rendezvous DNS, volume), then all pods concurrently."""
+async def _create(api: ApiClient, objs: list[dict[str, Any]]) -> ApiError | None:
+    """Create the Service/PVC first (rendezvous DNS, volume), then all pods concurrently.
+
+    Returns the API server's refusal (see :func:`refused_by_server`) instead of raising it; other
+    errors raise.
+    """
     first = [o for o in objs if o.get("kind") != "Pod"]
     pods = [o for o in objs if o.get("kind") == "Pod"]
-    if first:
-        await api.create_many(first)
-    if pods:
-        await api.create_many(pods)
+    try:
+        if first:
+            await api.create_many(first)
+        if pods:
+            await api.create_many(pods)
+    except ApiError as exc:
+        if refused_by_server(exc):
+            return exc
+        raise
+    return None
+
+
+async def _settle_creates(
+    api: ApiClient,
+    job: TrainingJob,
+    body: Mapping[str, Any],
+    plan: Plan,
+    refusal: ApiError | None,
+    now: datetime,
+    logger: kopf.Logger,
+) -> None:
+    """After the creates: a refusal goes into the status (Admitted=False/CreateFailed with the
+    server's message, no claim of workers that do not exist) and a Warning Event, then the pass
+    ends as a reported failure (the loop backs off); creates that worked after a refusal write
+    ``plan.on_created``. The live status is ``plan.status`` here: this pass wrote it."""
+    namespace, name = job.metadata.namespace, job.metadata.name
+    written = plan.status.wire()
+    if refusal is None:
+        assert plan.on_created is not None
+        patch = status_merge_patch(written, plan.on_created)
+        if patch:
+            await api.patch_status(TRAININGJOBS, namespace, name, patch)
+        logger.info("the gang's objects were created after an earlier refusal")
+        return
+    status = refused(job, plan.status, refusal.message, now)
+    patch = status_merge_patch(written, status)
+    if patch:
+        await api.patch_status(TRAININGJOBS, namespace, name, patch)
+    METRICS.observe(job, plan.status, status, now)
+    await api.post_event(body, CREATE_FAILED, refusal.message, "Warning")
+    raise Reported(f"creating the gang's objects was refused: {refusal}")
 
 
 # -- handlers ------------------------------------------------------------------------------------
@@ -373,7 +426,7 @@ async def trainingjob_loop(
 ) -> None:
     """The reconcile loop of one TrainingJob (see the module docstring)."""
     assert namespace is not None  # TrainingJob is namespaced
-    await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped)
+    await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped, "Admitted")
 
 
 @kopf.on.event(GROUP, VERSION, "trainingjobs", id="wake-on-change")
@@ -441,4 +494,4 @@ async def trainingjob_deleted(
     logger.info("deleted %d worker pod(s) and owned children", len(pods))
 
 
-__all__ = ["make_placer", "reconcile", "rfc3339", "status_patch", "wants_placement"]
+__all__ = ["make_placer", "reconcile", "rfc3339", "status_merge_patch", "wants_placement"]

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from capstan.api.conditions import get_condition, parse_time, set_condition
+from capstan.api.conditions import (
+    CREATE_FAILED,
+    get_condition,
+    keep_from,
+    parse_time,
+    refusal_on_record,
+    set_condition,
+)
 from capstan.api.modelserving import ModelServing, ModelServingStatus, RevisionStatus, RolloutStatus
 from capstan.naming import LABEL_REVISION, LABEL_SERVING, label_value
 from capstan.serving.analysis import AnalysisResult
@@ -75,7 +82,13 @@ class Observed:
 
 @dataclass
 class ServingPlan:
-    """What the executor should do; ``status`` is the complete new status."""
+    """What the executor should do; ``status`` is the complete new status.
+
+    ``on_applied``: while a refusal of the API server is on record (``Progressing=False``,
+    ``CreateFailed``, this generation), ``status`` keeps showing it and the executor writes
+    ``on_applied`` once every object of ``objects`` was applied; a refusal again is reported
+    with :func:`refused`.
+    """
 
     status: ModelServingStatus
     objects: list[dict[str, Any]] = field(default_factory=list)
@@ -84,6 +97,7 @@ class ServingPlan:
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
     outcome: Outcome | None = None
+    on_applied: ModelServingStatus | None = None
 
     def requeue(self, seconds: float) -> None:
         """Ask to be called again within ``seconds``."""
@@ -104,6 +118,21 @@ def _split(total: int, shares: dict[str, int]) -> dict[str, int]:
     return out
 
 
+def refused(
+    ms: ModelServing, status: ModelServingStatus, what: str, message: str, now: datetime
+) -> ModelServingStatus:
+    """``status`` after the API server refused to create or update child ``what`` (e.g.
+    ``Deployment gpt-7f3c``) with ``message``: ``Progressing=False``/``CreateFailed`` and a
+    status message that says so. The phase stays: it is derived from observed readiness."""
+    st = status.model_copy(deep=True)
+    text = f"the API server refused {what}: {message}"
+    st.conditions = set_condition(
+        st.conditions, "Progressing", "False", CREATE_FAILED, text, now, ms.metadata.generation
+    )
+    st.message = text
+    return st
+
+
 def plan_modelserving(
     ms: ModelServing,
     observed: Observed,
@@ -117,7 +146,26 @@ def plan_modelserving(
     ``gateway_api``: the cluster serves HTTPRoute (gateway.networking.k8s.io/v1); traffic is then
     split by route weights. ``analysis``: the verdict on the canary's current step, when the
     executor scraped it (the planner says when one is due through :func:`analysis_due`).
+    A refusal of the API server on record (see :class:`ServingPlan`) stays on show until
+    applying works.
     """
+    plan = _plan(ms, observed, now, gateway_api, analysis)
+    if plan.objects and refusal_on_record(ms.status.conditions, "Progressing", ms.metadata.generation):
+        plan.on_applied = plan.status
+        kept = plan.status.model_copy(deep=True)
+        kept.message = ms.status.message
+        kept.conditions = keep_from(kept.conditions, ms.status.conditions, ("Progressing",))
+        plan.status = kept
+    return plan
+
+
+def _plan(
+    ms: ModelServing,
+    observed: Observed,
+    now: datetime,
+    gateway_api: bool,
+    analysis: AnalysisResult | None,
+) -> ServingPlan:
     spec, gen = ms.spec, ms.metadata.generation
     st = ms.status.model_copy(deep=True)
     old_phase = st.phase

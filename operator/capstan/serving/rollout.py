@@ -14,12 +14,12 @@ previous step's weight, so a weight never lands on capacity that is not ready.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from capstan.api.common import parse_duration
 from capstan.api.conditions import parse_time, rfc3339
 from capstan.api.modelserving import ModelServingStatus, RolloutSpec, RolloutStatus
 from capstan.events import Event
@@ -32,8 +32,6 @@ INCONCLUSIVE_RECHECK_S = 15.0
 FAILED_KEPT = 10
 # On each revision Deployment: what it serves, so status can say it after the spec moved on.
 ANNOTATION_MODEL = "capstan.dev/model"
-_DURATION = re.compile(r"([0-9]+)(s|m|h)")
-_UNIT = {"s": 1, "m": 60, "h": 3600}
 
 Outcome = Literal["promoted", "rolled_back"]
 
@@ -66,11 +64,6 @@ def revision_state(dep: dict[str, Any]) -> RevisionState | None:
     replicas = (dep.get("spec") or {}).get("replicas")
     model = (meta.get("annotations") or {}).get(ANNOTATION_MODEL, "")
     return RevisionState(rev, replicas, int(status.get("readyReplicas") or 0), exceeded, model)
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in a Go-style duration such as ``30s``, ``2m``, ``1h30m``."""
-    return float(sum(int(n) * _UNIT[u] for n, u in _DURATION.findall(text)))
 
 
 def replicas_for_weight(total: int, weight: int, live: bool) -> int:

@@ -3,8 +3,9 @@
 A :class:`Runtime` turns the revision's settings (model path, port, tensor parallelism, context
 length) into a container command line, and says which HTTP paths answer liveness and readiness and
 which Prometheus series the rollout analysis reads. ``custom`` renders ``spec.argsTemplate`` in a
-sandboxed, immutable jinja2 environment: the template is user input evaluated inside the operator
-(and the admission webhook), so it may read the five documented variables and nothing else.
+restricted jinja2 (:mod:`capstan.serving.argstemplate`): the template is user input evaluated
+inside the operator, the admission webhook and ``capstan render``, so it may read the five
+documented variables and nothing else, and every render has a bounded cost.
 """
 
 from __future__ import annotations
@@ -13,29 +14,35 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, nodes
-from jinja2.exceptions import SecurityError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from capstan.api.modelserving import ModelServingSpec
+from capstan.serving.argstemplate import (
+    MAX_RENDERED_CHARS,
+    MAX_TEMPLATE_CHARS,
+    TEMPLATE_FIELD,
+    TEMPLATE_VARIABLES,
+    ArgsTemplateError,
+    render_template,
+)
+
+__all__ = [
+    "MAX_RENDERED_CHARS",
+    "MAX_TEMPLATE_CHARS",
+    "TEMPLATE_FIELD",
+    "TEMPLATE_VARIABLES",
+    "ArgsContext",
+    "ArgsTemplateError",
+    "MetricNames",
+    "Runtime",
+    "custom_runtime",
+    "render_args",
+    "runtime_for",
+    "validate_args_template",
+]
 
 CAPSTAN_IMAGE = "ghcr.io/capstan-dev/capstan-server:0.1.0"
 # Pinned so a revision's content hash (and therefore what runs) never changes under a floating tag.
 VLLM_IMAGE = "vllm/vllm-openai:v0.10.1.1"
 TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.4"
-
-TEMPLATE_FIELD = "spec.argsTemplate"
-TEMPLATE_VARIABLES = ("model_path", "port", "tensor_parallel", "max_model_len", "name")
-MAX_TEMPLATE_CHARS = 8192
-MAX_RENDERED_CHARS = 65536
-# Loops may nest this deep: every iterable a template can reach is a short string, so two levels
-# bound the work; deeper nesting is the only way left to make the sandbox spin.
-MAX_LOOP_DEPTH = 2
-
-
-class ArgsTemplateError(ValueError):
-    """``spec.argsTemplate`` cannot be rendered; the message names the field."""
-
 
 @dataclass(frozen=True)
 class MetricNames:
@@ -188,114 +195,14 @@ def runtime_for(spec: ModelServingSpec) -> Runtime:
     return RUNTIMES[spec.runtime]
 
 
-class _ArgsSandbox(ImmutableSandboxedEnvironment):
-    """Immutable sandbox that also caps ``*`` and ``**``: ``'a' * 10**9`` would exhaust memory."""
-
-    intercepted_binops = frozenset(["*", "**"])
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**":
-            if isinstance(right, int | float) and abs(right) > 64:
-                raise SecurityError("exponent too large")
-            return left**right
-        seq, times = (left, right) if isinstance(right, int) else (right, left)
-        if (
-            isinstance(seq, str | list | tuple)
-            and isinstance(times, int)
-            and len(seq) * times > MAX_RENDERED_CHARS
-        ):
-            raise SecurityError("repetition too large")
-        return left * right
-
-
-def _environment() -> _ArgsSandbox:
-    env = _ArgsSandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
-    # No globals at all (range, lipsum, cycler, dict, namespace...): an args template needs none,
-    # and each is a way to generate work or reach objects.
-    env.globals.clear()
-    return env
-
-
-_ENV = _environment()
-
-
-def _check_structure(ast: nodes.Template) -> list[str]:
-    """Reject the constructs that make an otherwise safe template unbounded."""
-    errors: list[str] = []
-    banned = (nodes.Macro, nodes.CallBlock, nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
-    for node in ast.find_all(banned):
-        errors.append(
-            f"{TEMPLATE_FIELD}: {type(node).__name__.lower()} blocks are not allowed (line {node.lineno})"
-        )
-
-    def depth(node: nodes.Node, level: int) -> None:
-        for child in node.iter_child_nodes():
-            nxt = level
-            if isinstance(child, nodes.For):
-                nxt = level + 1
-                if child.recursive:
-                    errors.append(f"{TEMPLATE_FIELD}: recursive loops are not allowed (line {child.lineno})")
-                if nxt > MAX_LOOP_DEPTH:
-                    errors.append(
-                        f"{TEMPLATE_FIELD}: loops nest deeper than {MAX_LOOP_DEPTH} (line {child.lineno})"
-                    )
-                    continue
-            depth(child, nxt)
-
-    depth(ast, 0)
-    return errors
-
-
-def _compile(template: str) -> Any:
-    if len(template) > MAX_TEMPLATE_CHARS:
-        raise ArgsTemplateError(f"{TEMPLATE_FIELD}: longer than {MAX_TEMPLATE_CHARS} characters")
-    try:
-        ast = _ENV.parse(template)
-    except TemplateError as exc:
-        line = getattr(exc, "lineno", None)
-        where = f" (line {line})" if line else ""
-        raise ArgsTemplateError(f"{TEMPLATE_FIELD}: syntax error{where}: {exc}") from exc
-    from jinja2 import meta
-
-    errors = _check_structure(ast)
-    unknown = sorted(meta.find_undeclared_variables(ast) - set(TEMPLATE_VARIABLES))
-    if unknown:
-        errors.append(
-            f"{TEMPLATE_FIELD}: unknown variable(s) {', '.join(unknown)}; "
-            f"known: {', '.join(TEMPLATE_VARIABLES)}"
-        )
-    if errors:
-        raise ArgsTemplateError("; ".join(errors))
-    return _ENV.from_string(template)
-
-
 def render_args(template: str, ctx: ArgsContext) -> list[str]:
     """Render ``template`` with ``ctx``: one argument per non-empty line (surrounding blanks trimmed).
 
     Raises :class:`ArgsTemplateError` naming ``spec.argsTemplate`` on a syntax error, an unknown
-    variable, a sandbox violation (``{{ ''.__class__ }}``), or output beyond the size cap.
+    variable, a construct outside the template language (:mod:`capstan.serving.argstemplate`), a
+    sandbox violation (``{{ ''.__class__ }}``), or a value, output or amount of work beyond its cap.
     """
-    compiled = _compile(template)
-    out: list[str] = []
-    size = 0
-    try:
-        # generate() streams, so a runaway template stops at the cap instead of filling memory.
-        for chunk in compiled.generate(ctx.variables()):
-            size += len(chunk)
-            if size > MAX_RENDERED_CHARS:
-                raise ArgsTemplateError(
-                    f"{TEMPLATE_FIELD}: renders more than {MAX_RENDERED_CHARS} characters"
-                )
-            out.append(chunk)
-    except SecurityError as exc:
-        raise ArgsTemplateError(f"{TEMPLATE_FIELD}: not allowed in the sandbox: {exc}") from exc
-    except TemplateError as exc:
-        raise ArgsTemplateError(f"{TEMPLATE_FIELD}: {exc}") from exc
-    except (ArithmeticError, TypeError, ValueError, RecursionError) as exc:
-        if isinstance(exc, ArgsTemplateError):
-            raise
-        raise ArgsTemplateError(f"{TEMPLATE_FIELD}: {type(exc).__name__}: {exc}") from exc
-    return [line.strip() for line in "".join(out).splitlines() if line.strip()]
+    return render_template(template, ctx.variables())
 
 
 # Sample contexts the webhook renders with: every variable set, and the optional one unset, so a

@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from capstan.api.conditions import parse_time, rfc3339, set_condition
+from capstan.api.conditions import (
+    CREATE_FAILED,
+    get_condition,
+    keep_from,
+    parse_time,
+    refusal_on_record,
+    rfc3339,
+    set_condition,
+)
 from capstan.api.trainingjob import (
     TERMINAL_PHASES,
     PlacementStatus,
@@ -50,7 +58,13 @@ Placer = Callable[[TrainingJob], PlacementDecision]
 
 @dataclass
 class Plan:
-    """What the executor should do; ``status`` is the complete new status."""
+    """What the executor should do; ``status`` is the complete new status.
+
+    ``on_created``: while a refusal of the API server is on record (``Admitted=False``,
+    :data:`CREATE_FAILED`, this generation), ``status`` keeps showing it and the executor writes
+    ``on_created`` once every object of ``create`` was created; a refused create again is
+    reported with :func:`refused`.
+    """
 
     status: TrainingJobStatus
     create: list[dict[str, Any]] = field(default_factory=list)
@@ -58,6 +72,7 @@ class Plan:
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
     delete_job: bool = False
+    on_created: TrainingJobStatus | None = None
 
 
 @dataclass(frozen=True)
@@ -146,7 +161,28 @@ def _count(workers: list[WorkerState]) -> WorkerCounts:
 
 def _backoff(job: TrainingJob, restarts: int) -> float:
     base = float(job.spec.failure_policy.backoff_seconds)
-    return min(base * (2 ** max(restarts - 1, 0)), MAX_BACKOFF_S) if base else 0.0
+    # the exponent is capped: 2**1024 overflows a float, and MAX_BACKOFF_S is reached long before
+    return min(base * (2 ** min(max(restarts - 1, 0), 32)), MAX_BACKOFF_S) if base else 0.0
+
+
+def refused(job: TrainingJob, status: TrainingJobStatus, message: str, now: datetime) -> TrainingJobStatus:
+    """``status`` after the API server refused to create the gang's objects with ``message``:
+    ``Admitted=False``/:data:`CREATE_FAILED`, and nothing claims workers that do not exist —
+    phase Pending and no placement while none exists (Starting while some of the gang does)."""
+    st = status.model_copy(deep=True)
+    gen = job.metadata.generation
+    st.conditions = set_condition(st.conditions, "Admitted", "False", CREATE_FAILED, message, now, gen)
+    st.message = f"the API server refused the gang's objects: {message}"
+    if st.workers.active + st.workers.succeeded + st.workers.failed == 0:
+        st.phase = "Pending"
+        st.placement = None
+        if get_condition(st.conditions, "Placed") is not None:
+            st.conditions = set_condition(
+                st.conditions, "Placed", "False", CREATE_FAILED, "no worker pod could be created", now, gen
+            )
+    else:
+        st.phase = "Starting"
+    return st
 
 
 def plan_trainingjob(
@@ -162,14 +198,47 @@ def plan_trainingjob(
 
     ``move`` (why, in words) asks to move a running gang: its pods are stopped and the gang is
     recreated through ``placer``, which knows where it goes. Ignored unless every worker runs.
+    A refusal of the API server on record (see :class:`Plan`) stays on show until creating works.
     """
+    refusal = refusal_on_record(job.status.conditions, "Admitted", job.metadata.generation)
+    plan = _plan(job, pods, now, placer, service_exists, pvc_exists, move, refusal is None)
+    if refusal is not None and plan.create:
+        plan.on_created = plan.status.model_copy(deep=True)
+        plan.on_created.conditions = set_condition(
+            plan.on_created.conditions, "Admitted", "True", "Valid", "spec is valid", now,
+            job.metadata.generation,
+        )
+        plan.status = _as_refused_before(plan.status, job.status)
+    return plan
+
+
+def _as_refused_before(new: TrainingJobStatus, old: TrainingJobStatus) -> TrainingJobStatus:
+    """``new`` with what the last refusal wrote (phase, message, placement, the Admitted and
+    Placed conditions) taken from ``old``: while the retries fail, the status does not flap."""
+    st = new.model_copy(deep=True)
+    st.phase, st.message, st.placement = old.phase, old.message, old.placement
+    st.conditions = keep_from(st.conditions, old.conditions, ("Admitted", "Placed"))
+    return st
+
+
+def _plan(
+    job: TrainingJob,
+    pods: list[dict[str, Any]],
+    now: datetime,
+    placer: Placer | None,
+    service_exists: bool,
+    pvc_exists: bool,
+    move: str | None,
+    admit: bool,
+) -> Plan:
     b = _Builder(job, now)
     st = b.status
     workers = [w for w in (worker_state(p) for p in pods) if w is not None]
     current = [w for w in workers if w.attempt == st.attempt]
     stale = [w for w in workers if w.attempt != st.attempt]
     st.workers = _count(current)
-    b.condition("Admitted", True, "Valid", "spec is valid")
+    if admit:
+        b.condition("Admitted", True, "Valid", "spec is valid")
 
     if st.phase in TERMINAL_PHASES:
         return _finished(b, current + stale)

@@ -262,8 +262,11 @@ def capstan(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as vf:
         yaml.safe_dump(values, vf)
     try:
+        # --force-conflicts: Helm 4 applies the chart's CRDs server-side; a cluster kept across runs
+        # holds them from the kustomize test too (kubectl's field manager). Take them over.
         cluster.run("helm", "upgrade", "--install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
-                    "--create-namespace", "--values", vf.name, "--wait=false", timeout=180)
+                    "--create-namespace", "--values", vf.name, "--wait=false", "--force-conflicts",
+                    timeout=180)
     finally:
         os.unlink(vf.name)
     cluster.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.capstan.dev",

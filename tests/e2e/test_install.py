@@ -191,6 +191,19 @@ CEL_CASES: dict[tuple[str, str, str], tuple[dict[str, Any], str]] = {
         ({"model": {"uri": "hf://org/model", "pvc": {"claimName": "models"}}}, "spec.model"),
     ("ModelServing", ".spec.autoscaling", ".minReplicas"):
         ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "spec.autoscaling.minReplicas"),
+    ("ModelServing", ".spec.rollout.steps[].pause", ""):
+        ({"rollout": {"steps": [{"weight": 10, "pause": "9000h"}]}}, "spec.rollout.steps[0].pause"),
+    **{
+        (kind, ".spec.tolerations[]", f".{field}"):
+            ({"tolerations": [toleration]}, f"spec.tolerations[0].{field}")
+        for kind in ("TrainingJob", "ModelServing")
+        for field, toleration in (
+            ("operator", {"operator": "Equal", "value": "gpu"}),
+            ("value", {"key": "nvidia.com/gpu", "operator": "Exists", "value": "present"}),
+            ("effect", {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule",
+                        "tolerationSeconds": 30}),
+        )
+    },
 }
 
 
@@ -202,7 +215,10 @@ def _rule_message(kind: str, path: str, field_path: str) -> str:
     crd = generated_crds()[f"{PLURALS[kind]}.{GROUP}"]
     node = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for part in path.strip(".").split("."):
-        node = node["properties"][part]
+        name = part.rstrip("[]{}")
+        node = node["properties"][name]
+        for suffix in part[len(name):].replace("[]", "[").replace("{}", "{"):
+            node = node["items"] if suffix == "[" else node["additionalProperties"]
     rules = node["x-kubernetes-validations"]
     return next(r["message"] for r in rules if r.get("fieldPath", "") == field_path)
 

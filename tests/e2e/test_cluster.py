@@ -4,7 +4,7 @@ The same scenarios run against the emulator in tests/kube. Here the operator is 
 (installed by Helm, running as the chart's ServiceAccount, see conftest.py); each scenario's
 ``env.operator()`` runs it and stops it when the block ends, as a scenario expects. Workers carry
 a node selector no node matches, so they stay Pending and the test plays the kubelet by patching
-pod status; test_trainingjob.py covers the real scheduler and kwok's kubelets.
+pod status; test_e2e_trainingjob.py covers the real scheduler and kwok's kubelets.
 """
 
 from __future__ import annotations

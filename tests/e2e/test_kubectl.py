@@ -96,15 +96,21 @@ def test_gitops_reapply_after_reconcile_changes_nothing(cluster: Cluster, namesp
         return "capstan.dev/finalizer" in (meta.get("finalizers") or []) and \
             status.get("observedGeneration") == meta["generation"]
 
-    tj = wait_until(lambda: get_json(cluster, namespace, "tj/gpt-tiny"), reconciled, what="tj reconciled")
+    # Settled: the job's workers wait for their checkpoint volume (no provisioner here), the
+    # server runs on a fake GPU node. The status no longer changes, so a diff is only drift.
+    tj = wait_until(lambda: get_json(cluster, namespace, "tj/gpt-tiny"),
+                    lambda o: reconciled(o) and "not running" in o["status"].get("message", ""),
+                    what="tj reconciled")
     ms = wait_until(lambda: get_json(cluster, namespace, "ms/sglang-qwen"),
-                    lambda o: reconciled(o) and bool(o["status"].get("stableRevision")), what="ms reconciled")
-    assert tj["status"]["phase"] in ("Starting", "Running")
-    assert ms["status"]["phase"] in ("Progressing", "Ready")
+                    lambda o: reconciled(o) and o["status"].get("phase") == "Ready", what="ms Ready")
 
-    diff = cluster.kubectl("diff", "--server-side", f"--field-manager={MANAGER}", "-n", namespace, *files,
-                           check=False)
-    assert diff.returncode == 0 and diff.stdout == "", diff.stdout + diff.stderr
+    def diff() -> Any:
+        return cluster.kubectl("diff", "--server-side", f"--field-manager={MANAGER}", "-n", namespace,
+                               *files, check=False)
+
+    # A status write landing between kubectl's read and its dry run shows as a diff once: retried.
+    clean = wait_until(diff, lambda d: d.returncode == 0, timeout=10, what="an empty kubectl diff")
+    assert clean.stdout == ""
     again = cluster.kubectl("apply", "--server-side", f"--field-manager={MANAGER}", "-n", namespace, *files)
     assert again.stdout.count("serverside-applied") == 2
 

@@ -10,6 +10,7 @@ as a kubelet would report it (docs/dev-cluster.md).
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 CHAOS = "pod-container-running-failed.stage.kwok.x-k8s.io"
 CLIQUE = "nvidia.com/gpu.clique"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def running_gang(env: sc.Env, name: str, count: int, attempt: int) -> list[dict[str, Any]]:
@@ -113,6 +115,19 @@ async def test_gpu_gang_lands_in_one_nvlink_domain_restarts_and_succeeds(
     job = await sc.wait_job(env, name, sc.phase_is("Succeeded"), "Succeeded")
     assert sc.status(job)["restarts"] == 1 and sc.status(job)["workers"]["succeeded"] == 4
     assert "GangRestart" in await sc.event_reasons(env, name)
+
+
+async def test_readme_dev_sample_runs_in_the_nvl72_domain(
+    cluster: Cluster, env: sc.Env, api: ApiClient
+) -> None:
+    """The README's first steps on `make cluster`: `kubectl apply` the dev sample, watch it run."""
+    sample = ROOT / "manifests" / "dev" / "trainingjob-nvl72.yaml"
+    cluster.kubectl("apply", "-n", env.namespace, "-f", str(sample))
+    pods = await running_gang(env, "nvl72-demo", 4, attempt=0)
+    assert_one_domain(pods, await cliques(api), expected="gb200-nvl72")
+    await sc.wait_job(env, "nvl72-demo", sc.phase_is("Running"), "Running")
+    table = cluster.kubectl("get", "tj", "-n", env.namespace).stdout
+    assert "nvl72-demo" in table and "Running" in table
 
 
 async def test_non_retryable_exit_code_fails_the_job(env: sc.Env, api: ApiClient) -> None:

@@ -9,7 +9,7 @@ from capstan.api.loading import InvalidDocuments, InvalidResource, Resource
 from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob
 from capstan.naming import dns_label
-from capstan.training.pods import checkpoint_pvc, headless_service, worker_pod
+from capstan.training.pods import checkpoint_pvc, gang_network_policy, headless_service, worker_pod
 
 PREVIEW_UID = "00000000-0000-0000-0000-000000000000"
 
@@ -29,6 +29,9 @@ def render_trainingjob(job: TrainingJob) -> list[dict[str, Any]]:
     if pvc is not None:
         objs.append(pvc)
     objs.append(headless_service(job))
+    policy = gang_network_policy(job)
+    if policy is not None:
+        objs.append(policy)
     objs.extend(worker_pod(job, rank, attempt=0) for rank in range(job.spec.workers))
     return objs
 

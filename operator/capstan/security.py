@@ -7,7 +7,7 @@ Security Standard "restricted" (RDMA workers: see :data:`RDMA_CAPABILITY`).
 
 Which user runs: the kubelet enforces ``runAsNonRoot`` against the image's USER and refuses to start
 a container whose image runs as root, or as a user *name* it cannot check. So the UID is set only
-where Capstan knows the image: its reference images (built ``USER 1000``) and the third-party images
+where Capstan knows the image: its reference images (built ``USER 10001``) and the third-party images
 it picks itself (the vLLM and TGI defaults, the model downloaders), which run as root unless told
 otherwise and work as any UID with a writable ``HOME``. A user's own image runs as its own numeric
 USER, or as ``spec.securityContext.runAsUser``; an image that would run as root is reported by the
@@ -22,9 +22,9 @@ from typing import Any
 
 from capstan.api.security import NetworkPolicyPeer, PodSecurity
 
-#: UID and GID of Capstan's reference images (workloads/Dockerfile.*: ``useradd --uid 1000``), also
-#: used for the third-party images Capstan picks.
-REFERENCE_UID = 1000
+#: UID and GID of Capstan's reference images (workloads/Dockerfile.*), also used for the
+#: third-party images Capstan picks: 10000 or more, so it is no account of the node's.
+REFERENCE_UID = 10001
 #: Repositories of Capstan's reference images (any tag or digest).
 REFERENCE_IMAGES = ("ghcr.io/capstan-dev/capstan-trainer", "ghcr.io/capstan-dev/capstan-server")
 #: RDMA memory registration pins pages, which needs CAP_IPC_LOCK (unless the node's container
@@ -46,7 +46,7 @@ def image_repository(image: str) -> str:
 
 
 def is_reference_image(image: str) -> bool:
-    """Whether ``image`` is one of Capstan's reference images (which run as UID 1000)."""
+    """Whether ``image`` is one of Capstan's reference images (which run as UID 10001)."""
     return image_repository(image) in REFERENCE_IMAGES
 
 
@@ -103,7 +103,7 @@ def nonroot_advice(field: str) -> str:
     """What to do about :func:`nonroot_refusal`, naming the spec field that fixes it."""
     return (
         "Capstan runs containers with runAsNonRoot: build the image with a numeric non-root USER "
-        f"(e.g. USER 1000), or set {field}.runAsUser to a non-root UID the image works with"
+        f"(e.g. USER 10001), or set {field}.runAsUser to a non-root UID the image works with"
     )
 
 

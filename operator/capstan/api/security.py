@@ -30,7 +30,7 @@ class PodSecurity(ApiModel):
         le=MAX_ID,
         description="UID every container runs as. Needed when the image's USER is root or a name (the "
         "kubelet cannot verify that a named user is not root and refuses to start the container). "
-        "Default: Capstan's reference images run as 1000; other images run as their own numeric USER.",
+        "Default: Capstan's reference images run as 10001; other images run as their own numeric USER.",
     )
     run_as_group: int | None = Field(
         default=None, ge=0, le=MAX_ID, description="GID every container runs as; default: the image's."
@@ -40,7 +40,7 @@ class PodSecurity(ApiModel):
         ge=0,
         le=MAX_ID,
         description="Group that owns the pod's volumes (e.g. the checkpoint PVC), so a non-root user "
-        "can write to them; Capstan's reference images get 1000.",
+        "can write to them; Capstan's reference images get 10001.",
     )
 
 

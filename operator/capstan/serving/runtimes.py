@@ -124,7 +124,7 @@ def _tgi_args(c: ArgsContext) -> list[str]:
     return args
 
 
-# The vLLM and TGI images run as root and have no user 1000: as any other UID they need a writable
+# The vLLM and TGI images run as root and have no user 10001: as any other UID they need a writable
 # HOME for their caches (HF, vLLM, Triton, torch compile), and a USER so getpass.getuser(), which
 # torch's compile cache calls, does not look the UID up in /etc/passwd and fail.
 NON_ROOT_ENV = (("HOME", "/tmp"), ("USER", "capstan"))

@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from capstan.api.loading import InvalidDocuments, InvalidResource, load_resources
 
 EXIT_INVALID = 2
@@ -33,7 +31,7 @@ def _cmd_crds(args: argparse.Namespace) -> int:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from capstan.render import render
+    from capstan.render import render, to_yaml
 
     resources = [r for f in args.file for r in load_resources(f)]
     if args.namespace:
@@ -45,7 +43,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
             else r.model_copy(update={"metadata": r.metadata.model_copy(update=update)})
             for r in resources
         ]
-    sys.stdout.write(yaml.safe_dump_all(render(resources), sort_keys=False))
+    sys.stdout.write(to_yaml(render(resources)))
     return 0
 
 

@@ -90,6 +90,7 @@ NODES = Resource("", "v1", "nodes", "Node", namespaced=False)
 DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
 HPAS = Resource("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler")
 PDBS = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
+NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
 VOLUME_SNAPSHOTS = Resource("snapshot.storage.k8s.io", "v1", "volumesnapshots", "VolumeSnapshot")
 TRAININGJOBS = Resource("capstan.dev", "v1alpha1", "trainingjobs", "TrainingJob")
 MODELSERVINGS = Resource("capstan.dev", "v1alpha1", "modelservings", "ModelServing")
@@ -107,6 +108,7 @@ _KINDS: dict[tuple[str, str], Resource] = {
         DEPLOYMENTS,
         HPAS,
         PDBS,
+        NETWORK_POLICIES,
         VOLUME_SNAPSHOTS,
         TRAININGJOBS,
         MODELSERVINGS,

@@ -35,6 +35,7 @@ from capstan.kube.apply import (
     DEPLOYMENTS,
     HPAS,
     MODELSERVINGS,
+    NETWORK_POLICIES,
     PVCS,
     SERVICES,
     TRAININGJOBS,
@@ -133,7 +134,7 @@ async def _list(
 async def _observe(api: ApiClient, ms: ModelServing, gateway: bool) -> Observed:
     ns = ms.metadata.namespace
     sel = serving_selector(ms)
-    kinds = [DEPLOYMENTS, SERVICES, HPAS, PVCS] + ([HTTPROUTES] if gateway else [])
+    kinds = [DEPLOYMENTS, SERVICES, HPAS, PVCS, NETWORK_POLICIES] + ([HTTPROUTES] if gateway else [])
     deployments, *rest = await asyncio.gather(*(_list(api, r, ns, sel) for r in kinds))
     children = [obj for objs in rest for obj in objs]
     training_job = None
@@ -220,9 +221,11 @@ async def _apply(
         await api.patch_status(MODELSERVINGS, ns, name, patch)
         if ms.status.phase != plan.status.phase:
             logger.info("phase %s -> %s: %s", ms.status.phase, plan.status.phase, plan.status.message)
-    # PVCs and Services first (a pod needs its claim; a route needs its backends), then the rest.
-    first = [o for o in plan.objects if o["kind"] in ("PersistentVolumeClaim", "Service")]
-    later = [o for o in plan.objects if o["kind"] not in ("PersistentVolumeClaim", "Service")]
+    # PVCs, Services and the NetworkPolicy first (a pod needs its claim, a route its backends, and no
+    # pod should run unprotected), then the rest.
+    early = ("PersistentVolumeClaim", "Service", "NetworkPolicy")
+    first = [o for o in plan.objects if o["kind"] in early]
+    later = [o for o in plan.objects if o["kind"] not in early]
     refusal: tuple[dict[str, Any], ApiError] | None = None
     for batch in (first, later):
         if batch and refusal is None:

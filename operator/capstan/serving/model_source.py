@@ -16,11 +16,13 @@
 
 from __future__ import annotations
 
+import copy
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
 from capstan.api.modelserving import ModelServing
+from capstan.security import REFERENCE_UID, container_security_context
 
 MOUNT = "/model"
 VOLUME = "model"
@@ -30,6 +32,11 @@ S5CMD_IMAGE = "peakcom/s5cmd:v2.3.0"
 GCLOUD_IMAGE = "gcr.io/google.com/cloudsdktool/google-cloud-cli:522.0.0-slim"
 CURL_IMAGE = "curlimages/curl:8.14.1"
 HF_IMAGE = "python:3.12-slim"
+# The download is network- and disk-bound: a little CPU, and memory for the tools' part buffers.
+DOWNLOAD_RESOURCES = {
+    "requests": {"cpu": "500m", "memory": "512Mi"},
+    "limits": {"cpu": "2", "memory": "2Gi"},
+}
 
 
 class ModelNotReady(Exception):
@@ -185,7 +192,14 @@ def pod_parts(ref: ModelRef, revision: str, env: list[dict[str, str]]) -> dict[s
         "name": "model-download",
         "image": image,
         "command": command,
-        "env": [*env, {"name": "MODEL_URI", "value": ref.uri}, {"name": "HOME", "value": "/tmp"}],
+        "env": [
+            *(dict(e) for e in env),
+            {"name": "MODEL_URI", "value": ref.uri},
+            {"name": "HOME", "value": "/tmp"},
+        ],
         "volumeMounts": [{"name": VOLUME, "mountPath": MOUNT}],
+        "resources": copy.deepcopy(DOWNLOAD_RESOURCES),
+        # Capstan picked the image (root by default in most): it runs as the reference UID, HOME=/tmp.
+        "securityContext": container_security_context(run_as=REFERENCE_UID),
     }
     return {"volumes": [{"name": VOLUME, "emptyDir": {}}], "mounts": [mount], "init": [init]}

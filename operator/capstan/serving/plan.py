@@ -36,6 +36,7 @@ from capstan.serving.revisions import (
     hpa,
     http_route,
     model_claim,
+    network_policy,
     revision_service,
     scaled_bounds,
     selector_string,
@@ -70,8 +71,8 @@ class ObjectRef:
 class Observed:
     """What the executor read: children labelled with this ModelServing, and its model source.
 
-    ``children`` holds every other labelled child (Services, HPAs, PVCs, HTTPRoutes) so the planner
-    can delete what no live revision needs. ``snapshots`` maps VolumeSnapshot name to object.
+    ``children`` holds every other labelled child (Services, HPAs, PVCs, HTTPRoutes, NetworkPolicies)
+    so the planner can delete what no live revision needs. ``snapshots`` maps VolumeSnapshot name to object.
     """
 
     deployments: list[dict[str, Any]] = field(default_factory=list)
@@ -243,6 +244,9 @@ def _plan(
     live = set(weights)
 
     # --- objects -------------------------------------------------------------------------------
+    policy = network_policy(ms) if live else None
+    if policy is not None:  # applied with the Services, before a revision's pods start
+        plan.objects.append(policy)
     if live:
         plan.objects.append(stable_service(ms))
     for rev in sorted(live):
@@ -279,6 +283,7 @@ def _plan(
             (owner_rev is not None and owner_rev not in live)
             or (kind == "HorizontalPodAutoscaler" and auto is None)
             or (kind == "HTTPRoute" and (not gateway_api or not live))
+            or (kind == "NetworkPolicy" and policy is None)
         )
         if gone:
             plan.deletes.append(ObjectRef(obj.get("apiVersion", ""), kind, name))

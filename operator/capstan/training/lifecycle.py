@@ -29,9 +29,11 @@ from capstan.api.trainingjob import (
 )
 from capstan.events import Event
 from capstan.naming import LABEL_ATTEMPT, LABEL_RANK
+from capstan.security import nonroot_advice, nonroot_refusal
 from capstan.training.pods import (
     EXIT_PREEMPTED,
     checkpoint_pvc,
+    gang_network_policy,
     headless_service,
     worker_pod,
 )
@@ -87,6 +89,8 @@ class WorkerState:
     terminating: bool
     reason: str = ""
     node: str | None = None
+    # The kubelet's refusal to run the image as a non-root user (see capstan.security).
+    nonroot_refusal: str = ""
 
 
 def worker_state(pod: dict[str, Any]) -> WorkerState | None:
@@ -114,6 +118,7 @@ def worker_state(pod: dict[str, Any]) -> WorkerState | None:
         terminating=bool(meta.get("deletionTimestamp")),
         reason=status.get("reason", ""),
         node=(pod.get("spec") or {}).get("nodeName"),
+        nonroot_refusal=nonroot_refusal(pod) or "",
     )
 
 
@@ -285,6 +290,15 @@ def _plan(
     failed = [w for w in current if w.phase == "Failed"]
     if failed:
         return _on_failure(b, current, failed)
+    root = next((w for w in current if w.nonroot_refusal and not w.terminating), None)
+    if root is not None:
+        # No restart can help: the same image runs as the same user. Fail now, freeing the GPUs the
+        # waiting pods hold, and say how to fix it.
+        return _fail(
+            b, current, "RunAsNonRoot",
+            f"the kubelet refused to start worker {root.name} ({root.nonroot_refusal}). "
+            f"{nonroot_advice('spec.securityContext')}",
+        )
 
     present = {w.rank for w in current}
     missing = [r for r in range(job.spec.workers) if r not in present]
@@ -368,6 +382,9 @@ def _create_gang(b: _Builder, placer: Placer | None, service_exists: bool, pvc_e
         b.plan.create.append(pvc)
     if not service_exists:
         b.plan.create.append(headless_service(job))
+    policy = gang_network_policy(job)
+    if policy is not None:  # created with the gang's Service, before any pod runs unprotected
+        b.plan.create.append(policy)
     _create_workers(b, list(range(job.spec.workers)), nodes)
     b.phase("Starting", "GangCreated", f"created {job.spec.workers} worker pods (attempt {st.attempt})")
     b.requeue(5)

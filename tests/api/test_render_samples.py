@@ -25,6 +25,28 @@ def test_rendered_sample_objects_are_valid(sample: Path, capsys: Any, k8s_valid:
         assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "capstan"
         if obj["kind"] not in FOREIGN:
             k8s_valid(obj)
+        pod = obj["spec"] if obj["kind"] == "Pod" else (obj.get("spec") or {}).get("template", {}).get("spec")
+        if pod:
+            assert not _duplicate_map_keys(pod), f"{obj['kind']} {obj['metadata']['name']}"
+
+
+def _duplicate_map_keys(pod: dict[str, Any]) -> list[str]:
+    """Keys repeated in the pod's list-map fields, which server-side apply refuses outright
+    (``duplicate entries for key``) although the JSON schema, and kubernetes-validate, allow them."""
+    found: list[str] = []
+
+    def check(where: str, items: list[dict[str, Any]], *key: str) -> None:
+        seen = [tuple(i.get(k) for k in key) for i in items]
+        found.extend(f"{where}: {k}" for k in {k for k in seen if seen.count(k) > 1})
+
+    containers = [*pod.get("initContainers", []), *pod.get("containers", [])]
+    check("containers", containers, "name")
+    check("volumes", pod.get("volumes", []), "name")
+    for c in containers:
+        check(f"{c['name']}.env", c.get("env", []), "name")
+        check(f"{c['name']}.volumeMounts", c.get("volumeMounts", []), "mountPath")
+        check(f"{c['name']}.ports", c.get("ports", []), "containerPort", "protocol")
+    return found
 
 
 class Yaml12Loader(yaml.SafeLoader):

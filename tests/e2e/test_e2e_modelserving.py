@@ -9,8 +9,10 @@ stub serves the pod's metrics on the ``http`` container port (spec.port).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,10 +35,22 @@ NAME = "llm"
 @pytest.fixture
 async def canary_metrics() -> AsyncIterator[tuple[MetricsStub, int]]:
     """A canary whose requests fail half the time, served on a free port of 127.0.0.1."""
+    async with _metrics_server(MetricsStub(per_scrape=100, errors=50)) as served:
+        yield served
+
+
+@pytest.fixture
+async def healthy_metrics() -> AsyncIterator[tuple[MetricsStub, int]]:
+    """A canary whose requests all succeed, served on a free port of 127.0.0.1."""
+    async with _metrics_server(MetricsStub(per_scrape=100, errors=0)) as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def _metrics_server(metrics: MetricsStub) -> AsyncIterator[tuple[MetricsStub, int]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    metrics = MetricsStub(per_scrape=100, errors=50)
     app = web.Application()
     app.router.add_get("/metrics", metrics.handle)
     runner = web.AppRunner(app, access_log=None)
@@ -101,11 +115,8 @@ async def assert_made_by_controllers(api: ApiClient, namespace: str, revision: s
         assert pod["spec"]["nodeName"]  # bound by kube-scheduler
 
 
-async def test_canary_step_with_httproute_weights_then_rollback(
-    env: sc.Env, api: ApiClient, canary_metrics: tuple[MetricsStub, int]
-) -> None:
-    metrics, port = canary_metrics
-    ns = env.namespace
+async def create_serving(api: ApiClient, ns: str, port: int, steps: list[dict[str, Any]]) -> None:
+    """A 2-replica ModelServing whose canary analysis scrapes ``port``."""
     await api.create({
         "apiVersion": "capstan.dev/v1alpha1",
         "kind": "ModelServing",
@@ -115,10 +126,61 @@ async def test_canary_step_with_httproute_weights_then_rollback(
             "tensorParallel": 1,
             "replicas": 2,
             "port": port,
-            "rollout": {"steps": [{"weight": 50, "pause": "3s"}],
-                        "analysis": {"maxErrorRate": 0.05, "minRequests": 10}},
+            "rollout": {"steps": steps, "analysis": {"maxErrorRate": 0.05, "minRequests": 10}},
         },
     })
+
+
+async def start_canary(env: sc.Env, api: ApiClient, stable: str) -> str:
+    """Change the spec; the canary revision's pod runs and answers its analysis at 127.0.0.1."""
+    obj = await api.get(MODELSERVINGS, env.namespace, NAME)
+    assert obj is not None
+    spec = copy.deepcopy(obj["spec"])
+    spec["env"] = [{"name": "VERSION", "value": "2"}]
+    await api.patch(MODELSERVINGS, env.namespace, NAME, {"spec": spec})
+    revs = await wait_for(lambda: _two(env), sc.TIMEOUT, what="a canary Deployment")
+    (canary,) = set(revs) - {stable}
+    (canary_pod,) = await running_pods(env, canary, 1)  # ceil(2 x 25%) = ceil(2 x 50%) = 1
+    await assert_made_by_controllers(api, env.namespace, canary, [canary_pod])
+    await api.patch_status(PODS, env.namespace, canary_pod["metadata"]["name"],
+                           {"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]})
+    return canary
+
+
+async def test_every_canary_step_holds_its_weight_on_the_real_server(
+    env: sc.Env, api: ApiClient, healthy_metrics: tuple[MetricsStub, int]
+) -> None:
+    """Regression: a passed step's ``stepStartedAt`` must be removed from the status (a merge
+    patch that leaves it out keeps it), or step 2 counts its pause from step 1 and is skipped."""
+    _, port = healthy_metrics
+    steps = [{"weight": 25, "pause": "4s"}, {"weight": 50, "pause": "6s"}]
+    await create_serving(api, env.namespace, port, steps)
+    (stable,) = await wait_for(lambda: revisions(env), sc.TIMEOUT, what="the stable Deployment")
+    await wait_status(env, lambda s: s.get("phase") == "Ready", "Ready")
+    canary = await start_canary(env, api, stable)
+    await wait_status(env, lambda s: weights(s) == {stable: 75, canary: 25}, "step 1 at 25%")
+    assert await wait_for(lambda: _route_is(env, {stable: 75, canary: 25}), sc.TIMEOUT, what="route 75/25")
+    st = await wait_status(env, lambda s: weights(s) == {stable: 50, canary: 50}, "step 2 at 50%")
+    assert st["canaryRevision"] == canary and st["phase"] == "Progressing"
+    assert await wait_for(lambda: _route_is(env, {stable: 50, canary: 50}), sc.TIMEOUT, what="route 50/50")
+    held_from = time.monotonic()
+    st = await wait_status(env, lambda s: s.get("stableRevision") == canary, "promotion")
+    assert time.monotonic() - held_from >= 3.0  # step 2 held its own 6 s pause
+    assert await wait_for(lambda: _route_is(env, {canary: 100}), sc.TIMEOUT, what="route to the new stable")
+    events = [e for e in await env.api.list_objects(sc.EVENTS, env.namespace)
+              if (e.get("involvedObject") or {}).get("name") == NAME]
+    steps_started = sorted(e["message"].split(":")[0] for e in events if e.get("reason") == "CanaryStep")
+    assert steps_started == ["step 1/2 (25%)", "step 2/2 (50%)"]
+    reasons = {e.get("reason") for e in events}
+    assert "Promoted" in reasons and "RolledBack" not in reasons
+
+
+async def test_canary_step_with_httproute_weights_then_rollback(
+    env: sc.Env, api: ApiClient, canary_metrics: tuple[MetricsStub, int]
+) -> None:
+    metrics, port = canary_metrics
+    ns = env.namespace
+    await create_serving(api, ns, port, [{"weight": 50, "pause": "3s"}])
     (stable,) = await wait_for(lambda: revisions(env), sc.TIMEOUT, what="the stable Deployment")
     pods = await running_pods(env, stable, 2)
     await assert_made_by_controllers(api, ns, stable, pods)
@@ -129,17 +191,7 @@ async def test_canary_step_with_httproute_weights_then_rollback(
     assert await wait_for(lambda: _route_is(env, {stable: 100}), sc.TIMEOUT, what="route to stable")
 
     # A spec change makes a canary revision: one step at 50%, on HTTPRoute weights.
-    obj = await api.get(MODELSERVINGS, ns, NAME)
-    assert obj is not None
-    spec = copy.deepcopy(obj["spec"])
-    spec["env"] = [{"name": "VERSION", "value": "2"}]
-    await api.patch(MODELSERVINGS, ns, NAME, {"spec": spec})
-    revs = await wait_for(lambda: _two(env), sc.TIMEOUT, what="a canary Deployment")
-    (canary,) = set(revs) - {stable}
-    (canary_pod,) = await running_pods(env, canary, 1)  # ceil(2 x 50%)
-    await assert_made_by_controllers(api, ns, canary, [canary_pod])
-    await api.patch_status(PODS, ns, canary_pod["metadata"]["name"],
-                           {"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]})
+    canary = await start_canary(env, api, stable)
     st = await wait_status(env, lambda s: weights(s) == {stable: 50, canary: 50}, "step 1 at 50%")
     assert st["canaryRevision"] == canary and st["phase"] == "Progressing"
     assert await wait_for(lambda: _route_is(env, {stable: 50, canary: 50}), sc.TIMEOUT, what="route 50/50")

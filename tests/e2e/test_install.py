@@ -171,6 +171,7 @@ def test_sample_passes_server_side_dry_run(cluster: Cluster, capstan: Install, s
     assert "(server dry run)" in res.stdout, res.stdout
 
 
+IN_WITHOUT_VALUES = {"key": "app", "operator": "In"}
 #: One invalid spec per CEL rule of the CRDs: (kind, schema path, fieldPath) → (spec, field named).
 CEL_CASES: dict[tuple[str, str, str], tuple[dict[str, Any], str]] = {
     ("TrainingJob", ".spec", ".checkpoint.snapshots"):
@@ -203,6 +204,21 @@ CEL_CASES: dict[tuple[str, str, str], tuple[dict[str, Any], str]] = {
             ("effect", {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule",
                         "tolerationSeconds": 30}),
         )
+    },
+    # NetworkPolicy peers: neither or both kinds of peer; a selector requirement's values.
+    **{
+        (kind, f".spec.networkPolicy.{peers}[]", ""):
+            ({"networkPolicy": {peers: [{}]}}, f"spec.networkPolicy.{peers}[0]")
+        for kind, peers in (("TrainingJob", "metricsFrom"), ("ModelServing", "metricsFrom"),
+                            ("ModelServing", "clientsFrom"))
+    },
+    **{
+        (kind, f".spec.networkPolicy.{peers}[].{selector}.matchExpressions[]", ".values"):
+            ({"networkPolicy": {peers: [{selector: {"matchExpressions": [IN_WITHOUT_VALUES]}}]}},
+             f"spec.networkPolicy.{peers}[0].{selector}.matchExpressions[0].values")
+        for kind, peers in (("TrainingJob", "metricsFrom"), ("ModelServing", "metricsFrom"),
+                            ("ModelServing", "clientsFrom"))
+        for selector in ("podSelector", "namespaceSelector")
     },
 }
 

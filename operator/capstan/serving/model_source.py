@@ -188,15 +188,15 @@ def pod_parts(ref: ModelRef, revision: str, env: list[dict[str, str]]) -> dict[s
         return {"volumes": [volume], "mounts": [mount], "init": []}
     assert ref.uri is not None
     image, command = _downloader(ref.uri)
+    # Env names must be unique (server-side apply refuses duplicates): the user's HOME wins over
+    # the default, while MODEL_URI is always spec.model.uri's, the one source of the model.
+    user = [dict(e) for e in env if e["name"] != "MODEL_URI"]
+    home = [] if any(e["name"] == "HOME" for e in user) else [{"name": "HOME", "value": "/tmp"}]
     init = {
         "name": "model-download",
         "image": image,
         "command": command,
-        "env": [
-            *(dict(e) for e in env),
-            {"name": "MODEL_URI", "value": ref.uri},
-            {"name": "HOME", "value": "/tmp"},
-        ],
+        "env": [*user, {"name": "MODEL_URI", "value": ref.uri}, *home],
         "volumeMounts": [{"name": VOLUME, "mountPath": MOUNT}],
         "resources": copy.deepcopy(DOWNLOAD_RESOURCES),
         # Capstan picked the image (root by default in most): it runs as the reference UID, HOME=/tmp.

@@ -11,8 +11,8 @@ same few calls; the sync ``kubernetes`` client would need a thread per request i
 
 Conventions: objects are plain dicts in wire (camelCase) form; "absent" answers are values, not
 exceptions (``get`` → None, ``delete`` → False, ``create_if_absent`` → created False); every other
-non-2xx answer raises :class:`ApiError`. Label selectors are also applied on the client side, so
-servers that ignore ``labelSelector`` (emulators) give the same results as a real API server.
+non-2xx answer raises :class:`ApiError`. Selectors are the server's job (the test emulator filters
+``labelSelector`` itself, as the API server does).
 """
 
 from __future__ import annotations
@@ -379,10 +379,6 @@ class ApiClient:
         for item in items:  # list items carry no apiVersion/kind on a real server
             item.setdefault("apiVersion", res.api_version)
             item.setdefault("kind", res.kind)
-        if labels:
-            items = [i for i in items if matches_labels(i, labels)]
-        if namespace and res.namespaced:
-            items = [i for i in items if (i.get("metadata") or {}).get("namespace", namespace) == namespace]
         return items
 
     async def list_pods(

@@ -47,6 +47,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check operator workloads tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/mypy scripts/cluster.py
+	$(BIN)/lint-imports
 
 crds: $(STAMP)
 	$(BIN)/capstan crds --out crds
@@ -78,4 +79,4 @@ bench: $(STAMP)
 
 clean:
 	-test -x $(BIN)/python && $(BIN)/python scripts/cluster.py down
-	rm -rf $(VENV) .tools .capstan .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools .capstan .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

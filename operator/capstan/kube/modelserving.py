@@ -48,6 +48,7 @@ from capstan.kube.apply import (
     resource_of,
 )
 from capstan.kube.runtime import Reported, reconcile_loop, refused_by_server, wake
+from capstan.kube.scrape import pod_targets, scrape_pods
 from capstan.kube.status import reconcile_live, status_merge_patch
 from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
 from capstan.metrics import (
@@ -56,14 +57,7 @@ from capstan.metrics import (
     ROLLOUTS,
 )
 from capstan.naming import LABEL_SERVING
-from capstan.serving.analysis import (
-    AnalysisResult,
-    Baselines,
-    evaluate,
-    pod_targets,
-    scrape_pods,
-    window,
-)
+from capstan.serving.analysis import AnalysisResult, Baselines, evaluate, window
 from capstan.serving.plan import Observed, ServingPlan, analysis_due, plan_modelserving, refused
 from capstan.serving.revisions import revision_selector, serving_selector
 from capstan.serving.runtimes import runtime_for

@@ -64,6 +64,8 @@ lint: $(STAMP)
 
 crds: $(STAMP)
 	$(BIN)/capstan crds --out crds
+	# The table of condition types and reasons (tests/api/test_condition_types.py checks it).
+	$(BIN)/python -m capstan.api.condition_types docs/conditions.md
 	# The chart and the kustomize base carry the same generated CRDs.
 	$(BIN)/python tests/packaging/capstan_pkg.py sync
 

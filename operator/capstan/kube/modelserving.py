@@ -29,6 +29,7 @@ from typing import Any
 import kopf
 
 from capstan import GROUP, VERSION
+from capstan.api.condition_types import ConditionType
 from capstan.api.conditions import CREATE_FAILED
 from capstan.api.modelserving import ModelServing
 from capstan.kube.apply import (
@@ -288,7 +289,7 @@ async def reconcile(
         return await _reconcile_serving(api, body, ms, now, memo, logger)
 
     return await reconcile_live(
-        KIND, api, MODELSERVINGS, namespace, name, uid, logger, step, "Ready", "Failed"
+        KIND, api, MODELSERVINGS, namespace, name, uid, logger, step, ConditionType.READY, "Failed"
     )
 
 
@@ -337,7 +338,9 @@ async def modelserving_loop(
     """The reconcile loop of one ModelServing (see the module docstring)."""
     assert namespace is not None  # ModelServing is namespaced
     try:
-        await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped, "Ready")
+        await reconcile_loop(
+            KIND, reconcile, name, namespace, uid, memo, logger, stopped, ConditionType.READY
+        )
     finally:
         _state(memo).baselines.forget(uid)
 

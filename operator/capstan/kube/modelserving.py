@@ -29,6 +29,7 @@ from typing import Any
 import kopf
 
 from capstan import GROUP, VERSION
+from capstan.api.condition_types import ConditionType
 from capstan.api.conditions import CREATE_FAILED
 from capstan.api.modelserving import ModelServing
 from capstan.kube.apply import (
@@ -48,6 +49,7 @@ from capstan.kube.apply import (
     resource_of,
 )
 from capstan.kube.runtime import Reported, reconcile_loop, refused_by_server, wake
+from capstan.kube.scrape import pod_targets, scrape_pods
 from capstan.kube.status import reconcile_live, status_merge_patch
 from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
 from capstan.metrics import (
@@ -56,14 +58,7 @@ from capstan.metrics import (
     ROLLOUTS,
 )
 from capstan.naming import LABEL_SERVING
-from capstan.serving.analysis import (
-    AnalysisResult,
-    Baselines,
-    evaluate,
-    pod_targets,
-    scrape_pods,
-    window,
-)
+from capstan.serving.analysis import AnalysisResult, Baselines, evaluate, window
 from capstan.serving.plan import Observed, ServingPlan, analysis_due, plan_modelserving, refused
 from capstan.serving.revisions import revision_selector, serving_selector
 from capstan.serving.runtimes import runtime_for
@@ -294,7 +289,7 @@ async def reconcile(
         return await _reconcile_serving(api, body, ms, now, memo, logger)
 
     return await reconcile_live(
-        KIND, api, MODELSERVINGS, namespace, name, uid, logger, step, "Ready", "Failed"
+        KIND, api, MODELSERVINGS, namespace, name, uid, logger, step, ConditionType.READY, "Failed"
     )
 
 
@@ -343,7 +338,9 @@ async def modelserving_loop(
     """The reconcile loop of one ModelServing (see the module docstring)."""
     assert namespace is not None  # ModelServing is namespaced
     try:
-        await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped, "Ready")
+        await reconcile_loop(
+            KIND, reconcile, name, namespace, uid, memo, logger, stopped, ConditionType.READY
+        )
     finally:
         _state(memo).baselines.forget(uid)
 

@@ -95,7 +95,9 @@ async def test_serving_network_policy_follows_the_spec(cluster: Cluster, operato
     operator_pods = {"matchLabels": {"app.kubernetes.io/component": "operator"}}
     assert operator_rule["from"][0]["podSelector"] == operator_pods
     assert metrics["from"][0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
-    (before,) = await api.list_objects(DEPLOYMENTS, "default", {LABEL_SERVING: "gpt"})
+    # The policy is created before the servers: wait for the Deployment too.
+    (before,) = await wait_for(lambda: api.list_objects(DEPLOYMENTS, "default", {LABEL_SERVING: "gpt"}),
+                               what="the revision Deployment")
 
     # Dropping spec.networkPolicy deletes the policy; the servers are not rolled out again for it.
     await api.patch(MODELSERVINGS, "default", "gpt", {"spec": {"networkPolicy": None}})

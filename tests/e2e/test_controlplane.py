@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 from tests.e2e.conftest import kubeconfig_path, required
+from tests.e2e.conftest import wait_until as wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -66,22 +67,6 @@ def namespace(kube: Any) -> Iterator[str]:
     wait_for(lambda: core.read_namespaced_service_account("default", name), what="default ServiceAccount")
     yield name
     core.delete_namespace(name)
-
-
-def wait_for(get: Callable[[], T], until: Callable[[T], bool] = bool, timeout: float = 60,
-             what: str = "condition") -> T:
-    """Call ``get`` until ``until(result)`` holds (API errors count as not yet); fail after timeout."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = get()
-            if until(last):
-                return last
-        except Exception as exc:  # not found yet, a conflict: retry until the deadline
-            last = exc
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {str(last)[:500]}")
 
 
 def gone(call: Callable[[], Any]) -> Callable[[], bool]:

@@ -1,15 +1,28 @@
 # Capstan: `make demo` trains and serves on this machine; `make test` runs the whole suite.
 # Both set themselves up from nothing (a venv in .venv, tools in .tools/bin).
 # `make test` runs the suite against a local Kubernetes control plane (`make cluster`, built from
-# source once per machine); `make test-unit` or `make test CAPSTAN_E2E=0` run it without one.
+# source once per machine); `make test-nocluster` or `make test CAPSTAN_E2E=0` run it without one.
+# One tier at a time (together they are the whole suite; none runs ruff, mypy or crds --check):
+#   make test-unit          the pure planners, API and admission, in-process (about half a minute)
+#   make test-integration   the operator (kopf) against the kmock Kubernetes emulator
+#   make test-packaging     Helm chart, kustomize, RBAC, alerts, checkov (needs `make tools`)
+#   make test-slow          real training and serving processes (tests/local, tests/workloads, -m slow)
+#   make test-e2e           tests/e2e against a fresh local cluster
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(BIN):$(PATH)
+PYTEST := $(BIN)/python -m pytest -q -ra
+# The test tiers by folder; tests/packaging/test_test_tiers.py checks that they cover tests/.
+UNIT_TESTS := tests/api tests/training tests/serving tests/topology tests/checkpoints tests/admission
+INTEGRATION_TESTS := tests/kube
+PACKAGING_TESTS := tests/packaging
+SLOW_TESTS := tests/local tests/workloads
+E2E_TESTS := tests/e2e
 
-.PHONY: demo test test-unit setup tools controlplane cluster cluster-down lint typecheck crds bench clean
+.PHONY: demo test test-nocluster test-unit test-integration test-packaging test-slow test-e2e setup tools controlplane cluster cluster-down lint typecheck crds bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,9 +60,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check operator workloads tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/mypy scripts/cluster.py
+	$(BIN)/lint-imports
 
 crds: $(STAMP)
 	$(BIN)/capstan crds --out crds
+	# The table of condition types and reasons (tests/api/test_condition_types.py checks it).
+	$(BIN)/python -m capstan.api.condition_types docs/conditions.md
 	# The chart and the kustomize base carry the same generated CRDs.
 	$(BIN)/python tests/packaging/capstan_pkg.py sync
 
@@ -59,16 +75,32 @@ ifeq ($(CAPSTAN_E2E),0)
 test: $(STAMP) tools
 	$(BIN)/capstan crds --check
 	$(MAKE) --no-print-directory lint
-	$(BIN)/python -m pytest -q -ra -m "not e2e"
+	$(PYTEST) -m "not e2e"
 else
 test: $(STAMP) tools controlplane
 	$(BIN)/capstan crds --check
 	$(MAKE) --no-print-directory lint
-	$(BIN)/python scripts/cluster.py run -- $(BIN)/python -m pytest -q -ra
+	$(BIN)/python scripts/cluster.py run -- $(PYTEST)
 endif
 
-test-unit:
+test-nocluster:
 	$(MAKE) --no-print-directory test CAPSTAN_E2E=0
+
+test-unit: $(STAMP)
+	$(PYTEST) -m "not slow and not e2e" $(UNIT_TESTS)
+
+test-integration: $(STAMP)
+	$(PYTEST) -m "not slow and not e2e" $(INTEGRATION_TESTS)
+
+test-packaging: $(STAMP) tools
+	$(PYTEST) -m "not slow and not e2e" $(PACKAGING_TESTS)
+
+# Everything under $(SLOW_TESTS) counts as slow (tests/conftest.py), and so does any test marked so.
+test-slow: $(STAMP)
+	$(PYTEST) -m "slow and not e2e"
+
+test-e2e: $(STAMP) tools controlplane
+	$(BIN)/python scripts/cluster.py run -- $(PYTEST) $(E2E_TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/reconcile.py --json
@@ -78,4 +110,4 @@ bench: $(STAMP)
 
 clean:
 	-test -x $(BIN)/python && $(BIN)/python scripts/cluster.py down
-	rm -rf $(VENV) .tools .capstan .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools .capstan .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -633,7 +633,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 info = up()
                 log(f"ready in {info['seconds']['total']}s: {info['server']}")
-                child = subprocess.Popen(command, env={**os.environ, "KUBECONFIG": info["kubeconfig"]})
+                # CAPSTAN_E2E=1: the cluster was just started, so an e2e test that cannot reach it
+                # fails instead of skipping (tests/e2e/conftest.py).
+                env = {**os.environ, "KUBECONFIG": info["kubeconfig"], "CAPSTAN_E2E": "1"}
+                child = subprocess.Popen(command, env=env)
                 try:
                     return child.wait()
                 finally:  # SIGTERM or Ctrl-C while the command runs: it stops too

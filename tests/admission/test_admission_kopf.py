@@ -9,7 +9,7 @@ from typing import Any
 import kopf
 import pytest
 
-from capstan.admission import CERT_DIR_ENV, MANAGED_ENV, WEBHOOK_IDS, configure_admission, handlers
+from capstan.admission import ADDR_ENV, CERT_DIR_ENV, MANAGED_ENV, WEBHOOK_IDS, configure_admission, handlers
 
 
 def _certs(tmp_path: Path) -> Path:
@@ -47,12 +47,27 @@ def test_on_with_cert_dir(tmp_path: Path) -> None:
     assert len(registry._webhooks.get_all_handlers()) == 2
 
 
-def test_managed_and_port_from_env(tmp_path: Path) -> None:
+def test_managed_port_and_address_from_env(tmp_path: Path) -> None:
     settings, registry = kopf.OperatorSettings(), kopf.OperatorRegistry()
     env = {CERT_DIR_ENV: str(_certs(tmp_path)), MANAGED_ENV: "capstan.dev", "CAPSTAN_WEBHOOK_PORT": "10443"}
     configure_admission(settings, registry, env=env)
     assert settings.admission.managed == "capstan.dev"
     assert settings.admission.server.port == 10443  # type: ignore[union-attr]
+    assert settings.admission.server.addr == "0.0.0.0"  # type: ignore[union-attr]
+    configure_admission(settings, registry, env={**env, ADDR_ENV: "127.0.0.1"})
+    assert settings.admission.server.addr == "127.0.0.1"  # type: ignore[union-attr]
+
+
+def test_a_later_run_without_cert_dir_drops_the_handlers(tmp_path: Path) -> None:
+    # Operators started one after another in one process (tests): kopf refuses to start with
+    # admission handlers but no server, so a run without certificates must not inherit them.
+    registry = kopf.OperatorRegistry()
+    configure_admission(kopf.OperatorSettings(), registry, env={CERT_DIR_ENV: str(_certs(tmp_path))})
+    assert len(registry._webhooks.get_all_handlers()) == 2
+    assert configure_admission(kopf.OperatorSettings(), registry, env={}) is False
+    assert registry._webhooks.get_all_handlers() == []
+    configure_admission(kopf.OperatorSettings(), registry, env={CERT_DIR_ENV: str(tmp_path)})
+    assert len(registry._webhooks.get_all_handlers()) == 2
 
 
 def test_missing_cert_files_fail_loudly(tmp_path: Path) -> None:
@@ -65,7 +80,7 @@ class _Nodes:
     def __init__(self, nodes: list[dict[str, Any]] | Exception) -> None:
         self.result = nodes
 
-    async def nodes(self) -> list[dict[str, Any]]:
+    async def nodes(self, api: Any = None) -> list[dict[str, Any]]:
         if isinstance(self.result, Exception):
             raise self.result
         return self.result

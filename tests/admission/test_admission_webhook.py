@@ -31,7 +31,7 @@ PYTHON_NOISE = (
 
 
 class _NoNodes:
-    async def nodes(self) -> list[dict[str, Any]]:
+    async def nodes(self, api: Any = None) -> list[dict[str, Any]]:
         return []
 
 

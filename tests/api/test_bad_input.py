@@ -14,6 +14,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.api.bodies import tj
 
 from capstan.api import loading
 from capstan.api.loading import (
@@ -25,16 +26,6 @@ from capstan.api.loading import (
 )
 from capstan.cli import main
 from capstan.render import render_trainingjob
-
-
-def tj(**spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": "gpt"},
-        "spec": {"image": "img", "workers": 2, **spec},
-    }
-
 
 BAD = [
     (tj(workers=0), "spec.workers", "greater than or equal to 1"),

@@ -8,6 +8,7 @@ from typing import Any
 
 import cel
 import pytest
+from tests.api.bodies import ms, tj
 
 from capstan.api.common import MAX_DURATION_S
 from capstan.api.conditions import rfc3339
@@ -17,24 +18,6 @@ from capstan.api.modelserving import ModelServing, ModelServingStatus, RolloutSt
 from capstan.api.trainingjob import TrainingJob
 from capstan.serving.rollout import RevisionState, tick
 from capstan.training.lifecycle import plan_trainingjob
-
-
-def tj(**spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": "gpt"},
-        "spec": {"image": "img", "workers": 2, **spec},
-    }
-
-
-def ms(**spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "ModelServing",
-        "metadata": {"name": "m"},
-        "spec": {"model": {"uri": "s3://b/m"}, **spec},
-    }
 
 
 def step(pause: str) -> dict[str, Any]:

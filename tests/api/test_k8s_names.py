@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import pytest
+from tests.api.bodies import ms, tj
 
 from capstan.api import k8s_names as k
 from capstan.api.crdgen import build_crds
@@ -85,24 +86,6 @@ def test_env_var_name_rejects(value: str) -> None:
                                            ("   ", False)])
 def test_image(value: str, ok: bool) -> None:
     assert (k.image_errors(value) == []) is ok
-
-
-def tj(**spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": "gpt"},
-        "spec": {"image": "img", "workers": 2, **spec},
-    }
-
-
-def ms(**spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "ModelServing",
-        "metadata": {"name": "m"},
-        "spec": {"model": {"uri": "s3://b/m"}, **spec},
-    }
 
 
 VOLUME = {"size": "1Gi"}

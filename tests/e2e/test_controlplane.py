@@ -17,7 +17,6 @@ How a test sets a pod's final state on a fake node (kwok's stages from sigs.k8s.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +25,8 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
+from tests.e2e.conftest import kubeconfig_path, required
+from tests.e2e.conftest import wait_until as wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -35,13 +36,6 @@ FAIL_LABEL = "pod-container-running-failed.stage.kwok.x-k8s.io"
 T = TypeVar("T")
 
 
-def _kubeconfig() -> str:
-    return os.environ.get("KUBECONFIG") or str(ROOT / ".capstan" / "cluster" / "kubeconfig")
-
-
-def _required() -> bool:
-    """A missing cluster is a failure in CI and when CAPSTAN_E2E asks for the e2e tests."""
-    return bool(os.environ.get("CI")) or os.environ.get("CAPSTAN_E2E", "0") not in ("", "0")
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +43,14 @@ def kube() -> Any:
     """An ApiClient for the cluster (admin identity of the kubeconfig); skip or fail without one."""
     import kubernetes
 
-    path = _kubeconfig()
+    path = kubeconfig_path()
     try:
         client = kubernetes.config.new_client_from_config(config_file=path)
         kubernetes.client.VersionApi(client).get_code(_request_timeout=5)
     except Exception as exc:  # any failure means "no cluster is up"
         reason = f"no cluster answers with kubeconfig {path} ({type(exc).__name__}: {exc})"[:400]
         reason += "; start one with `make cluster`"
-        if _required():
+        if required():
             pytest.fail(f"{reason} (required: CI or CAPSTAN_E2E is set)", pytrace=False)
         pytest.skip(reason)
     return client
@@ -73,22 +67,6 @@ def namespace(kube: Any) -> Iterator[str]:
     wait_for(lambda: core.read_namespaced_service_account("default", name), what="default ServiceAccount")
     yield name
     core.delete_namespace(name)
-
-
-def wait_for(get: Callable[[], T], until: Callable[[T], bool] = bool, timeout: float = 60,
-             what: str = "condition") -> T:
-    """Call ``get`` until ``until(result)`` holds (API errors count as not yet); fail after timeout."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = get()
-            if until(last):
-                return last
-        except Exception as exc:  # not found yet, a conflict: retry until the deadline
-            last = exc
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {str(last)[:500]}")
 
 
 def gone(call: Callable[[], Any]) -> Callable[[], bool]:

@@ -13,7 +13,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from capstan.kube.apply import EVENTS, PODS, SERVICES, TRAININGJOBS, ApiClient, ApiError
+from capstan.kube.apply import (
+    EVENTS,
+    MODELSERVINGS,
+    PODS,
+    SERVICES,
+    TRAININGJOBS,
+    VOLUME_SNAPSHOTS,
+    ApiClient,
+    ApiError,
+)
 from capstan.kube.testing import set_pod_status, wait_for
 from capstan.naming import LABEL_ATTEMPT, LABEL_JOB, LABEL_RANK, dns_label
 
@@ -345,6 +354,82 @@ async def scenario_invalid_spec(env: Env, name: str = "tj-invalid") -> None:
         job = await wait_job(
             env, name, lambda j: condition(j, "Admitted").get("status") == "True", "admitted"
         )
+
+
+# -- checkpoint snapshots (the cluster must serve snapshot.storage.k8s.io/v1 VolumeSnapshots) -----
+
+SNAPSHOT_CHECKPOINT = {"volume": {"size": "10Gi"}, "snapshots": {"everyMinutes": 60, "keep": 1}}
+
+
+async def snapshots(env: Env) -> dict[str, dict[str, Any]]:
+    """VolumeSnapshots of the namespace by name."""
+    return {s["metadata"]["name"]: s for s in await env.api.list_objects(VOLUME_SNAPSHOTS, env.namespace)}
+
+
+async def wait_snapshot(env: Env, name: str) -> dict[str, Any]:
+    """Wait until VolumeSnapshot ``name`` exists."""
+
+    async def probe() -> dict[str, Any] | None:
+        return (await snapshots(env)).get(name)
+
+    return await wait_for(probe, TIMEOUT, what=f"VolumeSnapshot {name}")
+
+
+async def csi_ready(env: Env, name: str) -> None:
+    """Play the CSI snapshot controller: the snapshot is ready to use."""
+    await env.api.patch_status(
+        VOLUME_SNAPSHOTS, env.namespace, name, {"readyToUse": True, "restoreSize": "10Gi"}
+    )
+
+
+async def scenario_snapshots_with_retention(env: Env, name: str = "snap") -> None:
+    """A gang restart and the job's completion take VolumeSnapshots of the checkpoint volume;
+    retention (keep: 1) removes the older ready one once no ModelServing pins it, never the newest."""
+    async with env.operator():
+        await env.api.create(job_body(env, name, checkpoint=SNAPSHOT_CHECKPOINT))
+        pods = await wait_pods(env, name, 2, attempt=0)
+        await kubelet(env, pods[0], "Running")
+        await kubelet(env, pods[1], "Failed", exit_code=1)
+        restart = await wait_snapshot(env, f"{name}-ckpt-restart-1")
+        assert restart["spec"]["source"]["persistentVolumeClaimName"] == f"{name}-ckpt"
+        assert "ownerReferences" not in restart["metadata"]  # snapshots outlive the job
+        await csi_ready(env, f"{name}-ckpt-restart-1")
+        # A ModelServing pinned to the restart snapshot keeps it from retention.
+        await env.api.create(
+            {
+                "apiVersion": "capstan.dev/v1alpha1",
+                "kind": "ModelServing",
+                "metadata": {"name": "pinned", "namespace": env.namespace},
+                "spec": {
+                    "model": {"fromTrainingJob": {"name": name, "checkpoint": f"{name}-ckpt-restart-1"}},
+                    **({"nodeSelector": env.pod_overrides["nodeSelector"]}
+                       if "nodeSelector" in env.pod_overrides else {}),
+                },
+            }
+        )
+        for pod in await wait_pods(env, name, 2, attempt=1):
+            await kubelet(env, pod, "Succeeded", exit_code=0)
+        await wait_snapshot(env, f"{name}-ckpt-final")
+        await csi_ready(env, f"{name}-ckpt-final")
+
+        def final_ready(j: dict[str, Any]) -> bool:
+            cond = condition(j, "CheckpointReady")
+            return cond.get("status") == "True" and f"{name}-ckpt-final" in cond.get("message", "")
+
+        job = await wait_job(env, name, final_ready, f"CheckpointReady names {name}-ckpt-final")
+        records = {c["name"]: c for c in status(job)["checkpoints"]}
+        assert records[f"{name}-ckpt-final"]["readyToUse"] is True
+        # keep: 1, but the older one is in use: both stay.
+        assert set(await snapshots(env)) == {f"{name}-ckpt-restart-1", f"{name}-ckpt-final"}
+        # Once nothing uses it, retention removes the older ready snapshot, never the newest.
+        await env.api.delete(MODELSERVINGS, env.namespace, "pinned")
+        await env.api.patch(TRAININGJOBS, env.namespace, name, {"metadata": {"labels": {"poke": "1"}}})
+
+        async def pruned() -> bool:
+            return set(await snapshots(env)) == {f"{name}-ckpt-final"}
+
+        await wait_for(pruned, TIMEOUT, what=f"retention deleted {name}-ckpt-restart-1")
+        assert "SnapshotCreated" in await event_reasons(env, name)
 
 
 CORE_SCENARIOS = [

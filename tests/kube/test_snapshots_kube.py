@@ -8,10 +8,10 @@ import kmock
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
 
-from capstan.kube.apply import DEPLOYMENTS, MODELSERVINGS, PVCS, VOLUME_SNAPSHOTS
+from capstan.kube.apply import DEPLOYMENTS, PVCS
 from capstan.kube.testing import declare_resource, wait_for
 
-CKPT = {"volume": {"size": "10Gi"}, "snapshots": {"everyMinutes": 60, "keep": 1}}
+CKPT = sc.SNAPSHOT_CHECKPOINT
 
 
 def with_snapshot_api(cluster: Cluster) -> None:
@@ -21,69 +21,16 @@ def with_snapshot_api(cluster: Cluster) -> None:
     cluster.emulator.status_resources.add(kmock.resource(gvp))
 
 
-async def snapshots(env: sc.Env) -> dict[str, dict[str, Any]]:
-    return {s["metadata"]["name"]: s for s in await env.api.list_objects(VOLUME_SNAPSHOTS, env.namespace)}
-
-
-async def wait_snapshot(env: sc.Env, name: str) -> dict[str, Any]:
-    async def probe() -> dict[str, Any] | None:
-        return (await snapshots(env)).get(name)
-
-    return await wait_for(probe, sc.TIMEOUT, what=f"VolumeSnapshot {name}")
-
-
-async def make_ready(env: sc.Env, name: str) -> None:
-    """Play the CSI snapshot controller."""
-    await env.api.patch_status(
-        VOLUME_SNAPSHOTS, env.namespace, name, {"readyToUse": True, "restoreSize": "10Gi"}
-    )
+snapshots = sc.snapshots
+wait_snapshot = sc.wait_snapshot
+make_ready = sc.csi_ready
 
 
 async def test_snapshots_before_restart_and_at_completion_with_retention(
     cluster: Cluster, env: sc.Env
 ) -> None:
     with_snapshot_api(cluster)
-    async with env.operator():
-        await env.api.create(sc.job_body(env, "snap", checkpoint=CKPT))
-        pods = await sc.wait_pods(env, "snap", 2, attempt=0)
-        await sc.kubelet(env, pods[0], "Running")
-        await sc.kubelet(env, pods[1], "Failed", exit_code=1)
-        restart = await wait_snapshot(env, "snap-ckpt-restart-1")
-        assert restart["spec"]["source"]["persistentVolumeClaimName"] == "snap-ckpt"
-        assert "ownerReferences" not in restart["metadata"]  # snapshots outlive the job
-        await make_ready(env, "snap-ckpt-restart-1")
-        # A ModelServing pinned to the restart snapshot keeps it from retention.
-        await env.api.create(
-            {
-                "apiVersion": "capstan.dev/v1alpha1",
-                "kind": "ModelServing",
-                "metadata": {"name": "pinned", "namespace": env.namespace},
-                "spec": {"model": {"fromTrainingJob": {"name": "snap", "checkpoint": "snap-ckpt-restart-1"}}},
-            }
-        )
-        for pod in await sc.wait_pods(env, "snap", 2, attempt=1):
-            await sc.kubelet(env, pod, "Succeeded", exit_code=0)
-        await wait_snapshot(env, "snap-ckpt-final")
-        await make_ready(env, "snap-ckpt-final")
-
-        def final_ready(j: dict[str, Any]) -> bool:
-            cond = sc.condition(j, "CheckpointReady")
-            return cond.get("status") == "True" and "snap-ckpt-final" in cond.get("message", "")
-
-        job = await sc.wait_job(env, "snap", final_ready, "CheckpointReady names snap-ckpt-final")
-        records = {c["name"]: c for c in sc.status(job)["checkpoints"]}
-        assert records["snap-ckpt-final"]["readyToUse"] is True
-        # keep: 1, but the older one is in use: both stay.
-        assert set(await snapshots(env)) == {"snap-ckpt-restart-1", "snap-ckpt-final"}
-        # Once nothing uses it, retention removes the older ready snapshot, never the newest.
-        await env.api.delete(MODELSERVINGS, env.namespace, "pinned")
-        await env.api.patch(sc.TRAININGJOBS, env.namespace, "snap", {"metadata": {"labels": {"poke": "1"}}})
-
-        async def pruned() -> bool:
-            return set(await snapshots(env)) == {"snap-ckpt-final"}
-
-        await wait_for(pruned, sc.TIMEOUT, what="retention deleted snap-ckpt-restart-1")
-        assert "SnapshotCreated" in await sc.event_reasons(env, "snap")
+    await sc.scenario_snapshots_with_retention(env)
 
 
 async def test_without_snapshot_api_the_job_says_so_and_runs(env: sc.Env, operator: None) -> None:

@@ -187,12 +187,19 @@ def stale() -> list[str]:
 
 
 def sync() -> list[str]:
-    written = []
-    for path, text in expected_files().items():
-        if not path.exists() or path.read_text() != text:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            written.append(str(path.relative_to(ROOT)))
+    """Write every stale derived file; returns their paths.
+
+    Two passes: the base is rendered from the chart's CRD copies, which the first pass may update.
+    """
+    written: list[str] = []
+    for _ in range(2):
+        for path, text in expected_files().items():
+            if not path.exists() or path.read_text() != text:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                rel = str(path.relative_to(ROOT))
+                if rel not in written:
+                    written.append(rel)
     return written
 
 

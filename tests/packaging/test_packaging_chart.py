@@ -69,6 +69,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "podAnnotations": {"a": "b"},
     },
     "minimal": {"webhook": {"enabled": False}, "replicaCount": 1, "operator": {"peering": ""}},
+    "external-webhook": {"webhook": {"url": "https://127.0.0.1:9443/", "caBundle": "Q0E="}},
 }
 
 
@@ -119,6 +120,9 @@ def test_schema_rejects_bad_values() -> None:
         {"operator": {"queue": {"reserveAfterSeconds": -1}}},
         {"operator": {"queue": {"localityWaitFraction": 2}}},
         {"operator": {"queue": {"migration": "sometimes"}}},
+        {"webhook": {"url": "https://127.0.0.1:9443"}},  # no caBundle
+        {"webhook": {"url": "http://127.0.0.1:9443", "caBundle": "Q0E="}},  # not https
+        {"webhook": {"url": "https://127.0.0.1:9443", "caBundle": "not base64!"}},
     ):
         with pytest.raises(RuntimeError, match="schema"):
             helm_template(bad)
@@ -209,6 +213,15 @@ def test_webhook_tls_variants() -> None:
     assert cert["spec"]["secretName"] == "capstan-webhook-tls"
     assert "capstan-webhook.capstan-system.svc" in cert["spec"]["dnsNames"]
     assert all("caBundle" not in h["clientConfig"] for h in vwc["webhooks"])
+
+    # webhook.url: the API server calls an operator outside the cluster, trusting the given CA.
+    for extra in ({}, {"certManager": {"enabled": True}}):
+        values = {"webhook": {"url": "https://127.0.0.1:9443/", "caBundle": "Q0E=", **extra}}
+        [vwc] = [o for o in docs(helm_template(values)) if o["kind"] == "ValidatingWebhookConfiguration"]
+        assert [h["clientConfig"] for h in vwc["webhooks"]] == [
+            {"url": f"https://127.0.0.1:9443/{i}", "caBundle": "Q0E="} for i in WEBHOOK_IDS.values()
+        ]
+        assert "cert-manager.io/inject-ca-from" not in (vwc["metadata"].get("annotations") or {})
 
 
 def test_chart_crds_match_generated() -> None:

@@ -59,6 +59,9 @@ for _group, _res in (("apps", "deployments"), ("autoscaling", "horizontalpodauto
                      ("gateway.networking.k8s.io", "httproutes")):
     _doc("ModelServing revisions, autoscaling, Gateway API traffic split",
          ["get", "list", "watch", "create", "patch", "delete"], _group, [_res])
+# spec.networkPolicy is off in the core scenarios (tests/kube/test_network_policy_kube.py covers it).
+_doc("NetworkPolicies: created with a gang; a ModelServing's listed, applied (patch) and deleted; get on "
+     "conflicts", ["get", "list", "create", "patch", "delete"], "networking.k8s.io", ["networkpolicies"])
 # CSI snapshots need a snapshot controller the emulator does not have.
 _doc("checkpoint snapshots: taken on schedule, listed for restore, pruned to keep",
      ["get", "list", "watch", "create", "delete"], "snapshot.storage.k8s.io", ["volumesnapshots"])

@@ -6,16 +6,8 @@ import pytest
 from aiohttp import web
 
 from capstan.api.modelserving import AnalysisSpec
-from capstan.serving.analysis import (
-    PodSample,
-    Target,
-    evaluate,
-    parse_sample,
-    pod_targets,
-    quantile,
-    scrape_pods,
-    window,
-)
+from capstan.kube.scrape import Target, parse_sample, pod_targets, scrape_pods
+from capstan.serving.analysis import PodSample, evaluate, quantile, window
 from capstan.serving.runtimes import CAPSTAN_METRICS, RUNTIMES
 
 

@@ -79,7 +79,7 @@ def test_gpu_resources_shm_and_checkpoint_mount(k8s_valid: Any) -> None:
 
 def test_rdma_only_when_asked(k8s_valid: Any) -> None:
     plain = worker_pod(job(gpusPerWorker=8), 0, 0)
-    assert "securityContext" not in plain["spec"]["containers"][0]
+    assert "add" not in plain["spec"]["containers"][0]["securityContext"]["capabilities"]
     rdma = worker_pod(
         job(
             gpusPerWorker=8,
@@ -90,7 +90,9 @@ def test_rdma_only_when_asked(k8s_valid: Any) -> None:
     )
     k8s_valid(rdma)
     c = rdma["spec"]["containers"][0]
-    assert c["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+    # IPC_LOCK alone is added back; everything else stays dropped.
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["resources"]["limits"]["rdma/rdma_shared_device_a"] == "1"
     assert rdma["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "rdma-net"
     assert env_of(rdma)["NCCL_IB_DISABLE"] == "0"

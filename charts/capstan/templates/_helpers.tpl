@@ -102,6 +102,11 @@ makes against the API emulator (plus the commented allowlist there).
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]
   verbs: [get, list, watch, create, patch, delete]
+# NetworkPolicies around gangs and servers (spec.networkPolicy): created with a gang, applied
+# and removed with a ModelServing's spec.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, create, patch, delete]
 {{- end }}
 
 {{/* Cluster-scoped reads every install needs (nodes are cluster-scoped even for a namespaced install). */}}

@@ -35,6 +35,7 @@ import kopf
 from capstan.admission.validation import SKIP_CAPACITY_ANNOTATION, validate
 
 __all__ = [
+    "ADDR_ENV",
     "CERT_DIR_ENV",
     "MANAGED_ENV",
     "PORT_ENV",
@@ -51,6 +52,9 @@ CERT_DIR_ENV = "CAPSTAN_WEBHOOK_CERT_DIR"
 #: Listening port of the webhook server (the chart's webhook Service targets it).
 PORT_ENV = "CAPSTAN_WEBHOOK_PORT"
 DEFAULT_PORT = 9443
+#: Listening address of the webhook server: all interfaces in a pod; 127.0.0.1 for an operator run
+#: outside the cluster next to a local API server (the chart's ``webhook.url``).
+ADDR_ENV = "CAPSTAN_WEBHOOK_ADDR"
 #: Name of Validating/MutatingWebhookConfigurations kopf should manage itself; unset (the chart's
 #: default) means Helm/kustomize own them and kopf must not touch them.
 MANAGED_ENV = "CAPSTAN_WEBHOOK_MANAGED"
@@ -68,12 +72,16 @@ def configure_admission(
     Call it from a ``@kopf.on.startup`` handler (or before ``kopf.run``): kopf reads webhook
     handlers and ``settings.admission`` only after startup handlers finish.
     """
+    from capstan.admission.handlers import register, unregister
+
     env = os.environ if env is None else env
     cert_dir = env.get(CERT_DIR_ENV, "")
     if not cert_dir:
+        # An earlier run in this process (tests) may have registered them: kopf would refuse to
+        # start with handlers but no server.
+        unregister(registry)
         log.info("admission webhooks off: %s is not set", CERT_DIR_ENV)
         return False
-    from capstan.admission.handlers import register
 
     certfile, pkeyfile = Path(cert_dir) / "tls.crt", Path(cert_dir) / "tls.key"
     missing = [str(p) for p in (certfile, pkeyfile) if not p.is_file()]
@@ -85,7 +93,7 @@ def configure_admission(
     # kopf re-reads the files when they change (cert-manager renewals) and restarts the listener.
     # ReviewServer answers malformed reviews with a 400 or a denial, never a 500.
     settings.admission.server = ReviewServer(
-        addr="0.0.0.0",
+        addr=env.get(ADDR_ENV) or "0.0.0.0",
         port=int(env.get(PORT_ENV) or DEFAULT_PORT),
         certfile=str(certfile),
         pkeyfile=str(pkeyfile),

@@ -2,9 +2,11 @@
 
 Nodes are listed from the API (cached for :data:`NODE_CACHE_SECONDS`) rather than taken from a
 kopf index: both operator replicas serve webhooks, but kopf peering pauses every watch, indexes
-included, in the standby replica, whose index would go stale. Listing needs the ``nodes list``
-permission the placer already has. If the list fails, node checks are skipped (fail open for
-capacity only: every schema check still runs) and the response carries a warning.
+included, in the standby replica, whose index would go stale. The list goes through the operator's
+own client (``memo.api``: kopf's login, so the same identity and RBAC role as every other call) and
+needs the ``nodes list`` permission the placer already has. If the list fails, node checks are
+skipped (fail open for capacity only: every schema check still runs) and the response carries a
+warning.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import kopf
 from capstan import GROUP, VERSION
 from capstan.admission.validation import validate
 from capstan.api.loading import clip
+from capstan.kube.apply import NODES as NODES_RESOURCE
+from capstan.kube.apply import ApiClient
 from capstan.topology.levels import levels_from_env
 
 log = logging.getLogger(__name__)
@@ -33,20 +37,24 @@ _registered: weakref.WeakSet[kopf.OperatorRegistry] = weakref.WeakSet()
 
 
 class NodeLister:
-    """Cached ``GET /api/v1/nodes`` through the ``kubernetes`` client (in a worker thread)."""
+    """Cached ``GET /api/v1/nodes``: through the operator's client when given, else through the
+    ``kubernetes`` client (in a worker thread; a handler called outside a running operator)."""
 
     def __init__(self, ttl: float = NODE_CACHE_SECONDS) -> None:
         self.ttl = ttl
         self._nodes: list[dict[str, Any]] = []
         self._at = float("-inf")
-        self._lock = asyncio.Lock()
 
-    async def nodes(self) -> list[dict[str, Any]]:
-        async with self._lock:
-            if time.monotonic() - self._at > self.ttl:
+    async def nodes(self, api: ApiClient | None = None) -> list[dict[str, Any]]:
+        # No lock: two concurrent refreshes cost one extra list, and an asyncio.Lock made at import
+        # would be bound to the first event loop that waits on it (operators restart in tests).
+        if time.monotonic() - self._at > self.ttl:
+            if api is not None:
+                self._nodes = await asyncio.wait_for(api.list_objects(NODES_RESOURCE), 10)
+            else:
                 self._nodes = await asyncio.to_thread(_list_nodes)
-                self._at = time.monotonic()
-            return self._nodes
+            self._at = time.monotonic()
+        return self._nodes
 
 
 def _list_nodes() -> list[dict[str, Any]]:
@@ -66,10 +74,10 @@ def _list_nodes() -> list[dict[str, Any]]:
 NODES = NodeLister()
 
 
-async def review(body: kopf.Body, warnings: list[str], **_: Any) -> None:
+async def review(body: kopf.Body, warnings: list[str], memo: kopf.Memo | None = None, **_: Any) -> None:
     """Reject the object with every problem found; kopf turns the error into a 422 denial."""
     try:
-        nodes = await NODES.nodes()
+        nodes = await NODES.nodes(memo.get("api") if memo is not None else None)
     except Exception as exc:  # the API being slow must not block every write
         log.warning("admission: cannot list nodes, skipping capacity checks: %s", exc)
         warnings.append(f"capacity checks skipped: cannot list nodes ({type(exc).__name__})")
@@ -89,6 +97,17 @@ def describe(body: Mapping[str, Any]) -> str:
     shown_kind = clip(kind, 60) if isinstance(kind, str) else "object"
     shown_name = clip(name, 253) if isinstance(name, str) else ""
     return f"{shown_kind} {shown_name!r}"
+
+
+def unregister(registry: kopf.OperatorRegistry | None = None) -> None:
+    """Remove the handlers :func:`register` added to ``registry`` (the default one when None)."""
+    from capstan.admission import WEBHOOK_IDS
+
+    reg = registry if registry is not None else kopf.get_default_registry()
+    ids = set(WEBHOOK_IDS.values())
+    # kopf has no public way to drop a handler; its registry keeps them in one list.
+    reg._webhooks._handlers[:] = [h for h in reg._webhooks._handlers if h.id not in ids]
+    _registered.discard(reg)
 
 
 def register(registry: kopf.OperatorRegistry | None = None) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from capstan.api.common import Condition, ConditionStatus
+from capstan.api.condition_types import Reason
 
 #: Reason of the condition that says the API server refused to create a child (a 4xx).
-CREATE_FAILED = "CreateFailed"
+CREATE_FAILED = Reason.CREATE_FAILED
 
 
 def rfc3339(when: datetime) -> str:

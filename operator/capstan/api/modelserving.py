@@ -25,6 +25,7 @@ from capstan.api.k8s_names import (
     TrainingJobName,
     dns1123_subdomain_errors,
 )
+from capstan.api.security import PodSecurity, ServingNetworkPolicy
 
 Runtime = Literal["capstan", "vllm", "tgi", "custom"]
 ServingPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
@@ -180,6 +181,17 @@ class ModelServingSpec(ApiModel):
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Pod tolerations.")
     node_selector: dict[QualifiedName, LabelValue] = Field(
         default_factory=dict, max_length=64, description="Extra node selector."
+    )
+    security_context: PodSecurity | None = Field(
+        default=None,
+        description="Which non-root user the servers run as (they always run with runAsNonRoot, "
+        "seccomp RuntimeDefault, no privilege escalation, no capabilities and no ServiceAccount token).",
+    )
+    network_policy: ServingNetworkPolicy | None = Field(
+        default=None,
+        description="Create a NetworkPolicy so the servers accept traffic only from the routing layer "
+        "(clientsFrom), the Capstan operator's canary analysis and the metrics scraper; {} uses the "
+        "defaults. Unset: no NetworkPolicy.",
     )
 
     rules: ClassVar[tuple[Rule, ...]] = (

@@ -29,6 +29,7 @@ from capstan.api.k8s_names import (
     VolumeSnapshotClassName,
     VolumeSnapshotName,
 )
+from capstan.api.security import GangNetworkPolicy, PodSecurity
 
 TopologyPolicy = Literal["Required", "Preferred", "None"]
 DomainLevel = Literal["nvlink", "rack", "block", "zone"]
@@ -201,7 +202,18 @@ class TrainingJobSpec(ApiModel):
     )
     master_port: int = Field(default=29500, ge=1024, le=65535, description="torchrun rendezvous port.")
     service_account_name: ServiceAccountName | None = Field(
-        default=None, description="ServiceAccount of the workers."
+        default=None,
+        description="ServiceAccount of the workers; its token is mounted only when this is set.",
+    )
+    security_context: PodSecurity | None = Field(
+        default=None,
+        description="Which non-root user the workers run as (they always run with runAsNonRoot, "
+        "seccomp RuntimeDefault, no privilege escalation and no capabilities but IPC_LOCK for RDMA).",
+    )
+    network_policy: GangNetworkPolicy | None = Field(
+        default=None,
+        description="Create a NetworkPolicy so the workers accept traffic only from their own gang and "
+        "(metrics port) the metrics scraper; {} uses the defaults. Unset: no NetworkPolicy.",
     )
     node_selector: dict[QualifiedName, LabelValue] = Field(
         default_factory=dict, max_length=64, description="Extra node selector."

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from capstan.api.condition_types import CheckpointReadyReason
 from capstan.api.conditions import parse_time, rfc3339
 from capstan.api.trainingjob import CheckpointRecord, TrainingJob
 from capstan.naming import LABEL_JOB, common_labels, dns_label, label_value
@@ -138,7 +139,7 @@ def plan_snapshots(
     if not api_available:
         plan.condition = (
             False,
-            "SnapshotAPIUnavailable",
+            CheckpointReadyReason.SNAPSHOT_API_UNAVAILABLE,
             "the cluster has no snapshot.storage.k8s.io/v1 VolumeSnapshot API; checkpoints stay on the "
             "volume only (install the CSI snapshot CRDs and controller to keep them)",
         )
@@ -191,9 +192,11 @@ def plan_snapshots(
     if ready:
         newest = _record(ready[-1])
         at = f" at step {newest.step}" if newest.step is not None else ""
-        plan.condition = (True, "SnapshotReady", f"snapshot {newest.name}{at} is ready to use")
+        newest_ready = f"snapshot {newest.name}{at} is ready to use"
+        plan.condition = (True, CheckpointReadyReason.SNAPSHOT_READY, newest_ready)
     elif ordered or plan.create:
-        plan.condition = (False, "SnapshotPending", "waiting for the first snapshot to become ready")
+        none_yet = "waiting for the first snapshot to become ready"
+        plan.condition = (False, CheckpointReadyReason.SNAPSHOT_PENDING, none_yet)
     return plan
 
 

@@ -11,8 +11,8 @@ same few calls; the sync ``kubernetes`` client would need a thread per request i
 
 Conventions: objects are plain dicts in wire (camelCase) form; "absent" answers are values, not
 exceptions (``get`` → None, ``delete`` → False, ``create_if_absent`` → created False); every other
-non-2xx answer raises :class:`ApiError`. Label selectors are also applied on the client side, so
-servers that ignore ``labelSelector`` (emulators) give the same results as a real API server.
+non-2xx answer raises :class:`ApiError`. Selectors are the server's job (the test emulator filters
+``labelSelector`` itself, as the API server does).
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ NODES = Resource("", "v1", "nodes", "Node", namespaced=False)
 DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
 HPAS = Resource("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler")
 PDBS = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
+NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
 VOLUME_SNAPSHOTS = Resource("snapshot.storage.k8s.io", "v1", "volumesnapshots", "VolumeSnapshot")
 TRAININGJOBS = Resource("capstan.dev", "v1alpha1", "trainingjobs", "TrainingJob")
 MODELSERVINGS = Resource("capstan.dev", "v1alpha1", "modelservings", "ModelServing")
@@ -107,6 +108,7 @@ _KINDS: dict[tuple[str, str], Resource] = {
         DEPLOYMENTS,
         HPAS,
         PDBS,
+        NETWORK_POLICIES,
         VOLUME_SNAPSHOTS,
         TRAININGJOBS,
         MODELSERVINGS,
@@ -377,10 +379,6 @@ class ApiClient:
         for item in items:  # list items carry no apiVersion/kind on a real server
             item.setdefault("apiVersion", res.api_version)
             item.setdefault("kind", res.kind)
-        if labels:
-            items = [i for i in items if matches_labels(i, labels)]
-        if namespace and res.namespaced:
-            items = [i for i in items if (i.get("metadata") or {}).get("namespace", namespace) == namespace]
         return items
 
     async def list_pods(

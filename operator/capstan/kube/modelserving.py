@@ -29,12 +29,14 @@ from typing import Any
 import kopf
 
 from capstan import GROUP, VERSION
+from capstan.api.condition_types import ConditionType
 from capstan.api.conditions import CREATE_FAILED
 from capstan.api.modelserving import ModelServing
 from capstan.kube.apply import (
     DEPLOYMENTS,
     HPAS,
     MODELSERVINGS,
+    NETWORK_POLICIES,
     PVCS,
     SERVICES,
     TRAININGJOBS,
@@ -47,6 +49,7 @@ from capstan.kube.apply import (
     resource_of,
 )
 from capstan.kube.runtime import Reported, reconcile_loop, refused_by_server, wake
+from capstan.kube.scrape import pod_targets, scrape_pods
 from capstan.kube.status import reconcile_live, status_merge_patch
 from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
 from capstan.metrics import (
@@ -55,14 +58,7 @@ from capstan.metrics import (
     ROLLOUTS,
 )
 from capstan.naming import LABEL_SERVING
-from capstan.serving.analysis import (
-    AnalysisResult,
-    Baselines,
-    evaluate,
-    pod_targets,
-    scrape_pods,
-    window,
-)
+from capstan.serving.analysis import AnalysisResult, Baselines, evaluate, window
 from capstan.serving.plan import Observed, ServingPlan, analysis_due, plan_modelserving, refused
 from capstan.serving.revisions import revision_selector, serving_selector
 from capstan.serving.runtimes import runtime_for
@@ -133,7 +129,7 @@ async def _list(
 async def _observe(api: ApiClient, ms: ModelServing, gateway: bool) -> Observed:
     ns = ms.metadata.namespace
     sel = serving_selector(ms)
-    kinds = [DEPLOYMENTS, SERVICES, HPAS, PVCS] + ([HTTPROUTES] if gateway else [])
+    kinds = [DEPLOYMENTS, SERVICES, HPAS, PVCS, NETWORK_POLICIES] + ([HTTPROUTES] if gateway else [])
     deployments, *rest = await asyncio.gather(*(_list(api, r, ns, sel) for r in kinds))
     children = [obj for objs in rest for obj in objs]
     training_job = None
@@ -220,9 +216,11 @@ async def _apply(
         await api.patch_status(MODELSERVINGS, ns, name, patch)
         if ms.status.phase != plan.status.phase:
             logger.info("phase %s -> %s: %s", ms.status.phase, plan.status.phase, plan.status.message)
-    # PVCs and Services first (a pod needs its claim; a route needs its backends), then the rest.
-    first = [o for o in plan.objects if o["kind"] in ("PersistentVolumeClaim", "Service")]
-    later = [o for o in plan.objects if o["kind"] not in ("PersistentVolumeClaim", "Service")]
+    # PVCs, Services and the NetworkPolicy first (a pod needs its claim, a route its backends, and no
+    # pod should run unprotected), then the rest.
+    early = ("PersistentVolumeClaim", "Service", "NetworkPolicy")
+    first = [o for o in plan.objects if o["kind"] in early]
+    later = [o for o in plan.objects if o["kind"] not in early]
     refusal: tuple[dict[str, Any], ApiError] | None = None
     for batch in (first, later):
         if batch and refusal is None:
@@ -291,7 +289,7 @@ async def reconcile(
         return await _reconcile_serving(api, body, ms, now, memo, logger)
 
     return await reconcile_live(
-        KIND, api, MODELSERVINGS, namespace, name, uid, logger, step, "Ready", "Failed"
+        KIND, api, MODELSERVINGS, namespace, name, uid, logger, step, ConditionType.READY, "Failed"
     )
 
 
@@ -340,7 +338,9 @@ async def modelserving_loop(
     """The reconcile loop of one ModelServing (see the module docstring)."""
     assert namespace is not None  # ModelServing is namespaced
     try:
-        await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped, "Ready")
+        await reconcile_loop(
+            KIND, reconcile, name, namespace, uid, memo, logger, stopped, ConditionType.READY
+        )
     finally:
         _state(memo).baselines.forget(uid)
 

@@ -28,6 +28,7 @@ from typing import Any
 import kopf
 
 from capstan import GROUP, VERSION
+from capstan.api.condition_types import ConditionType, Reason
 from capstan.kube.apply import DEFAULT_CONCURRENCY, ApiClient, ApiError, Resource, resource_of
 from capstan.kube.placement import QueueState
 from capstan.kube.status import report_error
@@ -162,7 +163,7 @@ async def reconcile_loop(
     memo: kopf.Memo,
     logger: kopf.Logger,
     stopped: kopf.DaemonStopped,
-    condition: str = "Ready",
+    condition: str = ConditionType.READY,
 ) -> None:
     """Run ``reconcile`` for one object until the daemon stops: after each pass sleep until its
     requested requeue (at most :data:`RESYNC_S`) or until :func:`wake` is called for ``uid``.
@@ -257,4 +258,4 @@ async def _report_error(
             "kind": kind,
             "metadata": {"name": name, "namespace": namespace, "uid": uid},
         }
-        await api.post_event(body, "ReconcileError", message, "Warning")
+        await api.post_event(body, Reason.RECONCILE_ERROR, message, "Warning")

@@ -10,6 +10,7 @@ from typing import Any
 import kopf
 
 from capstan.api.common import ApiModel, Condition
+from capstan.api.condition_types import Reason
 from capstan.api.conditions import set_condition
 from capstan.api.loading import InvalidResource, parse_resource
 from capstan.kube.apply import ApiClient, Resource
@@ -82,7 +83,7 @@ async def report_invalid(
         conditions = []
     old = next((c for c in conditions if c.type == condition), None)
     generation = int(meta.get("generation") or 1)
-    conditions = set_condition(conditions, condition, "False", "InvalidSpec", message, now, generation)
+    conditions = set_condition(conditions, condition, "False", Reason.INVALID_SPEC, message, now, generation)
     patch = {
         "phase": phase or raw.get("phase") or "Pending",
         "message": f"invalid spec: {message}",
@@ -91,9 +92,9 @@ async def report_invalid(
     }
     if any(raw.get(k) != v for k, v in patch.items()):
         await api.patch_status(res, meta.get("namespace"), meta["name"], patch)
-    if old is None or old.reason != "InvalidSpec" or old.message != message:
+    if old is None or old.reason != Reason.INVALID_SPEC or old.message != message:
         logger.warning("invalid spec: %s", message)
-        await api.post_event(body, "InvalidSpec", message, "Warning")
+        await api.post_event(body, Reason.INVALID_SPEC, message, "Warning")
 
 
 async def report_error(
@@ -119,10 +120,13 @@ async def report_error(
     except ValueError:
         conditions = []
     old = next((c for c in conditions if c.type == condition), None)
-    if old is not None and (old.status, old.reason, old.message) == ("False", "ReconcileError", message):
+    same = ("False", Reason.RECONCILE_ERROR, message)
+    if old is not None and (old.status, old.reason, old.message) == same:
         return False
     generation = int((body.get("metadata") or {}).get("generation") or 1)
-    conditions = set_condition(conditions, condition, "False", "ReconcileError", message, now, generation)
+    conditions = set_condition(
+        conditions, condition, "False", Reason.RECONCILE_ERROR, message, now, generation
+    )
     await api.patch_status(res, namespace, name, {"conditions": [c.wire() for c in conditions]})
     return True
 

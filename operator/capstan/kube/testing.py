@@ -61,6 +61,7 @@ BUILTIN_RESOURCES: list[tuple[str, str, bool, set[str]]] = [
     ("apps/v1/deployments", "Deployment", True, {"status", "scale"}),
     ("autoscaling/v2/horizontalpodautoscalers", "HorizontalPodAutoscaler", True, {"status"}),
     ("policy/v1/poddisruptionbudgets", "PodDisruptionBudget", True, {"status"}),
+    ("networking.k8s.io/v1/networkpolicies", "NetworkPolicy", True, set()),
     ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False, {"status"}),
     ("kopf.dev/v1/kopfpeerings", "KopfPeering", True, set()),
     ("kopf.dev/v1/clusterkopfpeerings", "ClusterKopfPeering", False, set()),
@@ -292,6 +293,84 @@ def test_client(url: str, **kwargs: Any) -> ApiClient:
     return ApiClient(url, headers={"User-Agent": TEST_AGENT}, **kwargs)
 
 
+class OperatorThread:
+    """The real operator (:func:`capstan.kube.operator.serve`) in its own thread and event loop.
+
+    Like kopf's ``KopfRunner``: kopf treats every task created on its loop after startup as its own
+    and waits for them when it stops, which would include an emulator's never-ending watch
+    responses if they shared a loop. :meth:`start` and :meth:`stop` block, so a session-wide
+    fixture (no event loop of its own) can hold one operator across many tests.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        namespaces: Iterable[str] = (),
+        connection: kopf.ConnectionInfo | None = None,
+        concurrency: int | None = None,
+        timeout_s: float = 20.0,
+        peering: str | None = None,
+    ) -> None:
+        self.connection = connection or kopf.ConnectionInfo(server=url or "", insecure=True)
+        self.namespaces = list(namespaces)
+        self.peering = peering  # None: standalone
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.errors: list[BaseException] = []
+        self.thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def running(self) -> bool:
+        """Whether the operator thread is alive."""
+        return self.thread is not None and self.thread.is_alive()
+
+    def start(self) -> threading.Thread:
+        """Start the operator and wait until kopf reports ready; raise what it failed with."""
+        from capstan.kube.operator import serve
+
+        self._stop = stop = threading.Event()
+        ready = threading.Event()
+        self.errors = errors = []
+
+        def run() -> None:
+            try:
+                asyncio.run(
+                    serve(
+                        namespaces=self.namespaces,
+                        clusterwide=not self.namespaces,
+                        peering=self.peering,
+                        standalone=self.peering is None,
+                        metrics_port=None,
+                        liveness_port=None,
+                        connection=self.connection,
+                        stop_flag=stop,
+                        ready_flag=ready,
+                        concurrency=self.concurrency,
+                    )
+                )
+            except BaseException as exc:  # reported to the caller of start/stop
+                errors.append(exc)
+            finally:
+                ready.set()
+
+        self.thread = threading.Thread(target=run, name="capstan-operator", daemon=True)
+        self.thread.start()
+        ready.wait(self.timeout_s)
+        if errors:
+            raise errors[0]
+        return self.thread
+
+    def stop(self) -> None:
+        """Stop the operator and wait for its thread; raise what it failed with."""
+        self._stop.set()
+        if self.thread is not None:
+            self.thread.join(self.timeout_s)
+        if self.errors:
+            raise self.errors[0]
+
+
 @contextlib.asynccontextmanager
 async def running_operator(
     url: str | None = None,
@@ -301,52 +380,15 @@ async def running_operator(
     concurrency: int | None = None,
     timeout_s: float = 20.0,
 ) -> AsyncIterator[threading.Thread]:
-    """The real operator (:func:`capstan.kube.operator.serve`) while the context is open.
-
-    It runs in its own thread and event loop, like kopf's ``KopfRunner``: kopf treats every task
-    created on its loop after startup as its own and waits for them when it stops, which would
-    include the emulator's never-ending watch responses if they shared a loop.
-    """
-    from capstan.kube.operator import serve
-
-    stop = threading.Event()
-    ready = threading.Event()
-    errors: list[BaseException] = []
-    conn = connection or kopf.ConnectionInfo(server=url or "", insecure=True)
-    ns = list(namespaces)
-
-    def run() -> None:
-        try:
-            asyncio.run(
-                serve(
-                    namespaces=ns,
-                    clusterwide=not ns,
-                    standalone=True,
-                    metrics_port=None,
-                    liveness_port=None,
-                    connection=conn,
-                    stop_flag=stop,
-                    ready_flag=ready,
-                    concurrency=concurrency,
-                )
-            )
-        except BaseException as exc:  # reported to the test below
-            errors.append(exc)
-        finally:
-            ready.set()
-
-    thread = threading.Thread(target=run, name="capstan-operator", daemon=True)
-    thread.start()
-    await asyncio.to_thread(ready.wait, timeout_s)
-    if errors:
-        raise errors[0]
+    """The real operator (:class:`OperatorThread`) while the context is open."""
+    op = OperatorThread(
+        url, namespaces=namespaces, connection=connection, concurrency=concurrency, timeout_s=timeout_s
+    )
+    thread = await asyncio.to_thread(op.start)
     try:
         yield thread
     finally:
-        stop.set()
-        await asyncio.to_thread(thread.join, timeout_s)
-        if errors:
-            raise errors[0]
+        await asyncio.to_thread(op.stop)
 
 
 async def wait_for(

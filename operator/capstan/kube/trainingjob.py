@@ -28,6 +28,7 @@ from typing import Any
 import kopf
 
 from capstan import GROUP, VERSION
+from capstan.api.condition_types import ConditionType
 from capstan.api.conditions import CREATE_FAILED, parse_time, rfc3339, set_condition
 from capstan.api.loading import InvalidResource, parse_resource
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob, TrainingJobStatus
@@ -125,14 +126,14 @@ class _Metrics:
         if new.restarts > old.restarts or new.preemptions > old.preemptions or new.moves > old.moves:
             running = next((c for c in new.conditions if c.type == "Running"), None)
             GANG_RESTARTS.labels(ns, running.reason if running else "Unknown").inc()
-        placed = next((c for c in new.conditions if c.type == "Placed"), None)
+        placed = next((c for c in new.conditions if c.type == ConditionType.PLACED), None)
         if new.phase == "Queued" and placed is not None and placed.status == "False":
             queued_at = parse_time(placed.last_transition_time) or now
             GANG_WAITING_SECONDS.labels(ns, name).set(max((now - queued_at).total_seconds(), 0.0))
         else:
             GANG_WAITING_SECONDS.labels(ns, name).set(0)
         if old.phase == "Queued" and new.placement is not None and old.placement is None:
-            old_placed = next((c for c in old.conditions if c.type == "Placed"), None)
+            old_placed = next((c for c in old.conditions if c.type == ConditionType.PLACED), None)
             since = parse_time(old_placed.last_transition_time if old_placed else None)
             if since is not None:
                 QUEUE_WAIT_SECONDS.observe(max((now - since).total_seconds(), 0.0))
@@ -199,7 +200,7 @@ async def reconcile(
         return await _reconcile_job(api, body, job, now, memo, logger)
 
     return await reconcile_live(
-        KIND, api, TRAININGJOBS, namespace, name, uid, logger, step, "Admitted", None, invalid
+        KIND, api, TRAININGJOBS, namespace, name, uid, logger, step, ConditionType.ADMITTED, None, invalid
     )
 
 
@@ -318,7 +319,7 @@ async def _plan_snapshots(
             ok, reason, message = snaps.condition
             status.conditions = set_condition(
                 status.conditions,
-                "CheckpointReady",
+                ConditionType.CHECKPOINT_READY,
                 "True" if ok else "False",
                 reason,
                 message,
@@ -458,7 +459,7 @@ async def trainingjob_loop(
 ) -> None:
     """The reconcile loop of one TrainingJob (see the module docstring)."""
     assert namespace is not None  # TrainingJob is namespaced
-    await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped, "Admitted")
+    await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped, ConditionType.ADMITTED)
 
 
 @kopf.on.event(GROUP, VERSION, "trainingjobs", id="wake-on-change")

@@ -16,11 +16,13 @@
 
 from __future__ import annotations
 
+import copy
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
 from capstan.api.modelserving import ModelServing
+from capstan.security import REFERENCE_UID, container_security_context
 
 MOUNT = "/model"
 VOLUME = "model"
@@ -30,6 +32,11 @@ S5CMD_IMAGE = "peakcom/s5cmd:v2.3.0"
 GCLOUD_IMAGE = "gcr.io/google.com/cloudsdktool/google-cloud-cli:522.0.0-slim"
 CURL_IMAGE = "curlimages/curl:8.14.1"
 HF_IMAGE = "python:3.12-slim"
+# The download is network- and disk-bound: a little CPU, and memory for the tools' part buffers.
+DOWNLOAD_RESOURCES = {
+    "requests": {"cpu": "500m", "memory": "512Mi"},
+    "limits": {"cpu": "2", "memory": "2Gi"},
+}
 
 
 class ModelNotReady(Exception):
@@ -181,11 +188,18 @@ def pod_parts(ref: ModelRef, revision: str, env: list[dict[str, str]]) -> dict[s
         return {"volumes": [volume], "mounts": [mount], "init": []}
     assert ref.uri is not None
     image, command = _downloader(ref.uri)
+    # Env names must be unique (server-side apply refuses duplicates): the user's HOME wins over
+    # the default, while MODEL_URI is always spec.model.uri's, the one source of the model.
+    user = [dict(e) for e in env if e["name"] != "MODEL_URI"]
+    home = [] if any(e["name"] == "HOME" for e in user) else [{"name": "HOME", "value": "/tmp"}]
     init = {
         "name": "model-download",
         "image": image,
         "command": command,
-        "env": [*env, {"name": "MODEL_URI", "value": ref.uri}, {"name": "HOME", "value": "/tmp"}],
+        "env": [*user, {"name": "MODEL_URI", "value": ref.uri}, *home],
         "volumeMounts": [{"name": VOLUME, "mountPath": MOUNT}],
+        "resources": copy.deepcopy(DOWNLOAD_RESOURCES),
+        # Capstan picked the image (root by default in most): it runs as the reference UID, HOME=/tmp.
+        "securityContext": container_security_context(run_as=REFERENCE_UID),
     }
     return {"volumes": [{"name": VOLUME, "emptyDir": {}}], "mounts": [mount], "init": [init]}

@@ -17,8 +17,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from capstan.api.condition_types import ConditionType as CT
+from capstan.api.condition_types import (
+    DegradedReason,
+    ProgressingReason,
+    ReadyReason,
+    Reason,
+    RolledBackReason,
+)
 from capstan.api.conditions import (
-    CREATE_FAILED,
     get_condition,
     keep_from,
     parse_time,
@@ -36,6 +43,7 @@ from capstan.serving.revisions import (
     hpa,
     http_route,
     model_claim,
+    network_policy,
     revision_service,
     scaled_bounds,
     selector_string,
@@ -70,8 +78,8 @@ class ObjectRef:
 class Observed:
     """What the executor read: children labelled with this ModelServing, and its model source.
 
-    ``children`` holds every other labelled child (Services, HPAs, PVCs, HTTPRoutes) so the planner
-    can delete what no live revision needs. ``snapshots`` maps VolumeSnapshot name to object.
+    ``children`` holds every other labelled child (Services, HPAs, PVCs, HTTPRoutes, NetworkPolicies)
+    so the planner can delete what no live revision needs. ``snapshots`` maps VolumeSnapshot name to object.
     """
 
     deployments: list[dict[str, Any]] = field(default_factory=list)
@@ -127,7 +135,7 @@ def refused(
     st = status.model_copy(deep=True)
     text = f"the API server refused {what}: {message}"
     st.conditions = set_condition(
-        st.conditions, "Progressing", "False", CREATE_FAILED, text, now, ms.metadata.generation
+        st.conditions, CT.PROGRESSING, "False", Reason.CREATE_FAILED, text, now, ms.metadata.generation
     )
     st.message = text
     return st
@@ -150,11 +158,11 @@ def plan_modelserving(
     applying works.
     """
     plan = _plan(ms, observed, now, gateway_api, analysis)
-    if plan.objects and refusal_on_record(ms.status.conditions, "Progressing", ms.metadata.generation):
+    if plan.objects and refusal_on_record(ms.status.conditions, CT.PROGRESSING, ms.metadata.generation):
         plan.on_applied = plan.status
         kept = plan.status.model_copy(deep=True)
         kept.message = ms.status.message
-        kept.conditions = keep_from(kept.conditions, ms.status.conditions, ("Progressing",))
+        kept.conditions = keep_from(kept.conditions, ms.status.conditions, (CT.PROGRESSING,))
         plan.status = kept
     return plan
 
@@ -169,7 +177,7 @@ def _plan(
     spec, gen = ms.spec, ms.metadata.generation
     st = ms.status.model_copy(deep=True)
     old_phase = st.phase
-    was_ready = (c := get_condition(st.conditions, "Ready")) is not None and c.status == "True"
+    was_ready = (c := get_condition(st.conditions, CT.READY)) is not None and c.status == "True"
     plan = ServingPlan(status=st)
     st.observed_generation = gen
     st.url = f"http://{stable_service_name(ms)}.{ms.metadata.namespace}.svc"
@@ -243,6 +251,9 @@ def _plan(
     live = set(weights)
 
     # --- objects -------------------------------------------------------------------------------
+    policy = network_policy(ms) if live else None
+    if policy is not None:  # applied with the Services, before a revision's pods start
+        plan.objects.append(policy)
     if live:
         plan.objects.append(stable_service(ms))
     for rev in sorted(live):
@@ -279,6 +290,7 @@ def _plan(
             (owner_rev is not None and owner_rev not in live)
             or (kind == "HorizontalPodAutoscaler" and auto is None)
             or (kind == "HTTPRoute" and (not gateway_api or not live))
+            or (kind == "NetworkPolicy" and policy is None)
         )
         if gone:
             plan.deletes.append(ObjectRef(obj.get("apiVersion", ""), kind, name))
@@ -314,13 +326,16 @@ def _plan(
 
     _conditions(plan, ms, now, t.message, blocked, invalid, stable_ready, stable_target, was_ready, retiring)
     if t.rolled_back is not None:
-        _cond(plan, ms, now, "RolledBack", True, t.rolled_back_reason, t.rolled_back)
+        _cond(plan, ms, now, CT.ROLLED_BACK, True, t.rolled_back_reason, t.rolled_back)
     elif t.new_rollout:
-        _cond(plan, ms, now, "RolledBack", False, "NewRollout", f"rolling out {canary}")
+        _cond(plan, ms, now, CT.ROLLED_BACK, False, RolledBackReason.NEW_ROLLOUT, f"rolling out {canary}")
     elif t.outcome == "promoted":
-        _cond(plan, ms, now, "RolledBack", False, "Promoted", f"{stable} promoted")
-    elif get_condition(st.conditions, "RolledBack") is None:
-        _cond(plan, ms, now, "RolledBack", False, "NoRollback", "no rollout has been rolled back")
+        _cond(plan, ms, now, CT.ROLLED_BACK, False, RolledBackReason.PROMOTED, f"{stable} promoted")
+    elif get_condition(st.conditions, CT.ROLLED_BACK) is None:
+        _cond(
+            plan, ms, now, CT.ROLLED_BACK, False, RolledBackReason.NO_ROLLBACK,
+            "no rollout has been rolled back",
+        )
     if st.phase != old_phase:
         warn = st.phase in ("Degraded", "Failed")
         plan.events.append(Event("Warning" if warn else "Normal", st.phase, st.message))
@@ -352,41 +367,47 @@ def _conditions(
     st = plan.status
     stable, canary = st.stable_revision, st.canary_revision
     if stable is None:
-        reason = "InvalidSpec" if invalid else "ModelNotReady"
+        reason = Reason.INVALID_SPEC if invalid else ReadyReason.MODEL_NOT_READY
         msg = blocked or "no revision yet"
-        _cond(plan, ms, now, "Ready", False, reason, msg)
-        _cond(plan, ms, now, "Progressing", not invalid, reason, msg)
-        _cond(plan, ms, now, "Degraded", invalid, reason, msg)
+        _cond(plan, ms, now, CT.READY, False, reason, msg)
+        _cond(plan, ms, now, CT.PROGRESSING, not invalid, reason, msg)
+        _cond(plan, ms, now, CT.DEGRADED, invalid, reason, msg)
         st.phase, st.message = ("Failed" if invalid else "Pending"), msg
         return
     serving = f"{stable}: {ready}/{target} replicas ready"
     if target == 0:
-        _cond(plan, ms, now, "Ready", False, "ScaledToZero", "spec.replicas is 0")
+        _cond(plan, ms, now, CT.READY, False, ReadyReason.SCALED_TO_ZERO, "spec.replicas is 0")
     elif ready > 0:
-        _cond(plan, ms, now, "Ready", True, "Available", serving)
+        _cond(plan, ms, now, CT.READY, True, ReadyReason.AVAILABLE, serving)
     else:
-        _cond(plan, ms, now, "Ready", False, "NoReplicasReady", serving)
+        _cond(plan, ms, now, CT.READY, False, ReadyReason.NO_REPLICAS_READY, serving)
     # A just-promoted revision still scaling up while the old one retires is progress, not damage.
     degraded = target > 0 and ready < target and was_ready and not canary and not retiring
     _cond(
         plan,
         ms,
         now,
-        "Degraded",
+        CT.DEGRADED,
         degraded,
-        "ReplicasUnavailable" if degraded else "AsExpected",
+        DegradedReason.REPLICAS_UNAVAILABLE if degraded else DegradedReason.AS_EXPECTED,
         serving if degraded else "stable revision has its replicas",
     )
     if canary:
-        _cond(plan, ms, now, "Progressing", True, "RollingOut", rollout_msg)
+        _cond(plan, ms, now, CT.PROGRESSING, True, ProgressingReason.ROLLING_OUT, rollout_msg)
         st.phase, st.message = "Progressing", rollout_msg
     elif blocked:
-        _cond(plan, ms, now, "Progressing", False, "InvalidSpec" if invalid else "ModelNotReady", blocked)
+        _cond(
+            plan, ms, now, CT.PROGRESSING, False,
+            Reason.INVALID_SPEC if invalid else ReadyReason.MODEL_NOT_READY, blocked,
+        )
     elif ready < target or retiring:
         what = f"retiring {', '.join(retiring)}" if retiring else "scaling up"
-        _cond(plan, ms, now, "Progressing", True, "ScalingUp", f"{serving}; {what}")
+        _cond(plan, ms, now, CT.PROGRESSING, True, ProgressingReason.SCALING_UP, f"{serving}; {what}")
     else:
-        _cond(plan, ms, now, "Progressing", False, "Stable", f"{stable} serves 100% of traffic")
+        _cond(
+            plan, ms, now, CT.PROGRESSING, False, ProgressingReason.STABLE,
+            f"{stable} serves 100% of traffic",
+        )
     if canary:
         return
     if target == 0:

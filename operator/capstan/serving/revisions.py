@@ -47,6 +47,16 @@ from capstan.naming import (
     owner_reference,
     short_hash,
 )
+from capstan.security import (
+    REFERENCE_UID,
+    container_security_context,
+    is_reference_image,
+    operator_peer,
+    peers,
+    pod_security_context,
+    service_account_fields,
+)
+from capstan.security import network_policy as _network_policy
 from capstan.serving.model_source import ModelRef, model_pvc, pod_parts
 from capstan.serving.runtimes import ArgsContext, Runtime, runtime_for
 
@@ -62,7 +72,7 @@ STARTUP_PERIOD_S = 10
 STARTUP_FAILURES = 120
 # Bumped when the rendering of a revision changes: an operator upgrade then rolls out a new
 # revision through the canary steps instead of editing the stable Deployment in place.
-RENDER_VERSION = 1
+RENDER_VERSION = 2  # 2: secure pod defaults (securityContext, no ServiceAccount token)
 GATEWAY_API = "gateway.networking.k8s.io/v1"
 
 
@@ -79,7 +89,7 @@ class Revision:
 def content(ms: ModelServing, model: ModelRef) -> dict[str, Any]:
     """Everything that decides what a revision's pods run (and nothing that only scales them)."""
     spec = ms.spec.wire()
-    for key in ("replicas", "autoscaling", "rollout", "model"):
+    for key in ("replicas", "autoscaling", "rollout", "model", "networkPolicy"):
         spec.pop(key, None)
     return {"v": RENDER_VERSION, "name": ms.metadata.name, "model": model.identity, **spec}
 
@@ -197,9 +207,14 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
     user_env = [e.wire() for e in spec.env]
     env = [e for e in env if e["name"] not in {u["name"] for u in user_env}] + user_env
     parts = pod_parts(rev.model, rev.name, user_env)
+    image = spec.image or rt.image
+    # The UID is set where Capstan knows the image: its own, or a runtime default it picked.
+    known_uid = rt.image_user if spec.image is None else None
+    if is_reference_image(image):
+        known_uid = REFERENCE_UID
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": spec.image or rt.image,
+        "image": image,
         "args": rt.args(ctx),
         "env": env,
         "ports": [{"name": PORT_NAME, "containerPort": spec.port, "protocol": "TCP"}],
@@ -210,6 +225,7 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
             rt.health_path, periodSeconds=STARTUP_PERIOD_S, failureThreshold=STARTUP_FAILURES
         ),
         "volumeMounts": [*parts["mounts"], {"name": "dshm", "mountPath": "/dev/shm"}],
+        "securityContext": container_security_context(),
     }
     command = spec.command or list(rt.command)
     if command:
@@ -227,6 +243,9 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
         },
     }
     pod_spec: dict[str, Any] = {
+        "securityContext": pod_security_context(spec.security_context, known_uid),
+        # The servers never call the Kubernetes API: no ServiceAccount token in the pod.
+        **service_account_fields(None),
         "containers": [container],
         # NCCL between tensor-parallel ranks and vLLM/TGI shard processes share memory through /dev/shm.
         "volumes": [
@@ -258,6 +277,25 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
         "metadata": meta(ms, rev.name, rev.name),
         "spec": dep_spec,
     }
+
+
+def network_policy(ms: ModelServing) -> dict[str, Any] | None:
+    """The NetworkPolicy around every revision's servers (``spec.networkPolicy``), named like the
+    stable Service: the server port (by name, whatever each revision's number) accepts the routing
+    layer, the operator's canary analysis and the metrics scraper. None when the spec asks for none."""
+    policy = ms.spec.network_policy
+    if policy is None:
+        return None
+    def rule(sources: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"from": sources, "ports": [{"protocol": "TCP", "port": PORT_NAME}]}
+
+    # An empty "from" would admit everyone: peers that are not configured get no rule at all.
+    ingress = [rule(peers(policy.clients_from))] if policy.clients_from else []
+    ingress.append(rule([operator_peer()]))
+    if policy.metrics_from:
+        ingress.append(rule(peers(policy.metrics_from)))
+    policy_meta = meta(ms, stable_service_name(ms), component="network-policy")
+    return _network_policy(policy_meta, serving_selector(ms), ingress)
 
 
 def model_claim(ms: ModelServing, rev: Revision) -> dict[str, Any] | None:

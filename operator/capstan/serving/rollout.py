@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from capstan.api.common import parse_duration
+from capstan.api.condition_types import RolledBackReason
 from capstan.api.conditions import parse_time, rfc3339
 from capstan.api.modelserving import ModelServingStatus, RolloutSpec, RolloutStatus
 from capstan.events import Event
@@ -193,7 +194,7 @@ def _progress(
         return _roll_back(
             st,
             canary,
-            "ProgressDeadlineExceeded",
+            RolledBackReason.PROGRESS_DEADLINE_EXCEEDED,
             f"revision {canary} did not become available (Deployment progress deadline exceeded)",
             t,
         )
@@ -236,7 +237,11 @@ def _progress(
             return t
         if analysis.verdict == "Fail":
             return _roll_back(
-                st, canary, "AnalysisFailed", f"{analysis.message} at step {i + 1} (weight {step.weight}%)", t
+                st,
+                canary,
+                RolledBackReason.ANALYSIS_FAILED,
+                f"{analysis.message} at step {i + 1} (weight {step.weight}%)",
+                t,
             )
         t.events.append(Event("Normal", "AnalysisPassed", f"{canary} {where}: {analysis.message}"))
     if i + 1 < len(steps):

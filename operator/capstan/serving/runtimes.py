@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from capstan.api.modelserving import ModelServingSpec
+from capstan.security import REFERENCE_UID
 from capstan.serving.argstemplate import (
     MAX_RENDERED_CHARS,
     MAX_TEMPLATE_CHARS,
@@ -89,6 +90,8 @@ class Runtime:
     metrics_path: str
     metrics: MetricNames
     env: tuple[tuple[str, str], ...] = ()
+    # UID Capstan runs the runtime's default image as (None: the image's own USER decides).
+    image_user: int | None = None
 
 
 def _capstan_args(c: ArgsContext) -> list[str]:
@@ -121,6 +124,11 @@ def _tgi_args(c: ArgsContext) -> list[str]:
     return args
 
 
+# The vLLM and TGI images run as root and have no user 10001: as any other UID they need a writable
+# HOME for their caches (HF, vLLM, Triton, torch compile), and a USER so getpass.getuser(), which
+# torch's compile cache calls, does not look the UID up in /etc/passwd and fail.
+NON_ROOT_ENV = (("HOME", "/tmp"), ("USER", "capstan"))
+
 CAPSTAN_METRICS = MetricNames(
     requests="capstan_serving_requests_total", latency="capstan_serving_request_latency_seconds"
 )
@@ -136,6 +144,7 @@ RUNTIMES: dict[str, Runtime] = {
         metrics_path="/metrics",
         metrics=CAPSTAN_METRICS,
         env=(("PYTHONUNBUFFERED", "1"),),
+        image_user=REFERENCE_UID,
     ),
     "vllm": Runtime(
         name="vllm",
@@ -154,6 +163,8 @@ RUNTIMES: dict[str, Runtime] = {
             code_label="status",
             request_filter=("handler", "/v1/"),
         ),
+        env=NON_ROOT_ENV,
+        image_user=REFERENCE_UID,
     ),
     "tgi": Runtime(
         name="tgi",
@@ -169,6 +180,8 @@ RUNTIMES: dict[str, Runtime] = {
             code_label="",
             errors="tgi_request_failure",
         ),
+        env=NON_ROOT_ENV,
+        image_user=REFERENCE_UID,
     ),
 }
 

@@ -11,8 +11,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from capstan.api.condition_types import (
+    AdmittedReason,
+    FailedReason,
+    PlacedReason,
+    Reason,
+    RestartReason,
+    RunningReason,
+    SucceededReason,
+    SuspendedReason,
+)
+from capstan.api.condition_types import ConditionType as CT
 from capstan.api.conditions import (
-    CREATE_FAILED,
     get_condition,
     keep_from,
     parse_time,
@@ -29,9 +39,11 @@ from capstan.api.trainingjob import (
 )
 from capstan.events import Event
 from capstan.naming import LABEL_ATTEMPT, LABEL_RANK
+from capstan.security import nonroot_advice, nonroot_refusal
 from capstan.training.pods import (
     EXIT_PREEMPTED,
     checkpoint_pvc,
+    gang_network_policy,
     headless_service,
     worker_pod,
 )
@@ -87,6 +99,8 @@ class WorkerState:
     terminating: bool
     reason: str = ""
     node: str | None = None
+    # The kubelet's refusal to run the image as a non-root user (see capstan.security).
+    nonroot_refusal: str = ""
 
 
 def worker_state(pod: dict[str, Any]) -> WorkerState | None:
@@ -114,6 +128,7 @@ def worker_state(pod: dict[str, Any]) -> WorkerState | None:
         terminating=bool(meta.get("deletionTimestamp")),
         reason=status.get("reason", ""),
         node=(pod.get("spec") or {}).get("nodeName"),
+        nonroot_refusal=nonroot_refusal(pod) or "",
     )
 
 
@@ -171,14 +186,17 @@ def refused(job: TrainingJob, status: TrainingJobStatus, message: str, now: date
     phase Pending and no placement while none exists (Starting while some of the gang does)."""
     st = status.model_copy(deep=True)
     gen = job.metadata.generation
-    st.conditions = set_condition(st.conditions, "Admitted", "False", CREATE_FAILED, message, now, gen)
+    st.conditions = set_condition(
+        st.conditions, CT.ADMITTED, "False", Reason.CREATE_FAILED, message, now, gen
+    )
     st.message = f"the API server refused the gang's objects: {message}"
     if st.workers.active + st.workers.succeeded + st.workers.failed == 0:
         st.phase = "Pending"
         st.placement = None
-        if get_condition(st.conditions, "Placed") is not None:
+        if get_condition(st.conditions, CT.PLACED) is not None:
             st.conditions = set_condition(
-                st.conditions, "Placed", "False", CREATE_FAILED, "no worker pod could be created", now, gen
+                st.conditions, CT.PLACED, "False", Reason.CREATE_FAILED,
+                "no worker pod could be created", now, gen,
             )
     else:
         st.phase = "Starting"
@@ -205,12 +223,12 @@ def plan_trainingjob(
     recreated through ``placer``, which knows where it goes. Ignored unless every worker runs.
     A refusal of the API server on record (see :class:`Plan`) stays on show until creating works.
     """
-    refusal = refusal_on_record(job.status.conditions, "Admitted", job.metadata.generation)
+    refusal = refusal_on_record(job.status.conditions, CT.ADMITTED, job.metadata.generation)
     plan = _plan(job, pods, now, placer, service_exists, pvc_exists, move, refusal is None)
     if refusal is not None and plan.create:
         plan.on_created = plan.status.model_copy(deep=True)
         plan.on_created.conditions = set_condition(
-            plan.on_created.conditions, "Admitted", "True", "Valid", "spec is valid", now,
+            plan.on_created.conditions, CT.ADMITTED, "True", AdmittedReason.VALID, "spec is valid", now,
             job.metadata.generation,
         )
         plan.status = _as_refused_before(plan.status, job.status)
@@ -222,7 +240,7 @@ def _as_refused_before(new: TrainingJobStatus, old: TrainingJobStatus) -> Traini
     Placed conditions) taken from ``old``: while the retries fail, the status does not flap."""
     st = new.model_copy(deep=True)
     st.phase, st.message, st.placement = old.phase, old.message, old.placement
-    st.conditions = keep_from(st.conditions, old.conditions, ("Admitted", "Placed"))
+    st.conditions = keep_from(st.conditions, old.conditions, (CT.ADMITTED, CT.PLACED))
     return st
 
 
@@ -243,7 +261,7 @@ def _plan(
     stale = [w for w in workers if w.attempt != st.attempt]
     st.workers = _count(current)
     if admit:
-        b.condition("Admitted", True, "Valid", "spec is valid")
+        b.condition(CT.ADMITTED, True, AdmittedReason.VALID, "spec is valid")
 
     if st.phase in TERMINAL_PHASES:
         return _finished(b, current + stale)
@@ -252,12 +270,12 @@ def _plan(
         for w in workers:
             if not w.terminating:
                 b.plan.delete_pods.append(w.name)
-        b.condition("Suspended", True, "Suspended", "spec.suspend is true")
-        b.condition("Running", False, "Suspended", "workers removed while suspended")
+        b.condition(CT.SUSPENDED, True, SuspendedReason.SUSPENDED, "spec.suspend is true")
+        b.condition(CT.RUNNING, False, RunningReason.SUSPENDED, "workers removed while suspended")
         b.phase("Suspended", "Suspended", "suspended: workers removed, status kept")
         return b.plan
     if st.phase == "Suspended":
-        b.condition("Suspended", False, "Resumed", "spec.suspend is false")
+        b.condition(CT.SUSPENDED, False, SuspendedReason.RESUMED, "spec.suspend is false")
         b.phase("Pending", "Resumed", "resumed: recreating the gang")
 
     started = parse_time(st.start_time)
@@ -272,7 +290,7 @@ def _plan(
         if left <= 0:
             extra = f" plus {credit}s of moves" if credit else ""
             return _fail(
-                b, current + stale, "DeadlineExceeded",
+                b, current + stale, FailedReason.DEADLINE_EXCEEDED,
                 f"ran past activeDeadlineSeconds ({limit}s{extra}) counted from startTime {st.start_time}",
             )
         b.requeue(left)  # wake at the deadline even if no pod changes
@@ -290,12 +308,22 @@ def _plan(
     failed = [w for w in current if w.phase == "Failed"]
     if failed:
         return _on_failure(b, current, failed)
+    root = next((w for w in current if w.nonroot_refusal and not w.terminating), None)
+    if root is not None:
+        # No restart can help: the same image runs as the same user. Fail now, freeing the GPUs the
+        # waiting pods hold, and say how to fix it.
+        return _fail(
+            b, current, FailedReason.RUN_AS_NON_ROOT,
+            f"the kubelet refused to start worker {root.name} ({root.nonroot_refusal}). "
+            f"{nonroot_advice('spec.securityContext')}",
+        )
 
     present = {w.rank for w in current}
     missing = [r for r in range(job.spec.workers) if r not in present]
     if current and missing and st.phase == "Running":
         return _restart(
-            b, current, "WorkerLost", f"worker pod(s) of rank {missing} disappeared", counted=False
+            b, current, RestartReason.WORKER_LOST, f"worker pod(s) of rank {missing} disappeared",
+            counted=False,
         )
 
     if not current:
@@ -309,14 +337,16 @@ def _plan(
 
     if all(w.phase == "Succeeded" for w in current):
         st.completion_time = rfc3339(now)
-        b.condition("Running", False, "Completed", "all workers exited 0")
-        b.condition("Succeeded", True, "AllWorkersSucceeded", f"all {len(current)} workers exited 0")
+        b.condition(CT.RUNNING, False, RunningReason.COMPLETED, "all workers exited 0")
+        b.condition(
+            CT.SUCCEEDED, True, SucceededReason.ALL_WORKERS_SUCCEEDED, f"all {len(current)} workers exited 0"
+        )
         b.phase("Succeeded", "Succeeded", f"all {len(current)} workers exited 0")
         _schedule_ttl(b)
         return b.plan
     if all(w.phase in ("Running", "Succeeded") for w in current):
         if move is not None and st.phase == "Running" and all(w.phase == "Running" for w in current):
-            return _restart(b, current, "Moved", move, counted=False, moved=True)
+            return _restart(b, current, RestartReason.MOVED, move, counted=False, moved=True)
         moving_since = parse_time(st.moving_since)
         if moving_since is not None:  # a move is over once the gang runs again
             st.moved_seconds += max(0, int((now - moving_since).total_seconds()))
@@ -325,7 +355,7 @@ def _plan(
             st.start_time = rfc3339(now)
             if job.spec.active_deadline_seconds is not None:
                 b.requeue(job.spec.active_deadline_seconds)
-        b.condition("Running", True, "AllWorkersRunning", f"{len(current)} workers running")
+        b.condition(CT.RUNNING, True, RunningReason.ALL_WORKERS_RUNNING, f"{len(current)} workers running")
         b.phase("Running", "Running", f"all {len(current)} workers running")
         return b.plan
     pending = [w for w in current if w.phase not in ("Running", "Succeeded")]
@@ -370,23 +400,27 @@ def _create_gang(
     if placer is not None:
         decision = placer(job)
         if not decision.placed:
-            b.condition("Placed", False, "WaitingForCapacity", decision.reason)
+            b.condition(CT.PLACED, False, PlacedReason.WAITING_FOR_CAPACITY, decision.reason)
             b.phase("Queued", "Queued", f"waiting for capacity: {decision.reason}")
             b.requeue(QUEUED_RECHECK_S)
             return b.plan
         nodes = decision.nodes
         st.placement = PlacementStatus(level=decision.level, domain=decision.domain, nodes=nodes)
         where = f"{decision.level} domain {decision.domain!r}" if decision.domain else "the cluster"
-        b.condition("Placed", True, "Placed", f"{job.spec.workers} workers placed in {where}")
+        b.condition(CT.PLACED, True, PlacedReason.PLACED, f"{job.spec.workers} workers placed in {where}")
     elif job.spec.queue_name:
         b.condition(
-            "Placed", False, "DeferredToKueue", f"admission deferred to Kueue queue {job.spec.queue_name!r}"
+            CT.PLACED, False, PlacedReason.DEFERRED_TO_KUEUE,
+            f"admission deferred to Kueue queue {job.spec.queue_name!r}",
         )
     pvc = checkpoint_pvc(job)
     if pvc is not None and not pvc_exists:
         b.plan.create.append(pvc)
     if not service_exists:
         b.plan.create.append(headless_service(job))
+    policy = gang_network_policy(job)
+    if policy is not None:  # created with the gang's Service, before any pod runs unprotected
+        b.plan.create.append(policy)
     _create_workers(b, list(range(job.spec.workers)), nodes)
     b.phase("Starting", "GangCreated", f"created {job.spec.workers} worker pods (attempt {st.attempt})")
     b.requeue(5)
@@ -402,12 +436,12 @@ def _on_failure(b: _Builder, current: list[WorkerState], failed: list[WorkerStat
         return _fail(
             b,
             current,
-            "NonRetryableExitCode",
+            FailedReason.NON_RETRYABLE_EXIT_CODE,
             f"worker {first.rank} exited with code {code}, listed in failurePolicy.nonRetryableExitCodes",
         )
     if code == EXIT_PREEMPTED or first.reason in ("Evicted", "Preempting", "Shutdown", "NodeLost"):
         why = f"worker {first.rank} was preempted ({first.reason or f'exit {code}'})"
-        return _restart(b, current, "Preempted", why, counted=False)
+        return _restart(b, current, RestartReason.PREEMPTED, why, counted=False)
     why = (
         f"worker {first.rank} failed with exit code {code}"
         if code is not None
@@ -415,9 +449,10 @@ def _on_failure(b: _Builder, current: list[WorkerState], failed: list[WorkerStat
     )
     if st.restarts >= policy.max_restarts:
         return _fail(
-            b, current, "BackoffLimitExceeded", f"{why}; maxRestarts ({policy.max_restarts}) used up"
+            b, current, FailedReason.BACKOFF_LIMIT_EXCEEDED,
+            f"{why}; maxRestarts ({policy.max_restarts}) used up",
         )
-    return _restart(b, current, "WorkerFailed", why, counted=True)
+    return _restart(b, current, RestartReason.WORKER_FAILED, why, counted=True)
 
 
 def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, counted: bool,
@@ -437,7 +472,7 @@ def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, cou
     for w in current:
         if not w.terminating:
             b.plan.delete_pods.append(w.name)
-    b.condition("Running", False, reason, why)
+    b.condition(CT.RUNNING, False, reason, why)
     if moved:
         b.phase("Restarting", reason, f"moving: {why}; stopping {len(current)} worker pod(s) to restart "
                                       "the gang from its checkpoint")
@@ -462,8 +497,8 @@ def _fail(b: _Builder, current: list[WorkerState], reason: str, message: str) ->
         if w.phase not in ("Succeeded", "Failed") and not w.terminating:
             b.plan.delete_pods.append(w.name)
     st.completion_time = rfc3339(b.now)
-    b.condition("Running", False, reason, message)
-    b.condition("Failed", True, reason, message)
+    b.condition(CT.RUNNING, False, reason, message)
+    b.condition(CT.FAILED, True, reason, message)
     b.phase("Failed", reason, message, warning=True)
     _schedule_ttl(b)
     return b.plan

@@ -16,6 +16,16 @@ from capstan.naming import (
     label_value,
     owner_reference,
 )
+from capstan.security import (
+    RDMA_CAPABILITY,
+    REFERENCE_UID,
+    container_security_context,
+    is_reference_image,
+    network_policy,
+    peers,
+    pod_security_context,
+    service_account_fields,
+)
 from capstan.topology.levels import levels_from_env
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -242,9 +252,8 @@ def worker_pod(job: TrainingJob, rank: int, attempt: int, node: str | None = Non
     resources = _resources(job)
     if resources:
         container["resources"] = resources
-    if spec.wants_rdma:
-        # RDMA memory registration pins pages; without IPC_LOCK ibv_reg_mr fails.
-        container["securityContext"] = {"capabilities": {"add": ["IPC_LOCK"]}}
+    # RDMA memory registration pins pages; without IPC_LOCK ibv_reg_mr fails.
+    container["securityContext"] = container_security_context([RDMA_CAPABILITY] if spec.wants_rdma else [])
 
     volumes: list[dict[str, Any]] = [
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.resources.shared_memory)}}
@@ -263,11 +272,13 @@ def worker_pod(job: TrainingJob, rank: int, attempt: int, node: str | None = Non
         "subdomain": service_name(job),
         # Time for the trainer to checkpoint on SIGTERM before it is killed.
         "terminationGracePeriodSeconds": 120,
+        "securityContext": pod_security_context(
+            spec.security_context, REFERENCE_UID if is_reference_image(spec.image) else None
+        ),
         "containers": [container],
         "volumes": volumes,
+        **service_account_fields(spec.service_account_name),
     }
-    if spec.service_account_name:
-        pod_spec["serviceAccountName"] = spec.service_account_name
     if spec.node_selector:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
@@ -283,3 +294,20 @@ def worker_pod(job: TrainingJob, rank: int, attempt: int, node: str | None = Non
             }
         }
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def gang_network_policy(job: TrainingJob) -> dict[str, Any] | None:
+    """The NetworkPolicy around the gang (``spec.networkPolicy``), named like its Service: workers
+    accept any port from their own gang (rendezvous, NCCL/gloo pick ports at run time) and the
+    metrics port from the scraper. None when the spec asks for none."""
+    policy = job.spec.network_policy
+    if policy is None:
+        return None
+    gang = selector(job)
+    ingress: list[dict[str, Any]] = [{"from": [{"podSelector": {"matchLabels": dict(gang)}}]}]
+    if policy.metrics_from:
+        ingress.append(
+            {"from": peers(policy.metrics_from), "ports": [{"protocol": "TCP", "port": METRICS_PORT}]}
+        )
+    labels = {**job_labels(job), "app.kubernetes.io/component": "network-policy"}
+    return network_policy(_meta(job, service_name(job), labels), gang, ingress)

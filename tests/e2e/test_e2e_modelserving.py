@@ -1,0 +1,223 @@
+"""ModelServing on the real control plane: the Deployment and ReplicaSet controllers make the pods,
+kube-scheduler binds them to fake GPU nodes, kwok runs them; Gateway API's HTTPRoute (installed by
+``make cluster``) carries the canary weights.
+
+The canary's analysis scrapes its pod's ``/metrics`` at the pod IP. kwok's pod IPs lead nowhere, so
+the test plays the network plugin for the canary pod: it sets the pod's IP to 127.0.0.1, where a
+stub serves the pod's metrics on the ``http`` container port (spec.port).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from tests.kube import scenarios as sc
+from tests.kube.test_modelserving_kube import MetricsStub
+
+from capstan.kube.apply import DEPLOYMENTS, MODELSERVINGS, PODS, ApiClient, Resource
+from capstan.kube.testing import wait_for
+from capstan.naming import LABEL_REVISION, LABEL_SERVING
+
+pytestmark = pytest.mark.e2e
+
+REPLICASETS = Resource("apps", "v1", "replicasets", "ReplicaSet")
+HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
+NAME = "llm"
+
+
+@pytest.fixture
+async def canary_metrics() -> AsyncIterator[tuple[MetricsStub, int]]:
+    """A canary whose requests fail half the time, served on a free port of 127.0.0.1."""
+    async with _metrics_server(MetricsStub(per_scrape=100, errors=50)) as served:
+        yield served
+
+
+@pytest.fixture
+async def healthy_metrics() -> AsyncIterator[tuple[MetricsStub, int]]:
+    """A canary whose requests all succeed, served on a free port of 127.0.0.1."""
+    async with _metrics_server(MetricsStub(per_scrape=100, errors=0)) as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def _metrics_server(metrics: MetricsStub) -> AsyncIterator[tuple[MetricsStub, int]]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    app = web.Application()
+    app.router.add_get("/metrics", metrics.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield metrics, port
+    finally:
+        await runner.cleanup()
+
+
+async def revisions(env: sc.Env) -> dict[str, dict[str, Any]]:
+    """Revision Deployments by name."""
+    deps = await env.api.list_objects(DEPLOYMENTS, env.namespace, {LABEL_SERVING: NAME})
+    return {d["metadata"]["name"]: d for d in deps if not d["metadata"].get("deletionTimestamp")}
+
+
+async def serving_status(env: sc.Env) -> dict[str, Any]:
+    obj = await env.api.get(MODELSERVINGS, env.namespace, NAME)
+    return (obj or {}).get("status") or {}
+
+
+async def wait_status(env: sc.Env, check: Any, what: str, timeout: float = sc.TIMEOUT) -> dict[str, Any]:
+    async def probe() -> dict[str, Any] | None:
+        st = await serving_status(env)
+        return st if check(st) else None
+
+    return await wait_for(probe, timeout, what=what)
+
+
+def weights(st: dict[str, Any]) -> dict[str, int]:
+    return {r["name"]: r.get("weight", 0) for r in st.get("revisions") or []}
+
+
+async def route_weights(env: sc.Env) -> dict[str, int]:
+    route = await env.api.get(HTTPROUTES, env.namespace, NAME)
+    (rule,) = (route or {"spec": {"rules": [{"backendRefs": []}]}})["spec"]["rules"]
+    return {b["name"]: b["weight"] for b in rule["backendRefs"]}
+
+
+async def running_pods(env: sc.Env, revision: str, count: int) -> list[dict[str, Any]]:
+    """The revision's ``count`` pods once they run (made by its ReplicaSet, bound, started by kwok)."""
+
+    async def probe() -> tuple[list[dict[str, Any]]] | None:
+        pods = await env.api.list_pods(env.namespace, {LABEL_REVISION: revision})
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        up = [p for p in live if (p.get("status") or {}).get("phase") == "Running"]
+        return (live,) if len(live) == count == len(up) else None
+
+    (pods,) = await wait_for(probe, sc.TIMEOUT, what=f"{count} running pods of {revision}")
+    return pods
+
+
+async def assert_made_by_controllers(api: ApiClient, namespace: str, revision: str,
+                                     pods: list[dict[str, Any]]) -> None:
+    """Deployment → ReplicaSet → Pods, each owned by the one before: the real controllers' work."""
+    (rs,) = [r for r in await api.list_objects(REPLICASETS, namespace, {LABEL_REVISION: revision})]
+    assert [(o["kind"], o["name"]) for o in rs["metadata"]["ownerReferences"]] == [("Deployment", revision)]
+    for pod in pods:
+        refs = pod["metadata"]["ownerReferences"]
+        assert [(o["kind"], o["name"]) for o in refs] == [("ReplicaSet", rs["metadata"]["name"])]
+        assert pod["spec"]["nodeName"]  # bound by kube-scheduler
+
+
+async def create_serving(api: ApiClient, ns: str, port: int, steps: list[dict[str, Any]]) -> None:
+    """A 2-replica ModelServing whose canary analysis scrapes ``port``."""
+    await api.create({
+        "apiVersion": "capstan.dev/v1alpha1",
+        "kind": "ModelServing",
+        "metadata": {"name": NAME, "namespace": ns},
+        "spec": {
+            "model": {"uri": "hf://org/model"},
+            "tensorParallel": 1,
+            "replicas": 2,
+            "port": port,
+            "rollout": {"steps": steps, "analysis": {"maxErrorRate": 0.05, "minRequests": 10}},
+        },
+    })
+
+
+async def start_canary(env: sc.Env, api: ApiClient, stable: str) -> str:
+    """Change the spec; the canary revision's pod runs and answers its analysis at 127.0.0.1."""
+    obj = await api.get(MODELSERVINGS, env.namespace, NAME)
+    assert obj is not None
+    spec = copy.deepcopy(obj["spec"])
+    spec["env"] = [{"name": "VERSION", "value": "2"}]
+    await api.patch(MODELSERVINGS, env.namespace, NAME, {"spec": spec})
+    revs = await wait_for(lambda: _two(env), sc.TIMEOUT, what="a canary Deployment")
+    (canary,) = set(revs) - {stable}
+    (canary_pod,) = await running_pods(env, canary, 1)  # ceil(2 x 25%) = ceil(2 x 50%) = 1
+    await assert_made_by_controllers(api, env.namespace, canary, [canary_pod])
+    await api.patch_status(PODS, env.namespace, canary_pod["metadata"]["name"],
+                           {"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]})
+    return canary
+
+
+async def test_every_canary_step_holds_its_weight_on_the_real_server(
+    env: sc.Env, api: ApiClient, healthy_metrics: tuple[MetricsStub, int]
+) -> None:
+    """Regression: a passed step's ``stepStartedAt`` must be removed from the status (a merge
+    patch that leaves it out keeps it), or step 2 counts its pause from step 1 and is skipped."""
+    _, port = healthy_metrics
+    steps = [{"weight": 25, "pause": "4s"}, {"weight": 50, "pause": "6s"}]
+    await create_serving(api, env.namespace, port, steps)
+    (stable,) = await wait_for(lambda: revisions(env), sc.TIMEOUT, what="the stable Deployment")
+    await wait_status(env, lambda s: s.get("phase") == "Ready", "Ready")
+    canary = await start_canary(env, api, stable)
+    await wait_status(env, lambda s: weights(s) == {stable: 75, canary: 25}, "step 1 at 25%")
+    assert await wait_for(lambda: _route_is(env, {stable: 75, canary: 25}), sc.TIMEOUT, what="route 75/25")
+    st = await wait_status(env, lambda s: weights(s) == {stable: 50, canary: 50}, "step 2 at 50%")
+    assert st["canaryRevision"] == canary and st["phase"] == "Progressing"
+    assert await wait_for(lambda: _route_is(env, {stable: 50, canary: 50}), sc.TIMEOUT, what="route 50/50")
+    held_from = time.monotonic()
+    st = await wait_status(env, lambda s: s.get("stableRevision") == canary, "promotion")
+    assert time.monotonic() - held_from >= 3.0  # step 2 held its own 6 s pause
+    assert await wait_for(lambda: _route_is(env, {canary: 100}), sc.TIMEOUT, what="route to the new stable")
+    events = [e for e in await env.api.list_objects(sc.EVENTS, env.namespace)
+              if (e.get("involvedObject") or {}).get("name") == NAME]
+    steps_started = sorted(e["message"].split(":")[0] for e in events if e.get("reason") == "CanaryStep")
+    assert steps_started == ["step 1/2 (25%)", "step 2/2 (50%)"]
+    reasons = {e.get("reason") for e in events}
+    assert "Promoted" in reasons and "RolledBack" not in reasons
+
+
+async def test_canary_step_with_httproute_weights_then_rollback(
+    env: sc.Env, api: ApiClient, canary_metrics: tuple[MetricsStub, int]
+) -> None:
+    metrics, port = canary_metrics
+    ns = env.namespace
+    await create_serving(api, ns, port, [{"weight": 50, "pause": "3s"}])
+    (stable,) = await wait_for(lambda: revisions(env), sc.TIMEOUT, what="the stable Deployment")
+    pods = await running_pods(env, stable, 2)
+    await assert_made_by_controllers(api, ns, stable, pods)
+    assert all(p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1" for p in pods)
+    st = await wait_status(env, lambda s: s.get("phase") == "Ready", "Ready")
+    assert st["stableRevision"] == stable and st["replicas"] == 2
+    assert st["rollout"]["traffic"] == "gateway"
+    assert await wait_for(lambda: _route_is(env, {stable: 100}), sc.TIMEOUT, what="route to stable")
+
+    # A spec change makes a canary revision: one step at 50%, on HTTPRoute weights.
+    canary = await start_canary(env, api, stable)
+    st = await wait_status(env, lambda s: weights(s) == {stable: 50, canary: 50}, "step 1 at 50%")
+    assert st["canaryRevision"] == canary and st["phase"] == "Progressing"
+    assert await wait_for(lambda: _route_is(env, {stable: 50, canary: 50}), sc.TIMEOUT, what="route 50/50")
+
+    # Half its requests fail: the step's analysis rolls it back.
+    st = await wait_status(env, lambda s: s.get("canaryRevision") is None and s.get("failedRevisions"),
+                           "rollback")
+    assert metrics.total > 0  # the operator scraped the stub at the pod's IP
+    assert st["stableRevision"] == stable and st["failedRevisions"] == [canary]
+    rolled = next(c for c in st["conditions"] if c["type"] == "RolledBack")
+    assert rolled["status"] == "True" and "error rate 50.0% > 5.0%" in rolled["message"]
+    assert await wait_for(lambda: _route_is(env, {stable: 100}), sc.TIMEOUT, what="route back to stable")
+
+    async def canary_gone() -> bool:
+        left = [*await api.list_objects(REPLICASETS, ns, {LABEL_REVISION: canary}),
+                *await api.list_pods(ns, {LABEL_REVISION: canary})]
+        return canary not in await revisions(env) and not left
+
+    await wait_for(canary_gone, sc.TIMEOUT, what="the canary's Deployment, ReplicaSet and pod gone")
+    assert "RolledBack" in await sc.event_reasons(env, NAME)
+
+
+async def _route_is(env: sc.Env, wanted: dict[str, int]) -> bool:
+    return await route_weights(env) == wanted
+
+
+async def _two(env: sc.Env) -> dict[str, dict[str, Any]] | None:
+    revs = await revisions(env)
+    return revs if len(revs) == 2 else None

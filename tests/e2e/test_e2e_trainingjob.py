@@ -1,0 +1,174 @@
+"""TrainingJobs on the real control plane: kube-scheduler binds the gang under Capstan's node
+affinity, kwok plays the kubelets of the fake GPU nodes (manifests/dev/topology.yaml: eight 8-GPU
+HGX nodes, each its own NVLink domain, and one 72-GPU NVL72 rack of 4-GPU nodes).
+
+A worker fails through kwok's chaos stage (a label and an exit-code annotation on the running pod:
+kwok terminates its container with that code); a worker succeeds by a status patch once it runs,
+as a kubelet would report it (docs/dev-cluster.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.e2e.conftest import Cluster
+from tests.kube import scenarios as sc
+
+from capstan.kube.apply import NODES, PODS, PVCS, SERVICES, TRAININGJOBS, ApiClient
+from capstan.kube.testing import wait_for
+from capstan.naming import LABEL_JOB
+
+pytestmark = pytest.mark.e2e
+
+CHAOS = "pod-container-running-failed.stage.kwok.x-k8s.io"
+CLIQUE = "nvidia.com/gpu.clique"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def running_gang(env: sc.Env, name: str, count: int, attempt: int) -> list[dict[str, Any]]:
+    """The ``count`` workers of ``attempt``, once every one is bound and Running."""
+
+    async def probe() -> tuple[list[dict[str, Any]]] | None:
+        pods = await sc.pods_of(env, name, attempt)
+        up = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+        return (pods,) if len(pods) == count and len(up) == count else None
+
+    (pods,) = await wait_for(probe, sc.TIMEOUT, what=f"{count} running workers of {name} (attempt {attempt})")
+    return pods
+
+
+async def cliques(api: ApiClient) -> dict[str, str]:
+    """Node name → NVLink domain label."""
+    return {n["metadata"]["name"]: n["metadata"]["labels"][CLIQUE] for n in await api.list_objects(NODES)}
+
+
+def pinned_to(pod: dict[str, Any]) -> list[str]:
+    """The nodes Capstan's required node affinity allows."""
+    terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    return [v for t in terms["nodeSelectorTerms"] for f in t.get("matchFields", []) for v in f["values"]]
+
+
+async def scheduled_by(api: ApiClient, namespace: str, pod: str) -> set[str]:
+    """Components that reported the pod's Scheduled event."""
+    events = await api.list_objects(sc.EVENTS, namespace, field_selector=f"involvedObject.name={pod}")
+    return {e.get("reportingComponent") or (e.get("source") or {}).get("component", "")
+            for e in events if e.get("reason") == "Scheduled"}
+
+
+async def kwok_fail(api: ApiClient, namespace: str, pod: str, exit_code: int) -> None:
+    """kwok's chaos stage: the running container exits with ``exit_code`` about 100 ms later."""
+    await api.patch(PODS, namespace, pod, {"metadata": {
+        "labels": {CHAOS: "true"},
+        "annotations": {f"{CHAOS}/exit-code": str(exit_code), f"{CHAOS}/delay": "100"},
+    }})
+
+
+def assert_one_domain(
+    pods: list[dict[str, Any]], domains: dict[str, str], expected: str | None = None
+) -> str:
+    """Every worker bound by the scheduler to the node Capstan pinned it to, all in one NVLink domain."""
+    nodes = [p["spec"].get("nodeName") for p in pods]
+    assert all(nodes), nodes
+    assert [[n] for n in nodes] == [pinned_to(p) for p in pods]
+    (domain,) = {domains[n] for n in nodes}
+    if expected is not None:
+        assert domain == expected
+    return domain
+
+
+async def test_gpu_gang_lands_in_one_nvlink_domain_restarts_and_succeeds(
+    cluster: Cluster, env: sc.Env, api: ApiClient
+) -> None:
+    # 4 workers x 4 GPUs, Required inside one NVLink domain: no HGX node (8 GPUs) holds 16 GPUs,
+    # so only the NVL72 rack's domain fits.
+    name, ns = "gang", env.namespace
+    domains = await cliques(api)
+    await api.create(sc.job_body(env, name, workers=4, gpusPerWorker=4,
+                                 topology={"policy": "Required", "maxDomain": "nvlink"}))
+    pods = await running_gang(env, name, 4, attempt=0)
+    domain = assert_one_domain(pods, domains, expected="gb200-nvl72")
+    assert all(p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4" for p in pods)
+    assert await scheduled_by(api, ns, pods[0]["metadata"]["name"]) == {"default-scheduler"}
+    job = await sc.wait_job(env, name, sc.phase_is("Running"), "Running")
+    assert sc.status(job)["placement"]["domain"].endswith(domain)
+    assert sc.status(job)["restarts"] == 0
+
+    # A worker exits 1 (kwok): the whole gang is replaced, counted as one restart.
+    await kwok_fail(api, ns, pods[2]["metadata"]["name"], 1)
+    job = await sc.wait_job(env, name, lambda j: sc.status(j).get("attempt") == 1, "attempt 1")
+    assert sc.status(job)["restarts"] == 1 and sc.status(job)["preemptions"] == 0
+    again = await running_gang(env, name, 4, attempt=1)
+    assert_one_domain(again, domains, expected=domain)
+    assert {p["metadata"]["uid"] for p in again}.isdisjoint(p["metadata"]["uid"] for p in pods)
+    await sc.wait_job(env, name, sc.phase_is("Running"), "Running again")
+
+    # Every worker exits 0: `kubectl wait --for=condition=Succeeded` returns.
+    waiting = asyncio.create_task(asyncio.to_thread(
+        cluster.kubectl, "wait", "--for=condition=Succeeded", f"tj/{name}", "-n", ns, "--timeout=60s"))
+    for pod in again:
+        await sc.kubelet(env, pod, "Succeeded", exit_code=0)
+    done = await waiting
+    assert f"trainingjob.capstan.dev/{name} condition met" in done.stdout
+    job = await sc.wait_job(env, name, sc.phase_is("Succeeded"), "Succeeded")
+    assert sc.status(job)["restarts"] == 1 and sc.status(job)["workers"]["succeeded"] == 4
+    assert "GangRestart" in await sc.event_reasons(env, name)
+
+
+async def test_readme_dev_sample_runs_in_the_nvl72_domain(
+    cluster: Cluster, env: sc.Env, api: ApiClient
+) -> None:
+    """The README's first steps on `make cluster`: `kubectl apply` the dev sample, watch it run."""
+    sample = ROOT / "manifests" / "dev" / "trainingjob-nvl72.yaml"
+    cluster.kubectl("apply", "-n", env.namespace, "-f", str(sample))
+    pods = await running_gang(env, "nvl72-demo", 4, attempt=0)
+    assert_one_domain(pods, await cliques(api), expected="gb200-nvl72")
+    await sc.wait_job(env, "nvl72-demo", sc.phase_is("Running"), "Running")
+    table = cluster.kubectl("get", "tj", "-n", env.namespace).stdout
+    assert "nvl72-demo" in table and "Running" in table
+
+
+async def test_non_retryable_exit_code_fails_the_job(env: sc.Env, api: ApiClient) -> None:
+    name, ns = "nonretry", env.namespace
+    policy = {"maxRestarts": 3, "backoffSeconds": 0, "nonRetryableExitCodes": [2]}
+    await api.create(sc.job_body(env, name, workers=2, gpusPerWorker=8, failurePolicy=policy))
+    pods = await running_gang(env, name, 2, attempt=0)
+    assert all(p["spec"]["nodeName"].startswith("hgx-") for p in pods)  # 8 GPUs: a whole HGX node
+    await kwok_fail(api, ns, pods[0]["metadata"]["name"], 2)
+    job = await sc.wait_job(env, name, sc.phase_is("Failed"), "Failed")
+    failed = sc.condition(job, "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "NonRetryableExitCode"
+    assert "2" in failed["message"]
+    assert sc.status(job)["restarts"] == 0
+    (left,) = await sc.wait_pods(env, name, 1)  # the failed worker stays for its logs
+    assert left["metadata"]["name"] == pods[0]["metadata"]["name"]
+    assert left["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 2
+
+
+async def test_deleting_the_job_leaves_no_child(cluster: Cluster, env: sc.Env, api: ApiClient) -> None:
+    """Pods, the headless Service and the checkpoint PVC are owned by the job: after the delete
+    (the operator's finalizer, then kube-controller-manager's garbage collector) none is left."""
+    name, ns = "doomed", env.namespace
+    checkpoint = {"volume": {"size": "1Gi"}}
+    await api.create(sc.job_body(env, name, workers=2, gpusPerWorker=1, checkpoint=checkpoint))
+    await sc.wait_pods(env, name, 2)
+    job = await sc.get_job(env, name)
+    assert job is not None
+    uid = job["metadata"]["uid"]
+    labels = {LABEL_JOB: name}
+    children = [*await api.list_objects(PODS, ns, labels), *await api.list_objects(SERVICES, ns, labels),
+                *await api.list_objects(PVCS, ns, labels)]
+    assert {c["kind"] for c in children} == {"Pod", "Service", "PersistentVolumeClaim"}
+    for child in children:
+        assert [(r["kind"], r["uid"]) for r in child["metadata"]["ownerReferences"]] == [("TrainingJob", uid)]
+
+    await asyncio.to_thread(cluster.kubectl, "delete", f"tj/{name}", "-n", ns, "--wait=true", "--timeout=60s")
+
+    async def none_left() -> bool:
+        found = [c for res in (PODS, SERVICES, PVCS) for c in await api.list_objects(res, ns, labels)]
+        return not found
+
+    await wait_for(none_left, sc.TIMEOUT, what="no child of the deleted job")
+    assert await api.get(TRAININGJOBS, ns, name) is None

@@ -1,5 +1,5 @@
 """A gang's headless Service and checkpoint PVC exist while it lives, whatever happened to their
-first create (found by the API-fault tests of tests/e2e/test_faults.py).
+first create (found by the API-fault tests of tests/faults/test_faults.py).
 
 A create answered 409 means "a namesake exists" to the operator; when that namesake was about to go
 (a previous job's claim still terminating, a Service being deleted), nothing of this job was

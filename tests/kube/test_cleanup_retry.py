@@ -1,5 +1,5 @@
 """A TrainingJob's deletion rides over an API server that fails for a moment (found by the
-API-fault tests of tests/e2e/test_faults.py: one 503 too many in the deletion handler held the
+API-fault tests of tests/faults/test_faults.py: one 503 too many in the deletion handler held the
 job, its finalizer and its Service for kopf's default retry delay of a minute)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """``capstan operator`` never lingers in a shutdown kopf cannot finish (found by the API-fault tests
-of tests/e2e/test_faults.py: a kopf that stopped on a cut answer while other requests of its own
+of tests/faults/test_faults.py: a kopf that stopped on a cut answer while other requests of its own
 were retrying waited for credentials no one would fetch any more, for up to kopf's 10 minutes).
 
 kopf's last resort SIGKILLs the process once its shutdown has run for

@@ -1,5 +1,5 @@
 """A placed gang holds the GPUs of ranks whose pods do not exist yet (found by the API-fault tests
-of tests/e2e/test_faults.py: a gang placed on the GPUs of another gang's missing rank left that
+of tests/faults/test_faults.py: a gang placed on the GPUs of another gang's missing rank left that
 rank Pending for good, its job Starting for ever)."""
 
 from __future__ import annotations

@@ -311,7 +311,7 @@ def test_refusal_of_missing_workers_keeps_starting() -> None:
 
 def test_a_live_gang_gets_its_missing_service_and_checkpoint_claim_again() -> None:
     """A Service or PVC create that met a namesake about to go (409, nothing created), or one
-    deleted by hand, is created again while the gang lives; found by tests/e2e/test_faults.py."""
+    deleted by hand, is created again while the gang lives; found by tests/faults/test_faults.py."""
     c = Cluster(job(checkpoint={"volume": {"size": "1Gi"}}))
     c.reconcile()
     c.set_phase("Running")

@@ -38,7 +38,7 @@ EXIT_FAILED = 1
 #: failure of its own), before kopf's last resort SIGKILLs the process. kopf's own default is 10
 #: minutes: a kopf that failed while some of its requests were retrying could wait that long for
 #: credentials no one would fetch any more, doing nothing (seen under API faults, see
-#: tests/e2e/test_faults.py). A normal stop takes a few seconds (daemons 5 s, then kopf's 5 s for
+#: tests/faults/test_faults.py). A normal stop takes a few seconds (daemons 5 s, then kopf's 5 s for
 #: stray tasks).
 EXIT_TIMEOUT_S = 20.0
 #: Handler modules, imported (so they register with kopf) when present in this install.

@@ -1,4 +1,4 @@
-"""Fault and kill experiments against the real control plane (``tests/e2e/test_faults.py``).
+"""Fault and kill experiments against the real control plane (``tests/faults/test_faults.py``).
 
 Three pieces, each usable on its own:
 
@@ -99,8 +99,9 @@ class OperatorProcess:
     def _spawn(self) -> None:
         self.starts += 1
         self._log = self.log_dir / f"operator-{self.starts:02d}.log"
-        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "CAPSTAN_LOG_FORMAT": "plain",
-               "PYTHONUNBUFFERED": "1"}
+        # No webhook server of its own: the webhook configuration (if any) belongs to another install.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CAPSTAN_WEBHOOK_")}
+        env.update({"KUBECONFIG": self.kubeconfig, "CAPSTAN_LOG_FORMAT": "plain", "PYTHONUNBUFFERED": "1"})
         cmd = [sys.executable, "-m", "capstan", "operator", "--namespace", self.namespace, "--standalone",
                "--metrics-port", "0", "--liveness-port", "0"]
         with self._log.open("wb") as out:

@@ -8,7 +8,7 @@ CPU job) through eight steps (:func:`steps`): create a and b; create c, d and e;
 fails (exit 1); a worker of e fails; delete d; a's workers exit 0; the others' workers exit 0;
 delete all.
 
-After each step the test waits until :func:`tests.e2e.faults.violations` finds nothing: exactly one
+After each step the test waits until :func:`tests.faults.faults.violations` finds nothing: exactly one
 pod per rank of each live gang, no pod/Service/PVC without a live owner TrainingJob, no duplicate
 Service/PVC, status consistent with the pods (phase, worker counts, attempt, restarts,
 observedGeneration, conditions, placement nodes = the pods' nodes), no job lost, and after the
@@ -18,7 +18,7 @@ deletions nothing left (finalizers released, children collected).
   seeded random moments (0-0.5 s after the step's action, while it works; then 0-1.5 s after the
   restarted operator started) and restarted at once; convergence is timed from the last restart.
 * ``test_operator_converges_through_api_faults``: the operator (kopf's requests and Capstan's own)
-  talks to the API server through :class:`~tests.e2e.faults.FaultProxy`, which answers a seeded
+  talks to the API server through :class:`~tests.faults.faults.FaultProxy`, which answers a seeded
   share of requests with 409 (Capstan's writes), 429 + Retry-After, 500, 503, a dropped connection
   (before or after the server applied the request), a body cut half-way, a delay, and ends watch
   streams (cleanly, with a 410, or by dropping them). Once, kopf's list answer is cut on purpose:
@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.e2e.faults import (
+from tests.faults.faults import (
     KOPF_FATAL,
     LABEL_RANK,
     REQUEST_FAULTS,

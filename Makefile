@@ -8,6 +8,7 @@
 #   make test-packaging     Helm chart, kustomize, RBAC, alerts, checkov (needs `make tools`)
 #   make test-slow          real training and serving processes (tests/local, tests/workloads, -m slow)
 #   make test-e2e           tests/e2e against a fresh local cluster
+#   make test-faults        the operator under SIGKILLs and API faults (tests/faults), a fresh cluster
 
 PYTHON ?= python3
 VENV := .venv
@@ -21,8 +22,10 @@ INTEGRATION_TESTS := tests/kube
 PACKAGING_TESTS := tests/packaging
 SLOW_TESTS := tests/local tests/workloads
 E2E_TESTS := tests/e2e
+# Its own pytest session: the e2e suite's operator watches every namespace (tests/faults/conftest.py).
+FAULT_TESTS := tests/faults
 
-.PHONY: demo test test-nocluster test-unit test-integration test-packaging test-slow test-e2e setup tools controlplane cluster cluster-down lint typecheck crds bench clean
+.PHONY: demo test test-nocluster test-unit test-integration test-packaging test-slow test-e2e test-faults setup tools controlplane cluster cluster-down lint typecheck crds bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -80,7 +83,8 @@ else
 test: $(STAMP) tools controlplane
 	$(BIN)/capstan crds --check
 	$(MAKE) --no-print-directory lint
-	$(BIN)/python scripts/cluster.py run -- $(PYTEST)
+	$(BIN)/python scripts/cluster.py run -- \
+		sh -c '$(PYTEST) --ignore=$(FAULT_TESTS) && $(PYTEST) $(FAULT_TESTS)'
 endif
 
 test-nocluster:
@@ -101,6 +105,9 @@ test-slow: $(STAMP)
 
 test-e2e: $(STAMP) tools controlplane
 	$(BIN)/python scripts/cluster.py run -- $(PYTEST) $(E2E_TESTS)
+
+test-faults: $(STAMP) tools controlplane
+	$(BIN)/python scripts/cluster.py run -- $(PYTEST) $(FAULT_TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/reconcile.py --json

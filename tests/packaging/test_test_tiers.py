@@ -6,7 +6,7 @@ import re
 
 from capstan_pkg import ROOT
 
-TIERS = ("UNIT_TESTS", "INTEGRATION_TESTS", "PACKAGING_TESTS", "SLOW_TESTS", "E2E_TESTS")
+TIERS = ("UNIT_TESTS", "INTEGRATION_TESTS", "PACKAGING_TESTS", "SLOW_TESTS", "E2E_TESTS", "FAULT_TESTS")
 
 
 def _tiers() -> dict[str, list[str]]:

@@ -307,3 +307,26 @@ def test_refusal_of_missing_workers_keeps_starting() -> None:
     plan = plan_trainingjob(c.job, list(c.pods.values()), T0, service_exists=True)
     st = refused(c.job, plan.status, "pods \"gpt-1\" is forbidden: exceeded quota", T0)
     assert st.phase == "Starting" and st.placement == plan.status.placement
+
+
+def test_a_live_gang_gets_its_missing_service_and_checkpoint_claim_again() -> None:
+    """A Service or PVC create that met a namesake about to go (409, nothing created), or one
+    deleted by hand, is created again while the gang lives; found by tests/faults/test_faults.py."""
+    c = Cluster(job(checkpoint={"volume": {"size": "1Gi"}}))
+    c.reconcile()
+    c.set_phase("Running")
+    pods = list(c.pods.values())
+    steady = plan_trainingjob(c.job, pods, T0, service_exists=True, pvc_exists=True)
+    assert steady.create == [] and steady.status.phase == "Running"
+    unknown = plan_trainingjob(c.job, pods, T0)  # not looked at: nothing to conclude
+    assert unknown.create == []
+    plan = plan_trainingjob(c.job, pods, T0, service_exists=False, pvc_exists=False)
+    assert [(o["kind"], o["metadata"]["name"]) for o in plan.create] == [
+        ("PersistentVolumeClaim", "gpt-ckpt"), ("Service", "gpt-workers")]
+    assert plan.status.phase == "Running" and plan.requeue_after == 2  # look again soon
+    plan = plan_trainingjob(c.job, pods, T0, service_exists=False, pvc_exists=True)
+    assert [o["kind"] for o in plan.create] == ["Service"]
+    c.set_phase("Succeeded", exit_code=0)
+    c.reconcile()
+    done = plan_trainingjob(c.job, list(c.pods.values()), T0, service_exists=False, pvc_exists=False)
+    assert done.create == []  # a finished job's children are not brought back

@@ -7,7 +7,9 @@ When kopf itself fails — e.g. an answer to one of its own requests is cut shor
 failed requests but not a body that breaks off or is not whole JSON, and none of its settings
 changes that — kopf stops all its tasks and re-raises. ``capstan operator`` then logs one line
 saying so and exits with status 1, so that Kubernetes restarts the container; it never lingers
-half-alive. (Capstan's own API client retries such answers: see ``ApiClient.request``.)
+half-alive. Should kopf's shutdown itself get stuck, kopf kills the process after
+:data:`EXIT_TIMEOUT_S` (exit by SIGKILL). (Capstan's own API client retries such answers: see
+``ApiClient.request``.)
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ log = logging.getLogger(__name__)
 
 #: Exit status of ``capstan operator`` when kopf stopped on an error (Kubernetes restarts it).
 EXIT_FAILED = 1
+#: Seconds ``capstan operator`` gives kopf to stop, from the moment it begins to (a signal, or a
+#: failure of its own), before kopf's last resort SIGKILLs the process. kopf's own default is 10
+#: minutes: a kopf that failed while some of its requests were retrying could wait that long for
+#: credentials no one would fetch any more, doing nothing (seen under API faults, see
+#: tests/faults/test_faults.py). A normal stop takes a few seconds (daemons 5 s, then kopf's 5 s for
+#: stray tasks).
+EXIT_TIMEOUT_S = 20.0
 #: Handler modules, imported (so they register with kopf) when present in this install.
 HANDLER_MODULES = ("capstan.kube.trainingjob", "capstan.kube.modelserving", "capstan.admission")
 
@@ -78,18 +87,20 @@ async def serve(
     stop_flag: Any = None,
     ready_flag: Any = None,
     concurrency: int | None = None,
+    exit_timeout_s: float | None = None,
 ) -> None:
     """Run the operator until ``stop_flag`` (or a signal in the main thread).
 
     ``connection`` overrides the credentials (tests: an emulator's URL); by default they come from
     the in-cluster service account or the kubeconfig. Without ``namespaces`` the operator is
     cluster-wide. ``peering`` names the KopfPeering used for HA (active/standby by priority);
-    ``standalone`` disables peering.
+    ``standalone`` disables peering. ``exit_timeout_s`` bounds kopf's shutdown when it was not
+    asked for through ``stop_flag`` (kopf then SIGKILLs the process; None: kopf's 10 minutes).
     """
     loaded = load_handlers()
     clusterwide = clusterwide or not namespaces
     log.info("handlers: %s; scope: %s", ", ".join(loaded), "cluster" if clusterwide else ",".join(namespaces))
-    memo = kopf.Memo(connection=connection, concurrency=concurrency)
+    memo = kopf.Memo(connection=connection, concurrency=concurrency, exit_timeout_s=exit_timeout_s)
     runner = await start_metrics_server(metrics_port) if metrics_port else None
     kwargs: dict[str, Any] = {}
     if peering:
@@ -155,6 +166,7 @@ def run_operator(
                 standalone=standalone,
                 metrics_port=metrics_port or None,
                 liveness_port=liveness_port or None,
+                exit_timeout_s=EXIT_TIMEOUT_S,
             )
         )
     except Exception as exc:

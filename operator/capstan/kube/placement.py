@@ -34,6 +34,7 @@ from typing import Any
 from capstan.api.conditions import parse_time
 from capstan.api.loading import InvalidResource, parse_resource
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob
+from capstan.naming import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
 from capstan.topology import (
     Decision,
     GangRequest,
@@ -163,6 +164,37 @@ def running_gangs(bodies: Sequence[Mapping[str, Any]], now: float) -> list[Runni
     return out
 
 
+def placed_without_pods(
+    bodies: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]]
+) -> dict[str, dict[str, int]]:
+    """GPUs that placed gangs hold on nodes where their worker pod does not exist: by queue key,
+    ``{node: GPUs}``.
+
+    A gang's status names its nodes (rank r on ``placement.nodes[r]``) before its pods exist, and a
+    rank whose create did not land (a namesake still terminating answered 409, a quota refused
+    it) is created there later. Until then nothing on the node shows the claim: another gang
+    placed on those GPUs would leave that rank Pending for good. Starting and Running gangs that
+    are not suspended count; pods are matched by the job-uid, attempt and rank labels.
+    """
+    present: set[tuple[str, str, str]] = set()
+    for pod in pods:
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        if LABEL_JOB_UID in labels:
+            present.add((labels[LABEL_JOB_UID], labels.get(LABEL_ATTEMPT, ""), labels.get(LABEL_RANK, "")))
+    placed = [b for b in bodies if (b.get("status") or {}).get("phase") in ("Starting", "Running")
+              and (b.get("status") or {}).get("placement")]
+    claims: dict[str, dict[str, int]] = {}
+    for job in _placed_by_capstan(placed):
+        st, uid = job.status, job.metadata.uid or ""
+        if st.placement is None or job.spec.suspend:
+            continue
+        for rank, node in enumerate(st.placement.nodes):
+            if (uid, str(st.attempt), str(rank)) not in present:
+                held = claims.setdefault(queue_key(job), {})
+                held[node] = held.get(node, 0) + job.spec.gpus_per_worker
+    return claims
+
+
 def _current(job: TrainingJob) -> PlacementResult:
     st = job.status
     assert st.placement is not None
@@ -218,6 +250,7 @@ def make_placer(
     running: Sequence[RunningGang] = (),
     policy: QueuePolicy | None = None,
     movable: Sequence[tuple[MovableGang, str]] = (),
+    claimed: Mapping[str, Mapping[str, int]] | None = None,
 ) -> Placer | None:
     """A :data:`Placer` over the cluster's Nodes and Pods and the queued gangs; None without Nodes.
 
@@ -228,6 +261,8 @@ def make_placer(
     ``running`` are the placed gangs (:func:`running_gangs`) and ``policy`` the queue's tunables
     (default :class:`QueuePolicy`); ``movable`` (:func:`movable_gangs`) are the gangs a
     defragmentation may move. Decided moves go to ``state.moves`` and ``state.to_move``.
+    ``claimed`` (:func:`placed_without_pods`) are GPUs placed gangs hold where their pods are still
+    missing; a gang's own claim does not count against it.
     """
     if not nodes:
         return None
@@ -253,6 +288,10 @@ def make_placer(
         for pending in state.moves.values():
             for node, gpus in pending.move.to.gpus_by_node().items():
                 held[node] = held.get(node, 0) + gpus
+        for key, nodes in (claimed or {}).items():  # other gangs' ranks still to be created
+            if key != me:
+                for node, gpus in nodes.items():
+                    held[node] = held.get(node, 0) + gpus
         inv = inventory.add_usage(held)
         if mine is not None and all(inv.free(n) >= g for n, g in mine.move.to.gpus_by_node().items()):
             return _decision(mine.move.to)  # the moving gang goes where its move planned
@@ -298,5 +337,6 @@ def _plan_moves(inv: Inventory, decisions: Sequence[Decision], movable: Sequence
 
 __all__ = [
     "MOVE_HOLD_S", "PendingMove", "QueueState", "gang_request", "make_placer", "movable_gangs", "pinned_node",
+    "placed_without_pods",
     "queue_key", "queued_jobs", "running_gangs", "wants_placement",
 ]

@@ -97,6 +97,8 @@ async def login(
 async def startup(memo: kopf.Memo, logger: kopf.Logger, settings: kopf.OperatorSettings, **_: Any) -> None:
     """Apply settings and build the shared API client and handler state."""
     configure_settings(settings)
+    if memo.get("exit_timeout_s") is not None:  # set by `capstan operator` (see serve())
+        settings.process.ultimate_exiting_timeout = memo["exit_timeout_s"]
 
     async def refresh() -> kopf.ConnectionInfo:
         return await _login(memo, logger, settings)

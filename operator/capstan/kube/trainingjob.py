@@ -50,6 +50,7 @@ from capstan.kube.placement import (
     make_placer,
     movable_gangs,
     pinned_node,
+    placed_without_pods,
     queue_key,
     queued_jobs,
     running_gangs,
@@ -74,9 +75,10 @@ from capstan.training.lifecycle import (
     plan_trainingjob,
     refused,
 )
-from capstan.training.pods import checkpoint_claim_name, selector, service_name
+from capstan.training.pods import checkpoint_claim_name, checkpoint_pvc, selector, service_name
 
 KIND = "TrainingJob"
+CLEANUP_RETRY_S = 2.0  # the deletion handler's retry after a transient API failure (kopf's: 60 s)
 PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 
 
@@ -213,17 +215,20 @@ async def _reconcile_job(
     """Plan the valid, live ``job`` and apply the plan in order (see the module docstring)."""
     namespace, name = job.metadata.namespace, job.metadata.name
     pods = await api.list_pods(namespace, selector(job))
+    service_exists, pvc_exists = await _children_exist(api, job) if pods else (None, None)
     pods = _node_lost(pods, memo.get("gone_nodes") or set())
     # set at startup: each object's memo is a shallow copy, so all loops share it
     queue: QueueState = memo["placement_queue"]
     move = queue.move_for(queue_key(job), job.status.phase) if wants_placement(job) else None
     try:
-        plan = plan_trainingjob(job, pods, now, _probe if wants_placement(job) else None, move=move)
+        plan = plan_trainingjob(
+            job, pods, now, _probe if wants_placement(job) else None, service_exists, pvc_exists, move=move
+        )
     except _NeedsPlacement:
         lock: asyncio.Lock = memo["placement_lock"]
         async with lock:  # place and create under one lock: no two gangs get the same GPUs
             placer = await _fetch_placer(api, memo, queue, namespace, logger)
-            plan = plan_trainingjob(job, pods, now, placer)
+            plan = plan_trainingjob(job, pods, now, placer, service_exists, pvc_exists)
             snaps = await _plan_snapshots(api, job, plan, pods, now)
             await _apply_status(api, job, body, plan, now, logger)
             await _apply_snapshots(api, body, snaps, logger)
@@ -253,6 +258,33 @@ async def _reconcile_job(
         await api.delete(TRAININGJOBS, namespace, name)
         return None
     return plan.requeue_after
+
+
+async def _children_exist(api: ApiClient, job: TrainingJob) -> tuple[bool | None, bool | None]:
+    """Whether the job's headless Service and the checkpoint PVC the operator creates are there
+    (None: not looked at — the job is finished or suspended, or has no such PVC). Looked at only
+    while the job has pods: creating a gang creates them anyway.
+
+    A namesake that is being deleted, or that a previous TrainingJob of the same name owns (the
+    garbage collector is about to remove it), does not count: the plan creates the job's own once
+    it is gone. A create that met such a namesake answered 409 and created nothing.
+    """
+    if job.status.phase in TERMINAL_PHASES or job.spec.suspend:
+        return None, None
+    uid = job.metadata.uid or ""
+    ns, claim = job.metadata.namespace, checkpoint_pvc(job)
+    service = await api.get(SERVICES, ns, service_name(job))
+    if claim is None:
+        return _ours(service, uid), None
+    return _ours(service, uid), _ours(await api.get(PVCS, ns, claim["metadata"]["name"]), uid)
+
+
+def _ours(obj: Mapping[str, Any] | None, uid: str) -> bool:
+    """Present, not being deleted, and not left by another TrainingJob of the same name."""
+    if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    owner = owner_of(obj, KIND)
+    return owner is None or owner[1] == uid
 
 
 async def _plan_snapshots(
@@ -346,7 +378,7 @@ async def _fetch_placer(
     now = time.time()
     policy = memo.get("queue_policy")  # set at startup; None only where startup did not run
     return make_placer(nodes, pods, queued_jobs(jobs), queue, now, running_gangs(jobs, now), policy,
-                       movable_gangs(jobs))
+                       movable_gangs(jobs), placed_without_pods(jobs, pods))
 
 
 async def _apply_status(
@@ -466,10 +498,22 @@ async def trainingjob_deleted(
     """Delete the job's pods, Service and owned PVC before the finalizer goes.
 
     The garbage collector would do the same through ownerReferences; doing it here makes the
-    cleanup immediate and visible, and works where no collector runs.
+    cleanup immediate and visible, and works where no collector runs. An API server that fails
+    for a moment (no answer, 429, 5xx, after the client's own retries) is tried again after
+    :data:`CLEANUP_RETRY_S`, not after kopf's default minute: the deletion waits on this handler.
     """
     assert namespace is not None  # TrainingJob is namespaced
-    api: ApiClient = memo["api"]
+    try:
+        await _delete_children(memo["api"], name, namespace, uid, spec, logger)
+    except ApiError as exc:
+        if exc.status in (0, 429) or exc.status >= 500:
+            raise kopf.TemporaryError(f"cleanup failed, retrying: {exc}", delay=CLEANUP_RETRY_S) from exc
+        raise
+
+
+async def _delete_children(
+    api: ApiClient, name: str, namespace: str, uid: str, spec: Mapping[str, Any], logger: kopf.Logger
+) -> None:
     pods = await api.list_pods(namespace, {LABEL_JOB_UID: uid})
     await api.delete_pods(namespace, [p["metadata"]["name"] for p in pods])
     try:

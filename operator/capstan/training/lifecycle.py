@@ -208,11 +208,16 @@ def plan_trainingjob(
     pods: list[dict[str, Any]],
     now: datetime,
     placer: Placer | None = None,
-    service_exists: bool = False,
-    pvc_exists: bool = False,
+    service_exists: bool | None = None,
+    pvc_exists: bool | None = None,
     move: str | None = None,
 ) -> Plan:
     """Decide the next step of ``job`` given its observed worker ``pods`` at time ``now``.
+
+    ``service_exists`` / ``pvc_exists``: whether the job's headless Service and the checkpoint PVC
+    the operator creates are there (None: not looked at). A new gang's creation always includes
+    those not known to exist; while a gang is alive, one known to be missing is created again
+    (a create that met a namesake about to go, an object deleted by hand), with a short requeue.
 
     ``move`` (why, in words) asks to move a running gang: its pods are stopped and the gang is
     recreated through ``placer``, which knows where it goes. Ignored unless every worker runs.
@@ -244,8 +249,8 @@ def _plan(
     pods: list[dict[str, Any]],
     now: datetime,
     placer: Placer | None,
-    service_exists: bool,
-    pvc_exists: bool,
+    service_exists: bool | None,
+    pvc_exists: bool | None,
     move: str | None,
     admit: bool,
 ) -> Plan:
@@ -323,6 +328,7 @@ def _plan(
 
     if not current:
         return _create_gang(b, placer, service_exists, pvc_exists)
+    _recreate_missing_children(b, service_exists, pvc_exists)
     if missing:  # a creation interrupted part-way (e.g. operator restart): finish it
         _create_workers(b, missing, _placed_nodes(st))
         b.phase("Starting", "Starting", f"creating {len(missing)} missing worker pod(s)")
@@ -367,7 +373,20 @@ def _create_workers(b: _Builder, ranks: list[int], nodes: list[str]) -> None:
         b.plan.create.append(worker_pod(b.job, rank, b.status.attempt, node))
 
 
-def _create_gang(b: _Builder, placer: Placer | None, service_exists: bool, pvc_exists: bool) -> Plan:
+def _recreate_missing_children(b: _Builder, service_exists: bool | None, pvc_exists: bool | None) -> None:
+    """A live gang whose Service or checkpoint PVC is known to be missing gets it created again."""
+    pvc = checkpoint_pvc(b.job) if pvc_exists is False else None
+    if pvc is not None:
+        b.plan.create.append(pvc)
+    if service_exists is False:
+        b.plan.create.append(headless_service(b.job))
+    if pvc is not None or service_exists is False:
+        b.requeue(2)  # a namesake being deleted answers 409 until it is gone: look again soon
+
+
+def _create_gang(
+    b: _Builder, placer: Placer | None, service_exists: bool | None, pvc_exists: bool | None
+) -> Plan:
     st, job = b.status, b.job
     wait_until = parse_time(st.restart_after)
     if wait_until and wait_until > b.now:

@@ -1,0 +1,106 @@
+"""A placed gang holds the GPUs of ranks whose pods do not exist yet (found by the API-fault tests
+of tests/faults/test_faults.py: a gang placed on the GPUs of another gang's missing rank left that
+rank Pending for good, its job Starting for ever)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tests.kube import scenarios as sc
+from tests.kube.conftest import Cluster, gpu_node
+
+from capstan.api.loading import parse_resource
+from capstan.api.trainingjob import TrainingJob
+from capstan.kube.apply import USER_AGENT
+from capstan.kube.placement import QueueState, make_placer, placed_without_pods
+from capstan.naming import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
+
+NOW = 1_800_000_000.0
+NODES = [gpu_node("n0", gpus=4, clique="a", rack="r1"), gpu_node("n1", gpus=4, clique="b", rack="r1")]
+
+
+def body(name: str, workers: int, gpus: int, phase: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "capstan.dev/v1alpha1", "kind": "TrainingJob",
+        "metadata": {"name": name, "namespace": "ml", "uid": f"uid-{name}",
+                     "creationTimestamp": "2026-11-23T10:00:00Z"},
+        "spec": {"image": "trainer:1", "command": ["python"], "workers": workers, "gpusPerWorker": gpus,
+                 **spec},
+        "status": {"phase": phase},
+    }
+
+
+def job(name: str, workers: int, gpus: int) -> TrainingJob:
+    parsed = parse_resource({k: v for k, v in body(name, workers, gpus, "Pending").items() if k != "status"})
+    assert isinstance(parsed, TrainingJob)
+    return parsed
+
+
+def placed(name: str, nodes: list[str], gpus: int = 4, phase: str = "Starting", attempt: int = 0,
+           **spec: Any) -> dict[str, Any]:
+    obj = body(name, len(nodes), gpus, phase=phase, **spec)
+    obj["status"].update({"attempt": attempt, "placement": {"level": "rack", "domain": "r1", "nodes": nodes}})
+    return obj
+
+
+def worker(job_name: str, rank: int, node: str, attempt: int = 0, gpus: int = 4) -> dict[str, Any]:
+    labels = {LABEL_JOB_UID: f"uid-{job_name}", LABEL_RANK: str(rank), LABEL_ATTEMPT: str(attempt)}
+    limits = {"nvidia.com/gpu": str(gpus)}
+    return {"metadata": {"name": f"{job_name}-{rank}", "labels": labels},
+            "spec": {"nodeName": node, "containers": [{"resources": {"limits": limits}}]},
+            "status": {"phase": "Running"}}
+
+
+def test_ranks_without_pods_are_claimed_on_their_placed_nodes() -> None:
+    bodies = [
+        placed("half", ["n0", "n1"]),  # rank 0 exists, rank 1 does not
+        placed("whole", ["n0", "n1"], phase="Running"),  # both ranks exist
+        placed("stale", ["n0", "n1"], attempt=1),  # pods of attempt 0 only: attempt 1 still to come
+        placed("paused", ["n0", "n1"], suspend=True),
+        placed("done", ["n0", "n1"], phase="Succeeded"),
+    ]
+    pods = [worker("half", 0, "n0"), worker("whole", 0, "n0"), worker("whole", 1, "n1"),
+            worker("stale", 0, "n0"), worker("stale", 1, "n1")]
+    assert placed_without_pods(bodies, pods) == {"ml/half": {"n1": 4}, "ml/stale": {"n0": 4, "n1": 4}}
+
+
+def test_a_gang_is_not_placed_on_the_gpus_of_another_gangs_missing_rank() -> None:
+    bodies = [placed("first", ["n0", "n1"])]
+    pods = [worker("first", 0, "n0")]  # rank 1 on n1: its create has not landed yet
+    claimed = placed_without_pods(bodies, pods)
+    placer = make_placer(NODES, pods, [], QueueState(), now=NOW, claimed=claimed)
+    assert placer is not None
+    decision = placer(job("second", 1, 4))
+    assert not decision.placed, decision  # before: placed on n1, where first's rank 1 must go
+    # the gang's own claim does not count against itself (its pods are gone, it asks again)
+    again = make_placer(NODES, [], [], QueueState(), now=NOW, claimed=placed_without_pods(bodies, []))
+    assert again is not None
+    assert again(job("first", 2, 4)).nodes == ["n0", "n1"]
+
+
+async def test_a_rank_whose_create_did_not_land_keeps_its_gpus_from_the_next_gang(
+    cluster: Cluster, env: sc.Env, add_gpu_node: Callable[..., Awaitable[dict[str, Any]]]
+) -> None:
+    for name in ("n0", "n1"):
+        await add_gpu_node(name, gpus=4, clique=name, rack="r1")
+
+    def first_rank_1(req: Any) -> bool:  # a namesake of rank 1 is still terminating: 409, nothing made
+        return (req.headers.get("User-Agent", "").startswith(USER_AGENT) and str(req.method.value) == "POST"
+                and req.resource is not None and req.resource.plural == "pods"
+                and '"first-1"' in req.text)
+
+    cluster.emulator.refuse(first_rank_1, 409, "AlreadyExists", 'pods "first-1" already exists')
+    async with env.operator():
+        await env.api.create(sc.job_body(env, "first", workers=2, gpusPerWorker=4))
+        await sc.wait_pods(env, "first", 1)
+        first = await sc.wait_job(env, "first", lambda j: bool(sc.status(j).get("placement")), "placement")
+        await env.api.create(sc.job_body(env, "second", workers=1, gpusPerWorker=4))
+        second = await sc.wait_job(env, "second", sc.phase_is("Queued"), "queued behind first's claim")
+        assert "placement" not in sc.status(second)
+        cluster.emulator.clear_faults()  # the namesake is gone: first's rank 1 lands where it was placed
+        pods = await sc.wait_pods(env, "first", 2)
+    nodes = sc.status(first)["placement"]["nodes"]
+    pinned = [p["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+              ["nodeSelectorTerms"][0]["matchFields"][0]["values"][0] for p in pods]
+    assert pinned == nodes

@@ -9,6 +9,9 @@ built from source by scripts/build-controlplane.sh into .tools/bin. Everything i
     cluster.py up             stop a previous cluster, start a fresh one, print how to use it
     cluster.py down           stop every process a previous `up` started
     cluster.py status         which components run
+    cluster.py restart [--kill] COMPONENT...
+                              stop (or SIGKILL) components of the running cluster and start them
+                              again with the same command line, data kept (fault experiments)
     cluster.py run -- CMD...  up, run CMD with KUBECONFIG set, then down (also on failure)
 
 Ports are free ones picked at start (several worktrees can each run a cluster); set
@@ -232,24 +235,44 @@ def _recorded_pid(name: str) -> int | None:
         return None
 
 
+def _stop(name: str, sig: signal.Signals = signal.SIGTERM) -> bool:
+    """Stop one component with ``sig`` (SIGKILL after 15 s); True when it was running."""
+    pid = _recorded_pid(name)
+    started = _start_time(pid) if pid is not None and _ours(pid) else None
+    if pid is not None and started is not None:
+        # Wait for this very process to end (same pid and start time), not for its command line
+        # to vanish: an exiting process loses that before it closes its sockets, and a restart
+        # would find the port still taken.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + 15
+        while not _ended(pid, started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _ended(pid, started):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            while not _ended(pid, started):
+                time.sleep(0.05)
+    _pid_file(name).unlink(missing_ok=True)
+    return started is not None
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` (field 22 of /proc/PID/stat), None when there is none."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _ended(pid: int, started: str) -> bool:
+    """Whether the process ``pid`` that started at ``started`` has exited (a zombie counts)."""
+    return _reaped(pid) or _start_time(pid) != started
+
+
 def stop_all(quiet: bool = False) -> list[str]:
     """Stop the processes the pid files name (newest component first); returns what was stopped."""
-    stopped = []
-    for name in reversed(COMPONENTS):
-        pid = _recorded_pid(name)
-        if pid is not None and _ours(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            while _ours(pid) and not _reaped(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if _ours(pid) and not _reaped(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                while _ours(pid) and not _reaped(pid):
-                    time.sleep(0.05)
-            stopped.append(name)
-        _pid_file(name).unlink(missing_ok=True)
+    stopped = [name for name in reversed(COMPONENTS) if _stop(name)]
     if stopped and not quiet:
         log(f"stopped {', '.join(stopped)}")
     return stopped
@@ -280,7 +303,61 @@ def start(name: str, args: Sequence[str], env: dict[str, str] | None = None) -> 
             start_new_session=True, cwd=STATE, env={**os.environ, **(env or {})},
         )
     _pid_file(name).write_text(f"{proc.pid}\n")
+    # What `restart` runs again (a fault experiment restarts etcd or the API server mid-flight).
+    _command_file(name).write_text(json.dumps({"args": list(args), "env": env or {}}) + "\n")
     return proc
+
+
+def _command_file(name: str) -> Path:
+    return STATE / "pids" / f"{name}.command.json"
+
+
+def _health(name: str, info: dict[str, Any]) -> tuple[str, ssl.SSLContext | None]:
+    """The URL that answers 200 once component ``name`` of the cluster ``info`` describes is up."""
+    port = info["ports"][name]
+    if name == "kube-apiserver":
+        return f"{info['server']}/readyz", _ssl_client(Pki(STATE / "pki"))
+    if name in ("kube-controller-manager", "kube-scheduler"):
+        return f"https://{HOST}:{port}/healthz", _ssl_insecure()
+    return f"http://{HOST}:{port}/{'health' if name == 'etcd' else 'healthz'}", None
+
+
+def restart(names: Sequence[str], sig: signal.Signals = signal.SIGTERM) -> dict[str, float]:
+    """Stop components ``names`` of the recorded cluster with ``sig`` (newest first; those not
+    running are only started), start them again with their recorded command lines (oldest first)
+    and wait until each is healthy; returns the seconds each took from its start to healthy. Their
+    data (etcd's) stays."""
+    unknown = sorted(set(names) - set(COMPONENTS))
+    if unknown:
+        raise ClusterError(f"no component {', '.join(unknown)}: choose from {', '.join(COMPONENTS)}")
+    try:
+        info = json.loads((STATE / "cluster.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"no cluster recorded in {STATE}: start one with `make cluster` ({exc})") from exc
+    chosen = [name for name in COMPONENTS if name in names]
+    try:
+        commands = {name: json.loads(_command_file(name).read_text()) for name in chosen}
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"no recorded command line in {STATE / 'pids'} ({exc}): start a fresh "
+                           "cluster with `make cluster`") from exc
+    for name in reversed(chosen):
+        _stop(name, sig)
+    took = {}
+    for name in chosen:
+        # A killed multi-threaded process shows as ended (a zombie) before its last thread has
+        # released its sockets: wait until its ports can be bound again.
+        ports = [info["ports"][key] for key in info["ports"] if key.split("-peer")[0] == name]
+        deadline = time.monotonic() + 30
+        while not all(_bindable(port) for port in ports):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{name}'s ports {ports} still taken 30 s after it stopped")
+            time.sleep(0.05)
+        began = time.monotonic()
+        proc = start(name, commands[name]["args"], commands[name]["env"] or None)
+        url, ctx = _health(name, info)
+        wait_http(name, proc, url, ctx, 90)
+        took[name] = round(time.monotonic() - began, 2)
+    return took
 
 
 def _log_tail(name: str, lines: int = 25) -> str:
@@ -303,6 +380,17 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def _bindable(port: int) -> bool:
+    """Whether a listener could bind 127.0.0.1:port now (with SO_REUSEADDR, as Go's listeners)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+        return True
 
 
 def port_in_use(port: int) -> bool:
@@ -594,7 +682,7 @@ def _terminate_on_sigterm() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: up, down, status, run -- CMD."""
+    """Command line: up, down, status, restart COMPONENT..., run -- CMD."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -602,6 +690,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("up", help="start a fresh cluster")
     sub.add_parser("down", help="stop the cluster")
     sub.add_parser("status", help="which components run")
+    again = sub.add_parser("restart", help="stop and start components of a running cluster (data stays)")
+    again.add_argument("--kill", action="store_true", help="SIGKILL them instead of SIGTERM (a crash)")
+    again.add_argument("components", nargs="+", metavar="COMPONENT", help=", ".join(COMPONENTS))
     run = sub.add_parser("run", help="up, run a command with KUBECONFIG set, down")
     run.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -616,6 +707,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, running in states.items():
                 print(f"{name}: {'running' if running else 'stopped'}")
             return 0 if all(states.values()) else 1
+        if args.cmd == "restart":
+            took = restart(args.components, signal.SIGKILL if args.kill else signal.SIGTERM)
+            log("restarted " + ", ".join(f"{name} (healthy after {s}s)" for name, s in took.items()))
+            return 0
         if args.cmd == "up":
             try:
                 info = up()

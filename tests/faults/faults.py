@@ -49,6 +49,59 @@ def kubeconfig_path() -> str:
     return os.environ.get("KUBECONFIG") or str(ROOT / ".capstan" / "cluster" / "kubeconfig")
 
 
+def restart_control_plane(components: tuple[str, ...], kill: bool) -> dict[str, Any]:
+    """Restart components of the ``make cluster`` control plane (``scripts/cluster.py restart``),
+    SIGKILLed (``kill``) or stopped cleanly; returns the seconds the restart took and what it said."""
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "cluster.py"), "restart",
+                           *(["--kill"] if kill else []), *components],
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, f"cluster.py restart failed:\n{done.stderr}{done.stdout}"
+    return {"restarted": list(components), "killed": kill, "restart_s": round(time.monotonic() - began, 2),
+            "said": done.stderr.strip().splitlines()[-1:]}
+
+
+class ControlPlaneKubelet:
+    """Starts again any control-plane component of ``make cluster`` that exits on its own, as the
+    kubelet of a static pod would (kube-scheduler exits on purpose when it finds its cache out of
+    step with the API server, which a crashed etcd can cause). Records what it restarted."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.restarted: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="control-plane-kubelet", daemon=True)
+        self.paused = threading.Lock()  # held while the test itself restarts components
+
+    def __enter__(self) -> ControlPlaneKubelet:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _watch(self) -> None:
+        script = str(ROOT / "scripts" / "cluster.py")
+        while not self._stop.wait(self.interval):
+            with self.paused:
+                done = subprocess.run([sys.executable, script, "status"], capture_output=True, text=True,
+                                      timeout=60, check=False)
+                stopped = [line.split(":")[0] for line in done.stdout.splitlines()
+                           if line.endswith(": stopped")]
+                if stopped:
+                    subprocess.run([sys.executable, script, "restart", *stopped], capture_output=True,
+                                   timeout=240, check=False)
+                    self.restarted.extend(stopped)
+
+
+def is_make_cluster(kubeconfig: str) -> bool:
+    """Whether ``kubeconfig`` is the one ``make cluster`` (scripts/cluster.py) wrote: only that
+    control plane can be restarted by the tests."""
+    state = Path(os.environ.get("CAPSTAN_CLUSTER_DIR", ROOT / ".capstan" / "cluster")).resolve()
+    return Path(kubeconfig).resolve() == state / "kubeconfig"
+
+
 def cluster_required() -> bool:
     """A missing cluster is a failure in CI and when CAPSTAN_E2E asks for the e2e tests."""
     return bool(os.environ.get("CI")) or os.environ.get("CAPSTAN_E2E", "0") not in ("", "0")

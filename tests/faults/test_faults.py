@@ -17,6 +17,12 @@ deletions nothing left (finalizers released, children collected).
 * ``test_operator_converges_after_sigkills``: in each step the operator is SIGKILLed twice at
   seeded random moments (0-0.5 s after the step's action, while it works; then 0-1.5 s after the
   restarted operator started) and restarted at once; convergence is timed from the last restart.
+* ``test_operator_converges_across_control_plane_restarts``: right after the action of three
+  steps, the control plane itself goes down and comes back: etcd and kube-apiserver stopped and
+  started again, then both SIGKILLed (a crash) and started again, then kube-apiserver alone
+  SIGKILLed (``scripts/cluster.py restart``); the operator rides it out. A component that exits on
+  its own meanwhile is started again, as its kubelet would (kube-scheduler exits when its cache
+  disagrees with the API server), and the summary says so.
 * ``test_operator_converges_through_api_faults``: the operator (kopf's requests and Capstan's own)
   talks to the API server through :class:`~tests.faults.faults.FaultProxy`, which answers a seeded
   share of requests with 409 (Capstan's writes), 429 + Retry-After, 500, 503, a dropped connection
@@ -52,13 +58,16 @@ from tests.faults.faults import (
     REQUEST_FAULTS,
     ROOT,
     Cluster,
+    ControlPlaneKubelet,
     FaultProxy,
     JobSpec,
     OperatorProcess,
     Upstream,
     burst,
     cluster_required,
+    is_make_cluster,
     kubeconfig_path,
+    restart_control_plane,
     static_volume,
     violations,
     wait_converged,
@@ -114,13 +123,21 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
                      f"rate {p['rate']}, seed {p['seed']}: {faults}")
         lines.append(f"API faults by client: {p['faults_by_client']}; operator restarts after exits: "
                      f"{proxy['restarts']} {proxy['exit_codes']}; converged: {times}")
+    restarts = summary.get("restarts")
+    if restarts:
+        done = ", ".join(f"{'+'.join(r['restarted'])} {'killed' if r['killed'] else 'stopped'} at "
+                         f"{r['step']!r} (back in {r['restart_s']:.1f}s, "
+                         f"converged {r['converged_s']:.1f}s later)" for r in restarts["restarts"])
+        lines.append(f"control plane restarts: {done}; components that exited on their own and were "
+                     f"started again: {restarts['exited_on_their_own'] or 'none'}; operator exits: "
+                     f"{len(restarts['unexpected_exits'])}")
     lines.append(f"invariant violations at the end: {summary.get('violations', 0)}")
     return lines
 
 
 def _write_summary() -> None:
-    SUMMARY["violations"] = sum(len(t["violations"]) for part in ("kill", "proxy") if part in SUMMARY
-                                for t in SUMMARY[part]["trials"])
+    SUMMARY["violations"] = sum(len(t["violations"]) for part in ("kill", "restarts", "proxy")
+                                if part in SUMMARY for t in SUMMARY[part]["trials"])
     SUMMARY_FILE.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY_FILE.write_text(json.dumps(SUMMARY, indent=2) + "\n")
 
@@ -259,7 +276,7 @@ def steps(cluster: Cluster, ns: str, specs: list[JobSpec]) -> list[tuple[str, Ca
 
 
 def run_steps(cluster: Cluster, ns: str, operator: OperatorProcess, specs: list[JobSpec],
-              disturb: Disturb, trials: list[dict[str, Any]]) -> None:
+              disturb: Disturb, trials: list[dict[str, Any]], timeout: float = STEP_TIMEOUT_S) -> None:
     """Run each of :func:`steps`: its action, then ``disturb(step)`` (kills, or nothing), then wait
     until the namespace has converged. Appends one record per step to ``trials`` (``converged_s``
     from the end of the disturbance, ``step_s`` from the action); fails on a step that does not
@@ -271,11 +288,11 @@ def run_steps(cluster: Cluster, ns: str, operator: OperatorProcess, specs: list[
         began = time.monotonic()
         action()
         extra = disturb(step)
-        took, problems = wait_converged(cluster, ns, specs, STEP_TIMEOUT_S)
+        took, problems = wait_converged(cluster, ns, specs, timeout)
         trials.append({"step": step, "converged_s": round(took, 2),
                        "step_s": round(time.monotonic() - began, 2), "violations": problems, **extra})
         if problems:
-            pytest.fail(f"step {step!r} did not converge in {STEP_TIMEOUT_S}s; violations:\n  "
+            pytest.fail(f"step {step!r} did not converge in {timeout}s; violations:\n  "
                         + "\n  ".join(problems) + f"\noperator log tail:\n{operator.tail(40)}", pytrace=False)
 
 
@@ -319,6 +336,52 @@ def test_operator_converges_after_sigkills(cluster: Cluster, kube: Any, namespac
             }
             _write_summary()
     assert not operator.exits, f"the operator exited on its own: {operator.exits}"
+
+
+#: Control-plane restarts: after the action of the step named, (components, SIGKILL or not).
+#: After an API server restart, kube-scheduler's and kube-controller-manager's watches are refused
+#: (RBAC not yet loaded) and back off for up to half a minute: a step may take that long.
+RESTART_STEP_TIMEOUT_S = 150.0
+RESTARTS = {
+    "create c, d, e": (("etcd", "kube-apiserver"), False),
+    "fail a worker of a": (("etcd", "kube-apiserver"), True),
+    "delete d": (("kube-apiserver",), True),
+}
+
+
+@pytest.mark.timeout(900)
+def test_operator_converges_across_control_plane_restarts(cluster: Cluster, kube: Any, namespace: str,
+                                                          tmp_path: Path) -> None:
+    if not is_make_cluster(kubeconfig_path()):
+        pytest.skip(f"{kubeconfig_path()} is not the cluster of `make cluster`: the test restarts that one")
+    storage_class = f"{namespace}-manual"
+    operator = OperatorProcess(namespace, kubeconfig_path(), tmp_path)
+    trials: list[dict[str, Any]] = []
+
+    kubelet = ControlPlaneKubelet()
+
+    def restart(step: str) -> dict[str, Any]:
+        if step not in RESTARTS:
+            return {}
+        components, kill = RESTARTS[step]
+        with kubelet.paused:
+            return restart_control_plane(components, kill)
+
+    with static_volume(kube, f"{namespace}-ckpt", storage_class), kubelet:
+        operator.start()
+        try:
+            run_steps(cluster, namespace, operator, burst(storage_class), restart, trials,
+                      timeout=RESTART_STEP_TIMEOUT_S)
+        finally:
+            operator.stop()
+            SUMMARY["restarts"] = {
+                "restarts": [t for t in trials if "restarted" in t],
+                "exited_on_their_own": kubelet.restarted,
+                "unexpected_exits": [(e.returncode, e.last_line) for e in operator.exits],
+                "trials": trials,
+            }
+            _write_summary()
+    assert len([t for t in trials if "restarted" in t]) == len(RESTARTS)
 
 
 def test_operator_converges_through_api_faults(cluster: Cluster, kube: Any, namespace: str,

@@ -179,3 +179,23 @@ async def _has_event(env: sc.Env, name: str, reason: str) -> bool:
 
 async def _at_least(cluster: Cluster, match: Any, n: int) -> bool:
     return sum(map(match, list(cluster.emulator))) >= n
+
+
+@pytest.mark.parametrize(("status", "longest"), [(0, 5.0), (429, 5.0), (503, 5.0), (403, 30.0), (422, 30.0)])
+def test_retries_while_the_api_server_is_away_stay_a_few_seconds_apart(status: int, longest: float) -> None:
+    """An API server that is restarting (no answer, 429, 5xx) is asked again every few seconds, so
+    work resumes soon after it is back; a refusal (4xx) backs off to 30 s."""
+    from capstan.kube.apply import ApiError
+
+    unavailable = runtime._unavailable(ApiError(status, "Reason", "message"))
+    delays = [runtime._backoff(n, unavailable=unavailable) for n in range(12)]
+    assert delays == sorted(delays) and delays[0] == 1.0 and max(delays) == longest
+
+
+def test_kopf_watches_reconnect_within_seconds_but_give_up_no_sooner_than_kopfs_default() -> None:
+    settings = kopf.OperatorSettings()
+    default_total = sum(settings.networking.error_backoffs)  # type: ignore[arg-type]
+    runtime.configure_settings(settings)
+    backoffs = list(settings.networking.error_backoffs)  # type: ignore[arg-type]
+    assert max(backoffs) <= 5.0
+    assert sum(backoffs) >= default_total

@@ -58,6 +58,7 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     settings.watching.connect_timeout = 30
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
+    settings.networking.error_backoffs = WATCH_ERROR_BACKOFFS_S
     settings.background.cancellation_polling = 1
     settings.peering.priority = peering_priority()
 
@@ -149,6 +150,13 @@ def refused_by_server(exc: ApiError) -> bool:
 
 RESYNC_S = 60.0
 ERROR_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+#: Backoff while the API server cannot be reached or answers 429/5xx: it is away, not refusing,
+#: so the loop keeps asking every few seconds and resumes within that after it is back.
+UNAVAILABLE_BACKOFF_S = (1.0, 2.0, 3.0, 5.0)
+#: Kopf's retries of its own requests (watches, patches) while the API server is away: flat at
+#: 5 s, so watches resume within seconds after a restart of the API server or etcd (kopf's own
+#: schedule grows to 21 s gaps); about the same minute in total before kopf gives up.
+WATCH_ERROR_BACKOFFS_S = (1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0)
 #: Longest exception message written into a condition (the rest is in the operator's log).
 ERROR_MESSAGE_MAX = 1024
 Reconcile = Callable[[ApiClient, str, str, str, kopf.Memo, kopf.Logger], Awaitable[float | None]]
@@ -168,7 +176,8 @@ async def reconcile_loop(
     """Run ``reconcile`` for one object until the daemon stops: after each pass sleep until its
     requested requeue (at most :data:`RESYNC_S`) or until :func:`wake` is called for ``uid``.
 
-    API errors back off (1 s … 30 s); client errors other than conflicts also become a Warning
+    API errors back off (1 s … 30 s; 1 s … 5 s while the API server is away: no answer, 429 or
+    5xx); client errors other than conflicts also become a Warning
     Event on the object, so ``kubectl describe`` shows why it is stuck. Any other exception (a bug,
     a value the planner cannot handle) never ends the loop: the object's ``condition`` turns
     False/ReconcileError with the exception's message, a Warning Event says the same, the
@@ -195,7 +204,7 @@ async def reconcile_loop(
                 await asyncio.sleep(delay)
                 continue
             except ApiError as exc:
-                delay = _backoff(failures)
+                delay = _backoff(failures, unavailable=_unavailable(exc))
                 failures += 1
                 logger.warning("reconcile failed (retry in %.0fs): %s", delay, exc)
                 if exc.status not in (0, 404, 409, 429) and exc.status < 500:
@@ -226,8 +235,14 @@ async def reconcile_loop(
         memo["wakeups"].pop(uid, None)
 
 
-def _backoff(failures: int) -> float:
-    return ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S) - 1)]
+def _backoff(failures: int, unavailable: bool = False) -> float:
+    steps = UNAVAILABLE_BACKOFF_S if unavailable else ERROR_BACKOFF_S
+    return steps[min(failures, len(steps) - 1)]
+
+
+def _unavailable(exc: ApiError) -> bool:
+    """Whether the API server was away (no answer, 429 or 5xx) rather than refusing the request."""
+    return exc.status == 0 or exc.status == 429 or exc.status >= 500
 
 
 def _describe(exc: Exception) -> str:

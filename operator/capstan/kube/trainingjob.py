@@ -46,11 +46,13 @@ from capstan.kube.apply import (
     owner_of,
 )
 from capstan.kube.placement import (
+    QueueSnapshot,
     QueueState,
-    make_placer,
     movable_gangs,
     pinned_node,
     queue_key,
+    queue_pass,
+    queue_snapshot,
     queued_jobs,
     running_gangs,
     wants_placement,
@@ -67,13 +69,7 @@ from capstan.metrics import (
     TRAININGJOBS as TRAININGJOBS_GAUGE,
 )
 from capstan.naming import LABEL_JOB, LABEL_JOB_UID, label_value
-from capstan.training.lifecycle import (
-    PlacementDecision,
-    Placer,
-    Plan,
-    plan_trainingjob,
-    refused,
-)
+from capstan.training.lifecycle import Plan, plan_trainingjob, refused
 from capstan.training.pods import checkpoint_claim_name, selector, service_name
 
 KIND = "TrainingJob"
@@ -81,14 +77,6 @@ PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded",
 
 
 # -- placement adapter ---------------------------------------------------------------------------
-
-
-class _NeedsPlacement(Exception):
-    """Raised by the probe placer: this plan creates a gang, fetch the inventory first."""
-
-
-def _probe(job: TrainingJob) -> PlacementDecision:
-    raise _NeedsPlacement
 
 
 def _node_lost(pods: list[dict[str, Any]], gone: set[str]) -> list[dict[str, Any]]:
@@ -216,24 +204,27 @@ async def _reconcile_job(
     pods = _node_lost(pods, memo.get("gone_nodes") or set())
     # set at startup: each object's memo is a shallow copy, so all loops share it
     queue: QueueState = memo["placement_queue"]
-    move = queue.move_for(queue_key(job), job.status.phase) if wants_placement(job) else None
-    try:
-        plan = plan_trainingjob(job, pods, now, _probe if wants_placement(job) else None, move=move)
-    except _NeedsPlacement:
+    placed_by_queue = wants_placement(job)
+    move = queue.move_for(queue_key(job), job.status.phase) if placed_by_queue else None
+    plan = plan_trainingjob(job, pods, now, move=move, placed_by_queue=placed_by_queue)
+    if plan.needs_placement:
         lock: asyncio.Lock = memo["placement_lock"]
         async with lock:  # place and create under one lock: no two gangs get the same GPUs
-            placer = await _fetch_placer(api, memo, queue, namespace, logger)
-            plan = plan_trainingjob(job, pods, now, placer)
+            snapshot = await _queue_snapshot(api, memo, namespace, logger)
+            result = queue_pass(snapshot, job, queue) if snapshot is not None else None
+            if result is not None:
+                queue.apply(result)
+            plan = plan_trainingjob(job, pods, now, result.decision if result else None, move=move)
             snaps = await _plan_snapshots(api, job, plan, pods, now)
             await _apply_status(api, job, body, plan, now, logger)
             await _apply_snapshots(api, body, snaps, logger)
             refusal = await _create(api, plan.create)
-        for other in queue.startable:  # queued gangs this pass found room for: start them now
-            wake(memo, other)
-        moving, queue.to_move = set(queue.to_move), []
-        for key, pending in queue.moves.items():  # gangs this pass moves to make room: stop them now
-            if pending.uid in moving:
-                logger.info("moving %s to %s: %s", key, ",".join(pending.move.to.nodes), pending.move.reason)
+        if result is not None:
+            for other in result.startable:  # queued gangs this pass found room for: start them now
+                wake(memo, other)
+            for pending in result.moving:  # gangs this pass moves to make room: stop them now
+                logger.info("moving %s to %s: %s", pending.move.gang, ",".join(pending.move.to.nodes),
+                            pending.move.reason)
                 wake(memo, pending.uid)
     else:
         snaps = await _plan_snapshots(api, job, plan, pods, now)
@@ -325,9 +316,10 @@ def _frees_gpus(job: TrainingJob, plan: Plan) -> bool:
     return gpu_gang and (bool(plan.delete_pods) or ended)
 
 
-async def _fetch_placer(
-    api: ApiClient, memo: kopf.Memo, queue: QueueState, namespace: str, logger: kopf.Logger
-) -> Placer | None:
+async def _queue_snapshot(
+    api: ApiClient, memo: kopf.Memo, namespace: str, logger: kopf.Logger
+) -> QueueSnapshot | None:
+    """Read what a queue pass decides over; None without readable Nodes (the gang goes unplaced)."""
     try:
         nodes, pods = await asyncio.gather(api.list_objects(NODES), api.list_objects(PODS))
     except ApiError as exc:
@@ -345,8 +337,8 @@ async def _fetch_placer(
         jobs = await api.list_objects(TRAININGJOBS, namespace)
     now = time.time()
     policy = memo.get("queue_policy")  # set at startup; None only where startup did not run
-    return make_placer(nodes, pods, queued_jobs(jobs), queue, now, running_gangs(jobs, now), policy,
-                       movable_gangs(jobs))
+    return queue_snapshot(nodes, pods, queued_jobs(jobs), now, running_gangs(jobs, now), policy,
+                          movable_gangs(jobs))
 
 
 async def _apply_status(
@@ -495,4 +487,4 @@ async def trainingjob_deleted(
     logger.info("deleted %d worker pod(s) and owned children", len(pods))
 
 
-__all__ = ["make_placer", "reconcile", "rfc3339", "status_merge_patch", "wants_placement"]
+__all__ = ["reconcile", "rfc3339", "status_merge_patch", "wants_placement"]

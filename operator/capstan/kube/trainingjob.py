@@ -10,10 +10,14 @@ the job-uid label) and TrainingJob events only set the job's wake-up flag. So:
   ``kopf.TemporaryError`` or a timer would fire late or persist progress; an index would hold
   possibly stale pods right after we created them — the loop reads them from the API instead).
 
-Each reconcile: GET the job (the freshest status: status is the lifecycle's memory), LIST its pods,
-plan, then apply in order: status patch, creates, pod deletes, Events, requeue, TTL delete. Every
-step is idempotent (deterministic names, create-if-absent, delete-if-present, merge patches), so a
-crash or an operator restart at any point converges to the same result.
+Each reconcile is observe → plan → apply. Observe: GET the job (the freshest status: status is the
+lifecycle's memory), LIST its pods (and its VolumeSnapshots when it keeps them). Plan, pure: the
+gang lifecycle with the snapshots folded in; a gang that Capstan's queue places first gets a plan
+that only says so, and is planned again, under the placement lock, with a queue pass's decision
+(:mod:`capstan.kube.placement`). Apply in order: status patch, snapshots, creates, pod deletes,
+Events, requeue, TTL delete. Every step is idempotent (deterministic names, create-if-absent,
+delete-if-present, merge patches), so a crash or an operator restart at any point converges to
+the same result.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -29,10 +34,16 @@ import kopf
 
 from capstan import GROUP, VERSION
 from capstan.api.condition_types import ConditionType
-from capstan.api.conditions import CREATE_FAILED, parse_time, rfc3339, set_condition
+from capstan.api.conditions import CREATE_FAILED, parse_time, rfc3339
 from capstan.api.loading import InvalidResource, parse_resource
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob, TrainingJobStatus
-from capstan.checkpoints.snapshots import LABEL_REASON, SnapshotPlan, plan_snapshots, snapshots_in_use
+from capstan.checkpoints.snapshots import (
+    LABEL_REASON,
+    SnapshotPlan,
+    SnapshotsSeen,
+    snapshots_in_use,
+    with_snapshots,
+)
 from capstan.kube.apply import (
     MODELSERVINGS,
     NODES,
@@ -46,6 +57,7 @@ from capstan.kube.apply import (
     owner_of,
 )
 from capstan.kube.placement import (
+    QueuePass,
     QueueSnapshot,
     QueueState,
     movable_gangs,
@@ -69,7 +81,7 @@ from capstan.metrics import (
     TRAININGJOBS as TRAININGJOBS_GAUGE,
 )
 from capstan.naming import LABEL_JOB, LABEL_JOB_UID, label_value
-from capstan.training.lifecycle import Plan, plan_trainingjob, refused
+from capstan.training.lifecycle import PlacementDecision, Plan, plan_trainingjob, refused
 from capstan.training.pods import checkpoint_claim_name, selector, service_name
 
 KIND = "TrainingJob"
@@ -162,8 +174,6 @@ METRICS = _Metrics()
 # -- reconcile -----------------------------------------------------------------------------------
 
 
-
-
 async def reconcile(
     api: ApiClient,
     namespace: str,
@@ -198,66 +208,57 @@ async def _reconcile_job(
     memo: kopf.Memo,
     logger: kopf.Logger,
 ) -> float | None:
-    """Plan the valid, live ``job`` and apply the plan in order (see the module docstring)."""
-    namespace, name = job.metadata.namespace, job.metadata.name
-    pods = await api.list_pods(namespace, selector(job))
-    pods = _node_lost(pods, memo.get("gone_nodes") or set())
+    """Observe, plan and apply for the valid, live ``job`` (see the module docstring).
+
+    A gang that Capstan's queue places is planned twice: the first plan only says it needs
+    placement; then, under the placement lock, a queue pass decides over a snapshot of the
+    cluster, the shell keeps what the pass leaves for the next one, and the plan made with its
+    decision is applied before the lock is released (no two gangs get the same GPUs).
+    """
     # set at startup: each object's memo is a shallow copy, so all loops share it
     queue: QueueState = memo["placement_queue"]
+    seen = await _observe(api, job, memo.get("gone_nodes") or set())
     placed_by_queue = wants_placement(job)
     move = queue.move_for(queue_key(job), job.status.phase) if placed_by_queue else None
-    plan = plan_trainingjob(job, pods, now, move=move, placed_by_queue=placed_by_queue)
-    if plan.needs_placement:
+    plan, snaps = _plan(job, seen, now, move=move, placed_by_queue=placed_by_queue)
+    if not plan.needs_placement:
+        refusal = await _apply(api, job, body, plan, snaps, now, logger)
+    else:
         lock: asyncio.Lock = memo["placement_lock"]
-        async with lock:  # place and create under one lock: no two gangs get the same GPUs
-            snapshot = await _queue_snapshot(api, memo, namespace, logger)
+        async with lock:
+            snapshot = await _queue_snapshot(api, memo, job.metadata.namespace, logger)
             result = queue_pass(snapshot, job, queue) if snapshot is not None else None
             if result is not None:
                 queue.apply(result)
-            plan = plan_trainingjob(job, pods, now, result.decision if result else None, move=move)
-            snaps = await _plan_snapshots(api, job, plan, pods, now)
-            await _apply_status(api, job, body, plan, now, logger)
-            await _apply_snapshots(api, body, snaps, logger)
-            refusal = await _create(api, plan.create)
+            plan, snaps = _plan(job, seen, now, result.decision if result else None, move=move)
+            refusal = await _apply(api, job, body, plan, snaps, now, logger)
         if result is not None:
-            for other in result.startable:  # queued gangs this pass found room for: start them now
-                wake(memo, other)
-            for pending in result.moving:  # gangs this pass moves to make room: stop them now
-                logger.info("moving %s to %s: %s", pending.move.gang, ",".join(pending.move.to.nodes),
-                            pending.move.reason)
-                wake(memo, pending.uid)
-    else:
-        snaps = await _plan_snapshots(api, job, plan, pods, now)
-        await _apply_status(api, job, body, plan, now, logger)
-        await _apply_snapshots(api, body, snaps, logger)
-        refusal = await _create(api, plan.create)
-    if refusal is not None or (plan.create and plan.on_created is not None):
-        await _settle_creates(api, job, body, plan, refusal, now, logger)
-    if plan.delete_pods:
-        await api.delete_pods(namespace, plan.delete_pods)
-    if _frees_gpus(job, plan):
-        wake_all(memo)  # queued gangs may fit now, rather than at their next recheck
-    if plan.events:
-        await asyncio.gather(*(api.post_event(body, e.reason, e.message, e.type) for e in plan.events))
-    if plan.delete_job:
-        logger.info("ttlSecondsAfterFinished passed: deleting the TrainingJob")
-        await api.delete(TRAININGJOBS, namespace, name)
-        return None
-    return plan.requeue_after
+            _wake_queue(memo, result, logger)
+    return await _finish(api, job, body, plan, refusal, now, memo, logger)
 
 
-async def _plan_snapshots(
-    api: ApiClient, job: TrainingJob, plan: Plan, pods: list[dict[str, Any]], now: datetime
-) -> SnapshotPlan | None:
-    """Plan VolumeSnapshots for the job's new status and fold them into ``plan`` (status, requeue)."""
-    if job.spec.checkpoint.snapshots is None or job.spec.checkpoint.volume is None:
-        return None
+# -- observe -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Observed:
+    """What one pass reads about a job before planning."""
+
+    pods: list[dict[str, Any]]  # its worker pods, those on deleted Nodes shown as lost
+    snapshots: SnapshotsSeen | None  # None: the job keeps no snapshots
+
+
+async def _observe(api: ApiClient, job: TrainingJob, gone_nodes: set[str]) -> _Observed:
+    """The job's pods and, when it keeps snapshots, its VolumeSnapshots and those in use."""
     ns, name = job.metadata.namespace, job.metadata.name
+    pods = _node_lost(await api.list_pods(ns, selector(job)), gone_nodes)
+    if job.spec.checkpoint.snapshots is None or job.spec.checkpoint.volume is None:
+        return _Observed(pods, None)
     try:
         snapshots = await api.list_objects(VOLUME_SNAPSHOTS, ns, {LABEL_JOB: label_value(name)})
         available = True
     except ApiError as exc:
-        if not exc.not_found:  # 404: the cluster has no snapshot CRDs; say so and go on
+        if not exc.not_found:  # 404: the cluster has no snapshot CRDs; the plan says so and goes on
             raise
         snapshots, available = [], False
     try:
@@ -266,54 +267,7 @@ async def _plan_snapshots(
         if not exc.not_found:
             raise
         in_use = set()
-    stopped = not any((p.get("status") or {}).get("phase") in ("Pending", "Running", "Unknown") for p in pods)
-    planned = job.model_copy(update={"status": plan.status})
-    snaps = plan_snapshots(planned, snapshots, in_use, now, available, workers_stopped=stopped)
-    for status in (plan.status, plan.on_created):
-        if status is None:
-            continue
-        if available:
-            status.checkpoints = snaps.records
-        if snaps.condition is not None:
-            ok, reason, message = snaps.condition
-            status.conditions = set_condition(
-                status.conditions,
-                ConditionType.CHECKPOINT_READY,
-                "True" if ok else "False",
-                reason,
-                message,
-                now,
-                job.metadata.generation,
-            )
-    if snaps.requeue_after is not None:
-        plan.requeue_after = min(plan.requeue_after or snaps.requeue_after, snaps.requeue_after)
-    return snaps
-
-
-async def _apply_snapshots(
-    api: ApiClient, body: Mapping[str, Any], snaps: SnapshotPlan | None, logger: kopf.Logger
-) -> None:
-    """Create planned snapshots (idempotent names) and delete the ones retention let go."""
-    if snaps is None:
-        return
-    created = await api.create_many(snaps.create) if snaps.create else []
-    for obj, new in zip(snaps.create, created, strict=True):
-        if new:
-            reason = obj["metadata"]["labels"].get(LABEL_REASON, "Scheduled")
-            message = f"VolumeSnapshot {obj['metadata']['name']} of the checkpoint volume ({reason})"
-            logger.info("snapshot %s created (%s)", obj["metadata"]["name"], reason)
-            await api.post_event(body, "SnapshotCreated", message, "Normal")
-    ns = (body.get("metadata") or {}).get("namespace")
-    for name in snaps.delete:
-        await api.delete(VOLUME_SNAPSHOTS, ns, name)
-        await api.post_event(body, "SnapshotDeleted", f"VolumeSnapshot {name} removed by retention", "Normal")
-
-
-def _frees_gpus(job: TrainingJob, plan: Plan) -> bool:
-    """Whether applying ``plan`` gives GPUs back (pods deleted, or the gang just ended)."""
-    gpu_gang = job.spec.gpus_per_worker > 0
-    ended = plan.status.phase in TERMINAL_PHASES and job.status.phase not in TERMINAL_PHASES
-    return gpu_gang and (bool(plan.delete_pods) or ended)
+    return _Observed(pods, SnapshotsSeen(snapshots, in_use, available))
 
 
 async def _queue_snapshot(
@@ -341,9 +295,38 @@ async def _queue_snapshot(
                           movable_gangs(jobs))
 
 
-async def _apply_status(
-    api: ApiClient, job: TrainingJob, body: Mapping[str, Any], plan: Plan, now: datetime, logger: kopf.Logger
-) -> None:
+# -- plan ----------------------------------------------------------------------------------------
+
+
+def _plan(
+    job: TrainingJob,
+    seen: _Observed,
+    now: datetime,
+    placement: PlacementDecision | None = None,
+    *,
+    move: str | None,
+    placed_by_queue: bool = False,
+) -> tuple[Plan, SnapshotPlan | None]:
+    """The gang lifecycle's plan with the snapshots folded in (pure)."""
+    plan = plan_trainingjob(job, seen.pods, now, placement, move=move, placed_by_queue=placed_by_queue)
+    if plan.needs_placement or seen.snapshots is None:
+        return plan, None
+    return with_snapshots(job, plan, seen.pods, seen.snapshots, now)
+
+
+# -- apply ---------------------------------------------------------------------------------------
+
+
+async def _apply(
+    api: ApiClient,
+    job: TrainingJob,
+    body: Mapping[str, Any],
+    plan: Plan,
+    snaps: SnapshotPlan | None,
+    now: datetime,
+    logger: kopf.Logger,
+) -> ApiError | None:
+    """Write the status, then snapshots, then the gang's objects; the server's refusal, if any."""
     old, new = job.status, plan.status
     patch = status_merge_patch(body.get("status"), new)
     if patch:
@@ -351,6 +334,70 @@ async def _apply_status(
         if old.phase != new.phase:
             logger.info("phase %s -> %s: %s", old.phase, new.phase, new.message)
     METRICS.observe(job, old, new, now)
+    await _apply_snapshots(api, body, snaps, logger)
+    return await _create(api, plan.create)
+
+
+def _wake_queue(memo: kopf.Memo, result: QueuePass, logger: kopf.Logger) -> None:
+    """Wake the jobs a queue pass names: queued gangs it found room for, and gangs it moves."""
+    for uid in result.startable:
+        wake(memo, uid)
+    for pending in result.moving:
+        move = pending.move
+        logger.info("moving %s to %s: %s", move.gang, ",".join(move.to.nodes), move.reason)
+        wake(memo, pending.uid)
+
+
+async def _finish(
+    api: ApiClient,
+    job: TrainingJob,
+    body: Mapping[str, Any],
+    plan: Plan,
+    refusal: ApiError | None,
+    now: datetime,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+) -> float | None:
+    """After the creates: settle them, delete pods, post Events, delete the job at its TTL."""
+    if refusal is not None or (plan.create and plan.on_created is not None):
+        await _settle_creates(api, job, body, plan, refusal, now, logger)
+    if plan.delete_pods:
+        await api.delete_pods(job.metadata.namespace, plan.delete_pods)
+    if _frees_gpus(job, plan):
+        wake_all(memo)  # queued gangs may fit now, rather than at their next recheck
+    if plan.events:
+        await asyncio.gather(*(api.post_event(body, e.reason, e.message, e.type) for e in plan.events))
+    if plan.delete_job:
+        logger.info("ttlSecondsAfterFinished passed: deleting the TrainingJob")
+        await api.delete(TRAININGJOBS, job.metadata.namespace, job.metadata.name)
+        return None
+    return plan.requeue_after
+
+
+async def _apply_snapshots(
+    api: ApiClient, body: Mapping[str, Any], snaps: SnapshotPlan | None, logger: kopf.Logger
+) -> None:
+    """Create planned snapshots (idempotent names) and delete the ones retention let go."""
+    if snaps is None:
+        return
+    created = await api.create_many(snaps.create) if snaps.create else []
+    for obj, new in zip(snaps.create, created, strict=True):
+        if new:
+            reason = obj["metadata"]["labels"].get(LABEL_REASON, "Scheduled")
+            message = f"VolumeSnapshot {obj['metadata']['name']} of the checkpoint volume ({reason})"
+            logger.info("snapshot %s created (%s)", obj["metadata"]["name"], reason)
+            await api.post_event(body, "SnapshotCreated", message, "Normal")
+    ns = (body.get("metadata") or {}).get("namespace")
+    for name in snaps.delete:
+        await api.delete(VOLUME_SNAPSHOTS, ns, name)
+        await api.post_event(body, "SnapshotDeleted", f"VolumeSnapshot {name} removed by retention", "Normal")
+
+
+def _frees_gpus(job: TrainingJob, plan: Plan) -> bool:
+    """Whether applying ``plan`` gives GPUs back (pods deleted, or the gang just ended)."""
+    gpu_gang = job.spec.gpus_per_worker > 0
+    ended = plan.status.phase in TERMINAL_PHASES and job.status.phase not in TERMINAL_PHASES
+    return gpu_gang and (bool(plan.delete_pods) or ended)
 
 
 async def _create(api: ApiClient, objs: list[dict[str, Any]]) -> ApiError | None:

@@ -76,6 +76,7 @@ from capstan.metrics import (
     GANG_WAITING_SECONDS,
     GPUS_ALLOCATED,
     QUEUE_WAIT_SECONDS,
+    PhaseGauge,
 )
 from capstan.metrics import (
     TRAININGJOBS as TRAININGJOBS_GAUGE,
@@ -111,7 +112,7 @@ class _Metrics:
     """Keeps the per-namespace phase gauge and the GPU-allocation gauge consistent."""
 
     def __init__(self) -> None:
-        self.phases: dict[tuple[str, str], str] = {}
+        self.phases = PhaseGauge(TRAININGJOBS_GAUGE, PHASES)
         self.gpus: dict[tuple[str, str], tuple[str, str, int]] = {}
         self.domains: set[tuple[str, str]] = set()
 
@@ -119,8 +120,7 @@ class _Metrics:
         self, job: TrainingJob, old: TrainingJobStatus, new: TrainingJobStatus, now: datetime
     ) -> None:
         ns, name = job.metadata.namespace, job.metadata.name
-        self.phases[(ns, name)] = new.phase
-        self._phase_gauge(ns)
+        self.phases.set(ns, name, new.phase)
         if new.restarts > old.restarts or new.preemptions > old.preemptions or new.moves > old.moves:
             running = next((c for c in new.conditions if c.type == "Running"), None)
             GANG_RESTARTS.labels(ns, running.reason if running else "Unknown").inc()
@@ -142,20 +142,11 @@ class _Metrics:
         self._gpu_gauge()
 
     def forget(self, namespace: str, name: str) -> None:
-        self.phases.pop((namespace, name), None)
+        self.phases.forget(namespace, name)
         self.gpus.pop((namespace, name), None)
-        self._phase_gauge(namespace)
         self._gpu_gauge()
         with contextlib.suppress(KeyError):
             GANG_WAITING_SECONDS.remove(namespace, name)
-
-    def _phase_gauge(self, ns: str) -> None:
-        counts = dict.fromkeys(PHASES, 0)
-        for (job_ns, _), phase in self.phases.items():
-            if job_ns == ns:
-                counts[phase] = counts.get(phase, 0) + 1
-        for phase, n in counts.items():
-            TRAININGJOBS_GAUGE.labels(ns, phase).set(n)
 
     def _gpu_gauge(self) -> None:
         sums: dict[tuple[str, str], int] = {}
@@ -188,8 +179,7 @@ async def reconcile(
     """
 
     def invalid(body: Mapping[str, Any]) -> None:
-        METRICS.phases[(namespace, name)] = (body.get("status") or {}).get("phase") or "Pending"
-        METRICS._phase_gauge(namespace)
+        METRICS.phases.set(namespace, name, (body.get("status") or {}).get("phase") or "Pending")
 
     async def step(body: dict[str, Any], job: Any, now: datetime) -> float | None:
         assert isinstance(job, TrainingJob)

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -108,7 +108,7 @@ def _node_lost(pods: list[dict[str, Any]], gone: set[str]) -> list[dict[str, Any
 # -- metrics -------------------------------------------------------------------------------------
 
 
-class _Metrics:
+class JobMetrics:
     """Keeps the per-namespace phase gauge and the GPU-allocation gauge consistent."""
 
     def __init__(self) -> None:
@@ -119,6 +119,7 @@ class _Metrics:
     def observe(
         self, job: TrainingJob, old: TrainingJobStatus, new: TrainingJobStatus, now: datetime
     ) -> None:
+        """Export what changed from status ``old`` to ``new`` (phase, restarts, waiting, GPUs)."""
         ns, name = job.metadata.namespace, job.metadata.name
         self.phases.set(ns, name, new.phase)
         if new.restarts > old.restarts or new.preemptions > old.preemptions or new.moves > old.moves:
@@ -142,6 +143,7 @@ class _Metrics:
         self._gpu_gauge()
 
     def forget(self, namespace: str, name: str) -> None:
+        """The job ``namespace/name`` is gone: drop its series."""
         self.phases.forget(namespace, name)
         self.gpus.pop((namespace, name), None)
         self._gpu_gauge()
@@ -159,7 +161,32 @@ class _Metrics:
         self.domains |= set(sums)
 
 
-METRICS = _Metrics()
+# -- shared state --------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    """What the TrainingJob handlers share across objects in one operator run."""
+
+    queue: QueueState = field(default_factory=QueueState)  # placement-queue memory between passes
+    # serialises "place a gang, then create its pods", so two gangs never see the same free GPUs
+    placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    gone_nodes: set[str] = field(default_factory=set)  # Nodes seen deleted: pods there are lost
+    metrics: JobMetrics = field(default_factory=JobMetrics)
+
+
+@kopf.on.startup(id="training-state")
+def init_state(memo: kopf.Memo, **_: Any) -> None:
+    """Create the shared state on the operator memo (objects' memos are shallow copies of it)."""
+    memo["training"] = TrainingState()
+
+
+def _state(memo: kopf.Memo) -> TrainingState:
+    state: TrainingState | None = memo.get("training")
+    if state is None:  # reconcile() called outside a running operator (tools, tests)
+        state = TrainingState()
+        memo["training"] = state
+    return state
 
 
 # -- reconcile -----------------------------------------------------------------------------------
@@ -179,7 +206,7 @@ async def reconcile(
     """
 
     def invalid(body: Mapping[str, Any]) -> None:
-        METRICS.phases.set(namespace, name, (body.get("status") or {}).get("phase") or "Pending")
+        _state(memo).metrics.phases.set(namespace, name, (body.get("status") or {}).get("phase") or "Pending")
 
     async def step(body: dict[str, Any], job: Any, now: datetime) -> float | None:
         assert isinstance(job, TrainingJob)
@@ -205,23 +232,21 @@ async def _reconcile_job(
     cluster, the shell keeps what the pass leaves for the next one, and the plan made with its
     decision is applied before the lock is released (no two gangs get the same GPUs).
     """
-    # set at startup: each object's memo is a shallow copy, so all loops share it
-    queue: QueueState = memo["placement_queue"]
-    seen = await _observe(api, job, memo.get("gone_nodes") or set())
+    state = _state(memo)
+    seen = await _observe(api, job, state.gone_nodes)
     placed_by_queue = wants_placement(job)
-    move = queue.move_for(queue_key(job), job.status.phase) if placed_by_queue else None
+    move = state.queue.move_for(queue_key(job), job.status.phase) if placed_by_queue else None
     plan, snaps = _plan(job, seen, now, move=move, placed_by_queue=placed_by_queue)
     if not plan.needs_placement:
-        refusal = await _apply(api, job, body, plan, snaps, now, logger)
+        refusal = await _apply(api, job, body, plan, snaps, now, state.metrics, logger)
     else:
-        lock: asyncio.Lock = memo["placement_lock"]
-        async with lock:
+        async with state.placement_lock:
             snapshot = await _queue_snapshot(api, memo, job.metadata.namespace, logger)
-            result = queue_pass(snapshot, job, queue) if snapshot is not None else None
+            result = queue_pass(snapshot, job, state.queue) if snapshot is not None else None
             if result is not None:
-                queue.apply(result)
+                state.queue.apply(result)
             plan, snaps = _plan(job, seen, now, result.decision if result else None, move=move)
-            refusal = await _apply(api, job, body, plan, snaps, now, logger)
+            refusal = await _apply(api, job, body, plan, snaps, now, state.metrics, logger)
         if result is not None:
             _wake_queue(memo, result, logger)
     return await _finish(api, job, body, plan, refusal, now, memo, logger)
@@ -314,6 +339,7 @@ async def _apply(
     plan: Plan,
     snaps: SnapshotPlan | None,
     now: datetime,
+    metrics: JobMetrics,
     logger: kopf.Logger,
 ) -> ApiError | None:
     """Write the status, then snapshots, then the gang's objects; the server's refusal, if any."""
@@ -323,7 +349,7 @@ async def _apply(
         await api.patch_status(TRAININGJOBS, job.metadata.namespace, job.metadata.name, patch)
         if old.phase != new.phase:
             logger.info("phase %s -> %s: %s", old.phase, new.phase, new.message)
-    METRICS.observe(job, old, new, now)
+    metrics.observe(job, old, new, now)
     await _apply_snapshots(api, body, snaps, logger)
     return await _create(api, plan.create)
 
@@ -350,7 +376,7 @@ async def _finish(
 ) -> float | None:
     """After the creates: settle them, delete pods, post Events, delete the job at its TTL."""
     if refusal is not None or (plan.create and plan.on_created is not None):
-        await _settle_creates(api, job, body, plan, refusal, now, logger)
+        await _settle_creates(api, job, body, plan, refusal, now, _state(memo).metrics, logger)
     if plan.delete_pods:
         await api.delete_pods(job.metadata.namespace, plan.delete_pods)
     if _frees_gpus(job, plan):
@@ -417,6 +443,7 @@ async def _settle_creates(
     plan: Plan,
     refusal: ApiError | None,
     now: datetime,
+    metrics: JobMetrics,
     logger: kopf.Logger,
 ) -> None:
     """After the creates: a refusal goes into the status (Admitted=False/CreateFailed with the
@@ -436,7 +463,7 @@ async def _settle_creates(
     patch = status_merge_patch(written, status)
     if patch:
         await api.patch_status(TRAININGJOBS, namespace, name, patch)
-    METRICS.observe(job, plan.status, status, now)
+    metrics.observe(job, plan.status, status, now)
     await api.post_event(body, CREATE_FAILED, refusal.message, "Warning")
     raise Reported(f"creating the gang's objects was refused: {refusal}")
 
@@ -474,7 +501,7 @@ def worker_pod_changed(labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> 
 @kopf.on.event("", "v1", "nodes", id="node-gone")
 def node_changed(type: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     """A deleted Node loses the pods on it: wake every job so lost gangs restart at once."""
-    gone: set[str] = memo.get("gone_nodes", set())
+    gone = _state(memo).gone_nodes
     if type == "DELETED":
         gone.add(name)
         wake_all(memo)
@@ -520,8 +547,8 @@ async def trainingjob_deleted(
         pvc = await api.get(PVCS, namespace, claim) if claim else None
         if claim and pvc is not None and owner_of(pvc, KIND) == (name, uid):
             await api.delete(PVCS, namespace, claim)
-    METRICS.forget(namespace, name)
+    _state(memo).metrics.forget(namespace, name)
     logger.info("deleted %d worker pod(s) and owned children", len(pods))
 
 
-__all__ = ["reconcile", "rfc3339", "status_merge_patch", "wants_placement"]
+__all__ = ["JobMetrics", "TrainingState", "reconcile", "rfc3339", "status_merge_patch", "wants_placement"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -73,3 +75,34 @@ ROLLOUT_STEP = Gauge(
     ["namespace", "modelserving"],
     registry=REGISTRY,
 )
+
+
+class PhaseGauge:
+    """A "<kind>s by namespace and phase" gauge kept consistent as objects change phase or go.
+
+    It remembers each object's phase and re-exports its namespace's counts on every change,
+    every phase in ``phases`` included (0 rather than absent, so dashboards see a drop to zero).
+    """
+
+    def __init__(self, gauge: Gauge, phases: Sequence[str]) -> None:
+        self.gauge = gauge
+        self.phases = tuple(phases)
+        self.of: dict[tuple[str, str], str] = {}  # (namespace, name) -> phase
+
+    def set(self, namespace: str, name: str, phase: str) -> None:
+        """Object ``namespace/name`` is in ``phase`` now."""
+        self.of[(namespace, name)] = phase
+        self._export(namespace)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Object ``namespace/name`` is gone."""
+        self.of.pop((namespace, name), None)
+        self._export(namespace)
+
+    def _export(self, namespace: str) -> None:
+        counts = dict.fromkeys(self.phases, 0)
+        for (ns, _), phase in self.of.items():
+            if ns == namespace:
+                counts[phase] = counts.get(phase, 0) + 1
+        for phase, n in counts.items():
+            self.gauge.labels(namespace, phase).set(n)

@@ -7,7 +7,8 @@ from typing import Any
 
 from capstan.api.loading import parse_resource
 from capstan.api.trainingjob import TrainingJob
-from capstan.checkpoints.snapshots import plan_snapshots, snapshots_in_use
+from capstan.checkpoints.snapshots import SnapshotsSeen, plan_snapshots, snapshots_in_use, with_snapshots
+from capstan.training.lifecycle import Plan
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -120,3 +121,21 @@ def test_same_second_snapshots_order_by_attempt_and_trigger() -> None:
     assert plan.delete == ["a-restart"]  # the completion snapshot is the newest, whatever its name
     plan = plan_snapshots(job(phase="Succeeded", keep=1), [final, restart], set(), T0, api_available=True)
     assert plan.delete == ["a-restart"]
+
+
+def test_the_lifecycle_plan_gets_the_snapshot_records_condition_and_recheck() -> None:
+    tj = job()
+    on_created = tj.status.model_copy(deep=True)
+    plan = Plan(status=tj.status.model_copy(deep=True), requeue_after=600.0, on_created=on_created)
+    seen = SnapshotsSeen([snap("s1", 40), snap("s2", 1, ready=False)], set(), available=True)
+    folded, snaps = with_snapshots(tj, plan, [], seen, T0)
+    assert snaps.create == [] and folded.requeue_after == 5  # polls the pending snapshot, sooner
+    for status in (folded.status, folded.on_created):
+        assert status is not None and [r.name for r in status.checkpoints] == ["s1", "s2"]
+        ready = next(c for c in status.conditions if c.type == "CheckpointReady")
+        assert (ready.status, ready.reason) == ("True", "SnapshotReady") and "s1" in ready.message
+    assert plan.status.checkpoints == [] and plan.requeue_after == 600.0  # the input plan is kept as it was
+    # without the snapshot API: no records are claimed, the condition says why
+    folded, _ = with_snapshots(tj, plan, [], SnapshotsSeen([], set(), available=False), T0)
+    unavailable = next(c for c in folded.status.conditions if c.type == "CheckpointReady")
+    assert folded.status.checkpoints == [] and unavailable.reason == "SnapshotAPIUnavailable"

@@ -13,7 +13,7 @@ from tests.kube.conftest import Cluster, gpu_node
 from capstan.api.loading import parse_resource
 from capstan.api.trainingjob import TrainingJob
 from capstan.kube.apply import USER_AGENT
-from capstan.kube.placement import QueueState, make_placer, placed_without_pods
+from capstan.kube.placement import QueueState, placed_without_pods, queue_pass, queue_snapshot
 from capstan.naming import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
 
 NOW = 1_800_000_000.0
@@ -69,14 +69,14 @@ def test_a_gang_is_not_placed_on_the_gpus_of_another_gangs_missing_rank() -> Non
     bodies = [placed("first", ["n0", "n1"])]
     pods = [worker("first", 0, "n0")]  # rank 1 on n1: its create has not landed yet
     claimed = placed_without_pods(bodies, pods)
-    placer = make_placer(NODES, pods, [], QueueState(), now=NOW, claimed=claimed)
-    assert placer is not None
-    decision = placer(job("second", 1, 4))
+    snapshot = queue_snapshot(NODES, pods, [], now=NOW, claimed=claimed)
+    assert snapshot is not None
+    decision = queue_pass(snapshot, job("second", 1, 4), QueueState()).decision
     assert not decision.placed, decision  # before: placed on n1, where first's rank 1 must go
     # the gang's own claim does not count against itself (its pods are gone, it asks again)
-    again = make_placer(NODES, [], [], QueueState(), now=NOW, claimed=placed_without_pods(bodies, []))
+    again = queue_snapshot(NODES, [], [], now=NOW, claimed=placed_without_pods(bodies, []))
     assert again is not None
-    assert again(job("first", 2, 4)).nodes == ["n0", "n1"]
+    assert queue_pass(again, job("first", 2, 4), QueueState()).decision.nodes == ["n0", "n1"]
 
 
 async def test_a_rank_whose_create_did_not_land_keeps_its_gpus_from_the_next_gang(

@@ -10,9 +10,12 @@ from capstan.api.loading import parse_resource
 from capstan.api.trainingjob import TrainingJob
 from capstan.kube.placement import (
     MOVE_HOLD_S,
+    QueuePass,
+    QueueSnapshot,
     QueueState,
-    make_placer,
     movable_gangs,
+    queue_pass,
+    queue_snapshot,
     queued_jobs,
     running_gangs,
 )
@@ -52,6 +55,14 @@ def busy(node: str, gpus: int) -> dict[str, Any]:
 NODES = [gpu_node("n0", clique="a", rack="r1"), gpu_node("n1", clique="a", rack="r1")]
 
 
+def place(snapshot: QueueSnapshot | None, asking: TrainingJob, state: QueueState) -> QueuePass:
+    """One queue pass for ``asking``, applied to ``state`` as the operator applies it."""
+    assert snapshot is not None
+    result = queue_pass(snapshot, asking, state)
+    state.apply(result)
+    return result
+
+
 def test_only_queued_gpu_gangs_placed_by_capstan_join_the_queue() -> None:
     bodies = [
         body("waiting", 2, 8),
@@ -68,9 +79,8 @@ def test_only_queued_gpu_gangs_placed_by_capstan_join_the_queue() -> None:
 def test_gang_behind_the_head_waits_off_its_reserved_gpus_and_says_so() -> None:
     state = QueueState()
     queued = queued_jobs([body("big", 2, 8)])
-    placer = make_placer(NODES, [busy("n0", 4)], queued, state, now=NOW, policy=STRICT)
-    assert placer is not None
-    decision = placer(job("small", 1, 8, created="2026-11-23T11:00:00Z"))
+    snapshot = queue_snapshot(NODES, [busy("n0", 4)], queued, now=NOW, policy=STRICT)
+    decision = place(snapshot, job("small", 1, 8, created="2026-11-23T11:00:00Z"), state).decision
     assert not decision.placed
     assert "reserved for the queue head ml/big" in decision.reason
     assert state.reservation is not None and state.reservation.head == "ml/big"
@@ -79,26 +89,26 @@ def test_gang_behind_the_head_waits_off_its_reserved_gpus_and_says_so() -> None:
 
 def test_higher_priority_goes_first_and_an_older_gang_keeps_its_turn() -> None:
     # the queued gang is older, but the asking one has higher priority: it is placed first
-    placer = make_placer(NODES, [], queued_jobs([body("old", 2, 8)]), QueueState(), now=NOW)
-    assert placer is not None
-    assert placer(job("urgent", 1, 8, created="2026-11-23T11:00:00Z", priority=10)).placed
+    snapshot = queue_snapshot(NODES, [], queued_jobs([body("old", 2, 8)]), now=NOW)
+    urgent = job("urgent", 1, 8, created="2026-11-23T11:00:00Z", priority=10)
+    assert place(snapshot, urgent, QueueState()).decision.placed
     # same priority: the older queued gang is ahead, and with room for both both may start
     state = QueueState()
-    placer = make_placer(NODES, [], queued_jobs([body("old", 1, 8)]), state, now=NOW)
-    assert placer is not None
-    decision = placer(job("young", 1, 8, created="2026-11-23T11:00:00Z"))
-    assert decision.placed and state.startable == ["uid-old"]
+    result = place(queue_snapshot(NODES, [], queued_jobs([body("old", 1, 8)]), now=NOW),
+                   job("young", 1, 8, created="2026-11-23T11:00:00Z"), state)
+    decision = result.decision
+    assert decision.placed and list(result.startable) == ["uid-old"]
 
 
 def test_queued_head_asking_itself_is_placed_when_it_fits() -> None:
     state = QueueState()
     queued = queued_jobs([body("big", 2, 8), body("small", 1, 8, created="2026-11-23T11:00:00Z")])
-    placer = make_placer(NODES, [], queued, state, now=NOW)
-    assert placer is not None
-    decision = placer(queued[0])
+    result = place(queue_snapshot(NODES, [], queued, now=NOW), queued[0], state)
+    decision = result.decision
     assert decision.placed and sorted(decision.nodes) == ["n0", "n1"]
     # small no longer fits: it is the new head, and nobody else can start
-    assert state.startable == [] and state.reservation is not None and state.reservation.head == "ml/small"
+    assert list(result.startable) == []
+    assert state.reservation is not None and state.reservation.head == "ml/small"
 
 
 def epoch(text: str) -> float:
@@ -114,14 +124,13 @@ def test_starvation_guard_reserves_only_after_the_head_waited_long_enough() -> N
     small = job("small", 1, 8, created="2026-11-23T11:00:00Z")
     guard = QueuePolicy(reserve_after_s=6 * 3600)
     # 2 h after big was created: nothing is reserved yet, so small starts on the idle node
-    early = make_placer(NODES, [busy("n0", 4)], queued, QueueState(), now=epoch("2026-11-23T12:00:00Z"),
-                        policy=guard)
-    assert early is not None and early(small).placed
+    early = queue_snapshot(NODES, [busy("n0", 4)], queued, now=epoch("2026-11-23T12:00:00Z"),
+                           policy=guard)
+    assert early is not None and place(early, small, QueueState()).decision.placed
     # 7 h after: big is reserved for, small waits and says for whom
-    late = make_placer(NODES, [busy("n0", 4)], queued, QueueState(), now=epoch("2026-11-23T17:00:00Z"),
-                       policy=guard)
+    late = queue_snapshot(NODES, [busy("n0", 4)], queued, now=epoch("2026-11-23T17:00:00Z"), policy=guard)
     assert late is not None
-    decision = late(small)
+    decision = place(late, small, QueueState()).decision
     assert not decision.placed and "queue head ml/big" in decision.reason
 
 
@@ -156,10 +165,10 @@ def test_declared_limits_let_a_short_gang_backfill_onto_reserved_gpus() -> None:
     pods = [busy("n0", 4)]
 
     def ask(limit: int) -> bool:
-        placer = make_placer(NODES, pods, queued_jobs(jobs), QueueState(), now=now,
-                             running=running_gangs(jobs, now), policy=STRICT)
-        assert placer is not None
-        return placer(job("short", 1, 8, created="2026-11-23T11:30:00Z", activeDeadlineSeconds=limit)).placed
+        snapshot = queue_snapshot(NODES, pods, queued_jobs(jobs), now=now,
+                                  running=running_gangs(jobs, now), policy=STRICT)
+        asking = job("short", 1, 8, created="2026-11-23T11:30:00Z", activeDeadlineSeconds=limit)
+        return place(snapshot, asking, QueueState()).decision.placed
 
     assert ask(1800)  # ends 12:30, before big can start at 13:00
     assert not ask(7200)  # would still hold n1 when big needs it
@@ -199,43 +208,57 @@ def test_defragmentation_move_is_held_for_the_mover_and_then_frees_room() -> Non
     bodies = [running_one("mover", 4, "n0", **CHECKPOINTED)]
     pods = [busy("n0", 4), busy("n1", 4)]
     state = QueueState()
-    placer = make_placer(NODES, pods, [], state, now=NOW, movable=movable_gangs(bodies))
-    assert placer is not None
+    snapshot = queue_snapshot(NODES, pods, [], now=NOW, movable=movable_gangs(bodies))
     whole = job("whole", 1, 8, created="2026-11-23T11:00:00Z")
-    assert not placer(whole).placed
-    assert list(state.moves) == ["ml/mover"] and state.to_move == ["uid-mover"]
+    result = place(snapshot, whole, state)
+    assert not result.decision.placed
+    assert list(state.moves) == ["ml/mover"] and [m.uid for m in result.moving] == ["uid-mover"]
     pending = state.moves["ml/mover"]
     assert pending.move.to.nodes == ["n1"] and pending.move.for_gang == "ml/whole"
     assert state.move_for("ml/mover", "Running") == pending.move.reason
 
     # the mover's pods are gone (n0 idle); n1's free GPUs are held for the mover, not for others
-    state.to_move.clear()
-    placer = make_placer(NODES, [busy("n1", 4)], queued_jobs([body("whole", 1, 8)]), state, now=NOW + 5)
-    assert placer is not None
-    four = placer(job("four", 1, 4, created="2026-11-23T12:00:00Z"))
+    snapshot = queue_snapshot(NODES, [busy("n1", 4)], queued_jobs([body("whole", 1, 8)]), now=NOW + 5)
+    result = place(snapshot, job("four", 1, 4, created="2026-11-23T12:00:00Z"), state)
+    four = result.decision
     assert not four.placed  # n0 goes to the older 8-GPU gang, n1's idle half to the mover
-    assert state.startable == ["uid-whole"]
-    back = placer(job("mover", 1, 4, **CHECKPOINTED))
+    assert list(result.startable) == ["uid-whole"]
+    back = place(snapshot, job("mover", 1, 4, **CHECKPOINTED), state).decision
     assert back.placed and back.nodes == ["n1"] and "ml/mover" not in state.moves
 
 
 def test_a_move_that_cannot_happen_is_dropped() -> None:
     bodies = [running_one("mover", 4, "n0", **CHECKPOINTED)]
     state = QueueState()
-    placer = make_placer(NODES, [busy("n0", 4), busy("n1", 4)], [], state, now=NOW,
-                         movable=movable_gangs(bodies))
-    assert placer is not None
-    placer(job("whole", 1, 8))
+    snapshot = queue_snapshot(NODES, [busy("n0", 4), busy("n1", 4)], [], now=NOW,
+                              movable=movable_gangs(bodies))
+    place(snapshot, job("whole", 1, 8), state)
     assert "ml/mover" in state.moves
     assert state.move_for("ml/mover", "Succeeded") is None and state.moves == {}  # it ended first
-    placer(job("whole", 1, 8))
+    place(snapshot, job("whole", 1, 8), state)
     assert "ml/mover" in state.moves
-    make_placer(NODES, [], [], state, now=NOW + MOVE_HOLD_S + 1)  # never carried out: expires
+    # never carried out: the next pass after the hold drops it
+    place(queue_snapshot(NODES, [], [], now=NOW + MOVE_HOLD_S + 1), job("other", 1, 4), state)
     assert state.moves == {}
     # migration off: the queue moves nothing
     off = QueueState()
-    placer = make_placer(NODES, [busy("n0", 4), busy("n1", 4)], [], off, now=NOW,
-                         policy=QueuePolicy(migration=False), movable=movable_gangs(bodies))
-    assert placer is not None
-    placer(job("whole", 1, 8))
-    assert off.moves == {} and off.to_move == []
+    snapshot = queue_snapshot(NODES, [busy("n0", 4), busy("n1", 4)], [], now=NOW,
+                              policy=QueuePolicy(migration=False), movable=movable_gangs(bodies))
+    result = place(snapshot, job("whole", 1, 8), off)
+    assert off.moves == {} and list(result.moving) == []
+
+
+def test_a_pass_is_a_value_and_the_queue_state_changes_only_when_it_is_applied() -> None:
+    assert queue_snapshot([], [busy("n0", 4)]) is None  # no Nodes: nothing to place on
+    bodies = [running_one("mover", 4, "n0", **CHECKPOINTED)]
+    snapshot = queue_snapshot(NODES, [busy("n0", 4), busy("n1", 4)], queued_jobs([body("big", 2, 8)]),
+                              now=NOW, policy=STRICT, movable=movable_gangs(bodies))
+    assert snapshot is not None
+    state = QueueState()
+    result = queue_pass(snapshot, job("whole", 1, 8, created="2026-11-23T11:00:00Z"), state)
+    assert not result.decision.placed and result.reservation is not None
+    assert list(result.moves) == ["ml/mover"]
+    assert state == QueueState()  # deciding changed nothing
+    assert queue_pass(snapshot, job("whole", 1, 8, created="2026-11-23T11:00:00Z"), state) == result
+    state.apply(result)
+    assert state.reservation == result.reservation and state.moves == dict(result.moves)

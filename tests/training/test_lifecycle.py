@@ -33,9 +33,11 @@ class Cluster:
         self.pods: dict[str, dict[str, Any]] = {}
         self.events: list[str] = []
 
-    def reconcile(self, now: datetime = T0, placer: Any = None, move: str | None = None) -> Plan:
+    def reconcile(
+        self, now: datetime = T0, placement: PlacementDecision | None = None, move: str | None = None
+    ) -> Plan:
         plan = plan_trainingjob(
-            self.job, list(self.pods.values()), now, placer=placer, service_exists=True, move=move
+            self.job, list(self.pods.values()), now, placement=placement, service_exists=True, move=move
         )
         self.job = self.job.model_copy(update={"status": plan.status})
         for obj in plan.create:
@@ -144,7 +146,7 @@ def test_active_deadline_counts_restarts_but_not_the_queue() -> None:
 
 def test_move_stops_a_running_gang_and_restarts_it_where_the_placer_says() -> None:
     c = Cluster(job(activeDeadlineSeconds=3600))
-    c.reconcile(placer=lambda _: PlacementDecision(True, ["n0", "n0"], "nvlink", "n0"))
+    c.reconcile(placement=PlacementDecision(True, ["n0", "n0"], "nvlink", "n0"))
     # a gang still starting is not moved: the request waits for a running gang
     plan = c.reconcile(T0 + timedelta(seconds=5), move="making room for ns/big")
     assert plan.delete_pods == [] and plan.status.moves == 0
@@ -160,7 +162,7 @@ def test_move_stops_a_running_gang_and_restarts_it_where_the_placer_says() -> No
     assert "restart the gang from its checkpoint" in st.message and "Moved" in c.events
     c.finish_deletes()
     plan = c.reconcile(T0 + timedelta(seconds=160),
-                       placer=lambda _: PlacementDecision(True, ["n1", "n1"], "nvlink", "n1"))
+                       placement=PlacementDecision(True, ["n1", "n1"], "nvlink", "n1"))
     assert plan.status.placement is not None and plan.status.placement.nodes == ["n1", "n1"]
     assert [o["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
             ["nodeSelectorTerms"][0]["matchFields"][0]["values"] for o in plan.create] == [["n1"], ["n1"]]
@@ -256,23 +258,38 @@ def test_gang_waits_for_placement_with_reason() -> None:
     no = PlacementDecision(
         placed=False, reason="needs 16 GPUs within one NVLink domain; the largest free has 8"
     )
-    plan = c.reconcile(placer=lambda _: no)
+    plan = c.reconcile(placement=no)
     assert plan.status.phase == "Queued" and plan.create == []
     assert "largest free has 8" in plan.status.message
     yes = PlacementDecision(placed=True, nodes=["n1", "n2"], level="nvlink", domain="clique-a")
-    plan = c.reconcile(placer=lambda _: yes)
+    plan = c.reconcile(placement=yes)
     assert plan.status.placement is not None and plan.status.placement.nodes == ["n1", "n2"]
     pinned = [p["spec"]["affinity"]["nodeAffinity"] for p in plan.create if p["kind"] == "Pod"]
     assert len(pinned) == 2
 
 
-def _placed(_: TrainingJob) -> PlacementDecision:
-    return PlacementDecision(placed=True, nodes=["n1", "n2"], level="nvlink", domain="a")
+def test_a_gang_the_queue_places_asks_for_placement_and_changes_nothing_until_it_gets_it() -> None:
+    tj = job(gpusPerWorker=8)
+    ask = plan_trainingjob(tj, [], T0, placed_by_queue=True)
+    assert ask.needs_placement and ask.create == [] and ask.events == [] and ask.status == tj.status
+    placed = plan_trainingjob(tj, [], T0, placement=_placed, placed_by_queue=True)
+    assert not placed.needs_placement and placed.status.phase == "Starting"
+    assert placed.status.placement is not None and placed.status.placement.nodes == ["n1", "n2"]
+    assert [o["metadata"]["name"] for o in placed.create if o["kind"] == "Pod"] == ["gpt-0", "gpt-1"]
+    # a gang that exists asks for nothing
+    c = Cluster(tj)
+    c.reconcile(placement=_placed)
+    c.set_phase("Running")
+    running = plan_trainingjob(c.job, list(c.pods.values()), T0, service_exists=True, placed_by_queue=True)
+    assert not running.needs_placement and running.status.phase == "Running"
+
+
+_placed = PlacementDecision(placed=True, nodes=["n1", "n2"], level="nvlink", domain="a")
 
 
 def test_refused_gang_is_reported_without_claiming_workers_and_kept_while_retries_fail() -> None:
     tj = job()
-    first = plan_trainingjob(tj, [], T0, placer=_placed)
+    first = plan_trainingjob(tj, [], T0, placement=_placed)
     assert first.create and first.status.phase == "Starting" and first.on_created is None
     message = 'Pod "gpt-0" is invalid: spec.tolerations[0].key: Invalid value: "bad key"'
     st = refused(tj, first.status, message, T0)
@@ -285,7 +302,7 @@ def test_refused_gang_is_reported_without_claiming_workers_and_kept_while_retrie
 
     # The next pass retries the creates but keeps the refusal on show, unchanged.
     tj = tj.model_copy(update={"status": st})
-    retry = plan_trainingjob(tj, [], T0 + timedelta(seconds=5), placer=_placed)
+    retry = plan_trainingjob(tj, [], T0 + timedelta(seconds=5), placement=_placed)
     assert retry.create
     assert retry.status.wire() == {**st.wire(), "workers": retry.status.wire()["workers"]}
     assert retry.on_created is not None and retry.on_created.phase == "Starting"
@@ -295,7 +312,7 @@ def test_refused_gang_is_reported_without_claiming_workers_and_kept_while_retrie
 
     # A new spec (generation) is judged afresh: the old refusal no longer holds it back.
     changed = tj.model_copy(update={"metadata": tj.metadata.model_copy(update={"generation": 4})})
-    fresh = plan_trainingjob(changed, [], T0, placer=_placed)
+    fresh = plan_trainingjob(changed, [], T0, placement=_placed)
     assert fresh.on_created is None and fresh.status.phase == "Starting"
     assert next(c for c in fresh.status.conditions if c.type == "Admitted").status == "True"
 

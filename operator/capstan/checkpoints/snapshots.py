@@ -1,21 +1,23 @@
 """Plan VolumeSnapshots of a TrainingJob's checkpoint PVC: when to take them and which to keep.
 
 Pure: (job, observed snapshots, snapshots in use, now) → snapshots to create and delete, the
-``status.checkpoints`` list and the ``CheckpointReady`` condition. Snapshots carry no
+``status.checkpoints`` list and the ``CheckpointReady`` condition; :func:`with_snapshots` folds
+that into the gang lifecycle's plan. Snapshots carry no
 ownerReference on purpose: they outlive the job (that is their point — a finished or deleted job
 can be continued or forked from one with ``restoreFrom``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from capstan.api.condition_types import CheckpointReadyReason
-from capstan.api.conditions import parse_time, rfc3339
-from capstan.api.trainingjob import CheckpointRecord, TrainingJob
+from capstan.api.condition_types import CheckpointReadyReason, ConditionType
+from capstan.api.conditions import parse_time, rfc3339, set_condition
+from capstan.api.trainingjob import CheckpointRecord, TrainingJob, TrainingJobStatus
 from capstan.naming import LABEL_JOB, common_labels, dns_label, label_value
+from capstan.training.lifecycle import Plan
 from capstan.training.pods import checkpoint_claim_name
 
 SNAPSHOT_API = "snapshot.storage.k8s.io/v1"
@@ -198,6 +200,48 @@ def plan_snapshots(
         none_yet = "waiting for the first snapshot to become ready"
         plan.condition = (False, CheckpointReadyReason.SNAPSHOT_PENDING, none_yet)
     return plan
+
+
+@dataclass(frozen=True)
+class SnapshotsSeen:
+    """What the executor read for a job's snapshots."""
+
+    snapshots: list[dict[str, Any]]  # the job's VolumeSnapshots
+    in_use: set[str]  # names ModelServings serve from
+    available: bool  # whether the cluster serves the VolumeSnapshot API at all
+
+
+def with_snapshots(
+    job: TrainingJob, plan: Plan, pods: list[dict[str, Any]], seen: SnapshotsSeen, now: datetime
+) -> tuple[Plan, SnapshotPlan]:
+    """The snapshots of ``job`` once ``plan`` is applied, and ``plan`` with their outcome.
+
+    The snapshots are decided for the status ``plan`` writes (:func:`plan_snapshots`; a restart or
+    completion snapshot waits until none of ``pods`` runs). Both statuses of ``plan`` (``status``
+    and ``on_created``) get ``status.checkpoints`` (where the API is served) and the
+    ``CheckpointReady`` condition; the plan requeues by the snapshots' recheck when that is sooner.
+    """
+    stopped = not any((p.get("status") or {}).get("phase") in ("Pending", "Running", "Unknown") for p in pods)
+    planned = job.model_copy(update={"status": plan.status})
+    snaps = plan_snapshots(planned, seen.snapshots, seen.in_use, now, seen.available, workers_stopped=stopped)
+
+    def fold(status: TrainingJobStatus) -> TrainingJobStatus:
+        st = status.model_copy(deep=True)
+        if seen.available:
+            st.checkpoints = list(snaps.records)
+        if snaps.condition is not None:
+            ok, reason, message = snaps.condition
+            st.conditions = set_condition(
+                st.conditions, ConditionType.CHECKPOINT_READY, "True" if ok else "False", reason, message,
+                now, job.metadata.generation,
+            )
+        return st
+
+    requeue = plan.requeue_after
+    if snaps.requeue_after is not None:
+        requeue = min(requeue or snaps.requeue_after, snaps.requeue_after)
+    on_created = fold(plan.on_created) if plan.on_created is not None else None
+    return replace(plan, status=fold(plan.status), on_created=on_created, requeue_after=requeue), snaps
 
 
 def snapshots_in_use(modelservings: list[dict[str, Any]], job_name: str) -> set[str]:

@@ -56,6 +56,7 @@ from capstan.metrics import (
     REVISION_WEIGHT,
     ROLLOUT_STEP,
     ROLLOUTS,
+    PhaseGauge,
 )
 from capstan.naming import LABEL_SERVING
 from capstan.serving.analysis import AnalysisResult, Baselines, evaluate, window
@@ -80,7 +81,7 @@ class ServingState:
     gateway: tuple[float, bool] = (-GATEWAY_CHECK_TTL_S, False)  # (checked at, answer)
     sources: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # TrainingJob → uids
     weights: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # revisions in the gauge
-    phases: dict[tuple[str, str], str] = field(default_factory=dict)
+    phases: PhaseGauge = field(default_factory=lambda: PhaseGauge(MODELSERVINGS_GAUGE, PHASES))
 
 
 @kopf.on.startup(id="serving-state")
@@ -188,18 +189,7 @@ def _record_metrics(memo: kopf.Memo, ms: ModelServing, plan: ServingPlan) -> Non
     ROLLOUT_STEP.labels(ns, name).set(st.rollout.step if st.canary_revision and st.rollout else -1)
     if plan.outcome:
         ROLLOUTS.labels(ns, plan.outcome).inc()
-    phases = _state(memo).phases
-    phases[(ns, name)] = st.phase
-    _phase_gauge(phases, ns)
-
-
-def _phase_gauge(phases: dict[tuple[str, str], str], ns: str) -> None:
-    counts = dict.fromkeys(PHASES, 0)
-    for (ms_ns, _), phase in phases.items():
-        if ms_ns == ns:
-            counts[phase] = counts.get(phase, 0) + 1
-    for phase, n in counts.items():
-        MODELSERVINGS_GAUGE.labels(ns, phase).set(n)
+    _state(memo).phases.set(ns, name, st.phase)
 
 
 async def _apply(
@@ -352,8 +342,7 @@ def modelserving_changed(
     """A ModelServing changed (spec, ``kubectl scale``): reconcile it now; forget a deleted one."""
     if type == "DELETED":
         state, ns = _state(memo), namespace or ""
-        state.phases.pop((ns, name), None)
-        _phase_gauge(state.phases, ns)
+        state.phases.forget(ns, name)
         for rev in state.weights.pop((ns, name), set()):
             with contextlib.suppress(KeyError):
                 REVISION_WEIGHT.remove(ns, name, rev)

@@ -1,12 +1,17 @@
-"""The placement adapter of the TrainingJob controller: cluster objects in, one gang's decision out.
+"""The placement adapter of the TrainingJob controller: a snapshot of the cluster in, a decision out.
 
 Gangs are not placed one by one in whatever order their reconcile loops happen to run. Every
 placement is one pass of :func:`capstan.topology.schedule_queue` over the gangs Capstan has queued
 (TrainingJobs in phase ``Queued`` that Capstan places) plus the gang asking now, in queue order:
 priority, then age. The first gang that does not fit is the head; it gets a reservation (the
 GPUs it waits for), and a gang behind it may start only outside those GPUs, so a stream of small
-gangs cannot starve a big one. The reservation is kept between passes in :class:`QueueState`
-(operator memory: after a restart the next pass simply computes it again).
+gangs cannot starve a big one.
+
+As in Kueue's scheduler, a pass decides over a snapshot and returns what it decided; its caller
+applies that. The shell reads a :class:`QueueSnapshot` (:func:`queue_snapshot`), calls the pure
+:func:`queue_pass`, and applies the :class:`QueuePass`: the asking gang's decision goes to its
+plan, the reservation and the pending moves to :class:`QueueState` (operator memory: after a
+restart the next pass simply computes them again), and the jobs it names are woken.
 
 How the queue runs is the operator's :class:`~capstan.topology.QueuePolicy` (environment, checked
 at startup): by default a blocked gang gets its reservation after 24 h (before that anything
@@ -18,8 +23,8 @@ cost-based locality wait, judged from running gangs' declared ends. This is the 
 Defragmentation moves (``QueuePolicy.migration``, on by default): when a queued gang waits only
 because the idle GPUs are scattered over partly used nodes, the pass may pick one-worker gangs
 that allow moving (``spec.topology.migration: IfCheckpointed`` with a checkpoint to resume from)
-and move them to other partly used nodes. The pass records each move in :class:`QueueState` and
-holds its destination; the moving job's loop stops its pods, and when it asks for placement again
+and move them to other partly used nodes. The pass returns each move (kept in :class:`QueueState`)
+and holds its destination; the moving job's loop stops its pods, and when it asks for placement again
 it gets that destination. One defragmentation is in flight at a time; a move not carried out
 within ``MOVE_HOLD_S`` is dropped.
 """
@@ -27,7 +32,7 @@ within ``MOVE_HOLD_S`` is dropped.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +55,7 @@ from capstan.topology import (
     plan_defragmentation,
     schedule_queue,
 )
-from capstan.training.lifecycle import PlacementDecision, Placer
+from capstan.training.lifecycle import PlacementDecision
 
 MOVE_HOLD_S = 600.0  # a planned move not carried out by then is dropped (its job ended, or stalled)
 
@@ -66,15 +71,15 @@ class PendingMove:
 
 @dataclass
 class QueueState:
-    """Placement-queue memory shared by the reconcile loops of one operator run."""
+    """Placement-queue memory carried from pass to pass within one operator run.
+
+    Only the shell changes it, by applying each pass's :class:`QueuePass` (and by
+    :meth:`move_for` dropping a move its job can no longer make).
+    """
 
     reservation: Reservation | None = None  # the current head's, carried to the next pass
-    # uids of queued jobs the last pass found room for: their loops are woken to create gangs
-    startable: list[str] = field(default_factory=list)
     # moves decided and not yet placed, by queue key of the gang that moves
     moves: dict[str, PendingMove] = field(default_factory=dict)
-    # uids of running jobs the last pass decided to move: their loops are woken to stop the gang
-    to_move: list[str] = field(default_factory=list)
 
     def move_for(self, key: str, phase: str) -> str | None:
         """Why job ``key`` in ``phase`` should move now, or None; drops a move it can no longer make."""
@@ -86,6 +91,36 @@ class QueueState:
         if phase != "Restarting":  # it ended or was suspended: nothing to move, release the hold
             del self.moves[key]
         return None
+
+    def apply(self, result: QueuePass) -> None:
+        """Keep what pass ``result`` leaves for the next one: the head's reservation, the moves."""
+        self.reservation = result.reservation
+        self.moves = dict(result.moves)
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """The cluster one queue pass decides over, read once (under the placement lock)."""
+
+    inventory: Inventory  # Nodes, less what bound or pinned Pods use
+    queued: tuple[TrainingJob, ...] = ()  # :func:`queued_jobs`
+    running: tuple[RunningGang, ...] = ()  # :func:`running_gangs`
+    movable: tuple[tuple[MovableGang, str], ...] = ()  # :func:`movable_gangs`
+    #: :func:`placed_without_pods`: GPUs placed gangs hold where their pods are still missing
+    claimed: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    now: float = 0.0  # epoch seconds the queue ages gangs against
+    policy: QueuePolicy = field(default_factory=QueuePolicy)
+
+
+@dataclass(frozen=True)
+class QueuePass:
+    """What one queue pass decided; the shell applies it (:meth:`QueueState.apply`, wake-ups)."""
+
+    decision: PlacementDecision  # for the gang that asked
+    reservation: Reservation | None  # the head's, for the next pass
+    startable: tuple[str, ...]  # uids of queued jobs this pass found room for: wake them to start
+    moves: Mapping[str, PendingMove]  # moves pending after this pass, by queue key of the mover
+    moving: tuple[PendingMove, ...] = ()  # moves this pass decided: wake their jobs to stop the gang
 
 
 def pinned_node(pod: Mapping[str, Any]) -> str | None:
@@ -241,28 +276,25 @@ def gang_request(job: TrainingJob) -> GangRequest:
     )
 
 
-def make_placer(
+def queue_snapshot(
     nodes: Sequence[Mapping[str, Any]],
     pods: Sequence[Mapping[str, Any]],
     queued: Sequence[TrainingJob] = (),
-    state: QueueState | None = None,
     now: float | None = None,
     running: Sequence[RunningGang] = (),
     policy: QueuePolicy | None = None,
     movable: Sequence[tuple[MovableGang, str]] = (),
     claimed: Mapping[str, Mapping[str, int]] | None = None,
-) -> Placer | None:
-    """A :data:`Placer` over the cluster's Nodes and Pods and the queued gangs; None without Nodes.
+) -> QueueSnapshot | None:
+    """The :class:`QueueSnapshot` of the cluster's Nodes and Pods and the queued gangs; None without Nodes.
 
     Pods pinned by node affinity but not yet bound by the scheduler count as using their node:
-    a gang placed a moment ago holds its GPUs before kube-scheduler binds it. ``state`` carries the
-    head's reservation from pass to pass and receives the queued jobs this pass could start.
-    ``now`` (epoch seconds, default the clock) is the time the queue ages gangs against;
-    ``running`` are the placed gangs (:func:`running_gangs`) and ``policy`` the queue's tunables
-    (default :class:`QueuePolicy`); ``movable`` (:func:`movable_gangs`) are the gangs a
-    defragmentation may move. Decided moves go to ``state.moves`` and ``state.to_move``.
-    ``claimed`` (:func:`placed_without_pods`) are GPUs placed gangs hold where their pods are still
-    missing; a gang's own claim does not count against it.
+    a gang placed a moment ago holds its GPUs before kube-scheduler binds it. ``now`` (epoch
+    seconds) defaults to the clock; ``running`` are the placed gangs (:func:`running_gangs`),
+    ``policy`` the queue's tunables (default :class:`QueuePolicy`) and ``movable``
+    (:func:`movable_gangs`) the gangs a defragmentation may move. ``claimed``
+    (:func:`placed_without_pods`) are GPUs placed gangs hold where their pods are still missing;
+    a gang's own claim does not count against it.
     """
     if not nodes:
         return None
@@ -272,41 +304,62 @@ def make_placer(
         if node and not (pod.get("spec") or {}).get("nodeName"):
             pod = {**pod, "spec": {**(pod.get("spec") or {}), "nodeName": node}}
         bound.append(pod)
-    inventory = build_inventory(nodes, bound, levels_from_env())
-    state = state if state is not None else QueueState()
-    at = time.time() if now is None else now
-    queue_policy = policy or QueuePolicy()
-    options = queue_policy.queue_kwargs()
-    for key, pending in list(state.moves.items()):
-        if at - pending.since > MOVE_HOLD_S:
-            del state.moves[key]
+    return QueueSnapshot(
+        inventory=build_inventory(nodes, bound, levels_from_env()),
+        queued=tuple(queued),
+        running=tuple(running),
+        movable=tuple(movable),
+        claimed=dict(claimed or {}),
+        now=time.time() if now is None else now,
+        policy=policy or QueuePolicy(),
+    )
 
-    def placer(job: TrainingJob) -> PlacementDecision:
-        me = queue_key(job)
-        mine = state.moves.pop(me, None)
-        held: dict[str, int] = {}  # other moves' destinations, kept for the gangs that move there
-        for pending in state.moves.values():
-            for node, gpus in pending.move.to.gpus_by_node().items():
+
+def queue_pass(snapshot: QueueSnapshot, job: TrainingJob, state: QueueState) -> QueuePass:
+    """One pass of the placement queue over ``snapshot``, on behalf of ``job`` about to start.
+
+    ``state`` (read, never changed) is what earlier passes left: the head's reservation and the
+    pending moves. A move not carried out within :data:`MOVE_HOLD_S` is dropped; a gang that
+    moves goes where its move planned when that room is still free; otherwise ``job`` and the
+    queued gangs are scheduled in queue order (:func:`capstan.topology.schedule_queue`), and with
+    ``policy.migration`` and no move in flight, gangs left waiting may get defragmentation moves.
+    """
+    at, policy = snapshot.now, snapshot.policy
+    moves = {key: pending for key, pending in state.moves.items() if at - pending.since <= MOVE_HOLD_S}
+    me = queue_key(job)
+    mine = moves.pop(me, None)
+    held: dict[str, int] = {}  # other moves' destinations, kept for the gangs that move there
+    for pending in moves.values():
+        for node, gpus in pending.move.to.gpus_by_node().items():
+            held[node] = held.get(node, 0) + gpus
+    for key, claim in snapshot.claimed.items():  # other gangs' ranks still to be created
+        if key != me:
+            for node, gpus in claim.items():
                 held[node] = held.get(node, 0) + gpus
-        for key, nodes in (claimed or {}).items():  # other gangs' ranks still to be created
-            if key != me:
-                for node, gpus in nodes.items():
-                    held[node] = held.get(node, 0) + gpus
-        inv = inventory.add_usage(held)
-        if mine is not None and all(inv.free(n) >= g for n, g in mine.move.to.gpus_by_node().items()):
-            return _decision(mine.move.to)  # the moving gang goes where its move planned
-        others = {queue_key(j): j for j in queued if queue_key(j) != me}
-        requests = [gang_request(j) for j in others.values()] + [gang_request(job)]
-        decisions = schedule_queue(
-            inv, requests, running=running, now=at, reservation=state.reservation, **options
-        )
-        state.reservation = next((d.reservation for d in decisions if d.reservation is not None), None)
-        state.startable = [others[d.name].metadata.uid for d in decisions if d.placed and d.name in others]
-        if queue_policy.migration and not state.moves:  # one defragmentation in flight at a time
-            _plan_moves(inv, decisions, movable, at, queue_policy, state)
-        return _decision(next(d for d in decisions if d.name == me).result)
+    inv = snapshot.inventory.add_usage(held)
+    if mine is not None and all(inv.free(n) >= g for n, g in mine.move.to.gpus_by_node().items()):
+        # the moving gang goes where its move planned
+        return QueuePass(_decision(mine.move.to), state.reservation, (), moves)
+    others = {queue_key(j): j for j in snapshot.queued if queue_key(j) != me}
+    requests = [gang_request(j) for j in others.values()] + [gang_request(job)]
+    decisions = schedule_queue(
+        inv, requests, running=snapshot.running, now=at, reservation=state.reservation,
+        **policy.queue_kwargs(),
+    )
+    moving: list[PendingMove] = []
+    if policy.migration and not moves:  # one defragmentation in flight at a time
+        moving = _plan_moves(inv, decisions, snapshot.movable, at, policy)
+    return QueuePass(
+        decision=_decision(next(d for d in decisions if d.name == me).result),
+        reservation=next((d.reservation for d in decisions if d.reservation is not None), None),
+        startable=_uids(others[d.name] for d in decisions if d.placed and d.name in others),
+        moves={**moves, **{pending.move.gang: pending for pending in moving}},
+        moving=tuple(moving),
+    )
 
-    return placer
+
+def _uids(jobs: Iterable[TrainingJob]) -> tuple[str, ...]:
+    return tuple(j.metadata.uid for j in jobs if j.metadata.uid)
 
 
 def _decision(result: PlacementResult) -> PlacementDecision:
@@ -320,23 +373,21 @@ def _decision(result: PlacementResult) -> PlacementDecision:
 
 
 def _plan_moves(inv: Inventory, decisions: Sequence[Decision], movable: Sequence[tuple[MovableGang, str]],
-                now: float, policy: QueuePolicy, state: QueueState) -> None:
-    """Defragmentation for the gangs this pass left waiting; records the moves in ``state``."""
+                now: float, policy: QueuePolicy) -> list[PendingMove]:
+    """Defragmentation moves for the gangs this pass left waiting."""
     waiting = [d.request for d in decisions if not d.placed]
     if not waiting or not movable:
-        return
+        return []
     for d in decisions:
         if d.placed:
             inv = inv.allocate(d.result)  # gangs starting from this pass hold their GPUs already
     uids = {m.request.name: uid for m, uid in movable}
     moves = plan_defragmentation(inv, waiting, [m for m, _ in movable], now, policy.moves)
-    for mv in moves:
-        state.moves[mv.gang] = PendingMove(mv, uids[mv.gang], now)
-        state.to_move.append(uids[mv.gang])
+    return [PendingMove(mv, uids[mv.gang], now) for mv in moves]
 
 
 __all__ = [
-    "MOVE_HOLD_S", "PendingMove", "QueueState", "gang_request", "make_placer", "movable_gangs", "pinned_node",
-    "placed_without_pods",
-    "queue_key", "queued_jobs", "running_gangs", "wants_placement",
+    "MOVE_HOLD_S", "PendingMove", "QueuePass", "QueueSnapshot", "QueueState", "gang_request",
+    "movable_gangs", "pinned_node", "placed_without_pods", "queue_key", "queue_pass", "queue_snapshot",
+    "queued_jobs", "running_gangs", "wants_placement",
 ]

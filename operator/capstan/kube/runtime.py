@@ -5,11 +5,10 @@ the objects below are shared by all handlers of one operator run):
 
 * ``memo.api`` — the :class:`~capstan.kube.apply.ApiClient` of this event loop;
 * ``memo.wakeups`` — ``{uid: asyncio.Event}``, set to make an object's reconcile loop run now;
-* ``memo.placement_lock`` — serialises "place a gang, then create its pods", so two gangs never
-  see the same free GPUs;
-* ``memo.gone_nodes`` — names of Nodes seen deleted (pods pinned or bound there are lost);
 * ``memo.queue_policy`` — the placement queue's tunables from the environment, checked at startup;
-* ``memo.placement_queue`` — the queue's memory between passes (the head's reservation).
+* ``memo.training`` and ``memo.serving`` — what the handlers of each kind share, typed
+  (:class:`~capstan.kube.trainingjob.TrainingState`, :class:`~capstan.kube.modelserving.ServingState`),
+  created by their own startup handlers.
 
 Handler modules import this module, so its activities register with theirs.
 """
@@ -30,7 +29,6 @@ import kopf
 from capstan import GROUP, VERSION
 from capstan.api.condition_types import ConditionType, Reason
 from capstan.kube.apply import DEFAULT_CONCURRENCY, ApiClient, ApiError, Resource, resource_of
-from capstan.kube.placement import QueueState
 from capstan.kube.status import report_error
 from capstan.topology.policy import queue_policy_from_env
 
@@ -108,10 +106,7 @@ async def startup(memo: kopf.Memo, logger: kopf.Logger, settings: kopf.OperatorS
     concurrency = int(memo.get("concurrency") or DEFAULT_CONCURRENCY)
     memo.api = ApiClient.from_connection(info, refresh=refresh, concurrency=concurrency)
     memo.wakeups = {}
-    memo.placement_lock = asyncio.Lock()
-    memo.gone_nodes = set()
     memo.queue_policy = queue_policy_from_env()  # a bad value stops the operator here, by name
-    memo.placement_queue = QueueState()
     logging.getLogger("capstan").info("capstan operator started against %s", info.server)
 
 

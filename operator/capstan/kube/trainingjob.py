@@ -10,10 +10,14 @@ the job-uid label) and TrainingJob events only set the job's wake-up flag. So:
   ``kopf.TemporaryError`` or a timer would fire late or persist progress; an index would hold
   possibly stale pods right after we created them — the loop reads them from the API instead).
 
-Each reconcile: GET the job (the freshest status: status is the lifecycle's memory), LIST its pods,
-plan, then apply in order: status patch, creates, pod deletes, Events, requeue, TTL delete. Every
-step is idempotent (deterministic names, create-if-absent, delete-if-present, merge patches), so a
-crash or an operator restart at any point converges to the same result.
+Each reconcile is observe → plan → apply. Observe: GET the job (the freshest status: status is the
+lifecycle's memory), LIST its pods (and its VolumeSnapshots when it keeps them). Plan, pure: the
+gang lifecycle with the snapshots folded in; a gang that Capstan's queue places first gets a plan
+that only says so, and is planned again, under the placement lock, with a queue pass's decision
+(:mod:`capstan.kube.placement`). Apply in order: status patch, snapshots, creates, pod deletes,
+Events, requeue, TTL delete. Every step is idempotent (deterministic names, create-if-absent,
+delete-if-present, merge patches), so a crash or an operator restart at any point converges to
+the same result.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -29,10 +34,16 @@ import kopf
 
 from capstan import GROUP, VERSION
 from capstan.api.condition_types import ConditionType
-from capstan.api.conditions import CREATE_FAILED, parse_time, rfc3339, set_condition
+from capstan.api.conditions import CREATE_FAILED, parse_time, rfc3339
 from capstan.api.loading import InvalidResource, parse_resource
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob, TrainingJobStatus
-from capstan.checkpoints.snapshots import LABEL_REASON, SnapshotPlan, plan_snapshots, snapshots_in_use
+from capstan.checkpoints.snapshots import (
+    LABEL_REASON,
+    SnapshotPlan,
+    SnapshotsSeen,
+    snapshots_in_use,
+    with_snapshots,
+)
 from capstan.kube.apply import (
     MODELSERVINGS,
     NODES,
@@ -46,12 +57,15 @@ from capstan.kube.apply import (
     owner_of,
 )
 from capstan.kube.placement import (
+    QueuePass,
+    QueueSnapshot,
     QueueState,
-    make_placer,
     movable_gangs,
     pinned_node,
     placed_without_pods,
     queue_key,
+    queue_pass,
+    queue_snapshot,
     queued_jobs,
     running_gangs,
     wants_placement,
@@ -63,18 +77,13 @@ from capstan.metrics import (
     GANG_WAITING_SECONDS,
     GPUS_ALLOCATED,
     QUEUE_WAIT_SECONDS,
+    PhaseGauge,
 )
 from capstan.metrics import (
     TRAININGJOBS as TRAININGJOBS_GAUGE,
 )
 from capstan.naming import LABEL_JOB, LABEL_JOB_UID, label_value
-from capstan.training.lifecycle import (
-    PlacementDecision,
-    Placer,
-    Plan,
-    plan_trainingjob,
-    refused,
-)
+from capstan.training.lifecycle import PlacementDecision, Plan, plan_trainingjob, refused
 from capstan.training.pods import checkpoint_claim_name, checkpoint_pvc, selector, service_name
 
 KIND = "TrainingJob"
@@ -83,14 +92,6 @@ PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded",
 
 
 # -- placement adapter ---------------------------------------------------------------------------
-
-
-class _NeedsPlacement(Exception):
-    """Raised by the probe placer: this plan creates a gang, fetch the inventory first."""
-
-
-def _probe(job: TrainingJob) -> PlacementDecision:
-    raise _NeedsPlacement
 
 
 def _node_lost(pods: list[dict[str, Any]], gone: set[str]) -> list[dict[str, Any]]:
@@ -109,20 +110,20 @@ def _node_lost(pods: list[dict[str, Any]], gone: set[str]) -> list[dict[str, Any
 # -- metrics -------------------------------------------------------------------------------------
 
 
-class _Metrics:
+class JobMetrics:
     """Keeps the per-namespace phase gauge and the GPU-allocation gauge consistent."""
 
     def __init__(self) -> None:
-        self.phases: dict[tuple[str, str], str] = {}
+        self.phases = PhaseGauge(TRAININGJOBS_GAUGE, PHASES)
         self.gpus: dict[tuple[str, str], tuple[str, str, int]] = {}
         self.domains: set[tuple[str, str]] = set()
 
     def observe(
         self, job: TrainingJob, old: TrainingJobStatus, new: TrainingJobStatus, now: datetime
     ) -> None:
+        """Export what changed from status ``old`` to ``new`` (phase, restarts, waiting, GPUs)."""
         ns, name = job.metadata.namespace, job.metadata.name
-        self.phases[(ns, name)] = new.phase
-        self._phase_gauge(ns)
+        self.phases.set(ns, name, new.phase)
         if new.restarts > old.restarts or new.preemptions > old.preemptions or new.moves > old.moves:
             running = next((c for c in new.conditions if c.type == "Running"), None)
             GANG_RESTARTS.labels(ns, running.reason if running else "Unknown").inc()
@@ -144,20 +145,12 @@ class _Metrics:
         self._gpu_gauge()
 
     def forget(self, namespace: str, name: str) -> None:
-        self.phases.pop((namespace, name), None)
+        """The job ``namespace/name`` is gone: drop its series."""
+        self.phases.forget(namespace, name)
         self.gpus.pop((namespace, name), None)
-        self._phase_gauge(namespace)
         self._gpu_gauge()
         with contextlib.suppress(KeyError):
             GANG_WAITING_SECONDS.remove(namespace, name)
-
-    def _phase_gauge(self, ns: str) -> None:
-        counts = dict.fromkeys(PHASES, 0)
-        for (job_ns, _), phase in self.phases.items():
-            if job_ns == ns:
-                counts[phase] = counts.get(phase, 0) + 1
-        for phase, n in counts.items():
-            TRAININGJOBS_GAUGE.labels(ns, phase).set(n)
 
     def _gpu_gauge(self) -> None:
         sums: dict[tuple[str, str], int] = {}
@@ -170,12 +163,35 @@ class _Metrics:
         self.domains |= set(sums)
 
 
-METRICS = _Metrics()
+# -- shared state --------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    """What the TrainingJob handlers share across objects in one operator run."""
+
+    queue: QueueState = field(default_factory=QueueState)  # placement-queue memory between passes
+    # serialises "place a gang, then create its pods", so two gangs never see the same free GPUs
+    placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    gone_nodes: set[str] = field(default_factory=set)  # Nodes seen deleted: pods there are lost
+    metrics: JobMetrics = field(default_factory=JobMetrics)
+
+
+@kopf.on.startup(id="training-state")
+def init_state(memo: kopf.Memo, **_: Any) -> None:
+    """Create the shared state on the operator memo (objects' memos are shallow copies of it)."""
+    memo["training"] = TrainingState()
+
+
+def _state(memo: kopf.Memo) -> TrainingState:
+    state: TrainingState | None = memo.get("training")
+    if state is None:  # reconcile() called outside a running operator (tools, tests)
+        state = TrainingState()
+        memo["training"] = state
+    return state
 
 
 # -- reconcile -----------------------------------------------------------------------------------
-
-
 
 
 async def reconcile(
@@ -192,8 +208,7 @@ async def reconcile(
     """
 
     def invalid(body: Mapping[str, Any]) -> None:
-        METRICS.phases[(namespace, name)] = (body.get("status") or {}).get("phase") or "Pending"
-        METRICS._phase_gauge(namespace)
+        _state(memo).metrics.phases.set(namespace, name, (body.get("status") or {}).get("phase") or "Pending")
 
     async def step(body: dict[str, Any], job: Any, now: datetime) -> float | None:
         assert isinstance(job, TrainingJob)
@@ -212,52 +227,69 @@ async def _reconcile_job(
     memo: kopf.Memo,
     logger: kopf.Logger,
 ) -> float | None:
-    """Plan the valid, live ``job`` and apply the plan in order (see the module docstring)."""
-    namespace, name = job.metadata.namespace, job.metadata.name
-    pods = await api.list_pods(namespace, selector(job))
-    service_exists, pvc_exists = await _children_exist(api, job) if pods else (None, None)
-    pods = _node_lost(pods, memo.get("gone_nodes") or set())
-    # set at startup: each object's memo is a shallow copy, so all loops share it
-    queue: QueueState = memo["placement_queue"]
-    move = queue.move_for(queue_key(job), job.status.phase) if wants_placement(job) else None
-    try:
-        plan = plan_trainingjob(
-            job, pods, now, _probe if wants_placement(job) else None, service_exists, pvc_exists, move=move
-        )
-    except _NeedsPlacement:
-        lock: asyncio.Lock = memo["placement_lock"]
-        async with lock:  # place and create under one lock: no two gangs get the same GPUs
-            placer = await _fetch_placer(api, memo, queue, namespace, logger)
-            plan = plan_trainingjob(job, pods, now, placer, service_exists, pvc_exists)
-            snaps = await _plan_snapshots(api, job, plan, pods, now)
-            await _apply_status(api, job, body, plan, now, logger)
-            await _apply_snapshots(api, body, snaps, logger)
-            refusal = await _create(api, plan.create)
-        for other in queue.startable:  # queued gangs this pass found room for: start them now
-            wake(memo, other)
-        moving, queue.to_move = set(queue.to_move), []
-        for key, pending in queue.moves.items():  # gangs this pass moves to make room: stop them now
-            if pending.uid in moving:
-                logger.info("moving %s to %s: %s", key, ",".join(pending.move.to.nodes), pending.move.reason)
-                wake(memo, pending.uid)
+    """Observe, plan and apply for the valid, live ``job`` (see the module docstring).
+
+    A gang that Capstan's queue places is planned twice: the first plan only says it needs
+    placement; then, under the placement lock, a queue pass decides over a snapshot of the
+    cluster, the shell keeps what the pass leaves for the next one, and the plan made with its
+    decision is applied before the lock is released (no two gangs get the same GPUs).
+    """
+    state = _state(memo)
+    seen = await _observe(api, job, state.gone_nodes)
+    placed_by_queue = wants_placement(job)
+    move = state.queue.move_for(queue_key(job), job.status.phase) if placed_by_queue else None
+    plan, snaps = _plan(job, seen, now, move=move, placed_by_queue=placed_by_queue)
+    if not plan.needs_placement:
+        refusal = await _apply(api, job, body, plan, snaps, now, state.metrics, logger)
     else:
-        snaps = await _plan_snapshots(api, job, plan, pods, now)
-        await _apply_status(api, job, body, plan, now, logger)
-        await _apply_snapshots(api, body, snaps, logger)
-        refusal = await _create(api, plan.create)
-    if refusal is not None or (plan.create and plan.on_created is not None):
-        await _settle_creates(api, job, body, plan, refusal, now, logger)
-    if plan.delete_pods:
-        await api.delete_pods(namespace, plan.delete_pods)
-    if _frees_gpus(job, plan):
-        wake_all(memo)  # queued gangs may fit now, rather than at their next recheck
-    if plan.events:
-        await asyncio.gather(*(api.post_event(body, e.reason, e.message, e.type) for e in plan.events))
-    if plan.delete_job:
-        logger.info("ttlSecondsAfterFinished passed: deleting the TrainingJob")
-        await api.delete(TRAININGJOBS, namespace, name)
-        return None
-    return plan.requeue_after
+        async with state.placement_lock:
+            snapshot = await _queue_snapshot(api, memo, job.metadata.namespace, logger)
+            result = queue_pass(snapshot, job, state.queue) if snapshot is not None else None
+            if result is not None:
+                state.queue.apply(result)
+            plan, snaps = _plan(job, seen, now, result.decision if result else None, move=move)
+            refusal = await _apply(api, job, body, plan, snaps, now, state.metrics, logger)
+        if result is not None:
+            _wake_queue(memo, result, logger)
+    return await _finish(api, job, body, plan, refusal, now, memo, logger)
+
+
+# -- observe -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Observed:
+    """What one pass reads about a job before planning."""
+
+    pods: list[dict[str, Any]]  # its worker pods, those on deleted Nodes shown as lost
+    snapshots: SnapshotsSeen | None  # None: the job keeps no snapshots
+    service_exists: bool | None = None  # its headless Service (None: not looked at)
+    pvc_exists: bool | None = None  # the checkpoint PVC the operator creates (None: not looked at)
+
+
+async def _observe(api: ApiClient, job: TrainingJob, gone_nodes: set[str]) -> _Observed:
+    """The job's pods, whether its Service and checkpoint PVC are there (while it has pods) and,
+    when it keeps snapshots, its VolumeSnapshots and those in use."""
+    ns, name = job.metadata.namespace, job.metadata.name
+    listed = await api.list_pods(ns, selector(job))
+    service_exists, pvc_exists = await _children_exist(api, job) if listed else (None, None)
+    pods = _node_lost(listed, gone_nodes)
+    if job.spec.checkpoint.snapshots is None or job.spec.checkpoint.volume is None:
+        return _Observed(pods, None, service_exists, pvc_exists)
+    try:
+        snapshots = await api.list_objects(VOLUME_SNAPSHOTS, ns, {LABEL_JOB: label_value(name)})
+        available = True
+    except ApiError as exc:
+        if not exc.not_found:  # 404: the cluster has no snapshot CRDs; the plan says so and goes on
+            raise
+        snapshots, available = [], False
+    try:
+        in_use = snapshots_in_use(await api.list_objects(MODELSERVINGS, ns), name)
+    except ApiError as exc:
+        if not exc.not_found:
+            raise
+        in_use = set()
+    return _Observed(pods, SnapshotsSeen(snapshots, in_use, available), service_exists, pvc_exists)
 
 
 async def _children_exist(api: ApiClient, job: TrainingJob) -> tuple[bool | None, bool | None]:
@@ -287,48 +319,110 @@ def _ours(obj: Mapping[str, Any] | None, uid: str) -> bool:
     return owner is None or owner[1] == uid
 
 
-async def _plan_snapshots(
-    api: ApiClient, job: TrainingJob, plan: Plan, pods: list[dict[str, Any]], now: datetime
-) -> SnapshotPlan | None:
-    """Plan VolumeSnapshots for the job's new status and fold them into ``plan`` (status, requeue)."""
-    if job.spec.checkpoint.snapshots is None or job.spec.checkpoint.volume is None:
+async def _queue_snapshot(
+    api: ApiClient, memo: kopf.Memo, namespace: str, logger: kopf.Logger
+) -> QueueSnapshot | None:
+    """Read what a queue pass decides over; None without readable Nodes (the gang goes unplaced)."""
+    try:
+        nodes, pods = await asyncio.gather(api.list_objects(NODES), api.list_objects(PODS))
+    except ApiError as exc:
+        if exc.status != 403:
+            raise
+        logger.warning("cannot list nodes/pods cluster-wide (%s): creating the gang unplaced", exc.reason)
         return None
-    ns, name = job.metadata.namespace, job.metadata.name
     try:
-        snapshots = await api.list_objects(VOLUME_SNAPSHOTS, ns, {LABEL_JOB: label_value(name)})
-        available = True
+        jobs = await api.list_objects(TRAININGJOBS)
     except ApiError as exc:
-        if not exc.not_found:  # 404: the cluster has no snapshot CRDs; say so and go on
+        if exc.status != 403:
             raise
-        snapshots, available = [], False
-    try:
-        in_use = snapshots_in_use(await api.list_objects(MODELSERVINGS, ns), name)
-    except ApiError as exc:
-        if not exc.not_found:
-            raise
-        in_use = set()
-    stopped = not any((p.get("status") or {}).get("phase") in ("Pending", "Running", "Unknown") for p in pods)
-    planned = job.model_copy(update={"status": plan.status})
-    snaps = plan_snapshots(planned, snapshots, in_use, now, available, workers_stopped=stopped)
-    for status in (plan.status, plan.on_created):
-        if status is None:
-            continue
-        if available:
-            status.checkpoints = snaps.records
-        if snaps.condition is not None:
-            ok, reason, message = snaps.condition
-            status.conditions = set_condition(
-                status.conditions,
-                ConditionType.CHECKPOINT_READY,
-                "True" if ok else "False",
-                reason,
-                message,
-                now,
-                job.metadata.generation,
-            )
-    if snaps.requeue_after is not None:
-        plan.requeue_after = min(plan.requeue_after or snaps.requeue_after, snaps.requeue_after)
-    return snaps
+        # an operator scoped to namespaces queues the gangs of the namespace it can see
+        logger.warning("cannot list TrainingJobs cluster-wide (%s): queue of %s only", exc.reason, namespace)
+        jobs = await api.list_objects(TRAININGJOBS, namespace)
+    now = time.time()
+    policy = memo.get("queue_policy")  # set at startup; None only where startup did not run
+    return queue_snapshot(nodes, pods, queued_jobs(jobs), now, running_gangs(jobs, now), policy,
+                          movable_gangs(jobs), placed_without_pods(jobs, pods))
+
+
+# -- plan ----------------------------------------------------------------------------------------
+
+
+def _plan(
+    job: TrainingJob,
+    seen: _Observed,
+    now: datetime,
+    placement: PlacementDecision | None = None,
+    *,
+    move: str | None,
+    placed_by_queue: bool = False,
+) -> tuple[Plan, SnapshotPlan | None]:
+    """The gang lifecycle's plan with the snapshots folded in (pure)."""
+    plan = plan_trainingjob(job, seen.pods, now, placement, seen.service_exists, seen.pvc_exists, move=move,
+                            placed_by_queue=placed_by_queue)
+    if plan.needs_placement or seen.snapshots is None:
+        return plan, None
+    return with_snapshots(job, plan, seen.pods, seen.snapshots, now)
+
+
+# -- apply ---------------------------------------------------------------------------------------
+
+
+async def _apply(
+    api: ApiClient,
+    job: TrainingJob,
+    body: Mapping[str, Any],
+    plan: Plan,
+    snaps: SnapshotPlan | None,
+    now: datetime,
+    metrics: JobMetrics,
+    logger: kopf.Logger,
+) -> ApiError | None:
+    """Write the status, then snapshots, then the gang's objects; the server's refusal, if any."""
+    old, new = job.status, plan.status
+    patch = status_merge_patch(body.get("status"), new)
+    if patch:
+        await api.patch_status(TRAININGJOBS, job.metadata.namespace, job.metadata.name, patch)
+        if old.phase != new.phase:
+            logger.info("phase %s -> %s: %s", old.phase, new.phase, new.message)
+    metrics.observe(job, old, new, now)
+    await _apply_snapshots(api, body, snaps, logger)
+    return await _create(api, plan.create)
+
+
+def _wake_queue(memo: kopf.Memo, result: QueuePass, logger: kopf.Logger) -> None:
+    """Wake the jobs a queue pass names: queued gangs it found room for, and gangs it moves."""
+    for uid in result.startable:
+        wake(memo, uid)
+    for pending in result.moving:
+        move = pending.move
+        logger.info("moving %s to %s: %s", move.gang, ",".join(move.to.nodes), move.reason)
+        wake(memo, pending.uid)
+
+
+async def _finish(
+    api: ApiClient,
+    job: TrainingJob,
+    body: Mapping[str, Any],
+    plan: Plan,
+    refusal: ApiError | None,
+    now: datetime,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+) -> float | None:
+    """After the creates: settle them, delete pods, post Events, delete the job at its TTL."""
+    if refusal is not None or (plan.create and plan.on_created is not None):
+        await _settle_creates(api, job, body, plan, refusal, now, _state(memo).metrics, logger)
+    if plan.delete_pods:
+        await api.delete_pods(job.metadata.namespace, plan.delete_pods)
+    if _frees_gpus(job, plan):
+        wake_all(memo)  # queued gangs may fit now, rather than at their next recheck
+    if plan.events:
+        await asyncio.gather(*(api.post_event(body, e.reason, e.message, e.type) for e in plan.events))
+    if plan.delete_job:
+        logger.info("ttlSecondsAfterFinished passed: deleting the TrainingJob")
+        await api.delete(TRAININGJOBS, job.metadata.namespace, job.metadata.name)
+        return None
+    return plan.requeue_after
 
 
 async def _apply_snapshots(
@@ -355,42 +449,6 @@ def _frees_gpus(job: TrainingJob, plan: Plan) -> bool:
     gpu_gang = job.spec.gpus_per_worker > 0
     ended = plan.status.phase in TERMINAL_PHASES and job.status.phase not in TERMINAL_PHASES
     return gpu_gang and (bool(plan.delete_pods) or ended)
-
-
-async def _fetch_placer(
-    api: ApiClient, memo: kopf.Memo, queue: QueueState, namespace: str, logger: kopf.Logger
-) -> Placer | None:
-    try:
-        nodes, pods = await asyncio.gather(api.list_objects(NODES), api.list_objects(PODS))
-    except ApiError as exc:
-        if exc.status != 403:
-            raise
-        logger.warning("cannot list nodes/pods cluster-wide (%s): creating the gang unplaced", exc.reason)
-        return None
-    try:
-        jobs = await api.list_objects(TRAININGJOBS)
-    except ApiError as exc:
-        if exc.status != 403:
-            raise
-        # an operator scoped to namespaces queues the gangs of the namespace it can see
-        logger.warning("cannot list TrainingJobs cluster-wide (%s): queue of %s only", exc.reason, namespace)
-        jobs = await api.list_objects(TRAININGJOBS, namespace)
-    now = time.time()
-    policy = memo.get("queue_policy")  # set at startup; None only where startup did not run
-    return make_placer(nodes, pods, queued_jobs(jobs), queue, now, running_gangs(jobs, now), policy,
-                       movable_gangs(jobs), placed_without_pods(jobs, pods))
-
-
-async def _apply_status(
-    api: ApiClient, job: TrainingJob, body: Mapping[str, Any], plan: Plan, now: datetime, logger: kopf.Logger
-) -> None:
-    old, new = job.status, plan.status
-    patch = status_merge_patch(body.get("status"), new)
-    if patch:
-        await api.patch_status(TRAININGJOBS, job.metadata.namespace, job.metadata.name, patch)
-        if old.phase != new.phase:
-            logger.info("phase %s -> %s: %s", old.phase, new.phase, new.message)
-    METRICS.observe(job, old, new, now)
 
 
 async def _create(api: ApiClient, objs: list[dict[str, Any]]) -> ApiError | None:
@@ -420,6 +478,7 @@ async def _settle_creates(
     plan: Plan,
     refusal: ApiError | None,
     now: datetime,
+    metrics: JobMetrics,
     logger: kopf.Logger,
 ) -> None:
     """After the creates: a refusal goes into the status (Admitted=False/CreateFailed with the
@@ -439,7 +498,7 @@ async def _settle_creates(
     patch = status_merge_patch(written, status)
     if patch:
         await api.patch_status(TRAININGJOBS, namespace, name, patch)
-    METRICS.observe(job, plan.status, status, now)
+    metrics.observe(job, plan.status, status, now)
     await api.post_event(body, CREATE_FAILED, refusal.message, "Warning")
     raise Reported(f"creating the gang's objects was refused: {refusal}")
 
@@ -477,7 +536,7 @@ def worker_pod_changed(labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> 
 @kopf.on.event("", "v1", "nodes", id="node-gone")
 def node_changed(type: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     """A deleted Node loses the pods on it: wake every job so lost gangs restart at once."""
-    gone: set[str] = memo.get("gone_nodes", set())
+    gone = _state(memo).gone_nodes
     if type == "DELETED":
         gone.add(name)
         wake_all(memo)
@@ -509,11 +568,13 @@ async def trainingjob_deleted(
         if exc.status in (0, 429) or exc.status >= 500:
             raise kopf.TemporaryError(f"cleanup failed, retrying: {exc}", delay=CLEANUP_RETRY_S) from exc
         raise
+    _state(memo).metrics.forget(namespace, name)
 
 
 async def _delete_children(
     api: ApiClient, name: str, namespace: str, uid: str, spec: Mapping[str, Any], logger: kopf.Logger
 ) -> None:
+    """Delete the pods, Service and owned PVC of TrainingJob ``uid`` (see :func:`trainingjob_deleted`)."""
     pods = await api.list_pods(namespace, {LABEL_JOB_UID: uid})
     await api.delete_pods(namespace, [p["metadata"]["name"] for p in pods])
     try:
@@ -535,8 +596,7 @@ async def _delete_children(
         pvc = await api.get(PVCS, namespace, claim) if claim else None
         if claim and pvc is not None and owner_of(pvc, KIND) == (name, uid):
             await api.delete(PVCS, namespace, claim)
-    METRICS.forget(namespace, name)
     logger.info("deleted %d worker pod(s) and owned children", len(pods))
 
 
-__all__ = ["make_placer", "reconcile", "rfc3339", "status_merge_patch", "wants_placement"]
+__all__ = ["JobMetrics", "TrainingState", "reconcile", "rfc3339", "status_merge_patch", "wants_placement"]

@@ -82,7 +82,7 @@ class LocalTrainingRun:
     def step(self, now: datetime) -> float | None:
         """Reconcile once; return seconds until the next reconcile (None when finished)."""
         observed = [w.observed() for w in self.workers.values()]
-        plan = plan_trainingjob(self.job, observed, now, placer=None, service_exists=True, pvc_exists=True)
+        plan = plan_trainingjob(self.job, observed, now, service_exists=True, pvc_exists=True)
         before = (self.job.status.phase, self.job.status.message)
         self.job = self.job.model_copy(update={"status": plan.status})
         for obj in plan.create:

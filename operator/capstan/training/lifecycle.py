@@ -6,7 +6,6 @@ plan applied twice, or after an operator restart, changes nothing more.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -63,11 +62,6 @@ class PlacementDecision:
     reason: str = ""
 
 
-# Called only when a new gang is about to be created; None means "no placement engine" (local
-# runtime, Kueue-managed jobs, CPU jobs): pods go to the default scheduler unpinned.
-Placer = Callable[[TrainingJob], PlacementDecision]
-
-
 @dataclass
 class Plan:
     """What the executor should do; ``status`` is the complete new status.
@@ -76,6 +70,10 @@ class Plan:
     :data:`CREATE_FAILED`, this generation), ``status`` keeps showing it and the executor writes
     ``on_created`` once every object of ``create`` was created; a refused create again is
     reported with :func:`refused`.
+
+    ``needs_placement``: the gang is about to be created and Capstan's placement queue places it,
+    but no decision was given. Such a plan changes nothing (``status`` is the job's own): the
+    caller runs a queue pass and plans again with its decision.
     """
 
     status: TrainingJobStatus
@@ -85,6 +83,7 @@ class Plan:
     requeue_after: float | None = None
     delete_job: bool = False
     on_created: TrainingJobStatus | None = None
+    needs_placement: bool = False
 
 
 @dataclass(frozen=True)
@@ -207,24 +206,31 @@ def plan_trainingjob(
     job: TrainingJob,
     pods: list[dict[str, Any]],
     now: datetime,
-    placer: Placer | None = None,
+    placement: PlacementDecision | None = None,
     service_exists: bool | None = None,
     pvc_exists: bool | None = None,
     move: str | None = None,
+    *,
+    placed_by_queue: bool = False,
 ) -> Plan:
     """Decide the next step of ``job`` given its observed worker ``pods`` at time ``now``.
 
+    ``placement`` is the placement queue's decision for a gang about to be created. Without one,
+    a job ``placed_by_queue`` gets a plan that only says it needs one (``needs_placement``), and
+    any other job (local runtime, Kueue-managed, CPU) gets its pods unpinned, for the default
+    scheduler. ``move`` (why, in words) asks to move a running gang: its pods are stopped and the
+    gang is recreated where its next placement says. Ignored unless every worker runs.
     ``service_exists`` / ``pvc_exists``: whether the job's headless Service and the checkpoint PVC
     the operator creates are there (None: not looked at). A new gang's creation always includes
     those not known to exist; while a gang is alive, one known to be missing is created again
     (a create that met a namesake about to go, an object deleted by hand), with a short requeue.
-
-    ``move`` (why, in words) asks to move a running gang: its pods are stopped and the gang is
-    recreated through ``placer``, which knows where it goes. Ignored unless every worker runs.
     A refusal of the API server on record (see :class:`Plan`) stays on show until creating works.
     """
     refusal = refusal_on_record(job.status.conditions, CT.ADMITTED, job.metadata.generation)
-    plan = _plan(job, pods, now, placer, service_exists, pvc_exists, move, refusal is None)
+    admit = refusal is None
+    plan = _plan(job, pods, now, placement, placed_by_queue, service_exists, pvc_exists, move, admit)
+    if plan.needs_placement:
+        return Plan(status=job.status.model_copy(deep=True), needs_placement=True)
     if refusal is not None and plan.create:
         plan.on_created = plan.status.model_copy(deep=True)
         plan.on_created.conditions = set_condition(
@@ -248,7 +254,8 @@ def _plan(
     job: TrainingJob,
     pods: list[dict[str, Any]],
     now: datetime,
-    placer: Placer | None,
+    placement: PlacementDecision | None,
+    placed_by_queue: bool,
     service_exists: bool | None,
     pvc_exists: bool | None,
     move: str | None,
@@ -327,7 +334,7 @@ def _plan(
         )
 
     if not current:
-        return _create_gang(b, placer, service_exists, pvc_exists)
+        return _create_gang(b, placement, placed_by_queue, service_exists, pvc_exists)
     _recreate_missing_children(b, service_exists, pvc_exists)
     if missing:  # a creation interrupted part-way (e.g. operator restart): finish it
         _create_workers(b, missing, _placed_nodes(st))
@@ -385,7 +392,8 @@ def _recreate_missing_children(b: _Builder, service_exists: bool | None, pvc_exi
 
 
 def _create_gang(
-    b: _Builder, placer: Placer | None, service_exists: bool | None, pvc_exists: bool | None
+    b: _Builder, decision: PlacementDecision | None, placed_by_queue: bool, service_exists: bool | None,
+    pvc_exists: bool | None,
 ) -> Plan:
     st, job = b.status, b.job
     wait_until = parse_time(st.restart_after)
@@ -397,8 +405,10 @@ def _create_gang(
         return b.plan
     st.restart_after = None
     nodes: list[str] = []
-    if placer is not None:
-        decision = placer(job)
+    if decision is None and placed_by_queue:
+        b.plan.needs_placement = True
+        return b.plan
+    if decision is not None:
         if not decision.placed:
             b.condition(CT.PLACED, False, PlacedReason.WAITING_FOR_CAPACITY, decision.reason)
             b.phase("Queued", "Queued", f"waiting for capacity: {decision.reason}")

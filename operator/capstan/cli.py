@@ -31,6 +31,7 @@ def _cmd_crds(args: argparse.Namespace) -> int:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
+    from capstan.config import OperatorConfig
     from capstan.render import render, to_yaml
 
     resources = [r for f in args.file for r in load_resources(f)]
@@ -43,7 +44,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
             else r.model_copy(update={"metadata": r.metadata.model_copy(update=update)})
             for r in resources
         ]
-    sys.stdout.write(to_yaml(render(resources)))
+    # The operator's own environment variables, as the operator would read them.
+    sys.stdout.write(to_yaml(render(resources, OperatorConfig.from_env())))
     return 0
 
 

@@ -284,7 +284,8 @@ async def test_metrics_endpoint(cluster: Cluster, env: sc.Env, operator: None) -
 
 def test_replicas_get_distinct_peering_priorities() -> None:
     # Kopf freezes every replica when the top priority is shared: HA needs distinct ones.
+    from capstan.config import OperatorConfig
     from capstan.kube.runtime import peering_priority
 
-    assert peering_priority({"CAPSTAN_PEERING_PRIORITY": "100"}) == 100
-    assert len({peering_priority({}) for _ in range(20)}) > 1
+    assert peering_priority(OperatorConfig.from_env({"CAPSTAN_PEERING_PRIORITY": "100"})) == 100
+    assert len({peering_priority(OperatorConfig.from_env({})) for _ in range(20)}) > 1

@@ -8,7 +8,7 @@ GPUs it waits for), and a gang behind it may start only outside those GPUs, so a
 gangs cannot starve a big one. The reservation is kept between passes in :class:`QueueState`
 (operator memory: after a restart the next pass simply computes it again).
 
-How the queue runs is the operator's :class:`~capstan.topology.QueuePolicy` (environment, checked
+How the queue runs is the operator's :class:`~capstan.topology.QueuePolicy` (configuration, checked
 at startup): by default a blocked gang gets its reservation after 24 h (before that anything
 behind it that fits starts), and gangs that declare ``activeDeadlineSeconds`` get EASY backfill
 (a gang whose limit ends before the head's expected start may use reserved GPUs) and the
@@ -35,6 +35,7 @@ from capstan.api.conditions import parse_time
 from capstan.api.loading import InvalidResource, parse_resource
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob
 from capstan.topology import (
+    DEFAULT_LEVELS,
     Decision,
     GangRequest,
     Inventory,
@@ -44,8 +45,8 @@ from capstan.topology import (
     QueuePolicy,
     Reservation,
     RunningGang,
+    TopologyLevels,
     build_inventory,
-    levels_from_env,
     plan_defragmentation,
     schedule_queue,
 )
@@ -218,6 +219,8 @@ def make_placer(
     running: Sequence[RunningGang] = (),
     policy: QueuePolicy | None = None,
     movable: Sequence[tuple[MovableGang, str]] = (),
+    *,
+    levels: TopologyLevels = DEFAULT_LEVELS,
 ) -> Placer | None:
     """A :data:`Placer` over the cluster's Nodes and Pods and the queued gangs; None without Nodes.
 
@@ -228,6 +231,7 @@ def make_placer(
     ``running`` are the placed gangs (:func:`running_gangs`) and ``policy`` the queue's tunables
     (default :class:`QueuePolicy`); ``movable`` (:func:`movable_gangs`) are the gangs a
     defragmentation may move. Decided moves go to ``state.moves`` and ``state.to_move``.
+    ``levels`` are the operator's topology levels.
     """
     if not nodes:
         return None
@@ -237,7 +241,7 @@ def make_placer(
         if node and not (pod.get("spec") or {}).get("nodeName"):
             pod = {**pod, "spec": {**(pod.get("spec") or {}), "nodeName": node}}
         bound.append(pod)
-    inventory = build_inventory(nodes, bound, levels_from_env())
+    inventory = build_inventory(nodes, bound, levels)
     state = state if state is not None else QueueState()
     at = time.time() if now is None else now
     queue_policy = policy or QueuePolicy()

@@ -55,7 +55,14 @@ from capstan.kube.placement import (
     running_gangs,
     wants_placement,
 )
-from capstan.kube.runtime import Reported, reconcile_loop, refused_by_server, wake, wake_all
+from capstan.kube.runtime import (
+    Reported,
+    operator_config,
+    reconcile_loop,
+    refused_by_server,
+    wake,
+    wake_all,
+)
 from capstan.kube.status import reconcile_live, status_merge_patch
 from capstan.metrics import (
     GANG_RESTARTS,
@@ -217,13 +224,15 @@ async def _reconcile_job(
     # set at startup: each object's memo is a shallow copy, so all loops share it
     queue: QueueState = memo["placement_queue"]
     move = queue.move_for(queue_key(job), job.status.phase) if wants_placement(job) else None
+    levels = operator_config(memo).topology_levels
+    probe = _probe if wants_placement(job) else None
     try:
-        plan = plan_trainingjob(job, pods, now, _probe if wants_placement(job) else None, move=move)
+        plan = plan_trainingjob(job, pods, now, probe, move=move, levels=levels)
     except _NeedsPlacement:
         lock: asyncio.Lock = memo["placement_lock"]
         async with lock:  # place and create under one lock: no two gangs get the same GPUs
             placer = await _fetch_placer(api, memo, queue, namespace, logger)
-            plan = plan_trainingjob(job, pods, now, placer)
+            plan = plan_trainingjob(job, pods, now, placer, levels=levels)
             snaps = await _plan_snapshots(api, job, plan, pods, now)
             await _apply_status(api, job, body, plan, now, logger)
             await _apply_snapshots(api, body, snaps, logger)
@@ -344,9 +353,9 @@ async def _fetch_placer(
         logger.warning("cannot list TrainingJobs cluster-wide (%s): queue of %s only", exc.reason, namespace)
         jobs = await api.list_objects(TRAININGJOBS, namespace)
     now = time.time()
-    policy = memo.get("queue_policy")  # set at startup; None only where startup did not run
-    return make_placer(nodes, pods, queued_jobs(jobs), queue, now, running_gangs(jobs, now), policy,
-                       movable_gangs(jobs))
+    config = operator_config(memo)
+    return make_placer(nodes, pods, queued_jobs(jobs), queue, now, running_gangs(jobs, now), config.queue,
+                       movable_gangs(jobs), levels=config.topology_levels)
 
 
 async def _apply_status(

@@ -34,6 +34,7 @@ from capstan.api.conditions import (
 )
 from capstan.api.modelserving import ModelServing, ModelServingStatus, RevisionStatus, RolloutStatus
 from capstan.naming import LABEL_REVISION, LABEL_SERVING, label_value
+from capstan.security import DEFAULT_OPERATOR_NAMESPACE
 from capstan.serving.analysis import AnalysisResult
 from capstan.serving.model_source import ModelNotReady, resolve_model
 from capstan.serving.revisions import (
@@ -148,16 +149,18 @@ def plan_modelserving(
     *,
     gateway_api: bool = False,
     analysis: AnalysisResult | None = None,
+    operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE,
 ) -> ServingPlan:
     """Decide the next step of ``ms`` given what was observed at ``now``.
 
     ``gateway_api``: the cluster serves HTTPRoute (gateway.networking.k8s.io/v1); traffic is then
     split by route weights. ``analysis``: the verdict on the canary's current step, when the
     executor scraped it (the planner says when one is due through :func:`analysis_due`).
+    ``operator_namespace``: where the operator runs (the servers' NetworkPolicy admits it).
     A refusal of the API server on record (see :class:`ServingPlan`) stays on show until
     applying works.
     """
-    plan = _plan(ms, observed, now, gateway_api, analysis)
+    plan = _plan(ms, observed, now, gateway_api, analysis, operator_namespace)
     if plan.objects and refusal_on_record(ms.status.conditions, CT.PROGRESSING, ms.metadata.generation):
         plan.on_applied = plan.status
         kept = plan.status.model_copy(deep=True)
@@ -173,6 +176,7 @@ def _plan(
     now: datetime,
     gateway_api: bool,
     analysis: AnalysisResult | None,
+    operator_namespace: str,
 ) -> ServingPlan:
     spec, gen = ms.spec, ms.metadata.generation
     st = ms.status.model_copy(deep=True)
@@ -251,7 +255,7 @@ def _plan(
     live = set(weights)
 
     # --- objects -------------------------------------------------------------------------------
-    policy = network_policy(ms) if live else None
+    policy = network_policy(ms, operator_namespace=operator_namespace) if live else None
     if policy is not None:  # applied with the Services, before a revision's pods start
         plan.objects.append(policy)
     if live:

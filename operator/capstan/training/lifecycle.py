@@ -40,6 +40,7 @@ from capstan.api.trainingjob import (
 from capstan.events import Event
 from capstan.naming import LABEL_ATTEMPT, LABEL_RANK
 from capstan.security import nonroot_advice, nonroot_refusal
+from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
 from capstan.training.pods import (
     EXIT_PREEMPTED,
     checkpoint_pvc,
@@ -135,9 +136,10 @@ def worker_state(pod: dict[str, Any]) -> WorkerState | None:
 class _Builder:
     """Accumulates status changes, events and actions for one reconcile."""
 
-    def __init__(self, job: TrainingJob, now: datetime) -> None:
+    def __init__(self, job: TrainingJob, now: datetime, levels: TopologyLevels) -> None:
         self.job = job
         self.now = now
+        self.levels = levels
         self.old_phase = job.status.phase
         self.status = job.status.model_copy(deep=True)
         self.status.observed_generation = job.metadata.generation
@@ -211,15 +213,18 @@ def plan_trainingjob(
     service_exists: bool = False,
     pvc_exists: bool = False,
     move: str | None = None,
+    *,
+    levels: TopologyLevels = DEFAULT_LEVELS,
 ) -> Plan:
     """Decide the next step of ``job`` given its observed worker ``pods`` at time ``now``.
 
     ``move`` (why, in words) asks to move a running gang: its pods are stopped and the gang is
     recreated through ``placer``, which knows where it goes. Ignored unless every worker runs.
+    ``levels`` are the operator's topology levels (see :func:`~capstan.training.pods.worker_pod`).
     A refusal of the API server on record (see :class:`Plan`) stays on show until creating works.
     """
     refusal = refusal_on_record(job.status.conditions, CT.ADMITTED, job.metadata.generation)
-    plan = _plan(job, pods, now, placer, service_exists, pvc_exists, move, refusal is None)
+    plan = _plan(job, pods, now, placer, service_exists, pvc_exists, move, refusal is None, levels=levels)
     if refusal is not None and plan.create:
         plan.on_created = plan.status.model_copy(deep=True)
         plan.on_created.conditions = set_condition(
@@ -248,8 +253,10 @@ def _plan(
     pvc_exists: bool,
     move: str | None,
     admit: bool,
+    *,
+    levels: TopologyLevels,
 ) -> Plan:
-    b = _Builder(job, now)
+    b = _Builder(job, now, levels)
     st = b.status
     workers = [w for w in (worker_state(p) for p in pods) if w is not None]
     current = [w for w in workers if w.attempt == st.attempt]
@@ -364,7 +371,7 @@ def _placed_nodes(st: TrainingJobStatus) -> list[str]:
 def _create_workers(b: _Builder, ranks: list[int], nodes: list[str]) -> None:
     for rank in ranks:
         node = nodes[rank] if rank < len(nodes) else None
-        b.plan.create.append(worker_pod(b.job, rank, b.status.attempt, node))
+        b.plan.create.append(worker_pod(b.job, rank, b.status.attempt, node, levels=b.levels))
 
 
 def _create_gang(b: _Builder, placer: Placer | None, service_exists: bool, pvc_exists: bool) -> Plan:

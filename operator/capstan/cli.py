@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from capstan.api.loading import InvalidDocuments, InvalidResource, load_resources
+from capstan.config import ConfigError
 
 EXIT_INVALID = 2
 
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidResource as exc:
         for problem in exc.problems if isinstance(exc, InvalidDocuments) else [exc]:
             print(f"error: {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    except ConfigError as exc:  # `capstan render` previews with the operator's environment
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except OSError as exc:  # e.g. the output pipe closed; input files are read by the loader
         print(f"error: {exc}", file=sys.stderr)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 from tests.api.bodies import ms, tj
 
 from capstan.api.loading import parse_resource
@@ -83,3 +86,16 @@ def test_render_previews_with_the_operators_configuration() -> None:
     sources = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
     namespaces = [p.get("namespaceSelector", {}).get("matchLabels") for p in sources]
     assert {"kubernetes.io/metadata.name": "ops"} in namespaces
+
+
+def test_render_names_a_bad_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from capstan.cli import EXIT_INVALID, main
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tj()))
+    monkeypatch.setenv("POD_NAMESPACE", "ops")
+    monkeypatch.setenv("CAPSTAN_WEBHOOK_PORT", "https")
+    assert main(["render", "-f", str(path)]) == EXIT_INVALID
+    assert "error: CAPSTAN_WEBHOOK_PORT: 'https' is not an integer" in capsys.readouterr().err

@@ -95,7 +95,6 @@ def test_render_names_a_bad_variable(
 
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(tj()))
-    monkeypatch.setenv("POD_NAMESPACE", "ops")
     monkeypatch.setenv("CAPSTAN_WEBHOOK_PORT", "https")
     assert main(["render", "-f", str(path)]) == EXIT_INVALID
     assert "error: CAPSTAN_WEBHOOK_PORT: 'https' is not an integer" in capsys.readouterr().err

@@ -106,6 +106,7 @@ def step_weights(spec: RolloutSpec, rollout: RolloutStatus | None) -> tuple[int,
 def tick(
     st: ModelServingStatus,
     desired: str | None,
+    *,
     spec: RolloutSpec,
     observed: dict[str, RevisionState],
     canary_replicas: Callable[[int], int],

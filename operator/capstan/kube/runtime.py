@@ -224,7 +224,9 @@ async def reconcile_loop(
                 else:
                     logger.warning("reconcile failed again (retry in %.0fs): %s", delay, message)
                 last_error = message
-                await _report_error(api, res, kind, namespace, name, uid, condition, message, logger)
+                await _report_error(
+                    api, res, kind, namespace, name, uid, condition=condition, message=message, logger=logger
+                )
                 await asyncio.sleep(delay)
                 continue
             timeout = RESYNC_S if delay is None else min(max(delay, 0.0), RESYNC_S)
@@ -250,13 +252,16 @@ async def _report_error(
     namespace: str,
     name: str,
     uid: str,
+    *,
     condition: str,
     message: str,
     logger: kopf.Logger,
 ) -> None:
     """Condition and Warning Event for a failed pass; best effort (the API may be what failed)."""
     try:
-        changed = await report_error(api, res, namespace, name, uid, condition, message, datetime.now(UTC))
+        changed = await report_error(
+            api, res, namespace, name, uid, condition=condition, message=message, now=datetime.now(UTC)
+        )
     except Exception as exc:
         logger.warning("could not report the reconcile error in the status: %s", _describe(exc))
         return

@@ -227,12 +227,12 @@ async def _reconcile_job(
     levels = operator_config(memo).topology_levels
     probe = _probe if wants_placement(job) else None
     try:
-        plan = plan_trainingjob(job, pods, now, probe, move=move, levels=levels)
+        plan = plan_trainingjob(job, pods, now, placer=probe, move=move, levels=levels)
     except _NeedsPlacement:
         lock: asyncio.Lock = memo["placement_lock"]
         async with lock:  # place and create under one lock: no two gangs get the same GPUs
             placer = await _fetch_placer(api, memo, queue, namespace, logger)
-            plan = plan_trainingjob(job, pods, now, placer, levels=levels)
+            plan = plan_trainingjob(job, pods, now, placer=placer, levels=levels)
             snaps = await _plan_snapshots(api, job, plan, pods, now)
             await _apply_status(api, job, body, plan, now, logger)
             await _apply_snapshots(api, body, snaps, logger)
@@ -300,8 +300,8 @@ async def _plan_snapshots(
                 "True" if ok else "False",
                 reason,
                 message,
-                now,
-                job.metadata.generation,
+                now=now,
+                generation=job.metadata.generation,
             )
     if snaps.requeue_after is not None:
         plan.requeue_after = min(plan.requeue_after or snaps.requeue_after, snaps.requeue_after)

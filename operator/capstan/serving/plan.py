@@ -138,7 +138,8 @@ def refused(
     st = status.model_copy(deep=True)
     text = f"the API server refused {what}: {message}"
     st.conditions = set_condition(
-        st.conditions, CT.PROGRESSING, "False", Reason.CREATE_FAILED, text, now, ms.metadata.generation
+        st.conditions, CT.PROGRESSING, "False", Reason.CREATE_FAILED, text,
+        now=now, generation=ms.metadata.generation,
     )
     st.message = text
     return st
@@ -468,7 +469,8 @@ def _cond(
     plan: ServingPlan, ms: ModelServing, now: datetime, type_: str, ok: bool, reason: str, msg: str
 ) -> None:
     plan.status.conditions = set_condition(
-        plan.status.conditions, type_, "True" if ok else "False", reason, msg, now, ms.metadata.generation
+        plan.status.conditions, type_, "True" if ok else "False", reason, msg,
+        now=now, generation=ms.metadata.generation,
     )
 
 

@@ -152,8 +152,8 @@ class _Builder:
             "True" if ok else "False",
             reason,
             message,
-            self.now,
-            self.job.metadata.generation,
+            now=self.now,
+            generation=self.job.metadata.generation,
         )
 
     def phase(self, phase: str, reason: str, message: str, warning: bool = False) -> None:
@@ -189,7 +189,7 @@ def refused(job: TrainingJob, status: TrainingJobStatus, message: str, now: date
     st = status.model_copy(deep=True)
     gen = job.metadata.generation
     st.conditions = set_condition(
-        st.conditions, CT.ADMITTED, "False", Reason.CREATE_FAILED, message, now, gen
+        st.conditions, CT.ADMITTED, "False", Reason.CREATE_FAILED, message, now=now, generation=gen
     )
     st.message = f"the API server refused the gang's objects: {message}"
     if st.workers.active + st.workers.succeeded + st.workers.failed == 0:
@@ -198,7 +198,7 @@ def refused(job: TrainingJob, status: TrainingJobStatus, message: str, now: date
         if get_condition(st.conditions, CT.PLACED) is not None:
             st.conditions = set_condition(
                 st.conditions, CT.PLACED, "False", Reason.CREATE_FAILED,
-                "no worker pod could be created", now, gen,
+                "no worker pod could be created", now=now, generation=gen,
             )
     else:
         st.phase = "Starting"
@@ -209,11 +209,11 @@ def plan_trainingjob(
     job: TrainingJob,
     pods: list[dict[str, Any]],
     now: datetime,
+    *,
     placer: Placer | None = None,
     service_exists: bool = False,
     pvc_exists: bool = False,
     move: str | None = None,
-    *,
     levels: TopologyLevels = DEFAULT_LEVELS,
 ) -> Plan:
     """Decide the next step of ``job`` given its observed worker ``pods`` at time ``now``.
@@ -224,12 +224,15 @@ def plan_trainingjob(
     A refusal of the API server on record (see :class:`Plan`) stays on show until creating works.
     """
     refusal = refusal_on_record(job.status.conditions, CT.ADMITTED, job.metadata.generation)
-    plan = _plan(job, pods, now, placer, service_exists, pvc_exists, move, refusal is None, levels=levels)
+    plan = _plan(
+        job, pods, now, placer=placer, service_exists=service_exists, pvc_exists=pvc_exists, move=move,
+        admit=refusal is None, levels=levels,
+    )
     if refusal is not None and plan.create:
         plan.on_created = plan.status.model_copy(deep=True)
         plan.on_created.conditions = set_condition(
-            plan.on_created.conditions, CT.ADMITTED, "True", AdmittedReason.VALID, "spec is valid", now,
-            job.metadata.generation,
+            plan.on_created.conditions, CT.ADMITTED, "True", AdmittedReason.VALID, "spec is valid",
+            now=now, generation=job.metadata.generation,
         )
         plan.status = _as_refused_before(plan.status, job.status)
     return plan
@@ -248,12 +251,12 @@ def _plan(
     job: TrainingJob,
     pods: list[dict[str, Any]],
     now: datetime,
+    *,
     placer: Placer | None,
     service_exists: bool,
     pvc_exists: bool,
     move: str | None,
     admit: bool,
-    *,
     levels: TopologyLevels,
 ) -> Plan:
     b = _Builder(job, now, levels)

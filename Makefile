@@ -60,6 +60,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check operator workloads tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/mypy scripts/cluster.py
+	$(BIN)/mypy tests/support/kube.py
 	$(BIN)/lint-imports
 
 crds: $(STAMP)

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.support.kube import set_pod_status, wait_for
+
 from capstan.kube.apply import (
     EVENTS,
     MODELSERVINGS,
@@ -23,7 +25,6 @@ from capstan.kube.apply import (
     ApiClient,
     ApiError,
 )
-from capstan.kube.testing import set_pod_status, wait_for
 from capstan.naming import LABEL_ATTEMPT, LABEL_JOB, LABEL_RANK, dns_label
 
 TIMEOUT = 30.0  # generous: CI machines are small and may be busy

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from tests.support.kube import emulated_cluster, running_operator, wait_for
+from tests.support.kube import test_client as api_client
 
 from capstan.kube.apply import DEPLOYMENTS, EVENTS, HPAS, MODELSERVINGS, PODS, SERVICES, USER_AGENT, ApiClient
-from capstan.kube.testing import emulated_cluster, running_operator, wait_for
-from capstan.kube.testing import test_client as api_client
 from capstan.naming import LABEL_REVISION, LABEL_SERVING
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,11 +13,11 @@ import kopf
 import pytest
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
+from tests.support.kube import wait_for
 
 import capstan.kube.trainingjob as tjmod
 from capstan.kube import runtime
 from capstan.kube.apply import TRAININGJOBS, USER_AGENT
-from capstan.kube.testing import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,10 +12,10 @@ import pytest
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
 from tests.kube.rbac_calls import rbac_calls
+from tests.support.kube import wait_for
 
 from capstan.kube.apply import NODES, PODS, TRAININGJOBS
 from capstan.kube.operator import start_metrics_server
-from capstan.kube.testing import wait_for
 from capstan.naming import LABEL_ATTEMPT
 
 AddNode = Callable[..., Awaitable[dict[str, Any]]]

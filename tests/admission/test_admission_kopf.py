@@ -8,6 +8,7 @@ from typing import Any
 
 import kopf
 import pytest
+from tests.api.bodies import make_trainingjob
 
 from capstan.admission import ADDR_ENV, CERT_DIR_ENV, MANAGED_ENV, WEBHOOK_IDS, configure_admission, handlers
 from capstan.config import OperatorConfig
@@ -89,12 +90,7 @@ class _Nodes:
 
 
 def _body(gpus: int) -> kopf.Body:
-    return kopf.Body({
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": "big", "namespace": "a"},
-        "spec": {"image": "i", "workers": 1, "gpusPerWorker": gpus},
-    })
+    return kopf.Body(make_trainingjob("big").namespace("a").image("i").workers(1).gpus(gpus).obj())
 
 
 def test_review_denies_with_every_reason(monkeypatch: pytest.MonkeyPatch) -> None:

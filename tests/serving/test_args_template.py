@@ -20,6 +20,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tests.api.bodies import make_modelserving
 
 from capstan.admission import validate
 from capstan.serving.argstemplate import FUEL, MAX_VALUE_CHARS, _ResultCache
@@ -101,14 +102,10 @@ def test_attack_refused_by_the_renderer(template: str, needle: str) -> None:
 
 
 def _ms(template: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "ModelServing",
-        "metadata": {"name": "bomb", "namespace": "a"},
-        "spec": {
-            "model": {"uri": "s3://b/m"}, "runtime": "custom", "image": "srv:1", "argsTemplate": template
-        },
-    }
+    return (
+        make_modelserving("bomb").namespace("a").spec(runtime="custom", image="srv:1", argsTemplate=template)
+        .obj()
+    )
 
 
 @pytest.mark.timeout(60)

@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(BIN):$(PATH)
 PYTEST := $(BIN)/python -m pytest -q -ra
 # The test tiers by folder; tests/packaging/test_test_tiers.py checks that they cover tests/.
-UNIT_TESTS := tests/api tests/training tests/serving tests/topology tests/checkpoints tests/admission
+UNIT_TESTS := tests/api tests/config tests/training tests/serving tests/topology tests/checkpoints tests/admission
 INTEGRATION_TESTS := tests/kube
 PACKAGING_TESTS := tests/packaging
 SLOW_TESTS := tests/local tests/workloads
@@ -63,6 +63,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check operator workloads tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/mypy scripts/cluster.py
+	$(BIN)/mypy tests/support/kube.py
 	$(BIN)/lint-imports
 
 crds: $(STAMP)

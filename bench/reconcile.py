@@ -32,11 +32,16 @@ from typing import Any
 
 import aiohttp
 
-from capstan.api.trainingjob import TrainingJob
-from capstan.kube.testing import running_operator, test_client
-from capstan.training.pods import worker_pod
-
 REPO = Path(__file__).resolve().parents[1]
+# The emulator and the in-process operator are test support (tests/support), not shipped code.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.support.kube import running_operator, test_client  # noqa: E402
+
+from capstan.api.trainingjob import TrainingJob  # noqa: E402 -- after the repository path tweak
+from capstan.training.pods import worker_pod  # noqa: E402
+
 RESULTS = REPO / "bench" / "results" / "reconcile.json"
 
 
@@ -88,10 +93,10 @@ async def api_server() -> AsyncIterator[str]:
     """The emulator in its own process, as an API server is (prints its URL on the first line)."""
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "operator"), os.environ.get("PYTHONPATH", "")]),
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "capstan.kube.testing", stdout=asyncio.subprocess.PIPE, env=env
+        sys.executable, "-m", "tests.support.kube", stdout=asyncio.subprocess.PIPE, env=env
     )
     assert proc.stdout is not None
     url = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
@@ -185,7 +190,7 @@ async def run(workers_list: list[int], reps: int, concurrency: int) -> dict[str,
     return {
         "benchmark": "reconcile",
         "metric": "TrainingJob POST -> all worker pods exist, over N sequential pod POSTs",
-        "server": "capstan.kube.testing emulator (kmock) in its own process, HTTP on 127.0.0.1",
+        "server": "tests.support.kube emulator (kmock) in its own process, HTTP on 127.0.0.1",
         "concurrency": concurrency,
         "reps": reps,
         "results": rows,

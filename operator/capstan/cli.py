@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from capstan.api.loading import InvalidDocuments, InvalidResource, load_resources
+from capstan.config import ConfigError
 
 EXIT_INVALID = 2
 
@@ -31,6 +32,7 @@ def _cmd_crds(args: argparse.Namespace) -> int:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
+    from capstan.config import OperatorConfig
     from capstan.render import render, to_yaml
 
     resources = [r for f in args.file for r in load_resources(f)]
@@ -43,7 +45,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
             else r.model_copy(update={"metadata": r.metadata.model_copy(update=update)})
             for r in resources
         ]
-    sys.stdout.write(to_yaml(render(resources)))
+    # The operator's own environment variables, as the operator would read them.
+    sys.stdout.write(to_yaml(render(resources, OperatorConfig.from_env())))
     return 0
 
 
@@ -129,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidResource as exc:
         for problem in exc.problems if isinstance(exc, InvalidDocuments) else [exc]:
             print(f"error: {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    except ConfigError as exc:  # `capstan render` previews with the operator's environment
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except OSError as exc:  # e.g. the output pipe closed; input files are read by the loader
         print(f"error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ import yaml
 from capstan.api.loading import InvalidDocuments, InvalidResource, Resource
 from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob
+from capstan.config import OperatorConfig
 from capstan.naming import dns_label
 from capstan.training.pods import checkpoint_pvc, gang_network_policy, headless_service, worker_pod
 
@@ -48,8 +49,10 @@ def _with_uid(res: Resource) -> Resource:
     return res.model_copy(update={"metadata": res.metadata.model_copy(update={"uid": PREVIEW_UID})})
 
 
-def render_trainingjob(job: TrainingJob) -> list[dict[str, Any]]:
-    """PVC (if any), headless Service and the first gang's pods, unpinned."""
+def render_trainingjob(job: TrainingJob, config: OperatorConfig | None = None) -> list[dict[str, Any]]:
+    """PVC (if any), headless Service and the first gang's pods, unpinned, as an operator with
+    ``config`` (default: an environment that sets nothing) would create them."""
+    levels = (config or OperatorConfig()).topology_levels
     job = _with_uid(job)  # type: ignore[assignment]
     objs: list[dict[str, Any]] = []
     pvc = checkpoint_pvc(job)
@@ -59,7 +62,7 @@ def render_trainingjob(job: TrainingJob) -> list[dict[str, Any]]:
     policy = gang_network_policy(job)
     if policy is not None:
         objs.append(policy)
-    objs.extend(worker_pod(job, rank, attempt=0) for rank in range(job.spec.workers))
+    objs.extend(worker_pod(job, rank, attempt=0, levels=levels) for rank in range(job.spec.workers))
     return objs
 
 
@@ -79,30 +82,35 @@ def _preview_training_job(ms: ModelServing, jobs: dict[str, TrainingJob]) -> dic
     }
 
 
-def render_modelserving(ms: ModelServing, jobs: dict[str, TrainingJob] | None = None) -> list[dict[str, Any]]:
-    """The first revision's objects, as the serving planner would create them."""
+def render_modelserving(
+    ms: ModelServing, jobs: dict[str, TrainingJob] | None = None, config: OperatorConfig | None = None
+) -> list[dict[str, Any]]:
+    """The first revision's objects, as the serving planner of an operator with ``config`` would
+    create them."""
     from capstan.serving.plan import Observed, plan_modelserving
 
     ms = _with_uid(ms)  # type: ignore[assignment]
     observed = Observed(training_job=_preview_training_job(ms, jobs or {}))
-    plan = plan_modelserving(ms, observed, datetime.now(UTC))
+    namespace = (config or OperatorConfig()).operator_namespace
+    plan = plan_modelserving(ms, observed, datetime.now(UTC), operator_namespace=namespace)
     if not plan.objects:
         raise InvalidResource(f"ModelServing {ms.metadata.name!r}", [plan.status.message])
     return plan.objects
 
 
-def render(resources: list[Resource]) -> list[dict[str, Any]]:
-    """Objects for every resource, in file order; every resource that cannot be rendered is
-    reported (:class:`InvalidDocuments` when more than one)."""
+def render(resources: list[Resource], config: OperatorConfig | None = None) -> list[dict[str, Any]]:
+    """Objects for every resource, in file order, as an operator with ``config`` would create them;
+    every resource that cannot be rendered is reported (:class:`InvalidDocuments` when more than
+    one)."""
     jobs = {r.metadata.name: r for r in resources if isinstance(r, TrainingJob)}
     out: list[dict[str, Any]] = []
     problems: list[InvalidResource] = []
     for res in resources:
         try:
             if isinstance(res, TrainingJob):
-                out.extend(render_trainingjob(res))
+                out.extend(render_trainingjob(res, config))
             else:
-                out.extend(render_modelserving(res, jobs))
+                out.extend(render_modelserving(res, jobs, config))
         except InvalidResource as exc:
             problems.append(exc)
     if problems:

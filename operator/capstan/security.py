@@ -16,7 +16,6 @@ operator with the kubelet's reason (:func:`nonroot_refusal`), never silently mad
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -122,9 +121,9 @@ def peers(items: Iterable[NetworkPolicyPeer]) -> list[dict[str, Any]]:
     return [_prune(p.wire()) for p in items]
 
 
-def operator_peer() -> dict[str, Any]:
-    """The Capstan operator's pods (canary analysis scrapes the servers' /metrics)."""
-    namespace = os.environ.get(OPERATOR_NAMESPACE_ENV) or DEFAULT_OPERATOR_NAMESPACE
+def operator_peer(namespace: str = DEFAULT_OPERATOR_NAMESPACE) -> dict[str, Any]:
+    """The Capstan operator's pods in ``namespace``, where the operator runs (canary analysis
+    scrapes the servers' /metrics)."""
     return {
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
         "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)},

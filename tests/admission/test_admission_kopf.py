@@ -8,8 +8,10 @@ from typing import Any
 
 import kopf
 import pytest
+from tests.api.bodies import make_trainingjob
 
 from capstan.admission import ADDR_ENV, CERT_DIR_ENV, MANAGED_ENV, WEBHOOK_IDS, configure_admission, handlers
+from capstan.config import OperatorConfig
 
 
 def _certs(tmp_path: Path) -> Path:
@@ -27,7 +29,7 @@ def test_import_installs_a_startup_hook() -> None:
 
 def test_off_without_cert_dir() -> None:
     settings, registry = kopf.OperatorSettings(), kopf.OperatorRegistry()
-    assert configure_admission(settings, registry, env={}) is False
+    assert configure_admission(settings, registry, OperatorConfig.from_env({})) is False
     assert settings.admission.server is None
     assert registry._webhooks.get_all_handlers() == []
 
@@ -35,7 +37,7 @@ def test_off_without_cert_dir() -> None:
 def test_on_with_cert_dir(tmp_path: Path) -> None:
     settings, registry = kopf.OperatorSettings(), kopf.OperatorRegistry()
     env = {CERT_DIR_ENV: str(_certs(tmp_path))}
-    assert configure_admission(settings, registry, env=env) is True
+    assert configure_admission(settings, registry, OperatorConfig.from_env(env)) is True
     server = settings.admission.server
     assert isinstance(server, kopf.WebhookServer)
     assert server.port == 9443 and server.certfile == str(tmp_path / "tls.crt")
@@ -43,18 +45,18 @@ def test_on_with_cert_dir(tmp_path: Path) -> None:
     ids = sorted(h.id for h in registry._webhooks.get_all_handlers())
     assert ids == sorted(WEBHOOK_IDS.values())
     # Idempotent: a second call registers nothing new.
-    configure_admission(settings, registry, env=env)
+    configure_admission(settings, registry, OperatorConfig.from_env(env))
     assert len(registry._webhooks.get_all_handlers()) == 2
 
 
 def test_managed_port_and_address_from_env(tmp_path: Path) -> None:
     settings, registry = kopf.OperatorSettings(), kopf.OperatorRegistry()
     env = {CERT_DIR_ENV: str(_certs(tmp_path)), MANAGED_ENV: "capstan.dev", "CAPSTAN_WEBHOOK_PORT": "10443"}
-    configure_admission(settings, registry, env=env)
+    configure_admission(settings, registry, OperatorConfig.from_env(env))
     assert settings.admission.managed == "capstan.dev"
     assert settings.admission.server.port == 10443  # type: ignore[union-attr]
     assert settings.admission.server.addr == "0.0.0.0"  # type: ignore[union-attr]
-    configure_admission(settings, registry, env={**env, ADDR_ENV: "127.0.0.1"})
+    configure_admission(settings, registry, OperatorConfig.from_env({**env, ADDR_ENV: "127.0.0.1"}))
     assert settings.admission.server.addr == "127.0.0.1"  # type: ignore[union-attr]
 
 
@@ -62,18 +64,19 @@ def test_a_later_run_without_cert_dir_drops_the_handlers(tmp_path: Path) -> None
     # Operators started one after another in one process (tests): kopf refuses to start with
     # admission handlers but no server, so a run without certificates must not inherit them.
     registry = kopf.OperatorRegistry()
-    configure_admission(kopf.OperatorSettings(), registry, env={CERT_DIR_ENV: str(_certs(tmp_path))})
+    certs = OperatorConfig.from_env({CERT_DIR_ENV: str(_certs(tmp_path))})
+    configure_admission(kopf.OperatorSettings(), registry, certs)
     assert len(registry._webhooks.get_all_handlers()) == 2
-    assert configure_admission(kopf.OperatorSettings(), registry, env={}) is False
+    assert configure_admission(kopf.OperatorSettings(), registry, OperatorConfig.from_env({})) is False
     assert registry._webhooks.get_all_handlers() == []
-    configure_admission(kopf.OperatorSettings(), registry, env={CERT_DIR_ENV: str(tmp_path)})
+    configure_admission(kopf.OperatorSettings(), registry, certs)
     assert len(registry._webhooks.get_all_handlers()) == 2
 
 
 def test_missing_cert_files_fail_loudly(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"tls\.crt"):
         env = {CERT_DIR_ENV: str(tmp_path)}
-        configure_admission(kopf.OperatorSettings(), kopf.OperatorRegistry(), env=env)
+        configure_admission(kopf.OperatorSettings(), kopf.OperatorRegistry(), OperatorConfig.from_env(env))
 
 
 class _Nodes:
@@ -87,12 +90,7 @@ class _Nodes:
 
 
 def _body(gpus: int) -> kopf.Body:
-    return kopf.Body({
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": "big", "namespace": "a"},
-        "spec": {"image": "i", "workers": 1, "gpusPerWorker": gpus},
-    })
+    return kopf.Body(make_trainingjob("big").namespace("a").image("i").workers(1).gpus(gpus).obj())
 
 
 def test_review_denies_with_every_reason(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,7 @@ from kopf._cogs.structs import references
 from kopf._core.engines import admission as kopf_admission
 from kopf._core.engines import indexing
 from kopf._core.reactor import inventory
+from tests.api.bodies import make_trainingjob
 
 from capstan.admission import WEBHOOK_IDS, handlers
 from capstan.admission.server import ReviewServer, review_problem
@@ -76,14 +77,8 @@ def review(obj: Any = None, **request: Any) -> dict[str, Any]:
 
 
 def job(**fields: Any) -> dict[str, Any]:
-    body = {
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": "gpt", "namespace": "a", "uid": "x"},
-        "spec": {"image": "img", "workers": 1},
-    }
-    body.update(fields)
-    return body
+    """The body with top-level ``fields`` replaced (``spec=...`` replaces the whole spec)."""
+    return {**make_trainingjob("gpt").namespace("a").uid("x").workers(1).obj(), **fields}
 
 
 async def post(url: str, data: bytes) -> tuple[int, str]:

@@ -142,5 +142,6 @@ def test_largest_durations_plan_without_overflow() -> None:
         stable_revision="a", canary_revision="b", rollout=RolloutStatus(step=0, step_started_at=rfc3339(now))
     )
     observed = {r: RevisionState(r, 1, 1) for r in ("a", "b")}
-    t = tick(st, "b", serving.spec.rollout, observed, lambda w: 1, None, now, straight=False)
+    t = tick(st, "b", spec=serving.spec.rollout, observed=observed, canary_replicas=lambda w: 1,
+             analysis=None, now=now, straight=False)
     assert t.requeue == MAX_DURATION_S and t.message.startswith("step 1/1 (10%): holding until 2027-01-01")

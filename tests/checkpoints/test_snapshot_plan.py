@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from capstan.api.loading import parse_resource
+from tests.api.bodies import make_trainingjob
+
 from capstan.api.trainingjob import TrainingJob
 from capstan.checkpoints.snapshots import SnapshotsSeen, plan_snapshots, snapshots_in_use, with_snapshots
 from capstan.training.lifecycle import Plan
@@ -14,24 +15,14 @@ T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def job(phase: str = "Running", attempt: int = 0, keep: int = 2, **status: Any) -> TrainingJob:
-    res = parse_resource(
-        {
-            "apiVersion": "capstan.dev/v1alpha1",
-            "kind": "TrainingJob",
-            "metadata": {"name": "gpt", "uid": "u1"},
-            "spec": {
-                "image": "img",
-                "workers": 2,
-                "checkpoint": {
-                    "volume": {"size": "100Gi"},
-                    "snapshots": {"everyMinutes": 30, "keep": keep, "volumeSnapshotClassName": "csi"},
-                },
-            },
-            "status": {"phase": phase, "attempt": attempt, "startTime": "2026-03-01T11:00:00Z", **status},
-        }
+    checkpoint = {
+        "volume": {"size": "100Gi"},
+        "snapshots": {"everyMinutes": 30, "keep": keep, "volumeSnapshotClassName": "csi"},
+    }
+    return (
+        make_trainingjob("gpt").uid("u1").spec(checkpoint=checkpoint)
+        .status(phase=phase, attempt=attempt, startTime="2026-03-01T11:00:00Z", **status).model()
     )
-    assert isinstance(res, TrainingJob)
-    return res
 
 
 def snap(name: str, minutes_ago: int, ready: bool = True, reason: str = "Scheduled") -> dict[str, Any]:

@@ -20,9 +20,9 @@ import pytest
 from aiohttp import web
 from tests.kube import scenarios as sc
 from tests.kube.test_modelserving_kube import MetricsStub
+from tests.support.kube import wait_for
 
 from capstan.kube.apply import DEPLOYMENTS, MODELSERVINGS, PODS, ApiClient, Resource
-from capstan.kube.testing import wait_for
 from capstan.naming import LABEL_REVISION, LABEL_SERVING
 
 pytestmark = pytest.mark.e2e

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from tests.e2e.conftest import Cluster
 from tests.kube import scenarios as sc
+from tests.support.kube import wait_for
 
 from capstan.kube.apply import NODES, PODS, PVCS, SERVICES, TRAININGJOBS, ApiClient
-from capstan.kube.testing import wait_for
 from capstan.naming import LABEL_JOB
 
 pytestmark = pytest.mark.e2e

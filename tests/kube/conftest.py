@@ -8,7 +8,7 @@ Generic on purpose (TrainingJob and ModelServing tests use the same ones):
 * ``operator`` — the operator already running for the whole test;
 * ``env`` — a :class:`tests.kube.scenarios.Env` for the shared scenarios;
 * ``add_gpu_node`` — make a Ready Node with GPUs and topology labels;
-* ``set_pod_status`` (re-exported from ``capstan.kube.testing``) plays the kubelet.
+* ``set_pod_status`` (re-exported from ``tests.support.kube``) plays the kubelet.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 from tests.kube.scenarios import Env
+from tests.support.kube import Emulator, emulated_cluster, running_operator, set_pod_status, test_client
 
 from capstan.kube.apply import NODES, ApiClient
-from capstan.kube.testing import Emulator, emulated_cluster, running_operator, set_pod_status, test_client
 
 __all__ = ["Cluster", "set_pod_status"]
 

@@ -16,7 +16,7 @@ import asyncio
 import json
 from collections.abc import Iterable
 
-from capstan.kube.testing import TEST_AGENT, Emulator, api_calls
+from tests.support.kube import TEST_AGENT, Emulator, api_calls
 
 Call = tuple[str, str, str, str]
 
@@ -42,13 +42,12 @@ def as_rules(calls: Iterable[Call]) -> list[dict[str, list[str]]]:
 
 async def _all_scenarios() -> set[Call]:
     from tests.kube.scenarios import CORE_SCENARIOS, Env
-
-    from capstan.kube.testing import emulated_cluster, test_client
+    from tests.support.kube import emulated_cluster, test_client
 
     calls: set[Call] = set()
     for scenario in CORE_SCENARIOS:
         async with emulated_cluster() as (emulator, url):
-            from capstan.kube.testing import running_operator
+            from tests.support.kube import running_operator
 
             api = test_client(url)
             try:

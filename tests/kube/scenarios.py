@@ -13,6 +13,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.api.bodies import make_trainingjob
+from tests.support.kube import set_pod_status, wait_for
+
 from capstan.kube.apply import (
     EVENTS,
     MODELSERVINGS,
@@ -23,7 +26,6 @@ from capstan.kube.apply import (
     ApiClient,
     ApiError,
 )
-from capstan.kube.testing import set_pod_status, wait_for
 from capstan.naming import LABEL_ATTEMPT, LABEL_JOB, LABEL_RANK, dns_label
 
 TIMEOUT = 30.0  # generous: CI machines are small and may be busy
@@ -47,20 +49,11 @@ def svc_name(name: str) -> str:
 
 def job_body(env: Env, name: str, workers: int = 2, **spec: Any) -> dict[str, Any]:
     """A TrainingJob dict with fast-restart defaults (no backoff)."""
-    body_spec: dict[str, Any] = {
-        "image": "registry.example/trainer:1.0",
-        "command": ["python", "-m", "capstan_workloads.train"],
-        "workers": workers,
-        "failurePolicy": {"maxRestarts": 3, "backoffSeconds": 0},
-        **env.pod_overrides,
-    }
-    body_spec.update(spec)
-    return {
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": name, "namespace": env.namespace},
-        "spec": body_spec,
-    }
+    return (
+        make_trainingjob(name).namespace(env.namespace)
+        .image("registry.example/trainer:1.0", "python", "-m", "capstan_workloads.train").workers(workers)
+        .spec(failurePolicy={"maxRestarts": 3, "backoffSeconds": 0}, **env.pod_overrides).spec(**spec).obj()
+    )
 
 
 async def get_job(env: Env, name: str) -> dict[str, Any] | None:

@@ -4,7 +4,7 @@ operator rides over cut answers to its own and kopf's requests, or exits 1 when 
 A small aiohttp server on 127.0.0.1 answers the first ``cuts`` calls with a body shorter than its
 Content-Length (then closes the connection), or with whole-length but truncated JSON, and every
 later call with the whole object. The operator tests cut answers in the emulator
-(:meth:`capstan.kube.testing.Emulator.cut`).
+(:meth:`tests.support.kube.Emulator.cut`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import yaml
 from aiohttp import web
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
+from tests.support.kube import Match, wait_for
 
 from capstan.kube.apply import PODS, USER_AGENT, ApiClient, ApiError
 from capstan.kube.runtime import FINALIZER
-from capstan.kube.testing import Match, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 POD = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "ns", "uid": "u"}}

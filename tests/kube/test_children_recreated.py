@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
+from tests.support.kube import set_pod_status, wait_for
 
 from capstan.kube.apply import PVCS, SERVICES, USER_AGENT
-from capstan.kube.testing import set_pod_status, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
+from tests.support.kube import wait_for
 
 from capstan.kube.apply import SERVICES, TRAININGJOBS, USER_AGENT
-from capstan.kube.testing import wait_for
 from capstan.kube.trainingjob import CLEANUP_RETRY_S
 
 pytestmark = pytest.mark.timeout(120)

@@ -10,10 +10,10 @@ import kopf
 import pytest
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
+from tests.support.kube import wait_for
 
 from capstan.kube.apply import TRAININGJOBS
 from capstan.kube.diffbase import DIGEST_KEY, DigestDiffBaseStorage
-from capstan.kube.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 DIFFBASE = "capstan.dev/last-handled-configuration"

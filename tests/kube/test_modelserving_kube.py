@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from tests.api.bodies import make_modelserving
+from tests.support.kube import emulated_cluster, running_operator, wait_for
+from tests.support.kube import test_client as api_client
 
 from capstan.kube.apply import DEPLOYMENTS, EVENTS, HPAS, MODELSERVINGS, PODS, SERVICES, USER_AGENT, ApiClient
-from capstan.kube.testing import emulated_cluster, running_operator, wait_for
-from capstan.kube.testing import test_client as api_client
 from capstan.naming import LABEL_REVISION, LABEL_SERVING
 
 pytestmark = pytest.mark.timeout(120)
@@ -73,13 +74,7 @@ async def stub() -> AsyncIterator[tuple[MetricsStub, int]]:
 
 
 def serving(name: str = "gpt", **spec: Any) -> dict[str, Any]:
-    body = {"model": {"pvc": {"claimName": "models"}}, "gpu": False, **spec}
-    return {
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "ModelServing",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": body,
-    }
+    return make_modelserving(name).namespace(NS).pvc("models").spec(gpu=False, **spec).obj()
 
 
 async def status(api: ApiClient, name: str = "gpt") -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tests.api.bodies import make_trainingjob
 from tests.kube.conftest import gpu_node
 
 from capstan.api.loading import parse_resource
@@ -29,15 +30,11 @@ def body(
     name: str, workers: int, gpus: int, phase: str | None = "Queued", created: str = "2026-11-23T10:00:00Z",
     **spec: Any,
 ) -> dict[str, Any]:
-    obj: dict[str, Any] = {
-        "apiVersion": "capstan.dev/v1alpha1", "kind": "TrainingJob",
-        "metadata": {"name": name, "namespace": "ml", "uid": f"uid-{name}", "creationTimestamp": created},
-        "spec": {"image": "trainer:1", "command": ["python"], "workers": workers, "gpusPerWorker": gpus,
-                 **spec},
-    }
-    if phase:
-        obj["status"] = {"phase": phase}
-    return obj
+    job = (
+        make_trainingjob(name).namespace("ml").uid(f"uid-{name}").meta(creationTimestamp=created)
+        .image("trainer:1", "python").workers(workers).gpus(gpus).spec(**spec)
+    )
+    return job.status(phase=phase).obj() if phase else job.obj()
 
 
 def job(name: str, workers: int, gpus: int, **kw: Any) -> TrainingJob:

@@ -13,11 +13,12 @@ import kopf
 import pytest
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
+from tests.support.kube import wait_for
 
 import capstan.kube.trainingjob as tjmod
+from capstan.config import OperatorConfig
 from capstan.kube import runtime
 from capstan.kube.apply import TRAININGJOBS, USER_AGENT
-from capstan.kube.testing import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -195,7 +196,7 @@ def test_retries_while_the_api_server_is_away_stay_a_few_seconds_apart(status: i
 def test_kopf_watches_reconnect_within_seconds_but_give_up_no_sooner_than_kopfs_default() -> None:
     settings = kopf.OperatorSettings()
     default_total = sum(settings.networking.error_backoffs)  # type: ignore[arg-type]
-    runtime.configure_settings(settings)
+    runtime.configure_settings(settings, OperatorConfig.from_env({}))
     backoffs = list(settings.networking.error_backoffs)  # type: ignore[arg-type]
     assert max(backoffs) <= 5.0
     assert sum(backoffs) >= default_total

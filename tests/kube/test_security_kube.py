@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from tests.api.bodies import make_modelserving
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
+from tests.support.kube import wait_for
 
 from capstan.kube.apply import DEPLOYMENTS, MODELSERVINGS, NETWORK_POLICIES, PODS
-from capstan.kube.testing import wait_for
 from capstan.naming import LABEL_JOB_UID, LABEL_SERVING
 
 pytestmark = pytest.mark.timeout(120)
@@ -76,12 +77,7 @@ async def _none_left(cluster: Cluster, env: sc.Env, name: str) -> bool:
 
 
 def _serving(**spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "ModelServing",
-        "metadata": {"name": "gpt", "namespace": "default"},
-        "spec": {"model": {"pvc": {"claimName": "models"}}, "gpu": False, **spec},
-    }
+    return make_modelserving("gpt").namespace("default").pvc("models").spec(gpu=False, **spec).obj()
 
 
 async def test_serving_network_policy_follows_the_spec(cluster: Cluster, operator: None) -> None:

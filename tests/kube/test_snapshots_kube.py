@@ -7,9 +7,9 @@ from typing import Any
 import kmock
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
+from tests.support.kube import declare_resource, wait_for
 
 from capstan.kube.apply import DEPLOYMENTS, PVCS
-from capstan.kube.testing import declare_resource, wait_for
 
 CKPT = sc.SNAPSHOT_CHECKPOINT
 

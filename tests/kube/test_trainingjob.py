@@ -12,10 +12,10 @@ import pytest
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
 from tests.kube.rbac_calls import rbac_calls
+from tests.support.kube import wait_for
 
 from capstan.kube.apply import NODES, PODS, TRAININGJOBS
 from capstan.kube.operator import start_metrics_server
-from capstan.kube.testing import wait_for
 from capstan.naming import LABEL_ATTEMPT
 
 AddNode = Callable[..., Awaitable[dict[str, Any]]]
@@ -284,7 +284,8 @@ async def test_metrics_endpoint(cluster: Cluster, env: sc.Env, operator: None) -
 
 def test_replicas_get_distinct_peering_priorities() -> None:
     # Kopf freezes every replica when the top priority is shared: HA needs distinct ones.
+    from capstan.config import OperatorConfig
     from capstan.kube.runtime import peering_priority
 
-    assert peering_priority({"CAPSTAN_PEERING_PRIORITY": "100"}) == 100
-    assert len({peering_priority({}) for _ in range(20)}) > 1
+    assert peering_priority(OperatorConfig.from_env({"CAPSTAN_PEERING_PRIORITY": "100"})) == 100
+    assert len({peering_priority(OperatorConfig.from_env({})) for _ in range(20)}) > 1

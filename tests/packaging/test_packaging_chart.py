@@ -158,9 +158,9 @@ def test_queue_settings_reach_the_operator_environment() -> None:
     assert env["CAPSTAN_LOCALITY_SLOWDOWN"] == "rack=1.2"
     assert env["CAPSTAN_LOCALITY_WAIT_FRACTION"] == "0.25"
     assert env["CAPSTAN_MIGRATION"] == "off" and env["CAPSTAN_MIGRATION_MIN_RUN_SECONDS"] == "1200"
-    from capstan.topology import queue_policy_from_env
+    from capstan.config import OperatorConfig
 
-    policy = queue_policy_from_env({k: v for k, v in env.items() if v is not None})
+    policy = OperatorConfig.from_env({k: v for k, v in env.items() if v is not None}).queue
     assert (policy.reserve_after_s, policy.locality_wait_fraction) == (3600, 0.25)
     assert not policy.migration and policy.moves.min_run_s == 1200
 

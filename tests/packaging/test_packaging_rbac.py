@@ -98,8 +98,7 @@ def observed_calls() -> set[Call]:
     try:
         from tests.kube.rbac_calls import rbac_calls
         from tests.kube.scenarios import CORE_SCENARIOS, Env
-
-        from capstan.kube.testing import emulated_cluster, running_operator, test_client
+        from tests.support.kube import emulated_cluster, running_operator, test_client
     except ImportError as exc:
         pytest.skip(f"tests/kube/rbac_calls.py or the emulator is not available: {exc}")
 

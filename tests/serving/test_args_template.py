@@ -20,6 +20,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tests.api.bodies import make_modelserving
 
 from capstan.admission import validate
 from capstan.serving.argstemplate import FUEL, MAX_VALUE_CHARS, _ResultCache
@@ -101,14 +102,10 @@ def test_attack_refused_by_the_renderer(template: str, needle: str) -> None:
 
 
 def _ms(template: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "ModelServing",
-        "metadata": {"name": "bomb", "namespace": "a"},
-        "spec": {
-            "model": {"uri": "s3://b/m"}, "runtime": "custom", "image": "srv:1", "argsTemplate": template
-        },
-    }
+    return (
+        make_modelserving("bomb").namespace("a").spec(runtime="custom", image="srv:1", argsTemplate=template)
+        .obj()
+    )
 
 
 @pytest.mark.timeout(60)
@@ -267,3 +264,14 @@ def test_result_cache_is_bounded() -> None:
     assert cache.get(("t99", ())) == ("x" * 90,) and cache.get(("t0", ())) is None
     cache.put(("huge", ()), ("x" * 5000,))  # larger than 1/64 of the budget: not kept
     assert cache.get(("huge", ())) is None
+
+
+def test_many_disallowed_constructs_give_a_short_message_naming_the_first() -> None:
+    """Found by the property test above: 30 disallowed filters gave a 1,200-character message."""
+    filters = ["xmlattr", "tojson", "pprint", "urlize", "wordwrap", "dictsort", "groupby", "map", "select"]
+    template = "\n".join("{{ name|" + f + " }}" for f in filters * 3)
+    with pytest.raises(ArgsTemplateError) as err:
+        render_args(template, CTX)
+    message = str(err.value)
+    assert message.startswith("spec.argsTemplate: filter 'xmlattr' is not allowed") and len(message) < 1000
+    assert message.endswith("and 25 more")  # each of the 27 lines has its own error

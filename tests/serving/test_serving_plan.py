@@ -16,7 +16,7 @@ STEPS = {
 
 
 def verdict(ms: Any, step: int, v: str, msg: str = "", requests: int = 200) -> AnalysisResult:
-    return AnalysisResult(ms.status.canary_revision, step, v, requests, 0, 0.0, None, msg)  # type: ignore[arg-type]
+    return AnalysisResult(ms.status.canary_revision, step, v, requests=requests, message=msg)  # type: ignore[arg-type]
 
 
 def weights(ms: Any) -> dict[str, int]:
@@ -134,7 +134,8 @@ def test_failing_analysis_rolls_back_and_is_not_retried() -> None:
     ms, _ = run(ms, c, at(10))
     ms, _ = run(ms, c, at(11))
     canary = ms.status.canary_revision
-    fail = AnalysisResult(canary, 0, "Fail", 200, 15, 0.075, None, "error rate 7.5% > 1.0% over 200 requests")
+    fail = AnalysisResult(canary, 0, "Fail", requests=200, errors=15, error_rate=0.075,
+                          message="error rate 7.5% > 1.0% over 200 requests")
     ms, plan = run(ms, c, at(72), analysis=fail)
     assert plan.outcome == "rolled_back"
     rb = cond(ms, "RolledBack")

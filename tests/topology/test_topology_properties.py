@@ -86,7 +86,9 @@ def test_queue_never_overcommits_and_head_is_not_delayed(inv: Inventory, reqs: l
     running = []
     for i, info in enumerate(inv.nodes):
         if inv.used(info.name):
-            res = PlacementResult(f"run{i}", True, [info.name], inv.used(info.name), "nvlink", "", "")
+            res = PlacementResult(
+                f"run{i}", True, [info.name], inv.used(info.name), level="nvlink", domain="", domain_key=""
+            )
             running.append(RunningGang(res, 0.0, data.draw(st.sampled_from([10.0, 20.0, 100.0]))))
     now = 1.0
     note(f"nodes={[(n.name, n.gpus, inv.used(n.name), n.cordoned, n.rdma) for n in inv.nodes]}")

@@ -106,7 +106,7 @@ def test_reservation_pins_gpus_that_free_not_idle_ones() -> None:
     # rack 0: n0 idle, n1 busy until 100; rack 1: both busy until 100
     running = []
     for name, nodes in (("a", ["b0-r0-n1"]), ("b", ["b0-r1-n0", "b0-r1-n1"])):
-        res = PlacementResult(name, True, nodes, 8, "rack", "x", "x")
+        res = PlacementResult(name, True, nodes, 8, level="rack", domain="x", domain_key="x")
         inv = inv.allocate(res)
         running.append(RunningGang(res, started=0.0, expected_end=100.0))
     out = schedule_queue(inv, [GangRequest("big", 2, 8, submitted=0)], running=running, now=10.0)
@@ -121,7 +121,7 @@ def test_reservation_pins_gpus_that_free_not_idle_ones() -> None:
 
 def test_reserve_after_s_guard() -> None:
     inv = build_inventory(hgx_cluster(blocks=1, racks=1, nodes_per_rack=2), [])
-    res = PlacementResult("r", True, ["b0-r0-n0"], 8, "nvlink", "x", "x")
+    res = PlacementResult("r", True, ["b0-r0-n0"], 8, level="nvlink", domain="x", domain_key="x")
     inv = inv.allocate(res)
     running = [RunningGang(res, 0.0, 1000.0)]
     queue = [GangRequest("big", 2, 8, submitted=0), GangRequest("small", 1, 8, submitted=1)]
@@ -151,7 +151,8 @@ def _two_half_busy_racks(end_r0: float, end_r1: float) -> tuple[Inventory, list[
     inv = build_inventory(nvl72_cluster(racks=2, nodes_per_rack=4), [])
     running = []
     for r, end in ((0, end_r0), (1, end_r1)):
-        res = PlacementResult(f"busy{r}", True, [f"nvl{r}-n00", f"nvl{r}-n01"], 4, "nvlink", "x", "x")
+        res = PlacementResult(f"busy{r}", True, [f"nvl{r}-n00", f"nvl{r}-n01"], 4, level="nvlink", domain="x",
+                              domain_key="x")
         inv = inv.allocate(res)
         running.append(RunningGang(res, started=0.0, expected_end=end))
     return inv, running

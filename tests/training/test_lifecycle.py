@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from capstan.api.loading import parse_resource
+from tests.api.bodies import make_trainingjob
+
 from capstan.api.trainingjob import TrainingJob
 from capstan.training.lifecycle import PlacementDecision, Plan, plan_trainingjob, refused
 
@@ -13,16 +14,7 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def job(workers: int = 2, **spec: Any) -> TrainingJob:
-    res = parse_resource(
-        {
-            "apiVersion": "capstan.dev/v1alpha1",
-            "kind": "TrainingJob",
-            "metadata": {"name": "gpt", "uid": "u1", "generation": 3},
-            "spec": {"image": "img", "workers": workers, **spec},
-        }
-    )
-    assert isinstance(res, TrainingJob)
-    return res
+    return make_trainingjob("gpt").uid("u1").generation(3).workers(workers).spec(**spec).model()
 
 
 class Cluster:

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from capstan.api.loading import parse_resource
+from tests.api.bodies import make_trainingjob
+
 from capstan.api.trainingjob import TrainingJob
 from capstan.training.pods import checkpoint_pvc, headless_service, worker_pod
 
 
 def job(**spec: Any) -> TrainingJob:
-    body = {
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": "gpt-small", "namespace": "ml", "uid": "1234"},
-        "spec": {"image": "trainer:1", "command": ["torchrun"], "workers": 4, **spec},
-    }
-    res = parse_resource(body)
-    assert isinstance(res, TrainingJob)
-    return res
+    return (
+        make_trainingjob("gpt-small").namespace("ml").uid("1234").image("trainer:1", "torchrun").workers(4)
+        .spec(**spec).model()
+    )
 
 
 def env_of(pod: dict[str, Any]) -> dict[str, str]:

@@ -25,14 +25,13 @@ calls :func:`configure_admission`; calling it again from the operator's own star
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import kopf
 
 from capstan.admission.validation import SKIP_CAPACITY_ANNOTATION, validate
+from capstan.config import ADDR_ENV, CERT_DIR_ENV, MANAGED_ENV, PORT_ENV, OperatorConfig
 
 __all__ = [
     "ADDR_ENV",
@@ -47,17 +46,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Directory holding ``tls.crt`` and ``tls.key`` (a kubernetes.io/tls Secret mounted by the chart).
-CERT_DIR_ENV = "CAPSTAN_WEBHOOK_CERT_DIR"
-#: Listening port of the webhook server (the chart's webhook Service targets it).
-PORT_ENV = "CAPSTAN_WEBHOOK_PORT"
-DEFAULT_PORT = 9443
-#: Listening address of the webhook server: all interfaces in a pod; 127.0.0.1 for an operator run
-#: outside the cluster next to a local API server (the chart's ``webhook.url``).
-ADDR_ENV = "CAPSTAN_WEBHOOK_ADDR"
-#: Name of Validating/MutatingWebhookConfigurations kopf should manage itself; unset (the chart's
-#: default) means Helm/kustomize own them and kopf must not touch them.
-MANAGED_ENV = "CAPSTAN_WEBHOOK_MANAGED"
 #: Handler ids, which kopf's server uses as URL paths: ``https://<service>:443/<id>``.
 WEBHOOK_IDS = {"TrainingJob": "validate-trainingjobs", "ModelServing": "validate-modelservings"}
 
@@ -65,17 +53,19 @@ WEBHOOK_IDS = {"TrainingJob": "validate-trainingjobs", "ModelServing": "validate
 def configure_admission(
     settings: kopf.OperatorSettings,
     registry: kopf.OperatorRegistry | None = None,
-    env: Mapping[str, str] | None = None,
+    config: OperatorConfig | None = None,
 ) -> bool:
-    """Serve the validating webhooks if ``$CAPSTAN_WEBHOOK_CERT_DIR`` is set; return whether it is.
+    """Serve the validating webhooks if ``config`` has a certificate directory
+    (``$CAPSTAN_WEBHOOK_CERT_DIR``); return whether it has. ``config`` defaults to one that sets
+    nothing (no webhooks).
 
     Call it from a ``@kopf.on.startup`` handler (or before ``kopf.run``): kopf reads webhook
     handlers and ``settings.admission`` only after startup handlers finish.
     """
     from capstan.admission.handlers import register, unregister
 
-    env = os.environ if env is None else env
-    cert_dir = env.get(CERT_DIR_ENV, "")
+    config = OperatorConfig() if config is None else config
+    cert_dir = config.webhook_cert_dir
     if not cert_dir:
         # An earlier run in this process (tests) may have registered them: kopf would refuse to
         # start with handlers but no server.
@@ -93,17 +83,18 @@ def configure_admission(
     # kopf re-reads the files when they change (cert-manager renewals) and restarts the listener.
     # ReviewServer answers malformed reviews with a 400 or a denial, never a 500.
     settings.admission.server = ReviewServer(
-        addr=env.get(ADDR_ENV) or "0.0.0.0",
-        port=int(env.get(PORT_ENV) or DEFAULT_PORT),
+        addr=config.webhook_addr,
+        port=config.webhook_port,
         certfile=str(certfile),
         pkeyfile=str(pkeyfile),
     )
-    settings.admission.managed = env.get(MANAGED_ENV) or None
+    settings.admission.managed = config.webhook_managed
     log.info("admission webhooks on: port %s, certificate from %s", settings.admission.server.port, cert_dir)
     return True
 
 
 @kopf.on.startup(id="capstan-admission")
-async def _configure_on_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def _configure_on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Wire the webhook server before kopf starts its root tasks (they wait for startup)."""
-    configure_admission(settings)
+    # The operator's configuration (serve() reads it at start-up), else the environment's.
+    configure_admission(settings, config=memo.get("config") or OperatorConfig.from_env())

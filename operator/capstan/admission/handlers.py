@@ -24,9 +24,9 @@ import kopf
 from capstan import GROUP, VERSION
 from capstan.admission.validation import validate
 from capstan.api.loading import clip
+from capstan.config import OperatorConfig
 from capstan.kube.apply import NODES as NODES_RESOURCE
 from capstan.kube.apply import ApiClient
-from capstan.topology.levels import levels_from_env
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ async def review(body: kopf.Body, warnings: list[str], memo: kopf.Memo | None = 
         nodes = []
     # In a thread: a spec's argsTemplate is rendered, and its budget is wall time the event loop
     # (every other webhook call and every reconcile) must not wait for.
-    errors = await asyncio.to_thread(validate, dict(body), nodes, levels_from_env())
+    config: OperatorConfig = (memo.get("config") if memo is not None else None) or OperatorConfig()
+    errors = await asyncio.to_thread(validate, dict(body), nodes, config.topology_levels)
     if errors:
         raise kopf.AdmissionError(f"{describe(body)} is invalid: " + "; ".join(errors), code=422)
 

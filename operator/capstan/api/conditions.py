@@ -29,6 +29,7 @@ def set_condition(
     status: ConditionStatus,
     reason: str,
     message: str,
+    *,
     now: datetime,
     generation: int | None = None,
 ) -> list[Condition]:

@@ -77,6 +77,7 @@ def openapi_schema(model: type[Any]) -> dict[str, Any]:
 
 def _crd(
     kind: str,
+    *,
     description: str,
     plural: str,
     short: str,
@@ -154,13 +155,13 @@ def build_crds() -> dict[str, dict[str, Any]]:
     return {
         "capstan.dev_trainingjobs.yaml": _crd(
             "TrainingJob",
-            "A distributed PyTorch training job: a gang of worker pods placed with NVLink and network "
-            "topology awareness, wired for torchrun and NCCL, restarted as a gang, checkpointed.",
-            "trainingjobs",
-            "tj",
-            TrainingJobSpec,
-            TrainingJobStatus,
-            [
+            description="A distributed PyTorch training job: a gang of worker pods placed with NVLink and "
+            "network topology awareness, wired for torchrun and NCCL, restarted as a gang, checkpointed.",
+            plural="trainingjobs",
+            short="tj",
+            spec_model=TrainingJobSpec,
+            status_model=TrainingJobStatus,
+            columns=[
                 _col("Phase", ".status.phase", desc="Lifecycle phase"),
                 _col("Workers", ".spec.workers", "integer", desc="Worker pods"),
                 _col("GPUs", ".spec.gpusPerWorker", "integer", desc="GPUs per worker"),
@@ -173,13 +174,13 @@ def build_crds() -> dict[str, dict[str, Any]]:
         ),
         "capstan.dev_modelservings.yaml": _crd(
             "ModelServing",
-            "An inference deployment of a model on the capstan, vLLM or TGI runtime, rolled out in "
-            "canary steps with metric analysis and rollback, autoscaled.",
-            "modelservings",
-            "ms",
-            ModelServingSpec,
-            ModelServingStatus,
-            [
+            description="An inference deployment of a model on the capstan, vLLM or TGI runtime, rolled out "
+            "in canary steps with metric analysis and rollback, autoscaled.",
+            plural="modelservings",
+            short="ms",
+            spec_model=ModelServingSpec,
+            status_model=ModelServingStatus,
+            columns=[
                 _col("Phase", ".status.phase", desc="Lifecycle phase"),
                 _col("Runtime", ".spec.runtime", desc="Inference server"),
                 _col("Replicas", ".status.replicas", "integer", desc="Ready replicas"),

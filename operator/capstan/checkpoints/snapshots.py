@@ -233,7 +233,7 @@ def with_snapshots(
             ok, reason, message = snaps.condition
             st.conditions = set_condition(
                 st.conditions, ConditionType.CHECKPOINT_READY, "True" if ok else "False", reason, message,
-                now, job.metadata.generation,
+                now=now, generation=job.metadata.generation,
             )
         return st
 

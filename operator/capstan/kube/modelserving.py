@@ -48,7 +48,7 @@ from capstan.kube.apply import (
     register_kind,
     resource_of,
 )
-from capstan.kube.runtime import Reported, reconcile_loop, refused_by_server, wake
+from capstan.kube.runtime import Reported, operator_config, reconcile_loop, refused_by_server, wake
 from capstan.kube.scrape import pod_targets, scrape_pods
 from capstan.kube.status import reconcile_live, status_merge_patch
 from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
@@ -302,7 +302,14 @@ async def _reconcile_serving(
     gateway = await gateway_api_available(api, memo)
     observed = await _observe(api, ms, gateway)
     analysis = await _analyse(api, ms, now, memo, logger)
-    plan = plan_modelserving(ms, observed, now, gateway_api=gateway, analysis=analysis)
+    plan = plan_modelserving(
+        ms,
+        observed,
+        now,
+        gateway_api=gateway,
+        analysis=analysis,
+        operator_namespace=operator_config(memo).operator_namespace,
+    )
     await _apply(api, ms, body, plan, observed, logger)
     _record_metrics(memo, ms, plan)
     # A step that started in this pass gets its baseline now, so its window is the whole pause.

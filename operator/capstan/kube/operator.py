@@ -20,7 +20,7 @@ import contextlib
 import importlib
 import importlib.util
 import logging
-import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +28,7 @@ import kopf
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from capstan.config import ConfigError, OperatorConfig
 from capstan.metrics import REGISTRY
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,12 @@ async def serve(
     ready_flag: Any = None,
     concurrency: int | None = None,
     exit_timeout_s: float | None = None,
+    config: OperatorConfig | None = None,
 ) -> None:
     """Run the operator until ``stop_flag`` (or a signal in the main thread).
+
+    ``config`` is the operator's configuration; by default it is read from the environment here,
+    once, so that a bad value stops the operator before kopf starts (:class:`ConfigError`).
 
     ``connection`` overrides the credentials (tests: an emulator's URL); by default they come from
     the in-cluster service account or the kubeconfig. Without ``namespaces`` the operator is
@@ -97,10 +102,12 @@ async def serve(
     ``standalone`` disables peering. ``exit_timeout_s`` bounds kopf's shutdown when it was not
     asked for through ``stop_flag`` (kopf then SIGKILLs the process; None: kopf's 10 minutes).
     """
+    config = OperatorConfig.from_env() if config is None else config
     loaded = load_handlers()
     clusterwide = clusterwide or not namespaces
     log.info("handlers: %s; scope: %s", ", ".join(loaded), "cluster" if clusterwide else ",".join(namespaces))
-    memo = kopf.Memo(connection=connection, concurrency=concurrency, exit_timeout_s=exit_timeout_s)
+    memo = kopf.Memo(connection=connection, concurrency=concurrency, exit_timeout_s=exit_timeout_s,
+                     config=config)
     runner = await start_metrics_server(metrics_port) if metrics_port else None
     kwargs: dict[str, Any] = {}
     if peering:
@@ -145,18 +152,24 @@ def run_operator(
     metrics_port: int,
     liveness_port: int,
 ) -> None:
-    """Blocking entry of ``capstan operator``: logging, then :func:`serve` until SIGINT/SIGTERM.
+    """Blocking entry of ``capstan operator``: the configuration from the environment, logging,
+    then :func:`serve` until SIGINT/SIGTERM.
 
     Logs are JSON unless ``CAPSTAN_LOG_FORMAT`` is ``plain`` or ``full``; ``CAPSTAN_LOG_LEVEL``
-    (``debug``) turns on debug logs.
+    (``debug``) turns on debug logs. A variable with a value the operator cannot use stops it here,
+    with status 1 and a line naming the variable.
     """
+    try:
+        config = OperatorConfig.from_env()
+    except ConfigError as exc:
+        print(f"capstan operator: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILED) from exc
     fmt = {
         "json": kopf.LogFormat.JSON,
         "plain": kopf.LogFormat.PLAIN,
         "full": kopf.LogFormat.FULL,
-    }.get(os.environ.get("CAPSTAN_LOG_FORMAT", "json").lower(), kopf.LogFormat.JSON)
-    debug = os.environ.get("CAPSTAN_LOG_LEVEL", "").lower() == "debug"
-    kopf.configure(debug=debug, verbose=debug, log_format=fmt)
+    }[config.log_format]
+    kopf.configure(debug=config.debug, verbose=config.debug, log_format=fmt)
     try:
         asyncio.run(
             serve(
@@ -167,6 +180,7 @@ def run_operator(
                 metrics_port=metrics_port or None,
                 liveness_port=liveness_port or None,
                 exit_timeout_s=EXIT_TIMEOUT_S,
+                config=config,
             )
         )
     except Exception as exc:

@@ -41,6 +41,7 @@ from capstan.api.loading import InvalidResource, parse_resource
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob
 from capstan.naming import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
 from capstan.topology import (
+    DEFAULT_LEVELS,
     Decision,
     GangRequest,
     Inventory,
@@ -50,8 +51,8 @@ from capstan.topology import (
     QueuePolicy,
     Reservation,
     RunningGang,
+    TopologyLevels,
     build_inventory,
-    levels_from_env,
     plan_defragmentation,
     schedule_queue,
 )
@@ -285,6 +286,8 @@ def queue_snapshot(
     policy: QueuePolicy | None = None,
     movable: Sequence[tuple[MovableGang, str]] = (),
     claimed: Mapping[str, Mapping[str, int]] | None = None,
+    *,
+    levels: TopologyLevels = DEFAULT_LEVELS,
 ) -> QueueSnapshot | None:
     """The :class:`QueueSnapshot` of the cluster's Nodes and Pods and the queued gangs; None without Nodes.
 
@@ -294,7 +297,7 @@ def queue_snapshot(
     ``policy`` the queue's tunables (default :class:`QueuePolicy`) and ``movable``
     (:func:`movable_gangs`) the gangs a defragmentation may move. ``claimed``
     (:func:`placed_without_pods`) are GPUs placed gangs hold where their pods are still missing;
-    a gang's own claim does not count against it.
+    a gang's own claim does not count against it. ``levels`` are the operator's topology levels.
     """
     if not nodes:
         return None
@@ -305,7 +308,7 @@ def queue_snapshot(
             pod = {**pod, "spec": {**(pod.get("spec") or {}), "nodeName": node}}
         bound.append(pod)
     return QueueSnapshot(
-        inventory=build_inventory(nodes, bound, levels_from_env()),
+        inventory=build_inventory(nodes, bound, levels),
         queued=tuple(queued),
         running=tuple(running),
         movable=tuple(movable),

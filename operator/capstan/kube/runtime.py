@@ -3,9 +3,10 @@
 Shared state lives in kopf's operator ``memo`` (each object's memo is a shallow copy of it, so
 the objects below are shared by all handlers of one operator run):
 
+* ``memo.config`` — the :class:`~capstan.config.OperatorConfig`, read from the environment once,
+  when the operator starts (:func:`operator_config` reads it);
 * ``memo.api`` — the :class:`~capstan.kube.apply.ApiClient` of this event loop;
 * ``memo.wakeups`` — ``{uid: asyncio.Event}``, set to make an object's reconcile loop run now;
-* ``memo.queue_policy`` — the placement queue's tunables from the environment, checked at startup;
 * ``memo.training`` and ``memo.serving`` — what the handlers of each kind share, typed
   (:class:`~capstan.kube.trainingjob.TrainingState`, :class:`~capstan.kube.modelserving.ServingState`),
   created by their own startup handlers.
@@ -18,9 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,14 +28,22 @@ import kopf
 
 from capstan import GROUP, VERSION
 from capstan.api.condition_types import ConditionType, Reason
+from capstan.config import OperatorConfig
 from capstan.kube.apply import DEFAULT_CONCURRENCY, ApiClient, ApiError, Resource, resource_of
 from capstan.kube.status import report_error
-from capstan.topology.policy import queue_policy_from_env
 
 FINALIZER = f"{GROUP}/finalizer"
 
 
-def configure_settings(settings: kopf.OperatorSettings) -> None:
+def operator_config(memo: kopf.Memo) -> OperatorConfig:
+    """The operator's configuration: ``memo.config``, which :func:`capstan.kube.operator.serve`
+    reads from the environment when it starts; the defaults where nothing set it (tests that call
+    a handler with a memo of their own)."""
+    config: OperatorConfig | None = memo.get("config")
+    return config if config is not None else OperatorConfig()
+
+
+def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     """Kopf settings Capstan relies on (idempotent).
 
     Progress and diff-base go to ``capstan.dev/*`` annotations, never to ``status``: the status
@@ -58,18 +66,18 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     settings.networking.request_timeout = 60
     settings.networking.error_backoffs = WATCH_ERROR_BACKOFFS_S
     settings.background.cancellation_polling = 1
-    settings.peering.priority = peering_priority()
+    settings.peering.priority = peering_priority(config)
 
 
-def peering_priority(env: Mapping[str, str] | None = None) -> int:
-    """This replica's peering priority: ``$CAPSTAN_PEERING_PRIORITY``, else random.
+def peering_priority(config: OperatorConfig) -> int:
+    """This replica's peering priority: ``config.peering_priority``, else random.
 
     Kopf freezes every replica when the highest priority is shared, so HA replicas must differ:
     the highest one is active, the others stand by until its peering record expires.
     """
-    source = os.environ if env is None else env
-    value = source.get("CAPSTAN_PEERING_PRIORITY", "").strip()
-    return int(value) if value else random.SystemRandom().randint(1, 2**31 - 1)
+    if config.peering_priority is not None:
+        return config.peering_priority
+    return random.SystemRandom().randint(1, 2**31 - 1)
 
 
 async def _login(
@@ -95,7 +103,10 @@ async def login(
 @kopf.on.startup(id="capstan-startup")
 async def startup(memo: kopf.Memo, logger: kopf.Logger, settings: kopf.OperatorSettings, **_: Any) -> None:
     """Apply settings and build the shared API client and handler state."""
-    configure_settings(settings)
+    config: OperatorConfig | None = memo.get("config")
+    if config is None:  # started by kopf itself rather than serve(): read the environment now
+        config = memo.config = OperatorConfig.from_env()
+    configure_settings(settings, config)
     if memo.get("exit_timeout_s") is not None:  # set by `capstan operator` (see serve())
         settings.process.ultimate_exiting_timeout = memo["exit_timeout_s"]
 
@@ -106,7 +117,6 @@ async def startup(memo: kopf.Memo, logger: kopf.Logger, settings: kopf.OperatorS
     concurrency = int(memo.get("concurrency") or DEFAULT_CONCURRENCY)
     memo.api = ApiClient.from_connection(info, refresh=refresh, concurrency=concurrency)
     memo.wakeups = {}
-    memo.queue_policy = queue_policy_from_env()  # a bad value stops the operator here, by name
     logging.getLogger("capstan").info("capstan operator started against %s", info.server)
 
 
@@ -220,7 +230,9 @@ async def reconcile_loop(
                 else:
                     logger.warning("reconcile failed again (retry in %.0fs): %s", delay, message)
                 last_error = message
-                await _report_error(api, res, kind, namespace, name, uid, condition, message, logger)
+                await _report_error(
+                    api, res, kind, namespace, name, uid, condition=condition, message=message, logger=logger
+                )
                 await asyncio.sleep(delay)
                 continue
             timeout = RESYNC_S if delay is None else min(max(delay, 0.0), RESYNC_S)
@@ -252,13 +264,16 @@ async def _report_error(
     namespace: str,
     name: str,
     uid: str,
+    *,
     condition: str,
     message: str,
     logger: kopf.Logger,
 ) -> None:
     """Condition and Warning Event for a failed pass; best effort (the API may be what failed)."""
     try:
-        changed = await report_error(api, res, namespace, name, uid, condition, message, datetime.now(UTC))
+        changed = await report_error(
+            api, res, namespace, name, uid, condition=condition, message=message, now=datetime.now(UTC)
+        )
     except Exception as exc:
         logger.warning("could not report the reconcile error in the status: %s", _describe(exc))
         return

@@ -66,6 +66,7 @@ async def report_invalid(
     body: Mapping[str, Any],
     exc: InvalidResource,
     logger: kopf.Logger,
+    *,
     now: datetime,
     condition: str,
     phase: str | None,
@@ -83,7 +84,9 @@ async def report_invalid(
         conditions = []
     old = next((c for c in conditions if c.type == condition), None)
     generation = int(meta.get("generation") or 1)
-    conditions = set_condition(conditions, condition, "False", Reason.INVALID_SPEC, message, now, generation)
+    conditions = set_condition(
+        conditions, condition, "False", Reason.INVALID_SPEC, message, now=now, generation=generation
+    )
     patch = {
         "phase": phase or raw.get("phase") or "Pending",
         "message": f"invalid spec: {message}",
@@ -103,6 +106,7 @@ async def report_error(
     namespace: str,
     name: str,
     uid: str | None,
+    *,
     condition: str,
     message: str,
     now: datetime,
@@ -125,7 +129,7 @@ async def report_error(
         return False
     generation = int((body.get("metadata") or {}).get("generation") or 1)
     conditions = set_condition(
-        conditions, condition, "False", Reason.RECONCILE_ERROR, message, now, generation
+        conditions, condition, "False", Reason.RECONCILE_ERROR, message, now=now, generation=generation
     )
     await api.patch_status(res, namespace, name, {"conditions": [c.wire() for c in conditions]})
     return True
@@ -166,7 +170,7 @@ async def reconcile_live(
         try:
             parsed = parse_resource(body)
         except InvalidResource as exc:
-            await report_invalid(api, res, body, exc, logger, now, condition, phase)
+            await report_invalid(api, res, body, exc, logger, now=now, condition=condition, phase=phase)
             if on_invalid is not None:
                 on_invalid(body)
             outcome = "invalid"

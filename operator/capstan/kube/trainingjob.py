@@ -70,7 +70,14 @@ from capstan.kube.placement import (
     running_gangs,
     wants_placement,
 )
-from capstan.kube.runtime import Reported, reconcile_loop, refused_by_server, wake, wake_all
+from capstan.kube.runtime import (
+    Reported,
+    operator_config,
+    reconcile_loop,
+    refused_by_server,
+    wake,
+    wake_all,
+)
 from capstan.kube.status import reconcile_live, status_merge_patch
 from capstan.metrics import (
     GANG_RESTARTS,
@@ -83,6 +90,7 @@ from capstan.metrics import (
     TRAININGJOBS as TRAININGJOBS_GAUGE,
 )
 from capstan.naming import LABEL_JOB, LABEL_JOB_UID, label_value
+from capstan.topology import DEFAULT_LEVELS, TopologyLevels
 from capstan.training.lifecycle import PlacementDecision, Plan, plan_trainingjob, refused
 from capstan.training.pods import checkpoint_claim_name, checkpoint_pvc, selector, service_name
 
@@ -238,7 +246,8 @@ async def _reconcile_job(
     seen = await _observe(api, job, state.gone_nodes)
     placed_by_queue = wants_placement(job)
     move = state.queue.move_for(queue_key(job), job.status.phase) if placed_by_queue else None
-    plan, snaps = _plan(job, seen, now, move=move, placed_by_queue=placed_by_queue)
+    levels = operator_config(memo).topology_levels
+    plan, snaps = _plan(job, seen, now, move=move, placed_by_queue=placed_by_queue, levels=levels)
     if not plan.needs_placement:
         refusal = await _apply(api, job, body, plan, snaps, now, state.metrics, logger)
     else:
@@ -247,7 +256,7 @@ async def _reconcile_job(
             result = queue_pass(snapshot, job, state.queue) if snapshot is not None else None
             if result is not None:
                 state.queue.apply(result)
-            plan, snaps = _plan(job, seen, now, result.decision if result else None, move=move)
+            plan, snaps = _plan(job, seen, now, result.decision if result else None, move=move, levels=levels)
             refusal = await _apply(api, job, body, plan, snaps, now, state.metrics, logger)
         if result is not None:
             _wake_queue(memo, result, logger)
@@ -339,9 +348,9 @@ async def _queue_snapshot(
         logger.warning("cannot list TrainingJobs cluster-wide (%s): queue of %s only", exc.reason, namespace)
         jobs = await api.list_objects(TRAININGJOBS, namespace)
     now = time.time()
-    policy = memo.get("queue_policy")  # set at startup; None only where startup did not run
-    return queue_snapshot(nodes, pods, queued_jobs(jobs), now, running_gangs(jobs, now), policy,
-                          movable_gangs(jobs), placed_without_pods(jobs, pods))
+    config = operator_config(memo)
+    return queue_snapshot(nodes, pods, queued_jobs(jobs), now, running_gangs(jobs, now), config.queue,
+                          movable_gangs(jobs), placed_without_pods(jobs, pods), levels=config.topology_levels)
 
 
 # -- plan ----------------------------------------------------------------------------------------
@@ -355,10 +364,13 @@ def _plan(
     *,
     move: str | None,
     placed_by_queue: bool = False,
+    levels: TopologyLevels = DEFAULT_LEVELS,
 ) -> tuple[Plan, SnapshotPlan | None]:
     """The gang lifecycle's plan with the snapshots folded in (pure)."""
-    plan = plan_trainingjob(job, seen.pods, now, placement, seen.service_exists, seen.pvc_exists, move=move,
-                            placed_by_queue=placed_by_queue)
+    plan = plan_trainingjob(
+        job, seen.pods, now, placement, service_exists=seen.service_exists, pvc_exists=seen.pvc_exists,
+        move=move, placed_by_queue=placed_by_queue, levels=levels,
+    )
     if plan.needs_placement or seen.snapshots is None:
         return plan, None
     return with_snapshots(job, plan, seen.pods, seen.snapshots, now)

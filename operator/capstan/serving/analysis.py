@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Literal
 
 from capstan.api.modelserving import AnalysisSpec
@@ -102,6 +102,7 @@ class AnalysisResult:
     revision: str
     step: int
     verdict: Verdict
+    _: KW_ONLY
     requests: int = 0
     errors: int = 0
     error_rate: float = 0.0
@@ -121,7 +122,9 @@ def evaluate(revision: str, step: int, win: PodSample, spec: AnalysisSpec) -> An
     rate = win.errors / win.requests if win.requests > 0 else 0.0
     p99 = quantile(0.99, win.buckets)
     p99_ms = p99 * 1000 if p99 is not None else None
-    base = AnalysisResult(revision, step, "Pass", total, errors, rate, p99_ms)
+    base = AnalysisResult(
+        revision, step, "Pass", requests=total, errors=errors, error_rate=rate, p99_ms=p99_ms
+    )
     if total < spec.min_requests:
         return _with(base, "Inconclusive", f"{total} of {spec.min_requests} requests needed for a verdict")
     if rate > spec.max_error_rate:
@@ -137,7 +140,7 @@ def evaluate(revision: str, step: int, win: PodSample, spec: AnalysisSpec) -> An
 
 
 def _with(r: AnalysisResult, verdict: Verdict, message: str) -> AnalysisResult:
-    return AnalysisResult(r.revision, r.step, verdict, r.requests, r.errors, r.error_rate, r.p99_ms, message)
+    return replace(r, verdict=verdict, message=message)
 
 
 class Baselines:

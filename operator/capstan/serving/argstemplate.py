@@ -60,6 +60,7 @@ STEP_COST = 32
 RENDER_SECONDS = 1.0
 # Error messages quote user input; keep them short whatever the input.
 MAX_MESSAGE_CHARS = 400
+MAX_ERRORS_SHOWN = 2  # structural errors named in one message
 
 
 class ArgsTemplateError(ValueError):
@@ -552,8 +553,9 @@ def _compiled(template: str) -> Any:
         return f"{TEMPLATE_FIELD}: cannot parse: {_message(exc)}"
     try:
         errors = _check_structure(ast)
-        if errors:
-            return "; ".join(errors)
+        if errors:  # the first few, so that the message stays readable (and fits a condition)
+            more = f"; and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
+            return "; ".join(errors[:MAX_ERRORS_SHOWN]) + more
         unknown = sorted(find_undeclared_variables(ast) - set(TEMPLATE_VARIABLES))
         if unknown:
             names = ", ".join(u[:40] for u in unknown[:10])

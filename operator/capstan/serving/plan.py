@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, Literal
 
 from capstan.api.condition_types import ConditionType as CT
@@ -34,6 +35,7 @@ from capstan.api.conditions import (
 )
 from capstan.api.modelserving import ModelServing, ModelServingStatus, RevisionStatus, RolloutStatus
 from capstan.naming import LABEL_REVISION, LABEL_SERVING, label_value
+from capstan.security import DEFAULT_OPERATOR_NAMESPACE
 from capstan.serving.analysis import AnalysisResult
 from capstan.serving.model_source import ModelNotReady, resolve_model
 from capstan.serving.revisions import (
@@ -56,6 +58,7 @@ from capstan.serving.rollout import (
     Event,
     Outcome,
     RevisionState,
+    Tick,
     parse_duration,
     replicas_for_weight,
     revision_state,
@@ -135,7 +138,8 @@ def refused(
     st = status.model_copy(deep=True)
     text = f"the API server refused {what}: {message}"
     st.conditions = set_condition(
-        st.conditions, CT.PROGRESSING, "False", Reason.CREATE_FAILED, text, now, ms.metadata.generation
+        st.conditions, CT.PROGRESSING, "False", Reason.CREATE_FAILED, text,
+        now=now, generation=ms.metadata.generation,
     )
     st.message = text
     return st
@@ -148,16 +152,19 @@ def plan_modelserving(
     *,
     gateway_api: bool = False,
     analysis: AnalysisResult | None = None,
+    operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE,
 ) -> ServingPlan:
     """Decide the next step of ``ms`` given what was observed at ``now``.
 
     ``gateway_api``: the cluster serves HTTPRoute (gateway.networking.k8s.io/v1); traffic is then
     split by route weights. ``analysis``: the verdict on the canary's current step, when the
     executor scraped it (the planner says when one is due through :func:`analysis_due`).
+    ``operator_namespace``: where the operator runs (the servers' NetworkPolicy admits it).
     A refusal of the API server on record (see :class:`ServingPlan`) stays on show until
     applying works.
     """
-    plan = _plan(ms, observed, now, gateway_api, analysis)
+    plan = _plan(ms, observed, now, gateway_api=gateway_api, analysis=analysis,
+                 operator_namespace=operator_namespace)
     if plan.objects and refusal_on_record(ms.status.conditions, CT.PROGRESSING, ms.metadata.generation):
         plan.on_applied = plan.status
         kept = plan.status.model_copy(deep=True)
@@ -167,24 +174,102 @@ def plan_modelserving(
     return plan
 
 
+@dataclass(frozen=True)
+class _Desired:
+    """The revision the spec asks for, or why none can be made from it now."""
+
+    revision: Revision | None
+    blocked: str = ""  # why no revision can be made now ("" when one can)
+    invalid: bool = False  # the spec itself is wrong (not only waiting for its model)
+
+    @property
+    def name(self) -> str | None:
+        return self.revision.name if self.revision else None
+
+
+@dataclass(frozen=True)
+class _Traffic:
+    """Who serves what once this pass's rollout step is taken."""
+
+    stable: str | None
+    canary: str | None
+    weights: dict[str, int]  # live revision -> percent of traffic
+    roles: dict[str, tuple[int, bool]]  # stable and canary -> (weight they are sized for, is canary)
+    stable_target: int  # replicas the stable revision should have ready
+    stable_ready: int
+    stable_full: bool  # the stable revision has all of them
+    retiring: list[str]  # replaced revisions still serving while the stable one fills up
+    autoscaled: bool
+    total: int  # spec.replicas
+
+    @property
+    def live(self) -> set[str]:
+        """Revisions that get traffic (and keep their objects)."""
+        return set(self.weights)
+
+    def replicas(self, weight: int, canary: bool) -> int | None:
+        """Replicas of a revision sized for ``weight``; None when an HPA sizes it."""
+        return None if self.autoscaled else replicas_for_weight(self.total, weight, canary)
+
+
 def _plan(
     ms: ModelServing,
     observed: Observed,
     now: datetime,
+    *,
     gateway_api: bool,
     analysis: AnalysisResult | None,
+    operator_namespace: str,
 ) -> ServingPlan:
-    spec, gen = ms.spec, ms.metadata.generation
     st = ms.status.model_copy(deep=True)
     old_phase = st.phase
     was_ready = (c := get_condition(st.conditions, CT.READY)) is not None and c.status == "True"
     plan = ServingPlan(status=st)
-    st.observed_generation = gen
+    st.observed_generation = ms.metadata.generation
     st.url = f"http://{stable_service_name(ms)}.{ms.metadata.namespace}.svc"
     st.selector = selector_string(ms)
-    traffic: Literal["gateway", "replicas"] = "gateway" if gateway_api else "replicas"
-    st.rollout = (st.rollout or RolloutStatus()).model_copy(update={"traffic": traffic})
+    traffic_mode: Literal["gateway", "replicas"] = "gateway" if gateway_api else "replicas"
+    st.rollout = (st.rollout or RolloutStatus()).model_copy(update={"traffic": traffic_mode})
 
+    revs = _observed_revisions(ms, observed)
+    desired = _desired_revision(ms, observed)
+    straight = ms.spec.autoscaling is None and ms.spec.replicas == 0
+    t = tick(
+        st,
+        desired.name,
+        spec=ms.spec.rollout,
+        observed=revs,
+        canary_replicas=partial(_canary_replicas, ms),
+        analysis=analysis,
+        now=now,
+        straight=straight,
+    )
+    plan.events.extend(t.events)
+    plan.outcome = t.outcome
+    if t.requeue is not None:
+        plan.requeue(t.requeue)
+
+    traffic = _traffic(ms, st, revs)
+    policy = network_policy(ms, operator_namespace=operator_namespace) if traffic.live else None
+    _add_objects(plan, ms, desired, revs, traffic, policy=policy, gateway_api=gateway_api)
+    _add_deletes(plan, ms, observed, revs, traffic, policy=policy, gateway_api=gateway_api)
+    _set_revisions(st, ms, desired, revs, traffic)
+    if not traffic.canary:
+        st.rollout = RolloutStatus(traffic=traffic_mode)
+
+    _conditions(plan, ms, now, rollout_message=t.message, desired=desired, traffic=traffic,
+                was_ready=was_ready)
+    _rolled_back_condition(plan, ms, now, t)
+    if st.phase != old_phase:
+        warn = st.phase in ("Degraded", "Failed")
+        plan.events.append(Event("Warning" if warn else "Normal", st.phase, st.message))
+    if traffic.stable and (not traffic.stable_full or traffic.retiring):
+        plan.requeue(WAIT_READY_S)
+    return plan
+
+
+def _observed_revisions(ms: ModelServing, observed: Observed) -> dict[str, RevisionState]:
+    """This ModelServing's revisions, by name, from its observed Deployments."""
     mine = label_value(ms.metadata.name)
     revs: dict[str, RevisionState] = {}
     for dep in observed.deployments:
@@ -193,49 +278,48 @@ def _plan(
         state = revision_state(dep)
         if state is not None:
             revs[state.name] = state
+    return revs
 
-    # The revision the spec asks for; rendering it here surfaces a bad argsTemplate before any change.
-    desired: Revision | None = None
-    blocked = ""  # why no revision can be made from the spec now
-    invalid = False
+
+def _desired_revision(ms: ModelServing, observed: Observed) -> _Desired:
+    """The revision the spec asks for; rendering it here surfaces a bad argsTemplate before any
+    change."""
     try:
         model = resolve_model(ms, observed.training_job, observed.snapshots)
         desired = desired_revision(ms, model)
         deployment(ms, desired, None)
     except ModelNotReady as exc:
-        blocked, desired = str(exc), None
+        return _Desired(None, str(exc))
     except (ArgsTemplateError, ValueError) as exc:
-        blocked, desired, invalid = str(exc), None, True
+        return _Desired(None, str(exc), invalid=True)
+    return _Desired(desired)
 
-    auto = spec.autoscaling
-    total = spec.replicas
 
-    def canary_want(weight: int) -> int:
-        if auto is not None:
-            return scaled_bounds(auto.min_replicas, auto.max_replicas, weight)[0] or 1
-        return replicas_for_weight(total, weight, live=True)
+def _canary_replicas(ms: ModelServing, weight: int) -> int:
+    """Replicas a revision needs ready to take ``weight`` percent of the traffic."""
+    auto = ms.spec.autoscaling
+    if auto is not None:
+        return scaled_bounds(auto.min_replicas, auto.max_replicas, weight)[0] or 1
+    return replicas_for_weight(ms.spec.replicas, weight, live=True)
 
-    straight = auto is None and total == 0
-    t = tick(st, desired.name if desired else None, spec.rollout, revs, canary_want, analysis, now, straight)
-    plan.events.extend(t.events)
-    plan.outcome = t.outcome
-    if t.requeue is not None:
-        plan.requeue(t.requeue)
 
+def _traffic(ms: ModelServing, st: ModelServingStatus, revs: dict[str, RevisionState]) -> _Traffic:
+    """The traffic split after the rollout step recorded in ``st``: the canary its step's weight,
+    the rest to the stable revision, shared with retiring ones while it is not full."""
+    spec = ms.spec
     stable, canary = st.stable_revision, st.canary_revision
     active_w, target_w = step_weights(spec.rollout, st.rollout) if canary else (0, 0)
     if canary and not spec.rollout.steps:
         target_w = 100
     stable_w = 100 - active_w
 
-    def want(weight: int, live: bool) -> int | None:
-        return None if auto is not None else replicas_for_weight(total, weight, live)
-
     stable_obs = revs.get(stable) if stable else None
-    if auto is not None:
-        stable_target = max((stable_obs.spec_replicas or 0) if stable_obs else 0, canary_want(stable_w))
+    if spec.autoscaling is not None:
+        stable_target = max(
+            (stable_obs.spec_replicas or 0) if stable_obs else 0, _canary_replicas(ms, stable_w)
+        )
     else:
-        stable_target = replicas_for_weight(total, stable_w, live=False)
+        stable_target = replicas_for_weight(spec.replicas, stable_w, live=False)
     stable_ready = stable_obs.ready if stable_obs else 0
     stable_full = stable_obs is not None and stable_ready >= stable_target
     failed = set(st.failed_revisions)
@@ -248,37 +332,73 @@ def _plan(
         weights = _split(stable_w, shares) if retiring and sum(shares.values()) else {stable: stable_w}
     if canary:
         weights[canary] = active_w
-    live = set(weights)
-
-    # --- objects -------------------------------------------------------------------------------
-    policy = network_policy(ms) if live else None
-    if policy is not None:  # applied with the Services, before a revision's pods start
-        plan.objects.append(policy)
-    if live:
-        plan.objects.append(stable_service(ms))
-    for rev in sorted(live):
-        plan.objects.append(revision_service(ms, rev))
     roles = {stable: (stable_w, False)} if stable else {}
     if canary:
         roles[canary] = (target_w, True)
-    for rev, (w, is_canary) in roles.items():
-        replicas = want(w, is_canary)
-        if desired is not None and rev == desired.name:
-            claim = model_claim(ms, desired)
+    return _Traffic(
+        stable=stable,
+        canary=canary,
+        weights=weights,
+        roles=roles,
+        stable_target=stable_target,
+        stable_ready=stable_ready,
+        stable_full=stable_full,
+        retiring=retiring,
+        autoscaled=spec.autoscaling is not None,
+        total=spec.replicas,
+    )
+
+
+def _add_objects(
+    plan: ServingPlan,
+    ms: ModelServing,
+    desired: _Desired,
+    revs: dict[str, RevisionState],
+    traffic: _Traffic,
+    *,
+    policy: dict[str, Any] | None,
+    gateway_api: bool,
+) -> None:
+    """The objects to apply (Services, the desired revision's Deployment, HPAs, the route) and
+    the rescaling of revisions rendered from an older spec."""
+    if policy is not None:  # applied with the Services, before a revision's pods start
+        plan.objects.append(policy)
+    if traffic.live:
+        plan.objects.append(stable_service(ms))
+    for rev in sorted(traffic.live):
+        plan.objects.append(revision_service(ms, rev))
+    new = desired.revision
+    for rev, (w, is_canary) in traffic.roles.items():
+        replicas = traffic.replicas(w, is_canary)
+        if new is not None and rev == new.name:
+            claim = model_claim(ms, new)
             if claim is not None:
                 plan.objects.append(claim)
-            dep = deployment(ms, desired, replicas)
-            dep["metadata"].setdefault("annotations", {})[ANNOTATION_MODEL] = desired.model.identity
+            dep = deployment(ms, new, replicas)
+            dep["metadata"].setdefault("annotations", {})[ANNOTATION_MODEL] = new.model.identity
             plan.objects.append(dep)
         elif replicas is not None and rev in revs:
             # Rendered from an older spec: only its size follows this one.
             plan.scale[rev] = replicas
-        if auto is not None and (rev in revs or (desired is not None and rev == desired.name)):
+        if traffic.autoscaled and (rev in revs or (new is not None and rev == new.name)):
             plan.objects.append(hpa(ms, rev, w))
-    if gateway_api and live:
-        plan.objects.append(http_route(ms, weights))
+    if gateway_api and traffic.live:
+        plan.objects.append(http_route(ms, traffic.weights))
 
-    # --- deletes -------------------------------------------------------------------------------
+
+def _add_deletes(
+    plan: ServingPlan,
+    ms: ModelServing,
+    observed: Observed,
+    revs: dict[str, RevisionState],
+    traffic: _Traffic,
+    *,
+    policy: dict[str, Any] | None,
+    gateway_api: bool,
+) -> None:
+    """Children no live revision needs any more, and an event for each revision removed."""
+    mine = label_value(ms.metadata.name)
+    live = traffic.live
     for obj in [*observed.deployments, *observed.children]:
         meta = obj.get("metadata") or {}
         labels = meta.get("labels") or {}
@@ -288,67 +408,69 @@ def _plan(
         owner_rev = labels.get(LABEL_REVISION)
         gone = (
             (owner_rev is not None and owner_rev not in live)
-            or (kind == "HorizontalPodAutoscaler" and auto is None)
+            or (kind == "HorizontalPodAutoscaler" and not traffic.autoscaled)
             or (kind == "HTTPRoute" and (not gateway_api or not live))
             or (kind == "NetworkPolicy" and policy is None)
         )
         if gone:
             plan.deletes.append(ObjectRef(obj.get("apiVersion", ""), kind, name))
-    retired = sorted({r for r in revs if r not in live})
-    for rev in retired:
+    failed = set(plan.status.failed_revisions)
+    for rev in sorted({r for r in revs if r not in live}):
         why = "rolled back" if rev in failed else "replaced"
         plan.events.append(
             Event("Normal", "RevisionRemoved", f"revision {rev} ({why}) scaled to 0 and deleted")
         )
 
-    # --- status --------------------------------------------------------------------------------
+
+def _set_revisions(
+    st: ModelServingStatus,
+    ms: ModelServing,
+    desired: _Desired,
+    revs: dict[str, RevisionState],
+    traffic: _Traffic,
+) -> None:
+    """``status.revisions`` (stable first, then the canary) and ``status.replicas``."""
     previous = {r.name: r for r in ms.status.revisions}
+    new = desired.revision
     st.revisions = []
-    for rev in sorted(live, key=lambda r: (r != stable, r != canary, r)):
+    for rev in sorted(traffic.live, key=lambda r: (r != traffic.stable, r != traffic.canary, r)):
         obs = revs.get(rev)
-        w, is_canary = roles.get(rev, (0, False))
-        n = want(w, is_canary) if rev in roles else None
+        w, is_canary = traffic.roles.get(rev, (0, False))
+        n = traffic.replicas(w, is_canary) if rev in traffic.roles else None
         if n is None:
             n = obs.spec_replicas if obs and obs.spec_replicas is not None else 0
         model_id = (
-            desired.model.identity
-            if desired and rev == desired.name
+            new.model.identity
+            if new and rev == new.name
             else (obs.model if obs and obs.model else previous.get(rev, RevisionStatus(name=rev)).model)
         )
+        ready = obs.ready if obs else 0
         st.revisions.append(
-            RevisionStatus(
-                name=rev, weight=weights[rev], replicas=n, ready=obs.ready if obs else 0, model=model_id
-            )
+            RevisionStatus(name=rev, weight=traffic.weights[rev], replicas=n, ready=ready, model=model_id)
         )
     st.replicas = sum(r.ready for r in st.revisions)
-    if not canary:
-        st.rollout = RolloutStatus(traffic=traffic)
 
-    _conditions(plan, ms, now, t.message, blocked, invalid, stable_ready, stable_target, was_ready, retiring)
+
+def _rolled_back_condition(plan: ServingPlan, ms: ModelServing, now: datetime, t: Tick) -> None:
+    """RolledBack: True after a rollback, False once a new rollout starts or the canary is promoted."""
+    st = plan.status
+    cond = partial(_cond, plan, ms, now, CT.ROLLED_BACK)
     if t.rolled_back is not None:
-        _cond(plan, ms, now, CT.ROLLED_BACK, True, t.rolled_back_reason, t.rolled_back)
+        cond(True, t.rolled_back_reason, t.rolled_back)
     elif t.new_rollout:
-        _cond(plan, ms, now, CT.ROLLED_BACK, False, RolledBackReason.NEW_ROLLOUT, f"rolling out {canary}")
+        cond(False, RolledBackReason.NEW_ROLLOUT, f"rolling out {st.canary_revision}")
     elif t.outcome == "promoted":
-        _cond(plan, ms, now, CT.ROLLED_BACK, False, RolledBackReason.PROMOTED, f"{stable} promoted")
+        cond(False, RolledBackReason.PROMOTED, f"{st.stable_revision} promoted")
     elif get_condition(st.conditions, CT.ROLLED_BACK) is None:
-        _cond(
-            plan, ms, now, CT.ROLLED_BACK, False, RolledBackReason.NO_ROLLBACK,
-            "no rollout has been rolled back",
-        )
-    if st.phase != old_phase:
-        warn = st.phase in ("Degraded", "Failed")
-        plan.events.append(Event("Warning" if warn else "Normal", st.phase, st.message))
-    if stable and (not stable_full or retiring):
-        plan.requeue(WAIT_READY_S)
-    return plan
+        cond(False, RolledBackReason.NO_ROLLBACK, "no rollout has been rolled back")
 
 
 def _cond(
     plan: ServingPlan, ms: ModelServing, now: datetime, type_: str, ok: bool, reason: str, msg: str
 ) -> None:
     plan.status.conditions = set_condition(
-        plan.status.conditions, type_, "True" if ok else "False", reason, msg, now, ms.metadata.generation
+        plan.status.conditions, type_, "True" if ok else "False", reason, msg,
+        now=now, generation=ms.metadata.generation,
     )
 
 
@@ -356,58 +478,52 @@ def _conditions(
     plan: ServingPlan,
     ms: ModelServing,
     now: datetime,
-    rollout_msg: str,
-    blocked: str,
-    invalid: bool,
-    ready: int,
-    target: int,
+    *,
+    rollout_message: str,
+    desired: _Desired,
+    traffic: _Traffic,
     was_ready: bool,
-    retiring: list[str],
 ) -> None:
+    """Ready, Progressing and Degraded, and the phase and message that go with them."""
     st = plan.status
     stable, canary = st.stable_revision, st.canary_revision
+    blocked, invalid = desired.blocked, desired.invalid
+    ready, target, retiring = traffic.stable_ready, traffic.stable_target, traffic.retiring
+    cond = partial(_cond, plan, ms, now)
     if stable is None:
         reason = Reason.INVALID_SPEC if invalid else ReadyReason.MODEL_NOT_READY
         msg = blocked or "no revision yet"
-        _cond(plan, ms, now, CT.READY, False, reason, msg)
-        _cond(plan, ms, now, CT.PROGRESSING, not invalid, reason, msg)
-        _cond(plan, ms, now, CT.DEGRADED, invalid, reason, msg)
+        cond(CT.READY, False, reason, msg)
+        cond(CT.PROGRESSING, not invalid, reason, msg)
+        cond(CT.DEGRADED, invalid, reason, msg)
         st.phase, st.message = ("Failed" if invalid else "Pending"), msg
         return
     serving = f"{stable}: {ready}/{target} replicas ready"
     if target == 0:
-        _cond(plan, ms, now, CT.READY, False, ReadyReason.SCALED_TO_ZERO, "spec.replicas is 0")
+        cond(CT.READY, False, ReadyReason.SCALED_TO_ZERO, "spec.replicas is 0")
     elif ready > 0:
-        _cond(plan, ms, now, CT.READY, True, ReadyReason.AVAILABLE, serving)
+        cond(CT.READY, True, ReadyReason.AVAILABLE, serving)
     else:
-        _cond(plan, ms, now, CT.READY, False, ReadyReason.NO_REPLICAS_READY, serving)
+        cond(CT.READY, False, ReadyReason.NO_REPLICAS_READY, serving)
     # A just-promoted revision still scaling up while the old one retires is progress, not damage.
     degraded = target > 0 and ready < target and was_ready and not canary and not retiring
-    _cond(
-        plan,
-        ms,
-        now,
+    cond(
         CT.DEGRADED,
         degraded,
         DegradedReason.REPLICAS_UNAVAILABLE if degraded else DegradedReason.AS_EXPECTED,
         serving if degraded else "stable revision has its replicas",
     )
     if canary:
-        _cond(plan, ms, now, CT.PROGRESSING, True, ProgressingReason.ROLLING_OUT, rollout_msg)
-        st.phase, st.message = "Progressing", rollout_msg
+        cond(CT.PROGRESSING, True, ProgressingReason.ROLLING_OUT, rollout_message)
+        st.phase, st.message = "Progressing", rollout_message
     elif blocked:
-        _cond(
-            plan, ms, now, CT.PROGRESSING, False,
-            Reason.INVALID_SPEC if invalid else ReadyReason.MODEL_NOT_READY, blocked,
-        )
+        reason = Reason.INVALID_SPEC if invalid else ReadyReason.MODEL_NOT_READY
+        cond(CT.PROGRESSING, False, reason, blocked)
     elif ready < target or retiring:
         what = f"retiring {', '.join(retiring)}" if retiring else "scaling up"
-        _cond(plan, ms, now, CT.PROGRESSING, True, ProgressingReason.SCALING_UP, f"{serving}; {what}")
+        cond(CT.PROGRESSING, True, ProgressingReason.SCALING_UP, f"{serving}; {what}")
     else:
-        _cond(
-            plan, ms, now, CT.PROGRESSING, False, ProgressingReason.STABLE,
-            f"{stable} serves 100% of traffic",
-        )
+        cond(CT.PROGRESSING, False, ProgressingReason.STABLE, f"{stable} serves 100% of traffic")
     if canary:
         return
     if target == 0:
@@ -416,7 +532,7 @@ def _conditions(
         st.phase, st.message = "Degraded", serving
     elif ready >= target:
         st.phase = "Ready"
-        st.message = rollout_msg or (
+        st.message = rollout_message or (
             f"{blocked}; serving {stable}" if blocked else f"{stable} serving: {serving}"
         )
     else:

@@ -48,6 +48,7 @@ from capstan.naming import (
     short_hash,
 )
 from capstan.security import (
+    DEFAULT_OPERATOR_NAMESPACE,
     REFERENCE_UID,
     container_security_context,
     is_reference_image,
@@ -279,10 +280,13 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
     }
 
 
-def network_policy(ms: ModelServing) -> dict[str, Any] | None:
+def network_policy(
+    ms: ModelServing, *, operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE
+) -> dict[str, Any] | None:
     """The NetworkPolicy around every revision's servers (``spec.networkPolicy``), named like the
     stable Service: the server port (by name, whatever each revision's number) accepts the routing
-    layer, the operator's canary analysis and the metrics scraper. None when the spec asks for none."""
+    layer, the operator's canary analysis (from ``operator_namespace``) and the metrics scraper.
+    None when the spec asks for none."""
     policy = ms.spec.network_policy
     if policy is None:
         return None
@@ -291,7 +295,7 @@ def network_policy(ms: ModelServing) -> dict[str, Any] | None:
 
     # An empty "from" would admit everyone: peers that are not configured get no rule at all.
     ingress = [rule(peers(policy.clients_from))] if policy.clients_from else []
-    ingress.append(rule([operator_peer()]))
+    ingress.append(rule([operator_peer(operator_namespace)]))
     if policy.metrics_from:
         ingress.append(rule(peers(policy.metrics_from)))
     policy_meta = meta(ms, stable_service_name(ms), component="network-policy")

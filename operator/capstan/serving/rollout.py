@@ -106,6 +106,7 @@ def step_weights(spec: RolloutSpec, rollout: RolloutStatus | None) -> tuple[int,
 def tick(
     st: ModelServingStatus,
     desired: str | None,
+    *,
     spec: RolloutSpec,
     observed: dict[str, RevisionState],
     canary_replicas: Callable[[int], int],
@@ -174,12 +175,14 @@ def tick(
             Event("Normal", "RolloutStarted", f"rolling out {desired} over {st.stable_revision} ({plan})")
         )
         t.new_rollout = True
-    return _progress(st, desired, spec, observed, canary_replicas, analysis, now, t)
+    return _progress(st, desired, spec=spec, observed=observed, canary_replicas=canary_replicas,
+                     analysis=analysis, now=now, t=t)
 
 
 def _progress(
     st: ModelServingStatus,
     canary: str,
+    *,
     spec: RolloutSpec,
     observed: dict[str, RevisionState],
     canary_replicas: Callable[[int], int],

@@ -2,7 +2,7 @@
 
 Typical use by the operator::
 
-    levels = levels_from_env()                       # $CAPSTAN_TOPOLOGY_LEVELS or defaults
+    levels = config.topology_levels                  # $CAPSTAN_TOPOLOGY_LEVELS or defaults
     inv = build_inventory(node_dicts, pod_dicts, levels)
     res = place_gang(inv, GangRequest("job", workers=4, gpus_per_worker=8, policy="Required"))
     if res.placed: pin pod rank r to res.nodes[r]; status.placement = {domain, nodes}

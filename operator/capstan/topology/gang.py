@@ -248,7 +248,9 @@ def _result(inv: Inventory, req: GangRequest, assign: list[tuple[int, int]]) -> 
     topo = inv._topo
     nodes = [topo.nodes[i].name for i, k in assign for _ in range(k)]
     level, value, key = _span(inv, [i for i, _ in assign])
-    return PlacementResult(req.name, True, nodes, req.gpus_per_worker, level, value, key)
+    return PlacementResult(
+        req.name, True, nodes, req.gpus_per_worker, level=level, domain=value, domain_key=key
+    )
 
 
 def _span(inv: Inventory, idx: list[int]) -> tuple[str, str, str]:

@@ -8,7 +8,6 @@ NVSwitch). Wider levels (rack, block, zone) group domains over slower links.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -97,7 +96,7 @@ def parse_levels(spec: str) -> TopologyLevels:
     return TopologyLevels(tuple(levels))
 
 
-def levels_from_env(env: Mapping[str, str] | None = None) -> TopologyLevels:
-    """Levels from ``$CAPSTAN_TOPOLOGY_LEVELS`` (or ``env`` if given), else the defaults."""
-    source = os.environ if env is None else env
-    return parse_levels(source.get(LEVELS_ENV, ""))
+def levels_from_env(env: Mapping[str, str]) -> TopologyLevels:
+    """Levels from ``env[CAPSTAN_TOPOLOGY_LEVELS]``, else the defaults (the operator reads its
+    environment once, in :meth:`capstan.config.OperatorConfig.from_env`)."""
+    return parse_levels(env.get(LEVELS_ENV, ""))

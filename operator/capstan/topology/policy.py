@@ -19,7 +19,6 @@ clusters that measured their own should set ``CAPSTAN_LOCALITY_SLOWDOWN``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -92,20 +91,20 @@ def _number(source: Mapping[str, str], name: str, ok: Callable[[float], bool], e
     return value
 
 
-def queue_policy_from_env(env: Mapping[str, str] | None = None) -> QueuePolicy:
-    """The operator's queue policy from its environment (unset variables keep the defaults).
+def queue_policy_from_env(env: Mapping[str, str]) -> QueuePolicy:
+    """The queue policy from the operator's environment ``env`` (unset variables keep the
+    defaults; :meth:`capstan.config.OperatorConfig.from_env` reads the environment).
 
     Raises ValueError with the variable's name when a value cannot be used.
     """
-    source = os.environ if env is None else env
     default = QueuePolicy()
-    reserve = _number(source, RESERVE_AFTER_ENV, lambda v: v >= 0, "a number of seconds >= 0")
-    fraction = _number(source, FRACTION_ENV, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
-    slowdown = source.get(SLOWDOWN_ENV, "").strip()
-    migration = source.get(MIGRATION_ENV, "").strip().lower()
+    reserve = _number(env, RESERVE_AFTER_ENV, lambda v: v >= 0, "a number of seconds >= 0")
+    fraction = _number(env, FRACTION_ENV, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+    slowdown = env.get(SLOWDOWN_ENV, "").strip()
+    migration = env.get(MIGRATION_ENV, "").strip().lower()
     if migration not in ("", "on", "off", "true", "false"):
         raise ValueError(f"{MIGRATION_ENV}: {migration!r} is not on or off")
-    min_run = _number(source, MIGRATION_MIN_RUN_ENV, lambda v: v >= 0, "a number of seconds >= 0")
+    min_run = _number(env, MIGRATION_MIN_RUN_ENV, lambda v: v >= 0, "a number of seconds >= 0")
     return QueuePolicy(
         default.reserve_after_s if reserve is None else reserve,
         parse_slowdown(slowdown) if slowdown else default.locality_slowdown,

@@ -158,9 +158,9 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
             key = _shape(orig)
             if key not in ideal:
                 ideal[key] = narrowest_level(inventory, orig)
-            wait = _locality_wait(inv if masked is None else masked, orig, ideal[key], live, now,
-                                  locality_slowdown, locality_wait_fraction, parent_tiebreak,
-                                  fragmentation_aware)
+            wait = _locality_wait(inv if masked is None else masked, orig, ideal[key], live, now=now,
+                                  slowdown=locality_slowdown, fraction=locality_wait_fraction,
+                                  parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
             if wait is not None:
                 level, at, spread, gain = wait
                 decisions.append(Decision(orig, _waiting(orig, (
@@ -206,7 +206,8 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
             if now - req.submitted < reserve_after_s:
                 decisions.append(Decision(req, res))  # not waited long enough to hold others back
                 continue
-            head = _reserve(inventory, inv, req, running, reservation, parent_tiebreak, fragmentation_aware)
+            head = _reserve(inventory, inv, req, running, previous=reservation,
+                            parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
             decisions.append(Decision(req, res, reservation=head))
             if head is not None:  # an impossible head blocks nobody; the next one becomes head
                 masked = inv.add_usage(head.gpus_by_node())
@@ -252,7 +253,7 @@ def _started(req: GangRequest, res: PlacementResult, now: float,
     return RunningGang(res, now, end)
 
 
-def _locality_wait(inv: Inventory, req: GangRequest, ideal: str | None, running: Sequence[RunningGang],
+def _locality_wait(inv: Inventory, req: GangRequest, ideal: str | None, running: Sequence[RunningGang], *,
                    now: float, slowdown: Mapping[str, float], fraction: float, parent_tiebreak: bool,
                    fragmentation_aware: bool) -> tuple[str, float, str, float] | None:
     """Cost-based delay scheduling for one gang: (narrower level to wait for, expected start there,
@@ -300,7 +301,7 @@ def _shape(req: GangRequest) -> object:
             req.gpu_product, _freeze(req.tolerations))
 
 
-def _reserve(start: Inventory, inv: Inventory, head: GangRequest, running: Sequence[RunningGang],
+def _reserve(start: Inventory, inv: Inventory, head: GangRequest, running: Sequence[RunningGang], *,
              previous: Reservation | None, parent_tiebreak: bool,
              fragmentation_aware: bool = True) -> Reservation | None:
     """The head's reservation: the previous one while still usable, else the soonest placement.

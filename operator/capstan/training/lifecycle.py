@@ -39,6 +39,7 @@ from capstan.api.trainingjob import (
 from capstan.events import Event
 from capstan.naming import LABEL_ATTEMPT, LABEL_RANK
 from capstan.security import nonroot_advice, nonroot_refusal
+from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
 from capstan.training.pods import (
     EXIT_PREEMPTED,
     checkpoint_pvc,
@@ -134,9 +135,10 @@ def worker_state(pod: dict[str, Any]) -> WorkerState | None:
 class _Builder:
     """Accumulates status changes, events and actions for one reconcile."""
 
-    def __init__(self, job: TrainingJob, now: datetime) -> None:
+    def __init__(self, job: TrainingJob, now: datetime, levels: TopologyLevels) -> None:
         self.job = job
         self.now = now
+        self.levels = levels
         self.old_phase = job.status.phase
         self.status = job.status.model_copy(deep=True)
         self.status.observed_generation = job.metadata.generation
@@ -149,8 +151,8 @@ class _Builder:
             "True" if ok else "False",
             reason,
             message,
-            self.now,
-            self.job.metadata.generation,
+            now=self.now,
+            generation=self.job.metadata.generation,
         )
 
     def phase(self, phase: str, reason: str, message: str, warning: bool = False) -> None:
@@ -186,7 +188,7 @@ def refused(job: TrainingJob, status: TrainingJobStatus, message: str, now: date
     st = status.model_copy(deep=True)
     gen = job.metadata.generation
     st.conditions = set_condition(
-        st.conditions, CT.ADMITTED, "False", Reason.CREATE_FAILED, message, now, gen
+        st.conditions, CT.ADMITTED, "False", Reason.CREATE_FAILED, message, now=now, generation=gen
     )
     st.message = f"the API server refused the gang's objects: {message}"
     if st.workers.active + st.workers.succeeded + st.workers.failed == 0:
@@ -195,7 +197,7 @@ def refused(job: TrainingJob, status: TrainingJobStatus, message: str, now: date
         if get_condition(st.conditions, CT.PLACED) is not None:
             st.conditions = set_condition(
                 st.conditions, CT.PLACED, "False", Reason.CREATE_FAILED,
-                "no worker pod could be created", now, gen,
+                "no worker pod could be created", now=now, generation=gen,
             )
     else:
         st.phase = "Starting"
@@ -207,11 +209,12 @@ def plan_trainingjob(
     pods: list[dict[str, Any]],
     now: datetime,
     placement: PlacementDecision | None = None,
+    *,
     service_exists: bool | None = None,
     pvc_exists: bool | None = None,
     move: str | None = None,
-    *,
     placed_by_queue: bool = False,
+    levels: TopologyLevels = DEFAULT_LEVELS,
 ) -> Plan:
     """Decide the next step of ``job`` given its observed worker ``pods`` at time ``now``.
 
@@ -224,18 +227,22 @@ def plan_trainingjob(
     the operator creates are there (None: not looked at). A new gang's creation always includes
     those not known to exist; while a gang is alive, one known to be missing is created again
     (a create that met a namesake about to go, an object deleted by hand), with a short requeue.
+    ``levels`` are the operator's topology levels (see :func:`~capstan.training.pods.worker_pod`).
     A refusal of the API server on record (see :class:`Plan`) stays on show until creating works.
     """
     refusal = refusal_on_record(job.status.conditions, CT.ADMITTED, job.metadata.generation)
     admit = refusal is None
-    plan = _plan(job, pods, now, placement, placed_by_queue, service_exists, pvc_exists, move, admit)
+    plan = _plan(
+        job, pods, now, placement=placement, placed_by_queue=placed_by_queue, service_exists=service_exists,
+        pvc_exists=pvc_exists, move=move, admit=admit, levels=levels,
+    )
     if plan.needs_placement:
         return Plan(status=job.status.model_copy(deep=True), needs_placement=True)
     if refusal is not None and plan.create:
         plan.on_created = plan.status.model_copy(deep=True)
         plan.on_created.conditions = set_condition(
-            plan.on_created.conditions, CT.ADMITTED, "True", AdmittedReason.VALID, "spec is valid", now,
-            job.metadata.generation,
+            plan.on_created.conditions, CT.ADMITTED, "True", AdmittedReason.VALID, "spec is valid",
+            now=now, generation=job.metadata.generation,
         )
         plan.status = _as_refused_before(plan.status, job.status)
     return plan
@@ -254,14 +261,16 @@ def _plan(
     job: TrainingJob,
     pods: list[dict[str, Any]],
     now: datetime,
+    *,
     placement: PlacementDecision | None,
     placed_by_queue: bool,
     service_exists: bool | None,
     pvc_exists: bool | None,
     move: str | None,
     admit: bool,
+    levels: TopologyLevels,
 ) -> Plan:
-    b = _Builder(job, now)
+    b = _Builder(job, now, levels)
     st = b.status
     workers = [w for w in (worker_state(p) for p in pods) if w is not None]
     current = [w for w in workers if w.attempt == st.attempt]
@@ -377,7 +386,7 @@ def _placed_nodes(st: TrainingJobStatus) -> list[str]:
 def _create_workers(b: _Builder, ranks: list[int], nodes: list[str]) -> None:
     for rank in ranks:
         node = nodes[rank] if rank < len(nodes) else None
-        b.plan.create.append(worker_pod(b.job, rank, b.status.attempt, node))
+        b.plan.create.append(worker_pod(b.job, rank, b.status.attempt, node, levels=b.levels))
 
 
 def _recreate_missing_children(b: _Builder, service_exists: bool | None, pvc_exists: bool | None) -> None:

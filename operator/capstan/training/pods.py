@@ -26,7 +26,7 @@ from capstan.security import (
     pod_security_context,
     service_account_fields,
 )
-from capstan.topology.levels import levels_from_env
+from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
 
 GPU_RESOURCE = "nvidia.com/gpu"
 METRICS_PORT = 9400
@@ -211,8 +211,18 @@ def _resources(job: TrainingJob) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
-def worker_pod(job: TrainingJob, rank: int, attempt: int, node: str | None = None) -> dict[str, Any]:
-    """Pod of worker ``rank`` in gang ``attempt``, pinned to ``node`` when placement chose one."""
+def worker_pod(
+    job: TrainingJob,
+    rank: int,
+    attempt: int,
+    node: str | None = None,
+    *,
+    levels: TopologyLevels = DEFAULT_LEVELS,
+) -> dict[str, Any]:
+    """Pod of worker ``rank`` in gang ``attempt``, pinned to ``node`` when placement chose one.
+
+    ``levels`` (the operator's topology levels) name the node label of a Kueue-queued job's
+    ``spec.topology.maxDomain``."""
     spec = job.spec
     name = worker_name(job, rank)
     labels = {**job_labels(job), LABEL_RANK: str(rank), LABEL_ATTEMPT: str(attempt)}
@@ -222,7 +232,7 @@ def worker_pod(job: TrainingJob, rank: int, attempt: int, node: str | None = Non
         labels[KUEUE_POD_GROUP_LABEL] = dns_label(job.metadata.name, suffix=f"-a{attempt}")
         annotations[KUEUE_POD_GROUP_COUNT] = str(spec.workers)
         if spec.topology.policy != "None":
-            label = next((lv.label for lv in levels_from_env() if lv.name == spec.topology.max_domain), None)
+            label = next((lv.label for lv in levels if lv.name == spec.topology.max_domain), None)
             if label:
                 required = spec.topology.policy == "Required"
                 key = KUEUE_REQUIRED_TOPOLOGY if required else KUEUE_PREFERRED_TOPOLOGY

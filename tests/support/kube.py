@@ -1,7 +1,7 @@
 """Test support: a Kubernetes API emulator with Capstan's CRDs, and the real operator in-process.
 
-Needs the ``dev`` extra (``kmock``); nothing in the operator imports this module. Used by
-``tests/kube``, ``tests/e2e`` helpers and ``bench/reconcile.py``::
+Needs the ``dev`` extra (``kmock``) and the repository's ``crds/``: it lives with the tests, not in
+the shipped package. Used by ``tests/kube``, ``tests/e2e`` helpers and ``bench/reconcile.py``::
 
     async with emulated_cluster() as (emulator, url):
         async with running_operator(url):
@@ -41,7 +41,7 @@ from kmock._internal import rendering
 
 from capstan.kube.apply import PODS, ApiClient, matches_labels
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "crds"
 TEST_AGENT = "capstan-tests"
 _T = TypeVar("_T")
@@ -484,7 +484,8 @@ async def _serve_forever(port: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m capstan.kube.testing [--port N]``: run the emulator alone; prints its URL."""
+    """``python -m tests.support.kube [--port N]`` (from the repository root): run the emulator
+    alone; prints its URL."""
     import argparse
     import contextlib as _contextlib
 

@@ -255,6 +255,17 @@ def test_cel_rule_rejects_with_the_field_named(cluster: Cluster, capstan: Instal
 WEBHOOK_CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     # everything pydantic says beyond the schema: a quantity's syntax
     "quantity": ("TrainingJob", {"resources": {"cpu": "lots"}}, "spec.resources.cpu"),
+    # capstan.api.podtemplate: a pod template may not set what Capstan owns, nor a negative value
+    "template-owned-field": (
+        "TrainingJob",
+        {"template": {"spec": {"containers": [{"name": "worker", "resources": {"limits": {
+            "nvidia.com/gpu": 1}}}]}}},
+        "spec.template.spec.containers[0].resources.limits['nvidia.com/gpu']",
+    ),
+    "template-negative-value": (
+        "TrainingJob", {"template": {"spec": {"terminationGracePeriodSeconds": -1}}},
+        "spec.template.spec.terminationGracePeriodSeconds",
+    ),
     # _trainingjob_capacity: a worker larger than the largest node (8 GPUs)
     "worker-larger-than-any-node": ("TrainingJob", {"gpusPerWorker": 16}, "spec.gpusPerWorker"),
     # _trainingjob_capacity: a Required gang wider than the largest NVLink domain (72 GPUs)

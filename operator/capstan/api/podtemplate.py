@@ -127,7 +127,8 @@ def _schema_problems(spec: Mapping[str, Any]) -> list[str]:
         elif err.validator == "type":
             out.append(f"{where}: must be {_a(err.validator_value)}, got {_a(_json_type(err.instance))}")
         elif err.validator == "required":
-            out.append(f"{where}: {err.message.split(' is a required', 1)[0]} is required")
+            out += [f"{where}{path_of([name])}: required field is missing"
+                    for name in err.validator_value if name not in err.instance]
         elif err.validator == "anyOf":
             out.append(f"{where}: must be an integer or a string")
         else:
@@ -179,7 +180,7 @@ def _container_problems(key: str, i: int, c: Mapping[str, Any]) -> list[str]:
     out = []
     name = c.get("name")
     is_worker = key == "containers" and name == WORKER_CONTAINER
-    if isinstance(name, str) and not _DNS_LABEL_RE.match(name) or isinstance(name, str) and len(name) > 63:
+    if isinstance(name, str) and (not _DNS_LABEL_RE.match(name) or len(name) > 63):
         out.append(f"{at}.name: {name!r} is not a DNS-1123 label (lowercase letters, digits and '-')")
     if is_worker:
         out += [f"{at}.{f}: {why}" for f, why in WORKER_SPEC_FIELDS.items() if f in c]
@@ -276,6 +277,10 @@ def template_problems(template: Mapping[str, Any]) -> list[str]:
     volumes: set[str] = set()
     for i, vol in enumerate(spec.get("volumes") or []):
         name = vol.get("name")
+        size = (vol.get("emptyDir") or {}).get("sizeLimit")
+        if isinstance(size, str) and not _QUANTITY_RE.match(size):
+            out.append(f".spec.volumes[{i}].emptyDir.sizeLimit: {size!r} is not a Kubernetes quantity "
+                       "(e.g. '64Gi')")
         if name in RESERVED_VOLUMES:
             out.append(f".spec.volumes[{i}].name: {name!r} is Capstan's own volume")
         elif name in volumes:

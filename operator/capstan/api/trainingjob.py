@@ -328,7 +328,7 @@ class TrainingJobSpec(ApiModel):
 
     def template_conflicts(self) -> list[str]:
         """Fields the template's worker container sets that the rest of the spec sets too."""
-        worker = worker_container(self.template.spec if self.template else None)
+        worker = worker_container(self.template.wire() if self.template else None)
         if not worker:
             return []
         containers = (self.template.spec.get("containers") if self.template else None) or []

@@ -41,6 +41,7 @@ from capstan.events import Event
 from capstan.naming import LABEL_ATTEMPT, LABEL_RANK
 from capstan.security import nonroot_advice, nonroot_refusal
 from capstan.training.pods import (
+    CONTAINER,
     EXIT_PREEMPTED,
     checkpoint_pvc,
     gang_network_policy,
@@ -113,7 +114,10 @@ def worker_state(pod: dict[str, Any]) -> WorkerState | None:
         return None
     status = pod.get("status") or {}
     exit_code = None
-    for cs in status.get("containerStatuses") or []:
+    statuses = status.get("containerStatuses") or []
+    # The worker's own exit code decides (a template may add sidecars that exit differently).
+    worker = [cs for cs in statuses if cs.get("name") == CONTAINER]
+    for cs in worker or statuses:
         term = (cs.get("state") or {}).get("terminated")
         if term is not None:
             exit_code = int(term.get("exitCode", 1))

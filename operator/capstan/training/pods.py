@@ -325,7 +325,7 @@ def merge_template(job: TrainingJob, pod: dict[str, Any]) -> dict[str, Any]:
     if annotations:
         meta["annotations"] = annotations
 
-    worker = next((c for c in tpl.get("containers") or [] if c.get("name") == CONTAINER), {})
+    worker: dict[str, Any] = next((c for c in tpl.get("containers") or [] if c.get("name") == CONTAINER), {})
     sidecars = [_hardened(c) for c in tpl.pop("containers", None) or [] if c.get("name") != CONTAINER]
     ours = spec["containers"][0]
     merged = {**worker, **ours}

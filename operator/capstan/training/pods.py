@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +46,17 @@ NCCL_DEFAULTS = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
     "NCCL_DEBUG": "WARN",
 }
+
+#: Pods record the gang size and a digest of the spec they were made from, so a spec change is
+#: seen on a running gang (capstan.training.lifecycle restarts it: Resized, SpecChanged).
+LABEL_WORKERS = "capstan.dev/workers"
+SPEC_DIGEST_ANNOTATION = "capstan.dev/spec-digest"
+#: Spec fields read afresh at every reconcile (or only when a gang is created and also immutable):
+#: a change to them never needs a new gang. Every other field shapes the pods.
+LIVE_FIELDS = frozenset({
+    "workers", "suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "failurePolicy", "priority",
+})
+LIVE_SUBFIELDS = {"topology": {"migration"}, "checkpoint": {"snapshots"}}
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
@@ -162,6 +175,19 @@ def checkpoint_pvc(job: TrainingJob) -> dict[str, Any] | None:
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
 
 
+def spec_digest(job: TrainingJob) -> str:
+    """Digest of the spec fields that shape the worker pods (all but :data:`LIVE_FIELDS`)."""
+    # Fields at their defaults are left out: an upgrade that adds a defaulted field (which the API
+    # server then fills into every stored job) must not look like a change of every running job.
+    dumped = job.spec.model_dump(by_alias=True, exclude_defaults=True, exclude_none=True, mode="json")
+    spec = {k: v for k, v in dumped.items() if k not in LIVE_FIELDS}
+    for key, live in LIVE_SUBFIELDS.items():
+        if isinstance(spec.get(key), dict):
+            spec[key] = {k: v for k, v in spec[key].items() if k not in live}
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def worker_env(job: TrainingJob, rank: int, attempt: int) -> list[dict[str, str]]:
     """Environment of worker ``rank``: torchrun (plain and PET_*), NCCL, Capstan's own."""
     spec = job.spec
@@ -217,8 +243,9 @@ def worker_pod(job: TrainingJob, rank: int, attempt: int, node: str | None = Non
     """Pod of worker ``rank`` in gang ``attempt``, pinned to ``node`` when placement chose one."""
     spec = job.spec
     name = worker_name(job, rank)
-    labels = {**job_labels(job), LABEL_RANK: str(rank), LABEL_ATTEMPT: str(attempt)}
-    annotations: dict[str, str] = {}
+    labels = {**job_labels(job), LABEL_RANK: str(rank), LABEL_ATTEMPT: str(attempt),
+              LABEL_WORKERS: str(spec.workers)}
+    annotations: dict[str, str] = {SPEC_DIGEST_ANNOTATION: spec_digest(job)}
     if spec.queue_name:
         labels[KUEUE_QUEUE_LABEL] = spec.queue_name
         labels[KUEUE_POD_GROUP_LABEL] = dns_label(job.metadata.name, suffix=f"-a{attempt}")
@@ -232,8 +259,7 @@ def worker_pod(job: TrainingJob, rank: int, attempt: int, node: str | None = Non
     if spec.wants_rdma and spec.network.networks:
         annotations["k8s.v1.cni.cncf.io/networks"] = spec.network.networks
     meta = _meta(job, name, labels)
-    if annotations:
-        meta["annotations"] = annotations
+    meta["annotations"] = annotations
 
     container: dict[str, Any] = {
         "name": CONTAINER,

@@ -11,6 +11,7 @@ from capstan.api.common import (
     ApiModel,
     Condition,
     EnvVar,
+    Immutable,
     ObjectMeta,
     Quantity,
     Resources,
@@ -317,6 +318,16 @@ class TrainingJobSpec(ApiModel):
                 or s.procs_per_worker == s.gpus_per_worker
             ),
         ),
+    )
+
+    # Fields naming objects made once (the checkpoint PVC, the headless Service's port, Kueue's
+    # workload); every other field is read afresh or restarts the gang (capstan.training.lifecycle).
+    immutable: ClassVar[tuple[Immutable, ...]] = (
+        Immutable(".checkpoint.volume", "the checkpoint PVC is made once; to change it, create a new "
+                  "TrainingJob with checkpoint.restoreFrom a snapshot of this one"),
+        Immutable(".checkpoint.restoreFrom", "the checkpoint PVC was seeded from it when it was made"),
+        Immutable(".masterPort", "the headless Service publishes it; create a new TrainingJob"),
+        Immutable(".queueName", "Kueue admitted the job in this queue; create a new TrainingJob"),
     )
 
     @model_validator(mode="after")

@@ -226,3 +226,20 @@ def test_kubectl_explain_shows_the_upstream_podspec(cluster: Cluster, capstan: I
     assert "persistentVolumeClaim" in out and "List of volumes" in out
     out = cluster.kubectl("explain", "tj.spec.template.spec.containers.env.valueFrom.secretKeyRef").stdout
     assert "key" in out and "name" in out
+
+
+async def test_raising_workers_resizes_a_running_gang(env: sc.Env, api: ApiClient) -> None:
+    """spec.workers 2 → 3 on a running job: the gang stops and restarts with 3 workers (reason
+    Resized, not counted), placed again by the scheduler."""
+    name, ns = "resized", env.namespace
+    await api.create(sc.job_body(env, name, workers=2, gpusPerWorker=1))
+    await running_gang(env, name, 2, attempt=0)
+    await sc.wait_job(env, name, sc.phase_is("Running"), "Running")
+    await api.patch(TRAININGJOBS, ns, name, {"spec": {"workers": 3}})
+    job = await sc.wait_job(env, name, lambda j: sc.status(j).get("attempt") == 1, "attempt 1")
+    assert sc.condition(job, "Running")["reason"] == "Resized"
+    pods = await running_gang(env, name, 3, attempt=1)
+    assert {p["metadata"]["labels"]["capstan.dev/workers"] for p in pods} == {"3"}
+    job = await sc.wait_job(env, name, sc.phase_is("Running"), "Running at 3")
+    assert sc.status(job)["restarts"] == 0 and sc.status(job)["preemptions"] == 0
+    assert "Resized" in await sc.event_reasons(env, name)

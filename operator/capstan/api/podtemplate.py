@@ -45,7 +45,6 @@ OWNED_ENV_PREFIX = "CAPSTAN_"
 OWNED_META_PREFIXES = ("capstan.dev/", "kueue.x-k8s.io/", "app.kubernetes.io/")
 MULTUS_ANNOTATION = "k8s.v1.cni.cncf.io/networks"
 
-_SPEC = "use the TrainingJob's own field"
 #: Pod spec fields Capstan owns, with why.
 OWNED_POD_FIELDS: dict[str, str] = {
     "nodeName": "Capstan's placement chooses each worker's node",

@@ -67,6 +67,8 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 crds: $(STAMP)
+	# The pod template's schema: upstream's PodSpec from kubernetes-validate, made structural.
+	$(BIN)/python -m capstan.api.podspec
 	$(BIN)/capstan crds --out crds
 	# The table of condition types and reasons (tests/api/test_condition_types.py checks it).
 	$(BIN)/python -m capstan.api.condition_types docs/conditions.md

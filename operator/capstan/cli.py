@@ -20,7 +20,8 @@ def _cmd_crds(args: argparse.Namespace) -> int:
         stale = stale_crds(out)
         if stale:
             print(
-                f"stale CRDs in {out}/: {', '.join(stale)}; regenerate with `capstan crds --out {out}`",
+                f"stale CRDs in {out}/: {', '.join(stale)}; regenerate with `make crds` "
+                f"(or `capstan crds --out {out}`)",
                 file=sys.stderr,
             )
             return 1

@@ -86,3 +86,40 @@ def test_every_rule_compiles() -> None:
     for model in models:
         for rule in model.rules:
             cel.compile(rule.cel)
+
+
+#: Each immutable field of a TrainingJob: a stored spec, an update changing the field.
+CKPT = {"volume": {"size": "1Gi"}}
+IMMUTABLE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    ".checkpoint.volume": ({**TJ, "checkpoint": CKPT}, {**TJ, "checkpoint": {"volume": {"size": "2Gi"}}}),
+    ".checkpoint.restoreFrom": (
+        {**TJ, "checkpoint": {**CKPT, "restoreFrom": "a"}},
+        {**TJ, "checkpoint": {**CKPT, "restoreFrom": "b"}},
+    ),
+    ".masterPort": ({**TJ, "masterPort": 29500}, {**TJ, "masterPort": 29600}),
+    ".queueName": ({**TJ, "queueName": "team-a"}, {**TJ}),
+}
+
+
+def test_every_immutable_field_has_a_case() -> None:
+    assert set(IMMUTABLE_CASES) == {i.field for i in TrainingJobSpec.immutable}
+
+
+@pytest.mark.parametrize("field", list(IMMUTABLE_CASES))
+def test_immutable_field_cel_refuses_a_change_and_admission_agrees(field: str) -> None:
+    from capstan.admission.validation import validate
+
+    (rule,) = [i for i in TrainingJobSpec.immutable if i.field == field]
+    before, after = (TrainingJobSpec.model_validate(s).wire() for s in IMMUTABLE_CASES[field])
+    assert cel.evaluate(rule.cel, {"self": before, "oldSelf": before})
+    assert cel.evaluate(rule.cel, {"self": after, "oldSelf": after})
+    assert not cel.evaluate(rule.cel, {"self": after, "oldSelf": before})
+    other = {**before, "workers": 5, "image": "img:2"}  # other fields change freely
+    assert cel.evaluate(rule.cel, {"self": other, "oldSelf": before})
+
+    def obj(spec: dict[str, Any]) -> dict[str, Any]:
+        return {"apiVersion": "capstan.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "j"},
+                "spec": spec}
+
+    assert validate(obj(after), old=obj(before)) == [f"spec{field}: {rule.message}"]
+    assert validate(obj(other), old=obj(before)) == []

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.e2e.conftest import Cluster
+from tests.e2e.conftest import Cluster, Install
 from tests.kube import scenarios as sc
 from tests.support.kube import wait_for
 
@@ -172,3 +172,74 @@ async def test_deleting_the_job_leaves_no_child(cluster: Cluster, env: sc.Env, a
 
     await wait_for(none_left, sc.TIMEOUT, what="no child of the deleted job")
     assert await api.get(TRAININGJOBS, ns, name) is None
+
+
+async def test_template_mounts_a_dataset_pvc_and_reads_a_secret(cluster: Cluster, env: sc.Env,
+                                                                 api: ApiClient) -> None:
+    """spec.template on the real API server: the worker pods it creates carry the dataset PVC, env
+    from a Secret, envFrom, a pull secret, an init container and a native sidecar, next to Capstan's
+    own fields (the API server accepted the merged pods, and dropped none of those fields)."""
+    name, ns = "templated", env.namespace
+    cluster.kubectl("create", "secret", "generic", "hf", "-n", ns, "--from-literal=token=not-a-token")
+    cluster.kubectl("apply", "-n", ns, "-f", "-", stdin=(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: datasets}\n"
+        "spec: {accessModes: [ReadOnlyMany], resources: {requests: {storage: 1Gi}}}\n"))
+    secret_env = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    template = {
+        "metadata": {"labels": {"team": "nlp"}},
+        "spec": {
+            "volumes": [{"name": "data",
+                         "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}}],
+            "imagePullSecrets": [{"name": "regcred"}],
+            # a native sidecar: an init container that keeps running beside the worker
+            "initContainers": [{"name": "proxy", "image": "registry.example/proxy:1",
+                                "restartPolicy": "Always"}],
+            "containers": [{
+                "name": "worker",
+                "env": [secret_env],
+                "envFrom": [{"secretRef": {"name": "hf", "optional": True}}],
+                "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": True}],
+            }],
+        },
+    }
+    await api.create(sc.job_body(env, name, workers=2, gpusPerWorker=1, template=template))
+    pods = await sc.wait_pods(env, name, 2)
+    for pod in pods:
+        spec = pod["spec"]
+        assert pod["metadata"]["labels"]["team"] == "nlp"
+        assert {"name": "data", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}} in \
+            spec["volumes"]
+        assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+        assert [(c["name"], c.get("restartPolicy")) for c in spec["initContainers"]] == [("proxy", "Always")]
+        worker = spec["containers"][0]
+        assert worker["name"] == "worker" and secret_env in worker["env"]
+        assert worker["envFrom"] == [{"secretRef": {"name": "hf", "optional": True}}]
+        assert {"name": "data", "mountPath": "/data", "readOnly": True} in worker["volumeMounts"]
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert spec["hostname"] == pod["metadata"]["name"] and spec["restartPolicy"] == "Never"
+    job = await sc.get_job(env, name)
+    assert job is not None and sc.status(job).get("phase") in ("Starting", "Running", "Queued", "Pending")
+
+
+def test_kubectl_explain_shows_the_upstream_podspec(cluster: Cluster, capstan: Install) -> None:
+    out = cluster.kubectl("explain", "trainingjob.spec.template.spec.volumes").stdout
+    assert "persistentVolumeClaim" in out and "List of volumes" in out
+    out = cluster.kubectl("explain", "tj.spec.template.spec.containers.env.valueFrom.secretKeyRef").stdout
+    assert "key" in out and "name" in out
+
+
+async def test_raising_workers_resizes_a_running_gang(env: sc.Env, api: ApiClient) -> None:
+    """spec.workers 2 → 3 on a running job: the gang stops and restarts with 3 workers (reason
+    Resized, not counted), placed again by the scheduler."""
+    name, ns = "resized", env.namespace
+    await api.create(sc.job_body(env, name, workers=2, gpusPerWorker=1))
+    await running_gang(env, name, 2, attempt=0)
+    await sc.wait_job(env, name, sc.phase_is("Running"), "Running")
+    await api.patch(TRAININGJOBS, ns, name, {"spec": {"workers": 3}})
+    job = await sc.wait_job(env, name, lambda j: sc.status(j).get("attempt") == 1, "attempt 1")
+    assert sc.condition(job, "Running")["reason"] == "Resized"
+    pods = await running_gang(env, name, 3, attempt=1)
+    assert {p["metadata"]["labels"]["capstan.dev/workers"] for p in pods} == {"3"}
+    job = await sc.wait_job(env, name, sc.phase_is("Running"), "Running at 3")
+    assert sc.status(job)["restarts"] == 0 and sc.status(job)["preemptions"] == 0
+    assert "Resized" in await sc.event_reasons(env, name)

@@ -37,13 +37,15 @@ def generated_crds() -> dict[str, dict[str, Any]]:
     return out
 
 
-def cel_rules() -> set[tuple[str, str, str]]:
-    """(kind, schema path, fieldPath) of every x-kubernetes-validations rule in the CRDs."""
+def cel_rules(transition: bool = False) -> set[tuple[str, str, str]]:
+    """(kind, schema path, fieldPath) of every x-kubernetes-validations rule in the CRDs; with
+    ``transition``, of the transition rules (``oldSelf``: checked on updates only) instead."""
     found: set[tuple[str, str, str]] = set()
 
     def walk(kind: str, node: dict[str, Any], path: str) -> None:
         for rule in node.get("x-kubernetes-validations") or []:
-            found.add((kind, path, rule.get("fieldPath", "")))
+            if ("oldSelf" in rule["rule"]) == transition:
+                found.add((kind, path, rule.get("fieldPath", "")))
         for name, sub in (node.get("properties") or {}).items():
             walk(kind, sub, f"{path}.{name}")
         if isinstance(node.get("items"), dict):
@@ -225,9 +227,50 @@ CEL_CASES: dict[tuple[str, str, str], tuple[dict[str, Any], str]] = {
 
 def test_every_cel_rule_has_a_case() -> None:
     assert set(CEL_CASES) == cel_rules()
+    assert set(TRANSITION_CASES) == cel_rules(transition=True)
 
 
-def _rule_message(kind: str, path: str, field_path: str) -> str:
+#: One refused update per transition rule (an immutable field): (kind, schema path, fieldPath) →
+#: (spec stored, spec sent, field named).
+TRANSITION_CASES: dict[tuple[str, str, str], tuple[dict[str, Any], dict[str, Any], str]] = {
+    ("TrainingJob", ".spec", ".checkpoint.volume"): (
+        {"checkpoint": {"volume": {"size": "1Gi"}}}, {"checkpoint": {"volume": {"size": "2Gi"}}},
+        "spec.checkpoint.volume"),
+    ("TrainingJob", ".spec", ".checkpoint.restoreFrom"): (
+        {"checkpoint": {"volume": {"size": "1Gi"}, "restoreFrom": "a"}},
+        {"checkpoint": {"volume": {"size": "1Gi"}, "restoreFrom": "b"}}, "spec.checkpoint.restoreFrom"),
+    ("TrainingJob", ".spec", ".masterPort"): (
+        {"masterPort": 29500}, {"masterPort": 29501}, "spec.masterPort"),
+    ("TrainingJob", ".spec", ".queueName"): ({"queueName": "a"}, {"queueName": "b"}, "spec.queueName"),
+}
+
+
+@pytest.mark.parametrize("rule", list(TRANSITION_CASES), ids=lambda r: f"{r[0]}{r[1]}{r[2]}")
+def test_transition_rule_refuses_the_update_naming_the_field(cluster: Cluster, capstan: Install,
+                                                             namespace: str,
+                                                             rule: tuple[str, str, str]) -> None:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    stored, sent, field = TRANSITION_CASES[rule]
+    custom = client.CustomObjectsApi(cluster.client)
+    name = "immutable-" + rule[2].strip(".").replace(".", "-").lower()
+    # Suspended and pinned nowhere: the operator makes no pod while the update is tried.
+    obj = body(rule[0], name, {**stored, "suspend": True})
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[rule[0]], obj)
+    with pytest.raises(ApiException) as err:
+        custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[rule[0]], name,
+                                              {"spec": sent}, dry_run="All")
+    assert err.value.status == 422, err.value
+    message = json.loads(err.value.body)["message"]
+    assert f"{field}: Invalid value" in message, message
+    assert _rule_message(*rule, transition=True) in message
+    # Other fields still change (workers: a resize).
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[rule[0]], name,
+                                          {"spec": {"workers": 2}}, dry_run="All")
+
+
+def _rule_message(kind: str, path: str, field_path: str, transition: bool = False) -> str:
     crd = generated_crds()[f"{PLURALS[kind]}.{GROUP}"]
     node = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for part in path.strip(".").split("."):
@@ -236,7 +279,8 @@ def _rule_message(kind: str, path: str, field_path: str) -> str:
         for suffix in part[len(name):].replace("[]", "[").replace("{}", "{"):
             node = node["items"] if suffix == "[" else node["additionalProperties"]
     rules = node["x-kubernetes-validations"]
-    return next(r["message"] for r in rules if r.get("fieldPath", "") == field_path)
+    return next(r["message"] for r in rules
+                if r.get("fieldPath", "") == field_path and ("oldSelf" in r["rule"]) == transition)
 
 
 @pytest.mark.parametrize("rule", list(CEL_CASES), ids=lambda r: f"{r[0]}{r[1]}{r[2]}")
@@ -255,6 +299,17 @@ def test_cel_rule_rejects_with_the_field_named(cluster: Cluster, capstan: Instal
 WEBHOOK_CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     # everything pydantic says beyond the schema: a quantity's syntax
     "quantity": ("TrainingJob", {"resources": {"cpu": "lots"}}, "spec.resources.cpu"),
+    # capstan.api.podtemplate: a pod template may not set what Capstan owns, nor a negative value
+    "template-owned-field": (
+        "TrainingJob",
+        {"template": {"spec": {"containers": [{"name": "worker", "resources": {"limits": {
+            "nvidia.com/gpu": 1}}}]}}},
+        "spec.template.spec.containers[0].resources.limits['nvidia.com/gpu']",
+    ),
+    "template-negative-value": (
+        "TrainingJob", {"template": {"spec": {"terminationGracePeriodSeconds": -1}}},
+        "spec.template.spec.terminationGracePeriodSeconds",
+    ),
     # _trainingjob_capacity: a worker larger than the largest node (8 GPUs)
     "worker-larger-than-any-node": ("TrainingJob", {"gpusPerWorker": 16}, "spec.gpusPerWorker"),
     # _trainingjob_capacity: a Required gang wider than the largest NVLink domain (72 GPUs)

@@ -339,3 +339,81 @@ def test_a_live_gang_gets_its_missing_service_and_checkpoint_claim_again() -> No
     c.reconcile()
     done = plan_trainingjob(c.job, list(c.pods.values()), T0, service_exists=False, pvc_exists=False)
     assert done.create == []  # a finished job's children are not brought back
+
+
+def _respec(c: Cluster, **spec: Any) -> None:
+    """The user edits the spec (a new generation)."""
+    new = job(**{**c.job.spec.model_dump(by_alias=True, exclude_none=True, mode="json"), **spec})
+    meta = c.job.metadata.model_copy(update={"generation": c.job.metadata.generation + 1})
+    c.job = new.model_copy(update={"metadata": meta, "status": c.job.status})
+
+
+def _running(c: Cluster) -> None:
+    c.reconcile()
+    c.set_phase("Running")
+    assert c.reconcile().status.phase == "Running"
+
+
+def test_raising_workers_resizes_the_gang_without_counting_a_failure() -> None:
+    c = Cluster(job(workers=2))
+    _running(c)
+    _respec(c, workers=4)
+    plan = c.reconcile()
+    assert plan.status.phase == "Restarting" and sorted(plan.delete_pods) == ["gpt-0", "gpt-1"]
+    running = {x.type: x for x in plan.status.conditions}["Running"]
+    assert running.reason == "Resized" and "from 2 to 4" in running.message
+    assert (plan.status.restarts, plan.status.preemptions, plan.status.attempt) == (0, 0, 1)
+    assert plan.status.observed_generation == 4
+    c.finish_deletes()
+    c.reconcile()
+    assert sorted(c.pods) == ["gpt-0", "gpt-1", "gpt-2", "gpt-3"]
+    assert {p["metadata"]["labels"]["capstan.dev/attempt"] for p in c.pods.values()} == {"1"}
+    env = {e["name"]: e["value"] for e in c.pods["gpt-3"]["spec"]["containers"][0]["env"]}
+    assert env["NNODES"] == "4"
+    c.set_phase("Running")
+    assert c.reconcile().status.phase == "Running"
+    assert "Resized" in c.events
+
+
+def test_lowering_workers_resizes_the_gang_too() -> None:
+    c = Cluster(job(workers=3))
+    _running(c)
+    _respec(c, workers=1)
+    plan = c.reconcile()
+    assert sorted(plan.delete_pods) == ["gpt-0", "gpt-1", "gpt-2"]
+    assert {x.type: x for x in plan.status.conditions}["Running"].reason == "Resized"
+    c.finish_deletes()
+    c.reconcile()
+    assert sorted(c.pods) == ["gpt-0"]
+
+
+def test_a_pod_shaping_change_restarts_the_gang_with_the_new_spec() -> None:
+    c = Cluster(job(workers=2))
+    _running(c)
+    _respec(c, image="img:2")
+    plan = c.reconcile()
+    assert {x.type: x for x in plan.status.conditions}["Running"].reason == "SpecChanged"
+    assert (plan.status.restarts, plan.status.preemptions) == (0, 0)
+    c.finish_deletes()
+    c.reconcile()
+    assert {p["spec"]["containers"][0]["image"] for p in c.pods.values()} == {"img:2"}
+
+
+def test_live_fields_change_without_a_restart() -> None:
+    c = Cluster(job(workers=2))
+    _running(c)
+    _respec(c, activeDeadlineSeconds=3600, failurePolicy={"maxRestarts": 9}, priority=5,
+            ttlSecondsAfterFinished=60)
+    plan = c.reconcile()
+    assert plan.delete_pods == [] and plan.status.phase == "Running" and plan.status.attempt == 0
+
+
+def test_pods_of_an_older_operator_are_not_restarted() -> None:
+    c = Cluster(job(workers=2))
+    c.reconcile()
+    for pod in c.pods.values():  # made before pods recorded their spec
+        del pod["metadata"]["labels"]["capstan.dev/workers"]
+        del pod["metadata"]["annotations"]["capstan.dev/spec-digest"]
+    c.set_phase("Running")
+    plan = c.reconcile()
+    assert plan.delete_pods == [] and plan.status.phase == "Running"

@@ -74,7 +74,8 @@ def _list_nodes() -> list[dict[str, Any]]:
 NODES = NodeLister()
 
 
-async def review(body: kopf.Body, warnings: list[str], memo: kopf.Memo | None = None, **_: Any) -> None:
+async def review(body: kopf.Body, warnings: list[str], memo: kopf.Memo | None = None,
+                 old: kopf.BodyEssence | None = None, **_: Any) -> None:
     """Reject the object with every problem found; kopf turns the error into a 422 denial."""
     try:
         nodes = await NODES.nodes(memo.get("api") if memo is not None else None)
@@ -85,7 +86,8 @@ async def review(body: kopf.Body, warnings: list[str], memo: kopf.Memo | None = 
     # In a thread: a spec's argsTemplate is rendered, and its budget is wall time the event loop
     # (every other webhook call and every reconcile) must not wait for.
     config: OperatorConfig = (memo.get("config") if memo is not None else None) or OperatorConfig()
-    errors = await asyncio.to_thread(validate, dict(body), nodes, config.topology_levels)
+    previous = dict(old) if isinstance(old, Mapping) else None
+    errors = await asyncio.to_thread(validate, dict(body), nodes, config.topology_levels, previous)
     if errors:
         raise kopf.AdmissionError(f"{describe(body)} is invalid: " + "; ".join(errors), code=422)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from capstan.api.loading import InvalidResource, parse_resource
 from capstan.api.modelserving import ModelServing
-from capstan.api.trainingjob import TrainingJob
+from capstan.api.trainingjob import TrainingJob, TrainingJobSpec
 from capstan.topology.inventory import GPU_RESOURCE, parse_count
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
 
@@ -38,8 +38,10 @@ def validate(
     body: Any,
     nodes: Sequence[Mapping[str, Any]] = (),
     levels: TopologyLevels = DEFAULT_LEVELS,
+    old: Any = None,
 ) -> list[str]:
     """Every reason to reject ``body`` (a TrainingJob or ModelServing dict); [] admits it.
+    ``old``: the stored object of an update, whose immutable fields ``body`` must keep.
 
     Never raises: any value (a list, a string, fields of the wrong type) gets errors naming where.
     """
@@ -53,7 +55,7 @@ def validate(
         # Checks that need only a few fields still run, so one round trip shows every problem.
         errors += _raw_checks(obj, errors)
         return _dedupe(errors)
-    errors = []
+    errors = _immutable_changes(old, obj)
     check_nodes = bool(nodes) and not _skip_capacity(resource.metadata.annotations)
     if isinstance(resource, TrainingJob):
         if check_nodes:
@@ -65,6 +67,18 @@ def validate(
         if resource.spec.args_template is not None:
             errors += args_template_errors(resource.spec.args_template)
     return _dedupe(errors)
+
+
+def _immutable_changes(old: Any, new: Mapping[str, Any]) -> list[str]:
+    """The immutable fields ``new`` changes (as the CRD's transition rules say; mirrored here for
+    ``validate`` without a server). Only TrainingJobs have any."""
+    if not isinstance(old, Mapping) or new.get("kind") != "TrainingJob":
+        return []
+    old_spec, new_spec = old.get("spec"), new.get("spec")
+    if not isinstance(old_spec, Mapping) or not isinstance(new_spec, Mapping):
+        return []
+    return [f"spec{rule.field}: {rule.message}" for rule in TrainingJobSpec.immutable
+            if rule.changed(old_spec, new_spec)]
 
 
 def _dedupe(errors: Iterable[str]) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Self
 
@@ -100,6 +100,41 @@ class Rule:
     check: Callable[[Any], bool]
 
 
+@dataclass(frozen=True)
+class Immutable:
+    """A field that may not change once set (a CEL transition rule; the API server checks it on
+    every update). ``field`` is the path below the model (``.checkpoint.volume``); ``why`` says why
+    and what to do instead."""
+
+    field: str
+    why: str
+
+    def _present(self, var: str) -> str:
+        parts = self.field.strip(".").split(".")
+        return " && ".join(f"has({var}.{'.'.join(parts[: i + 1])})" for i in range(len(parts)))
+
+    @property
+    def cel(self) -> str:
+        """``self`` equals ``oldSelf`` at the field, set or unset alike."""
+        new, old = self._present("self"), self._present("oldSelf")
+        path = self.field.strip(".")
+        return f"(({new}) == ({old})) && (!({new}) || self.{path} == oldSelf.{path})"
+
+    @property
+    def message(self) -> str:
+        """The API server's and the webhook's message."""
+        return f"is immutable: {self.why}"
+
+    def changed(self, old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+        """Whether the field differs between two wire dicts of the model."""
+        def at(obj: Any) -> Any:
+            for part in self.field.strip(".").split("."):
+                obj = obj.get(part) if isinstance(obj, Mapping) else None
+            return obj
+
+        return bool(at(old) != at(new))
+
+
 class ApiModel(BaseModel):
     """Base for every API model: camelCase on the wire, unknown fields rejected."""
 
@@ -107,15 +142,17 @@ class ApiModel(BaseModel):
         alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
     )
     rules: ClassVar[tuple[Rule, ...]] = ()
+    immutable: ClassVar[tuple[Immutable, ...]] = ()
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         schema = handler.resolve_ref_schema(handler(core_schema))
-        if cls.rules:
-            schema["x-kubernetes-validations"] = [
-                {"rule": r.cel, "message": r.message, **({"fieldPath": r.field} if r.field else {})}
-                for r in cls.rules
-            ]
+        rules = [
+            {"rule": r.cel, "message": r.message, **({"fieldPath": r.field} if r.field else {})}
+            for r in cls.rules
+        ] + [{"rule": i.cel, "message": i.message, "fieldPath": i.field} for i in cls.immutable]
+        if rules:
+            schema["x-kubernetes-validations"] = rules
         return schema
 
     @model_validator(mode="after")

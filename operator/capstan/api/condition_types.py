@@ -85,6 +85,16 @@ class RestartReason(_Documented):
     PREEMPTED = "Preempted", "A worker was preempted or evicted (not counted)."
     WORKER_LOST = "WorkerLost", "A running worker's pod disappeared (not counted)."
     MOVED = "Moved", "The gang is moved to another domain and resumes from its checkpoint (not counted)."
+    RESIZED = (
+        "Resized",
+        "spec.workers changed: the gang stops (workers checkpoint on SIGTERM) and restarts at the new "
+        "size (not counted).",
+    )
+    SPEC_CHANGED = (
+        "SpecChanged",
+        "A field that shapes the worker pods changed (image, env, resources, template, ...): the gang "
+        "stops and restarts with the new spec (not counted).",
+    )
 
 
 class SucceededReason(_Documented):

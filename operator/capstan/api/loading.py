@@ -110,8 +110,18 @@ def describe_errors(exc: ValidationError, prefix: str = "") -> list[str]:
             msg = "unknown field (check spelling and indentation)"
         elif err["type"] == "missing":
             msg = "required field is missing"
+        elif err["type"] == "value_error" and msg.startswith((".", "[")):
+            # A check deep inside a free-form value (a pod template) reports one problem per line,
+            # each starting with its path below the field that holds the value.
+            lines += [_joined(path, line) for line in msg.splitlines()]
+            continue
         lines.append(f"{path or ROOT}: {msg}")
     return lines
+
+
+def _joined(path: str, line: str) -> str:
+    rel, sep, msg = line.partition(": ")
+    return f"{path}{rel}: {msg}" if sep else f"{path or ROOT}: {line}"
 
 
 def _kind_of(value: Any) -> str:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, WithJsonSchema, model_validator
 
 from capstan.api.common import (
     MAX_DURATION_S,
     ApiModel,
     Condition,
     EnvVar,
+    Immutable,
     ObjectMeta,
     Quantity,
     Resources,
@@ -28,6 +29,11 @@ from capstan.api.k8s_names import (
     StorageClassName,
     VolumeSnapshotClassName,
     VolumeSnapshotName,
+)
+from capstan.api.podtemplate import (
+    template_problems,
+    template_tolerations,
+    worker_container,
 )
 from capstan.api.security import GangNetworkPolicy, PodSecurity
 
@@ -150,6 +156,50 @@ class FailurePolicy(ApiModel):
     )
 
 
+#: Marks where :mod:`capstan.api.crdgen` puts upstream's PodSpec schema (see capstan.api.podspec).
+POD_SPEC_MARKER = "x-capstan-pod-spec"
+PodSpecBody = Annotated[
+    dict[str, Any],
+    WithJsonSchema({"type": "object", POD_SPEC_MARKER: True}),
+]
+
+
+class TemplateMetadata(ApiModel):
+    """Labels and annotations the worker pods get besides Capstan's own."""
+
+    labels: dict[QualifiedName, LabelValue] = Field(
+        default_factory=dict, max_length=64, description="Labels of every worker pod."
+    )
+    annotations: dict[QualifiedName, Annotated[str, Field(max_length=65536)]] = Field(
+        default_factory=dict, max_length=64, description="Annotations of every worker pod."
+    )
+
+
+class WorkerTemplate(ApiModel):
+    """A pod template merged over the generated worker pod (as in a Job or a JobSet)."""
+
+    metadata: TemplateMetadata = Field(
+        default_factory=TemplateMetadata, description="Labels and annotations added to every worker pod."
+    )
+    spec: PodSpecBody = Field(
+        default_factory=dict,
+        description="A core/v1 PodSpec merged over the generated one: volumes, init and sidecar "
+        "containers, imagePullSecrets, priorityClassName, securityContext, affinity and tolerations "
+        "are added to Capstan's; a container named worker is merged into the worker container (env "
+        "with valueFrom, envFrom, volumeMounts, resources other than GPUs). Fields Capstan owns "
+        "(placement, rendezvous, GPU and RDMA resources, the checkpoint and /dev/shm mounts, the "
+        "hardened security defaults) are rejected, naming what to use instead.",
+    )
+
+    @model_validator(mode="after")
+    def _check_template(self) -> Self:
+        problems = template_problems({"metadata": self.metadata.wire(), "spec": self.spec})
+        if problems:
+            # One line per problem, each a path inside the template (see describe_errors).
+            raise ValueError("\n".join(problems))
+        return self
+
+
 class TrainingJobSpec(ApiModel):
     """Desired state of a TrainingJob."""
 
@@ -222,6 +272,13 @@ class TrainingJobSpec(ApiModel):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         default=None, description="Image pull policy."
     )
+    template: WorkerTemplate | None = Field(
+        default=None,
+        description="Pod template merged over every worker pod: dataset volumes, env from Secrets "
+        "(valueFrom, envFrom), imagePullSecrets, init and sidecar containers, priorityClassName, "
+        "securityContext, affinity and tolerations. A container named worker is merged into the "
+        "worker container.",
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -262,6 +319,50 @@ class TrainingJobSpec(ApiModel):
             ),
         ),
     )
+
+    # Fields naming objects made once (the checkpoint PVC, the headless Service's port, Kueue's
+    # workload); every other field is read afresh or restarts the gang (capstan.training.lifecycle).
+    immutable: ClassVar[tuple[Immutable, ...]] = (
+        Immutable(".checkpoint.volume", "the checkpoint PVC is made once; to change it, create a new "
+                  "TrainingJob with checkpoint.restoreFrom a snapshot of this one"),
+        Immutable(".checkpoint.restoreFrom", "the checkpoint PVC was seeded from it when it was made"),
+        Immutable(".masterPort", "the headless Service publishes it; create a new TrainingJob"),
+        Immutable(".queueName", "Kueue admitted the job in this queue; create a new TrainingJob"),
+    )
+
+    @model_validator(mode="after")
+    def _check_template_against_spec(self) -> Self:
+        problems = self.template_conflicts()
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def template_conflicts(self) -> list[str]:
+        """Fields the template's worker container sets that the rest of the spec sets too."""
+        worker = worker_container(self.template.wire() if self.template else None)
+        if not worker:
+            return []
+        containers = (self.template.spec.get("containers") if self.template else None) or []
+        at = f".template.spec.containers[{containers.index(worker)}]"
+        out = []
+        resources = worker.get("resources") or {}
+        for part in ("requests", "limits"):
+            for res in ("cpu", "memory"):
+                if res in (resources.get(part) or {}) and getattr(self.resources, res) is not None:
+                    out.append(f"{at}.resources.{part}.{res}: also set by spec.resources.{res}; set it in "
+                               "one place")
+        checkpoints = self.checkpoint.volume.mount_path if self.checkpoint.volume else "/checkpoints"
+        for j, mount in enumerate(worker.get("volumeMounts") or []):
+            path = mount.get("mountPath")
+            if path == checkpoints:
+                out.append(f"{at}.volumeMounts[{j}].mountPath: {path} is where the checkpoint volume is "
+                           "mounted (spec.checkpoint.volume.mountPath)")
+        return out
+
+    def pod_tolerations(self) -> list[dict[str, Any]]:
+        """Tolerations of the worker pods: the spec's, then the template's."""
+        own = [t.wire() for t in self.tolerations]
+        return own + template_tolerations(self.template.wire() if self.template else None)
 
     @property
     def procs(self) -> int:

@@ -4,7 +4,9 @@ kopf keeps, per object, the essence of the last state it handled (spec, labels, 
 tell a real change from a no-op, and by default writes it in full into an annotation. That copies
 every value of the spec, ``spec.env[*].value`` included, so a credential put in ``spec.env`` would
 show up a second time in ``metadata.annotations``, and in full in kopf's debug logs of each diff;
-it also doubles the object's size against the API server's limit.
+it also doubles the object's size against the API server's limit (a TrainingJob with a pod template
+can be large). Credentials belong in a Secret that ``spec.template`` refers to (``valueFrom``,
+``envFrom``); the spec then holds only the Secret's name.
 
 Capstan has no ``on.create``/``on.update``/``on.field`` handler (reconciling is level-based, in
 daemons; the only changing handler, ``on.delete``, is driven by ``deletionTimestamp``), so nothing

@@ -269,7 +269,7 @@ def gang_request(job: TrainingJob) -> GangRequest:
         policy=spec.topology.policy,
         max_domain=spec.topology.max_domain,
         needs_rdma=spec.wants_rdma,
-        tolerations=[t.wire() for t in spec.tolerations],
+        tolerations=spec.pod_tolerations(),
         priority=spec.priority,
         submitted=_submitted(job),
         gpu_product=spec.node_selector.get("nvidia.com/gpu.product"),

@@ -41,10 +41,14 @@ from capstan.naming import LABEL_ATTEMPT, LABEL_RANK
 from capstan.security import nonroot_advice, nonroot_refusal
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
 from capstan.training.pods import (
+    CONTAINER,
     EXIT_PREEMPTED,
+    LABEL_WORKERS,
+    SPEC_DIGEST_ANNOTATION,
     checkpoint_pvc,
     gang_network_policy,
     headless_service,
+    spec_digest,
     worker_pod,
 )
 
@@ -101,6 +105,9 @@ class WorkerState:
     node: str | None = None
     # The kubelet's refusal to run the image as a non-root user (see capstan.security).
     nonroot_refusal: str = ""
+    # The gang size and spec digest the pod was made for (None, "": a pod from an older operator).
+    workers: int | None = None
+    digest: str = ""
 
 
 def worker_state(pod: dict[str, Any]) -> WorkerState | None:
@@ -112,8 +119,12 @@ def worker_state(pod: dict[str, Any]) -> WorkerState | None:
     except (KeyError, ValueError):
         return None
     status = pod.get("status") or {}
+    size = labels.get(LABEL_WORKERS)
     exit_code = None
-    for cs in status.get("containerStatuses") or []:
+    statuses = status.get("containerStatuses") or []
+    # The worker's own exit code decides (a template may add sidecars that exit differently).
+    worker = [cs for cs in statuses if cs.get("name") == CONTAINER]
+    for cs in worker or statuses:
         term = (cs.get("state") or {}).get("terminated")
         if term is not None:
             exit_code = int(term.get("exitCode", 1))
@@ -129,6 +140,8 @@ def worker_state(pod: dict[str, Any]) -> WorkerState | None:
         reason=status.get("reason", ""),
         node=(pod.get("spec") or {}).get("nodeName"),
         nonroot_refusal=nonroot_refusal(pod) or "",
+        workers=int(size) if isinstance(size, str) and size.isdigit() else None,
+        digest=str((meta.get("annotations") or {}).get(SPEC_DIGEST_ANNOTATION) or ""),
     )
 
 
@@ -334,6 +347,10 @@ def _plan(
             f"{nonroot_advice('spec.securityContext')}",
         )
 
+    change = _spec_change(job, current)
+    if change is not None:
+        return _restart(b, current, change[0], change[1], counted=False, tally=False)
+
     present = {w.rank for w in current}
     missing = [r for r in range(job.spec.workers) if r not in present]
     if current and missing and st.phase == "Running":
@@ -377,6 +394,27 @@ def _plan(
     pending = [w for w in current if w.phase not in ("Running", "Succeeded")]
     b.phase("Starting", "Starting", f"{len(pending)} of {len(current)} workers not running yet")
     return b.plan
+
+
+def _spec_change(job: TrainingJob, current: list[WorkerState]) -> tuple[str, str] | None:
+    """``(reason, why)`` when the live gang was made from another spec than ``job``'s: another
+    ``spec.workers`` (Resized) or another field that shapes the pods (SpecChanged). Pods without
+    the record (made by an older operator) count as current."""
+    sizes = {w.workers for w in current if w.workers is not None}
+    want = job.spec.workers
+    if sizes and sizes != {want}:
+        was = ", ".join(map(str, sorted(sizes)))
+        return RestartReason.RESIZED, (
+            f"spec.workers changed from {was} to {want}: stopping the gang (workers checkpoint on "
+            f"SIGTERM) to restart it with {want} workers"
+        )
+    digests = {w.digest for w in current if w.digest}
+    if digests and digests != {spec_digest(job)}:
+        return RestartReason.SPEC_CHANGED, (
+            "the spec changed: stopping the gang (workers checkpoint on SIGTERM) to restart it with "
+            "the new spec"
+        )
+    return None
 
 
 def _placed_nodes(st: TrainingJobStatus) -> list[str]:
@@ -475,14 +513,16 @@ def _on_failure(b: _Builder, current: list[WorkerState], failed: list[WorkerStat
 
 
 def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, counted: bool,
-             moved: bool = False) -> Plan:
+             moved: bool = False, tally: bool = True) -> Plan:
+    """Stop the gang and start the next attempt. ``counted``: a failure (restarts, backoff);
+    ``moved``: a move (moves); else a preemption, or with ``tally=False`` (a spec change) nothing."""
     st = b.status
     if moved:
         st.moves += 1
         st.moving_since = rfc3339(b.now)
     elif counted:
         st.restarts += 1
-    else:
+    elif tally:
         st.preemptions += 1
     st.attempt += 1
     st.placement = None  # a restarted gang gets fresh placement (the old node may be gone)

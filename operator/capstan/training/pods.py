@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
 from typing import Any
 
 from capstan import API_VERSION
@@ -42,6 +46,17 @@ NCCL_DEFAULTS = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
     "NCCL_DEBUG": "WARN",
 }
+
+#: Pods record the gang size and a digest of the spec they were made from, so a spec change is
+#: seen on a running gang (capstan.training.lifecycle restarts it: Resized, SpecChanged).
+LABEL_WORKERS = "capstan.dev/workers"
+SPEC_DIGEST_ANNOTATION = "capstan.dev/spec-digest"
+#: Spec fields read afresh at every reconcile (or only when a gang is created and also immutable):
+#: a change to them never needs a new gang. Every other field shapes the pods.
+LIVE_FIELDS = frozenset({
+    "workers", "suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "failurePolicy", "priority",
+})
+LIVE_SUBFIELDS = {"topology": {"migration"}, "checkpoint": {"snapshots"}}
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
@@ -160,6 +175,19 @@ def checkpoint_pvc(job: TrainingJob) -> dict[str, Any] | None:
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
 
 
+def spec_digest(job: TrainingJob) -> str:
+    """Digest of the spec fields that shape the worker pods (all but :data:`LIVE_FIELDS`)."""
+    # Fields at their defaults are left out: an upgrade that adds a defaulted field (which the API
+    # server then fills into every stored job) must not look like a change of every running job.
+    dumped = job.spec.model_dump(by_alias=True, exclude_defaults=True, exclude_none=True, mode="json")
+    spec = {k: v for k, v in dumped.items() if k not in LIVE_FIELDS}
+    for key, live in LIVE_SUBFIELDS.items():
+        if isinstance(spec.get(key), dict):
+            spec[key] = {k: v for k, v in spec[key].items() if k not in live}
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def worker_env(job: TrainingJob, rank: int, attempt: int) -> list[dict[str, str]]:
     """Environment of worker ``rank``: torchrun (plain and PET_*), NCCL, Capstan's own."""
     spec = job.spec
@@ -225,8 +253,9 @@ def worker_pod(
     ``spec.topology.maxDomain``."""
     spec = job.spec
     name = worker_name(job, rank)
-    labels = {**job_labels(job), LABEL_RANK: str(rank), LABEL_ATTEMPT: str(attempt)}
-    annotations: dict[str, str] = {}
+    labels = {**job_labels(job), LABEL_RANK: str(rank), LABEL_ATTEMPT: str(attempt),
+              LABEL_WORKERS: str(spec.workers)}
+    annotations: dict[str, str] = {SPEC_DIGEST_ANNOTATION: spec_digest(job)}
     if spec.queue_name:
         labels[KUEUE_QUEUE_LABEL] = spec.queue_name
         labels[KUEUE_POD_GROUP_LABEL] = dns_label(job.metadata.name, suffix=f"-a{attempt}")
@@ -240,8 +269,7 @@ def worker_pod(
     if spec.wants_rdma and spec.network.networks:
         annotations["k8s.v1.cni.cncf.io/networks"] = spec.network.networks
     meta = _meta(job, name, labels)
-    if annotations:
-        meta["annotations"] = annotations
+    meta["annotations"] = annotations
 
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -303,7 +331,81 @@ def worker_pod(
                 }
             }
         }
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+    return merge_template(job, {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec})
+
+
+def _by_name(items: list[dict[str, Any]], extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``items`` with ``extra`` merged in by name: an entry of the same name is replaced in place."""
+    out = {i["name"]: i for i in items}
+    for item in extra:
+        out[item["name"]] = item
+    return list(out.values())
+
+
+def _hardened(container: Mapping[str, Any]) -> dict[str, Any]:
+    # The template cannot set the owned keys (capstan.api.podtemplate), so this never relaxes them.
+    return {**container, "securityContext": {**container_security_context(),
+                                             **(container.get("securityContext") or {})}}
+
+
+def merge_template(job: TrainingJob, pod: dict[str, Any]) -> dict[str, Any]:
+    """``pod`` with ``spec.template`` merged over it; Capstan's own fields win (the template cannot
+    set them: :func:`capstan.api.podtemplate.template_problems` rejects that at admission)."""
+    template = job.spec.template
+    if template is None:
+        return pod
+    tpl = copy.deepcopy(template.spec)
+    meta, spec = pod["metadata"], pod["spec"]
+    meta["labels"] = {**template.metadata.labels, **meta["labels"]}
+    annotations = {**template.metadata.annotations, **(meta.get("annotations") or {})}
+    if annotations:
+        meta["annotations"] = annotations
+
+    worker: dict[str, Any] = next((c for c in tpl.get("containers") or [] if c.get("name") == CONTAINER), {})
+    sidecars = [_hardened(c) for c in tpl.pop("containers", None) or [] if c.get("name") != CONTAINER]
+    ours = spec["containers"][0]
+    merged = {**worker, **ours}
+    merged["env"] = _by_name(ours["env"], worker.get("env") or [])
+    if worker.get("envFrom"):
+        merged["envFrom"] = worker["envFrom"]
+    merged["volumeMounts"] = ours["volumeMounts"] + (worker.get("volumeMounts") or [])
+    merged["ports"] = ours["ports"] + (worker.get("ports") or [])
+    merged["securityContext"] = {**(worker.get("securityContext") or {}), **ours["securityContext"]}
+    resources = {**(worker.get("resources") or {}), **(ours.get("resources") or {})}
+    for part in ("requests", "limits"):
+        amounts = {**((worker.get("resources") or {}).get(part) or {}),
+                   **((ours.get("resources") or {}).get(part) or {})}
+        if amounts:
+            resources[part] = amounts
+    if resources:
+        merged["resources"] = resources
+    init = [_hardened(c) for c in tpl.pop("initContainers", None) or []]
+
+    affinity = tpl.pop("affinity", None) or {}
+    security = tpl.pop("securityContext", None) or {}
+    volumes = tpl.pop("volumes", None) or []
+    tolerations = tpl.pop("tolerations", None) or []
+    pull_secrets = tpl.pop("imagePullSecrets", None) or []
+    # Scalars of the template (priorityClassName, schedulerName, terminationGracePeriodSeconds,
+    # dnsPolicy, ...) go in; Capstan's own keys are then set over them.
+    out = {**tpl, **spec}
+    if "terminationGracePeriodSeconds" in tpl:  # how long the trainer may take to checkpoint
+        out["terminationGracePeriodSeconds"] = tpl["terminationGracePeriodSeconds"]
+    out["containers"] = [merged, *sidecars]
+    if init:
+        out["initContainers"] = init
+    out["volumes"] = spec["volumes"] + volumes
+    out["securityContext"] = {**security, **spec["securityContext"]}
+    if tolerations:
+        out["tolerations"] = (spec.get("tolerations") or []) + tolerations
+    if pull_secrets:
+        out["imagePullSecrets"] = pull_secrets
+    if affinity or "affinity" in spec:
+        own = (spec.get("affinity") or {}).get("nodeAffinity") or {}
+        node_affinity = {**(affinity.get("nodeAffinity") or {}), **own}
+        out["affinity"] = {**affinity, **({"nodeAffinity": node_affinity} if node_affinity else {})}
+    pod["spec"] = out
+    return pod
 
 
 def gang_network_policy(job: TrainingJob) -> dict[str, Any] | None:

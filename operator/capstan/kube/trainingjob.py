@@ -124,7 +124,8 @@ class JobMetrics:
         """Export what changed from status ``old`` to ``new`` (phase, restarts, waiting, GPUs)."""
         ns, name = job.metadata.namespace, job.metadata.name
         self.phases.set(ns, name, new.phase)
-        if new.restarts > old.restarts or new.preemptions > old.preemptions or new.moves > old.moves:
+        counters = ("restarts", "preemptions", "moves", "hardware_restarts", "startup_timeouts")
+        if any(getattr(new, c) > getattr(old, c) for c in counters):
             running = next((c for c in new.conditions if c.type == "Running"), None)
             GANG_RESTARTS.labels(ns, running.reason if running else "Unknown").inc()
         placed = next((c for c in new.conditions if c.type == ConditionType.PLACED), None)
@@ -341,7 +342,7 @@ async def _queue_snapshot(
     now = time.time()
     policy = memo.get("queue_policy")  # set at startup; None only where startup did not run
     return queue_snapshot(nodes, pods, queued_jobs(jobs), now, running_gangs(jobs, now), policy,
-                          movable_gangs(jobs), placed_without_pods(jobs, pods))
+                          movable_gangs(jobs, now), placed_without_pods(jobs, pods))
 
 
 # -- plan ----------------------------------------------------------------------------------------

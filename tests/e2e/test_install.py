@@ -184,6 +184,8 @@ CEL_CASES: dict[tuple[str, str, str], tuple[dict[str, Any], str]] = {
         ({"gpusPerWorker": 1, "network": {"rdma": "required"}}, "spec.network.rdmaResource"),
     ("TrainingJob", ".spec", ".procsPerWorker"):
         ({"gpusPerWorker": 2, "procsPerWorker": 1}, "spec.procsPerWorker"),
+    ("TrainingJob", ".spec.failurePolicy.rules[]", ""):
+        ({"failurePolicy": {"rules": [{"action": "FailJob"}]}}, "spec.failurePolicy.rules[0]"),
     ("TrainingJob", ".spec.checkpoint.volume", ""):
         ({"checkpoint": {"volume": {"size": "1Gi", "claimName": "mine"}}}, "spec.checkpoint.volume"),
     ("ModelServing", ".spec", ".argsTemplate"):
@@ -255,6 +257,11 @@ def test_cel_rule_rejects_with_the_field_named(cluster: Cluster, capstan: Instal
 WEBHOOK_CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     # everything pydantic says beyond the schema: a quantity's syntax
     "quantity": ("TrainingJob", {"resources": {"cpu": "lots"}}, "spec.resources.cpu"),
+    # pydantic beyond the schema: a failure rule's regular expression
+    "invalid-message-pattern": (
+        "TrainingJob", {"failurePolicy": {"rules": [{"action": "FailJob", "messagePattern": "NCCL (error"}]}},
+        "spec.failurePolicy.rules[0].messagePattern",
+    ),
     # _trainingjob_capacity: a worker larger than the largest node (8 GPUs)
     "worker-larger-than-any-node": ("TrainingJob", {"gpusPerWorker": 16}, "spec.gpusPerWorker"),
     # _trainingjob_capacity: a Required gang wider than the largest NVLink domain (72 GPUs)

@@ -311,6 +311,9 @@ def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int
     shape = f"{want} worker{'s' if want != 1 else ''} × {gpw}"  # noqa: RUF001 -- meant as a times sign
 
     def out(reason: str) -> PlacementResult:
+        kept_off = sum(1 for n in inv.nodes if n.name in req.avoid_nodes)
+        if kept_off and "excluded for this job" not in reason:
+            reason += f"; {kept_off} node(s) excluded for this job after failures (status.excludedNodes)"
         return PlacementResult(req.name, False, gpus_per_worker=gpw, reason=reason)
 
     eligible = list(compress(range(len(elig)), elig))

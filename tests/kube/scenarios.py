@@ -490,12 +490,13 @@ async def scenario_startup_timeout_replaces_then_fails(env: Env, play_scheduler:
         (first,) = await wait_pods(env, name, 1, attempt=0)
         if play_scheduler:
             await unschedulable(env, first)
-            job = await wait_job(env, name, lambda j: condition(j, "Running").get("reason") == "WorkersPending",
-                                 "the scheduler's reason shown")
+            pending = lambda j: condition(j, "Running").get("reason") == "WorkersPending"  # noqa: E731
+            job = await wait_job(env, name, pending, "the scheduler's reason shown")
             assert "didn't match Pod's node affinity/selector" in condition(job, "Running")["message"]
         job = await wait_job(env, name, lambda j: status(j).get("attempt") == 1, "placed again")
         said = condition(job, "Running")
-        assert said["reason"] == "StartupTimeout" and "didn't match Pod's node affinity/selector" in said["message"]
+        assert said["reason"] == "StartupTimeout"
+        assert "didn't match Pod's node affinity/selector" in said["message"]
         assert status(job)["startupTimeouts"] == 1 and status(job)["restarts"] == 0
         excluded = [(e["node"], e["reason"]) for e in status(job)["excludedNodes"]]
         assert excluded == [(pinned(first), "StartupTimeout")]

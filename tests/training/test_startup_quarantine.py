@@ -163,3 +163,13 @@ def test_placement_keeps_a_job_off_its_excluded_nodes_until_they_expire() -> Non
     assert not waiting.placed and "excluded for this job" in waiting.reason
     after = queue_snapshot(nodes, [], [], now=(T0 + timedelta(hours=2)).timestamp())
     assert after is not None and queue_pass(after, both, QueueState()).decision.placed
+
+
+def test_a_gang_that_ran_is_never_timed_out_as_a_slow_start() -> None:
+    c = Cluster(gpu_job(startupTimeoutSeconds=60))
+    c.reconcile(placement=PLACED)
+    c.set_phase("Running")
+    assert c.reconcile(T0 + timedelta(seconds=10)).status.gang_created is None
+    c.pods["gpt-1"]["status"] = {"phase": "Unknown"}  # its node stopped reporting
+    plan = c.reconcile(T0 + timedelta(hours=1))
+    assert plan.delete_pods == [] and plan.status.startup_timeouts == 0

@@ -449,7 +449,9 @@ class TrainingJobStatus(ApiModel):
     startup_timeouts: int = Field(
         default=0, description="Gangs in a row that missed startupTimeoutSeconds; reset once a gang runs."
     )
-    gang_created: str | None = Field(default=None, description="When the current gang was created.")
+    gang_created: str | None = Field(
+        default=None, description="When the current gang was created; cleared once all its workers ran."
+    )
     excluded_nodes: list[ExcludedNode] = Field(
         default_factory=list, description="Nodes this job's placement avoids until their expiry."
     )

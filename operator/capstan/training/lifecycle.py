@@ -404,6 +404,7 @@ def _plan(
             if job.spec.active_deadline_seconds is not None:
                 b.requeue(job.spec.active_deadline_seconds)
         st.startup_timeouts = 0  # the bound is on gangs in a row that do not start
+        st.gang_created = None  # started: a worker that stops running later is a failure, not a slow start
         b.condition(CT.RUNNING, True, RunningReason.ALL_WORKERS_RUNNING, f"{len(current)} workers running")
         b.phase("Running", "Running", f"all {len(current)} workers running")
         return b.plan

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from capstan.api.common import ApiModel, Toleration
 from capstan.api.modelserving import AutoscalingSpec, ModelServingSpec, ModelSource
-from capstan.api.trainingjob import CheckpointVolume, TrainingJobSpec
+from capstan.api.trainingjob import CheckpointVolume, FailureRule, TrainingJobSpec
 
 TJ = {"image": "img", "workers": 2}
 MS_MODEL = {"uri": "s3://bucket/model"}
@@ -30,6 +30,10 @@ SAMPLES: list[tuple[type[ApiModel], dict[str, Any], bool]] = [
     ),
     (TrainingJobSpec, {**TJ, "gpusPerWorker": 8, "procsPerWorker": 4}, False),
     (TrainingJobSpec, {**TJ, "gpusPerWorker": 0, "procsPerWorker": 4}, True),
+    (FailureRule, {"action": "FailJob", "exitCodes": [3]}, True),
+    (FailureRule, {"action": "RestartGang", "reasons": ["OOMKilled"]}, True),
+    (FailureRule, {"action": "RestartGangAndIgnoreMaxRestarts", "messagePattern": "Xid"}, True),
+    (FailureRule, {"action": "FailJob"}, False),
     (CheckpointVolume, {"size": "10Gi"}, True),
     (CheckpointVolume, {"claimName": "mine"}, True),
     (CheckpointVolume, {}, False),
@@ -82,7 +86,8 @@ def test_cel_holds_after_api_server_defaulting(model: type[ApiModel], sample: di
 
 
 def test_every_rule_compiles() -> None:
-    models = (TrainingJobSpec, CheckpointVolume, ModelSource, AutoscalingSpec, ModelServingSpec, Toleration)
+    models = (TrainingJobSpec, CheckpointVolume, FailureRule, ModelSource, AutoscalingSpec, ModelServingSpec,
+              Toleration)
     for model in models:
         for rule in model.rules:
             cel.compile(rule.cel)

@@ -147,6 +147,13 @@ async def test_non_retryable_exit_code_fails_the_job(env: sc.Env, api: ApiClient
     assert left["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 2
 
 
+async def test_a_worker_that_never_binds_is_placed_again_then_fails(env: sc.Env) -> None:
+    # Capstan places the gang on an HGX node; the pod's node selector matches no node, so
+    # kube-scheduler never binds it and says why (PodScheduled=False).
+    await sc.scenario_startup_timeout_replaces_then_fails(
+        env, play_scheduler=False, nodeSelector={"capstan.dev/e2e": "none"})
+
+
 async def test_deleting_the_job_leaves_no_child(cluster: Cluster, env: sc.Env, api: ApiClient) -> None:
     """Pods, the headless Service and the checkpoint PVC are owned by the job: after the delete
     (the operator's finalizer, then kube-controller-manager's garbage collector) none is left."""

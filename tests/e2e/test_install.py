@@ -186,6 +186,8 @@ CEL_CASES: dict[tuple[str, str, str], tuple[dict[str, Any], str]] = {
         ({"gpusPerWorker": 1, "network": {"rdma": "required"}}, "spec.network.rdmaResource"),
     ("TrainingJob", ".spec", ".procsPerWorker"):
         ({"gpusPerWorker": 2, "procsPerWorker": 1}, "spec.procsPerWorker"),
+    ("TrainingJob", ".spec.failurePolicy.rules[]", ""):
+        ({"failurePolicy": {"rules": [{"action": "FailJob"}]}}, "spec.failurePolicy.rules[0]"),
     ("TrainingJob", ".spec.checkpoint.volume", ""):
         ({"checkpoint": {"volume": {"size": "1Gi", "claimName": "mine"}}}, "spec.checkpoint.volume"),
     ("ModelServing", ".spec", ".argsTemplate"):
@@ -309,6 +311,11 @@ WEBHOOK_CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     "template-negative-value": (
         "TrainingJob", {"template": {"spec": {"terminationGracePeriodSeconds": -1}}},
         "spec.template.spec.terminationGracePeriodSeconds",
+    ),
+    # pydantic beyond the schema: a failure rule's regular expression
+    "invalid-message-pattern": (
+        "TrainingJob", {"failurePolicy": {"rules": [{"action": "FailJob", "messagePattern": "NCCL (error"}]}},
+        "spec.failurePolicy.rules[0].messagePattern",
     ),
     # _trainingjob_capacity: a worker larger than the largest node (8 GPUs)
     "worker-larger-than-any-node": ("TrainingJob", {"gpusPerWorker": 16}, "spec.gpusPerWorker"),

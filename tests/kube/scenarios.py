@@ -195,7 +195,10 @@ async def scenario_failure_restarts_gang(env: Env, name: str = "tj-fail") -> Non
         assert env_of(new[0])["PET_RDZV_ID"].endswith("-1")
         assert "GangRestart" in await event_reasons(env, name)
         job = await wait_job(env, name, phase_is("Starting"), "Starting again")
-        assert condition(job, "Running")["reason"] in ("WorkerFailed", "Starting", "")
+        running = condition(job, "Running")
+        # the restart's reason, until the scheduler says why a new worker waits (a real cluster)
+        assert running["reason"] in ("WorkerFailed", "WorkersPending"), running
+        assert running["reason"] == "WorkerFailed" or "not scheduled: 0/" in running["message"], running
 
 
 async def scenario_preemption_not_counted(env: Env, name: str = "tj-preempt") -> None:
@@ -446,3 +449,61 @@ async def nothing() -> AsyncIterator[None]:
 
 
 __all__ = ["CORE_SCENARIOS", "PODS", "Env"]
+
+
+# -- startup timeout and node quarantine -------------------------------------------------------------
+
+
+def pinned(pod: dict[str, Any]) -> str:
+    """The node Capstan pinned the pod to (its required node affinity)."""
+    terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    return str(terms["nodeSelectorTerms"][0]["matchFields"][0]["values"][0])
+
+
+UNSCHEDULABLE = "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector."
+
+
+async def unschedulable(env: Env, pod: dict[str, Any]) -> None:
+    """Play kube-scheduler: the pod cannot be scheduled (PodScheduled=False with its message)."""
+    cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": UNSCHEDULABLE}
+    await env.api.patch_status(PODS, env.namespace, pod["metadata"]["name"], {"conditions": [cond]})
+
+
+async def scenario_startup_timeout_replaces_then_fails(env: Env, play_scheduler: bool,
+                                                       name: str = "tj-startup", **extra: Any) -> None:
+    """A placed worker that never binds: the gang is placed again off that node after
+    startupTimeoutSeconds, the Running condition quoting the scheduler; after maxStartupAttempts
+    gangs the job fails saying why.
+
+    ``play_scheduler``: no kube-scheduler runs (the emulator), so the test writes what it would
+    (PodScheduled=False); on a real cluster ``extra`` spec fields (a node selector no node matches)
+    keep the pinned pods from binding.
+    """
+    spec = {"gpusPerWorker": 8, "startupTimeoutSeconds": 3,
+            "failurePolicy": {"maxRestarts": 0, "backoffSeconds": 0, "maxStartupAttempts": 2}, **extra}
+    async with env.operator():
+        await env.api.create(job_body(env, name, workers=1, **spec))
+        (first,) = await wait_pods(env, name, 1, attempt=0)
+        if play_scheduler:
+            await unschedulable(env, first)
+            pending = lambda j: condition(j, "Running").get("reason") == "WorkersPending"  # noqa: E731
+            job = await wait_job(env, name, pending, "the scheduler's reason shown")
+            assert "didn't match Pod's node affinity/selector" in condition(job, "Running")["message"]
+        job = await wait_job(env, name, lambda j: status(j).get("attempt") == 1, "placed again")
+        said = condition(job, "Running")
+        assert said["reason"] == "StartupTimeout"
+        assert "didn't match Pod's node affinity/selector" in said["message"]
+        assert status(job)["startupTimeouts"] == 1 and status(job)["restarts"] == 0
+        excluded = [(e["node"], e["reason"]) for e in status(job)["excludedNodes"]]
+        assert excluded == [(pinned(first), "StartupTimeout")]
+        (second,) = await wait_pods(env, name, 1, attempt=1)
+        assert pinned(second) != pinned(first)
+        if play_scheduler:
+            await unschedulable(env, second)
+        job = await wait_job(env, name, phase_is("Failed"), "Failed after 2 startup attempts")
+        failed = condition(job, "Failed")
+        assert failed["reason"] == "StartupAttemptsExceeded", failed
+        assert "maxStartupAttempts: 2" in failed["message"] and "not scheduled" in failed["message"]
+        reasons = await wait_for(lambda: _has(event_reasons(env, name), {"NodeQuarantined", "GangRestart"}),
+                                 TIMEOUT, what="events")
+        assert {"NodeQuarantined", "GangRestart"} <= reasons

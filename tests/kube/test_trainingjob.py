@@ -176,9 +176,14 @@ async def test_node_lost_restarts_gang_uncounted(
     victim = _pinned(pods[1])
     await cluster.api.delete(NODES, None, victim)
     job = await sc.wait_job(env, "lost", lambda j: sc.status(j).get("attempt") == 1, "gang restarted")
-    assert sc.status(job)["restarts"] == 0 and sc.status(job)["preemptions"] == 1
+    st = sc.status(job)
+    # blamed on the node: counted apart, and the node is quarantined for this job with an Event
+    assert (st["restarts"], st["preemptions"], st["hardwareRestarts"]) == (0, 0, 1)
+    assert [(e["node"], e["reason"]) for e in st["excludedNodes"]] == [(victim, "NodeLost")]
+    assert sc.condition(job, "Running")["reason"] == "NodeFailure"
     new = await sc.wait_pods(env, "lost", 2, attempt=1)
     assert victim not in [_pinned(p) for p in new]
+    assert "NodeQuarantined" in await sc.event_reasons(env, "lost")
     assert all(p["metadata"]["labels"][LABEL_ATTEMPT] == "1" for p in new)
 
 

@@ -76,6 +76,11 @@ class RunningReason(_Documented):
     ALL_WORKERS_RUNNING = "AllWorkersRunning", "Every worker of the current gang runs."
     COMPLETED = "Completed", "Every worker exited 0."
     SUSPENDED = "Suspended", "spec.suspend removed the workers."
+    WORKERS_PENDING = (
+        "WorkersPending",
+        "Some workers do not run yet; the message gives the scheduler's reason (PodScheduled=False) or "
+        "the container's waiting reason.",
+    )
 
 
 class RestartReason(_Documented):
@@ -95,6 +100,20 @@ class RestartReason(_Documented):
         "A field that shapes the worker pods changed (image, env, resources, template, ...): the gang "
         "stops and restarts with the new spec (not counted).",
     )
+    NODE_FAILURE = (
+        "NodeFailure",
+        "A worker failed for a reason blamed on its node, which the job now avoids "
+        "(counted in status.hardwareRestarts).",
+    )
+    NOT_COUNTED_BY_RULE = (
+        "RestartNotCounted",
+        "A failurePolicy rule with action RestartGangAndIgnoreMaxRestarts matched (not counted).",
+    )
+    STARTUP_TIMEOUT = (
+        "StartupTimeout",
+        "The gang was not all running within startupTimeoutSeconds; it is placed again off the nodes "
+        "where its pods did not bind.",
+    )
 
 
 class SucceededReason(_Documented):
@@ -113,6 +132,15 @@ class FailedReason(_Documented):
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded", "A worker failed after failurePolicy.maxRestarts."
     DEADLINE_EXCEEDED = "DeadlineExceeded", "The job ran past activeDeadlineSeconds."
     RUN_AS_NON_ROOT = "RunAsNonRoot", "The kubelet refused to run the image as non-root; no restart helps."
+    FAILURE_RULE = "FailureRule", "A failurePolicy rule with action FailJob matched a worker's failure."
+    UNCOUNTED_RESTART_LIMIT_EXCEEDED = (
+        "UncountedRestartLimitExceeded",
+        "Restarts not counted against maxRestarts reached failurePolicy.maxUncountedRestarts.",
+    )
+    STARTUP_ATTEMPTS_EXCEEDED = (
+        "StartupAttemptsExceeded",
+        "failurePolicy.maxStartupAttempts gangs in a row were not all running within startupTimeoutSeconds.",
+    )
 
 
 class SuspendedReason(_Documented):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
 
 from capstan.api.common import (
     MAX_DURATION_S,
@@ -142,6 +143,84 @@ class CheckpointSpec(ApiModel):
     )
 
 
+# -- failure rules, startup timeout, node quarantine -------------------------------------------
+
+#: What a matching failure rule does: restart the gang and count it against maxRestarts; restart
+#: it without counting (capped by maxUncountedRestarts); or fail the job at once.
+FailureAction = Literal["RestartGang", "RestartGangAndIgnoreMaxRestarts", "FailJob"]
+#: Why a worker pod failed, as Capstan reads it from the pod (see capstan.training.failure_rules).
+PodFailureReason = Literal[
+    "Evicted", "OOMKilled", "DeadlineExceeded", "NodeLost", "NotReady", "Preempted", "Shutdown"
+]
+FAILURE_ACTIONS: tuple[str, ...] = ("RestartGang", "RestartGangAndIgnoreMaxRestarts", "FailJob")
+
+
+def _check_pattern(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return value
+
+
+#: A regular expression (Python ``re`` syntax, found anywhere in the text).
+Pattern = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_check_pattern)]
+
+
+class FailureRule(ApiModel):
+    """One rule of failurePolicy.rules: which worker failures it matches and what it does.
+
+    Every criterion given must match (exitCodes: any of them; reasons: any of them).
+    """
+
+    action: FailureAction = Field(
+        description="RestartGang: restart and count it against maxRestarts. "
+        "RestartGangAndIgnoreMaxRestarts: restart without counting (maxUncountedRestarts caps these). "
+        "FailJob: fail the job at once."
+    )
+    exit_codes: list[Annotated[int, Field(ge=1, le=255)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="Exit codes of the worker container (1-255: 0 is success and never fails a pod).",
+    )
+    reasons: list[PodFailureReason] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=8,
+        description="Why the pod failed: Evicted, OOMKilled, DeadlineExceeded, NodeLost (its Node went "
+        "away), NotReady (evicted from a NotReady or unreachable node), Preempted (exit 75 or preempted "
+        "by the scheduler), Shutdown (node shutdown).",
+    )
+    message_pattern: Pattern | None = Field(
+        default=None,
+        description="Regular expression (Python re syntax) searched for in the container's termination "
+        "message (/dev/termination-log, or the log tail with terminationMessagePolicy "
+        "FallbackToLogsOnError).",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "",
+            "has(self.exitCodes) || has(self.reasons) || has(self.messagePattern)",
+            "a rule needs at least one of exitCodes, reasons or messagePattern (it would match nothing)",
+            lambda r: r.exit_codes is not None or r.reasons is not None or r.message_pattern is not None,
+        ),
+    )
+
+
+class ExcludedNode(ApiModel):
+    """A node the gang is kept off until the expiry, after a failure blamed on it."""
+
+    node: str = Field(description="Node name.")
+    reason: str = Field(
+        description="What was blamed on it: NodeLost, NotReady, NodePressure, GPUError, NCCLError, "
+        "StartupTimeout."
+    )
+    message: str = Field(default="", description="The failure, in words.")
+    until: str = Field(description="When placement may use the node again (RFC 3339).")
+
+
 class FailurePolicy(ApiModel):
     """How the gang is restarted when a worker fails."""
 
@@ -153,6 +232,36 @@ class FailurePolicy(ApiModel):
         default_factory=list,
         max_length=256,
         description="Exit codes that fail the job at once, e.g. 2 for bad arguments.",
+    )
+    # "rules" on the wire; ApiModel.rules (the CEL rules of a model) keeps the Python name
+    failure_rules: list[FailureRule] = Field(
+        default_factory=list,
+        alias="rules",
+        max_length=32,
+        description="Ordered rules; the first that matches the failure decides. When none matches: "
+        "nonRetryableExitCodes fail the job, failures blamed on the node (lost, NotReady, node-pressure "
+        "eviction, GPU Xid or NCCL system errors) and preemptions restart without counting, anything else "
+        "restarts and counts.",
+    )
+    max_uncounted_restarts: int = Field(
+        default=100,
+        ge=0,
+        le=10000,
+        description="Restarts not counted against maxRestarts (preemptions, lost workers, node failures) "
+        "before the job fails: a job preempted for ever eventually says so.",
+    )
+    max_startup_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Gangs placed in a row that may miss startupTimeoutSeconds before the job fails.",
+    )
+    node_quarantine_seconds: int = Field(
+        default=3600,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="How long a node blamed for a failure (or where a worker never bound) is kept out of "
+        "this job's placement; 0 never excludes nodes.",
     )
 
 
@@ -242,6 +351,14 @@ class TrainingJobSpec(ApiModel):
             "past it the gang is stopped and the job fails with DeadlineExceeded. The placement queue "
             "uses it to let short gangs backfill and to estimate when GPUs free."
         ),
+    )
+    startup_timeout_seconds: int = Field(
+        default=900,
+        ge=1,
+        le=MAX_DURATION_S,
+        description="A gang Capstan placed that is not all Running this long after it was created is torn "
+        "down and placed again, off the nodes where its pods did not bind (failurePolicy.maxStartupAttempts "
+        "bounds the tries).",
     )
     priority: int = Field(
         default=0, ge=-1_000_000_000, le=1_000_000_000, description="Queue priority; higher places first."
@@ -423,7 +540,22 @@ class TrainingJobStatus(ApiModel):
     conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
     observed_generation: int | None = Field(default=None, description="Last generation reconciled.")
     restarts: int = Field(default=0, description="Gang restarts counted against maxRestarts.")
-    preemptions: int = Field(default=0, description="Gang restarts caused by preemption (not counted).")
+    preemptions: int = Field(
+        default=0, description="Gang restarts not counted and not blamed on a node (preemption, lost worker)."
+    )
+    hardware_restarts: int = Field(
+        default=0,
+        description="Gang restarts blamed on a node (quarantined); not counted against maxRestarts.",
+    )
+    startup_timeouts: int = Field(
+        default=0, description="Gangs in a row that missed startupTimeoutSeconds; reset once a gang runs."
+    )
+    gang_created: str | None = Field(
+        default=None, description="When the current gang was created; cleared once all its workers ran."
+    )
+    excluded_nodes: list[ExcludedNode] = Field(
+        default_factory=list, description="Nodes this job's placement avoids until their expiry."
+    )
     attempt: int = Field(default=0, description="Current gang attempt; part of pod names' generation.")
     workers: WorkerCounts = Field(default_factory=WorkerCounts, description="Worker pods by state.")
     placement: PlacementStatus | None = Field(default=None, description="Where the gang runs.")

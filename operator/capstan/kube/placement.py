@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from capstan.api.conditions import parse_time
@@ -57,6 +58,7 @@ from capstan.topology import (
     schedule_queue,
 )
 from capstan.training.lifecycle import PlacementDecision
+from capstan.training.quarantine import avoided
 
 MOVE_HOLD_S = 600.0  # a planned move not carried out by then is dropped (its job ended, or stalled)
 
@@ -238,7 +240,9 @@ def _current(job: TrainingJob) -> PlacementResult:
                            level=st.placement.level or None, domain=st.placement.domain or None)
 
 
-def movable_gangs(bodies: Sequence[Mapping[str, Any]]) -> list[tuple[MovableGang, str]]:
+def movable_gangs(
+    bodies: Sequence[Mapping[str, Any]], now: float | None = None
+) -> list[tuple[MovableGang, str]]:
     """Running Capstan gangs the queue may move, with their uids.
 
     A job qualifies when ``spec.movable`` (migration allowed and a checkpoint to resume from), it is
@@ -255,13 +259,16 @@ def movable_gangs(bodies: Sequence[Mapping[str, Any]]) -> list[tuple[MovableGang
         since = parse_time(running.last_transition_time if running else None)
         if since is None:
             continue
-        out.append((MovableGang(gang_request(job), _current(job), since.timestamp()), job.metadata.uid or ""))
+        gang = MovableGang(gang_request(job, now), _current(job), since.timestamp())
+        out.append((gang, job.metadata.uid or ""))
     return out
 
 
-def gang_request(job: TrainingJob) -> GangRequest:
-    """The job's gang as the placement queue sees it."""
+def gang_request(job: TrainingJob, now: float | None = None) -> GangRequest:
+    """The job's gang as the placement queue sees it, kept off the nodes quarantined for the job
+    at ``now`` (epoch seconds; None: every node its status lists)."""
     spec = job.spec
+    at = datetime.fromtimestamp(now, UTC) if now is not None else None
     return GangRequest(
         name=queue_key(job),
         workers=spec.workers,
@@ -274,6 +281,7 @@ def gang_request(job: TrainingJob) -> GangRequest:
         submitted=_submitted(job),
         gpu_product=spec.node_selector.get("nvidia.com/gpu.product"),
         expected_duration_s=spec.active_deadline_seconds,
+        avoid_nodes=avoided(job.status.excluded_nodes, at),
     )
 
 
@@ -344,7 +352,7 @@ def queue_pass(snapshot: QueueSnapshot, job: TrainingJob, state: QueueState) -> 
         # the moving gang goes where its move planned
         return QueuePass(_decision(mine.move.to), state.reservation, (), moves)
     others = {queue_key(j): j for j in snapshot.queued if queue_key(j) != me}
-    requests = [gang_request(j) for j in others.values()] + [gang_request(job)]
+    requests = [gang_request(j, at) for j in others.values()] + [gang_request(job, at)]
     decisions = schedule_queue(
         inv, requests, running=snapshot.running, now=at, reservation=state.reservation,
         **policy.queue_kwargs(),

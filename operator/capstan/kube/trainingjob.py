@@ -132,7 +132,8 @@ class JobMetrics:
         """Export what changed from status ``old`` to ``new`` (phase, restarts, waiting, GPUs)."""
         ns, name = job.metadata.namespace, job.metadata.name
         self.phases.set(ns, name, new.phase)
-        if new.restarts > old.restarts or new.preemptions > old.preemptions or new.moves > old.moves:
+        counters = ("restarts", "preemptions", "moves", "hardware_restarts", "startup_timeouts")
+        if any(getattr(new, c) > getattr(old, c) for c in counters):
             running = next((c for c in new.conditions if c.type == "Running"), None)
             GANG_RESTARTS.labels(ns, running.reason if running else "Unknown").inc()
         placed = next((c for c in new.conditions if c.type == ConditionType.PLACED), None)
@@ -350,7 +351,8 @@ async def _queue_snapshot(
     now = time.time()
     config = operator_config(memo)
     return queue_snapshot(nodes, pods, queued_jobs(jobs), now, running_gangs(jobs, now), config.queue,
-                          movable_gangs(jobs), placed_without_pods(jobs, pods), levels=config.topology_levels)
+                          movable_gangs(jobs, now), placed_without_pods(jobs, pods),
+                          levels=config.topology_levels)
 
 
 # -- plan ----------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ class GangRequest:
     submitted: float = 0.0
     gpu_product: str | None = None
     expected_duration_s: float | None = None
+    avoid_nodes: frozenset[str] = frozenset()  # nodes quarantined for this gang's job
 
     @property
     def total_gpus(self) -> int:
@@ -109,7 +110,8 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
     """
     _validate(inventory, request)
     topo = inventory._topo
-    elig = inventory._eligible(request.tolerations, request.needs_rdma, request.gpu_product)
+    elig = inventory._eligible(request.tolerations, request.needs_rdma, request.gpu_product,
+                               request.avoid_nodes)
     if request.gpus_per_worker == 0:
         return _place_cpu(inventory, request, elig)
 
@@ -200,7 +202,8 @@ def narrowest_level(inventory: Inventory, request: GangRequest) -> str | None:
     gpw = request.gpus_per_worker
     if gpw == 0:
         return None
-    elig = inventory._eligible(request.tolerations, request.needs_rdma, request.gpu_product)
+    elig = inventory._eligible(request.tolerations, request.needs_rdma, request.gpu_product,
+                               request.avoid_nodes)
     cap_all = [a // gpw if e else 0 for a, e in zip(topo.alloc, elig, strict=True)]
     for li, lv in enumerate(topo.levels):
         sums = [0] * len(topo.dom_keys[li])
@@ -293,6 +296,9 @@ def _no_node_reason(inv: Inventory, req: GangRequest) -> str:
         counts["without RDMA"] = sum(1 for n in nodes if not n.rdma)
     if req.gpu_product:
         counts[f"not {req.gpu_product}"] = sum(1 for n in nodes if n.product != req.gpu_product)
+    if req.avoid_nodes:
+        counts["excluded for this job after failures (status.excludedNodes)"] = sum(
+            1 for n in nodes if n.name in req.avoid_nodes)
     detail = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     what = "no schedulable node with RDMA" if req.needs_rdma else "no schedulable node"
     return f"{what}" + (f" ({detail})" if detail else " (the cluster has no Ready nodes)")
@@ -307,6 +313,9 @@ def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int
     shape = f"{want} worker{'s' if want != 1 else ''} × {gpw}"  # noqa: RUF001 -- meant as a times sign
 
     def out(reason: str) -> PlacementResult:
+        kept_off = sum(1 for n in inv.nodes if n.name in req.avoid_nodes)
+        if kept_off and "excluded for this job" not in reason:
+            reason += f"; {kept_off} node(s) excluded for this job after failures (status.excludedNodes)"
         return PlacementResult(req.name, False, gpus_per_worker=gpw, reason=reason)
 
     eligible = list(compress(range(len(elig)), elig))
@@ -361,7 +370,8 @@ def place_when_freed(inventory: Inventory, request: GangRequest) -> tuple[Placem
     if gpw == 0:
         res = place_gang(inventory, request)
         return res, 0
-    elig = inventory._eligible(request.tolerations, request.needs_rdma, request.gpu_product)
+    elig = inventory._eligible(request.tolerations, request.needs_rdma, request.gpu_product,
+                               request.avoid_nodes)
     used = inventory._used
     cap_all = [a // gpw if e else 0 for a, e in zip(topo.alloc, elig, strict=True)]
     free = [a - u if e and a > u else 0 for a, u, e in zip(topo.alloc, used, elig, strict=True)]

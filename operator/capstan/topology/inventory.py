@@ -239,16 +239,20 @@ class Inventory:
 
     # -- internals for the placement modules ----------------------------------------------------
     def _eligible(self, tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool,
-                  product: str | None) -> list[bool]:
-        """Per node: may a pod with these constraints land here? Cached per constraint set."""
-        key = (_freeze(tolerations), needs_rdma, product)
+                  product: str | None, avoid: frozenset[str] = frozenset()) -> list[bool]:
+        """Per node: may a pod with these constraints land here? Cached per constraint set.
+
+        ``avoid``: nodes this gang must keep off (quarantined for its job after failures).
+        """
+        key = (_freeze(tolerations), needs_rdma, product, avoid)
         cached = self._topo.eligible_cache.get(key)
         if cached is not None:
             return cached
         ok_by_taints: dict[tuple[Taint, ...], bool] = {}
         out = []
         for n in self._topo.nodes:
-            ok = not n.cordoned and (n.rdma or not needs_rdma) and (product is None or n.product == product)
+            ok = (not n.cordoned and (n.rdma or not needs_rdma) and (product is None or n.product == product)
+                  and n.name not in avoid)
             if ok and n.taints:
                 t_ok = ok_by_taints.get(n.taints)
                 if t_ok is None:

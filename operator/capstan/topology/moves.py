@@ -81,7 +81,7 @@ def plan_defragmentation(inventory: Inventory, waiting: Sequence[GangRequest],
 def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[MovableGang]]) -> list[Move]:
     """Moves that clear nodes for ``req``, cheapest in GPUs moved in the narrowest domain; [] if none."""
     gpw = req.gpus_per_worker
-    elig = inv._eligible(req.tolerations, req.needs_rdma, req.gpu_product)
+    elig = inv._eligible(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes)
     cands: list[tuple[int, str, list[MovableGang]]] = []  # (GPUs to move, node, gangs to move)
     for node, ok in zip(inv.nodes, elig, strict=True):
         if not ok or node.gpus < gpw:

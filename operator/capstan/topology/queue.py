@@ -381,7 +381,7 @@ def _idle_held(inv: Inventory, rsv: Reservation) -> int:
 
 def _still_usable(inv: Inventory, head: GangRequest, rsv: Reservation) -> bool:
     """Reserved nodes still exist, still admit the head and have the GPUs allocatable."""
-    elig = inv._eligible(head.tolerations, head.needs_rdma, head.gpu_product)
+    elig = inv._eligible(head.tolerations, head.needs_rdma, head.gpu_product, head.avoid_nodes)
     index = inv._topo.index
     for name, gpus in rsv.gpus_by_node().items():
         i = index.get(name)

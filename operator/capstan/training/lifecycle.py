@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from capstan.api.condition_types import (
     AdmittedReason,
@@ -40,9 +40,9 @@ from capstan.events import Event
 from capstan.naming import LABEL_ATTEMPT, LABEL_RANK
 from capstan.security import nonroot_advice, nonroot_refusal
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
+from capstan.training.failure_rules import Failure, first_failure, judge, pod_reasons
 from capstan.training.pods import (
     CONTAINER,
-    EXIT_PREEMPTED,
     LABEL_WORKERS,
     SPEC_DIGEST_ANNOTATION,
     checkpoint_pvc,
@@ -51,6 +51,8 @@ from capstan.training.pods import (
     spec_digest,
     worker_pod,
 )
+from capstan.training.quarantine import avoided, exclude, keep_off, still_excluded
+from capstan.training.startup import not_running_detail, startup_left, unbound_nodes
 
 MAX_BACKOFF_S = 600.0
 QUEUED_RECHECK_S = 15.0
@@ -108,6 +110,17 @@ class WorkerState:
     # The gang size and spec digest the pod was made for (None, "": a pod from an older operator).
     workers: int | None = None
     digest: str = ""
+    container_reason: str = ""  # the container's terminated.reason (OOMKilled, Error, ...)
+    message: str = ""  # its termination message, then the pod's status message
+    finished_at: str | None = None  # its terminated.finishedAt
+    disruption: str = ""  # reason of the pod's DisruptionTarget=True condition
+    unscheduled: str = ""  # the scheduler's message while PodScheduled=False
+    waiting: str = ""  # the container's waiting reason and message (ImagePullBackOff: ...)
+
+    def failure(self) -> Failure:
+        """This worker's failure, as the failure rules read it."""
+        reasons = pod_reasons(self.exit_code, self.reason, self.container_reason, self.disruption)
+        return Failure(self.rank, self.exit_code, reasons, self.message, self.node, self.finished_at)
 
 
 def worker_state(pod: dict[str, Any]) -> WorkerState | None:
@@ -121,27 +134,49 @@ def worker_state(pod: dict[str, Any]) -> WorkerState | None:
     status = pod.get("status") or {}
     size = labels.get(LABEL_WORKERS)
     exit_code = None
+    term: dict[str, Any] = {}
+    waiting = ""
     statuses = status.get("containerStatuses") or []
-    # The worker's own exit code decides (a template may add sidecars that exit differently).
+    # The worker's own container decides (a template may add sidecars that exit differently).
     worker = [cs for cs in statuses if cs.get("name") == CONTAINER]
     for cs in worker or statuses:
-        term = (cs.get("state") or {}).get("terminated")
-        if term is not None:
+        state = cs.get("state") or {}
+        if state.get("waiting") and not waiting:
+            wait = state["waiting"]
+            waiting = ": ".join(x for x in (wait.get("reason", ""), wait.get("message", "")) if x)
+        if state.get("terminated") is not None:
+            term = state["terminated"]
             exit_code = int(term.get("exitCode", 1))
             if exit_code != 0:
                 break
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    disruption = conditions.get("DisruptionTarget") or {}
+    scheduled = conditions.get("PodScheduled") or {}
+    terminating = bool(meta.get("deletionTimestamp"))
+    phase = status.get("phase", "Pending")
+    disrupted = disruption.get("reason", "") if disruption.get("status") == "True" else ""
+    if terminating and disrupted == "DeletionByTaintManager" and phase not in ("Succeeded", "Failed"):
+        # evicted from a NotReady or unreachable node: its kubelet may never confirm the deletion
+        phase = "Failed"
+    message = "\n".join(m for m in (term.get("message", ""), status.get("message", "")) if m)
     return WorkerState(
         name=meta.get("name", ""),
         rank=rank,
         attempt=attempt,
-        phase=status.get("phase", "Pending"),
+        phase=phase,
         exit_code=exit_code,
-        terminating=bool(meta.get("deletionTimestamp")),
+        terminating=terminating,
         reason=status.get("reason", ""),
         node=(pod.get("spec") or {}).get("nodeName"),
         nonroot_refusal=nonroot_refusal(pod) or "",
         workers=int(size) if isinstance(size, str) and size.isdigit() else None,
         digest=str((meta.get("annotations") or {}).get(SPEC_DIGEST_ANNOTATION) or ""),
+        container_reason=term.get("reason", ""),
+        message=message,
+        finished_at=term.get("finishedAt"),
+        disruption=disrupted,
+        unscheduled=scheduled.get("message", "") if scheduled.get("status") == "False" else "",
+        waiting=waiting,
     )
 
 
@@ -262,10 +297,11 @@ def plan_trainingjob(
 
 
 def _as_refused_before(new: TrainingJobStatus, old: TrainingJobStatus) -> TrainingJobStatus:
-    """``new`` with what the last refusal wrote (phase, message, placement, the Admitted and
-    Placed conditions) taken from ``old``: while the retries fail, the status does not flap."""
+    """``new`` with what the last refusal wrote (phase, message, placement, gang creation time, the
+    Admitted and Placed conditions) taken from ``old``: while the retries fail, the status does not flap."""
     st = new.model_copy(deep=True)
     st.phase, st.message, st.placement = old.phase, old.message, old.placement
+    st.gang_created = old.gang_created
     st.conditions = keep_from(st.conditions, old.conditions, (CT.ADMITTED, CT.PLACED))
     return st
 
@@ -289,6 +325,7 @@ def _plan(
     current = [w for w in workers if w.attempt == st.attempt]
     stale = [w for w in workers if w.attempt != st.attempt]
     st.workers = _count(current)
+    st.excluded_nodes = still_excluded(st.excluded_nodes, now)
     if admit:
         b.condition(CT.ADMITTED, True, AdmittedReason.VALID, "spec is valid")
 
@@ -349,18 +386,22 @@ def _plan(
 
     change = _spec_change(job, current)
     if change is not None:
-        return _restart(b, current, change[0], change[1], counted=False, tally=False)
+        return _restart(b, current, change[0], change[1], counter="none")
 
     present = {w.rank for w in current}
     missing = [r for r in range(job.spec.workers) if r not in present]
     if current and missing and st.phase == "Running":
         return _restart(
             b, current, RestartReason.WORKER_LOST, f"worker pod(s) of rank {missing} disappeared",
-            counted=False,
+            counter="preemptions",
         )
 
     if not current:
         return _create_gang(b, placement, placed_by_queue, service_exists, pvc_exists)
+    if missing or not all(w.phase in ("Running", "Succeeded") for w in current):
+        overdue = _startup_overdue(b, current, missing)
+        if overdue is not None:
+            return overdue
     _recreate_missing_children(b, service_exists, pvc_exists)
     if missing:  # a creation interrupted part-way (e.g. operator restart): finish it
         _create_workers(b, missing, _placed_nodes(st))
@@ -379,7 +420,7 @@ def _plan(
         return b.plan
     if all(w.phase in ("Running", "Succeeded") for w in current):
         if move is not None and st.phase == "Running" and all(w.phase == "Running" for w in current):
-            return _restart(b, current, RestartReason.MOVED, move, counted=False, moved=True)
+            return _restart(b, current, RestartReason.MOVED, move, counter="moves")
         moving_since = parse_time(st.moving_since)
         if moving_since is not None:  # a move is over once the gang runs again
             st.moved_seconds += max(0, int((now - moving_since).total_seconds()))
@@ -388,11 +429,18 @@ def _plan(
             st.start_time = rfc3339(now)
             if job.spec.active_deadline_seconds is not None:
                 b.requeue(job.spec.active_deadline_seconds)
+        st.startup_timeouts = 0  # the bound is on gangs in a row that do not start
+        st.gang_created = None  # started: a worker that stops running later is a failure, not a slow start
         b.condition(CT.RUNNING, True, RunningReason.ALL_WORKERS_RUNNING, f"{len(current)} workers running")
         b.phase("Running", "Running", f"all {len(current)} workers running")
         return b.plan
     pending = [w for w in current if w.phase not in ("Running", "Succeeded")]
-    b.phase("Starting", "Starting", f"{len(pending)} of {len(current)} workers not running yet")
+    said = f"{len(pending)} of {len(current)} workers not running yet"
+    if any(w.unscheduled or w.waiting for w in pending):
+        # the scheduler's (or kubelet's) own words, where the user looks first
+        said += f": {not_running_detail(pending)}"
+        b.condition(CT.RUNNING, False, RunningReason.WORKERS_PENDING, said)
+    b.phase("Starting", "Starting", said)
     return b.plan
 
 
@@ -415,6 +463,48 @@ def _spec_change(job: TrainingJob, current: list[WorkerState]) -> tuple[str, str
             "the new spec"
         )
     return None
+def _startup_overdue(b: _Builder, current: list[WorkerState], missing: list[int]) -> Plan | None:
+    """The plan for a placed gang past ``startupTimeoutSeconds``: re-place it off the nodes where
+    pods did not bind, or fail once ``maxStartupAttempts`` gangs in a row missed it. None while
+    there is time (a requeue for the deadline) and for gangs Capstan did not place: the default
+    scheduler's queue (CPU, Kueue) is where they wait for capacity, and a new gang would only
+    queue again."""
+    st, spec = b.status, b.job.spec
+    placed = _placed_nodes(st)
+    left = startup_left(st.gang_created, spec.startup_timeout_seconds, b.now)
+    if not placed or left is None:
+        return None
+    if left > 0:
+        b.requeue(left)
+        return None
+    waiting = [w for w in current if w.phase not in ("Running", "Succeeded")]
+    detail = not_running_detail(waiting)
+    if missing:
+        detail = f"worker(s) {missing} not created" + (f"; {detail}" if detail else "")
+    why = f"the gang was not all running {spec.startup_timeout_seconds}s after it was created ({detail})"
+    st.startup_timeouts += 1
+    limit = spec.failure_policy.max_startup_attempts
+    if st.startup_timeouts >= limit:
+        return _fail(
+            b, current, FailedReason.STARTUP_ATTEMPTS_EXCEEDED,
+            f"{why}; {st.startup_timeouts} gang(s) in a row did not start "
+            f"(failurePolicy.maxStartupAttempts: {limit})",
+        )
+    _quarantine(b, unbound_nodes(waiting, placed))
+    return _restart(b, current, RestartReason.STARTUP_TIMEOUT, why, counter="startup")
+
+
+def _quarantine(b: _Builder, blamed: list[tuple[str, str, str]]) -> None:
+    """Keep the job off the ``blamed`` (node, reason, message) for a while; an Event names each."""
+    st = b.status
+    seconds = b.job.spec.failure_policy.node_quarantine_seconds
+    st.excluded_nodes, added = exclude(st.excluded_nodes, blamed, b.now, seconds)
+    for entry in added:
+        b.plan.events.append(Event(
+            "Warning", "NodeQuarantined",
+            f"node {entry.node} excluded from this job's placement until {entry.until} "
+            f"({entry.reason}: {entry.message})",
+        ))
 
 
 def _placed_nodes(st: TrainingJobStatus) -> list[str]:
@@ -422,9 +512,12 @@ def _placed_nodes(st: TrainingJobStatus) -> list[str]:
 
 
 def _create_workers(b: _Builder, ranks: list[int], nodes: list[str]) -> None:
+    avoid = avoided(b.status.excluded_nodes, b.now)
     for rank in ranks:
         node = nodes[rank] if rank < len(nodes) else None
-        b.plan.create.append(worker_pod(b.job, rank, b.status.attempt, node, levels=b.levels))
+        pod = worker_pod(b.job, rank, b.status.attempt, node, levels=b.levels)
+        # a pod the default scheduler places must not land on a node quarantined for this job
+        b.plan.create.append(pod if node is not None else keep_off(pod, avoid))
 
 
 def _recreate_missing_children(b: _Builder, service_exists: bool | None, pvc_exists: bool | None) -> None:
@@ -479,53 +572,64 @@ def _create_gang(
     if policy is not None:  # created with the gang's Service, before any pod runs unprotected
         b.plan.create.append(policy)
     _create_workers(b, list(range(job.spec.workers)), nodes)
+    st.gang_created = rfc3339(b.now)
+    if nodes:
+        b.requeue(job.spec.startup_timeout_seconds)  # wake at the startup deadline even if nothing changes
     b.phase("Starting", "GangCreated", f"created {job.spec.workers} worker pods (attempt {st.attempt})")
     b.requeue(5)
     return b.plan
 
 
 def _on_failure(b: _Builder, current: list[WorkerState], failed: list[WorkerState]) -> Plan:
-    job, st = b.job, b.status
-    policy = job.spec.failure_policy
-    first = min(failed, key=lambda w: w.rank)
-    code = first.exit_code
-    if code is not None and code in policy.non_retryable_exit_codes:
-        return _fail(
-            b,
-            current,
-            FailedReason.NON_RETRYABLE_EXIT_CODE,
-            f"worker {first.rank} exited with code {code}, listed in failurePolicy.nonRetryableExitCodes",
-        )
-    if code == EXIT_PREEMPTED or first.reason in ("Evicted", "Preempting", "Shutdown", "NodeLost"):
-        why = f"worker {first.rank} was preempted ({first.reason or f'exit {code}'})"
-        return _restart(b, current, RestartReason.PREEMPTED, why, counted=False)
-    why = (
-        f"worker {first.rank} failed with exit code {code}"
-        if code is not None
-        else (f"worker {first.rank} failed ({first.reason or 'no exit code'})")
-    )
-    if st.restarts >= policy.max_restarts:
+    """Judge the failure that came first (its peers usually fail in its wake) under the failure
+    rules; quarantine every node a failure is blamed on when the gang restarts."""
+    st, policy = b.status, b.job.spec.failure_policy
+    verdicts = {w.rank: judge(policy, w.failure()) for w in failed}
+    verdict = verdicts[first_failure(w.failure() for w in failed).rank]
+    if verdict.action == "FailJob":
+        return _fail(b, current, verdict.reason, verdict.why)
+    if verdict.action == "RestartGang" and st.restarts >= policy.max_restarts:
         return _fail(
             b, current, FailedReason.BACKOFF_LIMIT_EXCEEDED,
-            f"{why}; maxRestarts ({policy.max_restarts}) used up",
+            f"{verdict.why}; maxRestarts ({policy.max_restarts}) used up",
         )
-    return _restart(b, current, RestartReason.WORKER_FAILED, why, counted=True)
+    _quarantine(b, [(v.blame.node, v.blame.cause, v.blame.detail) for v in verdicts.values() if v.blame])
+    if verdict.action == "RestartGang":
+        return _restart(b, current, verdict.reason, verdict.why, counter="restarts")
+    counter: _Counter = "hardware" if verdict.blame is not None else "preemptions"
+    return _restart(b, current, verdict.reason, verdict.why, counter=counter)
 
 
-def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, counted: bool,
-             moved: bool = False, tally: bool = True) -> Plan:
-    """Stop the gang and start the next attempt. ``counted``: a failure (restarts, backoff);
-    ``moved``: a move (moves); else a preemption, or with ``tally=False`` (a spec change) nothing."""
-    st = b.status
+#: Which status counter a gang restart adds to: ``restarts`` (against maxRestarts),
+#: ``preemptions`` / ``hardware`` (not counted; together capped by maxUncountedRestarts),
+#: ``moves`` (the queue's own), ``startup`` (counted by the caller in startupTimeouts),
+#: ``none`` (a spec change: no counter).
+_Counter = Literal["restarts", "preemptions", "hardware", "moves", "startup", "none"]
+
+
+def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, counter: _Counter) -> Plan:
+    st, policy = b.status, b.job.spec.failure_policy
+    if counter in ("preemptions", "hardware"):
+        uncounted = st.preemptions + st.hardware_restarts
+        if uncounted >= policy.max_uncounted_restarts:
+            return _fail(
+                b, current, FailedReason.UNCOUNTED_RESTART_LIMIT_EXCEEDED,
+                f"{why}; {uncounted} restarts not counted against maxRestarts reached "
+                f"failurePolicy.maxUncountedRestarts ({policy.max_uncounted_restarts})",
+            )
+    moved, counted = counter == "moves", counter == "restarts"
     if moved:
         st.moves += 1
         st.moving_since = rfc3339(b.now)
     elif counted:
         st.restarts += 1
-    elif tally:
+    elif counter == "preemptions":
         st.preemptions += 1
+    elif counter == "hardware":
+        st.hardware_restarts += 1
     st.attempt += 1
     st.placement = None  # a restarted gang gets fresh placement (the old node may be gone)
+    st.gang_created = None
     delay = _backoff(b.job, st.restarts) if counted else 0.0
     st.restart_after = rfc3339(b.now + timedelta(seconds=delay)) if delay else None
     for w in current:
@@ -537,11 +641,12 @@ def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, cou
                                       "the gang from its checkpoint")
         b.requeue(1.0)
         return b.plan
-    kind = (
-        f"restart {st.restarts}/{b.job.spec.failure_policy.max_restarts}"
-        if counted
-        else "restart (not counted)"
-    )
+    if counted:
+        kind = f"restart {st.restarts}/{policy.max_restarts}"
+    elif counter == "startup":
+        kind = f"placed again, startup attempt {st.startup_timeouts + 1}/{policy.max_startup_attempts}"
+    else:
+        kind = "restart (not counted)"
     b.phase("Restarting", reason, f"{why}; gang {kind}", warning=True)
     b.plan.events.append(
         Event("Warning", "GangRestart", f"{why}; deleting {len(current)} worker pods ({kind})")

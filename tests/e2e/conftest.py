@@ -64,6 +64,24 @@ def required() -> bool:
     return bool(os.environ.get("CI")) or os.environ.get("CAPSTAN_E2E", "0") not in ("", "0")
 
 
+def admin_client() -> Any:
+    """A kubernetes ApiClient of :func:`kubeconfig_path` (its admin identity) that has answered;
+    skip the test without a cluster, or fail when one is :func:`required`."""
+    import kubernetes
+
+    path = kubeconfig_path()
+    try:
+        client = kubernetes.config.new_client_from_config(config_file=path)
+        kubernetes.client.VersionApi(client).get_code(_request_timeout=5)
+    except Exception as exc:  # any failure means "no cluster is up"
+        reason = f"no cluster answers with kubeconfig {path} ({type(exc).__name__}: {exc})"[:400]
+        reason += "; start one with `make cluster`"
+        if required():
+            pytest.fail(f"{reason} (required: CI or CAPSTAN_E2E is set)", pytrace=False)
+        pytest.skip(reason)
+    return client
+
+
 def wait_until(get: Callable[[], T], until: Callable[[T], bool] = bool, timeout: float = 60,
                what: str = "condition", interval: float = 0.25) -> T:
     """Call ``get`` until ``until(result)`` holds (exceptions count as not yet); fail after timeout."""

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from tests.e2e.conftest import kubeconfig_path, required
+from tests.e2e.conftest import admin_client
 from tests.e2e.conftest import wait_until as wait_for
 
 pytestmark = pytest.mark.e2e
@@ -41,19 +41,7 @@ T = TypeVar("T")
 @pytest.fixture(scope="module")
 def kube() -> Any:
     """An ApiClient for the cluster (admin identity of the kubeconfig); skip or fail without one."""
-    import kubernetes
-
-    path = kubeconfig_path()
-    try:
-        client = kubernetes.config.new_client_from_config(config_file=path)
-        kubernetes.client.VersionApi(client).get_code(_request_timeout=5)
-    except Exception as exc:  # any failure means "no cluster is up"
-        reason = f"no cluster answers with kubeconfig {path} ({type(exc).__name__}: {exc})"[:400]
-        reason += "; start one with `make cluster`"
-        if required():
-            pytest.fail(f"{reason} (required: CI or CAPSTAN_E2E is set)", pytrace=False)
-        pytest.skip(reason)
-    return client
+    return admin_client()
 
 
 @pytest.fixture(scope="module")

@@ -44,11 +44,6 @@ ROOT = Path(__file__).resolve().parents[2]
 STARTED_LINE = "capstan operator started against"
 
 
-def kubeconfig_path() -> str:
-    """The test cluster's kubeconfig: ``$KUBECONFIG``, else the one ``make cluster`` writes."""
-    return os.environ.get("KUBECONFIG") or str(ROOT / ".capstan" / "cluster" / "kubeconfig")
-
-
 def restart_control_plane(components: tuple[str, ...], kill: bool) -> dict[str, Any]:
     """Restart components of the ``make cluster`` control plane (``scripts/cluster.py restart``),
     SIGKILLed (``kill``) or stopped cleanly; returns the seconds the restart took and what it said."""
@@ -100,11 +95,6 @@ def is_make_cluster(kubeconfig: str) -> bool:
     control plane can be restarted by the tests."""
     state = Path(os.environ.get("CAPSTAN_CLUSTER_DIR", ROOT / ".capstan" / "cluster")).resolve()
     return Path(kubeconfig).resolve() == state / "kubeconfig"
-
-
-def cluster_required() -> bool:
-    """A missing cluster is a failure in CI and when CAPSTAN_E2E asks for the e2e tests."""
-    return bool(os.environ.get("CI")) or os.environ.get("CAPSTAN_E2E", "0") not in ("", "0")
 
 
 # -- the operator as a supervised subprocess -----------------------------------------------------

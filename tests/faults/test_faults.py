@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.e2e.conftest import admin_client, kubeconfig_path
 from tests.faults.faults import (
     KOPF_FATAL,
     LABEL_RANK,
@@ -64,9 +65,7 @@ from tests.faults.faults import (
     OperatorProcess,
     Upstream,
     burst,
-    cluster_required,
     is_make_cluster,
-    kubeconfig_path,
     restart_control_plane,
     static_volume,
     violations,
@@ -148,18 +147,7 @@ def _write_summary() -> None:
 @pytest.fixture(scope="module")
 def kube(request: pytest.FixtureRequest) -> Any:
     """An ApiClient of the test kubeconfig; skip (or fail when required) without a cluster."""
-    import kubernetes
-
-    path = kubeconfig_path()
-    try:
-        client = kubernetes.config.new_client_from_config(config_file=path)
-        kubernetes.client.VersionApi(client).get_code(_request_timeout=5)
-    except Exception as exc:  # any failure means "no cluster is up"
-        reason = f"no cluster answers with kubeconfig {path} ({type(exc).__name__}: {exc})"[:400]
-        reason += "; start one with `make cluster`"
-        if cluster_required():
-            pytest.fail(f"{reason} (required: CI or CAPSTAN_E2E is set)", pytrace=False)
-        pytest.skip(reason)
+    client = admin_client()
     SUMMARY.clear()
     SUMMARY["cluster"] = client.configuration.host
     SUMMARY["started"] = datetime.now(UTC).isoformat(timespec="seconds")

@@ -111,13 +111,20 @@ class Exit:
 
 class OperatorProcess:
     """``capstan operator --namespace NS --standalone`` with ``KUBECONFIG=kubeconfig``, restarted
-    on any exit it did not ask for (after ``restart_delay`` seconds, as a kubelet would)."""
+    on any exit it did not ask for (after ``restart_delay`` seconds, as a kubelet would).
 
-    def __init__(self, namespace: str, kubeconfig: str, log_dir: Path, restart_delay: float = 0.2) -> None:
+    With ``peering``, a replica of an HA pair instead: ``--peering NAME``, with its kopf priority
+    from ``priority`` (``$CAPSTAN_PEERING_PRIORITY``); the highest live priority is active."""
+
+    def __init__(self, namespace: str, kubeconfig: str, log_dir: Path, restart_delay: float = 0.2, *,
+                 peering: str | None = None, priority: int | None = None, name: str = "operator") -> None:
         self.namespace = namespace
         self.kubeconfig = kubeconfig
         self.log_dir = log_dir
         self.restart_delay = restart_delay
+        self.peering = peering
+        self.priority = priority
+        self.name = name
         self.starts = 0
         self.kills = 0
         self.exits: list[Exit] = []
@@ -141,11 +148,14 @@ class OperatorProcess:
 
     def _spawn(self) -> None:
         self.starts += 1
-        self._log = self.log_dir / f"operator-{self.starts:02d}.log"
+        self._log = self.log_dir / f"{self.name}-{self.starts:02d}.log"
         # No webhook server of its own: the webhook configuration (if any) belongs to another install.
         env = {k: v for k, v in os.environ.items() if not k.startswith("CAPSTAN_WEBHOOK_")}
         env.update({"KUBECONFIG": self.kubeconfig, "CAPSTAN_LOG_FORMAT": "plain", "PYTHONUNBUFFERED": "1"})
-        cmd = [sys.executable, "-m", "capstan", "operator", "--namespace", self.namespace, "--standalone",
+        if self.priority is not None:
+            env["CAPSTAN_PEERING_PRIORITY"] = str(self.priority)
+        scope = ["--peering", self.peering] if self.peering else ["--standalone"]
+        cmd = [sys.executable, "-m", "capstan", "operator", "--namespace", self.namespace, *scope,
                "--metrics-port", "0", "--liveness-port", "0"]
         with self._log.open("wb") as out:
             self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -174,15 +184,23 @@ class OperatorProcess:
             time.sleep(0.02)
         raise TimeoutError(f"operator did not start within {timeout}s; log tail:\n{self.tail()}")
 
-    def kill(self) -> None:
-        """SIGKILL the operator and start it again at once (what a crash and a restart do)."""
+    def kill(self, restart: bool = True) -> None:
+        """SIGKILL the operator and start it again at once (what a crash and a restart do); with
+        ``restart=False`` it stays down (its node is gone)."""
+        if not restart:
+            self._stopping.set()
         with self._lock:
             proc = self._proc
             assert proc is not None
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             self.kills += 1
-            self._spawn()
+            if restart:
+                self._spawn()
+
+    def logged(self, text: str) -> bool:
+        """Whether the current run's log contains ``text``."""
+        return self._log is not None and self._log.exists() and text in self._log.read_text(errors="replace")
 
     def stop(self) -> None:
         """Stop supervising; SIGTERM the operator (SIGKILL after 15 s)."""

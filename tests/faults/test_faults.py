@@ -77,7 +77,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 SUMMARY_FILE = ROOT / ".capstan" / "faults-summary.json"
 CRD_DIR = ROOT / "crds"
-CRDS = ("trainingjobs.capstan.dev", "modelservings.capstan.dev")
+PEERING_CRDS = ROOT / "charts" / "capstan" / "crds" / "kopf.dev_peerings.yaml"
+#: CRD name -> the file or folder it is applied from when missing
+CRDS = {"trainingjobs.capstan.dev": CRD_DIR, "modelservings.capstan.dev": CRD_DIR,
+        "kopfpeerings.kopf.dev": PEERING_CRDS}
 STEP_TIMEOUT_S = 60.0
 KILL_SEED = int(os.environ.get("CAPSTAN_FAULTS_SEED", "20251129"))
 PROXY_SEED = int(os.environ.get("CAPSTAN_FAULTS_SEED", "7"))
@@ -122,6 +125,11 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
                      f"rate {p['rate']}, seed {p['seed']}: {faults}")
         lines.append(f"API faults by client: {p['faults_by_client']}; operator restarts after exits: "
                      f"{proxy['restarts']} {proxy['exit_codes']}; converged: {times}")
+    takeover = summary.get("takeover")
+    if takeover and takeover["takeover_s"] is not None:
+        lines.append(f"HA pair: a worker failed as the active replica was SIGKILLed; the standby took over "
+                     f"and the gang restarted {takeover['takeover_s']:.1f}s after the kill "
+                     f"(peering lifetime {takeover['lifetime_s']}s)")
     restarts = summary.get("restarts")
     if restarts:
         done = ", ".join(f"{'+'.join(r['restarted'])} {'killed' if r['killed'] else 'stopped'} at "
@@ -135,7 +143,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def _write_summary() -> None:
-    SUMMARY["violations"] = sum(len(t["violations"]) for part in ("kill", "restarts", "proxy")
+    SUMMARY["violations"] = sum(len(t["violations"]) for part in ("kill", "restarts", "takeover", "proxy")
                                 if part in SUMMARY for t in SUMMARY[part]["trials"])
     SUMMARY_FILE.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY_FILE.write_text(json.dumps(SUMMARY, indent=2) + "\n")
@@ -157,7 +165,8 @@ def kube(request: pytest.FixtureRequest) -> Any:
 
 @pytest.fixture(scope="module")
 def crds(kube: Any) -> None:
-    """Capstan's CRDs in the cluster: applied server-side from crds/ when absent, then Established."""
+    """Capstan's CRDs and kopf's peering CRDs in the cluster: applied server-side from crds/ (and
+    the chart's kopf.dev_peerings.yaml) when absent, then Established."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -170,12 +179,12 @@ def crds(kube: Any) -> None:
             if exc.status != 404:
                 raise
             missing.append(name)
-    if missing:
-        kubectl = shutil.which("kubectl") or str(ROOT / ".tools" / "bin" / "kubectl")
+    kubectl = shutil.which("kubectl") or str(ROOT / ".tools" / "bin" / "kubectl")
+    for source in sorted({str(CRDS[name]) for name in missing}):
         done = subprocess.run([kubectl, "--kubeconfig", kubeconfig_path(), "apply", "--server-side",
-                               "--field-manager", "capstan-tests", "-f", str(CRD_DIR)],
+                               "--field-manager", "capstan-tests", "-f", source],
                               capture_output=True, text=True, timeout=60, check=False)
-        assert done.returncode == 0, f"the API server refused Capstan's CRDs:\n{done.stderr}{done.stdout}"
+        assert done.returncode == 0, f"the API server refused {source}:\n{done.stderr}{done.stdout}"
     deadline = time.monotonic() + 30
     for name in CRDS:
         while True:
@@ -335,6 +344,85 @@ RESTARTS = {
     "fail a worker of a": (("etcd", "kube-apiserver"), True),
     "delete d": (("kube-apiserver",), True),
 }
+
+
+PEERING = "capstan-faults"
+RESUMED_LINE = "Resuming operations after the pause"
+
+
+def test_standby_takes_over_when_the_active_replica_is_killed(cluster: Cluster, kube: Any, namespace: str,
+                                                             tmp_path: Path) -> None:
+    """Two replicas with kopf peering (as the chart runs them): the higher priority one works, the
+    other stands by; SIGKILL the active one for good, fail a worker at once, and time how long the
+    standby takes to notice and restart the gang."""
+    from kubernetes import client
+
+    from capstan.kube.runtime import PEERING_LIFETIME_S
+
+    peering = client.CustomObjectsApi(kube)
+    peering.create_namespaced_custom_object(
+        "kopf.dev", "v1", namespace, "kopfpeerings", {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
+                                                      "metadata": {"name": PEERING, "namespace": namespace}})
+    storage_class = f"{namespace}-manual"
+    config = kubeconfig_path()
+    active = OperatorProcess(namespace, config, tmp_path, peering=PEERING, priority=200, name="active")
+    standby = OperatorProcess(namespace, config, tmp_path, peering=PEERING, priority=100, name="standby")
+    specs = burst(storage_class)
+    job = {s.name: s for s in specs}
+    trials: list[dict[str, Any]] = []
+    resumed: float | None = None
+    with static_volume(kube, f"{namespace}-ckpt", storage_class):
+        active.start()
+        standby.start()
+        try:
+            active.wait_started()
+            standby.wait_started()
+            # Kopf starts paused and resumes only the highest priority: both are in when both
+            # have a record in the peering object (and only the active one has logged a resume).
+            deadline = time.monotonic() + 60
+            while len(peering.get_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings",
+                                                           PEERING).get("status") or {}) < 2:
+                assert time.monotonic() < deadline, f"the replicas never met:\n{standby.tail(30)}"
+                time.sleep(0.2)
+            while not active.logged(RESUMED_LINE):
+                assert time.monotonic() < deadline, f"the active replica never resumed:\n{active.tail(30)}"
+                time.sleep(0.2)
+            for name in ("gang-a", "cpu-e"):
+                job[name].expect = "Running"
+                cluster.create_job(namespace, job[name])
+            for spec in specs:
+                if spec.name not in ("gang-a", "cpu-e"):
+                    spec.expect = "gone"
+            took, problems = wait_converged(cluster, namespace, specs, STEP_TIMEOUT_S)
+            trials.append({"step": "create a, e (active replica)", "converged_s": round(took, 2),
+                           "violations": problems})
+            assert not problems, problems
+            assert not standby.logged("phase Pending -> Starting"), "the standby worked while paused"
+            assert not standby.logged(RESUMED_LINE)
+
+            killed = time.monotonic()
+            active.kill(restart=False)
+            pods = cluster.job_pods(namespace, "gang-a")
+            (pod,) = [p for p in pods if p["metadata"]["labels"][LABEL_RANK] == "0"]
+            cluster.finish_pod(namespace, pod, exit_code=1)
+            job["gang-a"].restarts += 1
+            job["gang-a"].attempt += 1
+            took, problems = wait_converged(cluster, namespace, specs, PEERING_LIFETIME_S + STEP_TIMEOUT_S)
+            resumed = time.monotonic() - killed
+            trials.append({"step": "fail a worker of a (standby)", "converged_s": round(resumed, 2),
+                           "violations": problems})
+            assert not problems, f"not converged after the takeover:\n{problems}\n{standby.tail(40)}"
+            assert standby.logged(RESUMED_LINE), standby.tail(40)
+        finally:
+            standby.stop()
+            active.stop()
+            SUMMARY["takeover"] = {"lifetime_s": PEERING_LIFETIME_S,
+                                   "takeover_s": None if resumed is None else round(resumed, 2),
+                                   "trials": trials,
+                                   "unexpected_exits": [(e.returncode, e.last_line) for e in standby.exits]}
+            _write_summary()
+    assert resumed is not None and resumed < PEERING_LIFETIME_S + 20, f"takeover took {resumed}s"
+    assert not standby.exits, standby.exits
 
 
 @pytest.mark.timeout(900)

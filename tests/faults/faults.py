@@ -198,6 +198,18 @@ class OperatorProcess:
             if restart:
                 self._spawn()
 
+    def peering_state(self) -> str:
+        """What kopf's peering last did in the current run: "paused", "resumed", or "" (nothing
+        logged: kopf starts paused and stays so while a higher priority replica lives)."""
+        state = ""
+        if self._log is not None and self._log.exists():
+            for line in self._log.read_text(errors="replace").splitlines():
+                if "Resuming operations after the pause" in line:
+                    state = "resumed"
+                elif "Pausing operations in favour of" in line or "Pausing all operators" in line:
+                    state = "paused"
+        return state
+
     def logged(self, text: str) -> bool:
         """Whether the current run's log contains ``text``."""
         return self._log is not None and self._log.exists() and text in self._log.read_text(errors="replace")

@@ -42,7 +42,7 @@ from tests.kube import scenarios as sc
 from tests.support.kube import TEST_AGENT, OperatorThread
 
 from capstan.admission import ADDR_ENV, CERT_DIR_ENV, PORT_ENV
-from capstan.kube.apply import ApiClient
+from capstan.kube.client import ApiClient
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / ".tools" / "bin"

@@ -22,13 +22,14 @@ from tests.kube import scenarios as sc
 from tests.kube.test_modelserving_kube import MetricsStub
 from tests.support.kube import wait_for
 
-from capstan.kube.apply import DEPLOYMENTS, MODELSERVINGS, PODS, ApiClient, Resource
+from capstan.kube.client import ApiClient
+from capstan.kube.resources import DEPLOYMENTS, MODELSERVINGS, PODS, ApiResource
 from capstan.naming import LABEL_REVISION, LABEL_SERVING
 
 pytestmark = pytest.mark.e2e
 
-REPLICASETS = Resource("apps", "v1", "replicasets", "ReplicaSet")
-HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
+REPLICASETS = ApiResource("apps", "v1", "replicasets", "ReplicaSet")
+HTTPROUTES = ApiResource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
 NAME = "llm"
 
 

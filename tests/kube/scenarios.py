@@ -16,16 +16,8 @@ from typing import Any
 from tests.api.bodies import make_trainingjob
 from tests.support.kube import set_pod_status, wait_for
 
-from capstan.kube.apply import (
-    EVENTS,
-    MODELSERVINGS,
-    PODS,
-    SERVICES,
-    TRAININGJOBS,
-    VOLUME_SNAPSHOTS,
-    ApiClient,
-    ApiError,
-)
+from capstan.kube.client import ApiClient, ApiError
+from capstan.kube.resources import EVENTS, MODELSERVINGS, PODS, SERVICES, TRAININGJOBS, VOLUME_SNAPSHOTS
 from capstan.naming import LABEL_ATTEMPT, LABEL_JOB, LABEL_RANK, dns_label
 
 TIMEOUT = 30.0  # generous: CI machines are small and may be busy

@@ -12,8 +12,8 @@ from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
 from tests.support.kube import wait_for
 
-from capstan.kube.apply import TRAININGJOBS
 from capstan.kube.diffbase import DIGEST_KEY, DigestDiffBaseStorage
+from capstan.kube.resources import TRAININGJOBS
 
 pytestmark = pytest.mark.timeout(60)
 DIFFBASE = "capstan.dev/last-handled-configuration"

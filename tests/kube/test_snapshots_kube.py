@@ -9,7 +9,7 @@ from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
 from tests.support.kube import declare_resource, wait_for
 
-from capstan.kube.apply import DEPLOYMENTS, PVCS
+from capstan.kube.resources import DEPLOYMENTS, PVCS
 
 CKPT = sc.SNAPSHOT_CHECKPOINT
 

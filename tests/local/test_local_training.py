@@ -1,4 +1,4 @@
-"""The local runtime runs a TrainingJob's plan as real torch.distributed processes."""
+"""The local executor runs a TrainingJob's plan as real torch.distributed processes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from capstan.api.loading import parse_resource
+from capstan.api.loading import parse_object
 from capstan.api.trainingjob import TrainingJob
 from capstan.local.training import run_trainingjob
 
@@ -29,7 +29,7 @@ def _job(name: str, workers: int, env: dict[str, str] | None = None, **spec: obj
             **spec,
         },
     }
-    job = parse_resource(body)
+    job = parse_object(body)
     assert isinstance(job, TrainingJob)
     return job
 

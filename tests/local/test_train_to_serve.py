@@ -1,4 +1,4 @@
-"""End to end on the local runtime: train with 2 workers, snapshot, serve the snapshot, query it."""
+"""End to end on the local executor: train with 2 workers, snapshot, serve the snapshot, query it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from capstan.api.loading import parse_resource
+from capstan.api.loading import parse_object
 from capstan.local.serving import LocalServingError, resolve_model_dir
 from capstan.local.session import run_local
 
@@ -38,7 +38,7 @@ TRAIN_ARGS = [
 
 def resources(job_name: str = "tiny", checkpoint: str = "Latest") -> list[Any]:
     return [
-        parse_resource(
+        parse_object(
             {
                 "apiVersion": "capstan.dev/v1alpha1",
                 "kind": "TrainingJob",
@@ -53,7 +53,7 @@ def resources(job_name: str = "tiny", checkpoint: str = "Latest") -> list[Any]:
                 },
             }
         ),
-        parse_resource(
+        parse_object(
             {
                 "apiVersion": "capstan.dev/v1alpha1",
                 "kind": "ModelServing",

@@ -17,7 +17,7 @@ handler is registered and the Helm chart installs no MutatingWebhookConfiguratio
 
 The handlers are registered only by :func:`configure_admission` when a certificate directory is
 configured: a kopf operator that has admission handlers but no webhook server refuses to start,
-so the local runtime, tests and a chart installed with ``webhook.enabled=false`` get none.
+so the local executor, tests and a chart installed with ``webhook.enabled=false`` get none.
 Importing this package (the operator imports it if present) adds a kopf startup handler that
 calls :func:`configure_admission`; calling it again from the operator's own startup is harmless.
 """

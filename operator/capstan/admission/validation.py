@@ -4,7 +4,7 @@
 cluster's Node dicts, and returns one ``field.path: what is wrong; how to fix it`` line per
 problem (empty list: admit). It runs, in order:
 
-1. everything pydantic says about the object (:func:`capstan.api.loading.parse_resource`): types,
+1. everything pydantic says about the object (:func:`capstan.api.loading.parse_object`): types,
    enums, quantities, ranges and the cross-field rules that are also CEL in the CRD;
 2. checks against the cluster's nodes: a worker that no node can hold, a tensor-parallel replica
    wider than any NVLink domain, a ``Required`` gang wider than any domain of its ``maxDomain``;
@@ -23,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from capstan.api.loading import InvalidResource, parse_resource
+from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob, TrainingJobSpec
 from capstan.topology.inventory import GPU_RESOURCE, parse_count
@@ -49,8 +49,8 @@ def validate(
     # a spec change must not be refused because of it.
     obj = {k: v for k, v in body.items() if k != "status"} if isinstance(body, Mapping) else body
     try:
-        resource = parse_resource(obj)
-    except InvalidResource as exc:
+        resource = parse_object(obj)
+    except InvalidObject as exc:
         errors = [_with_spec_hint(e) for e in exc.errors]
         # Checks that need only a few fields still run, so one round trip shows every problem.
         errors += _raw_checks(obj, errors)

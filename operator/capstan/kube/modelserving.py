@@ -32,7 +32,10 @@ from capstan import GROUP, VERSION
 from capstan.api.condition_types import ConditionType
 from capstan.api.conditions import CREATE_FAILED
 from capstan.api.modelserving import ModelServing
-from capstan.kube.apply import (
+from capstan.kube.activities import operator_config
+from capstan.kube.client import ApiClient, ApiError, owner_of
+from capstan.kube.reconciler import Reported, reconcile_loop, refused_by_server, wake
+from capstan.kube.resources import (
     DEPLOYMENTS,
     HPAS,
     MODELSERVINGS,
@@ -41,14 +44,10 @@ from capstan.kube.apply import (
     SERVICES,
     TRAININGJOBS,
     VOLUME_SNAPSHOTS,
-    ApiClient,
-    ApiError,
-    Resource,
-    owner_of,
+    ApiResource,
+    api_resource_of,
     register_kind,
-    resource_of,
 )
-from capstan.kube.runtime import Reported, operator_config, reconcile_loop, refused_by_server, wake
 from capstan.kube.scrape import pod_targets, scrape_pods
 from capstan.kube.status import reconcile_live, status_merge_patch
 from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
@@ -69,7 +68,7 @@ KIND = "ModelServing"
 # later switch traffic to route weights within this time.
 GATEWAY_CHECK_TTL_S = 60.0
 PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
-HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
+HTTPROUTES = ApiResource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
 register_kind(HTTPROUTES)
 
 
@@ -117,7 +116,7 @@ async def gateway_api_available(api: ApiClient, memo: kopf.Memo) -> bool:
 
 
 async def _list(
-    api: ApiClient, res: Resource, namespace: str, labels: Mapping[str, str]
+    api: ApiClient, res: ApiResource, namespace: str, labels: Mapping[str, str]
 ) -> list[dict[str, Any]]:
     try:
         return await api.list_objects(res, namespace, labels)
@@ -230,7 +229,7 @@ async def _apply(
     )
     await asyncio.gather(
         *(
-            api.delete(resource_of({"apiVersion": r.api_version, "kind": r.kind}), ns, r.name)
+            api.delete(api_resource_of({"apiVersion": r.api_version, "kind": r.kind}), ns, r.name)
             for r in plan.deletes
         )
     )

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capstan.api.conditions import parse_time
-from capstan.api.loading import InvalidResource, parse_resource
+from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob
 from capstan.naming import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
 from capstan.topology import (
@@ -162,8 +162,8 @@ def _placed_by_capstan(bodies: Sequence[Mapping[str, Any]]) -> list[TrainingJob]
     out = []
     for body in bodies:
         try:
-            job = parse_resource(dict(body))
-        except InvalidResource:
+            job = parse_object(dict(body))
+        except InvalidObject:
             continue
         if isinstance(job, TrainingJob) and wants_placement(job):
             out.append(job)

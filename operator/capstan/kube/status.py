@@ -12,13 +12,14 @@ import kopf
 from capstan.api.common import ApiModel, Condition
 from capstan.api.condition_types import Reason
 from capstan.api.conditions import set_condition
-from capstan.api.loading import InvalidResource, parse_resource
-from capstan.kube.apply import ApiClient, Resource
+from capstan.api.loading import InvalidObject, parse_object
+from capstan.kube.client import ApiClient
+from capstan.kube.resources import ApiResource
 from capstan.metrics import RECONCILE_SECONDS, RECONCILES
 
 
 async def fetch_live(
-    api: ApiClient, res: Resource, namespace: str, name: str, uid: str | None
+    api: ApiClient, res: ApiResource, namespace: str, name: str, uid: str | None
 ) -> dict[str, Any] | None:
     """The object to reconcile, or None when it is gone, replaced (another uid) or being deleted."""
     body = await api.get(res, namespace, name)
@@ -62,9 +63,9 @@ def status_merge_patch(live: Mapping[str, Any] | None, status: ApiModel) -> dict
 
 async def report_invalid(
     api: ApiClient,
-    res: Resource,
+    res: ApiResource,
     body: Mapping[str, Any],
-    exc: InvalidResource,
+    exc: InvalidObject,
     logger: kopf.Logger,
     *,
     now: datetime,
@@ -102,7 +103,7 @@ async def report_invalid(
 
 async def report_error(
     api: ApiClient,
-    res: Resource,
+    res: ApiResource,
     namespace: str,
     name: str,
     uid: str | None,
@@ -141,7 +142,7 @@ Step = Callable[[dict[str, Any], Any, datetime], Awaitable[float | None]]
 async def reconcile_live(
     kind: str,
     api: ApiClient,
-    res: Resource,
+    res: ApiResource,
     namespace: str,
     name: str,
     uid: str | None,
@@ -168,8 +169,8 @@ async def reconcile_live(
             return None
         now = datetime.now(UTC)
         try:
-            parsed = parse_resource(body)
-        except InvalidResource as exc:
+            parsed = parse_object(body)
+        except InvalidObject as exc:
             await report_invalid(api, res, body, exc, logger, now=now, condition=condition, phase=phase)
             if on_invalid is not None:
                 on_invalid(body)

@@ -35,7 +35,7 @@ import kopf
 from capstan import GROUP, VERSION
 from capstan.api.condition_types import ConditionType
 from capstan.api.conditions import CREATE_FAILED, parse_time, rfc3339
-from capstan.api.loading import InvalidResource, parse_resource
+from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob, TrainingJobStatus
 from capstan.checkpoints.snapshots import (
     LABEL_REASON,
@@ -44,18 +44,8 @@ from capstan.checkpoints.snapshots import (
     snapshots_in_use,
     with_snapshots,
 )
-from capstan.kube.apply import (
-    MODELSERVINGS,
-    NODES,
-    PODS,
-    PVCS,
-    SERVICES,
-    TRAININGJOBS,
-    VOLUME_SNAPSHOTS,
-    ApiClient,
-    ApiError,
-    owner_of,
-)
+from capstan.kube.activities import operator_config
+from capstan.kube.client import ApiClient, ApiError, owner_of
 from capstan.kube.placement import (
     QueuePass,
     QueueSnapshot,
@@ -70,14 +60,8 @@ from capstan.kube.placement import (
     running_gangs,
     wants_placement,
 )
-from capstan.kube.runtime import (
-    Reported,
-    operator_config,
-    reconcile_loop,
-    refused_by_server,
-    wake,
-    wake_all,
-)
+from capstan.kube.reconciler import Reported, reconcile_loop, refused_by_server, wake, wake_all
+from capstan.kube.resources import MODELSERVINGS, NODES, PODS, PVCS, SERVICES, TRAININGJOBS, VOLUME_SNAPSHOTS
 from capstan.kube.status import reconcile_live, status_merge_patch
 from capstan.metrics import (
     GANG_RESTARTS,
@@ -590,7 +574,7 @@ async def _delete_children(
     pods = await api.list_pods(namespace, {LABEL_JOB_UID: uid})
     await api.delete_pods(namespace, [p["metadata"]["name"] for p in pods])
     try:
-        job = parse_resource(
+        job = parse_object(
             {
                 "apiVersion": f"{GROUP}/{VERSION}",
                 "kind": KIND,
@@ -598,7 +582,7 @@ async def _delete_children(
                 "spec": dict(spec),
             }
         )
-    except InvalidResource:
+    except InvalidObject:
         job = None
     if isinstance(job, TrainingJob):
         svc = await api.get(SERVICES, namespace, service_name(job))

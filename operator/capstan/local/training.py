@@ -19,7 +19,7 @@ Printer = Callable[[str], None]
 
 @dataclass
 class LocalTrainingRun:
-    """State of one TrainingJob on the local runtime."""
+    """State of one TrainingJob on the local executor."""
 
     job: TrainingJob
     workdir: Path
@@ -108,7 +108,7 @@ def run_trainingjob(
     timeout_s: float | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> LocalTrainingRun:
-    """Run ``job`` to completion on the local runtime and snapshot its checkpoints when it succeeds."""
+    """Run ``job`` to completion on the local executor and snapshot its checkpoints when it succeeds."""
     run = LocalTrainingRun(job=job, workdir=workdir, print_fn=print_fn)
     run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -233,7 +233,7 @@ def plan_trainingjob(
 
     ``placement`` is the placement queue's decision for a gang about to be created. Without one,
     a job ``placed_by_queue`` gets a plan that only says it needs one (``needs_placement``), and
-    any other job (local runtime, Kueue-managed, CPU) gets its pods unpinned, for the default
+    any other job (local executor, Kueue-managed, CPU) gets its pods unpinned, for the default
     scheduler. ``move`` (why, in words) asks to move a running gang: its pods are stopped and the
     gang is recreated where its next placement says. Ignored unless every worker runs.
     ``service_exists`` / ``pvc_exists``: whether the job's headless Service and the checkpoint PVC

@@ -16,8 +16,9 @@ from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.podspec import schema_stale
 from capstan.api.trainingjob import TrainingJob
 from capstan.cli import main
+from capstan.labels import SPEC_DIGEST_ANNOTATION
 from capstan.training.lifecycle import worker_state
-from capstan.training.pods import SPEC_DIGEST_ANNOTATION, worker_pod
+from capstan.training.pods import worker_pod
 
 SECRET_ENV = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
 TEMPLATE: dict[str, Any] = {

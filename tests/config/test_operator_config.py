@@ -10,9 +10,9 @@ from tests.api.bodies import ms, tj
 
 from capstan.api.loading import parse_object
 from capstan.config import ConfigError, OperatorConfig
+from capstan.labels import KUEUE_REQUIRED_TOPOLOGY
 from capstan.render import render
 from capstan.topology import DEFAULT_LEVELS, QueuePolicy, parse_levels
-from capstan.training.pods import KUEUE_REQUIRED_TOPOLOGY
 
 
 def test_an_empty_environment_is_the_default_configuration() -> None:

@@ -24,7 +24,7 @@ from tests.support.kube import wait_for
 
 from capstan.kube.client import ApiClient
 from capstan.kube.resources import DEPLOYMENTS, MODELSERVINGS, PODS, ApiResource
-from capstan.naming import LABEL_REVISION, LABEL_SERVING
+from capstan.labels import LABEL_REVISION, LABEL_SERVING
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,7 @@ from tests.support.kube import wait_for
 
 from capstan.kube.client import ApiClient
 from capstan.kube.resources import NODES, PODS, PVCS, SERVICES, TRAININGJOBS
-from capstan.naming import LABEL_JOB
+from capstan.labels import LABEL_JOB
 
 pytestmark = pytest.mark.e2e
 

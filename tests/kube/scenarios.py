@@ -18,7 +18,8 @@ from tests.support.kube import set_pod_status, wait_for
 
 from capstan.kube.client import ApiClient, ApiError
 from capstan.kube.resources import EVENTS, MODELSERVINGS, PODS, SERVICES, TRAININGJOBS, VOLUME_SNAPSHOTS
-from capstan.naming import LABEL_ATTEMPT, LABEL_JOB, LABEL_RANK, dns_label
+from capstan.labels import LABEL_ATTEMPT, LABEL_JOB, LABEL_RANK
+from capstan.naming import dns_label
 
 TIMEOUT = 30.0  # generous: CI machines are small and may be busy
 

@@ -20,7 +20,7 @@ from tests.support.kube import test_client as api_client
 
 from capstan.kube.client import USER_AGENT, ApiClient
 from capstan.kube.resources import DEPLOYMENTS, EVENTS, HPAS, MODELSERVINGS, PODS, SERVICES
-from capstan.naming import LABEL_REVISION, LABEL_SERVING
+from capstan.labels import LABEL_REVISION, LABEL_SERVING
 
 pytestmark = pytest.mark.timeout(120)
 NS = "default"

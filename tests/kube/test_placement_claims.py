@@ -14,7 +14,7 @@ from capstan.api.loading import parse_object
 from capstan.api.trainingjob import TrainingJob
 from capstan.kube.client import USER_AGENT
 from capstan.kube.placement import QueueState, placed_without_pods, queue_pass, queue_snapshot
-from capstan.naming import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
+from capstan.labels import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
 
 NOW = 1_800_000_000.0
 NODES = [gpu_node("n0", gpus=4, clique="a", rack="r1"), gpu_node("n1", gpus=4, clique="b", rack="r1")]

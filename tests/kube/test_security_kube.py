@@ -11,7 +11,7 @@ from tests.kube.conftest import Cluster
 from tests.support.kube import wait_for
 
 from capstan.kube.resources import DEPLOYMENTS, MODELSERVINGS, NETWORK_POLICIES, PODS
-from capstan.naming import LABEL_JOB_UID, LABEL_SERVING
+from capstan.labels import LABEL_JOB_UID, LABEL_SERVING
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,7 +16,7 @@ from tests.support.kube import wait_for
 
 from capstan.kube.operator import start_metrics_server
 from capstan.kube.resources import NODES, PODS, TRAININGJOBS
-from capstan.naming import LABEL_ATTEMPT
+from capstan.labels import LABEL_ATTEMPT
 
 AddNode = Callable[..., Awaitable[dict[str, Any]]]
 

@@ -30,8 +30,9 @@ from typing import Any
 
 import kopf
 
-from capstan.admission.validation import SKIP_CAPACITY_ANNOTATION, validate
+from capstan.admission.validation import validate
 from capstan.config import ADDR_ENV, CERT_DIR_ENV, MANAGED_ENV, PORT_ENV, OperatorConfig
+from capstan.labels import SKIP_CAPACITY_ANNOTATION
 
 __all__ = [
     "ADDR_ENV",

@@ -26,10 +26,10 @@ from typing import Any
 from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob, TrainingJobSpec
-from capstan.topology.inventory import GPU_RESOURCE, parse_count
+from capstan.labels import GPU_RESOURCE, SKIP_CAPACITY_ANNOTATION
+from capstan.topology.inventory import parse_count
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
 
-SKIP_CAPACITY_ANNOTATION = "capstan.dev/skip-capacity-check"
 #: Variables a custom runtime's argsTemplate may use (same list as capstan.serving.runtimes).
 TEMPLATE_VARIABLES = ("model_path", "port", "tensor_parallel", "max_model_len", "name")
 

@@ -23,6 +23,7 @@ from typing import Any
 from capstan.api.common import QUANTITY_PATTERN
 from capstan.api.k8s_names import env_var_name_errors
 from capstan.api.podspec import DROPPED_FIELDS, pod_spec_schema
+from capstan.labels import GPU_RESOURCE, MULTUS_ANNOTATION, OWNED_META_PREFIXES
 
 #: Name of the container Capstan generates; a template container of this name is merged into it.
 WORKER_CONTAINER = "worker"
@@ -41,9 +42,6 @@ OWNED_ENV = frozenset(
     }
 )
 OWNED_ENV_PREFIX = "CAPSTAN_"
-#: Label and annotation prefixes Capstan (and Kueue, through Capstan) write on worker pods.
-OWNED_META_PREFIXES = ("capstan.dev/", "kueue.x-k8s.io/", "app.kubernetes.io/")
-MULTUS_ANNOTATION = "k8s.v1.cni.cncf.io/networks"
 
 #: Pod spec fields Capstan owns, with why.
 OWNED_POD_FIELDS: dict[str, str] = {
@@ -76,7 +74,6 @@ WORKER_SPEC_FIELDS: dict[str, str] = {
     "args": "use spec.args",
     "imagePullPolicy": "use spec.imagePullPolicy",
 }
-GPU_RESOURCE = "nvidia.com/gpu"
 
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 _DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

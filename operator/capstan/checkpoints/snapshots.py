@@ -16,14 +16,12 @@ from typing import Any
 from capstan.api.condition_types import CheckpointReadyReason, ConditionType
 from capstan.api.conditions import parse_time, rfc3339, set_condition
 from capstan.api.trainingjob import CheckpointRecord, TrainingJob, TrainingJobStatus
-from capstan.naming import LABEL_JOB, common_labels, dns_label, label_value
+from capstan.labels import ANNOTATION_ATTEMPT, ANNOTATION_STEP, LABEL_JOB, LABEL_SNAPSHOT_REASON
+from capstan.naming import common_labels, dns_label, label_value
 from capstan.training.lifecycle import Plan
 from capstan.training.pods import checkpoint_claim_name
 
 SNAPSHOT_API = "snapshot.storage.k8s.io/v1"
-LABEL_REASON = "capstan.dev/snapshot-reason"
-ANNOTATION_STEP = "capstan.dev/step"
-ANNOTATION_ATTEMPT = "capstan.dev/attempt"
 PENDING_RECHECK_S = 5.0
 
 
@@ -55,7 +53,7 @@ def volume_snapshot(
     """The VolumeSnapshot object of the job's checkpoint PVC."""
     policy = job.spec.checkpoint.snapshots
     claim = checkpoint_claim_name(job)
-    labels = {**common_labels("trainingjob", job.metadata.name, "checkpoint"), LABEL_REASON: reason}
+    labels = {**common_labels("trainingjob", job.metadata.name, "checkpoint"), LABEL_SNAPSHOT_REASON: reason}
     labels[LABEL_JOB] = label_value(job.metadata.name)
     annotations = {ANNOTATION_ATTEMPT: str(attempt)}
     if step is not None:
@@ -95,7 +93,7 @@ def _record(snap: dict[str, Any]) -> CheckpointRecord:
         step=int(step) if step and step.isdigit() else None,
         time=rfc3339(when) if when else None,
         ready_to_use=_ready(snap),
-        reason=(meta.get("labels") or {}).get(LABEL_REASON),
+        reason=(meta.get("labels") or {}).get(LABEL_SNAPSHOT_REASON),
     )
 
 
@@ -108,7 +106,7 @@ def _sort_key(snap: dict[str, Any]) -> tuple[float, int, int, str]:
     meta = snap.get("metadata", {})
     when = _created(snap)
     attempt = (meta.get("annotations") or {}).get(ANNOTATION_ATTEMPT, "0")
-    reason = (meta.get("labels") or {}).get(LABEL_REASON, "")
+    reason = (meta.get("labels") or {}).get(LABEL_SNAPSHOT_REASON, "")
     return (
         when.timestamp() if when else float("inf"),
         int(attempt) if attempt.isdigit() else 0,
@@ -167,7 +165,9 @@ def plan_snapshots(
             want("Restart")
     elif phase == "Running":
         scheduled = [
-            s for s in ordered if (s["metadata"].get("labels") or {}).get(LABEL_REASON) == "Scheduled"
+            s
+            for s in ordered
+            if (s["metadata"].get("labels") or {}).get(LABEL_SNAPSHOT_REASON) == "Scheduled"
         ]
         last = _created(scheduled[-1]) if scheduled else parse_time(job.status.start_time)
         due = (last or now) + timedelta(minutes=policy.every_minutes)

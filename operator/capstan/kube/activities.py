@@ -28,8 +28,8 @@ import kopf
 from capstan import GROUP
 from capstan.config import OperatorConfig
 from capstan.kube.client import DEFAULT_CONCURRENCY, ApiClient
+from capstan.labels import FINALIZER
 
-FINALIZER = f"{GROUP}/finalizer"
 #: Kopf's retries of its own requests (watches, patches) while the API server is away: flat at
 #: 5 s, so watches resume within seconds after a restart of the API server or etcd (kopf's own
 #: schedule grows to 21 s gaps); about the same minute in total before kopf gives up.

@@ -50,6 +50,7 @@ from capstan.kube.resources import (
 )
 from capstan.kube.scrape import pod_targets, scrape_pods
 from capstan.kube.status import reconcile_live, status_merge_patch
+from capstan.labels import LABEL_SERVING
 from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
 from capstan.metrics import (
     REVISION_WEIGHT,
@@ -57,7 +58,6 @@ from capstan.metrics import (
     ROLLOUTS,
     PhaseGauge,
 )
-from capstan.naming import LABEL_SERVING
 from capstan.serving.analysis import AnalysisResult, Baselines, evaluate, window
 from capstan.serving.plan import Observed, ServingPlan, analysis_due, plan_modelserving, refused
 from capstan.serving.revisions import revision_selector, serving_selector

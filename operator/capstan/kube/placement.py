@@ -39,7 +39,7 @@ from typing import Any
 from capstan.api.conditions import parse_time
 from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob
-from capstan.naming import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
+from capstan.labels import GPU_PRODUCT_LABEL, LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
 from capstan.topology import (
     DEFAULT_LEVELS,
     Decision,
@@ -272,7 +272,7 @@ def gang_request(job: TrainingJob) -> GangRequest:
         tolerations=spec.pod_tolerations(),
         priority=spec.priority,
         submitted=_submitted(job),
-        gpu_product=spec.node_selector.get("nvidia.com/gpu.product"),
+        gpu_product=spec.node_selector.get(GPU_PRODUCT_LABEL),
         expected_duration_s=spec.active_deadline_seconds,
     )
 

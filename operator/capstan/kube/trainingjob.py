@@ -37,13 +37,7 @@ from capstan.api.condition_types import ConditionType
 from capstan.api.conditions import CREATE_FAILED, parse_time, rfc3339
 from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob, TrainingJobStatus
-from capstan.checkpoints.snapshots import (
-    LABEL_REASON,
-    SnapshotPlan,
-    SnapshotsSeen,
-    snapshots_in_use,
-    with_snapshots,
-)
+from capstan.checkpoints.snapshots import SnapshotPlan, SnapshotsSeen, snapshots_in_use, with_snapshots
 from capstan.kube.activities import operator_config
 from capstan.kube.client import ApiClient, ApiError, owner_of
 from capstan.kube.placement import (
@@ -63,6 +57,7 @@ from capstan.kube.placement import (
 from capstan.kube.reconciler import Reported, reconcile_loop, refused_by_server, wake, wake_all
 from capstan.kube.resources import MODELSERVINGS, NODES, PODS, PVCS, SERVICES, TRAININGJOBS, VOLUME_SNAPSHOTS
 from capstan.kube.status import reconcile_live, status_merge_patch
+from capstan.labels import LABEL_JOB, LABEL_JOB_UID, LABEL_SNAPSHOT_REASON
 from capstan.metrics import (
     GANG_RESTARTS,
     GANG_WAITING_SECONDS,
@@ -73,7 +68,7 @@ from capstan.metrics import (
 from capstan.metrics import (
     TRAININGJOBS as TRAININGJOBS_GAUGE,
 )
-from capstan.naming import LABEL_JOB, LABEL_JOB_UID, label_value
+from capstan.naming import label_value
 from capstan.topology import DEFAULT_LEVELS, TopologyLevels
 from capstan.training.lifecycle import PlacementDecision, Plan, plan_trainingjob, refused
 from capstan.training.pods import checkpoint_claim_name, checkpoint_pvc, selector, service_name
@@ -430,7 +425,7 @@ async def _apply_snapshots(
     created = await api.create_many(snaps.create) if snaps.create else []
     for obj, new in zip(snaps.create, created, strict=True):
         if new:
-            reason = obj["metadata"]["labels"].get(LABEL_REASON, "Scheduled")
+            reason = obj["metadata"]["labels"].get(LABEL_SNAPSHOT_REASON, "Scheduled")
             message = f"VolumeSnapshot {obj['metadata']['name']} of the checkpoint volume ({reason})"
             logger.info("snapshot %s created (%s)", obj["metadata"]["name"], reason)
             await api.post_event(body, "SnapshotCreated", message, "Normal")

@@ -34,7 +34,8 @@ from capstan.api.conditions import (
     set_condition,
 )
 from capstan.api.modelserving import ModelServing, ModelServingStatus, RevisionStatus, RolloutStatus
-from capstan.naming import LABEL_REVISION, LABEL_SERVING, label_value
+from capstan.labels import ANNOTATION_MODEL, LABEL_REVISION, LABEL_SERVING
+from capstan.naming import label_value
 from capstan.security import DEFAULT_OPERATOR_NAMESPACE
 from capstan.serving.analysis import AnalysisResult
 from capstan.serving.model_source import ModelNotReady, resolve_model
@@ -53,7 +54,6 @@ from capstan.serving.revisions import (
     stable_service_name,
 )
 from capstan.serving.rollout import (
-    ANNOTATION_MODEL,
     WAIT_READY_S,
     Event,
     Outcome,

@@ -24,7 +24,7 @@ from capstan.api.condition_types import RolledBackReason
 from capstan.api.conditions import parse_time, rfc3339
 from capstan.api.modelserving import ModelServingStatus, RolloutSpec, RolloutStatus
 from capstan.events import Event
-from capstan.naming import LABEL_REVISION
+from capstan.labels import ANNOTATION_MODEL, LABEL_REVISION
 from capstan.serving.analysis import AnalysisResult
 
 WAIT_READY_S = 5.0
@@ -32,7 +32,6 @@ WAIT_READY_S = 5.0
 INCONCLUSIVE_RECHECK_S = 15.0
 FAILED_KEPT = 10
 # On each revision Deployment: what it serves, so status can say it after the spec moved on.
-ANNOTATION_MODEL = "capstan.dev/model"
 
 Outcome = Literal["promoted", "rolled_back"]
 

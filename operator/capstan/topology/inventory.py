@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
+from capstan.labels import GPU_PRODUCT_LABEL, GPU_RESOURCE, RDMA_PREFIX
+
 from .levels import DEFAULT_LEVELS, TopologyLevels
 
 if TYPE_CHECKING:
     from .gang import PlacementResult
 
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-RDMA_PREFIX = "rdma/"
 _HARD_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
 _TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 _SUFFIX = {

@@ -37,14 +37,12 @@ from capstan.api.trainingjob import (
     WorkerCounts,
 )
 from capstan.events import Event
-from capstan.naming import LABEL_ATTEMPT, LABEL_RANK
+from capstan.labels import LABEL_ATTEMPT, LABEL_RANK, LABEL_WORKERS, SPEC_DIGEST_ANNOTATION
 from capstan.security import nonroot_advice, nonroot_refusal
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
 from capstan.training.pods import (
     CONTAINER,
     EXIT_PREEMPTED,
-    LABEL_WORKERS,
-    SPEC_DIGEST_ANNOTATION,
     checkpoint_pvc,
     gang_network_policy,
     headless_service,

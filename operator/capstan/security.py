@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from capstan.api.security import NetworkPolicyPeer, PodSecurity
+from capstan.fields import dig
 from capstan.labels import LABEL_COMPONENT, LABEL_NAMESPACE_NAME
 
 #: UID and GID of Capstan's reference images (workloads/Dockerfile.*), also used for the
@@ -90,7 +91,7 @@ def nonroot_refusal(pod: Mapping[str, Any]) -> str | None:
     it cannot verify), as ``container NAME: MESSAGE``; None when there is none."""
     status = pod.get("status") or {}
     for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
-        waiting = (cs.get("state") or {}).get("waiting") or {}
+        waiting = dig(cs, "state", "waiting") or {}
         message = str(waiting.get("message") or "")
         if waiting.get("reason") == "CreateContainerConfigError" and (
             "runAsNonRoot" in message or "non-root" in message

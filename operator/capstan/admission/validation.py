@@ -26,6 +26,7 @@ from typing import Any
 from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob, TrainingJobSpec
+from capstan.fields import dig
 from capstan.labels import GPU_RESOURCE, SKIP_CAPACITY_ANNOTATION
 from capstan.topology.inventory import parse_count
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
@@ -123,7 +124,7 @@ def _raw_checks(obj: Any, already: list[str]) -> list[str]:
         return []
     errors: list[str] = []
     if obj.get("kind") == "ModelServing":
-        steps = (spec.get("rollout") or {}).get("steps") if isinstance(spec.get("rollout"), Mapping) else None
+        steps = dig(spec, "rollout", "steps")
         if isinstance(steps, list):
             weights = [s.get("weight") for s in steps if isinstance(s, Mapping)]
             if all(isinstance(w, int) and not isinstance(w, bool) for w in weights):
@@ -140,11 +141,11 @@ def _raw_checks(obj: Any, already: list[str]) -> list[str]:
 
 
 def _gpus(node: Mapping[str, Any]) -> int:
-    return parse_count(((node.get("status") or {}).get("allocatable") or {}).get(GPU_RESOURCE))
+    return parse_count(dig(node, "status", "allocatable", GPU_RESOURCE))
 
 
 def _name(node: Mapping[str, Any]) -> str:
-    return str((node.get("metadata") or {}).get("name") or "")
+    return str(dig(node, "metadata", "name") or "")
 
 
 def domain_sizes(nodes: Sequence[Mapping[str, Any]], levels: TopologyLevels, level: str) -> dict[str, int]:
@@ -154,7 +155,7 @@ def domain_sizes(nodes: Sequence[Mapping[str, Any]], levels: TopologyLevels, lev
     nlev = len(levels)
     sizes: dict[str, int] = defaultdict(int)
     for node in nodes:
-        labels = (node.get("metadata") or {}).get("labels") or {}
+        labels = dig(node, "metadata", "labels") or {}
         raw = [str(labels[lv.label]) if labels.get(lv.label) else None for lv in levels]
         # Same keys as the inventory: the label path from the widest level down to this one, so
         # two racks with one label value in different zones stay apart.

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiohttp
 
 from capstan import __version__
+from capstan.fields import dig
 from capstan.kube.resources import EVENTS, PODS, ApiResource, api_resource_of
 from capstan.naming import short_hash
 
@@ -81,13 +82,13 @@ def selector_string(labels: Mapping[str, str | None]) -> str:
 
 def matches_labels(obj: Mapping[str, Any], labels: Mapping[str, str | None]) -> bool:
     """Whether ``obj`` carries every label of ``labels`` (None: any value)."""
-    have = (obj.get("metadata") or {}).get("labels") or {}
+    have = dig(obj, "metadata", "labels") or {}
     return all(k in have and (v is None or have[k] == v) for k, v in labels.items())
 
 
 def owner_of(obj: Mapping[str, Any], kind: str) -> tuple[str, str] | None:
     """(name, uid) of the controller ownerReference of ``kind``, if any."""
-    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+    for ref in dig(obj, "metadata", "ownerReferences") or []:
         if ref.get("kind") == kind and ref.get("controller"):
             return str(ref.get("name", "")), str(ref.get("uid", ""))
     return None
@@ -278,7 +279,7 @@ class ApiClient:
     async def exists(self, res: ApiResource, namespace: str | None, name: str) -> bool:
         """Whether the object exists (and is not being deleted)."""
         obj = await self.get(res, namespace, name)
-        return obj is not None and not (obj.get("metadata") or {}).get("deletionTimestamp")
+        return obj is not None and not dig(obj, "metadata", "deletionTimestamp")
 
     async def list_objects(
         self,
@@ -311,7 +312,7 @@ class ApiClient:
     async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """POST the object; :class:`ApiError` (409 included) on failure."""
         res = api_resource_of(obj)
-        ns = (obj.get("metadata") or {}).get("namespace")
+        ns = dig(obj, "metadata", "namespace")
         created: dict[str, Any] = await self.request(
             "POST", res.path(ns), body=obj, params={"fieldManager": self.field_manager}
         )
@@ -458,7 +459,7 @@ class ApiClient:
         try:
             if not await self.create_if_absent(event):
                 old = await self.get(EVENTS, namespace, ev_name)
-                count = int((old or {}).get("count") or 1) + 1
+                count = int(dig(old, "count") or 1) + 1
                 await self.patch(EVENTS, namespace, ev_name, {"count": count, "lastTimestamp": now})
         except ApiError as exc:  # events are best effort: never fail a reconcile for them
             log.warning("could not post event %s on %s/%s: %s", reason, namespace, name, exc)

@@ -32,6 +32,7 @@ from capstan import GROUP, VERSION
 from capstan.api.condition_types import ConditionType
 from capstan.api.conditions import CREATE_FAILED
 from capstan.api.modelserving import ModelServing
+from capstan.fields import dig
 from capstan.kube.activities import operator_config
 from capstan.kube.client import ApiClient, ApiError, owner_of
 from capstan.kube.reconciler import Reported, reconcile_loop, refused_by_server, wake
@@ -137,7 +138,7 @@ async def _observe(api: ApiClient, ms: ModelServing, gateway: bool) -> Observed:
     ftj = ms.spec.model.from_training_job
     if ftj is not None:
         training_job = await api.get(TRAININGJOBS, ns, ftj.name)
-        volume = (((training_job or {}).get("spec") or {}).get("checkpoint") or {}).get("volume") or {}
+        volume = dig(training_job, "spec", "checkpoint", "volume") or {}
         if training_job is not None and not volume.get("size"):
             # An adopted checkpoint volume has no size in the spec: the snapshot's restoreSize has it.
             snapshots = {s["metadata"]["name"]: s for s in await _list(api, VOLUME_SNAPSHOTS, ns, {})}
@@ -219,7 +220,7 @@ async def _apply(
                     refusal = refusal or (obj, result)
                 elif isinstance(result, BaseException):
                     raise result
-    current = {d["metadata"]["name"]: (d.get("spec") or {}).get("replicas") for d in observed.deployments}
+    current = {d["metadata"]["name"]: dig(d, "spec", "replicas") for d in observed.deployments}
     await asyncio.gather(
         *(
             api.patch(DEPLOYMENTS, ns, dep, {"spec": {"replicas": n}})

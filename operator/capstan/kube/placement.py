@@ -39,6 +39,7 @@ from typing import Any
 from capstan.api.conditions import parse_time
 from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob
+from capstan.fields import dig
 from capstan.labels import GPU_PRODUCT_LABEL, LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
 from capstan.topology import (
     DEFAULT_LEVELS,
@@ -129,9 +130,8 @@ def pinned_node(pod: Mapping[str, Any]) -> str | None:
     spec = pod.get("spec") or {}
     if spec.get("nodeName"):
         return str(spec["nodeName"])
-    terms = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
-        "requiredDuringSchedulingIgnoredDuringExecution", {}
-    ).get("nodeSelectorTerms") or []
+    required = dig(spec, "affinity", "nodeAffinity", "requiredDuringSchedulingIgnoredDuringExecution")
+    terms = dig(required, "nodeSelectorTerms") or []
     for term in terms:
         for field_ in term.get("matchFields") or []:
             if field_.get("key") == "metadata.name" and field_.get("operator") == "In":
@@ -153,7 +153,7 @@ def queue_key(job: TrainingJob) -> str:
 
 def _submitted(job: TrainingJob) -> float:
     """Queue age: creation time in epoch seconds (0 when the server did not say)."""
-    created = parse_time((job.metadata.model_extra or {}).get("creationTimestamp"))
+    created = parse_time(dig(job.metadata.model_extra, "creationTimestamp"))
     return created.timestamp() if created else 0.0
 
 
@@ -176,7 +176,7 @@ def queued_jobs(bodies: Sequence[Mapping[str, Any]]) -> list[TrainingJob]:
     Jobs never reconciled yet (no phase) are left out: they join the queue on their first pass,
     so a job a scoped-out operator never looks at cannot hold anyone back.
     """
-    waiting = [b for b in bodies if (b.get("status") or {}).get("phase") == "Queued"]
+    waiting = [b for b in bodies if dig(b, "status", "phase") == "Queued"]
     return [j for j in _placed_by_capstan(waiting) if not j.spec.suspend]
 
 
@@ -188,7 +188,7 @@ def running_gangs(bodies: Sequence[Mapping[str, Any]], now: float) -> list[Runni
     unknown, and the queue falls back to reservations that need no run times.
     """
     out = []
-    for job in _placed_by_capstan([b for b in bodies if (b.get("status") or {}).get("placement")]):
+    for job in _placed_by_capstan([b for b in bodies if dig(b, "status", "placement")]):
         st = job.status
         if st.placement is None or not st.placement.nodes or st.phase in TERMINAL_PHASES:
             continue
@@ -214,11 +214,11 @@ def placed_without_pods(
     """
     present: set[tuple[str, str, str]] = set()
     for pod in pods:
-        labels = (pod.get("metadata") or {}).get("labels") or {}
+        labels = dig(pod, "metadata", "labels") or {}
         if LABEL_JOB_UID in labels:
             present.add((labels[LABEL_JOB_UID], labels.get(LABEL_ATTEMPT, ""), labels.get(LABEL_RANK, "")))
-    placed = [b for b in bodies if (b.get("status") or {}).get("phase") in ("Starting", "Running")
-              and (b.get("status") or {}).get("placement")]
+    placed = [b for b in bodies if dig(b, "status", "phase") in ("Starting", "Running")
+              and dig(b, "status", "placement")]
     claims: dict[str, dict[str, int]] = {}
     for job in _placed_by_capstan(placed):
         st, uid = job.status, job.metadata.uid or ""
@@ -246,7 +246,7 @@ def movable_gangs(bodies: Sequence[Mapping[str, Any]]) -> list[tuple[MovableGang
     counts ``min_run_s`` from there).
     """
     out = []
-    running_now = [b for b in bodies if (b.get("status") or {}).get("phase") == "Running"]  # parse only these
+    running_now = [b for b in bodies if dig(b, "status", "phase") == "Running"]  # parse only these
     for job in _placed_by_capstan(running_now):
         st = job.status
         if not job.spec.movable or st.placement is None or not st.placement.nodes:
@@ -304,7 +304,7 @@ def queue_snapshot(
     bound = []
     for pod in pods:
         node = pinned_node(pod)
-        if node and not (pod.get("spec") or {}).get("nodeName"):
+        if node and not dig(pod, "spec", "nodeName"):
             pod = {**pod, "spec": {**(pod.get("spec") or {}), "nodeName": node}}
         bound.append(pod)
     return QueueSnapshot(

@@ -16,6 +16,7 @@ import kopf
 
 from capstan import GROUP, VERSION
 from capstan.api.condition_types import ConditionType, Reason
+from capstan.fields import dig
 from capstan.kube.client import ApiClient, ApiError
 from capstan.kube.resources import ApiResource, api_resource_of
 from capstan.kube.status import report_error
@@ -24,7 +25,7 @@ from capstan.kube.status import report_error
 def wake(memo: kopf.Memo, uid: str | None) -> None:
     """Make the reconcile loop of the object with ``uid`` run now (no-op if it has none)."""
     if uid:
-        event = (memo.get("wakeups") or {}).get(uid)
+        event = dig(memo, "wakeups", uid)
         if event is not None:
             event.set()
 

@@ -13,6 +13,7 @@ from capstan.api.common import ApiModel, Condition
 from capstan.api.condition_types import Reason
 from capstan.api.conditions import set_condition
 from capstan.api.loading import InvalidObject, parse_object
+from capstan.fields import dig
 from capstan.kube.client import ApiClient
 from capstan.kube.resources import ApiResource
 from capstan.metrics import RECONCILE_SECONDS, RECONCILES
@@ -23,7 +24,7 @@ async def fetch_live(
 ) -> dict[str, Any] | None:
     """The object to reconcile, or None when it is gone, replaced (another uid) or being deleted."""
     body = await api.get(res, namespace, name)
-    meta = (body or {}).get("metadata") or {}
+    meta = dig(body, "metadata") or {}
     if body is None or (uid and meta.get("uid") != uid) or meta.get("deletionTimestamp"):
         return None
     return body
@@ -128,7 +129,7 @@ async def report_error(
     same = ("False", Reason.RECONCILE_ERROR, message)
     if old is not None and (old.status, old.reason, old.message) == same:
         return False
-    generation = int((body.get("metadata") or {}).get("generation") or 1)
+    generation = int(dig(body, "metadata", "generation") or 1)
     conditions = set_condition(
         conditions, condition, "False", Reason.RECONCILE_ERROR, message, now=now, generation=generation
     )

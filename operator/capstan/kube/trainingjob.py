@@ -38,6 +38,7 @@ from capstan.api.conditions import CREATE_FAILED, parse_time, rfc3339
 from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob, TrainingJobStatus
 from capstan.checkpoints.snapshots import SnapshotPlan, SnapshotsSeen, snapshots_in_use, with_snapshots
+from capstan.fields import dig
 from capstan.kube.activities import operator_config
 from capstan.kube.client import ApiClient, ApiError, owner_of
 from capstan.kube.placement import (
@@ -87,7 +88,7 @@ def _node_lost(pods: list[dict[str, Any]], gone: set[str]) -> list[dict[str, Any
         return pods
     out = []
     for pod in pods:
-        phase = (pod.get("status") or {}).get("phase")
+        phase = dig(pod, "status", "phase")
         if pinned_node(pod) in gone and phase not in ("Succeeded", "Failed"):
             pod = {**pod, "status": {**(pod.get("status") or {}), "phase": "Failed", "reason": "NodeLost"}}
         out.append(pod)
@@ -195,7 +196,7 @@ async def reconcile(
     """
 
     def invalid(body: Mapping[str, Any]) -> None:
-        _state(memo).metrics.phases.set(namespace, name, (body.get("status") or {}).get("phase") or "Pending")
+        _state(memo).metrics.phases.set(namespace, name, dig(body, "status", "phase") or "Pending")
 
     async def step(body: dict[str, Any], job: Any, now: datetime) -> float | None:
         assert isinstance(job, TrainingJob)
@@ -301,7 +302,7 @@ async def _children_exist(api: ApiClient, job: TrainingJob) -> tuple[bool | None
 
 def _ours(obj: Mapping[str, Any] | None, uid: str) -> bool:
     """Present, not being deleted, and not left by another TrainingJob of the same name."""
-    if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
+    if obj is None or dig(obj, "metadata", "deletionTimestamp"):
         return False
     owner = owner_of(obj, KIND)
     return owner is None or owner[1] == uid
@@ -429,7 +430,7 @@ async def _apply_snapshots(
             message = f"VolumeSnapshot {obj['metadata']['name']} of the checkpoint volume ({reason})"
             logger.info("snapshot %s created (%s)", obj["metadata"]["name"], reason)
             await api.post_event(body, "SnapshotCreated", message, "Normal")
-    ns = (body.get("metadata") or {}).get("namespace")
+    ns = dig(body, "metadata", "namespace")
     for name in snaps.delete:
         await api.delete(VOLUME_SNAPSHOTS, ns, name)
         await api.post_event(body, "SnapshotDeleted", f"VolumeSnapshot {name} removed by retention", "Normal")

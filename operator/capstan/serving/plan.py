@@ -34,6 +34,7 @@ from capstan.api.conditions import (
     set_condition,
 )
 from capstan.api.modelserving import ModelServing, ModelServingStatus, RevisionStatus, RolloutStatus
+from capstan.fields import dig
 from capstan.labels import ANNOTATION_MODEL, LABEL_REVISION, LABEL_SERVING
 from capstan.naming import label_value
 from capstan.security import DEFAULT_OPERATOR_NAMESPACE
@@ -273,7 +274,7 @@ def _observed_revisions(ms: ModelServing, observed: Observed) -> dict[str, Revis
     mine = label_value(ms.metadata.name)
     revs: dict[str, RevisionState] = {}
     for dep in observed.deployments:
-        if ((dep.get("metadata") or {}).get("labels") or {}).get(LABEL_SERVING) != mine:
+        if dig(dep, "metadata", "labels", LABEL_SERVING) != mine:
             continue
         state = revision_state(dep)
         if state is not None:

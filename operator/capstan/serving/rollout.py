@@ -24,6 +24,7 @@ from capstan.api.condition_types import RolledBackReason
 from capstan.api.conditions import parse_time, rfc3339
 from capstan.api.modelserving import ModelServingStatus, RolloutSpec, RolloutStatus
 from capstan.events import Event
+from capstan.fields import dig
 from capstan.labels import ANNOTATION_MODEL, LABEL_REVISION
 from capstan.serving.analysis import AnalysisResult
 
@@ -50,7 +51,7 @@ class RevisionState:
 def revision_state(dep: dict[str, Any]) -> RevisionState | None:
     """Reduce a Deployment dict; None when it lacks the revision label."""
     meta = dep.get("metadata") or {}
-    rev = (meta.get("labels") or {}).get(LABEL_REVISION)
+    rev = dig(meta, "labels", LABEL_REVISION)
     if not rev or meta.get("deletionTimestamp"):
         return None
     status = dep.get("status") or {}
@@ -61,8 +62,8 @@ def revision_state(dep: dict[str, Any]) -> RevisionState | None:
         and c.get("reason") == "ProgressDeadlineExceeded"
         for c in conds
     )
-    replicas = (dep.get("spec") or {}).get("replicas")
-    model = (meta.get("annotations") or {}).get(ANNOTATION_MODEL, "")
+    replicas = dig(dep, "spec", "replicas")
+    model = dig(meta, "annotations", ANNOTATION_MODEL, default="")
     return RevisionState(rev, replicas, int(status.get("readyReplicas") or 0), exceeded, model)
 
 

@@ -37,6 +37,7 @@ from capstan.api.trainingjob import (
     WorkerCounts,
 )
 from capstan.events import Event
+from capstan.fields import dig
 from capstan.labels import LABEL_ATTEMPT, LABEL_RANK, LABEL_WORKERS, SPEC_DIGEST_ANNOTATION
 from capstan.security import nonroot_advice, nonroot_refusal
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
@@ -123,7 +124,7 @@ def worker_state(pod: dict[str, Any]) -> WorkerState | None:
     # The worker's own exit code decides (a template may add sidecars that exit differently).
     worker = [cs for cs in statuses if cs.get("name") == CONTAINER]
     for cs in worker or statuses:
-        term = (cs.get("state") or {}).get("terminated")
+        term = dig(cs, "state", "terminated")
         if term is not None:
             exit_code = int(term.get("exitCode", 1))
             if exit_code != 0:
@@ -136,10 +137,10 @@ def worker_state(pod: dict[str, Any]) -> WorkerState | None:
         exit_code=exit_code,
         terminating=bool(meta.get("deletionTimestamp")),
         reason=status.get("reason", ""),
-        node=(pod.get("spec") or {}).get("nodeName"),
+        node=dig(pod, "spec", "nodeName"),
         nonroot_refusal=nonroot_refusal(pod) or "",
         workers=int(size) if isinstance(size, str) and size.isdigit() else None,
-        digest=str((meta.get("annotations") or {}).get(SPEC_DIGEST_ANNOTATION) or ""),
+        digest=str(dig(meta, "annotations", SPEC_DIGEST_ANNOTATION) or ""),
     )
 
 

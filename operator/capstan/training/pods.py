@@ -10,6 +10,7 @@ from typing import Any
 
 from capstan import API_VERSION
 from capstan.api.trainingjob import TrainingJob
+from capstan.fields import dig
 from capstan.labels import (
     GPU_RESOURCE,
     KUEUE_POD_GROUP_COUNT,
@@ -370,8 +371,8 @@ def merge_template(job: TrainingJob, pod: dict[str, Any]) -> dict[str, Any]:
     merged["securityContext"] = {**(worker.get("securityContext") or {}), **ours["securityContext"]}
     resources = {**(worker.get("resources") or {}), **(ours.get("resources") or {})}
     for part in ("requests", "limits"):
-        amounts = {**((worker.get("resources") or {}).get(part) or {}),
-                   **((ours.get("resources") or {}).get(part) or {})}
+        amounts = {**(dig(worker, "resources", part) or {}),
+                   **(dig(ours, "resources", part) or {})}
         if amounts:
             resources[part] = amounts
     if resources:
@@ -398,7 +399,7 @@ def merge_template(job: TrainingJob, pod: dict[str, Any]) -> dict[str, Any]:
     if pull_secrets:
         out["imagePullSecrets"] = pull_secrets
     if affinity or "affinity" in spec:
-        own = (spec.get("affinity") or {}).get("nodeAffinity") or {}
+        own = dig(spec, "affinity", "nodeAffinity") or {}
         node_affinity = {**(affinity.get("nodeAffinity") or {}), **own}
         out["affinity"] = {**affinity, **({"nodeAffinity": node_affinity} if node_affinity else {})}
     pod["spec"] = out

@@ -112,7 +112,15 @@ async def test_loop_survives_exceptions_backs_off_and_logs_the_traceback_once(
     with caplog.at_level(logging.WARNING, logger="test-loop"):
         await asyncio.wait_for(
             reconciler.reconcile_loop(
-                "TrainingJob", reconcile, "j", "ns", "u1", memo, logger, stopped, "Admitted"  # type: ignore[arg-type]
+                "TrainingJob",
+                reconcile,  # type: ignore[arg-type]
+                name="j",
+                namespace="ns",
+                uid="u1",
+                memo=memo,
+                logger=logger,
+                stopped=stopped,  # type: ignore[arg-type]
+                condition="Admitted",
             ),
             10,
         )

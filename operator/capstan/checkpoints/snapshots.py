@@ -121,6 +121,7 @@ def plan_snapshots(
     snapshots: list[dict[str, Any]],
     in_use: set[str],
     now: datetime,
+    *,
     api_available: bool,
     step: int | None = None,
     workers_stopped: bool = True,
@@ -224,7 +225,9 @@ def with_snapshots(
     """
     stopped = not any(dig(p, "status", "phase") in ("Pending", "Running", "Unknown") for p in pods)
     planned = job.model_copy(update={"status": plan.status})
-    snaps = plan_snapshots(planned, seen.snapshots, seen.in_use, now, seen.available, workers_stopped=stopped)
+    snaps = plan_snapshots(
+        planned, seen.snapshots, seen.in_use, now, api_available=seen.available, workers_stopped=stopped
+    )
 
     def fold(status: TrainingJobStatus) -> TrainingJobStatus:
         st = status.model_copy(deep=True)

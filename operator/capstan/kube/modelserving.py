@@ -279,7 +279,16 @@ async def reconcile(
         return await _reconcile_serving(api, body, ms, now, memo, logger)
 
     return await reconcile_live(
-        KIND, api, MODELSERVINGS, namespace, name, uid, logger, step, ConditionType.READY, "Failed"
+        KIND,
+        api,
+        MODELSERVINGS,
+        namespace=namespace,
+        name=name,
+        uid=uid,
+        logger=logger,
+        step=step,
+        condition=ConditionType.READY,
+        phase="Failed",
     )
 
 
@@ -336,7 +345,15 @@ async def modelserving_loop(
     assert namespace is not None  # ModelServing is namespaced
     try:
         await reconcile_loop(
-            KIND, reconcile, name, namespace, uid, memo, logger, stopped, ConditionType.READY
+            KIND,
+            reconcile,
+            name=name,
+            namespace=namespace,
+            uid=uid,
+            memo=memo,
+            logger=logger,
+            stopped=stopped,
+            condition=ConditionType.READY,
         )
     finally:
         _state(memo).baselines.forget(uid)

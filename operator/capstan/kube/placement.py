@@ -281,12 +281,12 @@ def queue_snapshot(
     nodes: Sequence[Mapping[str, Any]],
     pods: Sequence[Mapping[str, Any]],
     queued: Sequence[TrainingJob] = (),
+    *,
     now: float | None = None,
     running: Sequence[RunningGang] = (),
     policy: QueuePolicy | None = None,
     movable: Sequence[tuple[MovableGang, str]] = (),
     claimed: Mapping[str, Mapping[str, int]] | None = None,
-    *,
     levels: TopologyLevels = DEFAULT_LEVELS,
 ) -> QueueSnapshot | None:
     """The :class:`QueueSnapshot` of the cluster's Nodes and Pods and the queued gangs; None without Nodes.

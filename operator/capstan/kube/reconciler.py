@@ -60,6 +60,7 @@ Reconcile = Callable[[ApiClient, str, str, str, kopf.Memo, kopf.Logger], Awaitab
 async def reconcile_loop(
     kind: str,
     reconcile: Reconcile,
+    *,
     name: str,
     namespace: str,
     uid: str,

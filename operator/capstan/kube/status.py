@@ -144,6 +144,7 @@ async def reconcile_live(
     kind: str,
     api: ApiClient,
     res: ApiResource,
+    *,
     namespace: str,
     name: str,
     uid: str | None,

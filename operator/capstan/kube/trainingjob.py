@@ -203,7 +203,17 @@ async def reconcile(
         return await _reconcile_job(api, body, job, now, memo, logger)
 
     return await reconcile_live(
-        KIND, api, TRAININGJOBS, namespace, name, uid, logger, step, ConditionType.ADMITTED, None, invalid
+        KIND,
+        api,
+        TRAININGJOBS,
+        namespace=namespace,
+        name=name,
+        uid=uid,
+        logger=logger,
+        step=step,
+        condition=ConditionType.ADMITTED,
+        phase=None,
+        on_invalid=invalid,
     )
 
 
@@ -229,7 +239,9 @@ async def _reconcile_job(
     levels = operator_config(memo).topology_levels
     plan, snaps = _plan(job, seen, now, move=move, placed_by_queue=placed_by_queue, levels=levels)
     if not plan.needs_placement:
-        refusal = await _apply(api, job, body, plan, snaps, now, state.metrics, logger)
+        refusal = await _apply(
+            api, job, body, plan, snaps=snaps, now=now, metrics=state.metrics, logger=logger
+        )
     else:
         async with state.placement_lock:
             snapshot = await _queue_snapshot(api, memo, job.metadata.namespace, logger)
@@ -237,10 +249,12 @@ async def _reconcile_job(
             if result is not None:
                 state.queue.apply(result)
             plan, snaps = _plan(job, seen, now, result.decision if result else None, move=move, levels=levels)
-            refusal = await _apply(api, job, body, plan, snaps, now, state.metrics, logger)
+            refusal = await _apply(
+                api, job, body, plan, snaps=snaps, now=now, metrics=state.metrics, logger=logger
+            )
         if result is not None:
             _wake_queue(memo, result, logger)
-    return await _finish(api, job, body, plan, refusal, now, memo, logger)
+    return await _finish(api, job, body, plan, refusal=refusal, now=now, memo=memo, logger=logger)
 
 
 # -- observe -------------------------------------------------------------------------------------
@@ -329,8 +343,17 @@ async def _queue_snapshot(
         jobs = await api.list_objects(TRAININGJOBS, namespace)
     now = time.time()
     config = operator_config(memo)
-    return queue_snapshot(nodes, pods, queued_jobs(jobs), now, running_gangs(jobs, now), config.queue,
-                          movable_gangs(jobs), placed_without_pods(jobs, pods), levels=config.topology_levels)
+    return queue_snapshot(
+        nodes,
+        pods,
+        queued_jobs(jobs),
+        now=now,
+        running=running_gangs(jobs, now),
+        policy=config.queue,
+        movable=movable_gangs(jobs),
+        claimed=placed_without_pods(jobs, pods),
+        levels=config.topology_levels,
+    )
 
 
 # -- plan ----------------------------------------------------------------------------------------
@@ -364,6 +387,7 @@ async def _apply(
     job: TrainingJob,
     body: Mapping[str, Any],
     plan: Plan,
+    *,
     snaps: SnapshotPlan | None,
     now: datetime,
     metrics: JobMetrics,
@@ -396,6 +420,7 @@ async def _finish(
     job: TrainingJob,
     body: Mapping[str, Any],
     plan: Plan,
+    *,
     refusal: ApiError | None,
     now: datetime,
     memo: kopf.Memo,
@@ -403,7 +428,9 @@ async def _finish(
 ) -> float | None:
     """After the creates: settle them, delete pods, post Events, delete the job at its TTL."""
     if refusal is not None or (plan.create and plan.on_created is not None):
-        await _settle_creates(api, job, body, plan, refusal, now, _state(memo).metrics, logger)
+        await _settle_creates(
+            api, job, body, plan, refusal=refusal, now=now, metrics=_state(memo).metrics, logger=logger
+        )
     if plan.delete_pods:
         await api.delete_pods(job.metadata.namespace, plan.delete_pods)
     if _frees_gpus(job, plan):
@@ -468,6 +495,7 @@ async def _settle_creates(
     job: TrainingJob,
     body: Mapping[str, Any],
     plan: Plan,
+    *,
     refusal: ApiError | None,
     now: datetime,
     metrics: JobMetrics,
@@ -510,7 +538,17 @@ async def trainingjob_loop(
 ) -> None:
     """The reconcile loop of one TrainingJob (see the module docstring)."""
     assert namespace is not None  # TrainingJob is namespaced
-    await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped, ConditionType.ADMITTED)
+    await reconcile_loop(
+        KIND,
+        reconcile,
+        name=name,
+        namespace=namespace,
+        uid=uid,
+        memo=memo,
+        logger=logger,
+        stopped=stopped,
+        condition=ConditionType.ADMITTED,
+    )
 
 
 @kopf.on.event(GROUP, VERSION, "trainingjobs", id="wake-on-change")

@@ -115,7 +115,7 @@ class NodeInfo:
     domain_values: tuple[str, ...]  # label value per level (the node name if it has none)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Topology:
     """Static, shared index of nodes and domains; never mutated after build."""
 
@@ -373,6 +373,16 @@ def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[s
         if at is not None:
             used[at] += pod_gpu_request(pod)
 
-    topo = _Topology(levels, tuple(infos), index, dom_of, dom_keys, dom_values, children, parent,
-                     [n.gpus for n in infos], tuple(sorted(not_ready)))
+    topo = _Topology(
+        levels=levels,
+        nodes=tuple(infos),
+        index=index,
+        dom_of=dom_of,
+        dom_keys=dom_keys,
+        dom_values=dom_values,
+        children=children,
+        parent=parent,
+        alloc=[n.gpus for n in infos],
+        not_ready=tuple(sorted(not_ready)),
+    )
     return Inventory(topo, used)

@@ -511,7 +511,7 @@ def _on_failure(b: _Builder, current: list[WorkerState], failed: list[WorkerStat
     return _restart(b, current, RestartReason.WORKER_FAILED, why, counted=True)
 
 
-def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, counted: bool,
+def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, *, counted: bool,
              moved: bool = False, tally: bool = True) -> Plan:
     """Stop the gang and start the next attempt. ``counted``: a failure (restarts, backoff);
     ``moved``: a move (moves); else a preemption, or with ``tally=False`` (a spec change) nothing."""

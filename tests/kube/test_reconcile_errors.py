@@ -11,6 +11,7 @@ from typing import Any
 
 import kopf
 import pytest
+from tests.api.bodies import make_trainingjob
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
 from tests.support.kube import wait_for
@@ -73,12 +74,9 @@ class _FakeApi:
     closed = False
 
     def __init__(self) -> None:
-        self.obj: dict[str, Any] = {
-            "apiVersion": "capstan.dev/v1alpha1",
-            "kind": "TrainingJob",
-            "metadata": {"name": "j", "namespace": "ns", "uid": "u1", "generation": 1},
-            "status": {"phase": "Running"},
-        }
+        self.obj: dict[str, Any] = (
+            make_trainingjob("j").namespace("ns").uid("u1").generation(1).status(phase="Running").obj()
+        )
         self.events: list[tuple[str, str]] = []
 
     async def get(self, res: Any, namespace: str, name: str) -> dict[str, Any]:

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests.api.bodies import make_trainingjob  # noqa: E402
 from tests.support.kube import running_operator, test_client  # noqa: E402
 
 from capstan.api.trainingjob import TrainingJob  # noqa: E402 -- after the repository path tweak
@@ -47,12 +48,9 @@ RESULTS = REPO / "bench" / "results" / "reconcile.json"
 
 def job_dict(name: str, namespace: str, workers: int) -> dict[str, Any]:
     """A CPU TrainingJob (no placement: the yardstick is API round-trips, not the placer)."""
-    return {
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"image": "registry.example/trainer:1.0", "workers": workers},
-    }
+    return (
+        make_trainingjob(name).namespace(namespace).image("registry.example/trainer:1.0").workers(workers).obj()
+    )
 
 
 class PodCounter:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from capstan.api.loading import InvalidDocuments, InvalidResource, load_resources
+from capstan.api.loading import InvalidDocuments, InvalidObject, load_objects
 from capstan.config import ConfigError
 
 EXIT_INVALID = 2
@@ -36,7 +36,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
     from capstan.config import OperatorConfig
     from capstan.render import render, to_yaml
 
-    resources = [r for f in args.file for r in load_resources(f)]
+    resources = [r for f in args.file for r in load_objects(f)]
     if args.namespace:
         # Like `kubectl apply -n`: the namespace of resources whose file names none.
         update = {"namespace": args.namespace}
@@ -58,7 +58,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from capstan.local.session import run_local
 
     return run_local(
-        [r for f in args.file for r in load_resources(f)],
+        [r for f in args.file for r in load_objects(f)],
         workdir=Path(args.workdir),
         prompts=args.prompt or [],
         serve_forever=args.serve,
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.set_defaults(fn=_cmd_render)
 
-    run = sub.add_parser("run", help="run resources on the local runtime")
+    run = sub.add_parser("run", help="run resources on the local executor")
     run.add_argument("-f", "--file", required=True, action="append", help="YAML file (repeatable)")
     run.add_argument("--local", action="store_true", help="run here, as processes (the embedded default)")
     run.add_argument("--workdir", default=".capstan", help="checkpoints, logs and snapshots go here")
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
-    except InvalidResource as exc:
+    except InvalidObject as exc:
         for problem in exc.problems if isinstance(exc, InvalidDocuments) else [exc]:
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_INVALID

@@ -1,24 +1,16 @@
-"""Deterministic child names and labels that stay valid for any legal resource name."""
+"""Deterministic child names and label values that stay valid for any legal object name (the
+label keys are in :mod:`capstan.labels`)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 
+from capstan.labels import LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, LABEL_PART_OF
+
 DNS_LABEL_MAX = 63
 _INVALID = re.compile(r"[^a-z0-9-]+")
 
-LABEL_NAME = "app.kubernetes.io/name"
-LABEL_INSTANCE = "app.kubernetes.io/instance"
-LABEL_COMPONENT = "app.kubernetes.io/component"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_PART_OF = "app.kubernetes.io/part-of"
-LABEL_JOB = "capstan.dev/trainingjob"
-LABEL_JOB_UID = "capstan.dev/trainingjob-uid"
-LABEL_RANK = "capstan.dev/rank"
-LABEL_ATTEMPT = "capstan.dev/attempt"
-LABEL_SERVING = "capstan.dev/modelserving"
-LABEL_REVISION = "capstan.dev/revision"
 MANAGER = "capstan"
 
 

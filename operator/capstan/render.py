@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from capstan.api.loading import InvalidDocuments, InvalidResource, Resource
+from capstan.api.loading import CapstanObject, InvalidDocuments, InvalidObject
 from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob
 from capstan.config import OperatorConfig
@@ -42,7 +42,7 @@ def to_yaml(objs: list[dict[str, Any]]) -> str:
     return yaml.dump_all(objs, Dumper=_Dumper, sort_keys=False)
 
 
-def _with_uid(res: Resource) -> Resource:
+def _with_uid(res: CapstanObject) -> CapstanObject:
     # A preview has no server-assigned uid; a fixed placeholder keeps ownerReferences in the output.
     if res.metadata.uid:
         return res
@@ -94,24 +94,24 @@ def render_modelserving(
     namespace = (config or OperatorConfig()).operator_namespace
     plan = plan_modelserving(ms, observed, datetime.now(UTC), operator_namespace=namespace)
     if not plan.objects:
-        raise InvalidResource(f"ModelServing {ms.metadata.name!r}", [plan.status.message])
+        raise InvalidObject(f"ModelServing {ms.metadata.name!r}", [plan.status.message])
     return plan.objects
 
 
-def render(resources: list[Resource], config: OperatorConfig | None = None) -> list[dict[str, Any]]:
+def render(resources: list[CapstanObject], config: OperatorConfig | None = None) -> list[dict[str, Any]]:
     """Objects for every resource, in file order, as an operator with ``config`` would create them;
     every resource that cannot be rendered is reported (:class:`InvalidDocuments` when more than
     one)."""
     jobs = {r.metadata.name: r for r in resources if isinstance(r, TrainingJob)}
     out: list[dict[str, Any]] = []
-    problems: list[InvalidResource] = []
+    problems: list[InvalidObject] = []
     for res in resources:
         try:
             if isinstance(res, TrainingJob):
                 out.extend(render_trainingjob(res, config))
             else:
                 out.extend(render_modelserving(res, jobs, config))
-        except InvalidResource as exc:
+        except InvalidObject as exc:
             problems.append(exc)
     if problems:
         raise problems[0] if len(problems) == 1 else InvalidDocuments(problems)

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from capstan.api.security import NetworkPolicyPeer, PodSecurity
+from capstan.fields import dig
+from capstan.labels import LABEL_COMPONENT, LABEL_NAMESPACE_NAME
 
 #: UID and GID of Capstan's reference images (workloads/Dockerfile.*), also used for the
 #: third-party images Capstan picks: 10000 or more, so it is no account of the node's.
@@ -34,7 +36,7 @@ NETWORK_POLICY_API = "networking.k8s.io/v1"
 #: Where the operator runs (the chart sets it from the downward API); its pods carry this label.
 OPERATOR_NAMESPACE_ENV = "POD_NAMESPACE"
 DEFAULT_OPERATOR_NAMESPACE = "capstan-system"
-OPERATOR_POD_LABELS = {"app.kubernetes.io/component": "operator"}
+OPERATOR_POD_LABELS = {LABEL_COMPONENT: "operator"}
 
 
 def image_repository(image: str) -> str:
@@ -89,7 +91,7 @@ def nonroot_refusal(pod: Mapping[str, Any]) -> str | None:
     it cannot verify), as ``container NAME: MESSAGE``; None when there is none."""
     status = pod.get("status") or {}
     for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
-        waiting = (cs.get("state") or {}).get("waiting") or {}
+        waiting = dig(cs, "state", "waiting") or {}
         message = str(waiting.get("message") or "")
         if waiting.get("reason") == "CreateContainerConfigError" and (
             "runAsNonRoot" in message or "non-root" in message
@@ -125,7 +127,7 @@ def operator_peer(namespace: str = DEFAULT_OPERATOR_NAMESPACE) -> dict[str, Any]
     """The Capstan operator's pods in ``namespace``, where the operator runs (canary analysis
     scrapes the servers' /metrics)."""
     return {
-        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+        "namespaceSelector": {"matchLabels": {LABEL_NAMESPACE_NAME: namespace}},
         "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)},
     }
 

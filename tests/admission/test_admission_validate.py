@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from capstan.admission import SKIP_CAPACITY_ANNOTATION, handlers, validate
+from capstan.admission import handlers, validate
 from capstan.admission.validation import _jinja_errors, domain_sizes
+from capstan.labels import SKIP_CAPACITY_ANNOTATION
 from capstan.topology.levels import DEFAULT_LEVELS
 
 

@@ -17,7 +17,7 @@ import copy
 from typing import Any, Generic, Self, TypeVar
 
 from capstan import API_VERSION
-from capstan.api.loading import parse_resource
+from capstan.api.loading import parse_object
 from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob
 
@@ -74,7 +74,7 @@ class _Builder(Generic[_R]):
 
     def model(self) -> _R:
         """The body parsed into its pydantic model."""
-        res = parse_resource(self.obj())
+        res = parse_object(self.obj())
         assert isinstance(res, self._kind)
         return res
 

@@ -20,9 +20,9 @@ from capstan.api import loading
 from capstan.api.loading import (
     MAX_ERROR_LINES,
     MAX_LINE_CHARS,
-    InvalidResource,
+    InvalidObject,
     parse_documents,
-    parse_resource,
+    parse_object,
 )
 from capstan.cli import main
 from capstan.render import render_trainingjob
@@ -82,8 +82,8 @@ BAD = [
 
 @pytest.mark.parametrize(("body", "field", "reason"), BAD, ids=[b[1] + ":" + b[2][:20] for b in BAD])
 def test_rejected_with_field_path(body: dict[str, Any], field: str, reason: str) -> None:
-    with pytest.raises(InvalidResource) as err:
-        parse_resource(body)
+    with pytest.raises(InvalidObject) as err:
+        parse_object(body)
     assert any(line.startswith(f"{field}:") and reason in line for line in err.value.errors), err.value.errors
 
 
@@ -97,7 +97,7 @@ def test_cli_render_exits_nonzero_with_field_path(tmp_path: Path, capsys: Any) -
 
 @pytest.mark.parametrize("name", ["a" * 63, "a" * 253, "9lives", "gpt.v2.small", "x"])
 def test_any_legal_name_gives_valid_children(name: str, k8s_valid: Any) -> None:
-    job = parse_resource({**tj(workers=3), "metadata": {"name": name, "uid": "u-1"}})
+    job = parse_object({**tj(workers=3), "metadata": {"name": name, "uid": "u-1"}})
     for obj in render_trainingjob(job):  # type: ignore[arg-type]
         k8s_valid(obj)
         meta = obj["metadata"]
@@ -207,8 +207,8 @@ def test_unreadable_and_oversized_files(tmp_path: Path, capsys: Any, monkeypatch
 
 def test_error_lines_are_bounded() -> None:
     body = tj(**{f"unknown{i}": "v" * 10000 for i in range(500)})
-    with pytest.raises(InvalidResource) as err:
-        parse_resource(body)
+    with pytest.raises(InvalidObject) as err:
+        parse_object(body)
     assert len(err.value.errors) == MAX_ERROR_LINES + 1
     assert "more problems" in err.value.errors[-1]
     assert len(str(err.value)) < (MAX_ERROR_LINES + 2) * (MAX_LINE_CHARS + 4)
@@ -271,8 +271,8 @@ def _located(lines: list[str]) -> None:
 @given(obj=mutated_resource() | JSON)
 def test_parse_resource_raises_only_located_invalid_resource(obj: Any) -> None:
     try:
-        parse_resource(obj)
-    except InvalidResource as exc:
+        parse_object(obj)
+    except InvalidObject as exc:
         _located(exc.errors)
 
 
@@ -281,13 +281,13 @@ def test_parse_resource_raises_only_located_invalid_resource(obj: Any) -> None:
 def test_any_bytes_load_or_fail_located(data: bytes) -> None:
     try:
         docs = parse_documents(data)
-    except InvalidResource as exc:
+    except InvalidObject as exc:
         _located(exc.errors)
         return
     for doc in docs:
         try:
-            parse_resource(doc)
-        except InvalidResource as exc:
+            parse_object(doc)
+        except InvalidObject as exc:
             _located(exc.errors)
 
 

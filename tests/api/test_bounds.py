@@ -13,7 +13,7 @@ from tests.api.bodies import ms, tj
 from capstan.api.common import MAX_DURATION_S
 from capstan.api.conditions import rfc3339
 from capstan.api.crdgen import build_crds
-from capstan.api.loading import InvalidResource, parse_resource
+from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.modelserving import ModelServing, ModelServingStatus, RolloutStatus
 from capstan.api.trainingjob import TrainingJob
 from capstan.serving.rollout import RevisionState, tick
@@ -68,14 +68,14 @@ TOO_BIG = [
 
 @pytest.mark.parametrize(("body", "field"), TOO_BIG, ids=[f for _, f in TOO_BIG])
 def test_out_of_bounds_value_is_rejected_naming_the_field(body: dict[str, Any], field: str) -> None:
-    with pytest.raises(InvalidResource) as err:
-        parse_resource(body)
+    with pytest.raises(InvalidObject) as err:
+        parse_object(body)
     assert any(e.startswith(f"{field}: ") for e in err.value.errors), err.value.errors
 
 
 def test_pause_error_says_the_limit() -> None:
-    with pytest.raises(InvalidResource) as err:
-        parse_resource(ms(**step("100000000h")))
+    with pytest.raises(InvalidObject) as err:
+        parse_object(ms(**step("100000000h")))
     assert err.value.errors == [
         "spec.rollout.steps[0].pause: '100000000h' is longer than the maximum of 8760h (one year)"
     ]
@@ -127,16 +127,16 @@ def test_crd_rejects_pauses_over_a_year_like_the_model(pause: str, ok: bool) -> 
     (rule,) = node["x-kubernetes-validations"]
     assert bool(cel.evaluate(rule["rule"], {"self": pause})) is ok
     try:
-        parse_resource(ms(**step(pause)))
+        parse_object(ms(**step(pause)))
         model_ok = True
-    except InvalidResource:
+    except InvalidObject:
         model_ok = False
     assert model_ok is ok
 
 
 def test_largest_durations_plan_without_overflow() -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    job = parse_resource(tj(activeDeadlineSeconds=MAX_DURATION_S, ttlSecondsAfterFinished=MAX_DURATION_S))
+    job = parse_object(tj(activeDeadlineSeconds=MAX_DURATION_S, ttlSecondsAfterFinished=MAX_DURATION_S))
     assert isinstance(job, TrainingJob)
     job.status.start_time = "2026-01-01T00:00:00Z"
     plan = plan_trainingjob(job, [], now)
@@ -144,7 +144,7 @@ def test_largest_durations_plan_without_overflow() -> None:
     job.status.phase, job.status.completion_time = "Succeeded", "2026-01-01T00:00:00Z"
     assert plan_trainingjob(job, [], now).requeue_after == MAX_DURATION_S
 
-    serving = parse_resource(ms(**step("8760h")))
+    serving = parse_object(ms(**step("8760h")))
     assert isinstance(serving, ModelServing)
     st = ModelServingStatus(
         stable_revision="a", canary_revision="b", rollout=RolloutStatus(step=0, step_started_at=rfc3339(now))

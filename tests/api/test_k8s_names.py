@@ -11,7 +11,7 @@ from tests.api.bodies import ms, tj
 
 from capstan.api import k8s_names as k
 from capstan.api.crdgen import build_crds
-from capstan.api.loading import InvalidResource, parse_resource
+from capstan.api.loading import InvalidObject, parse_object
 
 
 @pytest.mark.parametrize("value", ["a", "fast-ssd", "gp3.csi.aws.com", "0abc", "a" * 253])
@@ -137,13 +137,13 @@ REFUSED = [
 
 @pytest.mark.parametrize(("body", "field", "why"), REFUSED, ids=[f"{f}:{w[:24]}" for _, f, w in REFUSED])
 def test_model_rejects_naming_the_field(body: dict[str, Any], field: str, why: str) -> None:
-    with pytest.raises(InvalidResource) as err:
-        parse_resource(body)
+    with pytest.raises(InvalidObject) as err:
+        parse_object(body)
     assert any(e.startswith(f"{field}: ") and why in e for e in err.value.errors), err.value.errors
 
 
 def test_valid_kubernetes_values_are_accepted() -> None:
-    parse_resource(
+    parse_object(
         tj(
             serviceAccountName="trainer",
             queueName="team-a",
@@ -163,8 +163,8 @@ def test_valid_kubernetes_values_are_accepted() -> None:
             },
         )
     )
-    parse_resource(ms(model={"fromTrainingJob": {"name": "gpt", "checkpoint": "gpt-ckpt-final"}}))
-    parse_resource(ms(model={"fromTrainingJob": {"name": "gpt"}}, image="vllm/vllm-openai:v0.6.3"))
+    parse_object(ms(model={"fromTrainingJob": {"name": "gpt", "checkpoint": "gpt-ckpt-final"}}))
+    parse_object(ms(model={"fromTrainingJob": {"name": "gpt"}}, image="vllm/vllm-openai:v0.6.3"))
 
 
 def _prop(crd: str, *path: str) -> dict[str, Any]:

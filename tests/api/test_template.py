@@ -12,12 +12,13 @@ from tests.api.bodies import tj
 
 from capstan.admission.validation import validate
 from capstan.api.crdgen import build_crds
-from capstan.api.loading import InvalidResource, parse_resource
+from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.podspec import schema_stale
 from capstan.api.trainingjob import TrainingJob
 from capstan.cli import main
+from capstan.labels import SPEC_DIGEST_ANNOTATION
 from capstan.training.lifecycle import worker_state
-from capstan.training.pods import SPEC_DIGEST_ANNOTATION, worker_pod
+from capstan.training.pods import worker_pod
 
 SECRET_ENV = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
 TEMPLATE: dict[str, Any] = {
@@ -54,13 +55,13 @@ TEMPLATE: dict[str, Any] = {
 def job(template: dict[str, Any] = TEMPLATE, **spec: Any) -> TrainingJob:
     body = tj(gpusPerWorker=8, template=template, **spec)
     body["metadata"]["uid"] = "u-1"
-    res = parse_resource(body)
+    res = parse_object(body)
     assert isinstance(res, TrainingJob)
     return res
 
 
 def errors_of(template: dict[str, Any], **spec: Any) -> list[str]:
-    with pytest.raises(InvalidResource) as err:
+    with pytest.raises(InvalidObject) as err:
         job(template, **spec)
     return err.value.errors
 
@@ -104,7 +105,7 @@ def test_template_is_merged_into_the_worker_pod_and_capstans_fields_win(k8s_vali
 
 
 def test_without_a_template_the_pod_is_unchanged() -> None:
-    plain = parse_resource({**tj(gpusPerWorker=8), "metadata": {"name": "gpt", "uid": "u-1"}})
+    plain = parse_object({**tj(gpusPerWorker=8), "metadata": {"name": "gpt", "uid": "u-1"}})
     empty = job({})
     assert isinstance(plain, TrainingJob)
     pods = [worker_pod(plain, 0, 0), worker_pod(empty, 0, 0)]

@@ -8,11 +8,11 @@ import pytest
 import yaml
 from tests.api.bodies import ms, tj
 
-from capstan.api.loading import parse_resource
+from capstan.api.loading import parse_object
 from capstan.config import ConfigError, OperatorConfig
+from capstan.labels import KUEUE_REQUIRED_TOPOLOGY
 from capstan.render import render
 from capstan.topology import DEFAULT_LEVELS, QueuePolicy, parse_levels
-from capstan.training.pods import KUEUE_REQUIRED_TOPOLOGY
 
 
 def test_an_empty_environment_is_the_default_configuration() -> None:
@@ -75,8 +75,8 @@ def test_the_operator_stops_at_startup_naming_the_variable(
 
 
 def test_render_previews_with_the_operators_configuration() -> None:
-    job = parse_resource(tj(queueName="team-a", topology={"policy": "Required", "maxDomain": "rack"}))
-    serving = parse_resource(ms(networkPolicy={}))
+    job = parse_object(tj(queueName="team-a", topology={"policy": "Required", "maxDomain": "rack"}))
+    serving = parse_object(ms(networkPolicy={}))
     levels = parse_levels("nvlink=a,rack=example.com/rack")
     config = OperatorConfig(topology_levels=levels, operator_namespace="ops")
     objs = render([job, serving], config)

@@ -38,11 +38,12 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
+from tests.api.bodies import make_trainingjob
 from tests.kube import scenarios as sc
 from tests.support.kube import TEST_AGENT, OperatorThread
 
 from capstan.admission import ADDR_ENV, CERT_DIR_ENV, PORT_ENV
-from capstan.kube.apply import ApiClient
+from capstan.kube.client import ApiClient
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / ".tools" / "bin"
@@ -347,11 +348,7 @@ def release_namespaces(cluster: Cluster, install: Install, timeout: float = 30) 
 def wait_webhook_ready(cluster: Cluster) -> None:
     """Wait until the API server reaches the webhook: a server-side dry run of an invalid
     TrainingJob (16 GPUs a worker: no node has as many) is denied by it."""
-    body = json.dumps({
-        "apiVersion": "capstan.dev/v1alpha1", "kind": "TrainingJob",
-        "metadata": {"name": "probe", "namespace": "default"},
-        "spec": {"image": "x", "workers": 1, "gpusPerWorker": 16},
-    })
+    body = json.dumps(make_trainingjob("probe").namespace("default").image("x").workers(1).gpus(16).obj())
 
     def probe() -> str:
         return cluster.kubectl("create", "--dry-run=server", "-f", "-", stdin=body, check=False).stderr

@@ -18,17 +18,19 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from tests.api.bodies import make_modelserving
 from tests.kube import scenarios as sc
 from tests.kube.test_modelserving_kube import MetricsStub
 from tests.support.kube import wait_for
 
-from capstan.kube.apply import DEPLOYMENTS, MODELSERVINGS, PODS, ApiClient, Resource
-from capstan.naming import LABEL_REVISION, LABEL_SERVING
+from capstan.kube.client import ApiClient
+from capstan.kube.resources import DEPLOYMENTS, MODELSERVINGS, PODS, ApiResource
+from capstan.labels import LABEL_REVISION, LABEL_SERVING
 
 pytestmark = pytest.mark.e2e
 
-REPLICASETS = Resource("apps", "v1", "replicasets", "ReplicaSet")
-HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
+REPLICASETS = ApiResource("apps", "v1", "replicasets", "ReplicaSet")
+HTTPROUTES = ApiResource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
 NAME = "llm"
 
 
@@ -117,18 +119,18 @@ async def assert_made_by_controllers(api: ApiClient, namespace: str, revision: s
 
 async def create_serving(api: ApiClient, ns: str, port: int, steps: list[dict[str, Any]]) -> None:
     """A 2-replica ModelServing whose canary analysis scrapes ``port``."""
-    await api.create({
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "ModelServing",
-        "metadata": {"name": NAME, "namespace": ns},
-        "spec": {
-            "model": {"uri": "hf://org/model"},
-            "tensorParallel": 1,
-            "replicas": 2,
-            "port": port,
-            "rollout": {"steps": steps, "analysis": {"maxErrorRate": 0.05, "minRequests": 10}},
-        },
-    })
+    await api.create(
+        make_modelserving(NAME)
+        .namespace(ns)
+        .uri("hf://org/model")
+        .replicas(2)
+        .spec(
+            tensorParallel=1,
+            port=port,
+            rollout={"steps": steps, "analysis": {"maxErrorRate": 0.05, "minRequests": 10}},
+        )
+        .obj()
+    )
 
 
 async def start_canary(env: sc.Env, api: ApiClient, stable: str) -> str:

@@ -18,8 +18,9 @@ from tests.e2e.conftest import Cluster, Install
 from tests.kube import scenarios as sc
 from tests.support.kube import wait_for
 
-from capstan.kube.apply import NODES, PODS, PVCS, SERVICES, TRAININGJOBS, ApiClient
-from capstan.naming import LABEL_JOB
+from capstan.kube.client import ApiClient
+from capstan.kube.resources import NODES, PODS, PVCS, SERVICES, TRAININGJOBS
+from capstan.labels import LABEL_JOB
 
 pytestmark = pytest.mark.e2e
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.api.bodies import make_modelserving, make_trainingjob
 from tests.e2e.conftest import ROOT, Cluster, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -33,13 +34,25 @@ def get_json(cluster: Cluster, namespace: str, what: str) -> dict[str, Any]:
 
 
 def test_printer_columns_short_names_and_explain(cluster: Cluster, namespace: str) -> None:
-    job = {"apiVersion": "capstan.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "cols"},
-           "spec": {"image": "registry.example/trainer:1", "workers": 2, "gpusPerWorker": 0,
-                    "nodeSelector": UNSCHEDULABLE}}
-    serving = {"apiVersion": "capstan.dev/v1alpha1", "kind": "ModelServing", "metadata": {"name": "cols"},
-               "spec": {"model": {"uri": "hf://org/model"}, "gpu": False, "nodeSelector": UNSCHEDULABLE,
-                        # an HPA per revision: the chart's autoscaling rules are exercised too
-                        "autoscaling": {"minReplicas": 1, "maxReplicas": 2, "metric": "cpu", "target": 80}}}
+    job = (
+        make_trainingjob("cols")
+        .image("registry.example/trainer:1")
+        .workers(2)
+        .gpus(0)
+        .spec(nodeSelector=UNSCHEDULABLE)
+        .obj()
+    )
+    serving = (
+        make_modelserving("cols")
+        .uri("hf://org/model")
+        .spec(
+            gpu=False,
+            nodeSelector=UNSCHEDULABLE,
+            # an HPA per revision: the chart's autoscaling rules are exercised too
+            autoscaling={"minReplicas": 1, "maxReplicas": 2, "metric": "cpu", "target": 80},
+        )
+        .obj()
+    )
     cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all([job, serving]))
     # Settled: Starting, its workers unschedulable (the message stays until a pod changes).
     tj = wait_until(lambda: get_json(cluster, namespace, "tj/cols"),

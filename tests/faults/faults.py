@@ -37,8 +37,7 @@ import yaml
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
 from capstan import GROUP, VERSION
-from capstan.kube.runtime import FINALIZER
-from capstan.naming import LABEL_ATTEMPT, LABEL_JOB, LABEL_JOB_UID, LABEL_RANK
+from capstan.labels import FINALIZER, LABEL_ATTEMPT, LABEL_JOB, LABEL_JOB_UID, LABEL_RANK
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTED_LINE = "capstan operator started against"

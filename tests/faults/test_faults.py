@@ -356,7 +356,7 @@ def test_standby_takes_over_when_the_active_replica_is_killed(cluster: Cluster, 
     standby takes to notice and restart the gang."""
     from kubernetes import client
 
-    from capstan.kube.runtime import PEERING_LIFETIME_S
+    from capstan.kube.activities import PEERING_LIFETIME_S
 
     peering = client.CustomObjectsApi(kube)
     peering.create_namespaced_custom_object(

@@ -22,7 +22,8 @@ import pytest
 from tests.kube.scenarios import Env
 from tests.support.kube import Emulator, emulated_cluster, running_operator, set_pod_status, test_client
 
-from capstan.kube.apply import NODES, ApiClient
+from capstan.kube.client import ApiClient
+from capstan.kube.resources import NODES
 
 __all__ = ["Cluster", "set_pod_status"]
 

@@ -13,20 +13,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.api.bodies import make_trainingjob
+from tests.api.bodies import make_modelserving, make_trainingjob
 from tests.support.kube import set_pod_status, wait_for
 
-from capstan.kube.apply import (
-    EVENTS,
-    MODELSERVINGS,
-    PODS,
-    SERVICES,
-    TRAININGJOBS,
-    VOLUME_SNAPSHOTS,
-    ApiClient,
-    ApiError,
-)
-from capstan.naming import LABEL_ATTEMPT, LABEL_JOB, LABEL_RANK, dns_label
+from capstan.kube.client import ApiClient, ApiError
+from capstan.kube.resources import EVENTS, MODELSERVINGS, PODS, SERVICES, TRAININGJOBS, VOLUME_SNAPSHOTS
+from capstan.labels import LABEL_ATTEMPT, LABEL_JOB, LABEL_RANK
+from capstan.naming import dns_label
 
 TIMEOUT = 30.0  # generous: CI machines are small and may be busy
 
@@ -391,18 +384,11 @@ async def scenario_snapshots_with_retention(env: Env, name: str = "snap") -> Non
         assert "ownerReferences" not in restart["metadata"]  # snapshots outlive the job
         await csi_ready(env, f"{name}-ckpt-restart-1")
         # A ModelServing pinned to the restart snapshot keeps it from retention.
-        await env.api.create(
-            {
-                "apiVersion": "capstan.dev/v1alpha1",
-                "kind": "ModelServing",
-                "metadata": {"name": "pinned", "namespace": env.namespace},
-                "spec": {
-                    "model": {"fromTrainingJob": {"name": name, "checkpoint": f"{name}-ckpt-restart-1"}},
-                    **({"nodeSelector": env.pod_overrides["nodeSelector"]}
-                       if "nodeSelector" in env.pod_overrides else {}),
-                },
-            }
-        )
+        pinned = make_modelserving("pinned").namespace(env.namespace)
+        pinned.from_training_job(name, f"{name}-ckpt-restart-1")
+        if "nodeSelector" in env.pod_overrides:
+            pinned.spec(nodeSelector=env.pod_overrides["nodeSelector"])
+        await env.api.create(pinned.obj())
         for pod in await wait_pods(env, name, 2, attempt=1):
             await kubelet(env, pod, "Succeeded", exit_code=0)
         await wait_snapshot(env, f"{name}-ckpt-final")

@@ -25,8 +25,9 @@ from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
 from tests.support.kube import Match, wait_for
 
-from capstan.kube.apply import PODS, USER_AGENT, ApiClient, ApiError
-from capstan.kube.runtime import FINALIZER
+from capstan.kube.client import USER_AGENT, ApiClient, ApiError
+from capstan.kube.resources import PODS
+from capstan.labels import FINALIZER
 
 pytestmark = pytest.mark.timeout(120)
 POD = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "ns", "uid": "u"}}

@@ -16,7 +16,8 @@ from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
 from tests.support.kube import set_pod_status, wait_for
 
-from capstan.kube.apply import PVCS, SERVICES, USER_AGENT
+from capstan.kube.client import USER_AGENT
+from capstan.kube.resources import PVCS, SERVICES
 
 pytestmark = pytest.mark.timeout(120)
 

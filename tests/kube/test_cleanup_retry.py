@@ -12,7 +12,8 @@ from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
 from tests.support.kube import wait_for
 
-from capstan.kube.apply import SERVICES, TRAININGJOBS, USER_AGENT
+from capstan.kube.client import USER_AGENT
+from capstan.kube.resources import SERVICES, TRAININGJOBS
 from capstan.kube.trainingjob import CLEANUP_RETRY_S
 
 pytestmark = pytest.mark.timeout(120)

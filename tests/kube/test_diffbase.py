@@ -8,12 +8,13 @@ from typing import Any
 
 import kopf
 import pytest
+from tests.api.bodies import make_trainingjob
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
 from tests.support.kube import wait_for
 
-from capstan.kube.apply import TRAININGJOBS
 from capstan.kube.diffbase import DIGEST_KEY, DigestDiffBaseStorage
+from capstan.kube.resources import TRAININGJOBS
 
 pytestmark = pytest.mark.timeout(60)
 DIFFBASE = "capstan.dev/last-handled-configuration"
@@ -64,13 +65,15 @@ def test_digest_ignores_own_bookkeeping_and_tracks_the_spec() -> None:
     storage = DigestDiffBaseStorage(prefix="capstan.dev", key="last-handled-configuration")
 
     def essence(value: str, progress: str = "x") -> Any:
-        return storage.build(body=kopf.Body({
-            "apiVersion": "capstan.dev/v1alpha1",
-            "kind": "TrainingJob",
-            "metadata": {"name": "j", "annotations": {"capstan.dev/cleanup": progress, "team": "a"}},
-            "spec": {"env": [{"name": "TOKEN", "value": value}]},
-            "status": {"phase": "Running"},
-        }))
+        body = (
+            make_trainingjob("j")
+            .without("image", "workers")
+            .meta(annotations={"capstan.dev/cleanup": progress, "team": "a"})
+            .spec(env=[{"name": "TOKEN", "value": value}])
+            .status(phase="Running")
+            .obj()
+        )
+        return storage.build(body=kopf.Body(body))
 
     assert essence("hunter2", "x") == essence("hunter2", "y")  # our progress annotations: no change
     assert essence("hunter2") != essence("hunter3")

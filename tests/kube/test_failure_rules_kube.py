@@ -8,7 +8,7 @@ from typing import Any
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
 
-from capstan.kube.apply import PODS
+from capstan.kube.resources import PODS
 
 AddNode = Callable[..., Awaitable[dict[str, Any]]]
 XID = "NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, GPU has fallen off the bus."

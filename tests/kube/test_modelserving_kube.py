@@ -18,8 +18,9 @@ from tests.api.bodies import make_modelserving
 from tests.support.kube import emulated_cluster, running_operator, wait_for
 from tests.support.kube import test_client as api_client
 
-from capstan.kube.apply import DEPLOYMENTS, EVENTS, HPAS, MODELSERVINGS, PODS, SERVICES, USER_AGENT, ApiClient
-from capstan.naming import LABEL_REVISION, LABEL_SERVING
+from capstan.kube.client import USER_AGENT, ApiClient
+from capstan.kube.resources import DEPLOYMENTS, EVENTS, HPAS, MODELSERVINGS, PODS, SERVICES
+from capstan.labels import LABEL_REVISION, LABEL_SERVING
 
 pytestmark = pytest.mark.timeout(120)
 NS = "default"

@@ -10,11 +10,11 @@ from typing import Any
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster, gpu_node
 
-from capstan.api.loading import parse_resource
+from capstan.api.loading import parse_object
 from capstan.api.trainingjob import TrainingJob
-from capstan.kube.apply import USER_AGENT
+from capstan.kube.client import USER_AGENT
 from capstan.kube.placement import QueueState, placed_without_pods, queue_pass, queue_snapshot
-from capstan.naming import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
+from capstan.labels import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
 
 NOW = 1_800_000_000.0
 NODES = [gpu_node("n0", gpus=4, clique="a", rack="r1"), gpu_node("n1", gpus=4, clique="b", rack="r1")]
@@ -32,7 +32,7 @@ def body(name: str, workers: int, gpus: int, phase: str, **spec: Any) -> dict[st
 
 
 def job(name: str, workers: int, gpus: int) -> TrainingJob:
-    parsed = parse_resource({k: v for k, v in body(name, workers, gpus, "Pending").items() if k != "status"})
+    parsed = parse_object({k: v for k, v in body(name, workers, gpus, "Pending").items() if k != "status"})
     assert isinstance(parsed, TrainingJob)
     return parsed
 

@@ -7,7 +7,7 @@ from typing import Any
 from tests.api.bodies import make_trainingjob
 from tests.kube.conftest import gpu_node
 
-from capstan.api.loading import parse_resource
+from capstan.api.loading import parse_object
 from capstan.api.trainingjob import TrainingJob
 from capstan.kube.placement import (
     MOVE_HOLD_S,
@@ -38,7 +38,7 @@ def body(
 
 
 def job(name: str, workers: int, gpus: int, **kw: Any) -> TrainingJob:
-    parsed = parse_resource(body(name, workers, gpus, phase=None, **kw))
+    parsed = parse_object(body(name, workers, gpus, phase=None, **kw))
     assert isinstance(parsed, TrainingJob)
     return parsed
 

@@ -11,14 +11,16 @@ from typing import Any
 
 import kopf
 import pytest
+from tests.api.bodies import make_trainingjob
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
 from tests.support.kube import wait_for
 
 import capstan.kube.trainingjob as tjmod
 from capstan.config import OperatorConfig
-from capstan.kube import runtime
-from capstan.kube.apply import TRAININGJOBS, USER_AGENT
+from capstan.kube import activities, reconciler
+from capstan.kube.client import USER_AGENT
+from capstan.kube.resources import TRAININGJOBS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,12 +74,9 @@ class _FakeApi:
     closed = False
 
     def __init__(self) -> None:
-        self.obj: dict[str, Any] = {
-            "apiVersion": "capstan.dev/v1alpha1",
-            "kind": "TrainingJob",
-            "metadata": {"name": "j", "namespace": "ns", "uid": "u1", "generation": 1},
-            "status": {"phase": "Running"},
-        }
+        self.obj: dict[str, Any] = (
+            make_trainingjob("j").namespace("ns").uid("u1").generation(1).status(phase="Running").obj()
+        )
         self.events: list[tuple[str, str]] = []
 
     async def get(self, res: Any, namespace: str, name: str) -> dict[str, Any]:
@@ -94,7 +93,7 @@ class _FakeApi:
 async def test_loop_survives_exceptions_backs_off_and_logs_the_traceback_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(runtime, "ERROR_BACKOFF_S", (0.01, 0.02, 0.05))
+    monkeypatch.setattr(reconciler, "ERROR_BACKOFF_S", (0.01, 0.02, 0.05))
     api, stopped = _FakeApi(), _Stopped()
     memo = kopf.Memo(api=api, wakeups={})
     calls: list[float] = []
@@ -104,14 +103,22 @@ async def test_loop_survives_exceptions_backs_off_and_logs_the_traceback_once(
         if len(calls) <= 3:
             raise KeyError("spec")
         stopped.flag = True
-        runtime.wake(memo, "u1")  # end the wait at once, as kopf's stop would
+        reconciler.wake(memo, "u1")  # end the wait at once, as kopf's stop would
         return None
 
     logger = logging.getLogger("test-loop")
     with caplog.at_level(logging.WARNING, logger="test-loop"):
         await asyncio.wait_for(
-            runtime.reconcile_loop(
-                "TrainingJob", reconcile, "j", "ns", "u1", memo, logger, stopped, "Admitted"  # type: ignore[arg-type]
+            reconciler.reconcile_loop(
+                "TrainingJob",
+                reconcile,  # type: ignore[arg-type]
+                name="j",
+                namespace="ns",
+                uid="u1",
+                memo=memo,
+                logger=logger,
+                stopped=stopped,  # type: ignore[arg-type]
+                condition="Admitted",
             ),
             10,
         )
@@ -186,17 +193,17 @@ async def _at_least(cluster: Cluster, match: Any, n: int) -> bool:
 def test_retries_while_the_api_server_is_away_stay_a_few_seconds_apart(status: int, longest: float) -> None:
     """An API server that is restarting (no answer, 429, 5xx) is asked again every few seconds, so
     work resumes soon after it is back; a refusal (4xx) backs off to 30 s."""
-    from capstan.kube.apply import ApiError
+    from capstan.kube.client import ApiError
 
-    unavailable = runtime._unavailable(ApiError(status, "Reason", "message"))
-    delays = [runtime._backoff(n, unavailable=unavailable) for n in range(12)]
+    unavailable = reconciler._unavailable(ApiError(status, "Reason", "message"))
+    delays = [reconciler._backoff(n, unavailable=unavailable) for n in range(12)]
     assert delays == sorted(delays) and delays[0] == 1.0 and max(delays) == longest
 
 
 def test_kopf_watches_reconnect_within_seconds_but_give_up_no_sooner_than_kopfs_default() -> None:
     settings = kopf.OperatorSettings()
     default_total = sum(settings.networking.error_backoffs)  # type: ignore[arg-type]
-    runtime.configure_settings(settings, OperatorConfig.from_env({}))
+    activities.configure_settings(settings, OperatorConfig.from_env({}))
     backoffs = list(settings.networking.error_backoffs)  # type: ignore[arg-type]
     assert max(backoffs) <= 5.0
     assert sum(backoffs) >= default_total

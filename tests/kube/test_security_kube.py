@@ -10,8 +10,8 @@ from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
 from tests.support.kube import wait_for
 
-from capstan.kube.apply import DEPLOYMENTS, MODELSERVINGS, NETWORK_POLICIES, PODS
-from capstan.naming import LABEL_JOB_UID, LABEL_SERVING
+from capstan.kube.resources import DEPLOYMENTS, MODELSERVINGS, NETWORK_POLICIES, PODS
+from capstan.labels import LABEL_JOB_UID, LABEL_SERVING
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import kmock
+from tests.api.bodies import make_modelserving
 from tests.kube import scenarios as sc
 from tests.kube.conftest import Cluster
 from tests.support.kube import declare_resource, wait_for
 
-from capstan.kube.apply import DEPLOYMENTS, PVCS
+from capstan.kube.resources import DEPLOYMENTS, PVCS
 
 CKPT = sc.SNAPSHOT_CHECKPOINT
 
@@ -97,16 +98,11 @@ async def test_modelserving_follows_latest_ready_snapshot(cluster: Cluster, env:
         await wait_snapshot(env, "gpt-ckpt-restart-1")
         await make_ready(env, "gpt-ckpt-restart-1")
         await env.api.create(
-            {
-                "apiVersion": "capstan.dev/v1alpha1",
-                "kind": "ModelServing",
-                "metadata": {"name": "gpt-llm", "namespace": env.namespace},
-                "spec": {
-                    "model": {"fromTrainingJob": {"name": "gpt"}},
-                    "gpu": False,
-                    "rollout": {"steps": [{"weight": 50, "pause": "1m"}]},
-                },
-            }
+            make_modelserving("gpt-llm")
+            .namespace(env.namespace)
+            .from_training_job("gpt")
+            .spec(gpu=False, rollout={"steps": [{"weight": 50, "pause": "1m"}]})
+            .obj()
         )
 
         async def revisions() -> dict[str, dict[str, Any]]:

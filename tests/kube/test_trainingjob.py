@@ -14,9 +14,9 @@ from tests.kube.conftest import Cluster
 from tests.kube.rbac_calls import rbac_calls
 from tests.support.kube import wait_for
 
-from capstan.kube.apply import NODES, PODS, TRAININGJOBS
 from capstan.kube.operator import start_metrics_server
-from capstan.naming import LABEL_ATTEMPT
+from capstan.kube.resources import NODES, PODS, TRAININGJOBS
+from capstan.labels import LABEL_ATTEMPT
 
 AddNode = Callable[..., Awaitable[dict[str, Any]]]
 
@@ -290,7 +290,7 @@ async def test_metrics_endpoint(cluster: Cluster, env: sc.Env, operator: None) -
 def test_replicas_get_distinct_peering_priorities() -> None:
     # Kopf freezes every replica when the top priority is shared: HA needs distinct ones.
     from capstan.config import OperatorConfig
-    from capstan.kube.runtime import peering_priority
+    from capstan.kube.activities import peering_priority
 
     assert peering_priority(OperatorConfig.from_env({"CAPSTAN_PEERING_PRIORITY": "100"})) == 100
     assert len({peering_priority(OperatorConfig.from_env({})) for _ in range(20)}) > 1

@@ -1,4 +1,4 @@
-"""The local runtime runs a TrainingJob's plan as real torch.distributed processes."""
+"""The local executor runs a TrainingJob's plan as real torch.distributed processes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.api.bodies import make_trainingjob
 
-from capstan.api.loading import parse_resource
 from capstan.api.trainingjob import TrainingJob
 from capstan.local.training import run_trainingjob
 
@@ -16,22 +16,17 @@ ALLREDUCE = str(Path(__file__).parent.parent / "fixtures" / "allreduce.py")
 
 
 def _job(name: str, workers: int, env: dict[str, str] | None = None, **spec: object) -> TrainingJob:
-    body = {
-        "apiVersion": "capstan.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": name},
-        "spec": {
-            "image": "unused-locally",
-            "command": [sys.executable, ALLREDUCE],
-            "workers": workers,
-            "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
-            "failurePolicy": {"backoffSeconds": 0, "maxRestarts": 2},
-            **spec,
-        },
-    }
-    job = parse_resource(body)
-    assert isinstance(job, TrainingJob)
-    return job
+    return (
+        make_trainingjob(name)
+        .image("unused-locally", sys.executable, ALLREDUCE)
+        .workers(workers)
+        .spec(
+            env=[{"name": k, "value": v} for k, v in (env or {}).items()],
+            failurePolicy={"backoffSeconds": 0, "maxRestarts": 2},
+        )
+        .spec(**spec)
+        .model()
+    )
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""End to end on the local runtime: train with 2 workers, snapshot, serve the snapshot, query it."""
+"""End to end on the local executor: train with 2 workers, snapshot, serve the snapshot, query it."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.api.bodies import make_modelserving, make_trainingjob
 
-from capstan.api.loading import parse_resource
 from capstan.local.serving import LocalServingError, resolve_model_dir
 from capstan.local.session import run_local
 
@@ -38,32 +38,16 @@ TRAIN_ARGS = [
 
 def resources(job_name: str = "tiny", checkpoint: str = "Latest") -> list[Any]:
     return [
-        parse_resource(
-            {
-                "apiVersion": "capstan.dev/v1alpha1",
-                "kind": "TrainingJob",
-                "metadata": {"name": "tiny"},
-                "spec": {
-                    "image": "local",
-                    "command": [sys.executable, "-m", "torch.distributed.run"],
-                    "args": TRAIN_ARGS,
-                    "workers": 2,
-                    "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
-                    "checkpoint": {"volume": {"size": "1Gi"}},
-                },
-            }
-        ),
-        parse_resource(
-            {
-                "apiVersion": "capstan.dev/v1alpha1",
-                "kind": "ModelServing",
-                "metadata": {"name": "tiny-llm"},
-                "spec": {
-                    "model": {"fromTrainingJob": {"name": job_name, "checkpoint": checkpoint}},
-                    "gpu": False,
-                },
-            }
-        ),
+        make_trainingjob("tiny")
+        .image("local", sys.executable, "-m", "torch.distributed.run")
+        .workers(2)
+        .spec(
+            args=TRAIN_ARGS,
+            env=[{"name": "OMP_NUM_THREADS", "value": "1"}],
+            checkpoint={"volume": {"size": "1Gi"}},
+        )
+        .model(),
+        make_modelserving("tiny-llm").from_training_job(job_name, checkpoint).spec(gpu=False).model(),
     ]
 
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from capstan_pkg import ROOT
 
-from capstan.api.loading import parse_resource
+from capstan.api.loading import parse_object
 from capstan.render import render
 from capstan.security import REFERENCE_UID, image_repository, nonroot_refusal, pod_security_context
 
@@ -23,7 +23,7 @@ SAMPLES = sorted((ROOT / "manifests" / "samples").glob("*.yaml"))
 
 
 def rendered(path: Path) -> list[dict[str, Any]]:
-    return render([parse_resource(d) for d in yaml.safe_load_all(path.read_text()) if d])
+    return render([parse_object(d) for d in yaml.safe_load_all(path.read_text()) if d])
 
 
 def pods(objs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -86,7 +86,7 @@ def test_every_sample_has_a_network_policy_over_its_pods(sample: Path) -> None:
 def _pod_of(sample: str, **spec: Any) -> dict[str, Any]:
     doc = yaml.safe_load((ROOT / "manifests" / "samples" / sample).read_text())
     doc["spec"].update(spec)
-    (_, pod_spec), *_ = pods(render([parse_resource(doc)]))
+    (_, pod_spec), *_ = pods(render([parse_object(doc)]))
     return pod_spec
 
 

@@ -39,7 +39,8 @@ import yaml
 from kmock._internal import parsing as _kmock_parsing
 from kmock._internal import rendering
 
-from capstan.kube.apply import PODS, ApiClient, matches_labels
+from capstan.kube.client import ApiClient, matches_labels
+from capstan.kube.resources import PODS
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "crds"

@@ -11,7 +11,7 @@ import yaml
 from tests.training.test_lifecycle import T0, Cluster, job
 
 from capstan.admission.validation import validate
-from capstan.api.loading import InvalidResource, parse_resource
+from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.trainingjob import FailurePolicy
 from capstan.cli import main
 from capstan.training.failure_rules import Failure, blame_node, first_failure, judge, pod_reasons
@@ -304,8 +304,8 @@ def _tj(**failure_policy: Any) -> dict[str, Any]:
     ],
 )
 def test_bad_rules_are_rejected_naming_the_field(body: dict[str, Any], field: str, says: str) -> None:
-    with pytest.raises(InvalidResource) as err:
-        parse_resource(body)
+    with pytest.raises(InvalidObject) as err:
+        parse_object(body)
     assert any(line.startswith(f"{field}:") and says in line for line in err.value.errors), err.value.errors
 
 

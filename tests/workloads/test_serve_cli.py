@@ -1,4 +1,4 @@
-"""``python -m capstan_workloads.serve`` as the local runtime starts it: a subprocess, SIGTERM drains."""
+"""``python -m capstan_workloads.serve`` as the local executor starts it: a subprocess, SIGTERM drains."""
 
 from __future__ import annotations
 

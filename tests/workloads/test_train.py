@@ -41,7 +41,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def start_gang(ckpt: Path, *flags: str, restart: int = 0) -> list[subprocess.Popen[str]]:
-    """Two nodes of one gloo worker each, launched exactly as the local runtime does (PET_* env)."""
+    """Two nodes of one gloo worker each, launched exactly as the local executor does (PET_* env)."""
     port = str(free_port())
     procs = []
     for node in range(2):

@@ -17,7 +17,7 @@ handler is registered and the Helm chart installs no MutatingWebhookConfiguratio
 
 The handlers are registered only by :func:`configure_admission` when a certificate directory is
 configured: a kopf operator that has admission handlers but no webhook server refuses to start,
-so the local runtime, tests and a chart installed with ``webhook.enabled=false`` get none.
+so the local executor, tests and a chart installed with ``webhook.enabled=false`` get none.
 Importing this package (the operator imports it if present) adds a kopf startup handler that
 calls :func:`configure_admission`; calling it again from the operator's own startup is harmless.
 """
@@ -30,8 +30,9 @@ from typing import Any
 
 import kopf
 
-from capstan.admission.validation import SKIP_CAPACITY_ANNOTATION, validate
+from capstan.admission.validation import validate
 from capstan.config import ADDR_ENV, CERT_DIR_ENV, MANAGED_ENV, PORT_ENV, OperatorConfig
+from capstan.labels import SKIP_CAPACITY_ANNOTATION
 
 __all__ = [
     "ADDR_ENV",

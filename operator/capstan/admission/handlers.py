@@ -25,8 +25,8 @@ from capstan import GROUP, VERSION
 from capstan.admission.validation import validate
 from capstan.api.loading import clip
 from capstan.config import OperatorConfig
-from capstan.kube.apply import NODES as NODES_RESOURCE
-from capstan.kube.apply import ApiClient
+from capstan.kube.client import ApiClient
+from capstan.kube.resources import NODES as NODES_RESOURCE
 
 log = logging.getLogger(__name__)
 

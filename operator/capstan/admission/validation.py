@@ -4,7 +4,7 @@
 cluster's Node dicts, and returns one ``field.path: what is wrong; how to fix it`` line per
 problem (empty list: admit). It runs, in order:
 
-1. everything pydantic says about the object (:func:`capstan.api.loading.parse_resource`): types,
+1. everything pydantic says about the object (:func:`capstan.api.loading.parse_object`): types,
    enums, quantities, ranges and the cross-field rules that are also CEL in the CRD;
 2. checks against the cluster's nodes: a worker that no node can hold, a tensor-parallel replica
    wider than any NVLink domain, a ``Required`` gang wider than any domain of its ``maxDomain``;
@@ -23,13 +23,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from capstan.api.loading import InvalidResource, parse_resource
+from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob, TrainingJobSpec
-from capstan.topology.inventory import GPU_RESOURCE, parse_count
+from capstan.fields import dig
+from capstan.labels import GPU_RESOURCE, SKIP_CAPACITY_ANNOTATION
+from capstan.topology.inventory import parse_count
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
 
-SKIP_CAPACITY_ANNOTATION = "capstan.dev/skip-capacity-check"
 #: Variables a custom runtime's argsTemplate may use (same list as capstan.serving.runtimes).
 TEMPLATE_VARIABLES = ("model_path", "port", "tensor_parallel", "max_model_len", "name")
 
@@ -49,8 +50,8 @@ def validate(
     # a spec change must not be refused because of it.
     obj = {k: v for k, v in body.items() if k != "status"} if isinstance(body, Mapping) else body
     try:
-        resource = parse_resource(obj)
-    except InvalidResource as exc:
+        resource = parse_object(obj)
+    except InvalidObject as exc:
         errors = [_with_spec_hint(e) for e in exc.errors]
         # Checks that need only a few fields still run, so one round trip shows every problem.
         errors += _raw_checks(obj, errors)
@@ -123,7 +124,7 @@ def _raw_checks(obj: Any, already: list[str]) -> list[str]:
         return []
     errors: list[str] = []
     if obj.get("kind") == "ModelServing":
-        steps = (spec.get("rollout") or {}).get("steps") if isinstance(spec.get("rollout"), Mapping) else None
+        steps = dig(spec, "rollout", "steps")
         if isinstance(steps, list):
             weights = [s.get("weight") for s in steps if isinstance(s, Mapping)]
             if all(isinstance(w, int) and not isinstance(w, bool) for w in weights):
@@ -140,11 +141,11 @@ def _raw_checks(obj: Any, already: list[str]) -> list[str]:
 
 
 def _gpus(node: Mapping[str, Any]) -> int:
-    return parse_count(((node.get("status") or {}).get("allocatable") or {}).get(GPU_RESOURCE))
+    return parse_count(dig(node, "status", "allocatable", GPU_RESOURCE))
 
 
 def _name(node: Mapping[str, Any]) -> str:
-    return str((node.get("metadata") or {}).get("name") or "")
+    return str(dig(node, "metadata", "name") or "")
 
 
 def domain_sizes(nodes: Sequence[Mapping[str, Any]], levels: TopologyLevels, level: str) -> dict[str, int]:
@@ -154,7 +155,7 @@ def domain_sizes(nodes: Sequence[Mapping[str, Any]], levels: TopologyLevels, lev
     nlev = len(levels)
     sizes: dict[str, int] = defaultdict(int)
     for node in nodes:
-        labels = (node.get("metadata") or {}).get("labels") or {}
+        labels = dig(node, "metadata", "labels") or {}
         raw = [str(labels[lv.label]) if labels.get(lv.label) else None for lv in levels]
         # Same keys as the inventory: the label path from the widest level down to this one, so
         # two racks with one label value in different zones stay apart.

@@ -3,7 +3,7 @@
 Input here is untrusted (a file given to ``capstan render``, an object in an AdmissionReview), so
 every step is bounded: files by size, YAML by expanded node count (aliases count at their full
 size, which defeats "billion laughs" documents) and nesting depth, and every error message by
-length, whatever the input echoes. Any malformed shape becomes :class:`InvalidResource` whose lines
+length, whatever the input echoes. Any malformed shape becomes :class:`InvalidObject` whose lines
 each start with where the problem is: a field path (``spec.workers``), ``(root)`` for the document
 itself, ``line N, column M`` for YAML syntax, or ``(file)``.
 """
@@ -25,7 +25,9 @@ from capstan import API_VERSION
 from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob
 
-Resource = TrainingJob | ModelServing
+#: One of Capstan's own objects, parsed (what a manifest or an admission request holds). Not to be
+#: confused with :class:`capstan.kube.resources.ApiResource`, the REST endpoint of a kind.
+CapstanObject = TrainingJob | ModelServing
 KINDS: dict[str, type[TrainingJob] | type[ModelServing]] = {
     "TrainingJob": TrainingJob,
     "ModelServing": ModelServing,
@@ -57,8 +59,8 @@ def clip(text: str, limit: int = MAX_LINE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class InvalidResource(ValueError):
-    """A resource failed validation; ``errors`` holds one ``path: reason`` line per problem.
+class InvalidObject(ValueError):
+    """A Capstan object failed validation; ``errors`` holds one ``path: reason`` line per problem.
 
     Lines are clipped to :data:`MAX_LINE_CHARS` and at most :data:`MAX_ERROR_LINES` are kept, so a
     message never echoes a huge input.
@@ -74,10 +76,10 @@ class InvalidResource(ValueError):
         self.errors = lines
 
 
-class InvalidDocuments(InvalidResource):
+class InvalidDocuments(InvalidObject):
     """Several documents of one file are invalid; ``problems`` holds each one's error."""
 
-    def __init__(self, problems: Sequence[InvalidResource]) -> None:
+    def __init__(self, problems: Sequence[InvalidObject]) -> None:
         super().__init__(problems[0].what, [e for p in problems for e in p.errors])
         self.problems = list(problems)
         self.args = ("\n".join(str(p) for p in self.problems),)
@@ -140,15 +142,15 @@ def _kind_of(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def parse_resource(obj: Any, where: str = "") -> Resource:
-    """Validate one Capstan resource (any value); raise :class:`InvalidResource` naming each bad field.
+def parse_object(obj: Any, where: str = "") -> CapstanObject:
+    """Validate one Capstan resource (any value); raise :class:`InvalidObject` naming each bad field.
 
     ``where`` (e.g. ``"jobs.yaml document 2"``) prefixes the resource's description in the message.
     Nothing else is ever raised, whatever ``obj`` is.
     """
     if not isinstance(obj, Mapping):
         expected = "expected a mapping with apiVersion, kind, metadata and spec"
-        raise InvalidResource(where or "resource", [f"{ROOT}: {expected}, got {_kind_of(obj)}"])
+        raise InvalidObject(where or "resource", [f"{ROOT}: {expected}, got {_kind_of(obj)}"])
     kind = obj.get("kind")
     meta = obj.get("metadata")
     name = meta.get("name") if isinstance(meta, Mapping) else None
@@ -156,17 +158,17 @@ def parse_resource(obj: Any, where: str = "") -> Resource:
     desc = f"{kind if isinstance(kind, str) and kind in KINDS else 'resource'} {shown!r}"
     what = f"{where} ({desc})" if where else desc
     if not isinstance(kind, str) or kind not in KINDS:
-        raise InvalidResource(what, [f"kind: expected one of {', '.join(KINDS)}, got {short_repr(kind)}"])
+        raise InvalidObject(what, [f"kind: expected one of {', '.join(KINDS)}, got {short_repr(kind)}"])
     api_version = obj.get("apiVersion", API_VERSION)
     if api_version != API_VERSION:
-        raise InvalidResource(what, [f"apiVersion: expected {API_VERSION}, got {short_repr(api_version)}"])
+        raise InvalidObject(what, [f"apiVersion: expected {API_VERSION}, got {short_repr(api_version)}"])
     body = {k: v for k, v in obj.items() if k in ("apiVersion", "kind", "metadata", "spec", "status")}
     try:
         return KINDS[kind].model_validate(body)
     except ValidationError as exc:
-        raise InvalidResource(what, describe_errors(exc)) from None
+        raise InvalidObject(what, describe_errors(exc)) from None
     except RecursionError:
-        raise InvalidResource(what, [f"{ROOT}: nested too deeply"]) from None
+        raise InvalidObject(what, [f"{ROOT}: nested too deeply"]) from None
 
 
 # --- YAML ------------------------------------------------------------------------------------------
@@ -259,25 +261,25 @@ def _read(path: str | Path) -> bytes:
             with open(path, "rb") as fh:
                 data = fh.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise InvalidResource(label, [f"{FILE}: cannot read: {exc.strerror or exc}"]) from None
+        raise InvalidObject(label, [f"{FILE}: cannot read: {exc.strerror or exc}"]) from None
     if len(data) > MAX_FILE_BYTES:
-        raise InvalidResource(label, [f"{FILE}: larger than {MAX_FILE_BYTES} bytes"])
+        raise InvalidObject(label, [f"{FILE}: larger than {MAX_FILE_BYTES} bytes"])
     return data
 
 
 def parse_documents(data: bytes | str, label: str = "<input>") -> list[Any]:
     """Every non-empty YAML document of ``data``, any shape, within the size limits.
 
-    Raises :class:`InvalidResource` naming the line for syntax errors, the byte for non-UTF-8
+    Raises :class:`InvalidObject` naming the line for syntax errors, the byte for non-UTF-8
     input, and the limit for alias bombs and deep nesting.
     """
     if isinstance(data, bytes):
         if len(data) > MAX_FILE_BYTES:
-            raise InvalidResource(label, [f"{FILE}: larger than {MAX_FILE_BYTES} bytes"])
+            raise InvalidObject(label, [f"{FILE}: larger than {MAX_FILE_BYTES} bytes"])
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            raise InvalidResource(
+            raise InvalidObject(
                 label, [f"{FILE}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"]
             ) from None
     else:
@@ -294,22 +296,22 @@ def parse_documents(data: bytes | str, label: str = "<input>") -> list[Any]:
         finally:
             loader.dispose()
     except RecursionError:
-        raise InvalidResource(label, [f"{FILE}: not valid YAML: nested too deeply"]) from None
+        raise InvalidObject(label, [f"{FILE}: not valid YAML: nested too deeply"]) from None
     except Exception as exc:  # YAMLError, and e.g. ValueError for a 5000-digit integer
-        raise InvalidResource(label, [_yaml_problem(exc)]) from None
+        raise InvalidObject(label, [_yaml_problem(exc)]) from None
 
 
 def load_documents(path: str | Path) -> list[dict[str, Any]]:
     """Read every YAML document of a file ('-' for stdin), skipping empty ones.
 
-    Raises :class:`InvalidResource` for an unreadable, oversized or malformed file, and for a
+    Raises :class:`InvalidObject` for an unreadable, oversized or malformed file, and for a
     document that is not a mapping (naming its index).
     """
     label = str(path)
     docs = parse_documents(_read(path), label)
     expected = "expected a mapping (a Kubernetes object)"
     problems = [
-        InvalidResource(f"{label} document {i}", [f"{ROOT}: {expected}, got {_kind_of(d)}"])
+        InvalidObject(f"{label} document {i}", [f"{ROOT}: {expected}, got {_kind_of(d)}"])
         for i, d in enumerate(docs, 1)
         if not isinstance(d, dict)
     ]
@@ -318,19 +320,19 @@ def load_documents(path: str | Path) -> list[dict[str, Any]]:
     return docs
 
 
-def load_resources(path: str | Path) -> list[Resource]:
+def load_objects(path: str | Path) -> list[CapstanObject]:
     """Parse all Capstan resources in a YAML file; other kinds are an error.
 
     Every invalid document is reported (:class:`InvalidDocuments` when more than one), each named
     by its index in the file.
     """
     label = str(path)
-    resources: list[Resource] = []
-    problems: list[InvalidResource] = []
+    resources: list[CapstanObject] = []
+    problems: list[InvalidObject] = []
     for i, doc in enumerate(parse_documents(_read(path), label), 1):
         try:
-            resources.append(parse_resource(doc, where=f"{label} document {i}"))
-        except InvalidResource as exc:
+            resources.append(parse_object(doc, where=f"{label} document {i}"))
+        except InvalidObject as exc:
             problems.append(exc)
     if problems:
         raise problems[0] if len(problems) == 1 else InvalidDocuments(problems)

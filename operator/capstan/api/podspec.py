@@ -24,6 +24,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from capstan.fields import dig
+
 #: Kubernetes version whose PodSpec the template follows (chart kubeVersion: >=1.29).
 KUBERNETES_VERSION = "1.29.0"
 SCHEMA_FILE = Path(__file__).with_name("podspec.schema.json")
@@ -103,7 +105,7 @@ def _convert(node: Any, defs: dict[str, Any], seen: tuple[str, ...] = ()) -> Any
     # ports: protocol), the list stays atomic.
     keys = out.get("x-kubernetes-list-map-keys")
     if keys is not None:
-        required = set((out.get("items") or {}).get("required") or [])
+        required = set(dig(out, "items", "required") or [])
         if not set(keys) <= required:
             out.pop("x-kubernetes-list-map-keys")
             out.pop("x-kubernetes-list-type", None)

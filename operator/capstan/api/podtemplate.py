@@ -23,6 +23,8 @@ from typing import Any
 from capstan.api.common import QUANTITY_PATTERN
 from capstan.api.k8s_names import env_var_name_errors
 from capstan.api.podspec import DROPPED_FIELDS, pod_spec_schema
+from capstan.fields import dig
+from capstan.labels import GPU_RESOURCE, MULTUS_ANNOTATION, OWNED_META_PREFIXES
 
 #: Name of the container Capstan generates; a template container of this name is merged into it.
 WORKER_CONTAINER = "worker"
@@ -41,9 +43,6 @@ OWNED_ENV = frozenset(
     }
 )
 OWNED_ENV_PREFIX = "CAPSTAN_"
-#: Label and annotation prefixes Capstan (and Kueue, through Capstan) write on worker pods.
-OWNED_META_PREFIXES = ("capstan.dev/", "kueue.x-k8s.io/", "app.kubernetes.io/")
-MULTUS_ANNOTATION = "k8s.v1.cni.cncf.io/networks"
 
 #: Pod spec fields Capstan owns, with why.
 OWNED_POD_FIELDS: dict[str, str] = {
@@ -76,7 +75,6 @@ WORKER_SPEC_FIELDS: dict[str, str] = {
     "args": "use spec.args",
     "imagePullPolicy": "use spec.imagePullPolicy",
 }
-GPU_RESOURCE = "nvidia.com/gpu"
 
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 _DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -255,7 +253,7 @@ def template_problems(template: Mapping[str, Any]) -> list[str]:
     out += [f".spec.{f}: {why}" for f, why in OWNED_POD_FIELDS.items() if f in spec]
     security = spec.get("securityContext") or {}
     out += [f".spec.securityContext.{f}: {why}" for f, why in OWNED_POD_SECURITY.items() if f in security]
-    node_affinity = (spec.get("affinity") or {}).get("nodeAffinity") or {}
+    node_affinity = dig(spec, "affinity", "nodeAffinity") or {}
     if "requiredDuringSchedulingIgnoredDuringExecution" in node_affinity:
         out.append(
             ".spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution: Capstan's "
@@ -276,7 +274,7 @@ def template_problems(template: Mapping[str, Any]) -> list[str]:
     volumes: set[str] = set()
     for i, vol in enumerate(spec.get("volumes") or []):
         name = vol.get("name")
-        size = (vol.get("emptyDir") or {}).get("sizeLimit")
+        size = dig(vol, "emptyDir", "sizeLimit")
         if isinstance(size, str) and not _QUANTITY_RE.match(size):
             out.append(f".spec.volumes[{i}].emptyDir.sizeLimit: {size!r} is not a Kubernetes quantity "
                        "(e.g. '64Gi')")
@@ -295,11 +293,11 @@ def template_problems(template: Mapping[str, Any]) -> list[str]:
 
 def worker_container(template: Mapping[str, Any] | None) -> Mapping[str, Any]:
     """The template's ``worker`` container ({} when there is none)."""
-    spec = (template or {}).get("spec") or {}
+    spec = dig(template, "spec") or {}
     return next((c for c in spec.get("containers") or [] if c.get("name") == WORKER_CONTAINER), {})
 
 
 def template_tolerations(template: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """Tolerations the template adds to the spec's."""
-    spec = (template or {}).get("spec") or {}
+    spec = dig(template, "spec") or {}
     return [dict(t) for t in spec.get("tolerations") or []]

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from capstan.api.common import ApiModel, Rule
 from capstan.api.k8s_names import LabelValue, QualifiedName
+from capstan.labels import LABEL_NAME
 
 # Highest UID/GID Kubernetes accepts (core/v1 validation: int32, non-negative).
 MAX_ID = 2_147_483_647
@@ -110,7 +111,7 @@ class NetworkPolicyPeer(ApiModel):
 
 #: The metrics scraper by default: Prometheus pods (prometheus-operator and the Prometheus Helm
 #: chart label them app.kubernetes.io/name=prometheus) in any namespace.
-PROMETHEUS_LABELS = {"app.kubernetes.io/name": "prometheus"}
+PROMETHEUS_LABELS = {LABEL_NAME: "prometheus"}
 
 
 def _prometheus() -> list[NetworkPolicyPeer]:

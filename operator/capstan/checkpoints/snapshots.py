@@ -16,14 +16,13 @@ from typing import Any
 from capstan.api.condition_types import CheckpointReadyReason, ConditionType
 from capstan.api.conditions import parse_time, rfc3339, set_condition
 from capstan.api.trainingjob import CheckpointRecord, TrainingJob, TrainingJobStatus
-from capstan.naming import LABEL_JOB, common_labels, dns_label, label_value
+from capstan.fields import dig
+from capstan.labels import ANNOTATION_ATTEMPT, ANNOTATION_STEP, LABEL_JOB, LABEL_SNAPSHOT_REASON
+from capstan.naming import common_labels, dns_label, label_value
 from capstan.training.lifecycle import Plan
 from capstan.training.pods import checkpoint_claim_name
 
 SNAPSHOT_API = "snapshot.storage.k8s.io/v1"
-LABEL_REASON = "capstan.dev/snapshot-reason"
-ANNOTATION_STEP = "capstan.dev/step"
-ANNOTATION_ATTEMPT = "capstan.dev/attempt"
 PENDING_RECHECK_S = 5.0
 
 
@@ -55,7 +54,7 @@ def volume_snapshot(
     """The VolumeSnapshot object of the job's checkpoint PVC."""
     policy = job.spec.checkpoint.snapshots
     claim = checkpoint_claim_name(job)
-    labels = {**common_labels("trainingjob", job.metadata.name, "checkpoint"), LABEL_REASON: reason}
+    labels = {**common_labels("trainingjob", job.metadata.name, "checkpoint"), LABEL_SNAPSHOT_REASON: reason}
     labels[LABEL_JOB] = label_value(job.metadata.name)
     annotations = {ANNOTATION_ATTEMPT: str(attempt)}
     if step is not None:
@@ -77,7 +76,7 @@ def volume_snapshot(
 
 
 def _ready(snap: dict[str, Any]) -> bool:
-    return bool((snap.get("status") or {}).get("readyToUse"))
+    return bool(dig(snap, "status", "readyToUse"))
 
 
 def _created(snap: dict[str, Any]) -> datetime | None:
@@ -88,14 +87,14 @@ def _created(snap: dict[str, Any]) -> datetime | None:
 
 def _record(snap: dict[str, Any]) -> CheckpointRecord:
     meta = snap.get("metadata", {})
-    step = (meta.get("annotations") or {}).get(ANNOTATION_STEP)
+    step = dig(meta, "annotations", ANNOTATION_STEP)
     when = _created(snap)
     return CheckpointRecord(
         name=meta.get("name", ""),
         step=int(step) if step and step.isdigit() else None,
         time=rfc3339(when) if when else None,
         ready_to_use=_ready(snap),
-        reason=(meta.get("labels") or {}).get(LABEL_REASON),
+        reason=dig(meta, "labels", LABEL_SNAPSHOT_REASON),
     )
 
 
@@ -107,8 +106,8 @@ def _sort_key(snap: dict[str, Any]) -> tuple[float, int, int, str]:
     # the trigger order (completion is always a job's last snapshot) decide which is newer.
     meta = snap.get("metadata", {})
     when = _created(snap)
-    attempt = (meta.get("annotations") or {}).get(ANNOTATION_ATTEMPT, "0")
-    reason = (meta.get("labels") or {}).get(LABEL_REASON, "")
+    attempt = dig(meta, "annotations", ANNOTATION_ATTEMPT, default="0")
+    reason = dig(meta, "labels", LABEL_SNAPSHOT_REASON, default="")
     return (
         when.timestamp() if when else float("inf"),
         int(attempt) if attempt.isdigit() else 0,
@@ -122,6 +121,7 @@ def plan_snapshots(
     snapshots: list[dict[str, Any]],
     in_use: set[str],
     now: datetime,
+    *,
     api_available: bool,
     step: int | None = None,
     workers_stopped: bool = True,
@@ -167,7 +167,9 @@ def plan_snapshots(
             want("Restart")
     elif phase == "Running":
         scheduled = [
-            s for s in ordered if (s["metadata"].get("labels") or {}).get(LABEL_REASON) == "Scheduled"
+            s
+            for s in ordered
+            if dig(s["metadata"], "labels", LABEL_SNAPSHOT_REASON) == "Scheduled"
         ]
         last = _created(scheduled[-1]) if scheduled else parse_time(job.status.start_time)
         due = (last or now) + timedelta(minutes=policy.every_minutes)
@@ -221,9 +223,11 @@ def with_snapshots(
     and ``on_created``) get ``status.checkpoints`` (where the API is served) and the
     ``CheckpointReady`` condition; the plan requeues by the snapshots' recheck when that is sooner.
     """
-    stopped = not any((p.get("status") or {}).get("phase") in ("Pending", "Running", "Unknown") for p in pods)
+    stopped = not any(dig(p, "status", "phase") in ("Pending", "Running", "Unknown") for p in pods)
     planned = job.model_copy(update={"status": plan.status})
-    snaps = plan_snapshots(planned, seen.snapshots, seen.in_use, now, seen.available, workers_stopped=stopped)
+    snaps = plan_snapshots(
+        planned, seen.snapshots, seen.in_use, now, api_available=seen.available, workers_stopped=stopped
+    )
 
     def fold(status: TrainingJobStatus) -> TrainingJobStatus:
         st = status.model_copy(deep=True)
@@ -248,7 +252,7 @@ def snapshots_in_use(modelservings: list[dict[str, Any]], job_name: str) -> set[
     """Snapshot names that ModelServings of ``job_name`` serve from (never to be deleted)."""
     used: set[str] = set()
     for ms in modelservings:
-        spec = (ms.get("spec") or {}).get("model") or {}
+        spec = dig(ms, "spec", "model") or {}
         ref = spec.get("fromTrainingJob") or {}
         if ref.get("name") != job_name:
             continue
@@ -256,7 +260,7 @@ def snapshots_in_use(modelservings: list[dict[str, Any]], job_name: str) -> set[
             used.add(ref["checkpoint"])
         # Revisions record their model as "snapshot:<job>/<snapshot>" (serving.model_source).
         prefix = f"snapshot:{job_name}/"
-        for rev in (ms.get("status") or {}).get("revisions") or []:
+        for rev in dig(ms, "status", "revisions") or []:
             model = rev.get("model") or ""
             if model.startswith(prefix):
                 used.add(model.removeprefix(prefix))

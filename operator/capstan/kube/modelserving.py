@@ -32,7 +32,11 @@ from capstan import GROUP, VERSION
 from capstan.api.condition_types import ConditionType
 from capstan.api.conditions import CREATE_FAILED
 from capstan.api.modelserving import ModelServing
-from capstan.kube.apply import (
+from capstan.fields import dig
+from capstan.kube.activities import operator_config
+from capstan.kube.client import ApiClient, ApiError, owner_of
+from capstan.kube.reconciler import Reported, reconcile_loop, refused_by_server, wake
+from capstan.kube.resources import (
     DEPLOYMENTS,
     HPAS,
     MODELSERVINGS,
@@ -41,16 +45,13 @@ from capstan.kube.apply import (
     SERVICES,
     TRAININGJOBS,
     VOLUME_SNAPSHOTS,
-    ApiClient,
-    ApiError,
-    Resource,
-    owner_of,
+    ApiResource,
+    api_resource_of,
     register_kind,
-    resource_of,
 )
-from capstan.kube.runtime import Reported, operator_config, reconcile_loop, refused_by_server, wake
 from capstan.kube.scrape import pod_targets, scrape_pods
 from capstan.kube.status import reconcile_live, status_merge_patch
+from capstan.labels import LABEL_SERVING
 from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
 from capstan.metrics import (
     REVISION_WEIGHT,
@@ -58,7 +59,6 @@ from capstan.metrics import (
     ROLLOUTS,
     PhaseGauge,
 )
-from capstan.naming import LABEL_SERVING
 from capstan.serving.analysis import AnalysisResult, Baselines, evaluate, window
 from capstan.serving.plan import Observed, ServingPlan, analysis_due, plan_modelserving, refused
 from capstan.serving.revisions import revision_selector, serving_selector
@@ -69,7 +69,7 @@ KIND = "ModelServing"
 # later switch traffic to route weights within this time.
 GATEWAY_CHECK_TTL_S = 60.0
 PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
-HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
+HTTPROUTES = ApiResource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
 register_kind(HTTPROUTES)
 
 
@@ -117,7 +117,7 @@ async def gateway_api_available(api: ApiClient, memo: kopf.Memo) -> bool:
 
 
 async def _list(
-    api: ApiClient, res: Resource, namespace: str, labels: Mapping[str, str]
+    api: ApiClient, res: ApiResource, namespace: str, labels: Mapping[str, str]
 ) -> list[dict[str, Any]]:
     try:
         return await api.list_objects(res, namespace, labels)
@@ -138,7 +138,7 @@ async def _observe(api: ApiClient, ms: ModelServing, gateway: bool) -> Observed:
     ftj = ms.spec.model.from_training_job
     if ftj is not None:
         training_job = await api.get(TRAININGJOBS, ns, ftj.name)
-        volume = (((training_job or {}).get("spec") or {}).get("checkpoint") or {}).get("volume") or {}
+        volume = dig(training_job, "spec", "checkpoint", "volume") or {}
         if training_job is not None and not volume.get("size"):
             # An adopted checkpoint volume has no size in the spec: the snapshot's restoreSize has it.
             snapshots = {s["metadata"]["name"]: s for s in await _list(api, VOLUME_SNAPSHOTS, ns, {})}
@@ -220,7 +220,7 @@ async def _apply(
                     refusal = refusal or (obj, result)
                 elif isinstance(result, BaseException):
                     raise result
-    current = {d["metadata"]["name"]: (d.get("spec") or {}).get("replicas") for d in observed.deployments}
+    current = {d["metadata"]["name"]: dig(d, "spec", "replicas") for d in observed.deployments}
     await asyncio.gather(
         *(
             api.patch(DEPLOYMENTS, ns, dep, {"spec": {"replicas": n}})
@@ -230,7 +230,7 @@ async def _apply(
     )
     await asyncio.gather(
         *(
-            api.delete(resource_of({"apiVersion": r.api_version, "kind": r.kind}), ns, r.name)
+            api.delete(api_resource_of({"apiVersion": r.api_version, "kind": r.kind}), ns, r.name)
             for r in plan.deletes
         )
     )
@@ -279,7 +279,16 @@ async def reconcile(
         return await _reconcile_serving(api, body, ms, now, memo, logger)
 
     return await reconcile_live(
-        KIND, api, MODELSERVINGS, namespace, name, uid, logger, step, ConditionType.READY, "Failed"
+        KIND,
+        api,
+        MODELSERVINGS,
+        namespace=namespace,
+        name=name,
+        uid=uid,
+        logger=logger,
+        step=step,
+        condition=ConditionType.READY,
+        phase="Failed",
     )
 
 
@@ -336,7 +345,15 @@ async def modelserving_loop(
     assert namespace is not None  # ModelServing is namespaced
     try:
         await reconcile_loop(
-            KIND, reconcile, name, namespace, uid, memo, logger, stopped, ConditionType.READY
+            KIND,
+            reconcile,
+            name=name,
+            namespace=namespace,
+            uid=uid,
+            memo=memo,
+            logger=logger,
+            stopped=stopped,
+            condition=ConditionType.READY,
         )
     finally:
         _state(memo).baselines.forget(uid)

@@ -38,9 +38,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from capstan.api.conditions import parse_time
-from capstan.api.loading import InvalidResource, parse_resource
+from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob
-from capstan.naming import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
+from capstan.fields import dig
+from capstan.labels import GPU_PRODUCT_LABEL, LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
 from capstan.topology import (
     DEFAULT_LEVELS,
     Decision,
@@ -131,9 +132,8 @@ def pinned_node(pod: Mapping[str, Any]) -> str | None:
     spec = pod.get("spec") or {}
     if spec.get("nodeName"):
         return str(spec["nodeName"])
-    terms = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
-        "requiredDuringSchedulingIgnoredDuringExecution", {}
-    ).get("nodeSelectorTerms") or []
+    required = dig(spec, "affinity", "nodeAffinity", "requiredDuringSchedulingIgnoredDuringExecution")
+    terms = dig(required, "nodeSelectorTerms") or []
     for term in terms:
         for field_ in term.get("matchFields") or []:
             if field_.get("key") == "metadata.name" and field_.get("operator") == "In":
@@ -155,7 +155,7 @@ def queue_key(job: TrainingJob) -> str:
 
 def _submitted(job: TrainingJob) -> float:
     """Queue age: creation time in epoch seconds (0 when the server did not say)."""
-    created = parse_time((job.metadata.model_extra or {}).get("creationTimestamp"))
+    created = parse_time(dig(job.metadata.model_extra, "creationTimestamp"))
     return created.timestamp() if created else 0.0
 
 
@@ -164,8 +164,8 @@ def _placed_by_capstan(bodies: Sequence[Mapping[str, Any]]) -> list[TrainingJob]
     out = []
     for body in bodies:
         try:
-            job = parse_resource(dict(body))
-        except InvalidResource:
+            job = parse_object(dict(body))
+        except InvalidObject:
             continue
         if isinstance(job, TrainingJob) and wants_placement(job):
             out.append(job)
@@ -178,7 +178,7 @@ def queued_jobs(bodies: Sequence[Mapping[str, Any]]) -> list[TrainingJob]:
     Jobs never reconciled yet (no phase) are left out: they join the queue on their first pass,
     so a job a scoped-out operator never looks at cannot hold anyone back.
     """
-    waiting = [b for b in bodies if (b.get("status") or {}).get("phase") == "Queued"]
+    waiting = [b for b in bodies if dig(b, "status", "phase") == "Queued"]
     return [j for j in _placed_by_capstan(waiting) if not j.spec.suspend]
 
 
@@ -190,7 +190,7 @@ def running_gangs(bodies: Sequence[Mapping[str, Any]], now: float) -> list[Runni
     unknown, and the queue falls back to reservations that need no run times.
     """
     out = []
-    for job in _placed_by_capstan([b for b in bodies if (b.get("status") or {}).get("placement")]):
+    for job in _placed_by_capstan([b for b in bodies if dig(b, "status", "placement")]):
         st = job.status
         if st.placement is None or not st.placement.nodes or st.phase in TERMINAL_PHASES:
             continue
@@ -216,11 +216,11 @@ def placed_without_pods(
     """
     present: set[tuple[str, str, str]] = set()
     for pod in pods:
-        labels = (pod.get("metadata") or {}).get("labels") or {}
+        labels = dig(pod, "metadata", "labels") or {}
         if LABEL_JOB_UID in labels:
             present.add((labels[LABEL_JOB_UID], labels.get(LABEL_ATTEMPT, ""), labels.get(LABEL_RANK, "")))
-    placed = [b for b in bodies if (b.get("status") or {}).get("phase") in ("Starting", "Running")
-              and (b.get("status") or {}).get("placement")]
+    placed = [b for b in bodies if dig(b, "status", "phase") in ("Starting", "Running")
+              and dig(b, "status", "placement")]
     claims: dict[str, dict[str, int]] = {}
     for job in _placed_by_capstan(placed):
         st, uid = job.status, job.metadata.uid or ""
@@ -250,7 +250,7 @@ def movable_gangs(
     counts ``min_run_s`` from there).
     """
     out = []
-    running_now = [b for b in bodies if (b.get("status") or {}).get("phase") == "Running"]  # parse only these
+    running_now = [b for b in bodies if dig(b, "status", "phase") == "Running"]  # parse only these
     for job in _placed_by_capstan(running_now):
         st = job.status
         if not job.spec.movable or st.placement is None or not st.placement.nodes:
@@ -279,7 +279,7 @@ def gang_request(job: TrainingJob, now: float | None = None) -> GangRequest:
         tolerations=spec.pod_tolerations(),
         priority=spec.priority,
         submitted=_submitted(job),
-        gpu_product=spec.node_selector.get("nvidia.com/gpu.product"),
+        gpu_product=spec.node_selector.get(GPU_PRODUCT_LABEL),
         expected_duration_s=spec.active_deadline_seconds,
         avoid_nodes=avoided(job.status.excluded_nodes, at),
     )
@@ -289,12 +289,12 @@ def queue_snapshot(
     nodes: Sequence[Mapping[str, Any]],
     pods: Sequence[Mapping[str, Any]],
     queued: Sequence[TrainingJob] = (),
+    *,
     now: float | None = None,
     running: Sequence[RunningGang] = (),
     policy: QueuePolicy | None = None,
     movable: Sequence[tuple[MovableGang, str]] = (),
     claimed: Mapping[str, Mapping[str, int]] | None = None,
-    *,
     levels: TopologyLevels = DEFAULT_LEVELS,
 ) -> QueueSnapshot | None:
     """The :class:`QueueSnapshot` of the cluster's Nodes and Pods and the queued gangs; None without Nodes.
@@ -312,7 +312,7 @@ def queue_snapshot(
     bound = []
     for pod in pods:
         node = pinned_node(pod)
-        if node and not (pod.get("spec") or {}).get("nodeName"):
+        if node and not dig(pod, "spec", "nodeName"):
             pod = {**pod, "spec": {**(pod.get("spec") or {}), "nodeName": node}}
         bound.append(pod)
     return QueueSnapshot(

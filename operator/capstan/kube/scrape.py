@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from capstan.fields import dig
 from capstan.serving.analysis import PodSample, Scrape
 from capstan.serving.runtimes import MetricNames
 
@@ -71,7 +72,7 @@ def pod_targets(pods: Iterable[Mapping[str, Any]], metrics_path: str, default_po
     for pod in pods:
         status = pod.get("status") or {}
         ip = status.get("podIP")
-        if not ip or status.get("phase") != "Running" or (pod.get("metadata") or {}).get("deletionTimestamp"):
+        if not ip or status.get("phase") != "Running" or dig(pod, "metadata", "deletionTimestamp"):
             continue
         ready = any(
             c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
@@ -79,7 +80,7 @@ def pod_targets(pods: Iterable[Mapping[str, Any]], metrics_path: str, default_po
         if not ready:
             continue
         port = default_port
-        for container in (pod.get("spec") or {}).get("containers") or []:
+        for container in dig(pod, "spec", "containers") or []:
             for p in container.get("ports") or []:
                 if p.get("name") == "http":
                     port = int(p["containerPort"])

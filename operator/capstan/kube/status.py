@@ -12,17 +12,19 @@ import kopf
 from capstan.api.common import ApiModel, Condition
 from capstan.api.condition_types import Reason
 from capstan.api.conditions import set_condition
-from capstan.api.loading import InvalidResource, parse_resource
-from capstan.kube.apply import ApiClient, Resource
+from capstan.api.loading import InvalidObject, parse_object
+from capstan.fields import dig
+from capstan.kube.client import ApiClient
+from capstan.kube.resources import ApiResource
 from capstan.metrics import RECONCILE_SECONDS, RECONCILES
 
 
 async def fetch_live(
-    api: ApiClient, res: Resource, namespace: str, name: str, uid: str | None
+    api: ApiClient, res: ApiResource, namespace: str, name: str, uid: str | None
 ) -> dict[str, Any] | None:
     """The object to reconcile, or None when it is gone, replaced (another uid) or being deleted."""
     body = await api.get(res, namespace, name)
-    meta = (body or {}).get("metadata") or {}
+    meta = dig(body, "metadata") or {}
     if body is None or (uid and meta.get("uid") != uid) or meta.get("deletionTimestamp"):
         return None
     return body
@@ -62,9 +64,9 @@ def status_merge_patch(live: Mapping[str, Any] | None, status: ApiModel) -> dict
 
 async def report_invalid(
     api: ApiClient,
-    res: Resource,
+    res: ApiResource,
     body: Mapping[str, Any],
-    exc: InvalidResource,
+    exc: InvalidObject,
     logger: kopf.Logger,
     *,
     now: datetime,
@@ -102,7 +104,7 @@ async def report_invalid(
 
 async def report_error(
     api: ApiClient,
-    res: Resource,
+    res: ApiResource,
     namespace: str,
     name: str,
     uid: str | None,
@@ -127,7 +129,7 @@ async def report_error(
     same = ("False", Reason.RECONCILE_ERROR, message)
     if old is not None and (old.status, old.reason, old.message) == same:
         return False
-    generation = int((body.get("metadata") or {}).get("generation") or 1)
+    generation = int(dig(body, "metadata", "generation") or 1)
     conditions = set_condition(
         conditions, condition, "False", Reason.RECONCILE_ERROR, message, now=now, generation=generation
     )
@@ -141,7 +143,8 @@ Step = Callable[[dict[str, Any], Any, datetime], Awaitable[float | None]]
 async def reconcile_live(
     kind: str,
     api: ApiClient,
-    res: Resource,
+    res: ApiResource,
+    *,
     namespace: str,
     name: str,
     uid: str | None,
@@ -168,8 +171,8 @@ async def reconcile_live(
             return None
         now = datetime.now(UTC)
         try:
-            parsed = parse_resource(body)
-        except InvalidResource as exc:
+            parsed = parse_object(body)
+        except InvalidObject as exc:
             await report_invalid(api, res, body, exc, logger, now=now, condition=condition, phase=phase)
             if on_invalid is not None:
                 on_invalid(body)

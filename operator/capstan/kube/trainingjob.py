@@ -35,27 +35,12 @@ import kopf
 from capstan import GROUP, VERSION
 from capstan.api.condition_types import ConditionType
 from capstan.api.conditions import CREATE_FAILED, parse_time, rfc3339
-from capstan.api.loading import InvalidResource, parse_resource
+from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob, TrainingJobStatus
-from capstan.checkpoints.snapshots import (
-    LABEL_REASON,
-    SnapshotPlan,
-    SnapshotsSeen,
-    snapshots_in_use,
-    with_snapshots,
-)
-from capstan.kube.apply import (
-    MODELSERVINGS,
-    NODES,
-    PODS,
-    PVCS,
-    SERVICES,
-    TRAININGJOBS,
-    VOLUME_SNAPSHOTS,
-    ApiClient,
-    ApiError,
-    owner_of,
-)
+from capstan.checkpoints.snapshots import SnapshotPlan, SnapshotsSeen, snapshots_in_use, with_snapshots
+from capstan.fields import dig
+from capstan.kube.activities import operator_config
+from capstan.kube.client import ApiClient, ApiError, owner_of
 from capstan.kube.placement import (
     QueuePass,
     QueueSnapshot,
@@ -70,15 +55,10 @@ from capstan.kube.placement import (
     running_gangs,
     wants_placement,
 )
-from capstan.kube.runtime import (
-    Reported,
-    operator_config,
-    reconcile_loop,
-    refused_by_server,
-    wake,
-    wake_all,
-)
+from capstan.kube.reconciler import Reported, reconcile_loop, refused_by_server, wake, wake_all
+from capstan.kube.resources import MODELSERVINGS, NODES, PODS, PVCS, SERVICES, TRAININGJOBS, VOLUME_SNAPSHOTS
 from capstan.kube.status import reconcile_live, status_merge_patch
+from capstan.labels import LABEL_JOB, LABEL_JOB_UID, LABEL_SNAPSHOT_REASON
 from capstan.metrics import (
     GANG_RESTARTS,
     GANG_WAITING_SECONDS,
@@ -89,7 +69,7 @@ from capstan.metrics import (
 from capstan.metrics import (
     TRAININGJOBS as TRAININGJOBS_GAUGE,
 )
-from capstan.naming import LABEL_JOB, LABEL_JOB_UID, label_value
+from capstan.naming import label_value
 from capstan.topology import DEFAULT_LEVELS, TopologyLevels
 from capstan.training.lifecycle import PlacementDecision, Plan, plan_trainingjob, refused
 from capstan.training.pods import checkpoint_claim_name, checkpoint_pvc, selector, service_name
@@ -108,7 +88,7 @@ def _node_lost(pods: list[dict[str, Any]], gone: set[str]) -> list[dict[str, Any
         return pods
     out = []
     for pod in pods:
-        phase = (pod.get("status") or {}).get("phase")
+        phase = dig(pod, "status", "phase")
         if pinned_node(pod) in gone and phase not in ("Succeeded", "Failed"):
             pod = {**pod, "status": {**(pod.get("status") or {}), "phase": "Failed", "reason": "NodeLost"}}
         out.append(pod)
@@ -217,14 +197,24 @@ async def reconcile(
     """
 
     def invalid(body: Mapping[str, Any]) -> None:
-        _state(memo).metrics.phases.set(namespace, name, (body.get("status") or {}).get("phase") or "Pending")
+        _state(memo).metrics.phases.set(namespace, name, dig(body, "status", "phase") or "Pending")
 
     async def step(body: dict[str, Any], job: Any, now: datetime) -> float | None:
         assert isinstance(job, TrainingJob)
         return await _reconcile_job(api, body, job, now, memo, logger)
 
     return await reconcile_live(
-        KIND, api, TRAININGJOBS, namespace, name, uid, logger, step, ConditionType.ADMITTED, None, invalid
+        KIND,
+        api,
+        TRAININGJOBS,
+        namespace=namespace,
+        name=name,
+        uid=uid,
+        logger=logger,
+        step=step,
+        condition=ConditionType.ADMITTED,
+        phase=None,
+        on_invalid=invalid,
     )
 
 
@@ -250,7 +240,9 @@ async def _reconcile_job(
     levels = operator_config(memo).topology_levels
     plan, snaps = _plan(job, seen, now, move=move, placed_by_queue=placed_by_queue, levels=levels)
     if not plan.needs_placement:
-        refusal = await _apply(api, job, body, plan, snaps, now, state.metrics, logger)
+        refusal = await _apply(
+            api, job, body, plan, snaps=snaps, now=now, metrics=state.metrics, logger=logger
+        )
     else:
         async with state.placement_lock:
             snapshot = await _queue_snapshot(api, memo, job.metadata.namespace, logger)
@@ -258,10 +250,12 @@ async def _reconcile_job(
             if result is not None:
                 state.queue.apply(result)
             plan, snaps = _plan(job, seen, now, result.decision if result else None, move=move, levels=levels)
-            refusal = await _apply(api, job, body, plan, snaps, now, state.metrics, logger)
+            refusal = await _apply(
+                api, job, body, plan, snaps=snaps, now=now, metrics=state.metrics, logger=logger
+            )
         if result is not None:
             _wake_queue(memo, result, logger)
-    return await _finish(api, job, body, plan, refusal, now, memo, logger)
+    return await _finish(api, job, body, plan, refusal=refusal, now=now, memo=memo, logger=logger)
 
 
 # -- observe -------------------------------------------------------------------------------------
@@ -323,7 +317,7 @@ async def _children_exist(api: ApiClient, job: TrainingJob) -> tuple[bool | None
 
 def _ours(obj: Mapping[str, Any] | None, uid: str) -> bool:
     """Present, not being deleted, and not left by another TrainingJob of the same name."""
-    if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
+    if obj is None or dig(obj, "metadata", "deletionTimestamp"):
         return False
     owner = owner_of(obj, KIND)
     return owner is None or owner[1] == uid
@@ -350,9 +344,17 @@ async def _queue_snapshot(
         jobs = await api.list_objects(TRAININGJOBS, namespace)
     now = time.time()
     config = operator_config(memo)
-    return queue_snapshot(nodes, pods, queued_jobs(jobs), now, running_gangs(jobs, now), config.queue,
-                          movable_gangs(jobs, now), placed_without_pods(jobs, pods),
-                          levels=config.topology_levels)
+    return queue_snapshot(
+        nodes,
+        pods,
+        queued_jobs(jobs),
+        now=now,
+        running=running_gangs(jobs, now),
+        policy=config.queue,
+        movable=movable_gangs(jobs, now),
+        claimed=placed_without_pods(jobs, pods),
+        levels=config.topology_levels,
+    )
 
 
 # -- plan ----------------------------------------------------------------------------------------
@@ -386,6 +388,7 @@ async def _apply(
     job: TrainingJob,
     body: Mapping[str, Any],
     plan: Plan,
+    *,
     snaps: SnapshotPlan | None,
     now: datetime,
     metrics: JobMetrics,
@@ -418,6 +421,7 @@ async def _finish(
     job: TrainingJob,
     body: Mapping[str, Any],
     plan: Plan,
+    *,
     refusal: ApiError | None,
     now: datetime,
     memo: kopf.Memo,
@@ -425,7 +429,9 @@ async def _finish(
 ) -> float | None:
     """After the creates: settle them, delete pods, post Events, delete the job at its TTL."""
     if refusal is not None or (plan.create and plan.on_created is not None):
-        await _settle_creates(api, job, body, plan, refusal, now, _state(memo).metrics, logger)
+        await _settle_creates(
+            api, job, body, plan, refusal=refusal, now=now, metrics=_state(memo).metrics, logger=logger
+        )
     if plan.delete_pods:
         await api.delete_pods(job.metadata.namespace, plan.delete_pods)
     if _frees_gpus(job, plan):
@@ -448,11 +454,11 @@ async def _apply_snapshots(
     created = await api.create_many(snaps.create) if snaps.create else []
     for obj, new in zip(snaps.create, created, strict=True):
         if new:
-            reason = obj["metadata"]["labels"].get(LABEL_REASON, "Scheduled")
+            reason = obj["metadata"]["labels"].get(LABEL_SNAPSHOT_REASON, "Scheduled")
             message = f"VolumeSnapshot {obj['metadata']['name']} of the checkpoint volume ({reason})"
             logger.info("snapshot %s created (%s)", obj["metadata"]["name"], reason)
             await api.post_event(body, "SnapshotCreated", message, "Normal")
-    ns = (body.get("metadata") or {}).get("namespace")
+    ns = dig(body, "metadata", "namespace")
     for name in snaps.delete:
         await api.delete(VOLUME_SNAPSHOTS, ns, name)
         await api.post_event(body, "SnapshotDeleted", f"VolumeSnapshot {name} removed by retention", "Normal")
@@ -490,6 +496,7 @@ async def _settle_creates(
     job: TrainingJob,
     body: Mapping[str, Any],
     plan: Plan,
+    *,
     refusal: ApiError | None,
     now: datetime,
     metrics: JobMetrics,
@@ -532,7 +539,17 @@ async def trainingjob_loop(
 ) -> None:
     """The reconcile loop of one TrainingJob (see the module docstring)."""
     assert namespace is not None  # TrainingJob is namespaced
-    await reconcile_loop(KIND, reconcile, name, namespace, uid, memo, logger, stopped, ConditionType.ADMITTED)
+    await reconcile_loop(
+        KIND,
+        reconcile,
+        name=name,
+        namespace=namespace,
+        uid=uid,
+        memo=memo,
+        logger=logger,
+        stopped=stopped,
+        condition=ConditionType.ADMITTED,
+    )
 
 
 @kopf.on.event(GROUP, VERSION, "trainingjobs", id="wake-on-change")
@@ -592,7 +609,7 @@ async def _delete_children(
     pods = await api.list_pods(namespace, {LABEL_JOB_UID: uid})
     await api.delete_pods(namespace, [p["metadata"]["name"] for p in pods])
     try:
-        job = parse_resource(
+        job = parse_object(
             {
                 "apiVersion": f"{GROUP}/{VERSION}",
                 "kind": KIND,
@@ -600,7 +617,7 @@ async def _delete_children(
                 "spec": dict(spec),
             }
         )
-    except InvalidResource:
+    except InvalidObject:
         job = None
     if isinstance(job, TrainingJob):
         svc = await api.get(SERVICES, namespace, service_name(job))

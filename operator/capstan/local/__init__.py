@@ -1,1 +1,1 @@
-"""The local runtime: runs the same plans as the operator, as processes on this machine."""
+"""The local executor: runs the same plans as the operator, as processes on this machine."""

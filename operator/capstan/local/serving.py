@@ -26,7 +26,7 @@ def resolve_model_dir(ms: ModelServing, workdir: Path) -> Path:
     src = ms.spec.model
     if src.from_training_job is None:
         raise LocalServingError(
-            f"modelserving/{ms.metadata.name}: spec.model: the local runtime serves models from a "
+            f"modelserving/{ms.metadata.name}: spec.model: the local executor serves models from a "
             "TrainingJob (model.fromTrainingJob); model.uri and model.pvc need a cluster"
         )
     ref = src.from_training_job
@@ -113,7 +113,7 @@ def start_server(ms: ModelServing, workdir: Path) -> LocalServer:
     if ms.spec.runtime != "capstan":
         raise LocalServingError(
             f"modelserving/{ms.metadata.name}: spec.runtime {ms.spec.runtime!r} runs only in a cluster; "
-            "the local runtime serves runtime: capstan"
+            "the local executor serves runtime: capstan"
         )
     model_dir = resolve_model_dir(ms, workdir)
     port = free_port()

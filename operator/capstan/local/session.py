@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from capstan.api.loading import Resource
+from capstan.api.loading import CapstanObject
 from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob
 from capstan.local.serving import LocalServer, LocalServingError, start_server
@@ -15,7 +15,7 @@ EXIT_FAILED = 1
 
 
 def run_local(
-    resources: list[Resource],
+    resources: list[CapstanObject],
     workdir: Path,
     prompts: list[str],
     serve_forever: bool = False,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob
+from capstan.labels import LABEL_ATTEMPT, LABEL_RANK
 from capstan.local.snapshots import take_snapshot
 from capstan.local.workers import Worker, free_port, start_worker, stop_worker
 from capstan.training.lifecycle import plan_trainingjob
@@ -19,7 +20,7 @@ Printer = Callable[[str], None]
 
 @dataclass
 class LocalTrainingRun:
-    """State of one TrainingJob on the local runtime."""
+    """State of one TrainingJob on the local executor."""
 
     job: TrainingJob
     workdir: Path
@@ -40,7 +41,7 @@ class LocalTrainingRun:
 
     def _overrides(self, pod: dict[str, Any]) -> dict[str, str]:
         labels = pod["metadata"]["labels"]
-        attempt, rank = int(labels["capstan.dev/attempt"]), int(labels["capstan.dev/rank"])
+        attempt, rank = int(labels[LABEL_ATTEMPT]), int(labels[LABEL_RANK])
         port = self.ports.setdefault(attempt, free_port())
         return {
             "MASTER_ADDR": "127.0.0.1",
@@ -62,7 +63,7 @@ class LocalTrainingRun:
             return  # Services and PVCs have no local meaning: the checkpoint dir stands in for the PVC
         name = obj["metadata"]["name"]
         labels = obj["metadata"]["labels"]
-        attempt, rank = labels["capstan.dev/attempt"], labels["capstan.dev/rank"]
+        attempt, rank = labels[LABEL_ATTEMPT], labels[LABEL_RANK]
         log = self.job_dir / "logs" / f"attempt-{attempt}" / f"worker-{rank}.log"
         echo = (
             (lambda line: self.print_fn(f"  [worker-{rank}] {line}"))
@@ -108,7 +109,7 @@ def run_trainingjob(
     timeout_s: float | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> LocalTrainingRun:
-    """Run ``job`` to completion on the local runtime and snapshot its checkpoints when it succeeds."""
+    """Run ``job`` to completion on the local executor and snapshot its checkpoints when it succeeds."""
     run = LocalTrainingRun(job=job, workdir=workdir, print_fn=print_fn)
     run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s

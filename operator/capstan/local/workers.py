@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-# Variables that name cluster addresses or mount paths; the local runtime points them at this machine.
+# Variables that name cluster addresses or mount paths; the local executor points them at this machine.
 _ADDR_VARS = ("MASTER_ADDR", "PET_MASTER_ADDR")
 _PORT_VARS = ("MASTER_PORT", "PET_MASTER_PORT")
 
@@ -43,7 +43,7 @@ def resolve_command(pod: dict[str, Any]) -> list[str]:
     c = pod["spec"]["containers"][0]
     argv = [*(c.get("command") or []), *(c.get("args") or [])]
     if not argv:
-        raise ValueError("the local runtime needs spec.command (it cannot read an image's entrypoint)")
+        raise ValueError("the local executor needs spec.command (it cannot read an image's entrypoint)")
     exe = shutil.which(argv[0], path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if exe is None:
         raise FileNotFoundError(f"spec.command[0] {argv[0]!r} is not on PATH")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capstan.api.modelserving import ModelServing
+from capstan.fields import dig
 from capstan.security import REFERENCE_UID, container_security_context
 
 MOUNT = "/model"
@@ -97,7 +98,7 @@ def resolve_model(
     assert ftj is not None  # the ModelSource rule guarantees exactly one source
     if training_job is None:
         raise ModelNotReady(f"TrainingJob {ftj.name!r} not found")
-    checkpoints = (training_job.get("status") or {}).get("checkpoints") or []
+    checkpoints = dig(training_job, "status", "checkpoints") or []
     record = _pick_snapshot(checkpoints, ftj.checkpoint)
     if record is None:
         which = (
@@ -105,11 +106,11 @@ def resolve_model(
         )
         raise ModelNotReady(f"waiting for {which} of TrainingJob {ftj.name!r}")
     snap = str(record["name"])
-    volume = ((training_job.get("spec") or {}).get("checkpoint") or {}).get("volume") or {}
-    observed = (snapshots or {}).get(snap) or {}
+    volume = dig(training_job, "spec", "checkpoint", "volume") or {}
+    observed = dig(snapshots, snap) or {}
     # A restored PVC must be at least the snapshot's restoreSize; the job's volume size is that size
     # when the operator created the volume, the snapshot's own status covers adopted volumes.
-    size = (observed.get("status") or {}).get("restoreSize") or volume.get("size")
+    size = dig(observed, "status", "restoreSize") or volume.get("size")
     if not size:
         raise ModelNotReady(
             f"size of snapshot {snap!r} unknown (no restoreSize yet, no checkpoint.volume.size)"

@@ -34,7 +34,9 @@ from capstan.api.conditions import (
     set_condition,
 )
 from capstan.api.modelserving import ModelServing, ModelServingStatus, RevisionStatus, RolloutStatus
-from capstan.naming import LABEL_REVISION, LABEL_SERVING, label_value
+from capstan.fields import dig
+from capstan.labels import ANNOTATION_MODEL, LABEL_REVISION, LABEL_SERVING
+from capstan.naming import label_value
 from capstan.security import DEFAULT_OPERATOR_NAMESPACE
 from capstan.serving.analysis import AnalysisResult
 from capstan.serving.model_source import ModelNotReady, resolve_model
@@ -53,7 +55,6 @@ from capstan.serving.revisions import (
     stable_service_name,
 )
 from capstan.serving.rollout import (
-    ANNOTATION_MODEL,
     WAIT_READY_S,
     Event,
     Outcome,
@@ -273,7 +274,7 @@ def _observed_revisions(ms: ModelServing, observed: Observed) -> dict[str, Revis
     mine = label_value(ms.metadata.name)
     revs: dict[str, RevisionState] = {}
     for dep in observed.deployments:
-        if ((dep.get("metadata") or {}).get("labels") or {}).get(LABEL_SERVING) != mine:
+        if dig(dep, "metadata", "labels", LABEL_SERVING) != mine:
             continue
         state = revision_state(dep)
         if state is not None:

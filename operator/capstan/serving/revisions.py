@@ -38,15 +38,16 @@ from typing import Any
 
 from capstan import API_VERSION
 from capstan.api.modelserving import ModelServing
-from capstan.naming import (
+from capstan.labels import (
+    GPU_COUNT_LABEL,
+    GPU_RESOURCE,
     LABEL_REVISION,
     LABEL_SERVING,
-    common_labels,
-    dns_label,
-    label_value,
-    owner_reference,
-    short_hash,
+    PROMETHEUS_PATH_ANNOTATION,
+    PROMETHEUS_PORT_ANNOTATION,
+    PROMETHEUS_SCRAPE_ANNOTATION,
 )
+from capstan.naming import common_labels, dns_label, label_value, owner_reference, short_hash
 from capstan.security import (
     DEFAULT_OPERATOR_NAMESPACE,
     REFERENCE_UID,
@@ -61,8 +62,6 @@ from capstan.security import network_policy as _network_policy
 from capstan.serving.model_source import ModelRef, model_pvc, pod_parts
 from capstan.serving.runtimes import ArgsContext, Runtime, runtime_for
 
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_COUNT_LABEL = "nvidia.com/gpu.count"
 CONTAINER = "server"
 PORT_NAME = "http"
 SERVICE_PORT = 80
@@ -238,9 +237,9 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
     pod_meta: dict[str, Any] = {
         "labels": labels,
         "annotations": {
-            "prometheus.io/scrape": "true",
-            "prometheus.io/port": str(spec.port),
-            "prometheus.io/path": rt.metrics_path,
+            PROMETHEUS_SCRAPE_ANNOTATION: "true",
+            PROMETHEUS_PORT_ANNOTATION: str(spec.port),
+            PROMETHEUS_PATH_ANNOTATION: rt.metrics_path,
         },
     }
     pod_spec: dict[str, Any] = {

@@ -24,7 +24,8 @@ from capstan.api.condition_types import RolledBackReason
 from capstan.api.conditions import parse_time, rfc3339
 from capstan.api.modelserving import ModelServingStatus, RolloutSpec, RolloutStatus
 from capstan.events import Event
-from capstan.naming import LABEL_REVISION
+from capstan.fields import dig
+from capstan.labels import ANNOTATION_MODEL, LABEL_REVISION
 from capstan.serving.analysis import AnalysisResult
 
 WAIT_READY_S = 5.0
@@ -32,7 +33,6 @@ WAIT_READY_S = 5.0
 INCONCLUSIVE_RECHECK_S = 15.0
 FAILED_KEPT = 10
 # On each revision Deployment: what it serves, so status can say it after the spec moved on.
-ANNOTATION_MODEL = "capstan.dev/model"
 
 Outcome = Literal["promoted", "rolled_back"]
 
@@ -51,7 +51,7 @@ class RevisionState:
 def revision_state(dep: dict[str, Any]) -> RevisionState | None:
     """Reduce a Deployment dict; None when it lacks the revision label."""
     meta = dep.get("metadata") or {}
-    rev = (meta.get("labels") or {}).get(LABEL_REVISION)
+    rev = dig(meta, "labels", LABEL_REVISION)
     if not rev or meta.get("deletionTimestamp"):
         return None
     status = dep.get("status") or {}
@@ -62,8 +62,8 @@ def revision_state(dep: dict[str, Any]) -> RevisionState | None:
         and c.get("reason") == "ProgressDeadlineExceeded"
         for c in conds
     )
-    replicas = (dep.get("spec") or {}).get("replicas")
-    model = (meta.get("annotations") or {}).get(ANNOTATION_MODEL, "")
+    replicas = dig(dep, "spec", "replicas")
+    model = dig(meta, "annotations", ANNOTATION_MODEL, default="")
     return RevisionState(rev, replicas, int(status.get("readyReplicas") or 0), exceeded, model)
 
 

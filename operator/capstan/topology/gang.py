@@ -170,7 +170,7 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
                 return (dfree[li][d] - need, *chain, d)
 
             chosen = min(fits, key=score)
-        assign = _descend(topo, li, chosen, want, cap, free, dcap, dfree)
+        assign = _descend(topo, li, chosen, want, cap=cap, free=free, dcap=dcap, dfree=dfree)
         return _result(inventory, request, assign)
     return _unplaced(inventory, request, elig, free, cap, dcap=dcap, dfree=dfree, top=top)
 
@@ -235,7 +235,7 @@ def _fill(items: list[tuple[int, int, int, int]], want: int) -> list[tuple[int, 
     raise AssertionError("capacity was checked before filling")
 
 
-def _descend(topo: Any, li: int, dom: int, want: int, cap: list[int], free: list[int],
+def _descend(topo: Any, li: int, dom: int, want: int, *, cap: list[int], free: list[int],
              dcap: list[list[int]], dfree: list[list[int]]) -> list[tuple[int, int]]:
     """Split ``want`` workers down the tree below domain ``dom`` of level ``li`` (nlev = root)."""
     kids = topo.children[li][dom]
@@ -243,7 +243,7 @@ def _descend(topo: Any, li: int, dom: int, want: int, cap: list[int], free: list
         return _fill([(i, cap[i], free[i], i) for i in kids if cap[i]], want)
     out: list[tuple[int, int]] = []
     for child, k in _fill([(c, dcap[li - 1][c], dfree[li - 1][c], c) for c in kids if dcap[li - 1][c]], want):
-        out.extend(_descend(topo, li - 1, child, k, cap, free, dcap, dfree))
+        out.extend(_descend(topo, li - 1, child, k, cap=cap, free=free, dcap=dcap, dfree=dfree))
     return out
 
 
@@ -304,7 +304,7 @@ def _no_node_reason(inv: Inventory, req: GangRequest) -> str:
     return f"{what}" + (f" ({detail})" if detail else " (the cluster has no Ready nodes)")
 
 
-def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int], cap: list[int],
+def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int], cap: list[int], *,
               dcap: list[list[int]] | None = None, dfree: list[list[int]] | None = None,
               top: int | None = None) -> PlacementResult:
     """Build the not-placed result with the most specific reason a user can act on."""

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
+from capstan.fields import dig
+from capstan.labels import GPU_PRODUCT_LABEL, GPU_RESOURCE, RDMA_PREFIX
+
 from .levels import DEFAULT_LEVELS, TopologyLevels
 
 if TYPE_CHECKING:
     from .gang import PlacementResult
 
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-RDMA_PREFIX = "rdma/"
 _HARD_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
 _TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 _SUFFIX = {
@@ -87,9 +87,9 @@ def pod_gpu_request(pod: Mapping[str, Any]) -> int:
 
     def gpus(container: Mapping[str, Any]) -> int:
         res = container.get("resources") or {}
-        req = (res.get("requests") or {}).get(GPU_RESOURCE)
+        req = dig(res, "requests", GPU_RESOURCE)
         if req is None:  # extended resources: limits alone imply an equal request
-            req = (res.get("limits") or {}).get(GPU_RESOURCE)
+            req = dig(res, "limits", GPU_RESOURCE)
         return parse_count(req)
 
     total = sum(gpus(c) for c in spec.get("containers") or [])
@@ -115,7 +115,7 @@ class NodeInfo:
     domain_values: tuple[str, ...]  # label value per level (the node name if it has none)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Topology:
     """Static, shared index of nodes and domains; never mutated after build."""
 
@@ -274,7 +274,7 @@ def _freeze(obj: Any) -> Any:
 
 
 def _is_ready(node: Mapping[str, Any]) -> bool:
-    for cond in (node.get("status") or {}).get("conditions") or []:
+    for cond in dig(node, "status", "conditions") or []:
         if cond.get("type") == "Ready":
             return cond.get("status") == "True"
     return False  # no Ready condition means the kubelet never reported: treat as NotReady
@@ -305,7 +305,7 @@ def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[s
             continue
         labels = meta.get("labels") or {}
         spec = node.get("spec") or {}
-        alloc = (node.get("status") or {}).get("allocatable") or {}
+        alloc = dig(node, "status", "allocatable") or {}
         taints = tuple(sorted(
             (t.get("key") or "", t.get("value") or "", t.get("effect") or "")
             for t in spec.get("taints") or [] if t.get("effect") in _HARD_EFFECTS
@@ -370,13 +370,23 @@ def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[s
 
     used = [0] * len(infos)
     for pod in pods:
-        node_name = (pod.get("spec") or {}).get("nodeName")
-        if not node_name or (pod.get("status") or {}).get("phase") in _TERMINAL_PHASES:
+        node_name = dig(pod, "spec", "nodeName")
+        if not node_name or dig(pod, "status", "phase") in _TERMINAL_PHASES:
             continue
         at = index.get(node_name)
         if at is not None:
             used[at] += pod_gpu_request(pod)
 
-    topo = _Topology(levels, tuple(infos), index, dom_of, dom_keys, dom_values, children, parent,
-                     [n.gpus for n in infos], tuple(sorted(not_ready)))
+    topo = _Topology(
+        levels=levels,
+        nodes=tuple(infos),
+        index=index,
+        dom_of=dom_of,
+        dom_keys=dom_keys,
+        dom_values=dom_values,
+        children=children,
+        parent=parent,
+        alloc=[n.gpus for n in infos],
+        not_ready=tuple(sorted(not_ready)),
+    )
     return Inventory(topo, used)

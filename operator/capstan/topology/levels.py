@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+from capstan.labels import BLOCK_LABEL, GPU_CLIQUE_LABEL, RACK_LABEL, ZONE_LABEL
+
 LEVELS_ENV = "CAPSTAN_TOPOLOGY_LEVELS"
 #: Pseudo level above the widest configured one: "anywhere in the cluster".
 CLUSTER_LEVEL = "cluster"
@@ -65,10 +67,10 @@ class TopologyLevels:
 
 DEFAULT_LEVELS = TopologyLevels(
     (
-        TopologyLevel("nvlink", "nvidia.com/gpu.clique"),
-        TopologyLevel("rack", "capstan.dev/rack"),
-        TopologyLevel("block", "capstan.dev/block"),
-        TopologyLevel("zone", "topology.kubernetes.io/zone"),
+        TopologyLevel("nvlink", GPU_CLIQUE_LABEL),
+        TopologyLevel("rack", RACK_LABEL),
+        TopologyLevel("block", BLOCK_LABEL),
+        TopologyLevel("zone", ZONE_LABEL),
     )
 )
 

@@ -37,14 +37,13 @@ from capstan.api.trainingjob import (
     WorkerCounts,
 )
 from capstan.events import Event
-from capstan.naming import LABEL_ATTEMPT, LABEL_RANK
+from capstan.fields import dig
+from capstan.labels import LABEL_ATTEMPT, LABEL_RANK, LABEL_WORKERS, SPEC_DIGEST_ANNOTATION
 from capstan.security import nonroot_advice, nonroot_refusal
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
 from capstan.training.failure_rules import Failure, first_failure, judge, pod_reasons
 from capstan.training.pods import (
     CONTAINER,
-    LABEL_WORKERS,
-    SPEC_DIGEST_ANNOTATION,
     checkpoint_pvc,
     gang_network_policy,
     headless_service,
@@ -167,10 +166,10 @@ def worker_state(pod: dict[str, Any]) -> WorkerState | None:
         exit_code=exit_code,
         terminating=terminating,
         reason=status.get("reason", ""),
-        node=(pod.get("spec") or {}).get("nodeName"),
+        node=dig(pod, "spec", "nodeName"),
         nonroot_refusal=nonroot_refusal(pod) or "",
         workers=int(size) if isinstance(size, str) and size.isdigit() else None,
-        digest=str((meta.get("annotations") or {}).get(SPEC_DIGEST_ANNOTATION) or ""),
+        digest=str(dig(meta, "annotations", SPEC_DIGEST_ANNOTATION) or ""),
         container_reason=term.get("reason", ""),
         message=message,
         finished_at=term.get("finishedAt"),
@@ -268,7 +267,7 @@ def plan_trainingjob(
 
     ``placement`` is the placement queue's decision for a gang about to be created. Without one,
     a job ``placed_by_queue`` gets a plan that only says it needs one (``needs_placement``), and
-    any other job (local runtime, Kueue-managed, CPU) gets its pods unpinned, for the default
+    any other job (local executor, Kueue-managed, CPU) gets its pods unpinned, for the default
     scheduler. ``move`` (why, in words) asks to move a running gang: its pods are stopped and the
     gang is recreated where its next placement says. Ignored unless every worker runs.
     ``service_exists`` / ``pvc_exists``: whether the job's headless Service and the checkpoint PVC
@@ -607,7 +606,7 @@ def _on_failure(b: _Builder, current: list[WorkerState], failed: list[WorkerStat
 _Counter = Literal["restarts", "preemptions", "hardware", "moves", "startup", "none"]
 
 
-def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, counter: _Counter) -> Plan:
+def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, *, counter: _Counter) -> Plan:
     st, policy = b.status, b.job.spec.failure_policy
     if counter in ("preemptions", "hardware"):
         uncounted = st.preemptions + st.hardware_restarts

@@ -10,16 +10,24 @@ from typing import Any
 
 from capstan import API_VERSION
 from capstan.api.trainingjob import TrainingJob
-from capstan.naming import (
+from capstan.fields import dig
+from capstan.labels import (
+    GPU_RESOURCE,
+    KUEUE_POD_GROUP_COUNT,
+    KUEUE_POD_GROUP_LABEL,
+    KUEUE_PREFERRED_TOPOLOGY,
+    KUEUE_QUEUE_LABEL,
+    KUEUE_REQUIRED_TOPOLOGY,
     LABEL_ATTEMPT,
+    LABEL_COMPONENT,
     LABEL_JOB,
     LABEL_JOB_UID,
     LABEL_RANK,
-    common_labels,
-    dns_label,
-    label_value,
-    owner_reference,
+    LABEL_WORKERS,
+    MULTUS_ANNOTATION,
+    SPEC_DIGEST_ANNOTATION,
 )
+from capstan.naming import common_labels, dns_label, label_value, owner_reference
 from capstan.security import (
     RDMA_CAPABILITY,
     REFERENCE_UID,
@@ -32,7 +40,6 @@ from capstan.security import (
 )
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
 
-GPU_RESOURCE = "nvidia.com/gpu"
 METRICS_PORT = 9400
 CONTAINER = "worker"
 # Exit code of a worker that checkpointed and stopped on SIGTERM (EX_TEMPFAIL): restart the gang
@@ -47,10 +54,6 @@ NCCL_DEFAULTS = {
     "NCCL_DEBUG": "WARN",
 }
 
-#: Pods record the gang size and a digest of the spec they were made from, so a spec change is
-#: seen on a running gang (capstan.training.lifecycle restarts it: Resized, SpecChanged).
-LABEL_WORKERS = "capstan.dev/workers"
-SPEC_DIGEST_ANNOTATION = "capstan.dev/spec-digest"
 #: Spec fields read afresh at every reconcile (or only when a gang is created and also immutable):
 #: a change to them never needs a new gang. Every other field shapes the pods.
 LIVE_FIELDS = frozenset({
@@ -58,11 +61,6 @@ LIVE_FIELDS = frozenset({
 })
 LIVE_SUBFIELDS = {"topology": {"migration"}, "checkpoint": {"snapshots"}}
 
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
-KUEUE_POD_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
-KUEUE_REQUIRED_TOPOLOGY = "kueue.x-k8s.io/podset-required-topology"
-KUEUE_PREFERRED_TOPOLOGY = "kueue.x-k8s.io/podset-preferred-topology"
 
 
 def service_name(job: TrainingJob) -> str:
@@ -148,7 +146,7 @@ def checkpoint_pvc(job: TrainingJob) -> dict[str, Any] | None:
         return None
     name = checkpoint_claim_name(job)
     assert name is not None
-    labels = {**job_labels(job), "app.kubernetes.io/component": "checkpoint"}
+    labels = {**job_labels(job), LABEL_COMPONENT: "checkpoint"}
     meta = (
         _meta(job, name, labels)
         if not vol.retain
@@ -267,7 +265,7 @@ def worker_pod(
                 key = KUEUE_REQUIRED_TOPOLOGY if required else KUEUE_PREFERRED_TOPOLOGY
                 annotations[key] = label
     if spec.wants_rdma and spec.network.networks:
-        annotations["k8s.v1.cni.cncf.io/networks"] = spec.network.networks
+        annotations[MULTUS_ANNOTATION] = spec.network.networks
     meta = _meta(job, name, labels)
     meta["annotations"] = annotations
 
@@ -373,8 +371,8 @@ def merge_template(job: TrainingJob, pod: dict[str, Any]) -> dict[str, Any]:
     merged["securityContext"] = {**(worker.get("securityContext") or {}), **ours["securityContext"]}
     resources = {**(worker.get("resources") or {}), **(ours.get("resources") or {})}
     for part in ("requests", "limits"):
-        amounts = {**((worker.get("resources") or {}).get(part) or {}),
-                   **((ours.get("resources") or {}).get(part) or {})}
+        amounts = {**(dig(worker, "resources", part) or {}),
+                   **(dig(ours, "resources", part) or {})}
         if amounts:
             resources[part] = amounts
     if resources:
@@ -401,7 +399,7 @@ def merge_template(job: TrainingJob, pod: dict[str, Any]) -> dict[str, Any]:
     if pull_secrets:
         out["imagePullSecrets"] = pull_secrets
     if affinity or "affinity" in spec:
-        own = (spec.get("affinity") or {}).get("nodeAffinity") or {}
+        own = dig(spec, "affinity", "nodeAffinity") or {}
         node_affinity = {**(affinity.get("nodeAffinity") or {}), **own}
         out["affinity"] = {**affinity, **({"nodeAffinity": node_affinity} if node_affinity else {})}
     pod["spec"] = out
@@ -421,5 +419,5 @@ def gang_network_policy(job: TrainingJob) -> dict[str, Any] | None:
         ingress.append(
             {"from": peers(policy.metrics_from), "ports": [{"protocol": "TCP", "port": METRICS_PORT}]}
         )
-    labels = {**job_labels(job), "app.kubernetes.io/component": "network-policy"}
+    labels = {**job_labels(job), LABEL_COMPONENT: "network-policy"}
     return network_policy(_meta(job, service_name(job), labels), gang, ingress)

@@ -1,4 +1,4 @@
-"""Server state and the :func:`create_app` factory used by ``__main__``, the local runtime and tests."""
+"""Server state and the :func:`create_app` factory used by ``__main__``, the local executor and tests."""
 
 from __future__ import annotations
 

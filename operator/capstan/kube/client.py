@@ -24,14 +24,14 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote
 
 import aiohttp
 
 from capstan import __version__
+from capstan.fields import dig
+from capstan.kube.resources import EVENTS, PODS, ApiResource, api_resource_of
 from capstan.naming import short_hash
 
 if TYPE_CHECKING:
@@ -48,86 +48,6 @@ JSON_PATCH = "application/json-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class Resource:
-    """One API resource: where its objects live on the server."""
-
-    group: str
-    version: str
-    plural: str
-    kind: str
-    namespaced: bool = True
-
-    @property
-    def api_version(self) -> str:
-        """``group/version``, or ``v1`` for the core group."""
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-    def path(
-        self, namespace: str | None = None, name: str | None = None, subresource: str | None = None
-    ) -> str:
-        """URL path of the collection (no ``name``) or of one object (optionally a subresource)."""
-        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-        if self.namespaced and namespace:
-            base += f"/namespaces/{quote(namespace, safe='')}"
-        base += f"/{self.plural}"
-        if name:
-            base += f"/{quote(name, safe='')}"
-            if subresource:
-                base += f"/{subresource}"
-        return base
-
-
-NAMESPACES = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
-PODS = Resource("", "v1", "pods", "Pod")
-SERVICES = Resource("", "v1", "services", "Service")
-PVCS = Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
-CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap")
-EVENTS = Resource("", "v1", "events", "Event")
-NODES = Resource("", "v1", "nodes", "Node", namespaced=False)
-DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
-HPAS = Resource("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler")
-PDBS = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
-NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
-VOLUME_SNAPSHOTS = Resource("snapshot.storage.k8s.io", "v1", "volumesnapshots", "VolumeSnapshot")
-TRAININGJOBS = Resource("capstan.dev", "v1alpha1", "trainingjobs", "TrainingJob")
-MODELSERVINGS = Resource("capstan.dev", "v1alpha1", "modelservings", "ModelServing")
-
-_KINDS: dict[tuple[str, str], Resource] = {
-    (r.api_version, r.kind): r
-    for r in (
-        NAMESPACES,
-        PODS,
-        SERVICES,
-        PVCS,
-        CONFIGMAPS,
-        EVENTS,
-        NODES,
-        DEPLOYMENTS,
-        HPAS,
-        PDBS,
-        NETWORK_POLICIES,
-        VOLUME_SNAPSHOTS,
-        TRAININGJOBS,
-        MODELSERVINGS,
-    )
-}
-
-
-def register_kind(resource: Resource) -> None:
-    """Teach :func:`resource_of` another kind (e.g. a third-party CRD)."""
-    _KINDS[(resource.api_version, resource.kind)] = resource
-
-
-def resource_of(obj: Mapping[str, Any]) -> Resource:
-    """The :class:`Resource` of an object dict, from its apiVersion and kind."""
-    key = (str(obj.get("apiVersion", "")), str(obj.get("kind", "")))
-    try:
-        return _KINDS[key]
-    except KeyError:
-        raise ValueError(f"unknown kind {key[1]!r} of {key[0]!r}; call register_kind() first") from None
 
 
 class ApiError(Exception):
@@ -162,13 +82,13 @@ def selector_string(labels: Mapping[str, str | None]) -> str:
 
 def matches_labels(obj: Mapping[str, Any], labels: Mapping[str, str | None]) -> bool:
     """Whether ``obj`` carries every label of ``labels`` (None: any value)."""
-    have = (obj.get("metadata") or {}).get("labels") or {}
+    have = dig(obj, "metadata", "labels") or {}
     return all(k in have and (v is None or have[k] == v) for k, v in labels.items())
 
 
 def owner_of(obj: Mapping[str, Any], kind: str) -> tuple[str, str] | None:
     """(name, uid) of the controller ownerReference of ``kind``, if any."""
-    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+    for ref in dig(obj, "metadata", "ownerReferences") or []:
         if ref.get("kind") == kind and ref.get("controller"):
             return str(ref.get("name", "")), str(ref.get("uid", ""))
     return None
@@ -346,7 +266,7 @@ class ApiClient:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    async def get(self, res: Resource, namespace: str | None, name: str) -> dict[str, Any] | None:
+    async def get(self, res: ApiResource, namespace: str | None, name: str) -> dict[str, Any] | None:
         """The object, or None if it does not exist."""
         try:
             obj: dict[str, Any] = await self.request("GET", res.path(namespace, name))
@@ -356,14 +276,14 @@ class ApiClient:
             raise
         return obj
 
-    async def exists(self, res: Resource, namespace: str | None, name: str) -> bool:
+    async def exists(self, res: ApiResource, namespace: str | None, name: str) -> bool:
         """Whether the object exists (and is not being deleted)."""
         obj = await self.get(res, namespace, name)
-        return obj is not None and not (obj.get("metadata") or {}).get("deletionTimestamp")
+        return obj is not None and not dig(obj, "metadata", "deletionTimestamp")
 
     async def list_objects(
         self,
-        res: Resource,
+        res: ApiResource,
         namespace: str | None = None,
         labels: Mapping[str, str | None] | None = None,
         field_selector: str | None = None,
@@ -391,8 +311,8 @@ class ApiClient:
 
     async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """POST the object; :class:`ApiError` (409 included) on failure."""
-        res = resource_of(obj)
-        ns = (obj.get("metadata") or {}).get("namespace")
+        res = api_resource_of(obj)
+        ns = dig(obj, "metadata", "namespace")
         created: dict[str, Any] = await self.request(
             "POST", res.path(ns), body=obj, params={"fieldManager": self.field_manager}
         )
@@ -417,7 +337,7 @@ class ApiClient:
 
     async def patch(
         self,
-        res: Resource,
+        res: ApiResource,
         namespace: str | None,
         name: str,
         patch: Any,
@@ -436,14 +356,14 @@ class ApiClient:
         return out
 
     async def patch_status(
-        self, res: Resource, namespace: str | None, name: str, status: Mapping[str, Any]
+        self, res: ApiResource, namespace: str | None, name: str, status: Mapping[str, Any]
     ) -> dict[str, Any]:
         """Merge-patch ``status`` through the status subresource (None values remove fields)."""
         return await self.patch(res, namespace, name, {"status": dict(status)}, subresource="status")
 
     async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> dict[str, Any]:
         """Server-side apply ``obj`` as Capstan's field manager (creates it when absent)."""
-        res = resource_of(obj)
+        res = api_resource_of(obj)
         meta = obj.get("metadata") or {}
         params = {"fieldManager": self.field_manager, "force": "true" if force else "false"}
         try:
@@ -462,7 +382,7 @@ class ApiClient:
 
     async def delete(
         self,
-        res: Resource,
+        res: ApiResource,
         namespace: str | None,
         name: str,
         *,
@@ -539,7 +459,7 @@ class ApiClient:
         try:
             if not await self.create_if_absent(event):
                 old = await self.get(EVENTS, namespace, ev_name)
-                count = int((old or {}).get("count") or 1) + 1
+                count = int(dig(old, "count") or 1) + 1
                 await self.patch(EVENTS, namespace, ev_name, {"count": count, "lastTimestamp": now})
         except ApiError as exc:  # events are best effort: never fail a reconcile for them
             log.warning("could not post event %s on %s/%s: %s", reason, namespace, name, exc)

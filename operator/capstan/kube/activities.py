@@ -1,0 +1,138 @@
+"""Operator-wide kopf activities (settings, login, startup, cleanup) and the shared state every
+handler uses.
+
+Shared state lives in kopf's operator ``memo`` (each object's memo is a shallow copy of it, so
+the objects below are shared by all handlers of one operator run):
+
+* ``memo.config`` — the :class:`~capstan.config.OperatorConfig`, read from the environment once,
+  when the operator starts (:func:`operator_config` reads it);
+* ``memo.api`` — the :class:`~capstan.kube.client.ApiClient` of this event loop;
+* ``memo.wakeups`` — ``{uid: asyncio.Event}``, set to make an object's reconcile loop run now
+  (:mod:`capstan.kube.reconciler`);
+* ``memo.training`` and ``memo.serving`` — what the handlers of each kind share, typed
+  (:class:`~capstan.kube.trainingjob.TrainingState`, :class:`~capstan.kube.modelserving.ServingState`),
+  created by their own startup handlers.
+
+Handler modules import this module, so its activities register with theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+import kopf
+
+from capstan import GROUP
+from capstan.config import OperatorConfig
+from capstan.kube.client import DEFAULT_CONCURRENCY, ApiClient
+from capstan.labels import FINALIZER
+
+#: Kopf's retries of its own requests (watches, patches) while the API server is away: flat at
+#: 5 s, so watches resume within seconds after a restart of the API server or etcd (kopf's own
+#: schedule grows to 21 s gaps); about the same minute in total before kopf gives up.
+WATCH_ERROR_BACKOFFS_S = (1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0)
+
+
+def operator_config(memo: kopf.Memo) -> OperatorConfig:
+    """The operator's configuration: ``memo.config``, which :func:`capstan.kube.operator.serve`
+    reads from the environment when it starts; the defaults where nothing set it (tests that call
+    a handler with a memo of their own)."""
+    config: OperatorConfig | None = memo.get("config")
+    return config if config is not None else OperatorConfig()
+
+
+def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    """Kopf settings Capstan relies on (idempotent).
+
+    Progress and diff-base go to ``capstan.dev/*`` annotations, never to ``status``: the status
+    belongs to the planner, and GitOps tools must see no drift in fields they manage. The diff-base
+    is a digest of the spec, not a copy (:mod:`capstan.kube.diffbase`): a copy would repeat every
+    ``spec.env`` value in an annotation. Kopf's own log-to-Event posting is off: handlers post
+    their own, deduplicated Events.
+    """
+    from capstan.kube.diffbase import DigestDiffBaseStorage
+
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = DigestDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = FINALIZER
+    settings.posting.enabled = False
+    settings.batching.batch_window = 0.05
+    settings.watching.connect_timeout = 30
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    settings.networking.error_backoffs = WATCH_ERROR_BACKOFFS_S
+    settings.background.cancellation_polling = 1
+    settings.peering.priority = peering_priority(config)
+    settings.peering.lifetime = PEERING_LIFETIME_S
+
+
+#: Seconds a replica's peering record counts as alive: a standby takes over at most this long after
+#: the active replica dies without a word (SIGKILL, a lost node). Kopf refreshes the record 5-10 s
+#: before it runs out; kopf's default of 60 s would leave the cluster unserved for a minute.
+PEERING_LIFETIME_S = 20
+
+
+def peering_priority(config: OperatorConfig) -> int:
+    """This replica's peering priority: ``config.peering_priority``, else random.
+
+    Kopf freezes every replica when the highest priority is shared, so HA replicas must differ:
+    the highest one is active, the others stand by until its peering record expires.
+    """
+    if config.peering_priority is not None:
+        return config.peering_priority
+    return random.SystemRandom().randint(1, 2**31 - 1)
+
+
+async def _login(
+    memo: kopf.Memo, logger: kopf.Logger, settings: kopf.OperatorSettings
+) -> kopf.ConnectionInfo:
+    conn = memo.get("connection")
+    if conn is not None:
+        return conn  # type: ignore[no-any-return]
+    info = await asyncio.to_thread(kopf.login_via_client, logger=logger, settings=settings)
+    if info is None:
+        raise kopf.LoginError("no Kubernetes credentials: neither in-cluster nor via kubeconfig")
+    return info
+
+
+@kopf.on.login(id="capstan-login")
+async def login(
+    memo: kopf.Memo, logger: kopf.Logger, settings: kopf.OperatorSettings, **_: Any
+) -> kopf.ConnectionInfo:
+    """Credentials for kopf: ``memo.connection`` when given (tests), else in-cluster or kubeconfig."""
+    return await _login(memo, logger, settings)
+
+
+@kopf.on.startup(id="capstan-startup")
+async def startup(memo: kopf.Memo, logger: kopf.Logger, settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Apply settings and build the shared API client and handler state."""
+    config: OperatorConfig | None = memo.get("config")
+    if config is None:  # started by kopf itself rather than serve(): read the environment now
+        config = memo.config = OperatorConfig.from_env()
+    configure_settings(settings, config)
+    if memo.get("exit_timeout_s") is not None:  # set by `capstan operator` (see serve())
+        settings.process.ultimate_exiting_timeout = memo["exit_timeout_s"]
+
+    async def refresh() -> kopf.ConnectionInfo:
+        return await _login(memo, logger, settings)
+
+    info = await _login(memo, logger, settings)
+    concurrency = int(memo.get("concurrency") or DEFAULT_CONCURRENCY)
+    memo.api = ApiClient.from_connection(info, refresh=refresh, concurrency=concurrency)
+    memo.wakeups = {}
+    logging.getLogger("capstan").info("capstan operator started against %s", info.server)
+
+
+@kopf.on.cleanup(id="capstan-cleanup")
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    """Close the shared API client."""
+    api = memo.get("api")
+    if api is not None:
+        await api.close()
+
+

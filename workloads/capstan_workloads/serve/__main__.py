@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--device",
         default=os.environ.get(DEVICE_ENV, d.device),
-        help=f"auto (a CUDA GPU when torch sees one, else CPU), cpu, cuda or cuda:N (default: ${DEVICE_ENV} or auto)",
+        help="auto (a CUDA GPU when torch sees one, else CPU), cpu, cuda or cuda:N "
+        f"(default: ${DEVICE_ENV}, else auto)",
     )
     p.add_argument(
         "--prefix-caching",

@@ -89,7 +89,11 @@ class Engine:
         # Padding rows take the last real position: a valid embedding, and at least one visible key.
         pos = self._tensor(starts)[:, None] + torch.minimum(steps[None, :], lens[:, None] - 1)
         slots = self._tensor(
-            [s for p, st, tb in zip(prompts, starts, block_tables, strict=True) for s in cache.slots(tb, range(st, len(p)))]
+            [
+                s
+                for p, st, tb in zip(prompts, starts, block_tables, strict=True)
+                for s in cache.slots(tb, range(st, len(p)))
+            ]
         )
         width = max(-(-len(p) // bt) for p in prompts)
         table = self._tensor([tb[:width] + [0] * (width - len(tb[:width])) for tb in block_tables])
@@ -131,9 +135,7 @@ class Engine:
             keys_pos = torch.arange(width * bt, device=self.device)
             mask = (keys_pos[None, :] <= gpos[:, None])[:, None, None, :]  # (group, 1, 1, key)
             groups.append((lo, hi, table, mask))
-        new_slots = self._tensor(
-            [t[p // bt] * bt + p % bt for t, p in zip(tables, spos, strict=True)]
-        )
+        new_slots = self._tensor([t[p // bt] * bt + p % bt for t, p in zip(tables, spos, strict=True)])
         x = (model.tok_emb(self._tensor([tokens[i] for i in order])) + model.pos_emb(pos))[:, None, :]
         for layer, block in enumerate(self.blocks):
             q, k, v = block.attn.qkv(block.ln1(x)).split(self.cfg.n_embd, dim=2)

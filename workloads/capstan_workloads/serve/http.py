@@ -98,9 +98,13 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
             )
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text parts have a meaning here
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise BadRequest(f"messages[{i}].content", f"messages[{i}].content parts must all be text parts")
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content
+            ):
+                raise BadRequest(
+                    f"messages[{i}].content", f"messages[{i}].content parts must all be text parts"
+                )
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content", f"messages[{i}].content must be a string")
@@ -109,10 +113,11 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def parse_completion_request(body: Any, state: ServerState, chat: bool = False) -> CompletionRequest:
-    """Validate a completion (or, with ``chat``, a chat completion) body; :class:`BadRequest` names the field."""
+    """Validate a completion (``chat``: chat completion) body; :class:`BadRequest` names the field."""
     assert state.loaded is not None and state.scheduler is not None
     if not isinstance(body, dict):
         raise BadRequest(None, "request body must be a JSON object")
+    prompt: Any
     if chat:
         messages = _messages(body)
         assert state.chat_template is not None
@@ -131,7 +136,9 @@ def parse_completion_request(body: Any, state: ServerState, chat: bool = False) 
     limits = state.limits
     n = _integer(body, "n", 1, 1, limits.max_batch_size)
     # Chat's current name for the limit is max_completion_tokens; max_tokens is its older alias.
-    max_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_name = (
+        "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    )
     max_tokens = _integer(body, max_name, 16, 1)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
@@ -191,7 +198,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/chat/completions``: ``messages`` rendered by the chat template, then generated like a prompt."""
+    """``POST /v1/chat/completions``: ``messages`` rendered by the chat template, then completed."""
     return await _serve(request, chat=True)
 
 
@@ -283,7 +290,9 @@ def _body(state: ServerState, fins: list[FinishEvent], chat: bool) -> dict[str, 
             for f in fins
         ]
     else:
-        choices = [{"index": f.index, "text": f.text, "logprobs": None, "finish_reason": f.reason} for f in fins]
+        choices = [
+            {"index": f.index, "text": f.text, "logprobs": None, "finish_reason": f.reason} for f in fins
+        ]
     return {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion" if chat else "text_completion",

@@ -274,7 +274,9 @@ class Scheduler:
                     copies.append(copy)
             self.cache.copy(copies)
             logits = self.engine.decode(
-                [s.output[-1] for s in decoding], [s.length - 1 for s in decoding], [s.blocks for s in decoding]
+                [s.output[-1] for s in decoding],
+                [s.length - 1 for s in decoding],
+                [s.blocks for s in decoding],
             )
             bt = self.cache.block_tokens
             for seq in decoding:

@@ -114,7 +114,17 @@ async def test_sigterm_drains_in_flight_then_exits_0(tmp_path: Path) -> None:
 def test_device_cuda_without_a_gpu_exits_1_naming_the_device(tmp_path: Path) -> None:
     model_dir = make_model_dir(tmp_path / "m", train_steps=0)
     proc = subprocess.run(
-        [sys.executable, "-m", "capstan_workloads.serve", "--model-dir", str(model_dir), "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "capstan_workloads.serve",
+            "--model-dir",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ],
         env={**_env(), "CAPSTAN_DEVICE": "cuda"},
         capture_output=True,
         text=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -226,7 +227,7 @@ def test_stop_string_ends_the_choice_and_frees_its_blocks(lm: LoadedModel) -> No
     want = full[: full.find(stop)]
     sched = _scheduler(lm, num_blocks=12, block_tokens=8)
     events: list[Event] = []
-    sched.submit(prompt, SamplingParams(**{**greedy.__dict__, "stop": ("zzz", stop)}), events.append)
+    sched.submit(prompt, dataclasses.replace(greedy, stop=("zzz", stop)), events.append)
     while sched.running or sched.waiting:
         sched.step()
     fin = events[-1]

@@ -13,7 +13,17 @@ subprocesses, each with the same torch thread count:
 ``tok_s`` is completion tokens over the wall time of the level; ``p99_s`` is the 99th percentile of
 per-request latency seen by the clients; each level runs ``--reps`` times per server, alternating,
 and the best run of each is reported. The greedy outputs of both servers are compared
-(``outputs_match``). Results go to ``bench/results/serving.json``.
+(``outputs_match``).
+
+``shared_prefix``: the prefix cache. Many users chat behind one long system prompt: ``--prefix-users``
+streamed ``/v1/chat/completions`` requests, ``--prefix-concurrency`` at a time, each a system
+message of ``--prefix-system-chars`` characters (the same for every user) and its own short user
+message, against two reference servers side by side, one with the prefix cache (the default) and
+one with ``--no-prefix-caching``. Time to first token is when a client receives the first chunk
+(a chat choice opens with its role when its first token exists); ``tok_s`` is completion tokens
+over the run's wall time. Each rep uses a new system prompt, so every run starts with a cold cache.
+
+Results go to ``bench/results/serving.json``.
 
 Usage: ``python bench/serving.py [--json] [--levels 1,8,32] [--max-tokens 128] [--naive kv]``
 """
@@ -181,6 +191,148 @@ async def run_level(url: str, reqs: list[dict[str, Any]], concurrency: int) -> d
     }
 
 
+def make_chats(users: int, system_chars: int, max_tokens: int, seed: int) -> list[dict[str, Any]]:
+    """``users`` chats behind one system prompt of ``system_chars`` characters, each with its own question."""
+    rng = random.Random(seed)
+    start = rng.randint(0, len(CORPUS) - system_chars)
+    system = {"role": "system", "content": CORPUS[start : start + system_chars]}
+    chats = []
+    for _ in range(users):
+        length = rng.randint(8, 24)
+        at = rng.randint(0, len(CORPUS) - length)
+        chats.append(
+            {
+                "messages": [system, {"role": "user", "content": CORPUS[at : at + length]}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+            }
+        )
+    return chats
+
+
+async def run_chats(url: str, chats: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
+    """Closed-loop streaming chat clients; time to first chunk and throughput."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(chats)):
+        queue.put_nowait(i)
+    ttft: list[float] = []
+    texts: dict[int, str] = {}
+    tokens = 0
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as s:
+
+        async def client() -> None:
+            nonlocal tokens
+            while not queue.empty():
+                i = queue.get_nowait()
+                t0 = time.perf_counter()
+                first: float | None = None
+                parts = []
+                async with s.post(f"{url}/v1/chat/completions", json=chats[i]) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"{url}: HTTP {r.status}: {await r.text()}")
+                    async for line in r.content:
+                        if not line.startswith(b"data: "):
+                            continue
+                        if first is None:
+                            first = time.perf_counter() - t0
+                        if line.strip() == b"data: [DONE]":
+                            break
+                        chunk = json.loads(line[6:])
+                        parts.append(chunk["choices"][0]["delta"].get("content", ""))
+                        if "usage" in chunk:
+                            tokens += chunk["usage"]["completion_tokens"]
+                assert first is not None
+                ttft.append(first)
+                texts[i] = "".join(parts)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {
+        "tok_s": tokens / wall,
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_max_s": max(ttft),
+        "tokens": tokens,
+        "wall_s": wall,
+        "texts": [texts[i] for i in range(len(chats))],
+    }
+
+
+async def prefix_counters(url: str) -> tuple[float, float]:
+    """(prompt tokens, prefix-cache hit tokens) the server counted so far."""
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
+        text = await r.text()
+    values = {
+        line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"
+    }
+    return values["capstan_serving_prompt_tokens_total"], values[
+        "capstan_serving_prefix_cache_hit_tokens_total"
+    ]
+
+
+async def shared_prefix(args: argparse.Namespace, on_url: str, off_url: str) -> dict[str, Any]:
+    """The shared-prefix workload against the prefix-cached server and the uncached one, alternating."""
+    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+    for rep in range(args.reps):
+        chats = make_chats(
+            args.prefix_users, args.prefix_system_chars, args.prefix_max_tokens, seed=1000 + rep
+        )
+        for side, url in (("on", on_url), ("off", off_url)):
+            before = await prefix_counters(url)
+            run = await run_chats(url, chats, args.prefix_concurrency)
+            after = await prefix_counters(url)
+            run["hit_rate"] = (after[1] - before[1]) / (after[0] - before[0])
+            runs[side].append(run)
+    on = max(runs["on"], key=lambda r: r["tok_s"])
+    off = max(runs["off"], key=lambda r: r["tok_s"])
+    result = {
+        "on_tok_s": round(on["tok_s"], 1),
+        "off_tok_s": round(off["tok_s"], 1),
+        "tok_s_ratio": round(on["tok_s"] / off["tok_s"], 2),
+        "on_ttft_p50_s": round(on["ttft_p50_s"], 3),
+        "off_ttft_p50_s": round(off["ttft_p50_s"], 3),
+        "ttft_p50_ratio": round(off["ttft_p50_s"] / on["ttft_p50_s"], 2),
+        "on_ttft_max_s": round(on["ttft_max_s"], 3),
+        "off_ttft_max_s": round(off["ttft_max_s"], 3),
+        "on_prompt_hit_rate": round(on["hit_rate"], 3),
+        "off_prompt_hit_rate": round(off["hit_rate"], 3),
+        "users": args.prefix_users,
+        "concurrency": args.prefix_concurrency,
+        "system_chars": args.prefix_system_chars,
+        "max_tokens": args.prefix_max_tokens,
+        "outputs_match": all(r["texts"] == runs["off"][i]["texts"] for i, r in enumerate(runs["on"])),
+    }
+    print(f"shared_prefix: {json.dumps(result)}", file=sys.stderr, flush=True)
+    return result
+
+
+def server_cmd(model_dir: Path, port: int, args: argparse.Namespace, *extra: str) -> list[str]:
+    """The reference server's command line, as the benchmark starts it."""
+    return [
+        sys.executable,
+        "-m",
+        "capstan_workloads.serve",
+        "--model-dir",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(max(*args.levels, args.prefix_concurrency)),
+        "--threads",
+        str(args.threads),
+        "--device",
+        "cpu",
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
+
+
 async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
     async with aiohttp.ClientSession() as s:
         deadline = time.monotonic() + timeout
@@ -199,27 +351,10 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 1
 
 async def bench(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "workloads")}
-    cport, nport = free_port(), free_port()
-    capstan = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "capstan_workloads.serve",
-            "--model-dir",
-            str(model_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(cport),
-            "--max-batch-size",
-            str(max(args.levels)),
-            "--threads",
-            str(args.threads),
-            "--log-level",
-            "WARNING",
-        ],
-        env=env,
-    )
+    cport, nport, oport = free_port(), free_port(), free_port()
+    capstan = subprocess.Popen(server_cmd(model_dir, cport, args), env=env)
+    # The same server without the prefix cache, for the shared-prefix workload.
+    uncached = subprocess.Popen(server_cmd(model_dir, oport, args, "--no-prefix-caching"), env=env)
     naive = subprocess.Popen(
         [
             sys.executable,
@@ -236,12 +371,13 @@ async def bench(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         ],
         env=env,
     )
-    curl, nurl = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{nport}"
+    curl, nurl, ourl = (f"http://127.0.0.1:{p}" for p in (cport, nport, oport))
     try:
-        await asyncio.gather(wait_ready(curl, capstan), wait_ready(nurl, naive))
-        # Warm both (first-call allocations, lazy kernel init) outside the measurement.
+        await asyncio.gather(wait_ready(curl, capstan), wait_ready(nurl, naive), wait_ready(ourl, uncached))
+        # Warm all three (first-call allocations, lazy kernel init) outside the measurement.
         warm = make_requests(4, 8, seed=99)
         await run_level(curl, warm, 4)
+        await run_level(ourl, warm, 4)
         await run_level(nurl, warm, 1)
         result: dict[str, Any] = {}
         for c in args.levels:
@@ -266,11 +402,13 @@ async def bench(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
                 "outputs_match": all(r["texts"] == nais[0]["texts"] for r in caps + nais),
             }
             print(f"c{c}: {json.dumps(result[f'c{c}'])}", file=sys.stderr, flush=True)
+        if args.prefix_users:
+            result["shared_prefix"] = await shared_prefix(args, curl, ourl)
         return result
     finally:
-        for proc in (capstan, naive):
+        for proc in (capstan, naive, uncached):
             proc.terminate()
-        for proc in (capstan, naive):
+        for proc in (capstan, naive, uncached):
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -291,6 +429,12 @@ def main() -> int:
         type=int,
         default=1,
         help="torch threads per server (1: on a small shared VM more threads thrash)",
+    )
+    p.add_argument("--prefix-users", type=int, default=32, help="shared-prefix chats (0: skip the workload)")
+    p.add_argument("--prefix-concurrency", type=int, default=16, help="shared-prefix clients at a time")
+    p.add_argument("--prefix-system-chars", type=int, default=160, help="length of the shared system prompt")
+    p.add_argument(
+        "--prefix-max-tokens", type=int, default=32, help="completion tokens per shared-prefix chat"
     )
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=384)
@@ -348,6 +492,8 @@ def main() -> int:
     }
     top = f"c{max(args.levels)}"
     result["targets_met"] = {f"{top}.ratio>=5": result[top]["ratio"] >= 5}
+    if "shared_prefix" in result:
+        result["targets_met"]["shared_prefix.outputs_match"] = result["shared_prefix"]["outputs_match"]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))

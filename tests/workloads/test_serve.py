@@ -68,14 +68,20 @@ async def serving(
         await runner.cleanup()
 
 
-async def complete(s: aiohttp.ClientSession, url: str, **body: Any) -> tuple[int, dict[str, Any]]:
-    async with s.post(f"{url}/v1/completions", json=body) as r:
+async def complete(
+    s: aiohttp.ClientSession, url: str, path: str = "/v1/completions", **body: Any
+) -> tuple[int, dict[str, Any]]:
+    async with s.post(f"{url}{path}", json=body) as r:
         return r.status, await r.json()
 
 
-async def stream(s: aiohttp.ClientSession, url: str, **body: Any) -> list[Any]:
+async def chat(s: aiohttp.ClientSession, url: str, **body: Any) -> tuple[int, dict[str, Any]]:
+    return await complete(s, url, "/v1/chat/completions", **body)
+
+
+async def stream(s: aiohttp.ClientSession, url: str, path: str = "/v1/completions", **body: Any) -> list[Any]:
     """POST with stream=true; return the decoded ``data:`` payloads ("[DONE]" kept as a string)."""
-    async with s.post(f"{url}/v1/completions", json={**body, "stream": True}) as r:
+    async with s.post(f"{url}{path}", json={**body, "stream": True}) as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
         raw = (await r.read()).decode()
     events = [e for e in raw.split("\n\n") if e]
@@ -298,7 +304,12 @@ async def test_load_failure_reported_by_health(tmp_path: Path) -> None:
         ({"prompt": "the ", "top_p": 0}, "top_p"),
         ({"prompt": "the ", "stream": "yes"}, "stream"),
         ({"prompt": "the ", "seed": -3}, "seed"),
-        ({"prompt": "the ", "n": 2}, "n"),
+        ({"prompt": "the ", "n": 0}, "n"),
+        ({"prompt": "the ", "n": 33}, "n"),  # more choices than the batch holds
+        ({"prompt": "the ", "n": "2"}, "n"),
+        ({"prompt": "the ", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": "the ", "stop": [""]}, "stop"),
+        ({"prompt": "the ", "stop": 3}, "stop"),
     ],
 )
 async def test_bad_input_is_400_naming_the_field(model_dir: Path, body: dict[str, Any], param: str) -> None:
@@ -306,6 +317,178 @@ async def test_bad_input_is_400_naming_the_field(model_dir: Path, body: dict[str
         status, resp = await complete(s, url, **body)
     assert status == 400
     assert resp["error"]["param"] == param and param in resp["error"]["message"]
+    assert resp["error"]["type"] == "invalid_request_error"
+
+
+USER = {"role": "user", "content": "the quick"}
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [USER, {"role": "wizard", "content": "x"}]}, "messages[1].role"),
+        ({"messages": [{"content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+        ({"messages": [USER], "n": 0}, "n"),
+        ({"messages": [USER], "max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"messages": [USER], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": [{"role": "user", "content": "x" * 70}]}, "messages"),
+    ],
+)
+async def test_bad_chat_input_is_400_naming_the_field(
+    model_dir: Path, body: dict[str, Any], param: str
+) -> None:
+    async with serving(model_dir) as (url, _), aiohttp.ClientSession() as s:
+        status, resp = await chat(s, url, **body)
+    assert status == 400, resp
+    assert resp["error"]["param"] == param and param in resp["error"]["message"]
+
+
+async def test_chat_is_a_completion_of_the_templated_conversation(model_dir: Path) -> None:
+    messages = [
+        {"role": "system", "content": "a capstan"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "the quick "}, {"type": "text", "text": "fox"}],
+        },
+    ]
+    rendered = "system: a capstan\nuser: the quick fox\nassistant: "
+    async with serving(model_dir) as (url, _), aiohttp.ClientSession() as s:
+        (cs, cbody), (ps, pbody), events = await asyncio.gather(
+            chat(s, url, messages=messages, max_tokens=12, temperature=0),
+            complete(s, url, prompt=rendered, max_tokens=12, temperature=0),
+            stream(
+                s, url, "/v1/chat/completions", messages=messages, max_completion_tokens=12, temperature=0
+            ),
+        )
+    assert cs == ps == 200
+    assert cbody["object"] == "chat.completion" and cbody["id"].startswith("chatcmpl-")
+    (choice,) = cbody["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == pbody["choices"][0]["text"]
+    assert choice["finish_reason"] == "length" and cbody["usage"] == pbody["usage"]
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
+    assert (
+        "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == choice["message"]["content"]
+    )
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["choices"][0]["delta"] == {}
+    assert chunks[-1]["usage"] == cbody["usage"]
+
+
+async def test_chat_template_from_the_model_dir_and_its_refusals(model_dir: Path, tmp_path: Path) -> None:
+    custom = tmp_path / "model"
+    custom.mkdir()
+    for f in model_dir.iterdir():
+        (custom / f.name).write_bytes(f.read_bytes())
+    (custom / "chat_template.jinja").write_text(
+        "{% if messages[0].role != 'system' %}{{ raise_exception('start with a system message') }}{% endif %}"
+        "{% for m in messages %}{{ m.content }} {% endfor %}"
+    )
+    async with serving(custom) as (url, _), aiohttp.ClientSession() as s:
+        ok, body = await chat(s, url, messages=[{"role": "system", "content": "the"}, USER], temperature=0)
+        assert ok == 200, body
+        plain = await complete(s, url, prompt="the the quick ", temperature=0)
+        assert body["choices"][0]["message"]["content"] == plain[1]["choices"][0]["text"]
+        status, err = await chat(s, url, messages=[USER])
+    assert status == 400 and err["error"]["param"] == "messages"
+    assert "start with a system message" in err["error"]["message"]
+
+
+async def test_broken_chat_template_fails_the_load(model_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}")
+    async with serving(model_dir, wait_ready=False, chat_template=str(bad)) as (_, state):
+
+        async def failed() -> bool:
+            return state.load_error is not None
+
+        await eventually(failed)
+    assert state.load_error is not None and "chat template does not compile" in state.load_error
+
+
+async def test_stop_cuts_before_the_stop_string_in_both_apis_and_streams(model_dir: Path) -> None:
+    base = {"max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    async with serving(model_dir) as (url, state), aiohttp.ClientSession() as s:
+        _, full = await complete(s, url, prompt="a capstan", **base)
+        text = full["choices"][0]["text"]
+        stop = text[12:15]
+        want = text[: text.find(stop)]
+        (_, cut), events, (_, listed) = await asyncio.gather(
+            complete(s, url, prompt="a capstan", stop=stop, **base),
+            stream(s, url, prompt="a capstan", stop=[stop], **base),
+            complete(s, url, prompt="a capstan", stop=["no such text", stop], **base),
+        )
+        _, unmatched = await complete(s, url, prompt="a capstan", stop="no such text", **base)
+        assert state.scheduler is not None
+        used = state.scheduler.blocks.num_used
+    assert cut["choices"][0] == {"index": 0, "text": want, "logprobs": None, "finish_reason": "stop"}
+    assert cut["usage"]["completion_tokens"] < 40  # generation stopped there, not at max_tokens
+    assert listed["choices"][0]["text"] == want
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == want
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert unmatched["choices"][0] == full["choices"][0]
+    assert used == 0
+
+
+async def test_n_choices_with_index_usage_and_streaming(model_dir: Path) -> None:
+    req = {"prompt": "the ", "max_tokens": 20, "temperature": 1.0, "seed": 5, "n": 3, "ignore_eos": True}
+    chat_req = {k: v for k, v in req.items() if k != "prompt"}
+    async with serving(model_dir) as (url, state), aiohttp.ClientSession() as s:
+        (status, body), events, (_, one) = await asyncio.gather(
+            complete(s, url, **req),
+            stream(s, url, "/v1/chat/completions", messages=[USER], **chat_req),
+            complete(s, url, **{**req, "n": 1, "seed": 6}),
+        )
+        _, chat_body = await chat(s, url, messages=[USER], **chat_req)
+        assert state.scheduler is not None
+        used = state.scheduler.blocks.num_used
+    assert status == 200
+    choices = body["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 60, "total_tokens": 64}
+    # Choice i of a seeded request is the seed + i of a single-choice request.
+    assert choices[1]["text"] == one["choices"][0]["text"]
+    assert len({c["text"] for c in choices}) > 1
+    chunks = events[:-1]
+    for i in range(3):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert mine[0]["delta"]["role"] == "assistant" and mine[-1]["finish_reason"] is not None
+        content = "".join(c["delta"].get("content", "") for c in mine)
+        assert content == chat_body["choices"][i]["message"]["content"]
+    assert sum(1 for c in chunks if "usage" in c) == 1 and "usage" in chunks[-1]
+    assert used == 0
+
+
+async def test_prefix_cache_hits_a_shared_system_prompt_and_changes_nothing(model_dir: Path) -> None:
+    system = "continuous batching admits new requests into the"  # 48 tokens: three 16-token blocks
+    questions = ["the quick", "a capstan", "paged kv"]
+
+    async def answers(prefix_caching: bool) -> tuple[list[str], dict[Any, float]]:
+        async with (
+            serving(model_dir, prefix_caching=prefix_caching) as (url, _),
+            aiohttp.ClientSession() as s,
+        ):
+            texts = []
+            for q in questions:  # one after the other: each later one can hit the first's blocks
+                _, body = await complete(s, url, prompt=system + q, max_tokens=10, temperature=0)
+                texts.append(body["choices"][0]["text"])
+            return texts, await metric_samples(s, url)
+
+    (on, on_metrics), (off, off_metrics) = await answers(True), await answers(False)
+    assert on == off
+    prompt_tokens = sum(len(system + q) for q in questions)
+    for m in (on_metrics, off_metrics):
+        assert m[("capstan_serving_prompt_tokens_total", ())] == prompt_tokens
+    assert on_metrics[("capstan_serving_prefix_cache_hit_tokens_total", ())] == 2 * 48
+    assert off_metrics[("capstan_serving_prefix_cache_hit_tokens_total", ())] == 0
 
 
 async def test_invalid_json_is_400(model_dir: Path) -> None:
@@ -323,7 +506,7 @@ async def test_kv_blocks_all_freed_after_requests_and_disconnects(model_dir: Pat
         aiohttp.ClientSession() as s,
     ):
         assert state.scheduler is not None
-        alloc = state.scheduler.cache.allocator
+        alloc = state.scheduler.blocks
         await asyncio.gather(
             *(complete(s, url, prompt=p, max_tokens=20) for p in PROMPTS),
             *(stream(s, url, prompt=p, max_tokens=15) for p in PROMPTS[:3]),

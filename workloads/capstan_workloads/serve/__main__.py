@@ -6,12 +6,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 
 from aiohttp import web
 
-from .app import DTYPES, STATE, Limits, create_app
+from .app import DEVICE_ENV, DTYPES, STATE, Limits, create_app
 
 log = logging.getLogger("capstan_workloads.serve")
 
@@ -51,6 +52,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retry-after-seconds", type=int, default=d.retry_after_seconds)
     p.add_argument("--add-bos", action="store_true", help="prepend <bos> to every prompt")
     p.add_argument("--model-name", default=None, help="model name in responses (default: model dir name)")
+    p.add_argument(
+        "--device",
+        default=os.environ.get(DEVICE_ENV, d.device),
+        help="auto (a CUDA GPU when torch sees one, else CPU), cpu, cuda or cuda:N "
+        f"(default: ${DEVICE_ENV}, else auto)",
+    )
+    p.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=d.prefix_caching,
+        help="reuse the KV blocks of prompt prefixes seen before (default: on)",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="jinja2 chat template file for /v1/chat/completions "
+        "(default: the model dir's chat_template.jinja, else a plain 'role: content' template)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -70,6 +89,9 @@ async def serve(args: argparse.Namespace) -> int:
         retry_after_seconds=args.retry_after_seconds,
         add_bos=args.add_bos,
         model_name=args.model_name,
+        device=args.device,
+        prefix_caching=args.prefix_caching,
+        chat_template=args.chat_template,
     )
     state = app[STATE]
     # handler_cancellation: a client that hangs up cancels its handler, which frees its KV blocks.

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from aiohttp import web
 
+from .chat import ChatTemplate
 from .engine import Engine
 from .kvcache import PagedKVCache
 from .loader import LoadedModel, load_model_dir
@@ -22,6 +23,19 @@ from .scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_ENV = "CAPSTAN_DEVICE"  # the --device default: auto, cpu, cuda or cuda:N
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the first CUDA GPU when torch sees one, else the CPU; ``cpu``/``cuda[:N]`` as asked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} asked for, but torch sees no CUDA GPU "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})"
+        )
+    return torch.device(name)
 
 
 @dataclass
@@ -39,6 +53,10 @@ class Limits:
     retry_after_seconds: int = 1  # Retry-After sent with 429/503
     add_bos: bool = False  # prepend <bos> to every prompt (an empty prompt always gets it)
     model_name: str | None = None  # "model" field of responses; default: the model dir's name
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
+    prefix_caching: bool = True  # share KV blocks of identical prompt prefixes across requests
+    chat_template: str | None = None  # jinja2 file; default: the model dir's chat_template.jinja or built-in
+    max_stop: int = 4  # stop strings per request (OpenAI's limit)
 
     def validate(self) -> None:
         """Reject nonsensical limits early with a readable message."""
@@ -49,6 +67,10 @@ class Limits:
             raise ValueError("kv_blocks must be >= 1")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.max_stop < 0:
+            raise ValueError("max_stop must be >= 0")
 
 
 class ServerState:
@@ -61,6 +83,8 @@ class ServerState:
         self.metrics = ServingMetrics()
         self.loaded: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
+        self.chat_template: ChatTemplate | None = None
+        self.device: torch.device | None = None
         self.load_error: str | None = None
         self.load_task: asyncio.Task[None] | None = None
         self.draining = False
@@ -87,7 +111,10 @@ class ServerState:
         lim = self.limits
         threads = lim.threads or len(os.sched_getaffinity(0))
         torch.set_num_threads(threads)
+        device = resolve_device(lim.device)
         loaded = load_model_dir(self.model_dir, DTYPES[lim.dtype])
+        loaded.model.to(device)
+        self.chat_template = ChatTemplate.load(lim.chat_template, self.model_dir)
         cfg = loaded.config
         per_seq = -(-cfg.block_size // lim.kv_block_tokens)
         num_blocks = lim.kv_blocks or lim.max_batch_size * per_seq
@@ -97,9 +124,25 @@ class ServerState:
                 f"kv_blocks={num_blocks} cannot hold one {cfg.block_size}-token sequence "
                 f"({per_seq} blocks of {lim.kv_block_tokens})"
             )
-        cache = PagedKVCache(cfg.n_layer, cfg.n_embd, num_blocks, lim.kv_block_tokens, DTYPES[lim.dtype])
+        cache = PagedKVCache(
+            cfg.n_layer,
+            cfg.n_embd,
+            num_blocks,
+            lim.kv_block_tokens,
+            DTYPES[lim.dtype],
+            device=device,
+            prefix_caching=lim.prefix_caching,
+        )
         engine = Engine(loaded.model, cache, sample_vocab=loaded.tokenizer.vocab_size)
         self.loaded = loaded
+        self.device = device
+        log.info(
+            "device %s, %d KV blocks of %d tokens, prefix caching %s",
+            device,
+            num_blocks,
+            lim.kv_block_tokens,
+            "on" if lim.prefix_caching else "off",
+        )
         return Scheduler(
             engine,
             loaded.tokenizer,

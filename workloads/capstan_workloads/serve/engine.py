@@ -2,7 +2,10 @@
 
 The math mirrors ``GPT.forward`` exactly (pre-LN blocks, learned positions, tied head); only the
 attention inputs differ: keys and values come from the cache instead of being recomputed, so a
-greedy continuation matches full-sequence recomputation up to float rounding.
+greedy continuation matches full-sequence recomputation up to float rounding. Prefill and decode
+both read every key through the block tables, so a prompt whose first blocks were found in the
+prefix cache runs the same code as one computed from scratch. Tensors live on the model's device
+(CPU or CUDA); sampling runs on the CPU, where the per-request generators are.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # vLLM extension: always generate max_tokens (benchmarks, load tests)
+    stop: tuple[str, ...] = ()  # output ends before the first of these strings
+    n: int = 1  # choices generated for the prompt (they share its KV blocks)
 
 
 class Engine:
@@ -44,6 +49,10 @@ class Engine:
         # Ids past the tokenizer's vocabulary (a rounded-up embedding table) can never be decoded.
         self.sample_vocab = sample_vocab or self.cfg.vocab_size
         self.attn_group = attn_group
+        self.device = model.tok_emb.weight.device
+
+    def _tensor(self, data: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(data, dtype=torch.long, device=self.device)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, time, n_embd) -> (batch, n_head, time, head_dim)."""
@@ -60,29 +69,46 @@ class Engine:
         """Tied head on the final hidden states of the positions we sample from."""
         return self.model.ln_f(h) @ self.model.tok_emb.weight.T
 
-    def prefill(self, prompts: list[list[int]], block_tables: list[list[int]]) -> torch.Tensor:
-        """Run whole prompts (padded into one batch), fill their cache slots, return last-position logits."""
-        model, cache = self.model, self.cache
-        lens = torch.tensor([len(p) for p in prompts])
+    def prefill(
+        self, prompts: list[list[int]], starts: list[int], block_tables: list[list[int]]
+    ) -> torch.Tensor:
+        """Compute ``prompt[start:]`` of each prompt (padded into one batch), return last-position logits.
+
+        Positions before ``start`` are already in the cache (prefix hits); the new tokens' K/V are
+        written first, then every query attends to its sequence's keys read through the block table.
+        """
+        model, cache, bt = self.model, self.cache, self.cache.block_tokens
+        news = [p[s:] for p, s in zip(prompts, starts, strict=True)]
+        if not all(news):
+            raise ValueError("prefill needs at least one uncached token per prompt")
+        lens = self._tensor([len(t) for t in news])
         t = int(lens.max())
-        idx = torch.zeros(len(prompts), t, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            idx[i, : len(p)] = torch.tensor(p)
-        pos = torch.arange(t)
-        valid = pos[None, :] < lens[:, None]  # (batch, time): real token, not padding
-        # Only real tokens are written to the cache; padding rows are computed and thrown away.
-        slots = torch.tensor(
-            [s for p, bt in zip(prompts, block_tables, strict=True) for s in cache.slots(bt, range(len(p)))]
+        idx = self._tensor([n + [0] * (t - len(n)) for n in news])
+        steps = torch.arange(t, device=self.device)
+        valid = steps[None, :] < lens[:, None]  # (batch, time): real token, not padding
+        # Padding rows take the last real position: a valid embedding, and at least one visible key.
+        pos = self._tensor(starts)[:, None] + torch.minimum(steps[None, :], lens[:, None] - 1)
+        slots = self._tensor(
+            [
+                s
+                for p, st, tb in zip(prompts, starts, block_tables, strict=True)
+                for s in cache.slots(tb, range(st, len(p)))
+            ]
         )
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
-        mask = (causal[None] & valid[:, None, :])[:, None]  # (batch, 1, query, key)
+        width = max(-(-len(p) // bt) for p in prompts)
+        table = self._tensor([tb[:width] + [0] * (width - len(tb[:width])) for tb in block_tables])
+        keys_pos = torch.arange(width * bt, device=self.device)
+        mask = (keys_pos[None, None, :] <= pos[:, :, None])[:, None]  # (batch, 1, query, key)
         x = model.tok_emb(idx) + model.pos_emb(pos)
         for layer, block in enumerate(self.blocks):
             q, k, v = block.attn.qkv(block.ln1(x)).split(self.cfg.n_embd, dim=2)
             cache.write(layer, slots, k[valid], v[valid])
-            y = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), attn_mask=mask)
+            keys, values = cache.gather(layer, table)
+            y = F.scaled_dot_product_attention(
+                self._heads(q), self._heads(keys), self._heads(values), attn_mask=mask
+            )
             x = self._block_tail(block, x, y)
-        last = x[torch.arange(len(prompts)), lens - 1]
+        last = x[torch.arange(len(prompts), device=self.device), lens - 1]
         return self._logits(last)
 
     def decode(self, tokens: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
@@ -96,22 +122,21 @@ class Engine:
         model, cache, bt = self.model, self.cache, self.cache.block_tokens
         b = len(tokens)
         order = sorted(range(b), key=positions.__getitem__)  # group similar lengths together
-        pos = torch.tensor([positions[i] for i in order])
+        spos = [positions[i] for i in order]
+        pos = self._tensor(spos)
         tables = [block_tables[i] for i in order]
         groups = []
         for lo in range(0, b, self.attn_group):
             hi = min(lo + self.attn_group, b)
             gpos = pos[lo:hi]
-            width = int(gpos.max()) // bt + 1  # blocks the longest sequence of the group uses
+            width = max(spos[lo:hi]) // bt + 1  # blocks the longest sequence of the group uses
             # Shorter tables are padded with block 0, whose rows the mask hides.
-            table = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables[lo:hi]])
-            keys_pos = torch.arange(width * bt)
+            table = self._tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables[lo:hi]])
+            keys_pos = torch.arange(width * bt, device=self.device)
             mask = (keys_pos[None, :] <= gpos[:, None])[:, None, None, :]  # (group, 1, 1, key)
             groups.append((lo, hi, table, mask))
-        new_slots = torch.tensor(
-            [t[p // bt] * bt + p % bt for t, p in zip(tables, pos.tolist(), strict=True)]
-        )
-        x = (model.tok_emb(torch.tensor([tokens[i] for i in order])) + model.pos_emb(pos))[:, None, :]
+        new_slots = self._tensor([t[p // bt] * bt + p % bt for t, p in zip(tables, spos, strict=True)])
+        x = (model.tok_emb(self._tensor([tokens[i] for i in order])) + model.pos_emb(pos))[:, None, :]
         for layer, block in enumerate(self.blocks):
             q, k, v = block.attn.qkv(block.ln1(x)).split(self.cfg.n_embd, dim=2)
             cache.write(layer, new_slots, k[:, 0], v[:, 0])
@@ -125,15 +150,16 @@ class Engine:
                 )
             x = self._block_tail(block, x, torch.cat(ys) if len(ys) > 1 else ys[0])
         logits = self._logits(x[:, 0])
-        inverse = torch.empty(b, dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(b)
+        inverse = torch.empty(b, dtype=torch.long, device=self.device)
+        inverse[self._tensor(order)] = torch.arange(b, device=self.device)
         return logits[inverse]
 
     def sample(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
     ) -> list[int]:
         """Pick one token per row: argmax for temperature 0, else temperature + nucleus (top-p) sampling."""
-        logits = logits[:, : self.sample_vocab].float()
+        # One device-to-host copy per step; the generators (and thus seeded results) live on the CPU.
+        logits = logits[:, : self.sample_vocab].float().cpu()
         out = logits.argmax(dim=-1).tolist()
         for i, p in enumerate(params):
             if p.temperature <= 0:

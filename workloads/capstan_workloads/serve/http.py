@@ -1,4 +1,5 @@
-"""HTTP API: OpenAI-style ``POST /v1/completions`` (JSON or SSE), health, readiness and metrics."""
+"""HTTP API: OpenAI-style ``POST /v1/completions`` and ``/v1/chat/completions`` (JSON or SSE), health,
+readiness and metrics."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .app import STATE, ServerState
+from .chat import ROLES, ChatTemplateError
 from .engine import SamplingParams
-from .scheduler import Event, FinishEvent, QueueFull, Sequence, TokenEvent
+from .scheduler import Event, FinishEvent, QueueFull, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +33,12 @@ class BadRequest(ValueError):
 
 @dataclass
 class CompletionRequest:
-    """A validated completion request."""
+    """A validated completion or chat request."""
 
     prompt_ids: list[int]
     params: SamplingParams
     stream: bool
+    chat: bool = False
 
 
 def _number(
@@ -52,22 +55,91 @@ def _number(
     return float(value)
 
 
-def parse_completion_request(body: Any, state: ServerState) -> CompletionRequest:
-    """Validate a completion body against the loaded model; raise :class:`BadRequest` naming the field."""
-    assert state.loaded is not None
+def _integer(body: dict[str, Any], name: str, default: int, lo: int, hi: int | None = None) -> int:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise BadRequest(name, f"{name} must be an integer {bound}, got {value!r}")
+    return value
+
+
+def _stop(body: dict[str, Any], limit: int) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise BadRequest("stop", "stop must be a string or a list of strings")
+    if len(stops) > limit:
+        raise BadRequest("stop", f"stop may hold at most {limit} strings, got {len(stops)}")
+    if any(not s for s in stops):
+        raise BadRequest("stop", "stop strings must not be empty")
+    return tuple(stops)
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    """Validate chat ``messages``: a non-empty list of {role, content} with known roles and text content."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages", "messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRequest(f"messages[{i}]", f"messages[{i}] must be an object with role and content")
+        role = m.get("role")
+        # "developer" is OpenAI's newer name for the system role.
+        if role == "developer":
+            role = "system"
+        if role not in ROLES:
+            raise BadRequest(
+                f"messages[{i}].role", f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}"
+            )
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text parts have a meaning here
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content
+            ):
+                raise BadRequest(
+                    f"messages[{i}].content", f"messages[{i}].content parts must all be text parts"
+                )
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content", f"messages[{i}].content must be a string")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def parse_completion_request(body: Any, state: ServerState, chat: bool = False) -> CompletionRequest:
+    """Validate a completion (``chat``: chat completion) body; :class:`BadRequest` names the field."""
+    assert state.loaded is not None and state.scheduler is not None
     if not isinstance(body, dict):
         raise BadRequest(None, "request body must be a JSON object")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]  # OpenAI accepts a one-element batch; larger batches are not supported
-    if not isinstance(prompt, str):
-        raise BadRequest("prompt", "prompt must be a string")
-    n = body.get("n", 1)
-    if n != 1:
-        raise BadRequest("n", "only n=1 is supported")
-    max_tokens = body.get("max_tokens", 16)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise BadRequest("max_tokens", f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    prompt: Any
+    if chat:
+        messages = _messages(body)
+        assert state.chat_template is not None
+        try:
+            prompt = state.chat_template.render(messages)
+        except ChatTemplateError as exc:
+            raise BadRequest("messages", f"messages: {exc}") from exc
+        prompt_field = "messages"
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]  # OpenAI accepts a one-element batch; larger batches are not supported
+        if not isinstance(prompt, str):
+            raise BadRequest("prompt", "prompt must be a string")
+        prompt_field = "prompt"
+    limits = state.limits
+    n = _integer(body, "n", 1, 1, limits.max_batch_size)
+    # Chat's current name for the limit is max_completion_tokens; max_tokens is its older alias.
+    max_name = (
+        "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    )
+    max_tokens = _integer(body, max_name, 16, 1)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     seed = body.get("seed")
@@ -79,16 +151,24 @@ def parse_completion_request(body: Any, state: ServerState) -> CompletionRequest
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise BadRequest("ignore_eos", "ignore_eos must be a boolean")
-    tok = state.loaded.tokenizer
-    ids = tok.encode(prompt, bos=state.limits.add_bos or not prompt)
+    stop = _stop(body, limits.max_stop)
+    ids = state.loaded.tokenizer.encode(prompt, bos=limits.add_bos or not prompt)
     block_size = state.loaded.config.block_size
     if len(ids) >= block_size:
         raise BadRequest(
-            "prompt",
-            f"prompt is {len(ids)} tokens; the model's block_size is {block_size}, "
+            prompt_field,
+            f"{prompt_field} is {len(ids)} tokens; the model's block_size is {block_size}, "
             f"so a prompt may have at most {block_size - 1} tokens",
         )
-    return CompletionRequest(ids, SamplingParams(max_tokens, temperature, top_p, seed, ignore_eos), stream)
+    sched = state.scheduler
+    need = sched.blocks_needed(len(ids), max_tokens, n)
+    if need > sched.cache.num_blocks:
+        raise BadRequest(
+            "n",
+            f"n={n} choices of this prompt need {need} KV blocks; the server holds {sched.cache.num_blocks}",
+        )
+    params = SamplingParams(max_tokens, temperature, top_p, seed, ignore_eos, stop, n)
+    return CompletionRequest(ids, params, stream, chat)
 
 
 def _error(
@@ -105,21 +185,30 @@ def _error(
     return web.json_response(body, status=status, headers=headers)
 
 
-def _usage(fin: FinishEvent) -> dict[str, int]:
-    return {
-        "prompt_tokens": fin.prompt_tokens,
-        "completion_tokens": fin.completion_tokens,
-        "total_tokens": fin.prompt_tokens + fin.completion_tokens,
-    }
+def _usage(fins: list[FinishEvent]) -> dict[str, int]:
+    """Usage of a request: the prompt once, the completion tokens of every choice."""
+    prompt = fins[0].prompt_tokens
+    completion = sum(f.completion_tokens for f in fins)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/completions``: counts every answer by status code and times successful ones."""
+    """``POST /v1/completions``."""
+    return await _serve(request, chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/chat/completions``: ``messages`` rendered by the chat template, then completed."""
+    return await _serve(request, chat=True)
+
+
+async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
+    """Counts every answer by status code and times successful ones."""
     state = request.app[STATE]
     start = time.monotonic()
     state.active_requests += 1
     try:
-        resp = await _completions(request, state)
+        resp = await _generate(request, state, chat)
     except Exception:
         log.exception("completion failed")
         resp = _error(state, 500, "internal", "internal error")
@@ -131,7 +220,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def _completions(request: web.Request, state: ServerState) -> web.StreamResponse:
+async def _generate(request: web.Request, state: ServerState, chat: bool) -> web.StreamResponse:
     retry = {"Retry-After": str(state.limits.retry_after_seconds)}
     if state.draining:
         return _error(state, 503, "draining", "server is draining; retry on another replica", headers=retry)
@@ -142,7 +231,7 @@ async def _completions(request: web.Request, state: ServerState) -> web.StreamRe
     except (json.JSONDecodeError, UnicodeDecodeError):
         return _error(state, 400, "bad_request", "request body must be valid JSON")
     try:
-        req = parse_completion_request(body, state)
+        req = parse_completion_request(body, state, chat)
     except BadRequest as exc:
         return _error(state, 400, "bad_request", str(exc), param=exc.param)
 
@@ -150,7 +239,7 @@ async def _completions(request: web.Request, state: ServerState) -> web.StreamRe
     queue: asyncio.Queue[Event] = asyncio.Queue()
 
     def emit(event: Event) -> None:
-        # Called from the scheduler thread. Non-streaming requests only need the final event,
+        # Called from the scheduler thread. Non-streaming requests only need the final events,
         # which saves a loop wake-up per token.
         if req.stream or isinstance(event, FinishEvent):
             # RuntimeError: the loop is already closed (shutdown), so nobody is listening.
@@ -158,67 +247,96 @@ async def _completions(request: web.Request, state: ServerState) -> web.StreamRe
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
     try:
-        seq = state.scheduler.submit(req.prompt_ids, req.params, emit)
+        submitted = state.scheduler.submit(req.prompt_ids, req.params, emit)
     except QueueFull as exc:
         return _error(state, 429, "overloaded", f"server is at capacity ({exc}); retry later", headers=retry)
     done = False
     try:
         if req.stream:
-            resp, done = await _stream(request, state, queue)
+            resp, done = await _stream(request, state, queue, req)
             return resp
-        fin = await queue.get()
+        fins: list[FinishEvent] = []
+        while len(fins) < req.params.n:
+            ev = await queue.get()
+            assert isinstance(ev, FinishEvent)
+            fins.append(ev)
         done = True
-        assert isinstance(fin, FinishEvent)
-        if fin.reason in ("error", "abort"):
-            kind = "engine" if fin.reason == "error" else "aborted"
+        failed = next((f for f in fins if f.reason in ("error", "abort")), None)
+        if failed is not None:
+            kind = "engine" if failed.reason == "error" else "aborted"
             return _error(
                 state,
-                503 if fin.reason == "abort" else 500,
+                503 if failed.reason == "abort" else 500,
                 kind,
-                fin.error or f"request {fin.reason}ed",
+                failed.error or f"request {failed.reason}ed",
                 headers=retry,
             )
-        return web.json_response(_completion_body(state, seq, fin))
+        return web.json_response(_body(state, sorted(fins, key=lambda f: f.index), req.chat))
     finally:
-        if not done:  # client went away (handler cancelled or write failed): free its slot
+        if not done:  # client went away (handler cancelled or write failed): free its slots
             state.metrics.errors.labels(kind="client_disconnect").inc()
-            state.scheduler.cancel(seq)
+            state.scheduler.cancel(submitted)
 
 
-def _completion_body(state: ServerState, seq: Sequence, fin: FinishEvent) -> dict[str, Any]:
-    assert state.loaded is not None
+def _body(state: ServerState, fins: list[FinishEvent], chat: bool) -> dict[str, Any]:
+    if chat:
+        choices: list[dict[str, Any]] = [
+            {
+                "index": f.index,
+                "message": {"role": "assistant", "content": f.text},
+                "logprobs": None,
+                "finish_reason": f.reason,
+            }
+            for f in fins
+        ]
+    else:
+        choices = [
+            {"index": f.index, "text": f.text, "logprobs": None, "finish_reason": f.reason} for f in fins
+        ]
     return {
-        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-        "object": "text_completion",
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": state.model_name,
-        "choices": [
-            {
-                "index": 0,
-                "text": state.loaded.tokenizer.decode(seq.output),
-                "logprobs": None,
-                "finish_reason": fin.reason,
-            }
-        ],
-        "usage": _usage(fin),
+        "choices": choices,
+        "usage": _usage(fins),
     }
 
 
 async def _stream(
-    request: web.Request, state: ServerState, queue: asyncio.Queue[Event]
+    request: web.Request, state: ServerState, queue: asyncio.Queue[Event], req: CompletionRequest
 ) -> tuple[web.StreamResponse, bool]:
-    """Server-sent events: one ``data: {chunk}`` per token, a final chunk with usage, ``data: [DONE]``."""
+    """Server-sent events: ``data: {chunk}`` per token and choice, a final chunk per choice, ``data: [DONE]``.
+
+    Chat chunks are ``chat.completion.chunk`` objects whose first delta of each choice carries the
+    role; the last choice to finish carries the request's usage.
+    """
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    chat, n = req.chat, req.params.n
+    cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    started: set[int] = set()
+    fins: list[FinishEvent] = []
 
-    def chunk(text: str, reason: str | None, usage: dict[str, int] | None = None) -> bytes:
+    def chunk(index: int, text: str, reason: str | None, usage: dict[str, int] | None = None) -> bytes:
+        choice: dict[str, Any] = {"index": index}
+        if chat:
+            delta: dict[str, str] = {}
+            if index not in started:
+                delta["role"] = "assistant"
+            if text or index not in started:
+                delta["content"] = text
+            started.add(index)
+            choice |= {"delta": delta, "logprobs": None, "finish_reason": reason}
+        else:
+            choice |= {"text": text, "logprobs": None, "finish_reason": reason}
         body: dict[str, Any] = {
             "id": cid,
-            "object": "text_completion",
+            "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created,
             "model": state.model_name,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+            "choices": [choice],
         }
         if usage is not None:
             body["usage"] = usage
@@ -229,29 +347,36 @@ async def _stream(
         while not queue.empty():  # coalesce tokens that piled up into one write
             events.append(queue.get_nowait())
         out = []
-        fin: FinishEvent | None = None
+        failed: FinishEvent | None = None
         for ev in events:
             if isinstance(ev, TokenEvent):
-                if ev.text:
-                    out.append(chunk(ev.text, None))
+                # A chat choice opens with its role as soon as its first token exists (time to first token).
+                if ev.text or (chat and ev.index not in started):
+                    out.append(chunk(ev.index, ev.text, None))
             else:
-                fin = ev
-        if fin is not None:
-            if fin.reason in ("error", "abort"):
-                state.metrics.errors.labels(kind="engine" if fin.reason == "error" else "aborted").inc()
-                out.append(
-                    f"data: {json.dumps({'error': {'message': fin.error or fin.reason}})}\n\n".encode()
-                )
-            else:
-                out.append(chunk("", fin.reason, _usage(fin)))
+                fins.append(ev)
+                if ev.reason in ("error", "abort"):
+                    failed = ev
+                    break
+                if ev.tail:
+                    out.append(chunk(ev.index, ev.tail, None))
+                out.append(chunk(ev.index, "", ev.reason, _usage(fins) if len(fins) == n else None))
+        end = failed is not None or len(fins) == n
+        if failed is not None:
+            state.metrics.errors.labels(kind="engine" if failed.reason == "error" else "aborted").inc()
+            err = {"error": {"message": failed.error or failed.reason}}
+            out.append(f"data: {json.dumps(err)}\n\n".encode())
+        if end:
             out.append(b"data: [DONE]\n\n")
         try:
             await resp.write(b"".join(out))
-            if fin is not None:
+            if end:
                 await resp.write_eof()
-        except ConnectionResetError:  # client hung up mid-stream; the caller cancels the sequence
-            return resp, fin is not None
-        if fin is not None:
+        except ConnectionResetError:  # client hung up mid-stream; the caller cancels the request
+            return resp, end
+        if end:
+            # A failed choice means the whole batch failed (engine error) or the server stops: every
+            # other choice of the request ends the same way, nothing is left to cancel.
             return resp, True
 
 
@@ -267,7 +392,7 @@ async def readyz(request: web.Request) -> web.Response:
     """Readiness: 200 only once the model is loaded and while not draining."""
     state = request.app[STATE]
     if state.ready:
-        return web.json_response({"status": "ready", "model": state.model_name})
+        return web.json_response({"status": "ready", "model": state.model_name, "device": str(state.device)})
     status = "draining" if state.draining else ("error" if state.load_error else "loading")
     return web.json_response({"status": status, "error": state.load_error}, status=503)
 
@@ -299,6 +424,7 @@ async def models(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     """Register every endpoint on ``app``."""
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

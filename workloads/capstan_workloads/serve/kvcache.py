@@ -3,50 +3,16 @@
 In the spirit of vLLM's PagedAttention: a sequence's keys and values live in blocks that need not
 be contiguous, so memory is never fragmented and a finished sequence returns its blocks at once.
 Attention reads a sequence's K/V through its block table (a gather), which on CPU is cheap next to
-the matmuls.
+the matmuls. Which blocks a sequence holds, and which it shares with others (prefix caching,
+copy-on-write), is decided by the pure :class:`~.blocks.BlockManager`; this module only holds the
+tensors and moves bytes.
 """
 
 from __future__ import annotations
 
-import math
-from collections import deque
-
 import torch
 
-
-class OutOfBlocks(RuntimeError):
-    """The pool has fewer free blocks than a request asked for."""
-
-
-class BlockAllocator:
-    """Free-list allocator over block ids ``0..num_blocks-1``."""
-
-    def __init__(self, num_blocks: int) -> None:
-        if num_blocks < 1:
-            raise ValueError("num_blocks must be >= 1")
-        self.num_blocks = num_blocks
-        # FIFO reuse spreads writes over the pool; order does not matter for correctness.
-        self._free: deque[int] = deque(range(num_blocks))
-
-    @property
-    def num_free(self) -> int:
-        """Blocks available for allocation."""
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        """Blocks currently owned by some sequence."""
-        return self.num_blocks - len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        """Take ``n`` blocks from the free list, all or none."""
-        if n > len(self._free):
-            raise OutOfBlocks(f"need {n} blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
-
-    def free(self, blocks: list[int]) -> None:
-        """Return blocks to the free list."""
-        self._free.extend(blocks)
+from .blocks import BlockManager, Copy
 
 
 class PagedKVCache:
@@ -64,20 +30,31 @@ class PagedKVCache:
         num_blocks: int,
         block_tokens: int = 16,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        prefix_caching: bool = True,
     ) -> None:
         self.block_tokens = block_tokens
-        self.allocator = BlockAllocator(num_blocks)
-        self.k = torch.zeros(n_layer, num_blocks, block_tokens, n_embd, dtype=dtype)
-        self.v = torch.zeros(n_layer, num_blocks, block_tokens, n_embd, dtype=dtype)
+        self.manager = BlockManager(num_blocks, block_tokens, prefix_caching)
+        self.k = torch.zeros(n_layer, num_blocks, block_tokens, n_embd, dtype=dtype, device=device)
+        self.v = torch.zeros(n_layer, num_blocks, block_tokens, n_embd, dtype=dtype, device=device)
 
     @property
     def num_blocks(self) -> int:
         """Total blocks in the pool."""
-        return self.allocator.num_blocks
+        return self.manager.num_blocks
 
     def blocks_for(self, n_tokens: int) -> int:
         """Blocks needed to hold ``n_tokens`` tokens."""
-        return math.ceil(n_tokens / self.block_tokens)
+        return self.manager.blocks_for(n_tokens)
+
+    def copy(self, copies: list[Copy]) -> None:
+        """Perform copy-on-writes: every layer's K and V of each ``src`` block into its ``dst`` block."""
+        if not copies:
+            return
+        src = torch.tensor([c.src for c in copies], device=self.k.device)
+        dst = torch.tensor([c.dst for c in copies], device=self.k.device)
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
 
     def slots(self, block_table: list[int], positions: range | list[int]) -> list[int]:
         """Flat slot index of each position of a sequence with this block table."""

@@ -69,6 +69,14 @@ class ServingMetrics:
         self.generated_tokens = Counter(
             f"{PREFIX}_generated_tokens", "Tokens generated over all requests.", registry=r
         )
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens of admitted requests.", registry=r
+        )
+        self.prefix_cache_hit_tokens = Counter(
+            f"{PREFIX}_prefix_cache_hit_tokens",
+            "Prompt tokens whose KV came from the prefix cache instead of being computed.",
+            registry=r,
+        )
         self.errors = Counter(
             f"{PREFIX}_errors",
             "Errors by kind (bad_request, overloaded, draining, not_ready, engine, ...).",

@@ -219,7 +219,7 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
      "DNS-1123"),
     ({"spec": {"containers": [{"name": "a", "image": "x"}, {"name": "a", "image": "y"}]}},
      "spec.template.spec.containers[1].name", "also"),
-    ({"spec": {"initContainers": [{"name": "worker", "image": "x"}]}}, "spec.template.spec.initContainers",
+    ({"spec": {"initContainers": [{"name": "worker", "image": "x"}]}}, "spec.template.spec.initContainers[0].name",
      "worker container"),
     ({"spec": {"volumes": [{"name": "d", "emptyDir": {}}, {"name": "d", "emptyDir": {}}]}},
      "spec.template.spec.volumes[1].name", "twice"),

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from capstan.api.common import (
     ApiModel,
@@ -25,7 +25,11 @@ from capstan.api.k8s_names import (
     TrainingJobName,
     dns1123_subdomain_errors,
 )
+from capstan.api.podtemplate import SERVING, PodSpecBody, PodTemplate, TemplateMetadata, TemplateRules
 from capstan.api.security import PodSecurity, ServingNetworkPolicy
+
+#: Where the server container finds the model (capstan.serving.model_source mounts it there).
+MODEL_MOUNT = "/model"
 
 Runtime = Literal["capstan", "vllm", "tgi", "custom"]
 ServingPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
@@ -148,6 +152,25 @@ class ServingResources(ApiModel):
     memory: Quantity | None = Field(default=None, description="Memory request and limit.")
 
 
+class ServerTemplate(PodTemplate):
+    """A pod template merged over every revision's server pods (as in a Deployment)."""
+
+    template_rules: ClassVar[TemplateRules] = SERVING
+
+    metadata: TemplateMetadata = Field(
+        default_factory=TemplateMetadata, description="Labels and annotations added to every server pod."
+    )
+    spec: PodSpecBody = Field(
+        default_factory=dict,
+        description="A core/v1 PodSpec merged over the generated one: volumes, init and sidecar "
+        "containers, imagePullSecrets, priorityClassName, serviceAccountName, securityContext, affinity "
+        "and tolerations are added to Capstan's; a container named server is merged into the server "
+        "container (env with valueFrom, envFrom, volumeMounts, resources other than GPUs). Fields "
+        "Capstan owns (image, arguments and probes of the runtime, GPUs, the model and /dev/shm mounts, "
+        "the hardened security defaults) are rejected, naming what to use instead.",
+    )
+
+
 class ModelServingSpec(ApiModel):
     """Desired state of a ModelServing."""
 
@@ -193,6 +216,13 @@ class ModelServingSpec(ApiModel):
         "(clientsFrom), the Capstan operator's canary analysis and the metrics scraper; {} uses the "
         "defaults. Unset: no NetworkPolicy.",
     )
+    template: ServerTemplate | None = Field(
+        default=None,
+        description="Pod template merged over every server pod: env from Secrets (valueFrom, envFrom; "
+        "also given to the model download), volumes, imagePullSecrets, init and sidecar containers, "
+        "serviceAccountName, priorityClassName, securityContext, affinity and tolerations. A container "
+        "named server is merged into the server container. A change rolls out a new revision.",
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -202,6 +232,31 @@ class ModelServingSpec(ApiModel):
             lambda s: s.runtime != "custom" or (s.args_template is not None and s.image is not None),
         ),
     )
+
+    @model_validator(mode="after")
+    def _check_template_against_spec(self) -> Self:
+        problems = self.template_conflicts()
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def template_conflicts(self) -> list[str]:
+        """Fields the template's server container sets that the rest of the spec sets too."""
+        if self.template is None or not self.template.main_container():
+            return []
+        server = self.template.main_container()
+        at = self.template.main_container_path()
+        out = self.template.resource_conflicts(self.resources.cpu, self.resources.memory)
+        own_env = {e.name for e in self.env}
+        for j, env in enumerate(server.get("env") or []):
+            if env.get("name") in own_env:
+                out.append(f"{at}.env[{j}].name: {env['name']} is also in spec.env; set it in one place")
+        for j, mount in enumerate(server.get("volumeMounts") or []):
+            path = str(mount.get("mountPath", "")).rstrip("/")
+            if path == MODEL_MOUNT or path.startswith(MODEL_MOUNT + "/"):
+                out.append(f"{at}.volumeMounts[{j}].mountPath: {MODEL_MOUNT} is where Capstan mounts the "
+                           "model (spec.model)")
+        return out
 
 
 class RevisionStatus(ApiModel):

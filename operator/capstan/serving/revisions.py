@@ -47,6 +47,7 @@ from capstan.naming import (
     owner_reference,
     short_hash,
 )
+from capstan.podmerge import merge_template
 from capstan.security import (
     DEFAULT_OPERATOR_NAMESPACE,
     REFERENCE_UID,
@@ -205,9 +206,14 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
         {"name": "CAPSTAN_MODELSERVING", "value": ms.metadata.name},
         {"name": "CAPSTAN_REVISION", "value": rev.name},
     ]
-    user_env = [e.wire() for e in spec.env]
+    user_env: list[dict[str, Any]] = [e.wire() for e in spec.env]
+    template = spec.template
+    server = template.main_container() if template else {}
+    # The template's server env (Secrets included) overrides the runtime's defaults by name, as
+    # spec.env does; the two never name the same variable (admission rejects that).
+    user_env += [dict(e) for e in server.get("env") or []]
     env = [e for e in env if e["name"] not in {u["name"] for u in user_env}] + user_env
-    parts = pod_parts(rev.model, rev.name, user_env)
+    parts = pod_parts(rev.model, rev.name, user_env, server.get("envFrom"))
     image = spec.image or rt.image
     # The UID is set where Capstan knows the image: its own, or a runtime default it picked.
     known_uid = rt.image_user if spec.image is None else None
@@ -264,11 +270,18 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
         pod_spec["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
         pod_spec["tolerations"] = [t.wire() for t in spec.tolerations]
+    pod: dict[str, Any] = {"metadata": pod_meta, "spec": pod_spec}
+    if template is not None:
+        # The server env is already in place (the download needs it too): merge the rest.
+        server_spec = {**template.spec, "containers": [
+            {k: v for k, v in c.items() if k != "env"} if c.get("name") == CONTAINER else c
+            for c in template.spec.get("containers") or []]}
+        pod = merge_template(pod, template.metadata.wire(), server_spec, CONTAINER)
     dep_spec: dict[str, Any] = {
         "selector": {"matchLabels": revision_selector(ms, rev.name)},
         "progressDeadlineSeconds": PROGRESS_DEADLINE_S,
         "revisionHistoryLimit": 1,
-        "template": {"metadata": pod_meta, "spec": pod_spec},
+        "template": pod,
     }
     if replicas is not None:
         dep_spec["replicas"] = replicas

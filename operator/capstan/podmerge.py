@@ -42,7 +42,8 @@ def _merge_container(ours: dict[str, Any], theirs: Mapping[str, Any]) -> dict[st
         joined = (ours.get(key) or []) + (theirs.get(key) or [])
         if joined:
             merged[key] = joined
-    merged["securityContext"] = {**(theirs.get("securityContext") or {}), **(ours.get("securityContext") or {})}
+    merged["securityContext"] = {**(theirs.get("securityContext") or {}),
+                                 **(ours.get("securityContext") or {})}
     resources = {**(theirs.get("resources") or {}), **(ours.get("resources") or {})}
     for part in ("requests", "limits"):
         amounts = {**((theirs.get("resources") or {}).get(part) or {}),
@@ -76,7 +77,8 @@ def merge_template(
     )
     sidecars = [hardened(c) for c in tpl.pop("containers", None) or [] if c.get("name") != container]
     ours, *others = spec["containers"]
-    init = [*(spec.get("initContainers") or []), *(hardened(c) for c in tpl.pop("initContainers", None) or [])]
+    init = [*(spec.get("initContainers") or []),
+            *(hardened(c) for c in tpl.pop("initContainers", None) or [])]
 
     affinity = tpl.pop("affinity", None) or {}
     security = tpl.pop("securityContext", None) or {}

@@ -424,11 +424,14 @@ class PodTemplate(ApiModel):
     metadata: TemplateMetadata = Field(
         default_factory=TemplateMetadata, description="Labels and annotations added to every pod."
     )
-    spec: PodSpecBody = Field(default_factory=dict, description="A core/v1 PodSpec merged over the generated one.")
+    spec: PodSpecBody = Field(
+        default_factory=dict, description="A core/v1 PodSpec merged over the generated one."
+    )
 
     @model_validator(mode="after")
     def _check_template(self) -> Self:
-        problems = template_problems({"metadata": self.metadata.wire(), "spec": self.spec}, self.template_rules)
+        template = {"metadata": self.metadata.wire(), "spec": self.spec}
+        problems = template_problems(template, self.template_rules)
         if problems:
             # One line per problem, each a path inside the template (see describe_errors).
             raise ValueError("\n".join(problems))

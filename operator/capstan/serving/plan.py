@@ -160,8 +160,9 @@ def plan_modelserving(
 
     ``gateway_api``: the cluster serves HTTPRoute (gateway.networking.k8s.io/v1); traffic is then
     split by route weights. ``keda``: the cluster serves KEDA's ScaledObject; autoscaled revisions
-    get one (querying the Prometheus at ``prometheus``) instead of an HPA, and may scale to zero. ``analysis``: the verdict on the canary's current step, when the
-    executor scraped it (the planner says when one is due through :func:`analysis_due`).
+    get one (querying the Prometheus at ``prometheus``) instead of an HPA, and may scale to zero.
+    ``analysis``: the verdict on the canary's current step, when the executor scraped it (the
+    planner says when one is due through :func:`analysis_due`).
     ``operator_namespace``: where the operator runs (the servers' NetworkPolicy admits it).
     A refusal of the API server on record (see :class:`ServingPlan`) stays on show until
     applying works.
@@ -426,7 +427,8 @@ def _add_deletes(
             (owner_rev is not None and owner_rev not in live)
             # KEDA makes its own HPA (keda-hpa-{name}) for a ScaledObject; Capstan's is named
             # like the revision and goes when KEDA takes over.
-            or (kind == "HorizontalPodAutoscaler" and (not traffic.autoscaled or (keda and name == owner_rev)))
+            or (kind == "HorizontalPodAutoscaler"
+                and (not traffic.autoscaled or (keda and name == owner_rev)))
             or (kind == "ScaledObject" and (not traffic.autoscaled or not keda))
             or (kind == "HTTPRoute" and (not gateway_api or not live))
             or (kind == "NetworkPolicy" and policy is None)

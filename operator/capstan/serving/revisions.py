@@ -419,7 +419,8 @@ def hpa(ms: ModelServing, revision: str, weight: int, runtime: Runtime | None = 
             "type": "Pods",
             "pods": {
                 "metric": {"name": signal.adapter_name},
-                "target": {"type": "AverageValue", "averageValue": _quantity(auto.target * signal.per_percent)},
+                "target": {"type": "AverageValue",
+                           "averageValue": _quantity(auto.target * signal.per_percent)},
             },
         }
     else:

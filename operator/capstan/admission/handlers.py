@@ -106,7 +106,8 @@ async def _keda(body: Mapping[str, Any], memo: kopf.Memo | None, warnings: list[
     from capstan.kube.modelserving import keda_available
 
     try:
-        return await asyncio.wait_for(keda_available(api, memo), 10)
+        # Not the reconcile loop's cached answer: KEDA installed a moment ago must count.
+        return await asyncio.wait_for(keda_available(api), 10)
     except Exception as exc:  # fail open: the operator refuses the spec at reconcile instead
         log.warning("admission: cannot discover KEDA: %s", exc)
         warnings.append(f"KEDA check skipped: API discovery failed ({type(exc).__name__})")

@@ -156,7 +156,8 @@ def _runtime_series() -> dict[str, dict[str, str]]:
 def test_alerts_read_each_runtimes_own_series() -> None:
     rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
     latency = next(r["expr"] for r in rules if r["alert"] == "CapstanServingLatencyHigh")
-    errors = {r["labels"].get("runtime"): r["expr"] for r in rules if r["alert"] == "CapstanServingErrorRate"}
+    errors = {r["labels"].get("runtime"): r["expr"] for r in rules
+              if r["alert"] == "CapstanServingErrorRate"}
     assert set(errors) == {None, "vllm", "sglang", "tgi"}
     for runtime, series in _runtime_series().items():
         assert series["latency"] in latency, runtime
@@ -181,8 +182,9 @@ def test_chart_ships_prometheus_adapter_rules_for_every_load_signal() -> None:
         pytest.skip("helm missing: run scripts/install-tools.sh")
     assert not [d for d in docs(helm_template()) if d["kind"] == "ConfigMap"
                 and d["metadata"]["name"].endswith("prometheus-adapter-rules")]
-    rendered = docs(helm_template({"autoscaling": {"adapterRules": {"enabled": True, "namespace": "monitoring"},
-                                                   "prometheusUrl": "http://prom.monitoring.svc:9090"}}))
+    values = {"autoscaling": {"adapterRules": {"enabled": True, "namespace": "monitoring"},
+                              "prometheusUrl": "http://prom.monitoring.svc:9090"}}
+    rendered = docs(helm_template(values))
     (cm,) = [d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith(
         "prometheus-adapter-rules")]
     assert cm["metadata"]["namespace"] == "monitoring"

@@ -167,7 +167,8 @@ def test_alerts_read_each_runtimes_own_series() -> None:
 
 
 def test_dashboard_shows_each_runtimes_own_series() -> None:
-    exprs = " ".join(t["expr"] for p in _panels(json.loads(DASHBOARD.read_text())) for t in p.get("targets", []))
+    panels = _panels(json.loads(DASHBOARD.read_text()))
+    exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
     for runtime, series in _runtime_series().items():
         for what in ("latency", "running", "waiting"):
             assert series[what] in exprs, (runtime, what)

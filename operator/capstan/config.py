@@ -51,6 +51,9 @@ DEFAULT_WEBHOOK_ADDR = "0.0.0.0"
 MANAGED_ENV = "CAPSTAN_WEBHOOK_MANAGED"
 LOG_FORMAT_ENV = "CAPSTAN_LOG_FORMAT"
 LOG_LEVEL_ENV = "CAPSTAN_LOG_LEVEL"
+PROMETHEUS_ENV = "CAPSTAN_PROMETHEUS_URL"
+#: The Prometheus Operator's default Service for a Prometheus named "k8s" in "monitoring".
+DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
 
 LogFormat = Literal["json", "plain", "full"]
 _LOG_FORMATS: tuple[LogFormat, ...] = ("json", "plain", "full")
@@ -117,6 +120,10 @@ class OperatorConfig:
     debug: bool = False
     """Debug logs (``$CAPSTAN_LOG_LEVEL`` = ``debug``; any other value keeps the default level)."""
 
+    prometheus_url: str = DEFAULT_PROMETHEUS_URL
+    """Prometheus that KEDA's triggers query for the servers' load gauges
+    (``$CAPSTAN_PROMETHEUS_URL``; default ``http://prometheus-operated.monitoring.svc:9090``)."""
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
         """The configuration from ``env`` (default: this process's environment); an unset or empty
@@ -145,6 +152,7 @@ class OperatorConfig:
             webhook_managed=source.get(MANAGED_ENV) or None,
             log_format=next((f for f in _LOG_FORMATS if f == log_format), "json"),
             debug=source.get(LOG_LEVEL_ENV, "").strip().lower() == "debug",
+            prometheus_url=source.get(PROMETHEUS_ENV) or DEFAULT_PROMETHEUS_URL,
         )
 
 

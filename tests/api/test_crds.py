@@ -83,3 +83,13 @@ def test_crd_yaml_round_trips() -> None:
     for path in (ROOT / "crds").glob("*.yaml"):
         doc = yaml.safe_load(path.read_text())
         assert doc["kind"] == "CustomResourceDefinition"
+
+
+def test_each_crd_fits_a_client_side_kubectl_apply() -> None:
+    """Both CRDs embed upstream's PodSpec (spec.template): a client-side `kubectl apply` stores the
+    whole object as JSON in its last-applied annotation, which the API server caps at 256 KiB."""
+    import json
+
+    for name, crd in build_crds().items():
+        size = len(json.dumps(crd, separators=(",", ":")))
+        assert size < 256 * 1024 - 4096, f"{name}: {size} bytes of JSON"

@@ -9,6 +9,7 @@ stub serves the pod's metrics on the ``http`` container port (spec.port).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import socket
@@ -223,3 +224,82 @@ async def _route_is(env: sc.Env, wanted: dict[str, int]) -> bool:
 async def _two(env: sc.Env) -> dict[str, dict[str, Any]] | None:
     revs = await revisions(env)
     return revs if len(revs) == 2 else None
+
+
+#: KEDA's ScaledObject CRD, from the Go module cache (go mod download through the Go proxy).
+KEDA_MODULE = "github.com/kedacore/keda/v2@v2.17.2"
+KEDA_CRD = "config/crd/bases/keda.sh_scaledobjects.yaml"
+
+
+def keda_crd() -> str:
+    """The pinned ScaledObject CRD's YAML (skips the test when go cannot fetch the module)."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("go is not on PATH: it fetches KEDA's CRD from the Go module cache")
+    with tempfile.TemporaryDirectory() as tmp:
+        res = subprocess.run([go, "mod", "download", "-json", KEDA_MODULE], cwd=tmp, capture_output=True,
+                             text=True, timeout=300)
+    info = json.loads(res.stdout or "{}")
+    assert res.returncode == 0 and "Dir" in info, f"go mod download {KEDA_MODULE}: {res.stderr}{info}"
+    return (Path(info["Dir"]) / KEDA_CRD).read_text()
+
+
+async def test_template_secret_env_and_keda_scaled_object_on_the_real_server(
+    env: sc.Env, api: ApiClient, cluster: Any
+) -> None:
+    """spec.template (a Secret env, a sidecar, a pull secret) gives a Deployment the API server
+    accepts; with KEDA's ScaledObject CRD installed, the operator creates a ScaledObject the API
+    server accepts (its schema is KEDA's own) instead of an HPA."""
+    from capstan.kube.modelserving import GATEWAY_CHECK_TTL_S, SCALEDOBJECTS
+
+    crd = keda_crd()
+    cluster.kubectl("apply", "--server-side", "-f", "-", stdin=crd)
+    cluster.kubectl("wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s")
+    secret_env = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    try:
+        await api.create({
+            "apiVersion": "capstan.dev/v1alpha1",
+            "kind": "ModelServing",
+            "metadata": {"name": NAME, "namespace": env.namespace},
+            "spec": {
+                "model": {"uri": "hf://org/model"},
+                "runtime": "vllm",
+                "gpu": False,
+                "autoscaling": {"minReplicas": 0, "maxReplicas": 3, "metric": "queue", "target": 4,
+                                "activationQuery": 'sum(gateway_pending{service="llm"})'},
+                "template": {"spec": {
+                    "imagePullSecrets": [{"name": "regcred"}],
+                    "containers": [
+                        {"name": "server", "env": [secret_env]},
+                        {"name": "proxy", "image": "envoyproxy/envoy:v1.31.0"},
+                    ]}},
+            },
+        })
+        # The operator may hold a "no KEDA" discovery answer from before the CRD for up to its TTL.
+        (rev,) = await wait_for(lambda: revisions(env), GATEWAY_CHECK_TTL_S + sc.TIMEOUT,
+                                what="the revision Deployment")
+        dep = await api.get(DEPLOYMENTS, env.namespace, rev)
+        assert dep is not None
+        pod = dep["spec"]["template"]["spec"]
+        assert secret_env in pod["containers"][0]["env"]
+        assert [c["name"] for c in pod["containers"]] == ["server", "proxy"]
+        assert secret_env in pod["initContainers"][0]["env"]  # the model download gets the token too
+
+        async def scaled_object() -> dict[str, Any] | None:
+            return await api.get(SCALEDOBJECTS, env.namespace, rev)
+
+        so = await wait_for(scaled_object, sc.TIMEOUT, what="a ScaledObject")
+        assert so["spec"]["minReplicaCount"] == 0
+        assert [t["name"] for t in so["spec"]["triggers"]] == ["load", "activation"]
+    finally:
+        with contextlib.suppress(Exception):
+            await api.delete(MODELSERVINGS, env.namespace, NAME)
+        cluster.kubectl("delete", "crd", "scaledobjects.keda.sh", "--wait=true")
+        # The operator trusts its discovery answer this long: later tests must see no KEDA.
+        await asyncio.sleep(GATEWAY_CHECK_TTL_S)

@@ -196,6 +196,10 @@ CEL_CASES: dict[tuple[str, str, str], tuple[dict[str, Any], str]] = {
         ({"model": {"uri": "hf://org/model", "pvc": {"claimName": "models"}}}, "spec.model"),
     ("ModelServing", ".spec.autoscaling", ".minReplicas"):
         ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "spec.autoscaling.minReplicas"),
+    ("ModelServing", ".spec.autoscaling", ".activationQuery"):
+        ({"autoscaling": {"minReplicas": 0}}, "spec.autoscaling.activationQuery"),
+    ("ModelServing", ".spec", ".autoscaling.metric"):
+        ({"runtime": "tgi", "autoscaling": {"metric": "kvCache"}}, "spec.autoscaling.metric"),
     ("ModelServing", ".spec.rollout.steps[].pause", ""):
         ({"rollout": {"steps": [{"weight": 10, "pause": "9000h"}]}}, "spec.rollout.steps[0].pause"),
     **{

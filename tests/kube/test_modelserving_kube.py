@@ -282,3 +282,38 @@ async def test_refused_deployment_shows_in_status(cluster: tuple[Any, ApiClient]
 
 def _condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in st.get("conditions") or [] if c["type"] == type_), {})
+
+
+async def test_template_secret_env_reaches_the_deployment(cluster: tuple[Any, ApiClient]) -> None:
+    _, api = cluster
+    secret_env = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    await api.create(serving(template={"spec": {
+        "imagePullSecrets": [{"name": "regcred"}],
+        "containers": [{"name": "server", "env": [secret_env]}]}}))
+    deps = await wait_for(lambda: deployments(api), what="a revision Deployment")
+    (dep,) = deps.values()
+    pod = dep["spec"]["template"]["spec"]
+    assert secret_env in pod["containers"][0]["env"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+async def test_keda_served_gives_a_scaled_object_instead_of_an_hpa(cluster: tuple[Any, ApiClient]) -> None:
+    from tests.support.kube import declare_resource
+
+    from capstan.kube.modelserving import SCALEDOBJECTS
+
+    emulator, api = cluster
+    declare_resource(emulator, "keda.sh/v1alpha1/scaledobjects", "ScaledObject", True, {"status"})
+    await api.create(serving(runtime="vllm", autoscaling={
+        "minReplicas": 0, "maxReplicas": 3, "metric": "queue", "target": 4,
+        "activationQuery": 'sum(gateway_pending{service="gpt"})'}))
+    deps = await wait_for(lambda: deployments(api), what="a revision Deployment")
+    (rev,) = deps
+
+    async def scaled_object() -> dict[str, Any] | None:
+        return await api.get(SCALEDOBJECTS, NS, rev)
+
+    so = await wait_for(scaled_object, what="a ScaledObject")
+    assert so["spec"]["minReplicaCount"] == 0 and so["spec"]["maxReplicaCount"] == 3
+    assert [t["name"] for t in so["spec"]["triggers"]] == ["load", "activation"]
+    assert await api.get(HPAS, NS, rev) is None

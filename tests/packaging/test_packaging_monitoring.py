@@ -134,3 +134,69 @@ def test_promtool_check_rules() -> None:
 def test_promtool_test_rules() -> None:
     out = run([tool("promtool") or "promtool", "test", "rules", str(ALERT_TESTS)])
     assert "SUCCESS" in out
+
+
+def _runtime_series() -> dict[str, dict[str, str]]:
+    """Each inference runtime's own series the alerts and dashboard must read (from its table)."""
+    from capstan.serving.runtimes import RUNTIMES
+
+    out = {}
+    for name, rt in RUNTIMES.items():
+        if name == "capstan":
+            continue
+        m = rt.metrics
+        out[name] = {"latency": f"{m.latency}_bucket", "requests": m.requests,
+                     "running": rt.load_signal("concurrency").series,  # type: ignore[union-attr]
+                     "waiting": rt.load_signal("queue").series}  # type: ignore[union-attr]
+        if m.errors:
+            out[name]["errors"] = m.errors
+    return out
+
+
+def test_alerts_read_each_runtimes_own_series() -> None:
+    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    latency = next(r["expr"] for r in rules if r["alert"] == "CapstanServingLatencyHigh")
+    errors = {r["labels"].get("runtime"): r["expr"] for r in rules
+              if r["alert"] == "CapstanServingErrorRate"}
+    assert set(errors) == {None, "vllm", "sglang", "tgi"}
+    for runtime, series in _runtime_series().items():
+        assert series["latency"] in latency, runtime
+        assert series["requests"] in errors[runtime], runtime
+        if "errors" in series:
+            assert series["errors"] in errors[runtime], runtime
+
+
+def test_dashboard_shows_each_runtimes_own_series() -> None:
+    panels = _panels(json.loads(DASHBOARD.read_text()))
+    exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
+    for runtime, series in _runtime_series().items():
+        for what in ("latency", "running", "waiting"):
+            assert series[what] in exprs, (runtime, what)
+
+
+def test_chart_ships_prometheus_adapter_rules_for_every_load_signal() -> None:
+    from capstan_pkg import docs, helm_template
+
+    from capstan.serving.runtimes import load_signals
+
+    if tool("helm") is None:
+        pytest.skip("helm missing: run scripts/install-tools.sh")
+    assert not [d for d in docs(helm_template()) if d["kind"] == "ConfigMap"
+                and d["metadata"]["name"].endswith("prometheus-adapter-rules")]
+    values = {"autoscaling": {"adapterRules": {"enabled": True, "namespace": "monitoring"},
+                              "prometheusUrl": "http://prom.monitoring.svc:9090"}}
+    rendered = docs(helm_template(values))
+    (cm,) = [d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith(
+        "prometheus-adapter-rules")]
+    assert cm["metadata"]["namespace"] == "monitoring"
+    rules = yaml.safe_load(cm["data"]["config.yaml"])["rules"]
+    signals = load_signals()
+    assert {r["name"]["as"] for r in rules} == {s.adapter_name for s in signals.values()}
+    for rule in rules:
+        series = rule["name"]["matches"].strip("^$")
+        assert series in signals and f'__name__="{series}"' in rule["seriesQuery"]
+        assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"},
+                                                  "pod": {"resource": "pod"}}
+    (operator,) = [d for d in rendered if d["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["CAPSTAN_PROMETHEUS_URL"] == "http://prom.monitoring.svc:9090"

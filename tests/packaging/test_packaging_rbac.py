@@ -56,8 +56,8 @@ _doc("status subresource reads and patches", ["get", "patch"], "capstan.dev",
      ["trainingjobs/status", "modelservings/status"])
 # ModelServing children (exercised by tests/kube/test_modelserving_kube.py, not by core scenarios).
 for _group, _res in (("apps", "deployments"), ("autoscaling", "horizontalpodautoscalers"),
-                     ("gateway.networking.k8s.io", "httproutes")):
-    _doc("ModelServing revisions, autoscaling, Gateway API traffic split",
+                     ("gateway.networking.k8s.io", "httproutes"), ("keda.sh", "scaledobjects")):
+    _doc("ModelServing revisions, autoscaling (HPA or KEDA), Gateway API traffic split",
          ["get", "list", "watch", "create", "patch", "delete"], _group, [_res])
 # spec.networkPolicy is off in the core scenarios (tests/kube/test_network_policy_kube.py covers it).
 _doc("NetworkPolicies: created with a gang; a ModelServing's listed, applied (patch) and deleted; get on "

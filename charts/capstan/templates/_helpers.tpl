@@ -102,6 +102,10 @@ makes against the API emulator (plus the commented allowlist there).
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]
   verbs: [get, list, watch, create, patch, delete]
+# Autoscaling through KEDA (scale to zero), when the cluster has it.
+- apiGroups: [keda.sh]
+  resources: [scaledobjects]
+  verbs: [get, list, watch, create, patch, delete]
 # NetworkPolicies around gangs and servers (spec.networkPolicy): created with a gang, applied
 # and removed with a ModelServing's spec.
 - apiGroups: [networking.k8s.io]

@@ -87,9 +87,31 @@ async def review(body: kopf.Body, warnings: list[str], memo: kopf.Memo | None = 
     # (every other webhook call and every reconcile) must not wait for.
     config: OperatorConfig = (memo.get("config") if memo is not None else None) or OperatorConfig()
     previous = dict(old) if isinstance(old, Mapping) else None
-    errors = await asyncio.to_thread(validate, dict(body), nodes, config.topology_levels, previous)
+    keda = await _keda(body, memo, warnings)
+    errors = await asyncio.to_thread(validate, dict(body), nodes, config.topology_levels, previous, keda)
     if errors:
         raise kopf.AdmissionError(f"{describe(body)} is invalid: " + "; ".join(errors), code=422)
+
+
+async def _keda(body: Mapping[str, Any], memo: kopf.Memo | None, warnings: list[str]) -> bool | None:
+    """Whether the cluster serves KEDA's ScaledObject, asked only for a ModelServing that scales to
+    zero (None: not asked, or the discovery failed; the operator then reports it at reconcile)."""
+    spec = body.get("spec")
+    auto = spec.get("autoscaling") if isinstance(spec, Mapping) else None
+    if body.get("kind") != "ModelServing" or not isinstance(auto, Mapping) or auto.get("minReplicas") != 0:
+        return None
+    api = memo.get("api") if memo is not None else None
+    if api is None:
+        return None
+    from capstan.kube.modelserving import keda_available
+
+    try:
+        # Not the reconcile loop's cached answer: KEDA installed a moment ago must count.
+        return await asyncio.wait_for(keda_available(api), 10)
+    except Exception as exc:  # fail open: the operator refuses the spec at reconcile instead
+        log.warning("admission: cannot discover KEDA: %s", exc)
+        warnings.append(f"KEDA check skipped: API discovery failed ({type(exc).__name__})")
+        return None
 
 
 def describe(body: Mapping[str, Any]) -> str:

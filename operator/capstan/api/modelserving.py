@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from capstan.api.common import (
     ApiModel,
@@ -25,9 +25,27 @@ from capstan.api.k8s_names import (
     TrainingJobName,
     dns1123_subdomain_errors,
 )
+from capstan.api.podtemplate import SERVING, PodSpecBody, PodTemplate, TemplateMetadata, TemplateRules
 from capstan.api.security import PodSecurity, ServingNetworkPolicy
 
-Runtime = Literal["capstan", "vllm", "tgi", "custom"]
+#: Where the server container finds the model (capstan.serving.model_source mounts it there).
+MODEL_MOUNT = "/model"
+
+Runtime = Literal["capstan", "vllm", "sglang", "tgi", "custom"]
+ScalingMetric = Literal["concurrency", "queue", "kvCache", "cpu"]
+#: The autoscaling metrics each runtime exports (capstan.serving.runtimes names the series; a custom
+#: runtime is expected to export the reference server's).
+SCALING_METRICS: dict[str, tuple[str, ...]] = {
+    "capstan": ("concurrency", "queue", "cpu"),
+    "vllm": ("concurrency", "queue", "kvCache", "cpu"),
+    "sglang": ("concurrency", "queue", "kvCache", "cpu"),
+    "tgi": ("concurrency", "queue", "cpu"),
+    "custom": ("concurrency", "queue", "cpu"),
+}
+_SCALING_TABLE = "; ".join(f"{rt}: {', '.join(m)}" for rt, m in SCALING_METRICS.items())
+_SCALING_CEL = "{" + ", ".join(
+    f"'{rt}': [{', '.join(repr(x) for x in m)}]" for rt, m in SCALING_METRICS.items()
+) + "}"
 ServingPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 
 
@@ -85,16 +103,37 @@ class ModelSource(ApiModel):
 
 
 class AutoscalingSpec(ApiModel):
-    """Horizontal autoscaling of each live revision."""
+    """Horizontal autoscaling of each live revision: KEDA (a ScaledObject with a Prometheus trigger)
+    when the cluster serves keda.sh/v1alpha1, else a HorizontalPodAutoscaler whose metric
+    prometheus-adapter serves (the chart ships its rules)."""
 
-    min_replicas: int = Field(default=1, ge=0, le=1000, description="Fewest replicas.")
+    min_replicas: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="Fewest replicas. 0 scales an idle revision to zero: it needs KEDA and "
+        "activationQuery (the runtime's own metrics vanish with its last replica).",
+    )
     max_replicas: int = Field(default=4, ge=1, le=1000, description="Most replicas.")
-    metric: Literal["concurrency", "cpu"] = Field(
+    metric: ScalingMetric = Field(
         default="concurrency",
-        description="concurrency: in-flight requests per replica (capstan_serving_requests_running); "
-        "cpu: CPU utilisation percent.",
+        description="The load signal, from the runtime's own metrics. concurrency: requests being "
+        "served per replica (vLLM vllm:num_requests_running, SGLang sglang:num_running_reqs, TGI "
+        "tgi_batch_current_size, capstan capstan_serving_requests_running); queue: requests waiting "
+        "per replica (vllm:num_requests_waiting, sglang:num_queue_reqs, tgi_queue_size, "
+        "capstan_serving_requests_waiting); kvCache: percent of the KV cache in use "
+        "(vllm:gpu_cache_usage_perc, sglang:token_usage; vLLM and SGLang only); cpu: CPU utilisation "
+        "percent.",
     )
     target: int = Field(default=16, ge=1, le=100_000, description="Target value of the metric per replica.")
+    activation_query: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="With minReplicas 0: a PromQL query of the requests waiting for this ModelServing "
+        "while it has no replica (e.g. your gateway's pending requests to its Service); KEDA wakes the "
+        "revision when it is above 0.",
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -102,6 +141,13 @@ class AutoscalingSpec(ApiModel):
             "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
             "minReplicas must not exceed maxReplicas",
             lambda a: a.min_replicas <= a.max_replicas,
+        ),
+        Rule(
+            ".activationQuery",
+            "!has(self.minReplicas) || self.minReplicas > 0 || has(self.activationQuery)",
+            "minReplicas 0 needs activationQuery: at zero replicas the runtime exports no metric, so "
+            "only a signal from in front of the servers can wake them",
+            lambda a: a.min_replicas > 0 or a.activation_query is not None,
         ),
     )
 
@@ -148,12 +194,33 @@ class ServingResources(ApiModel):
     memory: Quantity | None = Field(default=None, description="Memory request and limit.")
 
 
+class ServerTemplate(PodTemplate):
+    """A pod template merged over every revision's server pods (as in a Deployment)."""
+
+    template_rules: ClassVar[TemplateRules] = SERVING
+
+    metadata: TemplateMetadata = Field(
+        default_factory=TemplateMetadata, description="Labels and annotations added to every server pod."
+    )
+    spec: PodSpecBody = Field(
+        default_factory=dict,
+        description="A core/v1 PodSpec merged over the generated one: volumes, init and sidecar "
+        "containers, imagePullSecrets, priorityClassName, serviceAccountName, securityContext, affinity "
+        "and tolerations are added to Capstan's; a container named server is merged into the server "
+        "container (env with valueFrom, envFrom, volumeMounts, resources other than GPUs). Fields "
+        "Capstan owns (image, arguments and probes of the runtime, GPUs, the model and /dev/shm mounts, "
+        "the hardened security defaults) are rejected, naming what to use instead.",
+    )
+
+
 class ModelServingSpec(ApiModel):
     """Desired state of a ModelServing."""
 
     model: ModelSource = Field(description="The model to serve.")
     runtime: Runtime = Field(
-        default="capstan", description="Inference server: capstan (reference), vllm, tgi or custom."
+        default="capstan",
+        description="Inference server: capstan (reference), vllm, sglang, tgi (in maintenance mode "
+        "upstream: prefer vllm or sglang) or custom.",
     )
     image: Image | None = Field(default=None, description="Server image; each runtime has a default.")
     command: list[str] | None = Field(default=None, max_length=1024, description="Entrypoint override.")
@@ -193,6 +260,13 @@ class ModelServingSpec(ApiModel):
         "(clientsFrom), the Capstan operator's canary analysis and the metrics scraper; {} uses the "
         "defaults. Unset: no NetworkPolicy.",
     )
+    template: ServerTemplate | None = Field(
+        default=None,
+        description="Pod template merged over every server pod: env from Secrets (valueFrom, envFrom; "
+        "also given to the model download), volumes, imagePullSecrets, init and sidecar containers, "
+        "serviceAccountName, priorityClassName, securityContext, affinity and tolerations. A container "
+        "named server is merged into the server container. A change rolls out a new revision.",
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -201,7 +275,46 @@ class ModelServingSpec(ApiModel):
             "runtime custom needs argsTemplate and image",
             lambda s: s.runtime != "custom" or (s.args_template is not None and s.image is not None),
         ),
+        Rule(
+            ".autoscaling.metric",
+            f"!has(self.autoscaling) || (has(self.autoscaling.metric) ? self.autoscaling.metric : "
+            f"'concurrency') in {_SCALING_CEL}[has(self.runtime) ? self.runtime : 'capstan']",
+            f"the runtime does not export this metric; each runtime's: {_SCALING_TABLE}",
+            lambda s: s.autoscaling is None or s.autoscaling.metric in SCALING_METRICS[s.runtime],
+        ),
     )
+
+    @model_validator(mode="after")
+    def _check_template_against_spec(self) -> Self:
+        problems = self.template_conflicts()
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def scale_to_zero_problem(self, keda: bool) -> str:
+        """Why the autoscaling cannot run as written in a cluster with or without KEDA ("": it can)."""
+        if self.autoscaling is None or self.autoscaling.min_replicas > 0 or keda:
+            return ""
+        return ("spec.autoscaling.minReplicas: 0 needs KEDA (keda.sh/v1alpha1 ScaledObject), which this "
+                "cluster does not serve: install KEDA, or set minReplicas to 1 or more")
+
+    def template_conflicts(self) -> list[str]:
+        """Fields the template's server container sets that the rest of the spec sets too."""
+        if self.template is None or not self.template.main_container():
+            return []
+        server = self.template.main_container()
+        at = self.template.main_container_path()
+        out = self.template.resource_conflicts(self.resources.cpu, self.resources.memory)
+        own_env = {e.name for e in self.env}
+        for j, env in enumerate(server.get("env") or []):
+            if env.get("name") in own_env:
+                out.append(f"{at}.env[{j}].name: {env['name']} is also in spec.env; set it in one place")
+        for j, mount in enumerate(server.get("volumeMounts") or []):
+            path = str(mount.get("mountPath", "")).rstrip("/")
+            if path == MODEL_MOUNT or path.startswith(MODEL_MOUNT + "/"):
+                out.append(f"{at}.volumeMounts[{j}].mountPath: {MODEL_MOUNT} is where Capstan mounts the "
+                           "model (spec.model)")
+        return out
 
 
 class RevisionStatus(ApiModel):

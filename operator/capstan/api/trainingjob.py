@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from capstan.api.common import (
     MAX_DURATION_S,
@@ -32,9 +32,12 @@ from capstan.api.k8s_names import (
     VolumeSnapshotName,
 )
 from capstan.api.podtemplate import (
-    template_problems,
+    TRAINING,
+    PodSpecBody,
+    PodTemplate,
+    TemplateMetadata,
+    TemplateRules,
     template_tolerations,
-    worker_container,
 )
 from capstan.api.security import GangNetworkPolicy, PodSecurity
 
@@ -265,27 +268,10 @@ class FailurePolicy(ApiModel):
     )
 
 
-#: Marks where :mod:`capstan.api.crdgen` puts upstream's PodSpec schema (see capstan.api.podspec).
-POD_SPEC_MARKER = "x-capstan-pod-spec"
-PodSpecBody = Annotated[
-    dict[str, Any],
-    WithJsonSchema({"type": "object", POD_SPEC_MARKER: True}),
-]
-
-
-class TemplateMetadata(ApiModel):
-    """Labels and annotations the worker pods get besides Capstan's own."""
-
-    labels: dict[QualifiedName, LabelValue] = Field(
-        default_factory=dict, max_length=64, description="Labels of every worker pod."
-    )
-    annotations: dict[QualifiedName, Annotated[str, Field(max_length=65536)]] = Field(
-        default_factory=dict, max_length=64, description="Annotations of every worker pod."
-    )
-
-
-class WorkerTemplate(ApiModel):
+class WorkerTemplate(PodTemplate):
     """A pod template merged over the generated worker pod (as in a Job or a JobSet)."""
+
+    template_rules: ClassVar[TemplateRules] = TRAINING
 
     metadata: TemplateMetadata = Field(
         default_factory=TemplateMetadata, description="Labels and annotations added to every worker pod."
@@ -299,14 +285,6 @@ class WorkerTemplate(ApiModel):
         "(placement, rendezvous, GPU and RDMA resources, the checkpoint and /dev/shm mounts, the "
         "hardened security defaults) are rejected, naming what to use instead.",
     )
-
-    @model_validator(mode="after")
-    def _check_template(self) -> Self:
-        problems = template_problems({"metadata": self.metadata.wire(), "spec": self.spec})
-        if problems:
-            # One line per problem, each a path inside the template (see describe_errors).
-            raise ValueError("\n".join(problems))
-        return self
 
 
 class TrainingJobSpec(ApiModel):
@@ -456,18 +434,11 @@ class TrainingJobSpec(ApiModel):
 
     def template_conflicts(self) -> list[str]:
         """Fields the template's worker container sets that the rest of the spec sets too."""
-        worker = worker_container(self.template.wire() if self.template else None)
-        if not worker:
+        if self.template is None or not self.template.main_container():
             return []
-        containers = (self.template.spec.get("containers") if self.template else None) or []
-        at = f".template.spec.containers[{containers.index(worker)}]"
-        out = []
-        resources = worker.get("resources") or {}
-        for part in ("requests", "limits"):
-            for res in ("cpu", "memory"):
-                if res in (resources.get(part) or {}) and getattr(self.resources, res) is not None:
-                    out.append(f"{at}.resources.{part}.{res}: also set by spec.resources.{res}; set it in "
-                               "one place")
+        worker = self.template.main_container()
+        at = self.template.main_container_path()
+        out = self.template.resource_conflicts(self.resources.cpu, self.resources.memory)
         checkpoints = self.checkpoint.volume.mount_path if self.checkpoint.volume else "/checkpoints"
         for j, mount in enumerate(worker.get("volumeMounts") or []):
             path = mount.get("mountPath")

@@ -71,6 +71,8 @@ GATEWAY_CHECK_TTL_S = 60.0
 PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
 HTTPROUTES = ApiResource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
 register_kind(HTTPROUTES)
+SCALEDOBJECTS = ApiResource("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject")
+register_kind(SCALEDOBJECTS)
 
 
 @dataclass
@@ -78,7 +80,7 @@ class ServingState:
     """What the ModelServing handlers share across objects in one operator run."""
 
     baselines: Baselines = field(default_factory=Baselines)
-    gateway: tuple[float, bool] = (-GATEWAY_CHECK_TTL_S, False)  # (checked at, answer)
+    served: dict[ApiResource, tuple[float, bool]] = field(default_factory=dict)  # (checked at, answer)
     sources: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # TrainingJob → uids
     weights: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # revisions in the gauge
     phases: PhaseGauge = field(default_factory=lambda: PhaseGauge(MODELSERVINGS_GAUGE, PHASES))
@@ -99,21 +101,32 @@ def _state(memo: kopf.Memo) -> ServingState:
 
 
 
-async def gateway_api_available(api: ApiClient, memo: kopf.Memo) -> bool:
-    """Whether the API server serves ``httproutes.gateway.networking.k8s.io/v1`` (cached)."""
-    state = _state(memo)
-    checked, answer = state.gateway
+async def served(api: ApiClient, res: ApiResource, memo: kopf.Memo | None = None) -> bool:
+    """Whether the API server serves ``res`` (API discovery; cached for :data:`GATEWAY_CHECK_TTL_S`
+    on ``memo`` when given): CRDs installed or removed later are seen within that time."""
+    cache = _state(memo).served if memo is not None else {}
+    checked, answer = cache.get(res, (-GATEWAY_CHECK_TTL_S, False))
     if time.monotonic() - checked < GATEWAY_CHECK_TTL_S:
-        return bool(answer)
+        return answer
     try:
-        doc = await api.request("GET", f"/apis/{HTTPROUTES.group}/{HTTPROUTES.version}")
-        answer = any(r.get("name") == HTTPROUTES.plural for r in doc.get("resources") or [])
+        doc = await api.request("GET", f"/apis/{res.group}/{res.version}")
+        answer = any(r.get("name") == res.plural for r in doc.get("resources") or [])
     except ApiError as exc:
         if exc.status not in (403, 404, 503):
             raise
         answer = False
-    state.gateway = (time.monotonic(), answer)
-    return bool(answer)
+    cache[res] = (time.monotonic(), answer)
+    return answer
+
+
+async def gateway_api_available(api: ApiClient, memo: kopf.Memo) -> bool:
+    """Whether the API server serves ``httproutes.gateway.networking.k8s.io/v1`` (cached)."""
+    return await served(api, HTTPROUTES, memo)
+
+
+async def keda_available(api: ApiClient, memo: kopf.Memo | None = None) -> bool:
+    """Whether the API server serves KEDA's ``scaledobjects.keda.sh/v1alpha1`` (cached)."""
+    return await served(api, SCALEDOBJECTS, memo)
 
 
 async def _list(
@@ -127,10 +140,11 @@ async def _list(
         raise
 
 
-async def _observe(api: ApiClient, ms: ModelServing, gateway: bool) -> Observed:
+async def _observe(api: ApiClient, ms: ModelServing, gateway: bool, keda: bool) -> Observed:
     ns = ms.metadata.namespace
     sel = serving_selector(ms)
     kinds = [DEPLOYMENTS, SERVICES, HPAS, PVCS, NETWORK_POLICIES] + ([HTTPROUTES] if gateway else [])
+    kinds += [SCALEDOBJECTS] if keda else []
     deployments, *rest = await asyncio.gather(*(_list(api, r, ns, sel) for r in kinds))
     children = [obj for objs in rest for obj in objs]
     training_job = None
@@ -309,7 +323,8 @@ async def _reconcile_serving(
     if ftj is not None:
         sources.setdefault((namespace, ftj.name), set()).add(ms.metadata.uid)
     gateway = await gateway_api_available(api, memo)
-    observed = await _observe(api, ms, gateway)
+    keda = await keda_available(api, memo)
+    observed = await _observe(api, ms, gateway, keda)
     analysis = await _analyse(api, ms, now, memo, logger)
     plan = plan_modelserving(
         ms,
@@ -318,6 +333,8 @@ async def _reconcile_serving(
         gateway_api=gateway,
         analysis=analysis,
         operator_namespace=operator_config(memo).operator_namespace,
+        keda=keda,
+        prometheus=operator_config(memo).prometheus_url,
     )
     await _apply(api, ms, body, plan, observed, logger)
     _record_metrics(memo, ms, plan)
@@ -389,4 +406,13 @@ def source_trainingjob_changed(name: str, namespace: str | None, memo: kopf.Memo
         wake(memo, uid)
 
 
-__all__ = ["HTTPROUTES", "ServingState", "gateway_api_available", "reconcile", "status_merge_patch"]
+__all__ = [
+    "HTTPROUTES",
+    "SCALEDOBJECTS",
+    "ServingState",
+    "gateway_api_available",
+    "keda_available",
+    "reconcile",
+    "served",
+    "status_merge_patch",
+]

@@ -21,11 +21,11 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from capstan.api.modelserving import ModelServing
+from capstan.api.modelserving import MODEL_MOUNT, ModelServing
 from capstan.fields import dig
 from capstan.security import REFERENCE_UID, container_security_context
 
-MOUNT = "/model"
+MOUNT = MODEL_MOUNT
 VOLUME = "model"
 SNAPSHOT_GROUP = "snapshot.storage.k8s.io"
 
@@ -177,8 +177,13 @@ def _downloader(uri: str) -> tuple[str, list[str]]:
     raise ValueError(f"spec.model.uri: unsupported scheme {scheme!r}")
 
 
-def pod_parts(ref: ModelRef, revision: str, env: list[dict[str, str]]) -> dict[str, Any]:
-    """Volumes, the server's mounts and init containers that put the model at ``ref.path``."""
+def pod_parts(
+    ref: ModelRef, revision: str, env: list[dict[str, Any]], env_from: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Volumes, the server's mounts and init containers that put the model at ``ref.path``.
+
+    ``env`` and ``env_from``: the server's own (spec.env, and the template's server container's,
+    Secrets included), which the download gets too (a model hub's token)."""
     mount = {"name": VOLUME, "mountPath": MOUNT, "readOnly": True}
     if ref.claim is not None:
         volume = {"name": VOLUME, "persistentVolumeClaim": {"claimName": ref.claim, "readOnly": True}}
@@ -198,6 +203,7 @@ def pod_parts(ref: ModelRef, revision: str, env: list[dict[str, str]]) -> dict[s
         "image": image,
         "command": command,
         "env": [*user, {"name": "MODEL_URI", "value": ref.uri}, *home],
+        **({"envFrom": [dict(e) for e in env_from]} if env_from else {}),
         "volumeMounts": [{"name": VOLUME, "mountPath": MOUNT}],
         "resources": copy.deepcopy(DOWNLOAD_RESOURCES),
         # Capstan picked the image (root by default in most): it runs as the reference UID, HOME=/tmp.

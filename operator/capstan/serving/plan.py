@@ -42,9 +42,9 @@ from capstan.serving.analysis import AnalysisResult
 from capstan.serving.model_source import ModelNotReady, resolve_model
 from capstan.serving.revisions import (
     Revision,
+    autoscaler,
     deployment,
     desired_revision,
-    hpa,
     http_route,
     model_claim,
     network_policy,
@@ -154,18 +154,22 @@ def plan_modelserving(
     gateway_api: bool = False,
     analysis: AnalysisResult | None = None,
     operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE,
+    keda: bool = False,
+    prometheus: str = "",
 ) -> ServingPlan:
     """Decide the next step of ``ms`` given what was observed at ``now``.
 
     ``gateway_api``: the cluster serves HTTPRoute (gateway.networking.k8s.io/v1); traffic is then
-    split by route weights. ``analysis``: the verdict on the canary's current step, when the
-    executor scraped it (the planner says when one is due through :func:`analysis_due`).
+    split by route weights. ``keda``: the cluster serves KEDA's ScaledObject; autoscaled revisions
+    get one (querying the Prometheus at ``prometheus``) instead of an HPA, and may scale to zero.
+    ``analysis``: the verdict on the canary's current step, when the executor scraped it (the
+    planner says when one is due through :func:`analysis_due`).
     ``operator_namespace``: where the operator runs (the servers' NetworkPolicy admits it).
     A refusal of the API server on record (see :class:`ServingPlan`) stays on show until
     applying works.
     """
     plan = _plan(ms, observed, now, gateway_api=gateway_api, analysis=analysis,
-                 operator_namespace=operator_namespace)
+                 operator_namespace=operator_namespace, keda=keda, prometheus=prometheus)
     if plan.objects and refusal_on_record(ms.status.conditions, CT.PROGRESSING, ms.metadata.generation):
         plan.on_applied = plan.status
         kept = plan.status.model_copy(deep=True)
@@ -221,6 +225,8 @@ def _plan(
     gateway_api: bool,
     analysis: AnalysisResult | None,
     operator_namespace: str,
+    keda: bool,
+    prometheus: str,
 ) -> ServingPlan:
     st = ms.status.model_copy(deep=True)
     old_phase = st.phase
@@ -233,7 +239,7 @@ def _plan(
     st.rollout = (st.rollout or RolloutStatus()).model_copy(update={"traffic": traffic_mode})
 
     revs = _observed_revisions(ms, observed)
-    desired = _desired_revision(ms, observed)
+    desired = _desired_revision(ms, observed, keda)
     straight = ms.spec.autoscaling is None and ms.spec.replicas == 0
     t = tick(
         st,
@@ -252,8 +258,9 @@ def _plan(
 
     traffic = _traffic(ms, st, revs)
     policy = network_policy(ms, operator_namespace=operator_namespace) if traffic.live else None
-    _add_objects(plan, ms, desired, revs, traffic, policy=policy, gateway_api=gateway_api)
-    _add_deletes(plan, ms, observed, revs, traffic, policy=policy, gateway_api=gateway_api)
+    _add_objects(plan, ms, desired, revs, traffic, policy=policy, gateway_api=gateway_api, keda=keda,
+                 prometheus=prometheus)
+    _add_deletes(plan, ms, observed, revs, traffic, policy=policy, gateway_api=gateway_api, keda=keda)
     _set_revisions(st, ms, desired, revs, traffic)
     if not traffic.canary:
         st.rollout = RolloutStatus(traffic=traffic_mode)
@@ -282,9 +289,13 @@ def _observed_revisions(ms: ModelServing, observed: Observed) -> dict[str, Revis
     return revs
 
 
-def _desired_revision(ms: ModelServing, observed: Observed) -> _Desired:
+def _desired_revision(ms: ModelServing, observed: Observed, keda: bool) -> _Desired:
     """The revision the spec asks for; rendering it here surfaces a bad argsTemplate before any
-    change."""
+    change. Autoscaling the cluster cannot do (minReplicas 0 without KEDA) makes the spec invalid
+    here: it is never run as something else."""
+    problem = ms.spec.scale_to_zero_problem(keda)
+    if problem:
+        return _Desired(None, problem, invalid=True)
     try:
         model = resolve_model(ms, observed.training_job, observed.snapshots)
         desired = desired_revision(ms, model)
@@ -315,7 +326,10 @@ def _traffic(ms: ModelServing, st: ModelServingStatus, revs: dict[str, RevisionS
     stable_w = 100 - active_w
 
     stable_obs = revs.get(stable) if stable else None
-    if spec.autoscaling is not None:
+    if spec.autoscaling is not None and spec.autoscaling.min_replicas == 0 and stable_obs is not None:
+        # Scaled to zero (or not yet) by KEDA: the autoscaler decides what the revision needs.
+        stable_target = stable_obs.spec_replicas if stable_obs.spec_replicas is not None else 1
+    elif spec.autoscaling is not None:
         stable_target = max(
             (stable_obs.spec_replicas or 0) if stable_obs else 0, _canary_replicas(ms, stable_w)
         )
@@ -359,6 +373,8 @@ def _add_objects(
     *,
     policy: dict[str, Any] | None,
     gateway_api: bool,
+    keda: bool,
+    prometheus: str,
 ) -> None:
     """The objects to apply (Services, the desired revision's Deployment, HPAs, the route) and
     the rescaling of revisions rendered from an older spec."""
@@ -382,7 +398,7 @@ def _add_objects(
             # Rendered from an older spec: only its size follows this one.
             plan.scale[rev] = replicas
         if traffic.autoscaled and (rev in revs or (new is not None and rev == new.name)):
-            plan.objects.append(hpa(ms, rev, w))
+            plan.objects.append(autoscaler(ms, rev, w, canary=is_canary, keda=keda, prometheus=prometheus))
     if gateway_api and traffic.live:
         plan.objects.append(http_route(ms, traffic.weights))
 
@@ -396,6 +412,7 @@ def _add_deletes(
     *,
     policy: dict[str, Any] | None,
     gateway_api: bool,
+    keda: bool,
 ) -> None:
     """Children no live revision needs any more, and an event for each revision removed."""
     mine = label_value(ms.metadata.name)
@@ -409,7 +426,11 @@ def _add_deletes(
         owner_rev = labels.get(LABEL_REVISION)
         gone = (
             (owner_rev is not None and owner_rev not in live)
-            or (kind == "HorizontalPodAutoscaler" and not traffic.autoscaled)
+            # KEDA makes its own HPA (keda-hpa-{name}) for a ScaledObject; Capstan's is named
+            # like the revision and goes when KEDA takes over.
+            or (kind == "HorizontalPodAutoscaler"
+                and (not traffic.autoscaled or (keda and name == owner_rev)))
+            or (kind == "ScaledObject" and (not traffic.autoscaled or not keda))
             or (kind == "HTTPRoute" and (not gateway_api or not live))
             or (kind == "NetworkPolicy" and policy is None)
         )
@@ -500,8 +521,10 @@ def _conditions(
         st.phase, st.message = ("Failed" if invalid else "Pending"), msg
         return
     serving = f"{stable}: {ready}/{target} replicas ready"
+    idle = ("scaled to zero by KEDA while idle (autoscaling.minReplicas: 0; autoscaling.activationQuery "
+            "wakes it)" if traffic.autoscaled else "scaled to zero (spec.replicas: 0)")
     if target == 0:
-        cond(CT.READY, False, ReadyReason.SCALED_TO_ZERO, "spec.replicas is 0")
+        cond(CT.READY, False, ReadyReason.SCALED_TO_ZERO, idle)
     elif ready > 0:
         cond(CT.READY, True, ReadyReason.AVAILABLE, serving)
     else:
@@ -528,7 +551,7 @@ def _conditions(
     if canary:
         return
     if target == 0:
-        st.phase, st.message = "Pending", "scaled to zero (spec.replicas: 0)"
+        st.phase, st.message = "Pending", idle
     elif degraded:
         st.phase, st.message = "Degraded", serving
     elif ready >= target:

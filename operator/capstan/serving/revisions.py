@@ -48,6 +48,7 @@ from capstan.labels import (
     PROMETHEUS_SCRAPE_ANNOTATION,
 )
 from capstan.naming import common_labels, dns_label, label_value, owner_reference, short_hash
+from capstan.podmerge import merge_template
 from capstan.security import (
     DEFAULT_OPERATOR_NAMESPACE,
     REFERENCE_UID,
@@ -204,9 +205,14 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
         {"name": "CAPSTAN_MODELSERVING", "value": ms.metadata.name},
         {"name": "CAPSTAN_REVISION", "value": rev.name},
     ]
-    user_env = [e.wire() for e in spec.env]
+    user_env: list[dict[str, Any]] = [e.wire() for e in spec.env]
+    template = spec.template
+    server = template.main_container() if template else {}
+    # The template's server env (Secrets included) overrides the runtime's defaults by name, as
+    # spec.env does; the two never name the same variable (admission rejects that).
+    user_env += [dict(e) for e in server.get("env") or []]
     env = [e for e in env if e["name"] not in {u["name"] for u in user_env}] + user_env
-    parts = pod_parts(rev.model, rev.name, user_env)
+    parts = pod_parts(rev.model, rev.name, user_env, server.get("envFrom"))
     image = spec.image or rt.image
     # The UID is set where Capstan knows the image: its own, or a runtime default it picked.
     known_uid = rt.image_user if spec.image is None else None
@@ -263,11 +269,18 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
         pod_spec["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
         pod_spec["tolerations"] = [t.wire() for t in spec.tolerations]
+    pod: dict[str, Any] = {"metadata": pod_meta, "spec": pod_spec}
+    if template is not None:
+        # The server env is already in place (the download needs it too): merge the rest.
+        server_spec = {**template.spec, "containers": [
+            {k: v for k, v in c.items() if k != "env"} if c.get("name") == CONTAINER else c
+            for c in template.spec.get("containers") or []]}
+        pod = merge_template(pod, template.metadata.wire(), server_spec, CONTAINER)
     dep_spec: dict[str, Any] = {
         "selector": {"matchLabels": revision_selector(ms, rev.name)},
         "progressDeadlineSeconds": PROGRESS_DEADLINE_S,
         "revisionHistoryLimit": 1,
-        "template": {"metadata": pod_meta, "spec": pod_spec},
+        "template": pod,
     }
     if replicas is not None:
         dep_spec["replicas"] = replicas
@@ -349,25 +362,64 @@ def http_route(ms: ModelServing, weights: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def scaled_bounds(low: int, high: int, weight: int) -> tuple[int, int]:
-    """``low..high`` scaled to a revision's traffic share: ceil, at least 1 for a live revision."""
-    lo = max(1, math.ceil(low * weight / 100)) if weight > 0 else 0
+def scaled_bounds(low: int, high: int, weight: int, floor: int = 1) -> tuple[int, int]:
+    """``low..high`` scaled to a revision's traffic share: ceil, at least ``floor`` (1: a live
+    revision keeps a replica; 0: it may scale to zero) and at least 1 at the top."""
+    lo = max(floor, math.ceil(low * weight / 100)) if weight > 0 else 0
     hi = max(lo, 1, math.ceil(high * weight / 100))
     return lo, hi
 
 
-def hpa(ms: ModelServing, revision: str, weight: int) -> dict[str, Any]:
-    """autoscaling/v2 HPA of one revision's Deployment, bounds scaled to its traffic share."""
+#: KEDA's ScaledObject (scale to zero, activation); detected by API discovery.
+KEDA_API = "keda.sh/v1alpha1"
+# Model servers take minutes to load: scale down slowly so a dip does not drop warm replicas.
+SCALE_DOWN_WINDOW_S = 300
+
+
+def _bounds(ms: ModelServing, weight: int, canary: bool) -> tuple[int, int]:
     auto = ms.spec.autoscaling
     assert auto is not None
-    lo, hi = scaled_bounds(auto.min_replicas, auto.max_replicas, weight)
-    if auto.metric == "concurrency":
+    # A canary keeps a replica (the rollout analyses it); others may idle at zero with KEDA.
+    floor = 0 if auto.min_replicas == 0 and not canary else 1
+    return scaled_bounds(auto.min_replicas, auto.max_replicas, weight, floor)
+
+
+def _load_query(ms: ModelServing, revision: str, series: str) -> str:
+    """PromQL: ``series`` summed over the revision's pods (a Deployment's pods are named
+    ``{revision}-{template hash}-{suffix}``)."""
+    return (f'sum({series}{{namespace="{ms.metadata.namespace}",'
+            f'pod=~"{revision}-[a-z0-9]+-[a-z0-9]+"}})')
+
+
+def autoscaler(
+    ms: ModelServing, rev: Revision | str, weight: int, *, canary: bool = False, keda: bool = False,
+    prometheus: str = "",
+) -> dict[str, Any]:
+    """The autoscaler of one revision's Deployment, bounds scaled to its traffic share: a KEDA
+    ScaledObject when ``keda`` (its Prometheus trigger queries ``prometheus``), else an HPA."""
+    name = rev if isinstance(rev, str) else rev.name
+    runtime = runtime_for(ms.spec)
+    if keda:
+        return scaled_object(ms, name, weight, runtime, canary=canary, prometheus=prometheus)
+    return hpa(ms, name, weight, runtime, canary=canary)
+
+
+def hpa(ms: ModelServing, revision: str, weight: int, runtime: Runtime | None = None, *,
+        canary: bool = False) -> dict[str, Any]:
+    """autoscaling/v2 HPA of one revision's Deployment: a Pods metric served by prometheus-adapter
+    (the chart's rules name each runtime's load gauge), or CPU utilisation."""
+    auto = ms.spec.autoscaling
+    assert auto is not None
+    rt = runtime or runtime_for(ms.spec)
+    lo, hi = _bounds(ms, weight, canary)
+    signal = rt.load_signal(auto.metric)
+    if signal is not None:
         metric: dict[str, Any] = {
             "type": "Pods",
             "pods": {
-                # Served to the HPA by prometheus-adapter (custom.metrics.k8s.io) from the server's gauge.
-                "metric": {"name": "capstan_serving_requests_running"},
-                "target": {"type": "AverageValue", "averageValue": str(auto.target)},
+                "metric": {"name": signal.adapter_name},
+                "target": {"type": "AverageValue",
+                           "averageValue": _quantity(auto.target * signal.per_percent)},
             },
         }
     else:
@@ -377,11 +429,11 @@ def hpa(ms: ModelServing, revision: str, weight: int) -> dict[str, Any]:
         }
     spec: dict[str, Any] = {
         "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": revision},
+        # Without KEDA an HPA never goes below 1 (admission and the planner refuse minReplicas 0).
         "minReplicas": max(lo, 1),
         "maxReplicas": hi,
         "metrics": [metric],
-        # Model servers take minutes to load: scale down slowly so a dip does not drop warm replicas.
-        "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
+        "behavior": {"scaleDown": {"stabilizationWindowSeconds": SCALE_DOWN_WINDOW_S}},
     }
     return {
         "apiVersion": "autoscaling/v2",
@@ -389,3 +441,69 @@ def hpa(ms: ModelServing, revision: str, weight: int) -> dict[str, Any]:
         "metadata": meta(ms, revision, revision, component="autoscaler"),
         "spec": spec,
     }
+
+
+def scaled_object(ms: ModelServing, revision: str, weight: int, runtime: Runtime, *, canary: bool = False,
+                  prometheus: str = "") -> dict[str, Any]:
+    """KEDA ScaledObject of one revision's Deployment: a Prometheus trigger on the runtime's load
+    gauge summed over the revision's pods (or a CPU trigger), and with minReplicas 0 a second
+    Prometheus trigger on ``autoscaling.activationQuery`` that wakes the revision from zero."""
+    auto = ms.spec.autoscaling
+    assert auto is not None
+    lo, hi = _bounds(ms, weight, canary)
+    signal = runtime.load_signal(auto.metric)
+    triggers: list[dict[str, Any]] = []
+    if signal is not None:
+        triggers.append({
+            "type": "prometheus",
+            "name": "load",
+            "metadata": {
+                "serverAddress": prometheus,
+                "query": _load_query(ms, revision, signal.series),
+                "threshold": _number(auto.target * signal.per_percent),
+                # No pod, no series: read as 0 (scaled to zero), not as an error.
+                "ignoreNullValues": "true",
+            },
+        })
+    else:
+        triggers.append({"type": "cpu", "name": "load", "metricType": "Utilization",
+                         "metadata": {"value": str(auto.target)}})
+    if lo == 0 and auto.activation_query:
+        triggers.append({
+            "type": "prometheus",
+            "name": "activation",
+            "metadata": {
+                "serverAddress": prometheus,
+                "query": auto.activation_query,
+                "threshold": _number(auto.target * (signal.per_percent if signal else 1)),
+                "activationThreshold": "0",
+                "ignoreNullValues": "true",
+            },
+        })
+    spec: dict[str, Any] = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": revision},
+        "minReplicaCount": lo,
+        "maxReplicaCount": hi,
+        "cooldownPeriod": SCALE_DOWN_WINDOW_S,
+        "advanced": {"horizontalPodAutoscalerConfig": {
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": SCALE_DOWN_WINDOW_S}}}},
+        "triggers": triggers,
+    }
+    return {
+        "apiVersion": KEDA_API,
+        "kind": "ScaledObject",
+        "metadata": meta(ms, revision, revision, component="autoscaler"),
+        "spec": spec,
+    }
+
+
+def _number(value: float) -> str:
+    """A KEDA threshold: a plain decimal."""
+    return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def _quantity(value: float) -> str:
+    """A Kubernetes quantity: whole units, else milli-units (0.8 → 800m)."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{round(value * 1000)}m"

@@ -32,6 +32,7 @@ __all__ = [
     "TEMPLATE_VARIABLES",
     "ArgsContext",
     "ArgsTemplateError",
+    "LoadSignal",
     "MetricNames",
     "Runtime",
     "custom_runtime",
@@ -44,6 +45,7 @@ CAPSTAN_IMAGE = "ghcr.io/capstan-dev/capstan-server:0.1.0"
 # Pinned so a revision's content hash (and therefore what runs) never changes under a floating tag.
 VLLM_IMAGE = "vllm/vllm-openai:v0.10.1.1"
 TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.4"
+SGLANG_IMAGE = "lmsysorg/sglang:v0.5.2"
 
 @dataclass(frozen=True)
 class MetricNames:
@@ -60,6 +62,23 @@ class MetricNames:
     code_label: str = "code"
     errors: str = ""
     request_filter: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class LoadSignal:
+    """A per-replica load gauge a runtime exports, that autoscaling can target.
+
+    ``series``: the Prometheus series. ``per_percent``: what one percent of the user's target is in
+    the series' unit (0.01 for a 0..1 fraction such as vLLM's KV cache usage; 1 for a count).
+    """
+
+    series: str
+    per_percent: float = 1.0
+
+    @property
+    def adapter_name(self) -> str:
+        """The name prometheus-adapter serves it under (custom.metrics.k8s.io): ``:`` becomes ``_``."""
+        return self.series.replace(":", "_")
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,13 @@ class Runtime:
     env: tuple[tuple[str, str], ...] = ()
     # UID Capstan runs the runtime's default image as (None: the image's own USER decides).
     image_user: int | None = None
+    # Load signals by autoscaling metric (capstan.api.modelserving.SCALING_METRICS lists the same
+    # metrics per runtime, for admission; cpu needs no signal).
+    load: tuple[tuple[str, LoadSignal], ...] = ()
+
+    def load_signal(self, metric: str) -> LoadSignal | None:
+        """The gauge behind autoscaling ``metric`` (None for cpu, or one this runtime lacks)."""
+        return dict(self.load).get(metric)
 
 
 def _capstan_args(c: ArgsContext) -> list[str]:
@@ -114,6 +140,26 @@ def _vllm_args(c: ArgsContext) -> list[str]:
     return args
 
 
+def _sglang_args(c: ArgsContext) -> list[str]:
+    # SGLang listens on 127.0.0.1 and publishes no metrics unless told to.
+    args = [
+        "--model-path",
+        c.model_path,
+        "--served-model-name",
+        c.name,
+        "--tp-size",
+        str(c.tensor_parallel),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(c.port),
+        "--enable-metrics",
+    ]
+    if c.max_model_len:
+        args += ["--context-length", str(c.max_model_len)]
+    return args
+
+
 def _tgi_args(c: ArgsContext) -> list[str]:
     args = ["--model-id", c.model_path, "--num-shard", str(c.tensor_parallel), "--port", str(c.port)]
     if c.max_model_len:
@@ -132,6 +178,10 @@ NON_ROOT_ENV = (("HOME", "/tmp"), ("USER", "capstan"))
 CAPSTAN_METRICS = MetricNames(
     requests="capstan_serving_requests_total", latency="capstan_serving_request_latency_seconds"
 )
+CAPSTAN_LOAD = (
+    ("concurrency", LoadSignal("capstan_serving_requests_running")),
+    ("queue", LoadSignal("capstan_serving_requests_waiting")),
+)
 
 RUNTIMES: dict[str, Runtime] = {
     "capstan": Runtime(
@@ -145,6 +195,7 @@ RUNTIMES: dict[str, Runtime] = {
         metrics=CAPSTAN_METRICS,
         env=(("PYTHONUNBUFFERED", "1"),),
         image_user=REFERENCE_UID,
+        load=CAPSTAN_LOAD,
     ),
     "vllm": Runtime(
         name="vllm",
@@ -165,6 +216,34 @@ RUNTIMES: dict[str, Runtime] = {
         ),
         env=NON_ROOT_ENV,
         image_user=REFERENCE_UID,
+        load=(
+            ("concurrency", LoadSignal("vllm:num_requests_running")),
+            ("queue", LoadSignal("vllm:num_requests_waiting")),
+            ("kvCache", LoadSignal("vllm:gpu_cache_usage_perc", per_percent=0.01)),
+        ),
+    ),
+    "sglang": Runtime(
+        name="sglang",
+        image=SGLANG_IMAGE,
+        command=("python3", "-m", "sglang.launch_server"),
+        args=_sglang_args,
+        health_path="/health",
+        ready_path="/health",
+        metrics_path="/metrics",
+        # SGLang counts requests and aborted ones; it has no per-status HTTP counter.
+        metrics=MetricNames(
+            requests="sglang:num_requests_total",
+            latency="sglang:e2e_request_latency_seconds",
+            code_label="",
+            errors="sglang:num_aborted_requests_total",
+        ),
+        env=NON_ROOT_ENV,
+        image_user=REFERENCE_UID,
+        load=(
+            ("concurrency", LoadSignal("sglang:num_running_reqs")),
+            ("queue", LoadSignal("sglang:num_queue_reqs")),
+            ("kvCache", LoadSignal("sglang:token_usage", per_percent=0.01)),
+        ),
     ),
     "tgi": Runtime(
         name="tgi",
@@ -182,6 +261,10 @@ RUNTIMES: dict[str, Runtime] = {
         ),
         env=NON_ROOT_ENV,
         image_user=REFERENCE_UID,
+        load=(
+            ("concurrency", LoadSignal("tgi_batch_current_size")),
+            ("queue", LoadSignal("tgi_queue_size")),
+        ),
     ),
 }
 
@@ -198,7 +281,15 @@ def custom_runtime(spec: ModelServingSpec) -> Runtime:
         ready_path="/readyz",
         metrics_path="/metrics",
         metrics=CAPSTAN_METRICS,
+        load=CAPSTAN_LOAD,
     )
+
+
+def load_signals() -> dict[str, LoadSignal]:
+    """Every load signal of every runtime, by series (the chart's prometheus-adapter rules)."""
+    runtimes = [*RUNTIMES.values(), custom_runtime(ModelServingSpec.model_validate(
+        {"model": {"uri": "hf://x"}, "runtime": "custom", "image": "x", "argsTemplate": "x"}))]
+    return {sig.series: sig for rt in runtimes for _, sig in rt.load}
 
 
 def runtime_for(spec: ModelServingSpec) -> Runtime:

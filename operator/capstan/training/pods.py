@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-from collections.abc import Mapping
 from typing import Any
 
-from capstan import API_VERSION
+from capstan import API_VERSION, podmerge
 from capstan.api.trainingjob import TrainingJob
-from capstan.fields import dig
 from capstan.labels import (
     GPU_RESOURCE,
     KUEUE_POD_GROUP_COUNT,
@@ -332,78 +329,13 @@ def worker_pod(
     return merge_template(job, {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec})
 
 
-def _by_name(items: list[dict[str, Any]], extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``items`` with ``extra`` merged in by name: an entry of the same name is replaced in place."""
-    out = {i["name"]: i for i in items}
-    for item in extra:
-        out[item["name"]] = item
-    return list(out.values())
-
-
-def _hardened(container: Mapping[str, Any]) -> dict[str, Any]:
-    # The template cannot set the owned keys (capstan.api.podtemplate), so this never relaxes them.
-    return {**container, "securityContext": {**container_security_context(),
-                                             **(container.get("securityContext") or {})}}
-
-
 def merge_template(job: TrainingJob, pod: dict[str, Any]) -> dict[str, Any]:
-    """``pod`` with ``spec.template`` merged over it; Capstan's own fields win (the template cannot
-    set them: :func:`capstan.api.podtemplate.template_problems` rejects that at admission)."""
+    """``pod`` with ``spec.template`` merged over it (:func:`capstan.podmerge.merge_template`);
+    Capstan's own fields win (the template cannot set them: admission rejects that)."""
     template = job.spec.template
     if template is None:
         return pod
-    tpl = copy.deepcopy(template.spec)
-    meta, spec = pod["metadata"], pod["spec"]
-    meta["labels"] = {**template.metadata.labels, **meta["labels"]}
-    annotations = {**template.metadata.annotations, **(meta.get("annotations") or {})}
-    if annotations:
-        meta["annotations"] = annotations
-
-    worker: dict[str, Any] = next((c for c in tpl.get("containers") or [] if c.get("name") == CONTAINER), {})
-    sidecars = [_hardened(c) for c in tpl.pop("containers", None) or [] if c.get("name") != CONTAINER]
-    ours = spec["containers"][0]
-    merged = {**worker, **ours}
-    merged["env"] = _by_name(ours["env"], worker.get("env") or [])
-    if worker.get("envFrom"):
-        merged["envFrom"] = worker["envFrom"]
-    merged["volumeMounts"] = ours["volumeMounts"] + (worker.get("volumeMounts") or [])
-    merged["ports"] = ours["ports"] + (worker.get("ports") or [])
-    merged["securityContext"] = {**(worker.get("securityContext") or {}), **ours["securityContext"]}
-    resources = {**(worker.get("resources") or {}), **(ours.get("resources") or {})}
-    for part in ("requests", "limits"):
-        amounts = {**(dig(worker, "resources", part) or {}),
-                   **(dig(ours, "resources", part) or {})}
-        if amounts:
-            resources[part] = amounts
-    if resources:
-        merged["resources"] = resources
-    init = [_hardened(c) for c in tpl.pop("initContainers", None) or []]
-
-    affinity = tpl.pop("affinity", None) or {}
-    security = tpl.pop("securityContext", None) or {}
-    volumes = tpl.pop("volumes", None) or []
-    tolerations = tpl.pop("tolerations", None) or []
-    pull_secrets = tpl.pop("imagePullSecrets", None) or []
-    # Scalars of the template (priorityClassName, schedulerName, terminationGracePeriodSeconds,
-    # dnsPolicy, ...) go in; Capstan's own keys are then set over them.
-    out = {**tpl, **spec}
-    if "terminationGracePeriodSeconds" in tpl:  # how long the trainer may take to checkpoint
-        out["terminationGracePeriodSeconds"] = tpl["terminationGracePeriodSeconds"]
-    out["containers"] = [merged, *sidecars]
-    if init:
-        out["initContainers"] = init
-    out["volumes"] = spec["volumes"] + volumes
-    out["securityContext"] = {**security, **spec["securityContext"]}
-    if tolerations:
-        out["tolerations"] = (spec.get("tolerations") or []) + tolerations
-    if pull_secrets:
-        out["imagePullSecrets"] = pull_secrets
-    if affinity or "affinity" in spec:
-        own = dig(spec, "affinity", "nodeAffinity") or {}
-        node_affinity = {**(affinity.get("nodeAffinity") or {}), **own}
-        out["affinity"] = {**affinity, **({"nodeAffinity": node_affinity} if node_affinity else {})}
-    pod["spec"] = out
-    return pod
+    return podmerge.merge_template(pod, template.metadata.wire(), template.spec, CONTAINER)
 
 
 def gang_network_policy(job: TrainingJob) -> dict[str, Any] | None:

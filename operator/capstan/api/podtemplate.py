@@ -27,7 +27,7 @@ from capstan.api.podspec import DROPPED_FIELDS, pod_spec_schema
 #: Name of the container Capstan generates; a template container of this name is merged into it.
 WORKER_CONTAINER = "worker"
 #: Volumes and mounts of the generated pod.
-RESERVED_VOLUMES = ("dshm", "checkpoints")
+RESERVED_VOLUMES = ("dshm", "checkpoints", "podinfo")
 SHM_PATH = "/dev/shm"
 #: Ports of the worker container.
 RESERVED_PORT_NAMES = ("rdzv", "metrics")

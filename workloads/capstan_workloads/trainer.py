@@ -216,11 +216,13 @@ def train(args: argparse.Namespace, env: DistEnv) -> int:
             log.info("checkpoint %s started; training stalled %.3fs", step_dir_name(app.step), stall)
         if request and not stopped:
             ckpt.wait()  # on rank 0 this returns once the checkpoint is committed
-            if env.is_main:
+            if env.is_main and ckpt.last_committed == app.step:
                 progress.request = request
                 metrics.checkpoint_request.set(request)
                 log.info("checkpoint request %d: %s committed%s", request, step_dir_name(app.step),
                          "; holding until stopped" if stop_request else "")
+            elif env.is_main:  # not answered: the operator's wait runs out and it stops the gang anyway
+                log.warning("checkpoint request %d: the save of step %d failed", request, app.step)
             if stop_request:
                 stopped = hold_for_stop(request, watcher, preemption, env, args.hold_seconds)
         if stopped:

@@ -80,6 +80,12 @@ OPERATOR_POLICY = QueuePolicy()  # what the operator runs with unless its enviro
 # down this long while it stops and restarts, and loses the work since its last periodic
 # checkpoint (a workload that does not checkpoint on SIGTERM; Capstan's trainer does, and loses less)
 MOVE_RESTART_S, CHECKPOINT_EVERY_S = 300.0, 1800.0
+# the same moves with save-before-stop (checkpoint.saveBeforeStopSeconds): rank 0 is asked to save
+# and the gang stops once it is committed, so a move loses at most the step in flight (one step of
+# a large model, assumed); the wait for the request (downward-API refresh, then the save) adds
+# downtime, bounded by saveBeforeStopSeconds (120 s by default). Accounted side by side; the
+# simulated timeline keeps charging the cost without it.
+SAVE_FIRST_STEP_S, SAVE_FIRST_WAIT_S = 10.0, 60.0
 MIGRATION = OPERATOR_POLICY.migration
 SPREAD_GIVEBACK_S = 900.0  # torchrun's default rendezvous timeout is 900 s
 FRAG_AWARE = True
@@ -300,6 +306,9 @@ class SimJob:
     work_done: float = 0.0
     slow: float = 1.0
     moves: int = 0
+    # work lost by its moves (seconds of its run), without and with save-before-stop
+    move_lost_s: float = 0.0
+    move_lost_save_first_s: float = 0.0
 
     def request(self, with_estimate: bool = False) -> GangRequest:
         key = "est" if with_estimate else "plain"
@@ -461,6 +470,8 @@ class Sim:
             assert job.result is not None and job.end is not None and job.running_gang is not None
             ran = now - job.seg_start
             lost = ran % CHECKPOINT_EVERY_S
+            job.move_lost_s += lost
+            job.move_lost_save_first_s += min(ran, SAVE_FIRST_STEP_S)
             job.work_done += (ran - lost) / job.slow
             self.inv = self.inv.release(job.result).allocate(mv.to)
             job.result = mv.to
@@ -562,6 +573,10 @@ class Sim:
             "givebacks": sum(j.givebacks for j in done),
             "moves": sum(j.moves for j in done),
             "moved_jobs": sum(j.moves > 0 for j in done),
+            "move_lost_gpu_s": sum(j.move_lost_s * j.gpus for j in done),
+            "move_lost_gpu_s_save_first": sum(j.move_lost_save_first_s * j.gpus for j in done),
+            "move_lost_s": sum(j.move_lost_s for j in done),
+            "move_lost_s_save_first": sum(j.move_lost_save_first_s for j in done),
             "makespan_s": max(j.end for j in done if j.end is not None) if done else 0.0,
         }
 
@@ -599,6 +614,32 @@ def summarize(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "givebacks": sum(p["givebacks"] for p in parts),
         "moves": sum(p["moves"] for p in parts),
         "moved_jobs": sum(p["moved_jobs"] for p in parts),
+        **{k: round(sum(p[k] for p in parts), 1) for k in MOVE_LOST_KEYS},
+    }
+
+
+MOVE_LOST_KEYS = ("move_lost_gpu_s", "move_lost_gpu_s_save_first", "move_lost_s", "move_lost_s_save_first")
+
+
+def move_work_lost(pooled: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Work lost per move, without and with save-before-stop, over the same moves (all seeds)."""
+    moves = sum(p["moves"] for p in pooled)
+
+    def per_move(key: str) -> float:
+        return round(sum(p[key] for p in pooled) / moves, 1) if moves else 0.0
+
+    return {
+        "moves": moves,
+        "per_move_s": {"without_save_first": per_move("move_lost_s"),
+                       "with_save_first": per_move("move_lost_s_save_first")},
+        "per_move_gpu_hours": {"without_save_first": round(per_move("move_lost_gpu_s") / 3600, 3),
+                               "with_save_first": round(per_move("move_lost_gpu_s_save_first") / 3600, 3)},
+        "extra_downtime_s_per_move_with_save_first": SAVE_FIRST_WAIT_S if moves else 0.0,
+        "model": f"without: the work since the last periodic checkpoint (every {CHECKPOINT_EVERY_S:.0f}s of "
+                 f"run; a SIGTERM save that does not fit the grace period, or a trainer saving on none); "
+                 f"with: at most the step in flight ({SAVE_FIRST_STEP_S:.0f}s assumed), after a wait of "
+                 f"~{SAVE_FIRST_WAIT_S:.0f}s for the request (bounded by saveBeforeStopSeconds); the "
+                 f"simulated timeline charges the cost without",
     }
 
 
@@ -693,7 +734,7 @@ def _median_metrics(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in per_seed[0]:
         vals = [m[key] for m in per_seed]
-        if key in ("jobs", "multi_node_gangs", "givebacks", "moves", "moved_jobs"):
+        if key in ("jobs", "multi_node_gangs", "givebacks", "moves", "moved_jobs", *MOVE_LOST_KEYS):
             out[key] = sum(vals)
         else:
             out[key] = round(statistics.median(vals), 4 if isinstance(vals[0], float) and vals[0] < 2 else 1)
@@ -762,6 +803,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "decision_ms_10k_nodes_64_workers": decision["decision_ms"],
         "inventory_build_ms_10k_nodes": decision["inventory_build_ms"],
         "clusters": per_cluster,
+        "move_work_lost": move_work_lost(pooled_seed["capstan"]),
         "per_seed_pooled": {p: {m: [v[m] for v in pooled_seed[p]] for m in METRICS} for p in POLICIES},
         "capstan_vs_tas_bestfit": {
             "not_worse_on": [m for m in METRICS if m not in losses],

@@ -64,3 +64,8 @@ GPU_CLIQUE_LABEL = "nvidia.com/gpu.clique"
 RACK_LABEL = "capstan.dev/rack"
 BLOCK_LABEL = "capstan.dev/block"
 ZONE_LABEL = "topology.kubernetes.io/zone"
+
+#: Rank 0's pod annotation the trainer watches (downward API): a checkpoint request ``<id>:stop``.
+REQUEST_ANNOTATION = "capstan.dev/checkpoint-request"
+#: A TrainingJob annotation: any new value asks for a checkpoint now, without stopping.
+CHECKPOINT_NOW_ANNOTATION = "capstan.dev/checkpoint-now"

@@ -18,7 +18,7 @@ from capstan.api.trainingjob import TrainingJob
 from capstan.cli import main
 from capstan.labels import SPEC_DIGEST_ANNOTATION
 from capstan.training.lifecycle import worker_state
-from capstan.training.pods import worker_pod
+from capstan.training.pods import PODINFO_DIR, worker_pod
 
 SECRET_ENV = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
 TEMPLATE: dict[str, Any] = {
@@ -72,7 +72,7 @@ def test_template_is_merged_into_the_worker_pod_and_capstans_fields_win(k8s_vali
     meta, spec = pod["metadata"], pod["spec"]
     assert meta["labels"]["team"] == "nlp" and meta["labels"]["capstan.dev/rank"] == "1"
     assert meta["annotations"]["example.com/owner"] == "ml-platform"
-    assert [v["name"] for v in spec["volumes"]] == ["dshm", "checkpoints", "data"]
+    assert [v["name"] for v in spec["volumes"]] == ["dshm", "checkpoints", "podinfo", "data"]
     assert spec["imagePullSecrets"] == [{"name": "regcred"}]
     assert spec["priorityClassName"] == "training-high"
     assert spec["securityContext"] == {"supplementalGroups": [2000], "runAsNonRoot": True,
@@ -93,7 +93,8 @@ def test_template_is_merged_into_the_worker_pod_and_capstans_fields_win(k8s_vali
     assert env["NCCL_DEBUG"] == {"name": "NCCL_DEBUG", "value": "INFO"}  # overrides Capstan's default
     assert env["NODE_RANK"]["value"] == "1" and env["MASTER_ADDR"]["value"].startswith("gpt-0.")
     assert worker["envFrom"] == [{"secretRef": {"name": "wandb"}}]
-    assert [m["mountPath"] for m in worker["volumeMounts"]] == ["/dev/shm", "/checkpoints", "/data"]
+    mounts = [m["mountPath"] for m in worker["volumeMounts"]]
+    assert mounts == ["/dev/shm", "/checkpoints", PODINFO_DIR, "/data"]
     assert worker["resources"]["limits"] == {"ephemeral-storage": "20Gi", "nvidia.com/gpu": "8"}
     assert worker["securityContext"] == {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
                                          "capabilities": {"drop": ["ALL"]}}

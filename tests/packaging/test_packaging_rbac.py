@@ -43,6 +43,8 @@ _doc("placement and webhook capacity checks read Nodes", ["get", "list", "watch"
 _doc("get after create-if-absent conflicts, reads of single children", ["get"], "",
      ["pods", "services", "persistentvolumeclaims", "events"])
 _doc("event aggregation: a repeated Event gets its count patched", ["patch"], "", ["events"])
+# the core scenarios run no trainer that answers checkpoint requests (tests/kube/test_checkpoint_kube.py)
+_doc("checkpoint requests: rank 0's pod is annotated capstan.dev/checkpoint-request", ["patch"], "", ["pods"])
 _doc("watch of children for prompt wake-ups", ["watch"], "", ["pods", "services", "persistentvolumeclaims"])
 _doc("ModelServing lists its Services and PVCs by label, applies them (server-side apply = patch)",
      ["list", "patch"], "", ["services", "persistentvolumeclaims"])

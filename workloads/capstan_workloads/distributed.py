@@ -91,6 +91,14 @@ def agree_any(flag: bool, value: float, device: torch.device) -> tuple[bool, flo
     return flag_sum > 0, value_sum / dist.get_world_size()
 
 
+def agree_step(flag: bool, value: float, extra: float, device: torch.device) -> tuple[bool, float, float]:
+    """:func:`agree_any`, plus the sum of ``extra`` over ranks (rank 0's alone when the others pass 0)."""
+    t = torch.tensor([float(flag), value, extra], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    flag_sum, value_sum, extra_sum = t.tolist()
+    return flag_sum > 0, value_sum / dist.get_world_size(), extra_sum
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Rank ``src``'s ``obj`` on every rank."""
     box = [obj]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -39,7 +40,22 @@ class TrainMetrics:
         )
         self.checkpoints = Counter("capstan_train_checkpoints", "Checkpoints committed.", registry=r)
         self.checkpoint_step = Gauge(
-            "capstan_train_checkpoint_step", "Step of the newest committed checkpoint.", registry=r
+            "capstan_train_checkpoint_step", "Step of the newest committed checkpoint (-1: none yet).",
+            registry=r,
+        )
+        self.checkpoint_step.set(-1)
+        self.checkpoint_timestamp = Gauge(
+            "capstan_train_checkpoint_timestamp_seconds", "Unix time the newest checkpoint was committed.",
+            registry=r,
+        )
+        self.resumed_from_step = Gauge(
+            "capstan_train_resumed_from_step", "Step this gang resumed from (-1: a fresh start).", registry=r
+        )
+        self.resumed_from_step.set(-1)
+        self.checkpoint_request = Gauge(
+            "capstan_train_checkpoint_request",
+            "Last checkpoint request of the operator answered with a committed checkpoint (0: none).",
+            registry=r,
         )
 
     def serve(self, port: int) -> bool:
@@ -58,4 +74,5 @@ class TrainMetrics:
         """Record a checkpoint commit (called from the checkpoint thread)."""
         self.checkpoints.inc()
         self.checkpoint_step.set(step)
+        self.checkpoint_timestamp.set(time.time())
         self.checkpoint_save_seconds.observe(seconds)

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loss-log", default=None, help="JSONL of every step's loss (default CHECKPOINT_DIR/losses.jsonl)")
     a("--metrics-port", type=int, default=int(env("CAPSTAN_METRICS_PORT", "9400")), help="0 disables")
     a("--dist-timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
+    a("--hold-seconds", type=float, default=600.0,
+      help="after saving for the operator's stop request, how long to wait for the stop before training on")
     return p
 
 
@@ -100,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except BaseException:
         traceback.print_exc()
+        if os.environ.get("RANK") == "0":  # the last line of the log tail the operator reads
+            from .trainer import PROGRESS
+
+            print(PROGRESS.line())
         sys.stdout.flush()
         sys.stderr.flush()
         # os._exit: a checkpoint thread blocked in a collective with a dead peer would otherwise

@@ -20,14 +20,27 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointManager, RNGState, TrainState, rng_key, step_dir_name
 from .data import DataStream, TokenWindows, load_corpus
-from .distributed import DistEnv, agree_any, broadcast_object, grad_sync, init_distributed, unwrap, wrap_model
+from .distributed import (
+    DistEnv,
+    agree_step,
+    broadcast_object,
+    grad_sync,
+    init_distributed,
+    unwrap,
+    wrap_model,
+)
 from .exitcodes import EXIT_OK, EXIT_PREEMPTED
 from .export import full_state_dict, write_export
 from .metrics import TrainMetrics
 from .model import GPT, GPTConfig
+from .progress import Progress, RequestWatcher, parse_request
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("capstan.train")
+
+#: Rank 0's progress in this process (the crash path of ``train.main`` prints it last).
+PROGRESS = Progress()
+HOLD_POLL_S = 0.5
 
 
 def setup_logging(rank: int, who: str | None = None) -> None:
@@ -66,6 +79,27 @@ class Preemption:
         self.requested = True
 
 
+def hold_for_stop(
+    request: int, watcher: RequestWatcher, preemption: Preemption, env: DistEnv, hold_s: float
+) -> bool:
+    """After saving for stop request ``request``: take no more steps until SIGTERM (True) or until
+    the request is called off or ``hold_s`` passes (False: training goes on). Every rank loops
+    here together, so no rank waits alone in a collective."""
+    deadline = time.monotonic() + hold_s
+    while True:
+        resume = 0.0
+        if env.is_main:
+            off = parse_request(watcher.value(force=True)) != (request, "stop")
+            resume = float(off or time.monotonic() > deadline)
+        term, _, resumed = agree_step(preemption.requested, 0.0, resume, env.device)
+        if term:
+            return True
+        if resumed > 0:
+            log.warning("stop request %d called off (or held %.0fs): training goes on", request, hold_s)
+            return False
+        time.sleep(HOLD_POLL_S)
+
+
 def train(args: argparse.Namespace, env: DistEnv) -> int:
     """The training loop of one worker; returns its exit code."""
     preemption = Preemption()
@@ -101,8 +135,11 @@ def train(args: argparse.Namespace, env: DistEnv) -> int:
                  f"{gpt.num_params():,}", json.dumps(vars(cfg)), env.world_size, env.device.type,
                  args.strategy, restart)
 
+    progress = PROGRESS
+
     def on_commit(step: int, seconds: float) -> None:
         metrics.committed(step, seconds)
+        progress.checkpoint_step, progress.checkpoint_time = step, time.time()
         log.info("checkpoint %s committed (%.2fs after it started)", step_dir_name(step), seconds)
 
     ckpt = CheckpointManager(args.checkpoint_dir, args.keep, env.rank, io_threads=args.checkpoint_threads,
@@ -114,6 +151,13 @@ def train(args: argparse.Namespace, env: DistEnv) -> int:
         if resume_from:
             ckpt.load(Path(str(resume_from)), state)
             log.info("resumed from %s (step %d)", Path(str(resume_from)).name, app.step)
+            progress.resumed_from_step = progress.checkpoint_step = app.step
+            progress.checkpoint_time = Path(str(resume_from)).stat().st_mtime
+            metrics.resumed_from_step.set(app.step)
+            metrics.checkpoint_step.set(app.step)
+            metrics.checkpoint_timestamp.set(progress.checkpoint_time)
+    # Only rank 0 reads requests; agree_step hands them to every rank at the same step.
+    watcher = RequestWatcher.from_env() if env.is_main else RequestWatcher(None)
     if env.is_main:
         metrics.serve(args.metrics_port)
 
@@ -143,7 +187,12 @@ def train(args: argparse.Namespace, env: DistEnv) -> int:
         app.step += 1
         loss_sum = torch.stack(losses).float().mean().item()
         # Every rank must stop at the same step, or the survivors would hang in the next collective.
-        stopped, loss_mean = agree_any(preemption.requested, loss_sum, env.device)
+        asked = 0.0
+        pending = watcher.pending(progress.request) if env.is_main else None
+        if pending is not None:
+            asked = float(pending[0] * 2 + pending[1])
+        stopped, loss_mean, asked = agree_step(preemption.requested, loss_sum, asked, env.device)
+        request, stop_request = divmod(round(asked), 2)
         dt = time.perf_counter() - t0
         if env.is_main:
             metrics.step.set(app.step)
@@ -160,11 +209,22 @@ def train(args: argparse.Namespace, env: DistEnv) -> int:
                 log.info("step %d/%d | loss %.4f | %s tok/s | %.1f ms/step | lr %.2e", app.step, args.steps,
                          loss_mean, f"{tokens_per_step / dt:,.0f}", dt * 1e3, scheduler.get_last_lr()[0])
         periodic = args.checkpoint_every and app.step % args.checkpoint_every == 0
-        if stopped or periodic or app.step == args.steps:
+        if (stopped or periodic or request or app.step == args.steps) and last_saved != app.step:
             stall = ckpt.save(app.step, state)
             last_saved = app.step
             metrics.checkpoint_stall_seconds.observe(stall)
             log.info("checkpoint %s started; training stalled %.3fs", step_dir_name(app.step), stall)
+        if request and not stopped:
+            ckpt.wait()  # on rank 0 this returns once the checkpoint is committed
+            if env.is_main and ckpt.last_committed == app.step:
+                progress.request = request
+                metrics.checkpoint_request.set(request)
+                log.info("checkpoint request %d: %s committed%s", request, step_dir_name(app.step),
+                         "; holding until stopped" if stop_request else "")
+            elif env.is_main:  # not answered: the operator's wait runs out and it stops the gang anyway
+                log.warning("checkpoint request %d: the save of step %d failed", request, app.step)
+            if stop_request:
+                stopped = hold_for_stop(request, watcher, preemption, env, args.hold_seconds)
         if stopped:
             break
 
@@ -173,6 +233,9 @@ def train(args: argparse.Namespace, env: DistEnv) -> int:
     ckpt.close()
     if loss_log is not None:
         loss_log.close()
+    if env.is_main:  # a clean exit: rank 0 reports its progress in the termination message
+        progress.write_termination_message()
+        print(progress.line(), flush=True)
     if stopped:
         if env.is_main:
             log.warning("preempted after step %d: checkpoint %s is committed; exiting %d (restart without "

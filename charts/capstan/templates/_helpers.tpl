@@ -75,10 +75,10 @@ makes against the API emulator (plus the commented allowlist there).
 - apiGroups: [capstan.dev]
   resources: [trainingjobs/status, modelservings/status]
   verbs: [get, patch]
-# Gang workers: created and deleted as a whole, never modified in place.
+# Gang workers: created and deleted as a whole; rank 0 is annotated with checkpoint requests.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, create, delete]
+  verbs: [get, list, watch, create, patch, delete]
 # Headless rendezvous Services and serving Services, checkpoint PVCs.
 - apiGroups: [""]
   resources: [services, persistentvolumeclaims]

@@ -144,6 +144,16 @@ class CheckpointSpec(ApiModel):
         default=None,
         description="Name of a VolumeSnapshot to seed the checkpoint volume from (continue or fork a job).",
     )
+    save_before_stop_seconds: int = Field(
+        default=120,
+        ge=0,
+        le=3600,
+        description="Before the operator stops a running gang on purpose (a move, suspend, resize or spec "
+        "change) it asks rank 0 to save a checkpoint (pod annotation capstan.dev/checkpoint-request, read "
+        "through the downward API) and waits up to this long for rank 0 to report it committed. Only "
+        "with a checkpoint volume, resume Latest, and a trainer whose metrics expose "
+        "capstan_train_checkpoint_request (the reference trainer does); 0 stops at once (SIGTERM only).",
+    )
 
 
 # -- failure rules, startup timeout, node quarantine -------------------------------------------
@@ -495,6 +505,35 @@ class CheckpointRecord(ApiModel):
     reason: str | None = Field(default=None, description="Why it was taken: Scheduled, Restart, Completion.")
 
 
+class CheckpointProgress(ApiModel):
+    """The newest checkpoint rank 0 reported committed."""
+
+    step: int = Field(description="Training step the checkpoint holds.")
+    time: str | None = Field(default=None, description="When it was committed (RFC 3339).")
+
+
+#: The outcome of a checkpoint request: rank 0 has not answered yet, it reported the checkpoint
+#: committed, the wait bound passed first, or the stop it was made for was called off.
+RequestOutcome = Literal["Pending", "Saved", "TimedOut", "Cancelled"]
+
+
+class CheckpointRequest(ApiModel):
+    """The last request to rank 0 to save a checkpoint now (before a stop, or asked by a user)."""
+
+    id: int = Field(description="Request number (increases by one per request).")
+    reason: str = Field(
+        description="Why: Moved, Suspended, Resized, SpecChanged (then the gang stops), or User "
+        "(annotation capstan.dev/checkpoint-now; training goes on)."
+    )
+    stop: bool = Field(default=False, description="Whether the gang is stopped once the checkpoint is saved.")
+    requested_at: str = Field(description="When it was made (RFC 3339).")
+    outcome: RequestOutcome = Field(default="Pending", description="Pending, Saved, TimedOut or Cancelled.")
+    step: int | None = Field(default=None, description="Step of the checkpoint saved for it.")
+    annotation: str | None = Field(
+        default=None, description="Value of the capstan.dev/checkpoint-now annotation last answered."
+    )
+
+
 class WorkerCounts(ApiModel):
     """Worker pods by state."""
 
@@ -539,6 +578,17 @@ class TrainingJobStatus(ApiModel):
     )
     moving_since: str | None = Field(default=None, description="When the move in progress began.")
     checkpoints: list[CheckpointRecord] = Field(default_factory=list, description="Snapshots, newest last.")
+    last_checkpoint: CheckpointProgress | None = Field(
+        default=None,
+        description="Newest checkpoint rank 0 reported committed (its metrics, or its termination message).",
+    )
+    resumed_from_step: int | None = Field(
+        default=None,
+        description="Step of the checkpoint the current gang resumed from (None: a fresh start).",
+    )
+    checkpoint_request: CheckpointRequest | None = Field(
+        default=None, description="The last request to rank 0 to save a checkpoint now."
+    )
     message: str = Field(default="", description="What the job is doing or waiting for, in words.")
 
 

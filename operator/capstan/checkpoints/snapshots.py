@@ -219,14 +219,18 @@ def with_snapshots(
     """The snapshots of ``job`` once ``plan`` is applied, and ``plan`` with their outcome.
 
     The snapshots are decided for the status ``plan`` writes (:func:`plan_snapshots`; a restart or
-    completion snapshot waits until none of ``pods`` runs). Both statuses of ``plan`` (``status``
+    completion snapshot waits until none of ``pods`` runs) and record the step of its
+    ``lastCheckpoint``. Both statuses of ``plan`` (``status``
     and ``on_created``) get ``status.checkpoints`` (where the API is served) and the
     ``CheckpointReady`` condition; the plan requeues by the snapshots' recheck when that is sooner.
     """
     stopped = not any(dig(p, "status", "phase") in ("Pending", "Running", "Unknown") for p in pods)
     planned = job.model_copy(update={"status": plan.status})
+    # the newest checkpoint rank 0 reported committed: what a snapshot taken now holds (at least)
+    step = plan.status.last_checkpoint.step if plan.status.last_checkpoint is not None else None
     snaps = plan_snapshots(
-        planned, seen.snapshots, seen.in_use, now, api_available=seen.available, workers_stopped=stopped
+        planned, seen.snapshots, seen.in_use, now, api_available=seen.available, step=step,
+        workers_stopped=stopped
     )
 
     def fold(status: TrainingJobStatus) -> TrainingJobStatus:

@@ -1,4 +1,5 @@
-"""Scraping a revision's pods for canary analysis: the I/O edge of :mod:`capstan.serving.analysis`.
+"""Scraping pods: a revision's for canary analysis (the I/O edge of :mod:`capstan.serving.analysis`),
+and a training gang's rank 0 for its checkpoint progress (:mod:`capstan.training.progress`).
 
 :func:`pod_targets` picks the running, ready pods; :func:`scrape_pods` GETs each one's ``/metrics``
 (aiohttp) and :func:`parse_sample` turns its Prometheus text into a
@@ -18,8 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from capstan.fields import dig
 from capstan.serving.analysis import PodSample, Scrape
 from capstan.serving.runtimes import MetricNames
+from capstan.training.progress import Progress, from_gauges
 
 SCRAPE_TIMEOUT_S = 5.0
+PROGRESS_TIMEOUT_S = 2.0  # rank 0 answers at once or is busy; the next reconcile tries again
 
 
 def _is_error(code: str) -> bool:
@@ -121,3 +124,43 @@ async def scrape_pods(
         else:
             scrape[pod] = r
     return scrape, errors
+
+
+def parse_progress_metrics(text: str) -> Progress | None:
+    """Rank 0's checkpoint progress from its Prometheus exposition ``text`` (None: not reported)."""
+    gauges = {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("capstan_train_") and not s.labels
+    }
+    return from_gauges(gauges)
+
+
+def metrics_url(pod: Mapping[str, Any], default_port: int) -> str | None:
+    """``http://{podIP}:{metrics port}/metrics`` of a running pod; None when it has no IP or runs not."""
+    status = pod.get("status") or {}
+    ip = status.get("podIP")
+    if not ip or status.get("phase") != "Running" or dig(pod, "metadata", "deletionTimestamp"):
+        return None
+    port = default_port
+    for container in dig(pod, "spec", "containers") or []:
+        for p in container.get("ports") or []:
+            if p.get("name") == "metrics":
+                port = int(p["containerPort"])
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}/metrics"
+
+
+async def scrape_progress(url: str, timeout: float = PROGRESS_TIMEOUT_S) -> Progress | None:
+    """GET ``url`` and parse rank 0's progress; None when it cannot be read (the pass goes on)."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as sess,
+            sess.get(url) as resp,
+        ):
+            if resp.status != 200:
+                return None
+            return parse_progress_metrics(await resp.text())
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None

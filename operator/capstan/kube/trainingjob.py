@@ -57,8 +57,9 @@ from capstan.kube.placement import (
 )
 from capstan.kube.reconciler import Reported, reconcile_loop, refused_by_server, wake, wake_all
 from capstan.kube.resources import MODELSERVINGS, NODES, PODS, PVCS, SERVICES, TRAININGJOBS, VOLUME_SNAPSHOTS
+from capstan.kube.scrape import metrics_url, scrape_progress
 from capstan.kube.status import reconcile_live, status_merge_patch
-from capstan.labels import LABEL_JOB, LABEL_JOB_UID, LABEL_SNAPSHOT_REASON
+from capstan.labels import LABEL_ATTEMPT, LABEL_JOB, LABEL_JOB_UID, LABEL_RANK, LABEL_SNAPSHOT_REASON
 from capstan.metrics import (
     GANG_RESTARTS,
     GANG_WAITING_SECONDS,
@@ -72,7 +73,8 @@ from capstan.metrics import (
 from capstan.naming import label_value
 from capstan.topology import DEFAULT_LEVELS, TopologyLevels
 from capstan.training.lifecycle import PlacementDecision, Plan, plan_trainingjob, refused
-from capstan.training.pods import checkpoint_claim_name, checkpoint_pvc, selector, service_name
+from capstan.training.pods import METRICS_PORT, checkpoint_claim_name, checkpoint_pvc, selector, service_name
+from capstan.training.progress import PROGRESS_RECHECK_S, Progress
 
 KIND = "TrainingJob"
 CLEANUP_RETRY_S = 2.0  # the deletion handler's retry after a transient API failure (kopf's: 60 s)
@@ -164,6 +166,8 @@ class TrainingState:
     placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     gone_nodes: set[str] = field(default_factory=set)  # Nodes seen deleted: pods there are lost
     metrics: JobMetrics = field(default_factory=JobMetrics)
+    # rank 0's last scrape per job uid: (monotonic time, gang attempt, what it reported)
+    progress: dict[str, tuple[float, int, Progress | None]] = field(default_factory=dict)
 
 
 @kopf.on.startup(id="training-state")
@@ -234,7 +238,7 @@ async def _reconcile_job(
     decision is applied before the lock is released (no two gangs get the same GPUs).
     """
     state = _state(memo)
-    seen = await _observe(api, job, state.gone_nodes)
+    seen = await _observe(api, job, state.gone_nodes, state.progress)
     placed_by_queue = wants_placement(job)
     move = state.queue.move_for(queue_key(job), job.status.phase) if placed_by_queue else None
     levels = operator_config(memo).topology_levels
@@ -269,17 +273,55 @@ class _Observed:
     snapshots: SnapshotsSeen | None  # None: the job keeps no snapshots
     service_exists: bool | None = None  # its headless Service (None: not looked at)
     pvc_exists: bool | None = None  # the checkpoint PVC the operator creates (None: not looked at)
+    rank0: Progress | None = None  # what the current gang's rank 0 reports on its metrics endpoint
 
 
-async def _observe(api: ApiClient, job: TrainingJob, gone_nodes: set[str]) -> _Observed:
-    """The job's pods, whether its Service and checkpoint PVC are there (while it has pods) and,
-    when it keeps snapshots, its VolumeSnapshots and those in use."""
+def _rank0_url(job: TrainingJob, pods: list[dict[str, Any]]) -> str | None:
+    """The metrics URL of the current gang's rank 0, while it runs."""
+    for pod in pods:
+        labels = dig(pod, "metadata", "labels") or {}
+        if labels.get(LABEL_RANK) == "0" and labels.get(LABEL_ATTEMPT) == str(job.status.attempt):
+            return metrics_url(pod, METRICS_PORT)
+    return None
+
+
+async def _rank0_progress(
+    job: TrainingJob, pods: list[dict[str, Any]], cache: dict[str, tuple[float, int, Progress | None]]
+) -> Progress | None:
+    """Rank 0's progress, scraped at most every PROGRESS_RECHECK_S per gang (an unreachable
+    endpoint costs a timeout), and at every pass while a checkpoint request waits for its answer."""
+    url = _rank0_url(job, pods) if job.status.phase not in TERMINAL_PHASES else None
+    uid, attempt = job.metadata.uid, job.status.attempt
+    if url is None:
+        cache.pop(uid, None)
+        return None
+    request = job.status.checkpoint_request
+    waiting = request is not None and request.outcome == "Pending"
+    cached = cache.get(uid)
+    now = time.monotonic()
+    if cached is not None and cached[1] == attempt and now - cached[0] < PROGRESS_RECHECK_S and not waiting:
+        return cached[2]
+    rank0 = await scrape_progress(url)
+    cache[uid] = (now, attempt, rank0)
+    return rank0
+
+
+async def _observe(
+    api: ApiClient,
+    job: TrainingJob,
+    gone_nodes: set[str],
+    cache: dict[str, tuple[float, int, Progress | None]] | None = None,
+) -> _Observed:
+    """The job's pods, whether its Service and checkpoint PVC are there (while it has pods), rank 0's
+    progress (a scrape of its metrics while it runs) and, when it keeps snapshots, its
+    VolumeSnapshots and those in use."""
     ns, name = job.metadata.namespace, job.metadata.name
     listed = await api.list_pods(ns, selector(job))
     service_exists, pvc_exists = await _children_exist(api, job) if listed else (None, None)
+    rank0 = await _rank0_progress(job, listed, {} if cache is None else cache)
     pods = _node_lost(listed, gone_nodes)
     if job.spec.checkpoint.snapshots is None or job.spec.checkpoint.volume is None:
-        return _Observed(pods, None, service_exists, pvc_exists)
+        return _Observed(pods, None, service_exists, pvc_exists, rank0)
     try:
         snapshots = await api.list_objects(VOLUME_SNAPSHOTS, ns, {LABEL_JOB: label_value(name)})
         available = True
@@ -293,7 +335,7 @@ async def _observe(api: ApiClient, job: TrainingJob, gone_nodes: set[str]) -> _O
         if not exc.not_found:
             raise
         in_use = set()
-    return _Observed(pods, SnapshotsSeen(snapshots, in_use, available), service_exists, pvc_exists)
+    return _Observed(pods, SnapshotsSeen(snapshots, in_use, available), service_exists, pvc_exists, rank0)
 
 
 async def _children_exist(api: ApiClient, job: TrainingJob) -> tuple[bool | None, bool | None]:
@@ -373,7 +415,7 @@ def _plan(
     """The gang lifecycle's plan with the snapshots folded in (pure)."""
     plan = plan_trainingjob(
         job, seen.pods, now, placement, service_exists=seen.service_exists, pvc_exists=seen.pvc_exists,
-        move=move, placed_by_queue=placed_by_queue, levels=levels,
+        move=move, placed_by_queue=placed_by_queue, levels=levels, rank0=seen.rank0,
     )
     if plan.needs_placement or seen.snapshots is None:
         return plan, None
@@ -427,11 +469,13 @@ async def _finish(
     memo: kopf.Memo,
     logger: kopf.Logger,
 ) -> float | None:
-    """After the creates: settle them, delete pods, post Events, delete the job at its TTL."""
+    """After the creates: settle them, annotate and delete pods, post Events, delete the job at its TTL."""
     if refusal is not None or (plan.create and plan.on_created is not None):
         await _settle_creates(
             api, job, body, plan, refusal=refusal, now=now, metrics=_state(memo).metrics, logger=logger
         )
+    for pod, wanted in plan.annotate_pods.items():  # a checkpoint request to rank 0
+        await _annotate_pod(api, job.metadata.namespace, pod, wanted)
     if plan.delete_pods:
         await api.delete_pods(job.metadata.namespace, plan.delete_pods)
     if _frees_gpus(job, plan):
@@ -443,6 +487,15 @@ async def _finish(
         await api.delete(TRAININGJOBS, job.metadata.namespace, job.metadata.name)
         return None
     return plan.requeue_after
+
+
+async def _annotate_pod(api: ApiClient, namespace: str, pod: str, annotations: dict[str, str]) -> None:
+    """Merge ``annotations`` into worker ``pod``; a pod already gone is no error (the next pass sees it)."""
+    try:
+        await api.patch(PODS, namespace, pod, {"metadata": {"annotations": annotations}})
+    except ApiError as exc:
+        if not exc.not_found:
+            raise
 
 
 async def _apply_snapshots(
@@ -600,6 +653,7 @@ async def trainingjob_deleted(
             raise kopf.TemporaryError(f"cleanup failed, retrying: {exc}", delay=CLEANUP_RETRY_S) from exc
         raise
     _state(memo).metrics.forget(namespace, name)
+    _state(memo).progress.pop(uid, None)
 
 
 async def _delete_children(

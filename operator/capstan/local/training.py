@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -10,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob
+from capstan.kube.scrape import parse_progress_metrics
 from capstan.labels import LABEL_ATTEMPT, LABEL_RANK
 from capstan.local.snapshots import take_snapshot
-from capstan.local.workers import Worker, free_port, start_worker, stop_worker
+from capstan.local.workers import Worker, free_port, start_worker, stop_worker, write_annotations
 from capstan.training.lifecycle import plan_trainingjob
+from capstan.training.progress import Progress
 
 Printer = Callable[[str], None]
 
@@ -30,6 +34,12 @@ class LocalTrainingRun:
     workers: dict[str, Worker] = field(default_factory=dict)
     ports: dict[int, int] = field(default_factory=dict)  # attempt -> rendezvous port
     history: list[str] = field(default_factory=list)
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # rank-0 pod name -> metrics port
+    move: str | None = None  # a move asked of the running gang (as the placement queue asks one)
+
+    def request_move(self, why: str) -> None:
+        """Ask to move the running gang (stop it and restart it from its checkpoint)."""
+        self.move = why
 
     @property
     def job_dir(self) -> Path:
@@ -43,7 +53,14 @@ class LocalTrainingRun:
         labels = pod["metadata"]["labels"]
         attempt, rank = int(labels[LABEL_ATTEMPT]), int(labels[LABEL_RANK])
         port = self.ports.setdefault(attempt, free_port())
+        pod_dir = self._pod_dir(pod)
+        metrics = free_port() if rank == 0 else 0
+        if metrics:
+            self.metrics_ports[pod["metadata"]["name"]] = metrics
         return {
+            # what the kubelet gives a container: its termination-message file and downward API
+            "CAPSTAN_TERMINATION_LOG": str(pod_dir / "termination-log"),
+            "CAPSTAN_PODINFO_ANNOTATIONS": str(pod_dir / "annotations"),
             "MASTER_ADDR": "127.0.0.1",
             "PET_MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
@@ -51,8 +68,12 @@ class LocalTrainingRun:
             "CAPSTAN_CHECKPOINT_DIR": str(self.checkpoint_dir),
             "CAPSTAN_EXPORT_DIR": str(self.checkpoint_dir / "export"),
             # Only rank 0 serves metrics, on a port that is free here.
-            "CAPSTAN_METRICS_PORT": str(free_port()) if rank == 0 else "0",
+            "CAPSTAN_METRICS_PORT": str(metrics),
         }
+
+    def _pod_dir(self, pod: dict[str, Any]) -> Path:
+        labels = pod["metadata"]["labels"]
+        return self.job_dir / "pods" / f"attempt-{labels[LABEL_ATTEMPT]}" / pod["metadata"]["name"]
 
     def _say(self, text: str) -> None:
         self.history.append(text)
@@ -70,7 +91,36 @@ class LocalTrainingRun:
             if (rank == "0" and self.echo_rank0)
             else None
         )
-        self.workers[name] = start_worker(obj, self._overrides(obj), log, echo)
+        overrides = self._overrides(obj)
+        pod_dir = self._pod_dir(obj)
+        (pod_dir / "termination-log").unlink(missing_ok=True)
+        write_annotations(pod_dir / "annotations", obj["metadata"].get("annotations") or {})
+        self.workers[name] = start_worker(obj, overrides, log, echo)
+        self.workers[name].termination_log = pod_dir / "termination-log"
+
+    def _annotate(self, name: str, annotations: dict[str, str]) -> None:
+        """Play the API server and the kubelet: merge into the pod, refresh its downward-API file."""
+        worker = self.workers.get(name)
+        if worker is None:
+            return
+        meta = worker.pod["metadata"]
+        meta["annotations"] = {**(meta.get("annotations") or {}), **annotations}
+        write_annotations(self._pod_dir(worker.pod) / "annotations", meta["annotations"])
+
+    def _rank0_progress(self) -> Progress | None:
+        """Scrape the current gang's rank 0 metrics, as the operator does in a cluster."""
+        attempt = str(self.job.status.attempt)
+        for name, worker in self.workers.items():
+            labels = worker.pod["metadata"]["labels"]
+            port = self.metrics_ports.get(name)
+            if labels[LABEL_ATTEMPT] != attempt or not port or worker.proc.poll() is not None:
+                continue
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1.0) as resp:
+                    return parse_progress_metrics(resp.read().decode())
+            except (OSError, urllib.error.URLError, ValueError):
+                return None
+        return None
 
     def _delete(self, name: str) -> None:
         worker = self.workers.get(name)
@@ -83,9 +133,20 @@ class LocalTrainingRun:
     def step(self, now: datetime) -> float | None:
         """Reconcile once; return seconds until the next reconcile (None when finished)."""
         observed = [w.observed() for w in self.workers.values()]
-        plan = plan_trainingjob(self.job, observed, now, service_exists=True, pvc_exists=True)
+        moves = self.job.status.moves
+        plan = plan_trainingjob(
+            self.job, observed, now, service_exists=True, pvc_exists=True, move=self.move,
+            rank0=self._rank0_progress(),
+        )
+        if plan.status.moves > moves:
+            self.move = None  # done: the gang is stopped and restarts from its checkpoint
         before = (self.job.status.phase, self.job.status.message)
         self.job = self.job.model_copy(update={"status": plan.status})
+        for event in plan.events:
+            if event.reason.startswith("Checkpoint"):
+                self._say(f"{event.reason}: {event.message}")
+        for name, wanted in plan.annotate_pods.items():
+            self._annotate(name, wanted)
         for obj in plan.create:
             self._create(obj)
         for name in plan.delete_pods:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -59,10 +60,14 @@ class Worker:
     log_path: Path
     deleting: bool = False
     pump: threading.Thread | None = field(default=None, repr=False)
+    termination_log: Path | None = None  # the container's /dev/termination-log stand-in
 
     @property
     def name(self) -> str:
         return str(self.pod["metadata"]["name"])
+
+    def _termination_message(self) -> str:
+        return _termination_message_of(self.termination_log)
 
     def observed(self) -> dict[str, Any]:
         """The pod as the API server would report it (phase, exit code, deletionTimestamp)."""
@@ -71,14 +76,36 @@ class Worker:
         if code is not None:
             # A negative code means "killed by signal N": report it as 128+N like a container runtime.
             exit_code = code if code >= 0 else 128 - code
+            terminated: dict[str, Any] = {"exitCode": exit_code}
+            message = self._termination_message()
+            if message:
+                terminated["message"] = message
             status = {
                 "phase": "Succeeded" if exit_code == 0 else "Failed",
-                "containerStatuses": [{"name": "worker", "state": {"terminated": {"exitCode": exit_code}}}],
+                "containerStatuses": [{"name": "worker", "state": {"terminated": terminated}}],
             }
         meta = dict(self.pod["metadata"])
         if self.deleting:
             meta["deletionTimestamp"] = "now"
         return {"metadata": meta, "spec": self.pod["spec"], "status": status}
+
+
+def _termination_message_of(path: Path | None) -> str:
+    """The termination message the process left (the kubelet reads at most 4096 bytes)."""
+    if path is None:
+        return ""
+    try:
+        return path.read_text(errors="replace")[:4096]
+    except OSError:
+        return ""
+
+
+def write_annotations(path: Path, annotations: dict[str, str]) -> None:
+    """Write ``annotations`` as the kubelet's downward API does (``key="value"`` lines), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{k}={json.dumps(v)}\n" for k, v in sorted(annotations.items())))
+    os.replace(tmp, path)
 
 
 def _pump(stream: IO[bytes], log: IO[bytes], echo: Callable[[str], None] | None) -> None:

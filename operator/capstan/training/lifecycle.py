@@ -31,6 +31,8 @@ from capstan.api.conditions import (
 )
 from capstan.api.trainingjob import (
     TERMINAL_PHASES,
+    CheckpointProgress,
+    CheckpointRequest,
     PlacementStatus,
     TrainingJob,
     TrainingJobStatus,
@@ -38,7 +40,14 @@ from capstan.api.trainingjob import (
 )
 from capstan.events import Event
 from capstan.fields import dig
-from capstan.labels import LABEL_ATTEMPT, LABEL_RANK, LABEL_WORKERS, SPEC_DIGEST_ANNOTATION
+from capstan.labels import (
+    CHECKPOINT_NOW_ANNOTATION,
+    LABEL_ATTEMPT,
+    LABEL_RANK,
+    LABEL_WORKERS,
+    REQUEST_ANNOTATION,
+    SPEC_DIGEST_ANNOTATION,
+)
 from capstan.security import nonroot_advice, nonroot_refusal
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
 from capstan.training.failure_rules import Failure, first_failure, judge, pod_reasons
@@ -49,6 +58,13 @@ from capstan.training.pods import (
     headless_service,
     spec_digest,
     worker_pod,
+)
+from capstan.training.progress import (
+    PROGRESS_RECHECK_S,
+    REQUEST_RECHECK_S,
+    Progress,
+    parse_progress,
+    request_value,
 )
 from capstan.training.quarantine import avoided, exclude, keep_off, still_excluded
 from capstan.training.startup import not_running_detail, startup_left, unbound_nodes
@@ -90,6 +106,8 @@ class Plan:
     delete_job: bool = False
     on_created: TrainingJobStatus | None = None
     needs_placement: bool = False
+    #: Annotations to merge into worker pods, by pod name (a checkpoint request to rank 0).
+    annotate_pods: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -115,6 +133,8 @@ class WorkerState:
     disruption: str = ""  # reason of the pod's DisruptionTarget=True condition
     unscheduled: str = ""  # the scheduler's message while PodScheduled=False
     waiting: str = ""  # the container's waiting reason and message (ImagePullBackOff: ...)
+    progress: Progress | None = None  # the capstan-progress line of its termination message
+    request: str = ""  # its checkpoint-request annotation
 
     def failure(self) -> Failure:
         """This worker's failure, as the failure rules read it."""
@@ -176,6 +196,8 @@ def worker_state(pod: dict[str, Any]) -> WorkerState | None:
         disruption=disrupted,
         unscheduled=scheduled.get("message", "") if scheduled.get("status") == "False" else "",
         waiting=waiting,
+        progress=parse_progress(term.get("message", "")) if term.get("message") else None,
+        request=str(dig(meta, "annotations", REQUEST_ANNOTATION) or ""),
     )
 
 
@@ -262,6 +284,7 @@ def plan_trainingjob(
     move: str | None = None,
     placed_by_queue: bool = False,
     levels: TopologyLevels = DEFAULT_LEVELS,
+    rank0: Progress | None = None,
 ) -> Plan:
     """Decide the next step of ``job`` given its observed worker ``pods`` at time ``now``.
 
@@ -276,12 +299,15 @@ def plan_trainingjob(
     (a create that met a namesake about to go, an object deleted by hand), with a short requeue.
     ``levels`` are the operator's topology levels (see :func:`~capstan.training.pods.worker_pod`).
     A refusal of the API server on record (see :class:`Plan`) stays on show until creating works.
+    ``rank0``: what the current gang's rank 0 reports on its metrics endpoint (None: not read, or
+    nothing); with the termination messages of the pods it gives ``status.lastCheckpoint`` and
+    ``resumedFromStep``, and answers checkpoint requests (see :mod:`capstan.training.progress`).
     """
     refusal = refusal_on_record(job.status.conditions, CT.ADMITTED, job.metadata.generation)
     admit = refusal is None
     plan = _plan(
         job, pods, now, placement=placement, placed_by_queue=placed_by_queue, service_exists=service_exists,
-        pvc_exists=pvc_exists, move=move, admit=admit, levels=levels,
+        pvc_exists=pvc_exists, move=move, admit=admit, levels=levels, rank0=rank0,
     )
     if plan.needs_placement:
         return Plan(status=job.status.model_copy(deep=True), needs_placement=True)
@@ -317,6 +343,7 @@ def _plan(
     move: str | None,
     admit: bool,
     levels: TopologyLevels,
+    rank0: Progress | None,
 ) -> Plan:
     b = _Builder(job, now, levels)
     st = b.status
@@ -325,6 +352,7 @@ def _plan(
     stale = [w for w in workers if w.attempt != st.attempt]
     st.workers = _count(current)
     st.excluded_nodes = still_excluded(st.excluded_nodes, now)
+    _fold_progress(st, workers, rank0)
     if admit:
         b.condition(CT.ADMITTED, True, AdmittedReason.VALID, "spec is valid")
 
@@ -332,6 +360,9 @@ def _plan(
         return _finished(b, current + stale)
 
     if job.spec.suspend:
+        saving = _save_first(b, current, rank0, SuspendedReason.SUSPENDED, "spec.suspend is true")
+        if saving is not None:
+            return saving
         for w in workers:
             if not w.terminating:
                 b.plan.delete_pods.append(w.name)
@@ -385,7 +416,8 @@ def _plan(
 
     change = _spec_change(job, current)
     if change is not None:
-        return _restart(b, current, change[0], change[1], counter="none")
+        saving = _save_first(b, current, rank0, change[0], change[1])
+        return saving if saving is not None else _restart(b, current, change[0], change[1], counter="none")
 
     present = {w.rank for w in current}
     missing = [r for r in range(job.spec.workers) if r not in present]
@@ -419,7 +451,11 @@ def _plan(
         return b.plan
     if all(w.phase in ("Running", "Succeeded") for w in current):
         if move is not None and st.phase == "Running" and all(w.phase == "Running" for w in current):
+            saving = _save_first(b, current, rank0, RestartReason.MOVED, move)
+            if saving is not None:
+                return saving
             return _restart(b, current, RestartReason.MOVED, move, counter="moves")
+        _settle_requests(b, current, rank0)
         moving_since = parse_time(st.moving_since)
         if moving_since is not None:  # a move is over once the gang runs again
             st.moved_seconds += max(0, int((now - moving_since).total_seconds()))
@@ -432,6 +468,8 @@ def _plan(
         st.gang_created = None  # started: a worker that stops running later is a failure, not a slow start
         b.condition(CT.RUNNING, True, RunningReason.ALL_WORKERS_RUNNING, f"{len(current)} workers running")
         b.phase("Running", "Running", f"all {len(current)} workers running")
+        if rank0 is not None:
+            b.requeue(PROGRESS_RECHECK_S)  # keep status.lastCheckpoint fresh
         return b.plan
     pending = [w for w in current if w.phase not in ("Running", "Succeeded")]
     said = f"{len(pending)} of {len(current)} workers not running yet"
@@ -627,6 +665,7 @@ def _restart(b: _Builder, current: list[WorkerState], reason: str, why: str, *, 
     elif counter == "hardware":
         st.hardware_restarts += 1
     st.attempt += 1
+    st.resumed_from_step = None  # until the next gang's rank 0 says where it resumed
     st.placement = None  # a restarted gang gets fresh placement (the old node may be gone)
     st.gang_created = None
     delay = _backoff(b.job, st.restarts) if counted else 0.0
@@ -686,3 +725,158 @@ def _finished(b: _Builder, workers: list[WorkerState]) -> Plan:
             b.plan.delete_pods.append(w.name)
     _schedule_ttl(b)
     return b.plan
+
+
+# -- checkpoint progress and requests ------------------------------------------------------------
+
+
+def _fold_progress(st: TrainingJobStatus, workers: list[WorkerState], rank0: Progress | None) -> None:
+    """``lastCheckpoint`` and ``resumedFromStep`` from rank 0's newest report: the termination
+    message of a rank-0 pod (any gang still listed), or ``rank0`` (the current gang's metrics)."""
+    reports = [(w.attempt, w.progress) for w in workers if w.rank == 0 and w.progress is not None]
+    if rank0 is not None:
+        reports.append((st.attempt, rank0))
+    if not reports:
+        return
+
+    def newest(r: tuple[int, Progress]) -> tuple[int, int]:
+        step = r[1].checkpoint_step
+        return r[0], step if step is not None else -1
+
+    attempt, report = max(reports, key=newest)
+    if report.checkpoint_step is not None:
+        st.last_checkpoint = CheckpointProgress(step=report.checkpoint_step, time=report.checkpoint_time)
+    if attempt == st.attempt and report.resumed_from_step is not None:
+        st.resumed_from_step = report.resumed_from_step if report.resumed_from_step >= 0 else None
+
+
+def _rank0(current: list[WorkerState]) -> WorkerState | None:
+    return next((w for w in current if w.rank == 0), None)
+
+
+def _ask(b: _Builder, current: list[WorkerState], request: CheckpointRequest, mode: str) -> None:
+    """Annotate rank 0's pod with ``request`` (mode save, stop or cancel) unless it already is."""
+    pod = _rank0(current)
+    value = request_value(request.id, mode)
+    if pod is not None and pod.request != value:
+        b.plan.annotate_pods[pod.name] = {REQUEST_ANNOTATION: value}
+
+
+def _answered(request: CheckpointRequest, rank0: Progress | None) -> bool:
+    return rank0 is not None and rank0.request is not None and rank0.request >= request.id
+
+
+def _request_bound(job: TrainingJob) -> int:
+    """Seconds a request waits for rank 0 (a user's request waits 120 s when stops do not wait)."""
+    return job.spec.checkpoint.save_before_stop_seconds or 120
+
+
+def _new_request(
+    b: _Builder, rank0: Progress, reason: str, stop: bool, note: str | None
+) -> CheckpointRequest:
+    last = b.status.checkpoint_request
+    number = max(last.id if last else 0, rank0.request or 0) + 1
+    annotation = note if note is not None else (last.annotation if last else None)
+    request = CheckpointRequest(
+        id=number, reason=reason, stop=stop, requested_at=rfc3339(b.now), annotation=annotation
+    )
+    b.status.checkpoint_request = request
+    return request
+
+
+def _close(b: _Builder, request: CheckpointRequest, rank0: Progress | None) -> bool:
+    """Settle pending ``request``: Saved once rank 0 answered it, TimedOut past the bound (with an
+    Event); False while it is still pending (a requeue to look again)."""
+    if _answered(request, rank0):
+        assert rank0 is not None
+        request.outcome, request.step = "Saved", rank0.checkpoint_step
+        at = f" at step {request.step}" if request.step is not None else ""
+        b.plan.events.append(Event(
+            "Normal", "CheckpointSaved", f"rank 0 committed a checkpoint{at} for request {request.id} "
+            f"({request.reason})",
+        ))
+        return True
+    asked = parse_time(request.requested_at) or b.now
+    left = (asked + timedelta(seconds=_request_bound(b.job)) - b.now).total_seconds()
+    if left <= 0:
+        request.outcome = "TimedOut"
+        b.plan.events.append(Event(
+            "Warning", "CheckpointRequestTimedOut",
+            f"rank 0 did not report checkpoint request {request.id} ({request.reason}) committed within "
+            f"{_request_bound(b.job)}s" + ("; stopping the gang anyway" if request.stop else ""),
+        ))
+        return True
+    b.requeue(min(REQUEST_RECHECK_S, left))
+    return False
+
+
+def _save_first(
+    b: _Builder, current: list[WorkerState], rank0: Progress | None, reason: str, why: str
+) -> Plan | None:
+    """The plan while a running gang that is about to be stopped on purpose (``reason``) saves a
+    checkpoint first; None once it may stop: rank 0 answered, the bound
+    (``checkpoint.saveBeforeStopSeconds``) passed, or no wait applies (0, no checkpoint volume or
+    resume, a gang not all running, a trainer that does not answer requests)."""
+    st, ckpt = b.status, b.job.spec.checkpoint
+    request = st.checkpoint_request
+    running = bool(current) and all(w.phase == "Running" and not w.terminating for w in current)
+    if request is not None and request.outcome == "Pending" and request.stop and request.reason == reason:
+        if _close(b, request, rank0) or not running:
+            return None
+    else:
+        supported = rank0 is not None and rank0.request is not None
+        resumes = ckpt.volume is not None and ckpt.resume == "Latest"
+        if not (ckpt.save_before_stop_seconds and running and resumes and supported):
+            return None
+        assert rank0 is not None
+        request = _new_request(b, rank0, reason, stop=True, note=None)
+        b.plan.events.append(Event(
+            "Normal", "CheckpointRequested",
+            f"{why}: asked rank 0 to save a checkpoint first (request {request.id}, waiting up to "
+            f"{ckpt.save_before_stop_seconds}s)",
+        ))
+        b.requeue(REQUEST_RECHECK_S)
+    _ask(b, current, request, "stop")
+    st.message = (
+        f"{why}: waiting up to {ckpt.save_before_stop_seconds}s from {request.requested_at} for rank 0 to "
+        f"commit checkpoint request {request.id} before stopping the gang"
+    )
+    return b.plan
+
+
+def _settle_requests(b: _Builder, current: list[WorkerState], rank0: Progress | None) -> None:
+    """For a running gang with no stop ahead: call off a stop request nothing needs any more, settle
+    a user's request, and make one for a new ``capstan.dev/checkpoint-now`` value."""
+    st = b.status
+    request = st.checkpoint_request
+    if request is not None and request.outcome == "Pending":
+        if request.stop:  # the move was called off, or suspend unset, before the gang stopped
+            request.outcome = "Cancelled"
+        elif not _close(b, request, rank0):
+            _ask(b, current, request, "save")
+            return
+    pod = _rank0(current)
+    if request is not None and pod is not None and pod.request == request_value(request.id, "stop"):
+        _ask(b, current, request, "cancel")  # called off: a trainer holding for it trains on
+    wanted = b.job.metadata.annotations.get(CHECKPOINT_NOW_ANNOTATION)
+    if not wanted or wanted == (request.annotation if request else None):
+        return
+    if rank0 is None or rank0.request is None:
+        last = request.id if request else 0
+        st.checkpoint_request = CheckpointRequest(
+            id=last, reason="User", requested_at=rfc3339(b.now), outcome="Cancelled", annotation=wanted
+        )
+        b.plan.events.append(Event(
+            "Warning", "CheckpointRequestUnsupported",
+            f"{CHECKPOINT_NOW_ANNOTATION}={wanted!r}: rank 0 does not answer checkpoint requests (its "
+            "metrics endpoint has no capstan_train_checkpoint_request, or could not be read)",
+        ))
+        return
+    request = _new_request(b, rank0, "User", stop=False, note=wanted)
+    _ask(b, current, request, "save")
+    b.plan.events.append(Event(
+        "Normal", "CheckpointRequested",
+        f"{CHECKPOINT_NOW_ANNOTATION}={wanted!r}: asked rank 0 to save a checkpoint now "
+        f"(request {request.id})",
+    ))
+    b.requeue(REQUEST_RECHECK_S)

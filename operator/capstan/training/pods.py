@@ -56,7 +56,9 @@ NCCL_DEFAULTS = {
 LIVE_FIELDS = frozenset({
     "workers", "suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "failurePolicy", "priority",
 })
-LIVE_SUBFIELDS = {"topology": {"migration"}, "checkpoint": {"snapshots"}}
+LIVE_SUBFIELDS = {"topology": {"migration"}, "checkpoint": {"snapshots", "saveBeforeStopSeconds"}}
+#: Where workers see their pod's annotations (downward API): rank 0 reads checkpoint requests there.
+PODINFO_DIR = "/etc/capstan/podinfo"
 
 
 
@@ -202,6 +204,7 @@ def worker_env(job: TrainingJob, rank: int, attempt: int) -> list[dict[str, str]
             "CAPSTAN_NAMESPACE": job.metadata.namespace,
             "CAPSTAN_RESTART_COUNT": str(attempt),
             "CAPSTAN_METRICS_PORT": str(METRICS_PORT),
+            "CAPSTAN_PODINFO_ANNOTATIONS": f"{PODINFO_DIR}/annotations",
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -275,6 +278,9 @@ def worker_pod(
             {"name": "metrics", "containerPort": METRICS_PORT},
         ],
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        # A crash leaves its log tail as the message: failure rules' messagePattern (NCCL, Xid) and
+        # rank 0's last progress line read it there.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.command:
         container["command"] = list(spec.command)
@@ -289,7 +295,7 @@ def worker_pod(
     container["securityContext"] = container_security_context([RDMA_CAPABILITY] if spec.wants_rdma else [])
 
     volumes: list[dict[str, Any]] = [
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.resources.shared_memory)}}
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.resources.shared_memory)}},
     ]
     claim = checkpoint_claim_name(job)
     mount = spec.checkpoint.volume.mount_path if spec.checkpoint.volume else "/checkpoints"
@@ -298,6 +304,11 @@ def worker_pod(
     else:
         volumes.append({"name": "checkpoints", "emptyDir": {}})
     container["volumeMounts"].append({"name": "checkpoints", "mountPath": mount})
+    container["volumeMounts"].append({"name": "podinfo", "mountPath": PODINFO_DIR, "readOnly": True})
+    # the kubelet refreshes this file when the operator annotates the pod (a checkpoint request)
+    volumes.append({"name": "podinfo", "downwardAPI": {"items": [
+        {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}
+    ]}})
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",

@@ -251,3 +251,30 @@ async def test_raising_workers_resizes_a_running_gang(env: sc.Env, api: ApiClien
     job = await sc.wait_job(env, name, sc.phase_is("Running"), "Running at 3")
     assert sc.status(job)["restarts"] == 0 and sc.status(job)["preemptions"] == 0
     assert "Resized" in await sc.event_reasons(env, name)
+
+
+async def test_gpu_error_quarantines_the_node_and_the_next_gang_avoids_it(
+    env: sc.Env, api: ApiClient
+) -> None:
+    """A worker whose termination message carries a GPU Xid error: the gang restarts as a hardware
+    failure (not counted against maxRestarts), the node goes into status.excludedNodes with an
+    Event, and kube-scheduler binds the next gang elsewhere although the node is Ready."""
+    name, ns = "xid", env.namespace
+    await api.create(sc.job_body(env, name, workers=2, gpusPerWorker=8))
+    pods = await running_gang(env, name, 2, attempt=0)
+    broken = pods[1]["spec"]["nodeName"]
+    xid = "NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, GPU has fallen off the bus."
+    await api.patch_status(PODS, ns, pods[1]["metadata"]["name"], {
+        "phase": "Failed",
+        "containerStatuses": [{
+            "name": "worker", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
+            "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": xid}},
+        }],
+    })
+    job = await sc.wait_job(env, name, lambda j: sc.status(j).get("attempt") == 1, "gang restarted")
+    st = sc.status(job)
+    assert (st["restarts"], st["hardwareRestarts"]) == (0, 1)
+    assert [(e["node"], e["reason"]) for e in st["excludedNodes"]] == [(broken, "GPUError")]
+    again = await running_gang(env, name, 2, attempt=1)
+    assert broken not in [p["spec"]["nodeName"] for p in again]
+    assert "NodeQuarantined" in await sc.event_reasons(env, name)

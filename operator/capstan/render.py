@@ -59,7 +59,7 @@ def render_trainingjob(job: TrainingJob, config: OperatorConfig | None = None) -
     if pvc is not None:
         objs.append(pvc)
     objs.append(headless_service(job))
-    policy = gang_network_policy(job)
+    policy = gang_network_policy(job, (config or OperatorConfig()).operator_namespace)
     if policy is not None:
         objs.append(policy)
     objs.extend(worker_pod(job, rank, attempt=0, levels=levels) for rank in range(job.spec.workers))

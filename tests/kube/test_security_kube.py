@@ -12,6 +12,7 @@ from tests.support.kube import wait_for
 
 from capstan.kube.resources import DEPLOYMENTS, MODELSERVINGS, NETWORK_POLICIES, PODS
 from capstan.labels import LABEL_JOB_UID, LABEL_SERVING
+from capstan.security import operator_peer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,6 +36,8 @@ async def test_gang_network_policy_created_with_the_gang(
     gang, metrics = policy["spec"]["ingress"]
     assert gang == {"from": [{"podSelector": {"matchLabels": {LABEL_JOB_UID: uid}}}]}
     assert metrics["ports"] == [{"protocol": "TCP", "port": 9400}]
+    # the operator reads rank 0's checkpoint progress there (issue: save before stop)
+    assert operator_peer() in metrics["from"]
     # Every worker is selected by the policy and carries the secure defaults.
     for pod in pods:
         assert pod["metadata"]["labels"][LABEL_JOB_UID] == uid

@@ -294,3 +294,17 @@ def test_checkpoint_now_on_a_trainer_that_cannot_answer_says_so_once() -> None:
     g.reconcile(T0 + timedelta(seconds=1), rank0=None)
     assert g.events.count("CheckpointRequestUnsupported") == 1
     assert g.job.status.checkpoint_request.outcome == "Cancelled"  # type: ignore[union-attr]
+
+
+def test_gang_network_policy_lets_the_operator_read_rank_0s_progress() -> None:
+    """With spec.networkPolicy the operator, in its own namespace, still reaches the metrics port
+    (else no lastCheckpoint and no save before stop), beside the scrapers the spec names."""
+    from capstan.security import operator_peer
+    from capstan.training.pods import METRICS_PORT, gang_network_policy
+
+    job = TrainingJob.model_validate(make_trainingjob("gpt").spec(networkPolicy={}).obj())
+    policy = gang_network_policy(job, "ops")
+    assert policy is not None
+    (metrics,) = [rule for rule in policy["spec"]["ingress"] if "ports" in rule]
+    assert metrics["ports"] == [{"protocol": "TCP", "port": METRICS_PORT}]
+    assert operator_peer("ops") in metrics["from"] and len(metrics["from"]) == 2

@@ -71,6 +71,7 @@ from capstan.metrics import (
     TRAININGJOBS as TRAININGJOBS_GAUGE,
 )
 from capstan.naming import label_value
+from capstan.security import DEFAULT_OPERATOR_NAMESPACE
 from capstan.topology import DEFAULT_LEVELS, TopologyLevels
 from capstan.training.lifecycle import PlacementDecision, Plan, plan_trainingjob, refused
 from capstan.training.pods import METRICS_PORT, checkpoint_claim_name, checkpoint_pvc, selector, service_name
@@ -241,8 +242,10 @@ async def _reconcile_job(
     seen = await _observe(api, job, state.gone_nodes, state.progress)
     placed_by_queue = wants_placement(job)
     move = state.queue.move_for(queue_key(job), job.status.phase) if placed_by_queue else None
-    levels = operator_config(memo).topology_levels
-    plan, snaps = _plan(job, seen, now, move=move, placed_by_queue=placed_by_queue, levels=levels)
+    config = operator_config(memo)
+    levels, namespace = config.topology_levels, config.operator_namespace
+    plan, snaps = _plan(job, seen, now, move=move, placed_by_queue=placed_by_queue, levels=levels,
+                        operator_namespace=namespace)
     if not plan.needs_placement:
         refusal = await _apply(
             api, job, body, plan, snaps=snaps, now=now, metrics=state.metrics, logger=logger
@@ -253,7 +256,8 @@ async def _reconcile_job(
             result = queue_pass(snapshot, job, state.queue) if snapshot is not None else None
             if result is not None:
                 state.queue.apply(result)
-            plan, snaps = _plan(job, seen, now, result.decision if result else None, move=move, levels=levels)
+            plan, snaps = _plan(job, seen, now, result.decision if result else None, move=move, levels=levels,
+                                operator_namespace=namespace)
             refusal = await _apply(
                 api, job, body, plan, snaps=snaps, now=now, metrics=state.metrics, logger=logger
             )
@@ -411,11 +415,13 @@ def _plan(
     move: str | None,
     placed_by_queue: bool = False,
     levels: TopologyLevels = DEFAULT_LEVELS,
+    operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE,
 ) -> tuple[Plan, SnapshotPlan | None]:
     """The gang lifecycle's plan with the snapshots folded in (pure)."""
     plan = plan_trainingjob(
         job, seen.pods, now, placement, service_exists=seen.service_exists, pvc_exists=seen.pvc_exists,
         move=move, placed_by_queue=placed_by_queue, levels=levels, rank0=seen.rank0,
+        operator_namespace=operator_namespace,
     )
     if plan.needs_placement or seen.snapshots is None:
         return plan, None

@@ -48,7 +48,7 @@ from capstan.labels import (
     REQUEST_ANNOTATION,
     SPEC_DIGEST_ANNOTATION,
 )
-from capstan.security import nonroot_advice, nonroot_refusal
+from capstan.security import DEFAULT_OPERATOR_NAMESPACE, nonroot_advice, nonroot_refusal
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
 from capstan.training.failure_rules import Failure, first_failure, judge, pod_reasons
 from capstan.training.pods import (
@@ -204,10 +204,13 @@ def worker_state(pod: dict[str, Any]) -> WorkerState | None:
 class _Builder:
     """Accumulates status changes, events and actions for one reconcile."""
 
-    def __init__(self, job: TrainingJob, now: datetime, levels: TopologyLevels) -> None:
+    def __init__(
+        self, job: TrainingJob, now: datetime, levels: TopologyLevels, operator_namespace: str
+    ) -> None:
         self.job = job
         self.now = now
         self.levels = levels
+        self.operator_namespace = operator_namespace
         self.old_phase = job.status.phase
         self.status = job.status.model_copy(deep=True)
         self.status.observed_generation = job.metadata.generation
@@ -285,6 +288,7 @@ def plan_trainingjob(
     placed_by_queue: bool = False,
     levels: TopologyLevels = DEFAULT_LEVELS,
     rank0: Progress | None = None,
+    operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE,
 ) -> Plan:
     """Decide the next step of ``job`` given its observed worker ``pods`` at time ``now``.
 
@@ -297,8 +301,10 @@ def plan_trainingjob(
     the operator creates are there (None: not looked at). A new gang's creation always includes
     those not known to exist; while a gang is alive, one known to be missing is created again
     (a create that met a namesake about to go, an object deleted by hand), with a short requeue.
-    ``levels`` are the operator's topology levels (see :func:`~capstan.training.pods.worker_pod`).
-    A refusal of the API server on record (see :class:`Plan`) stays on show until creating works.
+    ``levels`` are the operator's topology levels (see :func:`~capstan.training.pods.worker_pod`);
+    ``operator_namespace`` is where the operator runs (the gang's NetworkPolicy admits it to rank
+    0's metrics). A refusal of the API server on record (see :class:`Plan`) stays on show until
+    creating works.
     ``rank0``: what the current gang's rank 0 reports on its metrics endpoint (None: not read, or
     nothing); with the termination messages of the pods it gives ``status.lastCheckpoint`` and
     ``resumedFromStep``, and answers checkpoint requests (see :mod:`capstan.training.progress`).
@@ -308,6 +314,7 @@ def plan_trainingjob(
     plan = _plan(
         job, pods, now, placement=placement, placed_by_queue=placed_by_queue, service_exists=service_exists,
         pvc_exists=pvc_exists, move=move, admit=admit, levels=levels, rank0=rank0,
+        operator_namespace=operator_namespace,
     )
     if plan.needs_placement:
         return Plan(status=job.status.model_copy(deep=True), needs_placement=True)
@@ -344,8 +351,9 @@ def _plan(
     admit: bool,
     levels: TopologyLevels,
     rank0: Progress | None,
+    operator_namespace: str,
 ) -> Plan:
-    b = _Builder(job, now, levels)
+    b = _Builder(job, now, levels, operator_namespace)
     st = b.status
     workers = [w for w in (worker_state(p) for p in pods) if w is not None]
     current = [w for w in workers if w.attempt == st.attempt]
@@ -605,7 +613,7 @@ def _create_gang(
         b.plan.create.append(pvc)
     if not service_exists:
         b.plan.create.append(headless_service(job))
-    policy = gang_network_policy(job)
+    policy = gang_network_policy(job, b.operator_namespace)
     if policy is not None:  # created with the gang's Service, before any pod runs unprotected
         b.plan.create.append(policy)
     _create_workers(b, list(range(job.spec.workers)), nodes)

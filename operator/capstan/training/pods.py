@@ -26,11 +26,13 @@ from capstan.labels import (
 )
 from capstan.naming import common_labels, dns_label, label_value, owner_reference
 from capstan.security import (
+    DEFAULT_OPERATOR_NAMESPACE,
     RDMA_CAPABILITY,
     REFERENCE_UID,
     container_security_context,
     is_reference_image,
     network_policy,
+    operator_peer,
     peers,
     pod_security_context,
     service_account_fields,
@@ -349,18 +351,19 @@ def merge_template(job: TrainingJob, pod: dict[str, Any]) -> dict[str, Any]:
     return podmerge.merge_template(pod, template.metadata.wire(), template.spec, CONTAINER)
 
 
-def gang_network_policy(job: TrainingJob) -> dict[str, Any] | None:
+def gang_network_policy(
+    job: TrainingJob, operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE
+) -> dict[str, Any] | None:
     """The NetworkPolicy around the gang (``spec.networkPolicy``), named like its Service: workers
     accept any port from their own gang (rendezvous, NCCL/gloo pick ports at run time) and the
-    metrics port from the scraper. None when the spec asks for none."""
+    metrics port from the scraper and from the operator in ``operator_namespace`` (it reads rank 0's
+    checkpoint progress there). None when the spec asks for none."""
     policy = job.spec.network_policy
     if policy is None:
         return None
     gang = selector(job)
     ingress: list[dict[str, Any]] = [{"from": [{"podSelector": {"matchLabels": dict(gang)}}]}]
-    if policy.metrics_from:
-        ingress.append(
-            {"from": peers(policy.metrics_from), "ports": [{"protocol": "TCP", "port": METRICS_PORT}]}
-        )
+    scrapers = [*peers(policy.metrics_from), operator_peer(operator_namespace)]
+    ingress.append({"from": scrapers, "ports": [{"protocol": "TCP", "port": METRICS_PORT}]})
     labels = {**job_labels(job), LABEL_COMPONENT: "network-policy"}
     return network_policy(_meta(job, service_name(job), labels), gang, ingress)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import kopf
 
@@ -29,6 +30,8 @@ from capstan import GROUP
 from capstan.config import OperatorConfig
 from capstan.kube.client import DEFAULT_CONCURRENCY, ApiClient
 from capstan.labels import FINALIZER
+
+T = TypeVar("T")
 
 #: Kopf's retries of its own requests (watches, patches) while the API server is away: flat at
 #: 5 s, so watches resume within seconds after a restart of the API server or etcd (kopf's own
@@ -42,6 +45,17 @@ def operator_config(memo: kopf.Memo) -> OperatorConfig:
     a handler with a memo of their own)."""
     config: OperatorConfig | None = memo.get("config")
     return config if config is not None else OperatorConfig()
+
+
+def shared_state(memo: kopf.Memo, key: str, factory: Callable[[], T]) -> T:
+    """What the handlers of one kind share, ``memo[key]``: made by their startup handler (objects'
+    memos are shallow copies of the operator's, so every loop sees it), or here on first use where
+    no operator started (tools, tests that call a handler with a memo of their own)."""
+    state: T | None = memo.get(key)
+    if state is None:
+        state = factory()
+        memo[key] = state
+    return state
 
 
 def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:

@@ -33,7 +33,7 @@ from capstan.api.condition_types import ConditionType
 from capstan.api.conditions import CREATE_FAILED
 from capstan.api.modelserving import ModelServing
 from capstan.fields import dig
-from capstan.kube.activities import operator_config
+from capstan.kube.activities import operator_config, shared_state
 from capstan.kube.client import ApiClient, ApiError, owner_of
 from capstan.kube.reconciler import Reported, reconcile_loop, refused_by_server, wake
 from capstan.kube.resources import (
@@ -93,11 +93,7 @@ def init_state(memo: kopf.Memo, **_: Any) -> None:
 
 
 def _state(memo: kopf.Memo) -> ServingState:
-    state: ServingState | None = memo.get("serving")
-    if state is None:  # reconcile() called outside a running operator (tools, tests)
-        state = ServingState()
-        memo["serving"] = state
-    return state
+    return shared_state(memo, "serving", ServingState)
 
 
 

@@ -39,7 +39,7 @@ from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob, TrainingJobStatus
 from capstan.checkpoints.snapshots import SnapshotPlan, SnapshotsSeen, snapshots_in_use, with_snapshots
 from capstan.fields import dig
-from capstan.kube.activities import operator_config
+from capstan.kube.activities import operator_config, shared_state
 from capstan.kube.client import ApiClient, ApiError, owner_of
 from capstan.kube.placement import (
     QueuePass,
@@ -178,11 +178,7 @@ def init_state(memo: kopf.Memo, **_: Any) -> None:
 
 
 def _state(memo: kopf.Memo) -> TrainingState:
-    state: TrainingState | None = memo.get("training")
-    if state is None:  # reconcile() called outside a running operator (tools, tests)
-        state = TrainingState()
-        memo["training"] = state
-    return state
+    return shared_state(memo, "training", TrainingState)
 
 
 # -- reconcile -----------------------------------------------------------------------------------

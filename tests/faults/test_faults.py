@@ -497,5 +497,5 @@ def test_operator_converges_through_api_faults(cluster: Cluster, kube: Any, name
     assert set(proxy.faults) >= set(REQUEST_FAULTS), f"fault types never injected: {proxy.summary()}"
     assert proxy.faults[KOPF_FATAL] == 1
     # exit 1: kopf stopped on an answer it cannot take; SIGKILL: kopf's shutdown did not finish
-    # within capstan operator's EXIT_TIMEOUT_S. Either way the next operator converged.
+    # within capstan operator's STUCK_EXIT_S/EXIT_TIMEOUT_S. Either way the next operator converged.
     assert operator.exits and {e.returncode for e in operator.exits} <= {1, -signal.SIGKILL}, operator.exits

@@ -188,5 +188,9 @@ async def test_operator_exits_nonzero_when_kopf_cannot_go_on(cluster: Cluster, t
             await proc.wait()
     text = out.decode()
     assert proc.returncode == 1, text[-3000:]
-    assert "operator stopped by an unexpected error: JSONDecodeError" in text
+    assert "JSONDecodeError" in text
+    # Either kopf stopped and the error came up to ``capstan operator``, or kopf's stop got stuck
+    # (watch streams waiting for credentials after its cleanup) and the process left on its own.
+    assert ("operator stopped by an unexpected error: JSONDecodeError" in text
+            or "kopf did not finish stopping" in text), text[-3000:]
     assert "exiting with status 1 so that Kubernetes restarts it" in text

@@ -270,8 +270,13 @@ async def test_refused_deployment_shows_in_status(cluster: tuple[Any, ApiClient]
     assert progressing["status"] == "False" and message in progressing["message"]
     assert st["message"].startswith("the API server refused Deployment gpt-") and message in st["message"]
     assert await deployments(api) == {}
-    events = await api.list_objects(EVENTS, NS)
-    assert any(e["reason"] == "CreateFailed" and e["involvedObject"]["name"] == "gpt" for e in events)
+
+    async def refusal_events() -> list[dict[str, Any]]:
+        events = await api.list_objects(EVENTS, NS)
+        return [e for e in events if e["reason"] == "CreateFailed" and e["involvedObject"]["name"] == "gpt"]
+
+    # kopf posts Events from a queue of its own, so the Event may follow the status patch.
+    await wait_for(refusal_events, what="a CreateFailed Event on the ModelServing")
 
     emulator.clear_faults()  # the server accepts it now: the revision is created, the refusal cleared
     (rev,) = await wait_for(lambda: deployments(api), what="the revision Deployment")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -37,6 +38,8 @@ T = TypeVar("T")
 #: 5 s, so watches resume within seconds after a restart of the API server or etcd (kopf's own
 #: schedule grows to 21 s gaps); about the same minute in total before kopf gives up.
 WATCH_ERROR_BACKOFFS_S = (1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0)
+
+log = logging.getLogger(__name__)
 
 
 def operator_config(memo: kopf.Memo) -> OperatorConfig:
@@ -144,9 +147,29 @@ async def startup(memo: kopf.Memo, logger: kopf.Logger, settings: kopf.OperatorS
 
 @kopf.on.cleanup(id="capstan-cleanup")
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    """Close the shared API client."""
+    """Close the shared API client; in a ``capstan operator`` process, arm the stuck-stop exit."""
+    stuck_exit_s = memo.get("stuck_exit_s")
+    if stuck_exit_s is not None:
+        asyncio.get_running_loop().call_later(stuck_exit_s, exit_stuck, stuck_exit_s)
     api = memo.get("api")
     if api is not None:
         await api.close()
+
+
+def exit_stuck(after_s: float) -> None:
+    """Exit the process with status 1: kopf did not finish stopping ``after_s`` seconds after its
+    cleanup.
+
+    Seen when kopf stops on an error of its own while watch streams are retrying: their retries
+    find the connection closed and wait for new credentials that kopf's stopped authenticator never
+    fetches. A normal stop ends within about 6 s of the cleanup (kopf's 5 s for stray tasks).
+    """
+    log.critical(
+        "kopf did not finish stopping %.0f s after its cleanup (watch streams left waiting for "
+        "credentials); exiting with status 1 so that Kubernetes restarts it",
+        after_s,
+    )
+    logging.shutdown()
+    os._exit(1)
 
 

@@ -7,8 +7,9 @@ When kopf itself fails — e.g. an answer to one of its own requests is cut shor
 failed requests but not a body that breaks off or is not whole JSON, and none of its settings
 changes that — kopf stops all its tasks and re-raises. ``capstan operator`` then logs one line
 saying so and exits with status 1, so that Kubernetes restarts the container; it never lingers
-half-alive. Should kopf's shutdown itself get stuck, kopf kills the process after
-:data:`EXIT_TIMEOUT_S` (exit by SIGKILL). (Capstan's own API client retries such answers: see
+half-alive. Should kopf's shutdown itself get stuck (watch streams left waiting for credentials),
+the process exits with status 1 :data:`STUCK_EXIT_S` after kopf's cleanup, saying so; kopf's own
+last resort SIGKILLs it after :data:`EXIT_TIMEOUT_S`. (Capstan's own API client retries such answers: see
 ``ApiClient.request``.)
 """
 
@@ -41,7 +42,11 @@ EXIT_FAILED = 1
 #: credentials no one would fetch any more, doing nothing (seen under API faults, see
 #: tests/faults/test_faults.py). A normal stop takes a few seconds (daemons 5 s, then kopf's 5 s for
 #: stray tasks).
-EXIT_TIMEOUT_S = 20.0
+EXIT_TIMEOUT_S = 30.0
+#: Seconds after kopf's cleanup activity at which ``capstan operator`` exits with status 1 if kopf
+#: has not finished stopping (see :func:`capstan.kube.activities.exit_stuck`); a normal stop ends
+#: within about 6 s of it. Shorter than :data:`EXIT_TIMEOUT_S`, so the exit says why, with status 1.
+STUCK_EXIT_S = 12.0
 #: Handler modules, imported (so they register with kopf) when present in this install.
 HANDLER_MODULES = ("capstan.kube.trainingjob", "capstan.kube.modelserving", "capstan.admission")
 
@@ -89,6 +94,7 @@ async def serve(
     ready_flag: Any = None,
     concurrency: int | None = None,
     exit_timeout_s: float | None = None,
+    stuck_exit_s: float | None = None,
     config: OperatorConfig | None = None,
 ) -> None:
     """Run the operator until ``stop_flag`` (or a signal in the main thread).
@@ -100,14 +106,16 @@ async def serve(
     the in-cluster service account or the kubeconfig. Without ``namespaces`` the operator is
     cluster-wide. ``peering`` names the KopfPeering used for HA (active/standby by priority);
     ``standalone`` disables peering. ``exit_timeout_s`` bounds kopf's shutdown when it was not
-    asked for through ``stop_flag`` (kopf then SIGKILLs the process; None: kopf's 10 minutes).
+    asked for through ``stop_flag`` (kopf then SIGKILLs the process; None: kopf's 10 minutes);
+    ``stuck_exit_s`` (a process of its own only: it ends the process) exits with status 1 when kopf
+    has not stopped that long after its cleanup.
     """
     config = OperatorConfig.from_env() if config is None else config
     loaded = load_handlers()
     clusterwide = clusterwide or not namespaces
     log.info("handlers: %s; scope: %s", ", ".join(loaded), "cluster" if clusterwide else ",".join(namespaces))
     memo = kopf.Memo(connection=connection, concurrency=concurrency, exit_timeout_s=exit_timeout_s,
-                     config=config)
+                     stuck_exit_s=stuck_exit_s, config=config)
     runner = await start_metrics_server(metrics_port) if metrics_port else None
     kwargs: dict[str, Any] = {}
     if peering:
@@ -180,6 +188,7 @@ def run_operator(
                 metrics_port=metrics_port or None,
                 liveness_port=liveness_port or None,
                 exit_timeout_s=EXIT_TIMEOUT_S,
+                stuck_exit_s=STUCK_EXIT_S,
                 config=config,
             )
         )

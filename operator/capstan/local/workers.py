@@ -155,5 +155,8 @@ def stop_worker(worker: Worker, grace_s: float) -> None:
         except subprocess.TimeoutExpired:
             signal_group(worker, signal.SIGKILL)
             worker.proc.wait()
+    # The leader may be gone while ranks it spawned live on in its group (a pod's containers all
+    # die with it): kill whatever is left.
+    signal_group(worker, signal.SIGKILL)
     if worker.pump is not None:
         worker.pump.join(timeout=5)

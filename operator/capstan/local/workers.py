@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -140,23 +140,46 @@ def start_worker(
     return Worker(pod=pod, proc=proc, log_path=log_path, pump=pump)
 
 
-def signal_group(worker: Worker, sig: int) -> None:
-    """Send ``sig`` to the worker's whole process group (torchrun and the ranks it spawned)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(worker.proc.pid, sig)
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid`` (Linux ``/proc``; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after it.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def signal_group(worker: Worker, sig: int, tree: Iterable[int] = ()) -> None:
+    """Send ``sig`` to the worker's process group and to the groups of ``tree``: torchrun starts each
+    rank in a session of its own, out of reach of a signal to torchrun's group."""
+    for pid in dict.fromkeys((worker.proc.pid, *tree)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:  # not a group leader (or gone): the process alone
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        except PermissionError:
+            pass
 
 
 def stop_worker(worker: Worker, grace_s: float) -> None:
-    """SIGTERM the worker (the trainer checkpoints on it), SIGKILL after ``grace_s``."""
+    """SIGTERM the worker and everything it started (the trainer checkpoints on it), SIGKILL after
+    ``grace_s``: a pod's containers all die with it."""
+    # Read the tree first: once torchrun is gone its ranks belong to init and cannot be found.
+    tree = descendants(worker.proc.pid)
     if worker.proc.poll() is None:
-        signal_group(worker, signal.SIGTERM)
-        try:
+        signal_group(worker, signal.SIGTERM, tree)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             worker.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            signal_group(worker, signal.SIGKILL)
-            worker.proc.wait()
-    # The leader may be gone while ranks it spawned live on in its group (a pod's containers all
-    # die with it): kill whatever is left.
-    signal_group(worker, signal.SIGKILL)
+    signal_group(worker, signal.SIGKILL, [*tree, *(d for pid in tree for d in descendants(pid))])
+    if worker.proc.poll() is None:
+        worker.proc.wait()
     if worker.pump is not None:
         worker.pump.join(timeout=5)

@@ -195,8 +195,8 @@ class CheckpointManager:
         # sharing the training group would let them interleave differently on different ranks.
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         cuda = torch.cuda.is_available()
-        # One stager for the whole run so its host (pinned, on GPU) buffers are reused between saves.
-        self._stager = DefaultStager(StagingOptions(cuda, False, False, cuda))
+        self._options = StagingOptions(cuda, False, False, cuda)  # pinned host buffers on GPU
+        self._stager: DefaultStager | None = None
         self._commit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capstan-ckpt")
         self._pending: Future[None] | None = None
         self._pending_step: int | None = None
@@ -211,6 +211,12 @@ class CheckpointManager:
         """Start saving ``state`` as checkpoint ``step``; return the seconds training was blocked."""
         t0 = time.perf_counter()
         self.wait()
+        # A stager per save: dcp.async_save of some torch versions (seen with 2.11 on CUDA) spends
+        # the stager it is given, so reusing one failed the run's second save with "KeyError:
+        # <class 'type'>". The price is new pinned host buffers for each save.
+        if self._stager is not None:
+            self._stager.close()
+        self._stager = DefaultStager(self._options)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         writer = dcp.FileSystemWriter(tmp, sync_files=True, thread_count=self.io_threads)
         upload = dcp.async_save(
@@ -238,7 +244,9 @@ class CheckpointManager:
         """Wait for the last save and release the staging buffers and threads."""
         self.wait()
         self._commit_pool.shutdown()
-        self._stager.close()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def _finish(self, step: int, tmp: Path, upload: Future[Any], t0: float) -> None:
         # DCP's coordinator (rank 0) writes .metadata only after every rank reported its files

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
@@ -159,6 +160,53 @@ class RolloutStep(ApiModel):
     pause: Duration = Field(default="1m", description="How long to hold and analyse, e.g. 30s, 2m, 1h.")
 
 
+#: The LLM figures each runtime exports for canary analysis (capstan.serving.runtimes names the
+#: series; a custom runtime is expected to export the reference server's).
+ANALYSIS_FIGURES: dict[str, tuple[str, ...]] = {
+    "capstan": ("ttft", "tpot", "queue", "kvCache"),
+    "vllm": ("ttft", "tpot", "queue", "kvCache"),
+    "sglang": ("ttft", "tpot", "queue", "kvCache"),
+    "tgi": ("tpot", "queue"),
+    "custom": ("ttft", "tpot", "queue", "kvCache"),
+}
+#: spec.rollout.analysis field → the figure it reads.
+ANALYSIS_FIELDS = {
+    "maxTimeToFirstTokenP95Ms": "ttft",
+    "maxTimePerOutputTokenP95Ms": "tpot",
+    "maxQueueDepth": "queue",
+    "maxKvCacheUsage": "kvCache",
+}
+
+
+class AnalysisQuery(ApiModel):
+    """A PromQL query judged at the end of each step (Argo Rollouts' AnalysisTemplate is the model)."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Its name in messages.",
+    )
+    query: str = Field(
+        min_length=1,
+        max_length=2000,
+        description="PromQL giving one number, a template: {{ namespace }}, {{ name }}, {{ revision }} (the "
+        "canary) and {{ stableRevision }}. Sent to the operator's Prometheus (CAPSTAN_PROMETHEUS_URL); no "
+        "data, NaN or an error holds the step.",
+    )
+    max: float | None = Field(
+        default=None, ge=-1e15, le=1e15, description="Fail the step when the result is above this."
+    )
+    min: float | None = Field(
+        default=None, ge=-1e15, le=1e15, description="Fail the step when the result is below this."
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(".max", "has(self.max) || has(self.min)", "a query needs max, min or both",
+             lambda q: q.max is not None or q.min is not None),
+    )
+
+
 class AnalysisSpec(ApiModel):
     """Thresholds the new revision must meet at every step."""
 
@@ -173,6 +221,28 @@ class AnalysisSpec(ApiModel):
         ge=0,
         le=1_000_000_000,
         description="Requests needed before a verdict; fewer holds the step.",
+    )
+    max_time_to_first_token_p95_ms: int | None = Field(
+        default=None, ge=1, le=3_600_000, description="Highest p95 time to first token in milliseconds."
+    )
+    max_time_per_output_token_p95_ms: int | None = Field(
+        default=None, ge=1, le=600_000, description="Highest p95 time per output token in milliseconds."
+    )
+    max_queue_depth: float | None = Field(
+        default=None, ge=0, le=1_000_000, description="Highest mean of requests waiting per canary pod."
+    )
+    max_kv_cache_usage: float | None = Field(
+        default=None, ge=0, le=1, description="Highest mean KV-cache use of the canary pods (0.9 = 90%)."
+    )
+    max_regression: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Compare with the stable revision over the same window: the canary's p99 latency, p95 "
+        "time to first token and p95 time per output token may be at most this much higher (0.2 = 20%).",
+    )
+    queries: list[AnalysisQuery] = Field(
+        default_factory=list, max_length=10, description="PromQL queries, each judged against its bounds."
     )
 
 
@@ -211,6 +281,20 @@ class ServerTemplate(PodTemplate):
         "Capstan owns (image, arguments and probes of the runtime, GPUs, the model and /dev/shm mounts, "
         "the hardened security defaults) are rejected, naming what to use instead.",
     )
+
+
+def _figure_check(field: str, figure: str) -> Callable[[ModelServingSpec], bool]:
+    """The Python side of the rule that ``spec.rollout.analysis.<field>`` reads ``figure``."""
+    return lambda spec: _analysis_figure_ok(spec, field, figure)
+
+
+def _analysis_figure_ok(spec: ModelServingSpec, field: str, figure: str) -> bool:
+    """Whether ``spec.rollout.analysis.<field>`` is unset or reads a figure the runtime exports."""
+    analysis = spec.rollout.analysis
+    if analysis is None:
+        return True
+    attr = next(name for name, info in AnalysisSpec.model_fields.items() if info.alias == field)
+    return getattr(analysis, attr) is None or figure in ANALYSIS_FIGURES[spec.runtime]
 
 
 class ModelServingSpec(ApiModel):
@@ -281,6 +365,18 @@ class ModelServingSpec(ApiModel):
             f"'concurrency') in {_SCALING_CEL}[has(self.runtime) ? self.runtime : 'capstan']",
             f"the runtime does not export this metric; each runtime's: {_SCALING_TABLE}",
             lambda s: s.autoscaling is None or s.autoscaling.metric in SCALING_METRICS[s.runtime],
+        ),
+        *(
+            Rule(
+                f".rollout.analysis.{field}",
+                f"!has(self.rollout) || !has(self.rollout.analysis) || "
+                f"!has(self.rollout.analysis.{field}) || (has(self.runtime) ? self.runtime : 'capstan') in "
+                f"{[rt for rt, figs in ANALYSIS_FIGURES.items() if figure in figs]}",
+                f"the runtime does not export this figure; runtimes that do: "
+                f"{', '.join(rt for rt, figs in ANALYSIS_FIGURES.items() if figure in figs)}",
+                _figure_check(field, figure),
+            )
+            for field, figure in ANALYSIS_FIELDS.items()
         ),
     )
 

@@ -67,6 +67,7 @@ def test_good_objects_pass() -> None:
            "maxKvCacheUsage": 0.95, "maxRegression": 0.2,
            "queries": [{"name": "errors", "query": 'sum(rate(http_requests_total{pod=~"{{ revision }}-.*",'
                         'status=~"5.."}[2m]))', "max": 0.1}]}
+    assert validate(ms(replicas=2, rollout={"maxSurge": 0, "steps": [{"weight": 50}]}), HGX) == []
     for runtime in ("capstan", "vllm", "sglang"):
         assert validate(ms(runtime=runtime, rollout={"steps": [{"weight": 10}], "analysis": llm}), HGX) == []
 
@@ -109,6 +110,21 @@ BAD = [
             {"name": "bad", "query": "sum(rate(x[5m])", "max": 1},
         ]}}),
         "spec.rollout.analysis.queries[1].query",
+    ),
+    (
+        "maxSurge without steps",
+        ms(replicas=4, rollout={"maxSurge": 0}),
+        "spec.rollout: maxSurge",
+    ),
+    (
+        "maxSurge 0 with one replica",
+        ms(replicas=1, rollout={"maxSurge": 0, "steps": [{"weight": 50}]}),
+        "spec.rollout.maxSurge",
+    ),
+    (
+        "maxSurge with autoscaling",
+        ms(autoscaling={"maxReplicas": 4}, rollout={"maxSurge": 0, "steps": [{"weight": 50}]}),
+        "spec.rollout.maxSurge",
     ),
     (
         "a query without bounds",

@@ -255,6 +255,24 @@ class RolloutSpec(ApiModel):
         description="Canary steps; empty promotes a ready revision at once.",
     )
     analysis: AnalysisSpec | None = Field(default=None, description="Metric analysis between steps.")
+    max_surge: int | None = Field(
+        default=None,
+        ge=0,
+        le=10_000,
+        description="Replicas the rollout may run above spec.replicas (unset: no limit, the canary is "
+        "added beside the stable revision). 0 replaces stable replicas with canary ones step by step, "
+        "for clusters with no spare GPUs; needs steps and fixed replicas.",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            ".maxSurge",
+            "!has(self.maxSurge) || (has(self.steps) && size(self.steps) > 0)",
+            "maxSurge needs steps: each step swaps stable replicas for canary ones (without steps the whole "
+            "new revision would have to start before the old one stops)",
+            lambda r: r.max_surge is None or bool(r.steps),
+        ),
+    )
 
 
 class ServingResources(ApiModel):
@@ -365,6 +383,15 @@ class ModelServingSpec(ApiModel):
             f"'concurrency') in {_SCALING_CEL}[has(self.runtime) ? self.runtime : 'capstan']",
             f"the runtime does not export this metric; each runtime's: {_SCALING_TABLE}",
             lambda s: s.autoscaling is None or s.autoscaling.metric in SCALING_METRICS[s.runtime],
+        ),
+        Rule(
+            ".rollout.maxSurge",
+            "!has(self.rollout) || !has(self.rollout.maxSurge) || (!has(self.autoscaling) && "
+            "(self.rollout.maxSurge > 0 || (has(self.replicas) ? self.replicas : 1) >= 2))",
+            "maxSurge needs fixed replicas (no autoscaling: the autoscaler sizes each revision), and "
+            "maxSurge 0 needs replicas >= 2 (one replica cannot be shared by two revisions)",
+            lambda s: s.rollout.max_surge is None
+            or (s.autoscaling is None and (s.rollout.max_surge > 0 or s.replicas >= 2)),
         ),
         *(
             Rule(

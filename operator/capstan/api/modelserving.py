@@ -23,6 +23,7 @@ from capstan.api.k8s_names import (
     Image,
     LabelValue,
     QualifiedName,
+    StorageClassName,
     TrainingJobName,
     dns1123_subdomain_errors,
 )
@@ -82,6 +83,15 @@ class PvcSource(ApiModel):
     path: str = Field(default="", description="Directory of the model inside the volume.")
 
 
+class ModelCache(ApiModel):
+    """A volume the model from ``uri`` is fetched into once per revision, shared by its pods."""
+
+    size: Quantity = Field(description="Size of the volume (the model and some room), e.g. 200Gi.")
+    storage_class_name: StorageClassName | None = Field(
+        default=None, description="StorageClass; it must offer ReadWriteMany (or ReadOnlyMany) volumes."
+    )
+
+
 class ModelSource(ApiModel):
     """Where the model comes from: exactly one of fromTrainingJob, uri, pvc."""
 
@@ -92,6 +102,11 @@ class ModelSource(ApiModel):
         description="Storage URI (s3://, gs://, https://, hf://) fetched by an init container.",
     )
     pvc: PvcSource | None = Field(default=None, description="An existing PVC.")
+    cache: ModelCache | None = Field(
+        default=None,
+        description="Fetch the uri once per revision into a shared volume (a Job), instead of once per "
+        "pod into its own scratch space; every replica mounts it read-only.",
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -99,6 +114,12 @@ class ModelSource(ApiModel):
             "[has(self.fromTrainingJob), has(self.uri), has(self.pvc)].exists_one(x, x)",
             "set exactly one of fromTrainingJob, uri or pvc",
             lambda m: sum(x is not None for x in (m.from_training_job, m.uri, m.pvc)) == 1,
+        ),
+        Rule(
+            ".cache",
+            "!has(self.cache) || (has(self.uri) && !self.uri.startsWith('pvc://'))",
+            "cache is for a uri that is fetched (s3, gs, https, hf); a PVC or a snapshot is mounted as it is",
+            lambda m: m.cache is None or (m.uri is not None and not m.uri.startswith("pvc://")),
         ),
     )
 

@@ -40,6 +40,7 @@ from capstan.kube.reconciler import Reported, reconcile_loop, refused_by_server,
 from capstan.kube.resources import (
     DEPLOYMENTS,
     HPAS,
+    JOBS,
     MODELSERVINGS,
     NETWORK_POLICIES,
     PVCS,
@@ -142,7 +143,8 @@ async def _list(
 async def _observe(api: ApiClient, ms: ModelServing, gateway: bool, keda: bool) -> Observed:
     ns = ms.metadata.namespace
     sel = serving_selector(ms)
-    kinds = [DEPLOYMENTS, SERVICES, HPAS, PVCS, NETWORK_POLICIES] + ([HTTPROUTES] if gateway else [])
+    kinds = [DEPLOYMENTS, SERVICES, HPAS, PVCS, NETWORK_POLICIES, JOBS]
+    kinds += [HTTPROUTES] if gateway else []
     kinds += [SCALEDOBJECTS] if keda else []
     deployments, *rest = await asyncio.gather(*(_list(api, r, ns, sel) for r in kinds))
     children = [obj for objs in rest for obj in objs]

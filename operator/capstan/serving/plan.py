@@ -47,6 +47,7 @@ from capstan.serving.revisions import (
     desired_revision,
     http_route,
     model_claim,
+    model_fetch,
     network_policy,
     revision_service,
     scaled_bounds,
@@ -415,6 +416,9 @@ def _add_objects(
             claim = model_claim(ms, new)
             if claim is not None:
                 plan.objects.append(claim)
+            fetch = model_fetch(ms, new)
+            if fetch is not None:
+                plan.objects.append(fetch)
             dep = deployment(ms, new, replicas)
             dep["metadata"].setdefault("annotations", {})[ANNOTATION_MODEL] = new.model.identity
             plan.objects.append(dep)

@@ -63,6 +63,13 @@ def test_good_objects_pass() -> None:
         argsTemplate="--model={{ model_path }}\n--port={{ port }}\n--tp={{ tensor_parallel }}",
     )
     assert validate(custom, HGX) == []
+    llm = {"maxTimeToFirstTokenP95Ms": 800, "maxTimePerOutputTokenP95Ms": 60, "maxQueueDepth": 4,
+           "maxKvCacheUsage": 0.95, "maxRegression": 0.2,
+           "queries": [{"name": "errors", "query": 'sum(rate(http_requests_total{pod=~"{{ revision }}-.*",'
+                        'status=~"5.."}[2m]))', "max": 0.1}]}
+    assert validate(ms(replicas=2, rollout={"maxSurge": 0, "steps": [{"weight": 50}]}), HGX) == []
+    for runtime in ("capstan", "vllm", "sglang"):
+        assert validate(ms(runtime=runtime, rollout={"steps": [{"weight": 10}], "analysis": llm}), HGX) == []
 
 
 BAD = [
@@ -86,6 +93,44 @@ BAD = [
     ("bad duration", ms(rollout={"steps": [{"weight": 10, "pause": "2 min"}]}), "steps[0].pause"),
     ("snapshots without a volume", tj(checkpoint={"snapshots": {"everyMinutes": 5}}), "checkpoint"),
     ("two model sources", ms(model={"uri": "s3://b/m", "pvc": {"claimName": "m"}}), "spec.model"),
+    (
+        "an analysis figure the runtime does not export",
+        ms(runtime="tgi", rollout={"steps": [{"weight": 10}], "analysis": {"maxTimeToFirstTokenP95Ms": 500}}),
+        "spec.rollout.analysis.maxTimeToFirstTokenP95Ms",
+    ),
+    (
+        "KV-cache analysis on TGI",
+        ms(runtime="tgi", rollout={"steps": [{"weight": 10}], "analysis": {"maxKvCacheUsage": 0.9}}),
+        "spec.rollout.analysis.maxKvCacheUsage",
+    ),
+    (
+        "a PromQL query that does not parse",
+        ms(rollout={"steps": [{"weight": 10}], "analysis": {"queries": [
+            {"name": "ok", "query": "sum(up)", "max": 1},
+            {"name": "bad", "query": "sum(rate(x[5m])", "max": 1},
+        ]}}),
+        "spec.rollout.analysis.queries[1].query",
+    ),
+    (
+        "maxSurge without steps",
+        ms(replicas=4, rollout={"maxSurge": 0}),
+        "spec.rollout: maxSurge",
+    ),
+    (
+        "maxSurge 0 with one replica",
+        ms(replicas=1, rollout={"maxSurge": 0, "steps": [{"weight": 50}]}),
+        "spec.rollout.maxSurge",
+    ),
+    (
+        "maxSurge with autoscaling",
+        ms(autoscaling={"maxReplicas": 4}, rollout={"maxSurge": 0, "steps": [{"weight": 50}]}),
+        "spec.rollout.maxSurge",
+    ),
+    (
+        "a query without bounds",
+        ms(rollout={"steps": [{"weight": 10}], "analysis": {"queries": [{"name": "q", "query": "up"}]}}),
+        "spec.rollout.analysis.queries[0]",
+    ),
 ]
 
 

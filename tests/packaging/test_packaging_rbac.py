@@ -57,7 +57,7 @@ _doc("Capstan resources: kopf reads, watches, patches finalizers/annotations; TT
 _doc("status subresource reads and patches", ["get", "patch"], "capstan.dev",
      ["trainingjobs/status", "modelservings/status"])
 # ModelServing children (exercised by tests/kube/test_modelserving_kube.py, not by core scenarios).
-for _group, _res in (("apps", "deployments"), ("autoscaling", "horizontalpodautoscalers"),
+for _group, _res in (("apps", "deployments"), ("autoscaling", "horizontalpodautoscalers"), ("batch", "jobs"),
                      ("gateway.networking.k8s.io", "httproutes"), ("keda.sh", "scaledobjects")):
     _doc("ModelServing revisions, autoscaling (HPA or KEDA), Gateway API traffic split",
          ["get", "list", "watch", "create", "patch", "delete"], _group, [_res])

@@ -61,6 +61,7 @@ BUILTIN_RESOURCES: list[tuple[str, str, bool, set[str]]] = [
     ("v1/namespaces", "Namespace", False, {"status"}),
     ("apps/v1/deployments", "Deployment", True, {"status", "scale"}),
     ("autoscaling/v2/horizontalpodautoscalers", "HorizontalPodAutoscaler", True, {"status"}),
+    ("batch/v1/jobs", "Job", True, {"status"}),
     ("policy/v1/poddisruptionbudgets", "PodDisruptionBudget", True, {"status"}),
     ("networking.k8s.io/v1/networkpolicies", "NetworkPolicy", True, set()),
     ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False, {"status"}),

@@ -94,6 +94,10 @@ makes against the API emulator (plus the commented allowlist there).
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
   verbs: [get, list, watch, create, patch, delete]
+# ModelServing model.cache: the Job that fetches a revision's model once into its volume.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch, delete]
 # Checkpoint snapshots (CSI): taken on schedule, pruned to spec.checkpoint.snapshots.keep.
 - apiGroups: [snapshot.storage.k8s.io]
   resources: [volumesnapshots]

@@ -9,7 +9,8 @@ problem (empty list: admit). It runs, in order:
 2. checks against the cluster's nodes: a worker that no node can hold, a tensor-parallel replica
    wider than any NVLink domain, a ``Required`` gang wider than any domain of its ``maxDomain``;
 3. rollout steps whose weights do not strictly increase (the canary only ever gains traffic);
-4. ``spec.argsTemplate`` of the custom runtime: unknown template variables and render errors.
+4. ``spec.argsTemplate`` of the custom runtime: unknown template variables and render errors;
+5. ``spec.rollout.analysis.queries``: placeholders and PromQL syntax (:mod:`capstan.serving.promql`).
 
 Node-based checks are skipped when no node has any ``nvidia.com/gpu`` allocatable (an empty
 cluster or a GPU pool scaled to zero: the job will wait in the queue instead) and when the object
@@ -28,6 +29,7 @@ from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob, TrainingJobSpec
 from capstan.fields import dig
 from capstan.labels import GPU_RESOURCE, SKIP_CAPACITY_ANNOTATION
+from capstan.serving.promql import query_problem
 from capstan.topology.inventory import parse_count
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
 
@@ -72,7 +74,18 @@ def validate(
             errors.append(problem)
         if resource.spec.args_template is not None:
             errors += args_template_errors(resource.spec.args_template)
+        errors += _query_errors(resource)
     return _dedupe(errors)
+
+
+def _query_errors(ms: ModelServing) -> list[str]:
+    analysis = ms.spec.rollout.analysis
+    queries = analysis.queries if analysis is not None else []
+    return [
+        f"spec.rollout.analysis.queries[{i}].query: {problem}"
+        for i, q in enumerate(queries)
+        if (problem := query_problem(q.query)) is not None
+    ]
 
 
 def _immutable_changes(old: Any, new: Mapping[str, Any]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
@@ -22,6 +23,7 @@ from capstan.api.k8s_names import (
     Image,
     LabelValue,
     QualifiedName,
+    StorageClassName,
     TrainingJobName,
     dns1123_subdomain_errors,
 )
@@ -81,6 +83,15 @@ class PvcSource(ApiModel):
     path: str = Field(default="", description="Directory of the model inside the volume.")
 
 
+class ModelCache(ApiModel):
+    """A volume the model from ``uri`` is fetched into once per revision, shared by its pods."""
+
+    size: Quantity = Field(description="Size of the volume (the model and some room), e.g. 200Gi.")
+    storage_class_name: StorageClassName | None = Field(
+        default=None, description="StorageClass; it must offer ReadWriteMany (or ReadOnlyMany) volumes."
+    )
+
+
 class ModelSource(ApiModel):
     """Where the model comes from: exactly one of fromTrainingJob, uri, pvc."""
 
@@ -91,6 +102,11 @@ class ModelSource(ApiModel):
         description="Storage URI (s3://, gs://, https://, hf://) fetched by an init container.",
     )
     pvc: PvcSource | None = Field(default=None, description="An existing PVC.")
+    cache: ModelCache | None = Field(
+        default=None,
+        description="Fetch the uri once per revision into a shared volume (a Job), instead of once per "
+        "pod into its own scratch space; every replica mounts it read-only.",
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -98,6 +114,12 @@ class ModelSource(ApiModel):
             "[has(self.fromTrainingJob), has(self.uri), has(self.pvc)].exists_one(x, x)",
             "set exactly one of fromTrainingJob, uri or pvc",
             lambda m: sum(x is not None for x in (m.from_training_job, m.uri, m.pvc)) == 1,
+        ),
+        Rule(
+            ".cache",
+            "!has(self.cache) || (has(self.uri) && !self.uri.startsWith('pvc://'))",
+            "cache is for a uri that is fetched (s3, gs, https, hf); a PVC or a snapshot is mounted as it is",
+            lambda m: m.cache is None or (m.uri is not None and not m.uri.startswith("pvc://")),
         ),
     )
 
@@ -159,6 +181,53 @@ class RolloutStep(ApiModel):
     pause: Duration = Field(default="1m", description="How long to hold and analyse, e.g. 30s, 2m, 1h.")
 
 
+#: The LLM figures each runtime exports for canary analysis (capstan.serving.runtimes names the
+#: series; a custom runtime is expected to export the reference server's).
+ANALYSIS_FIGURES: dict[str, tuple[str, ...]] = {
+    "capstan": ("ttft", "tpot", "queue", "kvCache"),
+    "vllm": ("ttft", "tpot", "queue", "kvCache"),
+    "sglang": ("ttft", "tpot", "queue", "kvCache"),
+    "tgi": ("tpot", "queue"),
+    "custom": ("ttft", "tpot", "queue", "kvCache"),
+}
+#: spec.rollout.analysis field → the figure it reads.
+ANALYSIS_FIELDS = {
+    "maxTimeToFirstTokenP95Ms": "ttft",
+    "maxTimePerOutputTokenP95Ms": "tpot",
+    "maxQueueDepth": "queue",
+    "maxKvCacheUsage": "kvCache",
+}
+
+
+class AnalysisQuery(ApiModel):
+    """A PromQL query judged at the end of each step (Argo Rollouts' AnalysisTemplate is the model)."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Its name in messages.",
+    )
+    query: str = Field(
+        min_length=1,
+        max_length=2000,
+        description="PromQL giving one number, a template: {{ namespace }}, {{ name }}, {{ revision }} (the "
+        "canary) and {{ stableRevision }}. Sent to the operator's Prometheus (CAPSTAN_PROMETHEUS_URL); no "
+        "data, NaN or an error holds the step.",
+    )
+    max: float | None = Field(
+        default=None, ge=-1e15, le=1e15, description="Fail the step when the result is above this."
+    )
+    min: float | None = Field(
+        default=None, ge=-1e15, le=1e15, description="Fail the step when the result is below this."
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(".max", "has(self.max) || has(self.min)", "a query needs max, min or both",
+             lambda q: q.max is not None or q.min is not None),
+    )
+
+
 class AnalysisSpec(ApiModel):
     """Thresholds the new revision must meet at every step."""
 
@@ -174,6 +243,28 @@ class AnalysisSpec(ApiModel):
         le=1_000_000_000,
         description="Requests needed before a verdict; fewer holds the step.",
     )
+    max_time_to_first_token_p95_ms: int | None = Field(
+        default=None, ge=1, le=3_600_000, description="Highest p95 time to first token in milliseconds."
+    )
+    max_time_per_output_token_p95_ms: int | None = Field(
+        default=None, ge=1, le=600_000, description="Highest p95 time per output token in milliseconds."
+    )
+    max_queue_depth: float | None = Field(
+        default=None, ge=0, le=1_000_000, description="Highest mean of requests waiting per canary pod."
+    )
+    max_kv_cache_usage: float | None = Field(
+        default=None, ge=0, le=1, description="Highest mean KV-cache use of the canary pods (0.9 = 90%)."
+    )
+    max_regression: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Compare with the stable revision over the same window: the canary's p99 latency, p95 "
+        "time to first token and p95 time per output token may be at most this much higher (0.2 = 20%).",
+    )
+    queries: list[AnalysisQuery] = Field(
+        default_factory=list, max_length=10, description="PromQL queries, each judged against its bounds."
+    )
 
 
 class RolloutSpec(ApiModel):
@@ -185,6 +276,24 @@ class RolloutSpec(ApiModel):
         description="Canary steps; empty promotes a ready revision at once.",
     )
     analysis: AnalysisSpec | None = Field(default=None, description="Metric analysis between steps.")
+    max_surge: int | None = Field(
+        default=None,
+        ge=0,
+        le=10_000,
+        description="Replicas the rollout may run above spec.replicas (unset: no limit, the canary is "
+        "added beside the stable revision). 0 replaces stable replicas with canary ones step by step, "
+        "for clusters with no spare GPUs; needs steps and fixed replicas.",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            ".maxSurge",
+            "!has(self.maxSurge) || (has(self.steps) && size(self.steps) > 0)",
+            "maxSurge needs steps: each step swaps stable replicas for canary ones (without steps the whole "
+            "new revision would have to start before the old one stops)",
+            lambda r: r.max_surge is None or bool(r.steps),
+        ),
+    )
 
 
 class ServingResources(ApiModel):
@@ -211,6 +320,20 @@ class ServerTemplate(PodTemplate):
         "Capstan owns (image, arguments and probes of the runtime, GPUs, the model and /dev/shm mounts, "
         "the hardened security defaults) are rejected, naming what to use instead.",
     )
+
+
+def _figure_check(field: str, figure: str) -> Callable[[ModelServingSpec], bool]:
+    """The Python side of the rule that ``spec.rollout.analysis.<field>`` reads ``figure``."""
+    return lambda spec: _analysis_figure_ok(spec, field, figure)
+
+
+def _analysis_figure_ok(spec: ModelServingSpec, field: str, figure: str) -> bool:
+    """Whether ``spec.rollout.analysis.<field>`` is unset or reads a figure the runtime exports."""
+    analysis = spec.rollout.analysis
+    if analysis is None:
+        return True
+    attr = next(name for name, info in AnalysisSpec.model_fields.items() if info.alias == field)
+    return getattr(analysis, attr) is None or figure in ANALYSIS_FIGURES[spec.runtime]
 
 
 class ModelServingSpec(ApiModel):
@@ -281,6 +404,27 @@ class ModelServingSpec(ApiModel):
             f"'concurrency') in {_SCALING_CEL}[has(self.runtime) ? self.runtime : 'capstan']",
             f"the runtime does not export this metric; each runtime's: {_SCALING_TABLE}",
             lambda s: s.autoscaling is None or s.autoscaling.metric in SCALING_METRICS[s.runtime],
+        ),
+        Rule(
+            ".rollout.maxSurge",
+            "!has(self.rollout) || !has(self.rollout.maxSurge) || (!has(self.autoscaling) && "
+            "(self.rollout.maxSurge > 0 || (has(self.replicas) ? self.replicas : 1) >= 2))",
+            "maxSurge needs fixed replicas (no autoscaling: the autoscaler sizes each revision), and "
+            "maxSurge 0 needs replicas >= 2 (one replica cannot be shared by two revisions)",
+            lambda s: s.rollout.max_surge is None
+            or (s.autoscaling is None and (s.rollout.max_surge > 0 or s.replicas >= 2)),
+        ),
+        *(
+            Rule(
+                f".rollout.analysis.{field}",
+                f"!has(self.rollout) || !has(self.rollout.analysis) || "
+                f"!has(self.rollout.analysis.{field}) || (has(self.runtime) ? self.runtime : 'capstan') in "
+                f"{[rt for rt, figs in ANALYSIS_FIGURES.items() if figure in figs]}",
+                f"the runtime does not export this figure; runtimes that do: "
+                f"{', '.join(rt for rt, figs in ANALYSIS_FIGURES.items() if figure in figs)}",
+                _figure_check(field, figure),
+            )
+            for field, figure in ANALYSIS_FIELDS.items()
         ),
     )
 

@@ -22,10 +22,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import kopf
 
 from capstan import GROUP, VERSION
@@ -39,6 +40,7 @@ from capstan.kube.reconciler import Reported, reconcile_loop, refused_by_server,
 from capstan.kube.resources import (
     DEPLOYMENTS,
     HPAS,
+    JOBS,
     MODELSERVINGS,
     NETWORK_POLICIES,
     PVCS,
@@ -59,8 +61,9 @@ from capstan.metrics import (
     ROLLOUTS,
     PhaseGauge,
 )
-from capstan.serving.analysis import AnalysisResult, Baselines, evaluate, window
+from capstan.serving.analysis import AnalysisResult, Baselines, PodSample, evaluate, window, with_queries
 from capstan.serving.plan import Observed, ServingPlan, analysis_due, plan_modelserving, refused
+from capstan.serving.promql import QueryOutcome, judge_queries, render_query, scalar_of
 from capstan.serving.revisions import revision_selector, serving_selector
 from capstan.serving.runtimes import runtime_for
 
@@ -68,6 +71,7 @@ KIND = "ModelServing"
 # How long a "does the cluster serve HTTPRoute?" answer is trusted: Gateway API CRDs installed
 # later switch traffic to route weights within this time.
 GATEWAY_CHECK_TTL_S = 60.0
+QUERY_TIMEOUT_S = 10.0  # one PromQL query of canary analysis; a slower Prometheus holds the step
 PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
 HTTPROUTES = ApiResource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
 register_kind(HTTPROUTES)
@@ -139,7 +143,8 @@ async def _list(
 async def _observe(api: ApiClient, ms: ModelServing, gateway: bool, keda: bool) -> Observed:
     ns = ms.metadata.namespace
     sel = serving_selector(ms)
-    kinds = [DEPLOYMENTS, SERVICES, HPAS, PVCS, NETWORK_POLICIES] + ([HTTPROUTES] if gateway else [])
+    kinds = [DEPLOYMENTS, SERVICES, HPAS, PVCS, NETWORK_POLICIES, JOBS]
+    kinds += [HTTPROUTES] if gateway else []
     kinds += [SCALEDOBJECTS] if keda else []
     deployments, *rest = await asyncio.gather(*(_list(api, r, ns, sel) for r in kinds))
     children = [obj for objs in rest for obj in objs]
@@ -158,7 +163,8 @@ async def _observe(api: ApiClient, ms: ModelServing, gateway: bool, keda: bool) 
 async def _analyse(
     api: ApiClient, ms: ModelServing, now: datetime, memo: kopf.Memo, logger: kopf.Logger
 ) -> AnalysisResult | None:
-    """Scrape the canary when a step is analysed: the baseline once, the verdict after the pause."""
+    """Scrape the canary (and, for ``maxRegression``, the stable revision) when a step is analysed:
+    the baseline once, the verdict after the pause; then the PromQL queries, if any."""
     due = analysis_due(ms, now)
     baselines = _state(memo).baselines
     uid = ms.metadata.uid
@@ -168,21 +174,70 @@ async def _analyse(
     baseline = baselines.get(uid, due.revision, due.step)
     if baseline is not None and not due.verdict_needed:
         return None
-    rt = runtime_for(ms.spec)
-    pods = await api.list_pods(ms.metadata.namespace, revision_selector(ms, due.revision))
-    scrape, errors = await scrape_pods(pod_targets(pods, rt.metrics_path, ms.spec.port), rt.metrics)
-    for err in errors:
-        logger.warning("metrics scrape of canary %s failed: %s", due.revision, err)
+    spec = ms.spec.rollout.analysis
+    assert spec is not None
+    stable = ms.status.stable_revision if spec.max_regression is not None else None
+    canary_scrape = await _scrape_revision(api, ms, due.revision, logger)
+    stable_scrape = await _scrape_revision(api, ms, stable, logger) if stable else {}
     if baseline is None:
-        baselines.put(uid, due.revision, due.step, scrape)
+        # Pod names are unique across revisions: one baseline holds both.
+        baselines.put(uid, due.revision, due.step, {**canary_scrape, **stable_scrape})
         return None
-    assert ms.spec.rollout.analysis is not None
-    result = evaluate(due.revision, due.step, window(baseline, scrape), ms.spec.rollout.analysis)
+    result = evaluate(
+        due.revision, due.step, window(baseline, canary_scrape), spec,
+        stable=window(baseline, stable_scrape) if stable else None,
+    )
+    if result.verdict == "Pass" and spec.queries:
+        verdict, message = judge_queries(
+            [(q.name, q.min, q.max) for q in spec.queries],
+            await _run_queries(ms, due.revision, operator_config(memo).prometheus_url),
+        )
+        result = with_queries(result, verdict, message)
     logger.info(
         "analysis of %s at step %d: %s (%s)", due.revision, due.step + 1, result.verdict, result.message
     )
     return result
 
+
+async def _scrape_revision(
+    api: ApiClient, ms: ModelServing, revision: str, logger: kopf.Logger
+) -> dict[str, PodSample]:
+    rt = runtime_for(ms.spec)
+    pods = await api.list_pods(ms.metadata.namespace, revision_selector(ms, revision))
+    scrape, errors = await scrape_pods(pod_targets(pods, rt.metrics_path, ms.spec.port), rt.metrics)
+    for err in errors:
+        logger.warning("metrics scrape of revision %s failed: %s", revision, err)
+    return scrape
+
+
+async def _run_queries(ms: ModelServing, revision: str, prometheus_url: str) -> dict[str, QueryOutcome]:
+    """Each of the analysis' PromQL queries against ``prometheus_url``, by name."""
+    spec = ms.spec.rollout.analysis
+    assert spec is not None
+    values = {
+        "namespace": ms.metadata.namespace,
+        "name": ms.metadata.name,
+        "revision": revision,
+        "stableRevision": ms.status.stable_revision or "",
+    }
+    timeout = aiohttp.ClientTimeout(total=QUERY_TIMEOUT_S)
+    out: dict[str, QueryOutcome] = {}
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for q in spec.queries:
+            out[q.name] = await _query(session, prometheus_url, q.name, render_query(q.query, values))
+    return out
+
+
+async def _query(session: aiohttp.ClientSession, url: str, name: str, promql: str) -> QueryOutcome:
+    try:
+        async with session.get(f"{url.rstrip('/')}/api/v1/query", params={"query": promql}) as resp:
+            doc = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return QueryOutcome(name, problem=f"Prometheus at {url} did not answer: {type(exc).__name__}: {exc}")
+    if not isinstance(doc, Mapping) or doc.get("status") != "success":
+        error = doc.get("error") if isinstance(doc, Mapping) else None
+        return QueryOutcome(name, problem=f"Prometheus refused it: {error or doc!r}"[:300])
+    return replace(scalar_of(doc.get("data") or {}), name=name)
 
 
 def _record_metrics(memo: kopf.Memo, ms: ModelServing, plan: ServingPlan) -> None:

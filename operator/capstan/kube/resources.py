@@ -52,6 +52,7 @@ EVENTS = ApiResource("", "v1", "events", "Event")
 NODES = ApiResource("", "v1", "nodes", "Node", namespaced=False)
 DEPLOYMENTS = ApiResource("apps", "v1", "deployments", "Deployment")
 HPAS = ApiResource("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler")
+JOBS = ApiResource("batch", "v1", "jobs", "Job")
 PDBS = ApiResource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
 NETWORK_POLICIES = ApiResource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
 VOLUME_SNAPSHOTS = ApiResource("snapshot.storage.k8s.io", "v1", "volumesnapshots", "VolumeSnapshot")
@@ -70,6 +71,7 @@ _KINDS: dict[tuple[str, str], ApiResource] = {
         NODES,
         DEPLOYMENTS,
         HPAS,
+        JOBS,
         PDBS,
         NETWORK_POLICIES,
         VOLUME_SNAPSHOTS,

@@ -38,6 +38,10 @@ def parse_sample(text: str, names: MetricNames) -> PodSample:
     """The figures ``names`` points at in one pod's exposition ``text`` (missing series count as 0)."""
     requests = errors = 0.0
     buckets: dict[float, float] = {}
+    hists: dict[str, dict[float, float]] = {}  # LLM histograms, by series name
+    gauges: dict[str, float] = {}
+    wanted_hists = {f"{n}_bucket": n for n in (*names.ttft, *names.tpot)}
+    wanted_gauges = {*names.queue, *names.kv_usage}
     # Counters are matched with or without "_total": the parser adds it to a counter sample the
     # exposition wrote without it (TGI's Rust exporter: "tgi_request_count"), and keeps it on
     # samples whose TYPE line named the family without it.
@@ -58,7 +62,30 @@ def parse_sample(text: str, names: MetricNames) -> PodSample:
             elif s.name == f"{names.latency}_bucket":
                 le = float(s.labels.get("le", "+Inf"))
                 buckets[le] = buckets.get(le, 0.0) + s.value
-    return PodSample(requests, errors, tuple(sorted(buckets.items())))
+            elif s.name in wanted_hists:
+                le = float(s.labels.get("le", "+Inf"))
+                hist = hists.setdefault(wanted_hists[s.name], {})
+                hist[le] = hist.get(le, 0.0) + s.value
+            elif s.name in wanted_gauges:
+                gauges[s.name] = gauges.get(s.name, 0.0) + s.value
+
+    def hist_of(candidates: tuple[str, ...]) -> tuple[tuple[float, float], ...]:
+        found = next((hists[n] for n in candidates if n in hists), {})
+        return tuple(sorted(found.items()))
+
+    queue = next((gauges[n] for n in names.queue if n in gauges), None)
+    kv = next((gauges[n] for n in names.kv_usage if n in gauges), None)
+    return PodSample(
+        requests,
+        errors,
+        tuple(sorted(buckets.items())),
+        ttft=hist_of(names.ttft),
+        tpot=hist_of(names.tpot),
+        queue=queue or 0.0,
+        queue_pods=int(queue is not None),
+        kv_usage=kv or 0.0,
+        kv_pods=int(kv is not None),
+    )
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@
   ``snapshot_download``; ``pvc://claim/dir`` is the same as ``model.pvc``. The URI reaches the
   script through ``$MODEL_URI``, never spliced into shell text. Credentials come from the pod's
   service account (IRSA / workload identity) or ``spec.env``, which the init container also gets.
-  Big models belong on a PVC: an emptyDir uses node ephemeral storage and re-downloads per pod.
+  With ``model.cache`` the URI is fetched once per revision instead: a Job ``<revision>-fetch``
+  downloads into a PVC ``<revision>-model`` (ReadWriteMany) and writes a marker last; every pod
+  mounts the claim read-only and waits in a small init container for the marker. Without it each
+  pod downloads into its own emptyDir (node ephemeral storage), once per pod.
 - ``model.fromTrainingJob``: a PVC ``<revision>-model`` restored from the job's newest ready
   VolumeSnapshot (``checkpoint: Latest``) or the named one, mounted read-only; path
   ``/model/<fromTrainingJob.path>``. The snapshot name is part of the revision content, so a new
@@ -32,7 +35,10 @@ SNAPSHOT_GROUP = "snapshot.storage.k8s.io"
 S5CMD_IMAGE = "peakcom/s5cmd:v2.3.0"
 GCLOUD_IMAGE = "gcr.io/google.com/cloudsdktool/google-cloud-cli:522.0.0-slim"
 CURL_IMAGE = "curlimages/curl:8.14.1"
-HF_IMAGE = "python:3.12-slim"
+#: huggingface_hub preinstalled (workloads/Dockerfile.fetch): nothing is installed at pod start.
+HF_IMAGE = "ghcr.io/capstan-dev/capstan-fetch:0.1.0"
+#: A file the fetch Job writes once the model is whole; pods of a cached revision wait for it.
+FETCHED_MARKER = ".capstan-fetched"
 # The download is network- and disk-bound: a little CPU, and memory for the tools' part buffers.
 DOWNLOAD_RESOURCES = {
     "requests": {"cpu": "500m", "memory": "512Mi"},
@@ -56,6 +62,7 @@ class ModelRef:
     access_modes: tuple[str, ...] = ("ReadWriteMany",)
     uri: str | None = None
     claim: str | None = None
+    cached: bool = False  # uri fetched once per revision into <revision>-model by a Job
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -93,6 +100,9 @@ def resolve_model(
         if src.uri.startswith("pvc://"):
             claim, _, sub = src.uri.removeprefix("pvc://").partition("/")
             return ModelRef(identity=f"pvc:{claim}/{sub}", path=_join(MOUNT, sub), claim=claim)
+        if src.cache is not None:
+            return ModelRef(identity=src.uri, path=MOUNT, uri=src.uri, cached=True,
+                            claim_size=str(src.cache.size), storage_class=src.cache.storage_class_name)
         return ModelRef(identity=src.uri, path=MOUNT, uri=src.uri)
     ftj = src.from_training_job
     assert ftj is not None  # the ModelSource rule guarantees exactly one source
@@ -130,16 +140,18 @@ def model_claim_name(revision: str) -> str:
 
 
 def model_pvc(ref: ModelRef, revision: str, meta: dict[str, Any]) -> dict[str, Any] | None:
-    """The PVC restored from the TrainingJob snapshot, or None for other sources."""
-    if ref.snapshot is None:
+    """The revision's own model PVC: restored from the TrainingJob snapshot, or the cache a uri is
+    fetched into; None for other sources."""
+    if ref.snapshot is None and not ref.cached:
         return None
     spec: dict[str, Any] = {
-        # Same access mode as the checkpoint volume it was snapshotted from: every replica, on any
-        # node, mounts it (read-only in the pod).
+        # Every replica, on any node, mounts it (read-only in the pod): the same access mode as the
+        # checkpoint volume a snapshot came from; shared by the fetch Job and the pods for a cache.
         "accessModes": list(ref.access_modes),
         "resources": {"requests": {"storage": ref.claim_size}},
-        "dataSource": {"apiGroup": SNAPSHOT_GROUP, "kind": "VolumeSnapshot", "name": ref.snapshot},
     }
+    if ref.snapshot is not None:
+        spec["dataSource"] = {"apiGroup": SNAPSHOT_GROUP, "kind": "VolumeSnapshot", "name": ref.snapshot}
     if ref.storage_class:
         spec["storageClassName"] = ref.storage_class
     return {
@@ -157,10 +169,16 @@ _HTTPS = (
     '*) curl -fsSL --retry 5 -o "/model/$(basename "${MODEL_URI%%\\?*}")" "$MODEL_URI" ;; esac'
 )
 _HF = (
-    "pip install -q --no-cache-dir 'huggingface_hub>=0.23' && python -c \""
+    "python -c \""
     "import os; from huggingface_hub import snapshot_download; "
     "repo, _, rev = os.environ['MODEL_URI'][len('hf://'):].partition('@'); "
     "snapshot_download(repo_id=repo, revision=rev or None, local_dir='/model')\""
+)
+# A fetch Job that ran before (a retry, a re-created Job) finds the marker and is done.
+_ONCE = f'[ -f /model/{FETCHED_MARKER} ] && exit 0; set -e; '
+_MARK = f" && touch /model/{FETCHED_MARKER}"
+_WAIT = (
+    f'echo "waiting for the model fetch Job"; until [ -f /model/{FETCHED_MARKER} ]; do sleep 5; done'
 )
 
 
@@ -177,6 +195,70 @@ def _downloader(uri: str) -> tuple[str, list[str]]:
     raise ValueError(f"spec.model.uri: unsupported scheme {scheme!r}")
 
 
+def _download_container(
+    ref: ModelRef, env: list[dict[str, Any]], env_from: list[dict[str, Any]] | None, name: str
+) -> dict[str, Any]:
+    assert ref.uri is not None
+    image, command = _downloader(ref.uri)
+    if ref.cached:
+        command = [*command[:-1], _ONCE + command[-1] + _MARK]
+    # Env names must be unique (server-side apply refuses duplicates): the user's HOME wins over
+    # the default, while MODEL_URI is always spec.model.uri's, the one source of the model.
+    user = [dict(e) for e in env if e["name"] != "MODEL_URI"]
+    home = [] if any(e["name"] == "HOME" for e in user) else [{"name": "HOME", "value": "/tmp"}]
+    return {
+        "name": name,
+        "image": image,
+        "command": command,
+        "env": [*user, {"name": "MODEL_URI", "value": ref.uri}, *home],
+        **({"envFrom": [dict(e) for e in env_from]} if env_from else {}),
+        "volumeMounts": [{"name": VOLUME, "mountPath": MOUNT}],
+        "resources": copy.deepcopy(DOWNLOAD_RESOURCES),
+        # Capstan picked the image (root by default in most): it runs as the reference UID, HOME=/tmp.
+        "securityContext": container_security_context(run_as=REFERENCE_UID),
+    }
+
+
+def fetch_job(
+    ref: ModelRef,
+    revision: str,
+    meta: dict[str, Any],
+    env: list[dict[str, Any]],
+    env_from: list[dict[str, Any]] | None = None,
+) -> dict[str, Any] | None:
+    """The Job that fetches a cached uri into the revision's PVC once (None when not cached)."""
+    if not ref.cached:
+        return None
+    claim = {"name": VOLUME, "persistentVolumeClaim": {"claimName": model_claim_name(revision)}}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {**meta, "name": fetch_job_name(revision)},
+        "spec": {
+            "backoffLimit": 6,
+            "template": {
+                # Not the revision's selector labels: its Services and canary analysis must not pick
+                # up the fetch pod.
+                "metadata": {"labels": {k: v for k, v in (meta.get("labels") or {}).items()
+                                        if k.startswith("app.kubernetes.io/")}},
+                "spec": {
+                    "restartPolicy": "OnFailure",
+                    "automountServiceAccountToken": False,
+                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"},
+                                        "fsGroup": REFERENCE_UID},
+                    "containers": [_download_container(ref, env, env_from, "fetch")],
+                    "volumes": [claim],
+                },
+            },
+        },
+    }
+
+
+def fetch_job_name(revision: str) -> str:
+    """The fetch Job of a cached revision."""
+    return f"{revision}-fetch"
+
+
 def pod_parts(
     ref: ModelRef, revision: str, env: list[dict[str, Any]], env_from: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
@@ -188,25 +270,19 @@ def pod_parts(
     if ref.claim is not None:
         volume = {"name": VOLUME, "persistentVolumeClaim": {"claimName": ref.claim, "readOnly": True}}
         return {"volumes": [volume], "mounts": [mount], "init": []}
-    if ref.snapshot is not None:
+    if ref.snapshot is not None or ref.cached:
         claim = model_claim_name(revision)
         volume = {"name": VOLUME, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-        return {"volumes": [volume], "mounts": [mount], "init": []}
-    assert ref.uri is not None
-    image, command = _downloader(ref.uri)
-    # Env names must be unique (server-side apply refuses duplicates): the user's HOME wins over
-    # the default, while MODEL_URI is always spec.model.uri's, the one source of the model.
-    user = [dict(e) for e in env if e["name"] != "MODEL_URI"]
-    home = [] if any(e["name"] == "HOME" for e in user) else [{"name": "HOME", "value": "/tmp"}]
-    init = {
-        "name": "model-download",
-        "image": image,
-        "command": command,
-        "env": [*user, {"name": "MODEL_URI", "value": ref.uri}, *home],
-        **({"envFrom": [dict(e) for e in env_from]} if env_from else {}),
-        "volumeMounts": [{"name": VOLUME, "mountPath": MOUNT}],
-        "resources": copy.deepcopy(DOWNLOAD_RESOURCES),
-        # Capstan picked the image (root by default in most): it runs as the reference UID, HOME=/tmp.
-        "securityContext": container_security_context(run_as=REFERENCE_UID),
-    }
-    return {"volumes": [{"name": VOLUME, "emptyDir": {}}], "mounts": [mount], "init": [init]}
+        init: list[dict[str, Any]] = []
+        if ref.cached:  # the fetch Job fills the claim; start the server once it is whole
+            init = [{
+                "name": "model-wait",
+                "image": CURL_IMAGE,
+                "command": ["/bin/sh", "-c", _WAIT],
+                "volumeMounts": [dict(mount)],
+                "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "32Mi"}},
+                "securityContext": container_security_context(run_as=REFERENCE_UID),
+            }]
+        return {"volumes": [volume], "mounts": [mount], "init": init}
+    download = _download_container(ref, env, env_from, "model-download")
+    return {"volumes": [{"name": VOLUME, "emptyDir": {}}], "mounts": [mount], "init": [download]}

@@ -47,6 +47,7 @@ from capstan.serving.revisions import (
     desired_revision,
     http_route,
     model_claim,
+    model_fetch,
     network_policy,
     revision_service,
     scaled_bounds,
@@ -206,15 +207,27 @@ class _Traffic:
     retiring: list[str]  # replaced revisions still serving while the stable one fills up
     autoscaled: bool
     total: int  # spec.replicas
+    surge: int | None = None  # spec.rollout.maxSurge
+    canary_size: int = 0  # replicas the canary is sized for (its step's weight)
 
     @property
     def live(self) -> set[str]:
         """Revisions that get traffic (and keep their objects)."""
         return set(self.weights)
 
+    @property
+    def room(self) -> int | None:
+        """Replicas left for everything but the canary under ``maxSurge`` (None: no limit)."""
+        return None if self.surge is None else max(0, self.total + self.surge - self.canary_size)
+
     def replicas(self, weight: int, canary: bool) -> int | None:
         """Replicas of a revision sized for ``weight``; None when an HPA sizes it."""
-        return None if self.autoscaled else replicas_for_weight(self.total, weight, canary)
+        if self.autoscaled:
+            return None
+        if canary:
+            return self.canary_size
+        n = replicas_for_weight(self.total, weight, canary)
+        return n if self.room is None else min(n, self.room)
 
 
 def _plan(
@@ -312,7 +325,11 @@ def _canary_replicas(ms: ModelServing, weight: int) -> int:
     auto = ms.spec.autoscaling
     if auto is not None:
         return scaled_bounds(auto.min_replicas, auto.max_replicas, weight)[0] or 1
-    return replicas_for_weight(ms.spec.replicas, weight, live=True)
+    n = replicas_for_weight(ms.spec.replicas, weight, live=True)
+    if ms.spec.rollout.max_surge is not None and weight < 100:
+        # Swapping replicas: the stable revision keeps at least one while it has traffic.
+        n = min(n, ms.spec.replicas + ms.spec.rollout.max_surge - 1)
+    return n
 
 
 def _traffic(ms: ModelServing, st: ModelServingStatus, revs: dict[str, RevisionState]) -> _Traffic:
@@ -335,6 +352,12 @@ def _traffic(ms: ModelServing, st: ModelServingStatus, revs: dict[str, RevisionS
         )
     else:
         stable_target = replicas_for_weight(spec.replicas, stable_w, live=False)
+    surge = spec.rollout.max_surge if spec.autoscaling is None else None
+    canary_size = _canary_replicas(ms, target_w) if canary else 0
+    if surge is not None:
+        # No more than replicas + maxSurge at any time: the stable revision gives up the canary's room
+        # first (its pods stop, freeing their GPUs), before the canary's start.
+        stable_target = min(stable_target, max(0, spec.replicas + surge - canary_size))
     stable_ready = stable_obs.ready if stable_obs else 0
     stable_full = stable_obs is not None and stable_ready >= stable_target
     failed = set(st.failed_revisions)
@@ -361,6 +384,8 @@ def _traffic(ms: ModelServing, st: ModelServingStatus, revs: dict[str, RevisionS
         retiring=retiring,
         autoscaled=spec.autoscaling is not None,
         total=spec.replicas,
+        surge=surge,
+        canary_size=canary_size,
     )
 
 
@@ -391,6 +416,9 @@ def _add_objects(
             claim = model_claim(ms, new)
             if claim is not None:
                 plan.objects.append(claim)
+            fetch = model_fetch(ms, new)
+            if fetch is not None:
+                plan.objects.append(fetch)
             dep = deployment(ms, new, replicas)
             dep["metadata"].setdefault("annotations", {})[ANNOTATION_MODEL] = new.model.identity
             plan.objects.append(dep)
@@ -399,6 +427,13 @@ def _add_objects(
             plan.scale[rev] = replicas
         if traffic.autoscaled and (rev in revs or (new is not None and rev == new.name)):
             plan.objects.append(autoscaler(ms, rev, w, canary=is_canary, keda=keda, prometheus=prometheus))
+    if traffic.room is not None and traffic.retiring:
+        # Revisions replaced by a promotion give their replicas back as the new stable one needs them.
+        left = max(0, traffic.room - traffic.stable_target)
+        for rev in traffic.retiring:
+            have = revs[rev].spec_replicas or 0
+            plan.scale[rev] = min(have, left)
+            left -= plan.scale[rev]
     if gateway_api and traffic.live:
         plan.objects.append(http_route(ms, traffic.weights))
 

@@ -60,7 +60,7 @@ from capstan.security import (
     service_account_fields,
 )
 from capstan.security import network_policy as _network_policy
-from capstan.serving.model_source import ModelRef, model_pvc, pod_parts
+from capstan.serving.model_source import ModelRef, fetch_job, model_pvc, pod_parts
 from capstan.serving.runtimes import ArgsContext, Runtime, runtime_for
 
 CONTAINER = "server"
@@ -315,8 +315,28 @@ def network_policy(
 
 
 def model_claim(ms: ModelServing, rev: Revision) -> dict[str, Any] | None:
-    """The PVC restored from a TrainingJob snapshot for ``rev`` (None for other sources)."""
+    """The revision's model PVC: restored from a TrainingJob snapshot, or the cache a uri is
+    fetched into (None for other sources)."""
     return model_pvc(rev.model, rev.name, meta(ms, rev.name, rev.name, component="model"))
+
+
+def model_fetch(ms: ModelServing, rev: Revision) -> dict[str, Any] | None:
+    """The Job that fetches ``rev``'s cached uri into its model PVC (None when not cached). It gets
+    the server's env (Secrets included: a model hub's token), service account and pull secrets."""
+    template = ms.spec.template
+    server = template.main_container() if template else {}
+    env = [e.wire() for e in ms.spec.env] + [dict(e) for e in server.get("env") or []]
+    job = fetch_job(rev.model, rev.name, meta(ms, rev.name, rev.name, component="model"), env,
+                    server.get("envFrom"))
+    if job is not None and template is not None:
+        pod = job["spec"]["template"]["spec"]
+        wire = template.wire().get("spec") or {}
+        for key in ("serviceAccountName", "imagePullSecrets"):
+            if wire.get(key):
+                pod[key] = wire[key]
+        if wire.get("serviceAccountName"):
+            pod.pop("automountServiceAccountToken", None)  # workload identity may need the token
+    return job
 
 
 def _service(ms: ModelServing, name: str, selector: dict[str, str], revision: str | None) -> dict[str, Any]:

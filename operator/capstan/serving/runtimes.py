@@ -55,6 +55,7 @@ class MetricNames:
     ``code_label`` is not 2xx, or (when ``code_label`` is empty) the ``errors`` counter.
     ``request_filter``: (label, prefix) a series must match to count, e.g. only ``/v1/`` handlers so
     probe traffic does not dilute the error rate. ``latency``: a histogram of request seconds.
+    ``ttft``, ``tpot``, ``queue``, ``kv_usage``: the LLM figures of canary analysis.
     """
 
     requests: str
@@ -62,6 +63,12 @@ class MetricNames:
     code_label: str = "code"
     errors: str = ""
     request_filter: tuple[str, str] | None = None
+    # LLM figures (ANALYSIS_FIGURES says which runtime has which). Each is a tuple of names, newest
+    # first: runtimes rename series between versions, and the first one a pod exports is read.
+    ttft: tuple[str, ...] = ()  # histogram: time to first token, seconds
+    tpot: tuple[str, ...] = ()  # histogram: time per output token, seconds
+    queue: tuple[str, ...] = ()  # gauge: requests waiting
+    kv_usage: tuple[str, ...] = ()  # gauge: KV-cache use, 0..1
 
 
 @dataclass(frozen=True)
@@ -176,7 +183,12 @@ def _tgi_args(c: ArgsContext) -> list[str]:
 NON_ROOT_ENV = (("HOME", "/tmp"), ("USER", "capstan"))
 
 CAPSTAN_METRICS = MetricNames(
-    requests="capstan_serving_requests_total", latency="capstan_serving_request_latency_seconds"
+    requests="capstan_serving_requests_total",
+    latency="capstan_serving_request_latency_seconds",
+    ttft=("capstan_serving_time_to_first_token_seconds",),
+    tpot=("capstan_serving_time_per_output_token_seconds",),
+    queue=("capstan_serving_requests_waiting",),
+    kv_usage=("capstan_serving_kv_cache_usage",),
 )
 CAPSTAN_LOAD = (
     ("concurrency", LoadSignal("capstan_serving_requests_running")),
@@ -213,6 +225,11 @@ RUNTIMES: dict[str, Runtime] = {
             latency="vllm:e2e_request_latency_seconds",
             code_label="status",
             request_filter=("handler", "/v1/"),
+            ttft=("vllm:time_to_first_token_seconds",),
+            # vLLM 0.11 renamed time per output token to inter-token latency.
+            tpot=("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
+            queue=("vllm:num_requests_waiting",),
+            kv_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
         ),
         env=NON_ROOT_ENV,
         image_user=REFERENCE_UID,
@@ -236,6 +253,10 @@ RUNTIMES: dict[str, Runtime] = {
             latency="sglang:e2e_request_latency_seconds",
             code_label="",
             errors="sglang:num_aborted_requests_total",
+            ttft=("sglang:time_to_first_token_seconds",),
+            tpot=("sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds"),
+            queue=("sglang:num_queue_reqs",),
+            kv_usage=("sglang:token_usage",),
         ),
         env=NON_ROOT_ENV,
         image_user=REFERENCE_UID,
@@ -258,6 +279,8 @@ RUNTIMES: dict[str, Runtime] = {
             latency="tgi_request_duration",
             code_label="",
             errors="tgi_request_failure",
+            tpot=("tgi_request_mean_time_per_token_duration",),
+            queue=("tgi_queue_size",),
         ),
         env=NON_ROOT_ENV,
         image_user=REFERENCE_UID,

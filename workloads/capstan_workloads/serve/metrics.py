@@ -66,6 +66,9 @@ class ServingMetrics:
             f"{PREFIX}_kv_blocks_used", "KV-cache blocks owned by sequences.", registry=r
         )
         self.kv_blocks_total = Gauge(f"{PREFIX}_kv_blocks_total", "KV-cache blocks in the pool.", registry=r)
+        self.kv_cache_usage = Gauge(
+            f"{PREFIX}_kv_cache_usage", "Share of the KV-cache pool owned by sequences (0..1).", registry=r
+        )
         self.generated_tokens = Counter(
             f"{PREFIX}_generated_tokens", "Tokens generated over all requests.", registry=r
         )

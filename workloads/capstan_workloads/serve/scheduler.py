@@ -152,6 +152,7 @@ class Scheduler:
         self._seed_source = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         metrics.kv_blocks_total.set(self.cache.num_blocks)
         metrics.kv_blocks_used.set(0)
+        metrics.kv_cache_usage.set(0)
 
     # ---- called from the HTTP side -------------------------------------------------------
 
@@ -369,3 +370,4 @@ class Scheduler:
         m.requests_running.set(len(self.running))
         m.requests_waiting.set(len(self.waiting))
         m.kv_blocks_used.set(self.blocks.num_used)
+        m.kv_cache_usage.set(self.blocks.num_used / max(1, self.cache.num_blocks))

@@ -168,8 +168,15 @@ async def scenario_create(env: Env, name: str = "tj-create") -> None:
 
 
 async def _has(coro: Any, wanted: set[str]) -> set[str] | None:
+    """The Event reasons when they include ``wanted`` (kopf posts Events from a queue, after the
+    status write a test waits for: poll, never assert once)."""
     got: set[str] = await coro
     return got if wanted <= got else None
+
+
+async def wait_event(env: Env, name: str, reason: str) -> set[str]:
+    """Wait until the object ``name`` has an Event with ``reason``; its Event reasons."""
+    return await wait_for(lambda: _has(event_reasons(env, name), {reason}), TIMEOUT, what=f"a {reason} Event")
 
 
 async def scenario_failure_restarts_gang(env: Env, name: str = "tj-fail") -> None:
@@ -186,7 +193,7 @@ async def scenario_failure_restarts_gang(env: Env, name: str = "tj-fail") -> Non
         new = await wait_pods(env, name, 2, attempt=1)
         assert {p["metadata"]["uid"] for p in new}.isdisjoint({p["metadata"]["uid"] for p in old})
         assert env_of(new[0])["PET_RDZV_ID"].endswith("-1")
-        assert "GangRestart" in await event_reasons(env, name)
+        await wait_event(env, name, "GangRestart")
         job = await wait_job(env, name, phase_is("Starting"), "Starting again")
         running = condition(job, "Running")
         # the restart's reason, until the scheduler says why a new worker waits (a real cluster)
@@ -233,7 +240,7 @@ async def scenario_success(env: Env, name: str = "tj-ok") -> None:
         assert condition(job, "Running")["status"] == "False"
         assert status(job).get("completionTime") and status(job)["workers"]["succeeded"] == 2
         assert len(await pods_of(env, name)) == 2
-        assert "Succeeded" in await event_reasons(env, name)
+        await wait_event(env, name, "Succeeded")
 
 
 async def scenario_ttl_deletes_job(env: Env, name: str = "tj-ttl") -> None:
@@ -411,7 +418,7 @@ async def scenario_snapshots_with_retention(env: Env, name: str = "snap") -> Non
             return set(await snapshots(env)) == {f"{name}-ckpt-final"}
 
         await wait_for(pruned, TIMEOUT, what=f"retention deleted {name}-ckpt-restart-1")
-        assert "SnapshotCreated" in await event_reasons(env, name)
+        await wait_event(env, name, "SnapshotCreated")
 
 
 CORE_SCENARIOS = [

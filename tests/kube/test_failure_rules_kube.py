@@ -61,7 +61,7 @@ async def test_gpu_error_quarantines_the_node_and_the_next_gang_avoids_it(
     assert sc.condition(job, "Running")["reason"] == "NodeFailure"
     new = await sc.wait_pods(env, "xid", 2, attempt=1)
     assert broken not in [sc.pinned(p) for p in new]  # the node is still there, and Ready: avoided
-    assert "NodeQuarantined" in await sc.event_reasons(env, "xid")
+    await sc.wait_event(env, "xid", "NodeQuarantined")
 
 
 async def test_fail_job_rule_fails_the_job(cluster: Cluster, env: sc.Env, operator: None) -> None:

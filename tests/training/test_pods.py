@@ -157,7 +157,8 @@ def test_deepspeed_worker_runs_launcher_without_ssh_on_its_own_rank(k8s_valid: A
             f"gpt-small-{r}.gpt-small-workers slots=8" for r in range(3)
         ]
         mount = next(m for m in c["volumeMounts"] if m["name"] == "hostfile")
-        assert (mount["mountPath"], mount["subPath"], mount["readOnly"]) == ("/etc/capstan/hostfile", "hostfile", True)
+        where = (mount["mountPath"], mount["subPath"], mount["readOnly"])
+        assert where == ("/etc/capstan/hostfile", "hostfile", True)
         volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "hostfile")
         assert volume["downwardAPI"]["items"] == [{"path": "hostfile", "fieldRef": {
             "fieldPath": "metadata.annotations['capstan.dev/deepspeed-hostfile']"}}]

@@ -76,3 +76,14 @@ def test_every_mode_is_offered_by_some_runtime() -> None:
     offered = {m for modes in QUANTIZATIONS.values() for m in modes}
     assert offered == set(get_args(Quantization))
     assert isinstance(parse_object(ms(quantization="int8")), ModelServing)
+
+
+def test_local_executor_passes_the_mode_to_the_reference_server(tmp_path: Any) -> None:
+    from capstan.local.serving import server_command
+
+    quantized = parse_object(ms(quantization="int8"))
+    plain = parse_object(ms())
+    assert isinstance(quantized, ModelServing) and isinstance(plain, ModelServing)
+    cmd = server_command(quantized, tmp_path, 8000)
+    assert cmd[cmd.index("--quantization") + 1] == "int8"
+    assert "--quantization" not in server_command(plain, tmp_path, 8000)

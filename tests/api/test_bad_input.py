@@ -45,6 +45,8 @@ BAD = [
      "spec.command[0]: torchrun cannot run under launcher deepspeed"),
     (tj(launcher="deepspeed", args=["--num_gpus=2", "--node_rank", "1", "train.py"]), "spec",
      "spec.args[1]: --node_rank is set by Capstan"),
+    (tj(template={"spec": {"volumes": [{"name": "hostfile", "emptyDir": {}}]}}),
+     "spec.template.spec.volumes[0].name", "'hostfile' is Capstan's own volume"),
     (tj(image=""), "spec.image", "at least 1 character"),
     ({**tj(), "metadata": {"name": "GPT_Small"}}, "metadata.name", "should match pattern"),
     ({**tj(), "metadata": {"name": "a" * 254}}, "metadata.name", "at most 253 characters"),

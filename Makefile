@@ -118,6 +118,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/checkpoint.py --json
 	$(BIN)/python bench/serving.py --json
 	$(BIN)/python bench/fleet.py --json
+	$(BIN)/python bench/quantization.py --json
 
 clean:
 	-test -x $(BIN)/python && $(BIN)/python scripts/cluster.py down

@@ -67,5 +67,8 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 
 #: Rank 0's pod annotation the trainer watches (downward API): a checkpoint request ``<id>:stop``.
 REQUEST_ANNOTATION = "capstan.dev/checkpoint-request"
+#: The DeepSpeed hostfile of a ``launcher: deepspeed`` gang, on every worker pod; the downward API
+#: mounts it at /etc/capstan/hostfile (no ConfigMap to create, own or clean up).
+HOSTFILE_ANNOTATION = "capstan.dev/deepspeed-hostfile"
 #: A TrainingJob annotation: any new value asks for a checkpoint now, without stopping.
 CHECKPOINT_NOW_ANNOTATION = "capstan.dev/checkpoint-now"

@@ -55,6 +55,9 @@ def ms(**spec: Any) -> dict[str, Any]:
 
 def test_good_objects_pass() -> None:
     assert validate(tj(), HGX) == []
+    assert validate(tj(launcher="deepspeed", args=["--module", "pkg.train", "--master_port", "1"]), HGX) == []
+    assert validate(ms(quantization="int8"), HGX) == []
+    assert validate(ms(runtime="tgi", quantization="bitsandbytes-nf4"), HGX) == []
     assert validate(ms(), HGX) == []
     assert validate(ms(rollout={"steps": [{"weight": 10}, {"weight": 50, "pause": "5m"}]}), HGX) == []
     custom = ms(
@@ -131,6 +134,14 @@ BAD = [
         ms(rollout={"steps": [{"weight": 10}], "analysis": {"queries": [{"name": "q", "query": "up"}]}}),
         "spec.rollout.analysis.queries[0]",
     ),
+    ("unknown launcher", tj(launcher="mpirun"), "spec.launcher"),
+    ("deepspeed without a script", tj(launcher="deepspeed"), "args"),
+    ("torchrun under deepspeed", tj(launcher="deepspeed", command=["torchrun"], args=["t.py"]),
+     "spec.command[0]"),
+    ("deepspeed flag Capstan owns", tj(launcher="deepspeed", args=["--hostfile=/h", "t.py"]), "spec.args[0]"),
+    ("int8 is not a vLLM mode", ms(runtime="vllm", quantization="int8"), "quantization"),
+    ("fp8 is not the reference server's", ms(quantization="fp8"), "quantization"),
+    ("unknown quantization", ms(runtime="vllm", quantization="int3"), "spec.quantization"),
 ]
 
 

@@ -278,3 +278,25 @@ async def test_gpu_error_quarantines_the_node_and_the_next_gang_avoids_it(
     again = await running_gang(env, name, 2, attempt=1)
     assert broken not in [p["spec"]["nodeName"] for p in again]
     assert "NodeQuarantined" in await sc.event_reasons(env, name)
+
+
+async def test_deepspeed_workers_get_the_hostfile_through_the_downward_api(env: sc.Env,
+                                                                           api: ApiClient) -> None:
+    """launcher: deepspeed on the real API server: the worker pods (with the hostfile annotation
+    projected at /etc/capstan/hostfile by a downward-API volume) are admitted, bound and run."""
+    name = "ds"
+    await api.create(sc.job_body(env, name, workers=2, gpusPerWorker=1, launcher="deepspeed",
+                                 command=["deepspeed"], args=["--module", "capstan_workloads.train"]))
+    pods = await running_gang(env, name, 2, 0)
+    for rank, pod in enumerate(pods):
+        worker = pod["spec"]["containers"][0]
+        assert worker["command"] == ["deepspeed"]
+        assert worker["args"][:5] == ["--no_ssh", "--hostfile=$(CAPSTAN_HOSTFILE)",
+                                      "--node_rank=$(NODE_RANK)", "--master_addr=$(MASTER_ADDR)",
+                                      "--master_port=$(MASTER_PORT)"]
+        env_vars = {e["name"]: e.get("value") for e in worker["env"]}
+        assert env_vars["NODE_RANK"] == str(rank) and "PET_NODE_RANK" not in env_vars
+        assert pod["metadata"]["annotations"]["capstan.dev/deepspeed-hostfile"] == (
+            "ds-0.ds-workers slots=1\nds-1.ds-workers slots=1\n")
+        assert {"name": "hostfile", "mountPath": "/etc/capstan/hostfile", "subPath": "hostfile",
+                "readOnly": True} in worker["volumeMounts"]

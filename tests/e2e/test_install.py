@@ -186,6 +186,7 @@ CEL_CASES: dict[tuple[str, str, str], tuple[dict[str, Any], str]] = {
         ({"gpusPerWorker": 1, "network": {"rdma": "required"}}, "spec.network.rdmaResource"),
     ("TrainingJob", ".spec", ".procsPerWorker"):
         ({"gpusPerWorker": 2, "procsPerWorker": 1}, "spec.procsPerWorker"),
+    ("TrainingJob", ".spec", ".args"): ({"launcher": "deepspeed"}, "spec.args"),
     ("TrainingJob", ".spec.failurePolicy.rules[]", ""):
         ({"failurePolicy": {"rules": [{"action": "FailJob"}]}}, "spec.failurePolicy.rules[0]"),
     ("TrainingJob", ".spec.checkpoint.volume", ""):
@@ -200,6 +201,8 @@ CEL_CASES: dict[tuple[str, str, str], tuple[dict[str, Any], str]] = {
         ({"autoscaling": {"minReplicas": 0}}, "spec.autoscaling.activationQuery"),
     ("ModelServing", ".spec", ".autoscaling.metric"):
         ({"runtime": "tgi", "autoscaling": {"metric": "kvCache"}}, "spec.autoscaling.metric"),
+    ("ModelServing", ".spec", ".quantization"):
+        ({"runtime": "vllm", "quantization": "int8"}, "spec.quantization"),
     ("ModelServing", ".spec.rollout.steps[].pause", ""):
         ({"rollout": {"steps": [{"weight": 10, "pause": "9000h"}]}}, "spec.rollout.steps[0].pause"),
     **{

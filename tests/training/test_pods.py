@@ -122,3 +122,68 @@ def test_kueue_queue_labels_pods_for_kueue() -> None:
     ann = pod["metadata"]["annotations"]
     assert ann["kueue.x-k8s.io/pod-group-total-count"] == "4"
     assert ann["kueue.x-k8s.io/podset-required-topology"] == "capstan.dev/rack"
+
+
+def _ds_job(**spec: Any) -> TrainingJob:
+    return (
+        make_trainingjob("gpt-small").namespace("ml").uid("1234").image("trainer:1").workers(3)
+        .spec(launcher="deepspeed", args=["--module", "pkg.train", "--steps", "10"], **spec).model()
+    )
+
+
+def test_deepspeed_worker_runs_launcher_without_ssh_on_its_own_rank(k8s_valid: Any) -> None:
+    j = _ds_job(gpusPerWorker=8)
+    for rank in range(3):
+        pod = worker_pod(j, rank, attempt=0)
+        k8s_valid(pod)
+        c = pod["spec"]["containers"][0]
+        env = env_of(pod)
+        assert c["command"] == ["deepspeed"]
+        assert c["args"] == [
+            "--no_ssh", "--hostfile=$(CAPSTAN_HOSTFILE)", "--node_rank=$(NODE_RANK)",
+            "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)",
+            "--module", "pkg.train", "--steps", "10",
+        ]
+        # what the kubelet expands $(VAR) to: this pod's rank and rank 0's stable address
+        assert (env["NODE_RANK"], env["CAPSTAN_HOSTFILE"]) == (str(rank), "/etc/capstan/hostfile")
+        assert env["MASTER_ADDR"] == "gpt-small-0.gpt-small-workers.ml.svc"
+        assert env["CAPSTAN_LAUNCHER"] == "deepspeed"
+        assert not [k for k in env if k.startswith("PET_")]  # no torchrun rendezvous
+        assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        # the hostfile: every worker's stable DNS name with its GPUs as slots, rank 0 first
+        hostfile = pod["metadata"]["annotations"]["capstan.dev/deepspeed-hostfile"]
+        assert hostfile.splitlines() == [
+            f"gpt-small-{r}.gpt-small-workers slots=8" for r in range(3)
+        ]
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "hostfile")
+        where = (mount["mountPath"], mount["subPath"], mount["readOnly"])
+        assert where == ("/etc/capstan/hostfile", "hostfile", True)
+        volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "hostfile")
+        assert volume["downwardAPI"]["items"] == [{"path": "hostfile", "fieldRef": {
+            "fieldPath": "metadata.annotations['capstan.dev/deepspeed-hostfile']"}}]
+
+
+def test_deepspeed_cpu_slots_follow_procs_and_command_picks_the_launcher() -> None:
+    j = _ds_job(procsPerWorker=2, command=["python", "-m", "deepspeed.launcher.runner"])
+    pod = worker_pod(j, 1, attempt=0)
+    c = pod["spec"]["containers"][0]
+    assert c["command"] == ["python", "-m", "deepspeed.launcher.runner"]
+    assert c["args"][0] == "--no_ssh" and c["args"][-4:] == ["--module", "pkg.train", "--steps", "10"]
+    assert pod["metadata"]["annotations"]["capstan.dev/deepspeed-hostfile"].count("slots=2\n") == 3
+    assert "nvidia.com/gpu" not in str(c.get("resources"))
+
+
+def test_torchrun_default_has_no_hostfile() -> None:
+    pod = worker_pod(job(), 0, attempt=0)
+    assert "capstan.dev/deepspeed-hostfile" not in pod["metadata"]["annotations"]
+    assert all(v["name"] != "hostfile" for v in pod["spec"]["volumes"])
+    assert env_of(pod)["CAPSTAN_LAUNCHER"] == "torchrun" and "PET_RDZV_ID" in env_of(pod)
+
+
+def test_launcher_change_is_a_new_gang() -> None:
+    from capstan.training.pods import spec_digest
+
+    torchrun = make_trainingjob("g").image("trainer:1").spec(args=["train.py"]).model()
+    deepspeed = make_trainingjob("g").image("trainer:1").spec(args=["train.py"], launcher="deepspeed").model()
+    assert spec_digest(torchrun) != spec_digest(deepspeed)

@@ -2,7 +2,9 @@
 
 Run it as ``python -m capstan_workloads.train [flags]``: outside torchrun it launches torchrun
 in-process (from the ``PET_*`` environment) and exits with the workers' meaningful exit code;
-under torchrun (``torchrun -m capstan_workloads.train``) it is one worker.
+under torchrun (``torchrun -m capstan_workloads.train``) it is one worker, and so it is under
+DeepSpeed's launcher (``deepspeed --module capstan_workloads.train``: RANK, LOCAL_RANK, WORLD_SIZE
+and MASTER_ADDR/PORT in the env, ``--local_rank`` on the command line).
 
 Exit codes (``capstan_workloads.exitcodes``): 0 done, 1 failed, 2 bad arguments (never retried),
 75 preempted by SIGTERM after checkpointing (restart the gang without counting a failure).
@@ -56,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dist-timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
     a("--hold-seconds", type=float, default=600.0,
       help="after saving for the operator's stop request, how long to wait for the stop before training on")
+    # DeepSpeed's launcher passes --local_rank=N to every process; LOCAL_RANK in the env says the same
+    a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 

@@ -48,6 +48,30 @@ _SCALING_TABLE = "; ".join(f"{rt}: {', '.join(m)}" for rt, m in SCALING_METRICS.
 _SCALING_CEL = "{" + ", ".join(
     f"'{rt}': [{', '.join(repr(x) for x in m)}]" for rt, m in SCALING_METRICS.items()
 ) + "}"
+#: Quantization modes, each passed to the runtime's own flag (vLLM and SGLang --quantization, TGI
+#: --quantize, the reference server --quantization).
+Quantization = Literal[
+    "int8", "fp8", "awq", "awq_marlin", "gptq", "gptq_marlin", "marlin", "bitsandbytes",
+    "bitsandbytes-nf4", "bitsandbytes-fp4", "compressed-tensors", "eetq", "exl2", "w8a8_int8", "w8a8_fp8",
+]
+#: The modes each runtime's pinned image accepts (capstan.serving.runtimes pins the images): the
+#: reference server quantizes weights to int8 on load; vLLM, SGLang and TGI take their own names
+#: (int8 weight-only is not a vLLM mode). custom: put the server's flag in argsTemplate.
+QUANTIZATIONS: dict[str, tuple[str, ...]] = {
+    "capstan": ("int8",),
+    "vllm": ("fp8", "awq", "awq_marlin", "gptq", "gptq_marlin", "marlin", "bitsandbytes",
+             "compressed-tensors"),
+    "sglang": ("fp8", "awq", "awq_marlin", "gptq", "gptq_marlin", "marlin", "bitsandbytes", "w8a8_int8",
+               "w8a8_fp8"),
+    "tgi": ("fp8", "awq", "gptq", "marlin", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4",
+            "compressed-tensors", "eetq", "exl2"),
+    "custom": (),
+}
+_QUANT_TABLE = "; ".join(f"{rt}: {', '.join(m) or 'none (set it in argsTemplate)'}"
+                         for rt, m in QUANTIZATIONS.items())
+_QUANT_CEL = "{" + ", ".join(
+    f"'{rt}': [{', '.join(repr(x) for x in m)}]" for rt, m in QUANTIZATIONS.items()
+) + "}"
 ServingPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 
 
@@ -354,6 +378,12 @@ class ModelServingSpec(ApiModel):
         "model_path, port, tensor_parallel, max_model_len, name.",
     )
     env: list[EnvVar] = Field(default_factory=list, max_length=1024, description="Extra environment.")
+    quantization: Quantization | None = Field(
+        default=None,
+        description="Serve the model quantized, through the runtime's own flag (vLLM and SGLang "
+        "--quantization, TGI --quantize, the reference server --quantization). Modes per runtime: "
+        + _QUANT_TABLE + ". Unset: the model's own precision.",
+    )
     tensor_parallel: int = Field(
         default=1, ge=1, le=72, description="GPUs per replica, kept inside one NVLink domain."
     )
@@ -425,6 +455,13 @@ class ModelServingSpec(ApiModel):
                 _figure_check(field, figure),
             )
             for field, figure in ANALYSIS_FIELDS.items()
+        ),
+        Rule(
+            ".quantization",
+            f"!has(self.quantization) || self.quantization in "
+            f"{_QUANT_CEL}[has(self.runtime) ? self.runtime : 'capstan']",
+            f"the runtime has no such quantization mode; each runtime's: {_QUANT_TABLE}",
+            lambda s: s.quantization is None or s.quantization in QUANTIZATIONS[s.runtime],
         ),
     )
 

@@ -47,6 +47,16 @@ TrainingPhase = Literal[
     "Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded", "Failed", "Suspended"
 ]
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
+#: How each worker pod starts its processes: torchrun (the command reads the PET_* environment) or
+#: DeepSpeed's launcher (``deepspeed --no_ssh --node_rank=N``, one per pod, with a hostfile).
+Launcher = Literal["torchrun", "deepspeed"]
+#: DeepSpeed launcher flags Capstan sets itself under ``launcher: deepspeed`` (the gang's shape
+#: comes from the hostfile and the rank from the pod), so ``args`` may not set them.
+DEEPSPEED_OWNED_FLAGS: tuple[str, ...] = (
+    "--no_ssh", "--node_rank", "--master_addr", "--master_port", "-H", "--hostfile", "--num_nodes",
+    "--num_gpus", "--num_accelerators", "-i", "--include", "-e", "--exclude", "--launcher",
+    "--force_multi",
+)
 
 
 class TopologySpec(ApiModel):
@@ -301,10 +311,26 @@ class TrainingJobSpec(ApiModel):
     """Desired state of a TrainingJob."""
 
     image: Image = Field(min_length=1, description="Container image of the workers.")
-    command: list[str] | None = Field(
-        default=None, max_length=1024, description="Entrypoint; the image's when empty. Usually [torchrun]."
+    launcher: Launcher = Field(
+        default="torchrun",
+        description="torchrun: the command starts the worker's processes itself (torchrun, or the "
+        "reference trainer, reads the PET_* environment). deepspeed: every worker pod runs DeepSpeed's "
+        "launcher without ssh (command, default [deepspeed], then --no_ssh --hostfile "
+        "/etc/capstan/hostfile --node_rank --master_addr --master_port set by Capstan, then args: the "
+        "training script and its flags, e.g. [--module, capstan_workloads.train, --steps, '100']).",
     )
-    args: list[str] = Field(default_factory=list, max_length=4096, description="Arguments to the entrypoint.")
+    command: list[str] | None = Field(
+        default=None,
+        max_length=1024,
+        description="Entrypoint; the image's when empty. Usually [torchrun]. With launcher deepspeed: the "
+        "DeepSpeed launcher, [deepspeed] when empty.",
+    )
+    args: list[str] = Field(
+        default_factory=list,
+        max_length=4096,
+        description="Arguments to the entrypoint. With launcher deepspeed: the training script and its "
+        "flags, after Capstan's launcher flags.",
+    )
     env: list[EnvVar] = Field(
         default_factory=list, max_length=1024, description="Extra environment for every worker."
     )
@@ -413,6 +439,13 @@ class TrainingJobSpec(ApiModel):
             lambda s: s.network.rdma != "required" or s.network.rdma_resource is not None,
         ),
         Rule(
+            ".args",
+            "!has(self.launcher) || self.launcher != 'deepspeed' || (has(self.args) && size(self.args) > 0)",
+            "launcher deepspeed needs args: the training script DeepSpeed starts in every process, e.g. "
+            "[--module, capstan_workloads.train] or [train.py, --deepspeed_config, ds.json]",
+            lambda s: s.launcher != "deepspeed" or bool(s.args),
+        ),
+        Rule(
             ".procsPerWorker",
             "!has(self.procsPerWorker) || !has(self.gpusPerWorker) || self.gpusPerWorker == 0 "
             "|| self.procsPerWorker == self.gpusPerWorker",
@@ -441,6 +474,32 @@ class TrainingJobSpec(ApiModel):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    @model_validator(mode="after")
+    def _check_launcher(self) -> Self:
+        problems = self.launcher_conflicts()
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def launcher_conflicts(self) -> list[str]:
+        """Why ``command`` and ``args`` make no sense under ``launcher: deepspeed`` (empty if they do)."""
+        if self.launcher != "deepspeed":
+            return []
+        out = []
+        if self.command and self.command[0].rsplit("/", 1)[-1] == "torchrun":
+            out.append("spec.command[0]: torchrun cannot run under launcher deepspeed (the command is the "
+                       "DeepSpeed launcher, [deepspeed] when empty); use launcher torchrun, or drop command")
+        # DeepSpeed's own flags come first; the first word that is not a flag is the training script.
+        for i, arg in enumerate(self.args):
+            if not arg.startswith("-"):
+                break
+            flag = arg.split("=", 1)[0]
+            if flag in DEEPSPEED_OWNED_FLAGS:
+                out.append(f"spec.args[{i}]: {flag} is set by Capstan under launcher deepspeed (the "
+                           "hostfile holds spec.workers and the slots per worker; the pod gives the node "
+                           "rank and the rendezvous address)")
+        return out
 
     def template_conflicts(self) -> list[str]:
         """Fields the template's worker container sets that the rest of the spec sets too."""

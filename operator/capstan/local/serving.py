@@ -108,6 +108,15 @@ class LocalServer:
                 self.proc.wait()
 
 
+def server_command(ms: ModelServing, model_dir: Path, port: int) -> list[str]:
+    """The reference server's command line for ``ms`` on this machine (spec.quantization included)."""
+    cmd = [sys.executable, "-m", "capstan_workloads.serve", "--model-dir", str(model_dir)]
+    cmd += ["--port", str(port)]
+    if ms.spec.quantization:
+        cmd += ["--quantization", ms.spec.quantization]
+    return cmd
+
+
 def start_server(ms: ModelServing, workdir: Path) -> LocalServer:
     """Start the reference server for ``ms`` on a free local port."""
     if ms.spec.runtime != "capstan":
@@ -119,15 +128,7 @@ def start_server(ms: ModelServing, workdir: Path) -> LocalServer:
     port = free_port()
     log_path = workdir / ms.metadata.name / "server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "capstan_workloads.serve",
-        "--model-dir",
-        str(model_dir),
-        "--port",
-        str(port),
-    ]
+    cmd = server_command(ms, model_dir, port)
     proc = subprocess.Popen(
         cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
     )

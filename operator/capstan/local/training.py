@@ -13,7 +13,7 @@ from typing import Any
 
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob
 from capstan.kube.scrape import parse_progress_metrics
-from capstan.labels import LABEL_ATTEMPT, LABEL_RANK
+from capstan.labels import HOSTFILE_ANNOTATION, LABEL_ATTEMPT, LABEL_RANK
 from capstan.local.snapshots import take_snapshot
 from capstan.local.workers import Worker, free_port, start_worker, stop_worker, write_annotations
 from capstan.training.lifecycle import plan_trainingjob
@@ -61,6 +61,8 @@ class LocalTrainingRun:
             # what the kubelet gives a container: its termination-message file and downward API
             "CAPSTAN_TERMINATION_LOG": str(pod_dir / "termination-log"),
             "CAPSTAN_PODINFO_ANNOTATIONS": str(pod_dir / "annotations"),
+            # the downward-API file a launcher: deepspeed pod mounts at /etc/capstan/hostfile
+            "CAPSTAN_HOSTFILE": str(pod_dir / "hostfile"),
             "MASTER_ADDR": "127.0.0.1",
             "PET_MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
@@ -94,7 +96,10 @@ class LocalTrainingRun:
         overrides = self._overrides(obj)
         pod_dir = self._pod_dir(obj)
         (pod_dir / "termination-log").unlink(missing_ok=True)
-        write_annotations(pod_dir / "annotations", obj["metadata"].get("annotations") or {})
+        annotations = obj["metadata"].get("annotations") or {}
+        write_annotations(pod_dir / "annotations", annotations)
+        if HOSTFILE_ANNOTATION in annotations:
+            (pod_dir / "hostfile").write_text(annotations[HOSTFILE_ANNOTATION])
         self.workers[name] = start_worker(obj, overrides, log, echo)
         self.workers[name].termination_log = pod_dir / "termination-log"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,15 +40,36 @@ def local_env(pod: dict[str, Any], overrides: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def resolve_command(pod: dict[str, Any]) -> list[str]:
-    """Command line of the pod's container (command + args), with the executable found on PATH."""
+#: A kubelet variable reference in command or args: ``$(NAME)``, or ``$$(NAME)`` for a literal one.
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand_vars(text: str, env: dict[str, str]) -> str:
+    """``text`` with ``$(NAME)`` replaced by ``env[NAME]`` as the kubelet does: ``$$`` is a literal
+    ``$`` and a reference to an undefined name is left as it is."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1)
+        return env[name] if name in env else m.group(0)
+
+    return _VAR_REF.sub(sub, text)
+
+
+def resolve_command(pod: dict[str, Any], env: dict[str, str] | None = None) -> list[str]:
+    """Command line of the pod's container (command + args) with ``$(VAR)`` references expanded
+    from ``env`` (the container's), the executable found on PATH."""
     c = pod["spec"]["containers"][0]
     argv = [*(c.get("command") or []), *(c.get("args") or [])]
+    if env is not None:
+        argv = [expand_vars(a, env) for a in argv]
     if not argv:
         raise ValueError("the local executor needs spec.command (it cannot read an image's entrypoint)")
     exe = shutil.which(argv[0], path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if exe is None:
-        raise FileNotFoundError(f"spec.command[0] {argv[0]!r} is not on PATH")
+        hint = " (launcher deepspeed: pip install deepspeed)" if argv[0] == "deepspeed" else ""
+        raise FileNotFoundError(f"spec.command[0] {argv[0]!r} is not on PATH{hint}")
     return [exe, *argv[1:]]
 
 
@@ -126,9 +148,10 @@ def start_worker(
 ) -> Worker:
     """Start the pod's container command as a process; its output goes to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = local_env(pod, overrides)
     proc = subprocess.Popen(
-        resolve_command(pod),
-        env=local_env(pod, overrides),
+        resolve_command(pod, env),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

@@ -199,6 +199,7 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
         tensor_parallel=spec.tensor_parallel,
         max_model_len=spec.max_model_len,
         name=ms.metadata.name,
+        quantization=spec.quantization,
     )
     env = [{"name": k, "value": v} for k, v in rt.env]
     env += [

@@ -97,6 +97,8 @@ class ArgsContext:
     tensor_parallel: int
     max_model_len: int | None
     name: str
+    # not a template variable: a custom runtime's quantization flag is written in its argsTemplate
+    quantization: str | None = None
 
     def variables(self) -> dict[str, Any]:
         """The template variables, by their documented names."""
@@ -127,8 +129,14 @@ class Runtime:
         return dict(self.load).get(metric)
 
 
+def _quantization(flag: str, c: ArgsContext) -> list[str]:
+    """``[flag, mode]`` when spec.quantization is set (admission checked the runtime has the mode)."""
+    return [flag, c.quantization] if c.quantization else []
+
+
 def _capstan_args(c: ArgsContext) -> list[str]:
-    return ["--model-dir", c.model_path, "--port", str(c.port), "--model-name", c.name]
+    args = ["--model-dir", c.model_path, "--port", str(c.port), "--model-name", c.name]
+    return args + _quantization("--quantization", c)
 
 
 def _vllm_args(c: ArgsContext) -> list[str]:
@@ -144,7 +152,7 @@ def _vllm_args(c: ArgsContext) -> list[str]:
     ]
     if c.max_model_len:
         args += ["--max-model-len", str(c.max_model_len)]
-    return args
+    return args + _quantization("--quantization", c)
 
 
 def _sglang_args(c: ArgsContext) -> list[str]:
@@ -164,7 +172,7 @@ def _sglang_args(c: ArgsContext) -> list[str]:
     ]
     if c.max_model_len:
         args += ["--context-length", str(c.max_model_len)]
-    return args
+    return args + _quantization("--quantization", c)
 
 
 def _tgi_args(c: ArgsContext) -> list[str]:
@@ -174,7 +182,7 @@ def _tgi_args(c: ArgsContext) -> list[str]:
         if c.max_model_len > 1:
             # TGI refuses a max-input-tokens default that does not fit under max-total-tokens.
             args += ["--max-input-tokens", str(c.max_model_len - 1)]
-    return args
+    return args + _quantization("--quantize", c)
 
 
 # The vLLM and TGI images run as root and have no user 10001: as any other UID they need a writable

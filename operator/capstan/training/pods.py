@@ -10,6 +10,7 @@ from capstan import API_VERSION, podmerge
 from capstan.api.trainingjob import TrainingJob
 from capstan.labels import (
     GPU_RESOURCE,
+    HOSTFILE_ANNOTATION,
     KUEUE_POD_GROUP_COUNT,
     KUEUE_POD_GROUP_LABEL,
     KUEUE_PREFERRED_TOPOLOGY,
@@ -61,7 +62,10 @@ LIVE_FIELDS = frozenset({
 LIVE_SUBFIELDS = {"topology": {"migration"}, "checkpoint": {"snapshots", "saveBeforeStopSeconds"}}
 #: Where workers see their pod's annotations (downward API): rank 0 reads checkpoint requests there.
 PODINFO_DIR = "/etc/capstan/podinfo"
-
+#: Where a ``launcher: deepspeed`` worker finds the gang's DeepSpeed hostfile.
+HOSTFILE_PATH = "/etc/capstan/hostfile"
+#: The DeepSpeed launcher when spec.command is empty.
+DEEPSPEED = "deepspeed"
 
 
 def service_name(job: TrainingJob) -> str:
@@ -187,8 +191,30 @@ def spec_digest(job: TrainingJob) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def hostfile(job: TrainingJob) -> str:
+    """The gang's DeepSpeed hostfile: each worker's stable DNS name (``worker-N.service``, resolved
+    through the namespace's search path) with ``slots=`` its processes, rank 0 first."""
+    slots = job.spec.procs
+    service = service_name(job)
+    return "".join(f"{worker_name(job, rank)}.{service} slots={slots}\n" for rank in range(job.spec.workers))
+
+
+def deepspeed_flags() -> list[str]:
+    """DeepSpeed launcher flags of every worker: one launcher per pod, no ssh, the hostfile for the
+    gang's shape. ``$(VAR)`` is expanded from the container's env by the kubelet (and the local
+    executor), so the flags read the same rank and address the env gives."""
+    return [
+        "--no_ssh",
+        "--hostfile=$(CAPSTAN_HOSTFILE)",
+        "--node_rank=$(NODE_RANK)",
+        "--master_addr=$(MASTER_ADDR)",
+        "--master_port=$(MASTER_PORT)",
+    ]
+
+
 def worker_env(job: TrainingJob, rank: int, attempt: int) -> list[dict[str, str]]:
-    """Environment of worker ``rank``: torchrun (plain and PET_*), NCCL, Capstan's own."""
+    """Environment of worker ``rank``: torchrun's (plain, and PET_* under launcher torchrun), NCCL,
+    Capstan's own."""
     spec = job.spec
     torchrun = {
         "MASTER_ADDR": master_addr(job),
@@ -197,9 +223,15 @@ def worker_env(job: TrainingJob, rank: int, attempt: int) -> list[dict[str, str]
         "NODE_RANK": str(rank),
         "NPROC_PER_NODE": str(spec.procs),
     }
-    env: dict[str, str] = {**torchrun, **{f"PET_{k}": v for k, v in torchrun.items()}}
-    # A fresh rendezvous id per attempt keeps a restarted gang from joining a stale round.
-    env["PET_RDZV_ID"] = f"{job.metadata.uid or job.metadata.name}-{attempt}"
+    env: dict[str, str] = dict(torchrun)
+    if spec.launcher == "torchrun":
+        env.update({f"PET_{k}": v for k, v in torchrun.items()})
+        # A fresh rendezvous id per attempt keeps a restarted gang from joining a stale round.
+        env["PET_RDZV_ID"] = f"{job.metadata.uid or job.metadata.name}-{attempt}"
+    else:
+        # no PET_*: a torchrun started by mistake under DeepSpeed would form a second, wrong gang
+        env["CAPSTAN_HOSTFILE"] = HOSTFILE_PATH
+    env["CAPSTAN_LAUNCHER"] = spec.launcher
     env.update(
         {
             "CAPSTAN_JOB_NAME": job.metadata.name,
@@ -268,6 +300,8 @@ def worker_pod(
                 annotations[key] = label
     if spec.wants_rdma and spec.network.networks:
         annotations[MULTUS_ANNOTATION] = spec.network.networks
+    if spec.launcher == "deepspeed":
+        annotations[HOSTFILE_ANNOTATION] = hostfile(job)
     meta = _meta(job, name, labels)
     meta["annotations"] = annotations
 
@@ -284,10 +318,14 @@ def worker_pod(
         # rank 0's last progress line read it there.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if spec.command:
-        container["command"] = list(spec.command)
-    if spec.args:
-        container["args"] = list(spec.args)
+    if spec.launcher == "deepspeed":
+        container["command"] = list(spec.command or [DEEPSPEED])
+        container["args"] = [*deepspeed_flags(), *spec.args]
+    else:
+        if spec.command:
+            container["command"] = list(spec.command)
+        if spec.args:
+            container["args"] = list(spec.args)
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
     resources = _resources(job)
@@ -311,6 +349,14 @@ def worker_pod(
     volumes.append({"name": "podinfo", "downwardAPI": {"items": [
         {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}
     ]}})
+    if spec.launcher == "deepspeed":
+        # a file of its own at the path DeepSpeed users expect, from the pod's own annotation
+        volumes.append({"name": "hostfile", "downwardAPI": {"items": [
+            {"path": "hostfile", "fieldRef": {"fieldPath": f"metadata.annotations['{HOSTFILE_ANNOTATION}']"}}
+        ]}})
+        container["volumeMounts"].append(
+            {"name": "hostfile", "mountPath": HOSTFILE_PATH, "subPath": "hostfile", "readOnly": True}
+        )
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",

@@ -12,7 +12,7 @@ import sys
 
 from aiohttp import web
 
-from .app import DEVICE_ENV, DTYPES, STATE, Limits, create_app
+from .app import DEVICE_ENV, DTYPES, QUANTIZATIONS, STATE, Limits, create_app
 
 log = logging.getLogger("capstan_workloads.serve")
 
@@ -70,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="jinja2 chat template file for /v1/chat/completions "
         "(default: the model dir's chat_template.jinja, else a plain 'role: content' template)",
     )
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=d.quantization,
+        help="int8: weight-only int8 linear layers with per-output-channel scales; embeddings and "
+        "norms stay in --dtype (default: none)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -92,6 +99,7 @@ async def serve(args: argparse.Namespace) -> int:
         device=args.device,
         prefix_caching=args.prefix_caching,
         chat_template=args.chat_template,
+        quantization=args.quantization,
     )
     state = app[STATE]
     # handler_cancellation: a client that hangs up cancels its handler, which frees its KV blocks.

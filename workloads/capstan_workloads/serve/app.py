@@ -18,6 +18,8 @@ from .engine import Engine
 from .kvcache import PagedKVCache
 from .loader import LoadedModel, load_model_dir
 from .metrics import ServingMetrics
+from .quantize import MODES as QUANTIZATIONS
+from .quantize import QuantizeReport, quantize_model
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class Limits:
     prefix_caching: bool = True  # share KV blocks of identical prompt prefixes across requests
     chat_template: str | None = None  # jinja2 file; default: the model dir's chat_template.jinja or built-in
     max_stop: int = 4  # stop strings per request (OpenAI's limit)
+    quantization: str = "none"  # none, or int8: weight-only int8 linear layers (serve/quantize.py)
 
     def validate(self) -> None:
         """Reject nonsensical limits early with a readable message."""
@@ -71,6 +74,9 @@ class Limits:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.max_stop < 0:
             raise ValueError("max_stop must be >= 0")
+        if self.quantization not in QUANTIZATIONS:
+            modes = ", ".join(QUANTIZATIONS)
+            raise ValueError(f"quantization must be one of {modes}, got {self.quantization!r}")
 
 
 class ServerState:
@@ -85,6 +91,7 @@ class ServerState:
         self.scheduler: Scheduler | None = None
         self.chat_template: ChatTemplate | None = None
         self.device: torch.device | None = None
+        self.quantized: QuantizeReport | None = None
         self.load_error: str | None = None
         self.load_task: asyncio.Task[None] | None = None
         self.draining = False
@@ -113,7 +120,14 @@ class ServerState:
         torch.set_num_threads(threads)
         device = resolve_device(lim.device)
         loaded = load_model_dir(self.model_dir, DTYPES[lim.dtype])
+        # quantized where it was loaded, then moved: int8 weights and scales are buffers, so they
+        # land on the server's device with the rest of the model
+        self.quantized = quantize_model(loaded.model, lim.quantization)
         loaded.model.to(device)
+        if self.quantized.layers:
+            q = self.quantized
+            log.info("quantization %s: %d linear layers, weights %d -> %d bytes",
+                     q.mode, q.layers, q.bytes_before, q.bytes_after)
         self.chat_template = ChatTemplate.load(lim.chat_template, self.model_dir)
         cfg = loaded.config
         per_seq = -(-cfg.block_size // lim.kv_block_tokens)

@@ -392,7 +392,11 @@ async def readyz(request: web.Request) -> web.Response:
     """Readiness: 200 only once the model is loaded and while not draining."""
     state = request.app[STATE]
     if state.ready:
-        return web.json_response({"status": "ready", "model": state.model_name, "device": str(state.device)})
+        q = state.quantized
+        return web.json_response({
+            "status": "ready", "model": state.model_name, "device": str(state.device),
+            "quantization": q.mode if q else "none", "weightBytes": q.bytes_after if q else None,
+        })
     status = "draining" if state.draining else ("error" if state.load_error else "loading")
     return web.json_response({"status": status, "error": state.load_error}, status=503)
 

@@ -35,7 +35,7 @@ from capstan.api.conditions import CREATE_FAILED
 from capstan.api.modelserving import ModelServing
 from capstan.fields import dig
 from capstan.kube.activities import operator_config, shared_state
-from capstan.kube.client import ApiClient, ApiError, owner_of
+from capstan.kube.client import ApiClient, ApiError, gather_bounded, owner_of
 from capstan.kube.reconciler import Reported, reconcile_loop, refused_by_server, wake
 from capstan.kube.resources import (
     DEPLOYMENTS,
@@ -146,7 +146,8 @@ async def _observe(api: ApiClient, ms: ModelServing, gateway: bool, keda: bool) 
     kinds = [DEPLOYMENTS, SERVICES, HPAS, PVCS, NETWORK_POLICIES, JOBS]
     kinds += [HTTPROUTES] if gateway else []
     kinds += [SCALEDOBJECTS] if keda else []
-    deployments, *rest = await asyncio.gather(*(_list(api, r, ns, sel) for r in kinds))
+    # bounded gather: a failed list (the operator stopping, say) leaves no sibling request running
+    deployments, *rest = await gather_bounded([_list(api, r, ns, sel) for r in kinds])
     children = [obj for objs in rest for obj in objs]
     training_job = None
     snapshots: dict[str, dict[str, Any]] = {}
@@ -286,19 +287,15 @@ async def _apply(
                 elif isinstance(result, BaseException):
                     raise result
     current = {d["metadata"]["name"]: dig(d, "spec", "replicas") for d in observed.deployments}
-    await asyncio.gather(
-        *(
-            api.patch(DEPLOYMENTS, ns, dep, {"spec": {"replicas": n}})
-            for dep, n in plan.scale.items()
-            if current.get(dep) != n
-        )
-    )
-    await asyncio.gather(
-        *(
-            api.delete(api_resource_of({"apiVersion": r.api_version, "kind": r.kind}), ns, r.name)
-            for r in plan.deletes
-        )
-    )
+    await gather_bounded([
+        api.patch(DEPLOYMENTS, ns, dep, {"spec": {"replicas": n}})
+        for dep, n in plan.scale.items()
+        if current.get(dep) != n
+    ])
+    await gather_bounded([
+        api.delete(api_resource_of({"apiVersion": r.api_version, "kind": r.kind}), ns, r.name)
+        for r in plan.deletes
+    ])
     if plan.events:
         await asyncio.gather(*(api.post_event(body, e.reason, e.message, e.type) for e in plan.events))
     if refusal is not None or plan.on_applied is not None:

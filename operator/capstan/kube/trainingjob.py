@@ -41,7 +41,7 @@ from capstan.checkpoints.snapshots import SnapshotPlan, SnapshotsSeen, snapshots
 from capstan.fields import dig
 from capstan.kube.activities import operator_config, shared_state
 from capstan.kube.cache import ClusterCache
-from capstan.kube.client import ApiClient, ApiError, owner_of
+from capstan.kube.client import ApiClient, ApiError, gather_bounded, owner_of
 from capstan.kube.placement import (
     QueuePass,
     QueueSnapshot,
@@ -397,7 +397,7 @@ async def _queue_snapshot(
     if cluster is not None and cluster.ready:
         return _snapshot_of(memo, cluster.nodes.items(), cluster.pods.items(), cluster.jobs.items())
     try:
-        nodes, pods = await asyncio.gather(api.list_objects(NODES), api.list_objects(PODS))
+        nodes, pods = await gather_bounded([api.list_objects(NODES), api.list_objects(PODS)])
     except ApiError as exc:
         if exc.status != 403:
             raise

@@ -138,7 +138,8 @@ def test_lora_gang_trains_only_the_adapter_and_exports_it_in_peft_format(
     merged, _ = load_export(run / "export")
     assert heldout_from(merged, tok) == pytest.approx(record["heldout_loss"], rel=1e-4)
     # ...and the base export next to it is untouched.
-    assert (base / "model.safetensors").stat().st_mtime < (run / "adapter" / "adapter_model.safetensors").stat().st_mtime
+    adapter = run / "adapter" / "adapter_model.safetensors"
+    assert (base / "model.safetensors").stat().st_mtime < adapter.stat().st_mtime
 
 
 def heldout_from(model: GPT, tok: Tokenizer) -> float:

@@ -50,7 +50,9 @@ def encode_pair(
     tail = [*tok.encode(response), tok.eos_id]
     ids = head + tail
     if len(ids) > seq_len + 1:
-        raise ValueError(f"an sft example of {len(ids)} tokens does not fit the base model's block_size {seq_len}")
+        raise ValueError(
+            f"an sft example of {len(ids)} tokens does not fit the base model's block_size {seq_len}"
+        )
     targets = [IGNORE] * (len(head) - 1) + tail
     pad = seq_len + 1 - len(ids)
     x = ids[:-1] + [tok.pad_id] * pad

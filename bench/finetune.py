@@ -9,10 +9,14 @@ figures come from the ``eval.json`` each writes:
 * ``heldout_loss``: mean cross-entropy per response token on held-out examples;
 * ``base_heldout_loss``: the same for the base model before fine-tuning.
 
-The claim checked: LoRA's held-out loss is within ``--margin`` (relative) of the full fine-tune's.
+The claim checked: LoRA reaches the full fine-tune's held-out loss within ``--margin`` of the full
+fine-tune's improvement over the base, i.e. ``lora <= full + margin * (base - full)`` (0.05: LoRA
+achieves at least 95% of the loss reduction full fine-tuning achieves). A relative margin on the
+final losses alone would be meaningless here: both runs end far below the base's loss, near zero.
 Each method gets its usual learning rate (LoRA trains far fewer values and takes a larger one).
+Wall times are indicative only (the machine may be shared).
 
-Usage: ``python bench/finetune.py [--json] [--steps 300] [--margin 0.15]``
+Usage: ``python bench/finetune.py [--json] [--steps 300] [--margin 0.05]``
 """
 
 from __future__ import annotations
@@ -76,12 +80,13 @@ def run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         runs[name] = json.loads((root / name / "sft" / "eval.json").read_text()) | {
             "seconds": round(seconds, 2), "flags": flags}
     full, lora = runs["full"], runs["lora"]
-    margin_loss = full["heldout_loss"] * (1 + args.margin)
+    base_loss = base_heldout(base, args.heldout)
+    margin_loss = full["heldout_loss"] + args.margin * (base_loss - full["heldout_loss"])
     return {
         "model": {"n_layer": args.n_layer, "n_embd": args.n_embd, "base_params": full["total_params"]},
         "steps": args.steps,
         "batch_size": args.batch_size,
-        "base_heldout_loss": round(base_heldout(base, args.heldout), 4),
+        "base_heldout_loss": round(base_loss, 4),
         "full": {k: full[k] for k in ("heldout_loss", "trainable_params", "optimizer_state_bytes", "seconds",
                                       "flags")},
         "lora": {k: lora[k] for k in ("heldout_loss", "trainable_params", "optimizer_state_bytes", "seconds",
@@ -90,6 +95,8 @@ def run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         "optimizer_state_ratio": round(lora["optimizer_state_bytes"] / full["optimizer_state_bytes"], 4),
         "margin": args.margin,
         "lora_max_heldout_loss": round(margin_loss, 4),
+        "lora_share_of_full_improvement": round(
+            (base_loss - lora["heldout_loss"]) / (base_loss - full["heldout_loss"]), 4),
         "lora_within_margin": lora["heldout_loss"] <= margin_loss,
     }
 
@@ -108,8 +115,9 @@ def main() -> int:
     p.add_argument("--targets", default="qkv,proj,fc")
     p.add_argument("--full-lr", type=float, default=1e-3)
     p.add_argument("--lora-lr", type=float, default=1e-2)
-    p.add_argument("--margin", type=float, default=0.15,
-                   help="LoRA's held-out loss may exceed the full fine-tune's by this fraction")
+    p.add_argument("--margin", type=float, default=0.05,
+                   help="LoRA's held-out loss may exceed the full fine-tune's by this fraction of the "
+                   "full fine-tune's improvement over the base")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="capstan-finetune-bench-") as tmp:
         result = run(Path(tmp), args)

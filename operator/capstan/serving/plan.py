@@ -35,9 +35,18 @@ from capstan.api.conditions import (
 )
 from capstan.api.modelserving import ModelServing, ModelServingStatus, RevisionStatus, RolloutStatus
 from capstan.fields import dig
-from capstan.labels import ANNOTATION_MODEL, LABEL_REVISION, LABEL_SERVING
+from capstan.labels import ANNOTATION_MODEL, LABEL_COMPONENT, LABEL_REVISION, LABEL_SERVING
 from capstan.naming import label_value
 from capstan.security import DEFAULT_OPERATOR_NAMESPACE
+from capstan.serving.adapters import (
+    AdapterAction,
+    ObservedServer,
+    adapter_claims,
+    adapter_status,
+    plan_adapter_actions,
+    resolve_adapters,
+)
+from capstan.serving.adapters import mode as adapter_mode
 from capstan.serving.analysis import AnalysisResult
 from capstan.serving.model_source import ModelNotReady, resolve_model
 from capstan.serving.revisions import (
@@ -46,6 +55,7 @@ from capstan.serving.revisions import (
     deployment,
     desired_revision,
     http_route,
+    meta,
     model_claim,
     network_policy,
     revision_service,
@@ -67,6 +77,10 @@ from capstan.serving.rollout import (
     tick,
 )
 from capstan.serving.runtimes import ArgsTemplateError
+
+ADAPTER_COMPONENT = "adapter"
+# After loading or unloading adapters: read the servers' /v1/models again this soon.
+ADAPTER_RECHECK_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,9 @@ class Observed:
     children: list[dict[str, Any]] = field(default_factory=list)
     training_job: dict[str, Any] | None = None
     snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The TrainingJobs spec.adapters name (by name), and the server pods with the adapters they hold.
+    training_jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    servers: list[ObservedServer] = field(default_factory=list)
 
 
 @dataclass
@@ -110,6 +127,8 @@ class ServingPlan:
     requeue_after: float | None = None
     outcome: Outcome | None = None
     on_applied: ModelServingStatus | None = None
+    # LoRA adapters to load on or unload from running servers (runtimes that load them at run time).
+    adapter_actions: list[AdapterAction] = field(default_factory=list)
 
     def requeue(self, seconds: float) -> None:
         """Ask to be called again within ``seconds``."""
@@ -262,6 +281,7 @@ def _plan(
                  prometheus=prometheus)
     _add_deletes(plan, ms, observed, revs, traffic, policy=policy, gateway_api=gateway_api, keda=keda)
     _set_revisions(st, ms, desired, revs, traffic)
+    _adapters(plan, ms, observed)
     if not traffic.canary:
         st.rollout = RolloutStatus(traffic=traffic_mode)
 
@@ -274,6 +294,20 @@ def _plan(
     if traffic.stable and (not traffic.stable_full or traffic.retiring):
         plan.requeue(WAIT_READY_S)
     return plan
+
+
+def _adapters(plan: ServingPlan, ms: ModelServing, observed: Observed) -> None:
+    """Loads and unloads that make every ready server hold the spec's adapters; ``status.adapters``."""
+    if not ms.spec.adapters and not any(s.loaded for s in observed.servers):
+        plan.status.adapters = []
+        return
+    resolved = resolve_adapters(ms, observed.training_jobs, observed.snapshots)
+    if adapter_mode(ms) == "runtime":
+        plan.adapter_actions = plan_adapter_actions(resolved.refs, observed.servers)
+        if plan.adapter_actions:
+            plan.requeue(ADAPTER_RECHECK_S)  # confirm them through /v1/models
+    failures = {a.name: a.message for a in ms.status.adapters if a.message.startswith("load failed")}
+    plan.status.adapters = adapter_status(ms, resolved, observed.servers, failures)
 
 
 def _observed_revisions(ms: ModelServing, observed: Observed) -> dict[str, RevisionState]:
@@ -298,7 +332,8 @@ def _desired_revision(ms: ModelServing, observed: Observed, keda: bool) -> _Desi
         return _Desired(None, problem, invalid=True)
     try:
         model = resolve_model(ms, observed.training_job, observed.snapshots)
-        desired = desired_revision(ms, model)
+        adapters = resolve_adapters(ms, observed.training_jobs, observed.snapshots).refs
+        desired = desired_revision(ms, model, adapters)
         deployment(ms, desired, None)
     except ModelNotReady as exc:
         return _Desired(None, str(exc))
@@ -391,6 +426,8 @@ def _add_objects(
             claim = model_claim(ms, new)
             if claim is not None:
                 plan.objects.append(claim)
+            claim_meta = meta(ms, "", component=ADAPTER_COMPONENT)
+            plan.objects.extend(adapter_claims(ms, list(new.adapters), claim_meta))
             dep = deployment(ms, new, replicas)
             dep["metadata"].setdefault("annotations", {})[ANNOTATION_MODEL] = new.model.identity
             plan.objects.append(dep)
@@ -417,6 +454,11 @@ def _add_deletes(
     """Children no live revision needs any more, and an event for each revision removed."""
     mine = label_value(ms.metadata.name)
     live = traffic.live
+    adapter_claims_used = {
+        str(v["persistentVolumeClaim"]["claimName"])
+        for dep in observed.deployments if dig(dep, "metadata", "name") in live
+        for v in dig(dep, "spec", "template", "spec", "volumes") or [] if "persistentVolumeClaim" in v
+    } | {str(o["metadata"]["name"]) for o in plan.objects if o.get("kind") == "PersistentVolumeClaim"}
     for obj in [*observed.deployments, *observed.children]:
         meta = obj.get("metadata") or {}
         labels = meta.get("labels") or {}
@@ -433,6 +475,9 @@ def _add_deletes(
             or (kind == "ScaledObject" and (not traffic.autoscaled or not keda))
             or (kind == "HTTPRoute" and (not gateway_api or not live))
             or (kind == "NetworkPolicy" and policy is None)
+            # An adapter's restored snapshot, once no live revision mounts it.
+            or (kind == "PersistentVolumeClaim" and labels.get(LABEL_COMPONENT) == ADAPTER_COMPONENT
+                and name not in adapter_claims_used)
         )
         if gone:
             plan.deletes.append(ObjectRef(obj.get("apiVersion", ""), kind, name))

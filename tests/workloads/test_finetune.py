@@ -25,7 +25,9 @@ from capstan_workloads.tokenizer import Tokenizer
 pytestmark = pytest.mark.slow
 
 _DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NNODES", "NODE_RANK",
-              "CAPSTAN_CHECKPOINT_DIR", "CAPSTAN_EXPORT_DIR", "CAPSTAN_METRICS_PORT", "CAPSTAN_BASE_MODEL")
+              "CAPSTAN_CHECKPOINT_DIR", "CAPSTAN_EXPORT_DIR", "CAPSTAN_METRICS_PORT", "CAPSTAN_BASE_MODEL",
+              "CAPSTAN_TASK", "CAPSTAN_LORA_RANK", "CAPSTAN_LORA_ALPHA", "CAPSTAN_LORA_TARGETS",
+              "CAPSTAN_LORA_MERGE")
 STEPS = 40
 SFT = ["--task", "sft", "--steps", str(STEPS), "--batch-size", "8", "--lr", "5e-3", "--seed", "7",
        "--metrics-port", "0", "--checkpoint-every", "10", "--keep", "2", "--log-every", "10",
@@ -247,3 +249,34 @@ def test_missing_base_model_exits_2(tmp_path: Path) -> None:
                        timeout=120)
     assert p.returncode == EXIT_BAD_ARGS
     assert f"--base-model {tmp_path / 'export'}: no model.safetensors there" in p.stderr
+
+
+def test_operator_fine_tune_spec_reaches_the_trainer_as_its_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # spec.fineTune -> worker env (the operator's rendering) -> the trainer's flag defaults.
+    from capstan.api.trainingjob import TrainingJob
+    from capstan.training.pods import worker_env
+    from capstan_workloads.train import parse_args
+
+    job = TrainingJob.model_validate({
+        "metadata": {"name": "ft", "namespace": "ml"},
+        "spec": {"image": "ghcr.io/capstan-dev/capstan-trainer:0.1.0", "workers": 2,
+                 "checkpoint": {"volume": {"size": "1Gi"}, "restoreFrom": "pretrain-snap"},
+                 "fineTune": {"lora": {"rank": 4, "targetModules": ["qkv", "fc"]}, "merge": True}},
+    })
+    env = {e["name"]: e["value"] for e in worker_env(job, 0, 0)}
+    fine_tune = ("CAPSTAN_TASK", "CAPSTAN_BASE", "CAPSTAN_LORA")
+    assert {k: v for k, v in env.items() if k.startswith(fine_tune)} == {
+        "CAPSTAN_TASK": "sft", "CAPSTAN_BASE_MODEL": "export", "CAPSTAN_LORA_RANK": "4",
+        "CAPSTAN_LORA_ALPHA": "8", "CAPSTAN_LORA_TARGETS": "qkv,fc", "CAPSTAN_LORA_MERGE": "1"}
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.safetensors").write_bytes(b"")
+    for k, v in {**env, "CAPSTAN_CHECKPOINT_DIR": str(tmp_path)}.items():
+        if k.startswith("CAPSTAN_"):
+            monkeypatch.setenv(k, v)
+    args = parse_args([])
+    assert (args.task, args.base_model, args.lora_rank, args.lora_alpha, args.lora_targets, args.merge) == (
+        "sft", tmp_path / "export", 4, 8.0, ["qkv", "fc"], True)
+    assert args.checkpoint_dir == tmp_path / "sft" and args.adapter_dir == tmp_path / "sft" / "adapter"
+    assert parse_args(["--lora-rank", "2"]).lora_rank == 2  # explicit args still win

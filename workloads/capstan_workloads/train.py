@@ -59,23 +59,29 @@ def build_parser() -> argparse.ArgumentParser:
       help="after saving for the operator's stop request, how long to wait for the stop before training on")
     ft = p.add_argument_group("fine-tuning (--task sft)")
     f = ft.add_argument
-    f("--task", choices=("pretrain", "sft"), default="pretrain",
+    f("--task", choices=("pretrain", "sft"), default=env("CAPSTAN_TASK", "pretrain"),
       help="pretrain: a GPT from scratch on the corpus; sft: fine-tune a base export on a generated "
       "instruction task, loss on the responses only")
     f("--base-model", default=env("CAPSTAN_BASE_MODEL"),
-      help="sft: the base export to start from (env CAPSTAN_BASE_MODEL, default CHECKPOINT_DIR/export, "
-      "where checkpoint.restoreFrom a pre-training snapshot puts it); the run itself keeps its "
-      "checkpoints, losses and exports under CHECKPOINT_DIR/sft")
+      help="sft: the base export to start from (env CAPSTAN_BASE_MODEL, relative there to CHECKPOINT_DIR; "
+      "default CHECKPOINT_DIR/export, where checkpoint.restoreFrom a pre-training snapshot puts it); the "
+      "run itself keeps its checkpoints, losses and exports under CHECKPOINT_DIR/sft")
     f("--sft-examples", type=int, default=4000, help="training examples of the instruction task")
     f("--heldout-examples", type=int, default=400, help="held-out examples the final loss is measured on")
-    f("--lora-rank", type=int, default=0,
+    f("--lora-rank", type=int, default=int(env("CAPSTAN_LORA_RANK", "0")),
       help="train LoRA adapters of this rank, base frozen (0: full fine-tune)")
-    f("--lora-alpha", type=float, default=None, help="LoRA scaling numerator (default: 2 x rank)")
-    f("--lora-targets", default="qkv,attn.proj",
+    f("--lora-alpha", type=float, default=_float(env("CAPSTAN_LORA_ALPHA")),
+      help="LoRA scaling numerator (default: 2 x rank)")
+    f("--lora-targets", default=env("CAPSTAN_LORA_TARGETS", "qkv,attn.proj"),
       help="comma-separated linear layers to adapt, PEFT-style suffixes: qkv, attn.proj, fc, mlp.proj, proj")
     f("--adapter-dir", default=None, help="where the LoRA adapter goes (default: CHECKPOINT_DIR/sft/adapter)")
-    f("--merge", action="store_true", help="LoRA: also export the merged full model to --export-dir")
+    f("--merge", action="store_true", default=env("CAPSTAN_LORA_MERGE", "0") == "1",
+      help="LoRA: also export the merged full model to --export-dir")
     return p
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value else None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -118,7 +124,11 @@ def _selects_a_linear(target: str) -> bool:
 
 def _finetune_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Check the sft flags and move the run's files under CHECKPOINT_DIR/sft."""
-    args.base_model = Path(args.base_model) if args.base_model else args.checkpoint_dir / "export"
+    if not args.base_model:
+        args.base_model = args.checkpoint_dir / "export"
+    elif args.base_model == os.environ.get("CAPSTAN_BASE_MODEL"):  # the operator's: under the checkpoints
+        args.base_model = args.checkpoint_dir / args.base_model  # (an absolute path stays as it is)
+    args.base_model = Path(args.base_model)
     if not (args.base_model / "model.safetensors").is_file():
         p.error(f"--base-model {args.base_model}: no model.safetensors there "
                 "(an export of a pre-training run)")

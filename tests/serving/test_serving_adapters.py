@@ -46,7 +46,7 @@ def test_vllm_enables_run_time_lora_and_mounts_each_adapter_volume(k8s_valid: Va
     c = container(plan)
     args = c["args"]
     assert "--enable-lora" in args
-    assert args[args.index("--max-lora-rank") + 1] == "16"  # the largest declared rank, a vLLM size
+    assert args[args.index("--max-lora-rank") + 1] == "64"  # ranks 8 and 16 fit the default limit
     assert args[args.index("--max-loras") + 1] == "4"
     assert "--lora-modules" not in args  # the operator loads them once the servers are ready
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in c["env"]
@@ -67,6 +67,13 @@ def test_vllm_enables_run_time_lora_and_mounts_each_adapter_volume(k8s_valid: Va
     for obj in plan.objects:
         k8s_valid(obj)
     assert [(a.name, a.loaded, a.message) for a in plan.status.adapters] == [("sql", 0, ""), ("chat", 0, "")]
+
+
+def test_rank_limit_grows_to_a_vllm_size_for_large_adapters_only() -> None:
+    big = [{"name": "big", "uri": "pvc://adapters/big", "rank": 100}]
+    _, plan = plan_for({"runtime": "vllm", "adapters": big})
+    args = container(plan)["args"]
+    assert args[args.index("--max-lora-rank") + 1] == "128"
 
 
 def test_capstan_runtime_renders_its_own_flags() -> None:

@@ -161,7 +161,7 @@ class LoRASpec(ApiModel):
 
     rank: int = Field(ge=1, le=4096, description="Adapter rank r.")
     alpha: float | None = Field(
-        default=None, ge=0.001, le=1_000_000, description="Scaling numerator (scale alpha / r); default 2 x rank."
+        default=None, ge=0.001, le=1_000_000, description="Scaling numerator (alpha / r); default 2 x rank."
     )
     target_modules: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
         default_factory=lambda: ["qkv", "attn.proj"],

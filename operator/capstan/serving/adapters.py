@@ -189,12 +189,10 @@ def adapter_pod_parts(ms: ModelServing, refs: list[AdapterRef], env: list[dict[s
 
 
 def max_rank(refs: list[AdapterRef]) -> int:
-    """The rank limit to start a server with: the smallest of vLLM's choices above every declared
-    rank (at least 16), or :data:`DEFAULT_MAX_RANK` when no rank is declared."""
-    ranks = [r.rank for r in refs if r.rank is not None]
-    if not ranks:
-        return DEFAULT_MAX_RANK
-    want = max(16, *ranks)
+    """The rank limit to start a server with: :data:`DEFAULT_MAX_RANK`, or the smallest of vLLM's
+    choices that holds a larger declared rank. The limit is a start-up flag, so it only grows past
+    the default: adding or removing adapters of common ranks never restarts a server."""
+    want = max([DEFAULT_MAX_RANK, *(r.rank for r in refs if r.rank is not None)])
     return next((r for r in VLLM_RANKS if r >= want), want)
 
 
@@ -220,7 +218,7 @@ class ObservedServer:
     adapters its ``/v1/models`` lists (name -> path; None when it could not be read)."""
 
     pod: str
-    ip: str
+    address: str  # host:port of its HTTP server
     ready: bool
     volumes: frozenset[str]
     loaded: dict[str, str] | None
@@ -231,7 +229,7 @@ class AdapterAction:
     """Load ``name`` from ``path`` on ``pod``, or unload it (``path`` empty)."""
 
     pod: str
-    ip: str
+    address: str
     verb: Literal["load", "unload"]
     name: str
     path: str = ""
@@ -250,10 +248,10 @@ def plan_adapter_actions(refs: list[AdapterRef], servers: list[ObservedServer]) 
         wanted = {r.name: r.path for r in refs if r.volume in srv.volumes}
         for name, path in sorted(srv.loaded.items()):
             if wanted.get(name) != path:
-                actions.append(AdapterAction(srv.pod, srv.ip, "unload", name))
+                actions.append(AdapterAction(srv.pod, srv.address, "unload", name))
         for name, path in sorted(wanted.items()):
             if srv.loaded.get(name) != path:
-                actions.append(AdapterAction(srv.pod, srv.ip, "load", name, path))
+                actions.append(AdapterAction(srv.pod, srv.address, "load", name, path))
     return actions
 
 

@@ -81,6 +81,7 @@ from capstan.serving.runtimes import ArgsTemplateError
 ADAPTER_COMPONENT = "adapter"
 # After loading or unloading adapters: read the servers' /v1/models again this soon.
 ADAPTER_RECHECK_S = 5.0
+ADAPTER_RESYNC_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class Observed:
     # The TrainingJobs spec.adapters name (by name), and the server pods with the adapters they hold.
     training_jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     servers: list[ObservedServer] = field(default_factory=list)
+    adapter_failures: dict[str, str] = field(default_factory=dict)  # last pass's failed loads, by name
 
 
 @dataclass
@@ -304,10 +306,10 @@ def _adapters(plan: ServingPlan, ms: ModelServing, observed: Observed) -> None:
     resolved = resolve_adapters(ms, observed.training_jobs, observed.snapshots)
     if adapter_mode(ms) == "runtime":
         plan.adapter_actions = plan_adapter_actions(resolved.refs, observed.servers)
-        if plan.adapter_actions:
-            plan.requeue(ADAPTER_RECHECK_S)  # confirm them through /v1/models
-    failures = {a.name: a.message for a in ms.status.adapters if a.message.startswith("load failed")}
-    plan.status.adapters = adapter_status(ms, resolved, observed.servers, failures)
+        # Confirm loads through /v1/models soon; and re-read the servers now and then anyway: a
+        # server that restarted in place, or one not read this pass, holds no adapters yet.
+        plan.requeue(ADAPTER_RECHECK_S if plan.adapter_actions else ADAPTER_RESYNC_S)
+    plan.status.adapters = adapter_status(ms, resolved, observed.servers, observed.adapter_failures)
 
 
 def _observed_revisions(ms: ModelServing, observed: Observed) -> dict[str, RevisionState]:

@@ -122,6 +122,20 @@ def capstan_target_fits(target: str) -> bool:
     return any(n == target or n.endswith("." + target) for n in names)
 
 
+class AdapterRolloutStep(ApiModel):
+    """One step of an adapter's canary: this share of the servers serve the new version, then wait."""
+
+    weight: int = Field(ge=1, le=99, description="Percent of the ready servers that load the new version.")
+    pause: Duration = Field(default="1m", description="How long to hold this step, e.g. 30s, 2m, 1h.")
+
+
+class AdapterRollout(ApiModel):
+    """Time-based canary steps of a new adapter version (requests for the adapter reach the new
+    version in proportion to the servers holding it)."""
+
+    steps: list[AdapterRolloutStep] = Field(min_length=1, max_length=20, description="Canary steps.")
+
+
 class AdapterFromTrainingJob(FromTrainingJob):
     """An adapter a TrainingJob exported (the reference trainer's ``--task sft --lora-rank``)."""
 
@@ -164,6 +178,15 @@ class AdapterSpec(ApiModel):
         max_length=64,
         description="The adapter's target_modules, when known: for the capstan runtime each must name a "
         "linear layer of the reference GPT (qkv, attn.proj, fc, mlp.proj, proj).",
+    )
+
+    rollout: AdapterRollout | None = Field(
+        default=None,
+        description="Roll a new version of this adapter out as a canary of this adapter alone: when its "
+        "path changes on volumes the servers already mount (pvc://claim/new-dir), the new version is "
+        "loaded on a growing share of the ready servers, step by step, while the others keep the old one "
+        "(no server restarts). A version on a new volume (a new snapshot, claim or download) makes a new "
+        "revision, which spec.rollout rolls out.",
     )
 
     rules: ClassVar[tuple[Rule, ...]] = (
@@ -456,6 +479,10 @@ class AdapterStatus(ApiModel):
     path: str = Field(default="", description="Where the servers read it.")
     loaded: int = Field(default=0, description="Ready servers that hold it.")
     message: str = Field(default="", description="Why it is not loaded everywhere, when it is not.")
+    canary_path: str = Field(default="", description="A new version being rolled out (rollout steps).")
+    canary_step: int = Field(default=0, description="Index of the canary's current step.")
+    canary_step_started_at: str | None = Field(default=None, description="When the current step began.")
+    canary_loaded: int = Field(default=0, description="Ready servers that hold the new version.")
 
 
 class ModelServingStatus(ApiModel):

@@ -21,10 +21,14 @@ command line (``--lora-paths``): any change rolls out a new revision.
 from __future__ import annotations
 
 import copy
+import math
 import posixpath
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from capstan.api.common import parse_duration
+from capstan.api.conditions import parse_time, rfc3339
 from capstan.api.modelserving import ADAPTER_RUNTIMES, AdapterSpec, AdapterStatus, ModelServing
 from capstan.fields import dig
 from capstan.naming import dns_label, short_hash
@@ -235,17 +239,77 @@ class AdapterAction:
     path: str = ""
 
 
-def plan_adapter_actions(refs: list[AdapterRef], servers: list[ObservedServer]) -> list[AdapterAction]:
+@dataclass(frozen=True)
+class AdapterCanary:
+    """An adapter's new version part-way through its rollout steps: ``weight`` percent of the ready
+    servers hold ``canary``, the others ``stable``."""
+
+    stable: str
+    canary: str
+    step: int
+    weight: int
+    started: datetime
+
+
+def adapter_canaries(
+    ms: ModelServing, refs: list[AdapterRef], now: datetime
+) -> tuple[dict[str, AdapterCanary], float | None]:
+    """The adapters whose new version is being rolled out (``spec.adapters[].rollout``), at the step
+    ``now`` falls in, and the seconds until the next step begins (None: no canary).
+
+    A canary starts when an adapter's path changes from the one ``status.adapters`` records as served
+    to another path on the same volume; a finished last step promotes it (it is no canary any more)."""
+    served = {a.name: a for a in ms.status.adapters}
+    by_name = {r.name: r for r in refs}
+    out: dict[str, AdapterCanary] = {}
+    wait: float | None = None
+    for a in ms.spec.adapters:
+        ref, prev = by_name.get(a.name), served.get(a.name)
+        if ref is None or a.rollout is None or prev is None or not prev.path or prev.path == ref.path:
+            continue
+        mount = f"{ADAPTER_ROOT}/{ref.volume}"
+        if prev.path != mount and not prev.path.startswith(mount + "/"):
+            continue  # the old version is on another volume: the revision rollout replaces it
+        step, started = 0, now
+        if prev.canary_path == ref.path and (since := parse_time(prev.canary_step_started_at)) is not None:
+            step, started = prev.canary_step, since
+        steps = a.rollout.steps
+        while step < len(steps) and (now - started).total_seconds() >= parse_duration(steps[step].pause):
+            started += timedelta(seconds=parse_duration(steps[step].pause))
+            step += 1
+        if step >= len(steps):
+            continue  # promoted
+        out[a.name] = AdapterCanary(prev.path, ref.path, step, steps[step].weight, started)
+        left = parse_duration(steps[step].pause) - (now - started).total_seconds()
+        wait = left if wait is None else min(wait, left)
+    return out, wait
+
+
+def plan_adapter_actions(
+    refs: list[AdapterRef], servers: list[ObservedServer], canaries: dict[str, AdapterCanary] | None = None
+) -> list[AdapterAction]:
     """What each ready server must load or unload to hold exactly the resolved adapters.
 
     An adapter whose volume a pod does not mount (its revision predates it) is left to the revision
     that does; one loaded from another path (a new snapshot) is unloaded and loaded again. Adapters
-    not in the spec are unloaded. Servers whose adapters are unknown are skipped this pass."""
+    not in the spec are unloaded. Servers whose adapters are unknown are skipped this pass. An
+    adapter in ``canaries`` gets its new version on the first ``weight`` percent of the servers that
+    can load it (by pod name, at least one), its old version on the others."""
+    canaries = canaries or {}
     actions: list[AdapterAction] = []
-    for srv in sorted(servers, key=lambda s: s.pod):
-        if not srv.ready or srv.loaded is None:
-            continue
+    known = sorted((s for s in servers if s.ready and s.loaded is not None), key=lambda s: s.pod)
+    canary_pods: dict[str, set[str]] = {}
+    for r in refs:
+        if r.name in canaries:
+            able = [s.pod for s in known if r.volume in s.volumes]
+            k = max(1, math.ceil(len(able) * canaries[r.name].weight / 100)) if able else 0
+            canary_pods[r.name] = set(able[:k])
+    for srv in known:
+        assert srv.loaded is not None
         wanted = {r.name: r.path for r in refs if r.volume in srv.volumes}
+        for name, c in canaries.items():
+            if name in wanted:
+                wanted[name] = c.canary if srv.pod in canary_pods.get(name, set()) else c.stable
         for name, path in sorted(srv.loaded.items()):
             if wanted.get(name) != path:
                 actions.append(AdapterAction(srv.pod, srv.address, "unload", name))
@@ -260,6 +324,7 @@ def adapter_status(
     resolved: ResolvedAdapters,
     servers: list[ObservedServer],
     failures: dict[str, str] | None = None,
+    canaries: dict[str, AdapterCanary] | None = None,
 ) -> list[AdapterStatus]:
     """``status.adapters``: per adapter in the spec, how many ready servers hold it and, when not
     all do, why (waiting for its source, a failed load, a revision without its volume yet)."""
@@ -276,6 +341,17 @@ def adapter_status(
             loaded = sum(1 for s in servers if s.ready and ref.volume in s.volumes)
         else:
             loaded = sum(1 for s in ready if (s.loaded or {}).get(a.name) == ref.path)
+        c = (canaries or {}).get(a.name)
+        if c is not None:
+            held = [(s.loaded or {}).get(a.name) for s in ready]
+            steps = len(a.rollout.steps) if a.rollout else 0
+            out.append(AdapterStatus(
+                name=a.name, source=ref.identity, path=c.stable, loaded=held.count(c.stable),
+                canary_path=c.canary, canary_step=c.step, canary_step_started_at=rfc3339(c.started),
+                canary_loaded=held.count(c.canary),
+                message=failures.get(a.name, "") or f"canary step {c.step + 1}/{steps}: {c.weight}% of the "
+                f"servers serve {c.canary}"))
+            continue
         message = failures.get(a.name, "")
         if not message and loaded < len([s for s in servers if s.ready]):
             message = "loading on the servers that do not hold it yet (or mount it from a new revision)"

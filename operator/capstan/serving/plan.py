@@ -40,7 +40,9 @@ from capstan.naming import label_value
 from capstan.security import DEFAULT_OPERATOR_NAMESPACE
 from capstan.serving.adapters import (
     AdapterAction,
+    AdapterCanary,
     ObservedServer,
+    adapter_canaries,
     adapter_claims,
     adapter_status,
     plan_adapter_actions,
@@ -283,7 +285,7 @@ def _plan(
                  prometheus=prometheus)
     _add_deletes(plan, ms, observed, revs, traffic, policy=policy, gateway_api=gateway_api, keda=keda)
     _set_revisions(st, ms, desired, revs, traffic)
-    _adapters(plan, ms, observed)
+    _adapters(plan, ms, observed, now)
     if not traffic.canary:
         st.rollout = RolloutStatus(traffic=traffic_mode)
 
@@ -298,18 +300,23 @@ def _plan(
     return plan
 
 
-def _adapters(plan: ServingPlan, ms: ModelServing, observed: Observed) -> None:
-    """Loads and unloads that make every ready server hold the spec's adapters; ``status.adapters``."""
+def _adapters(plan: ServingPlan, ms: ModelServing, observed: Observed, now: datetime) -> None:
+    """Loads and unloads that make every ready server hold the spec's adapters (new versions with
+    rollout steps on a share of them); ``status.adapters``."""
     if not ms.spec.adapters and not any(s.loaded for s in observed.servers):
         plan.status.adapters = []
         return
     resolved = resolve_adapters(ms, observed.training_jobs, observed.snapshots)
+    canaries: dict[str, AdapterCanary] = {}
     if adapter_mode(ms) == "runtime":
-        plan.adapter_actions = plan_adapter_actions(resolved.refs, observed.servers)
+        canaries, next_step = adapter_canaries(ms, resolved.refs, now)
+        if next_step is not None:
+            plan.requeue(max(0.0, next_step))
+        plan.adapter_actions = plan_adapter_actions(resolved.refs, observed.servers, canaries)
         # Confirm loads through /v1/models soon; and re-read the servers now and then anyway: a
         # server that restarted in place, or one not read this pass, holds no adapters yet.
         plan.requeue(ADAPTER_RECHECK_S if plan.adapter_actions else ADAPTER_RESYNC_S)
-    plan.status.adapters = adapter_status(ms, resolved, observed.servers, observed.adapter_failures)
+    plan.status.adapters = adapter_status(ms, resolved, observed.servers, observed.adapter_failures, canaries)
 
 
 def _observed_revisions(ms: ModelServing, observed: Observed) -> dict[str, RevisionState]:

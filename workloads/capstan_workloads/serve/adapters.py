@@ -18,13 +18,14 @@ load, so a later adapter of the same name never reuses them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
 import logging
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,13 +284,12 @@ async def _body(request: web.Request) -> dict[str, Any] | web.Response:
     return body
 
 
-def add_adapter_routes(app: web.Application, registry: Any) -> None:
+def add_adapter_routes(app: web.Application, registry: Callable[[], AdapterRegistry | None]) -> None:
     """``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (vLLM's admin API).
 
-    ``registry``: a callable returning the :class:`AdapterRegistry`, or None while the model loads
-    or when the server runs without ``--enable-lora``.
+    ``registry``: returns the :class:`AdapterRegistry`, or None while the model loads or when the
+    server runs without ``--enable-lora``.
     """
-    import asyncio
 
     async def load(request: web.Request) -> web.StreamResponse:
         reg: AdapterRegistry | None = registry()

@@ -203,6 +203,21 @@ CEL_CASES: dict[tuple[str, str, str], tuple[dict[str, Any], str]] = {
         ({"runtime": "tgi", "autoscaling": {"metric": "kvCache"}}, "spec.autoscaling.metric"),
     ("ModelServing", ".spec", ".quantization"):
         ({"runtime": "vllm", "quantization": "int8"}, "spec.quantization"),
+    ("ModelServing", ".spec", ".rollout.analysis.maxTimeToFirstTokenP95Ms"):
+        ({"runtime": "tgi",
+          "rollout": {"steps": [{"weight": 10}], "analysis": {"maxTimeToFirstTokenP95Ms": 500}}},
+         "spec.rollout.analysis.maxTimeToFirstTokenP95Ms"),
+    ("ModelServing", ".spec", ".rollout.analysis.maxKvCacheUsage"):
+        ({"runtime": "tgi", "rollout": {"steps": [{"weight": 10}], "analysis": {"maxKvCacheUsage": 0.9}}},
+         "spec.rollout.analysis.maxKvCacheUsage"),
+    ("ModelServing", ".spec.rollout.analysis.queries[]", ".max"):
+        ({"rollout": {"steps": [{"weight": 10}], "analysis": {"queries": [{"name": "q", "query": "up"}]}}},
+         "spec.rollout.analysis.queries[0].max"),
+    ("ModelServing", ".spec.model", ".cache"):
+        ({"model": {"pvc": {"claimName": "models"}, "cache": {"size": "1Gi"}}}, "spec.model.cache"),
+    ("ModelServing", ".spec.rollout", ".maxSurge"): ({"rollout": {"maxSurge": 0}}, "spec.rollout.maxSurge"),
+    ("ModelServing", ".spec", ".rollout.maxSurge"):
+        ({"replicas": 1, "rollout": {"maxSurge": 0, "steps": [{"weight": 50}]}}, "spec.rollout.maxSurge"),
     ("ModelServing", ".spec.rollout.steps[].pause", ""):
         ({"rollout": {"steps": [{"weight": 10, "pause": "9000h"}]}}, "spec.rollout.steps[0].pause"),
     # Two rules share this key (the runtime serves adapters; names are unique): one case each.

@@ -30,6 +30,7 @@ def node(name: str, gpus: int, clique: str | None = None, **labels: str) -> dict
 
 
 W50_10 = {"steps": [{"weight": 50}, {"weight": 10}]}
+TRAINER = "ghcr.io/capstan-dev/capstan-trainer:0.1.0"
 HGX = [node(f"hgx-{i}", 8) for i in range(4)]  # four 8-GPU nodes, each its own NVLink domain
 
 
@@ -53,6 +54,10 @@ def ms(**spec: Any) -> dict[str, Any]:
     }
 
 
+def adapter(name: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "uri": f"pvc://adapters/{name}", **extra}
+
+
 def test_good_objects_pass() -> None:
     assert validate(tj(), HGX) == []
     assert validate(tj(launcher="deepspeed", args=["--module", "pkg.train", "--master_port", "1"]), HGX) == []
@@ -73,6 +78,17 @@ def test_good_objects_pass() -> None:
     assert validate(ms(replicas=2, rollout={"maxSurge": 0, "steps": [{"weight": 50}]}), HGX) == []
     for runtime in ("capstan", "vllm", "sglang"):
         assert validate(ms(runtime=runtime, rollout={"steps": [{"weight": 10}], "analysis": llm}), HGX) == []
+    lora = tj(image=TRAINER, checkpoint={"volume": {"size": "1Gi"}, "restoreFrom": "pretrain-snap"},
+              fineTune={"lora": {"rank": 8, "targetModules": ["qkv", "proj"]}})
+    assert validate(lora, HGX) == []
+    assert validate(tj(fineTune={"method": "full"}), HGX) == []
+    # Other images: their model's module names are theirs (q_proj, ...).
+    assert validate(tj(fineTune={"lora": {"rank": 8, "targetModules": ["q_proj", "v_proj"]}}), HGX) == []
+    adapters = [{"name": "sql", "uri": "pvc://adapters/sql", "rank": 16},
+                {"name": "chat", "fromTrainingJob": {"name": "ft"}, "targetModules": ["qkv", "fc"]}]
+    assert validate(ms(adapters=adapters), HGX) == []
+    assert validate(ms(runtime="vllm", adapters=adapters[:1]), HGX) == []
+    assert validate(ms(runtime="sglang", adapters=adapters[:1]), HGX) == []
 
 
 BAD = [
@@ -142,6 +158,35 @@ BAD = [
     ("int8 is not a vLLM mode", ms(runtime="vllm", quantization="int8"), "quantization"),
     ("fp8 is not the reference server's", ms(quantization="fp8"), "quantization"),
     ("unknown quantization", ms(runtime="vllm", quantization="int3"), "spec.quantization"),
+    # LoRA fine-tuning
+    ("lora rank 0", tj(fineTune={"lora": {"rank": 0}}), "spec.fineTune.lora.rank"),
+    ("lora rank negative", tj(fineTune={"lora": {"rank": -4}}), "spec.fineTune.lora.rank"),
+    ("lora method without lora", tj(fineTune={"method": "lora"}), "spec.fineTune: lora: method lora needs"),
+    ("full method with lora", tj(fineTune={"method": "full", "lora": {"rank": 4}}), "spec.fineTune: lora:"),
+    ("merge without lora", tj(fineTune={"method": "full", "merge": True}), "spec.fineTune: merge:"),
+    ("no target modules", tj(fineTune={"lora": {"rank": 4, "targetModules": []}}),
+     "spec.fineTune.lora.targetModules"),
+    ("unknown target module of the reference trainer",
+     tj(image=TRAINER, fineTune={"lora": {"rank": 4, "targetModules": ["qkv", "q_proj"]}}),
+     "spec.fineTune.lora.targetModules[1]: 'q_proj' is no linear layer"),
+    # LoRA adapters in serving
+    ("adapter named like the base", ms(adapters=[adapter("gpt")]),
+     "spec.adapters[0].name: 'gpt' is the base model's served name"),
+    ("duplicate adapter names", ms(adapters=[adapter("a"), adapter("a")]),
+     "adapters: adapter names must be unique"),
+    ("adapters on tgi", ms(runtime="tgi", adapters=[adapter("a")]), "adapters: this runtime serves no LoRA"),
+    ("adapters on custom", ms(runtime="custom", image="registry.example/s:1",
+                              argsTemplate="--port={{ port }}", adapters=[adapter("a")]),
+     "adapters: this runtime serves no LoRA"),
+    ("adapter with two sources", ms(adapters=[adapter("a", fromTrainingJob={"name": "t"})]),
+     "spec.adapters[0]"),
+    ("adapter without a source", ms(adapters=[{"name": "a"}]), "spec.adapters[0]"),
+    ("adapter rank 0", ms(adapters=[adapter("a", rank=0)]), "spec.adapters[0].rank"),
+    ("adapter rank above vLLM's", ms(runtime="vllm", adapters=[adapter("a", rank=1024)]),
+     "spec.adapters[0].rank: vLLM serves LoRA ranks up to 512"),
+    ("adapter target the GPT lacks", ms(adapters=[adapter("a", targetModules=["gate_proj"])]),
+     "spec.adapters[0].targetModules[0]: 'gate_proj' is no linear layer"),
+    ("adapter name not a served name", ms(adapters=[adapter("My Adapter")]), "spec.adapters[0].name"),
 ]
 
 

@@ -9,11 +9,12 @@ import pytest
 from pydantic import ValidationError
 
 from capstan.api.common import ApiModel, Toleration
-from capstan.api.modelserving import AutoscalingSpec, ModelServingSpec, ModelSource
-from capstan.api.trainingjob import CheckpointVolume, FailureRule, TrainingJobSpec
+from capstan.api.modelserving import AdapterSpec, AutoscalingSpec, ModelServingSpec, ModelSource
+from capstan.api.trainingjob import CheckpointVolume, FailureRule, FineTuneSpec, TrainingJobSpec
 
 TJ = {"image": "img", "workers": 2}
 MS_MODEL = {"uri": "s3://bucket/model"}
+ADAPTER = {"name": "a", "uri": "pvc://adapters/a"}
 
 SAMPLES: list[tuple[type[ApiModel], dict[str, Any], bool]] = [
     (TrainingJobSpec, TJ, True),
@@ -51,6 +52,21 @@ SAMPLES: list[tuple[type[ApiModel], dict[str, Any], bool]] = [
         True,
     ),
     (ModelServingSpec, {"model": MS_MODEL, "runtime": "vllm"}, True),
+    (ModelServingSpec, {"model": MS_MODEL, "adapters": [ADAPTER, {**ADAPTER, "name": "b"}]}, True),
+    (ModelServingSpec, {"model": MS_MODEL, "runtime": "sglang", "adapters": [ADAPTER]}, True),
+    (ModelServingSpec, {"model": MS_MODEL, "runtime": "tgi", "adapters": [ADAPTER]}, False),
+    (ModelServingSpec, {"model": MS_MODEL, "runtime": "tgi", "adapters": []}, True),
+    (ModelServingSpec, {"model": MS_MODEL, "adapters": [ADAPTER, ADAPTER]}, False),
+    (AdapterSpec, ADAPTER, True),
+    (AdapterSpec, {"name": "a", "fromTrainingJob": {"name": "ft"}}, True),
+    (AdapterSpec, {"name": "a"}, False),
+    (AdapterSpec, {**ADAPTER, "fromTrainingJob": {"name": "ft"}}, False),
+    (FineTuneSpec, {"lora": {"rank": 4}}, True),
+    (FineTuneSpec, {"method": "full"}, True),
+    (FineTuneSpec, {}, False),
+    (FineTuneSpec, {"method": "full", "lora": {"rank": 4}}, False),
+    (FineTuneSpec, {"lora": {"rank": 4}, "merge": True}, True),
+    (FineTuneSpec, {"method": "full", "merge": True}, False),
     (Toleration, {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}, True),
     (Toleration, {"key": "gpu", "value": "a"}, True),
     (Toleration, {"operator": "Exists"}, True),

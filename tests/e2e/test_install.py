@@ -220,6 +220,18 @@ CEL_CASES: dict[tuple[str, str, str], tuple[dict[str, Any], str]] = {
         ({"replicas": 1, "rollout": {"maxSurge": 0, "steps": [{"weight": 50}]}}, "spec.rollout.maxSurge"),
     ("ModelServing", ".spec.rollout.steps[].pause", ""):
         ({"rollout": {"steps": [{"weight": 10, "pause": "9000h"}]}}, "spec.rollout.steps[0].pause"),
+    # Two rules share this key (the runtime serves adapters; names are unique): one case each.
+    ("ModelServing", ".spec", ".adapters"):
+        ({"runtime": "tgi", "adapters": [{"name": "a", "uri": "pvc://adapters/a"}]}, "spec.adapters"),
+    ("ModelServing", ".spec.adapters[]", ""):
+        ({"adapters": [{"name": "a"}]}, "spec.adapters[0]"),
+    ("ModelServing", ".spec.adapters[].rollout.steps[].pause", ""):
+        ({"adapters": [{"name": "a", "uri": "pvc://adapters/a", "rollout": {"steps": [
+            {"weight": 10, "pause": "9000h"}]}}]}, "spec.adapters[0].rollout.steps[0].pause"),
+    ("TrainingJob", ".spec.fineTune", ".lora"):
+        ({"fineTune": {"method": "lora"}}, "spec.fineTune.lora"),
+    ("TrainingJob", ".spec.fineTune", ".merge"):
+        ({"fineTune": {"method": "full", "merge": True}}, "spec.fineTune.merge"),
     **{
         (kind, ".spec.tolerations[]", f".{field}"):
             ({"tolerations": [toleration]}, f"spec.tolerations[0].{field}")

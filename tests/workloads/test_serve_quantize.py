@@ -148,3 +148,26 @@ async def test_server_process_with_int8_answers_completions(tmp_path: Path) -> N
     assert all(a["usage"]["completion_tokens"] > 0 for a in answers)
     out = proc.stdout.read() if proc.stdout else ""
     assert "quantization int8: 8 linear layers" in out
+
+
+def test_lora_adapters_apply_over_int8_layers() -> None:
+    """`--quantization int8 --enable-lora`: each adapted row gets the int8 base output plus its delta."""
+    from capstan_workloads.serve.adapters import Adapter, AdapterRows, linear_shapes, wrap_linears
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=64)
+    model = GPT(cfg).eval()
+    quantize_model(model, "int8")
+    int8_qkv = model.blocks[1].attn.qkv
+    rows = AdapterRows()
+    assert wrap_linears(model, cfg, rows) == len(linear_shapes(cfg))
+    out_f, in_f = linear_shapes(cfg)["blocks.1.attn.qkv"]
+    a, b = torch.randn(4, in_f), torch.randn(out_f, 4)
+    adapter = Adapter("sql", "/adapters/sql", 4, 0.5, {"blocks.1.attn.qkv": (a, b)})
+    x = torch.randn(3, 5, in_f)
+    with torch.no_grad(), rows.use([None, adapter, None], torch.device("cpu")):
+        y = model.blocks[1].attn.qkv(x)
+        base = int8_qkv(x)
+    assert isinstance(int8_qkv, Int8Linear)
+    assert torch.allclose(y[0], base[0]) and torch.allclose(y[2], base[2])
+    assert torch.allclose(y[1], base[1] + 0.5 * (x[1] @ a.T) @ b.T, atol=1e-5)

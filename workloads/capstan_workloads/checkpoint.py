@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
 from .data import DataStream
@@ -113,6 +113,11 @@ class TrainState(Stateful):
 
     ``get_state_dict`` gives un-wrapped FQNs (no ``module.``) for DDP and sharded DTensors for FSDP2,
     so a checkpoint can be resumed under a different world size or strategy.
+
+    ``base``: the fingerprint of the base model a fine-tune starts from, saved with the checkpoint
+    and checked on resume, so a run never resumes on top of a different base. ``trainable_only``
+    (LoRA): frozen parameters are not saved, only the adapter and its optimizer state; the base
+    model supplies the rest on every start.
     """
 
     def __init__(
@@ -121,26 +126,39 @@ class TrainState(Stateful):
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         data: DataStream,
+        base: str | None = None,
+        trainable_only: bool = False,
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
         self.step = 0
+        self.base = base
+        # strict=False: the frozen keys are absent by design; dcp.load still insists on every saved one.
+        self._options = StateDictOptions(ignore_frozen_params=True, strict=False) if trainable_only else None
 
     def state_dict(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options)
+        state = {
             "model": model_sd,
             "optim": optim_sd,
             "sched": self.scheduler.state_dict(),
             "data": self.data.state_dict(),
             "step": self.step,
         }
+        if self.base is not None:
+            state["base"] = self.base
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_base = state_dict.get("base")
+        if saved_base != self.base:
+            raise ValueError(f"checkpoint was trained on base {saved_base}, but the base model given is "
+                             f"{self.base}: resume with the same --base-model or start a new run")
         set_state_dict(
             self.model,
             self.optimizer,
             model_state_dict=state_dict["model"],
             optim_state_dict=state_dict["optim"],
+            options=self._options,
         )
         self.scheduler.load_state_dict(state_dict["sched"])
         self.data.load_state_dict(state_dict["data"])

@@ -116,7 +116,14 @@ class DataStream:
     Implements the DCP ``Stateful`` protocol so the position is saved and restored with the model.
     """
 
-    def __init__(self, dataset: TokenWindows, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ) -> None:
         self.sampler = ResumableSampler(dataset, world_size, rank, seed)
         if self.sampler.num_samples < batch_size:
             raise ValueError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -60,7 +61,31 @@ def build_parser() -> argparse.ArgumentParser:
       help="after saving for the operator's stop request, how long to wait for the stop before training on")
     # DeepSpeed's launcher passes --local_rank=N to every process; LOCAL_RANK in the env says the same
     a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ft = p.add_argument_group("fine-tuning (--task sft)")
+    f = ft.add_argument
+    f("--task", choices=("pretrain", "sft"), default=env("CAPSTAN_TASK", "pretrain"),
+      help="pretrain: a GPT from scratch on the corpus; sft: fine-tune a base export on a generated "
+      "instruction task, loss on the responses only")
+    f("--base-model", default=env("CAPSTAN_BASE_MODEL"),
+      help="sft: the base export to start from (env CAPSTAN_BASE_MODEL, relative there to CHECKPOINT_DIR; "
+      "default CHECKPOINT_DIR/export, where checkpoint.restoreFrom a pre-training snapshot puts it); the "
+      "run itself keeps its checkpoints, losses and exports under CHECKPOINT_DIR/sft")
+    f("--sft-examples", type=int, default=4000, help="training examples of the instruction task")
+    f("--heldout-examples", type=int, default=400, help="held-out examples the final loss is measured on")
+    f("--lora-rank", type=int, default=int(env("CAPSTAN_LORA_RANK", "0")),
+      help="train LoRA adapters of this rank, base frozen (0: full fine-tune)")
+    f("--lora-alpha", type=float, default=_float(env("CAPSTAN_LORA_ALPHA")),
+      help="LoRA scaling numerator (default: 2 x rank)")
+    f("--lora-targets", default=env("CAPSTAN_LORA_TARGETS", "qkv,attn.proj"),
+      help="comma-separated linear layers to adapt, PEFT-style suffixes: qkv, attn.proj, fc, mlp.proj, proj")
+    f("--adapter-dir", default=None, help="where the LoRA adapter goes (default: CHECKPOINT_DIR/sft/adapter)")
+    f("--merge", action="store_true", default=env("CAPSTAN_LORA_MERGE", "0") == "1",
+      help="LoRA: also export the merged full model to --export-dir")
     return p
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value else None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -82,9 +107,59 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.checkpoint_dir = Path(args.checkpoint_dir)
     args.export_dir = Path(args.export_dir) if args.export_dir else args.checkpoint_dir / "export"
     args.loss_log = Path(args.loss_log) if args.loss_log else args.checkpoint_dir / "losses.jsonl"
+    if args.task == "sft":
+        _finetune_args(p, args)
+    elif args.lora_rank or args.merge:
+        p.error("--lora-rank and --merge need --task sft")
     if args.warmup is None:
         args.warmup = max(1, args.steps // 20)
     return args
+
+
+#: The GPT's linear layers in every block (capstan_workloads.model): what LoRA can adapt.
+GPT_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+
+
+def _selects_a_linear(target: str) -> bool:
+    """PEFT's suffix rule against block 0's linears (a full name of another block counts as block 0)."""
+    target = re.sub(r"^blocks\.\d+\.", "blocks.0.", target)
+    return any(n == target or n.endswith("." + target) for n in (f"blocks.0.{x}" for x in GPT_LINEARS))
+
+
+def _finetune_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check the sft flags and move the run's files under CHECKPOINT_DIR/sft."""
+    if not args.base_model:
+        args.base_model = args.checkpoint_dir / "export"
+    elif args.base_model == os.environ.get("CAPSTAN_BASE_MODEL"):  # the operator's: under the checkpoints
+        args.base_model = args.checkpoint_dir / args.base_model  # (an absolute path stays as it is)
+    args.base_model = Path(args.base_model)
+    if not (args.base_model / "model.safetensors").is_file():
+        p.error(f"--base-model {args.base_model}: no model.safetensors there "
+                "(an export of a pre-training run)")
+    if args.lora_rank < 0:
+        p.error(f"--lora-rank must be >= 0 (0: full fine-tune), got {args.lora_rank}")
+    if args.sft_examples < 1 or args.heldout_examples < 1:
+        p.error("--sft-examples and --heldout-examples must be positive")
+    args.lora_targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    if args.lora_rank and not args.lora_targets:
+        p.error("--lora-targets: name at least one layer")
+    unknown = [t for t in args.lora_targets if not _selects_a_linear(t)]
+    if args.lora_rank and unknown:
+        p.error(f"--lora-targets: {', '.join(unknown)} matches no linear layer of the GPT; choose from "
+                "qkv, attn.proj, fc, mlp.proj, proj (or full names such as blocks.0.attn.qkv)")
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * max(1, args.lora_rank)
+    if args.lora_alpha <= 0:
+        p.error(f"--lora-alpha must be > 0, got {args.lora_alpha}")
+    if args.merge and not args.lora_rank:
+        p.error("--merge needs --lora-rank (a full fine-tune exports the full model anyway)")
+    root = args.checkpoint_dir / "sft"
+    if args.export_dir == args.checkpoint_dir / "export":  # the default: keep the base's export intact
+        args.export_dir = root / "export"
+    if args.loss_log == args.checkpoint_dir / "losses.jsonl":
+        args.loss_log = root / "losses.jsonl"
+    args.adapter_dir = Path(args.adapter_dir) if args.adapter_dir else root / "adapter"
+    args.checkpoint_dir = root
 
 
 def _under_torchrun() -> bool:

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset
 
 from .checkpoint import CheckpointManager, RNGState, TrainState, rng_key, step_dir_name
 from .data import DataStream, TokenWindows, load_corpus
@@ -31,9 +32,12 @@ from .distributed import (
 )
 from .exitcodes import EXIT_OK, EXIT_PREEMPTED
 from .export import full_state_dict, write_export
+from .finetune import EVAL_FILE, FineTune, export, optimizer_state_bytes, prepare, write_eval
+from .lora import count_params
 from .metrics import TrainMetrics
 from .model import GPT, GPTConfig
 from .progress import Progress, RequestWatcher, parse_request
+from .sft import heldout_loss
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("capstan.train")
@@ -105,27 +109,37 @@ def train(args: argparse.Namespace, env: DistEnv) -> int:
     preemption = Preemption()
     restart = os.environ.get("CAPSTAN_RESTART_COUNT", "0")
 
-    # Same corpus and tokenizer on every rank: both are pure functions of the flags.
-    text = load_corpus(args.corpus, args.corpus_chars)
-    tokenizer = Tokenizer.build([text])
-    dataset = TokenWindows.from_text(text, tokenizer, args.seq_len)
+    ft: FineTune | None = None
+    dataset: Dataset[tuple[torch.Tensor, torch.Tensor]]
+    if args.task == "sft":
+        ft = prepare(args, env.device)  # the same base and examples on every rank
+        gpt, tokenizer, dataset = ft.model, ft.tokenizer, ft.train
+        tokens_per_sample = gpt.cfg.block_size
+    else:
+        # Same corpus and tokenizer on every rank: both are pure functions of the flags.
+        text = load_corpus(args.corpus, args.corpus_chars)
+        tokenizer = Tokenizer.build([text])
+        dataset = TokenWindows.from_text(text, tokenizer, args.seq_len)
+        cfg = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.seq_len, n_layer=args.n_layer,
+                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+        torch.manual_seed(args.seed)  # identical init on every rank, and across runs
+        with torch.device(env.device):
+            gpt = GPT(cfg)
+        tokens_per_sample = args.seq_len
     stream = DataStream(dataset, args.batch_size, env.rank, env.world_size, args.seed)
-
-    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.seq_len, n_layer=args.n_layer,
-                    n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
-    torch.manual_seed(args.seed)  # identical init on every rank, and across runs
-    with torch.device(env.device):
-        gpt = GPT(cfg)
+    cfg = gpt.cfg
     torch.manual_seed(args.seed + 1 + env.rank)  # per-rank streams for dropout
     model = wrap_model(gpt, args.strategy, env)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.95),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps))
-    app = TrainState(model, optimizer, scheduler, stream)
+    app = TrainState(model, optimizer, scheduler, stream, base=ft.base_fingerprint if ft else None,
+                     trainable_only=bool(ft and ft.lora))
     state: dict[str, Any] = {"app": app, rng_key(env.rank): RNGState()}
 
     metrics = TrainMetrics()
@@ -134,6 +148,12 @@ def train(args: argparse.Namespace, env: DistEnv) -> int:
         log.info("model: %s parameters (%s), world size %d on %s, strategy %s, restart %s",
                  f"{gpt.num_params():,}", json.dumps(vars(cfg)), env.world_size, env.device.type,
                  args.strategy, restart)
+        if ft is not None:
+            n_train, n_total = count_params(gpt)
+            log.info("sft from %s (%s): %s of %s parameters trainable%s", ft.base, ft.base_fingerprint,
+                     f"{n_train:,}", f"{n_total:,}",
+                     f", LoRA rank {args.lora_rank} alpha {args.lora_alpha:g} on {len(ft.targets)} layers "
+                     f"({', '.join(ft.targets)})" if ft.lora else " (full fine-tune)")
 
     progress = PROGRESS
 
@@ -162,7 +182,7 @@ def train(args: argparse.Namespace, env: DistEnv) -> int:
         metrics.serve(args.metrics_port)
 
     loss_log: TextIO | None = args.loss_log.open("a") if env.is_main else None
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * env.world_size
+    tokens_per_step = args.batch_size * tokens_per_sample * args.grad_accum * env.world_size
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda"
                 else contextlib.nullcontext())
     last_saved = app.step if resume_from else None
@@ -242,11 +262,33 @@ def train(args: argparse.Namespace, env: DistEnv) -> int:
                         "counting a failure)", app.step, step_dir_name(app.step), EXIT_PREEMPTED)
         return EXIT_PREEMPTED
 
+    if ft is not None:
+        return _finish_finetune(ft, model, optimizer, args, env, app.step)
     weights = full_state_dict(model)  # a collective under FSDP: every rank takes part
     if env.is_main:
         write_export(weights, unwrap(model).cfg, tokenizer, args.export_dir)
         log.info("done: %d steps; exported model to %s (model.safetensors, config.json, tokenizer.json)",
                  app.step, args.export_dir.resolve())
+    return EXIT_OK
+
+
+def _finish_finetune(
+    ft: FineTune, model: torch.nn.Module, optimizer: torch.optim.Optimizer, args: argparse.Namespace,
+    env: DistEnv, step: int,
+) -> int:
+    """Held-out loss (every rank evaluates: a collective under FSDP), then rank 0 exports."""
+    loss = heldout_loss(unwrap(model), ft.heldout, env.device)
+    weights = full_state_dict(model)
+    if env.is_main:
+        n_train, n_total = count_params(ft.model)
+        record = {"method": "lora" if ft.lora else "full", "steps": step, "heldout_loss": loss,
+                  "heldout_examples": len(ft.heldout), "trainable_params": n_train, "total_params": n_total,
+                  "optimizer_state_bytes": optimizer_state_bytes(optimizer), "base": str(ft.base),
+                  "base_fingerprint": ft.base_fingerprint, "lora_targets": ft.targets}
+        write_eval(args.checkpoint_dir / EVAL_FILE, record)
+        written = export(ft, weights, args)
+        log.info("held-out loss %.4f over %d examples", loss, len(ft.heldout))
+        log.info("done: %d steps; exported %s", step, ", ".join(str(p.resolve()) for p in written))
     return EXIT_OK
 
 

@@ -25,10 +25,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from capstan.api.loading import InvalidObject, parse_object
-from capstan.api.modelserving import ModelServing
+from capstan.api.modelserving import ModelServing, capstan_target_fits
 from capstan.api.trainingjob import TrainingJob, TrainingJobSpec
 from capstan.fields import dig
 from capstan.labels import GPU_RESOURCE, SKIP_CAPACITY_ANNOTATION
+from capstan.security import is_reference_image
 from capstan.serving.promql import query_problem
 from capstan.topology.inventory import parse_count
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
@@ -66,6 +67,7 @@ def validate(
     if isinstance(resource, TrainingJob):
         if check_nodes:
             errors += _trainingjob_capacity(resource, nodes, levels)
+        errors += _fine_tune_targets(resource)
     else:
         if check_nodes:
             errors += _serving_capacity(resource, nodes, levels)
@@ -86,6 +88,16 @@ def _query_errors(ms: ModelServing) -> list[str]:
         for i, q in enumerate(queries)
         if (problem := query_problem(q.query)) is not None
     ]
+
+
+def _fine_tune_targets(job: TrainingJob) -> list[str]:
+    """LoRA target modules the reference trainer's GPT does not have (known only for its image)."""
+    ft = job.spec.fine_tune
+    if ft is None or ft.lora is None or not is_reference_image(job.spec.image):
+        return []
+    return [f"spec.fineTune.lora.targetModules[{i}]: {t!r} is no linear layer of the reference trainer's "
+            "GPT; use qkv, attn.proj, fc, mlp.proj or proj"
+            for i, t in enumerate(ft.lora.target_modules) if not capstan_target_fits(t)]
 
 
 def _immutable_changes(old: Any, new: Mapping[str, Any]) -> list[str]:

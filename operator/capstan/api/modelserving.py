@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from typing import ClassVar, Literal, Self
+from typing import Annotated, ClassVar, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
@@ -144,6 +145,102 @@ class ModelSource(ApiModel):
             "!has(self.cache) || (has(self.uri) && !self.uri.startsWith('pvc://'))",
             "cache is for a uri that is fetched (s3, gs, https, hf); a PVC or a snapshot is mounted as it is",
             lambda m: m.cache is None or (m.uri is not None and not m.uri.startswith("pvc://")),
+        ),
+    )
+
+
+#: Runtimes that serve LoRA adapters, and how: "runtime" loads and unloads them on running servers
+#: (POST /v1/load_lora_adapter), "startup" only from the command line (a change restarts the servers).
+ADAPTER_RUNTIMES: dict[str, str] = {"capstan": "runtime", "vllm": "runtime", "sglang": "startup"}
+#: The reference GPT's linear layers (capstan_workloads.model), what its LoRA adapters can target.
+CAPSTAN_LORA_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+#: Largest LoRA rank vLLM accepts (its --max-lora-rank choices end there).
+VLLM_MAX_LORA_RANK = 512
+ADAPTER_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
+_ADAPTER_CEL = "[" + ", ".join(f"'{rt}'" for rt in ADAPTER_RUNTIMES) + "]"
+
+
+def capstan_target_fits(target: str) -> bool:
+    """Whether a PEFT target_modules entry selects a linear layer of the reference GPT (PEFT's rule:
+    a module is adapted when its name equals the target or ends with ``.<target>``)."""
+    target = re.sub(r"^blocks\.\d+\.", "blocks.0.", target)
+    names = [f"blocks.0.{x}" for x in CAPSTAN_LORA_LAYERS]
+    return any(n == target or n.endswith("." + target) for n in names)
+
+
+class AdapterRolloutStep(ApiModel):
+    """One step of an adapter's canary: this share of the servers serve the new version, then wait."""
+
+    weight: int = Field(ge=1, le=99, description="Percent of the ready servers that load the new version.")
+    pause: Duration = Field(default="1m", description="How long to hold this step, e.g. 30s, 2m, 1h.")
+
+
+class AdapterRollout(ApiModel):
+    """Time-based canary steps of a new adapter version (requests for the adapter reach the new
+    version in proportion to the servers holding it)."""
+
+    steps: list[AdapterRolloutStep] = Field(min_length=1, max_length=20, description="Canary steps.")
+
+
+class AdapterFromTrainingJob(FromTrainingJob):
+    """An adapter a TrainingJob exported (the reference trainer's ``--task sft --lora-rank``)."""
+
+    path: str = Field(
+        default="sft/adapter",
+        description="Directory of the adapter (adapter_config.json, adapter_model.safetensors) inside "
+        "the checkpoint volume; the reference trainer writes it to sft/adapter.",
+    )
+
+
+class AdapterSpec(ApiModel):
+    """A LoRA adapter served over the base model, requested by its name as the OpenAI ``model``."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=ADAPTER_NAME_PATTERN,
+        description="Served name: requests with this model name use the adapter. Must differ from the "
+        "base's (the ModelServing's name) and from every other adapter's.",
+    )
+    from_training_job: AdapterFromTrainingJob | None = Field(
+        default=None, description="An adapter a TrainingJob exported, from its checkpoint snapshot."
+    )
+    uri: str | None = Field(
+        default=None,
+        max_length=4096,
+        pattern=r"^(s3|gs|https?|hf|pvc)://.+",
+        description="Where the adapter directory is: pvc://claim/dir, s3://, gs://, https:// (.tar.gz) "
+        "or hf://org/repo[@rev].",
+    )
+    rank: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="The adapter's rank r, when known: checked against the runtime's limit at admission, "
+        "and the largest sets vLLM's and SGLang's --max-lora-rank.",
+    )
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=253)]] | None = Field(
+        default=None,
+        max_length=64,
+        description="The adapter's target_modules, when known: for the capstan runtime each must name a "
+        "linear layer of the reference GPT (qkv, attn.proj, fc, mlp.proj, proj).",
+    )
+
+    rollout: AdapterRollout | None = Field(
+        default=None,
+        description="Roll a new version of this adapter out as a canary of this adapter alone: when its "
+        "path changes on volumes the servers already mount (pvc://claim/new-dir), the new version is "
+        "loaded on a growing share of the ready servers, step by step, while the others keep the old one "
+        "(no server restarts). A version on a new volume (a new snapshot, claim or download) makes a new "
+        "revision, which spec.rollout rolls out.",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "",
+            "[has(self.fromTrainingJob), has(self.uri)].exists_one(x, x)",
+            "set exactly one of fromTrainingJob or uri",
+            lambda a: (a.from_training_job is None) != (a.uri is None),
         ),
     )
 
@@ -413,6 +510,14 @@ class ModelServingSpec(ApiModel):
         "(clientsFrom), the Capstan operator's canary analysis and the metrics scraper; {} uses the "
         "defaults. Unset: no NetworkPolicy.",
     )
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list,
+        max_length=64,
+        description="LoRA adapters served over the one base model, each requested by its name (OpenAI "
+        "model field). capstan and vllm load and unload them on the running servers (adding or removing "
+        "one does not restart the base); sglang takes them on its command line (a change rolls out a new "
+        "revision); tgi and custom serve none.",
+    )
     template: ServerTemplate | None = Field(
         default=None,
         description="Pod template merged over every server pod: env from Secrets (valueFrom, envFrom; "
@@ -465,14 +570,42 @@ class ModelServingSpec(ApiModel):
             f"the runtime has no such quantization mode; each runtime's: {_QUANT_TABLE}",
             lambda s: s.quantization is None or s.quantization in QUANTIZATIONS[s.runtime],
         ),
+        Rule(
+            ".adapters",
+            f"!has(self.adapters) || size(self.adapters) == 0 || "
+            f"(has(self.runtime) ? self.runtime : 'capstan') in {_ADAPTER_CEL}",
+            f"this runtime serves no LoRA adapters; runtimes that do: {', '.join(ADAPTER_RUNTIMES)}",
+            lambda s: not s.adapters or s.runtime in ADAPTER_RUNTIMES,
+        ),
+        Rule(
+            ".adapters",
+            "!has(self.adapters) || "
+            "self.adapters.all(a, size(self.adapters.filter(b, b.name == a.name)) == 1)",
+            "adapter names must be unique",
+            lambda s: len({a.name for a in s.adapters}) == len(s.adapters),
+        ),
     )
 
     @model_validator(mode="after")
     def _check_template_against_spec(self) -> Self:
-        problems = self.template_conflicts()
+        problems = self.template_conflicts() + self.adapter_problems()
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def adapter_problems(self) -> list[str]:
+        """Adapters whose declared rank or target modules the runtime cannot serve (when known)."""
+        out = []
+        for i, a in enumerate(self.adapters):
+            at = f"spec.adapters[{i}]"
+            if self.runtime == "vllm" and a.rank is not None and a.rank > VLLM_MAX_LORA_RANK:
+                out.append(f"{at}.rank: vLLM serves LoRA ranks up to {VLLM_MAX_LORA_RANK}, got {a.rank}")
+            if self.runtime == "capstan":
+                for j, t in enumerate(a.target_modules or []):
+                    if not capstan_target_fits(t):
+                        out.append(f"{at}.targetModules[{j}]: {t!r} is no linear layer of the reference GPT; "
+                                   "use qkv, attn.proj, fc, mlp.proj or proj")
+        return out
 
     def scale_to_zero_problem(self, keda: bool) -> str:
         """Why the autoscaling cannot run as written in a cluster with or without KEDA ("": it can)."""
@@ -521,6 +654,20 @@ class RolloutStatus(ApiModel):
     )
 
 
+class AdapterStatus(ApiModel):
+    """A LoRA adapter as the servers hold it."""
+
+    name: str = Field(description="Served name.")
+    source: str = Field(default="", description="What it serves (snapshot or URI).")
+    path: str = Field(default="", description="Where the servers read it.")
+    loaded: int = Field(default=0, description="Ready servers that hold it.")
+    message: str = Field(default="", description="Why it is not loaded everywhere, when it is not.")
+    canary_path: str = Field(default="", description="A new version being rolled out (rollout steps).")
+    canary_step: int = Field(default=0, description="Index of the canary's current step.")
+    canary_step_started_at: str | None = Field(default=None, description="When the current step began.")
+    canary_loaded: int = Field(default=0, description="Ready servers that hold the new version.")
+
+
 class ModelServingStatus(ApiModel):
     """Observed state of a ModelServing."""
 
@@ -538,6 +685,7 @@ class ModelServingStatus(ApiModel):
     conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
     observed_generation: int | None = Field(default=None, description="Last generation reconciled.")
     message: str = Field(default="", description="What the deployment is doing, in words.")
+    adapters: list[AdapterStatus] = Field(default_factory=list, description="LoRA adapters served.")
 
 
 class ModelServing(ApiModel):
@@ -548,3 +696,12 @@ class ModelServing(ApiModel):
     metadata: ObjectMeta
     spec: ModelServingSpec
     status: ModelServingStatus = Field(default_factory=ModelServingStatus)
+
+    @model_validator(mode="after")
+    def _adapter_names(self) -> Self:
+        # The base is served under the ModelServing's name (every runtime's --served-model-name).
+        for i, a in enumerate(self.spec.adapters):
+            if a.name == self.metadata.name:
+                raise ValueError(f"spec.adapters[{i}].name: {a.name!r} is the base model's served name (the "
+                                 "ModelServing's name); give the adapter another name")
+        return self

@@ -166,6 +166,59 @@ class CheckpointSpec(ApiModel):
     )
 
 
+class LoRASpec(ApiModel):
+    """Low-rank adapters trained on chosen linear layers, the base frozen."""
+
+    rank: int = Field(ge=1, le=4096, description="Adapter rank r.")
+    alpha: float | None = Field(
+        default=None, ge=0.001, le=1_000_000, description="Scaling numerator (alpha / r); default 2 x rank."
+    )
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=lambda: ["qkv", "attn.proj"],
+        min_length=1,
+        max_length=64,
+        description="Linear layers to adapt, PEFT-style (a layer is adapted when its name equals an entry "
+        "or ends with .entry). The reference trainer's GPT has qkv, attn.proj, fc and mlp.proj (proj: both "
+        "projections).",
+    )
+
+
+class FineTuneSpec(ApiModel):
+    """Supervised fine-tuning from a base model instead of pre-training. Capstan passes it to the
+    workers as environment (CAPSTAN_TASK=sft, CAPSTAN_BASE_MODEL, CAPSTAN_LORA_RANK,
+    CAPSTAN_LORA_ALPHA, CAPSTAN_LORA_TARGETS, CAPSTAN_LORA_MERGE), which the reference trainer reads
+    as its defaults; explicit args still win."""
+
+    method: Literal["full", "lora"] = Field(
+        default="lora", description="full: train every parameter; lora: train adapters only (set lora)."
+    )
+    base_model: str = Field(
+        default="export",
+        min_length=1,
+        max_length=4096,
+        description="The base export (model.safetensors, config.json, tokenizer.json): a path relative to "
+        "the checkpoint volume, where checkpoint.restoreFrom a pre-training job's snapshot puts its "
+        "export, or an absolute path.",
+    )
+    lora: LoRASpec | None = Field(default=None, description="The adapters (method lora).")
+    merge: bool = Field(default=False, description="lora: also export the merged full model.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            ".lora",
+            "(has(self.method) && self.method == 'full') != has(self.lora)",
+            "method lora needs lora (rank, targetModules); method full takes no lora",
+            lambda f: (f.method == "full") != (f.lora is not None),
+        ),
+        Rule(
+            ".merge",
+            "!has(self.merge) || !self.merge || !has(self.method) || self.method == 'lora'",
+            "merge applies to method lora (a full fine-tune exports the full model anyway)",
+            lambda f: not f.merge or f.method == "lora",
+        ),
+    )
+
+
 # -- failure rules, startup timeout, node quarantine -------------------------------------------
 
 #: What a matching failure rule does: restart the gang and count it against maxRestarts; restart
@@ -348,6 +401,11 @@ class TrainingJobSpec(ApiModel):
     topology: TopologySpec = Field(default_factory=TopologySpec, description="Topology-aware placement.")
     network: NetworkSpec = Field(default_factory=NetworkSpec, description="NCCL and RDMA wiring.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
+    fine_tune: FineTuneSpec | None = Field(
+        default=None,
+        description="Fine-tune a base model (sft, full or LoRA) rather than pre-train; usually with "
+        "checkpoint.restoreFrom a snapshot of the pre-training job, whose export becomes the base.",
+    )
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, description="Gang restart policy.")
     suspend: bool = Field(default=False, description="True removes the workers and keeps the status.")
     ttl_seconds_after_finished: int | None = Field(

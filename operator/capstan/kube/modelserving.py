@@ -35,6 +35,7 @@ from capstan.api.conditions import CREATE_FAILED
 from capstan.api.modelserving import ModelServing
 from capstan.fields import dig
 from capstan.kube.activities import operator_config, shared_state
+from capstan.kube.adapters import apply_adapter_actions, observe_servers
 from capstan.kube.client import ApiClient, ApiError, gather_bounded, owner_of
 from capstan.kube.reconciler import Reported, reconcile_loop, refused_by_server, wake
 from capstan.kube.resources import (
@@ -61,6 +62,8 @@ from capstan.metrics import (
     ROLLOUTS,
     PhaseGauge,
 )
+from capstan.serving.adapters import ObservedServer
+from capstan.serving.adapters import mode as adapter_mode
 from capstan.serving.analysis import AnalysisResult, Baselines, PodSample, evaluate, window, with_queries
 from capstan.serving.plan import Observed, ServingPlan, analysis_due, plan_modelserving, refused
 from capstan.serving.promql import QueryOutcome, judge_queries, render_query, scalar_of
@@ -88,6 +91,8 @@ class ServingState:
     sources: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # TrainingJob → uids
     weights: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # revisions in the gauge
     phases: PhaseGauge = field(default_factory=lambda: PhaseGauge(MODELSERVINGS_GAUGE, PHASES))
+    # ModelServing uid -> adapter name -> why its last load or unload failed (shown in the next status)
+    adapter_failures: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @kopf.on.startup(id="serving-state")
@@ -140,7 +145,7 @@ async def _list(
         raise
 
 
-async def _observe(api: ApiClient, ms: ModelServing, gateway: bool, keda: bool) -> Observed:
+async def _observe(api: ApiClient, ms: ModelServing, gateway: bool, keda: bool, memo: kopf.Memo) -> Observed:
     ns = ms.metadata.namespace
     sel = serving_selector(ms)
     kinds = [DEPLOYMENTS, SERVICES, HPAS, PVCS, NETWORK_POLICIES, JOBS]
@@ -154,11 +159,20 @@ async def _observe(api: ApiClient, ms: ModelServing, gateway: bool, keda: bool) 
     ftj = ms.spec.model.from_training_job
     if ftj is not None:
         training_job = await api.get(TRAININGJOBS, ns, ftj.name)
-        volume = dig(training_job, "spec", "checkpoint", "volume") or {}
-        if training_job is not None and not volume.get("size"):
-            # An adopted checkpoint volume has no size in the spec: the snapshot's restoreSize has it.
-            snapshots = {s["metadata"]["name"]: s for s in await _list(api, VOLUME_SNAPSHOTS, ns, {})}
-    return Observed(deployments, children, training_job, snapshots)
+    # The TrainingJobs LoRA adapters come from, by name.
+    names = sorted({a.from_training_job.name for a in ms.spec.adapters if a.from_training_job is not None})
+    found = await asyncio.gather(*(api.get(TRAININGJOBS, ns, n) for n in names))
+    jobs = {n: j for n, j in zip(names, found, strict=True) if j is not None}
+    sources = [j for j in (training_job, *jobs.values()) if j is not None]
+    if any(not (dig(j, "spec", "checkpoint", "volume") or {}).get("size") for j in sources):
+        # An adopted checkpoint volume has no size in the spec: the snapshot's restoreSize has it.
+        snapshots = {s["metadata"]["name"]: s for s in await _list(api, VOLUME_SNAPSHOTS, ns, {})}
+    servers: list[ObservedServer] = []
+    if ms.spec.adapters and adapter_mode(ms) == "runtime":
+        servers = await observe_servers(await api.list_pods(ns, sel), ms.spec.port)
+    failures = _state(memo).adapter_failures.get(ms.metadata.uid or ms.metadata.name, {})
+    return Observed(deployments, children, training_job, snapshots, training_jobs=jobs, servers=servers,
+                    adapter_failures=failures)
 
 
 async def _analyse(
@@ -302,6 +316,24 @@ async def _apply(
         await _settle_applies(api, ms, body, plan, refusal)
 
 
+async def _apply_adapters(
+    api: ApiClient, ms: ModelServing, body: Mapping[str, Any], plan: ServingPlan, memo: kopf.Memo,
+    logger: kopf.Logger,
+) -> None:
+    """Load and unload adapters on the running servers; failures go into the next pass's status."""
+    key = ms.metadata.uid or ms.metadata.name
+    if not plan.adapter_actions:
+        _state(memo).adapter_failures.pop(key, None)
+        return
+    for a in plan.adapter_actions:
+        logger.info("adapter %s: %s on %s%s", a.name, a.verb, a.pod, f" from {a.path}" if a.path else "")
+    failures = await apply_adapter_actions(plan.adapter_actions)
+    _state(memo).adapter_failures[key] = failures
+    for name, why in sorted(failures.items()):
+        logger.warning("adapter %s: %s", name, why)
+        await api.post_event(body, "AdapterLoadFailed", f"adapter {name}: {why}", "Warning")
+
+
 async def _settle_applies(
     api: ApiClient,
     ms: ModelServing,
@@ -370,9 +402,12 @@ async def _reconcile_serving(
         sources[key].discard(ms.metadata.uid)
     if ftj is not None:
         sources.setdefault((namespace, ftj.name), set()).add(ms.metadata.uid)
+    for a in ms.spec.adapters:  # a new snapshot of an adapter's TrainingJob wakes this one too
+        if a.from_training_job is not None:
+            sources.setdefault((namespace, a.from_training_job.name), set()).add(ms.metadata.uid)
     gateway = await gateway_api_available(api, memo)
     keda = await keda_available(api, memo)
-    observed = await _observe(api, ms, gateway, keda)
+    observed = await _observe(api, ms, gateway, keda, memo)
     analysis = await _analyse(api, ms, now, memo, logger)
     plan = plan_modelserving(
         ms,
@@ -385,6 +420,7 @@ async def _reconcile_serving(
         prometheus=operator_config(memo).prometheus_url,
     )
     await _apply(api, ms, body, plan, observed, logger)
+    await _apply_adapters(api, ms, body, plan, memo, logger)
     _record_metrics(memo, ms, plan)
     # A step that started in this pass gets its baseline now, so its window is the whole pause.
     after = ms.model_copy(update={"status": plan.status})

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capstan.api.modelserving import ModelServing
+from capstan.api.modelserving import FromTrainingJob, ModelServing
 from capstan.local.snapshots import list_snapshots
 from capstan.local.workers import free_port
 
@@ -29,11 +29,38 @@ def resolve_model_dir(ms: ModelServing, workdir: Path) -> Path:
             f"modelserving/{ms.metadata.name}: spec.model: the local executor serves models from a "
             "TrainingJob (model.fromTrainingJob); model.uri and model.pvc need a cluster"
         )
-    ref = src.from_training_job
+    model_dir = _snapshot_dir(ms, src.from_training_job, workdir, "spec.model.fromTrainingJob")
+    if not (model_dir / "config.json").is_file():
+        raise LocalServingError(
+            f"modelserving/{ms.metadata.name}: snapshot {model_dir.relative_to(workdir)} has no exported "
+            f"model at {model_dir}"
+        )
+    return model_dir
+
+
+def resolve_adapter_dirs(ms: ModelServing, workdir: Path) -> list[tuple[str, Path]]:
+    """(name, directory) of each of ``spec.adapters``, from the local snapshots of their TrainingJobs."""
+    out = []
+    for i, a in enumerate(ms.spec.adapters):
+        field = f"spec.adapters[{i}]"
+        if a.from_training_job is None:
+            raise LocalServingError(f"modelserving/{ms.metadata.name}: {field}.uri: the local executor "
+                                    "serves adapters from a TrainingJob (fromTrainingJob); a uri needs a "
+                                    "cluster")
+        path = _snapshot_dir(ms, a.from_training_job, workdir, f"{field}.fromTrainingJob")
+        if not (path / "adapter_config.json").is_file():
+            raise LocalServingError(f"modelserving/{ms.metadata.name}: {field}.fromTrainingJob.path: no LoRA "
+                                    f"adapter (adapter_config.json) at {path}")
+        out.append((a.name, path))
+    return out
+
+
+def _snapshot_dir(ms: ModelServing, ref: FromTrainingJob, workdir: Path, field: str) -> Path:
+    """``ref.path`` inside the local snapshot of ``ref.name`` that ``ref.checkpoint`` names."""
     snaps = list_snapshots(workdir / ref.name / "snapshots")
     if not snaps:
         raise LocalServingError(
-            f"modelserving/{ms.metadata.name}: spec.model.fromTrainingJob: trainingjob/{ref.name} has no "
+            f"modelserving/{ms.metadata.name}: {field}: trainingjob/{ref.name} has no "
             f"snapshot under {workdir / ref.name / 'snapshots'}; run the TrainingJob first"
         )
     if ref.checkpoint == "Latest":
@@ -43,16 +70,11 @@ def resolve_model_dir(ms: ModelServing, workdir: Path) -> Path:
         if not named:
             have = ", ".join(s.name for s in snaps)
             raise LocalServingError(
-                f"modelserving/{ms.metadata.name}: spec.model.fromTrainingJob.checkpoint: no snapshot "
+                f"modelserving/{ms.metadata.name}: {field}.checkpoint: no snapshot "
                 f"{ref.checkpoint!r} (have: {have})"
             )
         snap = named[0]
-    model_dir = snap.path / ref.path
-    if not (model_dir / "config.json").is_file():
-        raise LocalServingError(
-            f"modelserving/{ms.metadata.name}: snapshot {snap.name} has no exported model at {model_dir}"
-        )
-    return model_dir
+    return snap.path / ref.path
 
 
 @dataclass
@@ -111,7 +133,8 @@ class LocalServer:
 def server_command(ms: ModelServing, model_dir: Path, port: int) -> list[str]:
     """The reference server's command line for ``ms`` on this machine (spec.quantization included)."""
     cmd = [sys.executable, "-m", "capstan_workloads.serve", "--model-dir", str(model_dir)]
-    cmd += ["--port", str(port)]
+    # Served under the ModelServing's name, as in a cluster (clients send it as "model").
+    cmd += ["--port", str(port), "--model-name", ms.metadata.name]
     if ms.spec.quantization:
         cmd += ["--quantization", ms.spec.quantization]
     return cmd
@@ -125,10 +148,14 @@ def start_server(ms: ModelServing, workdir: Path) -> LocalServer:
             "the local executor serves runtime: capstan"
         )
     model_dir = resolve_model_dir(ms, workdir)
+    adapters = resolve_adapter_dirs(ms, workdir)
     port = free_port()
     log_path = workdir / ms.metadata.name / "server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = server_command(ms, model_dir, port)
+    if adapters:
+        rank = max([64, *(a.rank or 0 for a in ms.spec.adapters)])
+        cmd += ["--max-lora-rank", str(rank), "--lora-modules", *(f"{n}={p}" for n, p in adapters)]
     proc = subprocess.Popen(
         cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
     )

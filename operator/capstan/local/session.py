@@ -9,7 +9,7 @@ from capstan.api.loading import CapstanObject
 from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob
 from capstan.local.serving import LocalServer, LocalServingError, start_server
-from capstan.local.training import run_trainingjob
+from capstan.local.training import LocalRestoreError, run_trainingjob
 
 EXIT_FAILED = 1
 
@@ -24,7 +24,11 @@ def run_local(
     """Run ``resources`` here; exit code 0 when every job succeeded and every server answered."""
     workdir.mkdir(parents=True, exist_ok=True)
     for job in (r for r in resources if isinstance(r, TrainingJob)):
-        run = run_trainingjob(job, workdir, timeout_s=timeout_s)
+        try:
+            run = run_trainingjob(job, workdir, timeout_s=timeout_s)
+        except LocalRestoreError as exc:
+            print(f"[capstan] error: {exc}")
+            return EXIT_FAILED
         status = run.job.status
         print(f"[capstan] trainingjob/{job.metadata.name} {status.phase}: {status.message}")
         if status.phase != "Succeeded":

@@ -56,6 +56,22 @@ def _link_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link, symlinks=True)
 
 
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy ``src``'s content into the (existing, empty) directory ``dst``, hard-linking files."""
+    for child in src.iterdir():
+        if child.is_dir():
+            _link_tree(child, dst / child.name)
+        else:
+            _link_tree_file(child, dst / child.name)
+
+
+def _link_tree_file(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def take_snapshot(
     checkpoint_dir: Path, snapshot_root: Path, job_name: str, reason: str
 ) -> LocalSnapshot | None:

@@ -14,7 +14,7 @@ from typing import Any
 from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob
 from capstan.kube.scrape import parse_progress_metrics
 from capstan.labels import HOSTFILE_ANNOTATION, LABEL_ATTEMPT, LABEL_RANK
-from capstan.local.snapshots import take_snapshot
+from capstan.local.snapshots import LocalSnapshot, copy_tree, list_snapshots, take_snapshot
 from capstan.local.workers import Worker, free_port, start_worker, stop_worker, write_annotations
 from capstan.training.lifecycle import plan_trainingjob
 from capstan.training.progress import Progress
@@ -168,6 +168,26 @@ class LocalTrainingRun:
             self._delete(name)
 
 
+class LocalRestoreError(RuntimeError):
+    """``checkpoint.restoreFrom`` names a snapshot this machine does not have."""
+
+
+def restore_snapshot(job: TrainingJob, workdir: Path, checkpoint_dir: Path) -> LocalSnapshot | None:
+    """``checkpoint.restoreFrom``: seed an empty checkpoint directory from the named local snapshot of
+    any job in ``workdir``, as the operator restores the checkpoint PVC from the VolumeSnapshot."""
+    name = job.spec.checkpoint.restore_from
+    if name is None or any(checkpoint_dir.iterdir()):
+        return None  # nothing to restore, or restored already (a later run of the same job)
+    roots = sorted(workdir.glob("*/snapshots"))
+    found = [s for root in roots for s in list_snapshots(root) if s.name == name]
+    if not found:
+        have = sorted(s.name for root in workdir.glob("*/snapshots") for s in list_snapshots(root))
+        raise LocalRestoreError(f"trainingjob/{job.metadata.name}: spec.checkpoint.restoreFrom: no snapshot "
+                                f"{name!r} under {workdir} (have: {', '.join(have) or 'none'})")
+    copy_tree(found[0].path, checkpoint_dir)
+    return found[0]
+
+
 def run_trainingjob(
     job: TrainingJob,
     workdir: Path,
@@ -178,6 +198,9 @@ def run_trainingjob(
     """Run ``job`` to completion on the local executor and snapshot its checkpoints when it succeeds."""
     run = LocalTrainingRun(job=job, workdir=workdir, print_fn=print_fn)
     run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    seeded = restore_snapshot(job, workdir, run.checkpoint_dir)
+    if seeded is not None:
+        run._say(f"checkpoint directory seeded from snapshot {seeded.name} (checkpoint.restoreFrom)")
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while True:

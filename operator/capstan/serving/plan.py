@@ -35,9 +35,20 @@ from capstan.api.conditions import (
 )
 from capstan.api.modelserving import ModelServing, ModelServingStatus, RevisionStatus, RolloutStatus
 from capstan.fields import dig
-from capstan.labels import ANNOTATION_MODEL, LABEL_REVISION, LABEL_SERVING
+from capstan.labels import ANNOTATION_MODEL, LABEL_COMPONENT, LABEL_REVISION, LABEL_SERVING
 from capstan.naming import label_value
 from capstan.security import DEFAULT_OPERATOR_NAMESPACE
+from capstan.serving.adapters import (
+    AdapterAction,
+    AdapterCanary,
+    ObservedServer,
+    adapter_canaries,
+    adapter_claims,
+    adapter_status,
+    plan_adapter_actions,
+    resolve_adapters,
+)
+from capstan.serving.adapters import mode as adapter_mode
 from capstan.serving.analysis import AnalysisResult
 from capstan.serving.model_source import ModelNotReady, resolve_model
 from capstan.serving.revisions import (
@@ -46,6 +57,7 @@ from capstan.serving.revisions import (
     deployment,
     desired_revision,
     http_route,
+    meta,
     model_claim,
     model_fetch,
     network_policy,
@@ -69,6 +81,11 @@ from capstan.serving.rollout import (
 )
 from capstan.serving.runtimes import ArgsTemplateError
 
+ADAPTER_COMPONENT = "adapter"
+# After loading or unloading adapters: read the servers' /v1/models again this soon.
+ADAPTER_RECHECK_S = 5.0
+ADAPTER_RESYNC_S = 30.0
+
 
 @dataclass(frozen=True)
 class ObjectRef:
@@ -91,6 +108,10 @@ class Observed:
     children: list[dict[str, Any]] = field(default_factory=list)
     training_job: dict[str, Any] | None = None
     snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The TrainingJobs spec.adapters name (by name), and the server pods with the adapters they hold.
+    training_jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    servers: list[ObservedServer] = field(default_factory=list)
+    adapter_failures: dict[str, str] = field(default_factory=dict)  # last pass's failed loads, by name
 
 
 @dataclass
@@ -111,6 +132,8 @@ class ServingPlan:
     requeue_after: float | None = None
     outcome: Outcome | None = None
     on_applied: ModelServingStatus | None = None
+    # LoRA adapters to load on or unload from running servers (runtimes that load them at run time).
+    adapter_actions: list[AdapterAction] = field(default_factory=list)
 
     def requeue(self, seconds: float) -> None:
         """Ask to be called again within ``seconds``."""
@@ -275,6 +298,7 @@ def _plan(
                  prometheus=prometheus)
     _add_deletes(plan, ms, observed, revs, traffic, policy=policy, gateway_api=gateway_api, keda=keda)
     _set_revisions(st, ms, desired, revs, traffic)
+    _adapters(plan, ms, observed, now)
     if not traffic.canary:
         st.rollout = RolloutStatus(traffic=traffic_mode)
 
@@ -287,6 +311,25 @@ def _plan(
     if traffic.stable and (not traffic.stable_full or traffic.retiring):
         plan.requeue(WAIT_READY_S)
     return plan
+
+
+def _adapters(plan: ServingPlan, ms: ModelServing, observed: Observed, now: datetime) -> None:
+    """Loads and unloads that make every ready server hold the spec's adapters (new versions with
+    rollout steps on a share of them); ``status.adapters``."""
+    if not ms.spec.adapters and not any(s.loaded for s in observed.servers):
+        plan.status.adapters = []
+        return
+    resolved = resolve_adapters(ms, observed.training_jobs, observed.snapshots)
+    canaries: dict[str, AdapterCanary] = {}
+    if adapter_mode(ms) == "runtime":
+        canaries, next_step = adapter_canaries(ms, resolved.refs, now)
+        if next_step is not None:
+            plan.requeue(max(0.0, next_step))
+        plan.adapter_actions = plan_adapter_actions(resolved.refs, observed.servers, canaries)
+        # Confirm loads through /v1/models soon; and re-read the servers now and then anyway: a
+        # server that restarted in place, or one not read this pass, holds no adapters yet.
+        plan.requeue(ADAPTER_RECHECK_S if plan.adapter_actions else ADAPTER_RESYNC_S)
+    plan.status.adapters = adapter_status(ms, resolved, observed.servers, observed.adapter_failures, canaries)
 
 
 def _observed_revisions(ms: ModelServing, observed: Observed) -> dict[str, RevisionState]:
@@ -311,7 +354,8 @@ def _desired_revision(ms: ModelServing, observed: Observed, keda: bool) -> _Desi
         return _Desired(None, problem, invalid=True)
     try:
         model = resolve_model(ms, observed.training_job, observed.snapshots)
-        desired = desired_revision(ms, model)
+        adapters = resolve_adapters(ms, observed.training_jobs, observed.snapshots).refs
+        desired = desired_revision(ms, model, adapters)
         deployment(ms, desired, None)
     except ModelNotReady as exc:
         return _Desired(None, str(exc))
@@ -419,6 +463,8 @@ def _add_objects(
             fetch = model_fetch(ms, new)
             if fetch is not None:
                 plan.objects.append(fetch)
+            claim_meta = meta(ms, "", component=ADAPTER_COMPONENT)
+            plan.objects.extend(adapter_claims(ms, list(new.adapters), claim_meta))
             dep = deployment(ms, new, replicas)
             dep["metadata"].setdefault("annotations", {})[ANNOTATION_MODEL] = new.model.identity
             plan.objects.append(dep)
@@ -452,6 +498,11 @@ def _add_deletes(
     """Children no live revision needs any more, and an event for each revision removed."""
     mine = label_value(ms.metadata.name)
     live = traffic.live
+    adapter_claims_used = {
+        str(v["persistentVolumeClaim"]["claimName"])
+        for dep in observed.deployments if dig(dep, "metadata", "name") in live
+        for v in dig(dep, "spec", "template", "spec", "volumes") or [] if "persistentVolumeClaim" in v
+    } | {str(o["metadata"]["name"]) for o in plan.objects if o.get("kind") == "PersistentVolumeClaim"}
     for obj in [*observed.deployments, *observed.children]:
         meta = obj.get("metadata") or {}
         labels = meta.get("labels") or {}
@@ -468,6 +519,9 @@ def _add_deletes(
             or (kind == "ScaledObject" and (not traffic.autoscaled or not keda))
             or (kind == "HTTPRoute" and (not gateway_api or not live))
             or (kind == "NetworkPolicy" and policy is None)
+            # An adapter's restored snapshot, once no live revision mounts it.
+            or (kind == "PersistentVolumeClaim" and labels.get(LABEL_COMPONENT) == ADAPTER_COMPONENT
+                and name not in adapter_claims_used)
         )
         if gone:
             plan.deletes.append(ObjectRef(obj.get("apiVersion", ""), kind, name))

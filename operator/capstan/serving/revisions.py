@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,9 @@ from capstan.security import (
     service_account_fields,
 )
 from capstan.security import network_policy as _network_policy
+from capstan.serving.adapters import AdapterRef, adapter_pod_parts, max_rank
+from capstan.serving.adapters import content as adapter_content
+from capstan.serving.adapters import mode as adapter_mode
 from capstan.serving.model_source import ModelRef, fetch_job, model_pvc, pod_parts
 from capstan.serving.runtimes import ArgsContext, Runtime, runtime_for
 
@@ -85,19 +89,24 @@ class Revision:
     hash: str
     model: ModelRef
     runtime: Runtime
+    adapters: tuple[AdapterRef, ...] = ()
 
 
-def content(ms: ModelServing, model: ModelRef) -> dict[str, Any]:
-    """Everything that decides what a revision's pods run (and nothing that only scales them)."""
+def content(ms: ModelServing, model: ModelRef, adapters: Sequence[AdapterRef] = ()) -> dict[str, Any]:
+    """Everything that decides what a revision's pods run (and nothing that only scales them).
+
+    Adapters count by their volumes only where the runtime loads them at run time (the operator
+    loads and unloads them on the running servers), in full where they are on the command line."""
     spec = ms.spec.wire()
-    for key in ("replicas", "autoscaling", "rollout", "model", "networkPolicy"):
+    for key in ("replicas", "autoscaling", "rollout", "model", "networkPolicy", "adapters"):
         spec.pop(key, None)
-    return {"v": RENDER_VERSION, "name": ms.metadata.name, "model": model.identity, **spec}
+    return {"v": RENDER_VERSION, "name": ms.metadata.name, "model": model.identity, **spec,
+            **adapter_content(ms, list(adapters))}
 
 
-def revision_hash(ms: ModelServing, model: ModelRef) -> str:
+def revision_hash(ms: ModelServing, model: ModelRef, adapters: Sequence[AdapterRef] = ()) -> str:
     """Eight hex digits of the revision content."""
-    return short_hash(json.dumps(content(ms, model), sort_keys=True, separators=(",", ":")))
+    return short_hash(json.dumps(content(ms, model, adapters), sort_keys=True, separators=(",", ":")))
 
 
 def revision_name(ms: ModelServing, digest: str) -> str:
@@ -105,10 +114,10 @@ def revision_name(ms: ModelServing, digest: str) -> str:
     return dns_label(ms.metadata.name, suffix=f"-{digest}")
 
 
-def desired_revision(ms: ModelServing, model: ModelRef) -> Revision:
-    """The revision the current spec asks for."""
-    digest = revision_hash(ms, model)
-    return Revision(revision_name(ms, digest), digest, model, runtime_for(ms.spec))
+def desired_revision(ms: ModelServing, model: ModelRef, adapters: Sequence[AdapterRef] = ()) -> Revision:
+    """The revision the current spec asks for (``adapters``: the resolved ``spec.adapters``)."""
+    digest = revision_hash(ms, model, adapters)
+    return Revision(revision_name(ms, digest), digest, model, runtime_for(ms.spec), tuple(adapters))
 
 
 def stable_service_name(ms: ModelServing) -> str:
@@ -193,6 +202,8 @@ def _probe(path: str, **extra: int) -> dict[str, Any]:
 def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[str, Any]:
     """The Deployment of ``rev``; ``replicas`` None leaves the count to its HPA."""
     spec, rt = ms.spec, rev.runtime
+    lora = bool(spec.adapters) and adapter_mode(ms) != ""
+    refs = list(rev.adapters)
     ctx = ArgsContext(
         model_path=rev.model.path,
         port=spec.port,
@@ -200,8 +211,12 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
         max_model_len=spec.max_model_len,
         name=ms.metadata.name,
         quantization=spec.quantization,
+        lora=lora,
+        # Run-time runtimes get their adapters from the operator once ready, never on the command line.
+        lora_modules=tuple(sorted((r.name, r.path) for r in refs)) if adapter_mode(ms) == "startup" else (),
+        max_lora_rank=max_rank(refs),
     )
-    env = [{"name": k, "value": v} for k, v in rt.env]
+    env = [{"name": k, "value": v} for k, v in (*rt.env, *(rt.lora_env if lora else ()))]
     env += [
         {"name": "CAPSTAN_MODELSERVING", "value": ms.metadata.name},
         {"name": "CAPSTAN_REVISION", "value": rev.name},
@@ -214,6 +229,7 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
     user_env += [dict(e) for e in server.get("env") or []]
     env = [e for e in env if e["name"] not in {u["name"] for u in user_env}] + user_env
     parts = pod_parts(rev.model, rev.name, user_env, server.get("envFrom"))
+    lora_parts = adapter_pod_parts(ms, refs, user_env)
     image = spec.image or rt.image
     # The UID is set where Capstan knows the image: its own, or a runtime default it picked.
     known_uid = rt.image_user if spec.image is None else None
@@ -231,7 +247,7 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
         "startupProbe": _probe(
             rt.health_path, periodSeconds=STARTUP_PERIOD_S, failureThreshold=STARTUP_FAILURES
         ),
-        "volumeMounts": [*parts["mounts"], {"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [*parts["mounts"], *lora_parts["mounts"], {"name": "dshm", "mountPath": "/dev/shm"}],
         "securityContext": container_security_context(),
     }
     command = spec.command or list(rt.command)
@@ -257,12 +273,13 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
         # NCCL between tensor-parallel ranks and vLLM/TGI shard processes share memory through /dev/shm.
         "volumes": [
             *parts["volumes"],
+            *lora_parts["volumes"],
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
         ],
         "terminationGracePeriodSeconds": 60,
     }
-    if parts["init"]:
-        pod_spec["initContainers"] = parts["init"]
+    if parts["init"] or lora_parts["init"]:
+        pod_spec["initContainers"] = [*parts["init"], *lora_parts["init"]]
     affinity = _affinity(ms)
     if affinity:
         pod_spec["affinity"] = affinity

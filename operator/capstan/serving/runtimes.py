@@ -99,6 +99,10 @@ class ArgsContext:
     name: str
     # not a template variable: a custom runtime's quantization flag is written in its argsTemplate
     quantization: str | None = None
+    # LoRA: serve adapters (lora), those given on the command line (name, path), and the rank limit.
+    lora: bool = False
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    max_lora_rank: int = 0
 
     def variables(self) -> dict[str, Any]:
         """The template variables, by their documented names."""
@@ -123,6 +127,8 @@ class Runtime:
     # Load signals by autoscaling metric (capstan.api.modelserving.SCALING_METRICS lists the same
     # metrics per runtime, for admission; cpu needs no signal).
     load: tuple[tuple[str, LoadSignal], ...] = ()
+    # Environment the runtime needs to serve LoRA adapters (vLLM's run-time loading switch).
+    lora_env: tuple[tuple[str, str], ...] = ()
 
     def load_signal(self, metric: str) -> LoadSignal | None:
         """The gauge behind autoscaling ``metric`` (None for cpu, or one this runtime lacks)."""
@@ -134,8 +140,20 @@ def _quantization(flag: str, c: ArgsContext) -> list[str]:
     return [flag, c.quantization] if c.quantization else []
 
 
+#: Adapters in one batch for vLLM (--max-loras) and SGLang (--max-loras-per-batch).
+MAX_LORAS_PER_BATCH = 4
+
+
+def _modules(c: ArgsContext) -> list[str]:
+    return [f"{name}={path}" for name, path in c.lora_modules]
+
+
 def _capstan_args(c: ArgsContext) -> list[str]:
     args = ["--model-dir", c.model_path, "--port", str(c.port), "--model-name", c.name]
+    if c.lora:
+        args += ["--enable-lora", "--max-lora-rank", str(c.max_lora_rank)]
+        if c.lora_modules:
+            args += ["--lora-modules", *_modules(c)]
     return args + _quantization("--quantization", c)
 
 
@@ -152,6 +170,11 @@ def _vllm_args(c: ArgsContext) -> list[str]:
     ]
     if c.max_model_len:
         args += ["--max-model-len", str(c.max_model_len)]
+    if c.lora:
+        args += ["--enable-lora", "--max-lora-rank", str(c.max_lora_rank), "--max-loras",
+                 str(MAX_LORAS_PER_BATCH)]
+        if c.lora_modules:
+            args += ["--lora-modules", *_modules(c)]
     return args + _quantization("--quantization", c)
 
 
@@ -172,6 +195,11 @@ def _sglang_args(c: ArgsContext) -> list[str]:
     ]
     if c.max_model_len:
         args += ["--context-length", str(c.max_model_len)]
+    if c.lora:
+        args += ["--enable-lora", "--max-lora-rank", str(c.max_lora_rank), "--max-loras-per-batch",
+                 str(MAX_LORAS_PER_BATCH)]
+        if c.lora_modules:
+            args += ["--lora-paths", *_modules(c)]
     return args + _quantization("--quantization", c)
 
 
@@ -241,6 +269,8 @@ RUNTIMES: dict[str, Runtime] = {
         ),
         env=NON_ROOT_ENV,
         image_user=REFERENCE_UID,
+        # Without it vLLM has no /v1/load_lora_adapter and /v1/unload_lora_adapter.
+        lora_env=(("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True"),),
         load=(
             ("concurrency", LoadSignal("vllm:num_requests_running")),
             ("queue", LoadSignal("vllm:num_requests_waiting")),

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from capstan import API_VERSION, podmerge
-from capstan.api.trainingjob import TrainingJob
+from capstan.api.trainingjob import FineTuneSpec, TrainingJob
 from capstan.labels import (
     GPU_RESOURCE,
     HOSTFILE_ANNOTATION,
@@ -212,6 +212,22 @@ def deepspeed_flags() -> list[str]:
     ]
 
 
+def fine_tune_env(ft: FineTuneSpec | None) -> dict[str, str]:
+    """``spec.fineTune`` as the environment the reference trainer reads its sft defaults from (a
+    relative CAPSTAN_BASE_MODEL is under the checkpoint directory, wherever that is mounted)."""
+    if ft is None:
+        return {}
+    env = {"CAPSTAN_TASK": "sft", "CAPSTAN_BASE_MODEL": ft.base_model}
+    if ft.lora is not None:
+        env |= {
+            "CAPSTAN_LORA_RANK": str(ft.lora.rank),
+            "CAPSTAN_LORA_ALPHA": f"{ft.lora.alpha if ft.lora.alpha is not None else 2.0 * ft.lora.rank:g}",
+            "CAPSTAN_LORA_TARGETS": ",".join(ft.lora.target_modules),
+            "CAPSTAN_LORA_MERGE": "1" if ft.merge else "0",
+        }
+    return env
+
+
 def worker_env(job: TrainingJob, rank: int, attempt: int) -> list[dict[str, str]]:
     """Environment of worker ``rank``: torchrun's (plain, and PET_* under launcher torchrun), NCCL,
     Capstan's own."""
@@ -247,6 +263,7 @@ def worker_env(job: TrainingJob, rank: int, attempt: int) -> list[dict[str, str]
     env["CAPSTAN_CHECKPOINT_DIR"] = mount
     env["CAPSTAN_EXPORT_DIR"] = f"{mount}/export"
     env["CAPSTAN_RESUME"] = "latest" if ckpt.resume == "Latest" else "none"
+    env.update(fine_tune_env(spec.fine_tune))
     if spec.gpus_per_worker > 0:
         env.update(NCCL_DEFAULTS)
         if job.spec.wants_rdma:

@@ -77,6 +77,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="int8: weight-only int8 linear layers with per-output-channel scales; embeddings and "
         "norms stay in --dtype (default: none)",
     )
+    p.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve LoRA adapters over the base model (load them with POST /v1/load_lora_adapter)",
+    )
+    p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="LoRA adapters (PEFT format) to serve from the start, requested by model name; "
+        "implies --enable-lora",
+    )
+    p.add_argument("--max-loras", type=int, default=d.max_loras, help="adapters served at once")
+    p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank, help="largest adapter rank accepted")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -100,6 +115,10 @@ async def serve(args: argparse.Namespace) -> int:
         prefix_caching=args.prefix_caching,
         chat_template=args.chat_template,
         quantization=args.quantization,
+        enable_lora=args.enable_lora,
+        lora_modules=tuple(args.lora_modules),
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
     )
     state = app[STATE]
     # handler_cancellation: a client that hangs up cancels its handler, which frees its KV blocks.

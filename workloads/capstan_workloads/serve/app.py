@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from aiohttp import web
 
+from .adapters import AdapterRegistry, AdapterRows, parse_lora_modules, wrap_linears
 from .chat import ChatTemplate
 from .engine import Engine
 from .kvcache import PagedKVCache
@@ -60,6 +61,10 @@ class Limits:
     chat_template: str | None = None  # jinja2 file; default: the model dir's chat_template.jinja or built-in
     max_stop: int = 4  # stop strings per request (OpenAI's limit)
     quantization: str = "none"  # none, or int8: weight-only int8 linear layers (serve/quantize.py)
+    enable_lora: bool = False  # serve LoRA adapters over the base (also implied by lora_modules)
+    lora_modules: tuple[str, ...] = ()  # name=path adapters loaded at start-up (vLLM's --lora-modules)
+    max_loras: int = 8  # adapters held at once
+    max_lora_rank: int = 64  # largest adapter rank accepted
 
     def validate(self) -> None:
         """Reject nonsensical limits early with a readable message."""
@@ -77,6 +82,14 @@ class Limits:
         if self.quantization not in QUANTIZATIONS:
             modes = ", ".join(QUANTIZATIONS)
             raise ValueError(f"quantization must be one of {modes}, got {self.quantization!r}")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("max_loras and max_lora_rank must be >= 1")
+        modules = parse_lora_modules(self.lora_modules)
+        names = [n for n, _ in modules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"lora_modules: duplicate adapter names in {', '.join(names)}")
+        if len(modules) > self.max_loras:
+            raise ValueError(f"lora_modules: {len(modules)} adapters exceed max_loras {self.max_loras}")
 
 
 class ServerState:
@@ -92,6 +105,7 @@ class ServerState:
         self.chat_template: ChatTemplate | None = None
         self.device: torch.device | None = None
         self.quantized: QuantizeReport | None = None
+        self.adapters: AdapterRegistry | None = None  # with enable_lora / lora_modules, once loaded
         self.load_error: str | None = None
         self.load_task: asyncio.Task[None] | None = None
         self.draining = False
@@ -148,6 +162,8 @@ class ServerState:
             prefix_caching=lim.prefix_caching,
         )
         engine = Engine(loaded.model, cache, sample_vocab=loaded.tokenizer.vocab_size)
+        if lim.enable_lora or lim.lora_modules:
+            self.adapters = self._adapters(engine, device)
         self.loaded = loaded
         self.device = device
         log.info(
@@ -166,6 +182,27 @@ class ServerState:
             max_prefill_tokens=lim.max_prefill_tokens,
             threads=threads,
         )
+
+    def _adapters(self, engine: Engine, device: torch.device) -> AdapterRegistry:
+        """Wrap the model's linears for per-request adapters and load the start-up ones."""
+        from capstan_workloads.lora import fingerprint
+
+        lim, cfg = self.limits, engine.cfg
+        rows = AdapterRows()
+        wrap_linears(engine.model, cfg, rows)
+        engine.adapter_rows = rows
+        registry = AdapterRegistry(
+            cfg,
+            self.model_name,
+            max_loras=lim.max_loras,
+            max_rank=lim.max_lora_rank,
+            base_fingerprint=fingerprint(self.model_dir / "model.safetensors"),
+            device=device,
+            dtype=DTYPES[lim.dtype],
+        )
+        for name, path in parse_lora_modules(lim.lora_modules):
+            registry.load(name, path)  # a bad start-up adapter fails the load, like a bad model
+        return registry
 
     def begin_drain(self) -> None:
         """Stop accepting work: readyz and new completions answer 503 from now on."""

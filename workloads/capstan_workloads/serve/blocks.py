@@ -43,15 +43,16 @@ class BlockTable:
     """One sequence's view of the pool.
 
     ``blocks[i]`` holds positions ``i * block_tokens .. (i + 1) * block_tokens - 1``. ``hashes[i]``
-    is the chained hash of block ``i`` once it is full. ``reserve`` holds blocks set aside for
-    copy-on-write. ``cached_tokens``: prompt positions found in the prefix cache at admission
-    (their K/V need not be computed).
+    is the chained hash of block ``i`` once it is full (the chain starts at ``salt``). ``reserve``
+    holds blocks set aside for copy-on-write. ``cached_tokens``: prompt positions found in the prefix
+    cache at admission (their K/V need not be computed).
     """
 
     blocks: list[int]
     hashes: list[bytes] = field(default_factory=list)
     reserve: list[int] = field(default_factory=list)
     cached_tokens: int = 0
+    salt: bytes = b""  # starts the hash chain: K/V computed under a LoRA adapter is that adapter's own
 
 
 @dataclass(frozen=True)
@@ -136,9 +137,9 @@ class BlockManager:
 
     # ---- prefix cache ----------------------------------------------------------------------------
 
-    def prompt_hashes(self, prompt: Sequence[int]) -> list[bytes]:
-        """Chained hashes of the prompt's full blocks."""
-        bt, parent, out = self.block_tokens, b"", []
+    def prompt_hashes(self, prompt: Sequence[int], salt: bytes = b"") -> list[bytes]:
+        """Chained hashes of the prompt's full blocks, the chain starting at ``salt``."""
+        bt, parent, out = self.block_tokens, salt, []
         for i in range(len(prompt) // bt):
             parent = block_hash(parent, prompt[i * bt : (i + 1) * bt])
             out.append(parent)
@@ -169,7 +170,7 @@ class BlockManager:
     def commit(self, table: BlockTable, tokens: Sequence[int]) -> None:
         """Record that ``tokens`` (the sequence so far) have their K/V written: publish newly full blocks."""
         bt = self.block_tokens
-        parent = table.hashes[-1] if table.hashes else b""
+        parent = table.hashes[-1] if table.hashes else table.salt
         for i in range(len(table.hashes), len(tokens) // bt):
             parent = block_hash(parent, tokens[i * bt : (i + 1) * bt])
             table.hashes.append(parent)
@@ -193,12 +194,15 @@ class BlockManager:
         prompt_blocks, extra, cow = self._shape(prompt_len, n, fed_tokens)
         return prompt_blocks - hits + n * (extra + cow)
 
-    def admit(self, prompt: Sequence[int], n: int, fed_tokens: int) -> list[BlockTable] | None:
+    def admit(
+        self, prompt: Sequence[int], n: int, fed_tokens: int, salt: bytes = b""
+    ) -> list[BlockTable] | None:
         """Block tables for the ``n`` choices of a request, sharing the prompt's blocks; None if short now.
 
-        Nothing is taken when the request does not fit.
+        Nothing is taken when the request does not fit. ``salt`` keeps prompts computed under different
+        weights (LoRA adapters) from sharing blocks.
         """
-        hashes = self.prompt_hashes(prompt)
+        hashes = self.prompt_hashes(prompt, salt)
         hits = self.lookup(hashes, len(prompt))
         # Taking a cached block nobody references removes it from what an allocation can use.
         idle_hits = sum(1 for b in hits if self.refcount[b] == 0)
@@ -220,6 +224,7 @@ class BlockManager:
                     hashes=list(hashes[: len(hits)]),
                     reserve=self.allocate(cow),
                     cached_tokens=len(hits) * self.block_tokens,
+                    salt=salt,
                 )
             )
         return tables

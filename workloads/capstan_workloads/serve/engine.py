@@ -10,6 +10,7 @@ prefix cache runs the same code as one computed from scratch. Tensors live on th
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import cast
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from capstan_workloads.model import GPT, Block
 
+from .adapters import Adapter, AdapterRows
 from .kvcache import PagedKVCache
 
 
@@ -50,6 +52,8 @@ class Engine:
         self.sample_vocab = sample_vocab or self.cfg.vocab_size
         self.attn_group = attn_group
         self.device = model.tok_emb.weight.device
+        # Set when the model's linears are wrapped for LoRA adapters (serve.adapters).
+        self.adapter_rows: AdapterRows | None = None
 
     def _tensor(self, data: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
@@ -69,8 +73,18 @@ class Engine:
         """Tied head on the final hidden states of the positions we sample from."""
         return self.model.ln_f(h) @ self.model.tok_emb.weight.T
 
+    def _adapters(self, rows: list[Adapter | None] | None) -> contextlib.AbstractContextManager[None]:
+        """Route row ``i`` of this forward through adapter ``rows[i]`` (None: the base alone)."""
+        if self.adapter_rows is None or not rows or not any(rows):
+            return contextlib.nullcontext()
+        return self.adapter_rows.use(rows, self.device)
+
     def prefill(
-        self, prompts: list[list[int]], starts: list[int], block_tables: list[list[int]]
+        self,
+        prompts: list[list[int]],
+        starts: list[int],
+        block_tables: list[list[int]],
+        adapters: list[Adapter | None] | None = None,
     ) -> torch.Tensor:
         """Compute ``prompt[start:]`` of each prompt (padded into one batch), return last-position logits.
 
@@ -100,18 +114,25 @@ class Engine:
         keys_pos = torch.arange(width * bt, device=self.device)
         mask = (keys_pos[None, None, :] <= pos[:, :, None])[:, None]  # (batch, 1, query, key)
         x = model.tok_emb(idx) + model.pos_emb(pos)
-        for layer, block in enumerate(self.blocks):
-            q, k, v = block.attn.qkv(block.ln1(x)).split(self.cfg.n_embd, dim=2)
-            cache.write(layer, slots, k[valid], v[valid])
-            keys, values = cache.gather(layer, table)
-            y = F.scaled_dot_product_attention(
-                self._heads(q), self._heads(keys), self._heads(values), attn_mask=mask
-            )
-            x = self._block_tail(block, x, y)
+        with self._adapters(adapters):
+            for layer, block in enumerate(self.blocks):
+                q, k, v = block.attn.qkv(block.ln1(x)).split(self.cfg.n_embd, dim=2)
+                cache.write(layer, slots, k[valid], v[valid])
+                keys, values = cache.gather(layer, table)
+                y = F.scaled_dot_product_attention(
+                    self._heads(q), self._heads(keys), self._heads(values), attn_mask=mask
+                )
+                x = self._block_tail(block, x, y)
         last = x[torch.arange(len(prompts), device=self.device), lens - 1]
         return self._logits(last)
 
-    def decode(self, tokens: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+    def decode(
+        self,
+        tokens: list[int],
+        positions: list[int],
+        block_tables: list[list[int]],
+        adapters: list[Adapter | None] | None = None,
+    ) -> torch.Tensor:
         """One step for every running sequence in ONE forward: feed each its last token, return logits.
 
         The matmuls run on the whole batch at once (that is where batching pays). Attention reads
@@ -119,7 +140,7 @@ class Engine:
         group's gathered K/V stays in the CPU cache between the gather and the attention, and
         padding is only up to the longest sequence of the group.
         """
-        model, cache, bt = self.model, self.cache, self.cache.block_tokens
+        model, bt = self.model, self.cache.block_tokens
         b = len(tokens)
         order = sorted(range(b), key=positions.__getitem__)  # group similar lengths together
         spos = [positions[i] for i in order]
@@ -137,6 +158,22 @@ class Engine:
             groups.append((lo, hi, table, mask))
         new_slots = self._tensor([t[p // bt] * bt + p % bt for t, p in zip(tables, spos, strict=True)])
         x = (model.tok_emb(self._tensor([tokens[i] for i in order])) + model.pos_emb(pos))[:, None, :]
+        rows = [adapters[i] for i in order] if adapters else None
+        with self._adapters(rows):
+            x = self._decode_layers(x, new_slots, groups)
+        logits = self._logits(x[:, 0])
+        inverse = torch.empty(b, dtype=torch.long, device=self.device)
+        inverse[self._tensor(order)] = torch.arange(b, device=self.device)
+        return logits[inverse]
+
+    def _decode_layers(
+        self,
+        x: torch.Tensor,
+        new_slots: torch.Tensor,
+        groups: list[tuple[int, int, torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Every block of one decode step (rows in the sorted order of :meth:`decode`)."""
+        cache = self.cache
         for layer, block in enumerate(self.blocks):
             q, k, v = block.attn.qkv(block.ln1(x)).split(self.cfg.n_embd, dim=2)
             cache.write(layer, new_slots, k[:, 0], v[:, 0])
@@ -149,10 +186,7 @@ class Engine:
                     )
                 )
             x = self._block_tail(block, x, torch.cat(ys) if len(ys) > 1 else ys[0])
-        logits = self._logits(x[:, 0])
-        inverse = torch.empty(b, dtype=torch.long, device=self.device)
-        inverse[self._tensor(order)] = torch.arange(b, device=self.device)
-        return logits[inverse]
+        return x
 
     def sample(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]

@@ -15,12 +15,17 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .adapters import Adapter, add_adapter_routes
 from .app import STATE, ServerState
 from .chat import ROLES, ChatTemplateError
 from .engine import SamplingParams
 from .scheduler import Event, FinishEvent, QueueFull, TokenEvent
 
 log = logging.getLogger(__name__)
+
+
+class ModelNotFound(LookupError):
+    """The request names a model this server does not serve (neither the base nor a loaded adapter)."""
 
 
 class BadRequest(ValueError):
@@ -39,6 +44,8 @@ class CompletionRequest:
     params: SamplingParams
     stream: bool
     chat: bool = False
+    model: str = ""  # the name the request used: the base's or a LoRA adapter's
+    adapter: Adapter | None = None
 
 
 def _number(
@@ -117,6 +124,7 @@ def parse_completion_request(body: Any, state: ServerState, chat: bool = False) 
     assert state.loaded is not None and state.scheduler is not None
     if not isinstance(body, dict):
         raise BadRequest(None, "request body must be a JSON object")
+    model, adapter = _model(body, state)
     prompt: Any
     if chat:
         messages = _messages(body)
@@ -168,7 +176,20 @@ def parse_completion_request(body: Any, state: ServerState, chat: bool = False) 
             f"n={n} choices of this prompt need {need} KV blocks; the server holds {sched.cache.num_blocks}",
         )
     params = SamplingParams(max_tokens, temperature, top_p, seed, ignore_eos, stop, n)
-    return CompletionRequest(ids, params, stream, chat)
+    return CompletionRequest(ids, params, stream, chat, model, adapter)
+
+
+def _model(body: dict[str, Any], state: ServerState) -> tuple[str, Adapter | None]:
+    """The served name a request asked for and its LoRA adapter (None: the base; no name: the base)."""
+    model = body.get("model")
+    if model is None or model == state.model_name:
+        return state.model_name, None
+    if not isinstance(model, str):
+        raise BadRequest("model", "model must be a string")
+    adapter = state.adapters.get(model) if state.adapters is not None else None
+    if adapter is None:
+        raise ModelNotFound(model)
+    return model, adapter
 
 
 def _error(
@@ -183,6 +204,14 @@ def _error(
     err_type = "invalid_request_error" if status == 400 else kind
     body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
     return web.json_response(body, status=status, headers=headers)
+
+
+def _not_found(state: ServerState, model: str) -> web.Response:
+    """404 for an unknown model name, worded as OpenAI and vLLM do."""
+    state.metrics.errors.labels(kind="model_not_found").inc()
+    body = {"error": {"message": f"The model `{model}` does not exist.", "type": "NotFoundError",
+                      "param": "model", "code": 404}}
+    return web.json_response(body, status=404)
 
 
 def _usage(fins: list[FinishEvent]) -> dict[str, int]:
@@ -234,6 +263,8 @@ async def _generate(request: web.Request, state: ServerState, chat: bool) -> web
         req = parse_completion_request(body, state, chat)
     except BadRequest as exc:
         return _error(state, 400, "bad_request", str(exc), param=exc.param)
+    except ModelNotFound as exc:
+        return _not_found(state, str(exc))
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -247,7 +278,7 @@ async def _generate(request: web.Request, state: ServerState, chat: bool) -> web
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
     try:
-        submitted = state.scheduler.submit(req.prompt_ids, req.params, emit)
+        submitted = state.scheduler.submit(req.prompt_ids, req.params, emit, req.adapter)
     except QueueFull as exc:
         return _error(state, 429, "overloaded", f"server is at capacity ({exc}); retry later", headers=retry)
     done = False
@@ -271,14 +302,14 @@ async def _generate(request: web.Request, state: ServerState, chat: bool) -> web
                 failed.error or f"request {failed.reason}ed",
                 headers=retry,
             )
-        return web.json_response(_body(state, sorted(fins, key=lambda f: f.index), req.chat))
+        return web.json_response(_body(req.model, sorted(fins, key=lambda f: f.index), req.chat))
     finally:
         if not done:  # client went away (handler cancelled or write failed): free its slots
             state.metrics.errors.labels(kind="client_disconnect").inc()
             state.scheduler.cancel(submitted)
 
 
-def _body(state: ServerState, fins: list[FinishEvent], chat: bool) -> dict[str, Any]:
+def _body(model: str, fins: list[FinishEvent], chat: bool) -> dict[str, Any]:
     if chat:
         choices: list[dict[str, Any]] = [
             {
@@ -297,7 +328,7 @@ def _body(state: ServerState, fins: list[FinishEvent], chat: bool) -> dict[str, 
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
-        "model": state.model_name,
+        "model": model,
         "choices": choices,
         "usage": _usage(fins),
     }
@@ -335,7 +366,7 @@ async def _stream(
             "id": cid,
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created,
-            "model": state.model_name,
+            "model": req.model,
             "choices": [choice],
         }
         if usage is not None:
@@ -408,21 +439,16 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: the one model this server holds (lets OpenAI clients discover its name)."""
+    """``GET /v1/models``: the base model, then each LoRA adapter (``parent``: the base; ``root``: where
+    it was loaded from, as vLLM lists them), so clients and the operator see what is served."""
     state = request.app[STATE]
-    return web.json_response(
-        {
-            "object": "list",
-            "data": [
-                {
-                    "id": state.model_name,
-                    "object": "model",
-                    "created": int(state.started),
-                    "owned_by": "capstan",
-                }
-            ],
-        }
-    )
+    created = int(state.started)
+    data = [{"id": state.model_name, "object": "model", "created": created, "owned_by": "capstan",
+             "root": str(state.model_dir), "parent": None}]
+    for adapter in state.adapters.all() if state.adapters is not None else []:
+        data.append({"id": adapter.name, "object": "model", "created": created, "owned_by": "capstan",
+                     "root": adapter.path, "parent": state.model_name})
+    return web.json_response({"object": "list", "data": data})
 
 
 def add_routes(app: web.Application) -> None:
@@ -433,3 +459,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    add_adapter_routes(app, lambda: app[STATE].adapters)

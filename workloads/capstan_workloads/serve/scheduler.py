@@ -26,6 +26,7 @@ import torch
 
 from capstan_workloads.tokenizer import Tokenizer
 
+from .adapters import Adapter
 from .blocks import BlockTable
 from .engine import Engine, SamplingParams
 from .metrics import ServingMetrics
@@ -80,6 +81,7 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     cancelled: bool = False  # set from the HTTP side when the client goes away
+    adapter: Adapter | None = None  # the LoRA adapter the request picked by model name (None: base)
 
 
 @dataclass(eq=False)
@@ -167,9 +169,16 @@ class Scheduler:
         """KV blocks a request of ``n`` choices can ever use, with no prefix cache hit."""
         return self.blocks.group_need(prompt_len, n, self.fed_tokens(prompt_len, max_tokens))
 
-    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None]) -> Request:
-        """Queue a request; raise :class:`QueueFull` rather than queueing without bound."""
-        req = Request(prompt=prompt, params=params, emit=emit)
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        emit: Callable[[Event], None],
+        adapter: Adapter | None = None,
+    ) -> Request:
+        """Queue a request (on the base, or through ``adapter``); raise :class:`QueueFull` rather than
+        queueing without bound."""
+        req = Request(prompt=prompt, params=params, emit=emit, adapter=adapter)
         for i in range(params.n):
             seq = Sequence(request=req, index=i, stop=StopText(params.stop))
             if params.seed is not None:
@@ -253,6 +262,7 @@ class Scheduler:
                 [r.prompt for r in admitted],
                 [r.cached_tokens for r in admitted],
                 [r.seqs[0].blocks for r in admitted],
+                [r.adapter for r in admitted],
             )
             for req in admitted:
                 for seq in req.seqs:
@@ -278,6 +288,7 @@ class Scheduler:
                 [s.output[-1] for s in decoding],
                 [s.length - 1 for s in decoding],
                 [s.blocks for s in decoding],
+                [s.request.adapter for s in decoding],
             )
             bt = self.cache.block_tokens
             for seq in decoding:
@@ -311,7 +322,8 @@ class Scheduler:
                 if admitted and len(req.prompt) > budget:
                     break
                 fed = self.fed_tokens(len(req.prompt), req.params.max_tokens)
-                tables = self.blocks.admit(req.prompt, req.params.n, fed)
+                salt = req.adapter.salt if req.adapter else b""
+                tables = self.blocks.admit(req.prompt, req.params.n, fed, salt)
                 if tables is None:
                     break
                 self.waiting.popleft()

@@ -161,7 +161,7 @@ async def _observe(api: ApiClient, ms: ModelServing, gateway: bool, keda: bool, 
         training_job = await api.get(TRAININGJOBS, ns, ftj.name)
     # The TrainingJobs LoRA adapters come from, by name.
     names = sorted({a.from_training_job.name for a in ms.spec.adapters if a.from_training_job is not None})
-    found = await asyncio.gather(*(api.get(TRAININGJOBS, ns, n) for n in names))
+    found = await gather_bounded([api.get(TRAININGJOBS, ns, n) for n in names])
     jobs = {n: j for n, j in zip(names, found, strict=True) if j is not None}
     sources = [j for j in (training_job, *jobs.values()) if j is not None]
     if any(not (dig(j, "spec", "checkpoint", "volume") or {}).get("size") for j in sources):

@@ -25,7 +25,7 @@ E2E_TESTS := tests/e2e
 # Its own pytest session: the e2e suite's operator watches every namespace (tests/faults/conftest.py).
 FAULT_TESTS := tests/faults
 
-.PHONY: demo test test-nocluster test-unit test-integration test-packaging test-slow test-e2e test-faults setup tools controlplane cluster cluster-down lint typecheck crds bench clean
+.PHONY: demo test test-nocluster test-unit test-integration test-packaging test-slow test-e2e test-faults setup tools controlplane cluster cluster-down lint typecheck crds bench bench-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -119,6 +119,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/serving.py --json
 	$(BIN)/python bench/fleet.py --json
 	$(BIN)/python bench/quantization.py --json
+
+# Placement at scale needs the local control plane (about ten minutes on 2 cores).
+bench-scale: $(STAMP) tools controlplane
+	$(BIN)/python scripts/cluster.py run -- $(BIN)/python bench/scale.py --json
 
 clean:
 	-test -x $(BIN)/python && $(BIN)/python scripts/cluster.py down

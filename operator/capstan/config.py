@@ -52,6 +52,7 @@ MANAGED_ENV = "CAPSTAN_WEBHOOK_MANAGED"
 LOG_FORMAT_ENV = "CAPSTAN_LOG_FORMAT"
 LOG_LEVEL_ENV = "CAPSTAN_LOG_LEVEL"
 PROMETHEUS_ENV = "CAPSTAN_PROMETHEUS_URL"
+PLACEMENT_CACHE_ENV = "CAPSTAN_PLACEMENT_CACHE"
 #: The Prometheus Operator's default Service for a Prometheus named "k8s" in "monitoring".
 DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
 
@@ -124,6 +125,11 @@ class OperatorConfig:
     """Prometheus that KEDA's triggers query for the servers' load gauges
     (``$CAPSTAN_PROMETHEUS_URL``; default ``http://prometheus-operated.monitoring.svc:9090``)."""
 
+    placement_cache: bool = True
+    """Placement passes read watch-fed caches of Nodes, GPU pods and TrainingJobs
+    (:mod:`capstan.kube.cache`); ``$CAPSTAN_PLACEMENT_CACHE=off`` lists them from the API server for
+    every pass instead (the baseline ``bench/scale.py`` compares against)."""
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
         """The configuration from ``env`` (default: this process's environment); an unset or empty
@@ -141,6 +147,9 @@ class OperatorConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         log_format = source.get(LOG_FORMAT_ENV, "").strip().lower()
+        cache = source.get(PLACEMENT_CACHE_ENV, "").strip().lower()
+        if cache not in ("", "on", "off", "true", "false"):
+            raise ConfigError(f"{PLACEMENT_CACHE_ENV}: {cache!r} is not on or off")
         return cls(
             topology_levels=levels,
             queue=queue,
@@ -153,6 +162,7 @@ class OperatorConfig:
             log_format=next((f for f in _LOG_FORMATS if f == log_format), "json"),
             debug=source.get(LOG_LEVEL_ENV, "").strip().lower() == "debug",
             prometheus_url=source.get(PROMETHEUS_ENV) or DEFAULT_PROMETHEUS_URL,
+            placement_cache=cache not in ("off", "false"),
         )
 
 
@@ -184,6 +194,7 @@ __all__ = [
     "LOG_LEVEL_ENV",
     "MANAGED_ENV",
     "PEERING_PRIORITY_ENV",
+    "PLACEMENT_CACHE_ENV",
     "PORT_ENV",
     "ConfigError",
     "OperatorConfig",

@@ -187,6 +187,31 @@ async def test_node_lost_restarts_gang_uncounted(
     assert all(p["metadata"]["labels"][LABEL_ATTEMPT] == "1" for p in new)
 
 
+async def test_node_deleted_while_the_operator_is_down_still_restarts_the_gang(
+    cluster: Cluster, env: sc.Env, add_gpu_node: AddNode
+) -> None:
+    """Node loss is read from the cluster (pods bound to a Node that no longer exists), not from a
+    deletion event only a running operator would have seen."""
+    for i in range(3):
+        await add_gpu_node(f"n{i}", clique=f"c{i}")
+    async with cluster.operator():
+        await cluster.api.create(sc.job_body(env, "gone", workers=2, gpusPerWorker=8))
+        pods = await sc.wait_pods(env, "gone", 2, attempt=0)
+        for pod in pods:
+            await cluster.api.patch(
+                PODS, env.namespace, pod["metadata"]["name"], {"spec": {"nodeName": _pinned(pod)}}
+            )
+            await sc.kubelet(env, pod, "Running")
+        await sc.wait_job(env, "gone", sc.phase_is("Running"), "Running")
+    victim = _pinned(pods[0])
+    await cluster.api.delete(NODES, None, victim)  # no operator watching
+    async with cluster.operator():
+        job = await sc.wait_job(env, "gone", lambda j: sc.status(j).get("attempt") == 1, "gang restarted")
+        assert [(e["node"], e["reason"]) for e in sc.status(job)["excludedNodes"]] == [(victim, "NodeLost")]
+        new = await sc.wait_pods(env, "gone", 2, attempt=1)
+        assert victim not in [_pinned(p) for p in new]
+
+
 async def test_rbac_calls_of_core_scenario(cluster: Cluster, env: sc.Env) -> None:
     await sc.scenario_create(env)
     await sc.scenario_delete_cleans_up(env)

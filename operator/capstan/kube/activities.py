@@ -29,6 +29,7 @@ import kopf
 
 from capstan import GROUP
 from capstan.config import OperatorConfig
+from capstan.kube.cache import ClusterCache
 from capstan.kube.client import DEFAULT_CONCURRENCY, ApiClient
 from capstan.labels import FINALIZER
 
@@ -141,6 +142,9 @@ async def startup(memo: kopf.Memo, logger: kopf.Logger, settings: kopf.OperatorS
     info = await _login(memo, logger, settings)
     concurrency = int(memo.get("concurrency") or DEFAULT_CONCURRENCY)
     memo.api = ApiClient.from_connection(info, refresh=refresh, concurrency=concurrency)
+    if config.placement_cache:
+        memo.cache = ClusterCache.for_client(memo.api)
+        memo.cache.start()
     memo.wakeups = {}
     logging.getLogger("capstan").info("capstan operator started against %s", info.server)
 
@@ -151,6 +155,9 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     stuck_exit_s = memo.get("stuck_exit_s")
     if stuck_exit_s is not None:
         asyncio.get_running_loop().call_later(stuck_exit_s, exit_stuck, stuck_exit_s)
+    cache = memo.get("cache")
+    if cache is not None:
+        await cache.stop()
     api = memo.get("api")
     if api is not None:
         await api.close()

@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -156,6 +156,9 @@ class ApiClient:
             json_serialize=_dumps,
         )
         self.instance = socket.gethostname()
+        #: Called with every object a write of this client returns (the watch-fed caches' "assume"
+        #: step: a pass sees what the operator just wrote before its watch event arrives).
+        self.write_observers: list[Callable[[Mapping[str, Any]], None]] = []
 
     @classmethod
     def from_connection(
@@ -307,6 +310,56 @@ class ApiClient:
         """Pods matching a label selector."""
         return await self.list_objects(PODS, namespace, labels)
 
+    async def list_page(
+        self, res: ApiResource, *, limit: int = 500, continue_: str | None = None
+    ) -> dict[str, Any]:
+        """One page of a cluster-wide list (``items``, ``metadata.resourceVersion``/``continue``)."""
+        params = {"limit": str(limit)}
+        if continue_:
+            params["continue"] = continue_
+        page: dict[str, Any] = await self.request("GET", res.path(), params=params)
+        return page
+
+    async def watch(
+        self, res: ApiResource, resource_version: str, *, timeout_s: int = 300
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Watch events of ``res`` cluster-wide from ``resource_version``: ``{"type", "object"}``.
+
+        The stream ends when the server closes it (after about ``timeout_s``); a broken stream
+        raises the transport's error and an answer other than 200 raises :class:`ApiError`. The
+        caller resumes from the last resourceVersion it saw (bookmarks included).
+        """
+        params = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
+                  "timeoutSeconds": str(timeout_s)}
+        for attempt in (1, 2):
+            headers = {**self.headers, "Accept": "application/json"}
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_s + 30)
+            async with self._session.get(self.server + res.path(), params=params, headers=headers,
+                                         timeout=timeout) as resp:
+                if resp.status == 401 and self._refresh is not None and attempt == 1:
+                    self.headers.update(await self._refresh())
+                    continue
+                if resp.status != 200:
+                    text = await resp.text()
+                    try:
+                        payload = _loads(text) if text.startswith("{") else {}
+                    except json.JSONDecodeError:
+                        payload = {}
+                    raise ApiError(resp.status, str(payload.get("reason") or resp.status),
+                                   str(payload.get("message") or text[:200]), "WATCH", res.path())
+                # Split lines by hand: aiohttp's line reader refuses lines over 64 KiB, and one event
+                # carries a whole object.
+                buffer = b""
+                async for chunk in resp.content.iter_any():
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            yield _loads(line.decode())
+                if buffer.strip():
+                    yield _loads(buffer.decode())
+                return
+
     # -- writes ---------------------------------------------------------------------------------
 
     async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -316,6 +369,7 @@ class ApiClient:
         created: dict[str, Any] = await self.request(
             "POST", res.path(ns), body=obj, params={"fieldManager": self.field_manager}
         )
+        self._written(created)
         return created
 
     async def create_if_absent(self, obj: Mapping[str, Any]) -> bool:
@@ -353,6 +407,7 @@ class ApiClient:
             content_type=patch_type,
             params={"fieldManager": self.field_manager},
         )
+        self._written(out)
         return out
 
     async def patch_status(
@@ -378,7 +433,12 @@ class ApiClient:
             if not exc.not_found:  # a real server creates on apply; emulators may answer 404
                 raise
             return await self.create(obj)
+        self._written(out)
         return out
+
+    def _written(self, obj: Mapping[str, Any]) -> None:
+        for observe in self.write_observers:
+            observe(obj)
 
     async def delete(
         self,

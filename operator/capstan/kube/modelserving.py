@@ -36,7 +36,7 @@ from capstan.api.modelserving import ModelServing
 from capstan.fields import dig
 from capstan.kube.activities import operator_config, shared_state
 from capstan.kube.adapters import apply_adapter_actions, observe_servers
-from capstan.kube.client import ApiClient, ApiError, owner_of
+from capstan.kube.client import ApiClient, ApiError, gather_bounded, owner_of
 from capstan.kube.reconciler import Reported, reconcile_loop, refused_by_server, wake
 from capstan.kube.resources import (
     DEPLOYMENTS,
@@ -151,7 +151,8 @@ async def _observe(api: ApiClient, ms: ModelServing, gateway: bool, keda: bool, 
     kinds = [DEPLOYMENTS, SERVICES, HPAS, PVCS, NETWORK_POLICIES, JOBS]
     kinds += [HTTPROUTES] if gateway else []
     kinds += [SCALEDOBJECTS] if keda else []
-    deployments, *rest = await asyncio.gather(*(_list(api, r, ns, sel) for r in kinds))
+    # bounded gather: a failed list (the operator stopping, say) leaves no sibling request running
+    deployments, *rest = await gather_bounded([_list(api, r, ns, sel) for r in kinds])
     children = [obj for objs in rest for obj in objs]
     training_job = None
     snapshots: dict[str, dict[str, Any]] = {}
@@ -160,7 +161,7 @@ async def _observe(api: ApiClient, ms: ModelServing, gateway: bool, keda: bool, 
         training_job = await api.get(TRAININGJOBS, ns, ftj.name)
     # The TrainingJobs LoRA adapters come from, by name.
     names = sorted({a.from_training_job.name for a in ms.spec.adapters if a.from_training_job is not None})
-    found = await asyncio.gather(*(api.get(TRAININGJOBS, ns, n) for n in names))
+    found = await gather_bounded([api.get(TRAININGJOBS, ns, n) for n in names])
     jobs = {n: j for n, j in zip(names, found, strict=True) if j is not None}
     sources = [j for j in (training_job, *jobs.values()) if j is not None]
     if any(not (dig(j, "spec", "checkpoint", "volume") or {}).get("size") for j in sources):
@@ -300,19 +301,15 @@ async def _apply(
                 elif isinstance(result, BaseException):
                     raise result
     current = {d["metadata"]["name"]: dig(d, "spec", "replicas") for d in observed.deployments}
-    await asyncio.gather(
-        *(
-            api.patch(DEPLOYMENTS, ns, dep, {"spec": {"replicas": n}})
-            for dep, n in plan.scale.items()
-            if current.get(dep) != n
-        )
-    )
-    await asyncio.gather(
-        *(
-            api.delete(api_resource_of({"apiVersion": r.api_version, "kind": r.kind}), ns, r.name)
-            for r in plan.deletes
-        )
-    )
+    await gather_bounded([
+        api.patch(DEPLOYMENTS, ns, dep, {"spec": {"replicas": n}})
+        for dep, n in plan.scale.items()
+        if current.get(dep) != n
+    ])
+    await gather_bounded([
+        api.delete(api_resource_of({"apiVersion": r.api_version, "kind": r.kind}), ns, r.name)
+        for r in plan.deletes
+    ])
     if plan.events:
         await asyncio.gather(*(api.post_event(body, e.reason, e.message, e.type) for e in plan.events))
     if refusal is not None or plan.on_applied is not None:

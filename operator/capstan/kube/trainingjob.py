@@ -40,7 +40,8 @@ from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob, TrainingJobSta
 from capstan.checkpoints.snapshots import SnapshotPlan, SnapshotsSeen, snapshots_in_use, with_snapshots
 from capstan.fields import dig
 from capstan.kube.activities import operator_config, shared_state
-from capstan.kube.client import ApiClient, ApiError, owner_of
+from capstan.kube.cache import ClusterCache
+from capstan.kube.client import ApiClient, ApiError, gather_bounded, owner_of
 from capstan.kube.placement import (
     QueuePass,
     QueueSnapshot,
@@ -235,7 +236,7 @@ async def _reconcile_job(
     decision is applied before the lock is released (no two gangs get the same GPUs).
     """
     state = _state(memo)
-    seen = await _observe(api, job, state.gone_nodes, state.progress)
+    seen = await _observe(api, job, state.gone_nodes, state.progress, memo.get("cache"))
     placed_by_queue = wants_placement(job)
     move = state.queue.move_for(queue_key(job), job.status.phase) if placed_by_queue else None
     config = operator_config(memo)
@@ -311,6 +312,7 @@ async def _observe(
     job: TrainingJob,
     gone_nodes: set[str],
     cache: dict[str, tuple[float, int, Progress | None]] | None = None,
+    cluster: ClusterCache | None = None,
 ) -> _Observed:
     """The job's pods, whether its Service and checkpoint PVC are there (while it has pods), rank 0's
     progress (a scrape of its metrics while it runs) and, when it keeps snapshots, its
@@ -319,7 +321,7 @@ async def _observe(
     listed = await api.list_pods(ns, selector(job))
     service_exists, pvc_exists = await _children_exist(api, job) if listed else (None, None)
     rank0 = await _rank0_progress(job, listed, {} if cache is None else cache)
-    pods = _node_lost(listed, gone_nodes)
+    pods = _node_lost(listed, gone_nodes | await _missing_nodes(api, listed, cluster))
     if job.spec.checkpoint.snapshots is None or job.spec.checkpoint.volume is None:
         return _Observed(pods, None, service_exists, pvc_exists, rank0)
     try:
@@ -336,6 +338,24 @@ async def _observe(
             raise
         in_use = set()
     return _Observed(pods, SnapshotsSeen(snapshots, in_use, available), service_exists, pvc_exists, rank0)
+
+
+async def _missing_nodes(
+    api: ApiClient, pods: list[dict[str, Any]], cluster: ClusterCache | None
+) -> set[str]:
+    """Nodes the pods are bound or pinned to that do not exist: the synced node cache lacks them and
+    a read of each confirms it (a Node created a moment ago may not be in the cache yet).
+
+    This is what makes node loss survive an operator restart: the Node's deletion event is gone by
+    then, but the pods' nodes are still missing.
+    """
+    if cluster is None:
+        return set()
+    missing = set()
+    for node in {n for pod in pods if (n := pinned_node(pod))}:
+        if cluster.node_known(node) is False and await api.get(NODES, None, node) is None:
+            missing.add(node)
+    return missing
 
 
 async def _children_exist(api: ApiClient, job: TrainingJob) -> tuple[bool | None, bool | None]:
@@ -368,9 +388,16 @@ def _ours(obj: Mapping[str, Any] | None, uid: str) -> bool:
 async def _queue_snapshot(
     api: ApiClient, memo: kopf.Memo, namespace: str, logger: kopf.Logger
 ) -> QueueSnapshot | None:
-    """Read what a queue pass decides over; None without readable Nodes (the gang goes unplaced)."""
+    """Read what a queue pass decides over; None without readable Nodes (the gang goes unplaced).
+
+    From the watch-fed caches once they are synced (:mod:`capstan.kube.cache`); by listing the
+    cluster otherwise (caches off, still listing, or not allowed to watch cluster-wide).
+    """
+    cluster: ClusterCache | None = memo.get("cache")
+    if cluster is not None and cluster.ready:
+        return _snapshot_of(memo, cluster.nodes.items(), cluster.pods.items(), cluster.jobs.items())
     try:
-        nodes, pods = await asyncio.gather(api.list_objects(NODES), api.list_objects(PODS))
+        nodes, pods = await gather_bounded([api.list_objects(NODES), api.list_objects(PODS)])
     except ApiError as exc:
         if exc.status != 403:
             raise
@@ -384,6 +411,12 @@ async def _queue_snapshot(
         # an operator scoped to namespaces queues the gangs of the namespace it can see
         logger.warning("cannot list TrainingJobs cluster-wide (%s): queue of %s only", exc.reason, namespace)
         jobs = await api.list_objects(TRAININGJOBS, namespace)
+    return _snapshot_of(memo, nodes, pods, jobs)
+
+
+def _snapshot_of(
+    memo: kopf.Memo, nodes: list[dict[str, Any]], pods: list[dict[str, Any]], jobs: list[dict[str, Any]]
+) -> QueueSnapshot | None:
     now = time.time()
     config = operator_config(memo)
     return queue_snapshot(

@@ -1,0 +1,309 @@
+"""Watch-fed caches of what a placement pass decides over: Nodes, Pods that hold GPUs or belong to
+a TrainingJob, and TrainingJobs.
+
+Listing every Node, Pod and TrainingJob for each placement pass costs the API server work in
+proportion to the cluster for every gang that asks, and the operator one big decode per pass. As
+kube-scheduler and Kueue do, the operator instead lists each kind once, keeps it current with a
+watch resumed from the last ``resourceVersion`` it saw (bookmarks included), and lists again only
+when the server says that version is too old (410 Gone). A pass then reads memory.
+
+Two things keep the caches safe to decide over:
+
+* **Assume.** Every object the operator writes (a created pod, a TrainingJob's new status) goes
+  into the cache from the write's answer (:attr:`ApiClient.write_observers`), so the next pass sees
+  the GPUs a gang was just given before the watch event arrives, and an event older than what is
+  stored (a lower ``resourceVersion``) does not undo it.
+* **Slim copies.** A pod is kept only when it holds GPUs or carries a TrainingJob's labels, and only
+  the fields placement reads (labels, node, affinity, GPU requests, phase): memory grows with the GPU
+  pods, not with every pod in the cluster.
+
+A cache that is not synced (still listing, or refused by RBAC: an operator scoped to namespaces
+cannot watch cluster-wide) makes the caller fall back to listing, as before
+(``$CAPSTAN_PLACEMENT_CACHE=off`` keeps that list-based path on purpose, as a baseline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from capstan.fields import dig
+from capstan.kube.client import ApiClient, ApiError
+from capstan.kube.resources import NODES, PODS, TRAININGJOBS, ApiResource, api_resource_of
+from capstan.labels import LABEL_JOB_UID
+from capstan.topology.inventory import pod_gpu_request
+
+log = logging.getLogger(__name__)
+
+Slim = Callable[[Mapping[str, Any]], dict[str, Any] | None]
+WATCH_TIMEOUT_S = 300  # the server closes each watch after about this long; the reflector resumes
+_BACKOFF_S = (0.5, 30.0)  # first and largest wait after a failed list or watch
+_FORBIDDEN_RETRY_S = 300.0  # RBAC refused: try again now and then (a role may be granted later)
+
+
+class _Expired(Exception):
+    """The server no longer has the resourceVersion a watch resumed from (410 Gone)."""
+
+
+def object_key(obj: Mapping[str, Any]) -> str:
+    """``namespace/name`` (``name`` for cluster-scoped objects)."""
+    meta = obj.get("metadata") or {}
+    ns = meta.get("namespace")
+    return f"{ns}/{meta.get('name')}" if ns else str(meta.get("name"))
+
+
+def _version(obj: Mapping[str, Any]) -> int | None:
+    """The object's resourceVersion as a number (etcd's revision), or None when it is not one."""
+    text = dig(obj, "metadata", "resourceVersion")
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def slim_pod(pod: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The fields placement reads of a pod that holds GPUs or belongs to a TrainingJob; else None."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    gpus = pod_gpu_request(pod)
+    if not gpus and LABEL_JOB_UID not in labels:
+        return None
+    spec = pod.get("spec") or {}
+
+    def containers(key: str) -> list[dict[str, Any]]:
+        return [{k: c[k] for k in ("name", "resources", "restartPolicy") if k in c}
+                for c in spec.get(key) or []]
+
+    slim_spec: dict[str, Any] = {"containers": containers("containers")}
+    if spec.get("initContainers"):
+        slim_spec["initContainers"] = containers("initContainers")
+    if spec.get("nodeName"):
+        slim_spec["nodeName"] = spec["nodeName"]
+    node_affinity = dig(spec, "affinity", "nodeAffinity")
+    if node_affinity:
+        slim_spec["affinity"] = {"nodeAffinity": node_affinity}
+    slim_meta = {k: meta[k] for k in ("name", "namespace", "uid", "labels", "resourceVersion",
+                                     "deletionTimestamp") if k in meta}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": slim_meta, "spec": slim_spec,
+            "status": {"phase": dig(pod, "status", "phase")}}
+
+
+def whole(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """Keep the object as it is."""
+    return dict(obj)
+
+
+@dataclass
+class Reflector:
+    """One kind's objects, listed once and kept current by a watch (see the module docstring)."""
+
+    api: ApiClient
+    resource: ApiResource
+    slim: Slim = whole
+    objects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)  # key -> newest resourceVersion stored
+    resource_version: str = ""  # where the watch resumes; "" means list first
+    synced: asyncio.Event = field(default_factory=asyncio.Event)
+    forbidden: bool = False  # RBAC refused the list or the watch
+    lists: int = 0  # full lists done (the first, and one per expiry)
+    events: int = 0  # watch events applied
+    on_event: Callable[[str, Mapping[str, Any]], None] | None = None  # (type, object), after storing
+
+    def items(self) -> list[dict[str, Any]]:
+        """A snapshot of the stored objects."""
+        return list(self.objects.values())
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The stored object ``key`` (``namespace/name``), or None."""
+        return self.objects.get(key)
+
+    def store(self, obj: Mapping[str, Any]) -> None:
+        """Keep ``obj`` unless a newer version of it is already stored (an assumed write, say)."""
+        key = object_key(obj)
+        version = _version(obj)
+        known = self.versions.get(key)
+        if version is not None and known is not None and version < known:
+            return
+        kept = self.slim(obj)
+        if kept is None:
+            self.objects.pop(key, None)
+        else:
+            self.objects[key] = kept
+        if version is not None:
+            self.versions[key] = version
+
+    def forget(self, obj: Mapping[str, Any]) -> None:
+        """Drop ``obj`` (it was deleted)."""
+        key = object_key(obj)
+        version, known = _version(obj), self.versions.get(key)
+        if version is not None and known is not None and version < known:
+            return  # an old deletion: a newer object of that name was stored since
+        self.objects.pop(key, None)
+        self.versions.pop(key, None)
+
+    def apply(self, event: Mapping[str, Any]) -> None:
+        """One watch event: store, forget, or move the resume point (BOOKMARK); 410 raises _Expired."""
+        kind, obj = event.get("type"), event.get("object") or {}
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise _Expired(obj.get("message") or "resourceVersion too old")
+            raise ApiError(int(obj.get("code") or 0), str(obj.get("reason") or "WatchError"),
+                           str(obj.get("message") or ""), "WATCH", self.resource.path())
+        version = dig(obj, "metadata", "resourceVersion")
+        if kind == "BOOKMARK":
+            self.resource_version = str(version or self.resource_version)
+            return
+        if kind == "DELETED":
+            self.forget(obj)
+        elif kind in ("ADDED", "MODIFIED"):
+            self.store(obj)
+        else:
+            return
+        self.events += 1
+        if version:
+            self.resource_version = str(version)
+        if self.on_event is not None:
+            self.on_event(str(kind), obj)
+
+    async def relist(self) -> None:
+        """List every object (in pages), replace what is stored, and resume watching from there."""
+        objects: dict[str, dict[str, Any]] = {}
+        versions: dict[str, int] = {}
+        continue_: str | None = None
+        while True:
+            page = await self.api.list_page(self.resource, continue_=continue_)
+            for item in page.get("items") or []:
+                item.setdefault("apiVersion", self.resource.api_version)  # list items carry neither
+                item.setdefault("kind", self.resource.kind)
+                kept = self.slim(item)
+                if kept is not None:
+                    key = object_key(item)
+                    objects[key] = kept
+                    if (version := _version(item)) is not None:
+                        versions[key] = version
+            continue_ = dig(page, "metadata", "continue") or None
+            if not continue_:
+                break
+        self.objects, self.versions = objects, versions
+        self.resource_version = str(dig(page, "metadata", "resourceVersion") or "")
+        self.lists += 1
+        self.synced.set()
+
+    async def run(self) -> None:
+        """List, then watch for ever, resuming after each closed stream; stops when cancelled."""
+        failures = 0
+        while True:
+            try:
+                if not self.resource_version:
+                    await self.relist()
+                opened, before = time.monotonic(), self.events
+                async for event in self.api.watch(self.resource, self.resource_version,
+                                                  timeout_s=WATCH_TIMEOUT_S):
+                    self.apply(event)
+                self.forbidden = False
+                if self.events == before and time.monotonic() - opened < 1.0:
+                    # a stream closed at once with nothing in it: do not spin on the server
+                    failures += 1
+                    await asyncio.sleep(_backoff(failures))
+                else:
+                    failures = 0
+            except _Expired:
+                self.resource_version = ""  # list again; what is stored stays readable meanwhile
+            except ApiError as exc:
+                if exc.status == 410:
+                    self.resource_version = ""
+                    continue
+                failures += 1
+                if exc.status == 403:
+                    self.forbidden = True
+                    self.synced.clear()  # the caller lists instead (and says why)
+                    log.warning("cannot watch %s cluster-wide (%s): placement lists instead",
+                                self.resource.plural, exc.reason)
+                    await asyncio.sleep(_FORBIDDEN_RETRY_S)
+                    continue
+                await asyncio.sleep(_backoff(failures))
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                if self.api.closed:
+                    return
+                failures += 1
+                log.debug("watch of %s broke (%s); resuming", self.resource.plural, type(exc).__name__)
+                await asyncio.sleep(_backoff(failures))
+
+
+def _backoff(failures: int) -> float:
+    low, high = _BACKOFF_S
+    return float(min(high, low * 2 ** min(failures, 10)) * random.uniform(0.5, 1.0))
+
+
+@dataclass
+class ClusterCache:
+    """The three reflectors placement reads, and the tasks that feed them."""
+
+    nodes: Reflector
+    pods: Reflector
+    jobs: Reflector
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def for_client(cls, api: ApiClient) -> ClusterCache:
+        """Reflectors over ``api``, fed by its own writes too (not yet started)."""
+        cache = cls(Reflector(api, NODES), Reflector(api, PODS, slim_pod), Reflector(api, TRAININGJOBS))
+        api.write_observers.append(cache.assume)
+        return cache
+
+    @property
+    def reflectors(self) -> tuple[Reflector, Reflector, Reflector]:
+        """Nodes, pods, TrainingJobs."""
+        return self.nodes, self.pods, self.jobs
+
+    @property
+    def ready(self) -> bool:
+        """Every kind listed and watched (a pass may read memory)."""
+        return all(r.synced.is_set() and not r.forbidden for r in self.reflectors)
+
+    def start(self) -> None:
+        """Start listing and watching (idempotent)."""
+        if not self.tasks:
+            self.tasks = [asyncio.create_task(r.run(), name=f"capstan-cache-{r.resource.plural}")
+                          for r in self.reflectors]
+
+    async def stop(self) -> None:
+        """Cancel the watches and wait for them to end."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks = []
+
+    async def wait_synced(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for every kind's first list; whether they all made it."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*(r.synced.wait() for r in self.reflectors)), timeout_s)
+        except TimeoutError:
+            return False
+        return self.ready
+
+    def assume(self, obj: Mapping[str, Any]) -> None:
+        """Store an object the operator just wrote, when it is of a kind the cache holds."""
+        try:
+            resource = api_resource_of(obj)
+        except ValueError:
+            return
+        for reflector in self.reflectors:
+            if reflector.resource == resource and reflector.synced.is_set():
+                reflector.store(obj)
+
+    def node_known(self, name: str) -> bool | None:
+        """Whether Node ``name`` is in the synced cache (None: the cache cannot say)."""
+        if not self.nodes.synced.is_set() or self.nodes.forbidden:
+            return None
+        return name in self.nodes.objects
+
+
+__all__ = ["ClusterCache", "Reflector", "object_key", "slim_pod"]

@@ -1,0 +1,122 @@
+"""The reflector's protocol with a scripted server: resume from the last resourceVersion and
+bookmark, list again after 410 Gone, keep assumed writes against older events, stop on RBAC."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from capstan.kube.cache import ClusterCache, Reflector, slim_pod
+from capstan.kube.client import ApiError
+from capstan.kube.resources import NODES, PODS
+
+
+def gpu_pod(name: str, rv: int, node: str = "n1") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "ns", "resourceVersion": str(rv)},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "c", "resources": {"limits": {"nvidia.com/gpu": "1"}}}],
+        },
+        "status": {"phase": "Running"},
+    }
+
+
+class ScriptedServer:
+    """Answers lists with ``pages`` and each watch with the next script (a list of events or an error)."""
+
+    def __init__(self, pages: list[list[dict[str, Any]]], watches: list[Any]) -> None:
+        self.pages, self.watches = pages, watches
+        self.lists: list[str] = []  # resourceVersion each list answered with
+        self.watched_from: list[str] = []
+        self.closed = False
+        self.done = asyncio.Event()
+
+    async def list_page(self, res: Any, *, continue_: str | None = None, limit: int = 500) -> dict[str, Any]:
+        items = self.pages.pop(0)
+        rv = str(max((int(i["metadata"]["resourceVersion"]) for i in items), default=1))
+        self.lists.append(rv)
+        return {"metadata": {"resourceVersion": rv}, "items": items}
+
+    async def watch(
+        self, res: Any, resource_version: str, *, timeout_s: int = 300
+    ) -> AsyncIterator[dict[str, Any]]:
+        self.watched_from.append(resource_version)
+        if not self.watches:
+            self.done.set()
+            await asyncio.Event().wait()  # hang like an idle stream until cancelled
+        script = self.watches.pop(0)
+        if isinstance(script, Exception):
+            raise script
+        for event in script:
+            yield event
+
+
+async def run_until_done(reflector: Reflector, server: ScriptedServer) -> None:
+    task = asyncio.create_task(reflector.run())
+    try:
+        await asyncio.wait_for(server.done.wait(), 10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_resumes_from_last_event_and_bookmark_then_relists_after_410(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("capstan.kube.cache._backoff", lambda failures: 0.0)
+    server = ScriptedServer(
+        pages=[[gpu_pod("a", 5)], [gpu_pod("a", 5), gpu_pod("c", 40)]],
+        watches=[
+            [
+                {"type": "ADDED", "object": gpu_pod("b", 7)},
+                {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}},
+            ],
+            [{"type": "DELETED", "object": gpu_pod("b", 12)}],
+            [
+                {
+                    "type": "ERROR",
+                    "object": {"kind": "Status", "code": 410, "message": "too old resource version"},
+                }
+            ],
+        ],
+    )
+    reflector = Reflector(server, PODS, slim_pod)  # type: ignore[arg-type]
+    await run_until_done(reflector, server)
+    # first list at 5; watch from 5; resume from the bookmark (9), then from the deletion (12);
+    # 410 -> a new list (at 40) and a watch from there
+    assert server.watched_from == ["5", "9", "12", "40"]
+    assert server.lists == ["5", "40"] and reflector.lists == 2
+    assert set(reflector.objects) == {"ns/a", "ns/c"}
+
+
+async def test_store_keeps_the_newer_version_and_slim_pods_drop_what_placement_ignores() -> None:
+    reflector = Reflector(None, PODS, slim_pod)  # type: ignore[arg-type]
+    reflector.store(gpu_pod("a", 20, node="n2"))  # assumed from a write's answer
+    reflector.apply({"type": "MODIFIED", "object": gpu_pod("a", 15, node="n1")})  # older, arrives late
+    assert reflector.objects["ns/a"]["spec"]["nodeName"] == "n2"
+    reflector.apply({"type": "DELETED", "object": gpu_pod("a", 18)})  # older namesake's deletion
+    assert "ns/a" in reflector.objects
+    reflector.apply({"type": "DELETED", "object": gpu_pod("a", 21)})
+    assert "ns/a" not in reflector.objects
+    no_gpu = gpu_pod("web", 30)
+    no_gpu["spec"]["containers"][0]["resources"] = {}
+    reflector.apply({"type": "ADDED", "object": no_gpu})
+    assert "ns/web" not in reflector.objects
+
+
+async def test_rbac_refusal_makes_placement_fall_back_to_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("capstan.kube.cache._FORBIDDEN_RETRY_S", 0.0)
+    server = ScriptedServer(pages=[[]], watches=[ApiError(403, "Forbidden", "pods is forbidden")])
+    pods = Reflector(server, PODS, slim_pod)  # type: ignore[arg-type]
+    ready = Reflector(None, NODES)  # type: ignore[arg-type]
+    ready.synced.set()
+    cache = ClusterCache(ready, pods, ready)
+    await run_until_done(pods, server)
+    assert pods.forbidden and not pods.synced.is_set()
+    assert not cache.ready  # the queue pass lists instead

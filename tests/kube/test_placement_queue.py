@@ -18,6 +18,7 @@ from capstan.kube.placement import (
     queue_pass,
     queue_snapshot,
     queued_jobs,
+    recorded_moves,
     running_gangs,
 )
 from capstan.topology import QueuePolicy
@@ -222,6 +223,43 @@ def test_defragmentation_move_is_held_for_the_mover_and_then_frees_room() -> Non
     assert list(result.startable) == ["uid-whole"]
     back = place(snapshot, job("mover", 1, 4, **CHECKPOINTED), state).decision
     assert back.placed and back.nodes == ["n1"] and "ml/mover" not in state.moves
+
+
+def test_a_recorded_move_survives_an_operator_restart() -> None:
+    bodies = [running_one("mover", 4, "n0", **CHECKPOINTED)]
+    before = QueueState()
+    snapshot = queue_snapshot(NODES, [busy("n0", 4), busy("n1", 4)], [], now=NOW,
+                              movable=movable_gangs(bodies))
+    place(snapshot, job("whole", 1, 8, created="2026-11-23T11:00:00Z"), before)
+    decided = before.moves["ml/mover"]
+    # the shell writes the move into the mover's status; then the operator restarts (memory empty)
+    restarting = running_one("mover", 4, "n0", **CHECKPOINTED)
+    restarting["status"].update(phase="Restarting", pendingMove=decided.status())
+    after = QueueState()
+    after.adopt(recorded_moves([restarting, body("whole", 1, 8)]), NOW + 5)
+    adopted = after.moves["ml/mover"]
+    assert (adopted.move.to.nodes, adopted.move.reason, adopted.move.for_gang, adopted.uid) == (
+        ["n1"], decided.move.reason, "ml/whole", "uid-mover")
+    assert abs(adopted.since - decided.since) < 1
+    # so n1's idle half is still held for the mover, and the mover gets it when it asks
+    snapshot = queue_snapshot(NODES, [busy("n1", 4)], queued_jobs([body("whole", 1, 8)]), now=NOW + 10)
+    assert not place(snapshot, job("four", 1, 4, created="2026-11-23T12:00:00Z"), after).decision.placed
+    back = place(snapshot, job("mover", 1, 4, **CHECKPOINTED), after).decision
+    assert back.placed and back.nodes == ["n1"] and "ml/mover" not in after.moves
+
+
+def test_recorded_moves_that_are_over_are_not_taken_up() -> None:
+    record = {"nodes": ["n1"], "reason": "making room", "decided": "2026-11-23T12:00:00Z"}
+    late = running_one("late", 4, "n0", **CHECKPOINTED)
+    late["status"]["pendingMove"] = record
+    ended = running_one("ended", 4, "n0", **CHECKPOINTED)
+    ended["status"].update(phase="Succeeded", pendingMove=record)
+    state = QueueState()
+    decided = 1_795_435_200.0  # 2026-11-23T12:00:00Z
+    state.adopt(recorded_moves([late, ended]), decided + MOVE_HOLD_S + 1)
+    assert state.moves == {}  # past the hold, or the gang ended
+    state.adopt(recorded_moves([late, ended]), decided + 1)
+    assert list(state.moves) == ["ml/late"]
 
 
 def test_a_move_that_cannot_happen_is_dropped() -> None:

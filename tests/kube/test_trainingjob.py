@@ -144,6 +144,12 @@ async def test_defragmentation_moves_a_checkpointed_gang_to_make_a_whole_node(
         moved = await sc.wait_job(env, "mover", lambda j: sc.status(j).get("phase") == "Running"
                                   and not sc.status(j).get("movingSince"), "running again")
         assert sc.status(moved)["moves"] == 1 and sc.status(moved)["movedSeconds"] >= 0
+        # the move was recorded in the mover's status while pending, and cleared once carried out
+        recorded = [(r.data.get("status") or {}).get("pendingMove") for r in cluster.emulator
+                    if r.name == "mover" and r.subresource == "status" and isinstance(r.data, dict)
+                    and "pendingMove" in (r.data.get("status") or {})]
+        assert recorded[0]["nodes"] == ["n1"] and recorded[0]["forJob"] == "default/whole"
+        await sc.wait_job(env, "mover", lambda j: "pendingMove" not in sc.status(j), "pendingMove cleared")
 
 
 async def test_cpu_and_kueue_jobs_are_not_placed(

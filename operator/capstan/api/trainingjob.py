@@ -660,6 +660,17 @@ class WorkerCounts(ApiModel):
     failed: int = Field(default=0, description="Pods failed.")
 
 
+class PendingMoveStatus(ApiModel):
+    """A defragmentation move the placement queue decided for this gang and that is not done yet."""
+
+    nodes: list[str] = Field(description="Node of each worker after the move, rank 0 first.")
+    level: str = Field(default="", description="Narrowest topology level holding the moved gang.")
+    domain: str = Field(default="", description="The domain at that level.")
+    reason: str = Field(default="", description="Why the gang moves.")
+    for_job: str | None = Field(default=None, description="The waiting gang the move makes room for.")
+    decided: str = Field(description="When the move was decided (RFC 3339).")
+
+
 class TrainingJobStatus(ApiModel):
     """Observed state of a TrainingJob."""
 
@@ -694,6 +705,11 @@ class TrainingJobStatus(ApiModel):
         default=0, description="Downtime of finished moves; added to activeDeadlineSeconds."
     )
     moving_since: str | None = Field(default=None, description="When the move in progress began.")
+    pending_move: PendingMoveStatus | None = Field(
+        default=None,
+        description="A move decided and not carried out yet (kept here so that an operator restart "
+        "does not forget it); cleared when the gang restarts there or the move is dropped.",
+    )
     checkpoints: list[CheckpointRecord] = Field(default_factory=list, description="Snapshots, newest last.")
     last_checkpoint: CheckpointProgress | None = Field(
         default=None,

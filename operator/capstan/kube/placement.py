@@ -10,8 +10,10 @@ gangs cannot starve a big one.
 As in Kueue's scheduler, a pass decides over a snapshot and returns what it decided; its caller
 applies that. The shell reads a :class:`QueueSnapshot` (:func:`queue_snapshot`), calls the pure
 :func:`queue_pass`, and applies the :class:`QueuePass`: the asking gang's decision goes to its
-plan, the reservation and the pending moves to :class:`QueueState` (operator memory: after a
-restart the next pass simply computes them again), and the jobs it names are woken.
+plan, the reservation and the pending moves to :class:`QueueState`, and the jobs it names are
+woken. After an operator restart the next pass computes the reservation again from the cluster;
+pending moves, which no pass could compute again, are also written to each mover's
+``status.pendingMove`` and taken up from there (:meth:`QueueState.adopt`).
 
 How the queue runs is the operator's :class:`~capstan.topology.QueuePolicy` (environment, checked
 at startup): by default a blocked gang gets its reservation after 24 h (before that anything
@@ -37,9 +39,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from capstan.api.conditions import parse_time
+from capstan.api.conditions import parse_time, rfc3339
 from capstan.api.loading import InvalidObject, parse_object
-from capstan.api.trainingjob import TERMINAL_PHASES, TrainingJob
+from capstan.api.trainingjob import TERMINAL_PHASES, PendingMoveStatus, TrainingJob
 from capstan.fields import dig
 from capstan.labels import GPU_PRODUCT_LABEL, LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
 from capstan.topology import (
@@ -72,6 +74,26 @@ class PendingMove:
     uid: str
     since: float
 
+    def status(self) -> dict[str, Any]:
+        """The mover's ``status.pendingMove`` (wire form), so that the move outlives the operator."""
+        to = self.move.to
+        record = PendingMoveStatus(nodes=list(to.nodes), level=to.level or "", domain=to.domain or "",
+                                   reason=self.move.reason, for_job=self.move.for_gang,
+                                   decided=rfc3339(datetime.fromtimestamp(self.since, UTC)))
+        return record.model_dump(by_alias=True, exclude_none=True)
+
+    @classmethod
+    def of(cls, job: TrainingJob) -> PendingMove | None:
+        """The move ``job``'s status records, or None."""
+        record = job.status.pending_move
+        decided = parse_time(record.decided) if record is not None else None
+        if record is None or decided is None or not record.nodes:
+            return None
+        key = queue_key(job)
+        to = PlacementResult(key, True, list(record.nodes), job.spec.gpus_per_worker,
+                             level=record.level or None, domain=record.domain or None)
+        return cls(Move(key, to, record.reason, record.for_job), job.metadata.uid or "", decided.timestamp())
+
 
 @dataclass
 class QueueState:
@@ -95,6 +117,17 @@ class QueueState:
         if phase != "Restarting":  # it ended or was suspended: nothing to move, release the hold
             del self.moves[key]
         return None
+
+    def adopt(self, jobs: Iterable[TrainingJob], now: float) -> None:
+        """Take up the moves the jobs' statuses record and memory lacks (after an operator restart):
+        a move still in time, of a gang that is running or restarting for it."""
+        for job in jobs:
+            key = queue_key(job)
+            if key in self.moves or job.status.phase not in ("Running", "Restarting"):
+                continue
+            pending = PendingMove.of(job)
+            if pending is not None and now - pending.since <= MOVE_HOLD_S:
+                self.moves[key] = pending
 
     def apply(self, result: QueuePass) -> None:
         """Keep what pass ``result`` leaves for the next one: the head's reservation, the moves."""
@@ -180,6 +213,11 @@ def queued_jobs(bodies: Sequence[Mapping[str, Any]]) -> list[TrainingJob]:
     """
     waiting = [b for b in bodies if dig(b, "status", "phase") == "Queued"]
     return [j for j in _placed_by_capstan(waiting) if not j.spec.suspend]
+
+
+def recorded_moves(bodies: Sequence[Mapping[str, Any]]) -> list[TrainingJob]:
+    """Capstan-placed TrainingJobs whose status records a pending move."""
+    return _placed_by_capstan([b for b in bodies if dig(b, "status", "pendingMove")])
 
 
 def running_gangs(bodies: Sequence[Mapping[str, Any]], now: float) -> list[RunningGang]:
@@ -400,5 +438,5 @@ def _plan_moves(inv: Inventory, decisions: Sequence[Decision], movable: Sequence
 __all__ = [
     "MOVE_HOLD_S", "PendingMove", "QueuePass", "QueueSnapshot", "QueueState", "gang_request",
     "movable_gangs", "pinned_node", "placed_without_pods", "queue_key", "queue_pass", "queue_snapshot",
-    "queued_jobs", "running_gangs", "wants_placement",
+    "queued_jobs", "recorded_moves", "running_gangs", "wants_placement",
 ]

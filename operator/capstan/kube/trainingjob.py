@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -43,6 +43,7 @@ from capstan.kube.activities import operator_config, shared_state
 from capstan.kube.cache import ClusterCache
 from capstan.kube.client import ApiClient, ApiError, gather_bounded, owner_of
 from capstan.kube.placement import (
+    PendingMove,
     QueuePass,
     QueueSnapshot,
     QueueState,
@@ -53,6 +54,7 @@ from capstan.kube.placement import (
     queue_pass,
     queue_snapshot,
     queued_jobs,
+    recorded_moves,
     running_gangs,
     wants_placement,
 )
@@ -238,6 +240,8 @@ async def _reconcile_job(
     state = _state(memo)
     seen = await _observe(api, job, state.gone_nodes, state.progress, memo.get("cache"))
     placed_by_queue = wants_placement(job)
+    if placed_by_queue:
+        state.queue.adopt([job], time.time())  # a move decided before an operator restart
     move = state.queue.move_for(queue_key(job), job.status.phase) if placed_by_queue else None
     config = operator_config(memo)
     levels, namespace = config.topology_levels, config.operator_namespace
@@ -247,6 +251,7 @@ async def _reconcile_job(
         refusal = await _apply(
             api, job, body, plan, snaps=snaps, now=now, metrics=state.metrics, logger=logger
         )
+        await _record_moves(api, job, state.queue, ())
     else:
         async with state.placement_lock:
             snapshot = await _queue_snapshot(api, memo, job.metadata.namespace, logger)
@@ -258,6 +263,8 @@ async def _reconcile_job(
             refusal = await _apply(
                 api, job, body, plan, snaps=snaps, now=now, metrics=state.metrics, logger=logger
             )
+            # under the lock: the next pass must not take up a move this one carried out
+            await _record_moves(api, job, state.queue, result.moving if result else ())
         if result is not None:
             _wake_queue(memo, result, logger)
     return await _finish(api, job, body, plan, refusal=refusal, now=now, memo=memo, logger=logger)
@@ -419,6 +426,8 @@ def _snapshot_of(
 ) -> QueueSnapshot | None:
     now = time.time()
     config = operator_config(memo)
+    # moves recorded in statuses that memory lacks (an operator restart): their destinations stay held
+    _state(memo).queue.adopt(recorded_moves(jobs), now)
     return queue_snapshot(
         nodes,
         pods,
@@ -481,6 +490,27 @@ async def _apply(
     metrics.observe(job, old, new, now)
     await _apply_snapshots(api, body, snaps, logger)
     return await _create(api, plan.create)
+
+
+async def _record_moves(
+    api: ApiClient, job: TrainingJob, queue: QueueState, decided: Sequence[PendingMove]
+) -> None:
+    """Keep the queue's moves in the movers' statuses (``status.pendingMove``): write the moves a
+    pass ``decided``, and clear ``job``'s own once the queue no longer holds it (carried out or
+    dropped). Failures are left to the next pass: memory still holds the move meanwhile."""
+    writes: list[tuple[str, str, dict[str, Any] | None]] = []
+    for pending in decided:
+        namespace, _, name = pending.move.gang.partition("/")
+        writes.append((namespace, name, pending.status()))
+    if job.status.pending_move is not None and queue_key(job) not in queue.moves:
+        writes.append((job.metadata.namespace, job.metadata.name, None))
+    for namespace, name, record in writes:
+        try:
+            await api.patch_status(TRAININGJOBS, namespace, name, {"pendingMove": record})
+        except ApiError as exc:
+            if exc.status == 0 or exc.status >= 500 or exc.not_found:
+                continue
+            raise
 
 
 def _wake_queue(memo: kopf.Memo, result: QueuePass, logger: kopf.Logger) -> None:

@@ -24,6 +24,8 @@ variable                                 attribute
 ``CAPSTAN_WEBHOOK_MANAGED``              :attr:`OperatorConfig.webhook_managed`
 ``CAPSTAN_LOG_FORMAT``                   :attr:`OperatorConfig.log_format`
 ``CAPSTAN_LOG_LEVEL``                    :attr:`OperatorConfig.debug`
+``CAPSTAN_PROMETHEUS_URL``               :attr:`OperatorConfig.prometheus_url`
+``CAPSTAN_EPP_IMAGE``                    :attr:`OperatorConfig.epp_image`
 =======================================  ==============================================
 """
 
@@ -34,7 +36,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from capstan.api.k8s_names import image_errors
 from capstan.security import DEFAULT_OPERATOR_NAMESPACE, OPERATOR_NAMESPACE_ENV
+from capstan.serving.inference import DEFAULT_EPP_IMAGE
 from capstan.topology.levels import DEFAULT_LEVELS, LEVELS_ENV, TopologyLevels, levels_from_env
 from capstan.topology.policy import QueuePolicy, queue_policy_from_env
 
@@ -52,6 +56,7 @@ MANAGED_ENV = "CAPSTAN_WEBHOOK_MANAGED"
 LOG_FORMAT_ENV = "CAPSTAN_LOG_FORMAT"
 LOG_LEVEL_ENV = "CAPSTAN_LOG_LEVEL"
 PROMETHEUS_ENV = "CAPSTAN_PROMETHEUS_URL"
+EPP_IMAGE_ENV = "CAPSTAN_EPP_IMAGE"
 #: The Prometheus Operator's default Service for a Prometheus named "k8s" in "monitoring".
 DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
 
@@ -124,6 +129,10 @@ class OperatorConfig:
     """Prometheus that KEDA's triggers query for the servers' load gauges
     (``$CAPSTAN_PROMETHEUS_URL``; default ``http://prometheus-operated.monitoring.svc:9090``)."""
 
+    epp_image: str = DEFAULT_EPP_IMAGE
+    """Image of the endpoint picker each InferencePool gets (``$CAPSTAN_EPP_IMAGE``; default the
+    Gateway API Inference Extension's reference picker, pinned)."""
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
         """The configuration from ``env`` (default: this process's environment); an unset or empty
@@ -153,7 +162,20 @@ class OperatorConfig:
             log_format=next((f for f in _LOG_FORMATS if f == log_format), "json"),
             debug=source.get(LOG_LEVEL_ENV, "").strip().lower() == "debug",
             prometheus_url=source.get(PROMETHEUS_ENV) or DEFAULT_PROMETHEUS_URL,
+            epp_image=_image(source, EPP_IMAGE_ENV) or DEFAULT_EPP_IMAGE,
         )
+
+
+def _image(source: Mapping[str, str], name: str) -> str | None:
+    """The image reference in ``source[name]``; None when unset or empty; :class:`ConfigError`
+    naming ``name`` when it is not one."""
+    text = source.get(name, "").strip()
+    if not text:
+        return None
+    errors = image_errors(text)
+    if errors:
+        raise ConfigError(f"{name}: {text!r} is not an image reference: {'; '.join(errors)}")
+    return text
 
 
 def _or(value: int | None, default: int) -> int:
@@ -180,6 +202,7 @@ def _integer(
 __all__ = [
     "ADDR_ENV",
     "CERT_DIR_ENV",
+    "EPP_IMAGE_ENV",
     "LOG_FORMAT_ENV",
     "LOG_LEVEL_ENV",
     "MANAGED_ENV",

@@ -9,6 +9,8 @@ revision, or, while a just-replaced revision is still retiring (the new stable i
 yet), to the stable and retiring ones in proportion to their ready replicas. With Gateway API the
 weights are HTTPRoute backendRef weights; without, the same weights size the revisions' replica
 counts behind the stable Service (replicas = ceil(total x weight), at least 1 for a live canary).
+With inference routing (:mod:`capstan.serving.inference`) the route's backends are one
+InferencePool per revision, with the same weights.
 """
 
 from __future__ import annotations
@@ -35,10 +37,27 @@ from capstan.api.conditions import (
 )
 from capstan.api.modelserving import ModelServing, ModelServingStatus, RevisionStatus, RolloutStatus
 from capstan.fields import dig
-from capstan.labels import ANNOTATION_MODEL, LABEL_REVISION, LABEL_SERVING
+from capstan.labels import (
+    ANNOTATION_MODEL,
+    ANNOTATION_RUNTIME,
+    LABEL_COMPONENT,
+    LABEL_REVISION,
+    LABEL_SERVING,
+)
 from capstan.naming import label_value
 from capstan.security import DEFAULT_OPERATOR_NAMESPACE
 from capstan.serving.analysis import AnalysisResult
+from capstan.serving.inference import (
+    DEFAULT_EPP_IMAGE,
+    EPP_COMPONENT,
+    Routing,
+    endpoint_picker,
+    epp_peer,
+    gateway_parents,
+    inference_pool,
+    pool_route,
+    routing,
+)
 from capstan.serving.model_source import ModelNotReady, resolve_model
 from capstan.serving.revisions import (
     Revision,
@@ -157,6 +176,8 @@ def plan_modelserving(
     operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE,
     keda: bool = False,
     prometheus: str = "",
+    inference_api: bool = False,
+    epp_image: str = DEFAULT_EPP_IMAGE,
 ) -> ServingPlan:
     """Decide the next step of ``ms`` given what was observed at ``now``.
 
@@ -166,11 +187,15 @@ def plan_modelserving(
     ``analysis``: the verdict on the canary's current step, when the executor scraped it (the
     planner says when one is due through :func:`analysis_due`).
     ``operator_namespace``: where the operator runs (the servers' NetworkPolicy admits it).
+    ``inference_api``: the cluster serves InferencePool (inference.networking.k8s.io/v1); vLLM and
+    SGLang revisions behind a named Gateway then get a pool each, with an endpoint picker running
+    ``epp_image``.
     A refusal of the API server on record (see :class:`ServingPlan`) stays on show until
     applying works.
     """
     plan = _plan(ms, observed, now, gateway_api=gateway_api, analysis=analysis,
-                 operator_namespace=operator_namespace, keda=keda, prometheus=prometheus)
+                 operator_namespace=operator_namespace, keda=keda, prometheus=prometheus,
+                 inference_api=inference_api, epp_image=epp_image)
     if plan.objects and refusal_on_record(ms.status.conditions, CT.PROGRESSING, ms.metadata.generation):
         plan.on_applied = plan.status
         kept = plan.status.model_copy(deep=True)
@@ -240,6 +265,8 @@ def _plan(
     operator_namespace: str,
     keda: bool,
     prometheus: str,
+    inference_api: bool,
+    epp_image: str,
 ) -> ServingPlan:
     st = ms.status.model_copy(deep=True)
     old_phase = st.phase
@@ -252,7 +279,7 @@ def _plan(
     st.rollout = (st.rollout or RolloutStatus()).model_copy(update={"traffic": traffic_mode})
 
     revs = _observed_revisions(ms, observed)
-    desired = _desired_revision(ms, observed, keda)
+    desired = _desired_revision(ms, observed, keda, gateway_api and inference_api)
     straight = ms.spec.autoscaling is None and ms.spec.replicas == 0
     t = tick(
         st,
@@ -270,10 +297,16 @@ def _plan(
         plan.requeue(t.requeue)
 
     traffic = _traffic(ms, st, revs)
-    policy = network_policy(ms, operator_namespace=operator_namespace) if traffic.live else None
+    route = routing(ms, gateway_api=gateway_api, inference_api=inference_api, runtimes={
+        r: revs[r].runtime for r in traffic.live if r in revs and r != desired.name and revs[r].runtime})
+    scrapers = [epp_peer(ms)] if route.pools else None
+    policy = (network_policy(ms, operator_namespace=operator_namespace, scrapers=scrapers)
+              if traffic.live else None)
     _add_objects(plan, ms, desired, revs, traffic, policy=policy, gateway_api=gateway_api, keda=keda,
                  prometheus=prometheus)
-    _add_deletes(plan, ms, observed, revs, traffic, policy=policy, gateway_api=gateway_api, keda=keda)
+    _add_routing(plan, ms, desired, revs, traffic, route, gateway_api=gateway_api, epp_image=epp_image)
+    _add_deletes(plan, ms, observed, revs, traffic, policy=policy, gateway_api=gateway_api, keda=keda,
+                 pools=route.pools)
     _set_revisions(st, ms, desired, revs, traffic)
     if not traffic.canary:
         st.rollout = RolloutStatus(traffic=traffic_mode)
@@ -281,6 +314,7 @@ def _plan(
     _conditions(plan, ms, now, rollout_message=t.message, desired=desired, traffic=traffic,
                 was_ready=was_ready)
     _rolled_back_condition(plan, ms, now, t)
+    _cond(plan, ms, now, CT.INFERENCE_ROUTING, route.pools, route.reason, route.message)
     if st.phase != old_phase:
         warn = st.phase in ("Degraded", "Failed")
         plan.events.append(Event("Warning" if warn else "Normal", st.phase, st.message))
@@ -294,7 +328,8 @@ def _observed_revisions(ms: ModelServing, observed: Observed) -> dict[str, Revis
     mine = label_value(ms.metadata.name)
     revs: dict[str, RevisionState] = {}
     for dep in observed.deployments:
-        if dig(dep, "metadata", "labels", LABEL_SERVING) != mine:
+        labels = dig(dep, "metadata", "labels", default=None) or {}
+        if labels.get(LABEL_SERVING) != mine or labels.get(LABEL_COMPONENT) == EPP_COMPONENT:
             continue
         state = revision_state(dep)
         if state is not None:
@@ -302,11 +337,12 @@ def _observed_revisions(ms: ModelServing, observed: Observed) -> dict[str, Revis
     return revs
 
 
-def _desired_revision(ms: ModelServing, observed: Observed, keda: bool) -> _Desired:
+def _desired_revision(ms: ModelServing, observed: Observed, keda: bool, pools: bool) -> _Desired:
     """The revision the spec asks for; rendering it here surfaces a bad argsTemplate before any
-    change. Autoscaling the cluster cannot do (minReplicas 0 without KEDA) makes the spec invalid
-    here: it is never run as something else."""
-    problem = ms.spec.scale_to_zero_problem(keda)
+    change. Autoscaling the cluster cannot do (minReplicas 0 without KEDA) and a Required
+    InferencePool it cannot serve (``pools``: it serves InferencePool and HTTPRoute) make the spec
+    invalid here: it is never run as something else."""
+    problem = ms.spec.scale_to_zero_problem(keda) or ms.spec.inference_pool_problem(pools)
     if problem:
         return _Desired(None, problem, invalid=True)
     try:
@@ -420,7 +456,9 @@ def _add_objects(
             if fetch is not None:
                 plan.objects.append(fetch)
             dep = deployment(ms, new, replicas)
-            dep["metadata"].setdefault("annotations", {})[ANNOTATION_MODEL] = new.model.identity
+            notes = dep["metadata"].setdefault("annotations", {})
+            notes[ANNOTATION_MODEL] = new.model.identity
+            notes[ANNOTATION_RUNTIME] = ms.spec.runtime
             plan.objects.append(dep)
         elif replicas is not None and rev in revs:
             # Rendered from an older spec: only its size follows this one.
@@ -434,8 +472,35 @@ def _add_objects(
             have = revs[rev].spec_replicas or 0
             plan.scale[rev] = min(have, left)
             left -= plan.scale[rev]
-    if gateway_api and traffic.live:
-        plan.objects.append(http_route(ms, traffic.weights))
+
+
+def _add_routing(
+    plan: ServingPlan,
+    ms: ModelServing,
+    desired: _Desired,
+    revs: dict[str, RevisionState],
+    traffic: _Traffic,
+    route: Routing,
+    *,
+    gateway_api: bool,
+    epp_image: str,
+) -> None:
+    """The route to the live revisions: an InferencePool and endpoint picker each and an HTTPRoute
+    to the pools, or an HTTPRoute to their Services (also on the named Gateway), or nothing."""
+    if not traffic.live:
+        return
+    if route.pools:
+        for rev in sorted(traffic.live):
+            obs = revs.get(rev)
+            current = rev == desired.name or obs is None
+            # A revision from an older spec keeps the port and runtime it was rendered with.
+            port = ms.spec.port if current or obs is None or obs.port is None else obs.port
+            runtime = ms.spec.runtime if current or obs is None or not obs.runtime else obs.runtime
+            plan.objects.append(inference_pool(ms, rev, port))
+            plan.objects.extend(endpoint_picker(ms, rev, runtime, epp_image))
+        plan.objects.append(pool_route(ms, traffic.weights))
+    elif gateway_api:
+        plan.objects.append(http_route(ms, traffic.weights, gateway_parents(ms)))
 
 
 def _add_deletes(
@@ -448,6 +513,7 @@ def _add_deletes(
     policy: dict[str, Any] | None,
     gateway_api: bool,
     keda: bool,
+    pools: bool,
 ) -> None:
     """Children no live revision needs any more, and an event for each revision removed."""
     mine = label_value(ms.metadata.name)
@@ -468,6 +534,8 @@ def _add_deletes(
             or (kind == "ScaledObject" and (not traffic.autoscaled or not keda))
             or (kind == "HTTPRoute" and (not gateway_api or not live))
             or (kind == "NetworkPolicy" and policy is None)
+            # Inference routing turned off (runtime, gateway or CRDs gone): pools and pickers go.
+            or (not pools and (kind == "InferencePool" or labels.get(LABEL_COMPONENT) == EPP_COMPONENT))
         )
         if gone:
             plan.deletes.append(ObjectRef(obj.get("apiVersion", ""), kind, name))

@@ -61,6 +61,14 @@ for _group, _res in (("apps", "deployments"), ("autoscaling", "horizontalpodauto
                      ("gateway.networking.k8s.io", "httproutes"), ("keda.sh", "scaledobjects")):
     _doc("ModelServing revisions, autoscaling (HPA or KEDA), Gateway API traffic split",
          ["get", "list", "watch", "create", "patch", "delete"], _group, [_res])
+# Inference routing (tests/kube/test_inference_routing_kube.py, not the core scenarios): an
+# InferencePool per revision and its endpoint picker's ServiceAccount, Role and RoleBinding.
+for _group, _res in (("inference.networking.k8s.io", "inferencepools"), ("", "serviceaccounts"),
+                     ("rbac.authorization.k8s.io", "roles"), ("rbac.authorization.k8s.io", "rolebindings")):
+    _doc("ModelServing inference routing: InferencePools and their endpoint pickers",
+         ["get", "list", "watch", "create", "patch", "delete"], _group, [_res])
+_doc("the endpoint picker's Role grants these reads; Kubernetes lets the operator grant only what it holds",
+     ["get", "list", "watch"], "inference.networking.x-k8s.io", ["inferenceobjectives", "inferencemodelrewrites"])
 # spec.networkPolicy is off in the core scenarios (tests/kube/test_network_policy_kube.py covers it).
 _doc("NetworkPolicies: created with a gang; a ModelServing's listed, applied (patch) and deleted; get on "
      "conflicts", ["get", "list", "create", "patch", "delete"], "networking.k8s.io", ["networkpolicies"])

@@ -68,7 +68,8 @@ for _group, _res in (("inference.networking.k8s.io", "inferencepools"), ("", "se
     _doc("ModelServing inference routing: InferencePools and their endpoint pickers",
          ["get", "list", "watch", "create", "patch", "delete"], _group, [_res])
 _doc("the endpoint picker's Role grants these reads; Kubernetes lets the operator grant only what it holds",
-     ["get", "list", "watch"], "inference.networking.x-k8s.io", ["inferenceobjectives", "inferencemodelrewrites"])
+     ["get", "list", "watch"], "inference.networking.x-k8s.io",
+     ["inferenceobjectives", "inferencemodelrewrites"])
 # spec.networkPolicy is off in the core scenarios (tests/kube/test_network_policy_kube.py covers it).
 _doc("NetworkPolicies: created with a gang; a ModelServing's listed, applied (patch) and deleted; get on "
      "conflicts", ["get", "list", "create", "patch", "delete"], "networking.k8s.io", ["networkpolicies"])

@@ -26,6 +26,7 @@ variable                                 attribute
 ``CAPSTAN_LOG_LEVEL``                    :attr:`OperatorConfig.debug`
 ``CAPSTAN_PROMETHEUS_URL``               :attr:`OperatorConfig.prometheus_url`
 ``CAPSTAN_EPP_IMAGE``                    :attr:`OperatorConfig.epp_image`
+``CAPSTAN_ENDPOINT_PICKERS``             :attr:`OperatorConfig.endpoint_pickers`
 =======================================  ==============================================
 """
 
@@ -57,6 +58,7 @@ LOG_FORMAT_ENV = "CAPSTAN_LOG_FORMAT"
 LOG_LEVEL_ENV = "CAPSTAN_LOG_LEVEL"
 PROMETHEUS_ENV = "CAPSTAN_PROMETHEUS_URL"
 EPP_IMAGE_ENV = "CAPSTAN_EPP_IMAGE"
+ENDPOINT_PICKERS_ENV = "CAPSTAN_ENDPOINT_PICKERS"
 #: The Prometheus Operator's default Service for a Prometheus named "k8s" in "monitoring".
 DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
 
@@ -133,6 +135,12 @@ class OperatorConfig:
     """Image of the endpoint picker each InferencePool gets (``$CAPSTAN_EPP_IMAGE``; default the
     Gateway API Inference Extension's reference picker, pinned)."""
 
+    endpoint_pickers: bool = False
+    """Whether the operator creates InferencePools and their endpoint pickers
+    (``$CAPSTAN_ENDPOINT_PICKERS``, ``on``/``off``, default off). A picker needs a Role and RoleBinding
+    in the ModelServing's namespace, so the operator must hold ``roles`` and ``rolebindings``: the
+    chart grants them, and sets this, only with ``routing.endpointPickers: true``."""
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
         """The configuration from ``env`` (default: this process's environment); an unset or empty
@@ -163,6 +171,7 @@ class OperatorConfig:
             debug=source.get(LOG_LEVEL_ENV, "").strip().lower() == "debug",
             prometheus_url=source.get(PROMETHEUS_ENV) or DEFAULT_PROMETHEUS_URL,
             epp_image=_image(source, EPP_IMAGE_ENV) or DEFAULT_EPP_IMAGE,
+            endpoint_pickers=_switch(source, ENDPOINT_PICKERS_ENV, default=False),
         )
 
 
@@ -176,6 +185,16 @@ def _image(source: Mapping[str, str], name: str) -> str | None:
     if errors:
         raise ConfigError(f"{name}: {text!r} is not an image reference: {'; '.join(errors)}")
     return text
+
+
+def _switch(source: Mapping[str, str], name: str, *, default: bool) -> bool:
+    """``on``/``off`` (or true/false) in ``source[name]``; ``default`` when unset or empty."""
+    text = source.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text not in ("on", "off", "true", "false"):
+        raise ConfigError(f"{name}: {text!r} is not on or off")
+    return text in ("on", "true")
 
 
 def _or(value: int | None, default: int) -> int:
@@ -202,6 +221,7 @@ def _integer(
 __all__ = [
     "ADDR_ENV",
     "CERT_DIR_ENV",
+    "ENDPOINT_PICKERS_ENV",
     "EPP_IMAGE_ENV",
     "LOG_FORMAT_ENV",
     "LOG_LEVEL_ENV",

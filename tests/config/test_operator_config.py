@@ -23,6 +23,7 @@ def test_an_empty_environment_is_the_default_configuration() -> None:
     assert (config.webhook_cert_dir, config.webhook_port, config.webhook_addr) == (None, 9443, "0.0.0.0")
     assert config.webhook_managed is None
     assert (config.log_format, config.debug) == ("json", False)
+    assert not config.endpoint_pickers  # the chart's routing.endpointPickers turns them on
 
 
 def test_every_variable_reaches_its_attribute() -> None:
@@ -38,6 +39,8 @@ def test_every_variable_reaches_its_attribute() -> None:
         "CAPSTAN_WEBHOOK_MANAGED": "capstan.dev",
         "CAPSTAN_LOG_FORMAT": "Plain",
         "CAPSTAN_LOG_LEVEL": "debug",
+        "CAPSTAN_EPP_IMAGE": "ghcr.io/llm-d/llm-d-router-endpoint-picker:0.0.3",
+        "CAPSTAN_ENDPOINT_PICKERS": "on",
     })
     assert config.topology_levels.names == ["nvlink", "zone"]
     assert config.queue.reserve_after_s == 60 and not config.queue.migration
@@ -46,6 +49,8 @@ def test_every_variable_reaches_its_attribute() -> None:
     assert config.webhook_addr == "127.0.0.1"
     assert config.webhook_managed == "capstan.dev"
     assert (config.log_format, config.debug) == ("plain", True)
+    assert config.epp_image == "ghcr.io/llm-d/llm-d-router-endpoint-picker:0.0.3"
+    assert config.endpoint_pickers
 
 
 @pytest.mark.parametrize(("name", "value", "says"), [
@@ -55,6 +60,8 @@ def test_every_variable_reaches_its_attribute() -> None:
     ("CAPSTAN_PEERING_PRIORITY", "high", "'high' is not an integer"),
     ("CAPSTAN_WEBHOOK_PORT", "https", "'https' is not an integer"),
     ("CAPSTAN_WEBHOOK_PORT", "70000", "'70000' is not an integer in [0, 65535]"),
+    ("CAPSTAN_EPP_IMAGE", "epp image", "is not an image reference"),
+    ("CAPSTAN_ENDPOINT_PICKERS", "yes", "'yes' is not on or off"),
 ])
 def test_a_bad_value_names_the_variable(name: str, value: str, says: str) -> None:
     with pytest.raises(ConfigError) as err:

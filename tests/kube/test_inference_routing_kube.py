@@ -35,7 +35,10 @@ def _declare(emulator: Any, inference: bool) -> None:
 
 
 @pytest.fixture
-async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[ApiClient]:
+async def cluster(request: pytest.FixtureRequest,
+                  monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ApiClient]:
+    # As the chart's routing.endpointPickers: true sets it (the operator reads it at start).
+    monkeypatch.setenv("CAPSTAN_ENDPOINT_PICKERS", "on")
     async with emulated_cluster() as (emulator, url):
         _declare(emulator, inference=getattr(request, "param", True))
         async with running_operator(url), api_client(url) as api:

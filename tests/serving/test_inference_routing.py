@@ -260,6 +260,18 @@ def test_required_pool_the_cluster_cannot_serve_fails_naming_the_field() -> None
     assert ms.status.phase != "Failed" and of(plan, "InferencePool")
 
 
+def test_an_install_without_picker_rbac_routes_by_httproute_and_refuses_required() -> None:
+    ms, plan = run(make_ms(runtime="vllm", routing=ROUTED), Cluster(), at(0), endpoint_pickers=False, **BOTH)
+    assert not of(plan, "InferencePool") and not of(plan, "Role")
+    assert (cond(ms).status, cond(ms).reason) == ("False", "NotEnabled")
+    assert "routing.endpointPickers" in cond(ms).message
+    (route,) = of(plan, "HTTPRoute")
+    assert route["spec"]["rules"][0]["backendRefs"][0]["kind"] == "Service"
+    spec = {"runtime": "vllm", "routing": {"inferencePool": "Required", "gateway": GATEWAY}}
+    ms, plan = run(make_ms(**spec), Cluster(), at(0), endpoint_pickers=False, **BOTH)
+    assert ms.status.phase == "Failed" and "routing.endpointPickers" in ms.status.message
+
+
 def test_epp_names_fit_any_revision_name() -> None:
     name = epp_name("a" * 63)
     assert len(name) <= 63 and name.endswith("-epp")
@@ -297,3 +309,7 @@ def test_admission_refuses_a_required_pool_the_cluster_does_not_serve() -> None:
     assert error.startswith("spec.routing.inferencePool: Required needs the Gateway API Inference Extension")
     # Auto never needs it: it falls back.
     assert validate(_ms_body(runtime="sglang", routing={"gateway": GATEWAY}), inference=False) == []
+    # An install whose operator may not create pickers refuses Required too, saying how to allow it.
+    (error,) = validate(body, inference=True, endpoint_pickers=False)
+    assert error.startswith("spec.routing.inferencePool: Required needs endpoint pickers")
+    assert "routing.endpointPickers" in error

@@ -106,8 +106,9 @@ makes against the API emulator (plus the commented allowlist there).
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]
   verbs: [get, list, watch, create, patch, delete]
-# Inference routing (Gateway API Inference Extension), when the cluster has it: an InferencePool
-# per revision, and its endpoint picker's ServiceAccount, Role and RoleBinding.
+{{- if .Values.routing.endpointPickers }}
+# routing.endpointPickers: inference routing (Gateway API Inference Extension), when the cluster has
+# it: an InferencePool per revision, and its endpoint picker's ServiceAccount, Role and RoleBinding.
 - apiGroups: [inference.networking.k8s.io]
   resources: [inferencepools]
   verbs: [get, list, watch, create, patch, delete]
@@ -121,6 +122,7 @@ makes against the API emulator (plus the commented allowlist there).
 - apiGroups: [inference.networking.x-k8s.io]
   resources: [inferenceobjectives, inferencemodelrewrites]
   verbs: [get, list, watch]
+{{- end }}
 # Autoscaling through KEDA (scale to zero), when the cluster has it.
 - apiGroups: [keda.sh]
   resources: [scaledobjects]

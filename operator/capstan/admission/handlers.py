@@ -90,7 +90,8 @@ async def review(body: kopf.Body, warnings: list[str], memo: kopf.Memo | None = 
     keda = await _keda(body, memo, warnings)
     inference = await _inference(body, memo, warnings)
     errors = await asyncio.to_thread(
-        validate, dict(body), nodes, config.topology_levels, previous, keda, inference
+        validate, dict(body), nodes, config.topology_levels, previous, keda, inference,
+        config.endpoint_pickers,
     )
     if errors:
         raise kopf.AdmissionError(f"{describe(body)} is invalid: " + "; ".join(errors), code=422)

@@ -211,6 +211,10 @@ class InferenceRoutingReason(_Documented):
     NO_GATEWAY = "NoGateway", "No spec.routing.gateway: an InferencePool is reached through a Gateway."
     RUNTIME_NOT_SUPPORTED = "RuntimeNotSupported", "A live revision's runtime is not vllm or sglang."
     NOT_INSTALLED = "NotInstalled", "The cluster does not serve InferencePool or HTTPRoute."
+    NOT_ENABLED = (
+        "NotEnabled",
+        "The operator may not create endpoint pickers (their Roles): chart routing.endpointPickers.",
+    )
 
 
 #: Every reason class, in the order the docs list them.

@@ -546,14 +546,19 @@ class ModelServingSpec(ApiModel):
         return ("spec.autoscaling.minReplicas: 0 needs KEDA (keda.sh/v1alpha1 ScaledObject), which this "
                 "cluster does not serve: install KEDA, or set minReplicas to 1 or more")
 
-    def inference_pool_problem(self, served: bool) -> str:
+    def inference_pool_problem(self, served: bool, enabled: bool = True) -> str:
         """Why ``routing.inferencePool: Required`` cannot be honoured in a cluster that does or does
-        not serve InferencePool and HTTPRoute (``served``); "" when it can, or is not asked for."""
-        if self.routing is None or self.routing.inference_pool != "Required" or served:
+        not serve InferencePool and HTTPRoute (``served``), by an operator that may or may not
+        create endpoint pickers (``enabled``); "" when it can, or is not asked for."""
+        if self.routing is None or self.routing.inference_pool != "Required" or (served and enabled):
             return ""
-        return ("spec.routing.inferencePool: Required needs the Gateway API Inference Extension "
-                "(inference.networking.k8s.io/v1 InferencePool) and Gateway API HTTPRoute, which this "
-                "cluster does not serve: install them, or set inferencePool to Auto")
+        if not served:
+            return ("spec.routing.inferencePool: Required needs the Gateway API Inference Extension "
+                    "(inference.networking.k8s.io/v1 InferencePool) and Gateway API HTTPRoute, which this "
+                    "cluster does not serve: install them, or set inferencePool to Auto")
+        return ("spec.routing.inferencePool: Required needs endpoint pickers, which this Capstan install "
+                "may not create (their Roles): set the chart's routing.endpointPickers to true, or set "
+                "inferencePool to Auto")
 
     def template_conflicts(self) -> list[str]:
         """Fields the template's server container sets that the rest of the spec sets too."""

@@ -393,7 +393,9 @@ async def _reconcile_serving(
     gateway = await gateway_api_available(api, memo)
     keda = await keda_available(api, memo)
     pools = await inference_pools_available(api, memo)
-    observed = await _observe(api, ms, gateway, keda, pools)
+    pickers = operator_config(memo).endpoint_pickers
+    # Without the grants of routing.endpointPickers the operator may not even list pickers' Roles.
+    observed = await _observe(api, ms, gateway, keda, pools and pickers)
     analysis = await _analyse(api, ms, now, memo, logger)
     plan = plan_modelserving(
         ms,
@@ -406,6 +408,7 @@ async def _reconcile_serving(
         prometheus=operator_config(memo).prometheus_url,
         inference_api=pools,
         epp_image=operator_config(memo).epp_image,
+        endpoint_pickers=pickers,
     )
     await _apply(api, ms, body, plan, observed, logger)
     _record_metrics(memo, ms, plan)

@@ -83,10 +83,11 @@ class Routing:
 
 
 def routing(ms: ModelServing, *, gateway_api: bool, inference_api: bool,
-            runtimes: dict[str, str] | None = None) -> Routing:
+            runtimes: dict[str, str] | None = None, pickers: bool = True) -> Routing:
     """Whether ``ms`` is routed through InferencePools, an HTTPRoute or the stable Service.
 
     ``gateway_api``/``inference_api``: the cluster serves HTTPRoute / InferencePool.
+    ``pickers``: the operator may create endpoint pickers (their Roles and RoleBindings).
     ``runtimes``: the runtime of each live revision rendered from an older spec (a canary from
     TGI to vLLM keeps the HTTPRoute until the TGI revision is gone)."""
     fallback: Mode = "HTTPRoute" if gateway_api else "Service"
@@ -108,6 +109,10 @@ def routing(ms: ModelServing, *, gateway_api: bool, inference_api: bool,
         missing = " and ".join(what for what, ok in apis if not ok)
         return Routing(fallback, Why.NOT_INSTALLED,
                        f"the cluster does not serve {missing}; routing by {instead}")
+    if not pickers:
+        return Routing(fallback, Why.NOT_ENABLED,
+                       "this Capstan install may not create endpoint pickers (chart: "
+                       f"routing.endpointPickers: true grants their Roles); routing by {instead}")
     return Routing("InferencePool", Why.INFERENCE_POOL,
                    f"an InferencePool and endpoint picker per revision behind Gateway {spec.gateway.name}")
 

@@ -178,6 +178,7 @@ def plan_modelserving(
     prometheus: str = "",
     inference_api: bool = False,
     epp_image: str = DEFAULT_EPP_IMAGE,
+    endpoint_pickers: bool = True,
 ) -> ServingPlan:
     """Decide the next step of ``ms`` given what was observed at ``now``.
 
@@ -189,13 +190,13 @@ def plan_modelserving(
     ``operator_namespace``: where the operator runs (the servers' NetworkPolicy admits it).
     ``inference_api``: the cluster serves InferencePool (inference.networking.k8s.io/v1); vLLM and
     SGLang revisions behind a named Gateway then get a pool each, with an endpoint picker running
-    ``epp_image``.
+    ``epp_image``, when ``endpoint_pickers`` (the operator may create their Roles).
     A refusal of the API server on record (see :class:`ServingPlan`) stays on show until
     applying works.
     """
     plan = _plan(ms, observed, now, gateway_api=gateway_api, analysis=analysis,
                  operator_namespace=operator_namespace, keda=keda, prometheus=prometheus,
-                 inference_api=inference_api, epp_image=epp_image)
+                 inference_api=inference_api, epp_image=epp_image, endpoint_pickers=endpoint_pickers)
     if plan.objects and refusal_on_record(ms.status.conditions, CT.PROGRESSING, ms.metadata.generation):
         plan.on_applied = plan.status
         kept = plan.status.model_copy(deep=True)
@@ -267,6 +268,7 @@ def _plan(
     prometheus: str,
     inference_api: bool,
     epp_image: str,
+    endpoint_pickers: bool,
 ) -> ServingPlan:
     st = ms.status.model_copy(deep=True)
     old_phase = st.phase
@@ -279,7 +281,7 @@ def _plan(
     st.rollout = (st.rollout or RolloutStatus()).model_copy(update={"traffic": traffic_mode})
 
     revs = _observed_revisions(ms, observed)
-    desired = _desired_revision(ms, observed, keda, gateway_api and inference_api)
+    desired = _desired_revision(ms, observed, keda, gateway_api and inference_api, endpoint_pickers)
     straight = ms.spec.autoscaling is None and ms.spec.replicas == 0
     t = tick(
         st,
@@ -297,8 +299,9 @@ def _plan(
         plan.requeue(t.requeue)
 
     traffic = _traffic(ms, st, revs)
-    route = routing(ms, gateway_api=gateway_api, inference_api=inference_api, runtimes={
-        r: revs[r].runtime for r in traffic.live if r in revs and r != desired.name and revs[r].runtime})
+    route = routing(ms, gateway_api=gateway_api, inference_api=inference_api, pickers=endpoint_pickers,
+                    runtimes={r: revs[r].runtime for r in traffic.live
+                              if r in revs and r != desired.name and revs[r].runtime})
     scrapers = [epp_peer(ms)] if route.pools else None
     policy = (network_policy(ms, operator_namespace=operator_namespace, scrapers=scrapers)
               if traffic.live else None)
@@ -337,12 +340,15 @@ def _observed_revisions(ms: ModelServing, observed: Observed) -> dict[str, Revis
     return revs
 
 
-def _desired_revision(ms: ModelServing, observed: Observed, keda: bool, pools: bool) -> _Desired:
+def _desired_revision(
+    ms: ModelServing, observed: Observed, keda: bool, pools: bool, pickers: bool
+) -> _Desired:
     """The revision the spec asks for; rendering it here surfaces a bad argsTemplate before any
     change. Autoscaling the cluster cannot do (minReplicas 0 without KEDA) and a Required
-    InferencePool it cannot serve (``pools``: it serves InferencePool and HTTPRoute) make the spec
-    invalid here: it is never run as something else."""
-    problem = ms.spec.scale_to_zero_problem(keda) or ms.spec.inference_pool_problem(pools)
+    InferencePool it cannot serve (``pools``: it serves InferencePool and HTTPRoute; ``pickers``: the
+    operator may create endpoint pickers) make the spec invalid here: it is never run as something
+    else."""
+    problem = ms.spec.scale_to_zero_problem(keda) or ms.spec.inference_pool_problem(pools, pickers)
     if problem:
         return _Desired(None, problem, invalid=True)
     try:

@@ -220,6 +220,25 @@ def test_without_everything_a_pool_needs_todays_routing_stays_and_the_condition_
     assert parents[1:] == ([{"group": GW_GROUP, "kind": "Gateway", **GATEWAY}] if gateway else [])
 
 
+def test_a_rollout_from_tgi_to_vllm_keeps_the_service_route_until_the_tgi_revision_is_gone() -> None:
+    c = Cluster()
+    ms = make_ms(runtime="tgi", replicas=2, rollout={"steps": [{"weight": 50, "pause": "1m"}]}, routing=ROUTED)
+    ms, _ = run(ms, c, at(0), **BOTH)
+    ms, _ = run(ms, c, at(1), **BOTH)
+    tgi = ms.status.stable_revision
+    ms = changed(ms, runtime="vllm")
+    ms, plan = run(ms, c, at(10), **BOTH)
+    ms, plan = run(ms, c, at(11), **BOTH)
+    assert ms.status.canary_revision
+    # The TGI revision's runtime is read from its Deployment (the spec says vllm now).
+    assert cond(ms).reason == "RuntimeNotSupported" and f"{tgi} runs tgi" in cond(ms).message
+    assert not of(plan, "InferencePool")
+    for t in (80, 81, 82, 83):
+        ms, plan = run(ms, c, at(t), **BOTH)
+    assert tgi not in c.names("Deployment") and ms.status.stable_revision != tgi
+    assert cond(ms).reason == "InferencePool" and c.names("InferencePool") == {ms.status.stable_revision}
+
+
 def test_turning_inference_routing_off_removes_pools_and_pickers_not_the_revision() -> None:
     c = Cluster()
     ms, _ = run(make_ms(runtime="vllm", routing=ROUTED), c, at(0), **BOTH)

@@ -102,8 +102,9 @@ class ObjectRef:
 class Observed:
     """What the executor read: children labelled with this ModelServing, and its model source.
 
-    ``children`` holds every other labelled child (Services, HPAs, PVCs, HTTPRoutes, NetworkPolicies)
-    so the planner can delete what no live revision needs. ``snapshots`` maps VolumeSnapshot name to object.
+    ``children`` holds every other labelled child (Services, HPAs, PVCs, HTTPRoutes, NetworkPolicies,
+    InferencePools and their pickers' ServiceAccounts, Roles and RoleBindings) so the planner can
+    delete what no live revision needs. ``snapshots`` maps VolumeSnapshot name to object.
     """
 
     deployments: list[dict[str, Any]] = field(default_factory=list)

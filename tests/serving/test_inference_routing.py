@@ -222,7 +222,8 @@ def test_without_everything_a_pool_needs_todays_routing_stays_and_the_condition_
 
 def test_a_rollout_from_tgi_to_vllm_keeps_the_service_route_until_the_tgi_revision_is_gone() -> None:
     c = Cluster()
-    ms = make_ms(runtime="tgi", replicas=2, rollout={"steps": [{"weight": 50, "pause": "1m"}]}, routing=ROUTED)
+    steps = {"steps": [{"weight": 50, "pause": "1m"}]}
+    ms = make_ms(runtime="tgi", replicas=2, rollout=steps, routing=ROUTED)
     ms, _ = run(ms, c, at(0), **BOTH)
     ms, _ = run(ms, c, at(1), **BOTH)
     tgi = ms.status.stable_revision

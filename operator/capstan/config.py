@@ -24,6 +24,9 @@ variable                                 attribute
 ``CAPSTAN_WEBHOOK_MANAGED``              :attr:`OperatorConfig.webhook_managed`
 ``CAPSTAN_LOG_FORMAT``                   :attr:`OperatorConfig.log_format`
 ``CAPSTAN_LOG_LEVEL``                    :attr:`OperatorConfig.debug`
+``CAPSTAN_PROMETHEUS_URL``               :attr:`OperatorConfig.prometheus_url`
+``CAPSTAN_EPP_IMAGE``                    :attr:`OperatorConfig.epp_image`
+``CAPSTAN_ENDPOINT_PICKERS``             :attr:`OperatorConfig.endpoint_pickers`
 =======================================  ==============================================
 """
 
@@ -34,7 +37,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from capstan.api.k8s_names import image_errors
 from capstan.security import DEFAULT_OPERATOR_NAMESPACE, OPERATOR_NAMESPACE_ENV
+from capstan.serving.inference import DEFAULT_EPP_IMAGE
 from capstan.topology.levels import DEFAULT_LEVELS, LEVELS_ENV, TopologyLevels, levels_from_env
 from capstan.topology.policy import QueuePolicy, queue_policy_from_env
 
@@ -53,6 +58,8 @@ LOG_FORMAT_ENV = "CAPSTAN_LOG_FORMAT"
 LOG_LEVEL_ENV = "CAPSTAN_LOG_LEVEL"
 PROMETHEUS_ENV = "CAPSTAN_PROMETHEUS_URL"
 PLACEMENT_CACHE_ENV = "CAPSTAN_PLACEMENT_CACHE"
+EPP_IMAGE_ENV = "CAPSTAN_EPP_IMAGE"
+ENDPOINT_PICKERS_ENV = "CAPSTAN_ENDPOINT_PICKERS"
 #: The Prometheus Operator's default Service for a Prometheus named "k8s" in "monitoring".
 DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
 
@@ -129,6 +136,15 @@ class OperatorConfig:
     """Placement passes read watch-fed caches of Nodes, GPU pods and TrainingJobs
     (:mod:`capstan.kube.cache`); ``$CAPSTAN_PLACEMENT_CACHE=off`` lists them from the API server for
     every pass instead (the baseline ``bench/scale.py`` compares against)."""
+    epp_image: str = DEFAULT_EPP_IMAGE
+    """Image of the endpoint picker each InferencePool gets (``$CAPSTAN_EPP_IMAGE``; default the
+    Gateway API Inference Extension's reference picker, pinned)."""
+
+    endpoint_pickers: bool = False
+    """Whether the operator creates InferencePools and their endpoint pickers
+    (``$CAPSTAN_ENDPOINT_PICKERS``, ``on``/``off``, default off). A picker needs a Role and RoleBinding
+    in the ModelServing's namespace, so the operator must hold ``roles`` and ``rolebindings``: the
+    chart grants them, and sets this, only with ``routing.endpointPickers: true``."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -163,7 +179,31 @@ class OperatorConfig:
             debug=source.get(LOG_LEVEL_ENV, "").strip().lower() == "debug",
             prometheus_url=source.get(PROMETHEUS_ENV) or DEFAULT_PROMETHEUS_URL,
             placement_cache=cache not in ("off", "false"),
+            epp_image=_image(source, EPP_IMAGE_ENV) or DEFAULT_EPP_IMAGE,
+            endpoint_pickers=_switch(source, ENDPOINT_PICKERS_ENV, default=False),
         )
+
+
+def _image(source: Mapping[str, str], name: str) -> str | None:
+    """The image reference in ``source[name]``; None when unset or empty; :class:`ConfigError`
+    naming ``name`` when it is not one."""
+    text = source.get(name, "").strip()
+    if not text:
+        return None
+    errors = image_errors(text)
+    if errors:
+        raise ConfigError(f"{name}: {text!r} is not an image reference: {'; '.join(errors)}")
+    return text
+
+
+def _switch(source: Mapping[str, str], name: str, *, default: bool) -> bool:
+    """``on``/``off`` (or true/false) in ``source[name]``; ``default`` when unset or empty."""
+    text = source.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text not in ("on", "off", "true", "false"):
+        raise ConfigError(f"{name}: {text!r} is not on or off")
+    return text in ("on", "true")
 
 
 def _or(value: int | None, default: int) -> int:
@@ -190,6 +230,8 @@ def _integer(
 __all__ = [
     "ADDR_ENV",
     "CERT_DIR_ENV",
+    "ENDPOINT_PICKERS_ENV",
+    "EPP_IMAGE_ENV",
     "LOG_FORMAT_ENV",
     "LOG_LEVEL_ENV",
     "MANAGED_ENV",

@@ -28,6 +28,8 @@ LABEL_WORKERS = "capstan.dev/workers"
 SPEC_DIGEST_ANNOTATION = "capstan.dev/spec-digest"
 #: On a ModelServing revision's Deployment: the model it serves.
 ANNOTATION_MODEL = "capstan.dev/model"
+#: On a revision Deployment: its runtime (the endpoint picker of its InferencePool reads its metrics).
+ANNOTATION_RUNTIME = "capstan.dev/runtime"
 #: On a checkpoint VolumeSnapshot: why it was taken, the training step and the gang attempt.
 LABEL_SNAPSHOT_REASON = "capstan.dev/snapshot-reason"
 ANNOTATION_STEP = "capstan.dev/step"

@@ -24,6 +24,7 @@ def test_an_empty_environment_is_the_default_configuration() -> None:
     assert config.webhook_managed is None
     assert (config.log_format, config.debug) == ("json", False)
     assert config.placement_cache  # placement reads the watch-fed caches unless told not to
+    assert not config.endpoint_pickers  # the chart's routing.endpointPickers turns them on
 
 
 def test_every_variable_reaches_its_attribute() -> None:
@@ -40,6 +41,8 @@ def test_every_variable_reaches_its_attribute() -> None:
         "CAPSTAN_LOG_FORMAT": "Plain",
         "CAPSTAN_LOG_LEVEL": "debug",
         "CAPSTAN_PLACEMENT_CACHE": "off",
+        "CAPSTAN_EPP_IMAGE": "ghcr.io/llm-d/llm-d-router-endpoint-picker:0.0.3",
+        "CAPSTAN_ENDPOINT_PICKERS": "on",
     })
     assert config.topology_levels.names == ["nvlink", "zone"]
     assert config.queue.reserve_after_s == 60 and not config.queue.migration
@@ -49,6 +52,8 @@ def test_every_variable_reaches_its_attribute() -> None:
     assert config.webhook_managed == "capstan.dev"
     assert (config.log_format, config.debug) == ("plain", True)
     assert config.placement_cache is False
+    assert config.epp_image == "ghcr.io/llm-d/llm-d-router-endpoint-picker:0.0.3"
+    assert config.endpoint_pickers
 
 
 @pytest.mark.parametrize(("name", "value", "says"), [
@@ -59,6 +64,8 @@ def test_every_variable_reaches_its_attribute() -> None:
     ("CAPSTAN_WEBHOOK_PORT", "https", "'https' is not an integer"),
     ("CAPSTAN_WEBHOOK_PORT", "70000", "'70000' is not an integer in [0, 65535]"),
     ("CAPSTAN_PLACEMENT_CACHE", "sometimes", "'sometimes' is not on or off"),
+    ("CAPSTAN_EPP_IMAGE", "epp image", "is not an image reference"),
+    ("CAPSTAN_ENDPOINT_PICKERS", "yes", "'yes' is not on or off"),
 ])
 def test_a_bad_value_names_the_variable(name: str, value: str, says: str) -> None:
     with pytest.raises(ConfigError) as err:

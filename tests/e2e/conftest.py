@@ -43,6 +43,7 @@ from tests.kube import scenarios as sc
 from tests.support.kube import TEST_AGENT, OperatorThread
 
 from capstan.admission import ADDR_ENV, CERT_DIR_ENV, PORT_ENV
+from capstan.config import ENDPOINT_PICKERS_ENV
 from capstan.kube.client import ApiClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -277,6 +278,8 @@ def capstan(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "webhook": {"url": f"https://127.0.0.1:{port}", "caBundle": ca_bundle, "timeoutSeconds": 5},
         # Its own peering name: the kustomize base (test_install.py) brings a ClusterKopfPeering "capstan".
         "operator": {"peering": "capstan-e2e"},
+        # InferencePools and their endpoint pickers (the operator gets roles and rolebindings).
+        "routing": {"endpointPickers": True},
     }
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as vf:
         yaml.safe_dump(values, vf)
@@ -293,8 +296,10 @@ def capstan(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
     token = service_account_token(cluster, RELEASE_NAMESPACE, SERVICE_ACCOUNT)
     conn = kopf.ConnectionInfo(server=cluster.server, ca_path=cluster.ca_path, token=token)
-    saved = {k: os.environ.get(k) for k in (CERT_DIR_ENV, PORT_ENV, ADDR_ENV)}
-    os.environ.update({CERT_DIR_ENV: str(certs), PORT_ENV: str(port), ADDR_ENV: "127.0.0.1"})
+    saved = {k: os.environ.get(k) for k in (CERT_DIR_ENV, PORT_ENV, ADDR_ENV, ENDPOINT_PICKERS_ENV)}
+    # The environment the chart gives the operator's Deployment, for the values above.
+    os.environ.update({CERT_DIR_ENV: str(certs), PORT_ENV: str(port), ADDR_ENV: "127.0.0.1",
+                       ENDPOINT_PICKERS_ENV: "on"})
     # With the chart's peering (as its Deployment runs it): kopf's peering calls go through RBAC too.
     operator = OperatorThread(connection=conn, timeout_s=30, peering=values["operator"]["peering"])
     install = Install(cluster, RELEASE, RELEASE_NAMESPACE, SERVICE_ACCOUNT, port, operator, values)

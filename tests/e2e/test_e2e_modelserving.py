@@ -303,3 +303,74 @@ async def test_template_secret_env_and_keda_scaled_object_on_the_real_server(
         cluster.kubectl("delete", "crd", "scaledobjects.keda.sh", "--wait=true")
         # The operator trusts its discovery answer this long: later tests must see no KEDA.
         await asyncio.sleep(GATEWAY_CHECK_TTL_S)
+
+
+#: The Gateway API Inference Extension's v1 InferencePool CRD (v1.5.0), kept as a test fixture.
+INFERENCEPOOL_CRD = "tests/fixtures/upstream/inference.networking.k8s.io_inferencepools.yaml"
+
+
+async def test_inference_pool_and_endpoint_picker_on_the_real_server(
+    env: sc.Env, api: ApiClient, cluster: Any
+) -> None:
+    """With the InferencePool CRD installed, a vLLM ModelServing behind a Gateway gets a pool (its
+    schema and CEL are upstream's), an endpoint picker whose Role the operator may grant (it holds
+    every permission the Role gives: RBAC refuses escalation), and an HTTPRoute to the pool."""
+    from pathlib import Path
+
+    from capstan.kube.modelserving import (
+        GATEWAY_CHECK_TTL_S,
+        INFERENCEPOOLS,
+        ROLEBINDINGS,
+        ROLES,
+        SERVICEACCOUNTS,
+    )
+    from capstan.kube.resources import SERVICES
+
+    root = Path(__file__).parents[2]
+    cluster.kubectl("apply", "--server-side", "-f", str(root / INFERENCEPOOL_CRD))
+    cluster.kubectl("wait", "--for=condition=Established",
+                    "crd/inferencepools.inference.networking.k8s.io", "--timeout=60s")
+    try:
+        await api.create(
+            make_modelserving(NAME).namespace(env.namespace).uri("hf://org/model")
+            .spec(runtime="vllm", gpu=False, routing={"gateway": {"name": "inference-gw"}}).obj()
+        )
+        st = await wait_status(env, lambda s: s.get("stableRevision"), "a stable revision")
+        rev = st["stableRevision"]
+        epp = f"{rev}-epp"
+
+        async def pool() -> dict[str, Any] | None:
+            return await api.get(INFERENCEPOOLS, env.namespace, rev)
+
+        # The operator may hold a "no InferencePool" discovery answer from before the CRD for its TTL.
+        p = await wait_for(pool, GATEWAY_CHECK_TTL_S + sc.TIMEOUT, what="an InferencePool")
+        assert p["spec"]["endpointPickerRef"] == {
+            "group": "", "kind": "Service", "name": epp, "port": {"number": 9002}, "failureMode": "FailOpen"}
+        for res in (SERVICEACCOUNTS, ROLES, ROLEBINDINGS, SERVICES, DEPLOYMENTS):
+            await wait_for(lambda res=res: api.get(res, env.namespace, epp), sc.TIMEOUT,
+                           what=f"the endpoint picker's {res.kind}")
+
+        async def pool_route() -> dict[str, Any] | None:
+            route = await api.get(HTTPROUTES, env.namespace, NAME)
+            refs = (route or {}).get("spec", {}).get("rules", [{}])[0].get("backendRefs") or []
+            return route if [b.get("kind") for b in refs] == ["InferencePool"] else None
+
+        route = await wait_for(pool_route, sc.TIMEOUT, what="an HTTPRoute to the InferencePool")
+        assert route["spec"]["parentRefs"][0]["kind"] == "Gateway"
+        # The picker's pod runs (kwok) under its own ServiceAccount; it is not a server pod.
+        picker_pods = await wait_for(
+            lambda: api.list_pods(env.namespace, {"app.kubernetes.io/component": "endpoint-picker"}),
+            sc.TIMEOUT, what="the endpoint picker's pod")
+        assert all(LABEL_SERVING not in p["metadata"]["labels"] for p in picker_pods)
+        assert picker_pods[0]["spec"]["serviceAccountName"] == epp
+        def routed(s: dict[str, Any]) -> bool:
+            return any(c["type"] == "InferenceRouting" for c in s.get("conditions") or [])
+
+        st = await wait_status(env, routed, "the InferenceRouting condition")
+        (cond,) = [c for c in st["conditions"] if c["type"] == "InferenceRouting"]
+        assert (cond["status"], cond["reason"]) == ("True", "InferencePool")
+    finally:
+        with contextlib.suppress(Exception):
+            await api.delete(MODELSERVINGS, env.namespace, NAME)
+        # No other test names a gateway: a stale "InferencePool served" answer changes nothing for them.
+        cluster.kubectl("delete", "crd", "inferencepools.inference.networking.k8s.io", "--wait=true")

@@ -218,6 +218,11 @@ CEL_CASES: dict[tuple[str, str, str], tuple[dict[str, Any], str]] = {
     ("ModelServing", ".spec.rollout", ".maxSurge"): ({"rollout": {"maxSurge": 0}}, "spec.rollout.maxSurge"),
     ("ModelServing", ".spec", ".rollout.maxSurge"):
         ({"replicas": 1, "rollout": {"maxSurge": 0, "steps": [{"weight": 50}]}}, "spec.rollout.maxSurge"),
+    ("ModelServing", ".spec", ".routing.inferencePool"):
+        ({"runtime": "tgi", "routing": {"inferencePool": "Required", "gateway": {"name": "gw"}}},
+         "spec.routing.inferencePool"),
+    ("ModelServing", ".spec.routing", ".gateway"):
+        ({"runtime": "vllm", "routing": {"inferencePool": "Required"}}, "spec.routing.gateway"),
     ("ModelServing", ".spec.rollout.steps[].pause", ""):
         ({"rollout": {"steps": [{"weight": 10, "pause": "9000h"}]}}, "spec.rollout.steps[0].pause"),
     # Two rules share this key (the runtime serves adapters; names are unique): one case each.

@@ -61,6 +61,8 @@ for _group, _res in (("apps", "deployments"), ("autoscaling", "horizontalpodauto
                      ("gateway.networking.k8s.io", "httproutes"), ("keda.sh", "scaledobjects")):
     _doc("ModelServing revisions, autoscaling (HPA or KEDA), Gateway API traffic split",
          ["get", "list", "watch", "create", "patch", "delete"], _group, [_res])
+# Inference routing's grants (InferencePools, endpoint pickers' ServiceAccounts, Roles and
+# RoleBindings) exist only with routing.endpointPickers: true; see the last test.
 # spec.networkPolicy is off in the core scenarios (tests/kube/test_network_policy_kube.py covers it).
 _doc("NetworkPolicies: created with a gang; a ModelServing's listed, applied (patch) and deleted; get on "
      "conflicts", ["get", "list", "create", "patch", "delete"], "networking.k8s.io", ["networkpolicies"])
@@ -159,3 +161,31 @@ def test_clusterrole_matches_operator_calls(cluster_rules: list[dict[str, Any]])
     missing, unused = compare(observed, cluster_rules)
     assert not missing, f"the operator made calls the ClusterRole does not allow: {missing}"
     assert not unused, f"granted but neither used nor documented in DOCUMENTED: {unused}"
+
+
+def test_endpoint_pickers_are_opt_in_and_the_operator_holds_what_their_role_grants() -> None:
+    """routing.endpointPickers: true grants roles and rolebindings (never held otherwise: see the
+    test above) and every permission a picker's Role gives: RBAC lets the operator grant only what
+    it holds. The operator is told through CAPSTAN_ENDPOINT_PICKERS."""
+    from capstan.serving.inference import EPP_RULES
+
+    if tool("helm") is None:
+        pytest.skip("helm missing: run scripts/install-tools.sh")
+    objs = docs(helm_template({"routing": {"endpointPickers": True}}))
+    [role] = [o for o in objs if o["kind"] == "ClusterRole" and o["metadata"]["name"].endswith("operator")]
+    grants = granted(role["rules"])
+    for rule in EPP_RULES:
+        for group in rule["apiGroups"]:
+            for res in rule["resources"]:
+                assert {(v, group, res) for v in rule["verbs"]} <= grants, (group, res)
+    made = {("", "serviceaccounts"), ("rbac.authorization.k8s.io", "roles"),
+            ("rbac.authorization.k8s.io", "rolebindings"), ("inference.networking.k8s.io", "inferencepools")}
+    for group, res in made:
+        assert {(v, group, res) for v in ("get", "list", "watch", "create", "patch", "delete")} <= grants
+    [dep] = [o for o in objs if o["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["CAPSTAN_ENDPOINT_PICKERS"] == "on"
+    default = docs(helm_template({}))
+    [dep] = [o for o in default if o["kind"] == "Deployment"]
+    names = {e["name"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "CAPSTAN_ENDPOINT_PICKERS" not in names

@@ -75,10 +75,12 @@ def run(
     analysis: AnalysisResult | None = None,
     gateway_api: bool = False,
     training_job: dict[str, Any] | None = None,
+    **options: Any,
 ) -> tuple[ModelServing, ServingPlan]:
-    """One reconcile: plan, apply, return the ModelServing with the new status."""
+    """One reconcile: plan, apply, return the ModelServing with the new status (``options``: more
+    keyword arguments of :func:`plan_modelserving`)."""
     plan = plan_modelserving(
-        ms, cluster.observed(training_job), now, gateway_api=gateway_api, analysis=analysis
+        ms, cluster.observed(training_job), now, gateway_api=gateway_api, analysis=analysis, **options
     )
     cluster.apply(plan)
     return ms.model_copy(update={"status": plan.status}), plan

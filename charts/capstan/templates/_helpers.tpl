@@ -106,6 +106,23 @@ makes against the API emulator (plus the commented allowlist there).
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]
   verbs: [get, list, watch, create, patch, delete]
+{{- if .Values.routing.endpointPickers }}
+# routing.endpointPickers: inference routing (Gateway API Inference Extension), when the cluster has
+# it: an InferencePool per revision, and its endpoint picker's ServiceAccount, Role and RoleBinding.
+- apiGroups: [inference.networking.k8s.io]
+  resources: [inferencepools]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, list, watch, create, patch, delete]
+# What the picker's Role grants: Kubernetes lets the operator grant only what it holds itself.
+- apiGroups: [inference.networking.x-k8s.io]
+  resources: [inferenceobjectives, inferencemodelrewrites]
+  verbs: [get, list, watch]
+{{- end }}
 # Autoscaling through KEDA (scale to zero), when the cluster has it.
 - apiGroups: [keda.sh]
   resources: [scaledobjects]

@@ -88,7 +88,11 @@ async def review(body: kopf.Body, warnings: list[str], memo: kopf.Memo | None = 
     config: OperatorConfig = (memo.get("config") if memo is not None else None) or OperatorConfig()
     previous = dict(old) if isinstance(old, Mapping) else None
     keda = await _keda(body, memo, warnings)
-    errors = await asyncio.to_thread(validate, dict(body), nodes, config.topology_levels, previous, keda)
+    inference = await _inference(body, memo, warnings)
+    errors = await asyncio.to_thread(
+        validate, dict(body), nodes, config.topology_levels, previous, keda, inference,
+        config.endpoint_pickers,
+    )
     if errors:
         raise kopf.AdmissionError(f"{describe(body)} is invalid: " + "; ".join(errors), code=422)
 
@@ -111,6 +115,31 @@ async def _keda(body: Mapping[str, Any], memo: kopf.Memo | None, warnings: list[
     except Exception as exc:  # fail open: the operator refuses the spec at reconcile instead
         log.warning("admission: cannot discover KEDA: %s", exc)
         warnings.append(f"KEDA check skipped: API discovery failed ({type(exc).__name__})")
+        return None
+
+
+async def _inference(body: Mapping[str, Any], memo: kopf.Memo | None, warnings: list[str]) -> bool | None:
+    """Whether the cluster serves InferencePool and HTTPRoute, asked only for a ModelServing whose
+    ``routing.inferencePool`` is Required (None: not asked, or the discovery failed; the operator
+    then reports it at reconcile)."""
+    spec = body.get("spec")
+    route = spec.get("routing") if isinstance(spec, Mapping) else None
+    if body.get("kind") != "ModelServing" or not isinstance(route, Mapping) or (
+            route.get("inferencePool") != "Required"):
+        return None
+    api = memo.get("api") if memo is not None else None
+    if api is None:
+        return None
+    from capstan.kube.modelserving import HTTPROUTES, INFERENCEPOOLS, served
+
+    try:
+        # Not the reconcile loop's cached answers: CRDs installed a moment ago must count.
+        found = await asyncio.wait_for(
+            asyncio.gather(served(api, INFERENCEPOOLS), served(api, HTTPROUTES)), 10)
+        return all(found)
+    except Exception as exc:  # fail open: the operator refuses the spec at reconcile instead
+        log.warning("admission: cannot discover the inference extension: %s", exc)
+        warnings.append(f"InferencePool check skipped: API discovery failed ({type(exc).__name__})")
         return None
 
 

@@ -44,11 +44,15 @@ def validate(
     levels: TopologyLevels = DEFAULT_LEVELS,
     old: Any = None,
     keda: bool | None = None,
+    inference: bool | None = None,
+    endpoint_pickers: bool = True,
 ) -> list[str]:
     """Every reason to reject ``body`` (a TrainingJob or ModelServing dict); [] admits it.
     ``old``: the stored object of an update, whose immutable fields ``body`` must keep.
     ``keda``: whether the cluster serves KEDA's ScaledObject (None: unknown, not checked);
-    without it a ModelServing cannot scale to zero.
+    without it a ModelServing cannot scale to zero. ``inference``: whether it serves InferencePool
+    and HTTPRoute (None: unknown); without them, or without ``endpoint_pickers`` (the operator may
+    create pickers), ``routing.inferencePool: Required`` is refused.
 
     Never raises: any value (a list, a string, fields of the wrong type) gets errors naming where.
     """
@@ -73,6 +77,9 @@ def validate(
             errors += _serving_capacity(resource, nodes, levels)
         errors += _rollout_weights([s.weight for s in resource.spec.rollout.steps])
         if keda is not None and (problem := resource.spec.scale_to_zero_problem(keda)):
+            errors.append(problem)
+        served = True if inference is None else inference
+        if problem := resource.spec.inference_pool_problem(served, endpoint_pickers):
             errors.append(problem)
         if resource.spec.args_template is not None:
             errors += args_template_errors(resource.spec.args_template)

@@ -44,6 +44,10 @@ class ConditionType(_Documented):
     PROGRESSING = "Progressing", "ModelServing: a rollout or a scale-up is under way."
     DEGRADED = "Degraded", "ModelServing: the stable revision, once ready, lost replicas."
     ROLLED_BACK = "RolledBack", "ModelServing: the last rollout was rolled back to the stable revision."
+    INFERENCE_ROUTING = (
+        "InferenceRouting",
+        "ModelServing: requests reach the revisions through InferencePools and their endpoint pickers.",
+    )
 
 
 class Reason(_Documented):
@@ -198,6 +202,21 @@ class RolledBackReason(_Documented):
     NO_ROLLBACK = "NoRollback", "No rollout has been rolled back."
 
 
+class InferenceRoutingReason(_Documented):
+    """Reasons of ``InferenceRouting``: True with :attr:`INFERENCE_POOL`, else why not (the message
+    says what routes instead: HTTPRoute weights or the Service)."""
+
+    INFERENCE_POOL = "InferencePool", "An InferencePool and endpoint picker per revision, behind the Gateway."
+    DISABLED = "Disabled", "spec.routing.inferencePool is Disabled."
+    NO_GATEWAY = "NoGateway", "No spec.routing.gateway: an InferencePool is reached through a Gateway."
+    RUNTIME_NOT_SUPPORTED = "RuntimeNotSupported", "A live revision's runtime is not vllm or sglang."
+    NOT_INSTALLED = "NotInstalled", "The cluster does not serve InferencePool or HTTPRoute."
+    NOT_ENABLED = (
+        "NotEnabled",
+        "The operator may not create endpoint pickers (their Roles): chart routing.endpointPickers.",
+    )
+
+
 #: Every reason class, in the order the docs list them.
 REASONS: tuple[type[_Documented], ...] = (
     Reason,
@@ -213,6 +232,7 @@ REASONS: tuple[type[_Documented], ...] = (
     ProgressingReason,
     DegradedReason,
     RolledBackReason,
+    InferenceRoutingReason,
 )
 
 

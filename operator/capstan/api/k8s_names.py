@@ -141,6 +141,7 @@ ClaimName = _subdomain("PersistentVolumeClaim name")
 VolumeSnapshotName = _subdomain("VolumeSnapshot name")
 VolumeSnapshotClassName = _subdomain("VolumeSnapshotClass name")
 TrainingJobName = _subdomain("TrainingJob name")
+GatewayName = _subdomain("Gateway name")
 # Kueue puts it in the kueue.x-k8s.io/queue-name label: a LocalQueue name that is also a label value.
 QueueName = _subdomain("Kueue LocalQueue name", LABEL_VALUE_MAX)
 

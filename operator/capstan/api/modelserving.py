@@ -21,6 +21,7 @@ from capstan.api.common import (
 from capstan.api.k8s_names import (
     DNS1123_SUBDOMAIN_PATTERN,
     ClaimName,
+    GatewayName,
     Image,
     LabelValue,
     QualifiedName,
@@ -73,6 +74,9 @@ _QUANT_TABLE = "; ".join(f"{rt}: {', '.join(m) or 'none (set it in argsTemplate)
 _QUANT_CEL = "{" + ", ".join(
     f"'{rt}': [{', '.join(repr(x) for x in m)}]" for rt, m in QUANTIZATIONS.items()
 ) + "}"
+#: Runtimes an endpoint picker understands (it reads their queue, KV-cache and prefix-cache metrics).
+INFERENCE_RUNTIMES = ("vllm", "sglang")
+InferencePoolMode = Literal["Auto", "Required", "Disabled"]
 ServingPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 
 
@@ -443,6 +447,51 @@ class ServerTemplate(PodTemplate):
     )
 
 
+class GatewayRef(ApiModel):
+    """The Gateway (gateway.networking.k8s.io) the ModelServing's HTTPRoute attaches to."""
+
+    name: GatewayName = Field(min_length=1, description="Gateway name.")
+    namespace: str | None = Field(
+        default=None, min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Its namespace; default: the ModelServing's.",
+    )
+    section_name: str | None = Field(
+        default=None, min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="A listener of the Gateway; default: all.",
+    )
+
+
+class RoutingSpec(ApiModel):
+    """How traffic reaches the revisions: an InferencePool per revision, behind a Gateway."""
+
+    gateway: GatewayRef | None = Field(
+        default=None,
+        description="Gateway the HTTPRoute attaches to (north-south). Needed for an InferencePool.",
+    )
+    inference_pool: InferencePoolMode = Field(
+        default="Auto",
+        description="Auto: an InferencePool and endpoint picker per revision (requests go by queue, "
+        "KV-cache and prefix-cache state) for vllm and sglang when the cluster serves "
+        "inference.networking.k8s.io/v1 and a gateway is set, else HTTPRoute weights or the Service. "
+        "Required: refuse the spec when that cannot be. Disabled: never.",
+    )
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        default="FailOpen",
+        description="When the endpoint picker does not answer: FailOpen routes to any ready pod of "
+        "the pool, FailClose refuses the request.",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            ".gateway",
+            "!has(self.inferencePool) || self.inferencePool != 'Required' || has(self.gateway)",
+            "inferencePool Required needs gateway: an InferencePool is reached through a Gateway's "
+            "HTTPRoute",
+            lambda r: r.inference_pool != "Required" or r.gateway is not None,
+        ),
+    )
+
+
 def _figure_check(field: str, figure: str) -> Callable[[ModelServingSpec], bool]:
     """The Python side of the rule that ``spec.rollout.analysis.<field>`` reads ``figure``."""
     return lambda spec: _analysis_figure_ok(spec, field, figure)
@@ -518,6 +567,12 @@ class ModelServingSpec(ApiModel):
         "one does not restart the base); sglang takes them on its command line (a change rolls out a new "
         "revision); tgi and custom serve none.",
     )
+    routing: RoutingSpec | None = Field(
+        default=None,
+        description="Routing through a Gateway: an InferencePool per revision (vllm, sglang) or "
+        "HTTPRoute weights. Unset: the HTTPRoute attaches to the Service (mesh), when Gateway API "
+        "is served.",
+    )
     template: ServerTemplate | None = Field(
         default=None,
         description="Pod template merged over every server pod: env from Secrets (valueFrom, envFrom; "
@@ -584,6 +639,16 @@ class ModelServingSpec(ApiModel):
             "adapter names must be unique",
             lambda s: len({a.name for a in s.adapters}) == len(s.adapters),
         ),
+        Rule(
+            ".routing.inferencePool",
+            "!has(self.routing) || !has(self.routing.inferencePool) || "
+            "self.routing.inferencePool != 'Required' || (has(self.runtime) && self.runtime in "
+            f"{list(INFERENCE_RUNTIMES)})",
+            f"inferencePool Required needs runtime {' or '.join(INFERENCE_RUNTIMES)}: the endpoint "
+            "picker reads their queue and KV-cache metrics",
+            lambda s: s.routing is None or s.routing.inference_pool != "Required"
+            or s.runtime in INFERENCE_RUNTIMES,
+        ),
     )
 
     @model_validator(mode="after")
@@ -613,6 +678,20 @@ class ModelServingSpec(ApiModel):
             return ""
         return ("spec.autoscaling.minReplicas: 0 needs KEDA (keda.sh/v1alpha1 ScaledObject), which this "
                 "cluster does not serve: install KEDA, or set minReplicas to 1 or more")
+
+    def inference_pool_problem(self, served: bool, enabled: bool = True) -> str:
+        """Why ``routing.inferencePool: Required`` cannot be honoured in a cluster that does or does
+        not serve InferencePool and HTTPRoute (``served``), by an operator that may or may not
+        create endpoint pickers (``enabled``); "" when it can, or is not asked for."""
+        if self.routing is None or self.routing.inference_pool != "Required" or (served and enabled):
+            return ""
+        if not served:
+            return ("spec.routing.inferencePool: Required needs the Gateway API Inference Extension "
+                    "(inference.networking.k8s.io/v1 InferencePool) and Gateway API HTTPRoute, which this "
+                    "cluster does not serve: install them, or set inferencePool to Auto")
+        return ("spec.routing.inferencePool: Required needs endpoint pickers, which this Capstan install "
+                "may not create (their Roles): set the chart's routing.endpointPickers to true, or set "
+                "inferencePool to Auto")
 
     def template_conflicts(self) -> list[str]:
         """Fields the template's server container sets that the rest of the spec sets too."""

@@ -7,7 +7,8 @@ scale``), one of its Deployments (labelled ``capstan.dev/modelserving``, owner f
 ownerReference), or the TrainingJob it serves a checkpoint of (a new ready snapshot).
 
 Each reconcile: GET the ModelServing, LIST its children by label (Deployments, Services, HPAs,
-PVCs, HTTPRoutes when the cluster serves them), GET the TrainingJob for ``fromTrainingJob``; when
+PVCs, HTTPRoutes, ScaledObjects, and InferencePools with their pickers' ServiceAccounts, Roles and
+RoleBindings, when the cluster serves them), GET the TrainingJob for ``fromTrainingJob``; when
 a canary step is analysed (:func:`capstan.serving.plan.analysis_due`) scrape the canary pods'
 ``/metrics`` (pod IP and the ``http`` container port) for the step's baseline or, once the pause
 is over, for the verdict; plan; then apply in order: status patch, server-side apply of the
@@ -80,6 +81,14 @@ HTTPROUTES = ApiResource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPR
 register_kind(HTTPROUTES)
 SCALEDOBJECTS = ApiResource("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject")
 register_kind(SCALEDOBJECTS)
+INFERENCEPOOLS = ApiResource("inference.networking.k8s.io", "v1", "inferencepools", "InferencePool")
+register_kind(INFERENCEPOOLS)
+# An InferencePool's endpoint picker: its identity and what it may read.
+SERVICEACCOUNTS = ApiResource("", "v1", "serviceaccounts", "ServiceAccount")
+ROLES = ApiResource("rbac.authorization.k8s.io", "v1", "roles", "Role")
+ROLEBINDINGS = ApiResource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
+for _res in (SERVICEACCOUNTS, ROLES, ROLEBINDINGS):
+    register_kind(_res)
 
 
 @dataclass
@@ -134,6 +143,11 @@ async def keda_available(api: ApiClient, memo: kopf.Memo | None = None) -> bool:
     return await served(api, SCALEDOBJECTS, memo)
 
 
+async def inference_pools_available(api: ApiClient, memo: kopf.Memo | None = None) -> bool:
+    """Whether the API server serves ``inferencepools.inference.networking.k8s.io/v1`` (cached)."""
+    return await served(api, INFERENCEPOOLS, memo)
+
+
 async def _list(
     api: ApiClient, res: ApiResource, namespace: str, labels: Mapping[str, str]
 ) -> list[dict[str, Any]]:
@@ -145,12 +159,17 @@ async def _list(
         raise
 
 
-async def _observe(api: ApiClient, ms: ModelServing, gateway: bool, keda: bool, memo: kopf.Memo) -> Observed:
+async def _observe(
+    api: ApiClient, ms: ModelServing, gateway: bool, keda: bool, pools: bool, memo: kopf.Memo
+) -> Observed:
     ns = ms.metadata.namespace
     sel = serving_selector(ms)
     kinds = [DEPLOYMENTS, SERVICES, HPAS, PVCS, NETWORK_POLICIES, JOBS]
     kinds += [HTTPROUTES] if gateway else []
     kinds += [SCALEDOBJECTS] if keda else []
+    # Endpoint pickers exist only where InferencePool is served (the owner reference collects any
+    # left behind by CRDs removed later).
+    kinds += [INFERENCEPOOLS, SERVICEACCOUNTS, ROLES, ROLEBINDINGS] if pools else []
     # bounded gather: a failed list (the operator stopping, say) leaves no sibling request running
     deployments, *rest = await gather_bounded([_list(api, r, ns, sel) for r in kinds])
     children = [obj for objs in rest for obj in objs]
@@ -407,7 +426,10 @@ async def _reconcile_serving(
             sources.setdefault((namespace, a.from_training_job.name), set()).add(ms.metadata.uid)
     gateway = await gateway_api_available(api, memo)
     keda = await keda_available(api, memo)
-    observed = await _observe(api, ms, gateway, keda, memo)
+    pools = await inference_pools_available(api, memo)
+    pickers = operator_config(memo).endpoint_pickers
+    # Without the grants of routing.endpointPickers the operator may not even list pickers' Roles.
+    observed = await _observe(api, ms, gateway, keda, pools and pickers, memo)
     analysis = await _analyse(api, ms, now, memo, logger)
     plan = plan_modelserving(
         ms,
@@ -418,6 +440,9 @@ async def _reconcile_serving(
         operator_namespace=operator_config(memo).operator_namespace,
         keda=keda,
         prometheus=operator_config(memo).prometheus_url,
+        inference_api=pools,
+        epp_image=operator_config(memo).epp_image,
+        endpoint_pickers=pickers,
     )
     await _apply(api, ms, body, plan, observed, logger)
     await _apply_adapters(api, ms, body, plan, memo, logger)
@@ -492,9 +517,11 @@ def source_trainingjob_changed(name: str, namespace: str | None, memo: kopf.Memo
 
 __all__ = [
     "HTTPROUTES",
+    "INFERENCEPOOLS",
     "SCALEDOBJECTS",
     "ServingState",
     "gateway_api_available",
+    "inference_pools_available",
     "keda_available",
     "reconcile",
     "served",

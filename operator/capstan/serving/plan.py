@@ -9,6 +9,8 @@ revision, or, while a just-replaced revision is still retiring (the new stable i
 yet), to the stable and retiring ones in proportion to their ready replicas. With Gateway API the
 weights are HTTPRoute backendRef weights; without, the same weights size the revisions' replica
 counts behind the stable Service (replicas = ceil(total x weight), at least 1 for a live canary).
+With inference routing (:mod:`capstan.serving.inference`) the route's backends are one
+InferencePool per revision, with the same weights.
 """
 
 from __future__ import annotations
@@ -35,7 +37,13 @@ from capstan.api.conditions import (
 )
 from capstan.api.modelserving import ModelServing, ModelServingStatus, RevisionStatus, RolloutStatus
 from capstan.fields import dig
-from capstan.labels import ANNOTATION_MODEL, LABEL_COMPONENT, LABEL_REVISION, LABEL_SERVING
+from capstan.labels import (
+    ANNOTATION_MODEL,
+    ANNOTATION_RUNTIME,
+    LABEL_COMPONENT,
+    LABEL_REVISION,
+    LABEL_SERVING,
+)
 from capstan.naming import label_value
 from capstan.security import DEFAULT_OPERATOR_NAMESPACE
 from capstan.serving.adapters import (
@@ -50,6 +58,17 @@ from capstan.serving.adapters import (
 )
 from capstan.serving.adapters import mode as adapter_mode
 from capstan.serving.analysis import AnalysisResult
+from capstan.serving.inference import (
+    DEFAULT_EPP_IMAGE,
+    EPP_COMPONENT,
+    Routing,
+    endpoint_picker,
+    epp_peer,
+    gateway_parents,
+    inference_pool,
+    pool_route,
+    routing,
+)
 from capstan.serving.model_source import ModelNotReady, resolve_model
 from capstan.serving.revisions import (
     Revision,
@@ -100,8 +119,9 @@ class ObjectRef:
 class Observed:
     """What the executor read: children labelled with this ModelServing, and its model source.
 
-    ``children`` holds every other labelled child (Services, HPAs, PVCs, HTTPRoutes, NetworkPolicies)
-    so the planner can delete what no live revision needs. ``snapshots`` maps VolumeSnapshot name to object.
+    ``children`` holds every other labelled child (Services, HPAs, PVCs, HTTPRoutes, NetworkPolicies,
+    InferencePools and their pickers' ServiceAccounts, Roles and RoleBindings) so the planner can
+    delete what no live revision needs. ``snapshots`` maps VolumeSnapshot name to object.
     """
 
     deployments: list[dict[str, Any]] = field(default_factory=list)
@@ -180,6 +200,9 @@ def plan_modelserving(
     operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE,
     keda: bool = False,
     prometheus: str = "",
+    inference_api: bool = False,
+    epp_image: str = DEFAULT_EPP_IMAGE,
+    endpoint_pickers: bool = True,
 ) -> ServingPlan:
     """Decide the next step of ``ms`` given what was observed at ``now``.
 
@@ -189,11 +212,15 @@ def plan_modelserving(
     ``analysis``: the verdict on the canary's current step, when the executor scraped it (the
     planner says when one is due through :func:`analysis_due`).
     ``operator_namespace``: where the operator runs (the servers' NetworkPolicy admits it).
+    ``inference_api``: the cluster serves InferencePool (inference.networking.k8s.io/v1); vLLM and
+    SGLang revisions behind a named Gateway then get a pool each, with an endpoint picker running
+    ``epp_image``, when ``endpoint_pickers`` (the operator may create their Roles).
     A refusal of the API server on record (see :class:`ServingPlan`) stays on show until
     applying works.
     """
     plan = _plan(ms, observed, now, gateway_api=gateway_api, analysis=analysis,
-                 operator_namespace=operator_namespace, keda=keda, prometheus=prometheus)
+                 operator_namespace=operator_namespace, keda=keda, prometheus=prometheus,
+                 inference_api=inference_api, epp_image=epp_image, endpoint_pickers=endpoint_pickers)
     if plan.objects and refusal_on_record(ms.status.conditions, CT.PROGRESSING, ms.metadata.generation):
         plan.on_applied = plan.status
         kept = plan.status.model_copy(deep=True)
@@ -263,6 +290,9 @@ def _plan(
     operator_namespace: str,
     keda: bool,
     prometheus: str,
+    inference_api: bool,
+    epp_image: str,
+    endpoint_pickers: bool,
 ) -> ServingPlan:
     st = ms.status.model_copy(deep=True)
     old_phase = st.phase
@@ -275,7 +305,7 @@ def _plan(
     st.rollout = (st.rollout or RolloutStatus()).model_copy(update={"traffic": traffic_mode})
 
     revs = _observed_revisions(ms, observed)
-    desired = _desired_revision(ms, observed, keda)
+    desired = _desired_revision(ms, observed, keda, gateway_api and inference_api, endpoint_pickers)
     straight = ms.spec.autoscaling is None and ms.spec.replicas == 0
     t = tick(
         st,
@@ -293,10 +323,17 @@ def _plan(
         plan.requeue(t.requeue)
 
     traffic = _traffic(ms, st, revs)
-    policy = network_policy(ms, operator_namespace=operator_namespace) if traffic.live else None
+    route = routing(ms, gateway_api=gateway_api, inference_api=inference_api, pickers=endpoint_pickers,
+                    runtimes={r: revs[r].runtime for r in traffic.live
+                              if r in revs and r != desired.name and revs[r].runtime})
+    scrapers = [epp_peer(ms)] if route.pools else None
+    policy = (network_policy(ms, operator_namespace=operator_namespace, scrapers=scrapers)
+              if traffic.live else None)
     _add_objects(plan, ms, desired, revs, traffic, policy=policy, gateway_api=gateway_api, keda=keda,
                  prometheus=prometheus)
-    _add_deletes(plan, ms, observed, revs, traffic, policy=policy, gateway_api=gateway_api, keda=keda)
+    _add_routing(plan, ms, desired, revs, traffic, route, gateway_api=gateway_api, epp_image=epp_image)
+    _add_deletes(plan, ms, observed, revs, traffic, policy=policy, gateway_api=gateway_api, keda=keda,
+                 pools=route.pools)
     _set_revisions(st, ms, desired, revs, traffic)
     _adapters(plan, ms, observed, now)
     if not traffic.canary:
@@ -305,6 +342,7 @@ def _plan(
     _conditions(plan, ms, now, rollout_message=t.message, desired=desired, traffic=traffic,
                 was_ready=was_ready)
     _rolled_back_condition(plan, ms, now, t)
+    _cond(plan, ms, now, CT.INFERENCE_ROUTING, route.pools, route.reason, route.message)
     if st.phase != old_phase:
         warn = st.phase in ("Degraded", "Failed")
         plan.events.append(Event("Warning" if warn else "Normal", st.phase, st.message))
@@ -337,7 +375,8 @@ def _observed_revisions(ms: ModelServing, observed: Observed) -> dict[str, Revis
     mine = label_value(ms.metadata.name)
     revs: dict[str, RevisionState] = {}
     for dep in observed.deployments:
-        if dig(dep, "metadata", "labels", LABEL_SERVING) != mine:
+        labels = dig(dep, "metadata", "labels", default=None) or {}
+        if labels.get(LABEL_SERVING) != mine or labels.get(LABEL_COMPONENT) == EPP_COMPONENT:
             continue
         state = revision_state(dep)
         if state is not None:
@@ -345,11 +384,15 @@ def _observed_revisions(ms: ModelServing, observed: Observed) -> dict[str, Revis
     return revs
 
 
-def _desired_revision(ms: ModelServing, observed: Observed, keda: bool) -> _Desired:
+def _desired_revision(
+    ms: ModelServing, observed: Observed, keda: bool, pools: bool, pickers: bool
+) -> _Desired:
     """The revision the spec asks for; rendering it here surfaces a bad argsTemplate before any
-    change. Autoscaling the cluster cannot do (minReplicas 0 without KEDA) makes the spec invalid
-    here: it is never run as something else."""
-    problem = ms.spec.scale_to_zero_problem(keda)
+    change. Autoscaling the cluster cannot do (minReplicas 0 without KEDA) and a Required
+    InferencePool it cannot serve (``pools``: it serves InferencePool and HTTPRoute; ``pickers``: the
+    operator may create endpoint pickers) make the spec invalid here: it is never run as something
+    else."""
+    problem = ms.spec.scale_to_zero_problem(keda) or ms.spec.inference_pool_problem(pools, pickers)
     if problem:
         return _Desired(None, problem, invalid=True)
     try:
@@ -466,7 +509,9 @@ def _add_objects(
             claim_meta = meta(ms, "", component=ADAPTER_COMPONENT)
             plan.objects.extend(adapter_claims(ms, list(new.adapters), claim_meta))
             dep = deployment(ms, new, replicas)
-            dep["metadata"].setdefault("annotations", {})[ANNOTATION_MODEL] = new.model.identity
+            notes = dep["metadata"].setdefault("annotations", {})
+            notes[ANNOTATION_MODEL] = new.model.identity
+            notes[ANNOTATION_RUNTIME] = ms.spec.runtime
             plan.objects.append(dep)
         elif replicas is not None and rev in revs:
             # Rendered from an older spec: only its size follows this one.
@@ -480,8 +525,35 @@ def _add_objects(
             have = revs[rev].spec_replicas or 0
             plan.scale[rev] = min(have, left)
             left -= plan.scale[rev]
-    if gateway_api and traffic.live:
-        plan.objects.append(http_route(ms, traffic.weights))
+
+
+def _add_routing(
+    plan: ServingPlan,
+    ms: ModelServing,
+    desired: _Desired,
+    revs: dict[str, RevisionState],
+    traffic: _Traffic,
+    route: Routing,
+    *,
+    gateway_api: bool,
+    epp_image: str,
+) -> None:
+    """The route to the live revisions: an InferencePool and endpoint picker each and an HTTPRoute
+    to the pools, or an HTTPRoute to their Services (also on the named Gateway), or nothing."""
+    if not traffic.live:
+        return
+    if route.pools:
+        for rev in sorted(traffic.live):
+            obs = revs.get(rev)
+            current = rev == desired.name or obs is None
+            # A revision from an older spec keeps the port and runtime it was rendered with.
+            port = ms.spec.port if current or obs is None or obs.port is None else obs.port
+            runtime = ms.spec.runtime if current or obs is None or not obs.runtime else obs.runtime
+            plan.objects.append(inference_pool(ms, rev, port))
+            plan.objects.extend(endpoint_picker(ms, rev, runtime, epp_image))
+        plan.objects.append(pool_route(ms, traffic.weights))
+    elif gateway_api:
+        plan.objects.append(http_route(ms, traffic.weights, gateway_parents(ms)))
 
 
 def _add_deletes(
@@ -494,6 +566,7 @@ def _add_deletes(
     policy: dict[str, Any] | None,
     gateway_api: bool,
     keda: bool,
+    pools: bool,
 ) -> None:
     """Children no live revision needs any more, and an event for each revision removed."""
     mine = label_value(ms.metadata.name)
@@ -522,6 +595,8 @@ def _add_deletes(
             # An adapter's restored snapshot, once no live revision mounts it.
             or (kind == "PersistentVolumeClaim" and labels.get(LABEL_COMPONENT) == ADAPTER_COMPONENT
                 and name not in adapter_claims_used)
+            # Inference routing turned off (runtime, gateway or CRDs gone): pools and pickers go.
+            or (not pools and (kind == "InferencePool" or labels.get(LABEL_COMPONENT) == EPP_COMPONENT))
         )
         if gone:
             plan.deletes.append(ObjectRef(obj.get("apiVersion", ""), kind, name))

@@ -98,7 +98,7 @@ def content(ms: ModelServing, model: ModelRef, adapters: Sequence[AdapterRef] = 
     Adapters count by their volumes only where the runtime loads them at run time (the operator
     loads and unloads them on the running servers), in full where they are on the command line."""
     spec = ms.spec.wire()
-    for key in ("replicas", "autoscaling", "rollout", "model", "networkPolicy", "adapters"):
+    for key in ("replicas", "autoscaling", "rollout", "model", "networkPolicy", "adapters", "routing"):
         spec.pop(key, None)
     return {"v": RENDER_VERSION, "name": ms.metadata.name, "model": model.identity, **spec,
             **adapter_content(ms, list(adapters))}
@@ -311,12 +311,13 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
 
 
 def network_policy(
-    ms: ModelServing, *, operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE
+    ms: ModelServing, *, operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE,
+    scrapers: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
     """The NetworkPolicy around every revision's servers (``spec.networkPolicy``), named like the
     stable Service: the server port (by name, whatever each revision's number) accepts the routing
-    layer, the operator's canary analysis (from ``operator_namespace``) and the metrics scraper.
-    None when the spec asks for none."""
+    layer, the operator's canary analysis (from ``operator_namespace``), the metrics scraper and
+    ``scrapers`` (the endpoint pickers of InferencePools). None when the spec asks for none."""
     policy = ms.spec.network_policy
     if policy is None:
         return None
@@ -325,7 +326,7 @@ def network_policy(
 
     # An empty "from" would admit everyone: peers that are not configured get no rule at all.
     ingress = [rule(peers(policy.clients_from))] if policy.clients_from else []
-    ingress.append(rule([operator_peer(operator_namespace)]))
+    ingress.append(rule([operator_peer(operator_namespace), *(scrapers or [])]))
     if policy.metrics_from:
         ingress.append(rule(peers(policy.metrics_from)))
     policy_meta = meta(ms, stable_service_name(ms), component="network-policy")
@@ -381,8 +382,11 @@ def revision_service(ms: ModelServing, revision: str) -> dict[str, Any]:
     return _service(ms, revision, revision_selector(ms, revision), revision)
 
 
-def http_route(ms: ModelServing, weights: dict[str, int]) -> dict[str, Any]:
-    """Gateway API HTTPRoute on the stable Service splitting traffic by revision weight."""
+def http_route(
+    ms: ModelServing, weights: dict[str, int], gateways: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Gateway API HTTPRoute on the stable Service splitting traffic by revision weight; also
+    attached to ``gateways`` (parentRefs of Gateways) when given."""
     backends = [
         {"group": "", "kind": "Service", "name": rev, "port": SERVICE_PORT, "weight": w}
         for rev, w in sorted(weights.items())
@@ -393,7 +397,8 @@ def http_route(ms: ModelServing, weights: dict[str, int]) -> dict[str, Any]:
         "metadata": meta(ms, stable_service_name(ms), None, component="route"),
         "spec": {
             "parentRefs": [
-                {"group": "", "kind": "Service", "name": stable_service_name(ms), "port": SERVICE_PORT}
+                {"group": "", "kind": "Service", "name": stable_service_name(ms), "port": SERVICE_PORT},
+                *(gateways or []),
             ],
             "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": backends}],
         },

@@ -25,7 +25,7 @@ from capstan.api.conditions import parse_time, rfc3339
 from capstan.api.modelserving import ModelServingStatus, RolloutSpec, RolloutStatus
 from capstan.events import Event
 from capstan.fields import dig
-from capstan.labels import ANNOTATION_MODEL, LABEL_REVISION
+from capstan.labels import ANNOTATION_MODEL, ANNOTATION_RUNTIME, LABEL_REVISION
 from capstan.serving.analysis import AnalysisResult
 
 WAIT_READY_S = 5.0
@@ -46,6 +46,8 @@ class RevisionState:
     ready: int
     deadline_exceeded: bool = False
     model: str = ""
+    runtime: str = ""  # "" when the Deployment predates the annotation
+    port: int | None = None  # the server's container port
 
 
 def revision_state(dep: dict[str, Any]) -> RevisionState | None:
@@ -64,7 +66,11 @@ def revision_state(dep: dict[str, Any]) -> RevisionState | None:
     )
     replicas = dig(dep, "spec", "replicas")
     model = dig(meta, "annotations", ANNOTATION_MODEL, default="")
-    return RevisionState(rev, replicas, int(status.get("readyReplicas") or 0), exceeded, model)
+    runtime = dig(meta, "annotations", ANNOTATION_RUNTIME, default="")
+    containers = dig(dep, "spec", "template", "spec", "containers", default=None) or []
+    port = next((p.get("containerPort") for c in containers if c.get("name") == "server"
+                 for p in c.get("ports") or [] if p.get("name") == "http"), None)
+    return RevisionState(rev, replicas, int(status.get("readyReplicas") or 0), exceeded, model, runtime, port)
 
 
 def replicas_for_weight(total: int, weight: int, live: bool) -> int:

@@ -283,8 +283,10 @@ async def scenario_delete_cleans_up(env: Env, name: str = "tj-delete") -> None:
     async with env.operator():
         await env.api.create(job_body(env, name))
         await wait_pods(env, name, 2)
-        job = await get_job(env, name)
-        assert job is not None and "capstan.dev/finalizer" in job["metadata"].get("finalizers", [])
+        # kopf adds the finalizer through the validating webhook, which a just-started operator may
+        # not serve yet (its PATCH then retries): wait for it rather than look once
+        await wait_job(env, name, lambda j: "capstan.dev/finalizer" in j["metadata"].get("finalizers", []),
+                       "finalizer added")
         await env.api.delete(TRAININGJOBS, env.namespace, name)
         await wait_for(lambda: _gone(get_job(env, name)), TIMEOUT, what="job gone")
         await wait_pods(env, name, 0)

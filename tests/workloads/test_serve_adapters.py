@@ -29,7 +29,7 @@ from capstan_workloads.lora import (
 )
 from capstan_workloads.model import GPT, GPTConfig
 from capstan_workloads.serve.adapters import AdapterError, read_adapter
-from capstan_workloads.serve.testing import make_model_dir, reference_generate
+from capstan_workloads.serve.testing import make_model_dir, reference_generate, wait_ready
 from capstan_workloads.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -100,16 +100,7 @@ async def test_server_process_serves_base_and_two_adapters_and_loads_them_at_run
     )
     try:
         async with aiohttp.ClientSession() as s:
-            for _ in range(300):
-                try:
-                    async with s.get(f"{url}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("server never became ready")
+            await wait_ready(s, url, proc)
 
             async def models_listed() -> dict[str, str | None]:
                 async with s.get(f"{url}/v1/models") as r:

@@ -15,7 +15,7 @@ import pytest
 
 import capstan_workloads
 from capstan.local.workers import free_port
-from capstan_workloads.serve.testing import make_model_dir
+from capstan_workloads.serve.testing import make_model_dir, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -74,15 +74,7 @@ async def test_sigterm_drains_in_flight_then_exits_0(tmp_path: Path) -> None:
     )
     try:
         async with aiohttp.ClientSession() as s:
-            for _ in range(300):
-                try:
-                    async with s.get(f"{url}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                await asyncio.sleep(0.1)
+            await wait_ready(s, url, proc)
             body = {"prompt": "a", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
             inflight = asyncio.create_task(s.post(f"{url}/v1/completions", json=body))
             for _ in range(200):  # wait until the request is really in the running batch
@@ -150,16 +142,7 @@ async def test_chat_stream_over_a_shared_system_prompt_in_a_server_process(tmp_p
     system = {"role": "system", "content": "paged attention keeps the kv cache in fixed size blocks."}
     try:
         async with aiohttp.ClientSession() as s:
-            for _ in range(300):
-                try:
-                    async with s.get(f"{url}/readyz") as r:
-                        if r.status == 200:
-                            assert (await r.json())["device"] == "cpu"
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                await asyncio.sleep(0.1)
+            assert (await wait_ready(s, url, proc))["device"] == "cpu"
             answers = []
             for user in ("the quick", "a capstan"):
                 body = {

@@ -3,7 +3,6 @@ memory, what stays in float, devices, and the server answering from the quantize
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from capstan_workloads.model import GPT, GPTConfig
 from capstan_workloads.serve.app import Limits
 from capstan_workloads.serve.loader import load_model_dir
 from capstan_workloads.serve.quantize import Int8Linear, quantize_model, quantize_weight, weight_bytes
-from capstan_workloads.serve.testing import make_model_dir, reference_generate
+from capstan_workloads.serve.testing import make_model_dir, reference_generate, wait_ready
 
 
 def test_round_trip_error_is_at_most_half_a_step_per_channel() -> None:
@@ -121,18 +120,8 @@ async def test_server_process_with_int8_answers_completions(tmp_path: Path) -> N
     )
     try:
         async with aiohttp.ClientSession() as s:
-            ready = None
-            for _ in range(300):
-                try:
-                    async with s.get(f"{url}/readyz") as r:
-                        if r.status == 200:
-                            ready = await r.json()
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                await asyncio.sleep(0.1)
-            assert ready is not None and ready["quantization"] == "int8"
+            ready = await wait_ready(s, url, proc)
+            assert ready["quantization"] == "int8"
             assert ready["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
             assert 0 < ready["weightBytes"] < 0.5 * float_bytes
             answers = []

@@ -36,11 +36,10 @@ from capstan.labels import LABEL_COMPONENT, LABEL_INSTANCE, LABEL_NAME, LABEL_RE
 from capstan.naming import dns_label
 from capstan.security import container_security_context, pod_security_context
 from capstan.serving.revisions import (
-    GATEWAY_API,
     meta,
     revision_selector,
+    route,
     serving_labels,
-    stable_service_name,
 )
 
 INFERENCE_API = "inference.networking.k8s.io/v1"
@@ -287,15 +286,7 @@ def pool_route(ms: ModelServing, weights: dict[str, int]) -> dict[str, Any]:
         {"group": INFERENCE_GROUP, "kind": "InferencePool", "name": rev, "weight": w}
         for rev, w in sorted(weights.items())
     ]
-    return {
-        "apiVersion": GATEWAY_API,
-        "kind": "HTTPRoute",
-        "metadata": meta(ms, stable_service_name(ms), None, component="route"),
-        "spec": {
-            "parentRefs": [_gateway_parent(ms)],
-            "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": backends}],
-        },
-    }
+    return route(ms, [_gateway_parent(ms)], backends)
 
 
 def gateway_parents(ms: ModelServing) -> list[dict[str, Any]]:

@@ -382,27 +382,30 @@ def revision_service(ms: ModelServing, revision: str) -> dict[str, Any]:
     return _service(ms, revision, revision_selector(ms, revision), revision)
 
 
-def http_route(
-    ms: ModelServing, weights: dict[str, int], gateways: list[dict[str, Any]] | None = None
-) -> dict[str, Any]:
-    """Gateway API HTTPRoute on the stable Service splitting traffic by revision weight; also
-    attached to ``gateways`` (parentRefs of Gateways) when given."""
-    backends = [
-        {"group": "", "kind": "Service", "name": rev, "port": SERVICE_PORT, "weight": w}
-        for rev, w in sorted(weights.items())
-    ]
+def route(ms: ModelServing, parents: list[dict[str, Any]], backends: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ModelServing's one HTTPRoute: every path to ``backends``, attached to ``parents``."""
     return {
         "apiVersion": GATEWAY_API,
         "kind": "HTTPRoute",
         "metadata": meta(ms, stable_service_name(ms), None, component="route"),
         "spec": {
-            "parentRefs": [
-                {"group": "", "kind": "Service", "name": stable_service_name(ms), "port": SERVICE_PORT},
-                *(gateways or []),
-            ],
+            "parentRefs": parents,
             "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": backends}],
         },
     }
+
+
+def http_route(
+    ms: ModelServing, weights: dict[str, int], gateways: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Gateway API HTTPRoute on the stable Service splitting traffic by revision weight; also
+    attached to ``gateways`` (parentRefs of Gateways) when given."""
+    stable = {"group": "", "kind": "Service", "name": stable_service_name(ms), "port": SERVICE_PORT}
+    backends = [
+        {"group": "", "kind": "Service", "name": rev, "port": SERVICE_PORT, "weight": w}
+        for rev, w in sorted(weights.items())
+    ]
+    return route(ms, [stable, *(gateways or [])], backends)
 
 
 def scaled_bounds(low: int, high: int, weight: int, floor: int = 1) -> tuple[int, int]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import torch
 import torch.nn.functional as F
 
@@ -72,3 +76,28 @@ def reference_generate(model: GPT, prompt: list[int], max_tokens: int, eos_id: i
         if tok == eos_id:
             break
     return out
+
+
+async def wait_ready(
+    session: aiohttp.ClientSession,
+    url: str,
+    proc: subprocess.Popen[str] | None = None,
+    timeout_s: float = 30.0,
+) -> dict[str, Any]:
+    """Poll ``url``/readyz until the server answers 200; its JSON. AssertionError when it does not
+    within ``timeout_s``, or when ``proc`` (the server's process) exits first (with its output)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        try:
+            async with session.get(f"{url}/readyz") as r:
+                if r.status == 200:
+                    answer: dict[str, Any] = await r.json()
+                    return answer
+        except aiohttp.ClientConnectionError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            output = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"server exited {proc.returncode}: {output}")
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"server at {url} never became ready within {timeout_s:.0f} s")

@@ -30,7 +30,7 @@ def gpu_pod(name: str, rv: int, node: str = "n1") -> dict[str, Any]:
 class ScriptedServer:
     """Answers lists with ``pages`` and each watch with the next script (a list of events or an error)."""
 
-    def __init__(self, pages: list[list[dict[str, Any]]], watches: list[Any]) -> None:
+    def __init__(self, pages: list[Any], watches: list[Any]) -> None:
         self.pages, self.watches = pages, watches
         self.lists: list[str] = []  # resourceVersion each list answered with
         self.watched_from: list[str] = []
@@ -38,6 +38,8 @@ class ScriptedServer:
         self.done = asyncio.Event()
 
     async def list_page(self, res: Any, *, continue_: str | None = None, limit: int = 500) -> dict[str, Any]:
+        if isinstance(self.pages[0], Exception):  # refused, for good
+            raise self.pages[0]
         items = self.pages.pop(0)
         rv = str(max((int(i["metadata"]["resourceVersion"]) for i in items), default=1))
         self.lists.append(rv)
@@ -110,13 +112,25 @@ async def test_store_keeps_the_newer_version_and_slim_pods_drop_what_placement_i
     assert "ns/web" not in reflector.objects
 
 
-async def test_rbac_refusal_makes_placement_fall_back_to_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_rbac_refusal_makes_placement_fall_back_to_lists_until_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr("capstan.kube.cache._FORBIDDEN_RETRY_S", 0.0)
-    server = ScriptedServer(pages=[[]], watches=[ApiError(403, "Forbidden", "pods is forbidden")])
-    pods = Reflector(server, PODS, slim_pod)  # type: ignore[arg-type]
+    refused = ApiError(403, "Forbidden", "pods is forbidden")
     ready = Reflector(None, NODES)  # type: ignore[arg-type]
     ready.synced.set()
-    cache = ClusterCache(ready, pods, ready)
+    # refused: the list itself
+    server = ScriptedServer(pages=[refused], watches=[])
+    pods = Reflector(server, PODS, slim_pod)  # type: ignore[arg-type]
+    task = asyncio.create_task(pods.run())
+    while not pods.forbidden:
+        await asyncio.sleep(0.01)
+    assert not pods.synced.is_set() and not ClusterCache(ready, pods, ready).ready  # the pass lists
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    # refused: the watch, then a role is granted: a fresh list (events were missed), ready again
+    server = ScriptedServer(pages=[[gpu_pod("a", 3)], [gpu_pod("a", 3), gpu_pod("b", 8)]], watches=[refused])
+    pods = Reflector(server, PODS, slim_pod)  # type: ignore[arg-type]
     await run_until_done(pods, server)
-    assert pods.forbidden and not pods.synced.is_set()
-    assert not cache.ready  # the queue pass lists instead
+    assert server.lists == ["3", "8"] and set(pods.objects) == {"ns/a", "ns/b"}
+    assert ClusterCache(ready, pods, ready).ready

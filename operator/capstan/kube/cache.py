@@ -194,6 +194,7 @@ class Reflector:
         self.objects, self.versions = objects, versions
         self.resource_version = str(dig(page, "metadata", "resourceVersion") or "")
         self.lists += 1
+        self.forbidden = False  # allowed to list (again); a refused watch says so once more
         self.synced.set()
 
     async def run(self) -> None:
@@ -224,6 +225,7 @@ class Reflector:
                 if exc.status == 403:
                     self.forbidden = True
                     self.synced.clear()  # the caller lists instead (and says why)
+                    self.resource_version = ""  # once allowed, list afresh: events were missed
                     log.warning("cannot watch %s cluster-wide (%s): placement lists instead",
                                 self.resource.plural, exc.reason)
                     await asyncio.sleep(_FORBIDDEN_RETRY_S)
@@ -234,6 +236,13 @@ class Reflector:
                     return
                 failures += 1
                 log.debug("watch of %s broke (%s); resuming", self.resource.plural, type(exc).__name__)
+                await asyncio.sleep(_backoff(failures))
+            except Exception:
+                if self.api.closed:  # the operator is stopping ("Session is closed")
+                    return
+                failures += 1
+                log.exception("watch of %s failed; listing again", self.resource.plural)
+                self.resource_version = ""
                 await asyncio.sleep(_backoff(failures))
 
 

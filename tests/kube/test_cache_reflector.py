@@ -134,3 +134,26 @@ async def test_rbac_refusal_makes_placement_fall_back_to_lists_until_allowed(
     await run_until_done(pods, server)
     assert server.lists == ["3", "8"] and set(pods.objects) == {"ns/a", "ns/b"}
     assert ClusterCache(ready, pods, ready).ready
+
+
+def test_slim_nodes_place_exactly_as_whole_ones() -> None:
+    from tests.kube.conftest import gpu_node
+
+    from capstan.kube.cache import slim_node, without_managed_fields
+    from capstan.topology import build_inventory
+
+    nodes = [gpu_node("a", clique="c1", rack="r1"), gpu_node("b", clique="c1", rack="r1"),
+             gpu_node("c", gpus=4, clique="c2"), gpu_node("down", ready=False)]
+    taint = {"key": "gpu", "value": "bad", "effect": "NoSchedule"}
+    nodes[1]["spec"] = {"unschedulable": True, "taints": [taint]}
+    nodes[2]["status"]["allocatable"]["rdma/rdma_shared_device_a"] = "1k"
+    for n in nodes:  # what real Nodes carry and placement never reads
+        n["status"]["images"] = [{"names": [f"registry.example/img:{i}"], "sizeBytes": 1} for i in range(50)]
+        n["metadata"]["managedFields"] = [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]
+    pods = [{"spec": {"nodeName": "a", "containers": [{"resources": {"limits": {"nvidia.com/gpu": "3"}}}]},
+             "status": {"phase": "Running"}}]
+    whole, slim = build_inventory(nodes, pods), build_inventory([slim_node(n) for n in nodes], pods)
+    assert slim.nodes == whole.nodes and slim.not_ready == whole.not_ready == ("down",)
+    assert [slim.free(n.name) for n in slim.nodes] == [whole.free(n.name) for n in whole.nodes]
+    assert len(str(slim_node(nodes[0]))) < len(str(nodes[0])) / 5
+    assert "managedFields" not in without_managed_fields(nodes[0])["metadata"]

@@ -95,9 +95,27 @@ def slim_pod(pod: Mapping[str, Any]) -> dict[str, Any] | None:
             "status": {"phase": dig(pod, "status", "phase")}}
 
 
-def whole(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """Keep the object as it is."""
-    return dict(obj)
+def slim_node(node: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields placement reads of a Node: labels, taints, cordon, allocatable, conditions (not
+    its image list or managed fields, which are most of a real Node's bytes)."""
+    meta = node.get("metadata") or {}
+    spec = node.get("spec") or {}
+    status = node.get("status") or {}
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {k: meta[k] for k in ("name", "uid", "labels", "resourceVersion") if k in meta},
+        "spec": {k: spec[k] for k in ("unschedulable", "taints") if k in spec},
+        "status": {
+            "allocatable": status.get("allocatable") or {},
+            "conditions": [{k: c.get(k) for k in ("type", "status")} for c in status.get("conditions") or []],
+        },
+    }
+
+
+def without_managed_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The object less ``metadata.managedFields`` (server-side apply's bookkeeping)."""
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}
+    return {**obj, "metadata": meta}
 
 
 @dataclass
@@ -106,7 +124,7 @@ class Reflector:
 
     api: ApiClient
     resource: ApiResource
-    slim: Slim = whole
+    slim: Slim = without_managed_fields
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)  # key -> newest resourceVersion stored
     resource_version: str = ""  # where the watch resumes; "" means list first
@@ -263,7 +281,8 @@ class ClusterCache:
     @classmethod
     def for_client(cls, api: ApiClient) -> ClusterCache:
         """Reflectors over ``api``, fed by its own writes too (not yet started)."""
-        cache = cls(Reflector(api, NODES), Reflector(api, PODS, slim_pod), Reflector(api, TRAININGJOBS))
+        nodes, pods = Reflector(api, NODES, slim_node), Reflector(api, PODS, slim_pod)
+        cache = cls(nodes, pods, Reflector(api, TRAININGJOBS))
         api.write_observers.append(cache.assume)
         return cache
 
@@ -315,4 +334,4 @@ class ClusterCache:
         return name in self.nodes.objects
 
 
-__all__ = ["ClusterCache", "Reflector", "object_key", "slim_pod"]
+__all__ = ["ClusterCache", "Reflector", "object_key", "slim_node", "slim_pod", "without_managed_fields"]

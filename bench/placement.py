@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import heapq
 import json
 import math
@@ -276,6 +277,102 @@ def read_trace_csv(path: str | Path) -> list[TraceJob]:
             if gpus > 0 and dur > 0:
                 out.append(TraceJob(submit, gpus, dur))
     return sorted(out, key=lambda j: j.submit)
+
+
+# ---------------------------------------------------------------------------------------------
+# real traces
+
+# Public traces replayed by ``--real-traces DIR``: file name -> (trace name, where to get it). The
+# DIR-LAB repository has no licence file, so its data is not committed; CI and bench machines
+# have no GitHub access, so the files are fetched by hand into DIR (see bench/traces/README.md).
+DIRLAB = "https://raw.githubusercontent.com/DIR-LAB/Gen-Parallel-Workloads/main"
+REAL_TRACES = {
+    "philly_data_training.csv": ("philly", f"{DIRLAB}/Philly/training_data/philly_data_training.csv"),
+    "helios_data_training.csv": ("helios", f"{DIRLAB}/Helios/training_data/helios_data_training.csv"),
+}
+DIRLAB_COLUMNS = ("gpu_num", "interval", "run_time")
+WINDOWS, WINDOW_JOBS = 3, 3000
+WINDOWS_QUICK, WINDOW_JOBS_QUICK = 1, 300
+TRACE_SEEDS, TRACE_SEEDS_QUICK = 5, 1
+TRACE_POLICIES = ("capstan", "tas_bestfit")
+
+
+def read_dirlab_csv(path: str | Path) -> list[TraceJob]:
+    """A DIR-LAB Gen-Parallel-Workloads trace (``u_id,user,gpu_num,cpu_num,node_num,interval,
+    run_time,wall_time,new_status``): submit = running sum of ``interval`` (seconds since the
+    previous submission), gpus = ``gpu_num``, duration = ``run_time``; jobs with no GPU or no run
+    time are left out. Raises ValueError naming the file and the column missing or the bad row."""
+    out: list[TraceJob] = []
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in DIRLAB_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path}: not a DIR-LAB trace, missing column(s) {', '.join(missing)}")
+        t = 0.0
+        for line, row in enumerate(reader, start=2):
+            try:
+                interval, gpus, dur = float(row["interval"]), int(float(row["gpu_num"])), float(row["run_time"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}:{line}: interval, gpu_num and run_time must be numbers, "
+                                 f"got {row.get('interval')!r}, {row.get('gpu_num')!r}, "
+                                 f"{row.get('run_time')!r}") from None
+            t += max(0.0, interval)
+            if gpus > 0 and dur > 0:
+                out.append(TraceJob(t, gpus, dur))
+    return out
+
+
+def trace_windows(jobs: Sequence[TraceJob], windows: int, window_jobs: int) -> list[list[TraceJob]]:
+    """The last ``windows`` x ``window_jobs`` jobs in consecutive windows, each rebased to t=0."""
+    tail = list(jobs)[-windows * window_jobs:]
+    out = []
+    for w in range(windows):
+        part = tail[w * window_jobs:(w + 1) * window_jobs]
+        if part:
+            t0 = part[0].submit
+            out.append([TraceJob(j.submit - t0, j.gpus, j.duration) for j in part])
+    return out
+
+
+def fit_trace(window: Sequence[TraceJob], cluster_gpus: int, load: float | None) -> tuple[list[TraceJob], dict[str, Any]]:
+    """Map a real trace window onto a bench cluster the way the generator sizes its traces: jobs
+    capped at a quarter of the cluster's GPUs, durations clipped like the generator's, then the
+    arrival times scaled (all by one factor, so bursts and gaps keep their shape) to offered load
+    ``load``; None keeps the trace's own times. Returns the jobs and what was done to them."""
+    max_gpus = max(1, cluster_gpus // 4)
+    jobs = [TraceJob(j.submit, min(j.gpus, max_gpus),
+                     min(max(j.duration, DURATION_CLIP_S[0]), DURATION_CLIP_S[1])) for j in window]
+    span = (jobs[-1].submit - jobs[0].submit) if len(jobs) > 1 else 0.0
+    work = sum(j.gpus * j.duration for j in jobs)
+    native = work / (span * cluster_gpus) if span > 0 else float("inf")
+    scale = native / load if load and span > 0 else 1.0
+    fitted = [TraceJob(round(j.submit * scale, 3), j.gpus, j.duration) for j in jobs]
+    return fitted, {
+        "jobs": len(fitted), "capped_to_quarter_cluster": sum(j.gpus > max_gpus for j in window),
+        "clipped_duration": sum(not DURATION_CLIP_S[0] <= j.duration <= DURATION_CLIP_S[1] for j in window),
+        "native_offered_load": round(native, 3), "time_scale": round(scale, 4),
+        "offered_load": round(native / scale, 3),
+        "arrival_window_h": round(fitted[-1].submit / 3600, 1) if fitted else 0.0,
+        "gpu_hours": round(work / 3600, 1),
+    }
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def find_real_traces(directory: str | Path) -> dict[str, Path]:
+    """Trace name -> file for each known public trace present in ``directory``."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ValueError(f"--real-traces: {d} is not a directory")
+    found = {name: d / fname for fname, (name, _) in REAL_TRACES.items() if (d / fname).is_file()}
+    if not found:
+        raise ValueError(f"--real-traces: {d} holds none of {', '.join(REAL_TRACES)} "
+                         f"(see bench/traces/README.md for where to get them)")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,6 +826,91 @@ def _simulate(task: tuple[int, int, str, argparse.Namespace]) -> tuple[int, int,
     return k, seed, policy, Sim(cluster, _trace_for(cluster, k, seed, args), policy, seed).run()
 
 
+@functools.lru_cache(maxsize=8)
+def _real_windows(path: str, windows: int, window_jobs: int) -> list[list[TraceJob]]:
+    return trace_windows(read_dirlab_csv(path), windows, window_jobs)
+
+
+def _real_trace(path: str, w: int, cluster: Cluster, args: argparse.Namespace) -> tuple[list[TraceJob], dict[str, Any]]:
+    window = _real_windows(path, args.windows, args.window_jobs)[w]
+    return fit_trace(window, cluster.total_gpus, args.trace_load)
+
+
+RealTask = tuple[str, str, int, int, int, str, argparse.Namespace]
+
+
+def _simulate_real(task: RealTask) -> tuple[tuple[str, int, int, int, str], dict[str, Any]]:
+    """One (trace, window, cluster, seed, policy) simulation of a real trace window."""
+    name, path, w, k, seed, policy, args = task
+    cluster = _clusters(args.quick)[k]
+    trace, _ = _real_trace(path, w, cluster, args)
+    return (name, w, k, seed, policy), Sim(cluster, trace, policy, seed).run()
+
+
+# Done-when of issue 19, capstan vs tas_bestfit per trace window and cluster: higher-is-better shares
+# may trail by at most this much (absolute), lower-is-better times by at most this fraction
+TARGET_SLACK = {"nvlink_local_share": 0.005, "rack_local_share": 0.005, "allocation_rate": 0.005,
+                "mean_queue_delay_s": 0.03, "p95_queue_delay_s": 0.05, "mean_jct_s": 0.02}
+
+
+def compare(cap: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Which of the six metrics capstan meets (within TARGET_SLACK of ``base``) and which it misses."""
+    missed = {}
+    for m, slack in TARGET_SLACK.items():
+        if m in ("nvlink_local_share", "rack_local_share", "allocation_rate"):
+            ok = cap[m] >= base[m] - slack
+        else:
+            ok = cap[m] <= base[m] * (1 + slack) + 1e-9
+        if not ok:
+            missed[m] = [cap[m], base[m]]
+    return {"met": [m for m in TARGET_SLACK if m not in missed], "missed": missed}
+
+
+def run_real_traces(args: argparse.Namespace, workers: int) -> dict[str, Any]:
+    """Replay every known public trace found in ``args.real_traces``: windows x clusters x seeds."""
+    files = find_real_traces(args.real_traces)
+    clusters = _clusters(args.quick)
+    seeds = list(range(args.seed, args.seed + args.trace_seeds))
+    tasks: list[RealTask] = [(name, str(path), w, k, s, p, args) for name, path in files.items()
+                             for w in range(len(_real_windows(str(path), args.windows, args.window_jobs)))
+                             for k in range(len(clusters)) for s in seeds for p in TRACE_POLICIES]
+    tasks.sort(key=lambda t: (-clusters[t[3]].total_gpus, t[5] != "capstan"))
+    raw: dict[tuple[str, int, int, int, str], dict[str, Any]] = {}
+    if workers > 1 and "fork" in mp.get_all_start_methods():
+        with mp.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+            for key, res in pool.imap_unordered(_simulate_real, tasks):
+                raw[key] = res
+    else:
+        for task in tasks:
+            key, res = _simulate_real(task)
+            raw[key] = res
+    out: dict[str, Any] = {}
+    misses = 0
+    for name, path in files.items():
+        per_window: dict[str, Any] = {}
+        for w in range(len(_real_windows(str(path), args.windows, args.window_jobs))):
+            per_cluster: dict[str, Any] = {}
+            for k, cluster in enumerate(clusters):
+                res = {p: _median_metrics([summarize([raw[name, w, k, s, p]]) for s in seeds])
+                       for p in TRACE_POLICIES}
+                verdict = compare(res["capstan"], res["tas_bestfit"])
+                misses += len(verdict["missed"])
+                per_cluster[cluster.kind] = {"trace": _real_trace(str(path), w, cluster, args)[1],
+                                             **res, "capstan_vs_tas_bestfit": verdict}
+            per_window[f"w{w}"] = per_cluster
+        out[name] = {"file": path.name, "sha256": _sha256(path), "source": REAL_TRACES[path.name][1],
+                     "windows": per_window}
+    return {"traces": out, "targets_missed": misses, "seeds": seeds, "policies": list(TRACE_POLICIES),
+            "windows": args.windows, "window_jobs": args.window_jobs,
+            "target_slack": TARGET_SLACK,
+            "mapping": "the last windows x window_jobs jobs with GPUs of each trace, in consecutive windows; "
+                       "submit = running sum of interval, duration = run_time (clipped like the generator's), "
+                       "jobs capped at a quarter of the cluster, gang shape as for the generated trace; "
+                       "arrival times scaled by one factor per window and cluster to the offered load "
+                       "(trace_load; null keeps the trace's own times); a seed draws the declared limits "
+                       "(true duration x U(1, 2)) as for the generated trace"}
+
+
 def _median_metrics(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Median across seeds of every numeric metric (counts summed)."""
     out: dict[str, Any] = {}
@@ -757,7 +939,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--workers", type=int, default=0, help="worker processes (default: CPU count)")
     ap.add_argument("--out", default=str(RESULTS / "placement.json"))
     ap.add_argument("--no-decision", action="store_true", help="skip the 10k-node decision timing")
+    ap.add_argument("--real-traces", default=os.environ.get("CAPSTAN_BENCH_TRACES") or None,
+                    help="directory holding public trace CSVs to replay as well (philly_data_training.csv, "
+                         "helios_data_training.csv; bench/traces/README.md says where to get them; default "
+                         "$CAPSTAN_BENCH_TRACES)")
+    ap.add_argument("--only-real", action="store_true", help="replay the real traces only (no generated trace)")
+    ap.add_argument("--windows", type=int, default=None,
+                    help=f"real-trace windows (default {WINDOWS}, quick {WINDOWS_QUICK})")
+    ap.add_argument("--window-jobs", type=int, default=None,
+                    help=f"jobs per real-trace window (default {WINDOW_JOBS}, quick {WINDOW_JOBS_QUICK})")
+    ap.add_argument("--trace-seeds", type=int, default=None,
+                    help=f"seeds per real-trace window (default {TRACE_SEEDS}, quick {TRACE_SEEDS_QUICK})")
+    ap.add_argument("--trace-load", type=lambda v: None if v == "native" else float(v), default=TARGET_LOAD,
+                    help="offered load each real-trace window is scaled to, or 'native' for its own times")
     args = ap.parse_args(argv)
+    if args.windows is None:
+        args.windows = WINDOWS_QUICK if args.quick else WINDOWS
+    if args.window_jobs is None:
+        args.window_jobs = WINDOW_JOBS_QUICK if args.quick else WINDOW_JOBS
+    if args.trace_seeds is None:
+        args.trace_seeds = TRACE_SEEDS_QUICK if args.quick else TRACE_SEEDS
+    if args.only_real and not args.real_traces:
+        ap.error("--only-real needs --real-traces DIR")
     if args.jobs_per_gpu is None:
         args.jobs_per_gpu = JOBS_PER_GPU_QUICK if args.quick else JOBS_PER_GPU
     n_seeds = args.seeds or (SEEDS_QUICK if args.quick else SEEDS)
@@ -766,9 +969,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     clusters = _clusters(args.quick)
     tasks = [(k, seed, p, args) for k in range(len(clusters)) for seed in seeds for p in POLICIES]
+    if args.only_real:
+        tasks = []
     # slowest first so the worker processes finish together
     tasks.sort(key=lambda t: (-clusters[t[0]].total_gpus, t[2] != "capstan"))
-    workers = args.workers or min(len(tasks), os.cpu_count() or 1)
+    workers = args.workers or os.cpu_count() or 1
+    real = run_real_traces(args, workers) if args.real_traces else None
+    if args.only_real:
+        assert real is not None
+        out_only: dict[str, Any] = {"real_traces": real, "runtime_s": round(time.perf_counter() - t_start, 1)}
+        Path(args.out).write_text(json.dumps(out_only, indent=2) + "\n")
+        if args.json:
+            print(json.dumps(out_only))
+        return out_only
+    workers = min(len(tasks), workers)
     raw: dict[tuple[int, int, str], dict[str, Any]] = {}
     if workers > 1 and "fork" in mp.get_all_start_methods():
         with mp.get_context("fork").Pool(workers) as pool:
@@ -803,6 +1017,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "decision_ms_10k_nodes_64_workers": decision["decision_ms"],
         "inventory_build_ms_10k_nodes": decision["inventory_build_ms"],
         "clusters": per_cluster,
+        "real_traces": real,
         "move_work_lost": move_work_lost(pooled_seed["capstan"]),
         "per_seed_pooled": {p: {m: [v[m] for v in pooled_seed[p]] for m in METRICS} for p in POLICIES},
         "capstan_vs_tas_bestfit": {

@@ -88,6 +88,8 @@ MOVE_RESTART_S, CHECKPOINT_EVERY_S = 300.0, 1800.0
 # simulated timeline keeps charging the cost without it.
 SAVE_FIRST_STEP_S, SAVE_FIRST_WAIT_S = 10.0, 60.0
 MIGRATION = OPERATOR_POLICY.migration
+MOVE_FOR_LOCALITY = True  # defragmentation also makes room for gangs in a locality wait
+MOVE_PAYS = True  # moves only when the modelled gain exceeds the modelled cost (False: the old rule)
 SPREAD_GIVEBACK_S = 900.0  # torchrun's default rendezvous timeout is 900 s
 FRAG_AWARE = True
 # capstan's locality wait (delay scheduling): "cost" = wait for a narrower domain only while the expected
@@ -102,6 +104,9 @@ LOCALITY_COST_CAP_S = float(os.environ.get("CAPSTAN_BENCH_LOCALITY_CAP", "0"))  
 # capstan's starvation guard: a gang blocked this long (and first in queue order among such) gets
 # a reservation that backfill respects; before that anything behind it may start where it fits
 RESERVE_AFTER_S = OPERATOR_POLICY.reserve_after_s
+# the guard follows the blocked gang: eligible once it waited its own declared run time (RESERVE_AFTER_S
+# at most), reserved for once its wait is also as long as the reservation's (see schedule_queue)
+GUARD_BY_WAIT = OPERATOR_POLICY.guard_by_wait
 TARGET_LOAD = 0.9  # offered load of the generated traces
 # trace length scales with the cluster, so every cluster sees the same hours of arrivals at the same load
 JOBS_PER_GPU, JOBS_PER_GPU_QUICK = 2.5, 1.5
@@ -337,19 +342,21 @@ def trace_windows(jobs: Sequence[TraceJob], windows: int, window_jobs: int) -> l
 def fit_trace(window: Sequence[TraceJob], cluster_gpus: int, load: float | None) -> tuple[list[TraceJob], dict[str, Any]]:
     """Map a real trace window onto a bench cluster the way the generator sizes its traces: jobs
     capped at a quarter of the cluster's GPUs, durations clipped like the generator's, then the
-    arrival times scaled (all by one factor, so bursts and gaps keep their shape) to offered load
-    ``load``; None keeps the trace's own times. Returns the jobs and what was done to them."""
+    arrival times scaled (all by one factor, so bursts and gaps keep their shape) so the offered
+    load (GPU-seconds of work per second of arrivals / cluster GPUs, as the generator counts it)
+    is ``load``; None keeps the trace's own times. Returns the jobs and what was done to them."""
     max_gpus = max(1, cluster_gpus // 4)
     jobs = [TraceJob(j.submit, min(j.gpus, max_gpus),
                      min(max(j.duration, DURATION_CLIP_S[0]), DURATION_CLIP_S[1])) for j in window]
     span = (jobs[-1].submit - jobs[0].submit) if len(jobs) > 1 else 0.0
     work = sum(j.gpus * j.duration for j in jobs)
     native = work / (span * cluster_gpus) if span > 0 else float("inf")
-    scale = native / load if load and span > 0 else 1.0
+    scale = native / load if load is not None and span > 0 else 1.0
     fitted = [TraceJob(round(j.submit * scale, 3), j.gpus, j.duration) for j in jobs]
     return fitted, {
         "jobs": len(fitted), "capped_to_quarter_cluster": sum(j.gpus > max_gpus for j in window),
-        "clipped_duration": sum(not DURATION_CLIP_S[0] <= j.duration <= DURATION_CLIP_S[1] for j in window),
+        "duration_clipped_to_60s_3d": sum(not DURATION_CLIP_S[0] <= j.duration <= DURATION_CLIP_S[1]
+                                          for j in window),
         "native_offered_load": round(native, 3), "time_scale": round(scale, 4),
         "offered_load": round(native / scale, 3),
         "arrival_window_h": round(fitted[-1].submit / 3600, 1) if fitted else 0.0,
@@ -460,6 +467,7 @@ class Sim:
         self.pending: list[SimJob] = []
         self.running: dict[int, SimJob] = {}
         self.reservation: Reservation | None = None
+        self.wanted: dict[str, GangRequest] = {}  # capstan: what each waiting gang waits for
         # allocation is measured over the arrival window [0, last arrival], where the trace offers
         # its load; the drain after the last arrival (a few long jobs finishing) is left out
         self.window_end = max((j.submit for j in self.jobs), default=0.0)
@@ -541,9 +549,11 @@ class Sim:
         running = [j.running_gang for j in self.running.values() if j.running_gang]
         decisions = schedule_queue(self.inv, [j.request(with_estimate=True) for j in self.pending],
                                    running=running, now=now, reservation=self.reservation,
-                                   reserve_after_s=RESERVE_AFTER_S, fragmentation_aware=FRAG_AWARE,
+                                   reserve_after_s=RESERVE_AFTER_S, guard_by_wait=GUARD_BY_WAIT,
+                                   fragmentation_aware=FRAG_AWARE,
                                    **_locality_kwargs())
         self.reservation = None
+        self.wanted = {d.name: d.wanted() for d in decisions if not d.placed}
         for d in decisions:
             if d.placed:
                 job = reqs[d.name]
@@ -559,8 +569,11 @@ class Sim:
         """The operator's defragmentation planner; moves cost what they would really cost."""
         movable = [MovableGang(j.request(with_estimate=True), j.result, j.seg_start)
                    for j in self.running.values() if j.result is not None]
-        moves = plan_defragmentation(self.inv, [j.request(with_estimate=True) for j in self.pending],
-                                     movable, now, OPERATOR_POLICY.moves)
+        running = [j.running_gang for j in self.running.values() if j.running_gang] if MOVE_PAYS else []
+        # a gang waiting for locality asks for room in the domain it waits for
+        waiting = [self.wanted.get(j.request().name, j.request(with_estimate=True)) if MOVE_FOR_LOCALITY
+                   else j.request(with_estimate=True) for j in self.pending]
+        moves = plan_defragmentation(self.inv, waiting, movable, now, OPERATOR_POLICY.moves, running)
         by_name = {j.request().name: j for j in self.running.values()}
         for mv in moves:
             job = by_name[mv.gang]

@@ -30,7 +30,12 @@ Policies (all see the same arrivals; a job's GPUs are held from start to end):
 Traces: Poisson arrivals at offered load 0.9 of each cluster, 2.5 jobs per cluster GPU (so both
 clusters get arrival windows of similar length); 10 seeds, medians reported. Run
 ``python bench/placement.py --json`` (full, ~3 min on 2 cores) or ``--quick``; ``--trace FILE``
-replays a CSV of ``submit_time_s,gpus,duration_s``.
+replays a CSV of ``submit_time_s,gpus,duration_s``. ``--real-traces DIR`` also replays the public
+Philly and Helios traces found in DIR (bench/traces/README.md: where to get them, how they are
+mapped): capstan and tas_bestfit on three windows of 3,000 jobs per trace, both clusters, five
+seeds, each window scaled to offered load 0.9 and at its own arrival times, reported per window
+and cluster with the issue-19 targets met or missed (``real_traces``; ``--only-real`` skips the
+generated trace).
 """
 
 from __future__ import annotations
@@ -124,9 +129,14 @@ CAPSTAN_QUEUE_NOTE = (
     "declared limit, slowdowns as in assumptions.slowdown_by_span; re-decided every pass; it reserves "
     "nothing while it waits, so any other gang may use the GPUs it leaves free. Defragmentation "
     "(capstan.topology.plan_defragmentation, after each pass with gangs waiting): the first waiting gang "
-    "that fits by GPU count but by no placement gets the nodes cheapest to clear (fewest GPUs moved, "
-    "narrowest domain) by moving one-worker gangs that have run >= 10 min onto other partly used nodes; "
-    "then the pass runs again")
+    "that fits by GPU count but by no placement (a gang in a locality wait: by no placement in the domain "
+    "it waits for) gets the nodes cheapest to clear (fewest GPUs moved, narrowest domain) by moving "
+    "one-worker gangs that have run >= 10 min onto other partly used nodes, when the modelled gain (its "
+    "GPUs x how much sooner than its soonest slot by declared limits it starts) exceeds the modelled cost "
+    "(movers' GPUs x (300 s restart + the work since their last checkpoint, half of 30 min at most)); "
+    "then the pass runs again. Starvation guard (guard_by_wait): a blocked gang is reserved for once it "
+    "has waited RESERVE_AFTER_S, its own declared limit, and as long as the reservation would still "
+    "make it wait (shadow time - now)")
 NOTES: list[str] = [
     "allocation_rate is allocation while jobs wait (see assumptions); at offered load 0.9 every policy "
     "is within a few points of the others on it",
@@ -300,6 +310,27 @@ WINDOWS, WINDOW_JOBS = 3, 3000
 WINDOWS_QUICK, WINDOW_JOBS_QUICK = 1, 300
 TRACE_SEEDS, TRACE_SEEDS_QUICK = 5, 1
 TRACE_POLICIES = ("capstan", "tas_bestfit")
+# each window replayed twice: scaled to the generator's offered load, and at its own arrival times
+TRACE_LOADS = "0.9,native"
+
+
+def _loads(text: str) -> list[float | None]:
+    """``"0.9,native"`` -> ``[0.9, None]``."""
+    out: list[float | None] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if part == "native":
+            out.append(None)
+            continue
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--trace-loads: {part!r} is not a number or 'native'") from None
+    return out
+
+
+def load_name(load: float | None) -> str:
+    """How a replay load is named in the results."""
+    return "native" if load is None else f"load_{load:g}"
 
 
 def read_dirlab_csv(path: str | Path) -> list[TraceJob]:
@@ -316,7 +347,8 @@ def read_dirlab_csv(path: str | Path) -> list[TraceJob]:
         t = 0.0
         for line, row in enumerate(reader, start=2):
             try:
-                interval, gpus, dur = float(row["interval"]), int(float(row["gpu_num"])), float(row["run_time"])
+                interval, dur = float(row["interval"]), float(row["run_time"])
+                gpus = int(float(row["gpu_num"]))
             except (TypeError, ValueError):
                 raise ValueError(f"{path}:{line}: interval, gpu_num and run_time must be numbers, "
                                  f"got {row.get('interval')!r}, {row.get('gpu_num')!r}, "
@@ -339,7 +371,8 @@ def trace_windows(jobs: Sequence[TraceJob], windows: int, window_jobs: int) -> l
     return out
 
 
-def fit_trace(window: Sequence[TraceJob], cluster_gpus: int, load: float | None) -> tuple[list[TraceJob], dict[str, Any]]:
+def fit_trace(window: Sequence[TraceJob], cluster_gpus: int,
+              load: float | None) -> tuple[list[TraceJob], dict[str, Any]]:
     """Map a real trace window onto a bench cluster the way the generator sizes its traces: jobs
     capped at a quarter of the cluster's GPUs, durations clipped like the generator's, then the
     arrival times scaled (all by one factor, so bursts and gaps keep their shape) so the offered
@@ -844,20 +877,22 @@ def _real_windows(path: str, windows: int, window_jobs: int) -> list[list[TraceJ
     return trace_windows(read_dirlab_csv(path), windows, window_jobs)
 
 
-def _real_trace(path: str, w: int, cluster: Cluster, args: argparse.Namespace) -> tuple[list[TraceJob], dict[str, Any]]:
+def _real_trace(path: str, w: int, cluster: Cluster, load: float | None,
+                args: argparse.Namespace) -> tuple[list[TraceJob], dict[str, Any]]:
     window = _real_windows(path, args.windows, args.window_jobs)[w]
-    return fit_trace(window, cluster.total_gpus, args.trace_load)
+    return fit_trace(window, cluster.total_gpus, load)
 
 
-RealTask = tuple[str, str, int, int, int, str, argparse.Namespace]
+RealKey = tuple[str, str, int, int, int, str]  # load name, trace, window, cluster, seed, policy
+RealTask = tuple[str, str, float | None, int, int, int, str, argparse.Namespace]
 
 
-def _simulate_real(task: RealTask) -> tuple[tuple[str, int, int, int, str], dict[str, Any]]:
-    """One (trace, window, cluster, seed, policy) simulation of a real trace window."""
-    name, path, w, k, seed, policy, args = task
+def _simulate_real(task: RealTask) -> tuple[RealKey, dict[str, Any]]:
+    """One (trace, load, window, cluster, seed, policy) simulation of a real trace window."""
+    name, path, load, w, k, seed, policy, args = task
     cluster = _clusters(args.quick)[k]
-    trace, _ = _real_trace(path, w, cluster, args)
-    return (name, w, k, seed, policy), Sim(cluster, trace, policy, seed).run()
+    trace, _ = _real_trace(path, w, cluster, load, args)
+    return (load_name(load), name, w, k, seed, policy), Sim(cluster, trace, policy, seed).run()
 
 
 # Done-when of issue 19, capstan vs tas_bestfit per trace window and cluster: higher-is-better shares
@@ -884,11 +919,13 @@ def run_real_traces(args: argparse.Namespace, workers: int) -> dict[str, Any]:
     files = find_real_traces(args.real_traces)
     clusters = _clusters(args.quick)
     seeds = list(range(args.seed, args.seed + args.trace_seeds))
-    tasks: list[RealTask] = [(name, str(path), w, k, s, p, args) for name, path in files.items()
+    tasks: list[RealTask] = [(name, str(path), load, w, k, s, p, args) for name, path in files.items()
+                             for load in args.trace_loads
                              for w in range(len(_real_windows(str(path), args.windows, args.window_jobs)))
                              for k in range(len(clusters)) for s in seeds for p in TRACE_POLICIES]
-    tasks.sort(key=lambda t: (-clusters[t[3]].total_gpus, t[5] != "capstan"))
-    raw: dict[tuple[str, int, int, int, str], dict[str, Any]] = {}
+    # overloaded (native) replays and capstan are the slowest: first, so the workers finish together
+    tasks.sort(key=lambda t: (t[2] is not None, t[6] != "capstan"))
+    raw: dict[RealKey, dict[str, Any]] = {}
     if workers > 1 and "fork" in mp.get_all_start_methods():
         with mp.get_context("fork").Pool(min(workers, len(tasks))) as pool:
             for key, res in pool.imap_unordered(_simulate_real, tasks):
@@ -898,29 +935,34 @@ def run_real_traces(args: argparse.Namespace, workers: int) -> dict[str, Any]:
             key, res = _simulate_real(task)
             raw[key] = res
     out: dict[str, Any] = {}
-    misses = 0
+    misses: list[str] = []
     for name, path in files.items():
-        per_window: dict[str, Any] = {}
-        for w in range(len(_real_windows(str(path), args.windows, args.window_jobs))):
-            per_cluster: dict[str, Any] = {}
-            for k, cluster in enumerate(clusters):
-                res = {p: _median_metrics([summarize([raw[name, w, k, s, p]]) for s in seeds])
-                       for p in TRACE_POLICIES}
-                verdict = compare(res["capstan"], res["tas_bestfit"])
-                misses += len(verdict["missed"])
-                per_cluster[cluster.kind] = {"trace": _real_trace(str(path), w, cluster, args)[1],
-                                             **res, "capstan_vs_tas_bestfit": verdict}
-            per_window[f"w{w}"] = per_cluster
+        by_load: dict[str, Any] = {}
+        for load in args.trace_loads:
+            ln = load_name(load)
+            per_window: dict[str, Any] = {}
+            for w in range(len(_real_windows(str(path), args.windows, args.window_jobs))):
+                per_cluster: dict[str, Any] = {}
+                for k, cluster in enumerate(clusters):
+                    res = {p: _median_metrics([summarize([raw[ln, name, w, k, s, p]]) for s in seeds])
+                           for p in TRACE_POLICIES}
+                    verdict = compare(res["capstan"], res["tas_bestfit"])
+                    misses += [f"{name} {ln} w{w} {cluster.kind}: {m}" for m in verdict["missed"]]
+                    per_cluster[cluster.kind] = {"trace": _real_trace(str(path), w, cluster, load, args)[1],
+                                                 **res, "capstan_vs_tas_bestfit": verdict}
+                per_window[f"w{w}"] = per_cluster
+            by_load[ln] = per_window
         out[name] = {"file": path.name, "sha256": _sha256(path), "source": REAL_TRACES[path.name][1],
-                     "windows": per_window}
+                     "replays": by_load}
     return {"traces": out, "targets_missed": misses, "seeds": seeds, "policies": list(TRACE_POLICIES),
             "windows": args.windows, "window_jobs": args.window_jobs,
             "target_slack": TARGET_SLACK,
             "mapping": "the last windows x window_jobs jobs with GPUs of each trace, in consecutive windows; "
-                       "submit = running sum of interval, duration = run_time (clipped like the generator's), "
+                       "submit = running sum of interval, duration = run_time (clipped like the "
+                       "generator's), "
                        "jobs capped at a quarter of the cluster, gang shape as for the generated trace; "
                        "arrival times scaled by one factor per window and cluster to the offered load "
-                       "(trace_load; null keeps the trace's own times); a seed draws the declared limits "
+                       "(load_0.9), or kept as they are (native); a seed draws the declared limits "
                        "(true duration x U(1, 2)) as for the generated trace"}
 
 
@@ -956,15 +998,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     help="directory holding public trace CSVs to replay as well (philly_data_training.csv, "
                          "helios_data_training.csv; bench/traces/README.md says where to get them; default "
                          "$CAPSTAN_BENCH_TRACES)")
-    ap.add_argument("--only-real", action="store_true", help="replay the real traces only (no generated trace)")
+    ap.add_argument("--only-real", action="store_true",
+                    help="replay the real traces only (no generated trace)")
     ap.add_argument("--windows", type=int, default=None,
                     help=f"real-trace windows (default {WINDOWS}, quick {WINDOWS_QUICK})")
     ap.add_argument("--window-jobs", type=int, default=None,
                     help=f"jobs per real-trace window (default {WINDOW_JOBS}, quick {WINDOW_JOBS_QUICK})")
     ap.add_argument("--trace-seeds", type=int, default=None,
                     help=f"seeds per real-trace window (default {TRACE_SEEDS}, quick {TRACE_SEEDS_QUICK})")
-    ap.add_argument("--trace-load", type=lambda v: None if v == "native" else float(v), default=TARGET_LOAD,
-                    help="offered load each real-trace window is scaled to, or 'native' for its own times")
+    ap.add_argument("--trace-loads", type=_loads, default=_loads(TRACE_LOADS),
+                    help=f"comma-separated offered loads each real-trace window is replayed at, 'native' for "
+                         f"its own arrival times (default {TRACE_LOADS})")
     args = ap.parse_args(argv)
     if args.windows is None:
         args.windows = WINDOWS_QUICK if args.quick else WINDOWS

@@ -3,10 +3,9 @@
 * ``reserve_after_s`` — the starvation guard. A blocked gang gets a reservation (GPUs no gang
   behind it may take) once it has waited this long; before that anything behind it that fits
   starts. 0 reserves for the head at once (strict EASY backfill).
-* ``guard_by_wait`` — the guard follows the blocked gang instead (``reserve_after_s`` is then the
-  upper bound): a gang that declares ``activeDeadlineSeconds`` is reserved for once it has waited
-  as long as that and as long as the reservation would still make it wait (see
-  :func:`capstan.topology.schedule_queue`).
+* ``guard_by_wait`` — the guard also follows the blocked gang: it is reserved for once it has
+  waited ``reserve_after_s``, as long as its declared ``activeDeadlineSeconds`` and as long as the
+  reservation would still make it wait (see :func:`capstan.topology.schedule_queue`).
 * ``locality_slowdown`` — run-time multiplier of a gang spread over each topology level (by level
   name; a level not named counts as 1.0). With it, a Preferred gang that declares
   ``activeDeadlineSeconds`` waits for a narrower domain while the expected wait, from running

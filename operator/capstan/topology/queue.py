@@ -133,15 +133,16 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
     since submission during which a gang may wait this way. None (default) leaves it off (the
     operator has no durations), and ``locality_wait_s`` alone keeps the fixed wait.
 
-    ``guard_by_wait`` makes the starvation guard follow the blocked gang itself instead of one
-    constant: a gang that declares ``expected_duration_s`` becomes eligible for the reservation
-    once it has waited as long as it will run (``reserve_after_s`` stays the upper bound, and the
-    threshold for gangs without a duration), and is reserved for only once it has also waited at
-    least as long as the reservation would still make it wait (shadow time - now, when running
-    gangs' ends are known): a reservation holds GPUs idle until its shadow time, so a gang is made
-    to cost others that only when its own wait has grown as large. A head already reserved for
-    keeps its reservation, so the bound on its wait holds: at most about twice the longer of its
-    run time and the longest declared limit running, once gangs ahead of it have started.
+    ``guard_by_wait`` (with ``reserve_after_s`` > 0) makes the starvation guard follow the blocked
+    gang itself: a gang that declares ``expected_duration_s`` becomes eligible for the reservation
+    once it has waited ``reserve_after_s`` and as long as it will run (a gang longer than that
+    bound is held back by a short wait no more than a short gang is), and any gang is reserved for
+    only once it has also waited at least as long as the reservation would still make it wait
+    (shadow time - now, when running gangs' ends are known): a reservation holds GPUs idle and
+    keeps gangs behind out until its shadow time, so a gang is made to cost others that only when
+    its own wait has grown as large. A head already reserved for keeps its reservation, so its
+    wait stays bounded: about twice the longest of ``reserve_after_s``, its run time and the
+    longest declared limit running, once gangs ahead of it have started.
     """
     def place(at: Inventory, req: GangRequest) -> PlacementResult:
         return place_gang(at, req, parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
@@ -225,15 +226,15 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
                 fail_open[shape] = res.reason
             waited = now - req.submitted
             threshold = reserve_after_s
-            if guard_by_wait and req.expected_duration_s is not None:
-                threshold = min(threshold, req.expected_duration_s)
+            if guard_by_wait and req.expected_duration_s is not None and reserve_after_s > 0:
+                threshold = max(threshold, req.expected_duration_s)
             if waited < threshold:
                 decisions.append(Decision(req, res))  # not waited long enough to hold others back
                 continue
             head = _reserve(inventory, inv, req, running, previous=reservation,
                             parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
-            if (guard_by_wait and head is not None and head.shadow_time is not None
-                    and waited < head.shadow_time - now and waited < reserve_after_s
+            if (guard_by_wait and reserve_after_s > 0 and head is not None and head.shadow_time is not None
+                    and waited < head.shadow_time - now
                     and (reservation is None or reservation.head != req.name)):
                 decisions.append(Decision(req, res))  # its wait is still shorter than what it would cost
                 continue

@@ -194,8 +194,8 @@ NOTES: list[str] = [
     "locality wait on nvl72 (8 seeds, earlier measurement): nvlink 0.845 vs 0.736 without it, mean delay "
     "1073 s vs 1351 s, allocation while waiting 0.937 vs 0.962",
     "real traces (issue 19, 2026-11-29; real_traces): Philly and Helios (DIR-LAB excerpts), 3 windows x "
-    "3,000 jobs, both clusters, 5 seeds, each window at offered load 0.9 and at its own arrival times. On hgx "
-    "these windows hardly queue (Philly never: its jobs are at most 48 GPUs; allocation_rate 0 there means "
+    "3,000 jobs, both clusters, 5 seeds, each window at offered load 0.9 and at its own arrival times. On "
+    "hgx these windows hardly queue (Philly never: its jobs are at most 48 GPUs; allocation_rate 0 there means "
     "no job ever waited), so the comparison that matters is nvl72. Before the changes below (the code as "
     "of 6d956f7; load 0.9, same seeds) capstan missed 6 targets: Philly w0 nvl72 nvlink 0.821 vs 0.906 "
     "and p95 3,246 s vs 0; Philly w2 nvl72 allocation 0.964 vs 0.992; Helios w2 hgx allocation 0.944 vs "

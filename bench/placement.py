@@ -234,6 +234,17 @@ NOTES: list[str] = [
     "native (nvlink 0.899 vs 0.935; delay, p95 and JCT better); Helios w2 nvl72 at load 0.9 (p95 2,209 "
     "vs 1,524 s); Helios w2 nvl72 native (allocation 0.888 vs 0.961, while mean delay is 246 vs 1,550 s "
     "and p95 0 vs 10,696 s: the locality wait leaves GPUs idle in a window where tas's queue is long)",
+    "ablation at native times with the final code (2 seeds; capstan with one change undone; nvlink, "
+    "allocation, mean delay): Philly w0 nvl72 kept 0.824, 0.990, 4,925 s; guard by wait off: identical "
+    "(it never fires differently in these windows); moves that need not pay 0.857, 0.990, 4,998 s; no "
+    "moves for locality waits 0.827, 0.989, 4,925 s; locality wait off 0.901, 0.990, 5,010 s (tas "
+    "0.866, 0.918, 4,272 s; moves off altogether, earlier run, 0.764, 0.928, 3,461 s). Philly w2 nvl72 "
+    "kept 0.901, 0.996, 5,230 s; moves need not pay 0.923, 0.996, 5,263 s; no moves for locality waits "
+    "0.896, 0.991, 5,852 s; wait off 0.899, 0.995, 5,985 s (tas 0.935, 0.975, 6,711 s). Helios w2 nvl72 "
+    "kept 0.944, 0.888, 245 s; no moves for locality waits 0.940, 0.872, 245 s; wait off 0.936, 0.909, "
+    "289 s (tas 0.898, 0.961, 1,550 s). Reading: the pay test costs some NVLink locality on Philly (a "
+    "move for a locality wait gains only the short wait the model expects, while 1-GPU jobs keep taking "
+    "the GPUs freeing in that domain), and moves, not the guard, are what cost Philly w0 its mean delay",
 ]
 # Users declare a run-time limit (like Slurm --time); capstan's queue uses it, the baselines do not.
 ESTIMATE_FACTOR = (1.0, 2.0)  # declared = true duration x U(1, 2)

@@ -12,10 +12,12 @@ variable                                 attribute
 =======================================  ==============================================
 ``CAPSTAN_TOPOLOGY_LEVELS``              :attr:`OperatorConfig.topology_levels`
 ``CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS``  :attr:`OperatorConfig.queue` (``reserve_after_s``)
+``CAPSTAN_QUEUE_GUARD_BY_WAIT``          :attr:`OperatorConfig.queue` (``guard_by_wait``)
 ``CAPSTAN_LOCALITY_SLOWDOWN``            :attr:`OperatorConfig.queue` (``locality_slowdown``)
 ``CAPSTAN_LOCALITY_WAIT_FRACTION``       :attr:`OperatorConfig.queue` (``locality_wait_fraction``)
 ``CAPSTAN_MIGRATION``                    :attr:`OperatorConfig.queue` (``migration``)
 ``CAPSTAN_MIGRATION_MIN_RUN_SECONDS``    :attr:`OperatorConfig.queue` (``moves.min_run_s``)
+``CAPSTAN_MIGRATION_RESTART_SECONDS``    :attr:`OperatorConfig.queue` (``moves.restart_s``)
 ``CAPSTAN_PEERING_PRIORITY``             :attr:`OperatorConfig.peering_priority`
 ``POD_NAMESPACE``                        :attr:`OperatorConfig.operator_namespace`
 ``CAPSTAN_WEBHOOK_CERT_DIR``             :attr:`OperatorConfig.webhook_cert_dir`
@@ -87,10 +89,11 @@ class OperatorConfig:
 
     queue: QueuePolicy = field(default_factory=QueuePolicy)
     """The placement queue's tunables (:mod:`capstan.topology.policy` explains each):
-    ``$CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS`` (default 86400), ``$CAPSTAN_LOCALITY_SLOWDOWN``
-    (``level=multiplier`` pairs, or ``off``), ``$CAPSTAN_LOCALITY_WAIT_FRACTION`` (default 0.5),
-    ``$CAPSTAN_MIGRATION`` (``on``/``off``, default on) and ``$CAPSTAN_MIGRATION_MIN_RUN_SECONDS``
-    (default 600)."""
+    ``$CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS`` (default 86400), ``$CAPSTAN_QUEUE_GUARD_BY_WAIT``
+    (``on``/``off``, default on), ``$CAPSTAN_LOCALITY_SLOWDOWN`` (``level=multiplier`` pairs, or
+    ``off``), ``$CAPSTAN_LOCALITY_WAIT_FRACTION`` (default 0.5), ``$CAPSTAN_MIGRATION``
+    (``on``/``off``, default on), ``$CAPSTAN_MIGRATION_MIN_RUN_SECONDS`` (default 600) and
+    ``$CAPSTAN_MIGRATION_RESTART_SECONDS`` (default 300)."""
 
     peering_priority: int | None = None
     """This replica's kopf peering priority (``$CAPSTAN_PEERING_PRIORITY``, an integer). None: a

@@ -63,7 +63,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "operator": {"watchNamespaces": ["team-a"], "topologyLevels": "nvlink=nvidia.com/gpu.clique,zone=z",
                      "queue": {"reserveAfterSeconds": 3600, "localitySlowdown": "rack=1.2",
                                "localityWaitFraction": 0.25, "migration": False,
-                               "migrationMinRunSeconds": 1200}},
+                               "migrationMinRunSeconds": 1200, "guardByWait": False,
+                               "migrationRestartSeconds": 90}},
         "webhook": {"certManager": {"enabled": True}, "failurePolicy": "Ignore"},
         "image": {"digest": "sha256:" + "a" * 64},
         "podAnnotations": {"a": "b"},
@@ -120,6 +121,8 @@ def test_schema_rejects_bad_values() -> None:
         {"operator": {"queue": {"reserveAfterSeconds": -1}}},
         {"operator": {"queue": {"localityWaitFraction": 2}}},
         {"operator": {"queue": {"migration": "sometimes"}}},
+        {"operator": {"queue": {"guardByWait": "sometimes"}}},
+        {"operator": {"queue": {"migrationRestartSeconds": -1}}},
         {"webhook": {"url": "https://127.0.0.1:9443"}},  # no caBundle
         {"webhook": {"url": "http://127.0.0.1:9443", "caBundle": "Q0E="}},  # not https
         {"webhook": {"url": "https://127.0.0.1:9443", "caBundle": "not base64!"}},
@@ -163,6 +166,8 @@ def test_queue_settings_reach_the_operator_environment() -> None:
     policy = OperatorConfig.from_env({k: v for k, v in env.items() if v is not None}).queue
     assert (policy.reserve_after_s, policy.locality_wait_fraction) == (3600, 0.25)
     assert not policy.migration and policy.moves.min_run_s == 1200
+    assert env["CAPSTAN_QUEUE_GUARD_BY_WAIT"] == "off" and env["CAPSTAN_MIGRATION_RESTART_SECONDS"] == "90"
+    assert not policy.guard_by_wait and policy.moves.restart_s == 90
 
 
 @needs_helm

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "placement.py"
 
 
@@ -87,3 +89,75 @@ def test_simulated_defragmentation_move_starts_the_waiting_gang_and_costs_the_mo
     finally:
         mod.MIGRATION = True
     assert m["moves"] == 0 and still.jobs[3].start == 20_000
+
+
+DIRLAB_HEADER = "u_id,user,gpu_num,cpu_num,node_num,interval,run_time,wall_time,new_status\n"
+
+
+def test_dirlab_trace_reader_sums_intervals_and_skips_cpu_jobs(tmp_path: Path) -> None:
+    mod = _load()
+    f = tmp_path / "philly_data_training.csv"
+    f.write_text(DIRLAB_HEADER + "0,1,1,0,1,0,100,0,Pass\n1,2,8,0,1,50,200,0,Failed\n"
+                 "2,2,0,4,1,10,30,0,Pass\n3,3,16,0,2,40,300,0,Killed\n")
+    jobs = mod.read_dirlab_csv(f)
+    assert [(j.submit, j.gpus, j.duration) for j in jobs] == [(0, 1, 100), (50, 8, 200), (100, 16, 300)]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("u_id,gpu_num,run_time\n0,1,5\n")
+    with pytest.raises(ValueError, match=r"missing column.*interval"):
+        mod.read_dirlab_csv(bad)
+    bad.write_text(DIRLAB_HEADER + "0,1,one,0,1,0,100,0,Pass\n")
+    with pytest.raises(ValueError, match=r"bad.csv:2: .*'one'"):
+        mod.read_dirlab_csv(bad)
+
+
+def test_trace_windows_and_fit_keep_the_shape_and_set_the_load() -> None:
+    mod = _load()
+    jobs = [mod.TraceJob(10.0 * i, g, 600.0) for i, g in enumerate([1, 2, 4, 8, 64, 1, 1])]
+    w1, w2 = mod.trace_windows(jobs, 2, 3)  # the last 6 jobs, rebased
+    assert [j.gpus for j in w1] == [2, 4, 8] and w1[0].submit == 0 and w2[0].submit == 0
+    fitted, info = mod.fit_trace(w2, cluster_gpus=128, load=0.5)
+    assert [j.gpus for j in fitted] == [32, 1, 1]  # capped at a quarter of the cluster
+    assert info["offered_load"] == 0.5 and info["capped_to_quarter_cluster"] == 1
+    work = sum(j.gpus * j.duration for j in fitted)
+    assert abs(work / (fitted[-1].submit * 128) - 0.5) < 1e-3
+    # arrivals keep their proportions
+    assert fitted[1].submit / fitted[2].submit == w2[1].submit / w2[2].submit
+    native, info = mod.fit_trace(w2, cluster_gpus=128, load=None)
+    assert [j.submit for j in native] == [j.submit for j in w2] and info["time_scale"] == 1.0
+
+
+def test_real_trace_replay_reports_each_window_and_cluster_beside_the_baseline(tmp_path: Path) -> None:
+    mod = _load()
+    rows = [f"{i},{i % 7},{[1, 1, 2, 4, 8, 16][i % 6]},0,1,{60 + 37 * (i % 5)},{300 + 211 * (i % 9)},0,Pass"
+            for i in range(80)]
+    (tmp_path / "helios_data_training.csv").write_text(DIRLAB_HEADER + "\n".join(rows) + "\n")
+    out = mod.main(["--quick", "--only-real", "--real-traces", str(tmp_path), "--windows", "2",
+                    "--window-jobs", "30", "--trace-seeds", "1", "--trace-loads", "0.9,native",
+                    "--out", str(tmp_path / "out.json")])
+    real = out["real_traces"]
+    helios = real["traces"]["helios"]
+    assert helios["file"] == "helios_data_training.csv" and len(helios["sha256"]) == 64
+    assert set(helios["replays"]) == {"load_0.9", "native"}
+    for per_window in helios["replays"].values():
+        assert set(per_window) == {"w0", "w1"}
+        for per_cluster in per_window.values():
+            assert set(per_cluster) == {"hgx", "nvl72"}
+            for res in per_cluster.values():
+                assert res["capstan"]["jobs"] == res["tas_bestfit"]["jobs"] == 30
+                verdict = res["capstan_vs_tas_bestfit"]
+                assert sorted([*verdict["met"], *verdict["missed"]]) == sorted(mod.TARGET_SLACK)
+    assert helios["replays"]["load_0.9"]["w0"]["hgx"]["trace"]["offered_load"] == 0.9
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds none of"):
+        mod.main(["--quick", "--only-real", "--real-traces", str(tmp_path / "empty")])
+
+
+def test_compare_applies_the_issue_tolerances() -> None:
+    mod = _load()
+    base = {"nvlink_local_share": 0.9, "rack_local_share": 0.9, "allocation_rate": 0.99,
+            "mean_queue_delay_s": 1000.0, "p95_queue_delay_s": 4000.0, "mean_jct_s": 10_000.0}
+    close = {**base, "allocation_rate": 0.986, "mean_queue_delay_s": 1029.0, "p95_queue_delay_s": 4190.0,
+             "mean_jct_s": 10_190.0}
+    assert mod.compare(close, base)["missed"] == {}
+    worse = {**close, "allocation_rate": 0.984, "mean_jct_s": 10_300.0}
+    assert set(mod.compare(worse, base)["missed"]) == {"allocation_rate", "mean_jct_s"}

@@ -12,6 +12,7 @@ from capstan.topology import (
     MovableGang,
     MovePolicy,
     PlacementResult,
+    RunningGang,
     build_inventory,
     place_gang,
     plan_defragmentation,
@@ -132,3 +133,26 @@ def test_moves_never_overcommit_and_always_make_room(loads: list[list[int]], wan
     assert all(0 <= after.used(n) <= 8 for n in names)
     assert after.free_gpus == inv.free_gpus  # moves only rearrange
     assert place_gang(after, req).placed
+
+
+def test_moves_only_when_the_waiting_gang_gains_more_than_the_movers_lose() -> None:
+    inv = build_inventory([node("n0", clique="a"), node("n1", clique="b"), node("n2", clique="c")], [])
+    inv, a = _run(inv, "a", "n0", 4, since=NOW - 3600)
+    inv, b = _run(inv, "b", "n1", 4, since=NOW - 3600)
+    inv, c = _run(inv, "c", "n2", 8)
+    whole = GangRequest("whole", 1, 8, submitted=1)
+    pol = MovePolicy(min_run_s=0, restart_s=300, checkpoint_every_s=1800)
+    # a move costs 4 GPUs x (300 s down + 900 s of lost work) = 4,800 GPU-seconds
+    assert pol.cost_gpu_s(a, NOW) == 4 * (300 + 900)
+
+    def running(end_c: float) -> list[RunningGang]:
+        return [RunningGang(g.result, g.running_since, end) for g, end in ((a, NOW + 50_000),
+                                                                           (b, NOW + 50_000), (c, end_c))]
+
+    # c ends in 100 s: waiting costs the 8-GPU gang 800 GPU-seconds, less than a move: no move
+    assert plan_defragmentation(inv, [whole], [a, b, c], NOW, pol, running(NOW + 100)) == []
+    # c runs another 10,000 s: starting now gains 80,000 GPU-seconds: the move pays
+    assert len(plan_defragmentation(inv, [whole], [a, b, c], NOW, pol, running(NOW + 10_000))) == 1
+    # an unknown end: no model of the gain, fragmentation alone decides (as without running gangs)
+    unknown = [*running(NOW + 100)[:2], RunningGang(c.result, 0.0, None)]
+    assert len(plan_defragmentation(inv, [whole], [a, b, c], NOW, pol, unknown)) == 1

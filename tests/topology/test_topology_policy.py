@@ -19,9 +19,11 @@ def test_overrides() -> None:
         "CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS": "3600",
         "CAPSTAN_LOCALITY_SLOWDOWN": "rack=1.1, block=1.4",
         "CAPSTAN_LOCALITY_WAIT_FRACTION": "0.25",
+        "CAPSTAN_QUEUE_GUARD_BY_WAIT": "off",
     })
     assert policy.queue_kwargs() == {
         "reserve_after_s": 3600.0,
+        "guard_by_wait": False,
         "locality_slowdown": {"rack": 1.1, "block": 1.4},
         "locality_wait_fraction": 0.25,
     }
@@ -35,6 +37,14 @@ def test_migration_on_by_default_and_switchable() -> None:
     assert queue_policy_from_env({"CAPSTAN_MIGRATION": "On"}).migration
 
 
+def test_guard_by_wait_and_move_cost_model_on_by_default_and_settable() -> None:
+    default = queue_policy_from_env({})
+    assert default.guard_by_wait and default.moves.restart_s == 300
+    set_ = queue_policy_from_env({"CAPSTAN_QUEUE_GUARD_BY_WAIT": "false",
+                                  "CAPSTAN_MIGRATION_RESTART_SECONDS": "120"})
+    assert not set_.guard_by_wait and set_.moves.restart_s == 120
+
+
 @pytest.mark.parametrize(("name", "value", "says"), [
     ("CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS", "a day", "'a day' is not a number of seconds"),
     ("CAPSTAN_QUEUE_RESERVE_AFTER_SECONDS", "-5", "'-5' is not a number of seconds >= 0"),
@@ -43,6 +53,8 @@ def test_migration_on_by_default_and_switchable() -> None:
     ("CAPSTAN_LOCALITY_WAIT_FRACTION", "2", "'2' is not a fraction in (0, 1]"),
     ("CAPSTAN_MIGRATION", "sometimes", "'sometimes' is not on or off"),
     ("CAPSTAN_MIGRATION_MIN_RUN_SECONDS", "-1", "'-1' is not a number of seconds >= 0"),
+    ("CAPSTAN_QUEUE_GUARD_BY_WAIT", "maybe", "'maybe' is not on or off"),
+    ("CAPSTAN_MIGRATION_RESTART_SECONDS", "soon", "'soon' is not a number of seconds"),
 ])
 def test_bad_values_name_the_variable(name: str, value: str, says: str) -> None:
     with pytest.raises(ValueError) as err:

@@ -204,3 +204,46 @@ def test_cost_based_locality_wait_needs_durations_and_is_off_by_default() -> Non
     # the cap on time since submission still applies
     assert schedule_queue(inv, [with_duration], running=running, now=100, locality_slowdown=SLOWDOWN,
                           locality_wait_s=50)[0].placed
+
+
+def test_guard_by_wait_follows_the_blocked_gangs_own_run_time_and_wait() -> None:
+    inv = build_inventory(hgx_cluster(blocks=1, racks=1, nodes_per_rack=2), [])
+    res = PlacementResult("r", True, ["b0-r0-n0"], 8, level="nvlink", domain="x", domain_key="x")
+    inv = inv.allocate(res)
+    running = [RunningGang(res, 0.0, 1000.0)]
+    queue = [GangRequest("big", 2, 8, submitted=0, expected_duration_s=300),
+             GangRequest("small", 1, 8, submitted=1)]
+
+    def at(now: float, **kw: object) -> list:  # type: ignore[type-arg]
+        return schedule_queue(inv, queue, running=running, now=now, reserve_after_s=100.0, **kw)  # type: ignore[arg-type]
+
+    # the constant guard alone reserves after 100 s
+    assert at(150.0)[0].reservation is not None and not at(150.0)[1].placed
+    # following the gang: not before it waited its own 300 s run time
+    assert at(150.0, guard_by_wait=True)[0].reservation is None and at(150.0, guard_by_wait=True)[1].placed
+    # waited 400 s > its 300 s run, but the reservation would still make it wait 600 s: not yet
+    early = at(400.0, guard_by_wait=True)
+    assert early[0].reservation is None and early[1].placed
+    # waited 700 s >= the 300 s still to wait: reserved, the small gang stays out of its GPUs
+    late = at(700.0, guard_by_wait=True)
+    assert late[0].reservation is not None and late[0].reservation.shadow_time == 1000.0
+    assert not late[1].placed
+    # once reserved for, the head keeps its reservation even where the wait test would say no
+    kept = schedule_queue(inv, queue, running=running, now=400.0, reserve_after_s=100.0,
+                          guard_by_wait=True, reservation=late[0].reservation)
+    assert kept[0].reservation == late[0].reservation and not kept[1].placed
+    # reserve_after_s=0 stays strict EASY backfill: reserved at once
+    assert schedule_queue(inv, queue, running=running, now=1.0, reserve_after_s=0.0,
+                          guard_by_wait=True)[0].reservation is not None
+
+
+def test_a_gang_waiting_for_locality_says_which_domain_it_waits_for() -> None:
+    inv, running = _two_half_busy_racks(200.0, 5000.0)
+    req = GangRequest("g", 3, 4, submitted=0, expected_duration_s=1000)
+    out = schedule_queue(inv, [req], running=running, now=100, locality_slowdown=SLOWDOWN)
+    assert out[0].waits_for == "nvlink"
+    wanted = out[0].wanted()  # what defragmentation is asked to make room for
+    assert wanted.policy == "Required" and wanted.max_domain == "nvlink" and wanted.name == "g"
+    placed = schedule_queue(inv.release(running[0].result), [req], running=running[1:], now=200,
+                            locality_slowdown=SLOWDOWN)
+    assert placed[0].waits_for is None and placed[0].wanted() == req

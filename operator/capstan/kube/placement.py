@@ -397,7 +397,7 @@ def queue_pass(snapshot: QueueSnapshot, job: TrainingJob, state: QueueState) -> 
     )
     moving: list[PendingMove] = []
     if policy.migration and not moves:  # one defragmentation in flight at a time
-        moving = _plan_moves(inv, decisions, snapshot.movable, at, policy)
+        moving = _plan_moves(inv, decisions, snapshot.movable, at, policy, snapshot.running)
     return QueuePass(
         decision=_decision(next(d for d in decisions if d.name == me).result),
         reservation=next((d.reservation for d in decisions if d.reservation is not None), None),
@@ -422,16 +422,21 @@ def _decision(result: PlacementResult) -> PlacementDecision:
 
 
 def _plan_moves(inv: Inventory, decisions: Sequence[Decision], movable: Sequence[tuple[MovableGang, str]],
-                now: float, policy: QueuePolicy) -> list[PendingMove]:
+                now: float, policy: QueuePolicy, running: Sequence[RunningGang] = ()) -> list[PendingMove]:
     """Defragmentation moves for the gangs this pass left waiting."""
-    waiting = [d.request for d in decisions if not d.placed]
+    # a gang waiting for a narrower domain asks for room there
+    waiting = [d.wanted() for d in decisions if not d.placed]
     if not waiting or not movable:
         return []
+    started = []
     for d in decisions:
         if d.placed:
             inv = inv.allocate(d.result)  # gangs starting from this pass hold their GPUs already
+            end = d.request.expected_duration_s
+            started.append(RunningGang(d.result, now, None if end is None else now + end))
     uids = {m.request.name: uid for m, uid in movable}
-    moves = plan_defragmentation(inv, waiting, [m for m, _ in movable], now, policy.moves)
+    moves = plan_defragmentation(inv, waiting, [m for m, _ in movable], now, policy.moves,
+                                 [*running, *started])
     return [PendingMove(mv, uids[mv.gang], now) for mv in moves]
 
 

@@ -6,7 +6,10 @@ other partly used nodes. The idea is Gandiva's (Xiao et al., OSDI'18), which mig
 undo fragmentation.
 
 Only gangs the caller marks movable are considered, and only after they have run ``min_run_s``
-since their last (re)start, so no gang is moved over and over. Every move names its destination;
+since their last (re)start, so no gang is moved over and over. A move must pay for itself: when
+the running gangs' expected ends are known, the waiting gang's gain (its GPUs x how much sooner it
+starts than at its soonest slot without moves) must exceed the modelled cost (each mover's GPUs x
+its restart downtime plus the work it loses since its last checkpoint). Every move names its destination;
 the caller restarts the gang there (it resumes from its checkpoint). Pure and deterministic, like
 the rest of :mod:`capstan.topology`.
 """
@@ -19,7 +22,7 @@ from dataclasses import dataclass, replace
 from .gang import GangRequest, PlacementResult, place_gang
 from .inventory import Inventory
 from .levels import CLUSTER_LEVEL
-from .queue import queue_order
+from .queue import RunningGang, _reserve_by_end_times, queue_order
 
 
 @dataclass(frozen=True)
@@ -46,18 +49,32 @@ class MovePolicy:
     """Limits on moves."""
 
     min_run_s: float = 600.0  # a gang runs at least this long between moves
+    # the modelled cost of a move, per GPU moved: the gang is down ``restart_s`` (stop, reschedule,
+    # load the checkpoint) and redoes the work since its last checkpoint, expected half of
+    # ``checkpoint_every_s`` (at most what it has run)
+    restart_s: float = 300.0
+    checkpoint_every_s: float = 1800.0
+
+    def cost_gpu_s(self, gang: MovableGang, now: float) -> float:
+        """Modelled GPU-seconds a move of ``gang`` at ``now`` costs (downtime plus lost work)."""
+        lost = min(max(0.0, now - gang.running_since), self.checkpoint_every_s / 2)
+        return gang.request.total_gpus * (self.restart_s + lost)
 
 
 def plan_defragmentation(inventory: Inventory, waiting: Sequence[GangRequest],
                          movable: Sequence[MovableGang], now: float,
-                         policy: MovePolicy | None = None) -> list[Move]:
+                         policy: MovePolicy | None = None,
+                         running: Sequence[RunningGang] = ()) -> list[Move]:
     """Moves that let the first waiting gang (queue order) blocked only by fragmentation start.
 
     A waiting gang qualifies when the cluster has enough idle GPUs for it but no placement. The
     nodes to give it are the ones needing the fewest GPUs moved, within the narrowest domain that
     has enough of them (up to ``max_domain`` for a Required gang); the single-node gangs on them
-    must all fit elsewhere, off those nodes, and the waiting gang must then fit. Returns [] when
-    no waiting gang qualifies; at most one gang is helped per call.
+    must all fit elsewhere, off those nodes, and the waiting gang must then fit. When every
+    gang in ``running`` (all gangs holding GPUs, movers included) has an ``expected_end``, the
+    moves must also pay: the waiting gang's GPUs x (its soonest start without moves - ``now``)
+    must exceed the movers' :meth:`MovePolicy.cost_gpu_s`; unknown ends skip that test. Returns
+    [] when no waiting gang qualifies; at most one gang is helped per call.
     """
     pol = policy or MovePolicy()
     by_node: dict[str, list[MovableGang]] = {}
@@ -73,9 +90,22 @@ def plan_defragmentation(inventory: Inventory, waiting: Sequence[GangRequest],
         if place_gang(inventory, req).placed:
             continue  # it waits by choice (a reservation, a locality wait), not for want of shape
         moves = _clear_room(inventory, req, by_node)
-        if moves:
+        if moves and _pays(inventory, req, moves, movable, running, now, pol):
             return moves
     return []
+
+
+def _pays(inv: Inventory, req: GangRequest, moves: Sequence[Move], movable: Sequence[MovableGang],
+          running: Sequence[RunningGang], now: float, pol: MovePolicy) -> bool:
+    """Whether starting ``req`` now is worth more GPU-seconds than the ``moves`` cost."""
+    if not running or any(r.expected_end is None for r in running):
+        return True  # no model of when it would start otherwise: fragmentation alone decides
+    slot = _reserve_by_end_times(inv, req, running, parent_tiebreak=True)
+    if slot is None or slot.shadow_time is None:
+        return True  # nothing known frees room for it: without moves it has no start in sight
+    gangs = {m.request.name: m for m in movable}
+    cost = sum(pol.cost_gpu_s(gangs[mv.gang], now) for mv in moves)
+    return req.total_gpus * (slot.shadow_time - now) > cost
 
 
 def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[MovableGang]]) -> list[Move]:

@@ -3,6 +3,9 @@
 * ``reserve_after_s`` — the starvation guard. A blocked gang gets a reservation (GPUs no gang
   behind it may take) once it has waited this long; before that anything behind it that fits
   starts. 0 reserves for the head at once (strict EASY backfill).
+* ``guard_by_wait`` — the guard also follows the blocked gang: it is reserved for once it has
+  waited ``reserve_after_s``, as long as its declared ``activeDeadlineSeconds`` and as long as the
+  reservation would still make it wait (see :func:`capstan.topology.schedule_queue`).
 * ``locality_slowdown`` — run-time multiplier of a gang spread over each topology level (by level
   name; a level not named counts as 1.0). With it, a Preferred gang that declares
   ``activeDeadlineSeconds`` waits for a narrower domain while the expected wait, from running
@@ -10,7 +13,10 @@
   it. None turns that wait off.
 * ``migration`` — defragmentation moves (:mod:`capstan.topology.moves`): a gang that waits only
   because the idle GPUs are scattered gets whole nodes by moving single-node gangs that allow it
-  (checkpoint, restart on another partly used node). ``moves`` says when a move is worth it.
+  (checkpoint, restart on another partly used node), also for a gang waiting for a narrower
+  domain. ``moves`` says when a move is worth it: it must gain (GPUs of the waiting gang x how much
+  sooner it starts) more than it costs (movers' GPUs x ``moves.restart_s`` downtime plus the work
+  since their last checkpoint).
 
 The defaults are what ``bench/placement.py`` measures as "capstan". The slowdowns are an estimate
 of all-reduce-bound training over NVLink, one rack's leaf switch, a block's spine and a zone;
@@ -30,6 +36,8 @@ SLOWDOWN_ENV = "CAPSTAN_LOCALITY_SLOWDOWN"
 FRACTION_ENV = "CAPSTAN_LOCALITY_WAIT_FRACTION"
 MIGRATION_ENV = "CAPSTAN_MIGRATION"
 MIGRATION_MIN_RUN_ENV = "CAPSTAN_MIGRATION_MIN_RUN_SECONDS"
+GUARD_BY_WAIT_ENV = "CAPSTAN_QUEUE_GUARD_BY_WAIT"
+MIGRATION_RESTART_ENV = "CAPSTAN_MIGRATION_RESTART_SECONDS"
 
 DEFAULT_RESERVE_AFTER_S = 86400.0
 DEFAULT_SLOWDOWN: Mapping[str, float] = {
@@ -43,6 +51,7 @@ class QueuePolicy:
     """How :func:`capstan.topology.schedule_queue` is run by the operator."""
 
     reserve_after_s: float = DEFAULT_RESERVE_AFTER_S
+    guard_by_wait: bool = True
     locality_slowdown: Mapping[str, float] | None = field(default_factory=lambda: dict(DEFAULT_SLOWDOWN))
     locality_wait_fraction: float = DEFAULT_WAIT_FRACTION
     migration: bool = True
@@ -52,6 +61,7 @@ class QueuePolicy:
         """Keyword arguments for :func:`schedule_queue`."""
         return {
             "reserve_after_s": self.reserve_after_s,
+            "guard_by_wait": self.guard_by_wait,
             "locality_slowdown": self.locality_slowdown,
             "locality_wait_fraction": self.locality_wait_fraction,
         }
@@ -101,14 +111,30 @@ def queue_policy_from_env(env: Mapping[str, str]) -> QueuePolicy:
     reserve = _number(env, RESERVE_AFTER_ENV, lambda v: v >= 0, "a number of seconds >= 0")
     fraction = _number(env, FRACTION_ENV, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
     slowdown = env.get(SLOWDOWN_ENV, "").strip()
-    migration = env.get(MIGRATION_ENV, "").strip().lower()
-    if migration not in ("", "on", "off", "true", "false"):
-        raise ValueError(f"{MIGRATION_ENV}: {migration!r} is not on or off")
+    migration = _switch(env, MIGRATION_ENV)
+    guard = _switch(env, GUARD_BY_WAIT_ENV)
     min_run = _number(env, MIGRATION_MIN_RUN_ENV, lambda v: v >= 0, "a number of seconds >= 0")
+    restart = _number(env, MIGRATION_RESTART_ENV, lambda v: v >= 0, "a number of seconds >= 0")
+    moves = default.moves
+    if min_run is not None:
+        moves = replace(moves, min_run_s=min_run)
+    if restart is not None:
+        moves = replace(moves, restart_s=restart)
     return QueuePolicy(
         default.reserve_after_s if reserve is None else reserve,
+        default.guard_by_wait if guard is None else guard,
         parse_slowdown(slowdown) if slowdown else default.locality_slowdown,
         default.locality_wait_fraction if fraction is None else fraction,
-        migration=migration not in ("off", "false"),
-        moves=default.moves if min_run is None else replace(default.moves, min_run_s=min_run),
+        migration=default.migration if migration is None else migration,
+        moves=moves,
     )
+
+
+def _switch(source: Mapping[str, str], name: str) -> bool | None:
+    """``on``/``true`` or ``off``/``false`` in ``source[name]``; None when unset."""
+    text = source.get(name, "").strip().lower()
+    if not text:
+        return None
+    if text not in ("on", "off", "true", "false"):
+        raise ValueError(f"{name}: {text!r} is not on or off")
+    return text in ("on", "true")

@@ -68,6 +68,15 @@ class Decision:
     result: PlacementResult
     backfilled: bool = False  # started while a gang ahead of it waits
     reservation: Reservation | None = None  # set on the blocked head only
+    # a gang that fits now but waits for room in a narrower domain: that level (defragmentation
+    # may make the room; see :meth:`wanted`)
+    waits_for: str | None = None
+
+    def wanted(self) -> GangRequest:
+        """The request as what it waits for: held to ``waits_for`` when it waits for locality."""
+        if self.waits_for is None:
+            return self.request
+        return replace(self.request, policy="Required", max_domain=self.waits_for)
 
     @property
     def name(self) -> str:
@@ -96,7 +105,8 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
                    reserve_after_s: float = 0.0, parent_tiebreak: bool = True,
                    fragmentation_aware: bool = True, locality_wait_s: float = 0.0,
                    locality_wait_fraction: float = 1.0,
-                   locality_slowdown: Mapping[str, float] | None = None) -> list[Decision]:
+                   locality_slowdown: Mapping[str, float] | None = None,
+                   guard_by_wait: bool = False) -> list[Decision]:
     """One scheduling pass over ``requests``; returns one Decision per request, in queue order.
 
     ``inventory`` must already count ``running`` gangs as used. Placed decisions should be
@@ -122,6 +132,17 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
     It needs every running gang's ``expected_end``; ``locality_wait_s`` > 0 then caps the time
     since submission during which a gang may wait this way. None (default) leaves it off (the
     operator has no durations), and ``locality_wait_s`` alone keeps the fixed wait.
+
+    ``guard_by_wait`` (with ``reserve_after_s`` > 0) makes the starvation guard follow the blocked
+    gang itself: a gang that declares ``expected_duration_s`` becomes eligible for the reservation
+    once it has waited ``reserve_after_s`` and as long as it will run (a gang longer than that
+    bound is held back by a short wait no more than a short gang is), and any gang is reserved for
+    only once it has also waited at least as long as the reservation would still make it wait
+    (shadow time - now, when running gangs' ends are known): a reservation holds GPUs idle and
+    keeps gangs behind out until its shadow time, so a gang is made to cost others that only when
+    its own wait has grown as large. A head already reserved for keeps its reservation, so its
+    wait stays bounded: about twice the longest of ``reserve_after_s``, its run time and the
+    longest declared limit running, once gangs ahead of it have started.
     """
     def place(at: Inventory, req: GangRequest) -> PlacementResult:
         return place_gang(at, req, parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
@@ -166,7 +187,7 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
                 decisions.append(Decision(orig, _waiting(orig, (
                     f"waiting for room in one {display_level(level)}, expected in {at - now:.0f}s; "
                     f"placed now it would span a {display_level(spread)} and run about {gain:.0f}s "
-                    f"longer"))))
+                    f"longer")), waits_for=level))
                 continue
         elif (locality_wait_s > 0 and not cost_based and orig.policy == "Preferred" and orig.workers > 1
                 and orig.gpus_per_worker > 0):
@@ -203,11 +224,20 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
                     start(req, req, res)
                     continue
                 fail_open[shape] = res.reason
-            if now - req.submitted < reserve_after_s:
+            waited = now - req.submitted
+            threshold = reserve_after_s
+            if guard_by_wait and req.expected_duration_s is not None and reserve_after_s > 0:
+                threshold = max(threshold, req.expected_duration_s)
+            if waited < threshold:
                 decisions.append(Decision(req, res))  # not waited long enough to hold others back
                 continue
             head = _reserve(inventory, inv, req, running, previous=reservation,
                             parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
+            if (guard_by_wait and reserve_after_s > 0 and head is not None and head.shadow_time is not None
+                    and waited < head.shadow_time - now
+                    and (reservation is None or reservation.head != req.name)):
+                decisions.append(Decision(req, res))  # its wait is still shorter than what it would cost
+                continue
             decisions.append(Decision(req, res, reservation=head))
             if head is not None:  # an impossible head blocks nobody; the next one becomes head
                 masked = inv.add_usage(head.gpus_by_node())

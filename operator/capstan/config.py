@@ -43,7 +43,7 @@ from capstan.api.k8s_names import image_errors
 from capstan.security import DEFAULT_OPERATOR_NAMESPACE, OPERATOR_NAMESPACE_ENV
 from capstan.serving.inference import DEFAULT_EPP_IMAGE
 from capstan.topology.levels import DEFAULT_LEVELS, LEVELS_ENV, TopologyLevels, levels_from_env
-from capstan.topology.policy import QueuePolicy, queue_policy_from_env
+from capstan.topology.policy import QueuePolicy, env_switch, queue_policy_from_env
 
 PEERING_PRIORITY_ENV = "CAPSTAN_PEERING_PRIORITY"
 #: Directory holding ``tls.crt`` and ``tls.key`` (a kubernetes.io/tls Secret mounted by the chart).
@@ -166,9 +166,6 @@ class OperatorConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         log_format = source.get(LOG_FORMAT_ENV, "").strip().lower()
-        cache = source.get(PLACEMENT_CACHE_ENV, "").strip().lower()
-        if cache not in ("", "on", "off", "true", "false"):
-            raise ConfigError(f"{PLACEMENT_CACHE_ENV}: {cache!r} is not on or off")
         return cls(
             topology_levels=levels,
             queue=queue,
@@ -181,7 +178,7 @@ class OperatorConfig:
             log_format=next((f for f in _LOG_FORMATS if f == log_format), "json"),
             debug=source.get(LOG_LEVEL_ENV, "").strip().lower() == "debug",
             prometheus_url=source.get(PROMETHEUS_ENV) or DEFAULT_PROMETHEUS_URL,
-            placement_cache=cache not in ("off", "false"),
+            placement_cache=_switch(source, PLACEMENT_CACHE_ENV, default=True),
             epp_image=_image(source, EPP_IMAGE_ENV) or DEFAULT_EPP_IMAGE,
             endpoint_pickers=_switch(source, ENDPOINT_PICKERS_ENV, default=False),
         )
@@ -201,12 +198,11 @@ def _image(source: Mapping[str, str], name: str) -> str | None:
 
 def _switch(source: Mapping[str, str], name: str, *, default: bool) -> bool:
     """``on``/``off`` (or true/false) in ``source[name]``; ``default`` when unset or empty."""
-    text = source.get(name, "").strip().lower()
-    if not text:
-        return default
-    if text not in ("on", "off", "true", "false"):
-        raise ConfigError(f"{name}: {text!r} is not on or off")
-    return text in ("on", "true")
+    try:
+        value = env_switch(source, name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return default if value is None else value
 
 
 def _or(value: int | None, default: int) -> int:

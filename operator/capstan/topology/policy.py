@@ -111,8 +111,8 @@ def queue_policy_from_env(env: Mapping[str, str]) -> QueuePolicy:
     reserve = _number(env, RESERVE_AFTER_ENV, lambda v: v >= 0, "a number of seconds >= 0")
     fraction = _number(env, FRACTION_ENV, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
     slowdown = env.get(SLOWDOWN_ENV, "").strip()
-    migration = _switch(env, MIGRATION_ENV)
-    guard = _switch(env, GUARD_BY_WAIT_ENV)
+    migration = env_switch(env, MIGRATION_ENV)
+    guard = env_switch(env, GUARD_BY_WAIT_ENV)
     min_run = _number(env, MIGRATION_MIN_RUN_ENV, lambda v: v >= 0, "a number of seconds >= 0")
     restart = _number(env, MIGRATION_RESTART_ENV, lambda v: v >= 0, "a number of seconds >= 0")
     moves = default.moves
@@ -130,8 +130,9 @@ def queue_policy_from_env(env: Mapping[str, str]) -> QueuePolicy:
     )
 
 
-def _switch(source: Mapping[str, str], name: str) -> bool | None:
-    """``on``/``true`` or ``off``/``false`` in ``source[name]``; None when unset."""
+def env_switch(source: Mapping[str, str], name: str) -> bool | None:
+    """``on``/``true`` or ``off``/``false`` in ``source[name]``; None when unset or empty;
+    ValueError naming ``name`` otherwise."""
     text = source.get(name, "").strip().lower()
     if not text:
         return None

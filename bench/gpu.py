@@ -34,6 +34,8 @@ from typing import Any
 
 import aiohttp
 
+from _procs import stop_all
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "gpu.json"
 
@@ -183,13 +185,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         out["chat_cuda"] = await chat(urls["cuda"])
         return out
     finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs.values())
 
 
 def main() -> int:

@@ -43,6 +43,7 @@ sys.path[:0] = [str(ROOT / "workloads"), str(ROOT / "operator")]
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from _procs import stop_all  # noqa: E402  (bench/ is the script's own folder)
 from capstan.local.workers import free_port  # noqa: E402
 from capstan_workloads.data import generate_corpus  # noqa: E402
 from capstan_workloads.model import GPT, GPTConfig  # noqa: E402
@@ -203,13 +204,7 @@ async def throughput(args: argparse.Namespace, model_dir: Path, text: str) -> di
             print(f"c{c}: {json.dumps(result[f'c{c}'])}", file=sys.stderr, flush=True)
         return result
     finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs.values())
 
 
 def main() -> int:

@@ -53,6 +53,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from aiohttp import web  # noqa: E402
 
+from _procs import stop_all  # noqa: E402  (bench/ is the script's own folder)
 from capstan.local.workers import free_port  # noqa: E402
 from capstan_workloads.model import GPT  # noqa: E402
 from capstan_workloads.serve.loader import load_model_dir  # noqa: E402
@@ -406,13 +407,7 @@ async def bench(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
             result["shared_prefix"] = await shared_prefix(args, curl, ourl)
         return result
     finally:
-        for proc in (capstan, naive, uncached):
-            proc.terminate()
-        for proc in (capstan, naive, uncached):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all([capstan, naive, uncached])
 
 
 def main() -> int:

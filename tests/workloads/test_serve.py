@@ -12,13 +12,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from capstan_workloads.serve import app as app_module
-from capstan_workloads.serve.app import STATE, ServerState, create_app
+from capstan_workloads.serve.app import ServerState, create_app
 from capstan_workloads.serve.loader import load_model_dir
 from capstan_workloads.serve.testing import make_model_dir, reference_generate
+from capstan_workloads.serve.testing import serving as serve_in_process
 
 PROMPTS = [
     "the ",
@@ -46,26 +46,8 @@ async def serving(
     model_dir: Path, wait_ready: bool = True, **limits: Any
 ) -> AsyncIterator[tuple[str, ServerState]]:
     """Run create_app on an ephemeral 127.0.0.1 port; yield its base URL and state."""
-    app = create_app(model_dir, threads=1, **limits)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    url = f"http://{host}:{port}"
-    try:
-        if wait_ready:
-            async with aiohttp.ClientSession() as s:
-                for _ in range(200):
-                    async with s.get(f"{url}/readyz") as r:
-                        if r.status == 200:
-                            break
-                    await asyncio.sleep(0.02)
-                else:
-                    raise AssertionError("server never became ready")
-        yield url, app[STATE]
-    finally:
-        await runner.cleanup()
+    async with serve_in_process(model_dir, wait_ready, **limits) as served:
+        yield served
 
 
 async def complete(

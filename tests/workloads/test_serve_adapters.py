@@ -168,23 +168,12 @@ async def test_server_process_serves_base_and_two_adapters_and_loads_them_at_run
 async def test_adapter_and_its_prefix_cache_are_separate_from_the_base(models: dict[str, Any]) -> None:
     # The same long prompt through the base, then the adapter: a KV block the base computed must not
     # be reused for the adapter (its K/V differ), so the adapter's answer matches its own reference.
-    from capstan_workloads.serve.app import STATE, create_app
+    from capstan_workloads.serve.testing import serving
 
     prompt = "the quick brown fox jumps over the lazy dog. a capstan is"
-    app = create_app(models["base"], threads=1, kv_block_tokens=8, lora_modules=(
-        f"a={models['root'] / 'adapter-a'}",), model_name="base", device="cpu")
-    from aiohttp import web
-
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    url = f"http://{host}:{port}"
-    try:
-        state = app[STATE]
-        assert state.load_task is not None
-        await state.load_task
+    lora = (f"a={models['root'] / 'adapter-a'}",)
+    async with serving(models["base"], kv_block_tokens=8, lora_modules=lora, model_name="base",
+                       device="cpu") as (url, state):
         async with aiohttp.ClientSession() as s:
             for model in ("base", "a", "a", "base"):
                 body = {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0}
@@ -192,8 +181,6 @@ async def test_adapter_and_its_prefix_cache_are_separate_from_the_base(models: d
                 assert status == 200, body
                 assert body["choices"][0]["text"] == expected(models, model, prompt, 6), model
         assert state.metrics.prefix_cache_hit_tokens._value.get() > 0  # the repeats did hit
-    finally:
-        await runner.cleanup()
 
 
 def test_adapters_that_do_not_fit_the_base_are_refused(models: dict[str, Any], tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,7 @@ async def wait_ready(
     url: str,
     proc: subprocess.Popen[str] | None = None,
     timeout_s: float = 30.0,
+    interval_s: float = 0.1,
 ) -> dict[str, Any]:
     """Poll ``url``/readyz until the server answers 200; its JSON. AssertionError when it does not
     within ``timeout_s``, or when ``proc`` (the server's process) exits first (with its output)."""
@@ -99,5 +102,32 @@ async def wait_ready(
         if proc is not None and proc.poll() is not None:
             output = proc.stdout.read() if proc.stdout else ""
             raise AssertionError(f"server exited {proc.returncode}: {output}")
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(interval_s)
     raise AssertionError(f"server at {url} never became ready within {timeout_s:.0f} s")
+
+
+@asynccontextmanager
+async def serving(
+    model_dir: str | Path, wait: bool = True, **limits: Any
+) -> AsyncIterator[tuple[str, Any]]:
+    """The reference server in this process (``create_app``, one thread) on an ephemeral
+    127.0.0.1 port: its base URL and :class:`~capstan_workloads.serve.app.ServerState`, once ready
+    (unless ``wait`` is False)."""
+    from aiohttp import web
+
+    from .app import STATE, create_app  # the app imports the engine; model-dir helpers need none of it
+
+    app = create_app(Path(model_dir), threads=1, **limits)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    url = f"http://{host}:{port}"
+    try:
+        if wait:
+            async with aiohttp.ClientSession() as s:
+                await wait_ready(s, url, timeout_s=4.0, interval_s=0.02)
+        yield url, app[STATE]
+    finally:
+        await runner.cleanup()

@@ -22,6 +22,16 @@ LABEL_RANK = "capstan.dev/rank"
 LABEL_ATTEMPT = "capstan.dev/attempt"
 LABEL_SERVING = "capstan.dev/modelserving"
 LABEL_REVISION = "capstan.dev/revision"
+#: On every pod of a multi-host serving replica (leader and workers): the ModelServing, the revision,
+#: and, for Capstan-managed groups, the group index and the pod's rank in it (0: the leader).
+LABEL_GROUP_OF = "capstan.dev/serving-group-of"
+LABEL_GROUP_REVISION = "capstan.dev/group-revision"
+LABEL_GROUP = "capstan.dev/group"
+LABEL_GROUP_RANK = "capstan.dev/group-rank"
+#: The label LeaderWorkerSet gives every pod of one group (the same value across the group).
+LWS_GROUP_KEY = "leaderworkerset.sigs.k8s.io/group-key"
+#: On a Capstan-managed group revision (a ControllerRevision): how many groups it should run.
+ANNOTATION_REPLICAS = "capstan.dev/replicas"
 #: Pods record the gang size and a digest of the spec they were made from, so a spec change is
 #: seen on a running gang (capstan.training.lifecycle restarts it: Resized, SpecChanged).
 LABEL_WORKERS = "capstan.dev/workers"

@@ -245,11 +245,45 @@ def test_nvlink_clique_spans_nodes() -> None:
     # GB200 NVL72-style: 18 nodes x 4 GPUs in one clique = a 72-GPU NVLink domain.
     nvl = [node(f"gb-{i}", 4, clique="c1") for i in range(18)]
     assert domain_sizes(nvl, DEFAULT_LEVELS, "nvlink") == {"nvlink=c1": 72}
-    assert validate(ms(tensorParallel=16), nvl) == []
+    # a 16-GPU replica is a group of 4 pods of 4 GPUs in the clique; as one pod no node holds it
+    assert validate(ms(tensorParallel=16, gpusPerPod=4, runtime="vllm"), nvl) == []
+    [one_pod] = validate(ms(tensorParallel=16, runtime="vllm"), nvl)
+    assert one_pod.startswith("spec.tensorParallel: 16 GPUs in one pod") and "set gpusPerPod: 4" in one_pod
     assert validate(tj(workers=16, gpusPerWorker=4, topology={"policy": "Required"}), nvl) == []
     errors = validate(tj(workers=19, gpusPerWorker=4, topology={"policy": "Required"}), nvl)
     assert errors and "spec.topology.maxDomain" in errors[0]
     assert any("spec.tensorParallel" in e for e in validate(ms(tensorParallel=72 + 8), nvl))
+
+
+def test_multi_host_replicas_are_checked_against_nodes_and_domains() -> None:
+    hgx = [node(f"n{i}", 8, **{"capstan.dev/rack": "r1"}) for i in range(4)]
+    # two pipeline stages, one HGX node each: Preferred (the default) widens to the rack
+    assert validate(ms(runtime="vllm", pipelineParallel=2), hgx) == []
+    [wide] = validate(ms(runtime="vllm", pipelineParallel=2, topology={"policy": "Required"}), hgx)
+    assert wide.startswith("spec.topology.maxDomain: a replica needs 16 GPUs inside one nvlink domain")
+    assert validate(ms(runtime="vllm", pipelineParallel=2,
+                       topology={"policy": "Required", "maxDomain": "rack"}), hgx) == []
+    [big] = validate(ms(runtime="sglang", tensorParallel=4, pipelineParallel=4, gpusPerPod=16), hgx)
+    assert big.startswith("spec.gpusPerPod: 16 GPUs in one pod, but the largest node")
+
+
+def test_multi_host_replicas_need_a_runtime_that_serves_from_a_group() -> None:
+    for runtime in ("capstan", "tgi"):
+        errors = validate(ms(runtime=runtime, pipelineParallel=2))
+        assert any(e.startswith("spec.runtime: a replica of several pods") for e in errors), errors
+    [split] = validate(ms(runtime="vllm", tensorParallel=8, gpusPerPod=3))
+    assert split.startswith("spec.gpusPerPod: gpusPerPod must divide the replica's GPUs")
+    [odd] = validate(ms(runtime="vllm", tensorParallel=6, pipelineParallel=2, gpusPerPod=4))
+    assert odd.startswith("spec.gpusPerPod: gpusPerPod below tensorParallel must divide it")
+    [cpu] = validate(ms(runtime="vllm", gpu=False, pipelineParallel=2))
+    assert cpu.startswith("spec.gpu: a replica of several pods")
+
+
+def test_autoscaled_multi_host_replicas_need_leaderworkerset() -> None:
+    spec = ms(runtime="vllm", pipelineParallel=2, autoscaling={"minReplicas": 1, "maxReplicas": 4})
+    [err] = validate(spec, lws=False)
+    assert err.startswith("spec.autoscaling: replicas of 2 pods are autoscaled through LeaderWorkerSet")
+    assert validate(spec, lws=True) == [] and validate(spec) == []  # unknown: the operator decides
 
 
 def test_required_at_rack_level_sums_the_rack() -> None:

@@ -58,8 +58,10 @@ _doc("status subresource reads and patches", ["get", "patch"], "capstan.dev",
      ["trainingjobs/status", "modelservings/status"])
 # ModelServing children (exercised by tests/kube/test_modelserving_kube.py, not by core scenarios).
 for _group, _res in (("apps", "deployments"), ("autoscaling", "horizontalpodautoscalers"), ("batch", "jobs"),
-                     ("gateway.networking.k8s.io", "httproutes"), ("keda.sh", "scaledobjects")):
-    _doc("ModelServing revisions, autoscaling (HPA or KEDA), Gateway API traffic split",
+                     ("gateway.networking.k8s.io", "httproutes"), ("keda.sh", "scaledobjects"),
+                     ("leaderworkerset.x-k8s.io", "leaderworkersets"), ("apps", "controllerrevisions")):
+    _doc("ModelServing revisions (multi-host: LeaderWorkerSets or group ControllerRevisions), autoscaling "
+         "(HPA or KEDA), Gateway API traffic split",
          ["get", "list", "watch", "create", "patch", "delete"], _group, [_res])
 # Inference routing's grants (InferencePools, endpoint pickers' ServiceAccounts, Roles and
 # RoleBindings) exist only with routing.endpointPickers: true; see the last test.

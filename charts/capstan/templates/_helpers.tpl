@@ -94,6 +94,14 @@ makes against the API emulator (plus the commented allowlist there).
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
   verbs: [get, list, watch, create, patch, delete]
+# Multi-host ModelServing replicas: a LeaderWorkerSet per revision where the cluster has it, else a
+# ControllerRevision holding the group templates (the groups' pods are created like gang workers).
+- apiGroups: [leaderworkerset.x-k8s.io]
+  resources: [leaderworkersets]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [apps]
+  resources: [controllerrevisions]
+  verbs: [get, list, watch, create, patch, delete]
 # ModelServing model.cache: the Job that fetches a revision's model once into its volume.
 - apiGroups: [batch]
   resources: [jobs]

@@ -89,9 +89,10 @@ async def review(body: kopf.Body, warnings: list[str], memo: kopf.Memo | None = 
     previous = dict(old) if isinstance(old, Mapping) else None
     keda = await _keda(body, memo, warnings)
     inference = await _inference(body, memo, warnings)
+    lws = await _lws(body, memo, warnings)
     errors = await asyncio.to_thread(
         validate, dict(body), nodes, config.topology_levels, previous, keda, inference,
-        config.endpoint_pickers,
+        config.endpoint_pickers, lws,
     )
     if errors:
         raise kopf.AdmissionError(f"{describe(body)} is invalid: " + "; ".join(errors), code=422)
@@ -115,6 +116,29 @@ async def _keda(body: Mapping[str, Any], memo: kopf.Memo | None, warnings: list[
     except Exception as exc:  # fail open: the operator refuses the spec at reconcile instead
         log.warning("admission: cannot discover KEDA: %s", exc)
         warnings.append(f"KEDA check skipped: API discovery failed ({type(exc).__name__})")
+        return None
+
+
+async def _lws(body: Mapping[str, Any], memo: kopf.Memo | None, warnings: list[str]) -> bool | None:
+    """Whether the cluster serves LeaderWorkerSet, asked only for an autoscaled ModelServing whose
+    replicas are groups of pods (None: not asked, or the discovery failed; the operator then
+    reports it at reconcile)."""
+    spec = body.get("spec")
+    if body.get("kind") != "ModelServing" or not isinstance(spec, Mapping) or not spec.get("autoscaling"):
+        return None
+    if not spec.get("gpusPerPod") and (spec.get("pipelineParallel") or 1) == 1:
+        return None  # one pod per replica (gpusPerPod unset: one stage per pod)
+    api = memo.get("api") if memo is not None else None
+    if api is None:
+        return None
+    from capstan.kube.modelserving import leader_worker_sets_available
+
+    try:
+        # Not the reconcile loop's cached answer: LeaderWorkerSet installed a moment ago must count.
+        return await asyncio.wait_for(leader_worker_sets_available(api), 10)
+    except Exception as exc:  # fail open: the operator refuses the spec at reconcile instead
+        log.warning("admission: cannot discover LeaderWorkerSet: %s", exc)
+        warnings.append(f"LeaderWorkerSet check skipped: API discovery failed ({type(exc).__name__})")
         return None
 
 

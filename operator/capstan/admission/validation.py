@@ -7,7 +7,8 @@ problem (empty list: admit). It runs, in order:
 1. everything pydantic says about the object (:func:`capstan.api.loading.parse_object`): types,
    enums, quantities, ranges and the cross-field rules that are also CEL in the CRD;
 2. checks against the cluster's nodes: a worker that no node can hold, a tensor-parallel replica
-   wider than any NVLink domain, a ``Required`` gang wider than any domain of its ``maxDomain``;
+   wider than any NVLink domain, a pod bigger than any node, a ``Required`` gang or multi-host
+   replica wider than any domain of its ``maxDomain``;
 3. rollout steps whose weights do not strictly increase (the canary only ever gains traffic);
 4. ``spec.argsTemplate`` of the custom runtime: unknown template variables and render errors;
 5. ``spec.rollout.analysis.queries``: placeholders and PromQL syntax (:mod:`capstan.serving.promql`).
@@ -35,7 +36,9 @@ from capstan.topology.inventory import parse_count
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
 
 #: Variables a custom runtime's argsTemplate may use (same list as capstan.serving.runtimes).
-TEMPLATE_VARIABLES = ("model_path", "port", "tensor_parallel", "max_model_len", "name")
+TEMPLATE_VARIABLES = (
+    "model_path", "port", "tensor_parallel", "max_model_len", "name", "pipeline_parallel", "nodes",
+)
 
 
 def validate(
@@ -46,13 +49,15 @@ def validate(
     keda: bool | None = None,
     inference: bool | None = None,
     endpoint_pickers: bool = True,
+    lws: bool | None = None,
 ) -> list[str]:
     """Every reason to reject ``body`` (a TrainingJob or ModelServing dict); [] admits it.
     ``old``: the stored object of an update, whose immutable fields ``body`` must keep.
     ``keda``: whether the cluster serves KEDA's ScaledObject (None: unknown, not checked);
     without it a ModelServing cannot scale to zero. ``inference``: whether it serves InferencePool
     and HTTPRoute (None: unknown); without them, or without ``endpoint_pickers`` (the operator may
-    create pickers), ``routing.inferencePool: Required`` is refused.
+    create pickers), ``routing.inferencePool: Required`` is refused. ``lws``: whether it serves
+    LeaderWorkerSet (None: unknown); without it multi-host replicas cannot be autoscaled.
 
     Never raises: any value (a list, a string, fields of the wrong type) gets errors naming where.
     """
@@ -77,6 +82,8 @@ def validate(
             errors += _serving_capacity(resource, nodes, levels)
         errors += _rollout_weights([s.weight for s in resource.spec.rollout.steps])
         if keda is not None and (problem := resource.spec.scale_to_zero_problem(keda)):
+            errors.append(problem)
+        if lws is not None and (problem := resource.spec.multi_host_problem(lws)):
             errors.append(problem)
         served = True if inference is None else inference
         if problem := resource.spec.inference_pool_problem(served, endpoint_pickers):
@@ -258,6 +265,23 @@ def _serving_capacity(
             f"domain, but the largest NVLink domain has {domain} GPUs (largest node: {where}, "
             f"{most}); use tensorParallel <= {domain} and more replicas"
         ]
+    if spec.pod_gpus > most:
+        field = "spec.gpusPerPod" if spec.gpus_per_pod else "spec.tensorParallel"
+        fits = max(d for d in range(1, most + 1) if spec.replica_gpus % d == 0)
+        return [
+            f"{field}: {spec.pod_gpus} GPUs in one pod, but the largest node ({where}) has {most} "
+            f"allocatable {GPU_RESOURCE}; set gpusPerPod: {fits} (a replica of "
+            f"{spec.replica_gpus // fits} pods, a leader and workers)"
+        ]
+    place = spec.placement
+    if spec.pods_per_replica > 1 and place.policy == "Required" and place.max_domain in levels.names:
+        biggest = max(domain_sizes(nodes, levels, place.max_domain).values(), default=0)
+        if spec.replica_gpus > biggest:
+            return [
+                f"spec.topology.maxDomain: a replica needs {spec.replica_gpus} GPUs inside one "
+                f"{place.max_domain} domain (policy Required), but the largest {place.max_domain} domain "
+                f"has {biggest}; widen maxDomain, use policy Preferred, or use fewer GPUs per replica"
+            ]
     return []
 
 

@@ -76,6 +76,10 @@ _QUANT_CEL = "{" + ", ".join(
 ) + "}"
 #: Runtimes an endpoint picker understands (it reads their queue, KV-cache and prefix-cache metrics).
 INFERENCE_RUNTIMES = ("vllm", "sglang")
+#: Runtimes that serve one replica from a group of pods (a leader and workers): vLLM over a Ray
+#: cluster, SGLang with --nnodes, and custom images that read the group environment.
+MULTI_HOST_RUNTIMES = ("vllm", "sglang", "custom")
+ServingDomainLevel = Literal["nvlink", "rack", "block", "zone"]
 InferencePoolMode = Literal["Auto", "Required", "Disabled"]
 ServingPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 
@@ -447,6 +451,22 @@ class ServerTemplate(PodTemplate):
     )
 
 
+class ServingTopology(ApiModel):
+    """Where the pods of one multi-host replica may be placed (a replica of one pod needs nothing)."""
+
+    policy: Literal["Required", "Preferred"] = Field(
+        default="Preferred",
+        description="Required: a replica's pods wait until they fit inside one maxDomain domain. "
+        "Preferred: the narrowest domain that fits, widening only when it must. Pods that share a "
+        "tensor-parallel group (gpusPerPod below tensorParallel) always stay in one NVLink domain.",
+    )
+    max_domain: ServingDomainLevel = Field(
+        default="nvlink",
+        description="Widest topology domain one replica may span under Required (nvlink, rack, block, "
+        "zone).",
+    )
+
+
 class GatewayRef(ApiModel):
     """The Gateway (gateway.networking.k8s.io) the ModelServing's HTTPRoute attaches to."""
 
@@ -521,7 +541,9 @@ class ModelServingSpec(ApiModel):
         default=None,
         max_length=65536,
         description="custom runtime: jinja2 template of the server arguments, one per line. Variables: "
-        "model_path, port, tensor_parallel, max_model_len, name.",
+        "model_path, port, tensor_parallel, max_model_len, name, pipeline_parallel, nodes (pods per "
+        "replica; in a multi-host replica every pod runs these arguments, with LWS_LEADER_ADDRESS, "
+        "LWS_GROUP_SIZE and LWS_WORKER_INDEX in its environment).",
     )
     env: list[EnvVar] = Field(default_factory=list, max_length=1024, description="Extra environment.")
     quantization: Quantization | None = Field(
@@ -531,9 +553,27 @@ class ModelServingSpec(ApiModel):
         + _QUANT_TABLE + ". Unset: the model's own precision.",
     )
     tensor_parallel: int = Field(
-        default=1, ge=1, le=72, description="GPUs per replica, kept inside one NVLink domain."
+        default=1, ge=1, le=72,
+        description="Tensor-parallel GPUs of each pipeline stage, kept inside one NVLink domain.",
     )
-    gpu: bool = Field(default=True, description="Request tensorParallel GPUs per replica (false: CPU).")
+    pipeline_parallel: int | None = Field(
+        default=None, ge=1, le=64,
+        description="Pipeline stages per replica (unset: 1). A replica holds tensorParallel x "
+        "pipelineParallel GPUs; with more than one stage each stage is one pod by default.",
+    )
+    gpus_per_pod: int | None = Field(
+        default=None, ge=1, le=72,
+        description="GPUs of each pod of a replica (unset: tensorParallel, one stage per pod). Below "
+        "the replica's GPUs a replica is a group of pods, a leader serving the API and workers, "
+        "placed together by topology (spec.topology), started and restarted as a unit; rendered as a "
+        "LeaderWorkerSet where that CRD is installed, else as Capstan-managed groups. E.g. "
+        "tensorParallel 16 on GB200 NVL72 nodes of 4 GPUs: gpusPerPod 4.",
+    )
+    topology: ServingTopology | None = Field(
+        default=None,
+        description="Placement of multi-host replicas (unset: Preferred, from the NVLink domain up).",
+    )
+    gpu: bool = Field(default=True, description="Request the replica's GPUs (false: CPU).")
     replicas: int = Field(default=1, ge=0, le=1000, description="Replicas when not autoscaled.")
     max_model_len: int | None = Field(
         default=None, ge=1, le=16_777_216, description="Longest sequence served."
@@ -640,6 +680,36 @@ class ModelServingSpec(ApiModel):
             lambda s: len({a.name for a in s.adapters}) == len(s.adapters),
         ),
         Rule(
+            ".gpusPerPod",
+            "(self.tensorParallel * (has(self.pipelineParallel) ? self.pipelineParallel : 1)) % "
+            "(has(self.gpusPerPod) ? self.gpusPerPod : self.tensorParallel) == 0",
+            "gpusPerPod must divide the replica's GPUs (tensorParallel x pipelineParallel) into whole pods",
+            lambda s: s.replica_gpus % s.pod_gpus == 0,
+        ),
+        Rule(
+            ".gpusPerPod",
+            "(has(self.gpusPerPod) ? self.gpusPerPod : self.tensorParallel) >= self.tensorParallel || "
+            "self.tensorParallel % (has(self.gpusPerPod) ? self.gpusPerPod : self.tensorParallel) == 0",
+            "gpusPerPod below tensorParallel must divide it: a tensor-parallel group spans whole pods",
+            lambda s: s.pod_gpus >= s.tensor_parallel or s.tensor_parallel % s.pod_gpus == 0,
+        ),
+        Rule(
+            ".runtime",
+            f"(self.tensorParallel * (has(self.pipelineParallel) ? self.pipelineParallel : 1)) == "
+            f"(has(self.gpusPerPod) ? self.gpusPerPod : self.tensorParallel) || "
+            f"(has(self.runtime) && self.runtime in {list(MULTI_HOST_RUNTIMES)})",
+            f"a replica of several pods (pipelineParallel or gpusPerPod) needs runtime "
+            f"{', '.join(MULTI_HOST_RUNTIMES)}: the others serve from one pod",
+            lambda s: s.pods_per_replica == 1 or s.runtime in MULTI_HOST_RUNTIMES,
+        ),
+        Rule(
+            ".gpu",
+            "!has(self.gpu) || self.gpu || (self.tensorParallel * (has(self.pipelineParallel) ? "
+            "self.pipelineParallel : 1)) == (has(self.gpusPerPod) ? self.gpusPerPod : self.tensorParallel)",
+            "a replica of several pods (pipelineParallel or gpusPerPod) runs on GPUs: gpu must be true",
+            lambda s: s.gpu or s.pods_per_replica == 1,
+        ),
+        Rule(
             ".routing.inferencePool",
             "!has(self.routing) || !has(self.routing.inferencePool) || "
             "self.routing.inferencePool != 'Required' || (has(self.runtime) && self.runtime in "
@@ -671,6 +741,40 @@ class ModelServingSpec(ApiModel):
                         out.append(f"{at}.targetModules[{j}]: {t!r} is no linear layer of the reference GPT; "
                                    "use qkv, attn.proj, fc, mlp.proj or proj")
         return out
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages per replica."""
+        return self.pipeline_parallel or 1
+
+    @property
+    def replica_gpus(self) -> int:
+        """GPUs one replica holds: tensorParallel x pipelineParallel."""
+        return self.tensor_parallel * self.stages
+
+    @property
+    def pod_gpus(self) -> int:
+        """GPUs each pod of a replica holds."""
+        return self.gpus_per_pod or self.tensor_parallel
+
+    @property
+    def pods_per_replica(self) -> int:
+        """Pods in one replica: 1, or a group of a leader and workers (multi-host)."""
+        return max(1, self.replica_gpus // self.pod_gpus)
+
+    @property
+    def placement(self) -> ServingTopology:
+        """``spec.topology`` with its defaults."""
+        return self.topology or ServingTopology()
+
+    def multi_host_problem(self, lws: bool) -> str:
+        """Why multi-host replicas cannot run as written in a cluster with or without LeaderWorkerSet
+        ("": they can, or the replicas are single pods)."""
+        if self.pods_per_replica == 1 or lws or self.autoscaling is None:
+            return ""
+        return (f"spec.autoscaling: replicas of {self.pods_per_replica} pods are autoscaled through "
+                "LeaderWorkerSet's scale subresource (leaderworkerset.x-k8s.io/v1), which this cluster "
+                "does not serve: install LeaderWorkerSet, or use fixed replicas")
 
     def scale_to_zero_problem(self, keda: bool) -> str:
         """Why the autoscaling cannot run as written in a cluster with or without KEDA ("": it can)."""

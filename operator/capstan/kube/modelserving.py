@@ -54,8 +54,14 @@ from capstan.kube.resources import (
     register_kind,
 )
 from capstan.kube.scrape import pod_targets, scrape_pods
+from capstan.kube.servinggroups import (
+    CONTROLLERREVISIONS,
+    LEADERWORKERSETS,
+    group_selector,
+    run_groups,
+)
 from capstan.kube.status import reconcile_live, status_merge_patch
-from capstan.labels import LABEL_SERVING
+from capstan.labels import LABEL_GROUP_OF, LABEL_SERVING
 from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
 from capstan.metrics import (
     REVISION_WEIGHT,
@@ -63,12 +69,15 @@ from capstan.metrics import (
     ROLLOUTS,
     PhaseGauge,
 )
+from capstan.naming import label_value
 from capstan.serving.adapters import ObservedServer
 from capstan.serving.adapters import mode as adapter_mode
 from capstan.serving.analysis import AnalysisResult, Baselines, PodSample, evaluate, window, with_queries
+from capstan.serving.groups import group_replicas, scale_annotation
 from capstan.serving.plan import Observed, ServingPlan, analysis_due, plan_modelserving, refused
 from capstan.serving.promql import QueryOutcome, judge_queries, render_query, scalar_of
 from capstan.serving.revisions import revision_selector, serving_selector
+from capstan.serving.rollout import WAIT_READY_S
 from capstan.serving.runtimes import runtime_for
 
 KIND = "ModelServing"
@@ -102,6 +111,8 @@ class ServingState:
     phases: PhaseGauge = field(default_factory=lambda: PhaseGauge(MODELSERVINGS_GAUGE, PHASES))
     # ModelServing uid -> adapter name -> why its last load or unload failed (shown in the next status)
     adapter_failures: dict[str, dict[str, str]] = field(default_factory=dict)
+    # (namespace, label value of a ModelServing's name) -> its uid: group pods' events wake it
+    group_owners: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 @kopf.on.startup(id="serving-state")
@@ -143,6 +154,11 @@ async def keda_available(api: ApiClient, memo: kopf.Memo | None = None) -> bool:
     return await served(api, SCALEDOBJECTS, memo)
 
 
+async def leader_worker_sets_available(api: ApiClient, memo: kopf.Memo | None = None) -> bool:
+    """Whether the API server serves ``leaderworkersets.leaderworkerset.x-k8s.io/v1`` (cached)."""
+    return await served(api, LEADERWORKERSETS, memo)
+
+
 async def inference_pools_available(api: ApiClient, memo: kopf.Memo | None = None) -> bool:
     """Whether the API server serves ``inferencepools.inference.networking.k8s.io/v1`` (cached)."""
     return await served(api, INFERENCEPOOLS, memo)
@@ -160,19 +176,27 @@ async def _list(
 
 
 async def _observe(
-    api: ApiClient, ms: ModelServing, gateway: bool, keda: bool, pools: bool, memo: kopf.Memo
+    api: ApiClient, ms: ModelServing, gateway: bool, keda: bool, pools: bool, memo: kopf.Memo,
+    lws: bool = False,
 ) -> Observed:
     ns = ms.metadata.namespace
     sel = serving_selector(ms)
-    kinds = [DEPLOYMENTS, SERVICES, HPAS, PVCS, NETWORK_POLICIES, JOBS]
+    # revision workloads first: Deployments, the ControllerRevisions of Capstan-managed multi-host
+    # groups, and LeaderWorkerSets where served
+    workloads = [DEPLOYMENTS, CONTROLLERREVISIONS] + ([LEADERWORKERSETS] if lws else [])
+    kinds = [*workloads, SERVICES, HPAS, PVCS, NETWORK_POLICIES, JOBS]
     kinds += [HTTPROUTES] if gateway else []
     kinds += [SCALEDOBJECTS] if keda else []
     # Endpoint pickers exist only where InferencePool is served (the owner reference collects any
     # left behind by CRDs removed later).
     kinds += [INFERENCEPOOLS, SERVICEACCOUNTS, ROLES, ROLEBINDINGS] if pools else []
     # bounded gather: a failed list (the operator stopping, say) leaves no sibling request running
-    deployments, *rest = await gather_bounded([_list(api, r, ns, sel) for r in kinds])
-    children = [obj for objs in rest for obj in objs]
+    found_kinds = await gather_bounded([_list(api, r, ns, sel) for r in kinds])
+    deployments = [obj for objs in found_kinds[:len(workloads)] for obj in objs]
+    children = [obj for objs in found_kinds[len(workloads):] for obj in objs]
+    group_pods: list[dict[str, Any]] = []
+    if any(d.get("kind") == CONTROLLERREVISIONS.kind for d in deployments):
+        group_pods = await api.list_pods(ns, group_selector(ms))
     training_job = None
     snapshots: dict[str, dict[str, Any]] = {}
     ftj = ms.spec.model.from_training_job
@@ -191,7 +215,7 @@ async def _observe(
         servers = await observe_servers(await api.list_pods(ns, sel), ms.spec.port)
     failures = _state(memo).adapter_failures.get(ms.metadata.uid or ms.metadata.name, {})
     return Observed(deployments, children, training_job, snapshots, training_jobs=jobs, servers=servers,
-                    adapter_failures=failures)
+                    adapter_failures=failures, group_pods=group_pods)
 
 
 async def _analyse(
@@ -319,11 +343,10 @@ async def _apply(
                     refusal = refusal or (obj, result)
                 elif isinstance(result, BaseException):
                     raise result
-    current = {d["metadata"]["name"]: dig(d, "spec", "replicas") for d in observed.deployments}
+    workloads = {d["metadata"]["name"]: d for d in observed.deployments}
     await gather_bounded([
-        api.patch(DEPLOYMENTS, ns, dep, {"spec": {"replicas": n}})
-        for dep, n in plan.scale.items()
-        if current.get(dep) != n
+        _rescale(api, workloads[rev], n) for rev, n in plan.scale.items()
+        if rev in workloads and _size(workloads[rev]) != n
     ])
     await gather_bounded([
         api.delete(api_resource_of({"apiVersion": r.api_version, "kind": r.kind}), ns, r.name)
@@ -333,6 +356,24 @@ async def _apply(
         await asyncio.gather(*(api.post_event(body, e.reason, e.message, e.type) for e in plan.events))
     if refusal is not None or plan.on_applied is not None:
         await _settle_applies(api, ms, body, plan, refusal)
+
+
+def _size(workload: Mapping[str, Any]) -> int | None:
+    """Replicas a revision workload asks for (groups, for multi-host replicas)."""
+    if workload.get("kind") == CONTROLLERREVISIONS.kind:
+        return group_replicas(workload)
+    return dig(workload, "spec", "replicas")
+
+
+async def _rescale(api: ApiClient, workload: Mapping[str, Any], replicas: int) -> None:
+    """Set a revision workload's size: a Deployment's or LeaderWorkerSet's replicas, or the number
+    of groups of a Capstan-managed group revision."""
+    meta = workload["metadata"]
+    if workload.get("kind") == CONTROLLERREVISIONS.kind:
+        await api.patch(CONTROLLERREVISIONS, meta["namespace"], meta["name"], scale_annotation(replicas))
+        return
+    res = LEADERWORKERSETS if workload.get("kind") == LEADERWORKERSETS.kind else DEPLOYMENTS
+    await api.patch(res, meta["namespace"], meta["name"], {"spec": {"replicas": replicas}})
 
 
 async def _apply_adapters(
@@ -427,9 +468,11 @@ async def _reconcile_serving(
     gateway = await gateway_api_available(api, memo)
     keda = await keda_available(api, memo)
     pools = await inference_pools_available(api, memo)
+    lws = await leader_worker_sets_available(api, memo)
     pickers = operator_config(memo).endpoint_pickers
+    _state(memo).group_owners[(namespace, label_value(ms.metadata.name))] = ms.metadata.uid or ""
     # Without the grants of routing.endpointPickers the operator may not even list pickers' Roles.
-    observed = await _observe(api, ms, gateway, keda, pools and pickers, memo)
+    observed = await _observe(api, ms, gateway, keda, pools and pickers, memo, lws)
     analysis = await _analyse(api, ms, now, memo, logger)
     plan = plan_modelserving(
         ms,
@@ -443,8 +486,19 @@ async def _reconcile_serving(
         inference_api=pools,
         epp_image=operator_config(memo).epp_image,
         endpoint_pickers=pickers,
+        lws=lws,
+        levels=operator_config(memo).topology_levels,
     )
     await _apply(api, ms, body, plan, observed, logger)
+    live = {r.name for r in plan.status.revisions}
+    workloads = [d for d in observed.deployments if dig(d, "metadata", "name") in live]
+    groups = await run_groups(api, ms, plan, workloads, observed.group_pods, memo, logger)
+    for actions in groups:
+        for group, why in actions.restarted:
+            message = f"group {group} restarted as a unit: {why}"
+            await api.post_event(body, "GroupRestarted", message, "Warning")
+        if actions.waiting or actions.create or actions.delete:
+            plan.requeue(WAIT_READY_S)
     await _apply_adapters(api, ms, body, plan, memo, logger)
     _record_metrics(memo, ms, plan)
     # A step that started in this pass gets its baseline now, so its window is the whole pause.
@@ -506,6 +560,15 @@ def revision_deployment_changed(body: Mapping[str, Any], memo: kopf.Memo, **_: A
     owner = owner_of(body, KIND)
     if owner is not None:
         wake(memo, owner[1])
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_GROUP_OF: kopf.PRESENT}, id="wake-serving-group")
+def group_pod_changed(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    """A pod of a Capstan-managed group changed (ready, failed, restarted, gone): reconcile its
+    ModelServing now, so a broken group restarts as a unit at once."""
+    uid = _state(memo).group_owners.get((namespace or "", labels.get(LABEL_GROUP_OF, "")))
+    if uid:
+        wake(memo, uid)
 
 
 @kopf.on.event(GROUP, VERSION, "trainingjobs", id="wake-serving")

@@ -45,7 +45,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import pass_context
 
 TEMPLATE_FIELD = "spec.argsTemplate"
-TEMPLATE_VARIABLES = ("model_path", "port", "tensor_parallel", "max_model_len", "name")
+TEMPLATE_VARIABLES = (
+    "model_path", "port", "tensor_parallel", "max_model_len", "name", "pipeline_parallel", "nodes",
+)
 MAX_TEMPLATE_CHARS = 8192
 MAX_RENDERED_CHARS = 65536
 MAX_VALUE_CHARS = MAX_RENDERED_CHARS

@@ -58,6 +58,14 @@ from capstan.serving.adapters import (
 )
 from capstan.serving.adapters import mode as adapter_mode
 from capstan.serving.analysis import AnalysisResult
+from capstan.serving.groups import (
+    GROUP_REVISION_KIND,
+    LWS_KIND,
+    group_revision,
+    group_service,
+    is_multi_host,
+    leader_worker_set,
+)
 from capstan.serving.inference import (
     DEFAULT_EPP_IMAGE,
     EPP_COMPONENT,
@@ -83,6 +91,7 @@ from capstan.serving.revisions import (
     revision_service,
     scaled_bounds,
     selector_string,
+    server_pod,
     stable_service,
     stable_service_name,
 )
@@ -95,10 +104,12 @@ from capstan.serving.rollout import (
     parse_duration,
     replicas_for_weight,
     revision_state,
+    server_template,
     step_weights,
     tick,
 )
 from capstan.serving.runtimes import ArgsTemplateError
+from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
 
 ADAPTER_COMPONENT = "adapter"
 # After loading or unloading adapters: read the servers' /v1/models again this soon.
@@ -119,6 +130,8 @@ class ObjectRef:
 class Observed:
     """What the executor read: children labelled with this ModelServing, and its model source.
 
+    ``deployments`` holds the revision workloads: Deployments, and for multi-host replicas
+    LeaderWorkerSets or the ControllerRevisions of Capstan-managed groups.
     ``children`` holds every other labelled child (Services, HPAs, PVCs, HTTPRoutes, NetworkPolicies,
     InferencePools and their pickers' ServiceAccounts, Roles and RoleBindings) so the planner can
     delete what no live revision needs. ``snapshots`` maps VolumeSnapshot name to object.
@@ -132,6 +145,8 @@ class Observed:
     training_jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     servers: list[ObservedServer] = field(default_factory=list)
     adapter_failures: dict[str, str] = field(default_factory=dict)  # last pass's failed loads, by name
+    # Pods of Capstan-managed multi-host groups (label capstan.dev/serving-group-of): their ready groups.
+    group_pods: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -203,6 +218,8 @@ def plan_modelserving(
     inference_api: bool = False,
     epp_image: str = DEFAULT_EPP_IMAGE,
     endpoint_pickers: bool = True,
+    lws: bool = False,
+    levels: TopologyLevels = DEFAULT_LEVELS,
 ) -> ServingPlan:
     """Decide the next step of ``ms`` given what was observed at ``now``.
 
@@ -215,12 +232,16 @@ def plan_modelserving(
     ``inference_api``: the cluster serves InferencePool (inference.networking.k8s.io/v1); vLLM and
     SGLang revisions behind a named Gateway then get a pool each, with an endpoint picker running
     ``epp_image``, when ``endpoint_pickers`` (the operator may create their Roles).
+    ``lws``: the cluster serves LeaderWorkerSet; multi-host replicas are then rendered as one per
+    revision, else as Capstan-managed groups (:mod:`capstan.serving.groups`), kept in the domains of
+    ``levels``.
     A refusal of the API server on record (see :class:`ServingPlan`) stays on show until
     applying works.
     """
     plan = _plan(ms, observed, now, gateway_api=gateway_api, analysis=analysis,
                  operator_namespace=operator_namespace, keda=keda, prometheus=prometheus,
-                 inference_api=inference_api, epp_image=epp_image, endpoint_pickers=endpoint_pickers)
+                 inference_api=inference_api, epp_image=epp_image, endpoint_pickers=endpoint_pickers,
+                 lws=lws, levels=levels)
     if plan.objects and refusal_on_record(ms.status.conditions, CT.PROGRESSING, ms.metadata.generation):
         plan.on_applied = plan.status
         kept = plan.status.model_copy(deep=True)
@@ -293,6 +314,8 @@ def _plan(
     inference_api: bool,
     epp_image: str,
     endpoint_pickers: bool,
+    lws: bool,
+    levels: TopologyLevels,
 ) -> ServingPlan:
     st = ms.status.model_copy(deep=True)
     old_phase = st.phase
@@ -304,8 +327,8 @@ def _plan(
     traffic_mode: Literal["gateway", "replicas"] = "gateway" if gateway_api else "replicas"
     st.rollout = (st.rollout or RolloutStatus()).model_copy(update={"traffic": traffic_mode})
 
-    revs = _observed_revisions(ms, observed)
-    desired = _desired_revision(ms, observed, keda, gateway_api and inference_api, endpoint_pickers)
+    revs = _observed_revisions(ms, observed, now)
+    desired = _desired_revision(ms, observed, keda, gateway_api and inference_api, endpoint_pickers, lws)
     straight = ms.spec.autoscaling is None and ms.spec.replicas == 0
     t = tick(
         st,
@@ -330,7 +353,7 @@ def _plan(
     policy = (network_policy(ms, operator_namespace=operator_namespace, scrapers=scrapers)
               if traffic.live else None)
     _add_objects(plan, ms, desired, revs, traffic, policy=policy, gateway_api=gateway_api, keda=keda,
-                 prometheus=prometheus)
+                 prometheus=prometheus, lws=lws, levels=levels)
     _add_routing(plan, ms, desired, revs, traffic, route, gateway_api=gateway_api, epp_image=epp_image)
     _add_deletes(plan, ms, observed, revs, traffic, policy=policy, gateway_api=gateway_api, keda=keda,
                  pools=route.pools)
@@ -370,29 +393,30 @@ def _adapters(plan: ServingPlan, ms: ModelServing, observed: Observed, now: date
     plan.status.adapters = adapter_status(ms, resolved, observed.servers, observed.adapter_failures, canaries)
 
 
-def _observed_revisions(ms: ModelServing, observed: Observed) -> dict[str, RevisionState]:
-    """This ModelServing's revisions, by name, from its observed Deployments."""
+def _observed_revisions(ms: ModelServing, observed: Observed, now: datetime) -> dict[str, RevisionState]:
+    """This ModelServing's revisions, by name, from its observed revision workloads."""
     mine = label_value(ms.metadata.name)
     revs: dict[str, RevisionState] = {}
     for dep in observed.deployments:
         labels = dig(dep, "metadata", "labels", default=None) or {}
         if labels.get(LABEL_SERVING) != mine or labels.get(LABEL_COMPONENT) == EPP_COMPONENT:
             continue
-        state = revision_state(dep)
+        state = revision_state(dep, observed.group_pods, now)
         if state is not None:
             revs[state.name] = state
     return revs
 
 
 def _desired_revision(
-    ms: ModelServing, observed: Observed, keda: bool, pools: bool, pickers: bool
+    ms: ModelServing, observed: Observed, keda: bool, pools: bool, pickers: bool, lws: bool = False
 ) -> _Desired:
     """The revision the spec asks for; rendering it here surfaces a bad argsTemplate before any
     change. Autoscaling the cluster cannot do (minReplicas 0 without KEDA) and a Required
     InferencePool it cannot serve (``pools``: it serves InferencePool and HTTPRoute; ``pickers``: the
     operator may create endpoint pickers) make the spec invalid here: it is never run as something
     else."""
-    problem = ms.spec.scale_to_zero_problem(keda) or ms.spec.inference_pool_problem(pools, pickers)
+    problem = (ms.spec.scale_to_zero_problem(keda) or ms.spec.inference_pool_problem(pools, pickers)
+               or ms.spec.multi_host_problem(lws))
     if problem:
         return _Desired(None, problem, invalid=True)
     try:
@@ -487,8 +511,10 @@ def _add_objects(
     gateway_api: bool,
     keda: bool,
     prometheus: str,
+    lws: bool,
+    levels: TopologyLevels,
 ) -> None:
-    """The objects to apply (Services, the desired revision's Deployment, HPAs, the route) and
+    """The objects to apply (Services, the desired revision's workload, HPAs, the route) and
     the rescaling of revisions rendered from an older spec."""
     if policy is not None:  # applied with the Services, before a revision's pods start
         plan.objects.append(policy)
@@ -508,16 +534,14 @@ def _add_objects(
                 plan.objects.append(fetch)
             claim_meta = meta(ms, "", component=ADAPTER_COMPONENT)
             plan.objects.extend(adapter_claims(ms, list(new.adapters), claim_meta))
-            dep = deployment(ms, new, replicas)
-            notes = dep["metadata"].setdefault("annotations", {})
-            notes[ANNOTATION_MODEL] = new.model.identity
-            notes[ANNOTATION_RUNTIME] = ms.spec.runtime
-            plan.objects.append(dep)
+            plan.objects.extend(_workload(ms, new, replicas, lws=lws, levels=levels))
         elif replicas is not None and rev in revs:
             # Rendered from an older spec: only its size follows this one.
             plan.scale[rev] = replicas
         if traffic.autoscaled and (rev in revs or (new is not None and rev == new.name)):
-            plan.objects.append(autoscaler(ms, rev, w, canary=is_canary, keda=keda, prometheus=prometheus))
+            kind = revs[rev].kind if rev in revs else _workload_kind(ms, lws)
+            plan.objects.append(autoscaler(ms, rev, w, canary=is_canary, keda=keda, prometheus=prometheus,
+                                           target=kind))
     if traffic.room is not None and traffic.retiring:
         # Revisions replaced by a promotion give their replicas back as the new stable one needs them.
         left = max(0, traffic.room - traffic.stable_target)
@@ -525,6 +549,34 @@ def _add_objects(
             have = revs[rev].spec_replicas or 0
             plan.scale[rev] = min(have, left)
             left -= plan.scale[rev]
+
+
+def _workload_kind(ms: ModelServing, lws: bool) -> str:
+    """The kind of object that runs a revision of ``ms`` now."""
+    if not is_multi_host(ms):
+        return "Deployment"
+    return LWS_KIND if lws else GROUP_REVISION_KIND
+
+
+def _workload(
+    ms: ModelServing, new: Revision, replicas: int | None, *, lws: bool, levels: TopologyLevels
+) -> list[dict[str, Any]]:
+    """The objects that run revision ``new``: its Deployment, or for multi-host replicas its
+    LeaderWorkerSet, or the ControllerRevision and headless Service of Capstan-managed groups."""
+    notes = {ANNOTATION_MODEL: new.model.identity, ANNOTATION_RUNTIME: ms.spec.runtime}
+    kind = _workload_kind(ms, lws)
+    if kind == "Deployment":
+        dep = deployment(ms, new, replicas)
+        dep["metadata"].setdefault("annotations", {}).update(notes)
+        return [dep]
+    metadata = meta(ms, new.name, new.name)
+    metadata["annotations"] = notes
+    pod = server_pod(ms, new)
+    if kind == LWS_KIND:
+        return [leader_worker_set(ms, pod, metadata, new.name, replicas, levels)]
+    # autoscaling without LeaderWorkerSet is refused (_desired_revision): replicas is set here
+    return [group_service(meta(ms, "", new.name), new.name),
+            group_revision(ms, pod, metadata, new.name, replicas or 0)]
 
 
 def _add_routing(
@@ -574,7 +626,7 @@ def _add_deletes(
     adapter_claims_used = {
         str(v["persistentVolumeClaim"]["claimName"])
         for dep in observed.deployments if dig(dep, "metadata", "name") in live
-        for v in dig(dep, "spec", "template", "spec", "volumes") or [] if "persistentVolumeClaim" in v
+        for v in dig(server_template(dep), "spec", "volumes") or [] if "persistentVolumeClaim" in v
     } | {str(o["metadata"]["name"]) for o in plan.objects if o.get("kind") == "PersistentVolumeClaim"}
     for obj in [*observed.deployments, *observed.children]:
         meta = obj.get("metadata") or {}

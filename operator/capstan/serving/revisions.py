@@ -17,16 +17,14 @@ Objects per ModelServing:
   implements the route, the stable Service still splits by replicas, sized to the same weights.
 - an ``autoscaling/v2`` HorizontalPodAutoscaler per live revision when ``spec.autoscaling`` is set.
 
-Tensor parallelism: a replica is one pod holding ``tensorParallel`` GPUs, so its GPUs always share a
-node (NVLink/NVSwitch on HGX). For ``tensorParallel > 1`` the pod also gets a required node affinity
-to nodes whose GPU Feature Discovery ``nvidia.com/gpu.count`` can hold the whole replica (or nodes
+Tensor parallelism: a replica of one pod holds ``tensorParallel`` x ``pipelineParallel`` GPUs, so
+they share a node (NVLink/NVSwitch on HGX). For more than one GPU the pod also gets a required node
+affinity to nodes whose GPU Feature Discovery ``nvidia.com/gpu.count`` can hold it (or nodes
 without GFD labels, left to the scheduler's resource fit), so a PCIe-only small node is never
-chosen by accident and cluster-autoscaler picks a big enough node group. Replicas larger than a
-node (e.g. TP=16 on GB200 NVL72, 4 GPUs a node) need a group of pods per replica inside one
-``nvidia.com/gpu.clique``: LeaderWorkerSet does exactly that (a leader and workers per group,
-``leaderworkerset.sigs.k8s.io/exclusive-topology: nvidia.com/gpu.clique`` adds the per-group pod
-affinity, the group is created and restarted as a unit). Capstan does not render LWS yet; such a
-replica stays Pending and the canary's progress deadline rolls it back.
+chosen by accident and cluster-autoscaler picks a big enough node group. A replica of several pods
+(``gpusPerPod`` below its GPUs: TP=16 on GB200 NVL72, 4 GPUs a node; or one pipeline stage per HGX
+node) is a group, a leader and workers, rendered by :mod:`capstan.serving.groups` instead of a
+Deployment.
 """
 
 from __future__ import annotations
@@ -79,6 +77,7 @@ STARTUP_FAILURES = 120
 # revision through the canary steps instead of editing the stable Deployment in place.
 RENDER_VERSION = 2  # 2: secure pod defaults (securityContext, no ServiceAccount token)
 GATEWAY_API = "gateway.networking.k8s.io/v1"
+LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
 
 
 @dataclass(frozen=True)
@@ -170,12 +169,12 @@ def _resources(ms: ModelServing) -> dict[str, Any]:
     if res.memory is not None:
         amounts["memory"] = str(res.memory)
     if ms.spec.gpu:
-        amounts[GPU_RESOURCE] = str(ms.spec.tensor_parallel)
+        amounts[GPU_RESOURCE] = str(ms.spec.pod_gpus)
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
 def _affinity(ms: ModelServing) -> dict[str, Any] | None:
-    tp = ms.spec.tensor_parallel
+    tp = ms.spec.pod_gpus
     if not ms.spec.gpu or tp <= 1:
         return None
     # nodeSelectorTerms are ORed: nodes GFD says can hold the replica, or nodes GFD never labelled.
@@ -199,8 +198,9 @@ def _probe(path: str, **extra: int) -> dict[str, Any]:
     return {"httpGet": {"path": path, "port": PORT_NAME}, **extra}
 
 
-def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[str, Any]:
-    """The Deployment of ``rev``; ``replicas`` None leaves the count to its HPA."""
+def server_pod(ms: ModelServing, rev: Revision) -> dict[str, Any]:
+    """The pod template of ``rev``'s servers (of a multi-host replica: the leader's, before
+    :mod:`capstan.serving.groups` makes the group's leader and worker templates of it)."""
     spec, rt = ms.spec, rev.runtime
     lora = bool(spec.adapters) and adapter_mode(ms) != ""
     refs = list(rev.adapters)
@@ -215,6 +215,8 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
         # Run-time runtimes get their adapters from the operator once ready, never on the command line.
         lora_modules=tuple(sorted((r.name, r.path) for r in refs)) if adapter_mode(ms) == "startup" else (),
         max_lora_rank=max_rank(refs),
+        pipeline_parallel=spec.stages,
+        nodes=spec.pods_per_replica,
     )
     env = [{"name": k, "value": v} for k, v in (*rt.env, *(rt.lora_env if lora else ()))]
     env += [
@@ -294,11 +296,16 @@ def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[st
             {k: v for k, v in c.items() if k != "env"} if c.get("name") == CONTAINER else c
             for c in template.spec.get("containers") or []]}
         pod = merge_template(pod, template.metadata.wire(), server_spec, CONTAINER)
+    return pod
+
+
+def deployment(ms: ModelServing, rev: Revision, replicas: int | None) -> dict[str, Any]:
+    """The Deployment of ``rev``; ``replicas`` None leaves the count to its HPA."""
     dep_spec: dict[str, Any] = {
         "selector": {"matchLabels": revision_selector(ms, rev.name)},
         "progressDeadlineSeconds": PROGRESS_DEADLINE_S,
         "revisionHistoryLimit": 1,
-        "template": pod,
+        "template": server_pod(ms, rev),
     }
     if replicas is not None:
         dep_spec["replicas"] = replicas
@@ -439,15 +446,18 @@ def _load_query(ms: ModelServing, revision: str, series: str) -> str:
 
 def autoscaler(
     ms: ModelServing, rev: Revision | str, weight: int, *, canary: bool = False, keda: bool = False,
-    prometheus: str = "",
+    prometheus: str = "", target: str = "Deployment",
 ) -> dict[str, Any]:
-    """The autoscaler of one revision's Deployment, bounds scaled to its traffic share: a KEDA
-    ScaledObject when ``keda`` (its Prometheus trigger queries ``prometheus``), else an HPA."""
+    """The autoscaler of one revision's workload (``target``: Deployment, or the LeaderWorkerSet
+    of multi-host replicas), bounds scaled to its traffic share: a KEDA ScaledObject when ``keda``
+    (its Prometheus trigger queries ``prometheus``), else an HPA."""
     name = rev if isinstance(rev, str) else rev.name
     runtime = runtime_for(ms.spec)
-    if keda:
-        return scaled_object(ms, name, weight, runtime, canary=canary, prometheus=prometheus)
-    return hpa(ms, name, weight, runtime, canary=canary)
+    out = (scaled_object(ms, name, weight, runtime, canary=canary, prometheus=prometheus) if keda
+           else hpa(ms, name, weight, runtime, canary=canary))
+    if target == "LeaderWorkerSet":
+        out["spec"]["scaleTargetRef"] = {"apiVersion": LWS_API_VERSION, "kind": target, "name": name}
+    return out
 
 
 def hpa(ms: ModelServing, revision: str, weight: int, runtime: Runtime | None = None, *,

@@ -14,9 +14,9 @@ previous step's weight, so a weight never lands on capacity that is not ready.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from capstan.api.common import parse_duration
@@ -27,6 +27,7 @@ from capstan.events import Event
 from capstan.fields import dig
 from capstan.labels import ANNOTATION_MODEL, ANNOTATION_RUNTIME, LABEL_REVISION
 from capstan.serving.analysis import AnalysisResult
+from capstan.serving.groups import GROUP_REVISION_KIND, LWS_KIND, group_revision_state
 
 WAIT_READY_S = 5.0
 # How soon to look again when a step's window has too few requests for a verdict.
@@ -48,14 +49,38 @@ class RevisionState:
     model: str = ""
     runtime: str = ""  # "" when the Deployment predates the annotation
     port: int | None = None  # the server's container port
+    kind: str = "Deployment"  # or LeaderWorkerSet, ControllerRevision (multi-host replicas)
 
 
-def revision_state(dep: dict[str, Any]) -> RevisionState | None:
-    """Reduce a Deployment dict; None when it lacks the revision label."""
+def server_template(obj: Mapping[str, Any]) -> Any:
+    """The pod template that serves (a group's leader) of a revision workload."""
+    if obj.get("kind") == LWS_KIND:
+        return dig(obj, "spec", "leaderWorkerTemplate", "leaderTemplate")
+    if obj.get("kind") == GROUP_REVISION_KIND:
+        return dig(obj, "data", "leader")
+    return dig(obj, "spec", "template")
+
+
+def revision_state(
+    dep: dict[str, Any], pods: Sequence[Mapping[str, Any]] = (), now: datetime | None = None
+) -> RevisionState | None:
+    """Reduce a revision workload (a Deployment, or the LeaderWorkerSet or ControllerRevision of
+    multi-host replicas, whose groups are counted in ``pods`` at ``now``); None when it lacks the
+    revision label."""
     meta = dep.get("metadata") or {}
     rev = dig(meta, "labels", LABEL_REVISION)
     if not rev or meta.get("deletionTimestamp"):
         return None
+    kind = str(dep.get("kind") or "Deployment")
+    model = dig(meta, "annotations", ANNOTATION_MODEL, default="")
+    runtime = dig(meta, "annotations", ANNOTATION_RUNTIME, default="")
+    containers = dig(server_template(dep), "spec", "containers", default=None) or []
+    port = next((p.get("containerPort") for c in containers if c.get("name") == "server"
+                 for p in c.get("ports") or [] if p.get("name") == "http"), None)
+    if kind in (LWS_KIND, GROUP_REVISION_KIND):
+        groups = group_revision_state(dep, pods, now or datetime.now(UTC))
+        return RevisionState(rev, groups.replicas, groups.ready, groups.deadline_exceeded, model, runtime,
+                             port, kind)
     status = dep.get("status") or {}
     conds = status.get("conditions") or []
     exceeded = any(
@@ -65,11 +90,6 @@ def revision_state(dep: dict[str, Any]) -> RevisionState | None:
         for c in conds
     )
     replicas = dig(dep, "spec", "replicas")
-    model = dig(meta, "annotations", ANNOTATION_MODEL, default="")
-    runtime = dig(meta, "annotations", ANNOTATION_RUNTIME, default="")
-    containers = dig(dep, "spec", "template", "spec", "containers", default=None) or []
-    port = next((p.get("containerPort") for c in containers if c.get("name") == "server"
-                 for p in c.get("ports") or [] if p.get("name") == "http"), None)
     return RevisionState(rev, replicas, int(status.get("readyReplicas") or 0), exceeded, model, runtime, port)
 
 

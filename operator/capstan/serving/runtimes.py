@@ -4,7 +4,7 @@ A :class:`Runtime` turns the revision's settings (model path, port, tensor paral
 length) into a container command line, and says which HTTP paths answer liveness and readiness and
 which Prometheus series the rollout analysis reads. ``custom`` renders ``spec.argsTemplate`` in a
 restricted jinja2 (:mod:`capstan.serving.argstemplate`): the template is user input evaluated
-inside the operator, the admission webhook and ``capstan render``, so it may read the five
+inside the operator, the admission webhook and ``capstan render``, so it may read the
 documented variables and nothing else, and every render has a bounded cost.
 """
 
@@ -46,6 +46,8 @@ CAPSTAN_IMAGE = "ghcr.io/capstan-dev/capstan-server:0.1.0"
 VLLM_IMAGE = "vllm/vllm-openai:v0.10.1.1"
 TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.4"
 SGLANG_IMAGE = "lmsysorg/sglang:v0.5.2"
+# Where the pods of a multi-host SGLang replica meet (torch.distributed init on the leader).
+SGLANG_DIST_PORT = 20000
 
 @dataclass(frozen=True)
 class MetricNames:
@@ -103,6 +105,8 @@ class ArgsContext:
     lora: bool = False
     lora_modules: tuple[tuple[str, str], ...] = ()
     max_lora_rank: int = 0
+    pipeline_parallel: int = 1
+    nodes: int = 1  # pods per replica: more than one is a multi-host group (a leader and workers)
 
     def variables(self) -> dict[str, Any]:
         """The template variables, by their documented names."""
@@ -168,6 +172,11 @@ def _vllm_args(c: ArgsContext) -> list[str]:
         "--port",
         str(c.port),
     ]
+    if c.pipeline_parallel > 1:
+        args += ["--pipeline-parallel-size", str(c.pipeline_parallel)]
+    if c.nodes > 1:
+        # Across pods vLLM (0.10) runs its workers in the Ray cluster the group forms (groups module).
+        args += ["--distributed-executor-backend", "ray"]
     if c.max_model_len:
         args += ["--max-model-len", str(c.max_model_len)]
     if c.lora:
@@ -193,6 +202,12 @@ def _sglang_args(c: ArgsContext) -> list[str]:
         str(c.port),
         "--enable-metrics",
     ]
+    if c.pipeline_parallel > 1:
+        args += ["--pp-size", str(c.pipeline_parallel)]
+    if c.nodes > 1:
+        # Every pod of the group runs the same command with its own rank; rank 0 serves HTTP.
+        args += ["--nnodes", str(c.nodes), "--node-rank", "$(LWS_WORKER_INDEX)",
+                 "--dist-init-addr", f"$(LWS_LEADER_ADDRESS):{SGLANG_DIST_PORT}"]
     if c.max_model_len:
         args += ["--context-length", str(c.max_model_len)]
     if c.lora:
@@ -374,7 +389,7 @@ def render_args(template: str, ctx: ArgsContext) -> list[str]:
 # template that only works when max_model_len is given is caught at admission, not at rollout.
 _SAMPLES = (
     ArgsContext("/model", 8000, 1, 4096, "example"),
-    ArgsContext("/model/export", 8000, 8, None, "example"),
+    ArgsContext("/model/export", 8000, 8, None, "example", pipeline_parallel=2, nodes=2),
 )
 
 

@@ -223,6 +223,12 @@ CEL_CASES: dict[tuple[str, str, str], tuple[dict[str, Any], str]] = {
          "spec.routing.inferencePool"),
     ("ModelServing", ".spec.routing", ".gateway"):
         ({"runtime": "vllm", "routing": {"inferencePool": "Required"}}, "spec.routing.gateway"),
+    # Two rules share this key (whole pods; tensor-parallel groups over whole pods): one case.
+    ("ModelServing", ".spec", ".gpusPerPod"):
+        ({"runtime": "vllm", "tensorParallel": 8, "gpusPerPod": 3}, "spec.gpusPerPod"),
+    ("ModelServing", ".spec", ".runtime"): ({"runtime": "tgi", "pipelineParallel": 2}, "spec.runtime"),
+    ("ModelServing", ".spec", ".gpu"):
+        ({"runtime": "vllm", "gpu": False, "pipelineParallel": 2}, "spec.gpu"),
     ("ModelServing", ".spec.rollout.steps[].pause", ""):
         ({"rollout": {"steps": [{"weight": 10, "pause": "9000h"}]}}, "spec.rollout.steps[0].pause"),
     # Two rules share this key (the runtime serves adapters; names are unique): one case each.

@@ -7,4 +7,5 @@ package crds
 import (
 	_ "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumesnapshot/v1"
 	_ "sigs.k8s.io/gateway-api/apis/v1"
+	_ "sigs.k8s.io/lws/api/leaderworkerset/v1"
 )

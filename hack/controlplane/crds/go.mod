@@ -7,6 +7,7 @@ go 1.26.0
 require (
 	github.com/kubernetes-csi/external-snapshotter/client/v8 v8.7.0
 	sigs.k8s.io/gateway-api v1.6.3
+	sigs.k8s.io/lws v0.7.0
 )
 
 require (

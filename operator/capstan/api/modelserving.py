@@ -80,6 +80,10 @@ INFERENCE_RUNTIMES = ("vllm", "sglang")
 #: cluster, SGLang with --nnodes, and custom images that read the group environment.
 MULTI_HOST_RUNTIMES = ("vllm", "sglang", "custom")
 ServingDomainLevel = Literal["nvlink", "rack", "block", "zone"]
+# The replica's shape in CEL (fields may be absent where the rules run without schema defaults).
+_CEL_TP = "(has(self.tensorParallel) ? self.tensorParallel : 1)"
+_CEL_REPLICA_GPUS = f"({_CEL_TP} * (has(self.pipelineParallel) ? self.pipelineParallel : 1))"
+_CEL_POD_GPUS = f"(has(self.gpusPerPod) ? self.gpusPerPod : {_CEL_TP})"
 InferencePoolMode = Literal["Auto", "Required", "Disabled"]
 ServingPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 
@@ -681,22 +685,19 @@ class ModelServingSpec(ApiModel):
         ),
         Rule(
             ".gpusPerPod",
-            "(self.tensorParallel * (has(self.pipelineParallel) ? self.pipelineParallel : 1)) % "
-            "(has(self.gpusPerPod) ? self.gpusPerPod : self.tensorParallel) == 0",
+            f"{_CEL_REPLICA_GPUS} % {_CEL_POD_GPUS} == 0",
             "gpusPerPod must divide the replica's GPUs (tensorParallel x pipelineParallel) into whole pods",
             lambda s: s.replica_gpus % s.pod_gpus == 0,
         ),
         Rule(
             ".gpusPerPod",
-            "(has(self.gpusPerPod) ? self.gpusPerPod : self.tensorParallel) >= self.tensorParallel || "
-            "self.tensorParallel % (has(self.gpusPerPod) ? self.gpusPerPod : self.tensorParallel) == 0",
+            f"{_CEL_POD_GPUS} >= {_CEL_TP} || {_CEL_TP} % {_CEL_POD_GPUS} == 0",
             "gpusPerPod below tensorParallel must divide it: a tensor-parallel group spans whole pods",
             lambda s: s.pod_gpus >= s.tensor_parallel or s.tensor_parallel % s.pod_gpus == 0,
         ),
         Rule(
             ".runtime",
-            f"(self.tensorParallel * (has(self.pipelineParallel) ? self.pipelineParallel : 1)) == "
-            f"(has(self.gpusPerPod) ? self.gpusPerPod : self.tensorParallel) || "
+            f"{_CEL_REPLICA_GPUS} == {_CEL_POD_GPUS} || "
             f"(has(self.runtime) && self.runtime in {list(MULTI_HOST_RUNTIMES)})",
             f"a replica of several pods (pipelineParallel or gpusPerPod) needs runtime "
             f"{', '.join(MULTI_HOST_RUNTIMES)}: the others serve from one pod",
@@ -704,8 +705,7 @@ class ModelServingSpec(ApiModel):
         ),
         Rule(
             ".gpu",
-            "!has(self.gpu) || self.gpu || (self.tensorParallel * (has(self.pipelineParallel) ? "
-            "self.pipelineParallel : 1)) == (has(self.gpusPerPod) ? self.gpusPerPod : self.tensorParallel)",
+            f"!has(self.gpu) || self.gpu || {_CEL_REPLICA_GPUS} == {_CEL_POD_GPUS}",
             "a replica of several pods (pipelineParallel or gpusPerPod) runs on GPUs: gpu must be true",
             lambda s: s.gpu or s.pods_per_replica == 1,
         ),

@@ -111,6 +111,8 @@ class ServingState:
     phases: PhaseGauge = field(default_factory=lambda: PhaseGauge(MODELSERVINGS_GAUGE, PHASES))
     # ModelServing uid -> adapter name -> why its last load or unload failed (shown in the next status)
     adapter_failures: dict[str, dict[str, str]] = field(default_factory=dict)
+    # ModelServing uid -> revision -> why its groups waited for room at the last pass
+    group_waiting: dict[str, dict[str, str]] = field(default_factory=dict)
     # (namespace, label value of a ModelServing's name) -> its uid: group pods' events wake it
     group_owners: dict[tuple[str, str], str] = field(default_factory=dict)
 
@@ -214,8 +216,9 @@ async def _observe(
     if ms.spec.adapters and adapter_mode(ms) == "runtime":
         servers = await observe_servers(await api.list_pods(ns, sel), ms.spec.port)
     failures = _state(memo).adapter_failures.get(ms.metadata.uid or ms.metadata.name, {})
+    waiting = _state(memo).group_waiting.get(ms.metadata.uid or ms.metadata.name, {})
     return Observed(deployments, children, training_job, snapshots, training_jobs=jobs, servers=servers,
-                    adapter_failures=failures, group_pods=group_pods)
+                    adapter_failures=failures, group_pods=group_pods, group_waiting=dict(waiting))
 
 
 async def _analyse(
@@ -493,6 +496,8 @@ async def _reconcile_serving(
     live = {r.name for r in plan.status.revisions}
     workloads = [d for d in observed.deployments if dig(d, "metadata", "name") in live]
     groups = await run_groups(api, ms, plan, workloads, observed.group_pods, memo, logger)
+    _state(memo).group_waiting[ms.metadata.uid or ms.metadata.name] = {
+        a.revision: a.waiting for a in groups if a.waiting}
     for actions in groups:
         for group, why in actions.restarted:
             message = f"group {group} restarted as a unit: {why}"
@@ -547,6 +552,8 @@ def modelserving_changed(
     if type == "DELETED":
         state, ns = _state(memo), namespace or ""
         state.phases.forget(ns, name)
+        state.group_waiting.pop(uid, None)
+        state.group_owners.pop((ns, label_value(name)), None)
         for rev in state.weights.pop((ns, name), set()):
             with contextlib.suppress(KeyError):
                 REVISION_WEIGHT.remove(ns, name, rev)

@@ -51,7 +51,8 @@ from capstan.labels import (
     PROMETHEUS_SCRAPE_ANNOTATION,
 )
 from capstan.naming import dns_label, label_value
-from capstan.serving.revisions import LWS_API_VERSION
+from capstan.security import network_policy
+from capstan.serving.revisions import LWS_API_VERSION, meta
 from capstan.topology.gang import GangRequest, place_gang
 from capstan.topology.inventory import Inventory
 from capstan.topology.levels import DEFAULT_LEVELS, TopologyLevels
@@ -222,6 +223,24 @@ def group_service(ms_meta: Mapping[str, Any], revision: str) -> dict[str, Any]:
     }
 
 
+def group_policy_name(ms: ModelServing) -> str:
+    """The NetworkPolicy that lets the pods of ``ms``'s groups reach one another."""
+    return dns_label(ms.metadata.name, suffix="-groups")
+
+
+def group_network_policy(ms: ModelServing) -> dict[str, Any]:
+    """Beside the servers' NetworkPolicy (``spec.networkPolicy``): every pod of a group (workers
+    too) accepts any port from pods of the same ModelServing's groups, which Ray, NCCL and
+    torch.distributed need; policies add up, so the leaders still take clients only on the
+    server port."""
+    group = {LABEL_GROUP_OF: label_value(ms.metadata.name)}
+    return network_policy(
+        meta(ms, group_policy_name(ms), component="network-policy"),
+        group,
+        [{"from": [{"podSelector": {"matchLabels": group}}]}],
+    )
+
+
 # -- observed state -----------------------------------------------------------------------------
 
 
@@ -349,6 +368,7 @@ class GroupActions:
     delete: list[str] = field(default_factory=list)
     restarted: list[tuple[int, str]] = field(default_factory=list)  # (group, why) restarted as a unit
     waiting: str = ""  # why groups wait for room ("" when none waits)
+    revision: str = ""
 
 
 def _pin(pod: dict[str, Any], node: str) -> None:
@@ -433,8 +453,8 @@ def plan_groups(
     healthy groups: a broken group is deleted whole (and made again in a later pass, once its pods
     are gone), groups beyond the count are deleted, missing groups are placed in ``inventory``
     (None: the nodes could not be read, so nothing is placed) and created pinned to their nodes."""
-    out = GroupActions()
     revision = str(dig(cr, "metadata", "name"))
+    out = GroupActions(revision=revision)
     size = int(dig(cr, "data", "size") or 1)
     want = group_replicas(cr)
     groups = groups_of(revision, size, pods)

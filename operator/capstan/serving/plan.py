@@ -61,6 +61,8 @@ from capstan.serving.analysis import AnalysisResult
 from capstan.serving.groups import (
     GROUP_REVISION_KIND,
     LWS_KIND,
+    group_network_policy,
+    group_policy_name,
     group_revision,
     group_service,
     is_multi_host,
@@ -147,6 +149,8 @@ class Observed:
     adapter_failures: dict[str, str] = field(default_factory=dict)  # last pass's failed loads, by name
     # Pods of Capstan-managed multi-host groups (label capstan.dev/serving-group-of): their ready groups.
     group_pods: list[dict[str, Any]] = field(default_factory=list)
+    # Why groups of a revision waited for room at the last pass (the placer's reason), by revision.
+    group_waiting: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -352,18 +356,29 @@ def _plan(
     scrapers = [epp_peer(ms)] if route.pools else None
     policy = (network_policy(ms, operator_namespace=operator_namespace, scrapers=scrapers)
               if traffic.live else None)
+    groups_live = is_multi_host(ms) or any(
+        revs[r].kind != "Deployment" for r in traffic.live if r in revs)
+    # Multi-host groups talk among themselves on every port (Ray, NCCL, torch.distributed).
+    group_policy = group_network_policy(ms) if policy is not None and groups_live else None
+    if group_policy is not None:
+        plan.objects.append(group_policy)
     _add_objects(plan, ms, desired, revs, traffic, policy=policy, gateway_api=gateway_api, keda=keda,
                  prometheus=prometheus, lws=lws, levels=levels)
     _add_routing(plan, ms, desired, revs, traffic, route, gateway_api=gateway_api, epp_image=epp_image)
-    _add_deletes(plan, ms, observed, revs, traffic, policy=policy, gateway_api=gateway_api, keda=keda,
+    _add_deletes(plan, ms, observed, revs, traffic, policy=policy, group_policy=group_policy is not None,
+                 gateway_api=gateway_api, keda=keda,
                  pools=route.pools)
     _set_revisions(st, ms, desired, revs, traffic)
     _adapters(plan, ms, observed, now)
     if not traffic.canary:
         st.rollout = RolloutStatus(traffic=traffic_mode)
 
-    _conditions(plan, ms, now, rollout_message=t.message, desired=desired, traffic=traffic,
-                was_ready=was_ready)
+    waiting = observed.group_waiting
+    rollout_message = t.message
+    if traffic.canary and waiting.get(traffic.canary):
+        rollout_message = f"{rollout_message}; groups of {traffic.canary} wait: {waiting[traffic.canary]}"
+    _conditions(plan, ms, now, rollout_message=rollout_message, desired=desired, traffic=traffic,
+                was_ready=was_ready, waiting=waiting.get(traffic.stable or "", ""))
     _rolled_back_condition(plan, ms, now, t)
     _cond(plan, ms, now, CT.INFERENCE_ROUTING, route.pools, route.reason, route.message)
     if st.phase != old_phase:
@@ -616,6 +631,7 @@ def _add_deletes(
     traffic: _Traffic,
     *,
     policy: dict[str, Any] | None,
+    group_policy: bool,
     gateway_api: bool,
     keda: bool,
     pools: bool,
@@ -643,7 +659,8 @@ def _add_deletes(
                 and (not traffic.autoscaled or (keda and name == owner_rev)))
             or (kind == "ScaledObject" and (not traffic.autoscaled or not keda))
             or (kind == "HTTPRoute" and (not gateway_api or not live))
-            or (kind == "NetworkPolicy" and policy is None)
+            or (kind == "NetworkPolicy" and (policy is None or (
+                name == group_policy_name(ms) and not group_policy)))
             # An adapter's restored snapshot, once no live revision mounts it.
             or (kind == "PersistentVolumeClaim" and labels.get(LABEL_COMPONENT) == ADAPTER_COMPONENT
                 and name not in adapter_claims_used)
@@ -721,8 +738,10 @@ def _conditions(
     desired: _Desired,
     traffic: _Traffic,
     was_ready: bool,
+    waiting: str = "",
 ) -> None:
-    """Ready, Progressing and Degraded, and the phase and message that go with them."""
+    """Ready, Progressing and Degraded, and the phase and message that go with them (``waiting``:
+    why the stable revision's multi-host groups wait for room)."""
     st = plan.status
     stable, canary = st.stable_revision, st.canary_revision
     blocked, invalid = desired.blocked, desired.invalid
@@ -737,6 +756,8 @@ def _conditions(
         st.phase, st.message = ("Failed" if invalid else "Pending"), msg
         return
     serving = f"{stable}: {ready}/{target} replicas ready"
+    if waiting and ready < target:
+        serving += f" (groups wait: {waiting})"
     idle = ("scaled to zero by KEDA while idle (autoscaling.minReplicas: 0; autoscaling.activationQuery "
             "wakes it)" if traffic.autoscaled else "scaled to zero (spec.replicas: 0)")
     if target == 0:

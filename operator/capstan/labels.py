@@ -30,6 +30,9 @@ LABEL_GROUP = "capstan.dev/group"
 LABEL_GROUP_RANK = "capstan.dev/group-rank"
 #: The label LeaderWorkerSet gives every pod of one group (the same value across the group).
 LWS_GROUP_KEY = "leaderworkerset.sigs.k8s.io/group-key"
+#: On a preemptible TrainingJob: the ModelServing whose rollout borrows its GPUs (set and removed by
+#: the ModelServing's reconcile; the TrainingJob's stops its gang while it is there).
+LENT_TO_ANNOTATION = "capstan.dev/lent-to"
 #: On a Capstan-managed group revision (a ControllerRevision): how many groups it should run.
 ANNOTATION_REPLICAS = "capstan.dev/replicas"
 #: Pods record the gang size and a digest of the spec they were made from, so a spec change is

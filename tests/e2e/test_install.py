@@ -187,6 +187,7 @@ CEL_CASES: dict[tuple[str, str, str], tuple[dict[str, Any], str]] = {
     ("TrainingJob", ".spec", ".procsPerWorker"):
         ({"gpusPerWorker": 2, "procsPerWorker": 1}, "spec.procsPerWorker"),
     ("TrainingJob", ".spec", ".args"): ({"launcher": "deepspeed"}, "spec.args"),
+    ("TrainingJob", ".spec", ".preemptible"): ({"preemptible": True}, "spec.preemptible"),
     ("TrainingJob", ".spec.failurePolicy.rules[]", ""):
         ({"failurePolicy": {"rules": [{"action": "FailJob"}]}}, "spec.failurePolicy.rules[0]"),
     ("TrainingJob", ".spec.checkpoint.volume", ""):

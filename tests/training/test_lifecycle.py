@@ -417,3 +417,38 @@ def test_pods_of_an_older_operator_are_not_restarted() -> None:
     c.set_phase("Running")
     plan = c.reconcile()
     assert plan.delete_pods == [] and plan.status.phase == "Running"
+
+
+def _lend(c: Cluster, to: str | None) -> None:
+    annotations = {} if to is None else {"capstan.dev/lent-to": to}
+    meta = c.job.metadata.model_copy(update={"annotations": annotations})
+    c.job = c.job.model_copy(update={"metadata": meta})
+
+
+def test_a_preemptible_gang_lends_its_gpus_and_requeues_when_they_come_back() -> None:
+    c = Cluster(job(preemptible=True, checkpoint={"volume": {"size": "1Gi"}}))
+    c.reconcile()
+    c.set_phase("Running")
+    c.reconcile()
+    _lend(c, "llm")
+    plan = c.reconcile()
+    assert plan.status.phase == "Lent" and sorted(plan.delete_pods) == ["gpt-0", "gpt-1"]
+    lent = next(x for x in plan.status.conditions if x.type == "Lent")
+    assert (lent.status, lent.reason) == ("True", "LentToRollout") and "ModelServing llm" in lent.message
+    c.finish_deletes()
+    assert c.reconcile().create == []  # nothing comes back while lent
+    _lend(c, None)
+    plan = c.reconcile()
+    back = next(x for x in plan.status.conditions if x.type == "Lent")
+    assert (back.status, back.reason) == ("False", "Returned")
+    assert len([o for o in plan.create if o["kind"] == "Pod"]) == 2 and "Returned" in c.events
+
+
+def test_only_preemptible_jobs_lend() -> None:
+    c = Cluster(job())
+    c.reconcile()
+    c.set_phase("Running")
+    c.reconcile()
+    _lend(c, "llm")
+    plan = c.reconcile()
+    assert plan.status.phase == "Running" and plan.delete_pods == []

@@ -48,6 +48,8 @@ class ConditionType(_Documented):
         "InferenceRouting",
         "ModelServing: requests reach the revisions through InferencePools and their endpoint pickers.",
     )
+    BORROWING = "Borrowing", "ModelServing: its rollout runs on GPUs lent by preemptible TrainingJobs."
+    LENT = "Lent", "TrainingJob: its gang stopped to lend its GPUs to a ModelServing rollout."
 
 
 class Reason(_Documented):
@@ -80,6 +82,7 @@ class RunningReason(_Documented):
     ALL_WORKERS_RUNNING = "AllWorkersRunning", "Every worker of the current gang runs."
     COMPLETED = "Completed", "Every worker exited 0."
     SUSPENDED = "Suspended", "spec.suspend removed the workers."
+    LENT = "Lent", "The workers stopped to lend their GPUs to a ModelServing rollout."
     WORKERS_PENDING = (
         "WorkersPending",
         "Some workers do not run yet; the message gives the scheduler's reason (PodScheduled=False) or "
@@ -152,6 +155,27 @@ class SuspendedReason(_Documented):
 
     SUSPENDED = "Suspended", "spec.suspend is true."
     RESUMED = "Resumed", "spec.suspend became false; the gang is recreated."
+
+
+class LentReason(_Documented):
+    """Reasons of ``Lent`` (TrainingJob)."""
+
+    LENT = (
+        "LentToRollout", "A ModelServing rollout borrows the gang's GPUs; it requeues when the rollout ends."
+    )
+    RETURNED = "Returned", "The rollout ended: the job is back in the placement queue."
+
+
+class BorrowingReason(_Documented):
+    """Reasons of ``Borrowing`` (ModelServing)."""
+
+    BORROWING = "Borrowing", "Canary pods short of GPUs run on GPUs lent by preemptible TrainingJobs."
+    NOT_NEEDED = (
+        "NotNeeded", "No GPUs are borrowed (none are short, or the rollout ended and they were returned)."
+    )
+    NONE_TO_BORROW = (
+        "NothingToBorrow", "Canary pods are short of GPUs and no preemptible TrainingJob can lend."
+    )
 
 
 class CheckpointReadyReason(_Documented):

@@ -417,6 +417,14 @@ class RolloutSpec(ApiModel):
         "added beside the stable revision). 0 replaces stable replicas with canary ones step by step, "
         "for clusters with no spare GPUs; needs steps and fixed replicas.",
     )
+    borrow: Literal["Never", "PreemptibleJobs"] | None = Field(
+        default=None,
+        description="PreemptibleJobs: while canary pods cannot be scheduled for want of GPUs, borrow "
+        "the GPUs of running TrainingJobs of this namespace marked spec.preemptible (lowest priority "
+        "first, as few as cover the need); they checkpoint, stop and requeue, and get their GPUs back "
+        "when the rollout ends (promoted or rolled back). Both objects say so in a condition "
+        "(Borrowing, Lent). Unset or Never: never.",
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -869,6 +877,11 @@ class ModelServingStatus(ApiModel):
     observed_generation: int | None = Field(default=None, description="Last generation reconciled.")
     message: str = Field(default="", description="What the deployment is doing, in words.")
     adapters: list[AdapterStatus] = Field(default_factory=list, description="LoRA adapters served.")
+    borrowed_from: list[str] = Field(
+        default_factory=list,
+        description="TrainingJobs whose GPUs the current rollout borrows (rollout.borrow); they get them "
+        "back when it ends.",
+    )
 
 
 class ModelServing(ApiModel):

@@ -44,7 +44,7 @@ from capstan.api.security import GangNetworkPolicy, PodSecurity
 TopologyPolicy = Literal["Required", "Preferred", "None"]
 DomainLevel = Literal["nvlink", "rack", "block", "zone"]
 TrainingPhase = Literal[
-    "Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded", "Failed", "Suspended"
+    "Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded", "Failed", "Suspended", "Lent"
 ]
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
 #: How each worker pod starts its processes: torchrun (the command reads the PET_* environment) or
@@ -408,6 +408,14 @@ class TrainingJobSpec(ApiModel):
     )
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, description="Gang restart policy.")
     suspend: bool = Field(default=False, description="True removes the workers and keeps the status.")
+    preemptible: bool = Field(
+        default=False,
+        description="The gang may lend its GPUs to a ModelServing rollout in its namespace that asks "
+        "for them (rollout.borrow: PreemptibleJobs) when the cluster has none spare: it saves a "
+        "checkpoint (checkpoint.saveBeforeStopSeconds), stops (phase Lent, condition Lent), and goes "
+        "back to the placement queue when that rollout ends, resuming from its checkpoint. Needs a "
+        "checkpoint volume it resumes from.",
+    )
     ttl_seconds_after_finished: int | None = Field(
         default=None,
         ge=0,
@@ -470,6 +478,16 @@ class TrainingJobSpec(ApiModel):
     )
 
     rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            ".preemptible",
+            "!has(self.preemptible) || !self.preemptible || (has(self.checkpoint) && "
+            "has(self.checkpoint.volume) && "
+            "(!has(self.checkpoint.resume) || self.checkpoint.resume == 'Latest'))",
+            "preemptible needs checkpoint.volume and checkpoint.resume Latest: a lent gang resumes from "
+            "its checkpoint",
+            lambda s: not s.preemptible
+            or (s.checkpoint.volume is not None and s.checkpoint.resume == "Latest"),
+        ),
         Rule(
             ".checkpoint.snapshots",
             "!has(self.checkpoint) || !has(self.checkpoint.snapshots) || has(self.checkpoint.volume)",

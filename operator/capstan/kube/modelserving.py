@@ -61,7 +61,7 @@ from capstan.kube.servinggroups import (
     run_groups,
 )
 from capstan.kube.status import reconcile_live, status_merge_patch
-from capstan.labels import LABEL_GROUP_OF, LABEL_SERVING
+from capstan.labels import LABEL_GROUP_OF, LABEL_SERVING, LENT_TO_ANNOTATION
 from capstan.metrics import MODELSERVINGS as MODELSERVINGS_GAUGE
 from capstan.metrics import (
     REVISION_WEIGHT,
@@ -217,8 +217,44 @@ async def _observe(
         servers = await observe_servers(await api.list_pods(ns, sel), ms.spec.port)
     failures = _state(memo).adapter_failures.get(ms.metadata.uid or ms.metadata.name, {})
     waiting = _state(memo).group_waiting.get(ms.metadata.uid or ms.metadata.name, {})
+    canary_pods, lenders = await _borrow_view(api, ms)
     return Observed(deployments, children, training_job, snapshots, training_jobs=jobs, servers=servers,
-                    adapter_failures=failures, group_pods=group_pods, group_waiting=dict(waiting))
+                    adapter_failures=failures, group_pods=group_pods, group_waiting=dict(waiting),
+                    canary_pods=canary_pods, lenders=lenders)
+
+
+async def _borrow_view(
+    api: ApiClient, ms: ModelServing
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """For ``rollout.borrow`` (or loans still on record): the canary's pods and the namespace's
+    TrainingJobs; nothing is read otherwise."""
+    allowed = ms.spec.rollout.borrow == "PreemptibleJobs"
+    on_record = any(c.type == ConditionType.BORROWING and c.status == "True" for c in ms.status.conditions)
+    if not (allowed or on_record):
+        return [], []
+    ns, canary = ms.metadata.namespace, ms.status.canary_revision
+    pods = await api.list_pods(ns, revision_selector(ms, canary)) if allowed and canary else []
+    return pods, await api.list_objects(TRAININGJOBS, ns)
+
+
+async def _lend_and_return(
+    api: ApiClient, ms: ModelServing, plan: ServingPlan, observed: Observed, logger: kopf.Logger
+) -> None:
+    """Mark the TrainingJobs the plan borrows from (``capstan.dev/lent-to``) and unmark those it
+    returns; each patch carries the resourceVersion read, so two rollouts never take one job."""
+    versions = {dig(j, "metadata", "name"): dig(j, "metadata", "resourceVersion") for j in observed.lenders}
+    changes = [(n, ms.metadata.name) for n in plan.lend] + [(n, None) for n in plan.give_back]
+    for name, value in changes:
+        patch = {"metadata": {"annotations": {LENT_TO_ANNOTATION: value},
+                              "resourceVersion": versions.get(name)}}
+        try:
+            await api.patch(TRAININGJOBS, ms.metadata.namespace, name, patch)
+        except ApiError as exc:
+            if not (exc.conflict or exc.not_found):
+                raise
+            logger.info("TrainingJob %s changed meanwhile (%s): the next pass decides", name, exc.reason)
+            continue
+        logger.info("%s the GPUs of TrainingJob %s", "borrowed" if value else "returned", name)
 
 
 async def _analyse(
@@ -493,6 +529,7 @@ async def _reconcile_serving(
         levels=operator_config(memo).topology_levels,
     )
     await _apply(api, ms, body, plan, observed, logger)
+    await _lend_and_return(api, ms, plan, observed, logger)
     live = {r.name for r in plan.status.revisions}
     workloads = [d for d in observed.deployments if dig(d, "metadata", "name") in live]
     groups = await run_groups(api, ms, plan, workloads, observed.group_pods, memo, logger)

@@ -249,15 +249,17 @@ def placed_without_pods(
     A gang's status names its nodes (rank r on ``placement.nodes[r]``) before its pods exist, and a
     rank whose create did not land (a namesake still terminating answered 409, a quota refused
     it) is created there later. Until then nothing on the node shows the claim: another gang
-    placed on those GPUs would leave that rank Pending for good. Starting and Running gangs that
-    are not suspended count; pods are matched by the job-uid, attempt and rank labels.
+    placed on those GPUs would leave that rank Pending for good. Starting, Running and Lent gangs
+    that are not suspended count; pods are matched by the job-uid, attempt and rank labels.
     """
     present: set[tuple[str, str, str]] = set()
     for pod in pods:
         labels = dig(pod, "metadata", "labels") or {}
         if LABEL_JOB_UID in labels:
             present.add((labels[LABEL_JOB_UID], labels.get(LABEL_ATTEMPT, ""), labels.get(LABEL_RANK, "")))
-    placed = [b for b in bodies if dig(b, "status", "phase") in ("Starting", "Running")
+    # A gang lent to a rollout keeps its claim: its GPUs go to the rollout's pods (kube-scheduler
+    # does not read claims), not to another gang of the queue.
+    placed = [b for b in bodies if dig(b, "status", "phase") in ("Starting", "Running", "Lent")
               and dig(b, "status", "placement")]
     claims: dict[str, dict[str, int]] = {}
     for job in _placed_by_capstan(placed):

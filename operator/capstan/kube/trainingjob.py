@@ -82,7 +82,9 @@ from capstan.training.progress import PROGRESS_RECHECK_S, Progress
 
 KIND = "TrainingJob"
 CLEANUP_RETRY_S = 2.0  # the deletion handler's retry after a transient API failure (kopf's: 60 s)
-PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
+PHASES = (
+    "Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded", "Failed", "Suspended", "Lent",
+)
 
 
 # -- placement adapter ---------------------------------------------------------------------------

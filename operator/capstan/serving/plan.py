@@ -58,6 +58,7 @@ from capstan.serving.adapters import (
 )
 from capstan.serving.adapters import mode as adapter_mode
 from capstan.serving.analysis import AnalysisResult
+from capstan.serving.borrow import lender_of, plan_borrow, unschedulable_gpus
 from capstan.serving.groups import (
     GROUP_REVISION_KIND,
     LWS_KIND,
@@ -151,6 +152,9 @@ class Observed:
     group_pods: list[dict[str, Any]] = field(default_factory=list)
     # Why groups of a revision waited for room at the last pass (the placer's reason), by revision.
     group_waiting: dict[str, str] = field(default_factory=dict)
+    # rollout.borrow: the canary's pods, and the namespace's TrainingJobs (lenders and would-be ones).
+    canary_pods: list[dict[str, Any]] = field(default_factory=list)
+    lenders: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -173,6 +177,9 @@ class ServingPlan:
     on_applied: ModelServingStatus | None = None
     # LoRA adapters to load on or unload from running servers (runtimes that load them at run time).
     adapter_actions: list[AdapterAction] = field(default_factory=list)
+    # rollout.borrow: TrainingJobs to ask for their GPUs, and those to give them back to.
+    lend: list[str] = field(default_factory=list)
+    give_back: list[str] = field(default_factory=list)
 
     def requeue(self, seconds: float) -> None:
         """Ask to be called again within ``seconds``."""
@@ -380,6 +387,7 @@ def _plan(
     _conditions(plan, ms, now, rollout_message=rollout_message, desired=desired, traffic=traffic,
                 was_ready=was_ready, waiting=waiting.get(traffic.stable or "", ""))
     _rolled_back_condition(plan, ms, now, t)
+    _borrow(plan, ms, observed, traffic, now)
     _cond(plan, ms, now, CT.INFERENCE_ROUTING, route.pools, route.reason, route.message)
     if st.phase != old_phase:
         warn = st.phase in ("Degraded", "Failed")
@@ -387,6 +395,31 @@ def _plan(
     if traffic.stable and (not traffic.stable_full or traffic.retiring):
         plan.requeue(WAIT_READY_S)
     return plan
+
+
+def _borrow(
+    plan: ServingPlan, ms: ModelServing, observed: Observed, traffic: _Traffic, now: datetime
+) -> None:
+    """GPUs borrowed from preemptible TrainingJobs for the canary (``rollout.borrow``), loans that end,
+    ``status.borrowedFrom`` and the Borrowing condition (shown once borrowing was ever asked for)."""
+    allowed = ms.spec.rollout.borrow == "PreemptibleJobs"
+    lenders = [x for x in map(lender_of, observed.lenders) if x is not None]
+    canary = traffic.canary
+    short = unschedulable_gpus(observed.canary_pods) if canary else 0
+    if canary and observed.group_waiting.get(canary):
+        short = max(short, ms.spec.replica_gpus)  # a whole group waits for room
+    gpus = ms.spec.replica_gpus if ms.spec.gpu else 0
+    bp = plan_borrow(ms.metadata.name, allowed=allowed, rolling_out=canary is not None, short=short,
+                     canary_gpus=traffic.canary_size * gpus, lenders=lenders)
+    plan.lend, plan.give_back = bp.lend, bp.give_back
+    plan.status.borrowed_from = bp.borrowed
+    for name in bp.lend:
+        plan.events.append(Event("Normal", "Borrowing", f"the rollout of {canary} borrows the GPUs of "
+                                 f"TrainingJob {name} (spec.preemptible) until it ends"))
+    if bp.give_back:
+        plan.events.append(Event("Normal", "GPUsReturned", bp.message))
+    if allowed or bp.give_back or get_condition(ms.status.conditions, CT.BORROWING) is not None:
+        _cond(plan, ms, now, CT.BORROWING, bp.active, bp.reason, bp.message)
 
 
 def _adapters(plan: ServingPlan, ms: ModelServing, observed: Observed, now: datetime) -> None:

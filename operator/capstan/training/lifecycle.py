@@ -13,6 +13,7 @@ from typing import Any, Literal
 from capstan.api.condition_types import (
     AdmittedReason,
     FailedReason,
+    LentReason,
     PlacedReason,
     Reason,
     RestartReason,
@@ -45,6 +46,7 @@ from capstan.labels import (
     LABEL_ATTEMPT,
     LABEL_RANK,
     LABEL_WORKERS,
+    LENT_TO_ANNOTATION,
     REQUEST_ANNOTATION,
     SPEC_DIGEST_ANNOTATION,
 )
@@ -366,6 +368,23 @@ def _plan(
 
     if st.phase in TERMINAL_PHASES:
         return _finished(b, current + stale)
+
+    lent_to = lent_to_of(job)
+    if lent_to and not job.spec.suspend:
+        why = f"GPUs lent to the rollout of ModelServing {lent_to}"
+        saving = _save_first(b, current, rank0, LentReason.LENT, why)
+        if saving is not None:
+            return saving
+        for w in workers:
+            if not w.terminating:
+                b.plan.delete_pods.append(w.name)
+        b.condition(CT.LENT, True, LentReason.LENT, f"{why}; requeued when it ends")
+        b.condition(CT.RUNNING, False, RunningReason.LENT, "workers removed while the GPUs are lent")
+        b.phase("Lent", "Lent", f"{why}: workers removed, requeued when the rollout ends")
+        return b.plan
+    if st.phase == "Lent":
+        b.condition(CT.LENT, False, LentReason.RETURNED, "the rollout ended: back in the placement queue")
+        b.phase("Pending", "Returned", "GPUs returned: recreating the gang from its checkpoint")
 
     if job.spec.suspend:
         saving = _save_first(b, current, rank0, SuspendedReason.SUSPENDED, "spec.suspend is true")
@@ -816,6 +835,13 @@ def _close(b: _Builder, request: CheckpointRequest, rank0: Progress | None) -> b
         return True
     b.requeue(min(REQUEST_RECHECK_S, left))
     return False
+
+
+def lent_to_of(job: TrainingJob) -> str:
+    """The ModelServing a preemptible job lends its GPUs to ("" when none, or not preemptible)."""
+    if not job.spec.preemptible:
+        return ""
+    return str((job.metadata.annotations or {}).get(LENT_TO_ANNOTATION) or "")
 
 
 def _save_first(

@@ -58,6 +58,7 @@ NCCL_DEFAULTS = {
 #: a change to them never needs a new gang. Every other field shapes the pods.
 LIVE_FIELDS = frozenset({
     "workers", "suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "failurePolicy", "priority",
+    "preemptible",
 })
 LIVE_SUBFIELDS = {"topology": {"migration"}, "checkpoint": {"snapshots", "saveBeforeStopSeconds"}}
 #: Where workers see their pod's annotations (downward API): rank 0 reads checkpoint requests there.

@@ -1,11 +1,13 @@
 """Scale-out through the scale subresource, then a zero-surge rollout on a GPU pool with nothing
 spare, on the real control plane.
 
-The ModelServing runs on the fake GB200 rack only (18 nodes of 4 GPUs, manifests/dev/topology.yaml),
-one 4-GPU replica per node. ``kubectl scale`` takes it to all 18 nodes: no GPU of the rack is left.
-A new revision then rolls out with ``rollout.maxSurge: 0``: each step first stops stable replicas,
-then starts canary ones in the freed GPUs, so the revisions never hold more than 18 pods and never
-wait for GPUs that do not exist.
+The ModelServing runs on four nodes of the fake GB200 rack only (4 GPUs each,
+manifests/dev/topology.yaml; labelled for this test and chosen by spec.nodeSelector), one 4-GPU
+replica per node. ``kubectl scale`` takes it to all four: no GPU of those nodes is left. A new
+revision then rolls out with ``rollout.maxSurge: 0``: each step first stops stable replicas, then
+starts canary ones in the freed GPUs, so the revisions never hold more than 4 pods and never wait
+for GPUs that do not exist (with the default surge the canary's pod could never be scheduled, and
+the rollout would be rolled back at its deadline).
 """
 
 from __future__ import annotations
@@ -24,13 +26,22 @@ from capstan.labels import LABEL_SERVING
 
 pytestmark = pytest.mark.e2e
 
-GB200 = {"nvidia.com/gpu.product": "NVIDIA-GB200"}
+NODES = [f"gb200-nvl72-{i}" for i in range(1, 5)]
+POOL = "capstan.dev/e2e-pool"
 WAIT = 4 * sc.TIMEOUT
 
 
-async def test_scale_out_then_a_zero_surge_rollout_on_a_full_rack(
+async def test_scale_out_then_a_zero_surge_rollout_on_full_nodes(
     env: sc.Env, api: ApiClient, cluster: Any
 ) -> None:
+    await asyncio.to_thread(cluster.kubectl, "label", "node", *NODES, f"{POOL}=full", "--overwrite")
+    try:
+        await _scale_out_then_roll_out(env, api, cluster)
+    finally:
+        await asyncio.to_thread(cluster.kubectl, "label", "node", *NODES, f"{POOL}-")
+
+
+async def _scale_out_then_roll_out(env: sc.Env, api: ApiClient, cluster: Any) -> None:
     ns = env.namespace
     await api.create(
         make_modelserving("llm")
@@ -40,7 +51,7 @@ async def test_scale_out_then_a_zero_surge_rollout_on_a_full_rack(
         .spec(
             gpu=True,
             tensorParallel=4,
-            nodeSelector=GB200,
+            nodeSelector={POOL: "full"},
             rollout={"maxSurge": 0, "steps": [{"weight": 50, "pause": "2s"}]},
         )
         .obj()
@@ -57,8 +68,8 @@ async def test_scale_out_then_a_zero_surge_rollout_on_a_full_rack(
     first = await status(lambda s: s.get("phase") == "Ready" and s.get("replicas") == 2, "2 replicas Ready")
     stable = first["stableRevision"]
     # kubectl scale: the ModelServing's scale subresource, as an HPA or a user would use it
-    await asyncio.to_thread(cluster.kubectl, "scale", "modelserving/llm", "-n", ns, "--replicas=18")
-    await status(lambda s: s.get("replicas") == 18 and s.get("phase") == "Ready", "18 replicas Ready")
+    await asyncio.to_thread(cluster.kubectl, "scale", "modelserving/llm", "-n", ns, "--replicas=4")
+    await status(lambda s: s.get("replicas") == 4 and s.get("phase") == "Ready", "4 replicas Ready")
 
     live: list[int] = []
 
@@ -83,7 +94,7 @@ async def test_scale_out_then_a_zero_surge_rollout_on_a_full_rack(
             lambda s: (
                 s.get("stableRevision") not in (None, stable)
                 and not s.get("canaryRevision")
-                and s.get("replicas") == 18
+                and s.get("replicas") == 4
                 and s.get("phase") == "Ready"
             ),
             "the new revision promoted",
@@ -94,9 +105,9 @@ async def test_scale_out_then_a_zero_surge_rollout_on_a_full_rack(
         {
             "name": done["stableRevision"],
             "weight": 100,
-            "replicas": 18,
-            "ready": 18,
+            "replicas": 4,
+            "ready": 4,
             "model": done["revisions"][0]["model"],
         }
     ]
-    assert live and max(live) <= 18  # bound GPU pods never beyond the rack's 18 nodes
+    assert live and max(live) <= 4  # bound GPU pods never beyond the four nodes

@@ -27,13 +27,19 @@ def rendered(path: Path) -> list[dict[str, Any]]:
 
 
 def pods(objs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(pod metadata, pod spec) of every Pod and Deployment template."""
+    """(pod metadata, pod spec) of every Pod and Deployment template, and of the leader and worker
+    templates of multi-host groups (a ControllerRevision's or a LeaderWorkerSet's)."""
     out = []
     for o in objs:
         if o["kind"] == "Pod":
             out.append((o["metadata"], o["spec"]))
         elif o["kind"] == "Deployment":
             out.append((o["spec"]["template"]["metadata"], o["spec"]["template"]["spec"]))
+        elif o["kind"] == "ControllerRevision":
+            out += [(o["data"][t]["metadata"], o["data"][t]["spec"]) for t in ("leader", "worker")]
+        elif o["kind"] == "LeaderWorkerSet":
+            tpl = o["spec"]["leaderWorkerTemplate"]
+            out += [(tpl[t]["metadata"], tpl[t]["spec"]) for t in ("leaderTemplate", "workerTemplate")]
     return out
 
 
@@ -67,12 +73,17 @@ def test_every_pod_of_every_sample_has_the_secure_defaults(sample: Path) -> None
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
 def test_every_sample_has_a_network_policy_over_its_pods(sample: Path) -> None:
     objs = rendered(sample)
-    (policy,) = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    # multi-host groups: a second policy lets the pods of the groups reach one another
+    (policy,) = [o for o in policies if not o["metadata"]["name"].endswith("-groups")]
     spec = policy["spec"]
     assert spec["policyTypes"] == ["Ingress"]
     assert policy["metadata"]["ownerReferences"][0]["controller"] is True
+    groups = [o["spec"] for o in policies if o is not policy]
     for meta, _ in pods(objs):
-        assert selects(spec["podSelector"]["matchLabels"], meta["labels"])
+        assert any(selects(p["podSelector"]["matchLabels"], meta["labels"]) for p in [spec, *groups])
+    for group in groups:
+        assert group["ingress"] == [{"from": [{"podSelector": group["podSelector"]}]}]
     for rule in spec["ingress"]:
         assert rule["from"], "an empty from would admit every source"
     if sample.stem.startswith("trainingjob"):

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from tests.api.bodies import make_modelserving
 from tests.kube import scenarios as sc
-from tests.support.kube import wait_for
+from tests.support.kube import wait_for, wait_object
 
 from capstan.kube.client import ApiClient
 from capstan.kube.resources import MODELSERVINGS, PVCS, TRAININGJOBS, ApiResource, register_kind
@@ -48,18 +48,8 @@ async def test_a_rollout_borrows_a_preemptible_jobs_gpus_and_gives_them_back(
         .obj()
     )
 
-    async def serving(check: Any, what: str) -> dict[str, Any]:
-        seen: dict[str, Any] = {}
-
-        async def probe() -> dict[str, Any] | None:
-            obj = await api.get(MODELSERVINGS, ns, "llm")
-            seen["status"] = (obj or {}).get("status")
-            return obj if obj is not None and check(obj) else None
-
-        try:
-            return await wait_for(probe, WAIT, what=what)
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}; the ModelServing's status: {seen.get('status')}") from None
+    def serving(check: Any, what: str) -> Any:
+        return wait_object(api, MODELSERVINGS, ns, "llm", check, WAIT, what)
 
     first = await serving(lambda o: o.get("status", {}).get("phase") == "Ready", "the first revision Ready")
     stable = first["status"]["stableRevision"]
@@ -93,18 +83,8 @@ async def test_a_rollout_borrows_a_preemptible_jobs_gpus_and_gives_them_back(
                       "spec": volume})
     try:
 
-        async def job(check: Any, what: str) -> dict[str, Any]:
-            seen: dict[str, Any] = {}
-
-            async def probe() -> dict[str, Any] | None:
-                obj = await api.get(TRAININGJOBS, ns, "train")
-                seen["status"] = (obj or {}).get("status")
-                return obj if obj is not None and check(obj) else None
-
-            try:
-                return await wait_for(probe, WAIT, what=what)
-            except TimeoutError as exc:
-                raise TimeoutError(f"{exc}; the job's status: {seen.get('status')}") from None
+        def job(check: Any, what: str) -> Any:
+            return wait_object(api, TRAININGJOBS, ns, "train", check, WAIT, what)
 
         await job(lambda o: o.get("status", {}).get("phase") == "Running", "the job Running on 68 GPUs")
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from tests.api.bodies import make_modelserving
 from tests.kube import scenarios as sc
-from tests.support.kube import wait_for
+from tests.support.kube import wait_object
 
 from capstan.kube.client import ApiClient
 from capstan.kube.resources import MODELSERVINGS
@@ -58,12 +58,11 @@ async def _scale_out_then_roll_out(env: sc.Env, api: ApiClient, cluster: Any) ->
     )
 
     async def status(check: Any, what: str) -> dict[str, Any]:
-        async def probe() -> dict[str, Any] | None:
-            obj = await api.get(MODELSERVINGS, ns, "llm")
-            st = (obj or {}).get("status") or {}
-            return st if check(st) else None
+        def holds(obj: dict[str, Any]) -> Any:
+            return check(obj.get("status") or {})
 
-        return await wait_for(probe, WAIT, what=what)
+        obj = await wait_object(api, MODELSERVINGS, ns, "llm", holds, WAIT, what)
+        return dict(obj["status"])
 
     first = await status(lambda s: s.get("phase") == "Ready" and s.get("replicas") == 2, "2 replicas Ready")
     stable = first["stableRevision"]

@@ -500,3 +500,23 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+async def wait_object(
+    api: Any, res: Any, namespace: str, name: str, check: Callable[[dict[str, Any]], Any], timeout: float,
+    what: str,
+) -> dict[str, Any]:
+    """Poll object ``name`` until ``check`` holds for it; TimeoutError showing its last status if not."""
+    seen: dict[str, Any] = {}
+
+    async def probe() -> dict[str, Any] | None:
+        obj = await api.get(res, namespace, name)
+        seen["status"] = (obj or {}).get("status")
+        return obj if obj is not None and check(obj) else None
+
+    try:
+        found = await wait_for(probe, timeout, what=what)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}; its status: {seen.get('status')}") from None
+    assert found is not None
+    return found

@@ -98,73 +98,56 @@ async def review(body: kopf.Body, warnings: list[str], memo: kopf.Memo | None = 
         raise kopf.AdmissionError(f"{describe(body)} is invalid: " + "; ".join(errors), code=422)
 
 
+async def _served(memo: kopf.Memo | None, warnings: list[str], what: str, *kinds: str) -> bool | None:
+    """Whether the API server serves every resource in ``kinds`` (names in
+    :mod:`capstan.kube.modelserving`), asked afresh: CRDs installed a moment ago must count, so not
+    the reconcile loop's cached answer. None without a client, or when discovery fails (fail open:
+    the operator refuses the spec at reconcile instead)."""
+    api = memo.get("api") if memo is not None else None
+    if api is None:
+        return None
+    from capstan.kube import modelserving
+
+    try:
+        found = await asyncio.wait_for(
+            asyncio.gather(*(modelserving.served(api, getattr(modelserving, k)) for k in kinds)), 10)
+        return all(found)
+    except Exception as exc:
+        log.warning("admission: cannot discover %s: %s", what, exc)
+        warnings.append(f"{what} check skipped: API discovery failed ({type(exc).__name__})")
+        return None
+
+
 async def _keda(body: Mapping[str, Any], memo: kopf.Memo | None, warnings: list[str]) -> bool | None:
     """Whether the cluster serves KEDA's ScaledObject, asked only for a ModelServing that scales to
-    zero (None: not asked, or the discovery failed; the operator then reports it at reconcile)."""
+    zero (None: not asked, or unknown)."""
     spec = body.get("spec")
     auto = spec.get("autoscaling") if isinstance(spec, Mapping) else None
     if body.get("kind") != "ModelServing" or not isinstance(auto, Mapping) or auto.get("minReplicas") != 0:
         return None
-    api = memo.get("api") if memo is not None else None
-    if api is None:
-        return None
-    from capstan.kube.modelserving import keda_available
-
-    try:
-        # Not the reconcile loop's cached answer: KEDA installed a moment ago must count.
-        return await asyncio.wait_for(keda_available(api), 10)
-    except Exception as exc:  # fail open: the operator refuses the spec at reconcile instead
-        log.warning("admission: cannot discover KEDA: %s", exc)
-        warnings.append(f"KEDA check skipped: API discovery failed ({type(exc).__name__})")
-        return None
+    return await _served(memo, warnings, "KEDA", "SCALEDOBJECTS")
 
 
 async def _lws(body: Mapping[str, Any], memo: kopf.Memo | None, warnings: list[str]) -> bool | None:
     """Whether the cluster serves LeaderWorkerSet, asked only for an autoscaled ModelServing whose
-    replicas are groups of pods (None: not asked, or the discovery failed; the operator then
-    reports it at reconcile)."""
+    replicas may be groups of pods (None: not asked, or unknown)."""
     spec = body.get("spec")
     if body.get("kind") != "ModelServing" or not isinstance(spec, Mapping) or not spec.get("autoscaling"):
         return None
     if not spec.get("gpusPerPod") and (spec.get("pipelineParallel") or 1) == 1:
         return None  # one pod per replica (gpusPerPod unset: one stage per pod)
-    api = memo.get("api") if memo is not None else None
-    if api is None:
-        return None
-    from capstan.kube.modelserving import leader_worker_sets_available
-
-    try:
-        # Not the reconcile loop's cached answer: LeaderWorkerSet installed a moment ago must count.
-        return await asyncio.wait_for(leader_worker_sets_available(api), 10)
-    except Exception as exc:  # fail open: the operator refuses the spec at reconcile instead
-        log.warning("admission: cannot discover LeaderWorkerSet: %s", exc)
-        warnings.append(f"LeaderWorkerSet check skipped: API discovery failed ({type(exc).__name__})")
-        return None
+    return await _served(memo, warnings, "LeaderWorkerSet", "LEADERWORKERSETS")
 
 
 async def _inference(body: Mapping[str, Any], memo: kopf.Memo | None, warnings: list[str]) -> bool | None:
     """Whether the cluster serves InferencePool and HTTPRoute, asked only for a ModelServing whose
-    ``routing.inferencePool`` is Required (None: not asked, or the discovery failed; the operator
-    then reports it at reconcile)."""
+    ``routing.inferencePool`` is Required (None: not asked, or unknown)."""
     spec = body.get("spec")
     route = spec.get("routing") if isinstance(spec, Mapping) else None
     if body.get("kind") != "ModelServing" or not isinstance(route, Mapping) or (
             route.get("inferencePool") != "Required"):
         return None
-    api = memo.get("api") if memo is not None else None
-    if api is None:
-        return None
-    from capstan.kube.modelserving import HTTPROUTES, INFERENCEPOOLS, served
-
-    try:
-        # Not the reconcile loop's cached answers: CRDs installed a moment ago must count.
-        found = await asyncio.wait_for(
-            asyncio.gather(served(api, INFERENCEPOOLS), served(api, HTTPROUTES)), 10)
-        return all(found)
-    except Exception as exc:  # fail open: the operator refuses the spec at reconcile instead
-        log.warning("admission: cannot discover the inference extension: %s", exc)
-        warnings.append(f"InferencePool check skipped: API discovery failed ({type(exc).__name__})")
-        return None
+    return await _served(memo, warnings, "InferencePool", "INFERENCEPOOLS", "HTTPROUTES")
 
 
 def describe(body: Mapping[str, Any]) -> str:

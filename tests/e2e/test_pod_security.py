@@ -31,6 +31,7 @@ import yaml
 
 from capstan.cli import main as capstan_main
 from capstan.render import to_yaml
+from capstan.serving.groups import group_pod
 
 pytestmark = pytest.mark.e2e
 
@@ -102,7 +103,8 @@ def render_sample(path: Path, namespace: str) -> list[dict[str, Any]]:
 
 
 def admissible(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What to send: Pods, every Deployment and its template as a Pod, Services, NetworkPolicies.
+    """What to send: Pods, every Deployment and its template as a Pod, Services, NetworkPolicies,
+    and the ControllerRevision of multi-host groups with one group's pods as the operator makes them.
 
     ownerReferences go: they name a preview uid of a TrainingJob/ModelServing that does not exist.
     PVCs stay out (snapshot data sources need the snapshot CRDs, and PVCs are not pods).
@@ -110,8 +112,12 @@ def admissible(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for obj in objs:
         obj = {**obj, "metadata": {k: v for k, v in obj["metadata"].items() if k != "ownerReferences"}}
-        if obj["kind"] in ("Pod", "Service", "NetworkPolicy", "Deployment"):
+        if obj["kind"] in ("Pod", "Service", "NetworkPolicy", "Deployment", "ControllerRevision"):
             out.append(obj)
+        if obj["kind"] == "ControllerRevision":
+            pods = [group_pod(obj, 0, rank, None) for rank in range(obj["data"]["size"])]
+            out += [{**p, "metadata": {k: v for k, v in p["metadata"].items() if k != "ownerReferences"}}
+                    for p in pods]
         if obj["kind"] == "Deployment":
             template = obj["spec"]["template"]
             out.append({"apiVersion": "v1", "kind": "Pod", "spec": template["spec"], "metadata": {

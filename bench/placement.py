@@ -53,7 +53,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ from capstan.topology import (  # noqa: E402 -- after the source-root path tweak
     GangRequest,
     Inventory,
     MovableGang,
+    Move,
     PlacementResult,
     QueuePolicy,
     Reservation,
@@ -73,6 +74,7 @@ from capstan.topology import (  # noqa: E402 -- after the source-root path tweak
     build_inventory,
     place_gang,
     plan_defragmentation,
+    plan_locality_moves,
     schedule_queue,
 )
 
@@ -94,6 +96,8 @@ MOVE_RESTART_S, CHECKPOINT_EVERY_S = 300.0, 1800.0
 SAVE_FIRST_STEP_S, SAVE_FIRST_WAIT_S = 10.0, 60.0
 MIGRATION = OPERATOR_POLICY.migration
 MOVE_FOR_LOCALITY = True  # defragmentation also makes room for gangs in a locality wait
+# moves also make room for a gang about to start spread, in the narrower domain (plan_locality_moves)
+LOCALITY_MOVES = OPERATOR_POLICY.locality_moves
 MOVE_PAYS = True  # moves only when the modelled gain exceeds the modelled cost (False: the old rule)
 SPREAD_GIVEBACK_S = 900.0  # torchrun's default rendezvous timeout is 900 s
 FRAG_AWARE = True
@@ -630,9 +634,20 @@ class Sim:
     def _schedule_capstan(self, now: float, moved: bool = False) -> None:
         if not self.pending:
             return
+        requests = [j.request(with_estimate=True) for j in self.pending]
+        if MIGRATION and LOCALITY_MOVES and not moved:
+            # a gang about to start spread gets room in a narrower domain when that pays; it is
+            # held to that domain for this pass, as the operator holds it while the moves run
+            movable = [MovableGang(j.request(with_estimate=True), j.result, j.seg_start)
+                       for j in self.running.values() if j.result is not None]
+            moves = plan_locality_moves(self.inv, requests, movable, now, SLOWDOWN, OPERATOR_POLICY.moves)
+            self._apply_moves(moves, now)
+            hold = {mv.for_gang: mv.for_level for mv in moves if mv.for_level}
+            requests = [replace(r, policy="Required", max_domain=hold[r.name]) if r.name in hold else r
+                        for r in requests]
         reqs = {j.request().name: j for j in self.pending}
         running = [j.running_gang for j in self.running.values() if j.running_gang]
-        decisions = schedule_queue(self.inv, [j.request(with_estimate=True) for j in self.pending],
+        decisions = schedule_queue(self.inv, requests,
                                    running=running, now=now, reservation=self.reservation,
                                    reserve_after_s=RESERVE_AFTER_S, guard_by_wait=GUARD_BY_WAIT,
                                    fragmentation_aware=FRAG_AWARE,
@@ -659,6 +674,10 @@ class Sim:
         waiting = [self.wanted.get(j.request().name, j.request(with_estimate=True)) if MOVE_FOR_LOCALITY
                    else j.request(with_estimate=True) for j in self.pending]
         moves = plan_defragmentation(self.inv, waiting, movable, now, OPERATOR_POLICY.moves, running)
+        return self._apply_moves(moves, now)
+
+    def _apply_moves(self, moves: Sequence[Move], now: float) -> bool:
+        """Carry out ``moves``: each mover is down MOVE_RESTART_S, losing the work since its checkpoint."""
         by_name = {j.request().name: j for j in self.running.values()}
         for mv in moves:
             job = by_name[mv.gang]

@@ -297,3 +297,33 @@ def test_a_pass_is_a_value_and_the_queue_state_changes_only_when_it_is_applied()
     assert queue_pass(snapshot, job("whole", 1, 8, created="2026-11-23T11:00:00Z"), state) == result
     state.apply(result)
     assert state.reservation == result.reservation and state.moves == dict(result.moves)
+
+
+def test_a_gang_about_to_start_spread_waits_for_the_moves_that_make_room_in_one_domain() -> None:
+    # cliques a (n0, n1) and b (n2, n3): the 2 x 8-GPU gang fits now only over n1 + n2; moving the
+    # 1-GPU gang off n0 onto n3 gives it clique a, and an hour spread would cost it more than that
+    nodes = [gpu_node("n0", clique="a", rack="r1"), gpu_node("n1", clique="a", rack="r1"),
+             gpu_node("n2", clique="b", rack="r2"), gpu_node("n3", clique="b", rack="r2")]
+    bodies = [running_one("mover", 1, "n0", **CHECKPOINTED)]
+    state = QueueState()
+    snapshot = queue_snapshot(nodes, [busy("n0", 1), busy("n3", 7)], [], now=NOW, movable=movable_gangs(bodies))
+    pair = job("pair", 2, 8, created="2026-11-23T11:00:00Z", activeDeadlineSeconds=3600)
+    result = place(snapshot, pair, state)
+    assert not result.decision.placed and "NVLink domain" in result.decision.reason
+    pending = state.moves["ml/mover"]
+    assert pending.move.to.nodes == ["n3"] and pending.move.for_gang == "ml/pair"
+    assert pending.move.for_level == "nvlink"
+    # while the mover is still on n0 the gang keeps waiting for clique a rather than spreading
+    snapshot = queue_snapshot(nodes, [busy("n0", 1), busy("n3", 7)], [], now=NOW + 5)
+    assert not place(snapshot, pair, state).decision.placed
+    # the mover restarted on n3: the gang starts in clique a
+    back = place(snapshot, job("mover", 1, 1, **CHECKPOINTED), state).decision
+    assert back.placed and back.nodes == ["n3"]
+    snapshot = queue_snapshot(nodes, [busy("n3", 8)], [], now=NOW + 10)
+    placed = place(snapshot, pair, state).decision
+    assert placed.placed and sorted(placed.nodes) == ["n0", "n1"]
+    # switched off, the same gang starts spread at once
+    snapshot = queue_snapshot(nodes, [busy("n0", 1), busy("n3", 7)], [], now=NOW, movable=movable_gangs(bodies),
+                              policy=QueuePolicy(locality_moves=False))
+    spread = place(snapshot, pair, QueueState()).decision
+    assert spread.placed and sorted(spread.nodes) == ["n1", "n2"]

@@ -64,7 +64,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
                      "queue": {"reserveAfterSeconds": 3600, "localitySlowdown": "rack=1.2",
                                "localityWaitFraction": 0.25, "migration": False,
                                "migrationMinRunSeconds": 1200, "guardByWait": False,
-                               "migrationRestartSeconds": 90}},
+                               "migrationRestartSeconds": 90, "migrationForLocality": False}},
         "webhook": {"certManager": {"enabled": True}, "failurePolicy": "Ignore"},
         "image": {"digest": "sha256:" + "a" * 64},
         "podAnnotations": {"a": "b"},

@@ -98,6 +98,8 @@ MIGRATION = OPERATOR_POLICY.migration
 MOVE_FOR_LOCALITY = True  # defragmentation also makes room for gangs in a locality wait
 # moves also make room for a gang about to start spread, in the narrower domain (plan_locality_moves)
 LOCALITY_MOVES = OPERATOR_POLICY.locality_moves
+# moves for gangs blocked by scattered GPUs or waiting for a narrower domain (plan_defragmentation)
+DEFRAG = OPERATOR_POLICY.defragment
 MOVE_PAYS = True  # moves only when the modelled gain exceeds the modelled cost (False: the old rule)
 SPREAD_GIVEBACK_S = 900.0  # torchrun's default rendezvous timeout is 900 s
 FRAG_AWARE = True
@@ -662,7 +664,7 @@ class Sim:
             elif d.reservation is not None:
                 self.reservation = d.reservation
         self.pending = [j for j in self.pending if j.start is None]
-        if MIGRATION and self.pending and not moved and self._defragment(now):
+        if MIGRATION and DEFRAG and self.pending and not moved and self._defragment(now):
             self._schedule_capstan(now, moved=True)
 
     def _defragment(self, now: float) -> bool:

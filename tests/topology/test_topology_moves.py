@@ -162,7 +162,8 @@ def test_moves_only_when_the_waiting_gang_gains_more_than_the_movers_lose() -> N
 def _two_racks() -> tuple[Inventory, list[MovableGang]]:
     """Racks A (a0, a1) and B (b0, b1) of 4-GPU nodes, one block: a 2 x 4-GPU gang fits now only
     over a1 + b0 (spread over the block); moving the 1-GPU gang on a0 onto b1 frees rack A."""
-    nodes = [node(f"{r}{n}", 4, clique=r.upper(), rack=r.upper(), block="blk") for r in "ab" for n in range(2)]
+    nodes = [node(f"{r}{n}", 4, clique=r.upper(), rack=r.upper(), block="blk")
+             for r in "ab" for n in range(2)]
     inv = build_inventory(nodes, [])
     inv, x = _run(inv, "x", "a0", 1, since=NOW - 3600)
     inv, y = _run(inv, "y", "b1", 3, since=NOW - 3600)

@@ -408,7 +408,7 @@ def queue_pass(snapshot: QueueSnapshot, job: TrainingJob, state: QueueState) -> 
         inv, requests, running=snapshot.running, now=at, reservation=state.reservation,
         **policy.queue_kwargs(),
     )
-    if policy.migration and not moves and not moving:  # one defragmentation in flight at a time
+    if policy.migration and policy.defragment and not moves and not moving:  # one in flight at a time
         moving = _plan_moves(inv, decisions, snapshot.movable, at, policy, snapshot.running)
     return QueuePass(
         decision=_decision(next(d for d in decisions if d.name == me).result),

@@ -17,6 +17,10 @@
   domain. ``moves`` says when a move is worth it: it must gain (GPUs of the waiting gang x how much
   sooner it starts) more than it costs (movers' GPUs x ``moves.restart_s`` downtime plus the work
   since their last checkpoint).
+* ``defragment`` — :func:`capstan.topology.plan_defragmentation` moves for a gang that waits
+  because the idle GPUs are scattered, or for room in the narrower domain it waits for. Off by
+  default: its pay rule counts the waiting gang's gain only, and on the real traces the one-worker
+  jobs that then queue behind it lost more (``bench/placement.py`` notes).
 * ``locality_moves`` — moves also make room in a narrower domain for a gang that would start now
   but spread wider (:func:`capstan.topology.plan_locality_moves`), when the run time that saves it
   (from ``locality_slowdown`` and its declared ``activeDeadlineSeconds``) exceeds what they cost.
@@ -42,6 +46,7 @@ MIGRATION_MIN_RUN_ENV = "CAPSTAN_MIGRATION_MIN_RUN_SECONDS"
 GUARD_BY_WAIT_ENV = "CAPSTAN_QUEUE_GUARD_BY_WAIT"
 MIGRATION_RESTART_ENV = "CAPSTAN_MIGRATION_RESTART_SECONDS"
 LOCALITY_MOVES_ENV = "CAPSTAN_MIGRATION_FOR_LOCALITY"
+DEFRAGMENT_ENV = "CAPSTAN_MIGRATION_DEFRAGMENT"
 
 DEFAULT_RESERVE_AFTER_S = 86400.0
 DEFAULT_SLOWDOWN: Mapping[str, float] = {
@@ -61,6 +66,7 @@ class QueuePolicy:
     migration: bool = True
     moves: MovePolicy = field(default_factory=MovePolicy)
     locality_moves: bool = True
+    defragment: bool = False
 
     def queue_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`schedule_queue`."""
@@ -121,6 +127,7 @@ def queue_policy_from_env(env: Mapping[str, str]) -> QueuePolicy:
     min_run = _number(env, MIGRATION_MIN_RUN_ENV, lambda v: v >= 0, "a number of seconds >= 0")
     restart = _number(env, MIGRATION_RESTART_ENV, lambda v: v >= 0, "a number of seconds >= 0")
     locality_moves = env_switch(env, LOCALITY_MOVES_ENV)
+    defragment = env_switch(env, DEFRAGMENT_ENV)
     moves = default.moves
     if min_run is not None:
         moves = replace(moves, min_run_s=min_run)
@@ -134,6 +141,7 @@ def queue_policy_from_env(env: Mapping[str, str]) -> QueuePolicy:
         migration=default.migration if migration is None else migration,
         moves=moves,
         locality_moves=default.locality_moves if locality_moves is None else locality_moves,
+        defragment=default.defragment if defragment is None else defragment,
     )
 
 

@@ -53,7 +53,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ from capstan.topology import (  # noqa: E402 -- after the source-root path tweak
     GangRequest,
     Inventory,
     MovableGang,
+    Move,
     PlacementResult,
     QueuePolicy,
     Reservation,
@@ -73,6 +74,7 @@ from capstan.topology import (  # noqa: E402 -- after the source-root path tweak
     build_inventory,
     place_gang,
     plan_defragmentation,
+    plan_locality_moves,
     schedule_queue,
 )
 
@@ -94,6 +96,10 @@ MOVE_RESTART_S, CHECKPOINT_EVERY_S = 300.0, 1800.0
 SAVE_FIRST_STEP_S, SAVE_FIRST_WAIT_S = 10.0, 60.0
 MIGRATION = OPERATOR_POLICY.migration
 MOVE_FOR_LOCALITY = True  # defragmentation also makes room for gangs in a locality wait
+# moves also make room for a gang about to start spread, in the narrower domain (plan_locality_moves)
+LOCALITY_MOVES = OPERATOR_POLICY.locality_moves
+# moves for gangs blocked by scattered GPUs or waiting for a narrower domain (plan_defragmentation)
+DEFRAG = OPERATOR_POLICY.defragment
 MOVE_PAYS = True  # moves only when the modelled gain exceeds the modelled cost (False: the old rule)
 SPREAD_GIVEBACK_S = 900.0  # torchrun's default rendezvous timeout is 900 s
 FRAG_AWARE = True
@@ -127,8 +133,13 @@ CAPSTAN_QUEUE_NOTE = (
     "waits iff the expected time until a narrower domain holds it (running gangs released in order of "
     "declared-limit end) < LOCALITY_COST_FRACTION x (slowdown(level now) - slowdown(narrower level)) x its "
     "declared limit, slowdowns as in assumptions.slowdown_by_span; re-decided every pass; it reserves "
-    "nothing while it waits, so any other gang may use the GPUs it leaves free. Defragmentation "
-    "(capstan.topology.plan_defragmentation, after each pass with gangs waiting): the first waiting gang "
+    "nothing while it waits, so any other gang may use the GPUs it leaves free. Locality moves "
+    "(capstan.topology.plan_locality_moves, before each pass): the first pending multi-node gang that "
+    "would start now but wider than the narrowest level it could fit in gets that narrower domain "
+    "cleared by moving one-worker gangs (as below) when its GPUs x declared limit x (slowdown now - "
+    "slowdown there) exceeds the movers' modelled cost; it is held to that domain for the pass. "
+    "Defragmentation (off by default since issue 19, QueuePolicy.defragment; "
+    "capstan.topology.plan_defragmentation, after each pass with gangs waiting): the first waiting gang "
     "that fits by GPU count but by no placement (a gang in a locality wait: by no placement in the domain "
     "it waits for) gets the nodes cheapest to clear (fewest GPUs moved, narrowest domain) by moving "
     "one-worker gangs that have run >= 10 min onto other partly used nodes, when the modelled gain (its "
@@ -245,6 +256,40 @@ NOTES: list[str] = [
     "289 s (tas 0.898, 0.961, 1,550 s). Reading: the pay test costs some NVLink locality on Philly (a "
     "move for a locality wait gains only the short wait the model expects, while 1-GPU jobs keep taking "
     "the GPUs freeing in that domain), and moves, not the guard, are what cost Philly w0 its mean delay",
+    "change 4 (2026-11-30), locality moves: a gang that would start now but spread wider than one "
+    "domain it could fit in gets moves that clear that domain when the run time they save it (GPUs x "
+    "declared limit x slowdown difference) exceeds their cost; before, moves helped only gangs that "
+    "could not start, so a gang whose locality wait looked too long spread at once though one 1-GPU "
+    "mover would have given it a rack. nvl72, 3 seeds, with change 1-3 kept: Philly w0 load 0.9 "
+    "nvlink 0.893 -> 1.000 (tas 0.906); Philly w0 native 0.837 -> 1.000 (0.866); Philly w2 native "
+    "0.899 -> 0.981 (0.935); Helios w2 load 0.9 p95 2,209 -> 1,231 s (1,524 s). Still missed: Philly "
+    "w0 native mean delay 4,973 vs 4,272 s and JCT 23,080 vs 22,570 s; Philly w0 load 0.9 p95 3,272 s "
+    "vs 0; Helios w2 native allocation 0.887 vs 0.961",
+    "change 5 (2026-11-30), plain defragmentation off by default (QueuePolicy.defragment, chart "
+    "operator.queue.migrationDefragment): with change 4 the moves for gangs blocked by scattered GPUs "
+    "or waiting for a narrower domain cost more than they gained: their pay rule counts the waiting "
+    "gang's GPU-seconds only, while on these traces the one-worker jobs arriving after it then queue "
+    "(Philly w0 load 0.9: 590 of 2,435 1-GPU jobs waited with them, none under tas_bestfit). nvl72, 3 "
+    "seeds: 2 metrics missed in all 12 window x load cases (4 after change 4 alone): Philly w0 native "
+    "mean delay 4,973 -> 3,597 s (tas 4,272), JCT 23,080 -> 21,690 s (22,570), nvlink 0.994; Philly "
+    "w0 load 0.9 p95 3,272 -> 216 s (tas 0); Helios w2 native allocation 0.887 -> 0.880 (tas "
+    "0.961). Tried and dropped on the way (3 seeds, "
+    "the five missed cases): a move only once the gang has waited as long as it still would (Philly "
+    "w0 nvlink 0.827, p95 2,401 s); the pay rule per job instead of per GPU (Philly w0 native nvlink "
+    "0.720); the gain capped by how soon 1-GPU arrivals (last hour) would fill the idle GPUs (no "
+    "change to p95: 3,871 s); defragmentation only for locality waits (Philly w0 nvlink 0.857); "
+    "locality wait fraction 1.0 (Philly w2 native nvlink 0.894)",
+    "still missed after change 5, and why: Philly w0 nvl72 at load 0.9, p95 delay (216 s vs 0 in the "
+    "3-seed run): tas_bestfit's plain BestFit leaves ~5 % of GPUs idle in scattered slots while jobs "
+    "wait, and 1-GPU jobs (81 % of this window) always find one, so fewer than 5 % of jobs wait at all; "
+    "capstan packs to 0.973 and a few more than 5 % wait briefly; moves off altogether gave p95 0 but "
+    "nvlink 0.769 vs 0.906. Helios w2 nvl72 native, allocation while waiting (0.880 vs 0.961): capstan "
+    "queues so rarely (74 of 3,000 jobs wait vs 530; mean delay 242 vs 1,550 s, p95 0 vs 10,696 s) "
+    "that its waiting time is mostly a 128-144-GPU gang waiting for GPUs to free with nothing else "
+    "queued (idle_share_none_fits 0.11, idle_share_smallest_fits 0.0001): no placement can fill GPUs "
+    "nobody asks for. Reserving for the head at once (RESERVE_AFTER_S 0, no guard by wait) raised it "
+    "to 0.956 (still 0.0006 beyond the slack) but lost mean delay and p95 on Helios w2 load 0.9 (956 "
+    "vs 699 s, 6,603 vs 1,524 s) and Philly w0 (1,949 vs 1,598 s)",
 ]
 # Users declare a run-time limit (like Slurm --time); capstan's queue uses it, the baselines do not.
 ESTIMATE_FACTOR = (1.0, 2.0)  # declared = true duration x U(1, 2)
@@ -630,9 +675,20 @@ class Sim:
     def _schedule_capstan(self, now: float, moved: bool = False) -> None:
         if not self.pending:
             return
+        requests = [j.request(with_estimate=True) for j in self.pending]
+        if MIGRATION and LOCALITY_MOVES and not moved:
+            # a gang about to start spread gets room in a narrower domain when that pays; it is
+            # held to that domain for this pass, as the operator holds it while the moves run
+            movable = [MovableGang(j.request(with_estimate=True), j.result, j.seg_start)
+                       for j in self.running.values() if j.result is not None]
+            moves = plan_locality_moves(self.inv, requests, movable, now, SLOWDOWN, OPERATOR_POLICY.moves)
+            self._apply_moves(moves, now)
+            hold = {mv.for_gang: mv.for_level for mv in moves if mv.for_level}
+            requests = [replace(r, policy="Required", max_domain=hold[r.name]) if r.name in hold else r
+                        for r in requests]
         reqs = {j.request().name: j for j in self.pending}
         running = [j.running_gang for j in self.running.values() if j.running_gang]
-        decisions = schedule_queue(self.inv, [j.request(with_estimate=True) for j in self.pending],
+        decisions = schedule_queue(self.inv, requests,
                                    running=running, now=now, reservation=self.reservation,
                                    reserve_after_s=RESERVE_AFTER_S, guard_by_wait=GUARD_BY_WAIT,
                                    fragmentation_aware=FRAG_AWARE,
@@ -647,7 +703,7 @@ class Sim:
             elif d.reservation is not None:
                 self.reservation = d.reservation
         self.pending = [j for j in self.pending if j.start is None]
-        if MIGRATION and self.pending and not moved and self._defragment(now):
+        if MIGRATION and DEFRAG and self.pending and not moved and self._defragment(now):
             self._schedule_capstan(now, moved=True)
 
     def _defragment(self, now: float) -> bool:
@@ -659,6 +715,10 @@ class Sim:
         waiting = [self.wanted.get(j.request().name, j.request(with_estimate=True)) if MOVE_FOR_LOCALITY
                    else j.request(with_estimate=True) for j in self.pending]
         moves = plan_defragmentation(self.inv, waiting, movable, now, OPERATOR_POLICY.moves, running)
+        return self._apply_moves(moves, now)
+
+    def _apply_moves(self, moves: Sequence[Move], now: float) -> bool:
+        """Carry out ``moves``: each mover is down MOVE_RESTART_S, losing the work since its checkpoint."""
         by_name = {j.request().name: j for j in self.running.values()}
         for mv in moves:
             job = by_name[mv.gang]

@@ -18,6 +18,8 @@ variable                                 attribute
 ``CAPSTAN_MIGRATION``                    :attr:`OperatorConfig.queue` (``migration``)
 ``CAPSTAN_MIGRATION_MIN_RUN_SECONDS``    :attr:`OperatorConfig.queue` (``moves.min_run_s``)
 ``CAPSTAN_MIGRATION_RESTART_SECONDS``    :attr:`OperatorConfig.queue` (``moves.restart_s``)
+``CAPSTAN_MIGRATION_FOR_LOCALITY``       :attr:`OperatorConfig.queue` (``locality_moves``)
+``CAPSTAN_MIGRATION_DEFRAGMENT``         :attr:`OperatorConfig.queue` (``defragment``)
 ``CAPSTAN_PEERING_PRIORITY``             :attr:`OperatorConfig.peering_priority`
 ``POD_NAMESPACE``                        :attr:`OperatorConfig.operator_namespace`
 ``CAPSTAN_WEBHOOK_CERT_DIR``             :attr:`OperatorConfig.webhook_cert_dir`

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from tests.api.bodies import make_trainingjob
@@ -25,6 +26,7 @@ from capstan.topology import QueuePolicy
 
 NOW = 1_800_000_000.0
 STRICT = QueuePolicy(reserve_after_s=0)  # reserve for the head at once
+DEFRAG = QueuePolicy(defragment=True)  # moves for gangs blocked by scattered GPUs too
 
 
 def body(
@@ -206,7 +208,7 @@ def test_defragmentation_move_is_held_for_the_mover_and_then_frees_room() -> Non
     bodies = [running_one("mover", 4, "n0", **CHECKPOINTED)]
     pods = [busy("n0", 4), busy("n1", 4)]
     state = QueueState()
-    snapshot = queue_snapshot(NODES, pods, [], now=NOW, movable=movable_gangs(bodies))
+    snapshot = queue_snapshot(NODES, pods, [], now=NOW, movable=movable_gangs(bodies), policy=DEFRAG)
     whole = job("whole", 1, 8, created="2026-11-23T11:00:00Z")
     result = place(snapshot, whole, state)
     assert not result.decision.placed
@@ -229,7 +231,7 @@ def test_a_recorded_move_survives_an_operator_restart() -> None:
     bodies = [running_one("mover", 4, "n0", **CHECKPOINTED)]
     before = QueueState()
     snapshot = queue_snapshot(NODES, [busy("n0", 4), busy("n1", 4)], [], now=NOW,
-                              movable=movable_gangs(bodies))
+                              movable=movable_gangs(bodies), policy=DEFRAG)
     place(snapshot, job("whole", 1, 8, created="2026-11-23T11:00:00Z"), before)
     decided = before.moves["ml/mover"]
     # the shell writes the move into the mover's status; then the operator restarts (memory empty)
@@ -266,7 +268,7 @@ def test_a_move_that_cannot_happen_is_dropped() -> None:
     bodies = [running_one("mover", 4, "n0", **CHECKPOINTED)]
     state = QueueState()
     snapshot = queue_snapshot(NODES, [busy("n0", 4), busy("n1", 4)], [], now=NOW,
-                              movable=movable_gangs(bodies))
+                              movable=movable_gangs(bodies), policy=DEFRAG)
     place(snapshot, job("whole", 1, 8), state)
     assert "ml/mover" in state.moves
     assert state.move_for("ml/mover", "Succeeded") is None and state.moves == {}  # it ended first
@@ -275,19 +277,20 @@ def test_a_move_that_cannot_happen_is_dropped() -> None:
     # never carried out: the next pass after the hold drops it
     place(queue_snapshot(NODES, [], [], now=NOW + MOVE_HOLD_S + 1), job("other", 1, 4), state)
     assert state.moves == {}
-    # migration off: the queue moves nothing
-    off = QueueState()
-    snapshot = queue_snapshot(NODES, [busy("n0", 4), busy("n1", 4)], [], now=NOW,
-                              policy=QueuePolicy(migration=False), movable=movable_gangs(bodies))
-    result = place(snapshot, job("whole", 1, 8), off)
-    assert off.moves == {} and list(result.moving) == []
+    # migration off, or only defragmentation off (the default): the queue moves nothing
+    for policy in (QueuePolicy(migration=False, defragment=True), QueuePolicy()):
+        off = QueueState()
+        snapshot = queue_snapshot(NODES, [busy("n0", 4), busy("n1", 4)], [], now=NOW,
+                                  policy=policy, movable=movable_gangs(bodies))
+        result = place(snapshot, job("whole", 1, 8), off)
+        assert off.moves == {} and list(result.moving) == []
 
 
 def test_a_pass_is_a_value_and_the_queue_state_changes_only_when_it_is_applied() -> None:
     assert queue_snapshot([], [busy("n0", 4)]) is None  # no Nodes: nothing to place on
     bodies = [running_one("mover", 4, "n0", **CHECKPOINTED)]
     snapshot = queue_snapshot(NODES, [busy("n0", 4), busy("n1", 4)], queued_jobs([body("big", 2, 8)]),
-                              now=NOW, policy=STRICT, movable=movable_gangs(bodies))
+                              now=NOW, policy=replace(STRICT, defragment=True), movable=movable_gangs(bodies))
     assert snapshot is not None
     state = QueueState()
     result = queue_pass(snapshot, job("whole", 1, 8, created="2026-11-23T11:00:00Z"), state)
@@ -297,3 +300,34 @@ def test_a_pass_is_a_value_and_the_queue_state_changes_only_when_it_is_applied()
     assert queue_pass(snapshot, job("whole", 1, 8, created="2026-11-23T11:00:00Z"), state) == result
     state.apply(result)
     assert state.reservation == result.reservation and state.moves == dict(result.moves)
+
+
+def test_a_gang_about_to_start_spread_waits_for_the_moves_that_make_room_in_one_domain() -> None:
+    # cliques a (n0, n1) and b (n2, n3): the 2 x 8-GPU gang fits now only over n1 + n2; moving the
+    # 1-GPU gang off n0 onto n3 gives it clique a, and an hour spread would cost it more than that
+    nodes = [gpu_node("n0", clique="a", rack="r1"), gpu_node("n1", clique="a", rack="r1"),
+             gpu_node("n2", clique="b", rack="r2"), gpu_node("n3", clique="b", rack="r2")]
+    bodies = [running_one("mover", 1, "n0", **CHECKPOINTED)]
+    state = QueueState()
+    pods = [busy("n0", 1), busy("n3", 7)]
+    snapshot = queue_snapshot(nodes, pods, [], now=NOW, movable=movable_gangs(bodies))
+    pair = job("pair", 2, 8, created="2026-11-23T11:00:00Z", activeDeadlineSeconds=3600)
+    result = place(snapshot, pair, state)
+    assert not result.decision.placed and "NVLink domain" in result.decision.reason
+    pending = state.moves["ml/mover"]
+    assert pending.move.to.nodes == ["n3"] and pending.move.for_gang == "ml/pair"
+    assert pending.move.for_level == "nvlink"
+    # while the mover is still on n0 the gang keeps waiting for clique a rather than spreading
+    snapshot = queue_snapshot(nodes, pods, [], now=NOW + 5)
+    assert not place(snapshot, pair, state).decision.placed
+    # the mover restarted on n3: the gang starts in clique a
+    back = place(snapshot, job("mover", 1, 1, **CHECKPOINTED), state).decision
+    assert back.placed and back.nodes == ["n3"]
+    snapshot = queue_snapshot(nodes, [busy("n3", 8)], [], now=NOW + 10)
+    placed = place(snapshot, pair, state).decision
+    assert placed.placed and sorted(placed.nodes) == ["n0", "n1"]
+    # switched off, the same gang starts spread at once
+    snapshot = queue_snapshot(nodes, pods, [], now=NOW, movable=movable_gangs(bodies),
+                              policy=QueuePolicy(locality_moves=False))
+    spread = place(snapshot, pair, QueueState()).decision
+    assert spread.placed and sorted(spread.nodes) == ["n1", "n2"]

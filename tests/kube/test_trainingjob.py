@@ -106,6 +106,7 @@ async def test_defragmentation_moves_a_checkpointed_gang_to_make_a_whole_node(
 ) -> None:
     # a gang may be moved right after it starts running (default: after 10 min of running)
     monkeypatch.setenv("CAPSTAN_MIGRATION_MIN_RUN_SECONDS", "0")
+    monkeypatch.setenv("CAPSTAN_MIGRATION_DEFRAGMENT", "on")  # off by default
     async with cluster.operator():
         # "mover" (4 GPUs, checkpointed, so movable) runs on n0
         await add_gpu_node("n0", clique="a", rack="r1")

@@ -69,6 +69,14 @@ def test_idle_split_accounts_for_every_idle_gpu_second() -> None:
 def test_simulated_defragmentation_move_starts_the_waiting_gang_and_costs_the_mover() -> None:
     """Two half-used nodes, an 8-GPU job waiting: capstan moves a 4-GPU job and pays for it."""
     mod = _load()
+    defrag, mod.DEFRAG = mod.DEFRAG, True  # plain defragmentation is off by default (QueuePolicy.defragment)
+    try:
+        _defragmentation_move(mod)
+    finally:
+        mod.DEFRAG = defrag
+
+
+def _defragmentation_move(mod: ModuleType) -> None:
     cluster = mod.hgx_cluster(1, 1, 2)
     trace = [mod.TraceJob(0, 4, 20_000), mod.TraceJob(0, 4, 700), mod.TraceJob(1, 4, 20_000),
              mod.TraceJob(800, 8, 1_000)]

@@ -16,6 +16,7 @@ from capstan.topology import (
     build_inventory,
     place_gang,
     plan_defragmentation,
+    plan_locality_moves,
 )
 
 NOW = 10_000.0
@@ -156,3 +157,51 @@ def test_moves_only_when_the_waiting_gang_gains_more_than_the_movers_lose() -> N
     # an unknown end: no model of the gain, fragmentation alone decides (as without running gangs)
     unknown = [*running(NOW + 100)[:2], RunningGang(c.result, 0.0, None)]
     assert len(plan_defragmentation(inv, [whole], [a, b, c], NOW, pol, unknown)) == 1
+
+
+def _two_racks() -> tuple[Inventory, list[MovableGang]]:
+    """Racks A (a0, a1) and B (b0, b1) of 4-GPU nodes, one block: a 2 x 4-GPU gang fits now only
+    over a1 + b0 (spread over the block); moving the 1-GPU gang on a0 onto b1 frees rack A."""
+    nodes = [node(f"{r}{n}", 4, clique=r.upper(), rack=r.upper(), block="blk")
+             for r in "ab" for n in range(2)]
+    inv = build_inventory(nodes, [])
+    inv, x = _run(inv, "x", "a0", 1, since=NOW - 3600)
+    inv, y = _run(inv, "y", "b1", 3, since=NOW - 3600)
+    return inv, [x, y]
+
+
+SLOWDOWN = {"nvlink": 1.0, "rack": 1.15, "block": 1.3, "zone": 1.6, "cluster": 1.6}
+
+
+def test_a_gang_about_to_start_spread_gets_room_in_one_domain_when_that_pays() -> None:
+    inv, gangs = _two_racks()
+    pair = GangRequest("pair", 2, 4, policy="Preferred", expected_duration_s=3600)
+    assert place_gang(inv, pair).level == "block"  # it would start now, spread
+
+    moves = plan_locality_moves(inv, [pair], gangs, NOW, SLOWDOWN, ANY_AGE)
+
+    # 8 GPUs x 3,600 s x (1.3 - 1.0) saved > 1 GPU x (300 s down + 900 s lost): x moves off a0
+    assert [(m.gang, m.to.nodes, m.for_gang, m.for_level) for m in moves] == [("x", ["b1"], "pair", "nvlink")]
+    assert "making room for pair in one NVLink domain" in moves[0].reason
+    held = GangRequest("pair", 2, 4, policy="Required", max_domain="nvlink", expected_duration_s=3600)
+    assert not place_gang(inv, held).placed  # held to its domain, it waits for the move
+    res = place_gang(_apply(inv, gangs, moves), held)
+    assert res.placed and sorted(res.nodes) == ["a0", "a1"]
+
+
+def test_no_locality_move_when_it_costs_more_than_it_saves_or_nothing_says_so() -> None:
+    inv, gangs = _two_racks()
+    # 8 GPUs x 300 s x 0.3 = 720 GPU-seconds saved < 1,200 the move costs
+    short = GangRequest("short", 2, 4, policy="Preferred", expected_duration_s=300)
+    assert plan_locality_moves(inv, [short], gangs, NOW, SLOWDOWN, ANY_AGE) == []
+    # no declared run time: no model of what spreading costs
+    unknown = GangRequest("unknown", 2, 4, policy="Preferred")
+    assert plan_locality_moves(inv, [unknown], gangs, NOW, SLOWDOWN, ANY_AGE) == []
+    # a gang that fits in one domain now, or a one-worker gang, gets no move
+    inv2 = inv.release(gangs[0].result)
+    pair = GangRequest("pair", 2, 4, policy="Preferred", expected_duration_s=3600)
+    assert plan_locality_moves(inv2, [pair], gangs[1:], NOW, SLOWDOWN, ANY_AGE) == []
+    one = GangRequest("one", 1, 4, policy="Preferred", expected_duration_s=3600)
+    assert plan_locality_moves(inv, [one], gangs, NOW, SLOWDOWN, ANY_AGE) == []
+    # movers too young to move stay: the default policy lets a gang run 10 min between moves
+    assert plan_locality_moves(inv, [pair], gangs, NOW - 3600 + 60, SLOWDOWN) == []

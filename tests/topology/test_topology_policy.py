@@ -35,6 +35,11 @@ def test_migration_on_by_default_and_switchable() -> None:
     off = queue_policy_from_env({"CAPSTAN_MIGRATION": "off", "CAPSTAN_MIGRATION_MIN_RUN_SECONDS": "1800"})
     assert not off.migration and off.moves.min_run_s == 1800
     assert queue_policy_from_env({"CAPSTAN_MIGRATION": "On"}).migration
+    assert QueuePolicy().locality_moves and not QueuePolicy().defragment
+    assert queue_policy_from_env({"CAPSTAN_MIGRATION_DEFRAGMENT": "on"}).defragment
+    assert not queue_policy_from_env({"CAPSTAN_MIGRATION_FOR_LOCALITY": "off"}).locality_moves
+    with pytest.raises(ValueError, match="CAPSTAN_MIGRATION_FOR_LOCALITY"):
+        queue_policy_from_env({"CAPSTAN_MIGRATION_FOR_LOCALITY": "sometimes"})
 
 
 def test_guard_by_wait_and_move_cost_model_on_by_default_and_settable() -> None:

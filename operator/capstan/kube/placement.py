@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -58,6 +58,7 @@ from capstan.topology import (
     TopologyLevels,
     build_inventory,
     plan_defragmentation,
+    plan_locality_moves,
     schedule_queue,
 )
 from capstan.training.lifecycle import PlacementDecision
@@ -393,12 +394,23 @@ def queue_pass(snapshot: QueueSnapshot, job: TrainingJob, state: QueueState) -> 
         return QueuePass(_decision(mine.move.to), state.reservation, (), moves)
     others = {queue_key(j): j for j in snapshot.queued if queue_key(j) != me}
     requests = [gang_request(j, at) for j in others.values()] + [gang_request(job, at)]
+    moving: list[PendingMove] = []
+    if policy.migration and policy.locality_moves and not moves and policy.locality_slowdown is not None:
+        # room in a narrower domain for a gang that would start spread, when that pays
+        uids = {m.request.name: uid for m, uid in snapshot.movable}
+        local = plan_locality_moves(inv, requests, [m for m, _ in snapshot.movable], at,
+                                    policy.locality_slowdown, policy.moves)
+        moving = [PendingMove(mv, uids[mv.gang], at) for mv in local]
+    # a gang that moves make room for in a narrower domain waits for that domain until they are done
+    hold = {p.move.for_gang: p.move.for_level for p in [*moves.values(), *moving]
+            if p.move.for_gang and p.move.for_level}
+    requests = [replace(r, policy="Required", max_domain=hold[r.name]) if r.name in hold else r
+                for r in requests]
     decisions = schedule_queue(
         inv, requests, running=snapshot.running, now=at, reservation=state.reservation,
         **policy.queue_kwargs(),
     )
-    moving: list[PendingMove] = []
-    if policy.migration and not moves:  # one defragmentation in flight at a time
+    if policy.migration and policy.defragment and not moves and not moving:  # one in flight at a time
         moving = _plan_moves(inv, decisions, snapshot.movable, at, policy, snapshot.running)
     return QueuePass(
         decision=_decision(next(d for d in decisions if d.name == me).result),

@@ -32,7 +32,7 @@ from .levels import (
     levels_from_env,
     parse_levels,
 )
-from .moves import MovableGang, Move, MovePolicy, plan_defragmentation
+from .moves import MovableGang, Move, MovePolicy, plan_defragmentation, plan_locality_moves
 from .policy import (
     DEFAULT_SLOWDOWN,
     QueuePolicy,
@@ -74,6 +74,7 @@ __all__ = [
     "place_replicas",
     "place_when_freed",
     "plan_defragmentation",
+    "plan_locality_moves",
     "pod_gpu_request",
     "queue_order",
     "queue_policy_from_env",

@@ -9,7 +9,10 @@ Only gangs the caller marks movable are considered, and only after they have run
 since their last (re)start, so no gang is moved over and over. A move must pay for itself: when
 the running gangs' expected ends are known, the waiting gang's gain (its GPUs x how much sooner it
 starts than at its soonest slot without moves) must exceed the modelled cost (each mover's GPUs x
-its restart downtime plus the work it loses since its last checkpoint). Every move names its destination;
+its restart downtime plus the work it loses since its last checkpoint). :func:`plan_locality_moves`
+does the same for a gang that would start now but spread over a wider domain than it could fit in:
+the moves clear room in the narrower domain when the run time that saves it (its GPUs x declared
+run time x the slowdown difference) exceeds their cost. Every move names its destination;
 the caller restarts the gang there (it resumes from its checkpoint). Pure and deterministic, like
 the rest of :mod:`capstan.topology`.
 """
@@ -19,10 +22,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from .gang import GangRequest, PlacementResult, place_gang
+from .gang import GangRequest, PlacementResult, narrowest_level, place_gang
 from .inventory import Inventory
-from .levels import CLUSTER_LEVEL
-from .queue import RunningGang, _reserve_by_end_times, queue_order
+from .levels import CLUSTER_LEVEL, display_level
+from .queue import RunningGang, _reserve_by_end_times, _shape, queue_order
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,15 @@ class MovableGang:
 
 @dataclass(frozen=True)
 class Move:
-    """Restart gang ``gang`` on ``to``; ``for_gang`` is the waiting gang this makes room for."""
+    """Restart gang ``gang`` on ``to``; ``for_gang`` is the waiting gang this makes room for,
+    ``for_level`` the domain level the room is made in when the move is for locality (that gang
+    fits now, spread: it is held to that level until the moves are done)."""
 
     gang: str
     to: PlacementResult
     reason: str
     for_gang: str | None = None
+    for_level: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,11 +83,7 @@ def plan_defragmentation(inventory: Inventory, waiting: Sequence[GangRequest],
     [] when no waiting gang qualifies; at most one gang is helped per call.
     """
     pol = policy or MovePolicy()
-    by_node: dict[str, list[MovableGang]] = {}
-    for m in movable:
-        if (m.request.workers == 1 and m.request.gpus_per_worker > 0 and len(m.result.nodes) == 1
-                and now - m.running_since >= pol.min_run_s):
-            by_node.setdefault(m.result.nodes[0], []).append(m)
+    by_node = _movers_by_node(movable, now, pol)
     if not by_node:
         return []
     for req in queue_order(waiting):
@@ -93,6 +95,67 @@ def plan_defragmentation(inventory: Inventory, waiting: Sequence[GangRequest],
         if moves and _pays(inventory, req, moves, movable, running, now, pol):
             return moves
     return []
+
+
+def plan_locality_moves(inventory: Inventory, pending: Sequence[GangRequest],
+                        movable: Sequence[MovableGang], now: float, slowdown: Mapping[str, float],
+                        policy: MovePolicy | None = None) -> list[Move]:
+    """Moves that let the first pending gang (queue order) that would start now, but spread over a
+    wider domain than one it could fit in, start in the narrower domain instead.
+
+    Considers Preferred multi-worker gangs that declare ``expected_duration_s``. The narrowest
+    level first: the moves (as :func:`plan_defragmentation` picks them) must cost less
+    (:meth:`MovePolicy.cost_gpu_s`) than the run time the narrower domain saves the gang, its
+    GPUs x ``expected_duration_s`` x (``slowdown`` of the level it would span now - that of the
+    narrower one). Each move's ``for_level`` names that level; the caller holds the gang to it
+    (``policy="Required"``, ``max_domain=for_level``) until the moves are done. Returns [] when
+    no gang qualifies; at most one gang is helped per call.
+    """
+    pol = policy or MovePolicy()
+    by_node = _movers_by_node(movable, now, pol)
+    if not by_node:
+        return []
+    gangs = {m.request.name: m for m in movable}
+    levels = inventory.levels
+    tried: set[tuple[object, ...]] = set()  # shapes with no paying moves: same answer this call
+    for req in queue_order(pending):
+        dur = req.expected_duration_s
+        if req.policy != "Preferred" or req.workers < 2 or req.gpus_per_worker == 0 or not dur:
+            continue
+        shape = (_shape(req), req.avoid_nodes, dur)
+        if shape in tried:
+            continue
+        tried.add(shape)
+        now_res = place_gang(inventory, req)
+        if not now_res.placed:
+            continue  # it waits anyway: plan_defragmentation's case
+        spread = now_res.level or CLUSTER_LEVEL
+        ideal = narrowest_level(inventory, req)
+        if ideal is None or levels.index(ideal) >= levels.index(spread):
+            continue
+        s_now = slowdown.get(spread, 1.0)
+        for li in range(levels.index(ideal), levels.index(spread)):
+            level = levels.levels[li].name
+            gain = req.total_gpus * dur * (s_now - slowdown.get(level, 1.0))
+            if gain <= 0:
+                continue
+            moves = _clear_room(inventory, replace(req, policy="Required", max_domain=level), by_node)
+            if moves and sum(pol.cost_gpu_s(gangs[mv.gang], now) for mv in moves) < gain:
+                why = (f"making room for {req.name} in one {display_level(level)} (placed now it would "
+                       f"span a {display_level(spread)} and run slower)")
+                return [replace(mv, reason=why, for_level=level) for mv in moves]
+    return []
+
+
+def _movers_by_node(movable: Sequence[MovableGang], now: float,
+                    pol: MovePolicy) -> dict[str, list[MovableGang]]:
+    """One-worker gangs that may move now, by the node they run on."""
+    by_node: dict[str, list[MovableGang]] = {}
+    for m in movable:
+        if (m.request.workers == 1 and m.request.gpus_per_worker > 0 and len(m.result.nodes) == 1
+                and now - m.running_since >= pol.min_run_s):
+            by_node.setdefault(m.result.nodes[0], []).append(m)
+    return by_node
 
 
 def _pays(inv: Inventory, req: GangRequest, moves: Sequence[Move], movable: Sequence[MovableGang],
@@ -170,4 +233,4 @@ def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[Mov
     return moves if place_gang(after, req).placed else []
 
 
-__all__ = ["MovableGang", "Move", "MovePolicy", "plan_defragmentation"]
+__all__ = ["MovableGang", "Move", "MovePolicy", "plan_defragmentation", "plan_locality_moves"]

@@ -17,6 +17,13 @@
   domain. ``moves`` says when a move is worth it: it must gain (GPUs of the waiting gang x how much
   sooner it starts) more than it costs (movers' GPUs x ``moves.restart_s`` downtime plus the work
   since their last checkpoint).
+* ``defragment`` — :func:`capstan.topology.plan_defragmentation` moves for a gang that waits
+  because the idle GPUs are scattered, or for room in the narrower domain it waits for. Off by
+  default: its pay rule counts the waiting gang's gain only, and on the real traces the one-worker
+  jobs that then queue behind it lost more (``bench/placement.py`` notes).
+* ``locality_moves`` — moves also make room in a narrower domain for a gang that would start now
+  but spread wider (:func:`capstan.topology.plan_locality_moves`), when the run time that saves it
+  (from ``locality_slowdown`` and its declared ``activeDeadlineSeconds``) exceeds what they cost.
 
 The defaults are what ``bench/placement.py`` measures as "capstan". The slowdowns are an estimate
 of all-reduce-bound training over NVLink, one rack's leaf switch, a block's spine and a zone;
@@ -38,6 +45,8 @@ MIGRATION_ENV = "CAPSTAN_MIGRATION"
 MIGRATION_MIN_RUN_ENV = "CAPSTAN_MIGRATION_MIN_RUN_SECONDS"
 GUARD_BY_WAIT_ENV = "CAPSTAN_QUEUE_GUARD_BY_WAIT"
 MIGRATION_RESTART_ENV = "CAPSTAN_MIGRATION_RESTART_SECONDS"
+LOCALITY_MOVES_ENV = "CAPSTAN_MIGRATION_FOR_LOCALITY"
+DEFRAGMENT_ENV = "CAPSTAN_MIGRATION_DEFRAGMENT"
 
 DEFAULT_RESERVE_AFTER_S = 86400.0
 DEFAULT_SLOWDOWN: Mapping[str, float] = {
@@ -56,6 +65,8 @@ class QueuePolicy:
     locality_wait_fraction: float = DEFAULT_WAIT_FRACTION
     migration: bool = True
     moves: MovePolicy = field(default_factory=MovePolicy)
+    locality_moves: bool = True
+    defragment: bool = False
 
     def queue_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`schedule_queue`."""
@@ -115,6 +126,8 @@ def queue_policy_from_env(env: Mapping[str, str]) -> QueuePolicy:
     guard = env_switch(env, GUARD_BY_WAIT_ENV)
     min_run = _number(env, MIGRATION_MIN_RUN_ENV, lambda v: v >= 0, "a number of seconds >= 0")
     restart = _number(env, MIGRATION_RESTART_ENV, lambda v: v >= 0, "a number of seconds >= 0")
+    locality_moves = env_switch(env, LOCALITY_MOVES_ENV)
+    defragment = env_switch(env, DEFRAGMENT_ENV)
     moves = default.moves
     if min_run is not None:
         moves = replace(moves, min_run_s=min_run)
@@ -127,6 +140,8 @@ def queue_policy_from_env(env: Mapping[str, str]) -> QueuePolicy:
         default.locality_wait_fraction if fraction is None else fraction,
         migration=default.migration if migration is None else migration,
         moves=moves,
+        locality_moves=default.locality_moves if locality_moves is None else locality_moves,
+        defragment=default.defragment if defragment is None else defragment,
     )
 
 

@@ -37,7 +37,9 @@ class ScriptedServer:
         self.closed = False
         self.done = asyncio.Event()
 
-    async def list_page(self, res: Any, *, continue_: str | None = None, limit: int = 500) -> dict[str, Any]:
+    async def list_page(
+        self, res: Any, *, continue_: str | None = None, limit: int = 500, labels: Any = None
+    ) -> dict[str, Any]:
         if isinstance(self.pages[0], Exception):  # refused, for good
             raise self.pages[0]
         items = self.pages.pop(0)
@@ -46,7 +48,7 @@ class ScriptedServer:
         return {"metadata": {"resourceVersion": rv}, "items": items}
 
     async def watch(
-        self, res: Any, resource_version: str, *, timeout_s: int = 300
+        self, res: Any, resource_version: str, *, timeout_s: int = 300, labels: Any = None
     ) -> AsyncIterator[dict[str, Any]]:
         self.watched_from.append(resource_version)
         if not self.watches:

@@ -145,6 +145,7 @@ class Reflector:
     labels: Mapping[str, str | None] | None = None  # list and watch only objects carrying these
     index_label: str | None = None  # keep keys by this label's value (:meth:`by_label`)
     _index: dict[str, set[str]] = field(default_factory=dict)
+    _arrivals: dict[str, asyncio.Event] = field(default_factory=dict)  # keys someone waits for
 
     @property
     def usable(self) -> bool:
@@ -158,6 +159,21 @@ class Reflector:
     def by_label(self, value: str) -> list[dict[str, Any]]:
         """The stored objects whose :attr:`index_label` is ``value``."""
         return [self.objects[k] for k in sorted(self._index.get(value, ())) if k in self.objects]
+
+    async def arrival(self, key: str, timeout_s: float) -> dict[str, Any] | None:
+        """The stored object ``key``, waiting up to ``timeout_s`` for it to be stored (its watch
+        event may come a moment after another watch told the caller it exists); None if it did not."""
+        found = self.objects.get(key)
+        if found is not None:
+            return found
+        event = self._arrivals.setdefault(key, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            self._arrivals.pop(key, None)
+        return self.objects.get(key)
 
     def _indexed(self, key: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
         if self.index_label is None:
@@ -193,6 +209,8 @@ class Reflector:
             self.objects.pop(key, None)
         else:
             self.objects[key] = kept
+            if key in self._arrivals:
+                self._arrivals[key].set()
         self._indexed(key, old, kept)
         if version is not None:
             self.versions[key] = version
@@ -364,11 +382,12 @@ class ClusterCache:
         if uid and self.on_change is not None:
             self.on_change(uid)
 
-    def job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """TrainingJob ``namespace/name`` from memory (None: not there, or the cache is not usable)."""
+    async def job(self, namespace: str, name: str, wait_s: float = 0.0) -> dict[str, Any] | None:
+        """TrainingJob ``namespace/name`` from memory, waiting up to ``wait_s`` for its watch event
+        (None: not there, or the cache is not usable)."""
         if not self.jobs.usable:
             return None
-        return self.jobs.get(f"{namespace}/{name}")
+        return await self.jobs.arrival(f"{namespace}/{name}", wait_s)
 
     def pods_of(self, uid: str) -> list[dict[str, Any]] | None:
         """The pods carrying job-uid label ``uid``, from memory; None when the pod cache is not usable."""

@@ -95,6 +95,7 @@ from capstan.training.pods import METRICS_PORT, checkpoint_claim_name, checkpoin
 from capstan.training.progress import PROGRESS_RECHECK_S, Progress
 
 KIND = "TrainingJob"
+CACHE_ARRIVAL_S = 2.0  # how long a pass waits for a job the cache has not seen yet before a GET
 CLEANUP_RETRY_S = 2.0  # the deletion handler's retry after a transient API failure (kopf's: 60 s)
 PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 
@@ -246,8 +247,12 @@ async def _read_job(
 ) -> dict[str, Any] | None:
     """The job to reconcile from the synced cache (a copy: the pass may change it), or from the API
     server when memory lacks it or holds another incarnation of the name; None when it is gone or
-    being deleted."""
-    cached = cluster.job(namespace, name) if cluster is not None else None
+    being deleted.
+
+    A job kopf has just told its loop about may reach the cache's own watch a moment later: the read
+    waits for it up to :data:`CACHE_ARRIVAL_S` rather than GET it at once.
+    """
+    cached = await cluster.job(namespace, name, CACHE_ARRIVAL_S) if cluster is not None else None
     if cached is None or (uid and dig(cached, "metadata", "uid") != uid):
         return await fetch_live(api, TRAININGJOBS, namespace, name, uid)
     if dig(cached, "metadata", "deletionTimestamp"):

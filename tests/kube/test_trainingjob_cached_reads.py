@@ -111,7 +111,7 @@ async def test_concurrent_placement_passes_never_double_book_gpus(
     for i in range(3):
         await add_gpu_node(f"n{i}", gpus=8, clique=f"c{i}")
     uids = {}
-    for i in range(6):  # 6 gangs of 2 × 4 GPUs on 3 nodes of 8: room for 3
+    for i in range(6):  # 6 gangs of 2 workers x 4 GPUs on 3 nodes of 8: room for 3
         created = await env.api.create(sc.job_body(env, f"g{i}", workers=2, gpusPerWorker=4))
         uids[f"g{i}"] = created["metadata"]["uid"]
     api = SlowPodCreates(cluster.url, delay_s=1.0)

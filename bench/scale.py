@@ -1,8 +1,9 @@
 """Placement at scale on the real control plane: a burst of TrainingJobs onto KWOK GPU nodes.
 
 For each size (N nodes of 8 GPUs, one NVLink domain per node, 8 nodes per rack, 4 racks per block;
-M TrainingJobs of 1 to 64 workers created in one burst, about 85 % of the GPUs asked for) the bench
-runs three things on the same fresh nodes, one after the other, in namespaces of their own:
+up to M TrainingJobs of 1 to 64 workers created in one burst, about 85 % of the GPUs asked for; most
+jobs small, as in the public traces: 60 % one worker, 1 % 64 workers) the bench runs three things on
+the same fresh nodes, one after the other, in namespaces of their own:
 
 * ``floor``: the same worker pods (same GPU requests) created directly, with no placement logic at
   all: kube-scheduler binds them, kwok runs them;
@@ -18,8 +19,11 @@ placement decisions per second, the operator's peak RSS and CPU seconds, and the
 request count and latency p99 over the run (its ``/metrics``).
 
 Run inside ``make cluster`` (``scripts/cluster.py run -- python bench/scale.py --json``). Defaults
-(three sizes, 16/32/64 nodes) take about ten minutes on 2 cores; ``--sizes 64x120`` runs one.
-Results go to ``bench/results/scale.json``.
+(three sizes: 64 nodes and up to 96 jobs, 128 and 192, 256 and 384; the GPU budget ends each burst
+first, at about 60, 50 and 130 jobs with the default seed) take about ten minutes on 2 cores;
+``--sizes 64x120`` runs one. Results go to ``bench/results/scale.json``. SIGTERM or SIGINT stops the
+operators at once, then removes what the run created (finalizers of its TrainingJobs included,
+since no operator is left to release them) before exiting.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import logging
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,13 +52,45 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from tests.e2e.conftest import admin_client, kubeconfig_path  # noqa: E402
 from tests.faults.faults import FaultProxy, OperatorProcess, Upstream, write_proxy_kubeconfig  # noqa: E402
 
+from _procs import stop_all  # noqa: E402  (bench/ is the script's own folder)
 from capstan import GROUP, VERSION  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "scale.json"
 PRODUCT = "CAPSTAN-BENCH-GPU"  # the bench's nodes only: jobs select them, the dev cluster's stay out
 GPUS_PER_NODE = 8
-WORKER_CHOICES = (1, 1, 1, 2, 2, 4, 4, 8, 16, 32, 64)
-GPU_CHOICES = (1, 2, 4, 8)
+# workers per job and GPUs per worker, with their weights: mostly small jobs, a few very large ones
+WORKER_CHOICES = {1: 60, 2: 15, 4: 10, 8: 8, 16: 4, 32: 2, 64: 1}
+GPU_CHOICES = {1: 40, 2: 25, 4: 20, 8: 15}
+DEFAULT_SIZES = ("64x96", "128x192", "256x384")
+_LIVE: list[OperatorProcess] = []  # operators running now: a signal stops them first
+_INTERRUPTED = False  # a signal came: clean up without waiting on operators
+
+
+def _stop_operators() -> None:
+    """Stop supervising every live operator (no restarts) and stop them all at once."""
+    procs = []
+    for op in list(_LIVE):
+        op._stopping.set()
+        proc = op._proc
+        if proc is not None and proc.poll() is None:
+            procs.append(proc)
+    stop_all(procs, grace_s=15)
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    """SIGTERM/SIGINT: stop the operators now, then unwind (each run's cleanup runs on the way)."""
+    global _INTERRUPTED
+    _INTERRUPTED = True
+    signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process as usual
+    print(f"bench/scale.py: signal {signum}: stopping operators and cleaning up", file=sys.stderr, flush=True)
+    _stop_operators()
+    raise SystemExit(128 + signum)
+
+
+def install_signal_handlers() -> None:
+    """Make SIGTERM and SIGINT stop the operators, then run the cleanup on the way out."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _on_signal)
 
 
 class CountingProxy(FaultProxy):
@@ -114,7 +151,8 @@ def burst(nodes: int, jobs: int, seed: int) -> list[tuple[int, int]]:
     budget = int(nodes * GPUS_PER_NODE * 0.85)
     out: list[tuple[int, int]] = []
     while len(out) < jobs:
-        workers, gpus = rng.choice(WORKER_CHOICES), rng.choice(GPU_CHOICES)
+        workers = rng.choices(list(WORKER_CHOICES), weights=list(WORKER_CHOICES.values()))[0]
+        gpus = rng.choices(list(GPU_CHOICES), weights=list(GPU_CHOICES.values()))[0]
         if workers * gpus > min(budget, nodes * GPUS_PER_NODE // 2):
             continue
         budget -= workers * gpus
@@ -215,7 +253,15 @@ class Cluster:
         self.core.create_namespace({"metadata": {"name": name}})
 
     def drop_jobs(self, namespace: str, timeout: float = 120) -> None:
-        """Delete every TrainingJob and wait until they are gone."""
+        """Delete every TrainingJob and wait until they are gone; after a signal (no operator left
+        to release them) strip their finalizers first and do not wait."""
+        if _INTERRUPTED:
+            for job in self.jobs(namespace):
+                self.custom.patch_namespaced_custom_object(
+                    GROUP, VERSION, namespace, "trainingjobs", job["metadata"]["name"],
+                    {"metadata": {"finalizers": None}},
+                )
+            timeout = 0
         for job in self.jobs(namespace):
             self.custom.delete_namespaced_custom_object(
                 GROUP, VERSION, namespace, "trainingjobs", job["metadata"]["name"]
@@ -228,6 +274,8 @@ class Cluster:
         from kubernetes.client.exceptions import ApiException
 
         self.core.delete_namespace(name)
+        if _INTERRUPTED:
+            return  # the server finishes it; the signal asked to stop now
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:
@@ -293,6 +341,7 @@ def run_operator(
     write_proxy_kubeconfig(kubeconfig, proxy.url, ns)
     os.environ["CAPSTAN_PLACEMENT_CACHE"] = "on" if cache else "off"
     op = OperatorProcess(ns, str(kubeconfig), log_dir, name=ns)
+    _LIVE.append(op)
     try:
         op.start()
         op.wait_started(120)
@@ -356,11 +405,14 @@ def run_operator(
         }
     finally:
         # the TrainingJobs first, while the operator runs (it releases their finalizers), then the rest
-        cluster.drop_jobs(ns)
-        cluster.drop_namespace(ns)
-        op.stop()
-        proxy.stop()
-        os.environ.pop("CAPSTAN_PLACEMENT_CACHE", None)
+        try:
+            cluster.drop_jobs(ns)
+            cluster.drop_namespace(ns)
+        finally:
+            op.stop()
+            _LIVE.remove(op)
+            proxy.stop()
+            os.environ.pop("CAPSTAN_PLACEMENT_CACHE", None)
 
 
 def run_size(
@@ -413,8 +465,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sizes",
         nargs="+",
-        default=["16x24", "32x48", "64x96"],
-        help="NODESxJOBS per size (default: 16x24 32x48 64x96)",
+        default=list(DEFAULT_SIZES),
+        help=f"NODESxJOBS per size (default: {' '.join(DEFAULT_SIZES)})",
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=240, help="seconds a burst may take")
@@ -422,6 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", default=["floor", "list", "cache"], help="what to run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    install_signal_handlers()
     # the counting proxy's relayed watch streams end with the runs: asyncio would log each one
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     cluster = Cluster()

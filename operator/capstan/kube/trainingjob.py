@@ -7,8 +7,9 @@ the job-uid label) and TrainingJob events only set the job's wake-up flag. So:
 * reconciles of one job never overlap (one loop per job), yet different jobs run in parallel;
 * a burst of 128 pod events collapses into one or two reconciles (the flag coalesces them);
 * a requeue is an exact sleep, with no retry bookkeeping written to the object (a
-  ``kopf.TemporaryError`` or a timer would fire late or persist progress; an index would hold
-  possibly stale pods right after we created them — the loop reads them from the API instead).
+  ``kopf.TemporaryError`` or a timer would fire late or persist progress; a kopf index would hold
+  possibly stale pods right after we created them — the loop reads the caches below instead, which
+  store what the operator wrote from the write's answer).
 
 Each reconcile is observe → plan → apply. Observe: the job (the freshest status: status is the
 lifecycle's memory), its pods, whether its Service and checkpoint PVC exist (and its VolumeSnapshots

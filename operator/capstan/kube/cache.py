@@ -35,6 +35,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 Slim = Callable[[Mapping[str, Any]], dict[str, Any] | None]
 WATCH_TIMEOUT_S = 300  # the server closes each watch after about this long; the reflector resumes
 _BACKOFF_S = (0.5, 30.0)  # first and largest wait after a failed list or watch
+TOMBSTONES_KEPT = 10_000  # deletions remembered (a late write answer must not resurrect them)
 _FORBIDDEN_RETRY_S = 300.0  # RBAC refused: try again now and then (a role may be granted later)
 
 
@@ -146,6 +148,8 @@ class Reflector:
     index_label: str | None = None  # keep keys by this label's value (:meth:`by_label`)
     _index: dict[str, set[str]] = field(default_factory=dict)
     _arrivals: dict[str, asyncio.Event] = field(default_factory=dict)  # keys someone waits for
+    # key -> resourceVersion of its deletion, the newest TOMBSTONES_KEPT deletions
+    _tombstones: OrderedDict[str, int] = field(default_factory=OrderedDict)
 
     @property
     def usable(self) -> bool:
@@ -196,12 +200,19 @@ class Reflector:
         return self.objects.get(key)
 
     def store(self, obj: Mapping[str, Any]) -> None:
-        """Keep ``obj`` unless a newer version of it is already stored (an assumed write, say)."""
+        """Keep ``obj`` unless a newer version of it is already stored (an assumed write, say), or
+        it was deleted at or after this version (a write's answer that comes after the watch's
+        deletion event must not bring the object back)."""
         key = object_key(obj)
         version = _version(obj)
         known = self.versions.get(key)
         if version is not None and known is not None and version < known:
             return
+        dead = self._tombstones.get(key)
+        if dead is not None:
+            if version is not None and version <= dead:
+                return
+            del self._tombstones[key]  # a newer object of that name
         # a label-selected kind: an object that lost the labels leaves (as the server's watch says)
         kept = self.slim(obj) if self.labels is None or matches_labels(obj, self.labels) else None
         old = self.objects.get(key)
@@ -223,6 +234,11 @@ class Reflector:
             return  # an old deletion: a newer object of that name was stored since
         self._indexed(key, self.objects.pop(key, None), None)
         self.versions.pop(key, None)
+        if version is not None:
+            self._tombstones[key] = version
+            self._tombstones.move_to_end(key)
+            while len(self._tombstones) > TOMBSTONES_KEPT:
+                self._tombstones.popitem(last=False)
 
     def apply(self, event: Mapping[str, Any]) -> None:
         """One watch event: store, forget, or move the resume point (BOOKMARK); 410 raises _Expired."""

@@ -692,7 +692,7 @@ async def _settle_creates(
             await api.patch_status(TRAININGJOBS, namespace, name, patch)
         logger.info("the gang's objects were created after an earlier refusal")
         return
-    status = refused(job, plan.status, refusal.message, now)
+    status = refused(job, plan.status, refusal.message, now, creating=plan.creating_workers)
     patch = status_merge_patch(written, status)
     if patch:
         await api.patch_status(TRAININGJOBS, namespace, name, patch)

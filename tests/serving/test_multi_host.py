@@ -314,3 +314,35 @@ def test_group_pods_reach_one_another_under_a_network_policy() -> None:
     plan = plan_modelserving(single, left, at(0))
     assert [r.name for r in plan.deletes if r.kind == "NetworkPolicy"] == ["gpt-groups"]
     assert "gpt-groups" not in {o["metadata"]["name"] for o in by_kind(plan.objects, "NetworkPolicy")}
+
+
+def test_groups_place_around_gangs_placed_but_not_created_yet() -> None:
+    import asyncio
+    import logging
+
+    from tests.api.bodies import make_trainingjob
+
+    from capstan.kube.servinggroups import cluster_inventory
+
+    gang = make_trainingjob("t").namespace("ml").uid("u").workers(4).gpus(4).obj()
+    gang["status"] = {
+        "phase": "Starting",
+        "attempt": 0,
+        "placement": {"nodes": [f"c1-n{i}" for i in range(4)]},
+    }
+
+    class Lister:
+        async def list_objects(self, res: Any, namespace: str | None = None, *_: Any) -> list[dict[str, Any]]:
+            return {"Node": clique_nodes({"c1": 4, "c2": 4}), "Pod": [], "TrainingJob": [gang]}[res.kind]
+
+    memo: Any = {}
+    inv = asyncio.run(cluster_inventory(Lister(), memo, "ml", logging.getLogger("t")))  # type: ignore[arg-type]
+    assert inv is not None
+    actions = plan_groups(_group_revision(NVL, replicas=1), [], inv)
+    # c1 is held by the gang whose pods the queue decided but has not created: the group goes to c2
+    assert {
+        p["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ][0]["matchFields"][0]["values"][0].split("-")[0]
+        for p in actions.create
+    } == {"c2"}

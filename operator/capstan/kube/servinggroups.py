@@ -2,9 +2,10 @@
 delete pods as :func:`capstan.serving.groups.plan_groups` says.
 
 Groups are placed under the TrainingJob placement lock, from the same cluster view the TrainingJob
-queue reads (the watch-fed caches once synced, else a list), so a serving group and a gang never
-take the same GPUs in one moment; pods created here are pinned to their nodes and count as held
-by the next pass of either kind before the scheduler binds them.
+queue reads (the watch-fed caches once synced, else a list), gangs placed but whose pods are not
+created yet counted from their status, so a serving group and a gang never take the same GPUs;
+pods created here are pinned to their nodes and count as held by the next pass of either kind
+before the scheduler binds them.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import kopf
 from capstan.api.modelserving import ModelServing
 from capstan.fields import dig
 from capstan.kube.activities import operator_config, shared_state
-from capstan.kube.cache import ClusterCache
-from capstan.kube.client import ApiClient, ApiError, gather_bounded
-from capstan.kube.placement import pinned_node
-from capstan.kube.resources import NODES, PODS, ApiResource, register_kind
-from capstan.kube.trainingjob import TrainingState
+from capstan.kube.client import ApiClient
+from capstan.kube.placement import pinned_node, placed_without_pods
+from capstan.kube.resources import ApiResource, register_kind
+from capstan.kube.trainingjob import TrainingState, cluster_view
 from capstan.labels import ANNOTATION_REPLICAS, LABEL_GROUP_OF
 from capstan.naming import label_value
 from capstan.serving.groups import GROUP_REVISION_KIND, GroupActions, plan_groups
@@ -50,20 +50,21 @@ def _as_bound(pods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-async def cluster_inventory(api: ApiClient, memo: kopf.Memo, logger: kopf.Logger) -> Inventory | None:
-    """The cluster's GPUs and what holds them (None: the Nodes cannot be read)."""
-    levels = operator_config(memo).topology_levels
-    cluster: ClusterCache | None = memo.get("cache")
-    if cluster is not None and cluster.ready:
-        return build_inventory(cluster.nodes.items(), _as_bound(cluster.pods.items()), levels)
-    try:
-        nodes, pods = await gather_bounded([api.list_objects(NODES), api.list_objects(PODS)])
-    except ApiError as exc:
-        if exc.status != 403:
-            raise
-        logger.warning("cannot list nodes/pods cluster-wide (%s): multi-host groups wait", exc.reason)
+async def cluster_inventory(
+    api: ApiClient, memo: kopf.Memo, namespace: str, logger: kopf.Logger
+) -> Inventory | None:
+    """The cluster's GPUs and what holds them, TrainingJob gangs placed but not yet created
+    included (None: the Nodes cannot be read)."""
+    view = await cluster_view(api, memo, namespace, logger)
+    if view is None:
         return None
-    return build_inventory(nodes, _as_bound(pods), levels)
+    nodes, pods, jobs = view
+    claims: dict[str, int] = {}
+    for held in placed_without_pods(jobs, pods).values():
+        for node, gpus in held.items():
+            claims[node] = claims.get(node, 0) + gpus
+    inventory = build_inventory(nodes, _as_bound(pods), operator_config(memo).topology_levels)
+    return inventory.add_usage(claims)
 
 
 def _desired_count(cr: Mapping[str, Any], plan: ServingPlan) -> Mapping[str, Any]:
@@ -105,7 +106,7 @@ async def run_groups(
         for cr in crs:
             actions = plan_groups(cr, pods, None)
             if actions.waiting and not read:
-                inventory, read = await cluster_inventory(api, memo, logger), True
+                inventory, read = await cluster_inventory(api, memo, ms.metadata.namespace, logger), True
             if actions.waiting:
                 actions = plan_groups(cr, pods, inventory)
                 # the next revision places around these pods: read the cluster again (the caches

@@ -451,20 +451,28 @@ def _ours(obj: Mapping[str, Any] | None, uid: str) -> bool:
 async def _queue_snapshot(
     api: ApiClient, memo: kopf.Memo, namespace: str, logger: kopf.Logger
 ) -> QueueSnapshot | None:
-    """Read what a queue pass decides over; None without readable Nodes (the gang goes unplaced).
+    """Read what a queue pass decides over; None without readable Nodes (the gang goes unplaced)."""
+    view = await cluster_view(api, memo, namespace, logger)
+    return _snapshot_of(memo, *view) if view is not None else None
+
+
+async def cluster_view(
+    api: ApiClient, memo: kopf.Memo, namespace: str, logger: kopf.Logger
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """(Nodes, Pods, TrainingJobs) that placement decides over; None without readable Nodes.
 
     From the watch-fed caches once they are synced (:mod:`capstan.kube.cache`); by listing the
     cluster otherwise (caches off, still listing, or not allowed to watch cluster-wide).
     """
     cluster: ClusterCache | None = memo.get("cache")
     if cluster is not None and cluster.ready:
-        return _snapshot_of(memo, cluster.nodes.items(), cluster.pods.items(), cluster.jobs.items())
+        return cluster.nodes.items(), cluster.pods.items(), cluster.jobs.items()
     try:
         nodes, pods = await gather_bounded([api.list_objects(NODES), api.list_objects(PODS)])
     except ApiError as exc:
         if exc.status != 403:
             raise
-        logger.warning("cannot list nodes/pods cluster-wide (%s): creating the gang unplaced", exc.reason)
+        logger.warning("cannot list nodes/pods cluster-wide (%s): nothing is placed", exc.reason)
         return None
     try:
         jobs = await api.list_objects(TRAININGJOBS)
@@ -474,7 +482,7 @@ async def _queue_snapshot(
         # an operator scoped to namespaces queues the gangs of the namespace it can see
         logger.warning("cannot list TrainingJobs cluster-wide (%s): queue of %s only", exc.reason, namespace)
         jobs = await api.list_objects(TRAININGJOBS, namespace)
-    return _snapshot_of(memo, nodes, pods, jobs)
+    return nodes, pods, jobs
 
 
 def _snapshot_of(

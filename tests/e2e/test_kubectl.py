@@ -54,10 +54,11 @@ def test_printer_columns_short_names_and_explain(cluster: Cluster, namespace: st
         .obj()
     )
     cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all([job, serving]))
-    # Settled: Starting, its workers unschedulable (the message stays until a pod changes).
+    # Settled: Starting, its workers unschedulable, the scheduler's reason in the message (it stays
+    # until a pod changes; the gang's first status says only that the workers do not run yet).
     tj = wait_until(lambda: get_json(cluster, namespace, "tj/cols"),
                     lambda o: (o.get("status") or {}).get("phase") == "Starting"
-                    and "not running" in o["status"].get("message", ""), what="tj Starting")
+                    and "not scheduled" in o["status"].get("message", ""), what="tj Starting")
     ms = wait_until(lambda: get_json(cluster, namespace, "ms/cols"),
                     lambda o: bool((o.get("status") or {}).get("stableRevision")), what="ms revision")
 

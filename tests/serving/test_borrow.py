@@ -148,9 +148,54 @@ def test_a_rollout_borrows_then_returns_when_promoted() -> None:
 
 
 def test_a_lent_gang_keeps_its_claim_from_other_gangs() -> None:
-    body = (make_trainingjob("t").namespace("ml").uid("u").workers(2).gpus(4)
-            .spec(preemptible=True, checkpoint={"volume": {"size": "1Gi"}}).obj())
+    body = (
+        make_trainingjob("t")
+        .namespace("ml")
+        .uid("u")
+        .workers(2)
+        .gpus(4)
+        .spec(preemptible=True, checkpoint={"volume": {"size": "1Gi"}})
+        .obj()
+    )
     body["status"] = {"phase": "Lent", "placement": {"nodes": ["n1", "n2"]}}
     assert placed_without_pods([body], []) == {"ml/t": {"n1": 4, "n2": 4}}
     body["status"]["phase"] = "Pending"  # given back: the queue places it afresh
     assert placed_without_pods([body], []) == {}
+
+
+def test_loans_are_read_as_long_as_the_modelserving_ever_borrowed() -> None:
+    import asyncio
+
+    from capstan.api.conditions import set_condition
+    from capstan.kube.modelserving import _borrow_view
+
+    class Lister:
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        async def list_objects(self, res: Any, namespace: str | None = None, *_: Any) -> list[dict[str, Any]]:
+            self.asked.append(res.kind)
+            return [tj("a", phase="Lent", lent_to="gpt")]
+
+        async def list_pods(self, namespace: str, labels: Any) -> list[dict[str, Any]]:
+            self.asked.append("Pod")
+            return []
+
+    never = make_ms(gpu=True)
+    api: Any = Lister()
+    assert asyncio.run(_borrow_view(api, never)) == ([], []) and api.asked == []
+    # borrowing turned off after a loan whose return did not land: the job is still read, so the
+    # next pass gives it back
+    st = never.status.model_copy(
+        update={
+            "conditions": set_condition(
+                [], "Borrowing", "False", "NotNeeded", "returned", now=at(0), generation=1
+            )
+        }
+    )
+    after = never.model_copy(update={"status": st})
+    pods, lenders = asyncio.run(_borrow_view(api, after))
+    assert pods == []  # no rollout asks for GPUs: the canary is not read
+    assert [x["metadata"]["name"] for x in lenders] == ["a"] and api.asked == ["TrainingJob"]
+    plan = plan_modelserving(after, Observed(lenders=lenders), at(10))
+    assert plan.give_back == ["a"]

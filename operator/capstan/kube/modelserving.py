@@ -226,10 +226,11 @@ async def _observe(
 async def _borrow_view(
     api: ApiClient, ms: ModelServing
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """For ``rollout.borrow`` (or loans still on record): the canary's pods and the namespace's
-    TrainingJobs; nothing is read otherwise."""
+    """For ``rollout.borrow``, or a ModelServing that ever borrowed (its Borrowing condition: a loan
+    may still have to be given back): the canary's pods and the namespace's TrainingJobs; nothing is
+    read otherwise."""
     allowed = ms.spec.rollout.borrow == "PreemptibleJobs"
-    on_record = any(c.type == ConditionType.BORROWING and c.status == "True" for c in ms.status.conditions)
+    on_record = any(c.type == ConditionType.BORROWING for c in ms.status.conditions)
     if not (allowed or on_record):
         return [], []
     ns, canary = ms.metadata.namespace, ms.status.canary_revision
@@ -241,12 +242,16 @@ async def _lend_and_return(
     api: ApiClient, ms: ModelServing, plan: ServingPlan, observed: Observed, logger: kopf.Logger
 ) -> None:
     """Mark the TrainingJobs the plan borrows from (``capstan.dev/lent-to``) and unmark those it
-    returns; each patch carries the resourceVersion read, so two rollouts never take one job."""
+    returns. A mark carries the resourceVersion read, so two rollouts never take one job; a job
+    changed meanwhile is decided on again next pass, as is a return that failed (the jobs are read
+    as long as the Borrowing condition exists)."""
     versions = {dig(j, "metadata", "name"): dig(j, "metadata", "resourceVersion") for j in observed.lenders}
     changes = [(n, ms.metadata.name) for n in plan.lend] + [(n, None) for n in plan.give_back]
     for name, value in changes:
-        patch = {"metadata": {"annotations": {LENT_TO_ANNOTATION: value},
-                              "resourceVersion": versions.get(name)}}
+        meta: dict[str, Any] = {"annotations": {LENT_TO_ANNOTATION: value}}
+        if value is not None:
+            meta["resourceVersion"] = versions.get(name)
+        patch = {"metadata": meta}
         try:
             await api.patch(TRAININGJOBS, ms.metadata.namespace, name, patch)
         except ApiError as exc:

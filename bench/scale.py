@@ -1,11 +1,13 @@
 """Placement at scale on the real control plane: a burst of TrainingJobs onto KWOK GPU nodes.
 
 For each size (N nodes of 8 GPUs, one NVLink domain per node, 8 nodes per rack, 4 racks per block;
-M TrainingJobs of 1 to 64 workers created in one burst, about 85 % of the GPUs asked for) the bench
-runs three things on the same fresh nodes, one after the other, in namespaces of their own:
+up to M TrainingJobs of 1 to 64 workers created in one burst, about 85 % of the GPUs asked for, none
+over a quarter of them; most jobs small, as in the public traces: 60 % one worker, 1 % 64 workers)
+the bench runs three things on the same fresh nodes, one after the other, in namespaces of their own:
 
 * ``floor``: the same worker pods (same GPU requests) created directly, with no placement logic at
-  all: kube-scheduler binds them, kwok runs them;
+  all: kube-scheduler binds them, kwok runs them (pods it leaves unschedulable, having strewn the
+  others so that no node has room, are counted, and the floor's time is its last pod Running);
 * ``list``: the operator (``capstan operator --namespace``, a real subprocess) with
   ``CAPSTAN_PLACEMENT_CACHE=off``: every placement pass lists Nodes, Pods and TrainingJobs;
 * ``cache``: the operator as shipped: passes read the watch-fed caches (:mod:`capstan.kube.cache`).
@@ -18,8 +20,12 @@ placement decisions per second, the operator's peak RSS and CPU seconds, and the
 request count and latency p99 over the run (its ``/metrics``).
 
 Run inside ``make cluster`` (``scripts/cluster.py run -- python bench/scale.py --json``). Defaults
-(three sizes, 16/32/64 nodes) take about ten minutes on 2 cores; ``--sizes 64x120`` runs one.
-Results go to ``bench/results/scale.json``.
+(three sizes: 32 nodes and up to 48 jobs, 64 and 96, 128 and 192; the GPU budget ends each burst
+first: 39, 62 and 111 jobs, 105, 205 and 331 pods with the default seed) take about ten minutes on
+2 cores;
+``--sizes 64x120`` runs one. Results go to ``bench/results/scale.json``. SIGTERM or SIGINT stops the
+operators at once, then removes what the run created (finalizers of its TrainingJobs included,
+since no operator is left to release them) before exiting.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import json
 import logging
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,13 +54,45 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from tests.e2e.conftest import admin_client, kubeconfig_path  # noqa: E402
 from tests.faults.faults import FaultProxy, OperatorProcess, Upstream, write_proxy_kubeconfig  # noqa: E402
 
+from _procs import stop_all  # noqa: E402  (bench/ is the script's own folder)
 from capstan import GROUP, VERSION  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "scale.json"
 PRODUCT = "CAPSTAN-BENCH-GPU"  # the bench's nodes only: jobs select them, the dev cluster's stay out
 GPUS_PER_NODE = 8
-WORKER_CHOICES = (1, 1, 1, 2, 2, 4, 4, 8, 16, 32, 64)
-GPU_CHOICES = (1, 2, 4, 8)
+# workers per job and GPUs per worker, with their weights: mostly small jobs, a few very large ones
+WORKER_CHOICES = {1: 60, 2: 15, 4: 10, 8: 8, 16: 4, 32: 2, 64: 1}
+GPU_CHOICES = {1: 40, 2: 25, 4: 20, 8: 15}
+DEFAULT_SIZES = ("32x48", "64x96", "128x192")
+_LIVE: list[OperatorProcess] = []  # operators running now: a signal stops them first
+_INTERRUPTED = False  # a signal came: clean up without waiting on operators
+
+
+def _stop_operators() -> None:
+    """Stop supervising every live operator (no restarts) and stop them all at once."""
+    procs = []
+    for op in list(_LIVE):
+        op._stopping.set()
+        proc = op._proc
+        if proc is not None and proc.poll() is None:
+            procs.append(proc)
+    stop_all(procs, grace_s=15)
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    """SIGTERM/SIGINT: stop the operators now, then unwind (each run's cleanup runs on the way)."""
+    global _INTERRUPTED
+    _INTERRUPTED = True
+    signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process as usual
+    print(f"bench/scale.py: signal {signum}: stopping operators and cleaning up", file=sys.stderr, flush=True)
+    _stop_operators()
+    raise SystemExit(128 + signum)
+
+
+def install_signal_handlers() -> None:
+    """Make SIGTERM and SIGINT stop the operators, then run the cleanup on the way out."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _on_signal)
 
 
 class CountingProxy(FaultProxy):
@@ -114,8 +153,9 @@ def burst(nodes: int, jobs: int, seed: int) -> list[tuple[int, int]]:
     budget = int(nodes * GPUS_PER_NODE * 0.85)
     out: list[tuple[int, int]] = []
     while len(out) < jobs:
-        workers, gpus = rng.choice(WORKER_CHOICES), rng.choice(GPU_CHOICES)
-        if workers * gpus > min(budget, nodes * GPUS_PER_NODE // 2):
+        workers = rng.choices(list(WORKER_CHOICES), weights=list(WORKER_CHOICES.values()))[0]
+        gpus = rng.choices(list(GPU_CHOICES), weights=list(GPU_CHOICES.values()))[0]
+        if workers * gpus > min(budget, nodes * GPUS_PER_NODE // 4):  # no job over a quarter of the GPUs
             continue
         budget -= workers * gpus
         out.append((workers, gpus))
@@ -207,15 +247,28 @@ class Cluster:
             )["items"]
         )
 
-    def running_pods(self, namespace: str) -> int:
+    def pod_states(self, namespace: str) -> tuple[int, int]:
+        """(Running pods, pods kube-scheduler found no room for) in ``namespace``."""
         pods = self.core.list_namespaced_pod(namespace, _request_timeout=30).items
-        return sum(1 for p in pods if p.status.phase == "Running")
+        running = sum(1 for p in pods if p.status.phase == "Running")
+        stuck = sum(1 for p in pods if p.status.phase == "Pending" and any(
+            c.type == "PodScheduled" and c.status == "False" and c.reason == "Unschedulable"
+            for c in p.status.conditions or []))
+        return running, stuck
 
     def namespace(self, name: str) -> None:
         self.core.create_namespace({"metadata": {"name": name}})
 
     def drop_jobs(self, namespace: str, timeout: float = 120) -> None:
-        """Delete every TrainingJob and wait until they are gone."""
+        """Delete every TrainingJob and wait until they are gone; after a signal (no operator left
+        to release them) strip their finalizers first and do not wait."""
+        if _INTERRUPTED:
+            for job in self.jobs(namespace):
+                self.custom.patch_namespaced_custom_object(
+                    GROUP, VERSION, namespace, "trainingjobs", job["metadata"]["name"],
+                    {"metadata": {"finalizers": None}},
+                )
+            timeout = 0
         for job in self.jobs(namespace):
             self.custom.delete_namespaced_custom_object(
                 GROUP, VERSION, namespace, "trainingjobs", job["metadata"]["name"]
@@ -228,6 +281,8 @@ class Cluster:
         from kubernetes.client.exceptions import ApiException
 
         self.core.delete_namespace(name)
+        if _INTERRUPTED:
+            return  # the server finishes it; the signal asked to stop now
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:
@@ -268,15 +323,28 @@ def run_floor(cluster: Cluster, ns: str, shape: list[tuple[int, int]], timeout: 
     for name, gpus in pods:
         cluster.core.create_namespaced_pod(ns, floor_pod(ns, name, gpus))
     last_create = time.monotonic()
-    while time.monotonic() - last_create < timeout and cluster.running_pods(ns) < len(pods):
+    # Until every pod runs, or the rest are unschedulable and nothing changed for 5 s: kube-scheduler
+    # alone may strand GPUs (it spreads pods, leaving no whole node for an 8-GPU pod), and nothing
+    # frees them later. The time is that of the last pod seen Running.
+    running, stuck, changed = 0, 0, last_create
+    took = 0.0
+    while time.monotonic() - last_create < timeout:
+        now_running, stuck = cluster.pod_states(ns)
+        now = time.monotonic()
+        if now_running != running:
+            running, changed, took = now_running, now, now - last_create
+        if running == len(pods) or (running + stuck == len(pods) and now - changed > 5):
+            break
         time.sleep(0.25)
-    took = time.monotonic() - last_create
+    timed_out = running + stuck < len(pods)
     after = cluster.metrics()
     return {
         "pods": len(pods),
+        "running": running,
+        "unschedulable": stuck,  # left Pending for want of room where kube-scheduler put the others
         "all_running_s": round(took, 2),
         "from_first_create_s": round(took + last_create - first_create, 2),
-        "timed_out": took >= timeout,
+        "timed_out": timed_out,
         "apiserver_requests": int(after["requests"] - before["requests"]),
         "apiserver_p99_s": p99(before["buckets"], after["buckets"]),
     }
@@ -293,6 +361,7 @@ def run_operator(
     write_proxy_kubeconfig(kubeconfig, proxy.url, ns)
     os.environ["CAPSTAN_PLACEMENT_CACHE"] = "on" if cache else "off"
     op = OperatorProcess(ns, str(kubeconfig), log_dir, name=ns)
+    _LIVE.append(op)
     try:
         op.start()
         op.wait_started(120)
@@ -356,11 +425,14 @@ def run_operator(
         }
     finally:
         # the TrainingJobs first, while the operator runs (it releases their finalizers), then the rest
-        cluster.drop_jobs(ns)
-        cluster.drop_namespace(ns)
-        op.stop()
-        proxy.stop()
-        os.environ.pop("CAPSTAN_PLACEMENT_CACHE", None)
+        try:
+            cluster.drop_jobs(ns)
+            cluster.drop_namespace(ns)
+        finally:
+            op.stop()
+            _LIVE.remove(op)
+            proxy.stop()
+            os.environ.pop("CAPSTAN_PLACEMENT_CACHE", None)
 
 
 def run_size(
@@ -413,8 +485,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sizes",
         nargs="+",
-        default=["16x24", "32x48", "64x96"],
-        help="NODESxJOBS per size (default: 16x24 32x48 64x96)",
+        default=list(DEFAULT_SIZES),
+        help=f"NODESxJOBS per size (default: {' '.join(DEFAULT_SIZES)})",
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=240, help="seconds a burst may take")
@@ -422,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", default=["floor", "list", "cache"], help="what to run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    install_signal_handlers()
     # the counting proxy's relayed watch streams end with the runs: asyncio would log each one
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     cluster = Cluster()

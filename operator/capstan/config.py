@@ -138,9 +138,10 @@ class OperatorConfig:
     (``$CAPSTAN_PROMETHEUS_URL``; default ``http://prometheus-operated.monitoring.svc:9090``)."""
 
     placement_cache: bool = True
-    """Placement passes read watch-fed caches of Nodes, GPU pods and TrainingJobs
-    (:mod:`capstan.kube.cache`); ``$CAPSTAN_PLACEMENT_CACHE=off`` lists them from the API server for
-    every pass instead (the baseline ``bench/scale.py`` compares against)."""
+    """Placement passes read watch-fed caches of Nodes, GPU pods and TrainingJobs, and TrainingJob
+    passes their job, pods, Service and PVC (:mod:`capstan.kube.cache`); ``$CAPSTAN_PLACEMENT_CACHE=off``
+    reads them from the API server for every pass instead (the baseline ``bench/scale.py`` compares
+    against)."""
     epp_image: str = DEFAULT_EPP_IMAGE
     """Image of the endpoint picker each InferencePool gets (``$CAPSTAN_EPP_IMAGE``; default the
     Gateway API Inference Extension's reference picker, pinned)."""

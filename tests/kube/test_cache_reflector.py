@@ -37,7 +37,9 @@ class ScriptedServer:
         self.closed = False
         self.done = asyncio.Event()
 
-    async def list_page(self, res: Any, *, continue_: str | None = None, limit: int = 500) -> dict[str, Any]:
+    async def list_page(
+        self, res: Any, *, continue_: str | None = None, limit: int = 500, labels: Any = None
+    ) -> dict[str, Any]:
         if isinstance(self.pages[0], Exception):  # refused, for good
             raise self.pages[0]
         items = self.pages.pop(0)
@@ -46,7 +48,7 @@ class ScriptedServer:
         return {"metadata": {"resourceVersion": rv}, "items": items}
 
     async def watch(
-        self, res: Any, resource_version: str, *, timeout_s: int = 300
+        self, res: Any, resource_version: str, *, timeout_s: int = 300, labels: Any = None
     ) -> AsyncIterator[dict[str, Any]]:
         self.watched_from.append(resource_version)
         if not self.watches:
@@ -110,6 +112,23 @@ async def test_store_keeps_the_newer_version_and_slim_pods_drop_what_placement_i
     no_gpu["spec"]["containers"][0]["resources"] = {}
     reflector.apply({"type": "ADDED", "object": no_gpu})
     assert "ns/web" not in reflector.objects
+
+
+def test_a_write_answered_after_the_deletion_event_does_not_bring_the_object_back() -> None:
+    """A pod deleted at once (never bound): the watch's DELETED event can come before the DELETE's
+    own answer, which still shows the pod terminating; storing that answer would leave a pod that
+    no event ever removes, and its gang waiting for it for good."""
+    reflector = Reflector(None, PODS, slim_pod, index_label="uid")  # type: ignore[arg-type]
+    pod = gpu_pod("w", 10)
+    pod["metadata"]["labels"] = {"uid": "u1"}
+    reflector.store(pod)
+    gone = {**pod, "metadata": {**pod["metadata"], "resourceVersion": "11", "deletionTimestamp": "now"}}
+    reflector.apply({"type": "DELETED", "object": gone})
+    reflector.store(gone)  # the DELETE's answer, late
+    assert "ns/w" not in reflector.objects and reflector.by_label("u1") == []
+    # a new pod of that name (a newer version) is kept
+    reflector.store({**pod, "metadata": {**pod["metadata"], "resourceVersion": "12"}})
+    assert [p["metadata"]["resourceVersion"] for p in reflector.by_label("u1")] == ["12"]
 
 
 async def test_rbac_refusal_makes_placement_fall_back_to_lists_until_allowed(

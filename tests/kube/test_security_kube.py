@@ -68,7 +68,12 @@ async def test_image_running_as_root_fails_the_job_with_the_fix(
     assert f"refused to start worker {name}" in failed["message"]
     assert "image will run as root" in failed["message"]
     assert "spec.securityContext.runAsUser" in failed["message"]
-    assert "RunAsNonRoot" in await sc.event_reasons(env, "rooted")
+
+
+    async def warned() -> bool:  # the pass posts its Events after writing the status
+        return "RunAsNonRoot" in await sc.event_reasons(env, "rooted")
+
+    await wait_for(warned, what="a RunAsNonRoot Event")
     # The waiting pods are removed (they hold their GPUs while they wait), and no restart follows.
     await wait_for(lambda: _none_left(cluster, env, "rooted"), what="worker pods deleted")
     assert sc.status(job)["restarts"] == 0

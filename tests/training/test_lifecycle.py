@@ -284,7 +284,7 @@ def test_refused_gang_is_reported_without_claiming_workers_and_kept_while_retrie
     first = plan_trainingjob(tj, [], T0, placement=_placed)
     assert first.create and first.status.phase == "Starting" and first.on_created is None
     message = 'Pod "gpt-0" is invalid: spec.tolerations[0].key: Invalid value: "bad key"'
-    st = refused(tj, first.status, message, T0)
+    st = refused(tj, first.status, message, T0, creating=first.creating_workers)
     admitted = next(c for c in st.conditions if c.type == "Admitted")
     assert (admitted.status, admitted.reason, admitted.message) == ("False", "CreateFailed", message)
     assert st.phase == "Pending" and st.placement is None
@@ -296,7 +296,7 @@ def test_refused_gang_is_reported_without_claiming_workers_and_kept_while_retrie
     tj = tj.model_copy(update={"status": st})
     retry = plan_trainingjob(tj, [], T0 + timedelta(seconds=5), placement=_placed)
     assert retry.create
-    assert retry.status.wire() == {**st.wire(), "workers": retry.status.wire()["workers"]}
+    assert retry.status.wire() == st.wire()
     assert retry.on_created is not None and retry.on_created.phase == "Starting"
     ok = next(c for c in retry.on_created.conditions if c.type == "Admitted")
     assert (ok.status, ok.reason) == ("True", "Valid")
@@ -307,6 +307,17 @@ def test_refused_gang_is_reported_without_claiming_workers_and_kept_while_retrie
     fresh = plan_trainingjob(changed, [], T0, placement=_placed)
     assert fresh.on_created is None and fresh.status.phase == "Starting"
     assert next(c for c in fresh.status.conditions if c.type == "Admitted").status == "True"
+
+
+def test_a_new_gang_is_counted_as_created_so_the_next_pass_writes_nothing() -> None:
+    c = Cluster(job(workers=3))
+    created = c.reconcile()
+    assert created.creating_workers == 3 and created.status.workers.active == 3
+    assert created.status.message == "3 of 3 workers not running yet"
+    # the pods exist now, still pending: the status the next pass computes is the one written
+    assert c.reconcile().status.wire() == created.status.wire()
+    c.set_phase("Running")
+    assert c.reconcile().status.phase == "Running"
 
 
 def test_refusal_of_missing_workers_keeps_starting() -> None:

@@ -19,6 +19,7 @@ Handler modules import this module, so its activities register with theirs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -31,6 +32,7 @@ from capstan import GROUP
 from capstan.config import OperatorConfig
 from capstan.kube.cache import ClusterCache
 from capstan.kube.client import DEFAULT_CONCURRENCY, ApiClient
+from capstan.kube.reconciler import wake
 from capstan.labels import FINALIZER
 
 T = TypeVar("T")
@@ -142,10 +144,12 @@ async def startup(memo: kopf.Memo, logger: kopf.Logger, settings: kopf.OperatorS
     info = await _login(memo, logger, settings)
     concurrency = int(memo.get("concurrency") or DEFAULT_CONCURRENCY)
     memo.api = ApiClient.from_connection(info, refresh=refresh, concurrency=concurrency)
+    memo.wakeups = {}
     if config.placement_cache:
         memo.cache = ClusterCache.for_client(memo.api)
+        # a pass reads memory: the watch event that changed a job or its children must wake it
+        memo.cache.on_change = functools.partial(wake, memo)
         memo.cache.start()
-    memo.wakeups = {}
     logging.getLogger("capstan").info("capstan operator started against %s", info.server)
 
 

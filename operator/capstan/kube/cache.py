@@ -1,5 +1,6 @@
 """Watch-fed caches of what a placement pass decides over: Nodes, Pods that hold GPUs or belong to
-a TrainingJob, and TrainingJobs.
+a TrainingJob, and TrainingJobs; and of the Services and PVCs TrainingJobs own, which each
+TrainingJob pass reads with its own job and pods.
 
 Listing every Node, Pod and TrainingJob for each placement pass costs the API server work in
 proportion to the cluster for every gang that asks, and the operator one big decode per pass. As
@@ -13,13 +14,19 @@ Two things keep the caches safe to decide over:
   into the cache from the write's answer (:attr:`ApiClient.write_observers`), so the next pass sees
   the GPUs a gang was just given before the watch event arrives, and an event older than what is
   stored (a lower ``resourceVersion``) does not undo it.
-* **Slim copies.** A pod is kept only when it holds GPUs or carries a TrainingJob's labels, and only
-  the fields placement reads (labels, node, affinity, GPU requests, phase): memory grows with the GPU
-  pods, not with every pod in the cluster.
+* **Slim copies.** A pod is kept only when it holds GPUs or carries a TrainingJob's labels, and of
+  other pods only the fields placement reads (labels, node, affinity, GPU requests, phase): memory
+  grows with the GPU pods, not with every pod in the cluster. A TrainingJob's own pods are kept whole
+  (less managed fields): its reconcile reads their container states and conditions.
+* **Wake-ups.** Each change a watch delivers wakes the reconcile loop of the TrainingJob it
+  concerns (:attr:`ClusterCache.on_change`): a pass reading memory must not end on a view older than
+  the event that woke it, or it would sleep until its resync with the newer state unseen.
 
 A cache that is not synced (still listing, or refused by RBAC: an operator scoped to namespaces
 cannot watch cluster-wide) makes the caller fall back to listing, as before
-(``$CAPSTAN_PLACEMENT_CACHE=off`` keeps that list-based path on purpose, as a baseline).
+(``$CAPSTAN_PLACEMENT_CACHE=off`` keeps that list-based path on purpose, as a baseline). The same
+holds for a TrainingJob pass: with the caches synced it reads its job, pods, Service and PVC from
+memory, otherwise (and for an object memory lacks) from the API server.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,8 +43,8 @@ from typing import Any
 import aiohttp
 
 from capstan.fields import dig
-from capstan.kube.client import ApiClient, ApiError
-from capstan.kube.resources import NODES, PODS, TRAININGJOBS, ApiResource, api_resource_of
+from capstan.kube.client import ApiClient, ApiError, matches_labels
+from capstan.kube.resources import NODES, PODS, PVCS, SERVICES, TRAININGJOBS, ApiResource, api_resource_of
 from capstan.labels import LABEL_JOB_UID
 from capstan.topology.inventory import pod_gpu_request
 
@@ -45,6 +53,7 @@ log = logging.getLogger(__name__)
 Slim = Callable[[Mapping[str, Any]], dict[str, Any] | None]
 WATCH_TIMEOUT_S = 300  # the server closes each watch after about this long; the reflector resumes
 _BACKOFF_S = (0.5, 30.0)  # first and largest wait after a failed list or watch
+TOMBSTONES_KEPT = 10_000  # deletions remembered (a late write answer must not resurrect them)
 _FORBIDDEN_RETRY_S = 300.0  # RBAC refused: try again now and then (a role may be granted later)
 
 
@@ -69,11 +78,13 @@ def _version(obj: Mapping[str, Any]) -> int | None:
 
 
 def slim_pod(pod: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The fields placement reads of a pod that holds GPUs or belongs to a TrainingJob; else None."""
+    """A TrainingJob's pod whole (less managed fields); of another pod that holds GPUs, the fields
+    placement reads; else None."""
     meta = pod.get("metadata") or {}
     labels = meta.get("labels") or {}
-    gpus = pod_gpu_request(pod)
-    if not gpus and LABEL_JOB_UID not in labels:
+    if LABEL_JOB_UID in labels:
+        return without_managed_fields(pod)  # its job's reconcile reads all of it
+    if not pod_gpu_request(pod):
         return None
     spec = pod.get("spec") or {}
 
@@ -133,27 +144,85 @@ class Reflector:
     lists: int = 0  # full lists done (the first, and one per expiry)
     events: int = 0  # watch events applied
     on_event: Callable[[str, Mapping[str, Any]], None] | None = None  # (type, object), after storing
+    labels: Mapping[str, str | None] | None = None  # list and watch only objects carrying these
+    index_label: str | None = None  # keep keys by this label's value (:meth:`by_label`)
+    _index: dict[str, set[str]] = field(default_factory=dict)
+    _arrivals: dict[str, asyncio.Event] = field(default_factory=dict)  # keys someone waits for
+    # key -> resourceVersion of its deletion, the newest TOMBSTONES_KEPT deletions
+    _tombstones: OrderedDict[str, int] = field(default_factory=OrderedDict)
+
+    @property
+    def usable(self) -> bool:
+        """Listed, and watched since (reads may come from memory)."""
+        return self.synced.is_set() and not self.forbidden
 
     def items(self) -> list[dict[str, Any]]:
         """A snapshot of the stored objects."""
         return list(self.objects.values())
+
+    def by_label(self, value: str) -> list[dict[str, Any]]:
+        """The stored objects whose :attr:`index_label` is ``value``."""
+        return [self.objects[k] for k in sorted(self._index.get(value, ())) if k in self.objects]
+
+    async def arrival(self, key: str, timeout_s: float) -> dict[str, Any] | None:
+        """The stored object ``key``, waiting up to ``timeout_s`` for it to be stored (its watch
+        event may come a moment after another watch told the caller it exists); None if it did not."""
+        found = self.objects.get(key)
+        if found is not None:
+            return found
+        event = self._arrivals.setdefault(key, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            self._arrivals.pop(key, None)
+        return self.objects.get(key)
+
+    def _indexed(self, key: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
+        if self.index_label is None:
+            return
+        before = dig(old, "metadata", "labels", self.index_label) if old else None
+        after = dig(new, "metadata", "labels", self.index_label) if new else None
+        if before == after:
+            return
+        if before is not None:
+            keys = self._index.get(before)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._index[before]
+        if after is not None:
+            self._index.setdefault(after, set()).add(key)
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The stored object ``key`` (``namespace/name``), or None."""
         return self.objects.get(key)
 
     def store(self, obj: Mapping[str, Any]) -> None:
-        """Keep ``obj`` unless a newer version of it is already stored (an assumed write, say)."""
+        """Keep ``obj`` unless a newer version of it is already stored (an assumed write, say), or
+        it was deleted at or after this version (a write's answer that comes after the watch's
+        deletion event must not bring the object back)."""
         key = object_key(obj)
         version = _version(obj)
         known = self.versions.get(key)
         if version is not None and known is not None and version < known:
             return
-        kept = self.slim(obj)
+        dead = self._tombstones.get(key)
+        if dead is not None:
+            if version is not None and version <= dead:
+                return
+            del self._tombstones[key]  # a newer object of that name
+        # a label-selected kind: an object that lost the labels leaves (as the server's watch says)
+        kept = self.slim(obj) if self.labels is None or matches_labels(obj, self.labels) else None
+        old = self.objects.get(key)
         if kept is None:
             self.objects.pop(key, None)
         else:
             self.objects[key] = kept
+            if key in self._arrivals:
+                self._arrivals[key].set()
+        self._indexed(key, old, kept)
         if version is not None:
             self.versions[key] = version
 
@@ -163,8 +232,13 @@ class Reflector:
         version, known = _version(obj), self.versions.get(key)
         if version is not None and known is not None and version < known:
             return  # an old deletion: a newer object of that name was stored since
-        self.objects.pop(key, None)
+        self._indexed(key, self.objects.pop(key, None), None)
         self.versions.pop(key, None)
+        if version is not None:
+            self._tombstones[key] = version
+            self._tombstones.move_to_end(key)
+            while len(self._tombstones) > TOMBSTONES_KEPT:
+                self._tombstones.popitem(last=False)
 
     def apply(self, event: Mapping[str, Any]) -> None:
         """One watch event: store, forget, or move the resume point (BOOKMARK); 410 raises _Expired."""
@@ -196,11 +270,11 @@ class Reflector:
         versions: dict[str, int] = {}
         continue_: str | None = None
         while True:
-            page = await self.api.list_page(self.resource, continue_=continue_)
+            page = await self.api.list_page(self.resource, continue_=continue_, labels=self.labels)
             for item in page.get("items") or []:
                 item.setdefault("apiVersion", self.resource.api_version)  # list items carry neither
                 item.setdefault("kind", self.resource.kind)
-                kept = self.slim(item)
+                kept = self.slim(item) if self.labels is None or matches_labels(item, self.labels) else None
                 if kept is not None:
                     key = object_key(item)
                     objects[key] = kept
@@ -210,6 +284,9 @@ class Reflector:
             if not continue_:
                 break
         self.objects, self.versions = objects, versions
+        self._index = {}
+        for key, obj in objects.items():
+            self._indexed(key, None, obj)
         self.resource_version = str(dig(page, "metadata", "resourceVersion") or "")
         self.lists += 1
         self.forbidden = False  # allowed to list (again); a refused watch says so once more
@@ -224,7 +301,7 @@ class Reflector:
                     await self.relist()
                 opened, before = time.monotonic(), self.events
                 async for event in self.api.watch(self.resource, self.resource_version,
-                                                  timeout_s=WATCH_TIMEOUT_S):
+                                                  timeout_s=WATCH_TIMEOUT_S, labels=self.labels):
                     self.apply(event)
                 self.forbidden = False
                 if self.events == before and time.monotonic() - opened < 1.0:
@@ -269,32 +346,77 @@ def _backoff(failures: int) -> float:
     return float(min(high, low * 2 ** min(failures, 10)) * random.uniform(0.5, 1.0))
 
 
+def _owning_job(kind: str, obj: Mapping[str, Any]) -> str | None:
+    """The uid of the TrainingJob an object is or belongs to (by its job-uid label)."""
+    if kind == "TrainingJob":
+        return dig(obj, "metadata", "uid")
+    return dig(obj, "metadata", "labels", LABEL_JOB_UID)
+
+
 @dataclass
 class ClusterCache:
-    """The three reflectors placement reads, and the tasks that feed them."""
+    """The reflectors placement and the TrainingJob passes read, and the tasks that feed them."""
 
     nodes: Reflector
     pods: Reflector
     jobs: Reflector
+    services: Reflector | None = None  # TrainingJobs' headless Services (job-uid label)
+    pvcs: Reflector | None = None  # TrainingJobs' checkpoint PVCs (job-uid label)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: called with a TrainingJob's uid when a watch event changes it or one of its children
+    on_change: Callable[[str], None] | None = None
 
     @classmethod
     def for_client(cls, api: ApiClient) -> ClusterCache:
         """Reflectors over ``api``, fed by its own writes too (not yet started)."""
-        nodes, pods = Reflector(api, NODES, slim_node), Reflector(api, PODS, slim_pod)
-        cache = cls(nodes, pods, Reflector(api, TRAININGJOBS))
+        owned = {LABEL_JOB_UID: None}
+        cache = cls(
+            Reflector(api, NODES, slim_node),
+            Reflector(api, PODS, slim_pod, index_label=LABEL_JOB_UID),
+            Reflector(api, TRAININGJOBS),
+            Reflector(api, SERVICES, labels=owned),
+            Reflector(api, PVCS, labels=owned),
+        )
+        for reflector in cache.reflectors[1:]:
+            reflector.on_event = cache._changed
         api.write_observers.append(cache.assume)
         return cache
 
     @property
-    def reflectors(self) -> tuple[Reflector, Reflector, Reflector]:
-        """Nodes, pods, TrainingJobs."""
-        return self.nodes, self.pods, self.jobs
+    def reflectors(self) -> tuple[Reflector, ...]:
+        """Nodes, pods, TrainingJobs, then the TrainingJobs' Services and PVCs where kept."""
+        children = tuple(r for r in (self.services, self.pvcs) if r is not None)
+        return self.nodes, self.pods, self.jobs, *children
 
     @property
     def ready(self) -> bool:
-        """Every kind listed and watched (a pass may read memory)."""
-        return all(r.synced.is_set() and not r.forbidden for r in self.reflectors)
+        """Nodes, pods and TrainingJobs listed and watched (a placement pass may read memory)."""
+        return all(r.usable for r in (self.nodes, self.pods, self.jobs))
+
+    def _changed(self, _type: str, obj: Mapping[str, Any]) -> None:
+        uid = _owning_job(str(obj.get("kind") or ""), obj)
+        if uid and self.on_change is not None:
+            self.on_change(uid)
+
+    async def job(self, namespace: str, name: str, wait_s: float = 0.0) -> dict[str, Any] | None:
+        """TrainingJob ``namespace/name`` from memory, waiting up to ``wait_s`` for its watch event
+        (None: not there, or the cache is not usable)."""
+        if not self.jobs.usable:
+            return None
+        return await self.jobs.arrival(f"{namespace}/{name}", wait_s)
+
+    def pods_of(self, uid: str) -> list[dict[str, Any]] | None:
+        """The pods carrying job-uid label ``uid``, from memory; None when the pod cache is not usable."""
+        if not self.pods.usable or not uid:
+            return None
+        return self.pods.by_label(uid)
+
+    def children(self, resource: ApiResource) -> Reflector | None:
+        """The usable reflector of TrainingJobs' children of ``resource`` (Services, PVCs), or None."""
+        for reflector in (self.services, self.pvcs):
+            if reflector is not None and reflector.resource == resource and reflector.usable:
+                return reflector
+        return None
 
     def start(self) -> None:
         """Start listing and watching (idempotent)."""
@@ -324,8 +446,9 @@ class ClusterCache:
         except ValueError:
             return
         for reflector in self.reflectors:
-            if reflector.resource == resource and reflector.synced.is_set():
-                reflector.store(obj)
+            if reflector.resource != resource or not reflector.synced.is_set():
+                continue
+            reflector.store(obj)
 
     def node_known(self, name: str) -> bool | None:
         """Whether Node ``name`` is in the synced cache (None: the cache cannot say)."""

@@ -311,19 +311,33 @@ class ApiClient:
         return await self.list_objects(PODS, namespace, labels)
 
     async def list_page(
-        self, res: ApiResource, *, limit: int = 500, continue_: str | None = None
+        self,
+        res: ApiResource,
+        *,
+        limit: int = 500,
+        continue_: str | None = None,
+        labels: Mapping[str, str | None] | None = None,
     ) -> dict[str, Any]:
-        """One page of a cluster-wide list (``items``, ``metadata.resourceVersion``/``continue``)."""
+        """One page of a cluster-wide list (``items``, ``metadata.resourceVersion``/``continue``) of
+        the objects matching ``labels``."""
         params = {"limit": str(limit)}
         if continue_:
             params["continue"] = continue_
+        if labels:
+            params["labelSelector"] = selector_string(labels)
         page: dict[str, Any] = await self.request("GET", res.path(), params=params)
         return page
 
     async def watch(
-        self, res: ApiResource, resource_version: str, *, timeout_s: int = 300
+        self,
+        res: ApiResource,
+        resource_version: str,
+        *,
+        timeout_s: int = 300,
+        labels: Mapping[str, str | None] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Watch events of ``res`` cluster-wide from ``resource_version``: ``{"type", "object"}``.
+        """Watch events of ``res`` cluster-wide (of the objects matching ``labels``) from
+        ``resource_version``: ``{"type", "object"}``.
 
         The stream ends when the server closes it (after about ``timeout_s``); a broken stream
         raises the transport's error and an answer other than 200 raises :class:`ApiError`. The
@@ -331,6 +345,8 @@ class ApiClient:
         """
         params = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
                   "timeoutSeconds": str(timeout_s)}
+        if labels:
+            params["labelSelector"] = selector_string(labels)
         for attempt in (1, 2):
             headers = {**self.headers, "Accept": "application/json"}
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_s + 30)
@@ -458,11 +474,13 @@ class ApiClient:
         if grace_period_s is not None:
             options["gracePeriodSeconds"] = grace_period_s
         try:
-            await self.request("DELETE", res.path(namespace, name), body=options)
+            answer = await self.request("DELETE", res.path(namespace, name), body=options)
         except ApiError as exc:
             if exc.not_found:
                 return False
             raise
+        if isinstance(answer, Mapping) and dig(answer, "metadata", "deletionTimestamp"):
+            self._written(answer)  # still there, terminating: the caches see that at once
         return True
 
     async def delete_pod(self, namespace: str, name: str) -> bool:

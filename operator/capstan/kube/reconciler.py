@@ -48,6 +48,10 @@ def refused_by_server(exc: ApiError) -> bool:
 
 
 RESYNC_S = 60.0
+# After a wake-up, how long a loop lets more events arrive before its pass: a gang's pods change
+# within moments of each other (bound, then running), and one pass that sees them all writes one
+# status instead of one per pod.
+COALESCE_S = 0.2
 ERROR_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 #: Backoff while the API server cannot be reached or answers 429/5xx: it is away, not refusing,
 #: so the loop keeps asking every few seconds and resumes within that after it is back.
@@ -70,7 +74,8 @@ async def reconcile_loop(
     condition: str = ConditionType.READY,
 ) -> None:
     """Run ``reconcile`` for one object until the daemon stops: after each pass sleep until its
-    requested requeue (at most :data:`RESYNC_S`) or until :func:`wake` is called for ``uid``.
+    requested requeue (at most :data:`RESYNC_S`) or until :func:`wake` is called for ``uid`` (then
+    :data:`COALESCE_S` more, so that events arriving together make one pass).
 
     API errors back off (1 s … 30 s; 1 s … 5 s while the API server is away: no answer, 429 or
     5xx); client errors other than conflicts also become a Warning
@@ -129,6 +134,7 @@ async def reconcile_loop(
             timeout = RESYNC_S if delay is None else min(max(delay, 0.0), RESYNC_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), timeout)
+                await asyncio.sleep(COALESCE_S)  # woken by an event: let its siblings arrive
     finally:
         memo["wakeups"].pop(uid, None)
 

@@ -153,8 +153,11 @@ async def reconcile_live(
     condition: str,
     phase: str | None,
     on_invalid: Callable[[Mapping[str, Any]], None] | None = None,
+    read: Callable[[], Awaitable[dict[str, Any] | None]] | None = None,
 ) -> float | None:
     """The part of a reconcile every kind shares: read the live object, parse it, run ``step``.
+
+    ``read()`` reads the object (None: gone or being deleted); by default a GET (:func:`fetch_live`).
 
     ``step(body, parsed, now)`` does the kind's work and returns seconds until the next pass (None:
     only an event wakes it). A gone object returns None; an invalid spec is reported (see
@@ -165,7 +168,7 @@ async def reconcile_live(
     started = time.monotonic()
     outcome = "error"
     try:
-        body = await fetch_live(api, res, namespace, name, uid)
+        body = await (read() if read is not None else fetch_live(api, res, namespace, name, uid))
         if body is None:
             outcome = "ok"
             return None

@@ -7,23 +7,29 @@ the job-uid label) and TrainingJob events only set the job's wake-up flag. So:
 * reconciles of one job never overlap (one loop per job), yet different jobs run in parallel;
 * a burst of 128 pod events collapses into one or two reconciles (the flag coalesces them);
 * a requeue is an exact sleep, with no retry bookkeeping written to the object (a
-  ``kopf.TemporaryError`` or a timer would fire late or persist progress; an index would hold
-  possibly stale pods right after we created them — the loop reads them from the API instead).
+  ``kopf.TemporaryError`` or a timer would fire late or persist progress; a kopf index would hold
+  possibly stale pods right after we created them — the loop reads the caches below instead, which
+  store what the operator wrote from the write's answer).
 
-Each reconcile is observe → plan → apply. Observe: GET the job (the freshest status: status is the
-lifecycle's memory), LIST its pods (and its VolumeSnapshots when it keeps them). Plan, pure: the
-gang lifecycle with the snapshots folded in; a gang that Capstan's queue places first gets a plan
-that only says so, and is planned again, under the placement lock, with a queue pass's decision
-(:mod:`capstan.kube.placement`). Apply in order: status patch, snapshots, creates, pod deletes,
-Events, requeue, TTL delete. Every step is idempotent (deterministic names, create-if-absent,
-delete-if-present, merge patches), so a crash or an operator restart at any point converges to
-the same result.
+Each reconcile is observe → plan → apply. Observe: the job (the freshest status: status is the
+lifecycle's memory), its pods, whether its Service and checkpoint PVC exist (and its VolumeSnapshots
+when it keeps them). With the watch-fed caches synced (:mod:`capstan.kube.cache`) these come from
+memory: the operator's own writes are stored there from their answers, and every watch event about
+the job or its children wakes its loop, so a pass never ends on a view older than what woke it.
+Without them (caches off, not yet synced, or refused by RBAC), or for an object memory lacks, the
+pass GETs and lists as before. Plan, pure: the gang lifecycle with the snapshots folded in; a gang
+that Capstan's queue places first gets a plan that only says so, and is planned again, under the
+placement lock, with a queue pass's decision (:mod:`capstan.kube.placement`). Apply in order: status
+patch, snapshots, creates, pod deletes, Events, requeue, TTL delete. Every step is idempotent
+(deterministic names, create-if-absent, delete-if-present, merge patches), so a crash or an operator
+restart at any point converges to the same result.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,9 +65,18 @@ from capstan.kube.placement import (
     wants_placement,
 )
 from capstan.kube.reconciler import Reported, reconcile_loop, refused_by_server, wake, wake_all
-from capstan.kube.resources import MODELSERVINGS, NODES, PODS, PVCS, SERVICES, TRAININGJOBS, VOLUME_SNAPSHOTS
+from capstan.kube.resources import (
+    MODELSERVINGS,
+    NODES,
+    PODS,
+    PVCS,
+    SERVICES,
+    TRAININGJOBS,
+    VOLUME_SNAPSHOTS,
+    ApiResource,
+)
 from capstan.kube.scrape import metrics_url, scrape_progress
-from capstan.kube.status import reconcile_live, status_merge_patch
+from capstan.kube.status import fetch_live, reconcile_live, status_merge_patch
 from capstan.labels import LABEL_ATTEMPT, LABEL_JOB, LABEL_JOB_UID, LABEL_RANK, LABEL_SNAPSHOT_REASON
 from capstan.metrics import (
     GANG_RESTARTS,
@@ -81,6 +96,7 @@ from capstan.training.pods import METRICS_PORT, checkpoint_claim_name, checkpoin
 from capstan.training.progress import PROGRESS_RECHECK_S, Progress
 
 KIND = "TrainingJob"
+CACHE_ARRIVAL_S = 2.0  # how long a pass waits for a job the cache has not seen yet before a GET
 CLEANUP_RETRY_S = 2.0  # the deletion handler's retry after a transient API failure (kopf's: 60 s)
 PHASES = (
     "Pending", "Queued", "Starting", "Running", "Restarting", "Succeeded", "Failed", "Suspended", "Lent",
@@ -168,7 +184,8 @@ class TrainingState:
     """What the TrainingJob handlers share across objects in one operator run."""
 
     queue: QueueState = field(default_factory=QueueState)  # placement-queue memory between passes
-    # serialises "place a gang, then create its pods", so two gangs never see the same free GPUs
+    # serialises "decide a gang's placement, then record it in its status", so no two gangs see the
+    # same free GPUs (a placed gang's status claims its GPUs until its pods exist)
     placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     gone_nodes: set[str] = field(default_factory=set)  # Nodes seen deleted: pods there are lost
     metrics: JobMetrics = field(default_factory=JobMetrics)
@@ -209,6 +226,9 @@ async def reconcile(
         assert isinstance(job, TrainingJob)
         return await _reconcile_job(api, body, job, now, memo, logger)
 
+    async def read() -> dict[str, Any] | None:
+        return await _read_job(api, memo.get("cache"), namespace, name, uid)
+
     return await reconcile_live(
         KIND,
         api,
@@ -221,7 +241,26 @@ async def reconcile(
         condition=ConditionType.ADMITTED,
         phase=None,
         on_invalid=invalid,
+        read=read,
     )
+
+
+async def _read_job(
+    api: ApiClient, cluster: ClusterCache | None, namespace: str, name: str, uid: str | None
+) -> dict[str, Any] | None:
+    """The job to reconcile from the synced cache (a copy: the pass may change it), or from the API
+    server when memory lacks it or holds another incarnation of the name; None when it is gone or
+    being deleted.
+
+    A job kopf has just told its loop about may reach the cache's own watch a moment later: the read
+    waits for it up to :data:`CACHE_ARRIVAL_S` rather than GET it at once.
+    """
+    cached = await cluster.job(namespace, name, CACHE_ARRIVAL_S) if cluster is not None else None
+    if cached is None or (uid and dig(cached, "metadata", "uid") != uid):
+        return await fetch_live(api, TRAININGJOBS, namespace, name, uid)
+    if dig(cached, "metadata", "deletionTimestamp"):
+        return None
+    return copy.deepcopy(cached)
 
 
 async def _reconcile_job(
@@ -250,9 +289,8 @@ async def _reconcile_job(
     plan, snaps = _plan(job, seen, now, move=move, placed_by_queue=placed_by_queue, levels=levels,
                         operator_namespace=namespace)
     if not plan.needs_placement:
-        refusal = await _apply(
-            api, job, body, plan, snaps=snaps, now=now, metrics=state.metrics, logger=logger
-        )
+        await _write_status(api, job, body, plan, now=now, metrics=state.metrics, logger=logger)
+        refusal = await _apply_children(api, body, plan, snaps=snaps, logger=logger)
         await _record_moves(api, job, state.queue, ())
     else:
         async with state.placement_lock:
@@ -262,13 +300,16 @@ async def _reconcile_job(
                 state.queue.apply(result)
             plan, snaps = _plan(job, seen, now, result.decision if result else None, move=move, levels=levels,
                                 operator_namespace=namespace)
-            refusal = await _apply(
-                api, job, body, plan, snaps=snaps, now=now, metrics=state.metrics, logger=logger
-            )
-            # under the lock: the next pass must not take up a move this one carried out
+            # The decision is recorded before the lock goes: the status names the gang's nodes, and
+            # the next pass counts those GPUs as held until the pods exist (placed_without_pods,
+            # read from the cache the write was stored in, or from a list made after it).
+            await _write_status(api, job, body, plan, now=now, metrics=state.metrics, logger=logger)
+            # the next pass must not take up a move this one carried out
             await _record_moves(api, job, state.queue, result.moving if result else ())
         if result is not None:
             _wake_queue(memo, result, logger)
+        # the gang's objects are created outside the lock: other gangs are placed meanwhile
+        refusal = await _apply_children(api, body, plan, snaps=snaps, logger=logger)
     return await _finish(api, job, body, plan, refusal=refusal, now=now, memo=memo, logger=logger)
 
 
@@ -325,10 +366,11 @@ async def _observe(
 ) -> _Observed:
     """The job's pods, whether its Service and checkpoint PVC are there (while it has pods), rank 0's
     progress (a scrape of its metrics while it runs) and, when it keeps snapshots, its
-    VolumeSnapshots and those in use."""
+    VolumeSnapshots and those in use. Pods, Service and PVC come from ``cluster`` when it is synced."""
     ns, name = job.metadata.namespace, job.metadata.name
-    listed = await api.list_pods(ns, selector(job))
-    service_exists, pvc_exists = await _children_exist(api, job) if listed else (None, None)
+    cached = cluster.pods_of(job.metadata.uid or "") if cluster is not None else None
+    listed = cached if cached is not None else await api.list_pods(ns, selector(job))
+    service_exists, pvc_exists = await _children_exist(api, job, cluster) if listed else (None, None)
     rank0 = await _rank0_progress(job, listed, {} if cache is None else cache)
     pods = _node_lost(listed, gone_nodes | await _missing_nodes(api, listed, cluster))
     if job.spec.checkpoint.snapshots is None or job.spec.checkpoint.volume is None:
@@ -367,7 +409,9 @@ async def _missing_nodes(
     return missing
 
 
-async def _children_exist(api: ApiClient, job: TrainingJob) -> tuple[bool | None, bool | None]:
+async def _children_exist(
+    api: ApiClient, job: TrainingJob, cluster: ClusterCache | None = None
+) -> tuple[bool | None, bool | None]:
     """Whether the job's headless Service and the checkpoint PVC the operator creates are there
     (None: not looked at — the job is finished or suspended, or has no such PVC). Looked at only
     while the job has pods: creating a gang creates them anyway.
@@ -380,10 +424,20 @@ async def _children_exist(api: ApiClient, job: TrainingJob) -> tuple[bool | None
         return None, None
     uid = job.metadata.uid or ""
     ns, claim = job.metadata.namespace, checkpoint_pvc(job)
-    service = await api.get(SERVICES, ns, service_name(job))
+    service = await _child(api, cluster, SERVICES, ns, service_name(job))
     if claim is None:
         return _ours(service, uid), None
-    return _ours(service, uid), _ours(await api.get(PVCS, ns, claim["metadata"]["name"]), uid)
+    return _ours(service, uid), _ours(await _child(api, cluster, PVCS, ns, claim["metadata"]["name"]), uid)
+
+
+async def _child(
+    api: ApiClient, cluster: ClusterCache | None, res: ApiResource, namespace: str, name: str
+) -> dict[str, Any] | None:
+    """A child of a TrainingJob from the synced cache, else (not there: gone, or never labelled
+    as a child) from the API server."""
+    children = cluster.children(res) if cluster is not None else None
+    found = children.get(f"{namespace}/{name}") if children is not None else None
+    return found if found is not None else await api.get(res, namespace, name)
 
 
 def _ours(obj: Mapping[str, Any] | None, uid: str) -> bool:
@@ -479,18 +533,17 @@ def _plan(
 # -- apply ---------------------------------------------------------------------------------------
 
 
-async def _apply(
+async def _write_status(
     api: ApiClient,
     job: TrainingJob,
     body: Mapping[str, Any],
     plan: Plan,
     *,
-    snaps: SnapshotPlan | None,
     now: datetime,
     metrics: JobMetrics,
     logger: kopf.Logger,
-) -> ApiError | None:
-    """Write the status, then snapshots, then the gang's objects; the server's refusal, if any."""
+) -> None:
+    """Write the plan's status (a merge patch of what changed) and export what changed."""
     old, new = job.status, plan.status
     patch = status_merge_patch(body.get("status"), new)
     if patch:
@@ -498,6 +551,12 @@ async def _apply(
         if old.phase != new.phase:
             logger.info("phase %s -> %s: %s", old.phase, new.phase, new.message)
     metrics.observe(job, old, new, now)
+
+
+async def _apply_children(
+    api: ApiClient, body: Mapping[str, Any], plan: Plan, *, snaps: SnapshotPlan | None, logger: kopf.Logger
+) -> ApiError | None:
+    """After the status: snapshots, then the gang's objects; the server's refusal, if any."""
     await _apply_snapshots(api, body, snaps, logger)
     return await _create(api, plan.create)
 
@@ -643,7 +702,7 @@ async def _settle_creates(
             await api.patch_status(TRAININGJOBS, namespace, name, patch)
         logger.info("the gang's objects were created after an earlier refusal")
         return
-    status = refused(job, plan.status, refusal.message, now)
+    status = refused(job, plan.status, refusal.message, now, creating=plan.creating_workers)
     patch = status_merge_patch(written, status)
     if patch:
         await api.patch_status(TRAININGJOBS, namespace, name, patch)

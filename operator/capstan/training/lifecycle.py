@@ -110,6 +110,10 @@ class Plan:
     needs_placement: bool = False
     #: Annotations to merge into worker pods, by pod name (a checkpoint request to rank 0).
     annotate_pods: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: Worker pods of ``create`` that ``status.workers.active`` already counts: the status is the
+    #: one the next pass finds once they exist, so that pass writes nothing. A refusal takes them
+    #: back (:func:`refused`).
+    creating_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -255,11 +259,15 @@ def _backoff(job: TrainingJob, restarts: int) -> float:
     return min(base * (2 ** min(max(restarts - 1, 0), 32)), MAX_BACKOFF_S) if base else 0.0
 
 
-def refused(job: TrainingJob, status: TrainingJobStatus, message: str, now: datetime) -> TrainingJobStatus:
+def refused(
+    job: TrainingJob, status: TrainingJobStatus, message: str, now: datetime, *, creating: int = 0
+) -> TrainingJobStatus:
     """``status`` after the API server refused to create the gang's objects with ``message``:
     ``Admitted=False``/:data:`CREATE_FAILED`, and nothing claims workers that do not exist —
-    phase Pending and no placement while none exists (Starting while some of the gang does)."""
+    phase Pending and no placement while none exists (Starting while some of the gang does).
+    ``creating``: the plan's :attr:`Plan.creating_workers`, counted in ``status`` before the creates."""
     st = status.model_copy(deep=True)
+    st.workers = st.workers.model_copy(update={"active": max(st.workers.active - creating, 0)})
     gen = job.metadata.generation
     st.conditions = set_condition(
         st.conditions, CT.ADMITTED, "False", Reason.CREATE_FAILED, message, now=now, generation=gen
@@ -327,6 +335,10 @@ def plan_trainingjob(
             now=now, generation=job.metadata.generation,
         )
         plan.status = _as_refused_before(plan.status, job.status)
+        # shown as refused until the creates work: no count of workers that may not come
+        plan.status.workers = plan.status.workers.model_copy(
+            update={"active": max(plan.status.workers.active - plan.creating_workers, 0)})
+        plan.creating_workers = 0
     return plan
 
 
@@ -640,6 +652,11 @@ def _create_gang(
     if nodes:
         b.requeue(job.spec.startup_timeout_seconds)  # wake at the startup deadline even if nothing changes
     b.phase("Starting", "GangCreated", f"created {job.spec.workers} worker pods (attempt {st.attempt})")
+    # The status as the next pass will find it once the pods exist (as the Job controller counts
+    # the pods it creates): one status write per gang start, not one before and one after.
+    b.plan.creating_workers = job.spec.workers
+    st.workers = st.workers.model_copy(update={"active": st.workers.active + job.spec.workers})
+    st.message = f"{job.spec.workers} of {job.spec.workers} workers not running yet"
     b.requeue(5)
     return b.plan
 

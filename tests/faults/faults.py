@@ -209,6 +209,28 @@ class OperatorProcess:
                     state = "paused"
         return state
 
+    def task_dump(self, wait_s: float = 2.0) -> str:
+        """Ask the running operator where each of its coroutines waits (SIGUSR1, see
+        :mod:`capstan.kube.diagnostics`) and return what it logged; "" when it did not answer."""
+        from capstan.kube.diagnostics import DUMP_MARK, DUMP_SIGNAL
+
+        with self._lock:
+            proc, log_file = self._proc, self._log
+        if proc is None or proc.poll() is not None or log_file is None:
+            return ""
+        proc.send_signal(DUMP_SIGNAL)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            for line in reversed(log_file.read_text(errors="replace").splitlines()):
+                if DUMP_MARK not in line:
+                    continue
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    return str(record.get("message", line)) if isinstance(record, dict) else line
+                return line
+            time.sleep(0.1)
+        return ""
+
     def logged(self, text: str) -> bool:
         """Whether the current run's log contains ``text``."""
         return self._log is not None and self._log.exists() and text in self._log.read_text(errors="replace")

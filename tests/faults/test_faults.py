@@ -290,7 +290,8 @@ def run_steps(cluster: Cluster, ns: str, operator: OperatorProcess, specs: list[
                        "step_s": round(time.monotonic() - began, 2), "violations": problems, **extra})
         if problems:
             pytest.fail(f"step {step!r} did not converge in {timeout}s; violations:\n  "
-                        + "\n  ".join(problems) + f"\noperator log tail:\n{operator.tail(40)}", pytrace=False)
+                        + "\n  ".join(problems) + f"\noperator log tail:\n{operator.tail(40)}"
+                        + f"\noperator tasks:\n{operator.task_dump()}", pytrace=False)
 
 
 def test_operator_converges_after_sigkills(cluster: Cluster, kube: Any, namespace: str,
@@ -412,7 +413,8 @@ def test_standby_takes_over_when_the_active_replica_is_killed(cluster: Cluster, 
             resumed = time.monotonic() - killed
             trials.append({"step": "fail a worker of a (standby)", "converged_s": round(resumed, 2),
                            "violations": problems})
-            assert not problems, f"not converged after the takeover:\n{problems}\n{standby.tail(40)}"
+            assert not problems, (f"not converged after the takeover:\n{problems}\n{standby.tail(40)}\n"
+                                  f"standby tasks:\n{standby.task_dump()}")
             assert standby.peering_state() == "resumed", standby.tail(40)
         finally:
             standby.stop()

@@ -176,3 +176,70 @@ def test_slim_nodes_place_exactly_as_whole_ones() -> None:
     assert [slim.free(n.name) for n in slim.nodes] == [whole.free(n.name) for n in whole.nodes]
     assert len(str(slim_node(nodes[0]))) < len(str(nodes[0])) / 5
     assert "managedFields" not in without_managed_fields(nodes[0])["metadata"]
+
+
+def test_a_write_answer_behind_the_watch_does_not_bring_back_what_a_relist_found_gone() -> None:
+    """The API server restarted: the watch relisted (at 30) and the pod was no longer there. The
+    answer to a DELETE sent before (the pod terminating, at 20) arrives after that: the relist
+    already read past it, so it must not be stored (no event would ever remove it, and its gang
+    would wait for it for good). A write newer than the watch's position is kept."""
+    cache = ClusterCache(Reflector(None, NODES), Reflector(None, PODS, slim_pod), Reflector(None, NODES))
+    pods = cache.pods
+    pods.synced.set()
+    pods.resource_version = "30"
+    old = gpu_pod("w", 20)
+    old["metadata"]["deletionTimestamp"] = "2026-11-30T00:00:00Z"
+    cache.assume(old)
+    assert "ns/w" not in pods.objects
+    cache.assume(gpu_pod("w2", 31))
+    assert "ns/w2" in pods.objects
+
+
+async def test_a_relist_tells_whoever_waits_what_changed_while_no_watch_ran(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Events lost in a 410 (the API server restarted) are not lost to the jobs waiting on them: the
+    relist reports what it found added, changed and gone."""
+    monkeypatch.setattr("capstan.kube.cache._backoff", lambda failures: 0.0)
+    server = ScriptedServer(
+        pages=[
+            [gpu_pod("a", 5), gpu_pod("b", 6), gpu_pod("c", 7)],
+            [gpu_pod("a", 5), gpu_pod("b", 9), gpu_pod("d", 10)],
+        ],
+        watches=[[{"type": "ERROR", "object": {"kind": "Status", "code": 410, "message": "too old"}}]],
+    )
+    seen: list[tuple[str, str]] = []
+    reflector = Reflector(server, PODS, slim_pod)  # type: ignore[arg-type]
+    reflector.on_event = lambda kind, obj: seen.append((kind, obj["metadata"]["name"]))
+    await run_until_done(reflector, server)
+    assert reflector.lists == 2
+    # nothing for the first list; then b changed, d came, c went (a is as it was)
+    assert sorted(seen) == [("ADDED", "d"), ("DELETED", "c"), ("MODIFIED", "b")]
+
+
+def test_sigusr1_logs_each_task_and_where_it_waits(caplog: pytest.LogCaptureFixture) -> None:
+    """``kill -USR1`` on a running operator logs every coroutine with the frame it waits in."""
+    import os
+
+    from capstan.kube.diagnostics import DUMP_MARK, DUMP_SIGNAL, install_task_dump
+
+    async def main() -> None:
+        assert install_task_dump(asyncio.get_running_loop())
+        lock = asyncio.Lock()
+        await lock.acquire()
+
+        async def waits_for_the_lock() -> None:
+            async with lock:
+                pass
+
+        task = asyncio.create_task(waits_for_the_lock(), name="job-loop-gang-a")
+        await asyncio.sleep(0)
+        os.kill(os.getpid(), DUMP_SIGNAL)
+        await asyncio.sleep(0.05)  # the loop runs the handler
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level("WARNING", logger="capstan.kube.diagnostics"):
+        asyncio.run(main())
+    (dump,) = [r.getMessage() for r in caplog.records if DUMP_MARK in r.getMessage()]
+    assert "--- job-loop-gang-a" in dump and "waits_for_the_lock" in dump

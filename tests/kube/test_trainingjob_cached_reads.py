@@ -83,14 +83,25 @@ async def test_passes_read_job_pods_service_and_pvc_from_the_synced_cache(
 
 
 class SlowPodCreates(ApiClient):
-    """An API client whose pod creates take ``delay_s`` (a loaded API server), counting how many
-    are in flight at once."""
+    """An API client whose pod creates and TrainingJob status writes take ``delay_s`` (a loaded API
+    server), counting how many of each are in flight at once."""
 
     def __init__(self, url: str, delay_s: float) -> None:
         super().__init__(url)
         self.delay_s = delay_s
         self.in_flight = 0
         self.most_in_flight = 0
+        self.status_in_flight = 0
+        self.most_status_in_flight = 0
+
+    async def patch_status(self, res: Any, namespace: str | None, name: str, status: Any) -> dict[str, Any]:
+        self.status_in_flight += 1
+        self.most_status_in_flight = max(self.most_status_in_flight, self.status_in_flight)
+        try:
+            await asyncio.sleep(self.delay_s / 2)
+            return await super().patch_status(res, namespace, name, status)
+        finally:
+            self.status_in_flight -= 1
 
     async def create(self, obj: Any) -> dict[str, Any]:
         if obj.get("kind") != "Pod":
@@ -145,3 +156,9 @@ async def test_concurrent_placement_passes_never_double_book_gpus(
     assert booked == Counter({"n0": 8, "n1": 8, "n2": 8}), booked  # no node given more than it has
     # the gangs' pods were created side by side, not one gang at a time under the lock
     assert api.most_in_flight > 2
+    # reading memory, the lock covers the decision only: the placed gangs' status writes overlapped
+    # (their claims were held in memory meanwhile); listing, each write is made under the lock
+    if cache == "on":
+        assert api.most_status_in_flight > 1
+    else:
+        assert api.most_status_in_flight == 1

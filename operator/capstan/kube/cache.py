@@ -68,13 +68,16 @@ def object_key(obj: Mapping[str, Any]) -> str:
     return f"{ns}/{meta.get('name')}" if ns else str(meta.get("name"))
 
 
-def _version(obj: Mapping[str, Any]) -> int | None:
-    """The object's resourceVersion as a number (etcd's revision), or None when it is not one."""
-    text = dig(obj, "metadata", "resourceVersion")
+def _int_or_none(text: Any) -> int | None:
     try:
         return int(text)
     except (TypeError, ValueError):
         return None
+
+
+def _version(obj: Mapping[str, Any]) -> int | None:
+    """The object's resourceVersion as a number (etcd's revision), or None when it is not one."""
+    return _int_or_none(dig(obj, "metadata", "resourceVersion"))
 
 
 def slim_pod(pod: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -199,6 +202,16 @@ class Reflector:
         """The stored object ``key`` (``namespace/name``), or None."""
         return self.objects.get(key)
 
+    def assume(self, obj: Mapping[str, Any]) -> None:
+        """Keep an object a write of the operator's returned, when it is newer than where the watch
+        stands. An answer at or below that point is already reflected (the watch delivered that
+        version, a newer one or the deletion, or a relist read past it): storing it could bring back
+        an object a relist found gone, and no event would ever remove it again."""
+        version, at = _version(obj), _int_or_none(self.resource_version)
+        if version is not None and at is not None and version <= at:
+            return
+        self.store(obj)
+
     def store(self, obj: Mapping[str, Any]) -> None:
         """Keep ``obj`` unless a newer version of it is already stored (an assumed write, say), or
         it was deleted at or after this version (a write's answer that comes after the watch's
@@ -283,7 +296,7 @@ class Reflector:
             continue_ = dig(page, "metadata", "continue") or None
             if not continue_:
                 break
-        self.objects, self.versions = objects, versions
+        before, self.objects, self.versions = self.objects, objects, versions
         self._index = {}
         for key, obj in objects.items():
             self._indexed(key, None, obj)
@@ -291,6 +304,24 @@ class Reflector:
         self.lists += 1
         self.forbidden = False  # allowed to list (again); a refused watch says so once more
         self.synced.set()
+        for key in objects.keys() & self._arrivals.keys():
+            self._arrivals[key].set()
+        self._replaced(before)
+
+    def _replaced(self, before: Mapping[str, dict[str, Any]]) -> None:
+        """After a relist, tell :attr:`on_event` what changed while no watch ran (as an informer's
+        Replace does): the events themselves are lost, and whoever waits on them (a job whose pods
+        went while the API server was down) would otherwise sleep until its resync."""
+        if self.on_event is None or self.lists == 1:
+            return  # the first list: nobody read this kind from memory before
+        for key, obj in self.objects.items():
+            old = before.get(key)
+            if old is None:
+                self.on_event("ADDED", obj)
+            elif dig(old, "metadata", "resourceVersion") != dig(obj, "metadata", "resourceVersion"):
+                self.on_event("MODIFIED", obj)
+        for key in before.keys() - self.objects.keys():
+            self.on_event("DELETED", before[key])
 
     async def run(self) -> None:
         """List, then watch for ever, resuming after each closed stream; stops when cancelled."""
@@ -448,7 +479,7 @@ class ClusterCache:
         for reflector in self.reflectors:
             if reflector.resource != resource or not reflector.synced.is_set():
                 continue
-            reflector.store(obj)
+            reflector.assume(obj)
 
     def node_known(self, name: str) -> bool | None:
         """Whether Node ``name`` is in the synced cache (None: the cache cannot say)."""

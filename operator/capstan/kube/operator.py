@@ -30,6 +30,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from capstan.config import ConfigError, OperatorConfig
+from capstan.kube.diagnostics import install_task_dump
 from capstan.metrics import REGISTRY
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ async def serve(
     memo = kopf.Memo(connection=connection, concurrency=concurrency, exit_timeout_s=exit_timeout_s,
                      stuck_exit_s=stuck_exit_s, config=config)
     runner = await start_metrics_server(metrics_port) if metrics_port else None
+    install_task_dump(asyncio.get_running_loop())  # kill -USR1: where every coroutine waits
     kwargs: dict[str, Any] = {}
     if peering:
         kwargs["peering_name"] = peering

@@ -19,9 +19,9 @@ from capstan.api.modelserving import ModelServing
 from capstan.fields import dig
 from capstan.kube.activities import operator_config, shared_state
 from capstan.kube.client import ApiClient
-from capstan.kube.placement import pinned_node, placed_without_pods
+from capstan.kube.placement import pinned_node
 from capstan.kube.resources import ApiResource, register_kind
-from capstan.kube.trainingjob import TrainingState, cluster_view
+from capstan.kube.trainingjob import TrainingState, cluster_view, held_by_placed_gangs
 from capstan.labels import ANNOTATION_REPLICAS, LABEL_GROUP_OF
 from capstan.naming import label_value
 from capstan.serving.groups import GROUP_REVISION_KIND, GroupActions, plan_groups
@@ -60,7 +60,7 @@ async def cluster_inventory(
         return None
     nodes, pods, jobs = view
     claims: dict[str, int] = {}
-    for held in placed_without_pods(jobs, pods).values():
+    for held in held_by_placed_gangs(memo, jobs, pods).values():
         for node, gpus in held.items():
             claims[node] = claims.get(node, 0) + gpus
     inventory = build_inventory(nodes, _as_bound(pods), operator_config(memo).topology_levels)

@@ -19,10 +19,13 @@ the job or its children wakes its loop, so a pass never ends on a view older tha
 Without them (caches off, not yet synced, or refused by RBAC), or for an object memory lacks, the
 pass GETs and lists as before. Plan, pure: the gang lifecycle with the snapshots folded in; a gang
 that Capstan's queue places first gets a plan that only says so, and is planned again, under the
-placement lock, with a queue pass's decision (:mod:`capstan.kube.placement`). Apply in order: status
-patch, snapshots, creates, pod deletes, Events, requeue, TTL delete. Every step is idempotent
-(deterministic names, create-if-absent, delete-if-present, merge patches), so a crash or an operator
-restart at any point converges to the same result.
+placement lock, with a queue pass's decision (:mod:`capstan.kube.placement`). The lock covers the
+decision only: reading memory, the next pass counts the GPUs just given as held from
+:attr:`TrainingState.inflight` until the status write lands in the cache (listing, it covers the
+write too, as the next pass could list before it lands). Apply in order: status patch, snapshots,
+creates, pod deletes, Events, requeue, TTL delete. Every step is idempotent (deterministic names,
+create-if-absent, delete-if-present, merge patches), so a crash or an operator restart at any point
+converges to the same result.
 """
 
 from __future__ import annotations
@@ -187,6 +190,9 @@ class TrainingState:
     # serialises "decide a gang's placement, then record it in its status", so no two gangs see the
     # same free GPUs (a placed gang's status claims its GPUs until its pods exist)
     placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # decisions made under the lock whose status write is still on its way (by queue key,
+    # ``{node: GPUs}``): passes reading memory count them as held meanwhile (see _reconcile_job)
+    inflight: dict[str, dict[str, int]] = field(default_factory=dict)
     gone_nodes: set[str] = field(default_factory=set)  # Nodes seen deleted: pods there are lost
     metrics: JobMetrics = field(default_factory=JobMetrics)
     # rank 0's last scrape per job uid: (monotonic time, gang attempt, what it reported)
@@ -293,19 +299,34 @@ async def _reconcile_job(
         refusal = await _apply_children(api, body, plan, snaps=snaps, logger=logger)
         await _record_moves(api, job, state.queue, ())
     else:
+        key, claim = queue_key(job), None
         async with state.placement_lock:
+            cluster: ClusterCache | None = memo.get("cache")
+            from_memory = cluster is not None and cluster.ready
             snapshot = await _queue_snapshot(api, memo, job.metadata.namespace, logger)
             result = queue_pass(snapshot, job, state.queue) if snapshot is not None else None
             if result is not None:
                 state.queue.apply(result)
             plan, snaps = _plan(job, seen, now, result.decision if result else None, move=move, levels=levels,
                                 operator_namespace=namespace)
-            # The decision is recorded before the lock goes: the status names the gang's nodes, and
-            # the next pass counts those GPUs as held until the pods exist (placed_without_pods,
-            # read from the cache the write was stored in, or from a list made after it).
-            await _write_status(api, job, body, plan, now=now, metrics=state.metrics, logger=logger)
-            # the next pass must not take up a move this one carried out
-            await _record_moves(api, job, state.queue, result.moving if result else ())
+            if from_memory and not (result and result.moving) and job.status.pending_move is None:
+                # The next pass builds its snapshot from memory without awaiting, so a claim kept
+                # in memory until the status write has landed (and fed the cache) is as good as
+                # the write: the lock goes now, and other gangs are decided while it travels.
+                claim = placed_without_pods([_with_status(body, plan)], seen.pods).get(key, {})
+                state.inflight[key] = claim
+            else:
+                # The decision is recorded before the lock goes: the status names the gang's nodes,
+                # and the next pass, listing after it, counts those GPUs as held until the pods exist.
+                await _write_status(api, job, body, plan, now=now, metrics=state.metrics, logger=logger)
+                # the next pass must not take up a move this one carried out
+                await _record_moves(api, job, state.queue, result.moving if result else ())
+        if claim is not None:
+            try:
+                await _write_status(api, job, body, plan, now=now, metrics=state.metrics, logger=logger)
+                await _record_moves(api, job, state.queue, ())
+            finally:
+                state.inflight.pop(key, None)  # the cache holds the status now (or it was not written)
         if result is not None:
             _wake_queue(memo, result, logger)
         # the gang's objects are created outside the lock: other gangs are placed meanwhile
@@ -500,9 +521,22 @@ def _snapshot_of(
         running=running_gangs(jobs, now),
         policy=config.queue,
         movable=movable_gangs(jobs, now),
-        claimed=placed_without_pods(jobs, pods),
+        claimed=held_by_placed_gangs(memo, jobs, pods),
         levels=config.topology_levels,
     )
+
+
+def held_by_placed_gangs(
+    memo: kopf.Memo, jobs: list[dict[str, Any]], pods: list[dict[str, Any]]
+) -> dict[str, dict[str, int]]:
+    """GPUs placed gangs hold where their pods do not exist yet, by queue key: what their statuses
+    say (:func:`placed_without_pods`), and the decisions whose status write is still on its way."""
+    return {**placed_without_pods(jobs, pods), **_state(memo).inflight}
+
+
+def _with_status(body: Mapping[str, Any], plan: Plan) -> dict[str, Any]:
+    """``body`` with the plan's status, as the cache will hold it once the write lands."""
+    return {**body, "status": plan.status.wire()}
 
 
 # -- plan ----------------------------------------------------------------------------------------

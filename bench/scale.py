@@ -3,21 +3,26 @@
 For each size (N nodes of 8 GPUs, one NVLink domain per node, 8 nodes per rack, 4 racks per block;
 up to M TrainingJobs of 1 to 64 workers created in one burst, about 85 % of the GPUs asked for, none
 over a quarter of them; most jobs small, as in the public traces: 60 % one worker, 1 % 64 workers)
-the bench runs three things on the same fresh nodes, one after the other, in namespaces of their own:
+the bench runs four things on the same fresh nodes, one after the other, in namespaces of their own:
 
 * ``floor``: the same worker pods (same GPU requests) created directly, with no placement logic at
   all: kube-scheduler binds them, kwok runs them (pods it leaves unschedulable, having strewn the
   others so that no node has room, are counted, and the floor's time is its last pod Running);
 * ``list``: the operator (``capstan operator --namespace``, a real subprocess) with
   ``CAPSTAN_PLACEMENT_CACHE=off``: every placement pass lists Nodes, Pods and TrainingJobs;
-* ``cache``: the operator as shipped: passes read the watch-fed caches (:mod:`capstan.kube.cache`).
+* ``cache``: the operator as shipped: passes read the watch-fed caches (:mod:`capstan.kube.cache`);
+* ``kills``: the same burst with the operator SIGKILLed ``--kills`` times (20) while it works and
+  restarted at once; then the fault tier's invariants must hold (:func:`run_kills`): the full-size
+  version of ``tests/faults``' SIGKILL test.
 
 Reported per run: seconds from the last create to every placed gang Running (and how many were
 placed: both operator modes must place the same gangs), the operator's API requests (counted by a
 transparent proxy in front of the API server, by client and verb; per TrainingJob, against the
 minimum: the worker pods and the headless Service created plus the status writes a job needs),
 placement decisions per second, the operator's peak RSS and CPU seconds, and the API server's own
-request count and latency p99 over the run (its ``/metrics``).
+request count, latency p99 and the request seconds of its busiest verbs over the run (its
+``/metrics``). The kills mode reports the kills, how long the jobs took to converge after the last
+one, and every invariant violation found (``kill_summary`` adds them up over the sizes).
 
 Run inside ``make cluster`` (``scripts/cluster.py run -- python bench/scale.py --json``). Defaults
 (three sizes: 32 nodes and up to 48 jobs, 64 and 96, 128 and 192; the GPU budget ends each burst
@@ -40,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -64,6 +70,8 @@ GPUS_PER_NODE = 8
 WORKER_CHOICES = {1: 60, 2: 15, 4: 10, 8: 8, 16: 4, 32: 2, 64: 1}
 GPU_CHOICES = {1: 40, 2: 25, 4: 20, 8: 15}
 DEFAULT_SIZES = ("32x48", "64x96", "128x192")
+MODES = ("floor", "list", "cache", "kills")
+KILLS = 20  # SIGKILLs of the operator during the kills mode's burst
 _LIVE: list[OperatorProcess] = []  # operators running now: a signal stops them first
 _INTERRUPTED = False  # a signal came: clean up without waiting on operators
 
@@ -231,14 +239,21 @@ class Cluster:
         text = response.data.decode()
         total = 0.0
         buckets: Counter[float] = Counter()
+        seconds: Counter[str] = Counter()
         for family in text_string_to_metric_families(text):
             if family.name == "apiserver_request":
                 total += sum(s.value for s in family.samples if s.name == "apiserver_request_total")
             if family.name == "apiserver_request_duration_seconds":
                 for s in family.samples:
-                    if s.name.endswith("_bucket") and s.labels.get("verb") != "WATCH":
+                    if s.labels.get("verb") in ("WATCH", "CONNECT"):
+                        continue
+                    if s.name.endswith("_bucket"):
                         buckets[float(s.labels["le"])] += s.value
-        return {"requests": total, "buckets": dict(buckets)}
+                    elif s.name.endswith("_sum"):
+                        sub = s.labels.get("subresource")
+                        what = f"{s.labels['resource']}/{sub}" if sub else s.labels["resource"]
+                        seconds[f"{s.labels['verb']} {what}"] += s.value
+        return {"requests": total, "buckets": dict(buckets), "seconds": dict(seconds)}
 
     def jobs(self, namespace: str) -> list[dict[str, Any]]:
         return list(
@@ -291,6 +306,13 @@ class Cluster:
                 if exc.status == 404:
                     return
             time.sleep(1)
+
+
+def busiest(before: dict[str, Any], after: dict[str, Any], top: int = 8) -> dict[str, float]:
+    """The API server's request seconds over a run by verb and resource, the ``top`` largest
+    (where the server's time went: summed latency, so concurrent requests overlap)."""
+    spent = Counter({k: v - before["seconds"].get(k, 0.0) for k, v in after["seconds"].items()})
+    return {k: round(v, 2) for k, v in spent.most_common(top) if v > 0.005}
 
 
 def p99(before: dict[float, float], after: dict[float, float]) -> float | None:
@@ -347,6 +369,7 @@ def run_floor(cluster: Cluster, ns: str, shape: list[tuple[int, int]], timeout: 
         "timed_out": timed_out,
         "apiserver_requests": int(after["requests"] - before["requests"]),
         "apiserver_p99_s": p99(before["buckets"], after["buckets"]),
+        "apiserver_request_s": busiest(before, after),
     }
 
 
@@ -421,6 +444,7 @@ def run_operator(
             "operator_cpu_s": round(cpu1 - cpu0, 2),
             "apiserver_requests": int(after["requests"] - before["requests"]),
             "apiserver_p99_s": p99(before["buckets"], after["buckets"]),
+            "apiserver_request_s": busiest(before, after),
             "operator_restarts": len(op.exits),
         }
     finally:
@@ -435,6 +459,102 @@ def run_operator(
             os.environ.pop("CAPSTAN_PLACEMENT_CACHE", None)
 
 
+def run_kills(
+    cluster: Cluster,
+    ns: str,
+    shape: list[tuple[int, int]],
+    log_dir: Path,
+    timeout: float,
+    kills: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The burst through the operator (cached reads), SIGKILLed ``kills`` times while it works and
+    restarted at once, as a Deployment would: each kill comes 0.2-1.5 s (seeded) after the restarted
+    operator said it started, the first one during the creates. Then the fault tier's invariants
+    (:func:`tests.faults.faults.violations`) must hold for every job: a placed one has exactly one
+    pod per rank, on the nodes its status names, all Running; a queued one has no pods and no
+    placement; nothing without a live owner, no duplicate Service; no job lost."""
+    from tests.faults.faults import Cluster as FaultCluster
+    from tests.faults.faults import JobSpec, violations
+
+    cluster.namespace(ns)
+    os.environ["CAPSTAN_PLACEMENT_CACHE"] = "on"
+    op = OperatorProcess(ns, kubeconfig_path(), log_dir, name=ns)
+    _LIVE.append(op)
+    rng = random.Random(seed)
+    view = FaultCluster(cluster.api)
+    specs = [JobSpec(f"j{j}", workers, gpus) for j, (workers, gpus) in enumerate(shape)]
+    killer_done = threading.Event()
+
+    def killer() -> None:
+        try:
+            for _ in range(kills):
+                op.wait_started(120)
+                time.sleep(rng.uniform(0.2, 1.5))
+                op.kill(restart=True)
+        finally:
+            killer_done.set()
+
+    try:
+        op.start()
+        op.wait_started(120)
+        time.sleep(3)
+        thread = threading.Thread(target=killer, daemon=True)
+        first_create = time.monotonic()
+        thread.start()
+        for spec in specs:
+            cluster.custom.create_namespaced_custom_object(
+                GROUP, VERSION, ns, "trainingjobs", job_manifest(ns, spec.name, spec.workers, spec.gpus)
+            )
+        killer_done.wait(timeout)
+        last_kill = time.monotonic()
+        op.wait_started(120)
+        problems: list[str] = ["not checked yet"]
+        settled_since = None
+        while time.monotonic() - last_kill < timeout:
+            try:
+                snap = view.snapshot(ns)
+            except Exception as exc:  # the bench's own read failed (busy server): poll again
+                problems = [f"snapshot failed: {type(exc).__name__}"]
+                time.sleep(0.5)
+                continue
+            phases = {j["metadata"]["name"]: (j.get("status") or {}).get("phase") for j in snap.jobs}
+            for spec in specs:  # a gang still waiting is judged as queued; any other as placed
+                spec.expect = "Queued" if phases.get(spec.name) in ("Queued", "Pending", None) else "Running"
+            problems = violations(snap, specs)
+            if not problems:
+                settled_since = settled_since or time.monotonic()
+                if time.monotonic() - settled_since > 5:  # and it stays so
+                    break
+            else:
+                settled_since = None
+            time.sleep(0.5)
+        converged = time.monotonic() - last_kill - (5 if not problems else 0)
+        placed = sum(1 for s in specs if s.expect == "Running")
+        return {
+            "mode": "kills",
+            "jobs": len(shape),
+            "kills": op.kills,
+            "operator_starts": op.starts,
+            "unexpected_exits": len(op.exits),
+            "burst_s": round(last_kill - first_create, 2),
+            "converged_after_last_kill_s": round(converged, 2) if not problems else None,
+            "placed": placed,
+            "queued": len(specs) - placed,
+            "invariant_violations": len(problems),
+            "violations": problems[:20],
+        }
+    finally:
+        # the TrainingJobs first, while the operator runs (it releases their finalizers), then the rest
+        try:
+            cluster.drop_jobs(ns)
+            cluster.drop_namespace(ns)
+        finally:
+            op.stop()
+            _LIVE.remove(op)
+            os.environ.pop("CAPSTAN_PLACEMENT_CACHE", None)
+
+
 def run_size(
     cluster: Cluster,
     nodes: int,
@@ -443,6 +563,7 @@ def run_size(
     log_dir: Path,
     timeout: float,
     modes: tuple[str, ...] = ("floor", "list", "cache"),
+    kills: int = KILLS,
 ) -> dict[str, Any]:
     """Floor, list and cache on ``nodes`` fresh nodes with the same burst."""
     prefix = f"bench{nodes}"
@@ -465,6 +586,8 @@ def run_size(
                     out["floor"] = run_floor(cluster, ns, shape, timeout)
                 finally:
                     cluster.drop_namespace(ns)
+            elif mode == "kills":
+                out[mode] = run_kills(cluster, ns, shape, log_dir, timeout, kills, seed)
             else:
                 out[mode] = run_operator(cluster, ns, shape, mode == "cache", log_dir, timeout)
             print(json.dumps({"nodes": nodes, mode: out[mode]}), file=sys.stderr, flush=True)
@@ -474,7 +597,7 @@ def run_size(
     # Measured from the first create: the floor's clock would otherwise start after it has created
     # every pod itself, one by one, while the operator's starts before it creates any.
     floor = out["floor"]["from_first_create_s"] if "floor" in out else None
-    for mode in set(modes) - {"floor"}:
+    for mode in set(modes) - {"floor", "kills"}:
         out[mode]["over_floor"] = round(out[mode]["from_first_create_s"] / floor, 2) if floor else None
     return out
 
@@ -491,7 +614,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=240, help="seconds a burst may take")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--modes", nargs="+", default=["floor", "list", "cache"], help="what to run")
+    parser.add_argument(
+        "--modes", nargs="+", default=list(MODES), help=f"what to run (default: {' '.join(MODES)})"
+    )
+    parser.add_argument("--kills", type=int, default=KILLS, help="SIGKILLs of the operator in the kills mode")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     install_signal_handlers()
@@ -503,7 +629,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="capstan-scale-") as tmp:
         for size in args.sizes:
             nodes, jobs = (int(x) for x in size.split("x"))
-            runs.append(run_size(cluster, nodes, jobs, args.seed, Path(tmp), args.timeout, tuple(args.modes)))
+            runs.append(run_size(cluster, nodes, jobs, args.seed, Path(tmp), args.timeout, tuple(args.modes),
+                                 args.kills))
     per_object = None
     if len(runs) > 1 and "cache" in args.modes:
         # operator RSS against objects (nodes + jobs + pods): the slope between the smallest and largest
@@ -527,6 +654,12 @@ def main(argv: list[str] | None = None) -> None:
             m: statistics.median(r[m]["ratio_to_minimum"] for r in runs)
             for m in ("list", "cache")
             if m in args.modes
+        },
+        "kill_summary": {
+            "runs": sum(1 for r in runs if "kills" in r),
+            "kills": sum(r["kills"]["kills"] for r in runs if "kills" in r),
+            "invariant_violations": sum(r["kills"]["invariant_violations"] for r in runs if "kills" in r),
+            "unexpected_exits": sum(r["kills"]["unexpected_exits"] for r in runs if "kills" in r),
         },
         "median_over_floor": {
             m: statistics.median(r[m]["over_floor"] or 0 for r in runs)

@@ -583,7 +583,7 @@ class JobSpec:
     workers: int
     gpus: int
     checkpoint_class: str | None = None  # a checkpoint PVC of this StorageClass (bound to a static PV)
-    expect: str = "Running"  # Running | Succeeded | gone
+    expect: str = "Running"  # Running | Succeeded | Queued | gone
     restarts: int = 0
     attempt: int = 0
 
@@ -692,6 +692,14 @@ def _job_violations(job: dict[str, Any], spec: JobSpec, snap: Snapshot) -> list[
     conditions = {c.get("type"): c for c in st.get("conditions") or []}
     if (conditions.get("Admitted") or {}).get("status") != "True":
         bad(f"Admitted condition {conditions.get('Admitted')}")
+    if phase == "Queued":  # waiting for room: nothing placed, nothing running
+        held = [_meta(p)["name"] for p in snap.pods
+                if (_meta(p).get("labels") or {}).get(LABEL_JOB_UID) == uid]
+        if held:
+            bad(f"queued, yet has pods {held}")
+        if st.get("placement"):
+            bad(f"queued, yet placed on {st['placement']}")
+        return out
     done = "Succeeded" if phase == "Succeeded" else "Running"
     if (conditions.get(done) or {}).get("status") != "True":
         bad(f"{done} condition {conditions.get(done)}")

@@ -48,3 +48,31 @@ def test_a_signal_stops_the_operators_then_runs_the_cleanup(sig: str) -> None:
     assert lines[1:] == ["cleanup", "True", "True", "True"], done.stdout
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def _job(name: str, uid: str, phase: str, placement: list[str] | None = None) -> dict[str, object]:
+    status: dict[str, object] = {
+        "phase": phase, "observedGeneration": 1, "attempt": 0,
+        "conditions": [{"type": "Admitted", "status": "True"}],
+    }
+    if placement:
+        status["placement"] = {"nodes": placement}
+    return {"metadata": {"name": name, "uid": uid, "generation": 1}, "status": status}
+
+
+def test_the_kills_mode_judges_a_queued_gang_by_what_it_holds() -> None:
+    """The bench's kills mode reads a gang still waiting as queued: it must hold no pod and no
+    placement (a SIGKILL between the decision and the pods must not leave half a gang behind)."""
+    from tests.faults.faults import JobSpec, Snapshot, violations
+
+    from capstan.labels import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
+
+    spec = JobSpec("j0", workers=2, gpus=8, expect="Queued")
+    clean = Snapshot(jobs=[_job("j0", "u0", "Queued")], pods=[], services=[], pvcs=[])
+    assert violations(clean, [spec]) == []
+    stray = {"metadata": {"name": "j0-0", "labels": {LABEL_JOB_UID: "u0", LABEL_ATTEMPT: "0", LABEL_RANK: "0"},
+                          "ownerReferences": [{"kind": "TrainingJob", "uid": "u0"}]}}
+    half = Snapshot(jobs=[_job("j0", "u0", "Queued", ["n1"])], pods=[stray], services=[], pvcs=[])
+    found = violations(half, [spec])
+    assert any("queued, yet has pods ['j0-0']" in v for v in found), found
+    assert any("queued, yet placed" in v for v in found), found

@@ -70,7 +70,8 @@ def test_the_kills_mode_judges_a_queued_gang_by_what_it_holds() -> None:
     spec = JobSpec("j0", workers=2, gpus=8, expect="Queued")
     clean = Snapshot(jobs=[_job("j0", "u0", "Queued")], pods=[], services=[], pvcs=[])
     assert violations(clean, [spec]) == []
-    stray = {"metadata": {"name": "j0-0", "labels": {LABEL_JOB_UID: "u0", LABEL_ATTEMPT: "0", LABEL_RANK: "0"},
+    labels = {LABEL_JOB_UID: "u0", LABEL_ATTEMPT: "0", LABEL_RANK: "0"}
+    stray = {"metadata": {"name": "j0-0", "labels": labels,
                           "ownerReferences": [{"kind": "TrainingJob", "uid": "u0"}]}}
     half = Snapshot(jobs=[_job("j0", "u0", "Queued", ["n1"])], pods=[stray], services=[], pvcs=[])
     found = violations(half, [spec])

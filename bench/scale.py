@@ -21,8 +21,10 @@ transparent proxy in front of the API server, by client and verb; per TrainingJo
 minimum: the worker pods and the headless Service created plus the status writes a job needs),
 placement decisions per second, the operator's peak RSS and CPU seconds, and the API server's own
 request count, latency p99 and the request seconds of its busiest verbs over the run (its
-``/metrics``). The kills mode reports the kills, how long the jobs took to converge after the last
-one, and every invariant violation found (``kill_summary`` adds them up over the sizes).
+``/metrics``), and the CPU seconds each control-plane component used over the run (``wall_s``
+long; with the operator's, where the machine's cores went). The kills mode reports the kills, how
+long the jobs took to converge after the last one, and every invariant violation found
+(``kill_summary`` adds them up over the sizes).
 
 Run inside ``make cluster`` (``scripts/cluster.py run -- python bench/scale.py --json``). Defaults
 (three sizes: 32 nodes and up to 48 jobs, 64 and 96, 128 and 192; the GPU budget ends each burst
@@ -336,10 +338,33 @@ def proc_stats(pid: int) -> tuple[float, float]:
     return hwm / 1024, cpu
 
 
+CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+
+
+def control_plane_cpu() -> dict[str, float]:
+    """CPU seconds each control-plane component of ``make cluster`` has used so far (from its pid
+    file and /proc; a component not found is left out)."""
+    state = Path(os.environ.get("CAPSTAN_CLUSTER_DIR", REPO / ".capstan" / "cluster"))
+    out: dict[str, float] = {}
+    for name in CONTROL_PLANE:
+        try:
+            pid = int((state / "pids" / f"{name}.pid").read_text().strip())
+            out[name] = proc_stats(pid)[1]
+        except (OSError, ValueError, StopIteration):
+            continue
+    return out
+
+
+def cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per component between two :func:`control_plane_cpu` readings."""
+    return {k: round(after[k] - before[k], 2) for k in after if k in before}
+
+
 def run_floor(cluster: Cluster, ns: str, shape: list[tuple[int, int]], timeout: float) -> dict[str, Any]:
     """The same pods created directly; seconds from the last create to all Running."""
     cluster.namespace(ns)
     before = cluster.metrics()
+    cpu_before = control_plane_cpu()
     pods = [(f"j{j}-{r}", gpus) for j, (workers, gpus) in enumerate(shape) for r in range(workers)]
     first_create = time.monotonic()
     for name, gpus in pods:
@@ -360,6 +385,7 @@ def run_floor(cluster: Cluster, ns: str, shape: list[tuple[int, int]], timeout: 
         time.sleep(0.25)
     timed_out = running + stuck < len(pods)
     after = cluster.metrics()
+    cpu = cpu_spent(cpu_before, control_plane_cpu())
     return {
         "pods": len(pods),
         "running": running,
@@ -370,6 +396,8 @@ def run_floor(cluster: Cluster, ns: str, shape: list[tuple[int, int]], timeout: 
         "apiserver_requests": int(after["requests"] - before["requests"]),
         "apiserver_p99_s": p99(before["buckets"], after["buckets"]),
         "apiserver_request_s": busiest(before, after),
+        "control_plane_cpu_s": cpu,
+        "wall_s": round(time.monotonic() - first_create, 2),
     }
 
 
@@ -392,6 +420,7 @@ def run_operator(
         proxy.calls.clear()
         proxy.bytes_read.clear()
         before = cluster.metrics()
+        cpu_before = control_plane_cpu()
         cpu0 = proc_stats(op._proc.pid)[1]  # type: ignore[union-attr]
         first_create = time.monotonic()
         for j, (workers, gpus) in enumerate(shape):
@@ -415,6 +444,8 @@ def run_operator(
                 settled_since = None
             time.sleep(0.25)
         after = cluster.metrics()
+        cpu = cpu_spent(cpu_before, control_plane_cpu())
+        wall = time.monotonic() - first_create
         rss, cpu1 = proc_stats(op._proc.pid)  # type: ignore[union-attr]
         calls = {k: v for k, v in sorted(proxy.calls.items()) if k.split()[0] in ("capstan", "kopf")}
         placed = list(placed_at)
@@ -445,6 +476,8 @@ def run_operator(
             "apiserver_requests": int(after["requests"] - before["requests"]),
             "apiserver_p99_s": p99(before["buckets"], after["buckets"]),
             "apiserver_request_s": busiest(before, after),
+            "control_plane_cpu_s": cpu,
+            "wall_s": round(wall, 2),
             "operator_restarts": len(op.exits),
         }
     finally:

@@ -67,18 +67,16 @@ def shared_state(memo: kopf.Memo, key: str, factory: Callable[[], T]) -> T:
 def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     """Kopf settings Capstan relies on (idempotent).
 
-    Progress and diff-base go to ``capstan.dev/*`` annotations, never to ``status``: the status
-    belongs to the planner, and GitOps tools must see no drift in fields they manage. The diff-base
-    is a digest of the spec, not a copy (:mod:`capstan.kube.diffbase`): a copy would repeat every
-    ``spec.env`` value in an annotation. Kopf's own log-to-Event posting is off: handlers post
-    their own, deduplicated Events.
+    Handler progress (the cleanup's, while an object is deleted) goes to ``capstan.dev/*``
+    annotations, never to ``status``: the status belongs to the planner, and GitOps tools must see
+    no drift in fields they manage. No diff-base is kept (:mod:`capstan.kube.diffbase`): no handler
+    reads one, and keeping it would copy the spec into an annotation and write each object once more.
+    Kopf's own log-to-Event posting is off: handlers post their own, deduplicated Events.
     """
-    from capstan.kube.diffbase import DigestDiffBaseStorage
+    from capstan.kube.diffbase import NoDiffBaseStorage
 
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = DigestDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = NoDiffBaseStorage()
     settings.persistence.finalizer = FINALIZER
     settings.posting.enabled = False
     settings.batching.batch_window = 0.05

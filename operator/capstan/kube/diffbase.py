@@ -1,44 +1,43 @@
-"""kopf's diff-base ("last handled configuration") stored as a digest, never as a copy of the spec.
+"""kopf keeps no diff-base ("last handled configuration") on Capstan's objects at all.
 
 kopf keeps, per object, the essence of the last state it handled (spec, labels, annotations) to
-tell a real change from a no-op, and by default writes it in full into an annotation. That copies
-every value of the spec, ``spec.env[*].value`` included, so a credential put in ``spec.env`` would
-show up a second time in ``metadata.annotations``, and in full in kopf's debug logs of each diff;
-it also doubles the object's size against the API server's limit (a TrainingJob with a pod template
-can be large). Credentials belong in a Secret that ``spec.template`` refers to (``valueFrom``,
-``envFrom``); the spec then holds only the Secret's name.
+give ``on.update``/``on.field`` handlers their ``old``/``new``/``diff``, and by default writes it in
+full into an annotation: a second copy of every spec value (``spec.env[*].value`` included, so a
+credential put there would show up again in ``metadata.annotations``), one more write of the object
+after every change of its spec, and one more annotation that GitOps tools see appear.
 
-Capstan has no ``on.create``/``on.update``/``on.field`` handler (reconciling is level-based, in
-daemons; the only changing handler, ``on.delete``, is driven by ``deletionTimestamp``), so nothing
-reads the diff's contents: kopf only needs to know *whether* the essence changed. A SHA-256 digest
-of the essence answers that. The digest is unkeyed on purpose: whoever can read the annotation can
-read the spec it summarises, and a restart must not make every object look changed.
+Capstan has no ``on.create``/``on.update``/``on.field``/``on.resume`` handler: reconciling is
+level-based, in daemons woken by events, and the only changing handler, ``on.delete``, is driven by
+``deletionTimestamp``, which kopf reads from the object itself. Nothing reads a diff, so none is
+kept: :class:`NoDiffBaseStorage` remembers nothing and writes nothing. Every event then looks to
+kopf like a first sight with no creation handler to run: it runs none and stores nothing. A new
+TrainingJob or ModelServing gets one metadata write from kopf (its finalizer) instead of two.
 
-If a handler that reads ``diff``/``old``/``new`` is ever added, it would see digests only; it must
-then use a storage that keeps the fields it needs (with secrets still excluded).
+If a handler that reads ``diff``/``old``/``new`` is ever added, it would see every event as a
+creation: it must then come with a storage that keeps the fields it needs (with secrets excluded).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable
 from typing import Any, cast
 
 import kopf
 
-DIGEST_KEY = "sha256"
 
-
-class DigestDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
-    """:class:`kopf.AnnotationsDiffBaseStorage` whose essence is ``{"sha256": <digest>}``."""
+class NoDiffBaseStorage(kopf.DiffBaseStorage):
+    """A diff-base storage that keeps nothing (see the module docstring)."""
 
     def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
-        essence = cast(dict[str, Any], super().build(body=body, extra_fields=extra_fields))
-        # Our own bookkeeping (progress, the marker) changes on its own; only the user's state counts.
-        annotations = essence.get("metadata", {}).get("annotations", {})
-        for key in [k for k in annotations if k.startswith(f"{self.prefix}/")]:
-            del annotations[key]
-        canonical = json.dumps(essence, sort_keys=True, separators=(",", ":"), default=str)
-        digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-        return cast(kopf.BodyEssence, {DIGEST_KEY: digest})
+        """An empty essence: nothing is compared, so nothing is worth copying out of the body."""
+        return cast(kopf.BodyEssence, {})
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        """Nothing was stored."""
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        """Store nothing (no patch: kopf writes no annotation for it)."""
+
+
+__all__ = ["NoDiffBaseStorage"]

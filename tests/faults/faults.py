@@ -449,13 +449,19 @@ class FaultProxy:
             self.watches += 1
             if rng.random() < self.watch_rate:
                 return rng.choice([WATCH_END, WATCH_CUT, WATCH_GONE]), rng.randint(0, 5)
+        capstan_write = method in WRITES and agent == "capstan"
+        if capstan_write and self._decks.get(agent) == [CONFLICT]:
+            # Only a write of Capstan's can get the conflict, and the faulted requests may all have
+            # been others (reads, relists): once every other type has been dealt, the next write
+            # gets it whatever the draw, so a short run still sees every type.
+            self._decks[agent] = []
+            return CONFLICT, 0
         if rng.random() >= self.rate:
             return None, 0
         # Types come from a shuffled deck per client, so a short run still sees every one of them,
         # on kopf's requests (fewer) as on Capstan's.
         deck = self._decks.get(agent) or rng.sample(REQUEST_FAULTS, len(REQUEST_FAULTS))
         self._decks[agent] = deck
-        capstan_write = method in WRITES and agent == "capstan"
         for i, kind in enumerate(deck):
             if (kind != CONFLICT or capstan_write) and (kind != TRUNCATE or not watch):
                 del deck[i]

@@ -250,37 +250,6 @@ def test_a_recorded_move_survives_an_operator_restart() -> None:
     assert back.placed and back.nodes == ["n1"] and "ml/mover" not in after.moves
 
 
-def test_a_locality_hold_survives_an_operator_restart() -> None:
-    """A locality move is recorded with the level its waiting gang is held to: an operator that
-    restarts while the mover is still on its old node takes the move up from the mover's status and
-    keeps the gang waiting for one domain, rather than letting it start spread."""
-    nodes = [gpu_node("n0", clique="a", rack="r1"), gpu_node("n1", clique="a", rack="r1"),
-             gpu_node("n2", clique="b", rack="r2"), gpu_node("n3", clique="b", rack="r2")]
-    bodies = [running_one("mover", 1, "n0", **CHECKPOINTED)]
-    pods = [busy("n0", 1), busy("n3", 7)]
-    pair = job("pair", 2, 8, created="2026-11-23T11:00:00Z", activeDeadlineSeconds=3600)
-    before = QueueState()
-    place(queue_snapshot(nodes, pods, [], now=NOW, movable=movable_gangs(bodies)), pair, before)
-    decided = before.moves["ml/mover"]
-    assert decided.status()["forLevel"] == "nvlink"
-    # the operator restarts; the mover's status holds the move, memory nothing
-    recorded = running_one("mover", 1, "n0", **CHECKPOINTED)
-    recorded["status"].update(phase="Restarting", pendingMove=decided.status())
-    after = QueueState()
-    after.adopt(recorded_moves([recorded]), NOW + 5)
-    assert after.moves["ml/mover"].move.for_level == "nvlink"
-    # the mover is still on n0: the gang keeps waiting for clique a
-    held = place(queue_snapshot(nodes, pods, [], now=NOW + 10), pair, after).decision
-    assert not held.placed
-    # without the recorded level (as before) it would have started spread over n1 and n2
-    forgot = QueueState()
-    forgot.adopt(recorded_moves([recorded]), NOW + 5)
-    forgot.moves["ml/mover"] = replace(forgot.moves["ml/mover"],
-                                       move=replace(forgot.moves["ml/mover"].move, for_level=None))
-    spread = place(queue_snapshot(nodes, pods, [], now=NOW + 10), pair, forgot).decision
-    assert spread.placed and sorted(spread.nodes) == ["n1", "n2"]
-
-
 def test_recorded_moves_that_are_over_are_not_taken_up() -> None:
     record = {"nodes": ["n1"], "reason": "making room", "decided": "2026-11-23T12:00:00Z"}
     late = running_one("late", 4, "n0", **CHECKPOINTED)

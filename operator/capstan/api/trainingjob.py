@@ -686,11 +686,6 @@ class PendingMoveStatus(ApiModel):
     domain: str = Field(default="", description="The domain at that level.")
     reason: str = Field(default="", description="Why the gang moves.")
     for_job: str | None = Field(default=None, description="The waiting gang the move makes room for.")
-    for_level: str | None = Field(
-        default=None,
-        description="For a locality move: the topology level the waiting gang is held to until the "
-        "moves are done (it would otherwise start spread).",
-    )
     decided: str = Field(description="When the move was decided (RFC 3339).")
 
 

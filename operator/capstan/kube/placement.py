@@ -80,7 +80,6 @@ class PendingMove:
         to = self.move.to
         record = PendingMoveStatus(nodes=list(to.nodes), level=to.level or "", domain=to.domain or "",
                                    reason=self.move.reason, for_job=self.move.for_gang,
-                                   for_level=self.move.for_level,
                                    decided=rfc3339(datetime.fromtimestamp(self.since, UTC)))
         return record.model_dump(by_alias=True, exclude_none=True)
 
@@ -94,8 +93,7 @@ class PendingMove:
         key = queue_key(job)
         to = PlacementResult(key, True, list(record.nodes), job.spec.gpus_per_worker,
                              level=record.level or None, domain=record.domain or None)
-        move = Move(key, to, record.reason, record.for_job, for_level=record.for_level or None)
-        return cls(move, job.metadata.uid or "", decided.timestamp())
+        return cls(Move(key, to, record.reason, record.for_job), job.metadata.uid or "", decided.timestamp())
 
 
 @dataclass

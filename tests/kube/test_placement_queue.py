@@ -331,3 +331,33 @@ def test_a_gang_about_to_start_spread_waits_for_the_moves_that_make_room_in_one_
                               policy=QueuePolicy(locality_moves=False))
     spread = place(snapshot, pair, QueueState()).decision
     assert spread.placed and sorted(spread.nodes) == ["n1", "n2"]
+
+
+def test_a_locality_hold_survives_an_operator_restart() -> None:
+    # as above: the move off n0 makes room in clique a for pair, which is held to it meanwhile
+    nodes = [gpu_node("n0", clique="a", rack="r1"), gpu_node("n1", clique="a", rack="r1"),
+             gpu_node("n2", clique="b", rack="r2"), gpu_node("n3", clique="b", rack="r2")]
+    bodies = [running_one("mover", 1, "n0", **CHECKPOINTED)]
+    pods = [busy("n0", 1), busy("n3", 7)]
+    before = QueueState()
+    pair = job("pair", 2, 8, created="2026-11-23T11:00:00Z", activeDeadlineSeconds=3600)
+    place(queue_snapshot(nodes, pods, [], now=NOW, movable=movable_gangs(bodies)), pair, before)
+    decided = before.moves["ml/mover"]
+    assert decided.move.for_level == "nvlink" and decided.status()["forLevel"] == "nvlink"
+    # the shell writes the move into the mover's status; the operator restarts (memory empty)
+    restarting = running_one("mover", 1, "n0", **CHECKPOINTED)
+    restarting["status"].update(phase="Restarting", pendingMove=decided.status())
+    after = QueueState()
+    after.adopt(recorded_moves([restarting]), NOW + 5)
+    adopted = after.moves["ml/mover"].move
+    assert (adopted.for_gang, adopted.for_level) == ("ml/pair", "nvlink")
+    # the mover is still on n0: pair keeps waiting for clique a instead of starting over n1 + n2
+    waiting = place(queue_snapshot(nodes, pods, [], now=NOW + 5), pair, after).decision
+    assert not waiting.placed and "NVLink domain" in waiting.reason
+    # a record without forLevel (a defragmentation move) holds nobody
+    plain = dict(decided.status())
+    del plain["forLevel"]
+    restarting["status"]["pendingMove"] = plain
+    other = QueueState()
+    other.adopt(recorded_moves([restarting]), NOW + 5)
+    assert other.moves["ml/mover"].move.for_level is None

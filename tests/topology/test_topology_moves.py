@@ -205,3 +205,25 @@ def test_no_locality_move_when_it_costs_more_than_it_saves_or_nothing_says_so() 
     assert plan_locality_moves(inv, [one], gangs, NOW, SLOWDOWN, ANY_AGE) == []
     # movers too young to move stay: the default policy lets a gang run 10 min between moves
     assert plan_locality_moves(inv, [pair], gangs, NOW - 3600 + 60, SLOWDOWN) == []
+
+
+def test_locality_movers_take_the_gangs_spread_nodes_while_another_gang_waits() -> None:
+    inv, gangs = _two_racks()
+    pair = GangRequest("pair", 2, 4, policy="Preferred", expected_duration_s=3600, submitted=1)
+    assert sorted(place_gang(inv, pair).nodes) == ["a1", "b0"]  # spread over the block
+    # three whole nodes: does not fit now (only a1 and b0 are whole), so it waits for GPUs
+    big = GangRequest("big", 3, 4, policy="Preferred", expected_duration_s=3600, submitted=2)
+    assert not place_gang(inv, big).placed
+
+    alone = plan_locality_moves(inv, [pair], gangs, NOW, SLOWDOWN, ANY_AGE)
+    busy = plan_locality_moves(inv, [pair, big], gangs, NOW, SLOWDOWN, ANY_AGE)
+
+    # with nothing waiting, x joins the partly used b1 and b0 stays whole
+    assert [(m.gang, m.to.nodes) for m in alone] == [("x", ["b1"])]
+    # while big waits, x takes b0, a node pair would have spread over: the move leaves big no
+    # whole node it would not have had anyway, and b1's idle GPU stays open to one-worker jobs
+    assert [(m.gang, m.to.nodes, m.for_level) for m in busy] == [("x", ["b0"], "nvlink")]
+    after = _apply(inv, gangs, busy)
+    held = GangRequest("pair", 2, 4, policy="Required", max_domain="nvlink", expected_duration_s=3600)
+    assert sorted(place_gang(after, held).nodes) == ["a0", "a1"]
+    assert after.free("b1") == 1

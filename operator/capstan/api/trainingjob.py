@@ -686,6 +686,11 @@ class PendingMoveStatus(ApiModel):
     domain: str = Field(default="", description="The domain at that level.")
     reason: str = Field(default="", description="Why the gang moves.")
     for_job: str | None = Field(default=None, description="The waiting gang the move makes room for.")
+    for_level: str | None = Field(
+        default=None,
+        description="For a move that makes room in a narrower domain: the topology level that gang is "
+        "held to until the move is done.",
+    )
     decided: str = Field(description="When the move was decided (RFC 3339).")
 
 

@@ -13,7 +13,9 @@ applies that. The shell reads a :class:`QueueSnapshot` (:func:`queue_snapshot`),
 plan, the reservation and the pending moves to :class:`QueueState`, and the jobs it names are
 woken. After an operator restart the next pass computes the reservation again from the cluster;
 pending moves, which no pass could compute again, are also written to each mover's
-``status.pendingMove`` and taken up from there (:meth:`QueueState.adopt`).
+``status.pendingMove`` and taken up from there (:meth:`QueueState.adopt`); for a locality move
+that record also names the level the gang it makes room for is held to (``forLevel``), so after a
+restart that gang still waits for its domain rather than starting spread before the moves finish.
 
 How the queue runs is the operator's :class:`~capstan.topology.QueuePolicy` (environment, checked
 at startup): by default a blocked gang gets its reservation after 24 h (before that anything
@@ -80,6 +82,7 @@ class PendingMove:
         to = self.move.to
         record = PendingMoveStatus(nodes=list(to.nodes), level=to.level or "", domain=to.domain or "",
                                    reason=self.move.reason, for_job=self.move.for_gang,
+                                   for_level=self.move.for_level,
                                    decided=rfc3339(datetime.fromtimestamp(self.since, UTC)))
         return record.model_dump(by_alias=True, exclude_none=True)
 
@@ -93,7 +96,8 @@ class PendingMove:
         key = queue_key(job)
         to = PlacementResult(key, True, list(record.nodes), job.spec.gpus_per_worker,
                              level=record.level or None, domain=record.domain or None)
-        return cls(Move(key, to, record.reason, record.for_job), job.metadata.uid or "", decided.timestamp())
+        move = Move(key, to, record.reason, record.for_job, record.for_level or None)
+        return cls(move, job.metadata.uid or "", decided.timestamp())
 
 
 @dataclass

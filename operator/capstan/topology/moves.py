@@ -12,7 +12,11 @@ starts than at its soonest slot without moves) must exceed the modelled cost (ea
 its restart downtime plus the work it loses since its last checkpoint). :func:`plan_locality_moves`
 does the same for a gang that would start now but spread over a wider domain than it could fit in:
 the moves clear room in the narrower domain when the run time that saves it (its GPUs x declared
-run time x the slowdown difference) exceeds their cost. Every move names its destination;
+run time x the slowdown difference) exceeds their cost. While another gang waits for GPUs, a
+locality move's movers restart on the nodes the gang would have spread over, so the move changes
+only where that gang runs: it leaves no whole node behind that the waiting gangs would then take,
+which would fill the scattered slots one-worker jobs arriving next need (defragmentation for the
+waiting gangs, :func:`plan_defragmentation`, is a separate choice). Every move names its destination;
 the caller restarts the gang there (it resumes from its checkpoint). Pure and deterministic, like
 the rest of :mod:`capstan.topology`.
 """
@@ -108,13 +112,17 @@ def plan_locality_moves(inventory: Inventory, pending: Sequence[GangRequest],
     (:meth:`MovePolicy.cost_gpu_s`) than the run time the narrower domain saves the gang, its
     GPUs x ``expected_duration_s`` x (``slowdown`` of the level it would span now - that of the
     narrower one). Each move's ``for_level`` names that level; the caller holds the gang to it
-    (``policy="Required"``, ``max_domain=for_level``) until the moves are done. Returns [] when
-    no gang qualifies; at most one gang is helped per call.
+    (``policy="Required"``, ``max_domain=for_level``) until the moves are done. When some gang in
+    ``pending`` does not fit now (it waits for GPUs), the movers restart on the nodes the gang
+    would have spread over where they fit there (else wherever they fit best), so the move frees
+    no whole node for the waiting gangs. Returns [] when no gang qualifies; at most one gang is
+    helped per call.
     """
     pol = policy or MovePolicy()
     by_node = _movers_by_node(movable, now, pol)
     if not by_node:
         return []
+    congested: bool | None = None  # whether some pending gang waits for GPUs; found when needed
     gangs = {m.request.name: m for m in movable}
     levels = inventory.levels
     tried: set[tuple[object, ...]] = set()  # shapes with no paying moves: same answer this call
@@ -139,12 +147,27 @@ def plan_locality_moves(inventory: Inventory, pending: Sequence[GangRequest],
             gain = req.total_gpus * dur * (s_now - slowdown.get(level, 1.0))
             if gain <= 0:
                 continue
-            moves = _clear_room(inventory, replace(req, policy="Required", max_domain=level), by_node)
+            if congested is None:
+                congested = _any_blocked(inventory, pending)
+            moves = _clear_room(inventory, replace(req, policy="Required", max_domain=level), by_node,
+                                onto=set(now_res.nodes) if congested else None)
             if moves and sum(pol.cost_gpu_s(gangs[mv.gang], now) for mv in moves) < gain:
                 why = (f"making room for {req.name} in one {display_level(level)} (placed now it would "
                        f"span a {display_level(spread)} and run slower)")
                 return [replace(mv, reason=why, for_level=level) for mv in moves]
     return []
+
+
+def _any_blocked(inv: Inventory, requests: Sequence[GangRequest]) -> bool:
+    """Whether some request does not fit in ``inv`` now (it waits for GPUs whatever the others do)."""
+    seen: set[object] = set()
+    for req in requests:
+        shape = _shape(req)
+        if shape not in seen:
+            seen.add(shape)
+            if not place_gang(inv, req).placed:
+                return True
+    return False
 
 
 def _movers_by_node(movable: Sequence[MovableGang], now: float,
@@ -171,8 +194,28 @@ def _pays(inv: Inventory, req: GangRequest, moves: Sequence[Move], movable: Sequ
     return req.total_gpus * (slot.shadow_time - now) > cost
 
 
-def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[MovableGang]]) -> list[Move]:
-    """Moves that clear nodes for ``req``, cheapest in GPUs moved in the narrowest domain; [] if none."""
+def _destinations(inv: Inventory, movers: Sequence[MovableGang],
+                  onto: set[str] | None) -> list[PlacementResult] | None:
+    """Where each of ``movers`` restarts, in order (only on nodes ``onto`` when given); None when
+    one does not fit."""
+    view = inv
+    if onto is not None:
+        view = inv.add_usage({n.name: inv.free(n.name) for n in inv.nodes
+                              if n.name not in onto and inv.free(n.name)})
+    out: list[PlacementResult] = []
+    for m in movers:
+        to = place_gang(view, replace(m.request, policy="Preferred"))
+        if not to.placed:
+            return None
+        view = view.allocate(to)
+        out.append(to)
+    return out
+
+
+def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[MovableGang]],
+                onto: set[str] | None = None) -> list[Move]:
+    """Moves that clear nodes for ``req``, cheapest in GPUs moved in the narrowest domain; [] if none.
+    With ``onto`` the movers restart on those nodes where they all fit there."""
     gpw = req.gpus_per_worker
     elig = inv._eligible(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes)
     cands: list[tuple[int, str, list[MovableGang]]] = []  # (GPUs to move, node, gangs to move)
@@ -221,11 +264,13 @@ def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[Mov
         freed = freed.release(m.result)
     block = {n: freed.node(n).gpus - freed.used(n) for n in chosen_nodes}
     elsewhere = freed.add_usage(block)
+    order = sorted(movers, key=lambda m: (-m.request.total_gpus, m.request.name))
+    tos = (_destinations(elsewhere, order, onto) if onto is not None else None) or _destinations(
+        elsewhere, order, None)
+    if tos is None:
+        return []
     moves: list[Move] = []
-    for m in sorted(movers, key=lambda m: (-m.request.total_gpus, m.request.name)):
-        to = place_gang(elsewhere, replace(m.request, policy="Preferred"))
-        if not to.placed:
-            return []
+    for m, to in zip(order, tos, strict=True):
         elsewhere = elsewhere.allocate(to)
         why = f"making room for {req.name} ({req.total_gpus} GPUs; the idle ones are scattered over nodes)"
         moves.append(Move(m.request.name, to, why, req.name))

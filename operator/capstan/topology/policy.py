@@ -24,6 +24,8 @@
 * ``locality_moves`` — moves also make room in a narrower domain for a gang that would start now
   but spread wider (:func:`capstan.topology.plan_locality_moves`), when the run time that saves it
   (from ``locality_slowdown`` and its declared ``activeDeadlineSeconds``) exceeds what they cost.
+  While another gang waits for GPUs their movers take the nodes that gang would have spread over,
+  so the move is no defragmentation for the waiting gangs (see ``defragment``).
 
 The defaults are what ``bench/placement.py`` measures as "capstan". The slowdowns are an estimate
 of all-reduce-bound training over NVLink, one rack's leaf switch, a block's spine and a zone;

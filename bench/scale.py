@@ -401,6 +401,20 @@ def run_floor(cluster: Cluster, ns: str, shape: list[tuple[int, int]], timeout: 
     }
 
 
+def end_run(cluster: Cluster, ns: str, op: OperatorProcess, proxy: CountingProxy | None = None) -> None:
+    """Remove what an operator run made: its TrainingJobs first, while the operator runs (it
+    releases their finalizers), then the namespace; then stop the operator (and the proxy)."""
+    try:
+        cluster.drop_jobs(ns)
+        cluster.drop_namespace(ns)
+    finally:
+        op.stop()
+        _LIVE.remove(op)
+        if proxy is not None:
+            proxy.stop()
+        os.environ.pop("CAPSTAN_PLACEMENT_CACHE", None)
+
+
 def run_operator(
     cluster: Cluster, ns: str, shape: list[tuple[int, int]], cache: bool, log_dir: Path, timeout: float
 ) -> dict[str, Any]:
@@ -481,15 +495,7 @@ def run_operator(
             "operator_restarts": len(op.exits),
         }
     finally:
-        # the TrainingJobs first, while the operator runs (it releases their finalizers), then the rest
-        try:
-            cluster.drop_jobs(ns)
-            cluster.drop_namespace(ns)
-        finally:
-            op.stop()
-            _LIVE.remove(op)
-            proxy.stop()
-            os.environ.pop("CAPSTAN_PLACEMENT_CACHE", None)
+        end_run(cluster, ns, op, proxy)
 
 
 def run_kills(
@@ -578,14 +584,7 @@ def run_kills(
             "violations": problems[:20],
         }
     finally:
-        # the TrainingJobs first, while the operator runs (it releases their finalizers), then the rest
-        try:
-            cluster.drop_jobs(ns)
-            cluster.drop_namespace(ns)
-        finally:
-            op.stop()
-            _LIVE.remove(op)
-            os.environ.pop("CAPSTAN_PLACEMENT_CACHE", None)
+        end_run(cluster, ns, op)
 
 
 def run_size(

@@ -323,8 +323,8 @@ async def _reconcile_job(
                 await _record_moves(api, job, state.queue, result.moving if result else ())
         if claim is not None:
             try:
+                # (no move to record: a pass that decided or cleared one wrote under the lock)
                 await _write_status(api, job, body, plan, now=now, metrics=state.metrics, logger=logger)
-                await _record_moves(api, job, state.queue, ())
             finally:
                 state.inflight.pop(key, None)  # the cache holds the status now (or it was not written)
         if result is not None:

@@ -162,3 +162,53 @@ async def test_concurrent_placement_passes_never_double_book_gpus(
         assert api.most_status_in_flight > 1
     else:
         assert api.most_status_in_flight == 1
+
+
+async def test_a_pod_memory_kept_after_its_deletion_does_not_hold_the_restart_back() -> None:
+    """Memory shows a pod of the previous gang that the API server no longer has (a deletion the
+    cache missed): the restart waits on that pod's going, so the pass asks the API server, which
+    has none, rather than wait for an event that will never come."""
+    from tests.api.bodies import make_trainingjob
+
+    from capstan.api.loading import parse_object
+    from capstan.api.trainingjob import TrainingJob
+    from capstan.kube.trainingjob import _observe
+    from capstan.labels import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
+
+    body = make_trainingjob("j").namespace("ml").uid("u1").image("trainer:1", "python").workers(1).gpus(1)
+    job = parse_object(body.status(phase="Restarting", attempt=1).obj())
+    assert isinstance(job, TrainingJob)
+    ghost = {"metadata": {"name": "j-0", "namespace": "ml",
+                          "labels": {LABEL_JOB_UID: "u1", LABEL_ATTEMPT: "0", LABEL_RANK: "0"}},
+             "spec": {}, "status": {"phase": "Failed"}}
+
+    class Memory:
+        def pods_of(self, uid: str) -> list[dict[str, Any]]:
+            return [ghost]
+
+        def node_known(self, name: str) -> bool | None:
+            return None
+
+        def children(self, res: Any) -> None:
+            return None
+
+    class Server:
+        listed = 0
+
+        async def list_pods(self, namespace: str, labels: Any) -> list[dict[str, Any]]:
+            self.listed += 1
+            return []
+
+        async def get(self, res: Any, namespace: str, name: str) -> dict[str, Any] | None:
+            return None  # the Service: not there yet
+
+    server = Server()
+    seen = await _observe(server, job, set(), {}, Memory())  # type: ignore[arg-type]
+    assert seen.pods == [] and server.listed == 1
+    # the current gang's own pods, as memory holds them: no read
+    current = {**ghost, "metadata": {**ghost["metadata"], "labels": {**ghost["metadata"]["labels"],
+                                                                      LABEL_ATTEMPT: "1"}},
+               "status": {"phase": "Running"}}
+    Memory.pods_of = lambda self, uid: [current]  # type: ignore[method-assign]
+    seen = await _observe(server, job, set(), {}, Memory())  # type: ignore[arg-type]
+    assert [p["metadata"]["name"] for p in seen.pods] == ["j-0"] and server.listed == 1

@@ -390,6 +390,8 @@ async def _observe(
     VolumeSnapshots and those in use. Pods, Service and PVC come from ``cluster`` when it is synced."""
     ns, name = job.metadata.namespace, job.metadata.name
     cached = cluster.pods_of(job.metadata.uid or "") if cluster is not None else None
+    if cached is not None and _would_wait_on(job, cached):
+        cached = None
     listed = cached if cached is not None else await api.list_pods(ns, selector(job))
     service_exists, pvc_exists = await _children_exist(api, job, cluster) if listed else (None, None)
     rank0 = await _rank0_progress(job, listed, {} if cache is None else cache)
@@ -410,6 +412,16 @@ async def _observe(
             raise
         in_use = set()
     return _Observed(pods, SnapshotsSeen(snapshots, in_use, available), service_exists, pvc_exists, rank0)
+
+
+def _would_wait_on(job: TrainingJob, pods: list[dict[str, Any]]) -> bool:
+    """Whether memory shows pods the gang's next step waits to see gone: a previous attempt's, or
+    terminating ones. Then the pass reads its pods from the API server: a cache that missed a
+    deletion would otherwise keep the gang waiting for a pod that no longer exists, with no event
+    ever coming to end the wait. Such pods show up only around a restart, so the reads are few."""
+    attempt = str(job.status.attempt)
+    return any(dig(p, "metadata", "labels", LABEL_ATTEMPT) != attempt
+               or dig(p, "metadata", "deletionTimestamp") for p in pods)
 
 
 async def _missing_nodes(

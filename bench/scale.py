@@ -15,8 +15,12 @@ the bench runs four things on the same fresh nodes, one after the other, in name
   restarted at once; then the fault tier's invariants must hold (:func:`run_kills`): the full-size
   version of ``tests/faults``' SIGKILL test.
 
-Reported per run: seconds from the last create to every placed gang Running (and how many were
-placed: both operator modes must place the same gangs), the operator's API requests (counted by a
+Reported per run: seconds from the last create to every placed gang Running, and from the first
+create (timed from a watch opened before the burst, not by polling; and how many were placed: both
+operator modes must place the same gangs); how busy the machine's cores were over that window and
+the CPU seconds that makes (``cpu_busy``, ``cpu_work_s``, and ``work_over_floor`` beside the time's
+``over_floor``: on a machine this small a burst keeps every core busy, so its time follows the work
+it asks of the machine); the operator's API requests (counted by a
 transparent proxy in front of the API server, by client and verb; per TrainingJob, against the
 minimum: the worker pods and the headless Service created plus the status writes a job needs),
 placement decisions per second, the operator's peak RSS and CPU seconds, and the API server's own
@@ -50,6 +54,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -310,6 +315,139 @@ class Cluster:
             time.sleep(1)
 
 
+class Observer:
+    """When each object of a namespace was first seen Running, from a watch (no polling).
+
+    Started before the first create, so every change arrives as an event timed on arrival: the
+    figures are not rounded up to a polling interval, and the bench adds no LIST load of its own to
+    the server it measures. ``resource`` is ``"pods"`` (``status.phase``) or ``"trainingjobs"``
+    (``status.phase`` of the job).
+    """
+
+    def __init__(self, cluster: Cluster, namespace: str, resource: str) -> None:
+        self.cluster, self.namespace, self.resource = cluster, namespace, resource
+        self.states: dict[str, dict[str, Any]] = {}  # name -> the object's latest status
+        self.running_at: dict[str, float] = {}  # name -> monotonic time first seen Running
+        self.changed = time.monotonic()  # last time anything was first seen Running
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"observe-{resource}", daemon=True)
+
+    def start(self) -> None:
+        """Start watching; returns once the watch is open (nothing created after this is missed)."""
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError(f"the {self.resource} watch of {self.namespace} did not open")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _list(self, **kwargs: Any) -> Any:
+        if self.resource == "pods":
+            return self.cluster.core.list_namespaced_pod(self.namespace, **kwargs)
+        return self.cluster.custom.list_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, "trainingjobs", **kwargs
+        )
+
+    def _run(self) -> None:
+        from kubernetes import watch
+
+        class RawWatch(watch.Watch):  # events as the server's JSON: no model objects to build
+            def get_return_type(self, func: Any) -> None:
+                return None
+
+        version = None
+        while not self._stop.is_set():
+            try:
+                if version is None:
+                    listed = self._list(_request_timeout=30, _preload_content=False)
+                    body = json.loads(listed.data)
+                    for obj in body.get("items") or []:
+                        self._seen("ADDED", obj)
+                    version = body["metadata"]["resourceVersion"]
+                    self._ready.set()
+                for event in RawWatch().stream(
+                    self._list, resource_version=version, timeout_seconds=60, _request_timeout=90
+                ):
+                    if self._stop.is_set():
+                        return
+                    if event["type"] == "ERROR":  # 410: the version is too old; list again
+                        version = None
+                        break
+                    obj = event["raw_object"]
+                    version = obj["metadata"].get("resourceVersion", version)
+                    if event["type"] != "BOOKMARK":
+                        self._seen(event["type"], obj)
+            except Exception:
+                version = None
+                time.sleep(0.2)
+
+    def _seen(self, kind: str, obj: dict[str, Any]) -> None:
+        name = obj["metadata"]["name"]
+        status = obj.get("status") or {}
+        with self._lock:
+            if kind == "DELETED":
+                self.states.pop(name, None)
+                return
+            self.states[name] = status
+            if status.get("phase") == "Running" and name not in self.running_at:
+                self.running_at[name] = self.changed = time.monotonic()
+
+    def phases(self) -> dict[str, str | None]:
+        """Each object's latest ``status.phase``."""
+        with self._lock:
+            return {name: status.get("phase") for name, status in self.states.items()}
+
+    def unschedulable(self) -> int:
+        """Pods kube-scheduler found no room for (PodScheduled False, Unschedulable)."""
+        with self._lock:
+            return sum(1 for status in self.states.values() if _unschedulable(status))
+
+
+def _unschedulable(status: Mapping[str, Any]) -> bool:
+    stuck = ("PodScheduled", "False", "Unschedulable")
+    conditions = status.get("conditions") or []
+    return status.get("phase") == "Pending" and any((c.get("type"), c.get("status"), c.get("reason")) == stuck
+                                                    for c in conditions)
+
+
+class CpuSampler:
+    """The machine's CPU use (from /proc/stat) sampled every 50 ms, to read the share of all cores
+    busy over any window afterwards: what bounds a burst on a small machine."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int, int]] = []  # (monotonic, total jiffies, idle jiffies)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # idle + iowait
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), *self._read()))
+            time.sleep(0.05)
+
+    def busy(self, start: float, end: float) -> float | None:
+        """The share of all cores busy between two monotonic times (None: too few samples)."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            return None
+        (_, total0, idle0), (_, total1, idle1) = inside[0], inside[-1]
+        return round(1 - (idle1 - idle0) / (total1 - total0), 2) if total1 > total0 else None
+
+
 def busiest(before: dict[str, Any], after: dict[str, Any], top: int = 8) -> dict[str, float]:
     """The API server's request seconds over a run by verb and resource, the ``top`` largest
     (where the server's time went: summed latency, so concurrent requests overlap)."""
@@ -366,23 +504,28 @@ def run_floor(cluster: Cluster, ns: str, shape: list[tuple[int, int]], timeout: 
     before = cluster.metrics()
     cpu_before = control_plane_cpu()
     pods = [(f"j{j}-{r}", gpus) for j, (workers, gpus) in enumerate(shape) for r in range(workers)]
-    first_create = time.monotonic()
-    for name, gpus in pods:
-        cluster.core.create_namespaced_pod(ns, floor_pod(ns, name, gpus))
-    last_create = time.monotonic()
-    # Until every pod runs, or the rest are unschedulable and nothing changed for 5 s: kube-scheduler
-    # alone may strand GPUs (it spreads pods, leaving no whole node for an 8-GPU pod), and nothing
-    # frees them later. The time is that of the last pod seen Running.
-    running, stuck, changed = 0, 0, last_create
-    took = 0.0
-    while time.monotonic() - last_create < timeout:
-        now_running, stuck = cluster.pod_states(ns)
-        now = time.monotonic()
-        if now_running != running:
-            running, changed, took = now_running, now, now - last_create
-        if running == len(pods) or (running + stuck == len(pods) and now - changed > 5):
-            break
-        time.sleep(0.25)
+    observer = Observer(cluster, ns, "pods")
+    observer.start()
+    try:
+        with CpuSampler() as sampler:
+            first_create = time.monotonic()
+            for name, gpus in pods:
+                cluster.core.create_namespaced_pod(ns, floor_pod(ns, name, gpus))
+            last_create = time.monotonic()
+            # Until every pod runs, or the rest are unschedulable and nothing changed for 5 s:
+            # kube-scheduler alone may strand GPUs (it spreads pods, leaving no whole node for an
+            # 8-GPU pod), and nothing frees them later. The time is that of the last pod Running.
+            while time.monotonic() - last_create < timeout:
+                running, stuck = len(observer.running_at), observer.unschedulable()
+                quiet = time.monotonic() - observer.changed > 5
+                if running == len(pods) or (running + stuck == len(pods) and quiet):
+                    break
+                time.sleep(0.1)
+            wall = time.monotonic() - first_create
+    finally:
+        observer.stop()
+    running, stuck = len(observer.running_at), observer.unschedulable()
+    last = max(observer.running_at.values(), default=last_create)
     timed_out = running + stuck < len(pods)
     after = cluster.metrics()
     cpu = cpu_spent(cpu_before, control_plane_cpu())
@@ -390,14 +533,27 @@ def run_floor(cluster: Cluster, ns: str, shape: list[tuple[int, int]], timeout: 
         "pods": len(pods),
         "running": running,
         "unschedulable": stuck,  # left Pending for want of room where kube-scheduler put the others
-        "all_running_s": round(took, 2),
-        "from_first_create_s": round(took + last_create - first_create, 2),
+        "all_running_s": round(max(last - last_create, 0.0), 2),
+        "from_first_create_s": round(last - first_create, 2),
+        **burst_cpu(sampler, first_create, last),
         "timed_out": timed_out,
         "apiserver_requests": int(after["requests"] - before["requests"]),
         "apiserver_p99_s": p99(before["buckets"], after["buckets"]),
         "apiserver_request_s": busiest(before, after),
         "control_plane_cpu_s": cpu,
-        "wall_s": round(time.monotonic() - first_create, 2),
+        "wall_s": round(wall, 2),
+    }
+
+
+def burst_cpu(sampler: CpuSampler, start: float, end: float) -> dict[str, float | None]:
+    """How busy the machine's cores were from the first create to the last gang Running, and the
+    CPU seconds that makes: on a machine this small the burst is bound by that work, so the time
+    over the floor follows the work over the floor."""
+    busy = sampler.busy(start, end)
+    cores = os.cpu_count() or 1
+    return {
+        "cpu_busy": busy,
+        "cpu_work_s": round(busy * cores * (end - start), 2) if busy is not None else None,
     }
 
 
@@ -436,27 +592,29 @@ def run_operator(
         before = cluster.metrics()
         cpu_before = control_plane_cpu()
         cpu0 = proc_stats(op._proc.pid)[1]  # type: ignore[union-attr]
-        first_create = time.monotonic()
-        for j, (workers, gpus) in enumerate(shape):
-            cluster.custom.create_namespaced_custom_object(
-                GROUP, VERSION, ns, "trainingjobs", job_manifest(ns, f"j{j}", workers, gpus)
-            )
-        last_create = time.monotonic()
-        placed_at: dict[str, float] = {}
-        settled_since = None
-        while time.monotonic() - last_create < timeout:
-            jobs = cluster.jobs(ns)
-            phases = {j["metadata"]["name"]: (j.get("status") or {}).get("phase") for j in jobs}
-            for name, phase in phases.items():
-                if phase == "Running" and name not in placed_at:
-                    placed_at[name] = time.monotonic() - last_create
-            if all(p in ("Running", "Queued") for p in phases.values()) and len(phases) == len(shape):
-                settled_since = settled_since or time.monotonic()
-                if time.monotonic() - settled_since > 5:  # nothing changes any more
-                    break
-            else:
+        observer = Observer(cluster, ns, "trainingjobs")
+        observer.start()
+        try:
+            with CpuSampler() as sampler:
+                first_create = time.monotonic()
+                for j, (workers, gpus) in enumerate(shape):
+                    cluster.custom.create_namespaced_custom_object(
+                        GROUP, VERSION, ns, "trainingjobs", job_manifest(ns, f"j{j}", workers, gpus)
+                    )
+                last_create = time.monotonic()
                 settled_since = None
-            time.sleep(0.25)
+                while time.monotonic() - last_create < timeout:
+                    phases = observer.phases()
+                    if all(p in ("Running", "Queued") for p in phases.values()) and len(phases) == len(shape):
+                        settled_since = settled_since or time.monotonic()
+                        if time.monotonic() - settled_since > 5:  # nothing changes any more
+                            break
+                    else:
+                        settled_since = None
+                    time.sleep(0.1)
+        finally:
+            observer.stop()
+        placed_at = {name: t - last_create for name, t in observer.running_at.items()}
         after = cluster.metrics()
         cpu = cpu_spent(cpu_before, control_plane_cpu())
         wall = time.monotonic() - first_create
@@ -478,6 +636,7 @@ def run_operator(
             "pods": pods,
             "all_placed_running_s": round(last, 2),
             "from_first_create_s": round(last + last_create - first_create, 2),
+            **burst_cpu(sampler, first_create, last_create + last),
             "operator_requests": calls,
             "operator_kib_read": round((proxy.bytes_read["capstan"] + proxy.bytes_read["kopf"]) / 1024, 1),
             "operator_events_posted": sum(v for k, v in calls.items() if k.endswith("POST events")),
@@ -631,6 +790,8 @@ def run_size(
     floor = out["floor"]["from_first_create_s"] if "floor" in out else None
     for mode in set(modes) - {"floor", "kills"}:
         out[mode]["over_floor"] = round(out[mode]["from_first_create_s"] / floor, 2) if floor else None
+        work, floor_work = out[mode].get("cpu_work_s"), out.get("floor", {}).get("cpu_work_s")
+        out[mode]["work_over_floor"] = round(work / floor_work, 2) if work and floor_work else None
     return out
 
 
@@ -695,6 +856,11 @@ def main(argv: list[str] | None = None) -> None:
         },
         "median_over_floor": {
             m: statistics.median(r[m]["over_floor"] or 0 for r in runs)
+            for m in ("list", "cache")
+            if m in args.modes
+        },
+        "median_work_over_floor": {
+            m: statistics.median(r[m]["work_over_floor"] or 0 for r in runs)
             for m in ("list", "cache")
             if m in args.modes
         },

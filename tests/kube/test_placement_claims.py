@@ -13,7 +13,7 @@ from tests.kube.conftest import Cluster, gpu_node
 from capstan.api.loading import parse_object
 from capstan.api.trainingjob import TrainingJob
 from capstan.kube.client import USER_AGENT
-from capstan.kube.placement import QueueState, placed_without_pods, queue_pass, queue_snapshot
+from capstan.kube.placement import ParsedJobs, QueueState, placed_without_pods, queue_pass, queue_snapshot
 from capstan.labels import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
 
 NOW = 1_800_000_000.0
@@ -104,3 +104,24 @@ async def test_a_rank_whose_create_did_not_land_keeps_its_gpus_from_the_next_gan
     pinned = [p["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
               ["nodeSelectorTerms"][0]["matchFields"][0]["values"][0] for p in pods]
     assert pinned == nodes
+
+
+def test_parsed_jobs_reads_each_version_once_and_a_new_version_again() -> None:
+    """A burst's placement passes parse each job once per resourceVersion, and what they read is
+    the version they were given: a job placed since its last parse claims its new nodes."""
+    parsed = ParsedJobs(kept=2)
+    first = {**placed("g", ["n0"]), "status": {"phase": "Queued"}}
+    first["metadata"] = {**first["metadata"], "resourceVersion": "10"}
+    assert placed_without_pods([first], [], parsed) == {}
+    assert parsed.get(first) is parsed.get(dict(first))  # same (uid, version): the same model
+    moved = placed("g", ["n1"])
+    moved["metadata"] = {**moved["metadata"], "resourceVersion": "11"}
+    assert placed_without_pods([moved], [], parsed) == {"ml/g": {"n1": 4}}
+    # an object without a version (built in memory) is parsed as it is, never looked up
+    unversioned = placed("g", ["n0"])
+    assert placed_without_pods([unversioned], [], parsed) == {"ml/g": {"n0": 4}}
+    # an invalid body is remembered as such, and the oldest entries go past ``kept``
+    broken = {**first, "spec": {"workers": "many"}}
+    broken["metadata"] = {**first["metadata"], "resourceVersion": "12"}
+    assert parsed.get(broken) is None
+    assert len(parsed) == 2

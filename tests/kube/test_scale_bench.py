@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,3 +78,44 @@ def test_the_kills_mode_judges_a_queued_gang_by_what_it_holds() -> None:
     found = violations(half, [spec])
     assert any("queued, yet has pods ['j0-0']" in v for v in found), found
     assert any("queued, yet placed" in v for v in found), found
+
+
+def _bench() -> object:
+    sys.path[:0] = [str(REPO / "bench")]
+    try:
+        import scale  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return scale
+
+
+def test_the_observer_times_each_object_when_it_first_runs() -> None:
+    """The bench times a burst from watch events: an object counts from the first event that shows
+    it Running (later changes do not move it), a deleted one leaves the phases, and pods left
+    Pending as unschedulable are counted as such."""
+    scale: Any = _bench()
+    observer = scale.Observer(cluster=None, namespace="ns", resource="pods")
+    unschedulable = {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}]}
+    observer._seen("ADDED", {"metadata": {"name": "a"}, "status": {"phase": "Pending"}})
+    observer._seen("ADDED", {"metadata": {"name": "b"}, "status": unschedulable})
+    assert observer.running_at == {} and observer.unschedulable() == 1
+    observer._seen("MODIFIED", {"metadata": {"name": "a"}, "status": {"phase": "Running"}})
+    first = observer.running_at["a"]
+    later = {"phase": "Running", "podIP": "10.0.0.1"}
+    observer._seen("MODIFIED", {"metadata": {"name": "a"}, "status": later})
+    assert observer.running_at == {"a": first} and observer.changed == first
+    observer._seen("DELETED", {"metadata": {"name": "b"}, "status": unschedulable})
+    assert observer.phases() == {"a": "Running"} and observer.unschedulable() == 0
+
+
+def test_the_cpu_sampler_reads_the_busy_share_of_a_window() -> None:
+    """The share of the cores busy between two times comes from the /proc/stat samples inside it."""
+    scale: Any = _bench()
+    sampler = scale.CpuSampler()
+    # (time, total jiffies, idle jiffies): 1 s to 2 s, 200 jiffies of which 50 idle
+    sampler.samples = [(0.5, 0, 0), (1.0, 100, 80), (1.5, 200, 100), (2.0, 300, 130), (2.5, 400, 230)]
+    assert sampler.busy(1.0, 2.0) == 0.75
+    assert sampler.busy(1.6, 1.9) is None  # no two samples inside: nothing to say
+    work = scale.burst_cpu(sampler, 1.0, 2.0)
+    assert work == {"cpu_busy": 0.75, "cpu_work_s": round(0.75 * (os.cpu_count() or 1) * 1.0, 2)}

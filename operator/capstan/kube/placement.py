@@ -197,35 +197,75 @@ def _submitted(job: TrainingJob) -> float:
     return created.timestamp() if created else 0.0
 
 
-def _placed_by_capstan(bodies: Sequence[Mapping[str, Any]]) -> list[TrainingJob]:
+class ParsedJobs:
+    """TrainingJob bodies parsed once per (uid, resourceVersion), the oldest dropped past ``kept``.
+
+    A placement pass parses every placed or queued job of the cluster, and a burst runs one pass
+    per gang: without this a burst of n jobs parses n² bodies. A resourceVersion names one content
+    of an object, so only bodies as the server (or the watch cache) holds them may be looked up
+    here, never one edited in memory; the models handed out are only read.
+    """
+
+    def __init__(self, kept: int = 20_000) -> None:
+        self.kept = kept
+        self._jobs: dict[tuple[str, str], TrainingJob | None] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def get(self, body: Mapping[str, Any]) -> TrainingJob | None:
+        """``body`` as a TrainingJob (None: not a valid one)."""
+        uid, version = dig(body, "metadata", "uid"), dig(body, "metadata", "resourceVersion")
+        if not (isinstance(uid, str) and uid and isinstance(version, str) and version):
+            return _parse_job(body)
+        key = (uid, version)
+        if key not in self._jobs:
+            if len(self._jobs) >= self.kept:
+                del self._jobs[next(iter(self._jobs))]  # the oldest (dicts keep insertion order)
+            self._jobs[key] = _parse_job(body)
+        return self._jobs[key]
+
+
+def _parse_job(body: Mapping[str, Any]) -> TrainingJob | None:
+    try:
+        job = parse_object(dict(body))
+    except InvalidObject:
+        return None
+    return job if isinstance(job, TrainingJob) else None
+
+
+def _placed_by_capstan(
+    bodies: Sequence[Mapping[str, Any]], parsed: ParsedJobs | None = None
+) -> list[TrainingJob]:
     """Valid TrainingJobs that Capstan places (invalid ones: their own status says why)."""
     out = []
     for body in bodies:
-        try:
-            job = parse_object(dict(body))
-        except InvalidObject:
-            continue
-        if isinstance(job, TrainingJob) and wants_placement(job):
+        job = parsed.get(body) if parsed is not None else _parse_job(body)
+        if job is not None and wants_placement(job):
             out.append(job)
     return out
 
 
-def queued_jobs(bodies: Sequence[Mapping[str, Any]]) -> list[TrainingJob]:
+def queued_jobs(bodies: Sequence[Mapping[str, Any]], parsed: ParsedJobs | None = None) -> list[TrainingJob]:
     """The TrainingJobs waiting in Capstan's placement queue: phase Queued, placed by Capstan.
 
     Jobs never reconciled yet (no phase) are left out: they join the queue on their first pass,
     so a job a scoped-out operator never looks at cannot hold anyone back.
     """
     waiting = [b for b in bodies if dig(b, "status", "phase") == "Queued"]
-    return [j for j in _placed_by_capstan(waiting) if not j.spec.suspend]
+    return [j for j in _placed_by_capstan(waiting, parsed) if not j.spec.suspend]
 
 
-def recorded_moves(bodies: Sequence[Mapping[str, Any]]) -> list[TrainingJob]:
+def recorded_moves(
+    bodies: Sequence[Mapping[str, Any]], parsed: ParsedJobs | None = None
+) -> list[TrainingJob]:
     """Capstan-placed TrainingJobs whose status records a pending move."""
-    return _placed_by_capstan([b for b in bodies if dig(b, "status", "pendingMove")])
+    return _placed_by_capstan([b for b in bodies if dig(b, "status", "pendingMove")], parsed)
 
 
-def running_gangs(bodies: Sequence[Mapping[str, Any]], now: float) -> list[RunningGang]:
+def running_gangs(
+    bodies: Sequence[Mapping[str, Any]], now: float, parsed: ParsedJobs | None = None
+) -> list[RunningGang]:
     """Placed Capstan gangs still holding GPUs, with their declared end where they declare one.
 
     The end is ``startTime + activeDeadlineSeconds`` (``now +`` the limit while the gang is still
@@ -233,7 +273,7 @@ def running_gangs(bodies: Sequence[Mapping[str, Any]], now: float) -> list[Runni
     unknown, and the queue falls back to reservations that need no run times.
     """
     out = []
-    for job in _placed_by_capstan([b for b in bodies if dig(b, "status", "placement")]):
+    for job in _placed_by_capstan([b for b in bodies if dig(b, "status", "placement")], parsed):
         st = job.status
         if st.placement is None or not st.placement.nodes or st.phase in TERMINAL_PHASES:
             continue
@@ -246,7 +286,7 @@ def running_gangs(bodies: Sequence[Mapping[str, Any]], now: float) -> list[Runni
 
 
 def placed_without_pods(
-    bodies: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]]
+    bodies: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], parsed: ParsedJobs | None = None
 ) -> dict[str, dict[str, int]]:
     """GPUs that placed gangs hold on nodes where their worker pod does not exist: by queue key,
     ``{node: GPUs}``.
@@ -267,7 +307,7 @@ def placed_without_pods(
     placed = [b for b in bodies if dig(b, "status", "phase") in ("Starting", "Running", "Lent")
               and dig(b, "status", "placement")]
     claims: dict[str, dict[str, int]] = {}
-    for job in _placed_by_capstan(placed):
+    for job in _placed_by_capstan(placed, parsed):
         st, uid = job.status, job.metadata.uid or ""
         if st.placement is None or job.spec.suspend:
             continue
@@ -286,7 +326,7 @@ def _current(job: TrainingJob) -> PlacementResult:
 
 
 def movable_gangs(
-    bodies: Sequence[Mapping[str, Any]], now: float | None = None
+    bodies: Sequence[Mapping[str, Any]], now: float | None = None, parsed: ParsedJobs | None = None
 ) -> list[tuple[MovableGang, str]]:
     """Running Capstan gangs the queue may move, with their uids.
 
@@ -296,7 +336,7 @@ def movable_gangs(
     """
     out = []
     running_now = [b for b in bodies if dig(b, "status", "phase") == "Running"]  # parse only these
-    for job in _placed_by_capstan(running_now):
+    for job in _placed_by_capstan(running_now, parsed):
         st = job.status
         if not job.spec.movable or st.placement is None or not st.placement.nodes:
             continue
@@ -459,7 +499,7 @@ def _plan_moves(inv: Inventory, decisions: Sequence[Decision], movable: Sequence
 
 
 __all__ = [
-    "MOVE_HOLD_S", "PendingMove", "QueuePass", "QueueSnapshot", "QueueState", "gang_request",
+    "MOVE_HOLD_S", "ParsedJobs", "PendingMove", "QueuePass", "QueueSnapshot", "QueueState", "gang_request",
     "movable_gangs", "pinned_node", "placed_without_pods", "queue_key", "queue_pass", "queue_snapshot",
     "queued_jobs", "recorded_moves", "running_gangs", "wants_placement",
 ]

@@ -52,6 +52,7 @@ from capstan.kube.activities import operator_config, shared_state
 from capstan.kube.cache import ClusterCache
 from capstan.kube.client import ApiClient, ApiError, gather_bounded, owner_of
 from capstan.kube.placement import (
+    ParsedJobs,
     PendingMove,
     QueuePass,
     QueueSnapshot,
@@ -194,6 +195,7 @@ class TrainingState:
     # ``{node: GPUs}``): passes reading memory count them as held meanwhile (see _reconcile_job)
     inflight: dict[str, dict[str, int]] = field(default_factory=dict)
     gone_nodes: set[str] = field(default_factory=set)  # Nodes seen deleted: pods there are lost
+    parsed: ParsedJobs = field(default_factory=ParsedJobs)  # the cluster's jobs, as placement reads them
     metrics: JobMetrics = field(default_factory=JobMetrics)
     # rank 0's last scrape per job uid: (monotonic time, gang attempt, what it reported)
     progress: dict[str, tuple[float, int, Progress | None]] = field(default_factory=dict)
@@ -524,15 +526,16 @@ def _snapshot_of(
     now = time.time()
     config = operator_config(memo)
     # moves recorded in statuses that memory lacks (an operator restart): their destinations stay held
-    _state(memo).queue.adopt(recorded_moves(jobs), now)
+    state = _state(memo)
+    state.queue.adopt(recorded_moves(jobs, state.parsed), now)
     return queue_snapshot(
         nodes,
         pods,
-        queued_jobs(jobs),
+        queued_jobs(jobs, state.parsed),
         now=now,
-        running=running_gangs(jobs, now),
+        running=running_gangs(jobs, now, state.parsed),
         policy=config.queue,
-        movable=movable_gangs(jobs, now),
+        movable=movable_gangs(jobs, now, state.parsed),
         claimed=held_by_placed_gangs(memo, jobs, pods),
         levels=config.topology_levels,
     )
@@ -543,7 +546,8 @@ def held_by_placed_gangs(
 ) -> dict[str, dict[str, int]]:
     """GPUs placed gangs hold where their pods do not exist yet, by queue key: what their statuses
     say (:func:`placed_without_pods`), and the decisions whose status write is still on its way."""
-    return {**placed_without_pods(jobs, pods), **_state(memo).inflight}
+    state = _state(memo)
+    return {**placed_without_pods(jobs, pods, state.parsed), **state.inflight}
 
 
 def _with_status(body: Mapping[str, Any], plan: Plan) -> dict[str, Any]:

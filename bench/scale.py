@@ -3,11 +3,15 @@
 For each size (N nodes of 8 GPUs, one NVLink domain per node, 8 nodes per rack, 4 racks per block;
 up to M TrainingJobs of 1 to 64 workers created in one burst, about 85 % of the GPUs asked for, none
 over a quarter of them; most jobs small, as in the public traces: 60 % one worker, 1 % 64 workers)
-the bench runs four things on the same fresh nodes, one after the other, in namespaces of their own:
+the bench runs five things on the same fresh nodes, one after the other, in namespaces of their own:
 
 * ``floor``: the same worker pods (same GPU requests) created directly, with no placement logic at
   all: kube-scheduler binds them, kwok runs them (pods it leaves unschedulable, having strewn the
   others so that no node has room, are counted, and the floor's time is its last pod Running);
+* ``objects``: no operator; the bench makes what one must for each job (the TrainingJob, kopf's
+  finalizer, the Starting and Running status writes, the headless Service, the pods as Capstan
+  labels and owns them, two Events), one after the other as the floor does (:func:`run_objects`):
+  the cost of the objects themselves, which no operator can go below;
 * ``list``: the operator (``capstan operator --namespace``, a real subprocess) with
   ``CAPSTAN_PLACEMENT_CACHE=off``: every placement pass lists Nodes, Pods and TrainingJobs;
 * ``cache``: the operator as shipped: passes read the watch-fed caches (:mod:`capstan.kube.cache`);
@@ -77,7 +81,7 @@ GPUS_PER_NODE = 8
 WORKER_CHOICES = {1: 60, 2: 15, 4: 10, 8: 8, 16: 4, 32: 2, 64: 1}
 GPU_CHOICES = {1: 40, 2: 25, 4: 20, 8: 15}
 DEFAULT_SIZES = ("32x48", "64x96", "128x192")
-MODES = ("floor", "list", "cache", "kills")
+MODES = ("floor", "objects", "list", "cache", "kills")
 KILLS = 20  # SIGKILLs of the operator during the kills mode's burst
 _LIVE: list[OperatorProcess] = []  # operators running now: a signal stops them first
 _INTERRUPTED = False  # a signal came: clean up without waiting on operators
@@ -545,6 +549,82 @@ def run_floor(cluster: Cluster, ns: str, shape: list[tuple[int, int]], timeout: 
     }
 
 
+def run_objects(cluster: Cluster, ns: str, shape: list[tuple[int, int]], timeout: float) -> dict[str, Any]:
+    """What any operator that keeps a TrainingJob's objects asks of the machine, with no operator:
+    the bench itself makes, job by job, the TrainingJob, kopf's finalizer patch, the ``Starting``
+    status write, the job's headless Service (Capstan's own, :func:`headless_service`), its pods
+    (the floor's, labelled and owned as Capstan's are, with their DNS hostnames) and an Event; once
+    every pod runs, each job's ``Running`` status write and Event. The time is from the first
+    create to the last of those writes: a lower bound for the operator modes, on this machine."""
+    from capstan.api.loading import parse_object
+    from capstan.naming import owner_reference
+    from capstan.training.pods import headless_service, job_labels, service_name
+
+    cluster.namespace(ns)
+    custom = cluster.custom
+    finalizer = {"metadata": {"finalizers": ["kopf.zalando.org/KopfFinalizerMarker"]}}
+    names: list[str] = []
+    observer = Observer(cluster, ns, "pods")
+    observer.start()
+    try:
+        with CpuSampler() as sampler:
+            first_create = time.monotonic()
+            for j, (workers, gpus) in enumerate(shape):
+                name = f"j{j}"
+                body = cluster.custom.create_namespaced_custom_object(
+                    GROUP, VERSION, ns, "trainingjobs", job_manifest(ns, name, workers, gpus)
+                )
+                names.append(name)
+                custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "trainingjobs", name, finalizer)
+                custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, ns, "trainingjobs", name, {"status": {"phase": "Starting"}}
+                )
+                job: Any = parse_object(body)
+                cluster.core.create_namespaced_service(ns, headless_service(job))
+                owner = owner_reference(f"{GROUP}/{VERSION}", "TrainingJob", name, job.metadata.uid)
+                for rank in range(workers):
+                    pod = floor_pod(ns, f"{name}-{rank}", gpus)
+                    pod["metadata"].update(labels=job_labels(job), ownerReferences=[owner])
+                    pod["spec"].update(hostname=f"{name}-{rank}", subdomain=service_name(job))
+                    cluster.core.create_namespaced_pod(ns, pod)
+                cluster.core.create_namespaced_event(ns, _event(ns, body, "Starting"))
+            pods = sum(w for w, _ in shape)
+            while len(observer.running_at) < pods and time.monotonic() - first_create < timeout:
+                time.sleep(0.05)
+            running = {"status": {"phase": "Running"}}
+            for name in names:
+                custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, "trainingjobs", name,
+                                                             running)
+                cluster.core.create_namespaced_event(ns, _event(ns, {"metadata": {"name": name}}, "Running"))
+            done = time.monotonic()
+    finally:
+        observer.stop()
+        for name in names:  # no operator will release them
+            cluster.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, ns, "trainingjobs", name, {"metadata": {"finalizers": None}}
+            )
+    return {
+        "pods": sum(w for w, _ in shape),
+        "running": len(observer.running_at),
+        "from_first_create_s": round(done - first_create, 2),
+        **burst_cpu(sampler, first_create, done),
+    }
+
+
+def _event(ns: str, job: Mapping[str, Any], reason: str) -> dict[str, Any]:
+    name = job["metadata"]["name"]
+    involved = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingJob", "name": name, "namespace": ns}
+    if "uid" in job["metadata"]:
+        involved["uid"] = job["metadata"]["uid"]
+    return {
+        "metadata": {"generateName": f"{name}."},
+        "involvedObject": involved,
+        "reason": reason,
+        "message": f"the gang is {reason.lower()}",
+        "type": "Normal",
+    }
+
+
 def burst_cpu(sampler: CpuSampler, start: float, end: float) -> dict[str, float | None]:
     """How busy the machine's cores were from the first create to the last gang Running, and the
     CPU seconds that makes: on a machine this small the burst is bound by that work, so the time
@@ -772,9 +852,9 @@ def run_size(
     try:
         for mode in modes:
             ns = f"scale-{nodes}-{mode}"
-            if mode == "floor":
+            if mode in ("floor", "objects"):
                 try:
-                    out["floor"] = run_floor(cluster, ns, shape, timeout)
+                    out[mode] = (run_floor if mode == "floor" else run_objects)(cluster, ns, shape, timeout)
                 finally:
                     cluster.drop_namespace(ns)
             elif mode == "kills":
@@ -788,7 +868,7 @@ def run_size(
     # Measured from the first create: the floor's clock would otherwise start after it has created
     # every pod itself, one by one, while the operator's starts before it creates any.
     floor = out["floor"]["from_first_create_s"] if "floor" in out else None
-    for mode in set(modes) - {"floor", "kills"}:
+    for mode in set(modes) - {"floor", "kills"}:  # objects, list, cache
         out[mode]["over_floor"] = round(out[mode]["from_first_create_s"] / floor, 2) if floor else None
         work, floor_work = out[mode].get("cpu_work_s"), out.get("floor", {}).get("cpu_work_s")
         out[mode]["work_over_floor"] = round(work / floor_work, 2) if work and floor_work else None
@@ -856,12 +936,12 @@ def main(argv: list[str] | None = None) -> None:
         },
         "median_over_floor": {
             m: statistics.median(r[m]["over_floor"] or 0 for r in runs)
-            for m in ("list", "cache")
+            for m in ("objects", "list", "cache")
             if m in args.modes
         },
         "median_work_over_floor": {
             m: statistics.median(r[m]["work_over_floor"] or 0 for r in runs)
-            for m in ("list", "cache")
+            for m in ("objects", "list", "cache")
             if m in args.modes
         },
     }

@@ -22,9 +22,9 @@ from capstan.kube.client import ApiClient
 from capstan.kube.placement import pinned_node
 from capstan.kube.resources import ApiResource, register_kind
 from capstan.kube.trainingjob import TrainingState, cluster_view, held_by_placed_gangs
-from capstan.labels import ANNOTATION_REPLICAS, LABEL_GROUP_OF
+from capstan.labels import LABEL_GROUP_OF
 from capstan.naming import label_value
-from capstan.serving.groups import GROUP_REVISION_KIND, GroupActions, plan_groups
+from capstan.serving.groups import GROUP_REVISION_KIND, GroupActions, plan_groups, scale_annotation
 from capstan.serving.plan import ServingPlan
 from capstan.topology.inventory import Inventory, build_inventory
 
@@ -74,7 +74,9 @@ def _desired_count(cr: Mapping[str, Any], plan: ServingPlan) -> Mapping[str, Any
         if obj.get("kind") == GROUP_REVISION_KIND and dig(obj, "metadata", "name") == name:
             return {**cr, "metadata": {**cr["metadata"], "annotations": obj["metadata"]["annotations"]}}
     if name in plan.scale:
-        notes = {**(dig(cr, "metadata", "annotations") or {}), ANNOTATION_REPLICAS: str(plan.scale[name])}
+        # the annotations the rescale patch writes (:func:`scale_annotation`), as the cache will hold them
+        scaled = scale_annotation(plan.scale[name])["metadata"]["annotations"]
+        notes = {**(dig(cr, "metadata", "annotations") or {}), **scaled}
         return {**cr, "metadata": {**cr["metadata"], "annotations": notes}}
     return cr
 

@@ -647,6 +647,27 @@ def _event(ns: str, job: Mapping[str, Any], reason: str) -> dict[str, Any]:
     }
 
 
+QUIET_BUSY = 0.3  # the machine's busy share under which a mode starts (an idle dev cluster: ~0.1)
+
+
+def quiet_for(busy: float, window_s: float = 2.0, timeout_s: float = 60.0) -> float | None:
+    """Wait until the machine's cores were less than ``busy`` busy over the last ``window_s`` (at
+    most ``timeout_s``): each mode starts on a machine at rest, not in the wake of the one before.
+    Returns the share seen last."""
+    with CpuSampler() as sampler:
+        end = time.monotonic() + timeout_s
+        seen = None
+        while time.monotonic() < end:
+            time.sleep(0.25)
+            now = time.monotonic()
+            if now - sampler.samples[0][0] < window_s:
+                continue
+            seen = sampler.busy(now - window_s, now)
+            if seen is not None and seen < busy:
+                break
+    return seen
+
+
 def burst_cpu(sampler: CpuSampler, start: float, end: float) -> dict[str, float | None]:
     """How busy the machine's cores were from the first create to the last gang Running, and the
     CPU seconds that makes: on a machine this small the burst is bound by that work, so the time
@@ -873,6 +894,7 @@ def run_size(
     }
     try:
         for mode in modes:
+            quiet_for(QUIET_BUSY)  # what came before (an OpenAPI rebuild, a namespace deletion) is over
             ns = f"scale-{nodes}-{mode}"
             if mode in ("floor", "objects"):
                 try:

@@ -120,8 +120,13 @@ def test_parsed_jobs_reads_each_version_once_and_a_new_version_again() -> None:
     # an object without a version (built in memory) is parsed as it is, never looked up
     unversioned = placed("g", ["n0"])
     assert placed_without_pods([unversioned], [], parsed) == {"ml/g": {"n0": 4}}
-    # an invalid body is remembered as such, and the oldest entries go past ``kept``
-    broken = {**first, "spec": {"workers": "many"}}
-    broken["metadata"] = {**first["metadata"], "resourceVersion": "12"}
-    assert parsed.get(broken) is None
-    assert len(parsed) == 2
+    # one entry per job, whatever its versions; an invalid body is remembered as such
+    assert len(parsed) == 1
+    broken = {**placed("h", ["n0"]), "spec": {"workers": "many"}}
+    broken["metadata"] = {**broken["metadata"], "resourceVersion": "12"}
+    assert parsed.get(broken) is None and len(parsed) == 2
+    # past ``kept`` jobs, the one written longest ago goes (here g, last written at version 11)
+    other = placed("i", ["n0"])
+    other["metadata"] = {**other["metadata"], "resourceVersion": "13"}
+    parsed.get(other)
+    assert "uid-g" not in parsed and "uid-h" in parsed and "uid-i" in parsed

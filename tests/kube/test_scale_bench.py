@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,13 @@ def test_the_cpu_sampler_reads_the_busy_share_of_a_window() -> None:
     assert sampler.busy(1.6, 1.9) is None  # no two samples inside: nothing to say
     work = scale.burst_cpu(sampler, 1.0, 2.0)
     assert work == {"cpu_busy": 0.75, "cpu_work_s": round(0.75 * (os.cpu_count() or 1) * 1.0, 2)}
+
+
+def test_a_mode_waits_for_a_machine_at_rest() -> None:
+    """Each mode starts once the cores were under the threshold for the window (not in the wake of
+    the mode before): on a machine busier than the threshold it waits out its timeout."""
+    scale: Any = _bench()
+    assert scale.quiet_for(1.01, window_s=0.3, timeout_s=5) is not None  # any machine is under 101 %
+    started = time.monotonic()
+    seen = scale.quiet_for(0.0, window_s=0.3, timeout_s=1.0)  # no machine is under 0 %
+    assert time.monotonic() - started >= 1.0 and (seen is None or seen >= 0.0)

@@ -198,32 +198,40 @@ def _submitted(job: TrainingJob) -> float:
 
 
 class ParsedJobs:
-    """TrainingJob bodies parsed once per (uid, resourceVersion), the oldest dropped past ``kept``.
+    """TrainingJob bodies parsed once per resourceVersion: the latest version of each job (by uid),
+    at most ``kept`` jobs, those written longest ago dropped first.
 
     A placement pass parses every placed or queued job of the cluster, and a burst runs one pass
     per gang: without this a burst of n jobs parses n² bodies. A resourceVersion names one content
     of an object, so only bodies as the server (or the watch cache) holds them may be looked up
-    here, never one edited in memory; the models handed out are only read.
+    here, never one edited in memory; the models handed out are only read. One entry per job keeps
+    memory with the jobs, however often their statuses change.
     """
 
     def __init__(self, kept: int = 20_000) -> None:
         self.kept = kept
-        self._jobs: dict[tuple[str, str], TrainingJob | None] = {}
+        self._jobs: dict[str, tuple[str, TrainingJob | None]] = {}
 
     def __len__(self) -> int:
         return len(self._jobs)
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self._jobs
 
     def get(self, body: Mapping[str, Any]) -> TrainingJob | None:
         """``body`` as a TrainingJob (None: not a valid one)."""
         uid, version = dig(body, "metadata", "uid"), dig(body, "metadata", "resourceVersion")
         if not (isinstance(uid, str) and uid and isinstance(version, str) and version):
             return _parse_job(body)
-        key = (uid, version)
-        if key not in self._jobs:
-            if len(self._jobs) >= self.kept:
-                del self._jobs[next(iter(self._jobs))]  # the oldest (dicts keep insertion order)
-            self._jobs[key] = _parse_job(body)
-        return self._jobs[key]
+        held = self._jobs.get(uid)
+        if held is not None and held[0] == version:
+            return held[1]
+        job = _parse_job(body)
+        self._jobs.pop(uid, None)  # re-inserted last: the order is that of the latest writes
+        if len(self._jobs) >= self.kept:
+            del self._jobs[next(iter(self._jobs))]
+        self._jobs[uid] = (version, job)
+        return job
 
 
 def _parse_job(body: Mapping[str, Any]) -> TrainingJob | None:

@@ -36,7 +36,7 @@ long the jobs took to converge after the last one, and every invariant violation
 
 Run inside ``make cluster`` (``scripts/cluster.py run -- python bench/scale.py --json``). Defaults
 (three sizes: 32 nodes and up to 48 jobs, 64 and 96, 128 and 192; the GPU budget ends each burst
-first: 39, 62 and 111 jobs, 105, 205 and 331 pods with the default seed) take about ten minutes on
+first: 39, 62 and 111 jobs, 105, 205 and 331 pods with the default seed) take about 15 minutes on
 2 cores;
 ``--sizes 64x120`` runs one. Results go to ``bench/results/scale.json``. SIGTERM or SIGINT stops the
 operators at once, then removes what the run created (finalizers of its TrainingJobs included,

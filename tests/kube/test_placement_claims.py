@@ -130,3 +130,5 @@ def test_parsed_jobs_reads_each_version_once_and_a_new_version_again() -> None:
     other["metadata"] = {**other["metadata"], "resourceVersion": "13"}
     parsed.get(other)
     assert "uid-g" not in parsed and "uid-h" in parsed and "uid-i" in parsed
+    parsed.forget("uid-h")  # a deleted job
+    assert "uid-h" not in parsed and len(parsed) == 1

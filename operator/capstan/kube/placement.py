@@ -218,6 +218,10 @@ class ParsedJobs:
     def __contains__(self, uid: object) -> bool:
         return uid in self._jobs
 
+    def forget(self, uid: str) -> None:
+        """Drop a deleted job (about 9 KB each: deleted jobs must not fill the memory to ``kept``)."""
+        self._jobs.pop(uid, None)
+
     def get(self, body: Mapping[str, Any]) -> TrainingJob | None:
         """``body`` as a TrainingJob (None: not a valid one)."""
         uid, version = dig(body, "metadata", "uid"), dig(body, "metadata", "resourceVersion")

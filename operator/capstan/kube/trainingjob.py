@@ -836,8 +836,10 @@ async def trainingjob_deleted(
         if exc.status in (0, 429) or exc.status >= 500:
             raise kopf.TemporaryError(f"cleanup failed, retrying: {exc}", delay=CLEANUP_RETRY_S) from exc
         raise
-    _state(memo).metrics.forget(namespace, name)
-    _state(memo).progress.pop(uid, None)
+    state = _state(memo)
+    state.metrics.forget(namespace, name)
+    state.progress.pop(uid, None)
+    state.parsed.forget(uid)
 
 
 async def _delete_children(

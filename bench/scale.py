@@ -58,7 +58,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -725,16 +725,12 @@ def run_operator(
                         GROUP, VERSION, ns, "trainingjobs", job_manifest(ns, f"j{j}", workers, gpus)
                     )
                 last_create = time.monotonic()
-                settled_since = None
-                while time.monotonic() - last_create < timeout:
-                    phases = observer.phases()
-                    if all(p in ("Running", "Queued") for p in phases.values()) and len(phases) == len(shape):
-                        settled_since = settled_since or time.monotonic()
-                        if time.monotonic() - settled_since > 5:  # nothing changes any more
-                            break
-                    else:
-                        settled_since = None
-                    time.sleep(0.1)
+
+                def settled() -> bool:
+                    phases = observer.phases().values()
+                    return len(phases) == len(shape) and all(p in ("Running", "Queued") for p in phases)
+
+                until_steady(settled, timeout, interval_s=0.1)
         finally:
             observer.stop()
         placed_at = {name: t - last_create for name, t in observer.running_at.items()}
@@ -778,6 +774,25 @@ def run_operator(
         }
     finally:
         end_run(cluster, ns, op, proxy)
+
+
+STEADY_S = 5.0  # how long a burst's end state must hold before the bench takes it as the end
+
+
+def until_steady(holds: Callable[[], bool], timeout_s: float, interval_s: float) -> bool:
+    """Check ``holds`` every ``interval_s`` until it has held for :data:`STEADY_S` in a row (True)
+    or ``timeout_s`` has passed (False)."""
+    end = time.monotonic() + timeout_s
+    since = None
+    while time.monotonic() < end:
+        if holds():
+            since = since or time.monotonic()
+            if time.monotonic() - since > STEADY_S:
+                return True
+        else:
+            since = None
+        time.sleep(interval_s)
+    return False
 
 
 def run_kills(
@@ -831,26 +846,22 @@ def run_kills(
         last_kill = time.monotonic()
         op.wait_started(120)
         problems: list[str] = ["not checked yet"]
-        settled_since = None
-        while time.monotonic() - last_kill < timeout:
+
+        def clean() -> bool:
+            nonlocal problems
             try:
                 snap = view.snapshot(ns)
             except Exception as exc:  # the bench's own read failed (busy server): poll again
                 problems = [f"snapshot failed: {type(exc).__name__}"]
-                time.sleep(0.5)
-                continue
+                return False
             phases = {j["metadata"]["name"]: (j.get("status") or {}).get("phase") for j in snap.jobs}
             for spec in specs:  # a gang still waiting is judged as queued; any other as placed
                 spec.expect = "Queued" if phases.get(spec.name) in ("Queued", "Pending", None) else "Running"
             problems = violations(snap, specs)
-            if not problems:
-                settled_since = settled_since or time.monotonic()
-                if time.monotonic() - settled_since > 5:  # and it stays so
-                    break
-            else:
-                settled_since = None
-            time.sleep(0.5)
-        converged = time.monotonic() - last_kill - (5 if not problems else 0)
+            return not problems
+
+        until_steady(clean, timeout, interval_s=0.5)
+        converged = time.monotonic() - last_kill - (STEADY_S if not problems else 0)
         placed = sum(1 for s in specs if s.expect == "Running")
         return {
             "mode": "kills",

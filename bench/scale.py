@@ -555,13 +555,14 @@ def run_floor(cluster: Cluster, ns: str, shape: list[tuple[int, int]], timeout: 
 def run_objects(cluster: Cluster, ns: str, shape: list[tuple[int, int]], timeout: float) -> dict[str, Any]:
     """What any operator that keeps a TrainingJob's objects asks of the machine, with no operator:
     the bench itself makes, job by job, the TrainingJob, kopf's finalizer patch, the ``Starting``
-    status write, the job's headless Service (Capstan's own, :func:`headless_service`), its pods
-    (the floor's, labelled and owned as Capstan's are, with their DNS hostnames) and an Event; once
+    status write, the headless Service of a gang of more than one worker (Capstan's own,
+    :func:`headless_service`), its pods (the floor's, labelled and owned as Capstan's are, with
+    their DNS hostnames) and an Event; once
     every pod runs, each job's ``Running`` status write and Event. The time is from the first
     create to the last of those writes: a lower bound for the operator modes, on this machine."""
     from capstan.api.loading import parse_object
     from capstan.naming import owner_reference
-    from capstan.training.pods import headless_service, job_labels, service_name
+    from capstan.training.pods import headless_service, job_labels, needs_service, service_name
 
     cluster.namespace(ns)
     custom = cluster.custom
@@ -584,12 +585,15 @@ def run_objects(cluster: Cluster, ns: str, shape: list[tuple[int, int]], timeout
                     GROUP, VERSION, ns, "trainingjobs", name, {"status": {"phase": "Starting"}}
                 )
                 job: Any = parse_object(body)
-                cluster.core.create_namespaced_service(ns, headless_service(job))
+                if needs_service(job):
+                    cluster.core.create_namespaced_service(ns, headless_service(job))
                 owner = owner_reference(f"{GROUP}/{VERSION}", "TrainingJob", name, job.metadata.uid)
                 for rank in range(workers):
                     pod = floor_pod(ns, f"{name}-{rank}", gpus)
                     pod["metadata"].update(labels=job_labels(job), ownerReferences=[owner])
-                    pod["spec"].update(hostname=f"{name}-{rank}", subdomain=service_name(job))
+                    pod["spec"]["hostname"] = f"{name}-{rank}"
+                    if needs_service(job):
+                        pod["spec"]["subdomain"] = service_name(job)
                     cluster.core.create_namespaced_pod(ns, pod)
                 cluster.core.create_namespaced_event(ns, _event(ns, body, "Starting"))
             pods = sum(w for w, _ in shape)

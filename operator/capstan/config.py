@@ -31,6 +31,7 @@ variable                                 attribute
 ``CAPSTAN_PROMETHEUS_URL``               :attr:`OperatorConfig.prometheus_url`
 ``CAPSTAN_EPP_IMAGE``                    :attr:`OperatorConfig.epp_image`
 ``CAPSTAN_ENDPOINT_PICKERS``             :attr:`OperatorConfig.endpoint_pickers`
+``CAPSTAN_DISCOVERY_TTL_SECONDS``        :attr:`OperatorConfig.discovery_ttl_s`
 =======================================  ==============================================
 """
 
@@ -64,6 +65,8 @@ PROMETHEUS_ENV = "CAPSTAN_PROMETHEUS_URL"
 PLACEMENT_CACHE_ENV = "CAPSTAN_PLACEMENT_CACHE"
 EPP_IMAGE_ENV = "CAPSTAN_EPP_IMAGE"
 ENDPOINT_PICKERS_ENV = "CAPSTAN_ENDPOINT_PICKERS"
+DISCOVERY_TTL_ENV = "CAPSTAN_DISCOVERY_TTL_SECONDS"
+DEFAULT_DISCOVERY_TTL_S = 60
 #: The Prometheus Operator's default Service for a Prometheus named "k8s" in "monitoring".
 DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
 
@@ -152,6 +155,11 @@ class OperatorConfig:
     in the ModelServing's namespace, so the operator must hold ``roles`` and ``rolebindings``: the
     chart grants them, and sets this, only with ``routing.endpointPickers: true``."""
 
+    discovery_ttl_s: int = DEFAULT_DISCOVERY_TTL_S
+    """How long the operator trusts an API discovery answer about an optional API (Gateway API's
+    HTTPRoute, KEDA's ScaledObject, LeaderWorkerSet, InferencePool): CRDs installed or removed
+    later are seen within this time (``$CAPSTAN_DISCOVERY_TTL_SECONDS``, 1 to 3600, default 60)."""
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
         """The configuration from ``env`` (default: this process's environment); an unset or empty
@@ -184,6 +192,9 @@ class OperatorConfig:
             placement_cache=_switch(source, PLACEMENT_CACHE_ENV, default=True),
             epp_image=_image(source, EPP_IMAGE_ENV) or DEFAULT_EPP_IMAGE,
             endpoint_pickers=_switch(source, ENDPOINT_PICKERS_ENV, default=False),
+            discovery_ttl_s=_or(
+                _integer(source, DISCOVERY_TTL_ENV, low=1, high=3600), DEFAULT_DISCOVERY_TTL_S
+            ),
         )
 
 
@@ -232,6 +243,7 @@ def _integer(
 __all__ = [
     "ADDR_ENV",
     "CERT_DIR_ENV",
+    "DISCOVERY_TTL_ENV",
     "ENDPOINT_PICKERS_ENV",
     "EPP_IMAGE_ENV",
     "LOG_FORMAT_ENV",

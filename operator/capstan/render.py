@@ -13,7 +13,13 @@ from capstan.api.modelserving import ModelServing
 from capstan.api.trainingjob import TrainingJob
 from capstan.config import OperatorConfig
 from capstan.naming import dns_label
-from capstan.training.pods import checkpoint_pvc, gang_network_policy, headless_service, worker_pod
+from capstan.training.pods import (
+    checkpoint_pvc,
+    gang_network_policy,
+    headless_service,
+    needs_service,
+    worker_pod,
+)
 
 PREVIEW_UID = "00000000-0000-0000-0000-000000000000"
 
@@ -50,15 +56,16 @@ def _with_uid(res: CapstanObject) -> CapstanObject:
 
 
 def render_trainingjob(job: TrainingJob, config: OperatorConfig | None = None) -> list[dict[str, Any]]:
-    """PVC (if any), headless Service and the first gang's pods, unpinned, as an operator with
-    ``config`` (default: an environment that sets nothing) would create them."""
+    """PVC (if any), headless Service (more than one worker) and the first gang's pods, unpinned, as
+    an operator with ``config`` (default: an environment that sets nothing) would create them."""
     levels = (config or OperatorConfig()).topology_levels
     job = _with_uid(job)  # type: ignore[assignment]
     objs: list[dict[str, Any]] = []
     pvc = checkpoint_pvc(job)
     if pvc is not None:
         objs.append(pvc)
-    objs.append(headless_service(job))
+    if needs_service(job):
+        objs.append(headless_service(job))
     policy = gang_network_policy(job, (config or OperatorConfig()).operator_namespace)
     if policy is not None:
         objs.append(policy)

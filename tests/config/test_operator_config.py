@@ -25,6 +25,7 @@ def test_an_empty_environment_is_the_default_configuration() -> None:
     assert (config.log_format, config.debug) == ("json", False)
     assert config.placement_cache  # placement reads the watch-fed caches unless told not to
     assert not config.endpoint_pickers  # the chart's routing.endpointPickers turns them on
+    assert config.discovery_ttl_s == 60
 
 
 def test_every_variable_reaches_its_attribute() -> None:
@@ -43,6 +44,7 @@ def test_every_variable_reaches_its_attribute() -> None:
         "CAPSTAN_PLACEMENT_CACHE": "off",
         "CAPSTAN_EPP_IMAGE": "ghcr.io/llm-d/llm-d-router-endpoint-picker:0.0.3",
         "CAPSTAN_ENDPOINT_PICKERS": "on",
+        "CAPSTAN_DISCOVERY_TTL_SECONDS": "5",
     })
     assert config.topology_levels.names == ["nvlink", "zone"]
     assert config.queue.reserve_after_s == 60 and not config.queue.migration
@@ -54,6 +56,7 @@ def test_every_variable_reaches_its_attribute() -> None:
     assert config.placement_cache is False
     assert config.epp_image == "ghcr.io/llm-d/llm-d-router-endpoint-picker:0.0.3"
     assert config.endpoint_pickers
+    assert config.discovery_ttl_s == 5
 
 
 @pytest.mark.parametrize(("name", "value", "says"), [
@@ -66,6 +69,7 @@ def test_every_variable_reaches_its_attribute() -> None:
     ("CAPSTAN_PLACEMENT_CACHE", "sometimes", "'sometimes' is not on or off"),
     ("CAPSTAN_EPP_IMAGE", "epp image", "is not an image reference"),
     ("CAPSTAN_ENDPOINT_PICKERS", "yes", "'yes' is not on or off"),
+    ("CAPSTAN_DISCOVERY_TTL_SECONDS", "0", "'0' is not an integer in [1, 3600]"),
 ])
 def test_a_bad_value_names_the_variable(name: str, value: str, says: str) -> None:
     with pytest.raises(ConfigError) as err:

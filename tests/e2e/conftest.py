@@ -43,7 +43,7 @@ from tests.kube import scenarios as sc
 from tests.support.kube import TEST_AGENT, OperatorThread
 
 from capstan.admission import ADDR_ENV, CERT_DIR_ENV, PORT_ENV
-from capstan.config import ENDPOINT_PICKERS_ENV
+from capstan.config import DISCOVERY_TTL_ENV, ENDPOINT_PICKERS_ENV
 from capstan.kube.client import ApiClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +53,9 @@ RELEASE = "e2e"
 RELEASE_NAMESPACE = "capstan-e2e"
 #: The chart's ServiceAccount for release ``e2e`` (fullname ``e2e-capstan``).
 SERVICE_ACCOUNT = "e2e-capstan"
+#: The operator's trust in a discovery answer here: tests that install a CRD (KEDA, InferencePool)
+#: wait this long for it to be seen, not the default minute.
+DISCOVERY_TTL_S = 2
 T = TypeVar("T")
 
 
@@ -296,10 +299,11 @@ def capstan(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
     token = service_account_token(cluster, RELEASE_NAMESPACE, SERVICE_ACCOUNT)
     conn = kopf.ConnectionInfo(server=cluster.server, ca_path=cluster.ca_path, token=token)
-    saved = {k: os.environ.get(k) for k in (CERT_DIR_ENV, PORT_ENV, ADDR_ENV, ENDPOINT_PICKERS_ENV)}
+    saved = {k: os.environ.get(k) for k in (CERT_DIR_ENV, PORT_ENV, ADDR_ENV, ENDPOINT_PICKERS_ENV,
+                                            DISCOVERY_TTL_ENV)}
     # The environment the chart gives the operator's Deployment, for the values above.
     os.environ.update({CERT_DIR_ENV: str(certs), PORT_ENV: str(port), ADDR_ENV: "127.0.0.1",
-                       ENDPOINT_PICKERS_ENV: "on"})
+                       ENDPOINT_PICKERS_ENV: "on", DISCOVERY_TTL_ENV: str(DISCOVERY_TTL_S)})
     # With the chart's peering (as its Deployment runs it): kopf's peering calls go through RBAC too.
     operator = OperatorThread(connection=conn, timeout_s=30, peering=values["operator"]["peering"])
     install = Install(cluster, RELEASE, RELEASE_NAMESPACE, SERVICE_ACCOUNT, port, operator, values)

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from tests.api.bodies import make_modelserving
+from tests.e2e.conftest import DISCOVERY_TTL_S
 from tests.kube import scenarios as sc
 from tests.kube.test_modelserving_kube import MetricsStub
 from tests.support.kube import wait_for
@@ -256,7 +257,7 @@ async def test_template_secret_env_and_keda_scaled_object_on_the_real_server(
     """spec.template (a Secret env, a sidecar, a pull secret) gives a Deployment the API server
     accepts; with KEDA's ScaledObject CRD installed, the operator creates a ScaledObject the API
     server accepts (its schema is KEDA's own) instead of an HPA."""
-    from capstan.kube.modelserving import GATEWAY_CHECK_TTL_S, SCALEDOBJECTS
+    from capstan.kube.modelserving import SCALEDOBJECTS
 
     crd = keda_crd()
     cluster.kubectl("apply", "--server-side", "-f", "-", stdin=crd)
@@ -281,8 +282,9 @@ async def test_template_secret_env_and_keda_scaled_object_on_the_real_server(
                     ]}},
             },
         })
-        # The operator may hold a "no KEDA" discovery answer from before the CRD for up to its TTL.
-        (rev,) = await wait_for(lambda: revisions(env), GATEWAY_CHECK_TTL_S + sc.TIMEOUT,
+        # The operator may hold a "no KEDA" discovery answer from before the CRD for up to its TTL
+        # (the spec is refused meanwhile, and passed again once the TTL is over).
+        (rev,) = await wait_for(lambda: revisions(env), DISCOVERY_TTL_S + sc.TIMEOUT,
                                 what="the revision Deployment")
         dep = await api.get(DEPLOYMENTS, env.namespace, rev)
         assert dep is not None
@@ -302,7 +304,7 @@ async def test_template_secret_env_and_keda_scaled_object_on_the_real_server(
             await api.delete(MODELSERVINGS, env.namespace, NAME)
         cluster.kubectl("delete", "crd", "scaledobjects.keda.sh", "--wait=true")
         # The operator trusts its discovery answer this long: later tests must see no KEDA.
-        await asyncio.sleep(GATEWAY_CHECK_TTL_S)
+        await asyncio.sleep(DISCOVERY_TTL_S)
 
 
 #: The Gateway API Inference Extension's v1 InferencePool CRD (v1.5.0), kept as a test fixture.
@@ -318,7 +320,6 @@ async def test_inference_pool_and_endpoint_picker_on_the_real_server(
     from pathlib import Path
 
     from capstan.kube.modelserving import (
-        GATEWAY_CHECK_TTL_S,
         INFERENCEPOOLS,
         ROLEBINDINGS,
         ROLES,
@@ -343,7 +344,7 @@ async def test_inference_pool_and_endpoint_picker_on_the_real_server(
             return await api.get(INFERENCEPOOLS, env.namespace, rev)
 
         # The operator may hold a "no InferencePool" discovery answer from before the CRD for its TTL.
-        p = await wait_for(pool, GATEWAY_CHECK_TTL_S + sc.TIMEOUT, what="an InferencePool")
+        p = await wait_for(pool, DISCOVERY_TTL_S + sc.TIMEOUT, what="an InferencePool")
         assert p["spec"]["endpointPickerRef"] == {
             "group": "", "kind": "Service", "name": epp, "port": {"number": 9002}, "failureMode": "FailOpen"}
         for res in (SERVICEACCOUNTS, ROLES, ROLEBINDINGS, SERVICES, DEPLOYMENTS):

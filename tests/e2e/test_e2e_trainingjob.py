@@ -253,6 +253,24 @@ async def test_raising_workers_resizes_a_running_gang(env: sc.Env, api: ApiClien
     assert "Resized" in await sc.event_reasons(env, name)
 
 
+async def test_a_one_worker_gang_has_no_service_until_it_grows(env: sc.Env, api: ApiClient) -> None:
+    """A one-worker job runs with no headless Service (its rendezvous is on loopback, so Endpoints
+    and EndpointSlices are not written for it); raised to 2 workers, the new gang gets its Service
+    and DNS subdomain before its pods rendezvous across the cluster."""
+    name, ns = "solo", env.namespace
+    await api.create(sc.job_body(env, name, workers=1, gpusPerWorker=1))
+    (pod,) = await running_gang(env, name, 1, attempt=0)
+    await sc.wait_job(env, name, sc.phase_is("Running"), "Running")
+    env_vars = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env_vars["MASTER_ADDR"] == "127.0.0.1" and "subdomain" not in pod["spec"]
+    assert await api.get(SERVICES, ns, f"{name}-workers") is None
+    await api.patch(TRAININGJOBS, ns, name, {"spec": {"workers": 2}})
+    pods = await running_gang(env, name, 2, attempt=1)
+    service = await api.get(SERVICES, ns, f"{name}-workers")
+    assert service is not None and service["spec"]["clusterIP"] == "None"
+    assert all(p["spec"]["subdomain"] == f"{name}-workers" for p in pods)
+
+
 async def test_gpu_error_quarantines_the_node_and_the_next_gang_avoids_it(
     env: sc.Env, api: ApiClient
 ) -> None:

@@ -322,3 +322,27 @@ async def test_keda_served_gives_a_scaled_object_instead_of_an_hpa(cluster: tupl
     assert so["spec"]["minReplicaCount"] == 0 and so["spec"]["maxReplicaCount"] == 3
     assert [t["name"] for t in so["spec"]["triggers"]] == ["load", "activation"]
     assert await api.get(HPAS, NS, rev) is None
+
+
+async def test_scale_to_zero_refused_without_keda_runs_once_keda_is_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """minReplicas 0 where the cluster serves no KEDA: Failed, naming KEDA. KEDA installed afterwards
+    (as the message says): the same spec runs within the operator's discovery TTL, with no edit and
+    no wait for the minute's resync (the refused pass asks to be run again after the TTL)."""
+    from tests.support.kube import declare_resource
+
+    from capstan.config import DISCOVERY_TTL_ENV
+    from capstan.kube.modelserving import SCALEDOBJECTS
+
+    monkeypatch.setenv(DISCOVERY_TTL_ENV, "1")
+    async with emulated_cluster() as (emulator, url), running_operator(url), api_client(url) as api:
+        await api.create(serving(runtime="vllm", autoscaling={
+            "minReplicas": 0, "maxReplicas": 3, "metric": "queue", "target": 4,
+            "activationQuery": 'sum(gateway_pending{service="gpt"})'}))
+        st = await wait_status(api, lambda s: s.get("phase") == "Failed", "Failed without KEDA")
+        assert "needs KEDA" in st["message"] and await deployments(api) == {}
+        declare_resource(emulator, "keda.sh/v1alpha1/scaledobjects", "ScaledObject", True, {"status"})
+        (rev,) = await wait_for(lambda: deployments(api), timeout=10, what="the revision with KEDA")
+        so = await wait_for(lambda: api.get(SCALEDOBJECTS, NS, rev), what="a ScaledObject")
+        assert so["spec"]["minReplicaCount"] == 0

@@ -329,6 +329,19 @@ def test_refusal_of_missing_workers_keeps_starting() -> None:
     assert st.phase == "Starting" and st.placement == plan.status.placement
 
 
+def test_a_one_worker_gang_is_created_without_a_service_and_never_gets_one() -> None:
+    """One worker rendezvous on loopback: neither the gang's creation nor a pass that finds no
+    Service creates one; two workers get theirs with the gang."""
+    solo = plan_trainingjob(job(workers=1), [], T0, service_exists=False)
+    assert [o["kind"] for o in solo.create] == ["Pod"]
+    pods = [{**p, "status": {"phase": "Running"}} for p in solo.create]
+    started = job(workers=1).model_copy(update={"status": solo.status})
+    later = plan_trainingjob(started, pods, T0, service_exists=False)
+    assert later.create == [] and later.status.phase == "Running"
+    pair = plan_trainingjob(job(workers=2), [], T0, service_exists=False)
+    assert [o["kind"] for o in pair.create] == ["Service", "Pod", "Pod"]
+
+
 def test_a_live_gang_gets_its_missing_service_and_checkpoint_claim_again() -> None:
     """A Service or PVC create that met a namesake about to go (409, nothing created), or one
     deleted by hand, is created again while the gang lives; found by tests/faults/test_faults.py."""

@@ -39,6 +39,20 @@ def test_torchrun_env_points_every_rank_at_rank0(k8s_valid: Any) -> None:
     assert env_of(worker_pod(j, 0, 1))["PET_RDZV_ID"] != env_of(pods[0])["PET_RDZV_ID"]
 
 
+def test_a_one_worker_gang_meets_on_loopback_without_a_service_name(k8s_valid: Any) -> None:
+    """No headless Service for one worker: rank 0 is this pod, on 127.0.0.1, with no subdomain to
+    resolve; DeepSpeed's hostfile names localhost."""
+    for launcher, made in (("torchrun", job(gpusPerWorker=8)), ("deepspeed", _ds_job(gpusPerWorker=8))):
+        j = made.model_copy(update={"spec": made.spec.model_copy(update={"workers": 1})})
+        pod = worker_pod(j, 0, attempt=0)
+        k8s_valid(pod)
+        env = env_of(pod)
+        assert env["MASTER_ADDR"] == "127.0.0.1" and env["NNODES"] == "1"
+        assert "subdomain" not in pod["spec"] and pod["spec"]["hostname"] == "gpt-small-0"
+        hostfile = pod["metadata"]["annotations"].get("capstan.dev/deepspeed-hostfile")
+        assert hostfile == ("localhost slots=8\n" if launcher == "deepspeed" else None)
+
+
 def test_user_nccl_and_env_override_defaults() -> None:
     j = job(gpusPerWorker=8, network={"nccl": {"NCCL_DEBUG": "INFO"}}, env=[{"name": "FOO", "value": "1"}])
     env = env_of(worker_pod(j, 0, 0))

@@ -81,9 +81,6 @@ from capstan.serving.rollout import WAIT_READY_S
 from capstan.serving.runtimes import runtime_for
 
 KIND = "ModelServing"
-# How long a "does the cluster serve HTTPRoute?" answer is trusted: Gateway API CRDs installed
-# later switch traffic to route weights within this time.
-GATEWAY_CHECK_TTL_S = 60.0
 QUERY_TIMEOUT_S = 10.0  # one PromQL query of canary analysis; a slower Prometheus holds the step
 PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
 HTTPROUTES = ApiResource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
@@ -129,11 +126,16 @@ def _state(memo: kopf.Memo) -> ServingState:
 
 
 async def served(api: ApiClient, res: ApiResource, memo: kopf.Memo | None = None) -> bool:
-    """Whether the API server serves ``res`` (API discovery; cached for :data:`GATEWAY_CHECK_TTL_S`
-    on ``memo`` when given): CRDs installed or removed later are seen within that time."""
-    cache = _state(memo).served if memo is not None else {}
-    checked, answer = cache.get(res, (-GATEWAY_CHECK_TTL_S, False))
-    if time.monotonic() - checked < GATEWAY_CHECK_TTL_S:
+    """Whether the API server serves ``res`` (API discovery; cached on ``memo`` when given, for the
+    configuration's ``discovery_ttl_s``): CRDs installed or removed later are seen within that time
+    (e.g. Gateway API's: traffic then moves to route weights)."""
+    if memo is None:
+        cache: dict[ApiResource, tuple[float, bool]] = {}
+        ttl = 0.0
+    else:
+        cache, ttl = _state(memo).served, operator_config(memo).discovery_ttl_s
+    checked, answer = cache.get(res, (-ttl - 1, False))
+    if time.monotonic() - checked < ttl:
         return answer
     try:
         doc = await api.request("GET", f"/apis/{res.group}/{res.version}")
@@ -533,6 +535,11 @@ async def _reconcile_serving(
         lws=lws,
         levels=operator_config(memo).topology_levels,
     )
+    if not (gateway and keda and pools and lws):
+        # An optional API the cluster lacks (a spec refused for it, or run without it) is looked
+        # for again once its answer expires: installing it takes effect within the TTL, not at the
+        # next resync. (With the default TTL, the resync's minute: no extra passes.)
+        plan.requeue(operator_config(memo).discovery_ttl_s)
     await _apply(api, ms, body, plan, observed, logger)
     await _lend_and_return(api, ms, plan, observed, logger)
     live = {r.name for r in plan.status.revisions}

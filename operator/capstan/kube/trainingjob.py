@@ -96,7 +96,14 @@ from capstan.naming import label_value
 from capstan.security import DEFAULT_OPERATOR_NAMESPACE
 from capstan.topology import DEFAULT_LEVELS, TopologyLevels
 from capstan.training.lifecycle import PlacementDecision, Plan, plan_trainingjob, refused
-from capstan.training.pods import METRICS_PORT, checkpoint_claim_name, checkpoint_pvc, selector, service_name
+from capstan.training.pods import (
+    METRICS_PORT,
+    checkpoint_claim_name,
+    checkpoint_pvc,
+    needs_service,
+    selector,
+    service_name,
+)
 from capstan.training.progress import PROGRESS_RECHECK_S, Progress
 
 KIND = "TrainingJob"
@@ -448,7 +455,7 @@ async def _children_exist(
     api: ApiClient, job: TrainingJob, cluster: ClusterCache | None = None
 ) -> tuple[bool | None, bool | None]:
     """Whether the job's headless Service and the checkpoint PVC the operator creates are there
-    (None: not looked at — the job is finished or suspended, or has no such PVC). Looked at only
+    (None: not looked at — the job is finished or suspended, or has no such Service or PVC). Looked at only
     while the job has pods: creating a gang creates them anyway.
 
     A namesake that is being deleted, or that a previous TrainingJob of the same name owns (the
@@ -459,10 +466,12 @@ async def _children_exist(
         return None, None
     uid = job.metadata.uid or ""
     ns, claim = job.metadata.namespace, checkpoint_pvc(job)
-    service = await _child(api, cluster, SERVICES, ns, service_name(job))
+    service = None
+    if needs_service(job):
+        service = _ours(await _child(api, cluster, SERVICES, ns, service_name(job)), uid)
     if claim is None:
-        return _ours(service, uid), None
-    return _ours(service, uid), _ours(await _child(api, cluster, PVCS, ns, claim["metadata"]["name"]), uid)
+        return service, None
+    return service, _ours(await _child(api, cluster, PVCS, ns, claim["metadata"]["name"]), uid)
 
 
 async def _child(

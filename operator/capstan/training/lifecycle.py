@@ -58,6 +58,7 @@ from capstan.training.pods import (
     checkpoint_pvc,
     gang_network_policy,
     headless_service,
+    needs_service,
     spec_digest,
     worker_pod,
 )
@@ -601,9 +602,10 @@ def _recreate_missing_children(b: _Builder, service_exists: bool | None, pvc_exi
     pvc = checkpoint_pvc(b.job) if pvc_exists is False else None
     if pvc is not None:
         b.plan.create.append(pvc)
-    if service_exists is False:
+    service = service_exists is False and needs_service(b.job)
+    if service:
         b.plan.create.append(headless_service(b.job))
-    if pvc is not None or service_exists is False:
+    if pvc is not None or service:
         b.requeue(2)  # a namesake being deleted answers 409 until it is gone: look again soon
 
 
@@ -642,7 +644,7 @@ def _create_gang(
     pvc = checkpoint_pvc(job)
     if pvc is not None and not pvc_exists:
         b.plan.create.append(pvc)
-    if not service_exists:
+    if not service_exists and needs_service(job):
         b.plan.create.append(headless_service(job))
     policy = gang_network_policy(job, b.operator_namespace)
     if policy is not None:  # created with the gang's Service, before any pod runs unprotected

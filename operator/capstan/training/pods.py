@@ -96,8 +96,20 @@ def checkpoint_claim_name(job: TrainingJob) -> str | None:
     return vol.claim_name or dns_label(job.metadata.name, suffix="-ckpt")
 
 
+def needs_service(job: TrainingJob) -> bool:
+    """Whether the gang gets a headless Service: only workers that meet across pods need one.
+
+    A one-worker gang's torchrun or DeepSpeed rendezvous with itself on localhost, and a Service
+    would cost the control plane its Endpoints and EndpointSlice writes for every pod change."""
+    return job.spec.workers > 1
+
+
 def master_addr(job: TrainingJob) -> str:
-    """Stable DNS name of rank 0 through the headless Service."""
+    """Rank 0's address: its stable DNS name through the headless Service, or the loopback address
+    for a one-worker gang (:func:`needs_service`; an address, as ``localhost`` may resolve to IPv6
+    first where the store listens on IPv4)."""
+    if not needs_service(job):
+        return "127.0.0.1"
     return f"{worker_name(job, 0)}.{service_name(job)}.{job.metadata.namespace}.svc"
 
 
@@ -194,8 +206,11 @@ def spec_digest(job: TrainingJob) -> str:
 
 def hostfile(job: TrainingJob) -> str:
     """The gang's DeepSpeed hostfile: each worker's stable DNS name (``worker-N.service``, resolved
-    through the namespace's search path) with ``slots=`` its processes, rank 0 first."""
+    through the namespace's search path) with ``slots=`` its processes, rank 0 first; ``localhost``
+    for a one-worker gang, which has no Service."""
     slots = job.spec.procs
+    if not needs_service(job):
+        return f"localhost slots={slots}\n"
     service = service_name(job)
     return "".join(f"{worker_name(job, rank)}.{service} slots={slots}\n" for rank in range(job.spec.workers))
 
@@ -379,7 +394,6 @@ def worker_pod(
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "hostname": name,
-        "subdomain": service_name(job),
         # Time for the trainer to checkpoint on SIGTERM before it is killed.
         "terminationGracePeriodSeconds": 120,
         "securityContext": pod_security_context(
@@ -389,6 +403,8 @@ def worker_pod(
         "volumes": volumes,
         **service_account_fields(spec.service_account_name),
     }
+    if needs_service(job):  # the worker's DNS name, worker-N.<service>
+        pod_spec["subdomain"] = service_name(job)
     if spec.node_selector:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:

@@ -26,7 +26,8 @@ the CPU seconds that makes (``cpu_busy``, ``cpu_work_s``, and ``work_over_floor`
 ``over_floor``: on a machine this small a burst keeps every core busy, so its time follows the work
 it asks of the machine); the operator's API requests (counted by a
 transparent proxy in front of the API server, by client and verb; per TrainingJob, against the
-minimum: the worker pods and the headless Service created plus the status writes a job needs),
+minimum: the worker pods and the headless Service of a gang of more than one worker created, plus
+the status writes a job needs),
 placement decisions per second, the operator's peak RSS and CPU seconds, and the API server's own
 request count, latency p99 and the request seconds of its busiest verbs over the run (its
 ``/metrics``), and the CPU seconds each control-plane component used over the run (``wall_s``
@@ -745,9 +746,11 @@ def run_operator(
         calls = {k: v for k, v in sorted(proxy.calls.items()) if k.split()[0] in ("capstan", "kopf")}
         placed = list(placed_at)
         pods = sum(shape[int(n[1:])][0] for n in placed)
-        # the least a job needs: its pods and headless Service created, its status written when it is
-        # admitted and placed (Starting) and when it runs; a queued job only its admission
-        minimum = pods + 3 * len(placed) + (len(shape) - len(placed))
+        # the least a job needs: its pods and (more than one worker) headless Service created, its
+        # status written when it is admitted and placed (Starting) and when it runs; a queued job
+        # only its admission
+        services = sum(1 for n in placed if shape[int(n[1:])][0] > 1)
+        minimum = pods + services + 2 * len(placed) + (len(shape) - len(placed))
         # Events are left out of both sides: they are notes for people, not work on the objects
         requests = sum(v for k, v in calls.items() if not k.endswith(" events"))
         last = max(placed_at.values(), default=0.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import json
 import socket
 import ssl
@@ -28,11 +29,14 @@ GROUP, VERSION = "capstan.dev", "v1alpha1"
 PLURALS = {"TrainingJob": "trainingjobs", "ModelServing": "modelservings"}
 
 
+@functools.cache
 def generated_crds() -> dict[str, dict[str, Any]]:
-    """The CRDs of crds/ by name."""
+    """The CRDs of crds/ by name, parsed once (they are large, and each CEL case reads its rule's
+    message from them): callers only read them."""
     out = {}
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     for path in sorted(CRDS.glob("capstan.dev_*.yaml")):
-        crd = yaml.safe_load(path.read_text())
+        crd = yaml.load(path.read_text(), Loader=loader)
         out[crd["metadata"]["name"]] = crd
     return out
 

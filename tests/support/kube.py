@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import copy
+import functools
 import itertools
 import threading
 import time
@@ -247,13 +249,22 @@ def declare_resource(
     )
 
 
+@functools.lru_cache(maxsize=32)
+def _parsed_yaml(path: Path, mtime_ns: int) -> tuple[Any, ...]:
+    """The documents of ``path`` as it was at ``mtime_ns``: the CRDs are large, and each emulated
+    cluster would otherwise parse them again (about a second per test in pure-Python YAML)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return tuple(yaml.load_all(path.read_text(), Loader=loader))
+
+
 def load_crds(emulator: Emulator, crd_dir: Path = CRD_DIR) -> list[dict[str, Any]]:
     """Declare every CRD of ``crd_dir`` and store the CRD objects themselves."""
     crds = []
     for path in sorted(crd_dir.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if not doc or doc.get("kind") != "CustomResourceDefinition":
+        for parsed in _parsed_yaml(path, path.stat().st_mtime_ns):
+            if not parsed or parsed.get("kind") != "CustomResourceDefinition":
                 continue
+            doc = copy.deepcopy(parsed)  # each emulator owns its objects
             spec, names = doc["spec"], doc["spec"]["names"]
             for ver in spec["versions"]:
                 subs = set((ver.get("subresources") or {}).keys())

@@ -99,7 +99,7 @@ def checkpoint_claim_name(job: TrainingJob) -> str | None:
 def needs_service(job: TrainingJob) -> bool:
     """Whether the gang gets a headless Service: only workers that meet across pods need one.
 
-    A one-worker gang's torchrun or DeepSpeed rendezvous with itself on localhost, and a Service
+    A one-worker gang's torchrun or DeepSpeed rendezvous with itself on loopback, and a Service
     would cost the control plane its Endpoints and EndpointSlice writes for every pod change."""
     return job.spec.workers > 1
 

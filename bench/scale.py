@@ -586,14 +586,15 @@ def run_objects(cluster: Cluster, ns: str, shape: list[tuple[int, int]], timeout
                     GROUP, VERSION, ns, "trainingjobs", name, {"status": {"phase": "Starting"}}
                 )
                 job: Any = parse_object(body)
-                if needs_service(job):
+                service = needs_service(job)
+                if service:
                     cluster.core.create_namespaced_service(ns, headless_service(job))
                 owner = owner_reference(f"{GROUP}/{VERSION}", "TrainingJob", name, job.metadata.uid)
                 for rank in range(workers):
                     pod = floor_pod(ns, f"{name}-{rank}", gpus)
                     pod["metadata"].update(labels=job_labels(job), ownerReferences=[owner])
                     pod["spec"]["hostname"] = f"{name}-{rank}"
-                    if needs_service(job):
+                    if service:
                         pod["spec"]["subdomain"] = service_name(job)
                     cluster.core.create_namespaced_pod(ns, pod)
                 cluster.core.create_namespaced_event(ns, _event(ns, body, "Starting"))

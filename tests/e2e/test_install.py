@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import functools
 import json
 import socket
 import ssl
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from tests.e2e.conftest import ROOT, Cluster, Install, wait_until
+from tests.support.kube import parsed_yaml
 
 pytestmark = pytest.mark.e2e
 
@@ -29,14 +29,12 @@ GROUP, VERSION = "capstan.dev", "v1alpha1"
 PLURALS = {"TrainingJob": "trainingjobs", "ModelServing": "modelservings"}
 
 
-@functools.cache
 def generated_crds() -> dict[str, dict[str, Any]]:
     """The CRDs of crds/ by name, parsed once (they are large, and each CEL case reads its rule's
     message from them): callers only read them."""
     out = {}
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     for path in sorted(CRDS.glob("capstan.dev_*.yaml")):
-        crd = yaml.load(path.read_text(), Loader=loader)
+        (crd,) = parsed_yaml(path)
         out[crd["metadata"]["name"]] = crd
     return out
 

@@ -251,17 +251,22 @@ def declare_resource(
 
 @functools.lru_cache(maxsize=32)
 def _parsed_yaml(path: Path, mtime_ns: int) -> tuple[Any, ...]:
-    """The documents of ``path`` as it was at ``mtime_ns``: the CRDs are large, and each emulated
-    cluster would otherwise parse them again (about a second per test in pure-Python YAML)."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     return tuple(yaml.load_all(path.read_text(), Loader=loader))
+
+
+def parsed_yaml(path: Path) -> tuple[Any, ...]:
+    """The documents of ``path``, parsed once per version of the file (libyaml where present): the
+    CRDs are large, and each emulated cluster would otherwise parse them again (about a second per
+    test in pure-Python YAML). Callers that keep or change a document copy it."""
+    return _parsed_yaml(path, path.stat().st_mtime_ns)
 
 
 def load_crds(emulator: Emulator, crd_dir: Path = CRD_DIR) -> list[dict[str, Any]]:
     """Declare every CRD of ``crd_dir`` and store the CRD objects themselves."""
     crds = []
     for path in sorted(crd_dir.glob("*.yaml")):
-        for parsed in _parsed_yaml(path, path.stat().st_mtime_ns):
+        for parsed in parsed_yaml(path):
             if not parsed or parsed.get("kind") != "CustomResourceDefinition":
                 continue
             doc = copy.deepcopy(parsed)  # each emulator owns its objects

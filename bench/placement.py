@@ -75,6 +75,7 @@ from capstan.topology import (  # noqa: E402 -- after the source-root path tweak
     place_gang,
     plan_defragmentation,
     plan_locality_moves,
+    pod_gpu_request,
     schedule_queue,
 )
 
@@ -943,8 +944,8 @@ def move_work_lost(pooled: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # decision time at 10,000 nodes
 
 
-def decision_benchmark(n_nodes: int = 10_000, repeats: int = 15, seed: int = 7) -> dict[str, Any]:
-    """Median ms of one ``place_gang`` (64 workers x 8 GPUs) on a busy 10k-node HGX cluster."""
+def _busy_cluster(n_nodes: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Nodes and pods of a ~60% busy, fragmented HGX cluster (8 GPUs a node, 32 racks a block)."""
     rng = random.Random(seed)
     racks_per_block, nodes_per_rack = 32, 8
     nodes, pods = [], []
@@ -953,10 +954,58 @@ def decision_benchmark(n_nodes: int = 10_000, repeats: int = 15, seed: int = 7) 
         name = f"n{i:05d}"
         nodes.append(_node(name, 8, {"capstan.dev/rack": f"r{rack}", "capstan.dev/block": f"b{block}",
                                      "topology.kubernetes.io/zone": f"z{block % 3}"}))
-        used = rng.choice([8, 8, 8, 4, 2, 1, 0, 0])  # ~60% busy, fragmented
+        used = rng.choice([8, 8, 8, 4, 2, 1, 0, 0])
         if used:
-            pods.append({"spec": {"nodeName": name, "containers": [
-                {"resources": {"limits": {"nvidia.com/gpu": str(used)}}}]}, "status": {"phase": "Running"}})
+            pods.append({"metadata": {"name": f"p{i:05d}"},
+                         "spec": {"nodeName": name, "containers": [
+                             {"resources": {"limits": {"nvidia.com/gpu": str(used)}}}]},
+                         "status": {"phase": "Running"}})
+    return nodes, pods
+
+
+def queue_pass_benchmark(n_nodes: int = 10_000, queued: int = 55, repeats: int = 5,
+                         seed: int = 7) -> dict[str, Any]:
+    """Median ms of one operator queue pass over ``queued`` gangs on the busy 10k-node cluster.
+
+    What ``capstan.kube.placement.queue_pass`` runs with the default ``QueuePolicy``: locality
+    moves, then ``schedule_queue``. Every pod is a one-worker gang with a declared end (so the
+    cost-based locality wait and the moves have all they need: the most work a pass can do);
+    the queue mixes one-GPU jobs with gangs of up to 1,024 x 8 GPUs, each declaring a run time.
+    """
+    nodes, pods = _busy_cluster(n_nodes, seed)
+    rng = random.Random(seed + 1)
+    running, movable = [], []
+    for p in pods:
+        node, gpus = p["spec"]["nodeName"], pod_gpu_request(p)
+        res = PlacementResult(p["metadata"]["name"], True, [node], gpus)
+        running.append(RunningGang(res, 0.0, rng.uniform(100.0, 100_000.0)))
+        movable.append(MovableGang(GangRequest(res.name, 1, gpus, expected_duration_s=50_000.0), res, 0.0))
+    shapes = [(1, 1), (1, 8), (2, 8), (4, 8), (8, 8), (16, 8), (64, 8), (128, 8), (512, 8), (1024, 8)]
+    requests = [GangRequest(f"q{k:03d}", *rng.choice(shapes), policy="Preferred", submitted=float(k),
+                            expected_duration_s=rng.uniform(600.0, 80_000.0)) for k in range(queued)]
+    now, pol = 1_000.0, OPERATOR_POLICY
+    assert pol.locality_slowdown is not None
+    moves_ms, queue_ms, placed = [], [], 0
+    for _ in range(repeats):
+        inv = build_inventory(nodes, pods)  # each pass builds its own, as the operator's do
+        t0 = time.perf_counter()
+        plan_locality_moves(inv, requests, movable, now, pol.locality_slowdown, pol.moves)
+        t1 = time.perf_counter()
+        decisions = schedule_queue(inv, requests, running=running, now=now, **pol.queue_kwargs())
+        t2 = time.perf_counter()
+        moves_ms.append((t1 - t0) * 1000)
+        queue_ms.append((t2 - t1) * 1000)
+        placed = sum(d.placed for d in decisions)
+    total = [m + q for m, q in zip(moves_ms, queue_ms, strict=True)]
+    return {"nodes": n_nodes, "queued": queued, "running": len(running), "started": placed,
+            "pass_ms": round(statistics.median(total), 1),
+            "locality_moves_ms": round(statistics.median(moves_ms), 1),
+            "schedule_queue_ms": round(statistics.median(queue_ms), 1)}
+
+
+def decision_benchmark(n_nodes: int = 10_000, repeats: int = 15, seed: int = 7) -> dict[str, Any]:
+    """Median ms of one ``place_gang`` (64 workers x 8 GPUs) on a busy 10k-node HGX cluster."""
+    nodes, pods = _busy_cluster(n_nodes, seed)
     t0 = time.perf_counter()
     inv = build_inventory(nodes, pods)
     build_ms = (time.perf_counter() - t0) * 1000
@@ -964,6 +1013,7 @@ def decision_benchmark(n_nodes: int = 10_000, repeats: int = 15, seed: int = 7) 
     times = []
     res = None
     for _ in range(repeats):
+        inv = build_inventory(nodes, pods)  # cold, as a pass's first placement: nothing summed yet
         t0 = time.perf_counter()
         res = place_gang(inv, req)
         times.append((time.perf_counter() - t0) * 1000)
@@ -1219,6 +1269,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "arrival_window_h_first_seed": round(trace[-1].submit / 3600, 1) if trace else 0.0,
             "gpu_hours_first_seed": round(sum(j.gpus * j.duration for j in trace) / 3600, 1)}
     decision = {"decision_ms": None, "inventory_build_ms": None} if args.no_decision else decision_benchmark()
+    queue_pass = None if args.no_decision else queue_pass_benchmark()
     cap, tas = policies["capstan"], policies["tas_bestfit"]
     higher = ("nvlink_local_share", "rack_local_share", "allocation_rate")
     losses = [m for m in METRICS if (cap[m] < tas[m] if m in higher else cap[m] > tas[m])]
@@ -1226,6 +1277,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "policies": policies,
         "decision_ms_10k_nodes_64_workers": decision["decision_ms"],
         "inventory_build_ms_10k_nodes": decision["inventory_build_ms"],
+        "queue_pass_10k_nodes": queue_pass,
         "clusters": per_cluster,
         "real_traces": real,
         "move_work_lost": move_work_lost(pooled_seed["capstan"]),

@@ -169,3 +169,12 @@ def test_compare_applies_the_issue_tolerances() -> None:
     assert mod.compare(close, base)["missed"] == {}
     worse = {**close, "allocation_rate": 0.984, "mean_jct_s": 10_300.0}
     assert set(mod.compare(worse, base)["missed"]) == {"allocation_rate", "mean_jct_s"}
+
+
+def test_queue_pass_benchmark_runs_a_whole_operator_pass() -> None:
+    """The 10k-node figure's pass, small: it starts gangs and times both halves of the pass."""
+    mod = _load()
+    out = mod.queue_pass_benchmark(n_nodes=256, queued=12, repeats=1)
+    assert out["nodes"] == 256 and out["queued"] == 12 and out["running"] > 0
+    assert 0 < out["started"] <= 12
+    assert out["pass_ms"] >= out["schedule_queue_ms"] > 0 and out["locality_moves_ms"] >= 0

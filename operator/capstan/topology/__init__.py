@@ -20,6 +20,7 @@ from .gang import (
     narrowest_level,
     place_gang,
     place_when_freed,
+    releases_until_fit,
 )
 from .inventory import Inventory, NodeInfo, build_inventory, parse_count, pod_gpu_request, tolerates
 from .levels import (
@@ -78,6 +79,7 @@ __all__ = [
     "pod_gpu_request",
     "queue_order",
     "queue_policy_from_env",
+    "releases_until_fit",
     "schedule_queue",
     "tolerates",
 ]

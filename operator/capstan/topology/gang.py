@@ -16,7 +16,7 @@ time and finally spans the cluster; ``None`` ignores topology and does BestFit o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
 from typing import Any, Literal
@@ -116,14 +116,14 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
         return _place_cpu(inventory, request, elig)
 
     gpw, want = request.gpus_per_worker, request.workers
-    free = [a - u if e and a > u else 0 for a, u, e in zip(topo.alloc, inventory._used, elig, strict=True)]
-    cap = [f // gpw for f in free]
-    busy = [i for i, f in enumerate(free) if f]  # only nodes with free GPUs matter below
-    if sum(cap[i] for i in busy) < want:
+    room = inventory._room(request.tolerations, request.needs_rdma, request.gpu_product,
+                           request.avoid_nodes, gpw)
+    free, cap, dcap, dfree = room.free, room.cap, room.dcap, room.dfree
+    if sum(dcap[-1]) < want:  # the widest level's domains hold every node
         return _unplaced(inventory, request, elig, free, cap)
 
     if request.policy == "None":
-        picks = _fill([(i, cap[i], free[i], i) for i in busy if cap[i]], want)
+        picks = _fill([(i, c, free[i], i) for i, c in enumerate(cap) if c], want)
         assign = [(i, k) for i, k in picks]
         # group ranks by domain, widest level first, so neighbouring ranks share a domain
         nlev = len(topo.levels)
@@ -133,27 +133,19 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
 
     nlev = len(topo.levels)
     if fragmentation_aware and want == 1:
-        return _result(inventory, request, [(_best_node(topo, busy, cap, free, gpw), 1)])
-    # per-level capacity (workers) and free GPUs of every domain
-    dcap: list[list[int]] = []
-    dfree: list[list[int]] = []
-    for li in range(nlev):
-        dom = topo.dom_of[li]
-        c = [0] * len(topo.dom_keys[li])
-        f = [0] * len(topo.dom_keys[li])
-        for i in busy:
-            d = dom[i]
-            c[d] += cap[i]
-            f[d] += free[i]
-        dcap.append(c)
-        dfree.append(f)
+        return _result(inventory, request, [(_best_node(topo, free, dfree, gpw), 1)])
 
     top = inventory.levels.index(request.max_domain) if request.policy == "Required" else nlev
     need = want * gpw
+    # levels where no domain could hold the gang even empty need no look at what is free
+    empty = inventory._empty_room(request.tolerations, request.needs_rdma, request.gpu_product,
+                                  request.avoid_nodes, gpw)
     for li in range(top + 1):
         if li == nlev:
             chosen = 0  # the cluster root
         else:
+            if max(empty[li], default=0) < want:
+                continue
             fits = [d for d, c in enumerate(dcap[li]) if c >= want]
             if not fits:
                 continue
@@ -175,22 +167,63 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
     return _unplaced(inventory, request, elig, free, cap, dcap=dcap, dfree=dfree, top=top)
 
 
-def _best_node(topo: Any, busy: list[int], cap: list[int], free: list[int], gpw: int) -> int:
+def _best_node(topo: Any, free: list[int], dfree: list[list[int]], gpw: int) -> int:
     """The node for a one-worker gang: least free GPUs left on it, then the fullest enclosing
-    domains (NVLink domain, rack, ...), then name. One pass, no per-domain sums for the common case
-    of an exact fit on a partly used node."""
-    cands = [i for i in busy if cap[i]]
-    left = min(free[i] for i in cands) - gpw
-    best = [i for i in cands if free[i] - gpw == left]
+    domains (NVLink domain, rack, ...; their free GPUs are ``dfree``), then name."""
+    tightest = min(f for f in free if f >= gpw)  # the caller checked that some node has room
+    best = [i for i, f in enumerate(free) if f == tightest]
     if len(best) == 1:
         return best[0]
     nlev = len(topo.levels)
-    sums: list[dict[int, int]] = [{} for _ in range(nlev)]
-    for i in busy:
-        for li in range(nlev):
-            d = topo.dom_of[li][i]
-            sums[li][d] = sums[li].get(d, 0) + free[i]
-    return min(best, key=lambda i: (*[sums[li][topo.dom_of[li][i]] for li in range(nlev)], i))
+    return min(best, key=lambda i: (*[dfree[li][topo.dom_of[li][i]] for li in range(nlev)], i))
+
+
+def releases_until_fit(inventory: Inventory, request: GangRequest,
+                       releases: Iterable[Mapping[str, int]]) -> int | None:
+    """How many of ``releases`` (GPUs given back per node, applied in order) must happen before
+    :func:`place_gang` would place ``request``: 0 if it fits now, None if not even after all.
+
+    The same test as :func:`place_gang` (one domain of the widest level the policy allows holds
+    ``workers`` whole workers of free GPUs on eligible nodes), swept once over the releases with
+    per-domain sums updated as each node frees, instead of a placement per prefix: the queue asks
+    this for every gang waiting on locality in every pass. Unknown nodes in a release are ignored,
+    as :meth:`Inventory.add_usage` ignores them.
+    """
+    _validate(inventory, request)
+    topo = inventory._topo
+    gpw, want = request.gpus_per_worker, request.workers
+    if gpw == 0:  # CPU workers need no GPUs: freeing some changes nothing
+        return 0 if place_gang(inventory, request).placed else None
+    room = inventory._room(request.tolerations, request.needs_rdma, request.gpu_product,
+                           request.avoid_nodes, gpw)
+    elig = room.elig
+    nlev = len(topo.levels)
+    top = topo.levels.index(request.max_domain) if request.policy == "Required" else nlev
+    used = list(inventory._used)
+    alloc = topo.alloc
+    if top < nlev:
+        dom, dcap = topo.dom_of[top], list(room.dcap[top])
+    else:  # Preferred or None: the whole cluster is the one domain
+        dom, dcap = [0] * len(alloc), [sum(room.dcap[-1])]
+    if max(dcap, default=0) >= want:
+        return 0
+    index = topo.index
+    for k, release in enumerate(releases, start=1):
+        fits = False
+        for name, gpus in release.items():
+            i = index.get(name)
+            if i is None or not elig[i]:
+                continue
+            a, before = alloc[i], used[i]
+            used[i] = max(0, before + gpus)
+            gained = max(0, a - used[i]) // gpw - max(0, a - before) // gpw
+            if gained:
+                d = dom[i]
+                dcap[d] += gained
+                fits = fits or dcap[d] >= want
+        if fits:  # checked once the whole release is in: a release only frees GPUs
+            return k
+    return None
 
 
 def narrowest_level(inventory: Inventory, request: GangRequest) -> str | None:
@@ -198,17 +231,12 @@ def narrowest_level(inventory: Inventory, request: GangRequest) -> str | None:
 
     None when that is only the whole cluster (or never): no single domain is big enough.
     """
-    topo = inventory._topo
     gpw = request.gpus_per_worker
     if gpw == 0:
         return None
-    elig = inventory._eligible(request.tolerations, request.needs_rdma, request.gpu_product,
-                               request.avoid_nodes)
-    cap_all = [a // gpw if e else 0 for a, e in zip(topo.alloc, elig, strict=True)]
-    for li, lv in enumerate(topo.levels):
-        sums = [0] * len(topo.dom_keys[li])
-        for i, c in enumerate(cap_all):
-            sums[topo.dom_of[li][i]] += c
+    empty = inventory._empty_room(request.tolerations, request.needs_rdma, request.gpu_product,
+                                  request.avoid_nodes, gpw)
+    for lv, sums in zip(inventory.levels, empty, strict=True):
         if max(sums, default=0) >= request.workers:
             return lv.name
     return None
@@ -313,7 +341,7 @@ def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int
     shape = f"{want} worker{'s' if want != 1 else ''} × {gpw}"  # noqa: RUF001 -- meant as a times sign
 
     def out(reason: str) -> PlacementResult:
-        kept_off = sum(1 for n in inv.nodes if n.name in req.avoid_nodes)
+        kept_off = sum(1 for n in inv.nodes if n.name in req.avoid_nodes) if req.avoid_nodes else 0
         if kept_off and "excluded for this job" not in reason:
             reason += f"; {kept_off} node(s) excluded for this job after failures (status.excludedNodes)"
         return PlacementResult(req.name, False, gpus_per_worker=gpw, reason=reason)
@@ -344,9 +372,7 @@ def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int
     if dcap[top][best] * gpw != dfree[top][best]:
         msg += f" (room for {dcap[top][best]} worker{'s' if dcap[top][best] != 1 else ''})"
     # would it ever fit? capacity of each domain with nothing running
-    empty = [0] * len(dcap[top])
-    for i in eligible:
-        empty[topo.dom_of[top][i]] += topo.alloc[i] // gpw
+    empty = inv._empty_room(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes, gpw)[top]
     if max(empty) < want:
         msg += (f"; even empty, no {label} holds {want} such workers (max {max(empty)}): "
                 f"raise maxDomain above {lv.name} or use policy Preferred")

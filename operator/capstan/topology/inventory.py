@@ -135,20 +135,94 @@ class _Topology:
     alloc: list[int]  # allocatable GPUs per node, for hot loops
     not_ready: tuple[str, ...]
     eligible_cache: dict[tuple[Any, ...], list[bool]] = field(default_factory=dict)
+    empty_cache: dict[tuple[Any, ...], list[list[int]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Room:
+    """Free GPUs and whole workers of one size per node and per domain of every level, for one
+    eligibility (constraint set). Shared between placements on an inventory: never mutated."""
+
+    elig: list[bool]
+    gpw: int
+    free: list[int]  # per node; 0 where not eligible
+    cap: list[int]  # per node: free // gpw
+    dcap: list[list[int]]  # per level, per domain: sum of cap
+    dfree: list[list[int]]  # per level, per domain: sum of free
+
+    @classmethod
+    def build(cls, topo: _Topology, used: list[int], elig: list[bool], gpw: int) -> _Room:
+        """Sum from scratch: one pass over the nodes with free GPUs, then up the levels."""
+        free = [a - u if e and a > u else 0 for a, u, e in zip(topo.alloc, used, elig, strict=True)]
+        cap = [f // gpw for f in free]
+        dom = topo.dom_of[0]
+        c = [0] * len(topo.dom_keys[0])
+        f = [0] * len(topo.dom_keys[0])
+        for i, fi in enumerate(free):
+            if fi:
+                d = dom[i]
+                c[d] += cap[i]
+                f[d] += fi
+        dcap, dfree = [c], [f]
+        for li in range(1, len(topo.levels)):  # each level from the one below: domains nest
+            up = topo.parent[li - 1]
+            c = [0] * len(topo.dom_keys[li])
+            f = [0] * len(topo.dom_keys[li])
+            for d, fd in enumerate(dfree[-1]):
+                if fd:
+                    c[up[d]] += dcap[-1][d]
+                    f[up[d]] += fd
+            dcap.append(c)
+            dfree.append(f)
+        return cls(elig, gpw, free, cap, dcap, dfree)
+
+    def updated(self, topo: _Topology, changes: Mapping[int, int]) -> _Room:
+        """The same sums after node usage changed to ``changes`` (node index -> GPUs used)."""
+        free, cap = list(self.free), list(self.cap)
+        dcap = [list(c) for c in self.dcap]
+        dfree = [list(f) for f in self.dfree]
+        alloc, elig, gpw, nlev = topo.alloc, self.elig, self.gpw, len(topo.levels)
+        for i, used in changes.items():
+            if not elig[i]:
+                continue
+            a = alloc[i]
+            nf = a - used if a > used else 0
+            df = nf - free[i]
+            if not df:
+                continue
+            nc = nf // gpw
+            dc = nc - cap[i]
+            free[i], cap[i] = nf, nc
+            for li in range(nlev):
+                d = topo.dom_of[li][i]
+                dfree[li][d] += df
+                dcap[li][d] += dc
+        return _Room(elig, gpw, free, cap, dcap, dfree)
+
+
+# rooms derived from a parent inventory's only while the change is this small a share of the nodes
+_DERIVE_SHARE = 4
 
 
 class Inventory:
     """GPU capacity and usage of the Ready nodes of a cluster, indexed by topology domain.
 
     Use :func:`build_inventory` to make one. Instances are immutable: ``allocate``/``release``
-    return new inventories (cheap: one list copy) and leave ``self`` unchanged.
+    return new inventories (cheap: one list copy) and leave ``self`` unchanged. Per-domain sums
+    that placement computes are kept with the inventory and carried to the ones derived from it
+    by the nodes that changed, so a queue pass that places gang after gang does not sum every
+    node again for each.
     """
 
-    __slots__ = ("_topo", "_used")
+    __slots__ = ("_base", "_rooms", "_topo", "_used")
 
-    def __init__(self, topo: _Topology, used: list[int]) -> None:
+    def __init__(self, topo: _Topology, used: list[int],
+                 base: tuple[dict[Any, _Room], dict[int, int]] | None = None) -> None:
         self._topo = topo
         self._used = used
+        self._rooms: dict[Any, _Room] = {}
+        # a parent's sums and the usage that changed since: what the sums here derive from
+        self._base = base
 
     # -- read access ---------------------------------------------------------------------------
     @property
@@ -228,23 +302,84 @@ class Inventory:
         """
         used = list(self._used)
         index, nodes = self._topo.index, self._topo.nodes
+        changes: dict[int, int] = {}
         for name, gpus in delta.items():
             i = index.get(name)
             if i is None:
                 continue
-            used[i] = max(0, used[i] + gpus)
+            used[i] = changes[i] = max(0, used[i] + gpus)
             if check and used[i] > nodes[i].gpus:
                 raise ValueError(f"node {name} would have {used[i]} GPUs used of {nodes[i].gpus}")
-        return Inventory(self._topo, used)
+        return Inventory(self._topo, used, self._derive_base(changes))
+
+    def _derive_base(self, changes: dict[int, int]) -> tuple[dict[Any, _Room], dict[int, int]] | None:
+        # sums here, or (when none were asked for here) those this inventory derives from, so a
+        # chain of allocations without a placement in between still derives from the last sums
+        if self._rooms:
+            base = (self._rooms, changes)
+        elif self._base is not None:
+            base = (self._base[0], {**self._base[1], **changes})
+        else:
+            return None
+        return base if len(base[1]) * _DERIVE_SHARE <= len(self._used) else None
+
+    def _room(self, tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool, product: str | None,
+              avoid: frozenset[str], gpw: int) -> _Room:
+        """Free GPUs and room for workers of ``gpw`` GPUs per node and domain, for these constraints."""
+        key = (self._eligible_key(tolerations, needs_rdma, product, avoid), gpw)
+        room = self._rooms.get(key)
+        if room is None:
+            parent = self._base[0].get(key) if self._base is not None else None
+            if parent is not None:
+                room = parent.updated(self._topo, self._base[1])  # type: ignore[index]
+            else:
+                elig = self._eligible(tolerations, needs_rdma, product, avoid)
+                room = _Room.build(self._topo, self._used, elig, gpw)
+            self._rooms[key] = room
+        return room
 
     # -- internals for the placement modules ----------------------------------------------------
+    def _empty_room(self, tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool, product: str | None,
+                    avoid: frozenset[str], gpw: int) -> list[list[int]]:
+        """Per level, per domain: workers of ``gpw`` GPUs it holds with every GPU free. Static: cached
+        with the topology."""
+        key = (self._eligible_key(tolerations, needs_rdma, product, avoid), gpw)
+        cached = self._topo.empty_cache.get(key)
+        if cached is not None:
+            return cached
+        elig = self._eligible(tolerations, needs_rdma, product, avoid)
+        topo = self._topo
+        cap = [a // gpw if e else 0 for a, e in zip(topo.alloc, elig, strict=True)]
+        sums = [0] * len(topo.dom_keys[0])
+        dom = topo.dom_of[0]
+        for i, c in enumerate(cap):
+            if c:
+                sums[dom[i]] += c
+        out = [sums]
+        for li in range(1, len(topo.levels)):  # each level from the one below: domains nest
+            up = topo.parent[li - 1]
+            sums = [0] * len(topo.dom_keys[li])
+            for d, c in enumerate(out[-1]):
+                if c:
+                    sums[up[d]] += c
+            out.append(sums)
+        if len(topo.empty_cache) > 256:  # bound memory for odd callers
+            topo.empty_cache.clear()
+        topo.empty_cache[key] = out
+        return out
+
+    @staticmethod
+    def _eligible_key(tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool, product: str | None,
+                      avoid: frozenset[str]) -> tuple[Any, ...]:
+        return (_freeze(tolerations), needs_rdma, product, avoid)
+
     def _eligible(self, tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool,
                   product: str | None, avoid: frozenset[str] = frozenset()) -> list[bool]:
         """Per node: may a pod with these constraints land here? Cached per constraint set.
 
         ``avoid``: nodes this gang must keep off (quarantined for its job after failures).
         """
-        key = (_freeze(tolerations), needs_rdma, product, avoid)
+        key = self._eligible_key(tolerations, needs_rdma, product, avoid)
         cached = self._topo.eligible_cache.get(key)
         if cached is not None:
             return cached

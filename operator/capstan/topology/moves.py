@@ -242,10 +242,13 @@ def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[Mov
     required = req.policy == "Required"
     allowed = names[: names.index(req.max_domain) + 1] if required else [*names, CLUSTER_LEVEL]
     best: tuple[int, list[tuple[int, str, list[MovableGang]]]] | None = None
+    topo = inv._topo
     for level in allowed:
-        domains: dict[str, list[tuple[int, str, list[MovableGang]]]] = {}
+        # domain ids sort as their keys do (see the inventory's index), so ties still break by name
+        domains: dict[int, list[tuple[int, str, list[MovableGang]]]] = {}
+        dom = None if level == CLUSTER_LEVEL else topo.dom_of[names.index(level)]
         for c in cands:
-            key = CLUSTER_LEVEL if level == CLUSTER_LEVEL else inv.domain_of(c[1], level)
+            key = 0 if dom is None else dom[topo.index[c[1]]]
             domains.setdefault(key, []).append(c)
         for key in sorted(domains):
             chosen = sorted(domains[key])[: req.workers]

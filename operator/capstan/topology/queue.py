@@ -30,10 +30,19 @@ times) there is no cost-based wait.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import bisect
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from .gang import GangRequest, PlacementResult, narrowest_level, place_gang, place_when_freed
+from .gang import (
+    GangRequest,
+    PlacementResult,
+    narrowest_level,
+    place_gang,
+    place_when_freed,
+    releases_until_fit,
+)
 from .inventory import Inventory, _freeze
 from .levels import CLUSTER_LEVEL, display_level
 
@@ -144,8 +153,19 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
     wait stays bounded: about twice the longest of ``reserve_after_s``, its run time and the
     longest declared limit running, once gangs ahead of it have started.
     """
+    # the locality wait places a gang to see how wide it would start; the queue then places the
+    # same gang on the same inventory: remember the last answers (identity-checked) for that
+    placed_on: dict[tuple[int, int], tuple[Inventory, GangRequest, PlacementResult]] = {}
+
     def place(at: Inventory, req: GangRequest) -> PlacementResult:
-        return place_gang(at, req, parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
+        seen = placed_on.get((id(at), id(req)))
+        if seen is not None and seen[0] is at and seen[1] is req:
+            return seen[2]
+        res = place_gang(at, req, parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
+        if len(placed_on) > 64:
+            placed_on.clear()
+        placed_on[id(at), id(req)] = (at, req, res)
+        return res
 
     inv = inventory
     masked: Inventory | None = None  # inv minus the reservation: what backfill may use
@@ -158,30 +178,29 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
     cost_based = locality_slowdown is not None
     # gangs started this pass hold GPUs too: the cost-based wait must see when they end
     known_ends = all(r.expected_end is not None for r in running)
-    live: list[RunningGang] = list(running)
+    live = _Releases(running) if cost_based and known_ends else None
 
     def start(shown: GangRequest, req: GangRequest, res: PlacementResult) -> None:
         # every start takes its GPUs from the open view and, past a reserved head, the masked one
         nonlocal inv, masked
         inv = inv.allocate(res)
-        if cost_based:
-            live.append(_started(req, res, now, locality_slowdown))
+        if live is not None:
+            live.add(_started(req, res, now, locality_slowdown))
         if masked is not None:
             masked = masked.add_usage(res.gpus_by_node())
         decisions.append(Decision(shown, res, backfilled=masked is not None))
 
     for orig in queue_order(requests):
         req = orig
-        if (cost_based and known_ends and orig.policy == "Preferred" and orig.workers > 1
+        if (live is not None and orig.policy == "Preferred" and orig.workers > 1
                 and orig.gpus_per_worker > 0 and orig.expected_duration_s is not None
                 and (locality_wait_s <= 0 or now - orig.submitted < locality_wait_s)):
             assert locality_slowdown is not None
             key = _shape(orig)
             if key not in ideal:
                 ideal[key] = narrowest_level(inventory, orig)
-            wait = _locality_wait(inv if masked is None else masked, orig, ideal[key], live, now=now,
-                                  slowdown=locality_slowdown, fraction=locality_wait_fraction,
-                                  parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
+            wait = _locality_wait(inv if masked is None else masked, orig, ideal[key], live, place, now=now,
+                                  slowdown=locality_slowdown, fraction=locality_wait_fraction)
             if wait is not None:
                 level, at, spread, gain = wait
                 decisions.append(Decision(orig, _waiting(orig, (
@@ -283,9 +302,10 @@ def _started(req: GangRequest, res: PlacementResult, now: float,
     return RunningGang(res, now, end)
 
 
-def _locality_wait(inv: Inventory, req: GangRequest, ideal: str | None, running: Sequence[RunningGang], *,
-                   now: float, slowdown: Mapping[str, float], fraction: float, parent_tiebreak: bool,
-                   fragmentation_aware: bool) -> tuple[str, float, str, float] | None:
+def _locality_wait(inv: Inventory, req: GangRequest, ideal: str | None, running: _Releases,
+                   place: Callable[[Inventory, GangRequest], PlacementResult], *,
+                   now: float, slowdown: Mapping[str, float],
+                   fraction: float) -> tuple[str, float, str, float] | None:
     """Cost-based delay scheduling for one gang: (narrower level to wait for, expected start there,
     level it would span now, run time it would lose placed now), or None to place it now.
 
@@ -294,9 +314,9 @@ def _locality_wait(inv: Inventory, req: GangRequest, ideal: str | None, running:
     expected ends, is shorter than ``fraction`` x the extra run time spreading would cost it.
     """
     dur = req.expected_duration_s
-    if ideal is None or dur is None or not running or any(r.expected_end is None for r in running):
+    if ideal is None or dur is None or not running.order or running.unknown_end:
         return None
-    now_res = place_gang(inv, req, parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
+    now_res = place(inv, req)
     if not now_res.placed:
         return None  # it waits anyway; the queue's head logic handles it
     levels = inv.levels
@@ -309,14 +329,13 @@ def _locality_wait(inv: Inventory, req: GangRequest, ideal: str | None, running:
         gain = dur * (s_now - slowdown.get(level, 1.0))
         if gain <= 0:
             continue
-        narrow = replace(req, policy="Required", max_domain=level)
-        rsv = _reserve_by_end_times(inv, narrow, running, parent_tiebreak, fragmentation_aware)
-        if rsv is None or rsv.shadow_time is None:
+        at = running.soonest_fit(inv, replace(req, policy="Required", max_domain=level))
+        if at is None:
             continue
-        wait = rsv.shadow_time - now
+        wait = at - now
         done = wait + dur * slowdown.get(level, 1.0)
         if wait < fraction * gain and (best is None or done < best[0]):
-            best = (done, level, rsv.shadow_time)
+            best = (done, level, at)
     if best is None:
         return None
     return best[1], best[2], spread, dur * (s_now - slowdown.get(best[1], 1.0))
@@ -363,15 +382,63 @@ def _reserve(start: Inventory, inv: Inventory, head: GangRequest, running: Seque
     return Reservation(head.name, res, None) if res.placed else None
 
 
+def _end_key(gang: RunningGang) -> tuple[float, float, str]:
+    return (gang.expected_end or 0.0, gang.started, gang.result.name)
+
+
+class _Releases:
+    """Running gangs in order of expected end, each with the GPUs it gives back when it ends.
+
+    Built once per pass and kept in order as gangs start (``add``), so the cost-based locality
+    wait does not sort every running gang again for every waiting gang.
+    """
+
+    def __init__(self, running: Iterable[RunningGang]) -> None:
+        self.order = sorted(running, key=_end_key)
+        self.keys = [_end_key(r) for r in self.order]
+        self._deltas: list[dict[str, int] | None] = [None] * len(self.order)  # built as a sweep needs them
+        self.unknown_end = any(r.expected_end is None for r in self.order)
+
+    def add(self, gang: RunningGang) -> None:
+        """Count a gang started this pass."""
+        key = _end_key(gang)
+        at = bisect.bisect_right(self.keys, key)
+        self.order.insert(at, gang)
+        self.keys.insert(at, key)
+        self._deltas.insert(at, None)
+        self.unknown_end = self.unknown_end or gang.expected_end is None
+
+    def deltas(self) -> Iterator[dict[str, int]]:
+        """Each gang's GPUs to give back (negative usage per node), in order of expected end."""
+        for k, delta in enumerate(self._deltas):
+            if delta is None:
+                delta = self._deltas[k] = _giveback(self.order[k])
+            yield delta
+
+    def fit_index(self, inv: Inventory, req: GangRequest) -> int | None:
+        """How many gangs must end, in order, before ``req`` fits (at least one); None: never."""
+        k = releases_until_fit(inv, req, self.deltas())
+        return None if k is None or not self.order else max(k, 1)
+
+    def soonest_fit(self, inv: Inventory, req: GangRequest) -> float | None:
+        """Expected time by which ``req`` fits, releasing gangs at their expected ends."""
+        k = self.fit_index(inv, req)
+        return None if k is None else self.order[k - 1].expected_end
+
+
+def _giveback(gang: RunningGang) -> dict[str, int]:
+    return {n: -g for n, g in gang.result.gpus_by_node().items()}
+
+
 def _reserve_by_end_times(inv: Inventory, head: GangRequest, running: Sequence[RunningGang],
                           parent_tiebreak: bool, fragmentation_aware: bool = True) -> Reservation | None:
     """Release running gangs in order of expected end until the head fits: the soonest slot."""
-    order = sorted(running, key=lambda r: (r.expected_end or 0.0, r.started, r.result.name))
-    deltas = [{n: -g for n, g in r.result.gpus_by_node().items()} for r in order]
+    releases = _Releases(running)
+    order = releases.order
 
     def after(k: int) -> Inventory:
         total: dict[str, int] = {}
-        for d in deltas[:k]:
+        for d in itertools.islice(releases.deltas(), k):
             for n, g in d.items():
                 total[n] = total.get(n, 0) + g
         return inv.add_usage(total)
@@ -379,16 +446,10 @@ def _reserve_by_end_times(inv: Inventory, head: GangRequest, running: Sequence[R
     def place(at: Inventory) -> PlacementResult:
         return place_gang(at, head, parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
 
-    # fitting is monotone in releases (free GPUs only grow), so binary search the prefix
-    lo, hi = 1, len(order)
-    if not place(after(hi)).placed:
+    # one sweep over the releases finds the first prefix after which the head fits
+    lo = releases.fit_index(inv, head)
+    if lo is None:
         return None  # something we were not told about holds GPUs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if place(after(mid)).placed:
-            hi = mid
-        else:
-            lo = mid + 1
     shadow = order[lo - 1].expected_end
     while lo < len(order) and order[lo].expected_end == shadow:
         lo += 1  # everything that ends at the shadow time is free then too

@@ -243,3 +243,28 @@ def test_sigusr1_logs_each_task_and_where_it_waits(caplog: pytest.LogCaptureFixt
         asyncio.run(main())
     (dump,) = [r.getMessage() for r in caplog.records if DUMP_MARK in r.getMessage()]
     assert "--- job-loop-gang-a" in dump and "waits_for_the_lock" in dump
+
+
+def test_a_node_whose_update_moves_only_its_version_stays_the_same_object() -> None:
+    """A Node's heartbeat changes nothing placement reads (slim form): the cache keeps the object it
+    had, at the new resourceVersion, so a pass's node index built from it stays valid; a change
+    placement reads (a label, a cordon) gives a new object."""
+    from tests.kube.conftest import gpu_node
+
+    from capstan.kube.cache import slim_node
+
+    nodes = Reflector(None, NODES, slim_node)  # type: ignore[arg-type]
+    node = gpu_node("a", clique="c1")
+    node["metadata"]["resourceVersion"] = "5"
+    nodes.apply({"type": "ADDED", "object": node})
+    kept = nodes.get("a")
+    beat = {**node, "metadata": {**node["metadata"], "resourceVersion": "6"},
+            "status": {**node["status"], "images": [{"names": ["img:1"], "sizeBytes": 1}]}}
+    nodes.apply({"type": "MODIFIED", "object": beat})
+    assert nodes.get("a") is kept and kept is not None and kept["metadata"]["resourceVersion"] == "6"
+    cordoned = {**beat, "metadata": {**beat["metadata"], "resourceVersion": "7"},
+                "spec": {"unschedulable": True}}
+    nodes.apply({"type": "MODIFIED", "object": cordoned})
+    now = nodes.get("a")
+    assert now is not kept and now is not None and now["spec"] == {"unschedulable": True}
+    assert kept["spec"] == {}  # what an earlier pass read is left as it was

@@ -12,6 +12,7 @@ from capstan.api.loading import parse_object
 from capstan.api.trainingjob import TrainingJob
 from capstan.kube.placement import (
     MOVE_HOLD_S,
+    NodeIndex,
     QueuePass,
     QueueSnapshot,
     QueueState,
@@ -22,7 +23,7 @@ from capstan.kube.placement import (
     recorded_moves,
     running_gangs,
 )
-from capstan.topology import QueuePolicy
+from capstan.topology import DEFAULT_LEVELS, QueuePolicy, TopologyLevels
 
 NOW = 1_800_000_000.0
 STRICT = QueuePolicy(reserve_after_s=0)  # reserve for the head at once
@@ -361,3 +362,23 @@ def test_a_locality_hold_survives_an_operator_restart() -> None:
     other = QueueState()
     other.adopt(recorded_moves([restarting]), NOW + 5)
     assert other.moves["ml/mover"].move.for_level is None
+
+
+def test_a_pass_over_the_same_node_objects_reuses_their_index_and_counts_pods_afresh() -> None:
+    index = NodeIndex()
+    first = queue_snapshot(NODES, [busy("n0", 4)], (), now=NOW)
+    assert first is not None and index.reusable(NODES, DEFAULT_LEVELS) is None
+    index.keep(NODES, DEFAULT_LEVELS, first.inventory)
+    # the same objects (as the watch-fed cache hands them out until a Node changes): reused
+    same = index.reusable(list(NODES), DEFAULT_LEVELS)
+    assert same is first.inventory
+    later = queue_snapshot(NODES, [busy("n1", 8), busy("n0", 2)], (), now=NOW, nodes_from=same)
+    fresh = queue_snapshot(NODES, [busy("n1", 8), busy("n0", 2)], (), now=NOW)
+    assert later is not None and fresh is not None
+    free = [later.inventory.free(n) for n in ("n0", "n1")]
+    assert free == [fresh.inventory.free(n) for n in ("n0", "n1")] == [6, 0]
+    # an equal but new object (a Node that changed and came back), or other levels: built again
+    changed = [NODES[0], {**NODES[1]}]
+    assert index.reusable(changed, DEFAULT_LEVELS) is None
+    assert index.reusable(NODES[:1], DEFAULT_LEVELS) is None
+    assert index.reusable(NODES, TopologyLevels(DEFAULT_LEVELS.levels[:2])) is None

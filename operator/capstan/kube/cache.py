@@ -126,6 +126,17 @@ def slim_node(node: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _same_but_version(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether two stored forms of an object differ at most in ``metadata.resourceVersion``."""
+    old_meta, new_meta = old.get("metadata"), new.get("metadata")
+    if not isinstance(old_meta, dict) or not isinstance(new_meta, dict) or "resourceVersion" not in new_meta:
+        return False
+    if old.keys() != new.keys() or any(old[k] != new[k] for k in old if k != "metadata"):
+        return False
+    return {k: v for k, v in old_meta.items() if k != "resourceVersion"} == {
+        k: v for k, v in new_meta.items() if k != "resourceVersion"}
+
+
 def without_managed_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
     """The object less ``metadata.managedFields`` (server-side apply's bookkeeping)."""
     meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}
@@ -231,6 +242,11 @@ class Reflector:
         old = self.objects.get(key)
         if kept is None:
             self.objects.pop(key, None)
+        elif old is not None and _same_but_version(old, kept):
+            # only the resourceVersion moved (a Node's heartbeat, a field the slim form drops):
+            # the stored object stays the same object, so what was derived from it stays valid
+            old["metadata"]["resourceVersion"] = kept["metadata"]["resourceVersion"]
+            kept = old
         else:
             self.objects[key] = kept
             if key in self._arrivals:

@@ -140,6 +140,31 @@ class QueueState:
         self.moves = dict(result.moves)
 
 
+@dataclass
+class NodeIndex:
+    """The Node objects the last snapshot's inventory was built from, and that inventory.
+
+    Indexing Nodes by topology domain is most of what building an inventory costs (about 0.2 s
+    at 10,000 nodes). The watch-fed cache hands out the same object for a Node until the Node
+    changes in a way placement reads (:class:`capstan.kube.cache.Reflector` keeps it when only
+    its resourceVersion moved), so the same objects in the same order mean the same index.
+    """
+
+    nodes: list[Mapping[str, Any]] = field(default_factory=list)
+    levels: TopologyLevels | None = None
+    inventory: Inventory | None = None
+
+    def reusable(self, nodes: Sequence[Mapping[str, Any]], levels: TopologyLevels) -> Inventory | None:
+        """The kept inventory when ``nodes`` are the very objects it was built from, else None."""
+        if self.inventory is None or levels != self.levels or len(nodes) != len(self.nodes):
+            return None
+        return self.inventory if all(a is b for a, b in zip(nodes, self.nodes, strict=True)) else None
+
+    def keep(self, nodes: Sequence[Mapping[str, Any]], levels: TopologyLevels, inventory: Inventory) -> None:
+        """Remember the inventory built from ``nodes`` for the next pass."""
+        self.nodes, self.levels, self.inventory = list(nodes), levels, inventory
+
+
 @dataclass(frozen=True)
 class QueueSnapshot:
     """The cluster one queue pass decides over, read once (under the placement lock)."""
@@ -393,6 +418,7 @@ def queue_snapshot(
     movable: Sequence[tuple[MovableGang, str]] = (),
     claimed: Mapping[str, Mapping[str, int]] | None = None,
     levels: TopologyLevels = DEFAULT_LEVELS,
+    nodes_from: Inventory | None = None,
 ) -> QueueSnapshot | None:
     """The :class:`QueueSnapshot` of the cluster's Nodes and Pods and the queued gangs; None without Nodes.
 
@@ -403,6 +429,8 @@ def queue_snapshot(
     (:func:`movable_gangs`) the gangs a defragmentation may move. ``claimed``
     (:func:`placed_without_pods`) are GPUs placed gangs hold where their pods are still missing;
     a gang's own claim does not count against it. ``levels`` are the operator's topology levels.
+    ``nodes_from`` is an inventory built from these very Node objects (:meth:`NodeIndex.reusable`):
+    its node index is reused and only the pods are counted again.
     """
     if not nodes:
         return None
@@ -413,7 +441,8 @@ def queue_snapshot(
             pod = {**pod, "spec": {**(pod.get("spec") or {}), "nodeName": node}}
         bound.append(pod)
     return QueueSnapshot(
-        inventory=build_inventory(nodes, bound, levels),
+        inventory=(nodes_from.with_pods(bound) if nodes_from is not None
+                   else build_inventory(nodes, bound, levels)),
         queued=tuple(queued),
         running=tuple(running),
         movable=tuple(movable),
@@ -511,7 +540,8 @@ def _plan_moves(inv: Inventory, decisions: Sequence[Decision], movable: Sequence
 
 
 __all__ = [
-    "MOVE_HOLD_S", "ParsedJobs", "PendingMove", "QueuePass", "QueueSnapshot", "QueueState", "gang_request",
+    "MOVE_HOLD_S", "NodeIndex",
+    "ParsedJobs", "PendingMove", "QueuePass", "QueueSnapshot", "QueueState", "gang_request",
     "movable_gangs", "pinned_node", "placed_without_pods", "queue_key", "queue_pass", "queue_snapshot",
     "queued_jobs", "recorded_moves", "running_gangs", "wants_placement",
 ]

@@ -52,6 +52,7 @@ from capstan.kube.activities import operator_config, shared_state
 from capstan.kube.cache import ClusterCache
 from capstan.kube.client import ApiClient, ApiError, gather_bounded, owner_of
 from capstan.kube.placement import (
+    NodeIndex,
     ParsedJobs,
     PendingMove,
     QueuePass,
@@ -203,6 +204,7 @@ class TrainingState:
     inflight: dict[str, dict[str, int]] = field(default_factory=dict)
     gone_nodes: set[str] = field(default_factory=set)  # Nodes seen deleted: pods there are lost
     parsed: ParsedJobs = field(default_factory=ParsedJobs)  # the cluster's jobs, as placement reads them
+    nodes: NodeIndex = field(default_factory=NodeIndex)  # the last pass's node index, reused while valid
     metrics: JobMetrics = field(default_factory=JobMetrics)
     # rank 0's last scrape per job uid: (monotonic time, gang attempt, what it reported)
     progress: dict[str, tuple[float, int, Progress | None]] = field(default_factory=dict)
@@ -537,7 +539,8 @@ def _snapshot_of(
     # moves recorded in statuses that memory lacks (an operator restart): their destinations stay held
     state = _state(memo)
     state.queue.adopt(recorded_moves(jobs, state.parsed), now)
-    return queue_snapshot(
+    levels = config.topology_levels
+    snapshot = queue_snapshot(
         nodes,
         pods,
         queued_jobs(jobs, state.parsed),
@@ -546,8 +549,12 @@ def _snapshot_of(
         policy=config.queue,
         movable=movable_gangs(jobs, now, state.parsed),
         claimed=held_by_placed_gangs(memo, jobs, pods),
-        levels=config.topology_levels,
+        levels=levels,
+        nodes_from=state.nodes.reusable(nodes, levels),
     )
+    if snapshot is not None:
+        state.nodes.keep(nodes, levels, snapshot.inventory)
+    return snapshot
 
 
 def held_by_placed_gangs(

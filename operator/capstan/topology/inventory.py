@@ -279,6 +279,14 @@ class Inventory:
         return "cluster"
 
     # -- changes (return new inventories) -------------------------------------------------------
+    def with_pods(self, pods: Iterable[Mapping[str, Any]]) -> Inventory:
+        """The same nodes with the GPUs ``pods`` hold, counted as :func:`build_inventory` does.
+
+        The node index (domains, eligibility, capacities) is shared, not rebuilt: for a caller
+        that knows the Node objects have not changed since this inventory was built from them.
+        """
+        return Inventory(self._topo, _usage(self._topo, pods))
+
     def allocate(self, result: PlacementResult) -> Inventory:
         """A new inventory with the GPUs of a placed ``result`` taken.
 
@@ -503,15 +511,6 @@ def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[s
             up[dom_of[li][i]] = dom_of[li + 1][i]
         parent.append(up)
 
-    used = [0] * len(infos)
-    for pod in pods:
-        node_name = dig(pod, "spec", "nodeName")
-        if not node_name or dig(pod, "status", "phase") in _TERMINAL_PHASES:
-            continue
-        at = index.get(node_name)
-        if at is not None:
-            used[at] += pod_gpu_request(pod)
-
     topo = _Topology(
         levels=levels,
         nodes=tuple(infos),
@@ -524,4 +523,18 @@ def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[s
         alloc=[n.gpus for n in infos],
         not_ready=tuple(sorted(not_ready)),
     )
-    return Inventory(topo, used)
+    return Inventory(topo, _usage(topo, pods))
+
+
+def _usage(topo: _Topology, pods: Iterable[Mapping[str, Any]]) -> list[int]:
+    """GPUs per node held by live pods bound to it (see :func:`build_inventory`)."""
+    used = [0] * len(topo.nodes)
+    index = topo.index
+    for pod in pods:
+        node_name = dig(pod, "spec", "nodeName")
+        if not node_name or dig(pod, "status", "phase") in _TERMINAL_PHASES:
+            continue
+        at = index.get(node_name)
+        if at is not None:
+            used[at] += pod_gpu_request(pod)
+    return used

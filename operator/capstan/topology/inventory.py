@@ -331,6 +331,7 @@ class Inventory:
             return None
         return base if len(base[1]) * _DERIVE_SHARE <= len(self._used) else None
 
+    # -- internals for the placement modules ----------------------------------------------------
     def _room(self, tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool, product: str | None,
               avoid: frozenset[str], gpw: int) -> _Room:
         """Free GPUs and room for workers of ``gpw`` GPUs per node and domain, for these constraints."""
@@ -346,7 +347,6 @@ class Inventory:
             self._rooms[key] = room
         return room
 
-    # -- internals for the placement modules ----------------------------------------------------
     def _empty_room(self, tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool, product: str | None,
                     avoid: frozenset[str], gpw: int) -> list[list[int]]:
         """Per level, per domain: workers of ``gpw`` GPUs it holds with every GPU free. Static: cached

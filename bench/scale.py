@@ -773,7 +773,8 @@ def run_operator(
         if proxy is not None:
             counts = {
                 "operator_requests": calls,
-                "operator_kib_read": round((proxy.bytes_read["capstan"] + proxy.bytes_read["kopf"]) / 1024, 1),
+                "operator_kib_read": round(
+                    (proxy.bytes_read["capstan"] + proxy.bytes_read["kopf"]) / 1024, 1),
                 "operator_events_posted": sum(v for k, v in calls.items() if k.endswith("POST events")),
                 "requests_per_job": round(requests / len(shape), 2),
                 "minimum_per_job": round(minimum / len(shape), 2),

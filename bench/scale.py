@@ -3,7 +3,8 @@
 For each size (N nodes of 8 GPUs, one NVLink domain per node, 8 nodes per rack, 4 racks per block;
 up to M TrainingJobs of 1 to 64 workers created in one burst, about 85 % of the GPUs asked for, none
 over a quarter of them; most jobs small, as in the public traces: 60 % one worker, 1 % 64 workers)
-the bench runs five things (six with ``direct``) on the same fresh nodes, one after the other, in namespaces of their own:
+the bench runs five things (six with ``direct``) on the same fresh nodes, one after the other, in
+namespaces of their own:
 
 * ``floor``: the same worker pods (same GPU requests) created directly, with no placement logic at
   all: kube-scheduler binds them, kwok runs them (pods it leaves unschedulable, having strewn the

@@ -88,6 +88,7 @@ WORKER_CHOICES = {1: 60, 2: 15, 4: 10, 8: 8, 16: 4, 32: 2, 64: 1}
 GPU_CHOICES = {1: 40, 2: 25, 4: 20, 8: 15}
 DEFAULT_SIZES = ("32x48", "64x96", "128x192")
 MODES = ("floor", "objects", "list", "cache", "kills")  # and "direct", on request
+TIMED = ("floor", "objects", "cache", "direct")  # what --rounds repeats, interleaved
 KILLS = 20  # SIGKILLs of the operator during the kills mode's burst
 _LIVE: list[OperatorProcess] = []  # operators running now: a signal stops them first
 _INTERRUPTED = False  # a signal came: clean up without waiting on operators
@@ -924,8 +925,14 @@ def run_size(
     timeout: float,
     modes: tuple[str, ...] = ("floor", "list", "cache"),
     kills: int = KILLS,
+    rounds: int = 1,
 ) -> dict[str, Any]:
-    """Floor, list and cache on ``nodes`` fresh nodes with the same burst."""
+    """``modes`` on ``nodes`` fresh nodes with the same burst.
+
+    With ``rounds`` > 1 the timed modes (:data:`TIMED`) run that many times, interleaved (floor,
+    objects, cache, floor, objects, cache, ...), so each ratio is taken within a round, side by
+    side, and reported as the median over rounds; each mode keeps its first round's whole record.
+    """
     prefix = f"bench{nodes}"
     made = bench_nodes(nodes, prefix)
     for node in made:
@@ -938,32 +945,50 @@ def run_size(
         "gpus_asked": sum(w * g for w, g in shape),
         "workers": sorted(w for w, _ in shape),
     }
+    timed = [m for m in modes if m in TIMED]
+    order = list(modes) if rounds <= 1 else timed * rounds + [m for m in modes if m not in TIMED]
+    runs: dict[str, list[dict[str, Any]]] = {}
     try:
-        for mode in modes:
+        for mode in order:
             quiet_for(QUIET_BUSY)  # what came before (an OpenAPI rebuild, a namespace deletion) is over
             ns = f"scale-{nodes}-{mode}"
             if mode in ("floor", "objects"):
                 try:
-                    out[mode] = (run_floor if mode == "floor" else run_objects)(cluster, ns, shape, timeout)
+                    result = (run_floor if mode == "floor" else run_objects)(cluster, ns, shape, timeout)
                 finally:
                     cluster.drop_namespace(ns)
             elif mode == "kills":
-                out[mode] = run_kills(cluster, ns, shape, log_dir, timeout, kills, seed)
+                result = run_kills(cluster, ns, shape, log_dir, timeout, kills, seed)
             else:
-                out[mode] = run_operator(cluster, ns, shape, mode != "list", log_dir, timeout,
-                                         counted=mode != "direct")
-            print(json.dumps({"nodes": nodes, mode: out[mode]}), file=sys.stderr, flush=True)
+                result = run_operator(cluster, ns, shape, mode != "list", log_dir, timeout,
+                                      counted=mode != "direct")
+            runs.setdefault(mode, []).append(result)
+            out.setdefault(mode, result)
+            print(json.dumps({"nodes": nodes, mode: result}), file=sys.stderr, flush=True)
     finally:
         for node in made:
             cluster.core.delete_node(node["metadata"]["name"])
     # Measured from the first create: the floor's clock would otherwise start after it has created
     # every pod itself, one by one, while the operator's starts before it creates any.
-    floor = out["floor"]["from_first_create_s"] if "floor" in out else None
     for mode in set(modes) - {"floor", "kills"}:  # objects, list, cache, direct
-        out[mode]["over_floor"] = round(out[mode]["from_first_create_s"] / floor, 2) if floor else None
-        work, floor_work = out[mode].get("cpu_work_s"), out.get("floor", {}).get("cpu_work_s")
-        out[mode]["work_over_floor"] = round(work / floor_work, 2) if work and floor_work else None
+        out[mode]["over_floor"] = _ratio(runs, mode, "floor", "from_first_create_s")
+        out[mode]["work_over_floor"] = _ratio(runs, mode, "floor", "cpu_work_s")
+        if mode in ("cache", "direct"):
+            out[mode]["over_objects"] = _ratio(runs, mode, "objects", "from_first_create_s")
+    if rounds > 1:
+        for mode in timed:
+            out[mode]["rounds_s"] = [r["from_first_create_s"] for r in runs[mode]]
     return out
+
+
+def _ratio(runs: Mapping[str, list[dict[str, Any]]], mode: str, base: str, key: str) -> float | None:
+    """Median over rounds of ``mode``'s ``key`` over ``base``'s in the same round (list: its one
+    run against the first round)."""
+    if base not in runs:
+        return None
+    pairs = zip(runs[mode], runs[base], strict=False)
+    ratios = [m[key] / b[key] for m, b in pairs if m.get(key) and b.get(key)]
+    return round(statistics.median(ratios), 2) if ratios else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -983,6 +1008,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--kills", type=int, default=KILLS, help="SIGKILLs of the operator in the kills mode")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="run the timed modes (floor, objects, cache, direct) this many times per size, interleaved; "
+             "ratios are medians of each round's",
+    )
     args = parser.parse_args(argv)
     install_signal_handlers()
     # the counting proxy's relayed watch streams end with the runs: asyncio would log each one
@@ -994,7 +1024,7 @@ def main(argv: list[str] | None = None) -> None:
         for size in args.sizes:
             nodes, jobs = (int(x) for x in size.split("x"))
             runs.append(run_size(cluster, nodes, jobs, args.seed, Path(tmp), args.timeout, tuple(args.modes),
-                                 args.kills))
+                                 args.kills, args.rounds))
     per_object = None
     if len(runs) > 1 and "cache" in args.modes:
         # operator RSS against objects (nodes + jobs + pods): the slope between the smallest and largest
@@ -1035,6 +1065,12 @@ def main(argv: list[str] | None = None) -> None:
             for m in ("objects", "list", "cache", "direct")
             if m in args.modes
         },
+        "median_over_objects": {
+            m: statistics.median(r[m]["over_objects"] or 0 for r in runs)
+            for m in ("cache", "direct")
+            if m in args.modes and "objects" in args.modes
+        },
+        "rounds": args.rounds,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -130,3 +130,41 @@ def test_a_mode_waits_for_a_machine_at_rest() -> None:
     started = time.monotonic()
     seen = scale.quiet_for(0.0, window_s=0.3, timeout_s=1.0)  # no machine is under 0 %
     assert time.monotonic() - started >= 1.0 and (seen is None or seen >= 0.0)
+
+
+def test_rounds_interleave_the_timed_modes_and_take_each_ratio_within_a_round(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--rounds 3``: floor, objects and cache run three times in turn (the list mode once, after),
+    and each ratio is the median of the ratios within a round, not of times from different rounds."""
+    scale: Any = _bench()
+    order: list[str] = []
+    times = {"floor": [1.0, 2.0, 1.5], "objects": [2.5, 4.2, 3.0], "cache": [3.0, 4.0, 3.3]}
+
+    def timed(mode: str) -> dict[str, Any]:
+        order.append(mode)
+        return {"from_first_create_s": times[mode][order.count(mode) - 1], "cpu_work_s": 1.0}
+
+    monkeypatch.setattr(scale, "quiet_for", lambda *_a, **_k: 0.0)
+    monkeypatch.setattr(scale, "bench_nodes", lambda count, prefix: [])
+    monkeypatch.setattr(scale, "run_floor", lambda *_a: timed("floor"))
+    monkeypatch.setattr(scale, "run_objects", lambda *_a: timed("objects"))
+
+    def operator(_cluster: Any, _ns: str, _shape: Any, cache: bool, *_a: Any, **_k: Any) -> dict[str, Any]:
+        if not cache:
+            order.append("list")
+            return {"from_first_create_s": 9.0, "cpu_work_s": 2.0}
+        return timed("cache")
+
+    monkeypatch.setattr(scale, "run_operator", operator)
+
+    class NoCluster:
+        def drop_namespace(self, _ns: str) -> None:
+            pass
+
+    out = scale.run_size(NoCluster(), 32, 48, 1, Path("."), 60, ("floor", "objects", "list", "cache"), rounds=3)
+    assert order == ["floor", "objects", "cache"] * 3 + ["list"]
+    assert out["floor"]["rounds_s"] == [1.0, 2.0, 1.5] and out["cache"]["rounds_s"] == [3.0, 4.0, 3.3]
+    assert out["cache"]["over_floor"] == 2.2  # median of 3.0, 2.0 and 2.2 (times alone would say 2.2 too)
+    assert out["objects"]["over_floor"] == 2.1  # median of 2.5, 2.1, 2.0: not 3.0 / 1.5
+    assert out["cache"]["over_objects"] == 1.1  # median of 1.2, 0.95, 1.1
+    assert out["list"]["over_floor"] == 9.0  # its one run against the first round's floor

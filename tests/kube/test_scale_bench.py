@@ -161,7 +161,8 @@ def test_rounds_interleave_the_timed_modes_and_take_each_ratio_within_a_round(
         def drop_namespace(self, _ns: str) -> None:
             pass
 
-    out = scale.run_size(NoCluster(), 32, 48, 1, Path("."), 60, ("floor", "objects", "list", "cache"), rounds=3)
+    modes = ("floor", "objects", "list", "cache")
+    out = scale.run_size(NoCluster(), 32, 48, 1, Path("."), 60, modes, rounds=3)
     assert order == ["floor", "objects", "cache"] * 3 + ["list"]
     assert out["floor"]["rounds_s"] == [1.0, 2.0, 1.5] and out["cache"]["rounds_s"] == [3.0, 4.0, 3.3]
     assert out["cache"]["over_floor"] == 2.2  # median of 3.0, 2.0 and 2.2 (times alone would say 2.2 too)

@@ -63,7 +63,12 @@ async def cluster_inventory(
     for held in held_by_placed_gangs(memo, jobs, pods).values():
         for node, gpus in held.items():
             claims[node] = claims.get(node, 0) + gpus
-    inventory = build_inventory(nodes, _as_bound(pods), operator_config(memo).topology_levels)
+    levels = operator_config(memo).topology_levels
+    index = shared_state(memo, "training", TrainingState).nodes  # the one the queue passes keep
+    reuse = index.reusable(nodes, levels)
+    inventory = reuse.with_pods(_as_bound(pods)) if reuse is not None else build_inventory(
+        nodes, _as_bound(pods), levels)
+    index.keep(nodes, levels, inventory)
     return inventory.add_usage(claims)
 
 

@@ -366,19 +366,22 @@ def test_a_locality_hold_survives_an_operator_restart() -> None:
 
 def test_a_pass_over_the_same_node_objects_reuses_their_index_and_counts_pods_afresh() -> None:
     index = NodeIndex()
-    first = queue_snapshot(NODES, [busy("n0", 4)], (), now=NOW)
-    assert first is not None and index.reusable(NODES, DEFAULT_LEVELS) is None
-    index.keep(NODES, DEFAULT_LEVELS, first.inventory)
-    # the same objects (as the watch-fed cache hands them out until a Node changes): reused
-    same = index.reusable(list(NODES), DEFAULT_LEVELS)
-    assert same is first.inventory
-    later = queue_snapshot(NODES, [busy("n1", 8), busy("n0", 2)], (), now=NOW, nodes_from=same)
+    first = queue_snapshot(NODES, [busy("n0", 4)], (), now=NOW, node_index=index)
+    assert first is not None and [first.inventory.free(n) for n in ("n0", "n1")] == [4, 8]
+    # the same objects (as the watch-fed cache hands them out until a Node changes): the index is
+    # the same, the pods are counted again
+    later = queue_snapshot(list(NODES), [busy("n1", 8), busy("n0", 2)], (), now=NOW, node_index=index)
     fresh = queue_snapshot(NODES, [busy("n1", 8), busy("n0", 2)], (), now=NOW)
     assert later is not None and fresh is not None
+    assert later.inventory.nodes is first.inventory.nodes
+    assert fresh.inventory.nodes is not first.inventory.nodes
     free = [later.inventory.free(n) for n in ("n0", "n1")]
     assert free == [fresh.inventory.free(n) for n in ("n0", "n1")] == [6, 0]
-    # an equal but new object (a Node that changed and came back), or other levels: built again
-    changed = [NODES[0], {**NODES[1]}]
-    assert index.reusable(changed, DEFAULT_LEVELS) is None
-    assert index.reusable(NODES[:1], DEFAULT_LEVELS) is None
-    assert index.reusable(NODES, TopologyLevels(DEFAULT_LEVELS.levels[:2])) is None
+    # an equal but new object (a Node that changed and came back), fewer Nodes or other levels:
+    # indexed again
+    for nodes, levels in (([NODES[0], {**NODES[1]}], DEFAULT_LEVELS), (NODES[:1], DEFAULT_LEVELS),
+                          (NODES, TopologyLevels(DEFAULT_LEVELS.levels[:2]))):
+        kept = index.inventory
+        assert kept is not None
+        again = index.build(nodes, [], levels)
+        assert again.nodes is not kept.nodes

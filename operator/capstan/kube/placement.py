@@ -154,15 +154,17 @@ class NodeIndex:
     levels: TopologyLevels | None = None
     inventory: Inventory | None = None
 
-    def reusable(self, nodes: Sequence[Mapping[str, Any]], levels: TopologyLevels) -> Inventory | None:
-        """The kept inventory when ``nodes`` are the very objects it was built from, else None."""
-        if self.inventory is None or levels != self.levels or len(nodes) != len(self.nodes):
-            return None
-        return self.inventory if all(a is b for a, b in zip(nodes, self.nodes, strict=True)) else None
-
-    def keep(self, nodes: Sequence[Mapping[str, Any]], levels: TopologyLevels, inventory: Inventory) -> None:
-        """Remember the inventory built from ``nodes`` for the next pass."""
+    def build(self, nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]],
+              levels: TopologyLevels) -> Inventory:
+        """:func:`capstan.topology.build_inventory` of ``nodes`` and ``pods``, on the kept index
+        when ``nodes`` are the very objects it was built from (only the pods are counted again)."""
+        same = (self.inventory is not None and levels == self.levels and len(nodes) == len(self.nodes)
+                and all(a is b for a, b in zip(nodes, self.nodes, strict=True)))
+        if same and self.inventory is not None:
+            return self.inventory.with_pods(pods)
+        inventory = build_inventory(nodes, pods, levels)
         self.nodes, self.levels, self.inventory = list(nodes), levels, inventory
+        return inventory
 
 
 @dataclass(frozen=True)
@@ -418,7 +420,7 @@ def queue_snapshot(
     movable: Sequence[tuple[MovableGang, str]] = (),
     claimed: Mapping[str, Mapping[str, int]] | None = None,
     levels: TopologyLevels = DEFAULT_LEVELS,
-    nodes_from: Inventory | None = None,
+    node_index: NodeIndex | None = None,
 ) -> QueueSnapshot | None:
     """The :class:`QueueSnapshot` of the cluster's Nodes and Pods and the queued gangs; None without Nodes.
 
@@ -429,8 +431,8 @@ def queue_snapshot(
     (:func:`movable_gangs`) the gangs a defragmentation may move. ``claimed``
     (:func:`placed_without_pods`) are GPUs placed gangs hold where their pods are still missing;
     a gang's own claim does not count against it. ``levels`` are the operator's topology levels.
-    ``nodes_from`` is an inventory built from these very Node objects (:meth:`NodeIndex.reusable`):
-    its node index is reused and only the pods are counted again.
+    ``node_index`` (the operator's, kept between passes) reuses the last pass's index of the Nodes
+    when they are the same objects (:meth:`NodeIndex.build`).
     """
     if not nodes:
         return None
@@ -441,7 +443,7 @@ def queue_snapshot(
             pod = {**pod, "spec": {**(pod.get("spec") or {}), "nodeName": node}}
         bound.append(pod)
     return QueueSnapshot(
-        inventory=(nodes_from.with_pods(bound) if nodes_from is not None
+        inventory=(node_index.build(nodes, bound, levels) if node_index is not None
                    else build_inventory(nodes, bound, levels)),
         queued=tuple(queued),
         running=tuple(running),

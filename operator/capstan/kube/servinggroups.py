@@ -26,7 +26,7 @@ from capstan.labels import LABEL_GROUP_OF
 from capstan.naming import label_value
 from capstan.serving.groups import GROUP_REVISION_KIND, GroupActions, plan_groups, scale_annotation
 from capstan.serving.plan import ServingPlan
-from capstan.topology.inventory import Inventory, build_inventory
+from capstan.topology.inventory import Inventory
 
 LEADERWORKERSETS = ApiResource("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", "LeaderWorkerSet")
 CONTROLLERREVISIONS = ApiResource("apps", "v1", "controllerrevisions", "ControllerRevision")
@@ -63,12 +63,8 @@ async def cluster_inventory(
     for held in held_by_placed_gangs(memo, jobs, pods).values():
         for node, gpus in held.items():
             claims[node] = claims.get(node, 0) + gpus
-    levels = operator_config(memo).topology_levels
     index = shared_state(memo, "training", TrainingState).nodes  # the one the queue passes keep
-    reuse = index.reusable(nodes, levels)
-    inventory = reuse.with_pods(_as_bound(pods)) if reuse is not None else build_inventory(
-        nodes, _as_bound(pods), levels)
-    index.keep(nodes, levels, inventory)
+    inventory = index.build(nodes, _as_bound(pods), operator_config(memo).topology_levels)
     return inventory.add_usage(claims)
 
 

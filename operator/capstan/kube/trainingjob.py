@@ -539,8 +539,7 @@ def _snapshot_of(
     # moves recorded in statuses that memory lacks (an operator restart): their destinations stay held
     state = _state(memo)
     state.queue.adopt(recorded_moves(jobs, state.parsed), now)
-    levels = config.topology_levels
-    snapshot = queue_snapshot(
+    return queue_snapshot(
         nodes,
         pods,
         queued_jobs(jobs, state.parsed),
@@ -549,12 +548,9 @@ def _snapshot_of(
         policy=config.queue,
         movable=movable_gangs(jobs, now, state.parsed),
         claimed=held_by_placed_gangs(memo, jobs, pods),
-        levels=levels,
-        nodes_from=state.nodes.reusable(nodes, levels),
+        levels=config.topology_levels,
+        node_index=state.nodes,
     )
-    if snapshot is not None:
-        state.nodes.keep(nodes, levels, snapshot.inventory)
-    return snapshot
 
 
 def held_by_placed_gangs(

@@ -208,6 +208,18 @@ def pinned_node(pod: Mapping[str, Any]) -> str | None:
     return None
 
 
+def as_bound(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """``pods`` with those pinned to a node by affinity but not bound yet shown on that node: a gang
+    placed a moment ago holds its GPUs before kube-scheduler binds it."""
+    bound = []
+    for pod in pods:
+        node = pinned_node(pod)
+        if node and not dig(pod, "spec", "nodeName"):
+            pod = {**pod, "spec": {**(pod.get("spec") or {}), "nodeName": node}}
+        bound.append(pod)
+    return bound
+
+
 def wants_placement(job: TrainingJob) -> bool:
     """GPU gangs are placed by Capstan; CPU jobs and Kueue-managed jobs are not."""
     return job.spec.gpus_per_worker > 0 and not job.spec.queue_name
@@ -436,12 +448,7 @@ def queue_snapshot(
     """
     if not nodes:
         return None
-    bound = []
-    for pod in pods:
-        node = pinned_node(pod)
-        if node and not dig(pod, "spec", "nodeName"):
-            pod = {**pod, "spec": {**(pod.get("spec") or {}), "nodeName": node}}
-        bound.append(pod)
+    bound = as_bound(pods)
     return QueueSnapshot(
         inventory=(node_index.build(nodes, bound, levels) if node_index is not None
                    else build_inventory(nodes, bound, levels)),
@@ -543,7 +550,7 @@ def _plan_moves(inv: Inventory, decisions: Sequence[Decision], movable: Sequence
 
 __all__ = [
     "MOVE_HOLD_S", "NodeIndex",
-    "ParsedJobs", "PendingMove", "QueuePass", "QueueSnapshot", "QueueState", "gang_request",
+    "ParsedJobs", "PendingMove", "QueuePass", "QueueSnapshot", "QueueState", "as_bound", "gang_request",
     "movable_gangs", "pinned_node", "placed_without_pods", "queue_key", "queue_pass", "queue_snapshot",
     "queued_jobs", "recorded_moves", "running_gangs", "wants_placement",
 ]

@@ -19,7 +19,7 @@ from capstan.api.modelserving import ModelServing
 from capstan.fields import dig
 from capstan.kube.activities import operator_config, shared_state
 from capstan.kube.client import ApiClient
-from capstan.kube.placement import pinned_node
+from capstan.kube.placement import as_bound
 from capstan.kube.resources import ApiResource, register_kind
 from capstan.kube.trainingjob import TrainingState, cluster_view, held_by_placed_gangs
 from capstan.labels import LABEL_GROUP_OF
@@ -39,17 +39,6 @@ def group_selector(ms: ModelServing) -> dict[str, str]:
     return {LABEL_GROUP_OF: label_value(ms.metadata.name)}
 
 
-def _as_bound(pods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Pods pinned to a node but not yet bound count as on that node (the scheduler will bind them)."""
-    out = []
-    for pod in pods:
-        node = pinned_node(pod)
-        if node and not dig(pod, "spec", "nodeName"):
-            pod = {**pod, "spec": {**(pod.get("spec") or {}), "nodeName": node}}
-        out.append(dict(pod))
-    return out
-
-
 async def cluster_inventory(
     api: ApiClient, memo: kopf.Memo, namespace: str, logger: kopf.Logger
 ) -> Inventory | None:
@@ -64,7 +53,7 @@ async def cluster_inventory(
         for node, gpus in held.items():
             claims[node] = claims.get(node, 0) + gpus
     index = shared_state(memo, "training", TrainingState).nodes  # the one the queue passes keep
-    inventory = index.build(nodes, _as_bound(pods), operator_config(memo).topology_levels)
+    inventory = index.build(nodes, as_bound(pods), operator_config(memo).topology_levels)
     return inventory.add_usage(claims)
 
 

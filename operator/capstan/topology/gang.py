@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from itertools import compress
 from typing import Any, Literal
 
-from .inventory import Inventory
+from .inventory import Inventory, _Room
 from .levels import CLUSTER_LEVEL, display_level
 
 Policy = Literal["Required", "Preferred", "None"]
@@ -116,8 +116,7 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
         return _place_cpu(inventory, request, elig)
 
     gpw, want = request.gpus_per_worker, request.workers
-    room = inventory._room(request.tolerations, request.needs_rdma, request.gpu_product,
-                           request.avoid_nodes, gpw)
+    room = _room_for(inventory, request)
     free, cap, dcap, dfree = room.free, room.cap, room.dcap, room.dfree
     if sum(dcap[-1]) < want:  # the widest level's domains hold every node
         return _unplaced(inventory, request, elig, free, cap)
@@ -138,8 +137,7 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
     top = inventory.levels.index(request.max_domain) if request.policy == "Required" else nlev
     need = want * gpw
     # levels where no domain could hold the gang even empty need no look at what is free
-    empty = inventory._empty_room(request.tolerations, request.needs_rdma, request.gpu_product,
-                                  request.avoid_nodes, gpw)
+    empty = _empty_for(inventory, request)
     for li in range(top + 1):
         if li == nlev:
             chosen = 0  # the cluster root
@@ -165,6 +163,17 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
         assign = _descend(topo, li, chosen, want, cap=cap, free=free, dcap=dcap, dfree=dfree)
         return _result(inventory, request, assign)
     return _unplaced(inventory, request, elig, free, cap, dcap=dcap, dfree=dfree, top=top)
+
+
+def _room_for(inv: Inventory, req: GangRequest) -> _Room:
+    """Free GPUs and room for ``req``'s workers per node and domain (kept with ``inv``)."""
+    return inv._room(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes, req.gpus_per_worker)
+
+
+def _empty_for(inv: Inventory, req: GangRequest) -> list[list[int]]:
+    """Per level, per domain: ``req``'s workers it holds with every GPU free (static)."""
+    return inv._empty_room(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes,
+                           req.gpus_per_worker)
 
 
 def _best_node(topo: Any, free: list[int], dfree: list[list[int]], gpw: int) -> int:
@@ -194,17 +203,15 @@ def releases_until_fit(inventory: Inventory, request: GangRequest,
     gpw, want = request.gpus_per_worker, request.workers
     if gpw == 0:  # CPU workers need no GPUs: freeing some changes nothing
         return 0 if place_gang(inventory, request).placed else None
-    room = inventory._room(request.tolerations, request.needs_rdma, request.gpu_product,
-                           request.avoid_nodes, gpw)
+    room = _room_for(inventory, request)
     elig = room.elig
     nlev = len(topo.levels)
     top = topo.levels.index(request.max_domain) if request.policy == "Required" else nlev
     used = list(inventory._used)
     alloc = topo.alloc
-    if top < nlev:
-        dom, dcap = topo.dom_of[top], list(room.dcap[top])
-    else:  # Preferred or None: the whole cluster is the one domain
-        dom, dcap = [0] * len(alloc), [sum(room.dcap[-1])]
+    # Preferred or None: the whole cluster is the one domain
+    dom = topo.dom_of[top] if top < nlev else None
+    dcap = list(room.dcap[top]) if dom is not None else [sum(room.dcap[-1])]
     if max(dcap, default=0) >= want:
         return 0
     index = topo.index
@@ -218,7 +225,7 @@ def releases_until_fit(inventory: Inventory, request: GangRequest,
             used[i] = max(0, before + gpus)
             gained = max(0, a - used[i]) // gpw - max(0, a - before) // gpw
             if gained:
-                d = dom[i]
+                d = dom[i] if dom is not None else 0
                 dcap[d] += gained
                 fits = fits or dcap[d] >= want
         if fits:  # checked once the whole release is in: a release only frees GPUs
@@ -234,8 +241,7 @@ def narrowest_level(inventory: Inventory, request: GangRequest) -> str | None:
     gpw = request.gpus_per_worker
     if gpw == 0:
         return None
-    empty = inventory._empty_room(request.tolerations, request.needs_rdma, request.gpu_product,
-                                  request.avoid_nodes, gpw)
+    empty = _empty_for(inventory, request)
     for lv, sums in zip(inventory.levels, empty, strict=True):
         if max(sums, default=0) >= request.workers:
             return lv.name
@@ -372,7 +378,7 @@ def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int
     if dcap[top][best] * gpw != dfree[top][best]:
         msg += f" (room for {dcap[top][best]} worker{'s' if dcap[top][best] != 1 else ''})"
     # would it ever fit? capacity of each domain with nothing running
-    empty = inv._empty_room(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes, gpw)[top]
+    empty = _empty_for(inv, req)[top]
     if max(empty) < want:
         msg += (f"; even empty, no {label} holds {want} such workers (max {max(empty)}): "
                 f"raise maxDomain above {lv.name} or use policy Preferred")

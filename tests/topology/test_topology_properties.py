@@ -11,6 +11,7 @@ from capstan.topology import (
     PlacementResult,
     RunningGang,
     build_inventory,
+    fits,
     place_gang,
     releases_until_fit,
     schedule_queue,
@@ -130,6 +131,13 @@ def test_queue_never_overcommits_and_head_is_not_delayed(inv: Inventory, reqs: l
     for name, gpus in rsv.gpus_by_node().items():
         assert later.free(name) >= gpus, (name, gpus, later.free(name))
     assert place_gang(later, head.request).placed
+
+
+@FAST
+@given(clusters(), gangs)
+def test_fits_answers_as_place_gang_does(inv: Inventory, req: GangRequest) -> None:
+    # the moves ask only whether a gang fits; the answer must be placement's own
+    assert fits(inv, req) == place_gang(inv, req).placed
 
 
 @FAST

@@ -144,9 +144,9 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
         else:
             if max(empty[li], default=0) < want:
                 continue
+            if max(dcap[li], default=0) < want:
+                continue  # a C-speed scan rules the level out before the per-domain one
             fits = [d for d, c in enumerate(dcap[li]) if c >= want]
-            if not fits:
-                continue
 
             def score(d: int, li: int = li) -> tuple[int, ...]:
                 chain = []
@@ -179,12 +179,33 @@ def _empty_for(inv: Inventory, req: GangRequest) -> list[list[int]]:
 def _best_node(topo: Any, free: list[int], dfree: list[list[int]], gpw: int) -> int:
     """The node for a one-worker gang: least free GPUs left on it, then the fullest enclosing
     domains (NVLink domain, rack, ...; their free GPUs are ``dfree``), then name."""
-    tightest = min(f for f in free if f >= gpw)  # the caller checked that some node has room
-    best = [i for i, f in enumerate(free) if f == tightest]
-    if len(best) == 1:
-        return best[0]
+    # list.count and list.index scan at C speed; a node's free GPUs are few distinct values
+    tightest = gpw
+    while tightest not in free:  # the caller checked that some node has room
+        tightest += 1
+    if free.count(tightest) == 1:
+        return free.index(tightest)
+    best, i = [], -1
+    try:
+        while True:
+            i = free.index(tightest, i + 1)
+            best.append(i)
+    except ValueError:
+        pass
     nlev = len(topo.levels)
     return min(best, key=lambda i: (*[dfree[li][topo.dom_of[li][i]] for li in range(nlev)], i))
+
+
+def fits(inventory: Inventory, request: GangRequest) -> bool:
+    """Whether :func:`place_gang` would place ``request`` now: its fit test, without choosing nodes."""
+    if request.gpus_per_worker == 0:
+        return place_gang(inventory, request).placed
+    _validate(inventory, request)
+    dcap = _room_for(inventory, request).dcap
+    nlev = len(inventory.levels)
+    top = inventory.levels.index(request.max_domain) if request.policy == "Required" else nlev
+    # domains nest: a fit in a narrower domain is a fit in the one above it
+    return (max(dcap[top], default=0) if top < nlev else sum(dcap[-1])) >= request.workers
 
 
 def releases_until_fit(inventory: Inventory, request: GangRequest,
@@ -198,36 +219,47 @@ def releases_until_fit(inventory: Inventory, request: GangRequest,
     this for every gang waiting on locality in every pass. Unknown nodes in a release are ignored,
     as :meth:`Inventory.add_usage` ignores them.
     """
+    index = inventory._topo.index
+    return _releases_until_fit(inventory, request, (
+        [(i, g) for i, g in ((index.get(n), g) for n, g in release.items()) if i is not None]
+        for release in releases))
+
+
+def _releases_until_fit(inventory: Inventory, request: GangRequest,
+                        releases: Iterable[Sequence[tuple[int, int]]]) -> int | None:
+    """:func:`releases_until_fit` over releases given as (node index, GPUs) pairs."""
     _validate(inventory, request)
     topo = inventory._topo
     gpw, want = request.gpus_per_worker, request.workers
     if gpw == 0:  # CPU workers need no GPUs: freeing some changes nothing
         return 0 if place_gang(inventory, request).placed else None
-    room = _room_for(inventory, request)
-    elig = room.elig
+    room_now = _room_for(inventory, request)
+    elig, dcap = room_now.elig, room_now.dcap
     nlev = len(topo.levels)
     top = topo.levels.index(request.max_domain) if request.policy == "Required" else nlev
+    # Preferred or None: the whole cluster is the one domain
+    dom = topo.dom_of[top] if top < nlev else [0] * len(topo.nodes)
+    room = list(dcap[top]) if top < nlev else [sum(dcap[-1])]
+    if max(room, default=0) >= want:
+        return 0
     used = list(inventory._used)
     alloc = topo.alloc
-    # Preferred or None: the whole cluster is the one domain
-    dom = topo.dom_of[top] if top < nlev else None
-    dcap = list(room.dcap[top]) if dom is not None else [sum(room.dcap[-1])]
-    if max(dcap, default=0) >= want:
-        return 0
-    index = topo.index
     for k, release in enumerate(releases, start=1):
         fits = False
-        for name, gpus in release.items():
-            i = index.get(name)
-            if i is None or not elig[i]:
+        for i, gpus in release:
+            if not elig[i]:
                 continue
             a, before = alloc[i], used[i]
-            used[i] = max(0, before + gpus)
-            gained = max(0, a - used[i]) // gpw - max(0, a - before) // gpw
+            after = before + gpus
+            if after < 0:
+                after = 0
+            used[i] = after
+            # whole workers this node holds after minus before (free GPUs floor at zero)
+            gained = (a - after if a > after else 0) // gpw - (a - before if a > before else 0) // gpw
             if gained:
-                d = dom[i] if dom is not None else 0
-                dcap[d] += gained
-                fits = fits or dcap[d] >= want
+                d = dom[i]
+                room[d] += gained
+                fits = fits or room[d] >= want
         if fits:  # checked once the whole release is in: a release only frees GPUs
             return k
     return None

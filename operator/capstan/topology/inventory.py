@@ -202,6 +202,9 @@ class _Room:
 
 # rooms derived from a parent inventory's only while the change is this small a share of the nodes
 _DERIVE_SHARE = 4
+# sums to derive from, the usage changes since them (node index -> GPUs used, applied in order) and
+# how many entries those hold
+_Derivation = tuple[_Room, tuple[dict[int, int], ...], int]
 
 
 class Inventory:
@@ -216,13 +219,13 @@ class Inventory:
 
     __slots__ = ("_base", "_rooms", "_topo", "_used")
 
-    def __init__(self, topo: _Topology, used: list[int],
-                 base: tuple[dict[Any, _Room], dict[int, int]] | None = None) -> None:
+    def __init__(self, topo: _Topology, used: list[int], base: dict[Any, _Derivation] | None = None) -> None:
         self._topo = topo
         self._used = used
         self._rooms: dict[Any, _Room] = {}
-        # a parent's sums and the usage that changed since: what the sums here derive from
-        self._base = base
+        # per constraint set: the last sums of an inventory this one derives from, and the usage
+        # that changed since (what the sums here derive from)
+        self._base = base or {}
 
     # -- read access ---------------------------------------------------------------------------
     @property
@@ -320,16 +323,17 @@ class Inventory:
                 raise ValueError(f"node {name} would have {used[i]} GPUs used of {nodes[i].gpus}")
         return Inventory(self._topo, used, self._derive_base(changes))
 
-    def _derive_base(self, changes: dict[int, int]) -> tuple[dict[Any, _Room], dict[int, int]] | None:
-        # sums here, or (when none were asked for here) those this inventory derives from, so a
-        # chain of allocations without a placement in between still derives from the last sums
-        if self._rooms:
-            base = (self._rooms, changes)
-        elif self._base is not None:
-            base = (self._base[0], {**self._base[1], **changes})
-        else:
-            return None
-        return base if len(base[1]) * _DERIVE_SHARE <= len(self._used) else None
+    def _derive_base(self, changes: dict[int, int]) -> dict[Any, _Derivation]:
+        # each constraint set's latest sums, here or in an inventory this one derives from, so a
+        # chain of allocations derives every set's sums from the last ones asked for; merged only
+        # when used, and dropped once the changes (counted with repeats) pass the share
+        limit = len(self._used) // _DERIVE_SHARE
+        out: dict[Any, _Derivation] = {
+            key: (room, (changes,), len(changes)) for key, room in self._rooms.items()}
+        for key, (room, since, size) in self._base.items():
+            if key not in out and size + len(changes) <= limit:
+                out[key] = (room, (*since, changes), size + len(changes))
+        return out if len(changes) <= limit else {}
 
     # -- internals for the placement modules ----------------------------------------------------
     def _room(self, tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool, product: str | None,
@@ -338,9 +342,12 @@ class Inventory:
         key = (self._eligible_key(tolerations, needs_rdma, product, avoid), gpw)
         room = self._rooms.get(key)
         if room is None:
-            parent = self._base[0].get(key) if self._base is not None else None
+            parent = self._base.get(key)
             if parent is not None:
-                room = parent.updated(self._topo, self._base[1])  # type: ignore[index]
+                merged: dict[int, int] = {}
+                for changes in parent[1]:
+                    merged.update(changes)
+                room = parent[0].updated(self._topo, merged)
             else:
                 elig = self._eligible(tolerations, needs_rdma, product, avoid)
                 room = _Room.build(self._topo, self._used, elig, gpw)

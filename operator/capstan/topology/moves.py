@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from .gang import GangRequest, PlacementResult, narrowest_level, place_gang
+from .gang import GangRequest, PlacementResult, _empty_for, fits, narrowest_level, place_gang
 from .inventory import Inventory
 from .levels import CLUSTER_LEVEL, display_level
 from .queue import RunningGang, _reserve_by_end_times, _shape, queue_order
@@ -93,7 +93,7 @@ def plan_defragmentation(inventory: Inventory, waiting: Sequence[GangRequest],
     for req in queue_order(waiting):
         if req.gpus_per_worker == 0 or req.total_gpus > inventory.free_gpus:
             continue
-        if place_gang(inventory, req).placed:
+        if fits(inventory, req):
             continue  # it waits by choice (a reservation, a locality wait), not for want of shape
         moves = _clear_room(inventory, req, by_node)
         if moves and _pays(inventory, req, moves, movable, running, now, pol):
@@ -165,19 +165,23 @@ def _any_blocked(inv: Inventory, requests: Sequence[GangRequest]) -> bool:
         shape = _shape(req)
         if shape not in seen:
             seen.add(shape)
-            if not place_gang(inv, req).placed:
+            if not fits(inv, req):
                 return True
     return False
 
 
 def _movers_by_node(movable: Sequence[MovableGang], now: float,
                     pol: MovePolicy) -> dict[str, list[MovableGang]]:
-    """One-worker gangs that may move now, by the node they run on."""
+    """One-worker gangs that may move now, by the node they run on, in the order a node is cleared:
+    fewest GPUs first, then the gang running the shortest time (it has the least to lose)."""
     by_node: dict[str, list[MovableGang]] = {}
     for m in movable:
         if (m.request.workers == 1 and m.request.gpus_per_worker > 0 and len(m.result.nodes) == 1
                 and now - m.running_since >= pol.min_run_s):
             by_node.setdefault(m.result.nodes[0], []).append(m)
+    for gangs in by_node.values():
+        if len(gangs) > 1:
+            gangs.sort(key=lambda m: (m.request.total_gpus, -m.running_since, m.request.name))
     return by_node
 
 
@@ -200,8 +204,9 @@ def _destinations(inv: Inventory, movers: Sequence[MovableGang],
     one does not fit."""
     view = inv
     if onto is not None:
-        view = inv.add_usage({n.name: inv.free(n.name) for n in inv.nodes
-                              if n.name not in onto and inv.free(n.name)})
+        alloc, used = inv._topo.alloc, inv._used
+        view = inv.add_usage({n.name: a - u for n, a, u in zip(inv.nodes, alloc, used, strict=True)
+                              if a > u and n.name not in onto})
     out: list[PlacementResult] = []
     for m in movers:
         to = place_gang(view, replace(m.request, policy="Preferred"))
@@ -218,41 +223,53 @@ def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[Mov
     With ``onto`` the movers restart on those nodes where they all fit there."""
     gpw = req.gpus_per_worker
     elig = inv._eligible(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes)
-    cands: list[tuple[int, str, list[MovableGang]]] = []  # (GPUs to move, node, gangs to move)
-    for node, ok in zip(inv.nodes, elig, strict=True):
-        if not ok or node.gpus < gpw:
+    topo = inv._topo
+    alloc, used, nodes, mine = topo.alloc, inv._used, topo.nodes, by_node.get
+    # (GPUs to move, node, gangs to move, node index)
+    cands: list[tuple[int, str, list[MovableGang], int]] = []
+    for i, (ok, a, u) in enumerate(zip(elig, alloc, used, strict=True)):
+        if not ok or a < gpw:
             continue
-        need = gpw - inv.free(node.name)
+        need = gpw - (a - u if a > u else 0)
         if need <= 0:
-            cands.append((0, node.name, []))
+            cands.append((0, nodes[i].name, [], i))
+            continue
+        movers = mine(nodes[i].name)
+        if not movers:
             continue
         picked: list[MovableGang] = []
-        # fewest GPUs first, then the gang running the shortest time (it has the least to lose)
-        for m in sorted(by_node.get(node.name, []), key=lambda m: (m.request.total_gpus, -m.running_since,
-                                                                     m.request.name)):
-            if need <= 0:
-                break
+        moved = 0
+        for m in movers:  # in the order a node is cleared
             picked.append(m)
-            need -= m.request.total_gpus
-        if need <= 0:
-            cands.append((sum(m.request.total_gpus for m in picked), node.name, picked))
+            moved += m.request.total_gpus
+            if moved >= need:
+                cands.append((moved, nodes[i].name, picked, i))
+                break
     if len(cands) < req.workers:
         return []
+    cands.sort()  # once: each domain's cheapest nodes are then its first ones met (names are unique)
     names = inv.levels.names
     required = req.policy == "Required"
     allowed = names[: names.index(req.max_domain) + 1] if required else [*names, CLUSTER_LEVEL]
-    best: tuple[int, list[tuple[int, str, list[MovableGang]]]] | None = None
-    topo = inv._topo
+    best: tuple[int, list[tuple[int, str, list[MovableGang], int]]] | None = None
+    want = req.workers
+    empty = _empty_for(inv, req)
     for level in allowed:
+        if level != CLUSTER_LEVEL and max(empty[names.index(level)], default=0) < want:
+            continue  # even empty no domain here holds the gang (a node holds one worker or more)
         # domain ids sort as their keys do (see the inventory's index), so ties still break by name
-        domains: dict[int, list[tuple[int, str, list[MovableGang]]]] = {}
+        domains: dict[int, list[tuple[int, str, list[MovableGang], int]]] = {}
         dom = None if level == CLUSTER_LEVEL else topo.dom_of[names.index(level)]
         for c in cands:
-            key = 0 if dom is None else dom[topo.index[c[1]]]
-            domains.setdefault(key, []).append(c)
+            key = 0 if dom is None else dom[c[3]]
+            chosen = domains.get(key)
+            if chosen is None:
+                domains[key] = [c]
+            elif len(chosen) < want:
+                chosen.append(c)
         for key in sorted(domains):
-            chosen = sorted(domains[key])[: req.workers]
-            if len(chosen) == req.workers:
+            chosen = domains[key]
+            if len(chosen) == want:
                 cost = sum(c[0] for c in chosen)
                 if cost and (best is None or cost < best[0]):
                     best = (cost, chosen)
@@ -262,9 +279,11 @@ def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[Mov
         return []
     chosen_nodes = {c[1] for c in best[1]}
     movers = [m for c in best[1] for m in c[2]]
-    freed = inv
+    given: dict[str, int] = {}
     for m in movers:
-        freed = freed.release(m.result)
+        for n, g in m.result.gpus_by_node().items():
+            given[n] = given.get(n, 0) - g
+    freed = inv.add_usage(given)  # usage floors at zero either way: as releasing them one by one
     block = {n: freed.node(n).gpus - freed.used(n) for n in chosen_nodes}
     elsewhere = freed.add_usage(block)
     order = sorted(movers, key=lambda m: (-m.request.total_gpus, m.request.name))
@@ -272,13 +291,14 @@ def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[Mov
         elsewhere, order, None)
     if tos is None:
         return []
-    moves: list[Move] = []
-    for m, to in zip(order, tos, strict=True):
-        elsewhere = elsewhere.allocate(to)
-        why = f"making room for {req.name} ({req.total_gpus} GPUs; the idle ones are scattered over nodes)"
-        moves.append(Move(m.request.name, to, why, req.name))
-    after = elsewhere.add_usage({n: -g for n, g in block.items()})
-    return moves if place_gang(after, req).placed else []
+    why = f"making room for {req.name} ({req.total_gpus} GPUs; the idle ones are scattered over nodes)"
+    moves = [Move(m.request.name, to, why, req.name) for m, to in zip(order, tos, strict=True)]
+    taken = {n: -g for n, g in block.items()}
+    for to in tos:
+        for n, g in to.gpus_by_node().items():
+            taken[n] = taken.get(n, 0) + g
+    after = elsewhere.add_usage(taken)
+    return moves if fits(after, req) else []
 
 
 __all__ = ["MovableGang", "Move", "MovePolicy", "plan_defragmentation", "plan_locality_moves"]

@@ -38,10 +38,10 @@ from dataclasses import dataclass, replace
 from .gang import (
     GangRequest,
     PlacementResult,
+    _releases_until_fit,
     narrowest_level,
     place_gang,
     place_when_freed,
-    releases_until_fit,
 )
 from .inventory import Inventory, _freeze
 from .levels import CLUSTER_LEVEL, display_level
@@ -394,9 +394,15 @@ class _Releases:
     """
 
     def __init__(self, running: Iterable[RunningGang]) -> None:
-        self.order = sorted(running, key=_end_key)
-        self.keys = [_end_key(r) for r in self.order]
+        gangs = list(running)
+        # position breaks ties: the order a stable sort by the key alone gives
+        keyed = sorted((_end_key(r), k) for k, r in enumerate(gangs))
+        self.order = [gangs[k] for _, k in keyed]
+        self.keys = [key for key, _ in keyed]
         self._deltas: list[dict[str, int] | None] = [None] * len(self.order)  # built as a sweep needs them
+        # the same as (node index, GPUs) pairs for one topology's index, built as a sweep needs them
+        self._pairs: list[list[tuple[int, int]] | None] = [None] * len(self.order)
+        self._pairs_index: dict[str, int] | None = None
         self.unknown_end = any(r.expected_end is None for r in self.order)
 
     def add(self, gang: RunningGang) -> None:
@@ -406,6 +412,7 @@ class _Releases:
         self.order.insert(at, gang)
         self.keys.insert(at, key)
         self._deltas.insert(at, None)
+        self._pairs.insert(at, None)
         self.unknown_end = self.unknown_end or gang.expected_end is None
 
     def deltas(self) -> Iterator[dict[str, int]]:
@@ -415,9 +422,19 @@ class _Releases:
                 delta = self._deltas[k] = _giveback(self.order[k])
             yield delta
 
+    def _index_pairs(self, index: dict[str, int]) -> Iterator[list[tuple[int, int]]]:
+        if self._pairs_index is not index:  # another topology: node indices differ
+            self._pairs = [None] * len(self.order)
+            self._pairs_index = index
+        for k, delta in enumerate(self.deltas()):
+            pairs = self._pairs[k]
+            if pairs is None:
+                pairs = self._pairs[k] = [(index[n], g) for n, g in delta.items() if n in index]
+            yield pairs
+
     def fit_index(self, inv: Inventory, req: GangRequest) -> int | None:
         """How many gangs must end, in order, before ``req`` fits (at least one); None: never."""
-        k = releases_until_fit(inv, req, self.deltas())
+        k = _releases_until_fit(inv, req, self._index_pairs(inv._topo.index))
         return None if k is None or not self.order else max(k, 1)
 
     def soonest_fit(self, inv: Inventory, req: GangRequest) -> float | None:

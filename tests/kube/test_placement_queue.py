@@ -385,3 +385,24 @@ def test_a_pass_over_the_same_node_objects_reuses_their_index_and_counts_pods_af
         assert kept is not None
         again = index.build(nodes, [], levels)
         assert again.nodes is not kept.nodes
+
+
+def test_the_pass_decides_with_the_cyclic_collector_paused_and_turns_it_back_on(
+        monkeypatch: Any) -> None:
+    import gc
+
+    import capstan.kube.placement as placement
+
+    seen: list[bool] = []
+    real = placement.schedule_queue
+
+    def spying(*args: Any, **kwargs: Any) -> Any:
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(placement, "schedule_queue", spying)
+    assert gc.isenabled()
+    queued = queued_jobs([body("big", 2, 8)])
+    result = place(queue_snapshot(NODES, [], queued, now=NOW), queued[0], QueueState())
+    assert result.decision.placed
+    assert seen == [False] and gc.isenabled()

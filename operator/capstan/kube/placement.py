@@ -45,6 +45,7 @@ from capstan.api.conditions import parse_time, rfc3339
 from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.trainingjob import TERMINAL_PHASES, PendingMoveStatus, TrainingJob
 from capstan.fields import dig
+from capstan.gcpause import paused_gc
 from capstan.labels import GPU_PRODUCT_LABEL, LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
 from capstan.topology import (
     DEFAULT_LEVELS,
@@ -469,7 +470,13 @@ def queue_pass(snapshot: QueueSnapshot, job: TrainingJob, state: QueueState) -> 
     moves goes where its move planned when that room is still free; otherwise ``job`` and the
     queued gangs are scheduled in queue order (:func:`capstan.topology.schedule_queue`), and with
     ``policy.migration`` and no move in flight, gangs left waiting may get defragmentation moves.
+    Runs with the cyclic garbage collector paused (:mod:`capstan.gcpause`).
     """
+    with paused_gc():
+        return _queue_pass(snapshot, job, state)
+
+
+def _queue_pass(snapshot: QueueSnapshot, job: TrainingJob, state: QueueState) -> QueuePass:
     at, policy = snapshot.now, snapshot.policy
     moves = {key: pending for key, pending in state.moves.items() if at - pending.since <= MOVE_HOLD_S}
     me = queue_key(job)

@@ -329,7 +329,9 @@ def _locality_wait(inv: Inventory, req: GangRequest, ideal: str | None, running:
         gain = dur * (s_now - slowdown.get(level, 1.0))
         if gain <= 0:
             continue
-        at = running.soonest_fit(inv, replace(req, policy="Required", max_domain=level))
+        # a wait of fraction x gain or longer never counts: no need to look for a fit after that
+        at = running.soonest_fit(inv, replace(req, policy="Required", max_domain=level),
+                                 before=now + fraction * gain)
         if at is None:
             continue
         wait = at - now
@@ -382,6 +384,10 @@ def _reserve(start: Inventory, inv: Inventory, head: GangRequest, running: Seque
     return Reservation(head.name, res, None) if res.placed else None
 
 
+# seconds past a sweep's bound still swept (see _Releases.fit_index)
+_BOUND_MARGIN_S = 1e-3
+
+
 def _end_key(gang: RunningGang) -> tuple[float, float, str]:
     return (gang.expected_end or 0.0, gang.started, gang.result.name)
 
@@ -426,20 +432,29 @@ class _Releases:
         if self._pairs_index is not index:  # another topology: node indices differ
             self._pairs = [None] * len(self.order)
             self._pairs_index = index
-        for k, delta in enumerate(self.deltas()):
-            pairs = self._pairs[k]
+        all_pairs = self._pairs
+        for k, pairs in enumerate(all_pairs):
             if pairs is None:
-                pairs = self._pairs[k] = [(index[n], g) for n, g in delta.items() if n in index]
+                gang = self.order[k]
+                pairs = all_pairs[k] = [(index[n], -g) for n, g in gang.result.gpus_by_node().items()
+                                        if n in index]
             yield pairs
 
-    def fit_index(self, inv: Inventory, req: GangRequest) -> int | None:
-        """How many gangs must end, in order, before ``req`` fits (at least one); None: never."""
-        k = _releases_until_fit(inv, req, self._index_pairs(inv._topo.index))
+    def fit_index(self, inv: Inventory, req: GangRequest, before: float | None = None) -> int | None:
+        """How many gangs must end, in order, before ``req`` fits (at least one); None: never, or
+        not with the gangs expected to end before ``before`` alone."""
+        pairs: Iterable[list[tuple[int, int]]] = self._index_pairs(inv._topo.index)
+        if before is not None:
+            # the sweep need not look past gangs that end too late to count; the margin keeps a
+            # caller's own float test (end - now < limit) the judge of ends right at the bound
+            pairs = itertools.islice(pairs, bisect.bisect_left(self.keys, (before + _BOUND_MARGIN_S,)))
+        k = _releases_until_fit(inv, req, pairs)
         return None if k is None or not self.order else max(k, 1)
 
-    def soonest_fit(self, inv: Inventory, req: GangRequest) -> float | None:
-        """Expected time by which ``req`` fits, releasing gangs at their expected ends."""
-        k = self.fit_index(inv, req)
+    def soonest_fit(self, inv: Inventory, req: GangRequest, before: float | None = None) -> float | None:
+        """Expected time by which ``req`` fits, releasing gangs at their expected ends; None when
+        it never does, or (given ``before``) not with the gangs that end before then."""
+        k = self.fit_index(inv, req, before)
         return None if k is None else self.order[k - 1].expected_end
 
 

@@ -8,6 +8,7 @@ from capstan.topology import (
     DEFAULT_LEVELS,
     GangRequest,
     Inventory,
+    MovableGang,
     PlacementResult,
     RunningGang,
     build_inventory,
@@ -16,6 +17,8 @@ from capstan.topology import (
     releases_until_fit,
     schedule_queue,
 )
+from capstan.topology.moves import _cheapest_clearing
+from capstan.topology.queue import _Releases
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -177,3 +180,75 @@ def test_placements_on_derived_inventories_match_fresh_ones(
         elif cur.nodes:
             name = data.draw(st.sampled_from([n.name for n in cur.nodes]))
             cur = cur.add_usage({name: data.draw(st.integers(-8, 0))})
+
+
+@FAST
+@given(clusters(), st.integers(1, 4), st.sampled_from([1, 2, 4, 8]),
+       st.sampled_from(["Required", "Preferred"]), st.sampled_from(DEFAULT_LEVELS.names), st.data())
+def test_nodes_to_clear_are_the_cheapest_in_the_narrowest_domain(
+        inv: Inventory, workers: int, gpw: int, policy: str, max_domain: str, data: st.DataObject) -> None:
+    # every busy GPU belongs to one-GPU or bigger movable gangs on its node; the choice must be
+    # what a plain search over every domain of every level gives
+    by_node: dict[str, list[MovableGang]] = {}
+    for n in inv.nodes:
+        left, k = inv.used(n.name), 0
+        while left:
+            g = data.draw(st.integers(1, left))
+            res = PlacementResult(f"m-{n.name}-{k}", True, [n.name], g)
+            by_node.setdefault(n.name, []).append(
+                MovableGang(GangRequest(res.name, 1, g), res, data.draw(st.sampled_from([0.0, 100.0]))))
+            left, k = left - g, k + 1
+    for gangs in by_node.values():
+        gangs.sort(key=lambda m: (m.request.total_gpus, -m.running_since, m.request.name))
+    req = GangRequest("w", workers, gpw, policy=policy, max_domain=max_domain)  # type: ignore[arg-type]
+    got = _cheapest_clearing(inv, req, by_node)
+    assert (None if got is None else [(c[0], c[1]) for c in got]) == _plain_cheapest(inv, req, by_node)
+
+
+def _plain_cheapest(inv: Inventory, req: GangRequest,
+                    by_node: dict[str, list[MovableGang]]) -> list[tuple[int, str]] | None:
+    elig = inv._eligible(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes)
+    cost: dict[str, int] = {}
+    for n, ok in zip(inv.nodes, elig, strict=True):
+        if not ok or n.gpus < req.gpus_per_worker:
+            continue
+        need, moved = req.gpus_per_worker - inv.free(n.name), 0
+        for m in by_node.get(n.name, []) if need > 0 else []:
+            moved += m.request.total_gpus
+            if moved >= need:
+                break
+        if moved >= need:
+            cost[n.name] = moved
+    names = inv.levels.names
+    levels = names[: names.index(req.max_domain) + 1] if req.policy == "Required" else [*names, "cluster"]
+    for level in levels:
+        best: tuple[int, str, list[tuple[int, str]]] | None = None
+        keys = {inv.domain_of(n, level) if level != "cluster" else "" for n in cost}
+        for key in sorted(keys):
+            members = sorted((c, n) for n, c in cost.items()
+                             if (inv.domain_of(n, level) if level != "cluster" else "") == key)
+            chosen = members[: req.workers]
+            total = sum(c for c, _ in chosen)
+            if len(chosen) == req.workers and total and (best is None or total < best[0]):
+                best = (total, key, chosen)
+        if best is not None:
+            return best[2]
+    return None
+
+
+@FAST
+@given(clusters(), gangs, st.data())
+def test_a_bounded_sweep_answers_as_the_full_one_before_its_bound(
+        inv: Inventory, req: GangRequest, data: st.DataObject) -> None:
+    # the locality wait stops sweeping at gangs that end too late to count: before that bound
+    # its answer must be the full sweep's, and past it none (or one at or past the bound)
+    running = [RunningGang(PlacementResult(f"r{k}", True, [n.name], inv.used(n.name)), 0.0,
+                           float(data.draw(st.integers(1, 50))))
+               for k, n in enumerate(inv.nodes) if inv.used(n.name)]
+    releases = _Releases(running)
+    before = float(data.draw(st.integers(0, 60)))
+    full, bounded = releases.soonest_fit(inv, req), releases.soonest_fit(inv, req, before=before)
+    if full is not None and full < before:
+        assert bounded == full
+    else:
+        assert bounded is None or bounded >= before

@@ -217,16 +217,20 @@ def _destinations(inv: Inventory, movers: Sequence[MovableGang],
     return out
 
 
-def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[MovableGang]],
-                onto: set[str] | None = None) -> list[Move]:
-    """Moves that clear nodes for ``req``, cheapest in GPUs moved in the narrowest domain; [] if none.
-    With ``onto`` the movers restart on those nodes where they all fit there."""
+# a node to clear: (GPUs to move off it, its name, the gangs to move, its index)
+_Clearing = tuple[int, str, list[MovableGang], int]
+
+
+def _cheapest_clearing(inv: Inventory, req: GangRequest,
+                       by_node: Mapping[str, list[MovableGang]]) -> list[_Clearing] | None:
+    """The nodes to clear for ``req`` (one worker each): in the narrowest level's domain where
+    clearing ``req.workers`` of them moves the fewest GPUs (more than none), lowest domain first on
+    ties, each domain's cheapest nodes (then by name); None when no domain qualifies."""
     gpw = req.gpus_per_worker
     elig = inv._eligible(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes)
     topo = inv._topo
     alloc, used, nodes, mine = topo.alloc, inv._used, topo.nodes, by_node.get
-    # (GPUs to move, node, gangs to move, node index)
-    cands: list[tuple[int, str, list[MovableGang], int]] = []
+    cands: list[_Clearing] = []
     for i, (ok, a, u) in enumerate(zip(elig, alloc, used, strict=True)):
         if not ok or a < gpw:
             continue
@@ -246,19 +250,19 @@ def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[Mov
                 cands.append((moved, nodes[i].name, picked, i))
                 break
     if len(cands) < req.workers:
-        return []
+        return None
     cands.sort()  # once: each domain's cheapest nodes are then its first ones met (names are unique)
     names = inv.levels.names
     required = req.policy == "Required"
     allowed = names[: names.index(req.max_domain) + 1] if required else [*names, CLUSTER_LEVEL]
-    best: tuple[int, list[tuple[int, str, list[MovableGang], int]]] | None = None
+    best: tuple[int, list[_Clearing]] | None = None
     want = req.workers
     empty = _empty_for(inv, req)
     for level in allowed:
         if level != CLUSTER_LEVEL and max(empty[names.index(level)], default=0) < want:
             continue  # even empty no domain here holds the gang (a node holds one worker or more)
         # domain ids sort as their keys do (see the inventory's index), so ties still break by name
-        domains: dict[int, list[tuple[int, str, list[MovableGang], int]]] = {}
+        domains: dict[int, list[_Clearing]] = {}
         dom = None if level == CLUSTER_LEVEL else topo.dom_of[names.index(level)]
         for c in cands:
             key = 0 if dom is None else dom[c[3]]
@@ -275,10 +279,18 @@ def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[Mov
                     best = (cost, chosen)
         if best is not None:
             break
+    return None if best is None else best[1]
+
+
+def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[MovableGang]],
+                onto: set[str] | None = None) -> list[Move]:
+    """Moves that clear nodes for ``req``, cheapest in GPUs moved in the narrowest domain; [] if none.
+    With ``onto`` the movers restart on those nodes where they all fit there."""
+    best = _cheapest_clearing(inv, req, by_node)
     if best is None:
         return []
-    chosen_nodes = {c[1] for c in best[1]}
-    movers = [m for c in best[1] for m in c[2]]
+    chosen_nodes = {c[1] for c in best}
+    movers = [m for c in best for m in c[2]]
     given: dict[str, int] = {}
     for m in movers:
         for n, g in m.result.gpus_by_node().items():

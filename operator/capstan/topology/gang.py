@@ -122,7 +122,7 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
         return _unplaced(inventory, request, elig, free, cap)
 
     if request.policy == "None":
-        picks = _fill([(i, c, free[i], i) for i, c in enumerate(cap) if c], want)
+        picks = _fill([(c, free[i], i) for i, c in enumerate(cap) if c], want)
         assign = [(i, k) for i, k in picks]
         # group ranks by domain, widest level first, so neighbouring ranks share a domain
         nlev = len(topo.levels)
@@ -137,12 +137,12 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
     top = inventory.levels.index(request.max_domain) if request.policy == "Required" else nlev
     need = want * gpw
     # levels where no domain could hold the gang even empty need no look at what is free
-    empty = _empty_for(inventory, request)
+    most = _most_for(inventory, request)
     for li in range(top + 1):
         if li == nlev:
             chosen = 0  # the cluster root
         else:
-            if max(empty[li], default=0) < want:
+            if most[li] < want:
                 continue
             if max(dcap[li], default=0) < want:
                 continue  # a C-speed scan rules the level out before the per-domain one
@@ -159,7 +159,14 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
                     return (dcap[li][d] - want, dfree[li][d] - need, *chain, d)
                 return (dfree[li][d] - need, *chain, d)
 
-            chosen = min(fits, key=score)
+            # the score's leading terms first, at C speed: only domains tied on them can be least
+            lead = dcap[li] if fragmentation_aware else dfree[li]
+            low = min(map(lead.__getitem__, fits))
+            fits = [d for d in fits if lead[d] == low]
+            if fragmentation_aware and len(fits) > 1:
+                low = min(map(dfree[li].__getitem__, fits))
+                fits = [d for d in fits if dfree[li][d] == low]
+            chosen = fits[0] if len(fits) == 1 else min(fits, key=score)
         assign = _descend(topo, li, chosen, want, cap=cap, free=free, dcap=dcap, dfree=dfree)
         return _result(inventory, request, assign)
     return _unplaced(inventory, request, elig, free, cap, dcap=dcap, dfree=dfree, top=top)
@@ -168,6 +175,12 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
 def _room_for(inv: Inventory, req: GangRequest) -> _Room:
     """Free GPUs and room for ``req``'s workers per node and domain (kept with ``inv``)."""
     return inv._room(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes, req.gpus_per_worker)
+
+
+def _most_for(inv: Inventory, req: GangRequest) -> list[int]:
+    """Per level: the most of ``req``'s workers one domain holds with every GPU free (static)."""
+    return inv._empty_most(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes,
+                           req.gpus_per_worker)
 
 
 def _empty_for(inv: Inventory, req: GangRequest) -> list[list[int]]:
@@ -192,8 +205,13 @@ def _best_node(topo: Any, free: list[int], dfree: list[list[int]], gpw: int) -> 
             best.append(i)
     except ValueError:
         pass
-    nlev = len(topo.levels)
-    return min(best, key=lambda i: (*[dfree[li][topo.dom_of[li][i]] for li in range(nlev)], i))
+    for dom, df in zip(topo.dom_of, dfree, strict=True):  # narrowest level first, as the key reads
+        if len(best) == 1:
+            break
+        vals = [df[dom[i]] for i in best]
+        low = min(vals)
+        best = [i for i, v in zip(best, vals, strict=True) if v == low]
+    return best[0]  # in index order: the lowest breaks the last tie
 
 
 def fits(inventory: Inventory, request: GangRequest) -> bool:
@@ -273,28 +291,29 @@ def narrowest_level(inventory: Inventory, request: GangRequest) -> str | None:
     gpw = request.gpus_per_worker
     if gpw == 0:
         return None
-    empty = _empty_for(inventory, request)
-    for lv, sums in zip(inventory.levels, empty, strict=True):
-        if max(sums, default=0) >= request.workers:
+    for lv, most in zip(inventory.levels, _most_for(inventory, request), strict=True):
+        if most >= request.workers:
             return lv.name
     return None
 
 
-def _fill(items: list[tuple[int, int, int, int]], want: int) -> list[tuple[int, int]]:
-    """Kueue BestFit over (id, capacity, free, tiebreak) items: biggest first, best-fitting last.
+def _fill(items: list[tuple[int, int, int]], want: int) -> list[tuple[int, int]]:
+    """Kueue BestFit over (capacity, free, id) items: biggest first, best-fitting last; ties by id.
 
     Returns (id, workers) in rank order; assumes the capacities add up to at least ``want``.
     """
-    items = sorted(items, key=lambda t: (-t[1], t[2], t[3]))
+    # sorted as (-capacity, free, id) tuples: no key function to call per item
+    ranked = sorted([(-c, f, ident) for c, f, ident in items])
     out: list[tuple[int, int]] = []
     rem = want
-    for pos, (ident, c, _f, _t) in enumerate(items):
+    for pos, (neg, _f, ident) in enumerate(ranked):
+        c = -neg
         if c <= 0:
             break
         if c >= rem:
             # the last domain: the smallest remaining one that fits leaves the least capacity idle
-            last = min((t for t in items[pos:] if t[1] >= rem), key=lambda t: (t[1], t[2], t[3]))
-            out.append((last[0], rem))
+            last = min((-n, f, i) for n, f, i in ranked[pos:] if -n >= rem)
+            out.append((last[2], rem))
             return out
         out.append((ident, c))
         rem -= c
@@ -305,20 +324,32 @@ def _descend(topo: Any, li: int, dom: int, want: int, *, cap: list[int], free: l
              dcap: list[list[int]], dfree: list[list[int]]) -> list[tuple[int, int]]:
     """Split ``want`` workers down the tree below domain ``dom`` of level ``li`` (nlev = root)."""
     kids = topo.children[li][dom]
+    while len(kids) == 1 and li > 0:  # a domain with one child (an NVLink domain of one node): go down
+        li -= 1
+        kids = topo.children[li][kids[0]]
     if li == 0:
-        return _fill([(i, cap[i], free[i], i) for i in kids if cap[i]], want)
+        if len(kids) == 1:
+            return [(kids[0], want)]  # the caller checked the room
+        return _fill([(cap[i], free[i], i) for i in kids if cap[i]], want)
     out: list[tuple[int, int]] = []
-    for child, k in _fill([(c, dcap[li - 1][c], dfree[li - 1][c], c) for c in kids if dcap[li - 1][c]], want):
-        out.extend(_descend(topo, li - 1, child, k, cap=cap, free=free, dcap=dcap, dfree=dfree))
+    dc, df = dcap[li - 1], dfree[li - 1]
+    below = topo.children[li - 1]
+    for child, k in _fill([(dc[c], df[c], c) for c in kids if dc[c]], want):
+        if li == 1 and len(below[child]) == 1:
+            out.append((below[child][0], k))  # an NVLink domain of one node: no call for it
+        else:
+            out.extend(_descend(topo, li - 1, child, k, cap=cap, free=free, dcap=dcap, dfree=dfree))
     return out
 
 
 def _result(inv: Inventory, req: GangRequest, assign: list[tuple[int, int]]) -> PlacementResult:
     topo = inv._topo
-    nodes = [topo.nodes[i].name for i, k in assign for _ in range(k)]
+    names = [topo.nodes[i].name for i, _ in assign]
+    if any(k != 1 for _, k in assign):  # a node that takes several workers is named once for each
+        names = [name for name, (_, k) in zip(names, assign, strict=True) for _ in range(k)]
     level, value, key = _span(inv, [i for i, _ in assign])
     return PlacementResult(
-        req.name, True, nodes, req.gpus_per_worker, level=level, domain=value, domain_key=key
+        req.name, True, names, req.gpus_per_worker, level=level, domain=value, domain_key=key
     )
 
 
@@ -466,7 +497,7 @@ def place_when_freed(inventory: Inventory, request: GangRequest) -> tuple[Placem
         taken: dict[int, int] = {}
         n_now = min(want, now[best])
         if n_now:
-            for i, k in _fill([(i, cap_now[i], free[i], i) for i in members if cap_now[i]], n_now):
+            for i, k in _fill([(cap_now[i], free[i], i) for i in members if cap_now[i]], n_now):
                 taken[i] = k
         rem = want - n_now
         # the rest waits on the nodes with the fewest GPUs held by others

@@ -135,7 +135,8 @@ class _Topology:
     alloc: list[int]  # allocatable GPUs per node, for hot loops
     not_ready: tuple[str, ...]
     eligible_cache: dict[tuple[Any, ...], list[bool]] = field(default_factory=dict)
-    empty_cache: dict[tuple[Any, ...], list[list[int]]] = field(default_factory=dict)
+    # per constraint set: workers each domain holds empty, per level, and the most any domain holds
+    empty_cache: dict[tuple[Any, ...], tuple[list[list[int]], list[int]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -358,6 +359,15 @@ class Inventory:
                     avoid: frozenset[str], gpw: int) -> list[list[int]]:
         """Per level, per domain: workers of ``gpw`` GPUs it holds with every GPU free. Static: cached
         with the topology."""
+        return self._empty(tolerations, needs_rdma, product, avoid, gpw)[0]
+
+    def _empty_most(self, tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool, product: str | None,
+                    avoid: frozenset[str], gpw: int) -> list[int]:
+        """Per level: the most workers of ``gpw`` GPUs one domain holds with every GPU free (static)."""
+        return self._empty(tolerations, needs_rdma, product, avoid, gpw)[1]
+
+    def _empty(self, tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool, product: str | None,
+               avoid: frozenset[str], gpw: int) -> tuple[list[list[int]], list[int]]:
         key = (self._eligible_key(tolerations, needs_rdma, product, avoid), gpw)
         cached = self._topo.empty_cache.get(key)
         if cached is not None:
@@ -380,8 +390,8 @@ class Inventory:
             out.append(sums)
         if len(topo.empty_cache) > 256:  # bound memory for odd callers
             topo.empty_cache.clear()
-        topo.empty_cache[key] = out
-        return out
+        entry = topo.empty_cache[key] = (out, [max(sums, default=0) for sums in out])
+        return entry
 
     @staticmethod
     def _eligible_key(tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool, product: str | None,

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from .gang import GangRequest, PlacementResult, _empty_for, fits, narrowest_level, place_gang
+from .gang import GangRequest, PlacementResult, _most_for, fits, narrowest_level, place_gang
 from .inventory import Inventory
 from .levels import CLUSTER_LEVEL, display_level
 from .queue import RunningGang, _reserve_by_end_times, _shape, queue_order
@@ -257,9 +257,9 @@ def _cheapest_clearing(inv: Inventory, req: GangRequest,
     allowed = names[: names.index(req.max_domain) + 1] if required else [*names, CLUSTER_LEVEL]
     best: tuple[int, list[_Clearing]] | None = None
     want = req.workers
-    empty = _empty_for(inv, req)
+    most = _most_for(inv, req)
     for level in allowed:
-        if level != CLUSTER_LEVEL and max(empty[names.index(level)], default=0) < want:
+        if level != CLUSTER_LEVEL and most[names.index(level)] < want:
             continue  # even empty no domain here holds the gang (a node holds one worker or more)
         # domain ids sort as their keys do (see the inventory's index), so ties still break by name
         domains: dict[int, list[_Clearing]] = {}

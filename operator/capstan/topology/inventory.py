@@ -137,6 +137,9 @@ class _Topology:
     eligible_cache: dict[tuple[Any, ...], list[bool]] = field(default_factory=dict)
     # per constraint set: workers each domain holds empty, per level, and the most any domain holds
     empty_cache: dict[tuple[Any, ...], tuple[list[list[int]], list[int]]] = field(default_factory=dict)
+    # per constraint set: the last sums summed from scratch and the usage they were summed for, so
+    # the next pass over this index (its pods counted again) derives its sums by the nodes that changed
+    room_cache: dict[tuple[Any, ...], tuple[list[int], _Room]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -218,15 +221,19 @@ class Inventory:
     node again for each.
     """
 
-    __slots__ = ("_base", "_rooms", "_topo", "_used")
+    __slots__ = ("_base", "_drift", "_rooms", "_topo", "_used")
 
-    def __init__(self, topo: _Topology, used: list[int], base: dict[Any, _Derivation] | None = None) -> None:
+    def __init__(self, topo: _Topology, used: list[int], base: dict[Any, _Derivation] | None = None,
+                 drift: int = 0) -> None:
         self._topo = topo
         self._used = used
         self._rooms: dict[Any, _Room] = {}
         # per constraint set: the last sums of an inventory this one derives from, and the usage
         # that changed since (what the sums here derive from)
         self._base = base or {}
+        # node usages changed (with repeats) since the pods were counted: a view far from them
+        # (a what-if with most nodes filled) keeps no sums for the next pass to derive from
+        self._drift = drift
 
     # -- read access ---------------------------------------------------------------------------
     @property
@@ -322,7 +329,7 @@ class Inventory:
             used[i] = changes[i] = max(0, used[i] + gpus)
             if check and used[i] > nodes[i].gpus:
                 raise ValueError(f"node {name} would have {used[i]} GPUs used of {nodes[i].gpus}")
-        return Inventory(self._topo, used, self._derive_base(changes))
+        return Inventory(self._topo, used, self._derive_base(changes), self._drift + len(changes))
 
     def _derive_base(self, changes: dict[int, int]) -> dict[Any, _Derivation]:
         # each constraint set's latest sums, here or in an inventory this one derives from, so a
@@ -350,9 +357,31 @@ class Inventory:
                     merged.update(changes)
                 room = parent[0].updated(self._topo, merged)
             else:
-                elig = self._eligible(tolerations, needs_rdma, product, avoid)
-                room = _Room.build(self._topo, self._used, elig, gpw)
+                room = self._room_from_index(key, tolerations, needs_rdma, product, avoid, gpw)
             self._rooms[key] = room
+        return room
+
+    def _room_from_index(self, key: tuple[Any, ...], tolerations: Sequence[Mapping[str, Any]],
+                         needs_rdma: bool, product: str | None, avoid: frozenset[str], gpw: int) -> _Room:
+        """Sums for an inventory that derives from none here: from the last ones the index kept
+        (another pass's) when few nodes changed since, else from scratch. Kept for the next pass
+        unless this inventory is a view far from the counted pods."""
+        topo, used = self._topo, self._used
+        kept = topo.room_cache.get(key)
+        room = None
+        if kept is not None:
+            old_used, old_room = kept
+            if old_used == used:
+                return old_room
+            changes = {i: u for i, (u, o) in enumerate(zip(used, old_used, strict=True)) if u != o}
+            if len(changes) * _DERIVE_SHARE <= len(used):
+                room = old_room.updated(topo, changes)
+        if room is None:
+            room = _Room.build(topo, used, self._eligible(tolerations, needs_rdma, product, avoid), gpw)
+        if kept is None or self._drift * _DERIVE_SHARE <= len(used):
+            if len(topo.room_cache) > 256:  # bound memory for odd callers
+                topo.room_cache.clear()
+            topo.room_cache[key] = (used, room)
         return room
 
     def _empty_room(self, tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool, product: str | None,

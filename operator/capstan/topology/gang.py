@@ -415,8 +415,7 @@ def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int
             reason += f"; {kept_off} node(s) excluded for this job after failures (status.excludedNodes)"
         return PlacementResult(req.name, False, gpus_per_worker=gpw, reason=reason)
 
-    eligible = list(compress(range(len(elig)), elig))
-    if not eligible:
+    if not any(elig):
         return out(_no_node_reason(inv, req))
     where = " with RDMA" if req.needs_rdma else ""
     biggest = max(compress(topo.alloc, elig))
@@ -428,7 +427,7 @@ def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int
         return out(f"no node{where} has {gpw} free GPUs (largest: {most_free}); waiting for GPUs to free up")
     total_cap = sum(cap)
     if total_cap < want:
-        n_fit = sum(1 for c in cap if c)
+        n_fit = len(cap) - cap.count(0)
         return out(f"needs {want * gpw} GPUs ({shape}); schedulable nodes{where} have room for "
                    f"{total_cap} worker{'s' if total_cap != 1 else ''} now ({n_fit} nodes with ≥{gpw} "
                    f"free GPUs); waiting for GPUs to free up")

@@ -218,7 +218,8 @@ class Inventory:
     return new inventories (cheap: one list copy) and leave ``self`` unchanged. Per-domain sums
     that placement computes are kept with the inventory and carried to the ones derived from it
     by the nodes that changed, so a queue pass that places gang after gang does not sum every
-    node again for each.
+    node again for each; the index keeps the last ones too, so the next pass over the same Nodes
+    (:meth:`with_pods`) derives its sums the same way.
     """
 
     __slots__ = ("_base", "_drift", "_rooms", "_topo", "_used")

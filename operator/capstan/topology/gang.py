@@ -193,9 +193,11 @@ def _best_node(topo: Any, free: list[int], dfree: list[list[int]], gpw: int) -> 
     """The node for a one-worker gang: least free GPUs left on it, then the fullest enclosing
     domains (NVLink domain, rack, ...; their free GPUs are ``dfree``), then name."""
     # list.count and list.index scan at C speed; a node's free GPUs are few distinct values
-    tightest = gpw
-    while tightest not in free:  # the caller checked that some node has room
-        tightest += 1
+    for tightest in range(gpw, max(free) + 1):  # the caller checked that some node has room
+        if tightest in free:
+            break
+    else:
+        raise AssertionError(f"no node has {gpw} free GPUs")
     if free.count(tightest) == 1:
         return free.index(tightest)
     best, i = [], -1

@@ -137,8 +137,9 @@ class _Topology:
     eligible_cache: dict[tuple[Any, ...], list[bool]] = field(default_factory=dict)
     # per constraint set: workers each domain holds empty, per level, and the most any domain holds
     empty_cache: dict[tuple[Any, ...], tuple[list[list[int]], list[int]]] = field(default_factory=dict)
-    # per constraint set: the last sums summed from scratch and the usage they were summed for, so
-    # the next pass over this index (its pods counted again) derives its sums by the nodes that changed
+    # per constraint set: the last sums an inventory close to its counted pods started from, and the
+    # usage they hold, so the next pass over this index (pods counted again) derives its sums by the
+    # nodes that changed
     room_cache: dict[tuple[Any, ...], tuple[list[int], _Room]] = field(default_factory=dict)
 
 

@@ -248,11 +248,12 @@ def releases_until_fit(inventory: Inventory, request: GangRequest,
 def _releases_until_fit(inventory: Inventory, request: GangRequest,
                         releases: Iterable[Sequence[tuple[int, int]]]) -> int | None:
     """:func:`releases_until_fit` over releases given as (node index, GPUs) pairs."""
-    _validate(inventory, request)
+    if fits(inventory, request):
+        return 0
+    if request.gpus_per_worker == 0:  # CPU workers need no GPUs: freeing some changes nothing
+        return None
     topo = inventory._topo
     gpw, want = request.gpus_per_worker, request.workers
-    if gpw == 0:  # CPU workers need no GPUs: freeing some changes nothing
-        return 0 if place_gang(inventory, request).placed else None
     room_now = _room_for(inventory, request)
     elig, dcap = room_now.elig, room_now.dcap
     nlev = len(topo.levels)
@@ -260,12 +261,10 @@ def _releases_until_fit(inventory: Inventory, request: GangRequest,
     # Preferred or None: the whole cluster is the one domain
     dom = topo.dom_of[top] if top < nlev else [0] * len(topo.nodes)
     room = list(dcap[top]) if top < nlev else [sum(dcap[-1])]
-    if max(room, default=0) >= want:
-        return 0
     used = list(inventory._used)
     alloc = topo.alloc
     for k, release in enumerate(releases, start=1):
-        fits = False
+        fits_after = False
         for i, gpus in release:
             if not elig[i]:
                 continue
@@ -279,8 +278,8 @@ def _releases_until_fit(inventory: Inventory, request: GangRequest,
             if gained:
                 d = dom[i]
                 room[d] += gained
-                fits = fits or room[d] >= want
-        if fits:  # checked once the whole release is in: a release only frees GPUs
+                fits_after = fits_after or room[d] >= want
+        if fits_after:  # checked once the whole release is in: a release only frees GPUs
             return k
     return None
 

@@ -11,6 +11,7 @@ from capstan.topology import (
     GangRequest,
     Inventory,
     MovableGang,
+    MovePolicy,
     PlacementResult,
     RunningGang,
     build_inventory,
@@ -19,7 +20,7 @@ from capstan.topology import (
     releases_until_fit,
     schedule_queue,
 )
-from capstan.topology.moves import _cheapest_clearing
+from capstan.topology.moves import _cheapest_clearing, _movers_by_node
 from capstan.topology.queue import _Releases
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -196,20 +197,24 @@ def test_nodes_to_clear_are_the_cheapest_in_the_narrowest_domain(
         inv: Inventory, workers: int, gpw: int, policy: str, max_domain: str, data: st.DataObject) -> None:
     # every busy GPU belongs to one-GPU or bigger movable gangs on its node; the choice must be
     # what a plain search over every domain of every level gives
-    by_node: dict[str, list[MovableGang]] = {}
+    movable: list[MovableGang] = []
     for n in inv.nodes:
         left, k = inv.used(n.name), 0
         while left:
             g = data.draw(st.integers(1, left))
             res = PlacementResult(f"m-{n.name}-{k}", True, [n.name], g)
-            by_node.setdefault(n.name, []).append(
-                MovableGang(GangRequest(res.name, 1, g), res, data.draw(st.sampled_from([0.0, 100.0]))))
+            since = data.draw(st.sampled_from([0.0, 100.0]))
+            movable.append(MovableGang(GangRequest(res.name, 1, g), res, since))
             left, k = left - g, k + 1
-    for gangs in by_node.values():
-        gangs.sort(key=lambda m: (m.request.total_gpus, -m.running_since, m.request.name))
+    by_index = _movers_by_node(inv, movable, 1_000.0, MovePolicy(min_run_s=0.0))
     req = GangRequest("w", workers, gpw, policy=policy, max_domain=max_domain)  # type: ignore[arg-type]
-    got = _cheapest_clearing(inv, req, by_node)
-    assert (None if got is None else [(c[0], c[1]) for c in got]) == _plain_cheapest(inv, req, by_node)
+    got = _cheapest_clearing(inv, req, by_index)
+    # the order a node is cleared in, stated again: fewest GPUs first, then the latest started
+    by_node = {inv.nodes[i].name: sorted(gangs, key=lambda m: (m.request.total_gpus, -m.running_since,
+                                                                m.request.name))
+               for i, gangs in by_index.items()}
+    assert (None if got is None else [(c[0], inv.nodes[c[1]].name) for c in got]) == _plain_cheapest(
+        inv, req, by_node)
 
 
 def _plain_cheapest(inv: Inventory, req: GangRequest,

@@ -87,7 +87,7 @@ def plan_defragmentation(inventory: Inventory, waiting: Sequence[GangRequest],
     [] when no waiting gang qualifies; at most one gang is helped per call.
     """
     pol = policy or MovePolicy()
-    by_node = _movers_by_node(movable, now, pol)
+    by_node = _movers_by_node(inventory, movable, now, pol)
     if not by_node:
         return []
     for req in queue_order(waiting):
@@ -119,7 +119,7 @@ def plan_locality_moves(inventory: Inventory, pending: Sequence[GangRequest],
     helped per call.
     """
     pol = policy or MovePolicy()
-    by_node = _movers_by_node(movable, now, pol)
+    by_node = _movers_by_node(inventory, movable, now, pol)
     if not by_node:
         return []
     congested: bool | None = None  # whether some pending gang waits for GPUs; found when needed
@@ -170,15 +170,19 @@ def _any_blocked(inv: Inventory, requests: Sequence[GangRequest]) -> bool:
     return False
 
 
-def _movers_by_node(movable: Sequence[MovableGang], now: float,
-                    pol: MovePolicy) -> dict[str, list[MovableGang]]:
-    """One-worker gangs that may move now, by the node they run on, in the order a node is cleared:
-    fewest GPUs first, then the gang running the shortest time (it has the least to lose)."""
-    by_node: dict[str, list[MovableGang]] = {}
+def _movers_by_node(inv: Inventory, movable: Sequence[MovableGang], now: float,
+                    pol: MovePolicy) -> dict[int, list[MovableGang]]:
+    """One-worker gangs that may move now, by the index of the node they run on (in ``inv``), in the
+    order a node is cleared: fewest GPUs first, then the gang running the shortest time (it has
+    the least to lose). Gangs on nodes ``inv`` does not know are left out."""
+    index = inv._topo.index
+    by_node: dict[int, list[MovableGang]] = {}
     for m in movable:
         if (m.request.workers == 1 and m.request.gpus_per_worker > 0 and len(m.result.nodes) == 1
                 and now - m.running_since >= pol.min_run_s):
-            by_node.setdefault(m.result.nodes[0], []).append(m)
+            i = index.get(m.result.nodes[0])
+            if i is not None:
+                by_node.setdefault(i, []).append(m)
     for gangs in by_node.values():
         if len(gangs) > 1:
             gangs.sort(key=lambda m: (m.request.total_gpus, -m.running_since, m.request.name))
@@ -217,28 +221,28 @@ def _destinations(inv: Inventory, movers: Sequence[MovableGang],
     return out
 
 
-# a node to clear: (GPUs to move off it, its name, the gangs to move, its index)
-_Clearing = tuple[int, str, list[MovableGang], int]
+# a node to clear: (GPUs to move off it, its index, the gangs to move); index order is name order
+_Clearing = tuple[int, int, list[MovableGang]]
 
 
 def _cheapest_clearing(inv: Inventory, req: GangRequest,
-                       by_node: Mapping[str, list[MovableGang]]) -> list[_Clearing] | None:
+                       by_node: Mapping[int, list[MovableGang]]) -> list[_Clearing] | None:
     """The nodes to clear for ``req`` (one worker each): in the narrowest level's domain where
     clearing ``req.workers`` of them moves the fewest GPUs (more than none), lowest domain first on
     ties, each domain's cheapest nodes (then by name); None when no domain qualifies."""
     gpw = req.gpus_per_worker
     elig = inv._eligible(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes)
     topo = inv._topo
-    alloc, used, nodes, mine = topo.alloc, inv._used, topo.nodes, by_node.get
+    alloc, used, mine = topo.alloc, inv._used, by_node.get
     cands: list[_Clearing] = []
     for i, (ok, a, u) in enumerate(zip(elig, alloc, used, strict=True)):
         if not ok or a < gpw:
             continue
         need = gpw - (a - u if a > u else 0)
         if need <= 0:
-            cands.append((0, nodes[i].name, [], i))
+            cands.append((0, i, []))
             continue
-        movers = mine(nodes[i].name)
+        movers = mine(i)
         if not movers:
             continue
         picked: list[MovableGang] = []
@@ -247,11 +251,11 @@ def _cheapest_clearing(inv: Inventory, req: GangRequest,
             picked.append(m)
             moved += m.request.total_gpus
             if moved >= need:
-                cands.append((moved, nodes[i].name, picked, i))
+                cands.append((moved, i, picked))
                 break
     if len(cands) < req.workers:
         return None
-    cands.sort()  # once: each domain's cheapest nodes are then its first ones met (names are unique)
+    cands.sort()  # once: each domain's cheapest nodes are then its first ones met (indices are unique)
     names = inv.levels.names
     required = req.policy == "Required"
     allowed = names[: names.index(req.max_domain) + 1] if required else [*names, CLUSTER_LEVEL]
@@ -265,7 +269,7 @@ def _cheapest_clearing(inv: Inventory, req: GangRequest,
         domains: dict[int, list[_Clearing]] = {}
         dom = None if level == CLUSTER_LEVEL else topo.dom_of[names.index(level)]
         for c in cands:
-            key = 0 if dom is None else dom[c[3]]
+            key = 0 if dom is None else dom[c[1]]
             chosen = domains.get(key)
             if chosen is None:
                 domains[key] = [c]
@@ -282,14 +286,14 @@ def _cheapest_clearing(inv: Inventory, req: GangRequest,
     return None if best is None else best[1]
 
 
-def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[str, list[MovableGang]],
+def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[int, list[MovableGang]],
                 onto: set[str] | None = None) -> list[Move]:
     """Moves that clear nodes for ``req``, cheapest in GPUs moved in the narrowest domain; [] if none.
     With ``onto`` the movers restart on those nodes where they all fit there."""
     best = _cheapest_clearing(inv, req, by_node)
     if best is None:
         return []
-    chosen_nodes = {c[1] for c in best}
+    chosen_nodes = {inv.nodes[c[1]].name for c in best}
     movers = [m for c in best for m in c[2]]
     given: dict[str, int] = {}
     for m in movers:

@@ -15,7 +15,11 @@ def dig(obj: Any, *path: Any, default: Any = None) -> Any:
     or a list writes ``dig(obj, "metadata", "labels") or {}``.
     """
     for key in path:
-        if not isinstance(obj, Mapping) or key not in obj:
+        # a plain dict (what JSON decodes to) first: the Mapping check is an ABC lookup, and this
+        # runs for every pod and node of a 10,000-node cluster on each placement pass
+        if type(obj) is not dict and not isinstance(obj, Mapping):
+            return default
+        if key not in obj:
             return default
         obj = obj[key]
     return obj

@@ -1,3 +1,7 @@
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
 from topo_fixtures import node, nvl72_cluster, pod
 
 from capstan.topology import build_inventory, parse_count, pod_gpu_request, tolerates
@@ -70,3 +74,27 @@ def test_allocate_release_are_pure() -> None:
 
     with pytest.raises(ValueError):
         after.allocate(res)
+
+
+def test_counting_pods_again_reads_only_the_ones_that_are_new_objects(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import capstan.topology.inventory as inventory
+
+    nodes = [node("n0", 8), node("n1", 8)]
+    pods = [pod("a", "n0", 2), pod("b", "n1", 4)]
+    inv = build_inventory(nodes, pods)
+    read: list[str] = []
+    real = inventory.pod_gpu_request
+
+    def counting(p: Mapping[str, Any]) -> int:
+        read.append(p["metadata"]["name"])
+        return real(p)
+
+    monkeypatch.setattr(inventory, "pod_gpu_request", counting)
+    # the watch cache hands out the same object for a pod until it changes: "b" changed (a new
+    # object asking for 8), "c" is new, "a" is the object counted before
+    again = inv.with_pods([pods[0], pod("b", "n1", 8), pod("c", "n0", 1)])
+    assert sorted(read) == ["b", "c"]
+    assert [again.free("n0"), again.free("n1")] == [5, 0]
+    fresh = build_inventory(nodes, [pods[0], pod("b", "n1", 8), pod("c", "n0", 1)])
+    assert [fresh.free("n0"), fresh.free("n1")] == [5, 0]

@@ -141,6 +141,10 @@ class _Topology:
     # usage they hold, so the next pass over this index (pods counted again) derives its sums by the
     # nodes that changed
     room_cache: dict[tuple[Any, ...], tuple[list[int], _Room]] = field(default_factory=dict)
+    # id(pod) -> (that pod, its GPU request), for the pods last counted: a watch cache hands out
+    # the same object for a pod until it changes, so the next count reads only the ones that did
+    # (the pod is held so its id cannot be reused)
+    pod_gpus: dict[int, tuple[Mapping[str, Any], int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -578,11 +582,16 @@ def _usage(topo: _Topology, pods: Iterable[Mapping[str, Any]]) -> list[int]:
     """GPUs per node held by live pods bound to it (see :func:`build_inventory`)."""
     used = [0] * len(topo.nodes)
     index = topo.index
+    seen, counted = topo.pod_gpus, {}
     for pod in pods:
         node_name = dig(pod, "spec", "nodeName")
         if not node_name or dig(pod, "status", "phase") in _TERMINAL_PHASES:
             continue
         at = index.get(node_name)
         if at is not None:
-            used[at] += pod_gpu_request(pod)
+            hit = seen.get(id(pod))
+            gpus = hit[1] if hit is not None and hit[0] is pod else pod_gpu_request(pod)
+            counted[id(pod)] = (pod, gpus)
+            used[at] += gpus
+    topo.pod_gpus = counted
     return used

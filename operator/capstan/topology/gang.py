@@ -179,14 +179,14 @@ def _room_for(inv: Inventory, req: GangRequest) -> _Room:
 
 def _most_for(inv: Inventory, req: GangRequest) -> list[int]:
     """Per level: the most of ``req``'s workers one domain holds with every GPU free (static)."""
-    return inv._empty_most(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes,
-                           req.gpus_per_worker)
+    return inv._empty(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes,
+                      req.gpus_per_worker)[1]
 
 
 def _empty_for(inv: Inventory, req: GangRequest) -> list[list[int]]:
     """Per level, per domain: ``req``'s workers it holds with every GPU free (static)."""
-    return inv._empty_room(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes,
-                           req.gpus_per_worker)
+    return inv._empty(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes,
+                      req.gpus_per_worker)[0]
 
 
 def _best_node(topo: Any, free: list[int], dfree: list[list[int]], gpw: int) -> int:

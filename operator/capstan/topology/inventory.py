@@ -117,7 +117,9 @@ class NodeInfo:
 
 @dataclass(kw_only=True)
 class _Topology:
-    """Static, shared index of nodes and domains; never mutated after build."""
+    """Static, shared index of nodes and domains; never mutated after build, but for the caches
+    below (each entry is computed from the index and what it is keyed by, so a stale one is never
+    read)."""
 
     levels: TopologyLevels
     nodes: tuple[NodeInfo, ...]
@@ -390,19 +392,10 @@ class Inventory:
             topo.room_cache[key] = (used, room)
         return room
 
-    def _empty_room(self, tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool, product: str | None,
-                    avoid: frozenset[str], gpw: int) -> list[list[int]]:
-        """Per level, per domain: workers of ``gpw`` GPUs it holds with every GPU free. Static: cached
-        with the topology."""
-        return self._empty(tolerations, needs_rdma, product, avoid, gpw)[0]
-
-    def _empty_most(self, tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool, product: str | None,
-                    avoid: frozenset[str], gpw: int) -> list[int]:
-        """Per level: the most workers of ``gpw`` GPUs one domain holds with every GPU free (static)."""
-        return self._empty(tolerations, needs_rdma, product, avoid, gpw)[1]
-
     def _empty(self, tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool, product: str | None,
                avoid: frozenset[str], gpw: int) -> tuple[list[list[int]], list[int]]:
+        """Per level, per domain: workers of ``gpw`` GPUs it holds with every GPU free; and per
+        level, the most one domain holds. Static: cached with the topology."""
         key = (self._eligible_key(tolerations, needs_rdma, product, avoid), gpw)
         cached = self._topo.empty_cache.get(key)
         if cached is not None:

@@ -147,6 +147,18 @@ class _Topology:
     # the same object for a pod until it changes, so the next count reads only the ones that did
     # (the pod is held so its id cannot be reused)
     pod_gpus: dict[int, tuple[Mapping[str, Any], int]] = field(default_factory=dict)
+    # per level: node indices of each domain, in index order; built when first asked for
+    members_cache: dict[int, list[list[int]]] = field(default_factory=dict)
+
+    def members(self, li: int) -> list[list[int]]:
+        """Node indices (in index order) of each domain of level ``li``."""
+        out = self.members_cache.get(li)
+        if out is None:
+            out = [[] for _ in self.dom_keys[li]]
+            for i, d in enumerate(self.dom_of[li]):
+                out[d].append(i)
+            self.members_cache[li] = out
+        return out
 
 
 @dataclass(frozen=True)

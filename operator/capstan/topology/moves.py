@@ -123,7 +123,7 @@ def plan_locality_moves(inventory: Inventory, pending: Sequence[GangRequest],
     if not by_node:
         return []
     congested: bool | None = None  # whether some pending gang waits for GPUs; found when needed
-    gangs = {m.request.name: m for m in movable}
+    gangs: dict[str, MovableGang] = {}  # by name, built when some moves are costed
     levels = inventory.levels
     tried: set[tuple[object, ...]] = set()  # shapes with no paying moves: same answer this call
     for req in queue_order(pending):
@@ -151,6 +151,8 @@ def plan_locality_moves(inventory: Inventory, pending: Sequence[GangRequest],
                 congested = _any_blocked(inventory, pending)
             moves = _clear_room(inventory, replace(req, policy="Required", max_domain=level), by_node,
                                 onto=set(now_res.nodes) if congested else None)
+            if moves and not gangs:
+                gangs = {m.request.name: m for m in movable}
             if moves and sum(pol.cost_gpu_s(gangs[mv.gang], now) for mv in moves) < gain:
                 why = (f"making room for {req.name} in one {display_level(level)} (placed now it would "
                        f"span a {display_level(spread)} and run slower)")
@@ -175,14 +177,19 @@ def _movers_by_node(inv: Inventory, movable: Sequence[MovableGang], now: float,
     """One-worker gangs that may move now, by the index of the node they run on (in ``inv``), in the
     order a node is cleared: fewest GPUs first, then the gang running the shortest time (it has
     the least to lose). Gangs on nodes ``inv`` does not know are left out."""
-    index = inv._topo.index
+    get, min_run = inv._topo.index.get, pol.min_run_s
     by_node: dict[int, list[MovableGang]] = {}
     for m in movable:
-        if (m.request.workers == 1 and m.request.gpus_per_worker > 0 and len(m.result.nodes) == 1
-                and now - m.running_since >= pol.min_run_s):
-            i = index.get(m.result.nodes[0])
+        req, nodes = m.request, m.result.nodes
+        if (req.workers == 1 and req.gpus_per_worker > 0 and len(nodes) == 1
+                and now - m.running_since >= min_run):
+            i = get(nodes[0])
             if i is not None:
-                by_node.setdefault(i, []).append(m)
+                here = by_node.get(i)
+                if here is None:
+                    by_node[i] = [m]
+                else:
+                    here.append(m)
     for gangs in by_node.values():
         if len(gangs) > 1:
             gangs.sort(key=lambda m: (m.request.total_gpus, -m.running_since, m.request.name))
@@ -230,60 +237,65 @@ def _cheapest_clearing(inv: Inventory, req: GangRequest,
     """The nodes to clear for ``req`` (one worker each): in the narrowest level's domain where
     clearing ``req.workers`` of them moves the fewest GPUs (more than none), lowest domain first on
     ties, each domain's cheapest nodes (then by name); None when no domain qualifies."""
-    gpw = req.gpus_per_worker
+    gpw, want = req.gpus_per_worker, req.workers
     elig = inv._eligible(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes)
     topo = inv._topo
     alloc, used, mine = topo.alloc, inv._used, by_node.get
-    cands: list[_Clearing] = []
-    for i, (ok, a, u) in enumerate(zip(elig, alloc, used, strict=True)):
-        if not ok or a < gpw:
-            continue
-        need = gpw - (a - u if a > u else 0)
-        if need <= 0:
-            cands.append((0, i, []))
-            continue
-        movers = mine(i)
-        if not movers:
-            continue
-        picked: list[MovableGang] = []
-        moved = 0
-        for m in movers:  # in the order a node is cleared
-            picked.append(m)
-            moved += m.request.total_gpus
-            if moved >= need:
-                cands.append((moved, i, picked))
-                break
-    if len(cands) < req.workers:
-        return None
-    cands.sort()  # once: each domain's cheapest nodes are then its first ones met (indices are unique)
+
+    def clearings(members: Sequence[int]) -> list[_Clearing]:
+        # each node that can take a worker once cleared: what clearing it moves, cheapest first
+        out: list[_Clearing] = []
+        for i in members:
+            a = alloc[i]
+            if a < gpw or not elig[i]:
+                continue
+            u = used[i]
+            need = gpw - (a - u if a > u else 0)
+            if need <= 0:
+                out.append((0, i, []))
+                continue
+            movers = mine(i)
+            if not movers:
+                continue
+            moved = 0
+            for k, m in enumerate(movers):  # in the order a node is cleared
+                moved += m.request.total_gpus
+                if moved >= need:
+                    out.append((moved, i, movers[: k + 1]))
+                    break
+        out.sort()  # indices are unique: by GPUs moved, then by name
+        return out
+
     names = inv.levels.names
     required = req.policy == "Required"
     allowed = names[: names.index(req.max_domain) + 1] if required else [*names, CLUSTER_LEVEL]
-    best: tuple[int, list[_Clearing]] | None = None
-    want = req.workers
     most = _most_for(inv, req)
+    room = inv._room(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes, gpw)
     for level in allowed:
-        if level != CLUSTER_LEVEL and most[names.index(level)] < want:
-            continue  # even empty no domain here holds the gang (a node holds one worker or more)
-        # domain ids sort as their keys do (see the inventory's index), so ties still break by name
-        domains: dict[int, list[_Clearing]] = {}
-        dom = None if level == CLUSTER_LEVEL else topo.dom_of[names.index(level)]
-        for c in cands:
-            key = 0 if dom is None else dom[c[1]]
-            chosen = domains.get(key)
-            if chosen is None:
-                domains[key] = [c]
-            elif len(chosen) < want:
-                chosen.append(c)
-        for key in sorted(domains):
-            chosen = domains[key]
+        if level == CLUSTER_LEVEL:
+            domains: list[tuple[int, int, Sequence[int]]] = [(1, 0, range(len(alloc)))]
+        else:
+            li = names.index(level)
+            if most[li] < want:
+                continue  # even empty no domain here holds the gang (a node holds one worker or more)
+            # a domain moves at least the GPUs its workers need beyond the free ones it has
+            # (and more than none): look at domains from that bound up, and stop once it passes
+            # the cheapest found; domain ids sort as their keys do, so ties still break by name
+            domains = sorted((max(1, want * gpw - free), d, nodes) for d, (free, nodes)
+                             in enumerate(zip(room.dfree[li], topo.members(li), strict=True))
+                             if len(nodes) >= want)
+        best: tuple[int, int, list[_Clearing]] | None = None
+        for bound, d, nodes in domains:
+            if best is not None and bound > best[0]:
+                break
+            chosen = clearings(nodes)[:want]
             if len(chosen) == want:
                 cost = sum(c[0] for c in chosen)
-                if cost and (best is None or cost < best[0]):
-                    best = (cost, chosen)
+                if cost and (best is None or (cost, d) < best[:2]):
+                    best = (cost, d, chosen)
         if best is not None:
-            break
-    return None if best is None else best[1]
+            return best[2]
+    return None
 
 
 def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[int, list[MovableGang]],

@@ -401,10 +401,20 @@ class _Releases:
 
     def __init__(self, running: Iterable[RunningGang]) -> None:
         gangs = list(running)
-        # position breaks ties: the order a stable sort by the key alone gives
-        keyed = sorted((_end_key(r), k) for k, r in enumerate(gangs))
-        self.order = [gangs[k] for _, k in keyed]
-        self.keys = [key for key, _ in keyed]
+        ends = [r.expected_end or 0.0 for r in gangs]
+        # by end alone (floats sort fast), stable, then each run of equal ends by the rest of the
+        # key: the order a stable sort by the whole key gives, the position breaking full ties
+        at = sorted(range(len(gangs)), key=ends.__getitem__)
+        k = 0
+        while k < len(at) - 1:
+            end, j = ends[at[k]], k + 1
+            while j < len(at) and ends[at[j]] == end:
+                j += 1
+            if j - k > 1:
+                at[k:j] = sorted(at[k:j], key=lambda p: (_end_key(gangs[p]), p))
+            k = j
+        self.order = [gangs[p] for p in at]
+        self.ends = [ends[p] for p in at]  # expected ends in order (0.0 where unknown), for bisection
         self._deltas: list[dict[str, int] | None] = [None] * len(self.order)  # built as a sweep needs them
         # the same as (node index, GPUs) pairs for one topology's index, built as a sweep needs them
         self._pairs: list[list[tuple[int, int]] | None] = [None] * len(self.order)
@@ -414,9 +424,12 @@ class _Releases:
     def add(self, gang: RunningGang) -> None:
         """Count a gang started this pass."""
         key = _end_key(gang)
-        at = bisect.bisect_right(self.keys, key)
+        lo = bisect.bisect_left(self.ends, key[0])
+        hi = bisect.bisect_right(self.ends, key[0], lo)
+        # after every gang with an equal or lower key, as inserting into the fully keyed order
+        at = lo + sum(1 for k in range(lo, hi) if _end_key(self.order[k]) <= key)
         self.order.insert(at, gang)
-        self.keys.insert(at, key)
+        self.ends.insert(at, key[0])
         self._deltas.insert(at, None)
         self._pairs.insert(at, None)
         self.unknown_end = self.unknown_end or gang.expected_end is None
@@ -447,7 +460,7 @@ class _Releases:
         if before is not None:
             # the sweep need not look past gangs that end too late to count; the margin keeps a
             # caller's own float test (end - now < limit) the judge of ends right at the bound
-            pairs = itertools.islice(pairs, bisect.bisect_left(self.keys, (before + _BOUND_MARGIN_S,)))
+            pairs = itertools.islice(pairs, bisect.bisect_left(self.ends, before + _BOUND_MARGIN_S))
         k = _releases_until_fit(inv, req, pairs)
         return None if k is None or not self.order else max(k, 1)
 

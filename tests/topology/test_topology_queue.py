@@ -247,3 +247,13 @@ def test_a_gang_waiting_for_locality_says_which_domain_it_waits_for() -> None:
     placed = schedule_queue(inv.release(running[0].result), [req], running=running[1:], now=200,
                             locality_slowdown=SLOWDOWN)
     assert placed[0].waits_for is None and placed[0].wanted() == req
+
+
+def test_a_gang_kept_off_nodes_that_does_not_fit_does_not_hold_back_one_of_the_same_shape() -> None:
+    # two free nodes; the first gang's job is kept off one of them after failures
+    inv = build_inventory(hgx_cluster(blocks=1, racks=1, nodes_per_rack=2), [pod("x", "b0-r0-n1", 8)])
+    queue = [GangRequest("kept-off", 1, 8, submitted=1, avoid_nodes=frozenset({"b0-r0-n0"})),
+             GangRequest("plain", 1, 8, submitted=2)]
+    out = {d.name: d for d in schedule_queue(inv, queue, reserve_after_s=3600.0, now=10.0)}
+    assert not out["kept-off"].placed and "excluded for this job" in out["kept-off"].reason
+    assert out["plain"].placed and out["plain"].result.nodes == ["b0-r0-n0"]

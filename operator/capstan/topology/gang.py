@@ -435,7 +435,13 @@ def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int
     assert dcap is not None and dfree is not None and top is not None
     lv = topo.levels.levels[top]
     label = display_level(lv.name)
-    best = max(range(len(dcap[top])), key=lambda d: (dcap[top][d], dfree[top][d], -d))
+    # the domain with the most room, then the most free GPUs, then the lowest id (at C speed first)
+    dc, dfr = dcap[top], dfree[top]
+    roomiest = max(dc)
+    best = dc.index(roomiest)
+    if dc.count(roomiest) > 1:
+        tied = [d for d, c in enumerate(dc) if c == roomiest]
+        best = max(tied, key=lambda d: (dfr[d], -d))
     msg = (f"needs {want * gpw} GPUs ({shape}) within one {label}; the largest free {label} "
            f"has {dfree[top][best]} free GPUs")
     if dcap[top][best] * gpw != dfree[top][best]:

@@ -202,9 +202,12 @@ class _Room:
     def updated(self, topo: _Topology, changes: Mapping[int, int]) -> _Room:
         """The same sums after node usage changed to ``changes`` (node index -> GPUs used)."""
         free, cap = list(self.free), list(self.cap)
-        dcap = [list(c) for c in self.dcap]
-        dfree = [list(f) for f in self.dfree]
-        alloc, elig, gpw, nlev = topo.alloc, self.elig, self.gpw, len(topo.levels)
+        alloc, elig, gpw = topo.alloc, self.elig, self.gpw
+        # per node: the narrowest level's sums at once, and each wider level's summed per domain
+        # below it first (domains nest), so a change to many nodes costs one step per node
+        dom, up_dom = topo.dom_of[0], topo.dom_of[1] if len(topo.levels) > 1 else None
+        dfree0, dcap0 = list(self.dfree[0]), list(self.dcap[0])
+        moved: dict[int, tuple[int, int]] = {}  # level-1 domain -> (free GPUs, room) gained
         for i, used in changes.items():
             if not elig[i]:
                 continue
@@ -216,10 +219,28 @@ class _Room:
             nc = nf // gpw
             dc = nc - cap[i]
             free[i], cap[i] = nf, nc
-            for li in range(nlev):
-                d = topo.dom_of[li][i]
-                dfree[li][d] += df
-                dcap[li][d] += dc
+            d = dom[i]
+            dfree0[d] += df
+            dcap0[d] += dc
+            if up_dom is not None:
+                u = up_dom[i]
+                got = moved.get(u)
+                moved[u] = (df, dc) if got is None else (got[0] + df, got[1] + dc)
+        dfree, dcap = [dfree0], [dcap0]
+        for li in range(1, len(topo.levels)):
+            f, c = list(self.dfree[li]), list(self.dcap[li])
+            parent = topo.parent[li] if li + 1 < len(topo.levels) else None
+            above: dict[int, tuple[int, int]] = {}
+            for d, (df, dc) in moved.items():
+                f[d] += df
+                c[d] += dc
+                if parent is not None:
+                    p = parent[d]
+                    got = above.get(p)
+                    above[p] = (df, dc) if got is None else (got[0] + df, got[1] + dc)
+            dfree.append(f)
+            dcap.append(c)
+            moved = above
         return _Room(elig, gpw, free, cap, dcap, dfree)
 
 

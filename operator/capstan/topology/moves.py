@@ -130,7 +130,7 @@ def plan_locality_moves(inventory: Inventory, pending: Sequence[GangRequest],
         dur = req.expected_duration_s
         if req.policy != "Preferred" or req.workers < 2 or req.gpus_per_worker == 0 or not dur:
             continue
-        shape = (_shape(req), req.avoid_nodes, dur)
+        shape = (_shape(req), dur)
         if shape in tried:
             continue
         tried.add(shape)

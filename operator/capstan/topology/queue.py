@@ -178,7 +178,16 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
     cost_based = locality_slowdown is not None
     # gangs started this pass hold GPUs too: the cost-based wait must see when they end
     known_ends = all(r.expected_end is not None for r in running)
-    live = _Releases(running) if cost_based and known_ends else None
+    # running gangs by expected end, sorted once: the live view adds the gangs started here, the
+    # head's reservation releases only the ones running before the pass
+    ended: list[_Releases] = []  # built when first needed
+
+    def by_end() -> _Releases:
+        if not ended:
+            ended.append(_Releases(running))
+        return ended[0]
+
+    live = by_end().copy() if cost_based and known_ends else None
 
     def start(shown: GangRequest, req: GangRequest, res: PlacementResult) -> None:
         # every start takes its GPUs from the open view and, past a reserved head, the masked one
@@ -251,6 +260,7 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
                 decisions.append(Decision(req, res))  # not waited long enough to hold others back
                 continue
             head = _reserve(inventory, inv, req, running, previous=reservation,
+                            releases=by_end() if running and known_ends else None,
                             parent_tiebreak=parent_tiebreak, fragmentation_aware=fragmentation_aware)
             if (guard_by_wait and reserve_after_s > 0 and head is not None and head.shadow_time is not None
                     and waited < head.shadow_time - now
@@ -348,24 +358,26 @@ def _waiting(req: GangRequest, reason: str) -> PlacementResult:
 
 
 def _shape(req: GangRequest) -> object:
+    """What placing ``req`` depends on: equal shapes place alike (names aside)."""
     return (req.workers, req.gpus_per_worker, req.policy, req.max_domain, req.needs_rdma,
-            req.gpu_product, _freeze(req.tolerations))
+            req.gpu_product, _freeze(req.tolerations), req.avoid_nodes)
 
 
 def _reserve(start: Inventory, inv: Inventory, head: GangRequest, running: Sequence[RunningGang], *,
-             previous: Reservation | None, parent_tiebreak: bool,
-             fragmentation_aware: bool = True) -> Reservation | None:
+             previous: Reservation | None, parent_tiebreak: bool, fragmentation_aware: bool = True,
+             releases: _Releases | None = None) -> Reservation | None:
     """The head's reservation: the previous one while still usable, else the soonest placement.
 
+    ``releases``: ``running`` already in order of expected end (given when every end is known).
     Returns None only if the head cannot fit even on an idle cluster (it blocks nobody then).
     """
-    known = bool(running) and all(r.expected_end is not None for r in running)
+    known = releases is not None or (bool(running) and all(r.expected_end is not None for r in running))
     if previous is not None and previous.head == head.name and _still_usable(start, head, previous):
         if known:
             # limits are upper bounds and backfill onto reserved GPUs ends by the shadow time, so a
             # fresh soonest slot is never later than the kept one; move only when it is earlier
             # (gangs ended before their limits) or equally soon with fewer idle GPUs held
-            rsv = _reserve_by_end_times(inv, head, running, parent_tiebreak, fragmentation_aware)
+            rsv = _reserve_by_end_times(inv, head, running, parent_tiebreak, fragmentation_aware, releases)
             if (rsv is not None and rsv.shadow_time is not None and previous.shadow_time is not None
                     and (rsv.shadow_time, _idle_held(inv, rsv))
                     < (previous.shadow_time, _idle_held(inv, previous))):
@@ -377,7 +389,7 @@ def _reserve(start: Inventory, inv: Inventory, head: GangRequest, running: Seque
         held = sum(max(0, g - inv.free(n)) for n, g in previous.gpus_by_node().items())
         return Reservation(head.name, res, None) if res.placed and missing < held else previous
     if known:
-        rsv = _reserve_by_end_times(inv, head, running, parent_tiebreak, fragmentation_aware)
+        rsv = _reserve_by_end_times(inv, head, running, parent_tiebreak, fragmentation_aware, releases)
         if rsv is not None:
             return rsv
     res, _ = place_when_freed(inv, head)
@@ -401,7 +413,8 @@ class _Releases:
 
     def __init__(self, running: Iterable[RunningGang]) -> None:
         gangs = list(running)
-        ends = [r.expected_end or 0.0 for r in gangs]
+        raw = [r.expected_end for r in gangs]
+        ends = [e or 0.0 for e in raw]
         # by end alone (floats sort fast), stable, then each run of equal ends by the rest of the
         # key: the order a stable sort by the whole key gives, the position breaking full ties
         at = sorted(range(len(gangs)), key=ends.__getitem__)
@@ -419,7 +432,15 @@ class _Releases:
         # the same as (node index, GPUs) pairs for one topology's index, built as a sweep needs them
         self._pairs: list[list[tuple[int, int]] | None] = [None] * len(self.order)
         self._pairs_index: dict[str, int] | None = None
-        self.unknown_end = any(r.expected_end is None for r in self.order)
+        self.unknown_end = None in raw
+
+    def copy(self) -> _Releases:
+        """The same releases, to add to without changing these."""
+        out = _Releases(())
+        out.order, out.ends = list(self.order), list(self.ends)
+        out._deltas, out._pairs, out._pairs_index = list(self._deltas), list(self._pairs), self._pairs_index
+        out.unknown_end = self.unknown_end
+        return out
 
     def add(self, gang: RunningGang) -> None:
         """Count a gang started this pass."""
@@ -476,9 +497,13 @@ def _giveback(gang: RunningGang) -> dict[str, int]:
 
 
 def _reserve_by_end_times(inv: Inventory, head: GangRequest, running: Sequence[RunningGang],
-                          parent_tiebreak: bool, fragmentation_aware: bool = True) -> Reservation | None:
-    """Release running gangs in order of expected end until the head fits: the soonest slot."""
-    releases = _Releases(running)
+                          parent_tiebreak: bool, fragmentation_aware: bool = True,
+                          releases: _Releases | None = None) -> Reservation | None:
+    """Release running gangs in order of expected end until the head fits: the soonest slot.
+
+    ``releases``: ``running`` already in that order, when the caller has it."""
+    if releases is None:
+        releases = _Releases(running)
     order = releases.order
 
     def after(k: int) -> Inventory:

@@ -183,23 +183,16 @@ def _most_for(inv: Inventory, req: GangRequest) -> list[int]:
                       req.gpus_per_worker)[1]
 
 
-def _empty_for(inv: Inventory, req: GangRequest) -> list[list[int]]:
-    """Per level, per domain: ``req``'s workers it holds with every GPU free (static)."""
-    return inv._empty(req.tolerations, req.needs_rdma, req.gpu_product, req.avoid_nodes,
-                      req.gpus_per_worker)[0]
-
-
 def _best_node(topo: Any, free: list[int], dfree: list[list[int]], gpw: int) -> int:
     """The node for a one-worker gang: least free GPUs left on it, then the fullest enclosing
     domains (NVLink domain, rack, ...; their free GPUs are ``dfree``), then name."""
-    # list.count and list.index scan at C speed; a node's free GPUs are few distinct values
-    for tightest in range(gpw, max(free) + 1):  # the caller checked that some node has room
+    # `in` and list.index scan at C speed; a node's free GPUs are few distinct values, and no node
+    # has more free than the most any node has allocatable
+    for tightest in range(gpw, topo.most_alloc + 1):  # the caller checked that some node has room
         if tightest in free:
             break
     else:
         raise AssertionError(f"no node has {gpw} free GPUs")
-    if free.count(tightest) == 1:
-        return free.index(tightest)
     best, i = [], -1
     try:
         while True:
@@ -207,9 +200,12 @@ def _best_node(topo: Any, free: list[int], dfree: list[list[int]], gpw: int) -> 
             best.append(i)
     except ValueError:
         pass
+    n_nodes = len(free)
     for dom, df in zip(topo.dom_of, dfree, strict=True):  # narrowest level first, as the key reads
         if len(best) == 1:
             break
+        if len(df) == n_nodes:
+            continue  # one node a domain: each holds the node's free GPUs, the same for every one here
         vals = [df[dom[i]] for i in best]
         low = min(vals)
         best = [i for i, v in zip(best, vals, strict=True) if v == low]
@@ -419,14 +415,15 @@ def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int
     if not any(elig):
         return out(_no_node_reason(inv, req))
     where = " with RDMA" if req.needs_rdma else ""
-    biggest = max(compress(topo.alloc, elig))
-    if biggest < gpw:
+    # the scans that only name a figure run only when their test fails: a node holds a worker
+    # empty (now) exactly when its allocatable (free) GPUs are gpw or more
+    if not _most_for(inv, req)[-1]:
+        biggest = max(compress(topo.alloc, elig))
         return out(f"no schedulable node{where} has {gpw} GPUs allocatable (largest: {biggest}); "
                    f"lower gpusPerWorker")
-    most_free = max(free)
-    if most_free < gpw:
-        return out(f"no node{where} has {gpw} free GPUs (largest: {most_free}); waiting for GPUs to free up")
     total_cap = sum(cap)
+    if not total_cap:
+        return out(f"no node{where} has {gpw} free GPUs (largest: {max(free)}); waiting for GPUs to free up")
     if total_cap < want:
         n_fit = len(cap) - cap.count(0)
         return out(f"needs {want * gpw} GPUs ({shape}); schedulable nodes{where} have room for "
@@ -447,9 +444,9 @@ def _unplaced(inv: Inventory, req: GangRequest, elig: list[bool], free: list[int
     if dcap[top][best] * gpw != dfree[top][best]:
         msg += f" (room for {dcap[top][best]} worker{'s' if dcap[top][best] != 1 else ''})"
     # would it ever fit? capacity of each domain with nothing running
-    empty = _empty_for(inv, req)[top]
-    if max(empty) < want:
-        msg += (f"; even empty, no {label} holds {want} such workers (max {max(empty)}): "
+    most_empty = _most_for(inv, req)[top]
+    if most_empty < want:
+        msg += (f"; even empty, no {label} holds {want} such workers (max {most_empty}): "
                 f"raise maxDomain above {lv.name} or use policy Preferred")
     else:
         msg += "; waiting for GPUs to free up"

@@ -135,6 +135,10 @@ class _Topology:
     # parent[level][domain] -> domain id one level up (levels below the widest only)
     parent: list[list[int]]
     alloc: list[int]  # allocatable GPUs per node, for hot loops
+    most_alloc: int  # the most GPUs one node has allocatable (0 with none)
+    # whether the narrowest level's domains are the nodes themselves, in index order (no node has
+    # a clique label): that level's sums are then the per-node lists, shared rather than copied
+    node_domains: bool
     not_ready: tuple[str, ...]
     eligible_cache: dict[tuple[Any, ...], list[bool]] = field(default_factory=dict)
     # per constraint set: workers each domain holds empty, per level, and the most any domain holds
@@ -178,15 +182,18 @@ class _Room:
         """Sum from scratch: one pass over the nodes with free GPUs, then up the levels."""
         free = [a - u if e and a > u else 0 for a, u, e in zip(topo.alloc, used, elig, strict=True)]
         cap = [f // gpw for f in free]
-        dom = topo.dom_of[0]
-        c = [0] * len(topo.dom_keys[0])
-        f = [0] * len(topo.dom_keys[0])
-        for i, fi in enumerate(free):
-            if fi:
-                d = dom[i]
-                c[d] += cap[i]
-                f[d] += fi
-        dcap, dfree = [c], [f]
+        if topo.node_domains:
+            dcap, dfree = [cap], [free]
+        else:
+            dom = topo.dom_of[0]
+            c = [0] * len(topo.dom_keys[0])
+            f = [0] * len(topo.dom_keys[0])
+            for i, fi in enumerate(free):
+                if fi:
+                    d = dom[i]
+                    c[d] += cap[i]
+                    f[d] += fi
+            dcap, dfree = [c], [f]
         for li in range(1, len(topo.levels)):  # each level from the one below: domains nest
             up = topo.parent[li - 1]
             c = [0] * len(topo.dom_keys[li])
@@ -206,7 +213,8 @@ class _Room:
         # per node: the narrowest level's sums at once, and each wider level's summed per domain
         # below it first (domains nest), so a change to many nodes costs one step per node
         dom, up_dom = topo.dom_of[0], topo.dom_of[1] if len(topo.levels) > 1 else None
-        dfree0, dcap0 = list(self.dfree[0]), list(self.dcap[0])
+        shared = topo.node_domains
+        dfree0, dcap0 = (free, cap) if shared else (list(self.dfree[0]), list(self.dcap[0]))
         moved: dict[int, tuple[int, int]] = {}  # level-1 domain -> (free GPUs, room) gained
         for i, used in changes.items():
             if not elig[i]:
@@ -219,9 +227,10 @@ class _Room:
             nc = nf // gpw
             dc = nc - cap[i]
             free[i], cap[i] = nf, nc
-            d = dom[i]
-            dfree0[d] += df
-            dcap0[d] += dc
+            if not shared:
+                d = dom[i]
+                dfree0[d] += df
+                dcap0[d] += dc
             if up_dom is not None:
                 u = up_dom[i]
                 got = moved.get(u)
@@ -599,6 +608,8 @@ def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[s
         children=children,
         parent=parent,
         alloc=[n.gpus for n in infos],
+        most_alloc=max((n.gpus for n in infos), default=0),
+        node_domains=dom_of[0] == list(range(len(infos))),
         not_ready=tuple(sorted(not_ready)),
     )
     return Inventory(topo, _usage(topo, pods))

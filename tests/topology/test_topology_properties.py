@@ -1,6 +1,7 @@
 """Property tests: capacity is never overcommitted, gangs are whole, Required holds, heads don't starve."""
 
 from dataclasses import replace
+from typing import Any
 
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
@@ -264,3 +265,40 @@ def test_a_bounded_sweep_answers_as_the_full_one_before_its_bound(
         assert bounded == full
     else:
         assert bounded is None or bounded >= before
+
+
+TAINTS = [{"key": "gpu", "value": "a100", "effect": "NoSchedule"},
+          {"key": "maint", "value": "", "effect": "NoExecute"},
+          {"key": "soft", "value": "", "effect": "PreferNoSchedule"}]
+
+
+@FAST
+@given(data=st.data())
+def test_eligibility_is_each_nodes_own_test(data: st.DataObject) -> None:
+    # eligibility is built from lists kept with the index; it must say per node what the rules say
+    n = data.draw(st.integers(1, 16))
+    nodes = [node(f"n{i:02d}", 8, cordoned=data.draw(st.booleans()), rdma=data.draw(st.booleans()),
+                  product=data.draw(st.sampled_from(["H100", "A100"])),
+                  taints=data.draw(st.lists(st.sampled_from(TAINTS), max_size=2,
+                                            unique_by=lambda t: t["key"])))
+             for i in range(n)]
+    inv = build_inventory(nodes)
+    tolerations = data.draw(st.sampled_from([(), ({"key": "gpu", "operator": "Exists"},),
+                                             ({"operator": "Exists"},)]))
+    needs_rdma = data.draw(st.booleans())
+    product = data.draw(st.sampled_from([None, "H100", "A100"]))
+    avoid = frozenset(data.draw(st.lists(st.sampled_from([f"n{i:02d}" for i in range(n)] + ["gone"]))))
+
+    def allowed(raw: dict[str, Any]) -> bool:
+        spec, meta = raw["spec"], raw["metadata"]
+        hard = [t for t in spec.get("taints") or [] if t["effect"] in ("NoSchedule", "NoExecute")]
+        tolerated = all(any(tol.get("operator") == "Exists" and tol.get("key") in (None, t["key"])
+                            for tol in tolerations) for t in hard)
+        has_rdma = any(k.startswith("rdma/") for k in raw["status"]["allocatable"])
+        return (not spec.get("unschedulable") and (has_rdma or not needs_rdma)
+                and product in (None, meta["labels"]["nvidia.com/gpu.product"])
+                and meta["name"] not in avoid and tolerated)
+
+    by_name = {raw["metadata"]["name"]: raw for raw in nodes}
+    got = inv._eligible(tolerations, needs_rdma, product, avoid)
+    assert got == [allowed(by_name[info.name]) for info in inv.nodes]

@@ -356,7 +356,7 @@ def _span(inv: Inventory, idx: list[int]) -> tuple[str, str, str]:
     for li, lv in enumerate(topo.levels):
         dom = topo.dom_of[li]
         first = dom[idx[0]]
-        if all(dom[i] == first for i in idx):
+        if len(idx) == 1 or len(set(map(dom.__getitem__, idx))) == 1:  # C speed for a big gang
             return lv.name, topo.dom_values[li][first], topo.dom_keys[li][first]
     return CLUSTER_LEVEL, "", ""
 

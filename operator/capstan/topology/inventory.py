@@ -139,6 +139,8 @@ class _Topology:
     # whether the narrowest level's domains are the nodes themselves, in index order (no node has
     # a clique label): that level's sums are then the per-node lists, shared rather than copied
     node_domains: bool
+    uncordoned: list[bool]  # per node, for eligibility at C speed
+    tainted: list[int]  # indices of the nodes with a hard taint
     not_ready: tuple[str, ...]
     eligible_cache: dict[tuple[Any, ...], list[bool]] = field(default_factory=dict)
     # per constraint set: workers each domain holds empty, per level, and the most any domain holds
@@ -478,17 +480,25 @@ class Inventory:
         cached = self._topo.eligible_cache.get(key)
         if cached is not None:
             return cached
+        topo = self._topo
+        nodes = topo.nodes
+        out = list(topo.uncordoned)
+        if needs_rdma:
+            out = [ok and n.rdma for ok, n in zip(out, nodes, strict=True)]
+        if product is not None:
+            out = [ok and n.product == product for ok, n in zip(out, nodes, strict=True)]
+        for name in avoid:
+            i = topo.index.get(name)
+            if i is not None:
+                out[i] = False
         ok_by_taints: dict[tuple[Taint, ...], bool] = {}
-        out = []
-        for n in self._topo.nodes:
-            ok = (not n.cordoned and (n.rdma or not needs_rdma) and (product is None or n.product == product)
-                  and n.name not in avoid)
-            if ok and n.taints:
-                t_ok = ok_by_taints.get(n.taints)
+        for i in topo.tainted:
+            if out[i]:
+                taints = nodes[i].taints
+                t_ok = ok_by_taints.get(taints)
                 if t_ok is None:
-                    t_ok = ok_by_taints[n.taints] = all(tolerates(tolerations, t) for t in n.taints)
-                ok = t_ok
-            out.append(ok)
+                    t_ok = ok_by_taints[taints] = all(tolerates(tolerations, t) for t in taints)
+                out[i] = t_ok
         if len(self._topo.eligible_cache) > 256:  # bound memory for odd callers
             self._topo.eligible_cache.clear()
         self._topo.eligible_cache[key] = out
@@ -610,6 +620,8 @@ def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[s
         alloc=[n.gpus for n in infos],
         most_alloc=max((n.gpus for n in infos), default=0),
         node_domains=dom_of[0] == list(range(len(infos))),
+        uncordoned=[not n.cordoned for n in infos],
+        tainted=[i for i, n in enumerate(infos) if n.taints],
         not_ready=tuple(sorted(not_ready)),
     )
     return Inventory(topo, _usage(topo, pods))

@@ -95,9 +95,9 @@ def plan_defragmentation(inventory: Inventory, waiting: Sequence[GangRequest],
             continue
         if fits(inventory, req):
             continue  # it waits by choice (a reservation, a locality wait), not for want of shape
-        moves = _clear_room(inventory, req, by_node)
-        if moves and _pays(inventory, req, moves, movable, running, now, pol):
-            return moves
+        moved = _clear_room(inventory, req, by_node)
+        if moved and _pays(inventory, req, [m for _, m in moved], running, now, pol):
+            return [mv for mv, _ in moved]
     return []
 
 
@@ -123,7 +123,6 @@ def plan_locality_moves(inventory: Inventory, pending: Sequence[GangRequest],
     if not by_node:
         return []
     congested: bool | None = None  # whether some pending gang waits for GPUs; found when needed
-    gangs: dict[str, MovableGang] = {}  # by name, built when some moves are costed
     levels = inventory.levels
     tried: set[tuple[object, ...]] = set()  # shapes with no paying moves: same answer this call
     for req in queue_order(pending):
@@ -149,14 +148,12 @@ def plan_locality_moves(inventory: Inventory, pending: Sequence[GangRequest],
                 continue
             if congested is None:
                 congested = _any_blocked(inventory, pending)
-            moves = _clear_room(inventory, replace(req, policy="Required", max_domain=level), by_node,
+            moved = _clear_room(inventory, replace(req, policy="Required", max_domain=level), by_node,
                                 onto=set(now_res.nodes) if congested else None)
-            if moves and not gangs:
-                gangs = {m.request.name: m for m in movable}
-            if moves and sum(pol.cost_gpu_s(gangs[mv.gang], now) for mv in moves) < gain:
+            if moved and sum(pol.cost_gpu_s(m, now) for _, m in moved) < gain:
                 why = (f"making room for {req.name} in one {display_level(level)} (placed now it would "
                        f"span a {display_level(spread)} and run slower)")
-                return [replace(mv, reason=why, for_level=level) for mv in moves]
+                return [replace(mv, reason=why, for_level=level) for mv, _ in moved]
     return []
 
 
@@ -196,16 +193,15 @@ def _movers_by_node(inv: Inventory, movable: Sequence[MovableGang], now: float,
     return by_node
 
 
-def _pays(inv: Inventory, req: GangRequest, moves: Sequence[Move], movable: Sequence[MovableGang],
+def _pays(inv: Inventory, req: GangRequest, movers: Sequence[MovableGang],
           running: Sequence[RunningGang], now: float, pol: MovePolicy) -> bool:
-    """Whether starting ``req`` now is worth more GPU-seconds than the ``moves`` cost."""
+    """Whether starting ``req`` now is worth more GPU-seconds than moving ``movers`` costs."""
     if not running or any(r.expected_end is None for r in running):
         return True  # no model of when it would start otherwise: fragmentation alone decides
     slot = _reserve_by_end_times(inv, req, running, parent_tiebreak=True)
     if slot is None or slot.shadow_time is None:
         return True  # nothing known frees room for it: without moves it has no start in sight
-    gangs = {m.request.name: m for m in movable}
-    cost = sum(pol.cost_gpu_s(gangs[mv.gang], now) for mv in moves)
+    cost = sum(pol.cost_gpu_s(m, now) for m in movers)
     return req.total_gpus * (slot.shadow_time - now) > cost
 
 
@@ -299,9 +295,10 @@ def _cheapest_clearing(inv: Inventory, req: GangRequest,
 
 
 def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[int, list[MovableGang]],
-                onto: set[str] | None = None) -> list[Move]:
-    """Moves that clear nodes for ``req``, cheapest in GPUs moved in the narrowest domain; [] if none.
-    With ``onto`` the movers restart on those nodes where they all fit there."""
+                onto: set[str] | None = None) -> list[tuple[Move, MovableGang]]:
+    """Moves that clear nodes for ``req``, cheapest in GPUs moved in the narrowest domain, each with
+    the gang it moves; [] if none. With ``onto`` the movers restart on those nodes where they all
+    fit there."""
     best = _cheapest_clearing(inv, req, by_node)
     if best is None:
         return []
@@ -320,7 +317,7 @@ def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[int, list[Mov
     if tos is None:
         return []
     why = f"making room for {req.name} ({req.total_gpus} GPUs; the idle ones are scattered over nodes)"
-    moves = [Move(m.request.name, to, why, req.name) for m, to in zip(order, tos, strict=True)]
+    moves = [(Move(m.request.name, to, why, req.name), m) for m, to in zip(order, tos, strict=True)]
     taken = {n: -g for n, g in block.items()}
     for to in tos:
         for n, g in to.gpus_by_node().items():

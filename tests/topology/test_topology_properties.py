@@ -3,7 +3,7 @@
 from dataclasses import replace
 from typing import Any
 
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 from topo_fixtures import node, pod
 
@@ -18,6 +18,7 @@ from capstan.topology import (
     build_inventory,
     fits,
     place_gang,
+    placed_level,
     releases_until_fit,
     schedule_queue,
 )
@@ -145,6 +146,15 @@ def test_queue_never_overcommits_and_head_is_not_delayed(inv: Inventory, reqs: l
 def test_fits_answers_as_place_gang_does(inv: Inventory, req: GangRequest) -> None:
     # the moves ask only whether a gang fits; the answer must be placement's own
     assert fits(inv, req) == place_gang(inv, req).placed
+
+
+@FAST
+@given(clusters(), gangs, st.booleans())
+def test_placed_level_is_the_level_place_gang_spans(inv: Inventory, req: GangRequest, plain: bool) -> None:
+    # the locality moves ask only how wide a gang would start; the answer must be placement's own
+    assume(req.workers > 1 and req.gpus_per_worker > 0 and req.policy != "None")
+    res = place_gang(inv, req, parent_tiebreak=not plain, fragmentation_aware=not plain)
+    assert placed_level(inv, req) == (res.level if res.placed else None)
 
 
 @FAST

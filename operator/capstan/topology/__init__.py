@@ -21,6 +21,7 @@ from .gang import (
     narrowest_level,
     place_gang,
     place_when_freed,
+    placed_level,
     releases_until_fit,
 )
 from .inventory import Inventory, NodeInfo, build_inventory, parse_count, pod_gpu_request, tolerates
@@ -76,6 +77,7 @@ __all__ = [
     "place_gang",
     "place_replicas",
     "place_when_freed",
+    "placed_level",
     "plan_defragmentation",
     "plan_locality_moves",
     "pod_gpu_request",

@@ -224,6 +224,29 @@ def fits(inventory: Inventory, request: GangRequest) -> bool:
     return (max(dcap[top], default=0) if top < nlev else sum(dcap[-1])) >= request.workers
 
 
+def placed_level(inventory: Inventory, request: GangRequest) -> str | None:
+    """The level :func:`place_gang` would place a multi-worker GPU gang at ("cluster" when no one
+    domain holds it), without choosing nodes; None when it would not place it.
+
+    A gang goes to the narrowest level where one domain has room for it, so its nodes span that
+    level exactly: a narrower domain holding them all would have had room first.
+    """
+    if request.workers < 2 or request.gpus_per_worker == 0 or request.policy == "None":
+        raise ValueError("placed_level answers for multi-worker GPU gangs placed by topology")
+    _validate(inventory, request)
+    dcap = _room_for(inventory, request).dcap
+    levels = inventory.levels
+    nlev = len(levels)
+    top = levels.index(request.max_domain) if request.policy == "Required" else nlev
+    most = _most_for(inventory, request)
+    for li in range(min(top, nlev - 1) + 1):
+        if most[li] >= request.workers and max(dcap[li], default=0) >= request.workers:
+            return levels.levels[li].name
+    if top == nlev and sum(dcap[-1]) >= request.workers:
+        return CLUSTER_LEVEL
+    return None
+
+
 def releases_until_fit(inventory: Inventory, request: GangRequest,
                        releases: Iterable[Mapping[str, int]]) -> int | None:
     """How many of ``releases`` (GPUs given back per node, applied in order) must happen before

@@ -372,15 +372,16 @@ class Inventory:
         ``check`` a node pushed past its allocatable raises ValueError.
         """
         used = list(self._used)
-        index, nodes = self._topo.index, self._topo.nodes
+        get, alloc = self._topo.index.get, self._topo.alloc
         changes: dict[int, int] = {}
         for name, gpus in delta.items():
-            i = index.get(name)
+            i = get(name)
             if i is None:
                 continue
-            used[i] = changes[i] = max(0, used[i] + gpus)
-            if check and used[i] > nodes[i].gpus:
-                raise ValueError(f"node {name} would have {used[i]} GPUs used of {nodes[i].gpus}")
+            after = used[i] + gpus
+            used[i] = changes[i] = after if after > 0 else 0
+            if check and after > alloc[i]:
+                raise ValueError(f"node {name} would have {after} GPUs used of {alloc[i]}")
         return Inventory(self._topo, used, self._derive_base(changes), self._drift + len(changes))
 
     def _derive_base(self, changes: dict[int, int]) -> dict[Any, _Derivation]:

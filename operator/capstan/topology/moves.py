@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from .gang import GangRequest, PlacementResult, _most_for, fits, narrowest_level, place_gang
+from .gang import GangRequest, PlacementResult, _most_for, fits, narrowest_level, place_gang, placed_level
 from .inventory import Inventory
 from .levels import CLUSTER_LEVEL, display_level
 from .queue import RunningGang, _reserve_by_end_times, _shape, queue_order
@@ -133,14 +133,14 @@ def plan_locality_moves(inventory: Inventory, pending: Sequence[GangRequest],
         if shape in tried:
             continue
         tried.add(shape)
-        now_res = place_gang(inventory, req)
-        if not now_res.placed:
+        spread = placed_level(inventory, req)
+        if spread is None:
             continue  # it waits anyway: plan_defragmentation's case
-        spread = now_res.level or CLUSTER_LEVEL
         ideal = narrowest_level(inventory, req)
         if ideal is None or levels.index(ideal) >= levels.index(spread):
             continue
         s_now = slowdown.get(spread, 1.0)
+        onto: set[str] | None = None
         for li in range(levels.index(ideal), levels.index(spread)):
             level = levels.levels[li].name
             gain = req.total_gpus * dur * (s_now - slowdown.get(level, 1.0))
@@ -148,8 +148,10 @@ def plan_locality_moves(inventory: Inventory, pending: Sequence[GangRequest],
                 continue
             if congested is None:
                 congested = _any_blocked(inventory, pending)
+            if congested and onto is None:
+                onto = set(place_gang(inventory, req).nodes)  # where it would go now
             moved = _clear_room(inventory, replace(req, policy="Required", max_domain=level), by_node,
-                                onto=set(now_res.nodes) if congested else None)
+                                onto if congested else None)
             if moved and sum(pol.cost_gpu_s(m, now) for _, m in moved) < gain:
                 why = (f"making room for {req.name} in one {display_level(level)} (placed now it would "
                        f"span a {display_level(spread)} and run slower)")

@@ -22,7 +22,7 @@ from capstan.topology import (
     releases_until_fit,
     schedule_queue,
 )
-from capstan.topology.moves import _cheapest_clearing, _movers_by_node
+from capstan.topology.moves import _cheapest_clearing, _MoversByNode
 from capstan.topology.queue import _Releases
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -217,13 +217,12 @@ def test_nodes_to_clear_are_the_cheapest_in_the_narrowest_domain(
             since = data.draw(st.sampled_from([0.0, 100.0]))
             movable.append(MovableGang(GangRequest(res.name, 1, g), res, since))
             left, k = left - g, k + 1
-    by_index = _movers_by_node(inv, movable, 1_000.0, MovePolicy(min_run_s=0.0))
     req = GangRequest("w", workers, gpw, policy=policy, max_domain=max_domain)  # type: ignore[arg-type]
-    got = _cheapest_clearing(inv, req, by_index)
+    got = _cheapest_clearing(inv, req, _MoversByNode(inv, movable, 1_000.0, MovePolicy(min_run_s=0.0)))
     # the order a node is cleared in, stated again: fewest GPUs first, then the latest started
-    by_node = {inv.nodes[i].name: sorted(gangs, key=lambda m: (m.request.total_gpus, -m.running_since,
-                                                                m.request.name))
-               for i, gangs in by_index.items()}
+    by_node: dict[str, list[MovableGang]] = {}
+    for m in sorted(movable, key=lambda m: (m.request.total_gpus, -m.running_since, m.request.name)):
+        by_node.setdefault(m.result.nodes[0], []).append(m)
     assert (None if got is None else [(c[0], inv.nodes[c[1]].name) for c in got]) == _plain_cheapest(
         inv, req, by_node)
 

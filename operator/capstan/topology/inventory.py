@@ -448,11 +448,14 @@ class Inventory:
         elig = self._eligible(tolerations, needs_rdma, product, avoid)
         topo = self._topo
         cap = [a // gpw if e else 0 for a, e in zip(topo.alloc, elig, strict=True)]
-        sums = [0] * len(topo.dom_keys[0])
-        dom = topo.dom_of[0]
-        for i, c in enumerate(cap):
-            if c:
-                sums[dom[i]] += c
+        if topo.node_domains:
+            sums = cap
+        else:
+            sums = [0] * len(topo.dom_keys[0])
+            dom = topo.dom_of[0]
+            for i, c in enumerate(cap):
+                if c:
+                    sums[dom[i]] += c
         out = [sums]
         for li in range(1, len(topo.levels)):  # each level from the one below: domains nest
             up = topo.parent[li - 1]

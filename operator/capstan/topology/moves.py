@@ -87,9 +87,9 @@ def plan_defragmentation(inventory: Inventory, waiting: Sequence[GangRequest],
     [] when no waiting gang qualifies; at most one gang is helped per call.
     """
     pol = policy or MovePolicy()
-    by_node = _movers_by_node(inventory, movable, now, pol)
-    if not by_node:
+    if not movable:
         return []
+    by_node = _MoversByNode(inventory, movable, now, pol)
     for req in queue_order(waiting):
         if req.gpus_per_worker == 0 or req.total_gpus > inventory.free_gpus:
             continue
@@ -119,9 +119,9 @@ def plan_locality_moves(inventory: Inventory, pending: Sequence[GangRequest],
     helped per call.
     """
     pol = policy or MovePolicy()
-    by_node = _movers_by_node(inventory, movable, now, pol)
-    if not by_node:
+    if not movable:
         return []
+    by_node = _MoversByNode(inventory, movable, now, pol)
     congested: bool | None = None  # whether some pending gang waits for GPUs; found when needed
     levels = inventory.levels
     tried: set[tuple[object, ...]] = set()  # shapes with no paying moves: same answer this call
@@ -171,28 +171,46 @@ def _any_blocked(inv: Inventory, requests: Sequence[GangRequest]) -> bool:
     return False
 
 
-def _movers_by_node(inv: Inventory, movable: Sequence[MovableGang], now: float,
-                    pol: MovePolicy) -> dict[int, list[MovableGang]]:
-    """One-worker gangs that may move now, by the index of the node they run on (in ``inv``), in the
-    order a node is cleared: fewest GPUs first, then the gang running the shortest time (it has
-    the least to lose). Gangs on nodes ``inv`` does not know are left out."""
-    get, min_run = inv._topo.index.get, pol.min_run_s
-    by_node: dict[int, list[MovableGang]] = {}
-    for m in movable:
-        req, nodes = m.request, m.result.nodes
-        if (req.workers == 1 and req.gpus_per_worker > 0 and len(nodes) == 1
-                and now - m.running_since >= min_run):
-            i = get(nodes[0])
-            if i is not None:
-                here = by_node.get(i)
-                if here is None:
-                    by_node[i] = [m]
-                else:
-                    here.append(m)
-    for gangs in by_node.values():
+class _MoversByNode:
+    """One-worker gangs that may move now, by the index of the node they run on (in the
+    inventory), in the order a node is cleared: fewest GPUs first, then the gang running the
+    shortest time (it has the least to lose). Gangs on nodes the inventory does not know are
+    left out.
+
+    Grouped at C speed where each node runs one gang, and filtered and ordered only for the
+    nodes asked for: a clearing looks at the few domains that can be cheapest, not at every node.
+    """
+
+    def __init__(self, inv: Inventory, movable: Sequence[MovableGang], now: float, pol: MovePolicy) -> None:
+        self._movable, self._now, self._min_run = movable, now, pol.min_run_s
+        self._nodes = inv._topo.nodes
+        firsts = [m.result.nodes[0] if m.result.nodes else "" for m in movable]
+        self._last = dict(zip(firsts, range(len(firsts)), strict=True))  # node -> its (last) gang
+        # nodes with more than one gang: every position, in order
+        self._several: dict[str, list[int]] = {}
+        if len(self._last) < len(firsts):
+            for k, first in enumerate(firsts):
+                self._several.setdefault(first, []).append(k)
+            self._several = {n: ks for n, ks in self._several.items() if len(ks) > 1}
+        self._seen: dict[int, list[MovableGang] | None] = {}
+
+    def get(self, i: int) -> list[MovableGang] | None:
+        """The gangs to move off node ``i``, in clearing order; None when there are none."""
+        if i in self._seen:
+            return self._seen[i]
+        name = self._nodes[i].name
+        at = self._several.get(name)
+        if at is None:
+            k = self._last.get(name)
+            at = [] if k is None else [k]
+        now, min_run = self._now, self._min_run
+        gangs = [m for m in map(self._movable.__getitem__, at)
+                 if m.request.workers == 1 and m.request.gpus_per_worker > 0 and len(m.result.nodes) == 1
+                 and now - m.running_since >= min_run]
         if len(gangs) > 1:
             gangs.sort(key=lambda m: (m.request.total_gpus, -m.running_since, m.request.name))
-    return by_node
+        out = self._seen[i] = gangs or None
+        return out
 
 
 def _pays(inv: Inventory, req: GangRequest, movers: Sequence[MovableGang],
@@ -231,7 +249,7 @@ _Clearing = tuple[int, int, list[MovableGang]]
 
 
 def _cheapest_clearing(inv: Inventory, req: GangRequest,
-                       by_node: Mapping[int, list[MovableGang]]) -> list[_Clearing] | None:
+                       by_node: _MoversByNode) -> list[_Clearing] | None:
     """The nodes to clear for ``req`` (one worker each): in the narrowest level's domain where
     clearing ``req.workers`` of them moves the fewest GPUs (more than none), lowest domain first on
     ties, each domain's cheapest nodes (then by name); None when no domain qualifies."""
@@ -296,7 +314,7 @@ def _cheapest_clearing(inv: Inventory, req: GangRequest,
     return None
 
 
-def _clear_room(inv: Inventory, req: GangRequest, by_node: Mapping[int, list[MovableGang]],
+def _clear_room(inv: Inventory, req: GangRequest, by_node: _MoversByNode,
                 onto: set[str] | None = None) -> list[tuple[Move, MovableGang]]:
     """Moves that clear nodes for ``req``, cheapest in GPUs moved in the narrowest domain, each with
     the gang it moves; [] if none. With ``onto`` the movers restart on those nodes where they all

@@ -469,9 +469,13 @@ class _Releases:
         all_pairs = self._pairs
         for k, pairs in enumerate(all_pairs):
             if pairs is None:
-                gang = self.order[k]
-                pairs = all_pairs[k] = [(index[n], -g) for n, g in gang.result.gpus_by_node().items()
-                                        if n in index]
+                res = self.order[k].result
+                if len(res.nodes) == 1:  # most gangs: no per-node sums to build
+                    i = index.get(res.nodes[0])
+                    pairs = [] if i is None else [(i, -res.gpus_per_worker)]
+                else:
+                    pairs = [(index[n], -g) for n, g in res.gpus_by_node().items() if n in index]
+                all_pairs[k] = pairs
             yield pairs
 
     def fit_index(self, inv: Inventory, req: GangRequest, before: float | None = None) -> int | None:

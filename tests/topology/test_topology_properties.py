@@ -22,6 +22,7 @@ from capstan.topology import (
     releases_until_fit,
     schedule_queue,
 )
+from capstan.topology.inventory import _Room
 from capstan.topology.moves import _cheapest_clearing, _MoversByNode
 from capstan.topology.queue import _Releases
 
@@ -311,3 +312,16 @@ def test_eligibility_is_each_nodes_own_test(data: st.DataObject) -> None:
     by_name = {raw["metadata"]["name"]: raw for raw in nodes}
     got = inv._eligible(tolerations, needs_rdma, product, avoid)
     assert got == [allowed(by_name[info.name]) for info in inv.nodes]
+
+
+@FAST
+@given(clusters(), st.lists(st.sampled_from([1, 2, 4, 8]), min_size=2, max_size=4), st.booleans())
+def test_sums_for_another_worker_size_match_sums_built_alone(inv: Inventory, sizes: list[int],
+                                                              rdma: bool) -> None:
+    # a room for a second worker size shares the first one's free GPUs; it must equal one built alone
+    fresh = inv.with_pods(())  # the same index with nothing counted: a new inventory, no sums kept
+    used = inv.add_usage({n.name: inv.used(n.name) for n in inv.nodes})
+    for gpw in sizes:
+        got = used._room((), rdma, None, frozenset(), gpw)
+        alone = _Room.build(fresh._topo, used._used, used._eligible((), rdma, None), gpw)
+        assert got == alone

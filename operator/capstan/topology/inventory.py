@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 from capstan.fields import dig
@@ -180,33 +181,43 @@ class _Room:
     dfree: list[list[int]]  # per level, per domain: sum of free
 
     @classmethod
-    def build(cls, topo: _Topology, used: list[int], elig: list[bool], gpw: int) -> _Room:
-        """Sum from scratch: one pass over the nodes with free GPUs, then up the levels."""
-        free = [a - u if e and a > u else 0 for a, u, e in zip(topo.alloc, used, elig, strict=True)]
+    def build(cls, topo: _Topology, used: list[int], elig: list[bool], gpw: int,
+              like: _Room | None = None) -> _Room:
+        """Sum from scratch: one pass over the nodes with free GPUs, then up the levels. ``like``:
+        sums for the same usage and eligibility with another worker size, whose free GPUs (per
+        node and per domain) are these too and are shared."""
+        if like is not None:
+            free, dfree = like.free, like.dfree
+        else:
+            free = [a - u if e and a > u else 0 for a, u, e in zip(topo.alloc, used, elig, strict=True)]
         cap = [f // gpw for f in free]
+        busy = list(compress(range(len(free)), free))  # the nodes with free GPUs, at C speed
         if topo.node_domains:
-            dcap, dfree = [cap], [free]
+            dcap, sums = [cap], [free]
         else:
             dom = topo.dom_of[0]
             c = [0] * len(topo.dom_keys[0])
             f = [0] * len(topo.dom_keys[0])
-            for i, fi in enumerate(free):
-                if fi:
-                    d = dom[i]
-                    c[d] += cap[i]
-                    f[d] += fi
-            dcap, dfree = [c], [f]
+            for i in busy:
+                d = dom[i]
+                c[d] += cap[i]
+                f[d] += free[i]
+            dcap, sums = [c], [f]
         for li in range(1, len(topo.levels)):  # each level from the one below: domains nest
             up = topo.parent[li - 1]
+            below_c = dcap[-1]
+            below_f = sums[-1] if like is None else dfree[li - 1]
             c = [0] * len(topo.dom_keys[li])
-            f = [0] * len(topo.dom_keys[li])
-            for d, fd in enumerate(dfree[-1]):
-                if fd:
-                    c[up[d]] += dcap[-1][d]
-                    f[up[d]] += fd
+            some = busy if li == 1 and topo.node_domains else list(compress(range(len(below_f)), below_f))
+            for d in some:
+                c[up[d]] += below_c[d]
             dcap.append(c)
-            dfree.append(f)
-        return cls(elig, gpw, free, cap, dcap, dfree)
+            if like is None:
+                f = [0] * len(topo.dom_keys[li])
+                for d in some:
+                    f[up[d]] += below_f[d]
+                sums.append(f)
+        return cls(elig, gpw, free, cap, dcap, dfree if like is not None else sums)
 
     def updated(self, topo: _Topology, changes: Mapping[int, int]) -> _Room:
         """The same sums after node usage changed to ``changes`` (node index -> GPUs used)."""
@@ -430,7 +441,9 @@ class Inventory:
             if len(changes) * _DERIVE_SHARE <= len(used):
                 room = old_room.updated(topo, changes)
         if room is None:
-            room = _Room.build(topo, used, self._eligible(tolerations, needs_rdma, product, avoid), gpw)
+            # the same constraints with another worker size here: its free GPUs are these
+            like = next((r for (e, _), r in self._rooms.items() if e == key[0]), None)
+            room = _Room.build(topo, used, self._eligible(tolerations, needs_rdma, product, avoid), gpw, like)
         if kept is None or self._drift * _DERIVE_SHARE <= len(used):
             if len(topo.room_cache) > 256:  # bound memory for odd callers
                 topo.room_cache.clear()

@@ -378,13 +378,43 @@ def test_a_pass_over_the_same_node_objects_reuses_their_index_and_counts_pods_af
     free = [later.inventory.free(n) for n in ("n0", "n1")]
     assert free == [fresh.inventory.free(n) for n in ("n0", "n1")] == [6, 0]
     # an equal but new object (a Node that changed and came back), fewer Nodes or other levels:
-    # indexed again
+    # indexed again (the first by a patch: it keeps its name and domains)
     for nodes, levels in (([NODES[0], {**NODES[1]}], DEFAULT_LEVELS), (NODES[:1], DEFAULT_LEVELS),
                           (NODES, TopologyLevels(DEFAULT_LEVELS.levels[:2]))):
         kept = index.inventory
         assert kept is not None
         again = index.build(nodes, [], levels)
         assert again.nodes is not kept.nodes
+
+
+def test_a_node_cordoned_or_moved_is_seen_by_the_next_pass_patched_or_indexed_again(
+        monkeypatch: Any) -> None:
+    import capstan.kube.placement as placement
+
+    builds: list[int] = []
+    real = placement.build_inventory
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        builds.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(placement, "build_inventory", counting)
+    nodes = [gpu_node(f"n{i}", clique="a", rack="r1") for i in range(4)]
+    index = NodeIndex()
+    index.build(nodes, [busy("n0", 8)], DEFAULT_LEVELS)
+    assert len(builds) == 1
+    # n1 is cordoned (a new object for it alone): patched, and no pass may place on n1
+    cordoned = {**nodes[1], "spec": {"unschedulable": True}}
+    inv = index.build([nodes[0], cordoned, *nodes[2:]], [busy("n0", 8)], DEFAULT_LEVELS)
+    assert len(builds) == 1 and inv.node("n1").cordoned and inv.free("n0") == 0
+    snapshot = queue_snapshot([nodes[0], cordoned, *nodes[2:]], [busy("n0", 8)],
+                              queued_jobs([body("pair", 2, 8)]), now=NOW, node_index=index)
+    assert snapshot is not None and len(builds) == 1
+    assert sorted(place(snapshot, snapshot.queued[0], QueueState()).decision.nodes) == ["n2", "n3"]
+    # n3 moves to another rack: its domains changed, so the index is built again
+    moved = gpu_node("n3", clique="b", rack="r2")
+    inv = index.build([nodes[0], cordoned, nodes[2], moved], [], DEFAULT_LEVELS)
+    assert len(builds) == 2 and inv.domain_of("n3", "rack") != inv.domain_of("n2", "rack")
 
 
 def test_the_pass_decides_with_the_cyclic_collector_paused_and_turns_it_back_on(

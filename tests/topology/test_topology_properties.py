@@ -325,3 +325,51 @@ def test_sums_for_another_worker_size_match_sums_built_alone(inv: Inventory, siz
         got = used._room((), rdma, None, frozenset(), gpw)
         alone = _Room.build(fresh._topo, used._used, used._eligible((), rdma, None), gpw)
         assert got == alone
+
+
+@st.composite
+def node_changes(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int]]:
+    """Ready nodes in racks, and the same list with some nodes changed in place (same domains)."""
+    n = draw(st.integers(1, 16))
+    before = [node(f"n{i:02d}", draw(st.sampled_from([4, 8])),
+                   clique=draw(st.sampled_from([None, f"c{i // 4}"])), rack=f"r{i // 4}", block=f"b{i // 8}",
+                   rdma=draw(st.booleans()))
+              for i in range(n)]
+    after = list(before)
+    changed = sorted(set(draw(st.lists(st.integers(0, n - 1), max_size=4))))
+    for i in changed:
+        after[i] = node(f"n{i:02d}", draw(st.sampled_from([0, 4, 8])),
+                        clique=before[i]["metadata"]["labels"].get("nvidia.com/gpu.clique"),
+                        rack=f"r{i // 4}", block=f"b{i // 8}", rdma=draw(st.booleans()),
+                        cordoned=draw(st.booleans()), product=draw(st.sampled_from(["H100", "A100"])),
+                        taints=draw(st.lists(st.sampled_from(TAINTS), max_size=2,
+                                             unique_by=lambda t: t["key"])))
+    return before, after, changed
+
+
+@FAST
+@given(node_changes(), gangs, st.data())
+def test_an_index_patched_for_changed_nodes_places_as_one_built_anew(
+        case: tuple[list[dict[str, Any]], list[dict[str, Any]], list[int]], req: GangRequest,
+        data: st.DataObject) -> None:
+    before, after, changed = case
+    pods = [pod(f"p{i}", raw["metadata"]["name"], data.draw(st.integers(0, 4)))
+            for i, raw in enumerate(before)]
+    old = build_inventory(before, pods)
+    old._room((), False, None, frozenset(), 4)  # sums and eligibility cached from the old facts
+    patched = old.with_node_updates([after[i] for i in changed], pods)
+    fresh = build_inventory(after, pods)
+    assert patched is not None
+    assert patched.nodes == fresh.nodes and patched._used == fresh._used
+    for rdma, product in ((False, None), (True, "H100")):
+        assert patched._eligible((), rdma, product) == fresh._eligible((), rdma, product)
+    assert place_gang(patched, req) == place_gang(fresh, req)
+
+
+def test_an_index_is_not_patched_for_a_node_that_moved_or_went_away() -> None:
+    nodes = [node("a", rack="r1"), node("b", rack="r1")]
+    inv = build_inventory(nodes)
+    assert inv.with_node_updates([node("b", rack="r2")], []) is None  # other domains
+    assert inv.with_node_updates([node("b", rack="r1", ready=False)], []) is None  # NotReady now
+    assert inv.with_node_updates([node("c", rack="r1")], []) is None  # not in the index
+    assert inv.with_node_updates([node("b", rack="r1", cordoned=True)], []) is not None

@@ -141,6 +141,10 @@ class QueueState:
         self.moves = dict(result.moves)
 
 
+# Nodes changed since the last index, as a share of all, up to which it is patched (1/4)
+_PATCH_SHARE = 4
+
+
 @dataclass
 class NodeIndex:
     """The Node objects the last snapshot's inventory was built from, and that inventory.
@@ -158,12 +162,20 @@ class NodeIndex:
     def build(self, nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]],
               levels: TopologyLevels) -> Inventory:
         """:func:`capstan.topology.build_inventory` of ``nodes`` and ``pods``, on the kept index
-        when ``nodes`` are the very objects it was built from (only the pods are counted again)."""
-        same = (self.inventory is not None and levels == self.levels and len(nodes) == len(self.nodes)
-                and all(a is b for a, b in zip(nodes, self.nodes, strict=True)))
-        if same and self.inventory is not None:
-            return self.inventory.with_pods(pods)
-        inventory = build_inventory(nodes, pods, levels)
+        when ``nodes`` are the very objects it was built from (only the pods are counted again),
+        or on that index patched when a few of them changed in place (same names and domains)."""
+        inventory: Inventory | None = None
+        if self.inventory is not None and levels == self.levels and len(nodes) == len(self.nodes):
+            changed = [(new, old) for new, old in zip(nodes, self.nodes, strict=True) if new is not old]
+            if not changed:
+                return self.inventory.with_pods(pods)
+            # the same Nodes with a few of them changed (a cordon, a taint): patch the index when
+            # they keep their names and domains, which saves most of a build
+            if len(changed) * _PATCH_SHARE <= len(nodes) and all(
+                    dig(new, "metadata", "name") == dig(old, "metadata", "name") for new, old in changed):
+                inventory = self.inventory.with_node_updates([new for new, _ in changed], pods)
+        if inventory is None:
+            inventory = build_inventory(nodes, pods, levels)
         self.nodes, self.levels, self.inventory = list(nodes), levels, inventory
         return inventory
 

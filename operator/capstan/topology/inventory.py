@@ -9,7 +9,7 @@ can place a queue of gangs one after another and throw away what-if copies cheap
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from itertools import compress
 from typing import TYPE_CHECKING, Any
@@ -361,6 +361,32 @@ class Inventory:
         """
         return Inventory(self._topo, _usage(self._topo, pods))
 
+    def with_node_updates(self, nodes: Iterable[Mapping[str, Any]],
+                          pods: Iterable[Mapping[str, Any]]) -> Inventory | None:
+        """The index patched with new objects for some of its Ready nodes, and the GPUs ``pods``
+        hold: for a caller that knows the other Nodes have not changed since this inventory was
+        built from them. A cordon, a taint, allocatable GPUs or a product label change only those
+        nodes' facts; the domains are kept, and what was cached from the old facts is dropped.
+
+        None when a patch cannot say it (a node not in the index, gone NotReady, or moved to
+        other domains): build the inventory again then.
+        """
+        topo = self._topo
+        infos = list(topo.nodes)
+        for node in nodes:
+            read = _read_node(node, topo.levels)
+            if read is None or isinstance(read, str):
+                return None
+            info, keys = read
+            i = topo.index.get(info.name)
+            if i is None or info.domain_values != infos[i].domain_values or any(
+                    key != topo.dom_keys[li][topo.dom_of[li][i]] for li, key in enumerate(keys)):
+                return None
+            infos[i] = info
+        patched = replace(topo, **_per_node(infos), eligible_cache={}, empty_cache={}, room_cache={},
+                          pod_gpus=dict(topo.pod_gpus))
+        return Inventory(patched, _usage(patched, pods))
+
     def allocate(self, result: PlacementResult) -> Inventory:
         """A new inventory with the GPUs of a placed ``result`` taken.
 
@@ -537,6 +563,48 @@ def _is_ready(node: Mapping[str, Any]) -> bool:
     return False  # no Ready condition means the kubelet never reported: treat as NotReady
 
 
+def _read_node(node: Mapping[str, Any], levels: TopologyLevels) -> tuple[NodeInfo, list[str]] | str | None:
+    """What the index keeps of one Node: its facts and its domain key per level; its name alone
+    when it is not Ready; None when it has no name."""
+    nlev = len(levels)
+    meta = node.get("metadata") or {}
+    name = meta.get("name") or ""
+    if not name:
+        return None
+    if not _is_ready(node):
+        return name
+    labels = meta.get("labels") or {}
+    spec = node.get("spec") or {}
+    alloc = dig(node, "status", "allocatable") or {}
+    taints = tuple(sorted(
+        (t.get("key") or "", t.get("value") or "", t.get("effect") or "")
+        for t in spec.get("taints") or [] if t.get("effect") in _HARD_EFFECTS
+    ))
+    raw: list[str | None] = [str(labels[lv.label]) if labels.get(lv.label) else None for lv in levels]
+    values: list[str] = []
+    keys: list[str] = []
+    for li in range(nlev):
+        value = raw[li]
+        if value is None:
+            values.append(values[-1] if li else name)
+            keys.append(keys[-1] if li else f"node={name}")
+        else:
+            path = [f"{levels.levels[j].name}={raw[j]}" for j in range(nlev - 1, li - 1, -1)
+                    if raw[j] is not None]
+            values.append(value)
+            keys.append("/".join(path))
+    info = NodeInfo(
+        name=name,
+        gpus=parse_count(alloc.get(GPU_RESOURCE)),
+        product=labels.get(GPU_PRODUCT_LABEL),
+        rdma=any(k.startswith(RDMA_PREFIX) and parse_count(v) > 0 for k, v in alloc.items()),
+        cordoned=bool(spec.get("unschedulable")),
+        taints=taints,
+        domain_values=tuple(values),
+    )
+    return info, keys
+
+
 def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]] = (),
                     levels: TopologyLevels = DEFAULT_LEVELS) -> Inventory:
     """Index Ready nodes by topology domain and subtract GPUs held by live pods bound to them.
@@ -553,43 +621,14 @@ def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[s
     not_ready: list[str] = []
     nlev = len(levels)
     for node in nodes:
-        meta = node.get("metadata") or {}
-        name = meta.get("name") or ""
-        if not name:
+        read = _read_node(node, levels)
+        if read is None:
             continue
-        if not _is_ready(node):
-            not_ready.append(name)
+        if isinstance(read, str):
+            not_ready.append(read)
             continue
-        labels = meta.get("labels") or {}
-        spec = node.get("spec") or {}
-        alloc = dig(node, "status", "allocatable") or {}
-        taints = tuple(sorted(
-            (t.get("key") or "", t.get("value") or "", t.get("effect") or "")
-            for t in spec.get("taints") or [] if t.get("effect") in _HARD_EFFECTS
-        ))
-        raw: list[str | None] = [str(labels[lv.label]) if labels.get(lv.label) else None for lv in levels]
-        values: list[str] = []
-        keys: list[str] = []
-        for li in range(nlev):
-            value = raw[li]
-            if value is None:
-                values.append(values[-1] if li else name)
-                keys.append(keys[-1] if li else f"node={name}")
-            else:
-                path = [f"{levels.levels[j].name}={raw[j]}" for j in range(nlev - 1, li - 1, -1)
-                        if raw[j] is not None]
-                values.append(value)
-                keys.append("/".join(path))
-        infos.append(NodeInfo(
-            name=name,
-            gpus=parse_count(alloc.get(GPU_RESOURCE)),
-            product=labels.get(GPU_PRODUCT_LABEL),
-            rdma=any(k.startswith(RDMA_PREFIX) and parse_count(v) > 0 for k, v in alloc.items()),
-            cordoned=bool(spec.get("unschedulable")),
-            taints=taints,
-            domain_values=tuple(values),
-        ))
-        keys_per_node.append(keys)
+        infos.append(read[0])
+        keys_per_node.append(read[1])
 
     order = sorted(range(len(infos)), key=lambda i: infos[i].name)
     infos = [infos[i] for i in order]
@@ -627,21 +666,25 @@ def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[s
 
     topo = _Topology(
         levels=levels,
-        nodes=tuple(infos),
         index=index,
         dom_of=dom_of,
         dom_keys=dom_keys,
         dom_values=dom_values,
         children=children,
         parent=parent,
-        alloc=[n.gpus for n in infos],
-        most_alloc=max((n.gpus for n in infos), default=0),
         node_domains=dom_of[0] == list(range(len(infos))),
-        uncordoned=[not n.cordoned for n in infos],
-        tainted=[i for i, n in enumerate(infos) if n.taints],
+        **_per_node(infos),
         not_ready=tuple(sorted(not_ready)),
     )
     return Inventory(topo, _usage(topo, pods))
+
+
+def _per_node(infos: Sequence[NodeInfo]) -> dict[str, Any]:
+    """The index's per-node lists of what may change while a node keeps its domains."""
+    return {"nodes": tuple(infos), "alloc": [n.gpus for n in infos],
+            "most_alloc": max((n.gpus for n in infos), default=0),
+            "uncordoned": [not n.cordoned for n in infos],
+            "tainted": [i for i, n in enumerate(infos) if n.taints]}
 
 
 def _usage(topo: _Topology, pods: Iterable[Mapping[str, Any]]) -> list[int]:

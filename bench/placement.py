@@ -973,8 +973,11 @@ def queue_pass_benchmark(n_nodes: int = 10_000, queued: int = 55, repeats: int =
     cost-based locality wait and the moves have all they need: the most work a pass can do);
     the queue mixes one-GPU jobs with gangs of up to 1,024 x 8 GPUs, each declaring a run time.
     Timed with the cyclic garbage collector paused, as the operator's pass runs: on a freshly
-    built index (``pass_ms``, as after Nodes changed) and on a kept one (``pass_ms_kept_index``).
-    Before each pass on the kept index, one ran without 16 drawn pods (not started yet then).
+    built index (``pass_ms``, as after Nodes were added or removed; the build itself is
+    ``inventory_build_ms`` of :func:`decision_benchmark`) and on a kept one
+    (``pass_ms_kept_index``). Before each pass on the kept index, one ran without 16 drawn pods
+    (not started yet then). ``pass_ms_node_changed`` is a pass after one Node was cordoned: the
+    kept index patched for it (``index_patch_ms``, timed in) and the pass on that index.
     """
     nodes, pods = _busy_cluster(n_nodes, seed)
     rng = random.Random(seed + 1)
@@ -1004,8 +1007,8 @@ def queue_pass_benchmark(n_nodes: int = 10_000, queued: int = 55, repeats: int =
     # Nodes unchanged since the last pass: the operator's NodeIndex keeps the index and what it
     # caches and only counts the pods again; the pass before it saw 16 drawn pods not yet started
     kept = build_inventory(nodes, pods)
-    moves_ms, queue_ms, kept_ms, placed = [], [], [], 0
-    for _ in range(repeats):  # interleaved, so both see the machine alike
+    moves_ms, queue_ms, kept_ms, patch_ms, changed_ms, placed = [], [], [], [], [], 0
+    for _ in range(repeats):  # interleaved, so all see the machine alike
         moves, queue, placed = one_pass(build_inventory(nodes, pods), set())  # a new index
         moves_ms.append(moves)
         queue_ms.append(queue)
@@ -1014,12 +1017,24 @@ def queue_pass_benchmark(n_nodes: int = 10_000, queued: int = 55, repeats: int =
         moves, queue, kept_placed = one_pass(kept.with_pods(pods), set())
         assert kept_placed == placed
         kept_ms.append(moves + queue)
+        # a Node cordoned since the last pass: the operator patches the kept index for it
+        node = rng.choice(nodes)
+        cordoned = {**node, "spec": {**node.get("spec", {}), "unschedulable": True}}
+        with paused_gc():
+            t0 = time.perf_counter()
+            patched = kept.with_node_updates([cordoned], pods)
+            patch_ms.append((time.perf_counter() - t0) * 1000)
+        assert patched is not None and patched.node(node["metadata"]["name"]).cordoned
+        moves, queue, _ = one_pass(patched, set())
+        changed_ms.append(patch_ms[-1] + moves + queue)
     total = [m + q for m, q in zip(moves_ms, queue_ms, strict=True)]
     return {"nodes": n_nodes, "queued": queued, "running": len(running), "started": placed,
             "pass_ms": round(statistics.median(total), 1),
             "locality_moves_ms": round(statistics.median(moves_ms), 1),
             "schedule_queue_ms": round(statistics.median(queue_ms), 1),
-            "pass_ms_kept_index": round(statistics.median(kept_ms), 1)}
+            "pass_ms_kept_index": round(statistics.median(kept_ms), 1),
+            "pass_ms_node_changed": round(statistics.median(changed_ms), 1),
+            "index_patch_ms": round(statistics.median(patch_ms), 1)}
 
 
 def decision_benchmark(n_nodes: int = 10_000, repeats: int = 15, seed: int = 7) -> dict[str, Any]:

@@ -173,10 +173,12 @@ def test_compare_applies_the_issue_tolerances() -> None:
 
 def test_queue_pass_benchmark_runs_a_whole_operator_pass() -> None:
     """The 10k-node figure's pass, small: it starts gangs and times both halves of the pass, on a new
-    index and on a kept one (deciding alike: the bench checks that)."""
+    index, on a kept one (deciding alike: the bench checks that) and on one patched for a cordon."""
     mod = _load()
     out = mod.queue_pass_benchmark(n_nodes=256, queued=12, repeats=1)
     assert out["nodes"] == 256 and out["queued"] == 12 and out["running"] > 0
     assert 0 < out["started"] <= 12
     assert out["pass_ms"] >= out["schedule_queue_ms"] > 0 and out["locality_moves_ms"] >= 0
     assert out["pass_ms_kept_index"] > 0  # the same pass on the index the operator keeps
+    # after a Node was cordoned: the kept index patched (timed in) and the pass on it
+    assert out["pass_ms_node_changed"] > out["index_patch_ms"] > 0

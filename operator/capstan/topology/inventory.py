@@ -222,13 +222,15 @@ class _Room:
     def updated(self, topo: _Topology, changes: Mapping[int, int]) -> _Room:
         """The same sums after node usage changed to ``changes`` (node index -> GPUs used)."""
         free, cap = list(self.free), list(self.cap)
-        alloc, elig, gpw = topo.alloc, self.elig, self.gpw
-        # per node: the narrowest level's sums at once, and each wider level's summed per domain
-        # below it first (domains nest), so a change to many nodes costs one step per node
-        dom, up_dom = topo.dom_of[0], topo.dom_of[1] if len(topo.levels) > 1 else None
-        shared = topo.node_domains
-        dfree0, dcap0 = (free, cap) if shared else (list(self.dfree[0]), list(self.dcap[0]))
-        moved: dict[int, tuple[int, int]] = {}  # level-1 domain -> (free GPUs, room) gained
+        alloc, elig, gpw, nlev = topo.alloc, self.elig, self.gpw, len(topo.levels)
+        shared = topo.node_domains  # the narrowest level's sums are free and cap themselves
+        dfree = [free if shared else list(self.dfree[0]), *(list(f) for f in self.dfree[1:])]
+        dcap = [cap if shared else list(self.dcap[0]), *(list(c) for c in self.dcap[1:])]
+        # per node: the two narrowest levels' sums; each wider one after, from the domains below
+        # it that changed (domains nest), so a change to many nodes costs one step per node
+        dom, free0, cap0 = topo.dom_of[0], dfree[0], dcap[0]
+        up_dom, free1, cap1 = (topo.dom_of[1], dfree[1], dcap[1]) if nlev > 1 else ([], [], [])
+        touched: set[int] = set()  # level-1 domains that changed
         for i, used in changes.items():
             if not elig[i]:
                 continue
@@ -242,27 +244,23 @@ class _Room:
             free[i], cap[i] = nf, nc
             if not shared:
                 d = dom[i]
-                dfree0[d] += df
-                dcap0[d] += dc
-            if up_dom is not None:
+                free0[d] += df
+                cap0[d] += dc
+            if up_dom:
                 u = up_dom[i]
-                got = moved.get(u)
-                moved[u] = (df, dc) if got is None else (got[0] + df, got[1] + dc)
-        dfree, dcap = [dfree0], [dcap0]
-        for li in range(1, len(topo.levels)):
-            f, c = list(self.dfree[li]), list(self.dcap[li])
-            parent = topo.parent[li] if li + 1 < len(topo.levels) else None
-            above: dict[int, tuple[int, int]] = {}
-            for d, (df, dc) in moved.items():
-                f[d] += df
-                c[d] += dc
-                if parent is not None:
-                    p = parent[d]
-                    got = above.get(p)
-                    above[p] = (df, dc) if got is None else (got[0] + df, got[1] + dc)
-            dfree.append(f)
-            dcap.append(c)
-            moved = above
+                free1[u] += df
+                cap1[u] += dc
+                touched.add(u)
+        for li in range(2, nlev):
+            up, f, c = topo.parent[li - 1], dfree[li], dcap[li]
+            new_f, old_f, new_c, old_c = dfree[li - 1], self.dfree[li - 1], dcap[li - 1], self.dcap[li - 1]
+            above: set[int] = set()
+            for d in touched:
+                p = up[d]
+                f[p] += new_f[d] - old_f[d]
+                c[p] += new_c[d] - old_c[d]
+                above.add(p)
+            touched = above
         return _Room(elig, gpw, free, cap, dcap, dfree)
 
 

@@ -547,6 +547,8 @@ class Inventory:
 
 
 def _freeze(obj: Any) -> Any:
+    if obj == ():  # most gangs tolerate nothing: no ABC check for them
+        return ()
     if isinstance(obj, Mapping):
         return tuple(sorted((k, _freeze(v)) for k, v in obj.items()))
     if isinstance(obj, list | tuple):

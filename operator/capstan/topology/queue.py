@@ -177,14 +177,15 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
     ideal: dict[object, str | None] = {}
     cost_based = locality_slowdown is not None
     # gangs started this pass hold GPUs too: the cost-based wait must see when they end
-    known_ends = all(r.expected_end is not None for r in running)
+    ends = [r.expected_end for r in running]
+    known_ends = None not in ends
     # running gangs by expected end, sorted once: the live view adds the gangs started here, the
     # head's reservation releases only the ones running before the pass
     ended: list[_Releases] = []  # built when first needed
 
     def by_end() -> _Releases:
         if not ended:
-            ended.append(_Releases(running))
+            ended.append(_Releases(running, ends))
         return ended[0]
 
     live = by_end().copy() if cost_based and known_ends else None
@@ -411,9 +412,10 @@ class _Releases:
     wait does not sort every running gang again for every waiting gang.
     """
 
-    def __init__(self, running: Iterable[RunningGang]) -> None:
+    def __init__(self, running: Iterable[RunningGang], expected: list[float | None] | None = None) -> None:
+        """``expected``: the gangs' expected ends, in the same order, when the caller has them."""
         gangs = list(running)
-        raw = [r.expected_end for r in gangs]
+        raw = [r.expected_end for r in gangs] if expected is None else expected
         ends = [e or 0.0 for e in raw]
         # by end alone (floats sort fast), stable, then each run of equal ends by the rest of the
         # key: the order a stable sort by the whole key gives, the position breaking full ties

@@ -356,20 +356,35 @@ def test_an_index_patched_for_changed_nodes_places_as_one_built_anew(
     pods = [pod(f"p{i}", raw["metadata"]["name"], data.draw(st.integers(0, 4)))
             for i, raw in enumerate(before)]
     old = build_inventory(before, pods)
-    old._room((), False, None, frozenset(), 4)  # sums and eligibility cached from the old facts
-    patched = old.with_node_updates([after[i] for i in changed], pods)
+    # eligibility, empty and current sums cached from the old facts: the patch carries them over
+    constraints = [((), False, None, frozenset()), (({"key": "gpu", "operator": "Exists"},), True, None,
+                                                     frozenset({"n01"})), ((), False, "H100", frozenset())]
+    for tolerations, rdma, product, avoid in constraints[:2]:
+        for gpw in (4, 8):
+            old._room(tolerations, rdma, product, avoid, gpw)
+            old._empty(tolerations, rdma, product, avoid, gpw)
+    patched = old.with_node_updates([after[i] for i in changed])
     fresh = build_inventory(after, pods)
     assert patched is not None
+    patched = patched.with_pods(pods)
     assert patched.nodes == fresh.nodes and patched._used == fresh._used
-    for rdma, product in ((False, None), (True, "H100")):
-        assert patched._eligible((), rdma, product) == fresh._eligible((), rdma, product)
+    for kept in ("alloc", "most_alloc", "uncordoned", "tainted", "node_domains"):
+        assert getattr(patched._topo, kept) == getattr(fresh._topo, kept), kept
+    for tolerations, rdma, product, avoid in constraints:
+        assert patched._eligible(tolerations, rdma, product, avoid) == fresh._eligible(
+            tolerations, rdma, product, avoid)
+        for gpw in (4, 8):
+            assert patched._empty(tolerations, rdma, product, avoid, gpw) == fresh._empty(
+                tolerations, rdma, product, avoid, gpw)
+            assert patched._room(tolerations, rdma, product, avoid, gpw) == fresh._room(
+                tolerations, rdma, product, avoid, gpw)
     assert place_gang(patched, req) == place_gang(fresh, req)
 
 
 def test_an_index_is_not_patched_for_a_node_that_moved_or_went_away() -> None:
     nodes = [node("a", rack="r1"), node("b", rack="r1")]
     inv = build_inventory(nodes)
-    assert inv.with_node_updates([node("b", rack="r2")], []) is None  # other domains
-    assert inv.with_node_updates([node("b", rack="r1", ready=False)], []) is None  # NotReady now
-    assert inv.with_node_updates([node("c", rack="r1")], []) is None  # not in the index
-    assert inv.with_node_updates([node("b", rack="r1", cordoned=True)], []) is not None
+    assert inv.with_node_updates([node("b", rack="r2")]) is None  # other domains
+    assert inv.with_node_updates([node("b", rack="r1", ready=False)]) is None  # NotReady now
+    assert inv.with_node_updates([node("c", rack="r1")]) is None  # not in the index
+    assert inv.with_node_updates([node("b", rack="r1", cordoned=True)]) is not None

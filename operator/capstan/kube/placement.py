@@ -173,7 +173,8 @@ class NodeIndex:
             # they keep their names and domains, which saves most of a build
             if len(changed) * _PATCH_SHARE <= len(nodes) and all(
                     dig(new, "metadata", "name") == dig(old, "metadata", "name") for new, old in changed):
-                inventory = self.inventory.with_node_updates([new for new, _ in changed], pods)
+                patched = self.inventory.with_node_updates([new for new, _ in changed])
+                inventory = None if patched is None else patched.with_pods(pods)
         if inventory is None:
             inventory = build_inventory(nodes, pods, levels)
         self.nodes, self.levels, self.inventory = list(nodes), levels, inventory

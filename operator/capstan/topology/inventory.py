@@ -219,10 +219,12 @@ class _Room:
                 sums.append(f)
         return cls(elig, gpw, free, cap, dcap, dfree if like is not None else sums)
 
-    def updated(self, topo: _Topology, changes: Mapping[int, int]) -> _Room:
-        """The same sums after node usage changed to ``changes`` (node index -> GPUs used)."""
+    def updated(self, topo: _Topology, changes: Mapping[int, int], elig: list[bool] | None = None) -> _Room:
+        """The same sums after node usage changed to ``changes`` (node index -> GPUs used); with
+        ``elig``, eligibility changed too, at those nodes only (``topo`` has their new facts)."""
         free, cap = list(self.free), list(self.cap)
-        alloc, elig, gpw, nlev = topo.alloc, self.elig, self.gpw, len(topo.levels)
+        alloc, gpw, nlev = topo.alloc, self.gpw, len(topo.levels)
+        elig = self.elig if elig is None else elig
         shared = topo.node_domains  # the narrowest level's sums are free and cap themselves
         dfree = [free if shared else list(self.dfree[0]), *(list(f) for f in self.dfree[1:])]
         dcap = [cap if shared else list(self.dcap[0]), *(list(c) for c in self.dcap[1:])]
@@ -232,10 +234,8 @@ class _Room:
         up_dom, free1, cap1 = (topo.dom_of[1], dfree[1], dcap[1]) if nlev > 1 else ([], [], [])
         touched: set[int] = set()  # level-1 domains that changed
         for i, used in changes.items():
-            if not elig[i]:
-                continue
             a = alloc[i]
-            nf = a - used if a > used else 0
+            nf = a - used if elig[i] and a > used else 0
             df = nf - free[i]
             if not df:
                 continue
@@ -359,18 +359,19 @@ class Inventory:
         """
         return Inventory(self._topo, _usage(self._topo, pods))
 
-    def with_node_updates(self, nodes: Iterable[Mapping[str, Any]],
-                          pods: Iterable[Mapping[str, Any]]) -> Inventory | None:
-        """The index patched with new objects for some of its Ready nodes, and the GPUs ``pods``
-        hold: for a caller that knows the other Nodes have not changed since this inventory was
-        built from them. A cordon, a taint, allocatable GPUs or a product label change only those
-        nodes' facts; the domains are kept, and what was cached from the old facts is dropped.
+    def with_node_updates(self, nodes: Iterable[Mapping[str, Any]]) -> Inventory | None:
+        """The same usage on the index patched with new objects for some of its Ready nodes (count
+        the pods again with :meth:`with_pods`): for a caller that knows the other Nodes have not
+        changed since this inventory was built from them. A cordon, a taint, allocatable GPUs or
+        a product label change only those nodes' facts; the domains are kept, and what was
+        cached from the old facts (eligibility, sums) is carried over, corrected at those nodes.
 
         None when a patch cannot say it (a node not in the index, gone NotReady, or moved to
         other domains): build the inventory again then.
         """
         topo = self._topo
         infos = list(topo.nodes)
+        changed: set[int] = set()
         for node in nodes:
             read = _read_node(node, topo.levels)
             if read is None or isinstance(read, str):
@@ -381,9 +382,11 @@ class Inventory:
                     key != topo.dom_keys[li][topo.dom_of[li][i]] for li, key in enumerate(keys)):
                 return None
             infos[i] = info
-        patched = replace(topo, **_per_node(infos), eligible_cache={}, empty_cache={}, room_cache={},
-                          pod_gpus=dict(topo.pod_gpus))
-        return Inventory(patched, _usage(patched, pods))
+            changed.add(i)
+        patched = replace(topo, **_per_node(infos, topo, changed), eligible_cache={}, empty_cache={},
+                          room_cache={}, pod_gpus=dict(topo.pod_gpus))
+        _carry_caches(topo, patched, sorted(changed))
+        return Inventory(patched, self._used)
 
     def allocate(self, result: PlacementResult) -> Inventory:
         """A new inventory with the GPUs of a placed ``result`` taken.
@@ -679,12 +682,54 @@ def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[s
     return Inventory(topo, _usage(topo, pods))
 
 
-def _per_node(infos: Sequence[NodeInfo]) -> dict[str, Any]:
-    """The index's per-node lists of what may change while a node keeps its domains."""
-    return {"nodes": tuple(infos), "alloc": [n.gpus for n in infos],
-            "most_alloc": max((n.gpus for n in infos), default=0),
-            "uncordoned": [not n.cordoned for n in infos],
-            "tainted": [i for i, n in enumerate(infos) if n.taints]}
+def _node_eligible(n: NodeInfo, key: tuple[Any, ...]) -> bool:
+    """One node's answer to :meth:`Inventory._eligible` for an eligibility cache key."""
+    frozen, needs_rdma, product, avoid = key
+    tolerations = [dict(t) for t in frozen]  # as _freeze left each toleration: sorted (key, value) pairs
+    return (not n.cordoned and (n.rdma or not needs_rdma) and (product is None or n.product == product)
+            and n.name not in avoid and all(tolerates(tolerations, t) for t in n.taints))
+
+
+def _carry_caches(old: _Topology, new: _Topology, changed: Sequence[int]) -> None:
+    """Fill ``new``'s caches from ``old``'s, for an index where only the nodes ``changed`` have
+    other facts: each entry is corrected at those nodes instead of computed again."""
+    for key, elig in old.eligible_cache.items():
+        fixed = list(elig)
+        for i in changed:
+            fixed[i] = _node_eligible(new.nodes[i], key)
+        new.eligible_cache[key] = fixed
+    for (ekey, gpw), (sums, _) in old.empty_cache.items():
+        was, now = old.eligible_cache.get(ekey), new.eligible_cache.get(ekey)
+        if was is None or now is None:
+            continue
+        levels = [list(level) for level in sums]
+        for i in changed:
+            dc = (new.alloc[i] // gpw if now[i] else 0) - (old.alloc[i] // gpw if was[i] else 0)
+            if dc:
+                for li, level in enumerate(levels):
+                    level[new.dom_of[li][i]] += dc
+        new.empty_cache[ekey, gpw] = (levels, [max(level, default=0) for level in levels])
+    for (ekey, gpw), (used, room) in old.room_cache.items():
+        now = new.eligible_cache.get(ekey)
+        if now is not None:
+            new.room_cache[ekey, gpw] = (used, room.updated(new, {i: used[i] for i in changed}, now))
+
+
+def _per_node(infos: Sequence[NodeInfo], old: _Topology | None = None,
+              changed: set[int] | None = None) -> dict[str, Any]:
+    """The index's per-node lists of what may change while a node keeps its domains: from
+    scratch, or ``old``'s with the nodes ``changed`` (indices into ``infos``) set again."""
+    if old is None or changed is None:
+        return {"nodes": tuple(infos), "alloc": [n.gpus for n in infos],
+                "most_alloc": max((n.gpus for n in infos), default=0),
+                "uncordoned": [not n.cordoned for n in infos],
+                "tainted": [i for i, n in enumerate(infos) if n.taints]}
+    alloc, uncordoned = list(old.alloc), list(old.uncordoned)
+    for i in changed:
+        alloc[i], uncordoned[i] = infos[i].gpus, not infos[i].cordoned
+    tainted = sorted((set(old.tainted) - changed) | {i for i in changed if infos[i].taints})
+    return {"nodes": tuple(infos), "alloc": alloc, "most_alloc": max(alloc, default=0),
+            "uncordoned": uncordoned, "tainted": tainted}
 
 
 def _usage(topo: _Topology, pods: Iterable[Mapping[str, Any]]) -> list[int]:

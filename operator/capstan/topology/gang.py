@@ -135,41 +135,50 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
         return _result(inventory, request, [(_best_node(topo, free, dfree, gpw), 1)])
 
     top = inventory.levels.index(request.max_domain) if request.policy == "Required" else nlev
-    need = want * gpw
-    # levels where no domain could hold the gang even empty need no look at what is free
+    li = _fit_level(inventory, request, dcap)
+    if li is None:
+        return _unplaced(inventory, request, elig, free, cap, dcap=dcap, dfree=dfree, top=top)
+    chosen = 0  # the cluster root, unless a domain of a level holds the gang
+    if li < nlev:
+        need = want * gpw
+        fits = [d for d, c in enumerate(dcap[li]) if c >= want]
+
+        def score(d: int) -> tuple[int, ...]:
+            chain = []
+            if parent_tiebreak:
+                p = d
+                for up in range(li, nlev - 1):
+                    p = topo.parent[up][p]
+                    chain.append(dfree[up + 1][p])
+            if fragmentation_aware:
+                return (dcap[li][d] - want, dfree[li][d] - need, *chain, d)
+            return (dfree[li][d] - need, *chain, d)
+
+        # the score's leading terms first, at C speed: only domains tied on them can be least
+        lead = dcap[li] if fragmentation_aware else dfree[li]
+        low = min(map(lead.__getitem__, fits))
+        fits = [d for d in fits if lead[d] == low]
+        if fragmentation_aware and len(fits) > 1:
+            low = min(map(dfree[li].__getitem__, fits))
+            fits = [d for d in fits if dfree[li][d] == low]
+        chosen = fits[0] if len(fits) == 1 else min(fits, key=score)
+    assign = _descend(topo, li, chosen, want, cap=cap, free=free, dcap=dcap, dfree=dfree)
+    return _result(inventory, request, assign)
+
+
+def _fit_level(inventory: Inventory, request: GangRequest, dcap: list[list[int]]) -> int | None:
+    """Index of the narrowest level where one domain has room for the whole gang now (the
+    number of levels: only the whole cluster), up to what its policy allows; None when none."""
+    levels, want = inventory.levels, request.workers
+    nlev = len(levels)
+    top = levels.index(request.max_domain) if request.policy == "Required" else nlev
+    # levels where no domain could hold the gang even empty need no look at what is free; a
+    # C-speed scan rules a level out before any per-domain look
     most = _most_for(inventory, request)
-    for li in range(top + 1):
-        if li == nlev:
-            chosen = 0  # the cluster root
-        else:
-            if most[li] < want:
-                continue
-            if max(dcap[li], default=0) < want:
-                continue  # a C-speed scan rules the level out before the per-domain one
-            fits = [d for d, c in enumerate(dcap[li]) if c >= want]
-
-            def score(d: int, li: int = li) -> tuple[int, ...]:
-                chain = []
-                if parent_tiebreak:
-                    p = d
-                    for up in range(li, nlev - 1):
-                        p = topo.parent[up][p]
-                        chain.append(dfree[up + 1][p])
-                if fragmentation_aware:
-                    return (dcap[li][d] - want, dfree[li][d] - need, *chain, d)
-                return (dfree[li][d] - need, *chain, d)
-
-            # the score's leading terms first, at C speed: only domains tied on them can be least
-            lead = dcap[li] if fragmentation_aware else dfree[li]
-            low = min(map(lead.__getitem__, fits))
-            fits = [d for d in fits if lead[d] == low]
-            if fragmentation_aware and len(fits) > 1:
-                low = min(map(dfree[li].__getitem__, fits))
-                fits = [d for d in fits if dfree[li][d] == low]
-            chosen = fits[0] if len(fits) == 1 else min(fits, key=score)
-        assign = _descend(topo, li, chosen, want, cap=cap, free=free, dcap=dcap, dfree=dfree)
-        return _result(inventory, request, assign)
-    return _unplaced(inventory, request, elig, free, cap, dcap=dcap, dfree=dfree, top=top)
+    for li in range(min(top, nlev - 1) + 1):
+        if most[li] >= want and max(dcap[li], default=0) >= want:
+            return li
+    return nlev if top == nlev and sum(dcap[-1]) >= want else None
 
 
 def _room_for(inv: Inventory, req: GangRequest) -> _Room:
@@ -234,17 +243,11 @@ def placed_level(inventory: Inventory, request: GangRequest) -> str | None:
     if request.workers < 2 or request.gpus_per_worker == 0 or request.policy == "None":
         raise ValueError("placed_level answers for multi-worker GPU gangs placed by topology")
     _validate(inventory, request)
-    dcap = _room_for(inventory, request).dcap
+    li = _fit_level(inventory, request, _room_for(inventory, request).dcap)
+    if li is None:
+        return None
     levels = inventory.levels
-    nlev = len(levels)
-    top = levels.index(request.max_domain) if request.policy == "Required" else nlev
-    most = _most_for(inventory, request)
-    for li in range(min(top, nlev - 1) + 1):
-        if most[li] >= request.workers and max(dcap[li], default=0) >= request.workers:
-            return levels.levels[li].name
-    if top == nlev and sum(dcap[-1]) >= request.workers:
-        return CLUSTER_LEVEL
-    return None
+    return CLUSTER_LEVEL if li == len(levels) else levels.levels[li].name
 
 
 def releases_until_fit(inventory: Inventory, request: GangRequest,

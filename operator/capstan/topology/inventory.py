@@ -186,38 +186,41 @@ class _Room:
         """Sum from scratch: one pass over the nodes with free GPUs, then up the levels. ``like``:
         sums for the same usage and eligibility with another worker size, whose free GPUs (per
         node and per domain) are these too and are shared."""
-        if like is not None:
-            free, dfree = like.free, like.dfree
-        else:
+        own = like is None  # free GPUs to sum here, else ``like``'s are these
+        if like is None:
             free = [a - u if e and a > u else 0 for a, u, e in zip(topo.alloc, used, elig, strict=True)]
+            dfree: list[list[int]] = []
+        else:
+            free, dfree = like.free, like.dfree
         cap = [f // gpw for f in free]
         busy = list(compress(range(len(free)), free))  # the nodes with free GPUs, at C speed
         if topo.node_domains:
-            dcap, sums = [cap], [free]
+            dcap = [cap]
+            if own:
+                dfree.append(free)
         else:
             dom = topo.dom_of[0]
             c = [0] * len(topo.dom_keys[0])
             f = [0] * len(topo.dom_keys[0])
             for i in busy:
-                d = dom[i]
-                c[d] += cap[i]
-                f[d] += free[i]
-            dcap, sums = [c], [f]
+                c[dom[i]] += cap[i]
+                f[dom[i]] += free[i]
+            dcap = [c]
+            if own:
+                dfree.append(f)
         for li in range(1, len(topo.levels)):  # each level from the one below: domains nest
-            up = topo.parent[li - 1]
-            below_c = dcap[-1]
-            below_f = sums[-1] if like is None else dfree[li - 1]
-            c = [0] * len(topo.dom_keys[li])
+            up, below_c, below_f = topo.parent[li - 1], dcap[-1], dfree[li - 1]
             some = busy if li == 1 and topo.node_domains else list(compress(range(len(below_f)), below_f))
+            c = [0] * len(topo.dom_keys[li])
             for d in some:
                 c[up[d]] += below_c[d]
             dcap.append(c)
-            if like is None:
+            if own:
                 f = [0] * len(topo.dom_keys[li])
                 for d in some:
                     f[up[d]] += below_f[d]
-                sums.append(f)
-        return cls(elig, gpw, free, cap, dcap, dfree if like is not None else sums)
+                dfree.append(f)
+        return cls(elig, gpw, free, cap, dcap, dfree)
 
     def updated(self, topo: _Topology, changes: Mapping[int, int], elig: list[bool] | None = None) -> _Room:
         """The same sums after node usage changed to ``changes`` (node index -> GPUs used); with

@@ -3,6 +3,7 @@
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 from topo_fixtures import node, pod
@@ -200,6 +201,75 @@ def test_placements_on_derived_inventories_match_fresh_ones(
         elif cur.nodes:
             name = data.draw(st.sampled_from([n.name for n in cur.nodes]))
             cur = cur.add_usage({name: data.draw(st.integers(-8, 0))})
+
+
+def _places_as_a_fresh_index(at: Inventory, reqs: list[GangRequest]) -> None:
+    pristine = replace(at._topo, eligible_cache={}, empty_cache={}, room_cache={})
+    fresh = Inventory(pristine, list(at._used))
+    for req in reqs:
+        got, want = place_gang(at, req), place_gang(fresh, req)
+        assert (got.placed, got.nodes, got.level, got.reason) == (
+            want.placed, want.nodes, want.level, want.reason)
+
+
+@FAST
+@given(clusters(), st.lists(gangs, min_size=1, max_size=8), st.data())
+def test_views_that_hand_their_lists_on_place_as_copies_do(
+        inv: Inventory, reqs: list[GangRequest], data: st.DataObject) -> None:
+    # a queue pass's own views hand their per-node lists to the next one instead of copying them;
+    # the last view, a view made from one before it was handed on (the pass's masked view), the
+    # caller's inventory and the next pass over the same index must all place as fresh ones do
+    counted = list(inv._used)
+    cur, own, side = inv, False, None
+    side_at = data.draw(st.integers(0, len(reqs) - 1))
+    for step, req in enumerate(reqs):
+        res = place_gang(cur, req)
+        if step == side_at:
+            name = data.draw(st.sampled_from([n.name for n in cur.nodes])) if cur.nodes else "gone"
+            side = cur.add_usage({name: data.draw(st.integers(-8, 0))})
+            if data.draw(st.booleans()):
+                place_gang(side, req)  # sums of its own, derived from cur's before cur hands them on
+        if res.placed:
+            cur = cur._take_usage(res.gpus_by_node(), check=True) if own else cur.allocate(res)
+            own = True
+    _places_as_a_fresh_index(cur, reqs)
+    if side is not None:
+        _places_as_a_fresh_index(side, reqs)
+    assert inv._used == counted
+    _places_as_a_fresh_index(inv, reqs)
+    _places_as_a_fresh_index(Inventory(inv._topo, list(cur._used)), reqs)
+
+
+def test_sums_sharing_free_gpus_stay_right_when_a_view_hands_one_on() -> None:
+    # a view far from the counted pods builds its sums from scratch, and a second worker size's
+    # sums share the first one's free GPUs; handing the first on must leave the second right
+    nodes = [node(f"n{i}", 8, rack=f"r{i // 2}") for i in range(8)]
+    inv = build_inventory(nodes, [])
+    big, four, pair = GangRequest("big", 4, 8), GangRequest("four", 1, 4), GangRequest("pair", 2, 4)
+    for req in (big, four):
+        place_gang(inv, req)  # the index keeps both sizes' sums for these pods
+    cur = inv.allocate(place_gang(inv, big))  # half the nodes changed: too far to derive from
+    for req in (big, four):
+        place_gang(cur, req)
+    after = cur._take_usage({"n7": 4}, check=True)
+    _places_as_a_fresh_index(after, [big, four, pair])
+    assert after._room((), False, None, frozenset(), 4) == _Room.build(
+        inv._topo, after._used, after._eligible((), False, None), 4)
+
+
+def test_a_view_that_handed_its_lists_on_cannot_be_read() -> None:
+    inv = build_inventory([node("a", 8), node("b", 8)], [pod("p", "a", 2)])
+    req = GangRequest("g", 1, 4)
+    own = inv.allocate(place_gang(inv, req))  # onto the node it fills most: a
+    with pytest.raises(ValueError, match="node a would have 16 GPUs used of 8"):
+        own._take_usage({"b": 4, "a": 10}, check=True)
+    assert (own.used("a"), own.used("b")) == (6, 0)  # a refused change changes nothing
+    after = own._take_usage({"a": 2, "b": 4}, check=True)
+    assert (after.used("a"), after.used("b")) == (8, 4)
+    with pytest.raises((IndexError, ValueError)):  # loudly, never the new view's numbers
+        place_gang(own, req)
+    with pytest.raises(IndexError):
+        own.free("a")
 
 
 @FAST

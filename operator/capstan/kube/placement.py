@@ -556,10 +556,12 @@ def _plan_moves(inv: Inventory, decisions: Sequence[Decision], movable: Sequence
     waiting = [d.wanted() for d in decisions if not d.placed]
     if not waiting or not movable:
         return []
-    started = []
+    started, own = [], False  # own: a view made here, which the next one may take the lists of
     for d in decisions:
-        if d.placed:
-            inv = inv.allocate(d.result)  # gangs starting from this pass hold their GPUs already
+        if d.placed:  # gangs starting from this pass hold their GPUs already
+            gpus = d.result.gpus_by_node()
+            inv = inv._take_usage(gpus, check=True) if own else inv.add_usage(gpus, check=True)
+            own = True
             end = d.request.expected_duration_s
             started.append(RunningGang(d.result, now, None if end is None else now + end))
     uids = {m.request.name: uid for m, uid in movable}

@@ -168,10 +168,12 @@ class _Topology:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Room:
     """Free GPUs and whole workers of one size per node and per domain of every level, for one
-    eligibility (constraint set). Shared between placements on an inventory: never mutated."""
+    eligibility (constraint set). Shared between placements on an inventory; its lists never
+    change while it can be read: only a room derived for an inventory that took over its own
+    (:meth:`Inventory._take_usage`) may reuse them, and this one is then spent."""
 
     elig: list[bool]
     gpw: int
@@ -179,6 +181,12 @@ class _Room:
     cap: list[int]  # per node: free // gpw
     dcap: list[list[int]]  # per level, per domain: sum of cap
     dfree: list[list[int]]  # per level, per domain: sum of free
+    # ``free`` and ``dfree`` are another room's too (same usage and eligibility, another worker size)
+    shared: bool = field(default=False, compare=False)
+    # kept by the index for the next pass: its lists are never reused
+    pinned: bool = field(default=False, compare=False)
+    # its per-node lists went to a room derived from it: emptied, never to be read again
+    spent: bool = field(default=False, compare=False)
 
     @classmethod
     def build(cls, topo: _Topology, used: list[int], elig: list[bool], gpw: int,
@@ -192,6 +200,7 @@ class _Room:
             dfree: list[list[int]] = []
         else:
             free, dfree = like.free, like.dfree
+            like.shared = True
         cap = [f // gpw for f in free]
         busy = list(compress(range(len(free)), free))  # the nodes with free GPUs, at C speed
         if topo.node_domains:
@@ -220,17 +229,23 @@ class _Room:
                 for d in some:
                     f[up[d]] += below_f[d]
                 dfree.append(f)
-        return cls(elig, gpw, free, cap, dcap, dfree)
+        return cls(elig, gpw, free, cap, dcap, dfree, shared=not own)
 
-    def updated(self, topo: _Topology, changes: Mapping[int, int], elig: list[bool] | None = None) -> _Room:
+    def updated(self, topo: _Topology, changes: Mapping[int, int], elig: list[bool] | None = None, *,
+                reuse: bool = False) -> _Room:
         """The same sums after node usage changed to ``changes`` (node index -> GPUs used); with
-        ``elig``, eligibility changed too, at those nodes only (``topo`` has their new facts)."""
-        free, cap = list(self.free), list(self.cap)
+        ``elig``, eligibility changed too, at those nodes only (``topo`` has their new facts).
+        ``reuse``: nothing reads this room again, so the new one may take its per-node lists
+        rather than copy them (unless the index keeps it or another room shares them)."""
+        reuse = reuse and not self.pinned
+        # copying two lists as long as the cluster is most of what a small change costs
+        free = self.free if reuse and not self.shared else list(self.free)
+        cap = self.cap if reuse else list(self.cap)
         alloc, gpw, nlev = topo.alloc, self.gpw, len(topo.levels)
         elig = self.elig if elig is None else elig
-        shared = topo.node_domains  # the narrowest level's sums are free and cap themselves
-        dfree = [free if shared else list(self.dfree[0]), *(list(f) for f in self.dfree[1:])]
-        dcap = [cap if shared else list(self.dcap[0]), *(list(c) for c in self.dcap[1:])]
+        per_node = topo.node_domains  # the narrowest level's sums are free and cap themselves
+        dfree = [free if per_node else list(self.dfree[0]), *(list(f) for f in self.dfree[1:])]
+        dcap = [cap if per_node else list(self.dcap[0]), *(list(c) for c in self.dcap[1:])]
         # per node: the two narrowest levels' sums; each wider one after, from the domains below
         # it that changed (domains nest), so a change to many nodes costs one step per node
         dom, free0, cap0 = topo.dom_of[0], dfree[0], dcap[0]
@@ -245,7 +260,7 @@ class _Room:
             nc = nf // gpw
             dc = nc - cap[i]
             free[i], cap[i] = nf, nc
-            if not shared:
+            if not per_node:
                 d = dom[i]
                 free0[d] += df
                 cap0[d] += dc
@@ -264,14 +279,17 @@ class _Room:
                 c[p] += new_c[d] - old_c[d]
                 above.add(p)
             touched = above
+        if reuse:  # reading it again would read the new sums: make that fail loudly instead
+            self.spent = True
+            self.free, self.cap, self.dcap, self.dfree = [], [], [], []
         return _Room(elig, gpw, free, cap, dcap, dfree)
 
 
 # rooms derived from a parent inventory's only while the change is this small a share of the nodes
 _DERIVE_SHARE = 4
-# sums to derive from, the usage changes since them (node index -> GPUs used, applied in order) and
-# how many entries those hold
-_Derivation = tuple[_Room, tuple[dict[int, int], ...], int]
+# sums to derive from, the usage changes since them (node index -> GPUs used, applied in order), how
+# many entries those hold, and whether every inventory between holds no more (see _take_usage)
+_Derivation = tuple[_Room, tuple[dict[int, int], ...], int, bool]
 
 
 class Inventory:
@@ -412,29 +430,47 @@ class Inventory:
         Unknown nodes are ignored (they may have gone NotReady since the placement). With
         ``check`` a node pushed past its allocatable raises ValueError.
         """
-        used = list(self._used)
-        get, alloc = self._topo.index.get, self._topo.alloc
+        return self._changed(delta, check, reuse=False)
+
+    def _take_usage(self, delta: Mapping[str, int], *, check: bool = False) -> Inventory:
+        """:meth:`add_usage` for a caller that drops this inventory and never reads it again (a
+        queue pass's own views, one start after another): the new one takes over its per-node
+        lists (usage, and the sums derived from it) where nothing else holds them, instead of
+        copying lists as long as the cluster for each start. This one is emptied: reading it
+        fails loudly."""
+        return self._changed(delta, check, reuse=True)
+
+    def _changed(self, delta: Mapping[str, int], check: bool, *, reuse: bool) -> Inventory:
+        get, alloc, used = self._topo.index.get, self._topo.alloc, self._used
         changes: dict[int, int] = {}
-        for name, gpus in delta.items():
+        for name, gpus in delta.items():  # checked before any change, so a raise changes nothing
             i = get(name)
             if i is None:
                 continue
             after = used[i] + gpus
-            used[i] = changes[i] = after if after > 0 else 0
+            changes[i] = after if after > 0 else 0
             if check and after > alloc[i]:
                 raise ValueError(f"node {name} would have {after} GPUs used of {alloc[i]}")
-        return Inventory(self._topo, used, self._derive_base(changes), self._drift + len(changes))
+        base = self._derive_base(changes, reuse)
+        # the index keeps the usage its sums were last derived for: that list is never reused
+        if reuse and all(kept is not used for kept, _ in self._topo.room_cache.values()):
+            self._used, self._rooms, self._base = [], {}, {}
+        else:
+            used = list(used)
+        for i, after in changes.items():
+            used[i] = after
+        return Inventory(self._topo, used, base, self._drift + len(changes))
 
-    def _derive_base(self, changes: dict[int, int]) -> dict[Any, _Derivation]:
+    def _derive_base(self, changes: dict[int, int], reuse: bool = False) -> dict[Any, _Derivation]:
         # each constraint set's latest sums, here or in an inventory this one derives from, so a
         # chain of allocations derives every set's sums from the last ones asked for; merged only
         # when used, and dropped once the changes (counted with repeats) pass the share
         limit = len(self._used) // _DERIVE_SHARE
         out: dict[Any, _Derivation] = {
-            key: (room, (changes,), len(changes)) for key, room in self._rooms.items()}
-        for key, (room, since, size) in self._base.items():
+            key: (room, (changes,), len(changes), reuse) for key, room in self._rooms.items()}
+        for key, (room, since, size, owned) in self._base.items():
             if key not in out and size + len(changes) <= limit:
-                out[key] = (room, (*since, changes), size + len(changes))
+                out[key] = (room, (*since, changes), size + len(changes), reuse and owned)
         return out if len(changes) <= limit else {}
 
     # -- internals for the placement modules ----------------------------------------------------
@@ -445,11 +481,11 @@ class Inventory:
         room = self._rooms.get(key)
         if room is None:
             parent = self._base.get(key)
-            if parent is not None:
+            if parent is not None and not parent[0].spent:  # spent: another view took its lists
                 merged: dict[int, int] = {}
                 for changes in parent[1]:
                     merged.update(changes)
-                room = parent[0].updated(self._topo, merged)
+                room = parent[0].updated(self._topo, merged, reuse=parent[3])
             else:
                 room = self._room_from_index(key, tolerations, needs_rdma, product, avoid, gpw)
             self._rooms[key] = room
@@ -478,6 +514,7 @@ class Inventory:
             if len(topo.room_cache) > 256:  # bound memory for odd callers
                 topo.room_cache.clear()
             topo.room_cache[key] = (used, room)
+            room.pinned = True
         return room
 
     def _empty(self, tolerations: Sequence[Mapping[str, Any]], needs_rdma: bool, product: str | None,

@@ -229,17 +229,20 @@ def _destinations(inv: Inventory, movers: Sequence[MovableGang],
                   onto: set[str] | None) -> list[PlacementResult] | None:
     """Where each of ``movers`` restarts, in order (only on nodes ``onto`` when given); None when
     one does not fit."""
-    view = inv
+    view, own = inv, False  # own: a view made here, which the next one may take the lists of
     if onto is not None:
         alloc, used = inv._topo.alloc, inv._used
         view = inv.add_usage({n.name: a - u for n, a, u in zip(inv.nodes, alloc, used, strict=True)
                               if a > u and n.name not in onto})
+        own = True
     out: list[PlacementResult] = []
     for m in movers:
         to = place_gang(view, replace(m.request, policy="Preferred"))
         if not to.placed:
             return None
-        view = view.allocate(to)
+        gpus = to.gpus_by_node()
+        view = view._take_usage(gpus, check=True) if own else view.add_usage(gpus, check=True)
+        own = True
         out.append(to)
     return out
 

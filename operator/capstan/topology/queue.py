@@ -189,15 +189,20 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
         return ended[0]
 
     live = by_end().copy() if cost_based and known_ends else None
+    # views made by this pass and read only through inv and masked: a start takes over their lists
+    own: set[str] = set()
 
     def start(shown: GangRequest, req: GangRequest, res: PlacementResult) -> None:
         # every start takes its GPUs from the open view and, past a reserved head, the masked one
         nonlocal inv, masked
-        inv = inv.allocate(res)
+        gpus = res.gpus_by_node()
+        inv = inv._take_usage(gpus, check=True) if "inv" in own else inv.add_usage(gpus, check=True)
+        own.add("inv")
         if live is not None:
             live.add(_started(req, res, now, locality_slowdown))
         if masked is not None:
-            masked = masked.add_usage(res.gpus_by_node())
+            masked = masked._take_usage(gpus) if "masked" in own else masked.add_usage(gpus)
+            own.add("masked")
         decisions.append(Decision(shown, res, backfilled=masked is not None))
 
     for orig in queue_order(requests):
@@ -271,6 +276,7 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
             decisions.append(Decision(req, res, reservation=head))
             if head is not None:  # an impossible head blocks nobody; the next one becomes head
                 masked = inv.add_usage(head.gpus_by_node())
+                own.add("masked")
             continue
 
         assert head is not None

@@ -240,6 +240,28 @@ def test_views_that_hand_their_lists_on_place_as_copies_do(
     _places_as_a_fresh_index(Inventory(inv._topo, list(cur._used)), reqs)
 
 
+@FAST
+@given(st.data())
+def test_one_worker_gangs_place_as_on_a_fresh_index_after_any_usage_changes(data: st.DataObject) -> None:
+    # a one-worker gang goes to a tightest node; those nodes are kept with the sums and patched as
+    # usage changes (a few nodes or many, in views handed on or copied): the choice must stay
+    # what a fresh index of the same usage makes
+    n = data.draw(st.integers(64, 160))  # many nodes: sums derive for changes up to a quarter of them
+    nodes = [node(f"n{i:02d}", data.draw(st.sampled_from([4, 8])), rack=f"r{i // 6}", block=f"b{i // 24}")
+             for i in range(n)]
+    names = [f"n{i:02d}" for i in range(n)]
+    one = [GangRequest(f"one{g}", 1, g) for g in (1, 2, 4, 8)]
+    cur, own = build_inventory(nodes, []), False
+    for _ in range(data.draw(st.integers(1, 6))):
+        for req in one:
+            place_gang(cur, req)  # every size's sums (and tightest nodes) found, to carry on
+        changed = data.draw(st.permutations(names))[: data.draw(st.integers(0, n // 4 + 2))]
+        delta = {name: data.draw(st.sampled_from([-8, -4, -1, 1, 4, 8])) for name in changed}
+        cur = cur._take_usage(delta) if own else cur.add_usage(delta)
+        own = data.draw(st.booleans())
+        _places_as_a_fresh_index(cur, one)
+
+
 def test_sums_sharing_free_gpus_stay_right_when_a_view_hands_one_on() -> None:
     # a view far from the counted pods builds its sums from scratch, and a second worker size's
     # sums share the first one's free GPUs; handing the first on must leave the second right

@@ -132,7 +132,7 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
 
     nlev = len(topo.levels)
     if fragmentation_aware and want == 1:
-        return _result(inventory, request, [(_best_node(topo, free, dfree, gpw), 1)])
+        return _result(inventory, request, [(_best_node(topo, room), 1)])
 
     top = inventory.levels.index(request.max_domain) if request.policy == "Required" else nlev
     li = _fit_level(inventory, request, dcap)
@@ -192,25 +192,12 @@ def _most_for(inv: Inventory, req: GangRequest) -> list[int]:
                       req.gpus_per_worker)[1]
 
 
-def _best_node(topo: Any, free: list[int], dfree: list[list[int]], gpw: int) -> int:
+def _best_node(topo: Any, room: _Room) -> int:
     """The node for a one-worker gang: least free GPUs left on it, then the fullest enclosing
-    domains (NVLink domain, rack, ...; their free GPUs are ``dfree``), then name."""
-    # `in` and list.index scan at C speed; a node's free GPUs are few distinct values, and no node
-    # has more free than the most any node has allocatable
-    for tightest in range(gpw, topo.most_alloc + 1):  # the caller checked that some node has room
-        if tightest in free:
-            break
-    else:
-        raise AssertionError(f"no node has {gpw} free GPUs")
-    best, i = [], -1
-    try:
-        while True:
-            i = free.index(tightest, i + 1)
-            best.append(i)
-    except ValueError:
-        pass
-    n_nodes = len(free)
-    for dom, df in zip(topo.dom_of, dfree, strict=True):  # narrowest level first, as the key reads
+    domains (NVLink domain, rack, ...; their free GPUs are ``room.dfree``), then name."""
+    best = room.tightest(topo.most_alloc)[1]  # the caller checked that some node has room
+    n_nodes = len(room.free)
+    for dom, df in zip(topo.dom_of, room.dfree, strict=True):  # narrowest level first, as the key reads
         if len(best) == 1:
             break
         if len(df) == n_nodes:

@@ -8,6 +8,7 @@ can place a queue of gangs one after another and throw away what-if copies cheap
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
@@ -187,6 +188,32 @@ class _Room:
     pinned: bool = field(default=False, compare=False)
     # its per-node lists went to a room derived from it: emptied, never to be read again
     spent: bool = field(default=False, compare=False)
+    # the fewest free GPUs a node with room for a worker has, and the nodes with that many in index
+    # order (where a one-worker gang goes first): found when first asked (tightest), then kept up
+    # to date by updated while changes are few
+    tight: tuple[int, list[int]] | None = field(default=None, compare=False)
+
+    def tightest(self, most_alloc: int) -> tuple[int, list[int]]:
+        """The fewest free GPUs (at least ``gpw``) any node has, and the nodes with that many, in
+        index order. ``most_alloc``: the most any node has allocatable. The caller checked that
+        some node has room for a worker."""
+        if self.tight is None:
+            free = self.free
+            # `in` and list.index scan at C speed; a node's free GPUs are few distinct values
+            for fewest in range(self.gpw, most_alloc + 1):
+                if fewest in free:
+                    break
+            else:
+                raise AssertionError(f"no node has {self.gpw} free GPUs")
+            nodes, i = [], -1
+            try:
+                while True:
+                    i = free.index(fewest, i + 1)
+                    nodes.append(i)
+            except ValueError:
+                pass
+            self.tight = (fewest, nodes)
+        return self.tight
 
     @classmethod
     def build(cls, topo: _Topology, used: list[int], elig: list[bool], gpw: int,
@@ -251,12 +278,23 @@ class _Room:
         dom, free0, cap0 = topo.dom_of[0], dfree[0], dcap[0]
         up_dom, free1, cap1 = (topo.dom_of[1], dfree[1], dcap[1]) if nlev > 1 else ([], [], [])
         touched: set[int] = set()  # level-1 domains that changed
+        # the tightest nodes, when known: the changed ones that leave them or join them
+        fewest, tight = self.tight if self.tight is not None else (0, None)
+        gone: set[int] = set()
+        joined: list[int] = []
         for i, used in changes.items():
             a = alloc[i]
             nf = a - used if elig[i] and a > used else 0
             df = nf - free[i]
             if not df:
                 continue
+            if tight is not None:
+                if nf - df == fewest:
+                    gone.add(i)
+                if nf == fewest:
+                    joined.append(i)
+                elif gpw <= nf < fewest:  # fewer than the tightest had: the one tightest node so far
+                    fewest, tight, gone, joined = nf, [], set(), [i]
             nc = nf // gpw
             dc = nc - cap[i]
             free[i], cap[i] = nf, nc
@@ -279,10 +317,20 @@ class _Room:
                 c[p] += new_c[d] - old_c[d]
                 above.add(p)
             touched = above
+        if tight is not None and (gone or joined):  # lists shared between rooms: never changed
+            if len(gone) + len(joined) <= 16:
+                tight = list(tight)
+                for i in gone:
+                    del tight[bisect_left(tight, i)]
+                for i in joined:
+                    insort(tight, i)
+            else:  # many: one pass over them (timsort merges the sorted runs)
+                tight = sorted([j for j in tight if j not in gone] + joined)
         if reuse:  # reading it again would read the new sums: make that fail loudly instead
             self.spent = True
-            self.free, self.cap, self.dcap, self.dfree = [], [], [], []
-        return _Room(elig, gpw, free, cap, dcap, dfree)
+            self.free, self.cap, self.dcap, self.dfree, self.tight = [], [], [], [], None
+        # none left with that many: the tightest is found again when asked
+        return _Room(elig, gpw, free, cap, dcap, dfree, tight=(fewest, tight) if tight else None)
 
 
 # rooms derived from a parent inventory's only while the change is this small a share of the nodes

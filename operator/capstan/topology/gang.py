@@ -122,7 +122,7 @@ def place_gang(inventory: Inventory, request: GangRequest, *,
         return _unplaced(inventory, request, elig, free, cap)
 
     if request.policy == "None":
-        picks = _fill([(c, free[i], i) for i, c in enumerate(cap) if c], want)
+        picks = _fill([(-c, free[i], i) for i, c in enumerate(cap) if c], want)
         assign = [(i, k) for i, k in picks]
         # group ranks by domain, widest level first, so neighbouring ranks share a domain
         nlev = len(topo.levels)
@@ -308,21 +308,24 @@ def narrowest_level(inventory: Inventory, request: GangRequest) -> str | None:
 
 
 def _fill(items: list[tuple[int, int, int]], want: int) -> list[tuple[int, int]]:
-    """Kueue BestFit over (capacity, free, id) items: biggest first, best-fitting last; ties by id.
+    """Kueue BestFit over (-capacity, free, id) items: biggest first, best-fitting last; ties by id.
 
     Returns (id, workers) in rank order; assumes the capacities add up to at least ``want``.
     """
-    # sorted as (-capacity, free, id) tuples: no key function to call per item
-    ranked = sorted([(-c, f, ident) for c, f, ident in items])
+    # the items sort as they come (negated capacity first): no key function to call per item
+    items.sort()
     out: list[tuple[int, int]] = []
     rem = want
-    for pos, (neg, _f, ident) in enumerate(ranked):
+    for pos, (neg, _f, ident) in enumerate(items):
         c = -neg
         if c <= 0:
             break
-        if c >= rem:
+        if c == rem:  # none after it is bigger: it is the smallest that fits, and first on ties
+            out.append((ident, rem))
+            return out
+        if c > rem:
             # the last domain: the smallest remaining one that fits leaves the least capacity idle
-            last = min((-n, f, i) for n, f, i in ranked[pos:] if -n >= rem)
+            last = min((-n, f, i) for n, f, i in items[pos:] if -n >= rem)
             out.append((last[2], rem))
             return out
         out.append((ident, c))
@@ -340,11 +343,11 @@ def _descend(topo: Any, li: int, dom: int, want: int, *, cap: list[int], free: l
     if li == 0:
         if len(kids) == 1:
             return [(kids[0], want)]  # the caller checked the room
-        return _fill([(cap[i], free[i], i) for i in kids if cap[i]], want)
+        return _fill([(-cap[i], free[i], i) for i in kids if cap[i]], want)
     out: list[tuple[int, int]] = []
     dc, df = dcap[li - 1], dfree[li - 1]
     below = topo.children[li - 1]
-    for child, k in _fill([(dc[c], df[c], c) for c in kids if dc[c]], want):
+    for child, k in _fill([(-dc[c], df[c], c) for c in kids if dc[c]], want):
         if li == 1 and len(below[child]) == 1:
             out.append((below[child][0], k))  # an NVLink domain of one node: no call for it
         else:
@@ -513,7 +516,7 @@ def place_when_freed(inventory: Inventory, request: GangRequest) -> tuple[Placem
         taken: dict[int, int] = {}
         n_now = min(want, now[best])
         if n_now:
-            for i, k in _fill([(cap_now[i], free[i], i) for i in members if cap_now[i]], n_now):
+            for i, k in _fill([(-cap_now[i], free[i], i) for i in members if cap_now[i]], n_now):
                 taken[i] = k
         rem = want - n_now
         # the rest waits on the nodes with the fewest GPUs held by others

@@ -440,6 +440,7 @@ class _Releases:
         # the same as (node index, GPUs) pairs for one topology's index, built as a sweep needs them
         self._pairs: list[list[tuple[int, int]] | None] = [None] * len(self.order)
         self._pairs_index: dict[str, int] | None = None
+        self._pairs_built = 0  # every entry before this one is built
         self.unknown_end = None in raw
 
     def copy(self) -> _Releases:
@@ -447,6 +448,7 @@ class _Releases:
         out = _Releases(())
         out.order, out.ends = list(self.order), list(self.ends)
         out._deltas, out._pairs, out._pairs_index = list(self._deltas), list(self._pairs), self._pairs_index
+        out._pairs_built = self._pairs_built
         out.unknown_end = self.unknown_end
         return out
 
@@ -461,6 +463,7 @@ class _Releases:
         self.ends.insert(at, key[0])
         self._deltas.insert(at, None)
         self._pairs.insert(at, None)
+        self._pairs_built = min(self._pairs_built, at)
         self.unknown_end = self.unknown_end or gang.expected_end is None
 
     def deltas(self) -> Iterator[dict[str, int]]:
@@ -470,31 +473,35 @@ class _Releases:
                 delta = self._deltas[k] = _giveback(self.order[k])
             yield delta
 
-    def _index_pairs(self, index: dict[str, int]) -> Iterator[list[tuple[int, int]]]:
+    def _index_pairs(self, index: dict[str, int], upto: int) -> list[list[tuple[int, int]]]:
+        """The first ``upto`` gangs' releases as (node index, GPUs) pairs for ``index``: built as
+        sweeps first need them, then kept, so a sweep reads a list rather than a generator."""
         if self._pairs_index is not index:  # another topology: node indices differ
             self._pairs = [None] * len(self.order)
             self._pairs_index = index
+            self._pairs_built = 0
         all_pairs = self._pairs
-        for k, pairs in enumerate(all_pairs):
-            if pairs is None:
+        for k in range(self._pairs_built, upto):
+            if all_pairs[k] is None:
                 res = self.order[k].result
                 if len(res.nodes) == 1:  # most gangs: no per-node sums to build
                     i = index.get(res.nodes[0])
-                    pairs = [] if i is None else [(i, -res.gpus_per_worker)]
+                    all_pairs[k] = [] if i is None else [(i, -res.gpus_per_worker)]
                 else:
-                    pairs = [(index[n], -g) for n, g in res.gpus_by_node().items() if n in index]
-                all_pairs[k] = pairs
-            yield pairs
+                    all_pairs[k] = [(index[n], -g) for n, g in res.gpus_by_node().items() if n in index]
+        self._pairs_built = max(self._pairs_built, upto)
+        return all_pairs  # type: ignore[return-value]  # built up to ``upto``
 
     def fit_index(self, inv: Inventory, req: GangRequest, before: float | None = None) -> int | None:
         """How many gangs must end, in order, before ``req`` fits (at least one); None: never, or
         not with the gangs expected to end before ``before`` alone."""
-        pairs: Iterable[list[tuple[int, int]]] = self._index_pairs(inv._topo.index)
+        upto = len(self.order)
         if before is not None:
             # the sweep need not look past gangs that end too late to count; the margin keeps a
             # caller's own float test (end - now < limit) the judge of ends right at the bound
-            pairs = itertools.islice(pairs, bisect.bisect_left(self.ends, before + _BOUND_MARGIN_S))
-        k = _releases_until_fit(inv, req, pairs)
+            upto = bisect.bisect_left(self.ends, before + _BOUND_MARGIN_S)
+        pairs = self._index_pairs(inv._topo.index, upto)
+        k = _releases_until_fit(inv, req, itertools.islice(pairs, upto))
         return None if k is None or not self.order else max(k, 1)
 
     def soonest_fit(self, inv: Inventory, req: GangRequest, before: float | None = None) -> float | None:

@@ -369,6 +369,31 @@ def test_a_bounded_sweep_answers_as_the_full_one_before_its_bound(
         assert bounded is None or bounded >= before
 
 
+@FAST
+@given(clusters(), gangs, st.data())
+def test_sweeps_count_gangs_started_after_earlier_sweeps(
+        inv: Inventory, req: GangRequest, data: st.DataObject) -> None:
+    # a pass keeps one sorted list of releases and adds the gangs it starts as it goes; a sweep
+    # after a start must answer as one over all those gangs sorted afresh, wherever a start's end
+    # falls among ends an earlier sweep has read
+    def gang(name: str, node_name: str, gpus: int) -> RunningGang:
+        return RunningGang(PlacementResult(name, True, [node_name], gpus), 0.0,
+                           float(data.draw(st.integers(1, 50))))
+
+    running = [gang(f"r{k}", n.name, inv.used(n.name)) for k, n in enumerate(inv.nodes) if inv.used(n.name)]
+    live, cur = _Releases(running), inv
+    for k in range(data.draw(st.integers(1, 4))):
+        assert live.soonest_fit(cur, req) == _Releases(running).soonest_fit(cur, req)
+        room = [n.name for n in cur.nodes if cur.free(n.name)]
+        if not room:
+            break
+        name = data.draw(st.sampled_from(room))
+        started = gang(f"s{k}", name, data.draw(st.integers(1, cur.free(name))))
+        cur = cur.allocate(started.result)
+        running.append(started)
+        live.add(started)
+
+
 TAINTS = [{"key": "gpu", "value": "a100", "effect": "NoSchedule"},
           {"key": "maint", "value": "", "effect": "NoExecute"},
           {"key": "soft", "value": "", "effect": "PreferNoSchedule"}]

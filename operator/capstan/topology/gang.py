@@ -16,6 +16,7 @@ time and finally spans the cluster; ``None`` ignores topology and does BestFit o
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
@@ -78,9 +79,10 @@ class PlacementResult:
 
     def gpus_by_node(self) -> dict[str, int]:
         """GPUs this placement takes on each node."""
-        out: dict[str, int] = {}
-        for n in self.nodes:
-            out[n] = out.get(n, 0) + self.gpus_per_worker
+        out = dict.fromkeys(self.nodes, self.gpus_per_worker)  # at C speed: most nodes take one worker
+        if len(out) < len(self.nodes):  # some take several
+            for n, workers in Counter(self.nodes).items():
+                out[n] = workers * self.gpus_per_worker
         return out
 
 
@@ -356,8 +358,8 @@ def _descend(topo: Any, li: int, dom: int, want: int, *, cap: list[int], free: l
 
 
 def _result(inv: Inventory, req: GangRequest, assign: list[tuple[int, int]]) -> PlacementResult:
-    topo = inv._topo
-    names = [topo.nodes[i].name for i, _ in assign]
+    every = inv._topo.names
+    names = [every[i] for i, _ in assign]
     if any(k != 1 for _, k in assign):  # a node that takes several workers is named once for each
         names = [name for name, (_, k) in zip(names, assign, strict=True) for _ in range(k)]
     level, value, key = _span(inv, [i for i, _ in assign])

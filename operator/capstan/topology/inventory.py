@@ -126,6 +126,7 @@ class _Topology:
     levels: TopologyLevels
     nodes: tuple[NodeInfo, ...]
     index: dict[str, int]
+    names: list[str]  # node names in index order, for hot loops
     # dom_of[level][node] -> domain id; domain ids are ordered by domain key, so "lowest id"
     # breaks ties by name deterministically.
     dom_of: list[list[int]]
@@ -758,6 +759,7 @@ def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[s
     topo = _Topology(
         levels=levels,
         index=index,
+        names=[n.name for n in infos],
         dom_of=dom_of,
         dom_keys=dom_keys,
         dom_values=dom_values,

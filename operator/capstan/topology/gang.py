@@ -342,16 +342,20 @@ def _descend(topo: Any, li: int, dom: int, want: int, *, cap: list[int], free: l
     while len(kids) == 1 and li > 0:  # a domain with one child (an NVLink domain of one node): go down
         li -= 1
         kids = topo.children[li][kids[0]]
-    if li == 0:
+    if li == 0 or (li == 1 and topo.node_domains):  # the children are nodes
         if len(kids) == 1:
             return [(kids[0], want)]  # the caller checked the room
         return _fill([(-cap[i], free[i], i) for i in kids if cap[i]], want)
     out: list[tuple[int, int]] = []
     dc, df = dcap[li - 1], dfree[li - 1]
     below = topo.children[li - 1]
+    # one level above the nodes: split each child's share over its nodes here, without a call
+    nodes_below = li == 2 and topo.node_domains
     for child, k in _fill([(-dc[c], df[c], c) for c in kids if dc[c]], want):
         if li == 1 and len(below[child]) == 1:
             out.append((below[child][0], k))  # an NVLink domain of one node: no call for it
+        elif nodes_below:
+            out.extend(_fill([(-cap[i], free[i], i) for i in below[child] if cap[i]], k))
         else:
             out.extend(_descend(topo, li - 1, child, k, cap=cap, free=free, dcap=dcap, dfree=dfree))
     return out

@@ -190,8 +190,8 @@ class _Room:
     # its per-node lists went to a room derived from it: emptied, never to be read again
     spent: bool = field(default=False, compare=False)
     # the fewest free GPUs a node with room for a worker has, and the nodes with that many in index
-    # order (where a one-worker gang goes first): found when first asked (tightest), then kept up
-    # to date by updated while changes are few
+    # order (where a one-worker gang goes first): found when first asked (tightest), then patched
+    # by updated
     tight: tuple[int, list[int]] | None = field(default=None, compare=False)
 
     def tightest(self, most_alloc: int) -> tuple[int, list[int]]:
@@ -486,7 +486,7 @@ class Inventory:
         queue pass's own views, one start after another): the new one takes over its per-node
         lists (usage, and the sums derived from it) where nothing else holds them, instead of
         copying lists as long as the cluster for each start. This one is emptied: reading it
-        fails loudly."""
+        fails loudly, never with the new one's numbers."""
         return self._changed(delta, check, reuse=True)
 
     def _changed(self, delta: Mapping[str, int], check: bool, *, reuse: bool) -> Inventory:
@@ -502,10 +502,10 @@ class Inventory:
                 raise ValueError(f"node {name} would have {after} GPUs used of {alloc[i]}")
         base = self._derive_base(changes, reuse)
         # the index keeps the usage its sums were last derived for: that list is never reused
-        if reuse and all(kept is not used for kept, _ in self._topo.room_cache.values()):
-            self._used, self._rooms, self._base = [], {}, {}
-        else:
+        if not reuse or any(kept is used for kept, _ in self._topo.room_cache.values()):
             used = list(used)
+        if reuse:
+            self._used, self._rooms, self._base = [], {}, {}
         for i, after in changes.items():
             used[i] = after
         return Inventory(self._topo, used, base, self._drift + len(changes))

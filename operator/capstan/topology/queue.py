@@ -189,20 +189,20 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
         return ended[0]
 
     live = by_end().copy() if cost_based and known_ends else None
-    # views made by this pass and read only through inv and masked: a start takes over their lists
-    own: set[str] = set()
+    # once a start has made inv a view of this pass's own (read only through inv), the next start
+    # takes over its lists instead of copying them; masked is always the pass's own
+    inv_own = False
 
     def start(shown: GangRequest, req: GangRequest, res: PlacementResult) -> None:
         # every start takes its GPUs from the open view and, past a reserved head, the masked one
-        nonlocal inv, masked
+        nonlocal inv, masked, inv_own
         gpus = res.gpus_by_node()
-        inv = inv._take_usage(gpus, check=True) if "inv" in own else inv.add_usage(gpus, check=True)
-        own.add("inv")
+        inv = inv._take_usage(gpus, check=True) if inv_own else inv.add_usage(gpus, check=True)
+        inv_own = True
         if live is not None:
             live.add(_started(req, res, now, locality_slowdown))
         if masked is not None:
-            masked = masked._take_usage(gpus) if "masked" in own else masked.add_usage(gpus)
-            own.add("masked")
+            masked = masked._take_usage(gpus)
         decisions.append(Decision(shown, res, backfilled=masked is not None))
 
     for orig in queue_order(requests):
@@ -276,7 +276,6 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
             decisions.append(Decision(req, res, reservation=head))
             if head is not None:  # an impossible head blocks nobody; the next one becomes head
                 masked = inv.add_usage(head.gpus_by_node())
-                own.add("masked")
             continue
 
         assert head is not None

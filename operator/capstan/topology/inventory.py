@@ -225,38 +225,17 @@ class _Room:
         own = like is None  # free GPUs to sum here, else ``like``'s are these
         if like is None:
             free = [a - u if e and a > u else 0 for a, u, e in zip(topo.alloc, used, elig, strict=True)]
-            dfree: list[list[int]] = []
         else:
-            free, dfree = like.free, like.dfree
+            free = like.free
             like.shared = True
-        cap = [f // gpw for f in free]
         busy = list(compress(range(len(free)), free))  # the nodes with free GPUs, at C speed
-        if topo.node_domains:
-            dcap = [cap]
-            if own:
-                dfree.append(free)
+        dfree = _level_sums(topo, free, busy) if like is None else like.dfree
+        if gpw == 1:  # a worker a GPU: the workers are the free GPUs, summed already
+            cap = list(free)
+            dcap = [cap if topo.node_domains else list(dfree[0]), *(list(f) for f in dfree[1:])]
         else:
-            dom = topo.dom_of[0]
-            c = [0] * len(topo.dom_keys[0])
-            f = [0] * len(topo.dom_keys[0])
-            for i in busy:
-                c[dom[i]] += cap[i]
-                f[dom[i]] += free[i]
-            dcap = [c]
-            if own:
-                dfree.append(f)
-        for li in range(1, len(topo.levels)):  # each level from the one below: domains nest
-            up, below_c, below_f = topo.parent[li - 1], dcap[-1], dfree[li - 1]
-            some = busy if li == 1 and topo.node_domains else list(compress(range(len(below_f)), below_f))
-            c = [0] * len(topo.dom_keys[li])
-            for d in some:
-                c[up[d]] += below_c[d]
-            dcap.append(c)
-            if own:
-                f = [0] * len(topo.dom_keys[li])
-                for d in some:
-                    f[up[d]] += below_f[d]
-                dfree.append(f)
+            cap = [f // gpw for f in free]
+            dcap = _level_sums(topo, cap, busy)
         return cls(elig, gpw, free, cap, dcap, dfree, shared=not own)
 
     def updated(self, topo: _Topology, changes: Mapping[int, int], elig: list[bool] | None = None, *,
@@ -332,6 +311,26 @@ class _Room:
             self.free, self.cap, self.dcap, self.dfree, self.tight = [], [], [], [], None
         # none left with that many: the tightest is found again when asked
         return _Room(elig, gpw, free, cap, dcap, dfree, tight=(fewest, tight) if tight else None)
+
+
+def _level_sums(topo: _Topology, per_node: list[int], busy: list[int]) -> list[list[int]]:
+    """Per level, per domain: the sum of ``per_node`` (zero but at the nodes ``busy``); the
+    narrowest level's is ``per_node`` itself where the nodes are its domains."""
+    if topo.node_domains:
+        sums = [per_node]
+    else:
+        dom, level = topo.dom_of[0], [0] * len(topo.dom_keys[0])
+        for i in busy:
+            level[dom[i]] += per_node[i]
+        sums = [level]
+    for li in range(1, len(topo.levels)):  # each level from the one below: domains nest
+        up, below = topo.parent[li - 1], sums[-1]
+        some = busy if li == 1 and topo.node_domains else list(compress(range(len(below)), below))
+        level = [0] * len(topo.dom_keys[li])
+        for d in some:
+            level[up[d]] += below[d]
+        sums.append(level)
+    return sums
 
 
 # rooms derived from a parent inventory's only while the change is this small a share of the nodes

@@ -177,31 +177,38 @@ class _MoversByNode:
     shortest time (it has the least to lose). Gangs on nodes the inventory does not know are
     left out.
 
-    Grouped at C speed where each node runs one gang, and filtered and ordered only for the
-    nodes asked for: a clearing looks at the few domains that can be cheapest, not at every node.
+    Grouped when first asked (a pass where no gang needs room cleared groups none), at C speed
+    where each node runs one gang, and filtered and ordered only for the nodes asked for: a
+    clearing looks at the few domains that can be cheapest, not at every node.
     """
 
     def __init__(self, inv: Inventory, movable: Sequence[MovableGang], now: float, pol: MovePolicy) -> None:
         self._movable, self._now, self._min_run = movable, now, pol.min_run_s
-        self._nodes = inv._topo.nodes
-        firsts = [m.result.nodes[0] if m.result.nodes else "" for m in movable]
-        self._last = dict(zip(firsts, range(len(firsts)), strict=True))  # node -> its (last) gang
+        self._names = inv._topo.names
+        self._last: dict[str, int] | None = None  # node -> its (last) gang; grouped when first asked
         # nodes with more than one gang: every position, in order
         self._several: dict[str, list[int]] = {}
-        if len(self._last) < len(firsts):
-            for k, first in enumerate(firsts):
-                self._several.setdefault(first, []).append(k)
-            self._several = {n: ks for n, ks in self._several.items() if len(ks) > 1}
         self._seen: dict[int, list[MovableGang] | None] = {}
+
+    def _group(self) -> dict[str, int]:
+        firsts = [m.result.nodes[0] if m.result.nodes else "" for m in self._movable]
+        last = self._last = dict(zip(firsts, range(len(firsts)), strict=True))
+        if len(last) < len(firsts):
+            several: dict[str, list[int]] = {}
+            for k, first in enumerate(firsts):
+                several.setdefault(first, []).append(k)
+            self._several = {n: ks for n, ks in several.items() if len(ks) > 1}
+        return last
 
     def get(self, i: int) -> list[MovableGang] | None:
         """The gangs to move off node ``i``, in clearing order; None when there are none."""
         if i in self._seen:
             return self._seen[i]
-        name = self._nodes[i].name
+        last = self._last if self._last is not None else self._group()
+        name = self._names[i]
         at = self._several.get(name)
         if at is None:
-            k = self._last.get(name)
+            k = last.get(name)
             at = [] if k is None else [k]
         now, min_run = self._now, self._min_run
         gangs = [m for m in map(self._movable.__getitem__, at)

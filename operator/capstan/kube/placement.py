@@ -560,7 +560,7 @@ def _plan_moves(inv: Inventory, decisions: Sequence[Decision], movable: Sequence
     for d in decisions:
         if d.placed:  # gangs starting from this pass hold their GPUs already
             gpus = d.result.gpus_by_node()
-            inv = inv._take_usage(gpus, check=True) if own else inv.add_usage(gpus, check=True)
+            inv = inv._with_usage(gpus, check=True, reuse=own)
             own = True
             end = d.request.expected_duration_s
             started.append(RunningGang(d.result, now, None if end is None else now + end))

@@ -478,7 +478,7 @@ class Inventory:
         Unknown nodes are ignored (they may have gone NotReady since the placement). With
         ``check`` a node pushed past its allocatable raises ValueError.
         """
-        return self._changed(delta, check, reuse=False)
+        return self._with_usage(delta, check=check, reuse=False)
 
     def _take_usage(self, delta: Mapping[str, int], *, check: bool = False) -> Inventory:
         """:meth:`add_usage` for a caller that drops this inventory and never reads it again (a
@@ -486,9 +486,11 @@ class Inventory:
         lists (usage, and the sums derived from it) where nothing else holds them, instead of
         copying lists as long as the cluster for each start. This one is emptied: reading it
         fails loudly, never with the new one's numbers."""
-        return self._changed(delta, check, reuse=True)
+        return self._with_usage(delta, check=check, reuse=True)
 
-    def _changed(self, delta: Mapping[str, int], check: bool, *, reuse: bool) -> Inventory:
+    def _with_usage(self, delta: Mapping[str, int], *, check: bool, reuse: bool) -> Inventory:
+        """:meth:`_take_usage` when ``reuse``, else :meth:`add_usage`: for a caller whose view is
+        its own only from its second change on."""
         get, alloc, used = self._topo.index.get, self._topo.alloc, self._used
         changes: dict[int, int] = {}
         for name, gpus in delta.items():  # checked before any change, so a raise changes nothing

@@ -248,7 +248,7 @@ def _destinations(inv: Inventory, movers: Sequence[MovableGang],
         if not to.placed:
             return None
         gpus = to.gpus_by_node()
-        view = view._take_usage(gpus, check=True) if own else view.add_usage(gpus, check=True)
+        view = view._with_usage(gpus, check=True, reuse=own)
         own = True
         out.append(to)
     return out

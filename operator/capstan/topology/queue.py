@@ -197,7 +197,7 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
         # every start takes its GPUs from the open view and, past a reserved head, the masked one
         nonlocal inv, masked, inv_own
         gpus = res.gpus_by_node()
-        inv = inv._take_usage(gpus, check=True) if inv_own else inv.add_usage(gpus, check=True)
+        inv = inv._with_usage(gpus, check=True, reuse=inv_own)
         inv_own = True
         if live is not None:
             live.add(_started(req, res, now, locality_slowdown))

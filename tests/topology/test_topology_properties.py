@@ -262,6 +262,27 @@ def test_one_worker_gangs_place_as_on_a_fresh_index_after_any_usage_changes(data
         _places_as_a_fresh_index(cur, one)
 
 
+@FAST
+@given(st.data())
+def test_one_worker_gangs_started_one_after_another_go_where_a_fresh_index_sends_each(
+        data: st.DataObject) -> None:
+    # a queue pass starting one-worker gangs in turn fills the tightest nodes, then the next
+    # tightest: the nodes listed by free GPUs are patched start by start, never found again, and
+    # each start must still go where a fresh index of the same usage would send it
+    n = data.draw(st.integers(8, 40))
+    nodes = [node(f"n{i:02d}", data.draw(st.sampled_from([4, 8])), rack=f"r{i // 4}") for i in range(n)]
+    pods = [pod(f"p{i}", f"n{i:02d}", data.draw(st.integers(0, 4))) for i in range(n)]
+    cur, own = build_inventory(nodes, pods), False
+    for k in range(data.draw(st.integers(1, 30))):
+        req = GangRequest(f"one{k}", 1, data.draw(st.sampled_from([1, 1, 2, 4])))
+        _places_as_a_fresh_index(cur, [req])
+        res = place_gang(cur, req)
+        if not res.placed:
+            break
+        cur = cur._take_usage(res.gpus_by_node()) if own else cur.add_usage(res.gpus_by_node())
+        own = True  # a view of this run's own from the first start on, as in a queue pass
+
+
 def test_sums_sharing_free_gpus_stay_right_when_a_view_hands_one_on() -> None:
     # a view far from the counted pods builds its sums from scratch, and a second worker size's
     # sums share the first one's free GPUs; handing the first on must leave the second right

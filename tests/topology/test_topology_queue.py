@@ -1,3 +1,4 @@
+import pytest
 from topo_fixtures import hgx_cluster, nvl72_cluster, pod
 
 from capstan.topology import (
@@ -174,6 +175,41 @@ def test_cost_based_locality_wait_waits_when_the_domain_frees_soon() -> None:
     later = inv.release(running[0].result)
     done = schedule_queue(later, [req], running=running[1:], now=200, locality_slowdown=SLOWDOWN)
     assert done[0].placed and done[0].result.level == "nvlink"
+
+
+def test_a_pass_places_a_shape_that_cannot_start_once_per_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    # free GPUs only shrink during a pass: once a shape does not fit, the gangs of that shape
+    # behind it wait with its reason and are not placed again (the cost-based locality wait
+    # included), so a long queue of one shape costs one placement, not one each
+    inv, running = _two_half_busy_racks(200.0, 5000.0)  # 4 whole nodes free: 16 GPUs
+    queue = [GangRequest(f"big{k:02d}", 5, 4, submitted=k, expected_duration_s=1000) for k in range(30)]
+    # fit the open view, but only on GPUs reserved for the head, and run past its start
+    queue += [GangRequest(f"mid{k:02d}", 4, 4, submitted=50 + k, expected_duration_s=10_000)
+              for k in range(10)]
+    queue.append(GangRequest("small", 2, 4, submitted=99, expected_duration_s=100))
+    calls: list[str] = []
+
+    def counted(at: Inventory, req: GangRequest, **kw: object) -> PlacementResult:
+        calls.append(req.name)
+        return place_gang(at, req, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("capstan.topology.queue.place_gang", counted)
+    decisions = schedule_queue(inv, queue, running=running, now=100, locality_slowdown=SLOWDOWN)
+    out = {d.name: d for d in decisions}
+    # the first is placed on the open view and becomes the head (its reservation places it on the
+    # cluster as running gangs end); the second is placed once, on the view less that reservation,
+    # where backfill is decided; the 28 behind them are not placed at all
+    assert {c for c in calls if c.startswith("big")} == {"big00", "big01"}
+    assert calls.count("big01") == 1
+    assert out["big00"].reservation is not None
+    assert all(not out[f"big{k:02d}"].placed for k in range(30))
+    assert {out[f"big{k:02d}"].reason for k in range(2, 30)} == {out["big01"].reason}
+    assert "needs 20 GPUs" in out["big29"].reason
+    assert calls.count("mid00") == 2 and not any(c.startswith("mid") and c != "mid00" for c in calls)
+    reserved = "only on GPUs reserved for the queue head big00"
+    assert all(reserved in out[f"mid{k:02d}"].reason for k in range(10))
+    # a gang of another shape behind them still starts (it ends before the head's reserved start)
+    assert out["small"].placed
 
 
 def test_cost_based_locality_wait_spreads_when_the_domain_frees_late() -> None:

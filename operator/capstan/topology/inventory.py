@@ -189,32 +189,37 @@ class _Room:
     pinned: bool = field(default=False, compare=False)
     # its per-node lists went to a room derived from it: emptied, never to be read again
     spent: bool = field(default=False, compare=False)
-    # the fewest free GPUs a node with room for a worker has, and the nodes with that many in index
-    # order (where a one-worker gang goes first): found when first asked (tightest), then patched
-    # by updated
-    tight: tuple[int, list[int]] | None = field(default=None, compare=False)
+    # the nodes with room for a worker and the fewest free GPUs, for a one-worker gang: (upto,
+    # nodes by free GPUs), where every node whose free GPUs are from gpw up to ``upto`` is listed
+    # under that count, in index order. Found when first asked (tightest), then patched by
+    # updated, so the next tightest nodes are at hand when the tightest fill up
+    tight: tuple[int, dict[int, list[int]]] | None = field(default=None, compare=False)
 
     def tightest(self, most_alloc: int) -> tuple[int, list[int]]:
         """The fewest free GPUs (at least ``gpw``) any node has, and the nodes with that many, in
         index order. ``most_alloc``: the most any node has allocatable. The caller checked that
         some node has room for a worker."""
-        if self.tight is None:
-            free = self.free
-            # `in` and list.index scan at C speed; a node's free GPUs are few distinct values
-            for fewest in range(self.gpw, most_alloc + 1):
-                if fewest in free:
-                    break
-            else:
-                raise AssertionError(f"no node has {self.gpw} free GPUs")
-            nodes, i = [], -1
-            try:
-                while True:
-                    i = free.index(fewest, i + 1)
-                    nodes.append(i)
-            except ValueError:
-                pass
-            self.tight = (fewest, nodes)
-        return self.tight
+        upto, known = self.tight if self.tight is not None else (self.gpw - 1, {})
+        for fewest in range(self.gpw, upto + 1):
+            nodes = known.get(fewest)
+            if nodes:
+                return fewest, nodes
+        free = self.free
+        # `in` and list.index scan at C speed; a node's free GPUs are few distinct values
+        for fewest in range(upto + 1, most_alloc + 1):
+            if fewest in free:
+                break
+        else:
+            raise AssertionError(f"no node has {self.gpw} free GPUs")
+        nodes, i = [], -1
+        try:
+            while True:
+                i = free.index(fewest, i + 1)
+                nodes.append(i)
+        except ValueError:
+            pass
+        self.tight = (fewest, {**known, fewest: nodes})  # the dict may be another room's too
+        return fewest, nodes
 
     @classmethod
     def build(cls, topo: _Topology, used: list[int], elig: list[bool], gpw: int,
@@ -258,23 +263,17 @@ class _Room:
         dom, free0, cap0 = topo.dom_of[0], dfree[0], dcap[0]
         up_dom, free1, cap1 = (topo.dom_of[1], dfree[1], dcap[1]) if nlev > 1 else ([], [], [])
         touched: set[int] = set()  # level-1 domains that changed
-        # the tightest nodes, when known: the changed ones that leave them or join them
-        fewest, tight = self.tight if self.tight is not None else (0, None)
-        gone: set[int] = set()
-        joined: list[int] = []
+        # the tightest nodes by free GPUs, when known: the changed ones that leave or join a count
+        upto, known = self.tight if self.tight is not None else (0, None)
+        moved: list[tuple[int, int, int]] = []  # (node, free GPUs before, after)
         for i, used in changes.items():
             a = alloc[i]
             nf = a - used if elig[i] and a > used else 0
             df = nf - free[i]
             if not df:
                 continue
-            if tight is not None:
-                if nf - df == fewest:
-                    gone.add(i)
-                if nf == fewest:
-                    joined.append(i)
-                elif gpw <= nf < fewest:  # fewer than the tightest had: the one tightest node so far
-                    fewest, tight, gone, joined = nf, [], set(), [i]
+            if known is not None and (gpw <= nf <= upto or gpw <= nf - df <= upto):
+                moved.append((i, nf - df, nf))
             nc = nf // gpw
             dc = nc - cap[i]
             free[i], cap[i] = nf, nc
@@ -297,20 +296,40 @@ class _Room:
                 c[p] += new_c[d] - old_c[d]
                 above.add(p)
             touched = above
-        if tight is not None and (gone or joined):  # lists shared between rooms: never changed
-            if len(gone) + len(joined) <= 16:
-                tight = list(tight)
-                for i in gone:
-                    del tight[bisect_left(tight, i)]
-                for i in joined:
-                    insort(tight, i)
-            else:  # many: one pass over them (timsort merges the sorted runs)
-                tight = sorted([j for j in tight if j not in gone] + joined)
+        if known is not None and moved:
+            known = _moved_between(known, moved, gpw, upto)
         if reuse:  # reading it again would read the new sums: make that fail loudly instead
             self.spent = True
             self.free, self.cap, self.dcap, self.dfree, self.tight = [], [], [], [], None
-        # none left with that many: the tightest is found again when asked
-        return _Room(elig, gpw, free, cap, dcap, dfree, tight=(fewest, tight) if tight else None)
+        return _Room(elig, gpw, free, cap, dcap, dfree, tight=None if known is None else (upto, known))
+
+
+def _moved_between(known: dict[int, list[int]], moved: Sequence[tuple[int, int, int]], gpw: int,
+                   upto: int) -> dict[int, list[int]]:
+    """Nodes listed by free GPUs (``gpw`` to ``upto``; see :attr:`_Room.tight`) after the nodes
+    ``moved`` (node, free GPUs before, after) changed: new lists where they changed, since the
+    others are another room's too."""
+    gone: dict[int, set[int]] = {}
+    joined: dict[int, list[int]] = {}
+    for i, before, after in moved:
+        if gpw <= before <= upto:
+            gone.setdefault(before, set()).add(i)
+        if gpw <= after <= upto:
+            joined.setdefault(after, []).append(i)
+    out = dict(known)
+    for count in gone.keys() | joined.keys():
+        out_of, into = gone.get(count, set()), joined.get(count, [])
+        nodes = out.get(count, [])
+        if len(out_of) + len(into) <= 16:
+            nodes = list(nodes)
+            for i in out_of:
+                del nodes[bisect_left(nodes, i)]
+            for i in into:
+                insort(nodes, i)
+        else:  # many: one pass over them (timsort merges the sorted runs)
+            nodes = sorted([j for j in nodes if j not in out_of] + into)
+        out[count] = nodes
+    return out
 
 
 def _level_sums(topo: _Topology, per_node: list[int], busy: list[int]) -> list[list[int]]:

@@ -209,9 +209,10 @@ def schedule_queue(inventory: Inventory, requests: Sequence[GangRequest], *,
         req = orig
         if (live is not None and orig.policy == "Preferred" and orig.workers > 1
                 and orig.gpus_per_worker > 0 and orig.expected_duration_s is not None
-                and (locality_wait_s <= 0 or now - orig.submitted < locality_wait_s)):
+                and (locality_wait_s <= 0 or now - orig.submitted < locality_wait_s)
+                and not _known_not_to_fit(key := _shape(orig), fail_open,
+                                          None if masked is None else fail_masked)):
             assert locality_slowdown is not None
-            key = _shape(orig)
             if key not in ideal:
                 ideal[key] = narrowest_level(inventory, orig)
             wait = _locality_wait(inv if masked is None else masked, orig, ideal[key], live, place, now=now,
@@ -357,6 +358,14 @@ def _locality_wait(inv: Inventory, req: GangRequest, ideal: str | None, running:
     if best is None:
         return None
     return best[1], best[2], spread, dur * (s_now - slowdown.get(best[1], 1.0))
+
+
+def _known_not_to_fit(shape: object, fail_open: Mapping[object, str],
+                      fail_masked: Mapping[object, str] | None) -> bool:
+    """Whether a gang of ``shape`` is known this pass not to fit the view it would be placed on:
+    the open one, or (``fail_masked`` given) the one less the head's reservation. Free GPUs only
+    shrink during a pass, and the masked view never has more than the open one."""
+    return shape in fail_open or (fail_masked is not None and shape in fail_masked)
 
 
 def _waiting(req: GangRequest, reason: str) -> PlacementResult:

@@ -98,3 +98,17 @@ def test_counting_pods_again_reads_only_the_ones_that_are_new_objects(
     assert [again.free("n0"), again.free("n1")] == [5, 0]
     fresh = build_inventory(nodes, [pods[0], pod("b", "n1", 8), pod("c", "n0", 1)])
     assert [fresh.free("n0"), fresh.free("n1")] == [5, 0]
+
+
+def test_counting_pods_again_follows_pods_that_bound_finished_or_left() -> None:
+    # a kept index remembers where each pod object held GPUs; the watch cache hands out a new
+    # object for a pod that changed, and that one is read afresh
+    nodes = [node("n0", 8), node("n1", 8)]
+    waiting, running, done = pod("w", None, 4), pod("r", "n0", 2), pod("d", "n1", 8, phase="Succeeded")
+    inv = build_inventory(nodes, [waiting, running, done, pod("gone", "nx", 8)])
+    assert [inv.free("n0"), inv.free("n1")] == [6, 8]
+    # "w" bound to n1, "r" finished, "d" the same object (still done), a pod on an unknown node left
+    again = inv.with_pods([pod("w", "n1", 4), pod("r", "n0", 2, phase="Failed"), done])
+    assert [again.free("n0"), again.free("n1")] == [8, 4]
+    # the same objects as the first count, offered again: counted as then
+    assert [inv.with_pods([waiting, running, done]).free(n) for n in ("n0", "n1")] == [6, 8]

@@ -225,12 +225,14 @@ def pinned_node(pod: Mapping[str, Any]) -> str | None:
 def as_bound(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """``pods`` with those pinned to a node by affinity but not bound yet shown on that node: a gang
     placed a moment ago holds its GPUs before kube-scheduler binds it."""
-    bound = []
-    for pod in pods:
+    bound = list(pods)
+    for k, pod in enumerate(bound):
+        spec = pod.get("spec")
+        if spec and spec.get("nodeName"):
+            continue  # bound already: most pods, so the affinity is read only for the others
         node = pinned_node(pod)
-        if node and not dig(pod, "spec", "nodeName"):
-            pod = {**pod, "spec": {**(pod.get("spec") or {}), "nodeName": node}}
-        bound.append(pod)
+        if node:
+            bound[k] = {**pod, "spec": {**(spec or {}), "nodeName": node}}
     return bound
 
 

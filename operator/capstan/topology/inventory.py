@@ -152,10 +152,10 @@ class _Topology:
     # usage they hold, so the next pass over this index (pods counted again) derives its sums by the
     # nodes that changed
     room_cache: dict[tuple[Any, ...], tuple[list[int], _Room]] = field(default_factory=dict)
-    # id(pod) -> (that pod, its GPU request), for the pods last counted: a watch cache hands out
-    # the same object for a pod until it changes, so the next count reads only the ones that did
-    # (the pod is held so its id cannot be reused)
-    pod_gpus: dict[int, tuple[Mapping[str, Any], int]] = field(default_factory=dict)
+    # id(pod) -> (that pod, the index of the node it holds GPUs on or -1, its GPU request), for the
+    # pods last counted: a watch cache hands out the same object for a pod until it changes, so
+    # the next count reads only the ones that did (the pod is held so its id cannot be reused)
+    pod_gpus: dict[int, tuple[Mapping[str, Any], int, int]] = field(default_factory=dict)
     # per level: node indices of each domain, in index order; built when first asked for
     members_cache: dict[int, list[list[int]]] = field(default_factory=dict)
 
@@ -444,6 +444,8 @@ class Inventory:
 
         The node index (domains, eligibility, capacities) is shared, not rebuilt: for a caller
         that knows the Node objects have not changed since this inventory was built from them.
+        A pod that is the very object counted last time on this index is not read again (a
+        watch cache replaces an object that changes): never change a pod in place between counts.
         """
         return Inventory(self._topo, _usage(self._topo, pods))
 
@@ -845,17 +847,22 @@ def _per_node(infos: Sequence[NodeInfo], old: _Topology | None = None,
 def _usage(topo: _Topology, pods: Iterable[Mapping[str, Any]]) -> list[int]:
     """GPUs per node held by live pods bound to it (see :func:`build_inventory`)."""
     used = [0] * len(topo.nodes)
-    index = topo.index
     seen, counted = topo.pod_gpus, {}
     for pod in pods:
-        node_name = dig(pod, "spec", "nodeName")
-        if not node_name or dig(pod, "status", "phase") in _TERMINAL_PHASES:
-            continue
-        at = index.get(node_name)
-        if at is not None:
-            hit = seen.get(id(pod))
-            gpus = hit[1] if hit is not None and hit[0] is pod else pod_gpu_request(pod)
-            counted[id(pod)] = (pod, gpus)
-            used[at] += gpus
+        hit = seen.get(id(pod))
+        if hit is None or hit[0] is not pod:
+            hit = (pod, *_holds(topo.index, pod))
+        counted[id(pod)] = hit
+        if hit[1] >= 0:
+            used[hit[1]] += hit[2]
     topo.pod_gpus = counted
     return used
+
+
+def _holds(index: Mapping[str, int], pod: Mapping[str, Any]) -> tuple[int, int]:
+    """(index of the node ``pod`` holds GPUs on, or -1 where it holds none here; its GPUs)."""
+    node_name = dig(pod, "spec", "nodeName")
+    if not node_name or dig(pod, "status", "phase") in _TERMINAL_PHASES:
+        return -1, 0
+    at = index.get(node_name)
+    return (-1, 0) if at is None else (at, pod_gpu_request(pod))

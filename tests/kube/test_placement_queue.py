@@ -417,6 +417,47 @@ def test_a_node_cordoned_or_moved_is_seen_by_the_next_pass_patched_or_indexed_ag
     assert len(builds) == 2 and inv.domain_of("n3", "rack") != inv.domain_of("n2", "rack")
 
 
+def test_nodes_added_deleted_or_flipping_ready_are_patched_into_the_kept_index(monkeypatch: Any) -> None:
+    import capstan.kube.placement as placement
+
+    builds: list[int] = []
+    real = placement.build_inventory
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        builds.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(placement, "build_inventory", counting)
+    nodes = [gpu_node(f"n{i:02d}", clique="a" if i < 4 else "b", rack="r1") for i in range(16)]
+    index = NodeIndex()
+    index.build(nodes, [busy("n00", 8)], DEFAULT_LEVELS)
+    pair = queued_jobs([body("pair", 2, 8, topology={"policy": "Required", "maxDomain": "nvlink"})])[0]
+
+    def placed(nodes: list[dict[str, Any]]) -> list[str]:
+        """Where a pass on the kept index puts the pair, checked against a pass on a new index."""
+        kept = queue_snapshot(nodes, [busy("n00", 8)], [pair], now=NOW, node_index=index)
+        anew = queue_snapshot(nodes, [busy("n00", 8)], [pair], now=NOW)
+        assert kept is not None and anew is not None
+        there = sorted(place(kept, pair, QueueState()).decision.nodes)
+        assert there == sorted(place(anew, pair, QueueState()).decision.nodes)
+        return there
+
+    assert placed(nodes) == ["n01", "n02"]  # the fullest NVLink domain with room: a
+    # n01 deleted and n02 NotReady: a has room for one worker left, so the pair goes to b
+    down = [nodes[0], gpu_node("n02", clique="a", rack="r1", ready=False), *nodes[3:]]
+    assert placed(down) == ["n04", "n05"]
+    assert index.inventory is not None and index.inventory.not_ready == ("n02",)
+    # n02 Ready again and a new node in a: back to a, with the new node
+    up = [nodes[0], gpu_node("n02", clique="a", rack="r1"), *nodes[3:],
+          gpu_node("n03b", clique="a", rack="r1")]
+    assert placed(up) == ["n02", "n03"]
+    assert placed([*up[:2], *up[3:]]) == ["n02", "n03b"]  # and without n03
+    assert len(builds) == 5  # the passes on new indexes only: every change was patched in
+    # a node in a rack that did not exist: the kept index is built again too
+    assert placed([*up, gpu_node("n99", clique="c", rack="r2")]) == ["n02", "n03"]
+    assert len(builds) == 7
+
+
 def test_the_pass_decides_with_the_cyclic_collector_paused_and_turns_it_back_on(
         monkeypatch: Any) -> None:
     import gc

@@ -79,6 +79,7 @@ from capstan.topology import (  # noqa: E402 -- after the source-root path tweak
     pod_gpu_request,
     schedule_queue,
 )
+from capstan.topology.membership import with_node_changes  # noqa: E402 -- after the source-root path tweak
 
 RESULTS = ROOT / "bench" / "results"
 POLICIES = ("capstan", "tas_bestfit", "spread", "random")
@@ -977,8 +978,11 @@ def queue_pass_benchmark(n_nodes: int = 10_000, queued: int = 55, repeats: int =
     ``inventory_build_ms`` of :func:`decision_benchmark`) and on a kept one
     (``pass_ms_kept_index``). Before each pass on the kept index, one ran without 16 drawn pods
     (not started yet then). ``pass_ms_node_changed`` is a pass after one Node was cordoned: the
-    kept index patched for it (``index_patch_ms``, timed in) and the pass on that index. Counting
-    the pods again for a kept index is timed apart (``inventory_reuse_ms``).
+    kept index patched for it (``index_patch_ms``, timed in) and the pass on that index.
+    ``pass_ms_nodes_joined_left`` is a pass after one Node was deleted, one went NotReady and one
+    was added (to a rack that exists): the kept index patched for them
+    (``index_membership_patch_ms``, timed in, as :class:`capstan.kube.placement.NodeIndex` does).
+    Counting the pods again for a kept index is timed apart (``inventory_reuse_ms``).
     """
     nodes, pods = _busy_cluster(n_nodes, seed)
     rng = random.Random(seed + 1)
@@ -1009,6 +1013,8 @@ def queue_pass_benchmark(n_nodes: int = 10_000, queued: int = 55, repeats: int =
     # caches and only counts the pods again; the pass before it saw 16 drawn pods not yet started
     kept = build_inventory(nodes, pods)
     moves_ms, queue_ms, kept_ms, patch_ms, changed_ms, placed = [], [], [], [], [], 0
+    membership_ms: list[float] = []
+    joined_ms: list[float] = []
     for _ in range(repeats):  # interleaved, so all see the machine alike
         moves, queue, placed = one_pass(build_inventory(nodes, pods), set())  # a new index
         moves_ms.append(moves)
@@ -1029,6 +1035,21 @@ def queue_pass_benchmark(n_nodes: int = 10_000, queued: int = 55, repeats: int =
         assert patched is not None and patched.node(node["metadata"]["name"]).cordoned
         moves, queue, _ = one_pass(patched, set())
         changed_ms.append(patch_ms[-1] + moves + queue)
+        # a Node deleted, one NotReady, one added to the rack of a third: patched in as well
+        deleted, down, beside = rng.sample(nodes, 3)
+        added = {**beside, "metadata": {**beside["metadata"], "name": beside["metadata"]["name"] + "-new"}}
+        not_ready = {**down, "status": {**down["status"],
+                                        "conditions": [{"type": "Ready", "status": "False"}]}}
+        left = {deleted["metadata"]["name"], down["metadata"]["name"]}
+        live = [p for p in pods if p["spec"]["nodeName"] not in left]
+        with paused_gc():
+            t0 = time.perf_counter()
+            joined = with_node_changes(counted, [not_ready, added], [deleted["metadata"]["name"]])
+            membership_ms.append((time.perf_counter() - t0) * 1000)
+        assert joined is not None and joined.not_ready == (down["metadata"]["name"],)
+        joined = joined.with_pods(live)  # counting the pods is not timed, as for the kept index
+        moves, queue, _ = one_pass(joined, {p["metadata"]["name"] for p in pods if p not in live})
+        joined_ms.append(membership_ms[-1] + moves + queue)
     total = [m + q for m, q in zip(moves_ms, queue_ms, strict=True)]
     return {"nodes": n_nodes, "queued": queued, "running": len(running), "started": placed,
             "pass_ms": round(statistics.median(total), 1),
@@ -1036,7 +1057,9 @@ def queue_pass_benchmark(n_nodes: int = 10_000, queued: int = 55, repeats: int =
             "schedule_queue_ms": round(statistics.median(queue_ms), 1),
             "pass_ms_kept_index": round(statistics.median(kept_ms), 1),
             "pass_ms_node_changed": round(statistics.median(changed_ms), 1),
-            "index_patch_ms": round(statistics.median(patch_ms), 1)}
+            "index_patch_ms": round(statistics.median(patch_ms), 1),
+            "pass_ms_nodes_joined_left": round(statistics.median(joined_ms), 1),
+            "index_membership_patch_ms": round(statistics.median(membership_ms), 1)}
 
 
 def decision_benchmark(n_nodes: int = 10_000, repeats: int = 15, seed: int = 7) -> dict[str, Any]:
@@ -1310,6 +1333,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "gpu_hours_first_seed": round(sum(j.gpus * j.duration for j in trace) / 3600, 1)}
     decision = {"decision_ms": None, "inventory_build_ms": None} if args.no_decision else decision_benchmark()
     queue_pass = None if args.no_decision else queue_pass_benchmark()
+    # a long queue: gangs of a shape that does not fit are placed once per pass, not once each
+    long_queue = None if args.no_decision else queue_pass_benchmark(queued=1_100, repeats=3)
     cap, tas = policies["capstan"], policies["tas_bestfit"]
     higher = ("nvlink_local_share", "rack_local_share", "allocation_rate")
     losses = [m for m in METRICS if (cap[m] < tas[m] if m in higher else cap[m] > tas[m])]
@@ -1319,6 +1344,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "inventory_build_ms_10k_nodes": decision["inventory_build_ms"],
         "inventory_reuse_ms_10k_nodes": decision.get("inventory_reuse_ms"),
         "queue_pass_10k_nodes": queue_pass,
+        "queue_pass_10k_nodes_1100_queued": long_queue,
         "clusters": per_cluster,
         "real_traces": real,
         "move_work_lost": move_work_lost(pooled_seed["capstan"]),

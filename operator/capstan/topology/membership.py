@@ -156,7 +156,9 @@ def _patch(old: _Topology, used: list[int], leave: Sequence[str], join: Sequence
     children = list(old.children)
     if own:
         dom_of[0] = list(range(len(names)))
-        children[0] = [[i] for i in range(len(names))]
+        # each node its own domain: [[0], [1], ...], the old lists as far as they go (never changed)
+        ones = old.children[0][:len(names)]
+        children[0] = ones + [[i] for i in range(len(ones), len(names))]
         children[1] = _remap(old.children[1], new_of, joined, dom_of[1])
     else:
         children[0] = _remap(old.children[0], new_of, joined, dom_of[0])

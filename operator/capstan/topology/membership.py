@@ -73,25 +73,8 @@ def _patch(old: _Topology, used: list[int], leave: Sequence[str], join: Sequence
     if nlev <= m:
         return None
     gone = [old.index[name] for name in leave]
-    # the domain of level m each joining node goes to: one that exists, found by its key
-    to: list[int] = []
-    for info, keys in join:
-        if own and keys[0] != f"node={info.name}":
-            return None  # an NVLink domain of several nodes on a cluster with none: build again
-        at = bisect_left(old.dom_keys[m], keys[m])
-        if at == len(old.dom_keys[m]) or old.dom_keys[m][at] != keys[m]:
-            return None  # a new domain
-        to.append(at)
-    # no domain of level m left empty (domains nest: then no wider one is either)
-    members = old.children[m]
-    size: dict[int, int] = {}
-    for i in gone:
-        d = old.dom_of[m][i]
-        size[d] = size.get(d, len(members[d])) - 1
-    for d in to:
-        if d in size:
-            size[d] += 1
-    if any(s <= 0 for s in size.values()):
+    to = _domains_joined(old, gone, join, m)
+    if to is None:
         return None
 
     names, infos, alloc, uncordoned = list(old.names), list(old.nodes), list(old.alloc), list(old.uncordoned)
@@ -146,7 +129,7 @@ def _patch(old: _Topology, used: list[int], leave: Sequence[str], join: Sequence
         for room in (room for _, room in rooms.values()):
             _add(room.dfree, dom_of, i, m, room.free[i])
             _add(room.dcap, dom_of, i, m, room.cap[i])
-        joined = [j + (j >= i) for j in joined] + [i]
+        joined.append(i)  # in order of name, so no later insert moves it
 
     if not own and len(dom_keys[0]) == len(names):
         return None  # every NVLink domain down to one node: an index of those is laid out otherwise
@@ -181,6 +164,29 @@ def _patch(old: _Topology, used: list[int], leave: Sequence[str], join: Sequence
         pod_gpus={k: (pod, new_of[at], gpus) for k, (pod, at, gpus) in old.pod_gpus.items()
                   if at >= 0 and new_of[at] >= 0})
     return topo, used
+
+
+def _domains_joined(old: _Topology, gone: Sequence[int], join: Sequence[tuple[NodeInfo, list[str]]],
+                    m: int) -> list[int] | None:
+    """The domain of level ``m`` (the narrowest holding several nodes) each node of ``join`` goes
+    to, found by its key; None when one would need a new domain or a node ``gone`` would leave one
+    empty (domains nest: then no wider one is new or empty either)."""
+    to: list[int] = []
+    for info, keys in join:
+        if m == 1 and keys[0] != f"node={info.name}":
+            return None  # an NVLink domain of several nodes on a cluster with none
+        at = bisect_left(old.dom_keys[m], keys[m])
+        if at == len(old.dom_keys[m]) or old.dom_keys[m][at] != keys[m]:
+            return None
+        to.append(at)
+    size: dict[int, int] = {}
+    for i in gone:
+        d = old.dom_of[m][i]
+        size[d] = size.get(d, len(old.children[m][d])) - 1
+    for d in to:
+        if d in size:
+            size[d] += 1
+    return None if any(left <= 0 for left in size.values()) else to
 
 
 def _new_indices(n: int, gone: Sequence[int], joins: Sequence[int]) -> list[int]:

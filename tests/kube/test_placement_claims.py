@@ -13,7 +13,14 @@ from tests.kube.conftest import Cluster, gpu_node
 from capstan.api.loading import parse_object
 from capstan.api.trainingjob import TrainingJob
 from capstan.kube.client import USER_AGENT
-from capstan.kube.placement import ParsedJobs, QueueState, placed_without_pods, queue_pass, queue_snapshot
+from capstan.kube.placement import (
+    ParsedJobs,
+    PlacedJobs,
+    QueueState,
+    placed_without_pods,
+    queue_pass,
+    queue_snapshot,
+)
 from capstan.labels import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
 
 NOW = 1_800_000_000.0
@@ -132,3 +139,52 @@ def test_parsed_jobs_reads_each_version_once_and_a_new_version_again() -> None:
     assert "uid-g" not in parsed and "uid-h" in parsed and "uid-i" in parsed
     parsed.forget("uid-h")  # a deleted job
     assert "uid-h" not in parsed and len(parsed) == 1
+
+
+def test_a_pass_derives_each_job_version_once_and_every_new_version_afresh(monkeypatch: Any) -> None:
+    """What the queue reads of a job (its running gang, its move, its claim) is derived once per
+    resourceVersion and kept with the parsed job; what depends on the clock stays the pass's:
+    a gang still starting ends a limit from now, a quarantine expires."""
+    import capstan.kube.placement as placement
+
+    parses: list[str] = []
+    real = placement._parse_job
+
+    def counting(raw: Any) -> Any:
+        parses.append(raw["metadata"]["name"])
+        return real(raw)
+
+    monkeypatch.setattr(placement, "_parse_job", counting)
+    parsed = ParsedJobs()
+
+    def version(obj: dict[str, Any], rv: str) -> dict[str, Any]:
+        obj["metadata"] = {**obj["metadata"], "resourceVersion": rv}
+        return obj
+
+    starting = version(placed("g", ["n0"], activeDeadlineSeconds=100), "1")
+    first = PlacedJobs([starting], parsed)
+    assert [r.expected_end for r in first.running(NOW)] == [NOW + 100]
+    assert [r.expected_end for r in PlacedJobs([starting], parsed).running(NOW + 50)] == [NOW + 150]
+    assert first.without_pods([]) == {"ml/g": {"n0": 4}}
+    assert first.without_pods([worker("g", 0, "n0")]) == {}
+    # running since its startTime, moved once (the move took 30 s, which extends its limit) to n1,
+    # checkpointed so that it may move again; n0 quarantined for it until NOW + 60
+    running = version(placed("g", ["n1"], phase="Running", activeDeadlineSeconds=100,
+                             checkpoint={"volume": {"size": "1Gi"}}), "2")
+    running["status"].update({
+        "startTime": "2027-01-15T08:00:00Z", "movedSeconds": 30,
+        "conditions": [{"type": "Running", "status": "True", "reason": "AllWorkersRunning",
+                        "message": "", "lastTransitionTime": "2027-01-15T08:00:00Z"}],
+        "excludedNodes": [{"node": "n0", "reason": "GPUError", "until": "2027-01-15T08:01:00Z"}]})
+    start = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+    later = PlacedJobs([running], parsed)
+    (gang,) = later.running(NOW + 999)
+    assert (gang.result.nodes, gang.started, gang.expected_end) == (["n1"], start, start + 130)
+    (soon, _), = later.movable(start + 59)
+    (expired, _), = later.movable(start + 61)
+    assert (soon.request.avoid_nodes, expired.request.avoid_nodes) == (frozenset({"n0"}), frozenset())
+    assert soon.running_since == start
+    # each version was parsed once, however many passes read it
+    for _ in range(3):
+        PlacedJobs([running], parsed).running(NOW)
+    assert parses == ["g", "g"]

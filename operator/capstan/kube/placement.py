@@ -270,18 +270,23 @@ def _submitted(job: TrainingJob) -> float:
 
 class ParsedJobs:
     """TrainingJob bodies parsed once per resourceVersion: the latest version of each job (by uid),
-    at most ``kept`` jobs, those written longest ago dropped first.
+    at most ``kept`` jobs, those written longest ago dropped first; and what the placement queue
+    reads of each version Capstan places (:class:`_Placed`), derived once.
 
-    A placement pass parses every placed or queued job of the cluster, and a burst runs one pass
-    per gang: without this a burst of n jobs parses n² bodies. A resourceVersion names one content
-    of an object, so only bodies as the server (or the watch cache) holds them may be looked up
-    here, never one edited in memory; the models handed out are only read. One entry per job keeps
-    memory with the jobs, however often their statuses change.
+    A placement pass reads every placed or queued job of the cluster, and a burst runs one pass
+    per gang: without this a burst of n jobs parses n² bodies, and every pass derives the running
+    gangs of the cluster again. A resourceVersion names one content of an object, so only bodies
+    as the server (or the watch cache) holds them may be looked up here, never one edited in
+    memory; the models handed out are only read. One entry per job keeps memory with the jobs,
+    however often their statuses change. The watch cache hands out the same object for a job
+    until it changes, so the bodies of the last pass are matched by identity first.
     """
 
     def __init__(self, kept: int = 20_000) -> None:
         self.kept = kept
-        self._jobs: dict[str, tuple[str, TrainingJob | None]] = {}
+        # uid -> (resourceVersion, the job, what the queue reads of it: derived when first asked)
+        self._jobs: dict[str, tuple[str, TrainingJob | None, list[_Placed | None]]] = {}
+        self._last: dict[int, tuple[Mapping[str, Any], _Placed | None]] = {}  # id(body) -> its facts
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -295,18 +300,44 @@ class ParsedJobs:
 
     def get(self, body: Mapping[str, Any]) -> TrainingJob | None:
         """``body`` as a TrainingJob (None: not a valid one)."""
+        entry = self._entry(body)
+        return _parse_job(body) if entry is None else entry[1]
+
+    def placed(self, bodies: Sequence[Mapping[str, Any]]) -> list[_Placed]:
+        """The valid TrainingJobs among ``bodies`` that Capstan places, as the queue reads them."""
+        last, seen, out = self._last, {}, []
+        for body in bodies:
+            hit = last.get(id(body))
+            if hit is None or hit[0] is not body:
+                entry = self._entry(body)
+                hit = (body, _placed(_parse_job(body)) if entry is None else _facts_of(entry))
+            seen[id(body)] = hit
+            if hit[1] is not None:
+                out.append(hit[1])
+        self._last = seen
+        return out
+
+    def _entry(self, body: Mapping[str, Any]) -> tuple[str, TrainingJob | None, list[_Placed | None]] | None:
+        """The cache entry of ``body``'s version (parsed now if new); None without uid or version."""
         uid, version = dig(body, "metadata", "uid"), dig(body, "metadata", "resourceVersion")
         if not (isinstance(uid, str) and uid and isinstance(version, str) and version):
-            return _parse_job(body)
+            return None
         held = self._jobs.get(uid)
         if held is not None and held[0] == version:
-            return held[1]
-        job = _parse_job(body)
+            return held
+        entry: tuple[str, TrainingJob | None, list[_Placed | None]] = (version, _parse_job(body), [])
         self._jobs.pop(uid, None)  # re-inserted last: the order is that of the latest writes
         if len(self._jobs) >= self.kept:
             del self._jobs[next(iter(self._jobs))]
-        self._jobs[uid] = (version, job)
-        return job
+        self._jobs[uid] = entry
+        return entry
+
+
+def _facts_of(entry: tuple[str, TrainingJob | None, list[_Placed | None]]) -> _Placed | None:
+    """The entry's :class:`_Placed`, derived when first asked for."""
+    if not entry[2]:
+        entry[2].append(_placed(entry[1]))
+    return entry[2][0]
 
 
 def _parse_job(body: Mapping[str, Any]) -> TrainingJob | None:
@@ -317,88 +348,166 @@ def _parse_job(body: Mapping[str, Any]) -> TrainingJob | None:
     return job if isinstance(job, TrainingJob) else None
 
 
-def _placed_by_capstan(
-    bodies: Sequence[Mapping[str, Any]], parsed: ParsedJobs | None = None
-) -> list[TrainingJob]:
+@dataclass(frozen=True)
+class _Placed:
+    """What the placement queue reads of one version of a TrainingJob that Capstan places."""
+
+    job: TrainingJob
+    phase: str | None
+    #: where its gang runs (its status placement), when that names nodes
+    current: PlacementResult | None
+    started: float | None  # status.startTime, epoch seconds
+    limit: int | None  # activeDeadlineSeconds; None without a limit
+    moved: int  # seconds its moves took (they extend the limit)
+    #: as a running gang, once its start is known (before, its start is the pass's clock)
+    running: RunningGang | None
+    running_since: float | None  # since when its Running condition is true
+    #: as a gang the queue may move (None: it may not, or its request depends on the clock:
+    #: nodes quarantined for it expire)
+    movable: MovableGang | None
+    #: its claim on GPUs while its pods may be missing: (job uid, attempt, rank) of each worker pod
+    #: and the node it is placed on (none unless Starting, Running or Lent, placed, not suspended)
+    ranks: tuple[tuple[tuple[str, str, str], str], ...]
+
+
+def _placed(job: TrainingJob | None) -> _Placed | None:
+    """``job``'s :class:`_Placed`; None when Capstan does not place it (or it is no valid job)."""
+    if job is None or not wants_placement(job):
+        return None
+    st, limit = job.status, job.spec.active_deadline_seconds
+    current = _current(job) if st.placement is not None and st.placement.nodes else None
+    at = parse_time(st.start_time)
+    started = at.timestamp() if at else None
+    running = None
+    if current is not None and started is not None and st.phase not in TERMINAL_PHASES:
+        running = RunningGang(current, started, None if limit is None else started + limit + st.moved_seconds)
+    condition = next((c for c in st.conditions if c.type == "Running" and c.status == "True"), None)
+    at = parse_time(condition.last_transition_time if condition else None)
+    since = at.timestamp() if at else None
+    movable = None
+    if job.spec.movable and current is not None and since is not None and not st.excluded_nodes:
+        movable = MovableGang(gang_request(job), current, since)
+    ranks: tuple[tuple[tuple[str, str, str], str], ...] = ()
+    if st.phase in ("Starting", "Running", "Lent") and st.placement is not None and not job.spec.suspend:
+        uid, attempt = job.metadata.uid or "", str(st.attempt)
+        ranks = tuple(((uid, attempt, str(rank)), node) for rank, node in enumerate(st.placement.nodes))
+    return _Placed(job, st.phase, current, started, limit, st.moved_seconds, running, since, movable, ranks)
+
+
+def _placed_by_capstan(bodies: Sequence[Mapping[str, Any]], parsed: ParsedJobs | None = None,
+                       ) -> list[_Placed]:
     """Valid TrainingJobs that Capstan places (invalid ones: their own status says why)."""
-    out = []
-    for body in bodies:
-        job = parsed.get(body) if parsed is not None else _parse_job(body)
-        if job is not None and wants_placement(job):
-            out.append(job)
-    return out
+    if parsed is not None:
+        return parsed.placed(bodies)
+    return [p for p in map(_placed, map(_parse_job, bodies)) if p is not None]
+
+
+class PlacedJobs:
+    """The TrainingJobs Capstan places among one pass's bodies, read once for every part of the
+    pass's snapshot (the queue, the running and movable gangs, the claims): each job's part is
+    derived once per version (:class:`ParsedJobs`), so a pass over a cluster of thousands of
+    running gangs does not parse or derive them again."""
+
+    def __init__(self, bodies: Sequence[Mapping[str, Any]], parsed: ParsedJobs | None = None) -> None:
+        self._placed = _placed_by_capstan(bodies, parsed)
+
+    def queued(self) -> list[TrainingJob]:
+        """The jobs waiting in Capstan's placement queue: phase Queued, not suspended.
+
+        Jobs never reconciled yet (no phase) are left out: they join the queue on their first
+        pass, so a job a scoped-out operator never looks at cannot hold anyone back.
+        """
+        return [p.job for p in self._placed if p.phase == "Queued" and not p.job.spec.suspend]
+
+    def recorded_moves(self) -> list[TrainingJob]:
+        """The jobs whose status records a pending move."""
+        return [p.job for p in self._placed if p.job.status.pending_move is not None]
+
+    def running(self, now: float) -> list[RunningGang]:
+        """Placed gangs still holding GPUs, with their declared end where they declare one.
+
+        The end is ``startTime + activeDeadlineSeconds`` (``now +`` the limit while the gang is
+        still starting): an upper bound, since the lifecycle stops the gang there. Without a
+        limit it is unknown, and the queue falls back to reservations that need no run times.
+        """
+        out = []
+        for p in self._placed:
+            if p.running is not None:
+                out.append(p.running)
+            elif p.current is not None and p.phase not in TERMINAL_PHASES:  # starting: from now on
+                out.append(RunningGang(p.current, now, None if p.limit is None else now + p.limit + p.moved))
+        return out
+
+    def movable(self, now: float | None = None) -> list[tuple[MovableGang, str]]:
+        """Running gangs the queue may move, with their uids.
+
+        A job qualifies when ``spec.movable`` (migration allowed and a checkpoint to resume from),
+        it is ``Running`` with a placement, and its ``Running`` condition says since when (the
+        move rule counts ``min_run_s`` from there).
+        """
+        out = []
+        for p in self._placed:
+            if p.phase != "Running":
+                continue
+            gang = p.movable
+            if gang is None and p.job.spec.movable and p.current is not None and p.running_since is not None:
+                gang = MovableGang(gang_request(p.job, now), p.current, p.running_since)  # quarantines expire
+            if gang is not None:
+                out.append((gang, p.job.metadata.uid or ""))
+        return out
+
+    def without_pods(self, pods: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+        """GPUs that placed gangs hold on nodes where their worker pod does not exist: by queue
+        key, ``{node: GPUs}``.
+
+        A gang's status names its nodes (rank r on ``placement.nodes[r]``) before its pods exist,
+        and a rank whose create did not land (a namesake still terminating answered 409, a quota
+        refused it) is created there later. Until then nothing on the node shows the claim:
+        another gang placed on those GPUs would leave that rank Pending for good. Starting,
+        Running and Lent gangs that are not suspended count; pods are matched by the job-uid,
+        attempt and rank labels. A gang lent to a rollout keeps its claim: its GPUs go to the
+        rollout's pods (kube-scheduler does not read claims), not to another gang of the queue.
+        """
+        present: set[tuple[str, str, str]] = set()
+        for pod in pods:
+            labels = dig(pod, "metadata", "labels") or {}
+            if LABEL_JOB_UID in labels:
+                present.add((labels[LABEL_JOB_UID], labels.get(LABEL_ATTEMPT, ""),
+                             labels.get(LABEL_RANK, "")))
+        claims: dict[str, dict[str, int]] = {}
+        for p in self._placed:
+            missing = [node for rank, node in p.ranks if rank not in present]
+            if missing:
+                held = claims.setdefault(queue_key(p.job), {})
+                for node in missing:
+                    held[node] = held.get(node, 0) + p.job.spec.gpus_per_worker
+        return claims
 
 
 def queued_jobs(bodies: Sequence[Mapping[str, Any]], parsed: ParsedJobs | None = None) -> list[TrainingJob]:
-    """The TrainingJobs waiting in Capstan's placement queue: phase Queued, placed by Capstan.
-
-    Jobs never reconciled yet (no phase) are left out: they join the queue on their first pass,
-    so a job a scoped-out operator never looks at cannot hold anyone back.
-    """
-    waiting = [b for b in bodies if dig(b, "status", "phase") == "Queued"]
-    return [j for j in _placed_by_capstan(waiting, parsed) if not j.spec.suspend]
+    """:meth:`PlacedJobs.queued` of ``bodies``."""
+    return PlacedJobs(bodies, parsed).queued()
 
 
 def recorded_moves(
     bodies: Sequence[Mapping[str, Any]], parsed: ParsedJobs | None = None
 ) -> list[TrainingJob]:
-    """Capstan-placed TrainingJobs whose status records a pending move."""
-    return _placed_by_capstan([b for b in bodies if dig(b, "status", "pendingMove")], parsed)
+    """:meth:`PlacedJobs.recorded_moves` of ``bodies``."""
+    return PlacedJobs(bodies, parsed).recorded_moves()
 
 
 def running_gangs(
     bodies: Sequence[Mapping[str, Any]], now: float, parsed: ParsedJobs | None = None
 ) -> list[RunningGang]:
-    """Placed Capstan gangs still holding GPUs, with their declared end where they declare one.
-
-    The end is ``startTime + activeDeadlineSeconds`` (``now +`` the limit while the gang is still
-    starting): an upper bound, since the lifecycle stops the gang there. Without a limit it is
-    unknown, and the queue falls back to reservations that need no run times.
-    """
-    out = []
-    for job in _placed_by_capstan([b for b in bodies if dig(b, "status", "placement")], parsed):
-        st = job.status
-        if st.placement is None or not st.placement.nodes or st.phase in TERMINAL_PHASES:
-            continue
-        started_at = parse_time(st.start_time)
-        started = started_at.timestamp() if started_at else now
-        limit = job.spec.active_deadline_seconds
-        end = started + limit + st.moved_seconds if limit is not None else None  # moves extend the limit
-        out.append(RunningGang(_current(job), started, end))
-    return out
+    """:meth:`PlacedJobs.running` of ``bodies``."""
+    return PlacedJobs(bodies, parsed).running(now)
 
 
 def placed_without_pods(
     bodies: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], parsed: ParsedJobs | None = None
 ) -> dict[str, dict[str, int]]:
-    """GPUs that placed gangs hold on nodes where their worker pod does not exist: by queue key,
-    ``{node: GPUs}``.
-
-    A gang's status names its nodes (rank r on ``placement.nodes[r]``) before its pods exist, and a
-    rank whose create did not land (a namesake still terminating answered 409, a quota refused
-    it) is created there later. Until then nothing on the node shows the claim: another gang
-    placed on those GPUs would leave that rank Pending for good. Starting, Running and Lent gangs
-    that are not suspended count; pods are matched by the job-uid, attempt and rank labels.
-    """
-    present: set[tuple[str, str, str]] = set()
-    for pod in pods:
-        labels = dig(pod, "metadata", "labels") or {}
-        if LABEL_JOB_UID in labels:
-            present.add((labels[LABEL_JOB_UID], labels.get(LABEL_ATTEMPT, ""), labels.get(LABEL_RANK, "")))
-    # A gang lent to a rollout keeps its claim: its GPUs go to the rollout's pods (kube-scheduler
-    # does not read claims), not to another gang of the queue.
-    placed = [b for b in bodies if dig(b, "status", "phase") in ("Starting", "Running", "Lent")
-              and dig(b, "status", "placement")]
-    claims: dict[str, dict[str, int]] = {}
-    for job in _placed_by_capstan(placed, parsed):
-        st, uid = job.status, job.metadata.uid or ""
-        if st.placement is None or job.spec.suspend:
-            continue
-        for rank, node in enumerate(st.placement.nodes):
-            if (uid, str(st.attempt), str(rank)) not in present:
-                held = claims.setdefault(queue_key(job), {})
-                held[node] = held.get(node, 0) + job.spec.gpus_per_worker
-    return claims
+    """:meth:`PlacedJobs.without_pods` of ``bodies``."""
+    return PlacedJobs(bodies, parsed).without_pods(pods)
 
 
 def _current(job: TrainingJob) -> PlacementResult:
@@ -411,25 +520,8 @@ def _current(job: TrainingJob) -> PlacementResult:
 def movable_gangs(
     bodies: Sequence[Mapping[str, Any]], now: float | None = None, parsed: ParsedJobs | None = None
 ) -> list[tuple[MovableGang, str]]:
-    """Running Capstan gangs the queue may move, with their uids.
-
-    A job qualifies when ``spec.movable`` (migration allowed and a checkpoint to resume from), it is
-    ``Running`` with a placement, and its ``Running`` condition says since when (the move rule
-    counts ``min_run_s`` from there).
-    """
-    out = []
-    running_now = [b for b in bodies if dig(b, "status", "phase") == "Running"]  # parse only these
-    for job in _placed_by_capstan(running_now, parsed):
-        st = job.status
-        if not job.spec.movable or st.placement is None or not st.placement.nodes:
-            continue
-        running = next((c for c in st.conditions if c.type == "Running" and c.status == "True"), None)
-        since = parse_time(running.last_transition_time if running else None)
-        if since is None:
-            continue
-        gang = MovableGang(gang_request(job, now), _current(job), since.timestamp())
-        out.append((gang, job.metadata.uid or ""))
-    return out
+    """:meth:`PlacedJobs.movable` of ``bodies``."""
+    return PlacedJobs(bodies, parsed).movable(now)
 
 
 def gang_request(job: TrainingJob, now: float | None = None) -> GangRequest:
@@ -590,7 +682,8 @@ def _plan_moves(inv: Inventory, decisions: Sequence[Decision], movable: Sequence
 
 __all__ = [
     "MOVE_HOLD_S", "NodeIndex",
-    "ParsedJobs", "PendingMove", "QueuePass", "QueueSnapshot", "QueueState", "as_bound", "gang_request",
+    "ParsedJobs", "PendingMove", "PlacedJobs", "QueuePass", "QueueSnapshot", "QueueState", "as_bound",
+    "gang_request",
     "movable_gangs", "pinned_node", "placed_without_pods", "queue_key", "queue_pass", "queue_snapshot",
     "queued_jobs", "recorded_moves", "running_gangs", "wants_placement",
 ]

@@ -55,18 +55,15 @@ from capstan.kube.placement import (
     NodeIndex,
     ParsedJobs,
     PendingMove,
+    PlacedJobs,
     QueuePass,
     QueueSnapshot,
     QueueState,
-    movable_gangs,
     pinned_node,
     placed_without_pods,
     queue_key,
     queue_pass,
     queue_snapshot,
-    queued_jobs,
-    recorded_moves,
-    running_gangs,
     wants_placement,
 )
 from capstan.kube.reconciler import Reported, reconcile_loop, refused_by_server, wake, wake_all
@@ -538,16 +535,17 @@ def _snapshot_of(
     config = operator_config(memo)
     # moves recorded in statuses that memory lacks (an operator restart): their destinations stay held
     state = _state(memo)
-    state.queue.adopt(recorded_moves(jobs, state.parsed), now)
+    placed = PlacedJobs(jobs, state.parsed)  # each job read once for every part of the snapshot
+    state.queue.adopt(placed.recorded_moves(), now)
     return queue_snapshot(
         nodes,
         pods,
-        queued_jobs(jobs, state.parsed),
+        placed.queued(),
         now=now,
-        running=running_gangs(jobs, now, state.parsed),
+        running=placed.running(now),
         policy=config.queue,
-        movable=movable_gangs(jobs, now, state.parsed),
-        claimed=held_by_placed_gangs(memo, jobs, pods),
+        movable=placed.movable(now),
+        claimed={**placed.without_pods(pods), **state.inflight},
         levels=config.topology_levels,
         node_index=state.nodes,
     )
@@ -557,9 +555,9 @@ def held_by_placed_gangs(
     memo: kopf.Memo, jobs: list[dict[str, Any]], pods: list[dict[str, Any]]
 ) -> dict[str, dict[str, int]]:
     """GPUs placed gangs hold where their pods do not exist yet, by queue key: what their statuses
-    say (:func:`placed_without_pods`), and the decisions whose status write is still on its way."""
+    say (:meth:`PlacedJobs.without_pods`), and the decisions whose status write is still on its way."""
     state = _state(memo)
-    return {**placed_without_pods(jobs, pods, state.parsed), **state.inflight}
+    return {**PlacedJobs(jobs, state.parsed).without_pods(pods), **state.inflight}
 
 
 def _with_status(body: Mapping[str, Any], plan: Plan) -> dict[str, Any]:

@@ -62,6 +62,8 @@ if str(ROOT / "operator") not in sys.path:
     sys.path.insert(0, str(ROOT / "operator"))
 
 from capstan.gcpause import paused_gc  # noqa: E402 -- after the source-root path tweak
+from capstan.kube.placement import NodeIndex, ParsedJobs, PlacedJobs, queue_snapshot  # noqa: E402
+from capstan.labels import LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK  # noqa: E402
 from capstan.topology import (  # noqa: E402 -- after the source-root path tweak
     DEFAULT_SLOWDOWN,
     GangRequest,
@@ -1062,6 +1064,68 @@ def queue_pass_benchmark(n_nodes: int = 10_000, queued: int = 55, repeats: int =
             "index_membership_patch_ms": round(statistics.median(membership_ms), 1)}
 
 
+def _job_bodies(pods: Sequence[dict[str, Any]], queued: int) -> list[dict[str, Any]]:
+    """TrainingJob bodies as the watch cache holds them: one Running one-worker job per pod (its
+    pod labelled as Capstan labels it), checkpointed and declaring its limit, and ``queued`` gangs
+    of 2 x 8 GPUs waiting."""
+    def job(name: str, k: int, status: dict[str, Any], workers: int, gpus: int) -> dict[str, Any]:
+        return {"apiVersion": "capstan.dev/v1alpha1", "kind": "TrainingJob",
+                "metadata": {"name": name, "namespace": "ml", "uid": f"uid-{name}",
+                             "resourceVersion": str(k + 1), "creationTimestamp": "2026-11-23T10:00:00Z"},
+                "spec": {"image": "trainer:1", "command": ["python"], "workers": workers,
+                         "gpusPerWorker": gpus, "activeDeadlineSeconds": 86_400,
+                         "checkpoint": {"volume": {"size": "1Gi"}}},
+                "status": status}
+    since = "2026-11-23T10:05:00Z"
+    bodies = []
+    for k, pod in enumerate(pods):
+        name = f"j{k:05d}"
+        pod["metadata"]["labels"] = {LABEL_JOB_UID: f"uid-{name}", LABEL_ATTEMPT: "0", LABEL_RANK: "0"}
+        bodies.append(job(name, k, {
+            "phase": "Running", "attempt": 0, "startTime": since,
+            "placement": {"level": "nvlink", "domain": pod["spec"]["nodeName"],
+                          "nodes": [pod["spec"]["nodeName"]]},
+            "conditions": [{"type": "Running", "status": "True", "reason": "AllWorkersRunning", "message": "",
+                            "lastTransitionTime": since}]}, 1, pod_gpu_request(pod)))
+    bodies += [job(f"q{k:03d}", len(pods) + k, {"phase": "Queued"}, 2, 8) for k in range(queued)]
+    return bodies
+
+
+def snapshot_benchmark(n_nodes: int = 10_000, queued: int = 55, repeats: int = 5,
+                       seed: int = 7) -> dict[str, Any]:
+    """Median ms of reading one pass's snapshot as the operator does before it decides
+    (``capstan.kube.trainingjob``): every TrainingJob read once (:class:`PlacedJobs`, over the
+    jobs parsed by earlier passes) for the queue, the running and movable gangs and the claims of
+    gangs whose pods are missing, pods pinned but not bound shown on their node, and the kept
+    node index with the pods counted again. One Running TrainingJob per pod of the busy 10k-node
+    cluster (7,541), plus ``queued`` waiting; the bodies are the same objects pass after pass, as
+    the watch cache hands them out."""
+    nodes, pods = _busy_cluster(n_nodes, seed)
+    bodies = _job_bodies(pods, queued)
+    parsed, index, now = ParsedJobs(), NodeIndex(), 1_800_000_000.0
+
+    def snapshot() -> tuple[int, int, int]:
+        placed = PlacedJobs(bodies, parsed)
+        snap = queue_snapshot(nodes, pods, placed.queued(), now=now, running=placed.running(now),
+                              movable=placed.movable(now), claimed=placed.without_pods(pods),
+                              node_index=index)
+        assert snap is not None
+        return len(snap.queued), len(snap.running), len(snap.movable)
+
+    t0 = time.perf_counter()
+    counts = snapshot()  # every job parsed, the index built
+    first_ms = (time.perf_counter() - t0) * 1000
+    times = []
+    for _ in range(repeats):
+        with paused_gc():
+            t0 = time.perf_counter()
+            assert snapshot() == counts
+            times.append((time.perf_counter() - t0) * 1000)
+    return {"nodes": n_nodes, "jobs": len(bodies), "queued": counts[0], "running": counts[1],
+            "movable": counts[2], "snapshot_ms": round(statistics.median(times), 1),
+            "first_snapshot_ms": round(first_ms, 1)}
+
+
 def decision_benchmark(n_nodes: int = 10_000, repeats: int = 15, seed: int = 7) -> dict[str, Any]:
     """Median ms of one ``place_gang`` (64 workers x 8 GPUs) on a busy 10k-node HGX cluster."""
     nodes, pods = _busy_cluster(n_nodes, seed)
@@ -1335,6 +1399,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     queue_pass = None if args.no_decision else queue_pass_benchmark()
     # a long queue: gangs of a shape that does not fit are placed once per pass, not once each
     long_queue = None if args.no_decision else queue_pass_benchmark(queued=1_100, repeats=3)
+    snapshot = None if args.no_decision else snapshot_benchmark()
     cap, tas = policies["capstan"], policies["tas_bestfit"]
     higher = ("nvlink_local_share", "rack_local_share", "allocation_rate")
     losses = [m for m in METRICS if (cap[m] < tas[m] if m in higher else cap[m] > tas[m])]
@@ -1345,6 +1410,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "inventory_reuse_ms_10k_nodes": decision.get("inventory_reuse_ms"),
         "queue_pass_10k_nodes": queue_pass,
         "queue_pass_10k_nodes_1100_queued": long_queue,
+        "snapshot_10k_nodes": snapshot,
         "clusters": per_cluster,
         "real_traces": real,
         "move_work_lost": move_work_lost(pooled_seed["capstan"]),

@@ -182,3 +182,14 @@ def test_queue_pass_benchmark_runs_a_whole_operator_pass() -> None:
     assert out["pass_ms_kept_index"] > 0  # the same pass on the index the operator keeps
     # after a Node was cordoned: the kept index patched (timed in) and the pass on it
     assert out["pass_ms_node_changed"] > out["index_patch_ms"] > 0
+    # after Nodes joined and left: the kept index patched for them (timed in) and the pass on it
+    assert out["pass_ms_nodes_joined_left"] > out["index_membership_patch_ms"] > 0
+
+
+def test_snapshot_benchmark_reads_every_job_of_the_cluster() -> None:
+    """The 10k-node snapshot figure, small: one Running job a pod, every one of them running and
+    movable in the snapshot, the queued ones queued, on a kept node index."""
+    mod = _load()
+    out = mod.snapshot_benchmark(n_nodes=64, queued=5, repeats=1)
+    assert out["queued"] == 5 and out["running"] == out["movable"] == out["jobs"] - 5 > 0
+    assert out["first_snapshot_ms"] > out["snapshot_ms"] > 0

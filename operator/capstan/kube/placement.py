@@ -362,9 +362,9 @@ class _Placed:
     #: as a running gang, once its start is known (before, its start is the pass's clock)
     running: RunningGang | None
     running_since: float | None  # since when its Running condition is true
-    #: as a gang the queue may move (None: it may not, or its request depends on the clock:
-    #: nodes quarantined for it expire)
-    movable: MovableGang | None
+    #: as a gang the queue may move, with its uid (None: it may not, or its request depends on the
+    #: clock: nodes quarantined for it expire)
+    movable: tuple[MovableGang, str] | None
     #: its claim on GPUs while its pods may be missing: (job uid, attempt, rank) of each worker pod
     #: and the node it is placed on (none unless Starting, Running or Lent, placed, not suspended)
     ranks: tuple[tuple[tuple[str, str, str], str], ...]
@@ -386,7 +386,7 @@ def _placed(job: TrainingJob | None) -> _Placed | None:
     since = at.timestamp() if at else None
     movable = None
     if job.spec.movable and current is not None and since is not None and not st.excluded_nodes:
-        movable = MovableGang(gang_request(job), current, since)
+        movable = (MovableGang(gang_request(job), current, since), job.metadata.uid or "")
     ranks: tuple[tuple[tuple[str, str, str], str], ...] = ()
     if st.phase in ("Starting", "Running", "Lent") and st.placement is not None and not job.spec.suspend:
         uid, attempt = job.metadata.uid or "", str(st.attempt)
@@ -449,10 +449,10 @@ class PlacedJobs:
         for p in self._placed:
             if p.phase != "Running":
                 continue
-            gang = p.movable
-            if gang is None and p.job.spec.movable and p.current is not None and p.running_since is not None:
+            if p.movable is not None:
+                out.append(p.movable)
+            elif p.job.spec.movable and p.current is not None and p.running_since is not None:
                 gang = MovableGang(gang_request(p.job, now), p.current, p.running_since)  # quarantines expire
-            if gang is not None:
                 out.append((gang, p.job.metadata.uid or ""))
         return out
 
@@ -470,16 +470,15 @@ class PlacedJobs:
         """
         present: set[tuple[str, str, str]] = set()
         for pod in pods:
-            labels = dig(pod, "metadata", "labels") or {}
-            if LABEL_JOB_UID in labels:
+            labels = (pod.get("metadata") or {}).get("labels")  # every pod of the cluster: no dig
+            if labels and LABEL_JOB_UID in labels:
                 present.add((labels[LABEL_JOB_UID], labels.get(LABEL_ATTEMPT, ""),
                              labels.get(LABEL_RANK, "")))
         claims: dict[str, dict[str, int]] = {}
         for p in self._placed:
-            missing = [node for rank, node in p.ranks if rank not in present]
-            if missing:
-                held = claims.setdefault(queue_key(p.job), {})
-                for node in missing:
+            for rank, node in p.ranks:
+                if rank not in present:
+                    held = claims.setdefault(queue_key(p.job), {})
                     held[node] = held.get(node, 0) + p.job.spec.gpus_per_worker
         return claims
 

@@ -188,3 +188,18 @@ def test_a_pass_derives_each_job_version_once_and_every_new_version_afresh(monke
     for _ in range(3):
         PlacedJobs([running], parsed).running(NOW)
     assert parses == ["g", "g"]
+
+
+def test_claims_follow_pods_that_appear_change_or_go_between_passes() -> None:
+    """The worker pods a pass finds are remembered by object (the watch cache keeps an unchanged
+    pod's object): a pod created, replaced by one of another attempt, or deleted is seen."""
+    parsed = ParsedJobs()
+    gang = placed("g", ["n0", "n1"], phase="Running")
+    gang["metadata"] = {**gang["metadata"], "resourceVersion": "5"}
+    rank0, rank1 = worker("g", 0, "n0"), worker("g", 1, "n1")
+    assert PlacedJobs([gang], parsed).without_pods([rank0]) == {"ml/g": {"n1": 4}}
+    assert PlacedJobs([gang], parsed).without_pods([rank0, rank1]) == {}
+    # rank 1 replaced by a pod of attempt 1 (the gang's status still says attempt 0), then deleted
+    stale = worker("g", 1, "n1", attempt=1)
+    assert PlacedJobs([gang], parsed).without_pods([rank0, stale]) == {"ml/g": {"n1": 4}}
+    assert PlacedJobs([gang], parsed).without_pods([rank1]) == {"ml/g": {"n0": 4}}

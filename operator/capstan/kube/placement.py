@@ -287,6 +287,7 @@ class ParsedJobs:
         # uid -> (resourceVersion, the job, what the queue reads of it: derived when first asked)
         self._jobs: dict[str, tuple[str, TrainingJob | None, list[_Placed | None]]] = {}
         self._last: dict[int, tuple[Mapping[str, Any], _Placed | None]] = {}  # id(body) -> its facts
+        self._pods: dict[int, tuple[Mapping[str, Any], tuple[str, str, str] | None]] = {}  # id(pod) -> rank
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -317,6 +318,20 @@ class ParsedJobs:
         self._last = seen
         return out
 
+    def ranks(self, pods: Sequence[Mapping[str, Any]]) -> set[tuple[str, str, str]]:
+        """(job uid, attempt, rank) of every worker pod among ``pods`` (:func:`_rank_of`), read
+        again only for the pods that are other objects than last time."""
+        last, seen, present = self._pods, {}, set()
+        for pod in pods:
+            hit = last.get(id(pod))
+            if hit is None or hit[0] is not pod:
+                hit = (pod, _rank_of(pod))
+            seen[id(pod)] = hit
+            if hit[1] is not None:
+                present.add(hit[1])
+        self._pods = seen
+        return present
+
     def _entry(self, body: Mapping[str, Any]) -> tuple[str, TrainingJob | None, list[_Placed | None]] | None:
         """The cache entry of ``body``'s version (parsed now if new); None without uid or version."""
         uid, version = dig(body, "metadata", "uid"), dig(body, "metadata", "resourceVersion")
@@ -331,6 +346,14 @@ class ParsedJobs:
             del self._jobs[next(iter(self._jobs))]
         self._jobs[uid] = entry
         return entry
+
+
+def _rank_of(pod: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """(job uid, attempt, rank) of a TrainingJob's worker pod, by its labels; None for any other pod."""
+    labels = (pod.get("metadata") or {}).get("labels")
+    if not labels or LABEL_JOB_UID not in labels:
+        return None
+    return labels[LABEL_JOB_UID], labels.get(LABEL_ATTEMPT, ""), labels.get(LABEL_RANK, "")
 
 
 def _facts_of(entry: tuple[str, TrainingJob | None, list[_Placed | None]]) -> _Placed | None:
@@ -410,6 +433,7 @@ class PlacedJobs:
 
     def __init__(self, bodies: Sequence[Mapping[str, Any]], parsed: ParsedJobs | None = None) -> None:
         self._placed = _placed_by_capstan(bodies, parsed)
+        self._parsed = parsed
 
     def queued(self) -> list[TrainingJob]:
         """The jobs waiting in Capstan's placement queue: phase Queued, not suspended.
@@ -468,12 +492,10 @@ class PlacedJobs:
         attempt and rank labels. A gang lent to a rollout keeps its claim: its GPUs go to the
         rollout's pods (kube-scheduler does not read claims), not to another gang of the queue.
         """
-        present: set[tuple[str, str, str]] = set()
-        for pod in pods:
-            labels = (pod.get("metadata") or {}).get("labels")  # every pod of the cluster: no dig
-            if labels and LABEL_JOB_UID in labels:
-                present.add((labels[LABEL_JOB_UID], labels.get(LABEL_ATTEMPT, ""),
-                             labels.get(LABEL_RANK, "")))
+        if self._parsed is not None:
+            present = self._parsed.ranks(pods)
+        else:
+            present = {rank for rank in map(_rank_of, pods) if rank is not None}
         claims: dict[str, dict[str, int]] = {}
         for p in self._placed:
             for rank, node in p.ranks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from tests.api.bodies import make_trainingjob
 from tests.kube.conftest import gpu_node
 
@@ -387,18 +388,24 @@ def test_a_pass_over_the_same_node_objects_reuses_their_index_and_counts_pods_af
         assert again.nodes is not kept.nodes
 
 
-def test_a_node_cordoned_or_moved_is_seen_by_the_next_pass_patched_or_indexed_again(
-        monkeypatch: Any) -> None:
+@pytest.fixture
+def builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per node index built from scratch by the placement adapter."""
     import capstan.kube.placement as placement
 
-    builds: list[int] = []
+    built: list[int] = []
     real = placement.build_inventory
 
     def counting(*args: Any, **kwargs: Any) -> Any:
-        builds.append(1)
+        built.append(1)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(placement, "build_inventory", counting)
+    return built
+
+
+def test_a_node_cordoned_or_moved_is_seen_by_the_next_pass_patched_or_indexed_again(
+        builds: list[int]) -> None:
     nodes = [gpu_node(f"n{i}", clique="a", rack="r1") for i in range(4)]
     index = NodeIndex()
     index.build(nodes, [busy("n0", 8)], DEFAULT_LEVELS)
@@ -417,17 +424,7 @@ def test_a_node_cordoned_or_moved_is_seen_by_the_next_pass_patched_or_indexed_ag
     assert len(builds) == 2 and inv.domain_of("n3", "rack") != inv.domain_of("n2", "rack")
 
 
-def test_nodes_added_deleted_or_flipping_ready_are_patched_into_the_kept_index(monkeypatch: Any) -> None:
-    import capstan.kube.placement as placement
-
-    builds: list[int] = []
-    real = placement.build_inventory
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        builds.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(placement, "build_inventory", counting)
+def test_nodes_added_deleted_or_flipping_ready_are_patched_into_the_kept_index(builds: list[int]) -> None:
     nodes = [gpu_node(f"n{i:02d}", clique="a" if i < 4 else "b", rack="r1") for i in range(16)]
     index = NodeIndex()
     index.build(nodes, [busy("n00", 8)], DEFAULT_LEVELS)

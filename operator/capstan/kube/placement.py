@@ -403,7 +403,7 @@ def _placed(job: TrainingJob | None) -> _Placed | None:
     started = at.timestamp() if at else None
     running = None
     if current is not None and started is not None and st.phase not in TERMINAL_PHASES:
-        running = RunningGang(current, started, None if limit is None else started + limit + st.moved_seconds)
+        running = _running(current, started, limit, st.moved_seconds)
     condition = next((c for c in st.conditions if c.type == "Running" and c.status == "True"), None)
     at = parse_time(condition.last_transition_time if condition else None)
     since = at.timestamp() if at else None
@@ -415,6 +415,11 @@ def _placed(job: TrainingJob | None) -> _Placed | None:
         uid, attempt = job.metadata.uid or "", str(st.attempt)
         ranks = tuple(((uid, attempt, str(rank)), node) for rank, node in enumerate(st.placement.nodes))
     return _Placed(job, st.phase, current, started, limit, st.moved_seconds, running, since, movable, ranks)
+
+
+def _running(current: PlacementResult, started: float, limit: int | None, moved: int) -> RunningGang:
+    """A gang running since ``started``: it ends by its limit, which its moves extend."""
+    return RunningGang(current, started, None if limit is None else started + limit + moved)
 
 
 def _placed_by_capstan(bodies: Sequence[Mapping[str, Any]], parsed: ParsedJobs | None = None,
@@ -459,7 +464,7 @@ class PlacedJobs:
             if p.running is not None:
                 out.append(p.running)
             elif p.current is not None and p.phase not in TERMINAL_PHASES:  # starting: from now on
-                out.append(RunningGang(p.current, now, None if p.limit is None else now + p.limit + p.moved))
+                out.append(_running(p.current, now, p.limit, p.moved))
         return out
 
     def movable(self, now: float | None = None) -> list[tuple[MovableGang, str]]:

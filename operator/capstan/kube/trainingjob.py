@@ -545,19 +545,21 @@ def _snapshot_of(
         running=placed.running(now),
         policy=config.queue,
         movable=placed.movable(now),
-        claimed={**placed.without_pods(pods), **state.inflight},
+        claimed=held_by_placed_gangs(memo, jobs, pods, placed),
         levels=config.topology_levels,
         node_index=state.nodes,
     )
 
 
 def held_by_placed_gangs(
-    memo: kopf.Memo, jobs: list[dict[str, Any]], pods: list[dict[str, Any]]
+    memo: kopf.Memo, jobs: list[dict[str, Any]], pods: list[dict[str, Any]], placed: PlacedJobs | None = None
 ) -> dict[str, dict[str, int]]:
     """GPUs placed gangs hold where their pods do not exist yet, by queue key: what their statuses
-    say (:meth:`PlacedJobs.without_pods`), and the decisions whose status write is still on its way."""
+    say (:meth:`PlacedJobs.without_pods`; ``placed``: ``jobs`` read already), and the decisions
+    whose status write is still on its way."""
     state = _state(memo)
-    return {**PlacedJobs(jobs, state.parsed).without_pods(pods), **state.inflight}
+    placed = placed if placed is not None else PlacedJobs(jobs, state.parsed)
+    return {**placed.without_pods(pods), **state.inflight}
 
 
 def _with_status(body: Mapping[str, Any], plan: Plan) -> dict[str, Any]:

@@ -110,7 +110,13 @@ def test_trainer_progress_line_is_what_the_operator_parses() -> None:
 
 
 def test_trainer_metrics_are_what_the_operator_scrapes() -> None:
-    assert answering(request=2, step=140, resumed=100) == Progress(140, answering().checkpoint_time, 100, 2)
+    before = datetime.now(UTC).replace(microsecond=0)
+    got = answering(request=2, step=140, resumed=100)
+    after = datetime.now(UTC)
+    assert got == Progress(140, got.checkpoint_time, 100, 2)
+    # the commit's wall-clock time, to the second (RFC 3339, as status carries it)
+    assert got.checkpoint_time is not None
+    assert before <= datetime.fromisoformat(got.checkpoint_time) <= after
     before_any = answering(step=None)
     assert (before_any.checkpoint_step, before_any.resumed_from_step, before_any.request) == (None, -1, 0)
     # another trainer's metrics: no progress, and no answer to requests

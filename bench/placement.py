@@ -1092,17 +1092,21 @@ def _job_bodies(pods: Sequence[dict[str, Any]], queued: int) -> list[dict[str, A
 
 
 def snapshot_benchmark(n_nodes: int = 10_000, queued: int = 55, repeats: int = 5,
-                       seed: int = 7) -> dict[str, Any]:
+                       seed: int = 7, changes: int = 8) -> dict[str, Any]:
     """Median ms of reading one pass's snapshot as the operator does before it decides
     (``capstan.kube.trainingjob``): every TrainingJob read once (:class:`PlacedJobs`, over the
     jobs parsed by earlier passes) for the queue, the running and movable gangs and the claims of
-    gangs whose pods are missing, pods pinned but not bound shown on their node, and the kept
-    node index with the pods counted again. One Running TrainingJob per pod of the busy 10k-node
-    cluster (7,541), plus ``queued`` waiting; the bodies are the same objects pass after pass, as
-    the watch cache hands them out."""
+    gangs whose pods are missing, and the kept node index with the pods counted again, pods
+    pinned but not bound counting on their node. One Running TrainingJob per pod of the busy
+    10k-node cluster (7,541), plus ``queued`` waiting; the bodies are the same objects pass after
+    pass, as the watch cache hands them out (``snapshot_ms``), or all but what the watches
+    brought since the last pass (``snapshot_after_changes_ms``): ``changes`` events, half of
+    them new versions of Running jobs stored in their place (parsed again), half pods deleted,
+    each created again at the end of the list (a new object)."""
     nodes, pods = _busy_cluster(n_nodes, seed)
     bodies = _job_bodies(pods, queued)
     parsed, index, now = ParsedJobs(), NodeIndex(), 1_800_000_000.0
+    rng, version = random.Random(seed), len(bodies) + 1
 
     def snapshot() -> tuple[int, int, int]:
         placed = PlacedJobs(bodies, parsed)
@@ -1112,17 +1116,34 @@ def snapshot_benchmark(n_nodes: int = 10_000, queued: int = 55, repeats: int = 5
         assert snap is not None
         return len(snap.queued), len(snap.running), len(snap.movable)
 
+    def watch_events() -> None:
+        nonlocal version
+        for k in range(changes):
+            version += 1
+            if k % 2 == 0:
+                at = rng.randrange(len(bodies) - queued)  # a Running job's status written again
+                meta = {**bodies[at]["metadata"], "resourceVersion": str(version)}
+                bodies[at] = {**bodies[at], "metadata": meta}
+            else:
+                pods.append(dict(pods.pop(rng.randrange(len(pods)))))
+
     t0 = time.perf_counter()
     counts = snapshot()  # every job parsed, the index built
     first_ms = (time.perf_counter() - t0) * 1000
-    times = []
+    kept, changed = [], []
     for _ in range(repeats):
         with paused_gc():
             t0 = time.perf_counter()
             assert snapshot() == counts
-            times.append((time.perf_counter() - t0) * 1000)
+            kept.append((time.perf_counter() - t0) * 1000)
+        watch_events()
+        with paused_gc():
+            t0 = time.perf_counter()
+            assert snapshot() == counts
+            changed.append((time.perf_counter() - t0) * 1000)
     return {"nodes": n_nodes, "jobs": len(bodies), "queued": counts[0], "running": counts[1],
-            "movable": counts[2], "snapshot_ms": round(statistics.median(times), 1),
+            "movable": counts[2], "snapshot_ms": round(statistics.median(kept), 1),
+            "snapshot_after_changes_ms": round(statistics.median(changed), 1), "changes": changes,
             "first_snapshot_ms": round(first_ms, 1)}
 
 

@@ -1,7 +1,10 @@
+import random
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from topo_fixtures import node, nvl72_cluster, pod
 
 from capstan.topology import build_inventory, parse_count, pod_gpu_request, tolerates
@@ -112,3 +115,63 @@ def test_counting_pods_again_follows_pods_that_bound_finished_or_left() -> None:
     assert [again.free("n0"), again.free("n1")] == [8, 4]
     # the same objects as the first count, offered again: counted as then
     assert [inv.with_pods([waiting, running, done]).free(n) for n in ("n0", "n1")] == [6, 8]
+
+
+def pinned(name: str, node_name: str, gpus: int, **kw: Any) -> dict[str, Any]:
+    """A pod Capstan placed on ``node_name`` (one-node ``metadata.name`` affinity), not bound yet."""
+    made = pod(name, None, gpus, **kw)
+    one_node = {"key": "metadata.name", "operator": "In", "values": [node_name]}
+    made["spec"]["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchFields": [one_node]}]}}}
+    return made
+
+
+def test_a_gang_placed_a_moment_ago_holds_its_gpus_before_it_is_bound() -> None:
+    nodes = [node("n0", 8), node("n1", 8)]
+    either = pinned("either", "n1", 8)
+    either["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"][0]["matchFields"][0]["values"] = ["n0", "n1"]  # not pinned to one node
+    inv = build_inventory(nodes, [pinned("w", "n1", 4), pinned("done", "n0", 8, phase="Failed"), either])
+    assert [inv.free("n0"), inv.free("n1")] == [8, 4]
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 10**9), passes=st.integers(1, 8))
+def test_counting_pods_again_after_any_edits_counts_as_a_fresh_count(seed: int, passes: int) -> None:
+    """A kept index counts each pass's pods from the last count, by the pod objects new and gone
+    since; whatever the watch cache's list went through, every node's free GPUs are those of a
+    fresh count. Pods pinned to a node but not bound yet hold their GPUs there too."""
+    rng = random.Random(seed)
+    nodes = [node(f"n{k}", 8) for k in range(4)]
+    serial = iter(range(10**6))
+
+    def new_pod() -> dict[str, Any]:
+        where = rng.choice(["n0", "n1", "n2", "n3", "nx", None])
+        phase = rng.choice(["Running", "Running", "Failed"])
+        made = pod(f"p{next(serial)}", where, rng.randint(0, 2), phase=phase)
+        if where is None and rng.random() < 0.5:  # placed by Capstan, not bound by kube-scheduler yet
+            return pinned(made["metadata"]["name"], rng.choice(["n1", "n2"]), rng.randint(0, 2))
+        return made
+
+    pods = [new_pod() for _ in range(rng.randint(0, 12))]
+    kept = build_inventory(nodes, pods)
+    for _ in range(passes):
+        for _ in range(rng.randint(0, 4)):
+            kind = rng.choice(["add", "delete", "replace", "bind", "twice", "relist"])
+            k = rng.randrange(len(pods)) if pods else -1
+            if kind == "add":
+                pods.append(new_pod())
+            elif kind == "delete" and pods:
+                del pods[k]
+            elif kind == "replace" and pods:
+                pods[k] = new_pod()
+            elif kind == "bind" and pods:
+                pods[k] = {**pods[k], "spec": {**pods[k]["spec"], "nodeName": rng.choice(["n0", "n3"])}}
+            elif kind == "twice" and pods:
+                pods.append(pods[k])  # never from a cache, but counted as a fresh count counts it
+            elif kind == "relist":
+                rng.shuffle(pods)
+        again, fresh = kept.with_pods(pods), build_inventory(nodes, pods)
+        assert [again.free(n["metadata"]["name"]) for n in nodes] == [fresh.free(n["metadata"]["name"])
+                                                                     for n in nodes]
+        kept = again

@@ -39,11 +39,14 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from itertools import compress, count
+from operator import is_not
 from typing import Any
 
 from capstan.api.conditions import parse_time, rfc3339
 from capstan.api.loading import InvalidObject, parse_object
 from capstan.api.trainingjob import TERMINAL_PHASES, PendingMoveStatus, TrainingJob
+from capstan.changes import Seen
 from capstan.fields import dig
 from capstan.gcpause import paused_gc
 from capstan.labels import GPU_PRODUCT_LABEL, LABEL_ATTEMPT, LABEL_JOB_UID, LABEL_RANK
@@ -60,6 +63,7 @@ from capstan.topology import (
     RunningGang,
     TopologyLevels,
     build_inventory,
+    pinned_node,
     plan_defragmentation,
     plan_locality_moves,
     schedule_queue,
@@ -185,12 +189,12 @@ class NodeIndex:
         """The Nodes that are other objects than last time, and the names of those gone; None
         when too many changed for a patch to save anything."""
         if len(nodes) == len(self.nodes):
-            pairs = [(new, old) for new, old in zip(nodes, self.nodes, strict=True) if new is not old]
-            if not pairs:
+            at = list(compress(count(), map(is_not, nodes, self.nodes)))  # at C speed
+            if not at:
                 return [], []
-            if all(dig(new, "metadata", "name") == dig(old, "metadata", "name") for new, old in pairs):
+            if all(dig(nodes[i], "metadata", "name") == dig(self.nodes[i], "metadata", "name") for i in at):
                 # the same Nodes in the same order, a few changed: no need to match them by name
-                return ([new for new, _ in pairs], []) if len(pairs) * _PATCH_SHARE <= len(nodes) else None
+                return ([nodes[i] for i in at], []) if len(at) * _PATCH_SHARE <= len(nodes) else None
         before = {dig(old, "metadata", "name"): old for old in self.nodes}
         changed = [new for new in nodes if before.pop(dig(new, "metadata", "name"), None) is not new]
         gone = [name for name in before if name]
@@ -222,36 +226,6 @@ class QueuePass:
     moving: tuple[PendingMove, ...] = ()  # moves this pass decided: wake their jobs to stop the gang
 
 
-def pinned_node(pod: Mapping[str, Any]) -> str | None:
-    """The node a pod is bound to, or pinned to by a single-node ``metadata.name`` affinity."""
-    spec = pod.get("spec") or {}
-    if spec.get("nodeName"):
-        return str(spec["nodeName"])
-    required = dig(spec, "affinity", "nodeAffinity", "requiredDuringSchedulingIgnoredDuringExecution")
-    terms = dig(required, "nodeSelectorTerms") or []
-    for term in terms:
-        for field_ in term.get("matchFields") or []:
-            if field_.get("key") == "metadata.name" and field_.get("operator") == "In":
-                values = field_.get("values") or []
-                if len(values) == 1:
-                    return str(values[0])
-    return None
-
-
-def as_bound(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """``pods`` with those pinned to a node by affinity but not bound yet shown on that node: a gang
-    placed a moment ago holds its GPUs before kube-scheduler binds it."""
-    bound = list(pods)
-    for k, pod in enumerate(bound):
-        spec = pod.get("spec")
-        if spec and spec.get("nodeName"):
-            continue  # bound already: most pods, so the affinity is read only for the others
-        node = pinned_node(pod)
-        if node:
-            bound[k] = {**pod, "spec": {**(spec or {}), "nodeName": node}}
-    return bound
-
-
 def wants_placement(job: TrainingJob) -> bool:
     """GPU gangs are placed by Capstan; CPU jobs and Kueue-managed jobs are not."""
     return job.spec.gpus_per_worker > 0 and not job.spec.queue_name
@@ -268,10 +242,14 @@ def _submitted(job: TrainingJob) -> float:
     return created.timestamp() if created else 0.0
 
 
+_Rank = tuple[str, str, str]  # (job uid, attempt, rank) of a worker pod
+
+
 class ParsedJobs:
     """TrainingJob bodies parsed once per resourceVersion: the latest version of each job (by uid),
-    at most ``kept`` jobs, those written longest ago dropped first; and what the placement queue
-    reads of each version Capstan places (:class:`_Placed`), derived once.
+    at most ``kept`` jobs, those written longest ago dropped first; what the placement queue
+    reads of each version Capstan places (:class:`_Placed`), derived once; and that summed over
+    the last pass's bodies and pods (:class:`_Kept`).
 
     A placement pass reads every placed or queued job of the cluster, and a burst runs one pass
     per gang: without this a burst of n jobs parses n² bodies, and every pass derives the running
@@ -279,15 +257,15 @@ class ParsedJobs:
     as the server (or the watch cache) holds them may be looked up here, never one edited in
     memory; the models handed out are only read. One entry per job keeps memory with the jobs,
     however often their statuses change. The watch cache hands out the same object for a job
-    until it changes, so the bodies of the last pass are matched by identity first.
+    until it changes, so a pass derives again only for the bodies and pods that are other
+    objects than the last pass's.
     """
 
     def __init__(self, kept: int = 20_000) -> None:
         self.kept = kept
         # uid -> (resourceVersion, the job, what the queue reads of it: derived when first asked)
         self._jobs: dict[str, tuple[str, TrainingJob | None, list[_Placed | None]]] = {}
-        self._last: dict[int, tuple[Mapping[str, Any], _Placed | None]] = {}  # id(body) -> its facts
-        self._pods: dict[int, tuple[Mapping[str, Any], tuple[str, str, str] | None]] = {}  # id(pod) -> rank
+        self._sums = _Kept(self)
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -304,33 +282,11 @@ class ParsedJobs:
         entry = self._entry(body)
         return _parse_job(body) if entry is None else entry[1]
 
-    def placed(self, bodies: Sequence[Mapping[str, Any]]) -> list[_Placed]:
-        """The valid TrainingJobs among ``bodies`` that Capstan places, as the queue reads them."""
-        last, seen, out = self._last, {}, []
-        for body in bodies:
-            hit = last.get(id(body))
-            if hit is None or hit[0] is not body:
-                entry = self._entry(body)
-                hit = (body, _placed(_parse_job(body)) if entry is None else _facts_of(entry))
-            seen[id(body)] = hit
-            if hit[1] is not None:
-                out.append(hit[1])
-        self._last = seen
-        return out
-
-    def ranks(self, pods: Sequence[Mapping[str, Any]]) -> set[tuple[str, str, str]]:
-        """(job uid, attempt, rank) of every worker pod among ``pods`` (:func:`_rank_of`), read
-        again only for the pods that are other objects than last time."""
-        last, seen, present = self._pods, {}, set()
-        for pod in pods:
-            hit = last.get(id(pod))
-            if hit is None or hit[0] is not pod:
-                hit = (pod, _rank_of(pod))
-            seen[id(pod)] = hit
-            if hit[1] is not None:
-                present.add(hit[1])
-        self._pods = seen
-        return present
+    def facts(self, body: Mapping[str, Any]) -> _Placed | None:
+        """What the queue reads of ``body``; None when Capstan does not place it (or it is no
+        valid job)."""
+        entry = self._entry(body)
+        return _placed(_parse_job(body)) if entry is None else _facts_of(entry)
 
     def _entry(self, body: Mapping[str, Any]) -> tuple[str, TrainingJob | None, list[_Placed | None]] | None:
         """The cache entry of ``body``'s version (parsed now if new); None without uid or version."""
@@ -346,6 +302,106 @@ class ParsedJobs:
             del self._jobs[next(iter(self._jobs))]
         self._jobs[uid] = entry
         return entry
+
+
+class _Kept:
+    """What the queue reads of the placed jobs among the last bodies, summed by part (the queue,
+    the running and movable gangs, the ranks gangs claim), and the worker pods among the last
+    pods: each body's or pod's share is added when it is new and taken back when it is gone
+    (:class:`capstan.changes.Seen`), so a pass over thousands of running gangs reads only the
+    few that changed. Every part is keyed by the id of the body it came from."""
+
+    def __init__(self, parsed: ParsedJobs | None) -> None:
+        self._parsed = parsed
+        self._bodies: Seen[Mapping[str, Any]] = Seen()
+        self._pods: Seen[Mapping[str, Any]] = Seen()
+        self.placed: dict[int, _Placed] = {}
+        self.queued: dict[int, TrainingJob] = {}
+        self.moves: dict[int, TrainingJob] = {}  # jobs whose status records a pending move
+        self.running: dict[int, RunningGang] = {}
+        self.starting: dict[int, _Placed] = {}  # placed, start not known yet: they run from the clock
+        self.movable: dict[int, tuple[MovableGang, str]] = {}
+        self.movable_later: dict[int, _Placed] = {}  # movable, with nodes quarantined until a time
+        # rank -> (body id, queue key, node, GPUs) of each gang claiming it (one, unless a job's
+        # bodies are listed twice)
+        self.wanted: dict[_Rank, list[tuple[int, str, str, int]]] = {}
+        self.present: dict[_Rank, int] = {}  # worker pods listed, per rank
+        self.missing: set[_Rank] = set()  # ranks wanted without a pod
+
+    def read_bodies(self, bodies: Sequence[Mapping[str, Any]]) -> None:
+        """Make the sums those of ``bodies``."""
+        changes = self._bodies.changes(bodies)
+        if changes is None:
+            for part in (self.placed, self.queued, self.moves, self.running, self.starting, self.movable,
+                         self.movable_later, self.wanted, self.missing):
+                part.clear()
+            added: Sequence[Mapping[str, Any]] = list(bodies)
+        else:
+            for body in changes.gone:
+                self._drop(id(body))
+            added = changes.added
+        parsed = self._parsed
+        for body in added:
+            facts = _placed(_parse_job(body)) if parsed is None else parsed.facts(body)
+            if facts is not None:
+                self._add(id(body), facts)
+
+    def read_pods(self, pods: Sequence[Mapping[str, Any]]) -> None:
+        """Make the worker pods counted those of ``pods``."""
+        changes = self._pods.changes(pods)
+        present, missing = self.present, self.missing
+        if changes is None:
+            present.clear()
+            missing.update(self.wanted)
+            added: Sequence[Mapping[str, Any]] = pods
+        else:
+            for rank in filter(None, map(_rank_of, changes.gone)):
+                left = present[rank] - 1
+                if left:
+                    present[rank] = left
+                else:
+                    del present[rank]
+                    if rank in self.wanted:
+                        missing.add(rank)
+            added = changes.added
+        for rank in filter(None, map(_rank_of, added)):
+            present[rank] = present.get(rank, 0) + 1
+            missing.discard(rank)
+
+    def _add(self, key: int, p: _Placed) -> None:
+        self.placed[key] = p
+        job = p.job
+        if p.phase == "Queued" and not job.spec.suspend:
+            self.queued[key] = job
+        if job.status.pending_move is not None:
+            self.moves[key] = job
+        if p.running is not None:
+            self.running[key] = p.running
+        elif p.current is not None and p.phase not in TERMINAL_PHASES:
+            self.starting[key] = p
+        if p.phase == "Running":
+            if p.movable is not None:
+                self.movable[key] = p.movable
+            elif job.spec.movable and p.current is not None and p.running_since is not None:
+                self.movable_later[key] = p
+        for rank, node in p.ranks:
+            self.wanted.setdefault(rank, []).append((key, queue_key(job), node, job.spec.gpus_per_worker))
+            if rank not in self.present:
+                self.missing.add(rank)
+
+    def _drop(self, key: int) -> None:
+        p = self.placed.pop(key, None)
+        if p is None:
+            return
+        for part in (self.queued, self.moves, self.running, self.starting, self.movable, self.movable_later):
+            part.pop(key, None)
+        for rank, _ in p.ranks:
+            claims = [c for c in self.wanted[rank] if c[0] != key]
+            if claims:
+                self.wanted[rank] = claims
+            else:
+                del self.wanted[rank]
+                self.missing.discard(rank)
 
 
 def _rank_of(pod: Mapping[str, Any]) -> tuple[str, str, str] | None:
@@ -422,23 +478,17 @@ def _running(current: PlacementResult, started: float, limit: int | None, moved:
     return RunningGang(current, started, None if limit is None else started + limit + moved)
 
 
-def _placed_by_capstan(bodies: Sequence[Mapping[str, Any]], parsed: ParsedJobs | None = None,
-                       ) -> list[_Placed]:
-    """Valid TrainingJobs that Capstan places (invalid ones: their own status says why)."""
-    if parsed is not None:
-        return parsed.placed(bodies)
-    return [p for p in map(_placed, map(_parse_job, bodies)) if p is not None]
-
-
 class PlacedJobs:
     """The TrainingJobs Capstan places among one pass's bodies, read once for every part of the
-    pass's snapshot (the queue, the running and movable gangs, the claims): each job's part is
-    derived once per version (:class:`ParsedJobs`), so a pass over a cluster of thousands of
-    running gangs does not parse or derive them again."""
+    pass's snapshot (the queue, the running and movable gangs, the claims). With ``parsed`` (kept
+    between passes) each job's part is derived once per version, and summed over the bodies by
+    what changed since the last pass (:class:`_Kept`), so a pass over a cluster of thousands of
+    running gangs does not read them all again. The parts come in no order that means anything:
+    the queue orders what it reads."""
 
     def __init__(self, bodies: Sequence[Mapping[str, Any]], parsed: ParsedJobs | None = None) -> None:
-        self._placed = _placed_by_capstan(bodies, parsed)
-        self._parsed = parsed
+        self._sums = parsed._sums if parsed is not None else _Kept(None)
+        self._sums.read_bodies(bodies)
 
     def queued(self) -> list[TrainingJob]:
         """The jobs waiting in Capstan's placement queue: phase Queued, not suspended.
@@ -446,11 +496,11 @@ class PlacedJobs:
         Jobs never reconciled yet (no phase) are left out: they join the queue on their first
         pass, so a job a scoped-out operator never looks at cannot hold anyone back.
         """
-        return [p.job for p in self._placed if p.phase == "Queued" and not p.job.spec.suspend]
+        return list(self._sums.queued.values())
 
     def recorded_moves(self) -> list[TrainingJob]:
         """The jobs whose status records a pending move."""
-        return [p.job for p in self._placed if p.job.status.pending_move is not None]
+        return list(self._sums.moves.values())
 
     def running(self, now: float) -> list[RunningGang]:
         """Placed gangs still holding GPUs, with their declared end where they declare one.
@@ -459,12 +509,10 @@ class PlacedJobs:
         still starting): an upper bound, since the lifecycle stops the gang there. Without a
         limit it is unknown, and the queue falls back to reservations that need no run times.
         """
-        out = []
-        for p in self._placed:
-            if p.running is not None:
-                out.append(p.running)
-            elif p.current is not None and p.phase not in TERMINAL_PHASES:  # starting: from now on
-                out.append(_running(p.current, now, p.limit, p.moved))
+        sums = self._sums
+        out = list(sums.running.values())
+        out.extend(_running(p.current, now, p.limit, p.moved) for p in sums.starting.values()
+                   if p.current is not None)
         return out
 
     def movable(self, now: float | None = None) -> list[tuple[MovableGang, str]]:
@@ -474,13 +522,10 @@ class PlacedJobs:
         it is ``Running`` with a placement, and its ``Running`` condition says since when (the
         move rule counts ``min_run_s`` from there).
         """
-        out = []
-        for p in self._placed:
-            if p.phase != "Running":
-                continue
-            if p.movable is not None:
-                out.append(p.movable)
-            elif p.job.spec.movable and p.current is not None and p.running_since is not None:
+        sums = self._sums
+        out = list(sums.movable.values())
+        for p in sums.movable_later.values():
+            if p.current is not None and p.running_since is not None:
                 gang = MovableGang(gang_request(p.job, now), p.current, p.running_since)  # quarantines expire
                 out.append((gang, p.job.metadata.uid or ""))
         return out
@@ -497,16 +542,13 @@ class PlacedJobs:
         attempt and rank labels. A gang lent to a rollout keeps its claim: its GPUs go to the
         rollout's pods (kube-scheduler does not read claims), not to another gang of the queue.
         """
-        if self._parsed is not None:
-            present = self._parsed.ranks(pods)
-        else:
-            present = {rank for rank in map(_rank_of, pods) if rank is not None}
+        sums = self._sums
+        sums.read_pods(pods)
         claims: dict[str, dict[str, int]] = {}
-        for p in self._placed:
-            for rank, node in p.ranks:
-                if rank not in present:
-                    held = claims.setdefault(queue_key(p.job), {})
-                    held[node] = held.get(node, 0) + p.job.spec.gpus_per_worker
+        for rank in sorted(sums.missing):
+            for _, key, node, gpus in sums.wanted[rank]:
+                held = claims.setdefault(key, {})
+                held[node] = held.get(node, 0) + gpus
         return claims
 
 
@@ -598,10 +640,9 @@ def queue_snapshot(
     """
     if not nodes:
         return None
-    bound = as_bound(pods)
     return QueueSnapshot(
-        inventory=(node_index.build(nodes, bound, levels) if node_index is not None
-                   else build_inventory(nodes, bound, levels)),
+        inventory=(node_index.build(nodes, pods, levels) if node_index is not None
+                   else build_inventory(nodes, pods, levels)),
         queued=tuple(queued),
         running=tuple(running),
         movable=tuple(movable),
@@ -708,7 +749,7 @@ def _plan_moves(inv: Inventory, decisions: Sequence[Decision], movable: Sequence
 
 __all__ = [
     "MOVE_HOLD_S", "NodeIndex",
-    "ParsedJobs", "PendingMove", "PlacedJobs", "QueuePass", "QueueSnapshot", "QueueState", "as_bound",
+    "ParsedJobs", "PendingMove", "PlacedJobs", "QueuePass", "QueueSnapshot", "QueueState",
     "gang_request",
     "movable_gangs", "pinned_node", "placed_without_pods", "queue_key", "queue_pass", "queue_snapshot",
     "queued_jobs", "recorded_moves", "running_gangs", "wants_placement",

@@ -19,7 +19,6 @@ from capstan.api.modelserving import ModelServing
 from capstan.fields import dig
 from capstan.kube.activities import operator_config, shared_state
 from capstan.kube.client import ApiClient
-from capstan.kube.placement import as_bound
 from capstan.kube.resources import ApiResource, register_kind
 from capstan.kube.trainingjob import TrainingState, cluster_view, held_by_placed_gangs
 from capstan.labels import LABEL_GROUP_OF
@@ -53,7 +52,7 @@ async def cluster_inventory(
         for node, gpus in held.items():
             claims[node] = claims.get(node, 0) + gpus
     index = shared_state(memo, "training", TrainingState).nodes  # the one the queue passes keep
-    inventory = index.build(nodes, as_bound(pods), operator_config(memo).topology_levels)
+    inventory = index.build(nodes, pods, operator_config(memo).topology_levels)
     return inventory.add_usage(claims)
 
 

@@ -24,7 +24,15 @@ from .gang import (
     placed_level,
     releases_until_fit,
 )
-from .inventory import Inventory, NodeInfo, build_inventory, parse_count, pod_gpu_request, tolerates
+from .inventory import (
+    Inventory,
+    NodeInfo,
+    build_inventory,
+    parse_count,
+    pinned_node,
+    pod_gpu_request,
+    tolerates,
+)
 from .levels import (
     CLUSTER_LEVEL,
     DEFAULT_LEVELS,
@@ -74,6 +82,7 @@ __all__ = [
     "parse_count",
     "parse_levels",
     "parse_slowdown",
+    "pinned_node",
     "place_gang",
     "place_replicas",
     "place_when_freed",

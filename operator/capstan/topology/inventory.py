@@ -15,6 +15,7 @@ from decimal import Decimal, InvalidOperation
 from itertools import compress
 from typing import TYPE_CHECKING, Any
 
+from capstan.changes import Seen
 from capstan.fields import dig
 from capstan.labels import GPU_PRODUCT_LABEL, GPU_RESOURCE, RDMA_PREFIX
 
@@ -156,6 +157,10 @@ class _Topology:
     # pods last counted: a watch cache hands out the same object for a pod until it changes, so
     # the next count reads only the ones that did (the pod is held so its id cannot be reused)
     pod_gpus: dict[int, tuple[Mapping[str, Any], int, int]] = field(default_factory=dict)
+    # the list those pods came in (the next count derives only for the pods new since), and the
+    # GPUs they hold per node; None: the next count reads every pod of its list
+    pods_seen: Seen[Mapping[str, Any]] | None = None
+    pods_used: list[int] | None = None
     # per level: node indices of each domain, in index order; built when first asked for
     members_cache: dict[int, list[list[int]]] = field(default_factory=dict)
 
@@ -474,7 +479,7 @@ class Inventory:
             infos[i] = info
             changed.add(i)
         patched = replace(topo, **_per_node(infos, topo, changed), eligible_cache={}, empty_cache={},
-                          room_cache={}, pod_gpus=dict(topo.pod_gpus))
+                          room_cache={}, pod_gpus=dict(topo.pod_gpus), pods_seen=None, pods_used=None)
         _carry_caches(topo, patched, sorted(changed))
         return Inventory(patched, self._used)
 
@@ -723,9 +728,10 @@ def build_inventory(nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[s
                     levels: TopologyLevels = DEFAULT_LEVELS) -> Inventory:
     """Index Ready nodes by topology domain and subtract GPUs held by live pods bound to them.
 
-    A pod holds GPUs while it has ``spec.nodeName`` and its phase is neither Succeeded nor
-    Failed. NotReady nodes are left out (listed in ``Inventory.not_ready``); cordoned
-    (``spec.unschedulable``) and tainted nodes stay in, flagged, so reasons can count them.
+    A pod holds GPUs while it has ``spec.nodeName`` (or, not bound yet, is pinned to one node by
+    a ``metadata.name`` affinity) and its phase is neither Succeeded nor Failed. NotReady nodes
+    are left out (listed in ``Inventory.not_ready``); cordoned (``spec.unschedulable``) and
+    tainted nodes stay in, flagged, so reasons can count them.
     Domain keys are label paths from the widest level down ("zone=a/block=b/rack=r"); a node
     without a level's label inherits its narrower domain (no clique label: the node itself is
     the NVLink domain), which keeps every domain nested inside one domain of each wider level.
@@ -845,23 +851,66 @@ def _per_node(infos: Sequence[NodeInfo], old: _Topology | None = None,
 
 
 def _usage(topo: _Topology, pods: Iterable[Mapping[str, Any]]) -> list[int]:
-    """GPUs per node held by live pods bound to it (see :func:`build_inventory`)."""
-    used = [0] * len(topo.nodes)
-    seen, counted = topo.pod_gpus, {}
-    for pod in pods:
-        hit = seen.get(id(pod))
-        if hit is None or hit[0] is not pod:
-            hit = (pod, *_holds(topo.index, pod))
-        counted[id(pod)] = hit
-        if hit[1] >= 0:
-            used[hit[1]] += hit[2]
-    topo.pod_gpus = counted
+    """GPUs per node held by live pods bound (or pinned) to it (see :func:`build_inventory`).
+
+    The last count on this index is the start: only the pods new since are read, and those gone
+    give their GPUs back (:class:`capstan.changes.Seen`).
+    """
+    listed = pods if isinstance(pods, list) else list(pods)
+    if topo.pods_seen is None:
+        topo.pods_seen = Seen()
+    changes, kept = topo.pods_seen.changes(listed), topo.pods_used
+    topo.pods_used = None  # until the records below agree with the list seen again
+    if changes is not None and kept is not None:
+        used, counted = list(kept), topo.pod_gpus
+        for pod in changes.gone:
+            _, at, gpus = counted.pop(id(pod))
+            if at >= 0:
+                used[at] -= gpus
+        for pod in changes.added:
+            at, gpus = _holds(topo.index, pod)
+            counted[id(pod)] = (pod, at, gpus)
+            if at >= 0:
+                used[at] += gpus
+    else:
+        used = [0] * len(topo.nodes)
+        seen, counted = topo.pod_gpus, {}
+        for pod in listed:
+            hit = seen.get(id(pod))
+            if hit is None or hit[0] is not pod:
+                hit = (pod, *_holds(topo.index, pod))
+            counted[id(pod)] = hit
+            if hit[1] >= 0:
+                used[hit[1]] += hit[2]
+        topo.pod_gpus = counted  # a pod listed twice: Seen has the next count read all again too
+    # a copy: the inventory's own list may be changed in place by the views taken of it
+    topo.pods_used = list(used)
     return used
 
 
+def pinned_node(pod: Mapping[str, Any]) -> str | None:
+    """The node a pod is bound to, or pinned to by a single-node ``metadata.name`` affinity."""
+    spec = pod.get("spec") or {}
+    if spec.get("nodeName"):
+        return str(spec["nodeName"])
+    required = dig(spec, "affinity", "nodeAffinity", "requiredDuringSchedulingIgnoredDuringExecution")
+    terms = dig(required, "nodeSelectorTerms") or []
+    for term in terms:
+        for field_ in term.get("matchFields") or []:
+            if field_.get("key") == "metadata.name" and field_.get("operator") == "In":
+                values = field_.get("values") or []
+                if len(values) == 1:
+                    return str(values[0])
+    return None
+
+
 def _holds(index: Mapping[str, int], pod: Mapping[str, Any]) -> tuple[int, int]:
-    """(index of the node ``pod`` holds GPUs on, or -1 where it holds none here; its GPUs)."""
-    node_name = dig(pod, "spec", "nodeName")
+    """(index of the node ``pod`` holds GPUs on, or -1 where it holds none here; its GPUs).
+
+    A pod pinned to a node but not bound yet holds its GPUs there already: a gang placed a moment
+    ago holds its GPUs before kube-scheduler binds it.
+    """
+    node_name = pinned_node(pod)
     if not node_name or dig(pod, "status", "phase") in _TERMINAL_PHASES:
         return -1, 0
     at = index.get(node_name)

@@ -162,7 +162,7 @@ def _patch(old: _Topology, used: list[int], leave: Sequence[str], join: Sequence
         # a pod counted on a node keeps its GPUs there; one counted nowhere is read again (its node
         # may have joined)
         pod_gpus={k: (pod, new_of[at], gpus) for k, (pod, at, gpus) in old.pod_gpus.items()
-                  if at >= 0 and new_of[at] >= 0})
+                  if at >= 0 and new_of[at] >= 0}, pods_seen=None, pods_used=None)
     return topo, used
 
 

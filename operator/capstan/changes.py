@@ -29,9 +29,6 @@ class Changes(Generic[T]):
     added: list[T] = field(default_factory=list)
     gone: list[T] = field(default_factory=list)
 
-    def __len__(self) -> int:
-        return len(self.added) + len(self.gone)
-
 
 class Seen(Generic[T]):
     """The objects of the last list seen, held (so that no other object can take their ids)."""

@@ -311,7 +311,7 @@ class _Kept:
     (:class:`capstan.changes.Seen`), so a pass over thousands of running gangs reads only the
     few that changed. Every part is keyed by the id of the body it came from."""
 
-    def __init__(self, parsed: ParsedJobs | None) -> None:
+    def __init__(self, parsed: ParsedJobs) -> None:
         self._parsed = parsed
         self._bodies: Seen[Mapping[str, Any]] = Seen()
         self._pods: Seen[Mapping[str, Any]] = Seen()
@@ -332,17 +332,17 @@ class _Kept:
         """Make the sums those of ``bodies``."""
         changes = self._bodies.changes(bodies)
         if changes is None:
-            for part in (self.placed, self.queued, self.moves, self.running, self.starting, self.movable,
-                         self.movable_later, self.wanted, self.missing):
+            parts: tuple[dict[Any, Any], ...] = (self.placed, *self._by_body(), self.wanted)
+            for part in parts:
                 part.clear()
+            self.missing.clear()
             added: Sequence[Mapping[str, Any]] = list(bodies)
         else:
             for body in changes.gone:
                 self._drop(id(body))
             added = changes.added
-        parsed = self._parsed
         for body in added:
-            facts = _placed(_parse_job(body)) if parsed is None else parsed.facts(body)
+            facts = self._parsed.facts(body)
             if facts is not None:
                 self._add(id(body), facts)
 
@@ -367,6 +367,10 @@ class _Kept:
         for rank in filter(None, map(_rank_of, added)):
             present[rank] = present.get(rank, 0) + 1
             missing.discard(rank)
+
+    def _by_body(self) -> tuple[dict[int, Any], ...]:
+        """The parts a placed body adds to (besides :attr:`placed` and its ranks)."""
+        return self.queued, self.moves, self.running, self.starting, self.movable, self.movable_later
 
     def _add(self, key: int, p: _Placed) -> None:
         self.placed[key] = p
@@ -393,7 +397,7 @@ class _Kept:
         p = self.placed.pop(key, None)
         if p is None:
             return
-        for part in (self.queued, self.moves, self.running, self.starting, self.movable, self.movable_later):
+        for part in self._by_body():
             part.pop(key, None)
         for rank, _ in p.ranks:
             claims = [c for c in self.wanted[rank] if c[0] != key]
@@ -487,7 +491,7 @@ class PlacedJobs:
     the queue orders what it reads."""
 
     def __init__(self, bodies: Sequence[Mapping[str, Any]], parsed: ParsedJobs | None = None) -> None:
-        self._sums = parsed._sums if parsed is not None else _Kept(None)
+        self._sums = (parsed if parsed is not None else ParsedJobs())._sums
         self._sums.read_bodies(bodies)
 
     def queued(self) -> list[TrainingJob]:

@@ -336,6 +336,32 @@ NOTES: list[str] = [
     "fits drops it). Reserving when the head is the only gang waiting: 0.879 (it never is). Reading: "
     "allocation while waiting rewards a long queue at high allocation; capstan's native queue is so "
     "short (mean delay 242 s vs 1,550 s, p95 0 vs 10,696 s) that only its big-gang waits count",
+    "2026-12-01, where Helios w2 nvl72 native's idle GPUs come from (seed 0): it is not only the "
+    "ratio. In one episode of 91 ks, four 144-GPU gangs wait about 15 h with 100-133 GPUs idle and no "
+    "144-GPU gang running, while arriving 1-32-GPU jobs take GPUs as they free. The longest wait is "
+    "82.5 ks, under the 24 h guard. Idle GPU-seconds while jobs wait: capstan 7.22 M, tas_bestfit "
+    "4.09 M (its queue of up to 140 jobs keeps the cluster full). Preemption was tried for it: a "
+    "multi-node gang at the head of the queue stops running gangs a quarter of its size or smaller, "
+    "each run at least 600 s and stopped at most once. It takes the nodes that complete its placement "
+    "with the fewest GPUs to stop, and only when its GPUs x its wait exceed the stopped gangs' GPUs x "
+    "(300 s restart + work since their checkpoint). The stopped gangs go back to the queue with "
+    "their submit time, and their time back in the queue counts as delay. NVL72, 3 seeds (capstan "
+    "now; tas_bestfit). (a) Gang waited its declared run time, half its GPUs idle: Helios w2 native "
+    "allocation 0.981 (0.879; 0.961), mean delay 1,214 s (242; 1,551), p95 9,047 s, JCT 15,216 s "
+    "(15,662), longest wait 38 ks, idle GPU-s while waiting 1.48 M. But Helios w2 load 0.9 mean "
+    "delay 1,850 s (699), p95 11,156 s (1,524), JCT 15,874 s (14,637); Philly w0 load 0.9 p95 6,454 s "
+    "(0); Philly w0 native mean delay 4,657 s (4,273); Helios w1 load 0.9 p95 33 s (0): 7 misses. "
+    "(b) 85 % of its GPUs idle: native w2 0.978, but Helios w2 load 0.9 mean delay 2,661 s and Philly "
+    "w0 load 0.9 p95 8,939 s. (c) No run-time wait, 90 % idle: native w2 0.911 (miss). (d) Half its "
+    "run time, half idle: native w2 0.892 (miss), with mean delay 155 s and p95 0, better than "
+    "capstan now. (e) Victims only gangs submitted after it (it was starved by them): Helios w2 load "
+    "0.9 mean delay 2,893 s. (f) As (a), only while the queue asks for at most the cluster's GPUs: "
+    "Helios w2 native and load 0.9 met, but Philly w0 load 0.9 p95 5,521 s (0) and Helios w1 load "
+    "0.9 p95 33 s (0). (g) (f) stopping the fewest jobs per node first: Philly w0 p95 6,932 s, Helios "
+    "w2 load 0.9 p95 1,959 s. (h) (f) with 2-GPU or bigger victims only: native w2 0.899 (miss). "
+    "Reading: helping the big gangs raises this figure, but it moves the wait onto 1-GPU jobs. On "
+    "Philly w0 at load 0.9, where the baseline's p95 is 0, fewer than 5 % of jobs may wait at all, "
+    "and any preemption of 1-GPU jobs breaks that. Preemption is not in the operator",
 ]
 # Users declare a run-time limit (like Slurm --time); capstan's queue uses it, the baselines do not.
 ESTIMATE_FACTOR = (1.0, 2.0)  # declared = true duration x U(1, 2)

@@ -62,7 +62,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check operator workloads tests bench scripts
 	$(BIN)/mypy
-	$(BIN)/mypy scripts/cluster.py
+	$(BIN)/mypy scripts/cluster.py scripts/test_lanes.py
 	$(BIN)/mypy tests/support/kube.py
 	$(BIN)/lint-imports
 
@@ -76,7 +76,9 @@ crds: $(STAMP)
 	$(BIN)/python tests/packaging/capstan_pkg.py sync
 
 # CAPSTAN_E2E=0: no cluster, e2e tests deselected. Otherwise `cluster.py run` starts a fresh
-# cluster, runs pytest with its KUBECONFIG and stops it afterwards, also when tests fail.
+# cluster, runs pytest with its KUBECONFIG and stops it afterwards, also when tests fail. Two
+# lanes at once (scripts/test_lanes.py): e2e, faults and the kmock tier, a session each, beside
+# the rest, which mostly computes while the cluster tiers mostly wait.
 ifeq ($(CAPSTAN_E2E),0)
 test: $(STAMP) tools
 	$(BIN)/capstan crds --check
@@ -86,8 +88,8 @@ else
 test: $(STAMP) tools controlplane
 	$(BIN)/capstan crds --check
 	$(MAKE) --no-print-directory lint
-	$(BIN)/python scripts/cluster.py run -- \
-		sh -c '$(PYTEST) --ignore=$(FAULT_TESTS) && $(PYTEST) $(FAULT_TESTS)'
+	$(BIN)/python scripts/cluster.py run -- $(BIN)/python scripts/test_lanes.py \
+		--beside $(E2E_TESTS) --beside $(FAULT_TESTS) --beside $(INTEGRATION_TESTS) -- $(PYTEST)
 endif
 
 test-nocluster:

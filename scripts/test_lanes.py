@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run the test suite in two lanes at once; `make test` calls it inside `scripts/beside.py run`.
+"""Run the test suite in two lanes at once; `make test` calls it inside `scripts/cluster.py run`.
 
     test_lanes.py --beside tests/e2e --beside tests/faults --beside tests/kube -- PYTEST...
 
